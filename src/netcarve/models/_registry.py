@@ -105,7 +105,9 @@ def example_input(model_or_name: nn.Module | str, batch: int = 1, seed: int = 0)
     name = model_or_name if isinstance(model_or_name, str) else _spec_name(model_or_name)
     info = _MODELS.get(name)
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, *info.input_shape)
+    # a model built with non-default sizes (e.g. in_channels=1, image_size=8) records its own input shape
+    per_sample = tuple(getattr(model_or_name, "input_shape", None) or info.input_shape)
+    shape = (batch, *per_sample)
     if info.input_kind == "tokens":
         return torch.randint(0, info.vocab_size or 2, shape, generator=g)
     return torch.randn(shape, generator=g)
@@ -113,6 +115,8 @@ def example_input(model_or_name: nn.Module | str, batch: int = 1, seed: int = 0)
 
 def _spec_name(model: nn.Module) -> str:
     spec = getattr(model, "netcarve_spec", None)
+    if spec is None and hasattr(model, "input_shape"):
+        spec = {"name": getattr(model, "netcarve_name", None)}
     if not spec:
         raise ConfigError(
             f"{type(model).__name__} was not built by netcarve.create_model; pass an example input explicitly"
