@@ -115,8 +115,6 @@ def example_input(model_or_name: nn.Module | str, batch: int = 1, seed: int = 0)
 
 def _spec_name(model: nn.Module) -> str:
     spec = getattr(model, "netcarve_spec", None)
-    if spec is None and hasattr(model, "input_shape"):
-        spec = {"name": getattr(model, "netcarve_name", None)}
     if not spec:
         raise ConfigError(
             f"{type(model).__name__} was not built by netcarve.create_model; pass an example input explicitly"
