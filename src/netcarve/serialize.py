@@ -1,0 +1,292 @@
+"""Save and load models as data: ``manifest.json`` (architecture + shapes) + ``model.safetensors``.
+
+A saved directory rebuilds without unpickling anything:
+
+1. ``create_model(manifest["model"]["name"], **manifest["model"]["kwargs"])`` builds the original
+   architecture from the registry;
+2. every leaf layer listed in ``manifest["layers"]`` whose constructor arguments differ from the fresh
+   one (e.g. a conv narrowed by channel pruning) is replaced by a layer built from the recorded arguments;
+3. the weights are loaded from ``model.safetensors`` with a strict key and shape check.
+
+Layer types are extensible with :func:`register_layer_spec`. A run directory written by any netcarve
+command is a checkpoint directory (it holds ``manifest.json`` and ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._registry import Registry
+from ._version import __version__
+from .errors import CheckpointError, ConfigError
+from .utils import atomic_write
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "netcarve.model"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How to describe a layer type by its constructor arguments and rebuild it from them."""
+
+    get_args: Callable[[nn.Module], dict[str, Any]]
+    build: Callable[[dict[str, Any]], nn.Module]
+
+
+_LAYER_SPECS: Registry[LayerSpec] = Registry("layer spec")
+
+
+def register_layer_spec(module_type: type, get_args: Callable, build: Callable | None = None) -> None:
+    """Teach save/load a layer type: ``get_args(module) -> dict`` of JSON-able constructor arguments,
+    ``build(args) -> module`` (default ``module_type(**args)``)."""
+    _LAYER_SPECS.register(
+        _type_key(module_type), LayerSpec(get_args, build or (lambda a, t=module_type: t(**a))), overwrite=True
+    )
+
+
+def _type_key(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _conv_args(m: nn.Module) -> dict:
+    return dict(
+        in_channels=m.in_channels,
+        out_channels=m.out_channels,
+        kernel_size=list(m.kernel_size),
+        stride=list(m.stride),
+        padding=m.padding if isinstance(m.padding, str) else list(m.padding),
+        dilation=list(m.dilation),
+        groups=m.groups,
+        bias=m.bias is not None,
+        padding_mode=m.padding_mode,
+    )
+
+
+def _bn_args(m: nn.Module) -> dict:
+    return dict(
+        num_features=m.num_features,
+        eps=m.eps,
+        momentum=m.momentum,
+        affine=m.affine,
+        track_running_stats=m.track_running_stats,
+    )
+
+
+def _rnn_args(m: nn.Module) -> dict:
+    a = dict(
+        input_size=m.input_size,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        bias=m.bias,
+        batch_first=m.batch_first,
+        dropout=m.dropout,
+        bidirectional=m.bidirectional,
+    )
+    if isinstance(m, nn.LSTM) and m.proj_size:
+        a["proj_size"] = m.proj_size
+    return a
+
+
+for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer_spec(_t, _conv_args)
+for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    register_layer_spec(_t, _bn_args)
+for _t in (nn.LSTM, nn.GRU, nn.RNN):
+    register_layer_spec(_t, _rnn_args)
+register_layer_spec(
+    nn.Linear, lambda m: dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
+)
+register_layer_spec(
+    nn.LayerNorm,
+    lambda m: dict(
+        normalized_shape=list(m.normalized_shape),
+        eps=m.eps,
+        elementwise_affine=m.elementwise_affine,
+        bias=getattr(m, "bias", None) is not None,
+    ),
+)
+register_layer_spec(
+    nn.Embedding,
+    lambda m: dict(num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim, padding_idx=m.padding_idx),
+)
+
+
+def layer_specs(model: nn.Module) -> dict[str, dict]:
+    """``{module_path: {"type": ..., "args": {...}}}`` for every layer of a registered type."""
+    out = {}
+    for name, m in model.named_modules():
+        key = _type_key(type(m))
+        if name and key in _LAYER_SPECS:
+            out[name] = {"type": key, "args": _LAYER_SPECS.get(key).get_args(m)}
+    return out
+
+
+def _state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        # safetensors refuses aliased storage; store each tensor on its own
+        ptr = v.data_ptr()
+        out[k] = v.detach().clone().contiguous() if ptr in seen else v.detach().contiguous()
+        seen[ptr] = k
+    return out
+
+
+def save(model: nn.Module, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``model.safetensors`` + ``manifest.json`` into ``directory`` (created if needed)."""
+    from safetensors.torch import save_file
+
+    spec = getattr(model, "netcarve_spec", None)
+    if not spec:
+        raise ConfigError(
+            f"cannot save {type(model).__name__}: it was not built by netcarve.create_model, so it cannot be "
+            "rebuilt without pickling; register it with netcarve.register_model and build it with create_model"
+        )
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = _state_dict_for_save(model)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "netcarve_version": __version__,
+        "model": {"name": spec["name"], "kwargs": spec.get("kwargs", {})},
+        "layers": layer_specs(model),
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in sd.items()},
+        "metadata": metadata or {},
+    }
+    tmp = d / f".{WEIGHTS}.tmp"
+    save_file(sd, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, d / WEIGHTS)
+    with atomic_write(d / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1, default=_json_default)
+    return d
+
+
+def _json_default(o):
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, torch.Tensor) and o.numel() == 1:
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"metadata value of type {type(o).__name__} is not JSON serializable")
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory for ``path``: a directory with ``manifest.json`` (a run directory is one),
+    or the manifest / weights file inside it."""
+    p = Path(path)
+    if p.is_file() and p.name in (MANIFEST, WEIGHTS):
+        p = p.parent
+    if p.is_dir() and (p / MANIFEST).is_file():
+        return p
+    if p.is_dir():
+        raise CheckpointError(f"{p} is not a netcarve checkpoint: no {MANIFEST} in it")
+    raise CheckpointError(f"checkpoint {p} does not exist")
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    try:
+        find_checkpoint(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    d = find_checkpoint(path)
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{d / MANIFEST} is corrupt (not valid JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{d / MANIFEST} is not a netcarve manifest (format != {FORMAT!r})")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{d / MANIFEST} has format_version {manifest['format_version']}, newer than this netcarve "
+            f"({FORMAT_VERSION}); upgrade netcarve"
+        )
+    for key in ("model", "layers", "tensors"):
+        if key not in manifest:
+            raise CheckpointError(f"{d / MANIFEST} lacks the field {key!r}")
+    return manifest
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+
+
+def rebuild(manifest: dict) -> nn.Module:
+    """Build the architecture a manifest describes (weights uninitialised)."""
+    from .models import create_model
+
+    name = manifest["model"]["name"]
+    try:
+        model = create_model(name, **manifest["model"].get("kwargs", {}))
+    except ConfigError as e:
+        raise CheckpointError(f"manifest names model {name!r} which cannot be built: {e}") from None
+    current = layer_specs(model)
+    for path, spec in manifest["layers"].items():
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise CheckpointError(f"manifest layer {path!r} does not exist in model {name!r}") from None
+        if current.get(path) == spec:
+            continue
+        if spec["type"] not in _LAYER_SPECS:
+            raise CheckpointError(f"manifest layer {path!r} has type {spec['type']} which netcarve cannot rebuild")
+        _set_submodule(model, path, _LAYER_SPECS.get(spec["type"]).build(dict(spec["args"])))
+    return model
+
+
+def load(path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save`; ``model.netcarve_metadata`` holds the saved metadata."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = find_checkpoint(path)
+    manifest = read_manifest(d)
+    model = rebuild(manifest)
+    wpath = d / WEIGHTS
+    if not wpath.is_file():
+        raise CheckpointError(f"{wpath} is missing")
+    try:
+        sd = load_file(str(wpath), device=map_location)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{wpath} is corrupt or unreadable: {e}") from None
+    declared = manifest["tensors"]
+    problems = []
+    for k, v in sd.items():
+        if k not in declared:
+            problems.append(f"{k}: in the weights but not in the manifest")
+        elif list(v.shape) != declared[k]["shape"]:
+            problems.append(f"{k}: weights have shape {list(v.shape)}, manifest says {declared[k]['shape']}")
+    problems += [f"{k}: in the manifest but missing from the weights" for k in declared if k not in sd]
+    if problems:
+        raise CheckpointError(f"{d}: manifest does not match the weights: " + "; ".join(problems[:6]))
+    expected = model.state_dict()
+    problems = [f"{k}: model has shape {list(expected[k].shape)}, weights {list(v.shape)}"
+                for k, v in sd.items() if k in expected and expected[k].shape != v.shape]
+    problems += [f"{k}: missing from the weights" for k in expected if k not in sd]
+    problems += [f"{k}: not a parameter of the rebuilt model" for k in sd if k not in expected]
+    if problems:
+        raise CheckpointError(f"{d}: weights do not fit model {manifest['model']['name']!r}: " + "; ".join(problems[:6]))
+    model.load_state_dict(sd, strict=True)
+    model.netcarve_metadata = manifest.get("metadata", {})
+    model.eval()
+    return model
