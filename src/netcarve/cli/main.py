@@ -1,0 +1,205 @@
+"""The ``netcarve`` command: thin argparse subcommands over the Python API (netcarve.flows)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+from .._version import __version__
+from ..errors import NetcarveError
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=1, default=str))
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL|CHECKPOINT",
+                   help="a registered model name (see `netcarve models`) or a checkpoint / run directory")
+    p.add_argument("--weights", metavar="FILE",
+                   help="weights to load: a pretrained file of shared/data as it is (.th, .npz), a .safetensors "
+                        "or state-dict file, or 'pretrained' for the model's default pretrained file")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="data root (default: $NETCARVE_DATA, else a shared/data folder found above the cwd)")
+
+
+def _cmd_models(a) -> int:
+    from ..models import get_model_info, list_models
+
+    rows = []
+    for n in list_models():
+        i = get_model_info(n)
+        rows.append({"name": n, "family": i.family, "input_shape": list(i.input_shape), "dataset": i.dataset,
+                     "pretrained": sorted(i.pretrained), "description": i.description})
+    if a.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            pre = ",".join(r["pretrained"]) or "-"
+            print(f"{r['name']:<18} {r['family']:<12} input {str(tuple(r['input_shape'])):<14} "
+                  f"data {r['dataset']:<14} pretrained {pre}")
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from ..flows.evaluate import evaluate_cli
+
+    res = evaluate_cli(a.model, weights=a.weights, dataset=a.dataset, data_dir=a.data_dir,
+                       batch_size=a.batch_size, split=a.split, limit=a.limit, threads=a.threads)
+    if a.json:
+        _print_json(res)
+    else:
+        print(f"{res['model']} on {res['dataset']} {res['split']} (n={res['n']}): top-1 {res['top1']:.2f}%  "
+              f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
+    return 0
+
+
+def _cmd_profile(a) -> int:
+    from ..flows.common import example_batch, resolve_model
+    from ..measure import format_profile_table, profile_model
+
+    model = resolve_model(a.model, a.weights, a.data_dir)
+    prof = profile_model(model, example_batch(model, a.batch), engine=a.engine, threads=a.threads,
+                         batch=a.batch, per_layer=not a.no_layers)
+    if a.json:
+        _print_json(prof)
+    else:
+        print(format_profile_table(prof))
+    return 0
+
+
+def _cmd_train(a) -> int:
+    from ..flows.train import train_cli
+
+    res = train_cli(a)
+    if a.json:
+        _print_json(res)
+    else:
+        print(f"trained {res['model']} for {res['epochs']} epochs: top-1 {res['top1']:.2f}% "
+              f"(best {res['best_top1']:.2f}%); run directory {res['out']}")
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from ..flows.demo import DemoConfig, demo_table, run_demo
+
+    cfg = DemoConfig(dataset=a.dataset, model=a.model, data_dir=a.data_dir, out=a.out, engine=a.engine,
+                     threads=a.threads, batch=a.batch, macs_reduction=a.macs_reduction,
+                     finetune_epochs=a.finetune_epochs, train_subset=a.train_subset, seed=a.seed,
+                     progress=not a.no_progress and not a.json)
+    rep = run_demo(cfg, command="netcarve " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+    if a.json:
+        _print_json(rep)
+    else:
+        print(demo_table(rep))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="netcarve",
+        description="Make PyTorch models smaller and measurably faster on the CPU they run on.",
+    )
+    p.add_argument("--version", action="version", version=f"netcarve {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("demo", help="train/load, compress, distill, measure and report on real data")
+    s.add_argument("--dataset", default="digits", choices=["digits", "cifar10"],
+                   help="digits: built-in UCI 8x8 digits (no download); cifar10: needs --data-dir or shared/data")
+    s.add_argument("--model", help="model to compress (default: lenet for digits, resnet20 for cifar10)")
+    s.add_argument("--data-dir", metavar="DIR")
+    s.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    s.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"],
+                   help="latency engine (default: onnxruntime when installed, else torch)")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--batch", type=int, default=1, help="batch size for latency (default 1)")
+    s.add_argument("--macs-reduction", type=float, default=2.0)
+    s.add_argument("--finetune-epochs", type=int, help="default: 20 (digits), 1 (cifar10)")
+    s.add_argument("--train-subset", type=int, help="cifar10: training images used for fine-tuning (default 10000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("models", help="list the registered models")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_models)
+
+    s = sub.add_parser("eval", help="accuracy of a model or checkpoint on a data set")
+    _add_model_args(s)
+    s.add_argument("--dataset", help="data set (default: the model's own, e.g. cifar10)")
+    s.add_argument("--split", default="test", choices=["train", "test"])
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--json", action="store_true", help='print {"top1", "top5", "loss", "n"} (percentages)')
+    s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("profile", help="per-layer MACs, params and measured latency")
+    _add_model_args(s)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "openvino"])
+    s.add_argument("--no-layers", action="store_true", help="whole-model latency only")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_profile)
+
+    s = sub.add_parser("train", help="train or fine-tune (optionally with distillation), resumable")
+    _add_model_args(s)
+    s.add_argument("--dataset", help="data set (default: the model's own)")
+    s.add_argument("--out", required=True, help="run directory (metrics.jsonl, train_state/, model)")
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--weight-decay", type=float, default=5e-4)
+    s.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"])
+    s.add_argument("--label-smoothing", type=float, default=0.0)
+    s.add_argument("--subset", type=int, help="use only N training samples")
+    s.add_argument("--no-augment", action="store_true")
+    s.add_argument("--teacher", metavar="MODEL|CHECKPOINT",
+                   help="distill from this teacher (a checkpoint, or a model name with --teacher-weights)")
+    s.add_argument("--teacher-weights", metavar="FILE")
+    s.add_argument("--distill", default=None, choices=["logit", "feature", "logit+feature"],
+                   help="distillation kind (default logit when --teacher is given)")
+    s.add_argument("--temperature", type=float, default=4.0)
+    s.add_argument("--alpha", type=float, default=0.9)
+    s.add_argument("--hint", action="append", default=[], metavar="STUDENT_LAYER:TEACHER_LAYER",
+                   help="feature-KD layer pair (repeatable)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "fn", None):
+        parser.print_help()
+        return 2
+    if getattr(a, "threads", None):
+        import torch
+
+        torch.set_num_threads(a.threads)
+    try:
+        return a.fn(a)
+    except NetcarveError as e:
+        print(f"netcarve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("netcarve: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `netcarve models | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""``netcarve demo``: the main job end to end on real data.
+
+train (or load from cache) -> measure -> compress (best method available: structural channel pruning to a
+MACs target, BN recalibration) -> fine-tune with knowledge distillation from the unpruned model -> measure
+-> report (table, report.json/md, accuracy-vs-latency plot) in a run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._version import __version__
+from ..errors import ConfigError
+from ..report import build_report, format_table, write_report
+from ..serialize import is_checkpoint, load, save
+from ..utils import seed_everything
+from .common import default_engine, example_batch, measure_stats, model_info
+
+
+@dataclass
+class DemoConfig:
+    dataset: str = "digits"  # "digits" (built in) or "cifar10" (needs the data dir)
+    model: str | None = None  # default: lenet for digits, resnet20 (pretrained) for cifar10
+    data_dir: str | None = None
+    out: str = "runs/demo"
+    engine: str | None = None  # default: onnxruntime when installed, else torch
+    threads: int = 2
+    batch: int = 1
+    macs_reduction: float = 2.0
+    criterion: str = "l1"
+    round_to: int = 8
+    train_epochs: int = 30  # baseline training when no pretrained weights exist (digits)
+    finetune_epochs: int | None = None  # default: 20 for digits, 1 for cifar10
+    train_subset: int | None = None  # cifar10: images per fine-tune epoch (default 10000)
+    seed: int = 0
+    progress: bool = True
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(f"[netcarve demo] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("NETCARVE_CACHE") or Path.home() / ".cache" / "netcarve")
+
+
+def _baseline(cfg: DemoConfig, model_name: str, train_loader, test_loader):
+    """Pretrained weights when the model has them and data is real CIFAR-10; else train (cached)."""
+    from ..models import create_model, get_model_info
+    from ..train import TrainConfig, evaluate, fit
+
+    info = get_model_info(model_name)
+    if cfg.dataset == "cifar10" and info.pretrained:
+        _log(f"baseline: {model_name} with pretrained weights ({next(iter(info.pretrained.values()))})")
+        model = create_model(model_name, pretrained=True, data_dir=cfg.data_dir)
+        return model, evaluate(model, test_loader), "pretrained"
+    tcfg = TrainConfig(epochs=cfg.train_epochs, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9,
+                       weight_decay=5e-4, schedule="cosine", seed=cfg.seed)
+    key = hashlib.sha256(
+        json.dumps([__version__, model_name, cfg.dataset, tcfg.to_dict()], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    cdir = cache_root(cfg.cache_dir) / "demo" / f"{model_name}-{cfg.dataset}-{key}"
+    if is_checkpoint(cdir):
+        _log(f"baseline: loaded from cache {cdir}")
+        model = load(cdir)
+        return model, evaluate(model, test_loader), "cache"
+    _log(f"baseline: training {model_name} on {cfg.dataset} for {tcfg.epochs} epochs (cached afterwards in {cdir})")
+    seed_everything(cfg.seed)
+    model = create_model(model_name)
+    fit(model, train_loader, test_loader, tcfg, out_dir=cdir / "train", progress=cfg.progress)
+    acc = evaluate(model, test_loader)
+    save(model, cdir, metadata={"accuracy": acc, "train": tcfg.to_dict()})
+    return model, acc, "trained"
+
+
+def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
+    from ..compact import prune_channels, recalibrate_bn
+    from ..data import make_loaders
+    from ..measure import environment
+    from ..train import KDConfig, TrainConfig, evaluate, fit
+
+    t0 = time.perf_counter()
+    if cfg.dataset not in ("digits", "cifar10"):
+        raise ConfigError(f"demo --dataset must be 'digits' or 'cifar10', not {cfg.dataset!r}")
+    model_name = cfg.model or ("lenet" if cfg.dataset == "digits" else "resnet20")
+    engine = cfg.engine or default_engine()
+    ft_epochs = cfg.finetune_epochs if cfg.finetune_epochs is not None else (20 if cfg.dataset == "digits" else 1)
+    subset = cfg.train_subset if cfg.train_subset is not None else (None if cfg.dataset == "digits" else 10000)
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+
+    from ..models import get_model_info
+
+    info = get_model_info(model_name)
+    bs = 64 if cfg.dataset == "digits" else 128
+    train_loader, test_loader = make_loaders(
+        cfg.dataset, info.preprocess, bs, data_dir=cfg.data_dir, augment=True, seed=cfg.seed
+    )
+    ft_train_loader = train_loader
+    if subset:
+        ft_train_loader, _ = make_loaders(
+            cfg.dataset, info.preprocess, bs, data_dir=cfg.data_dir, augment=True, seed=cfg.seed, subset=subset
+        )
+
+    base, base_acc, source = _baseline(cfg, model_name, train_loader, test_loader)
+    base.eval()
+    _log(f"baseline top-1 {base_acc['top1']:.2f}% ({source}); measuring latency with {engine}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    b_stats = measure_stats(base, "baseline", engine=engine, threads=cfg.threads, batch=cfg.batch, accuracy=base_acc)
+
+    _log(f"compressing: structural channel pruning, criterion {cfg.criterion}, "
+         f"target {cfg.macs_reduction:g}x fewer MACs, widths rounded to {cfg.round_to}")
+    pr = prune_channels(base, example_batch(base, 1), criterion=cfg.criterion,
+                        macs_reduction=cfg.macs_reduction, round_to=cfg.round_to)
+    pruned = pr.model
+    acc_raw = evaluate(pruned, test_loader)
+    recalibrate_bn(pruned, train_loader, num_batches=20)
+    acc_bn = evaluate(pruned, test_loader)
+    _log(f"pruned: top-1 {acc_raw['top1']:.2f}% -> {acc_bn['top1']:.2f}% after BN recalibration; "
+         f"fine-tuning {ft_epochs} epoch(s) with logit distillation from the baseline")
+    p_stats = measure_stats(pruned, "pruned (before fine-tune)", engine=engine, threads=cfg.threads,
+                            batch=cfg.batch, accuracy=acc_bn)
+    ft_cfg = TrainConfig(epochs=ft_epochs, batch_size=bs, optimizer="sgd",
+                         lr=0.01 if cfg.dataset == "digits" else 0.005, momentum=0.9,
+                         weight_decay=5e-4, schedule="cosine", seed=cfg.seed)
+    fit(pruned, ft_train_loader, test_loader, ft_cfg, out_dir=out / "finetune", teacher=base,
+        kd=KDConfig(kind="logit", temperature=4.0, alpha=0.9), progress=cfg.progress)
+    pruned.eval()
+    acc_ft = evaluate(pruned, test_loader)
+    c_stats = measure_stats(pruned, "compressed", engine=engine, threads=cfg.threads, batch=cfg.batch,
+                            accuracy=acc_ft)
+    env = environment(threads=cfg.threads)
+    rep = build_report(
+        baseline=b_stats,
+        compressed=c_stats,
+        points=[b_stats, p_stats, c_stats],
+        measurement={"engine": engine, "threads": cfg.threads, "batch": cfg.batch,
+                     "method": "min over rounds of median latency, each engine in its own process"},
+        env=env,
+        task={"model": model_name, "dataset": cfg.dataset, "baseline_source": source,
+              "method": f"channel pruning ({cfg.criterion}, {cfg.macs_reduction:g}x MACs, round_to "
+                        f"{cfg.round_to}) + BN recalibration + logit KD fine-tune {ft_epochs} epoch(s)",
+              "kept_widths": {g: len(k) for g, k in getattr(pr, "kept", {}).items()},
+              "seconds": None},
+        command=command,
+    )
+    save(pruned, out, metadata={"accuracy": acc_ft, "macs": c_stats.macs, "report": "report.json"})
+    save(base, out / "baseline", metadata={"accuracy": base_acc, "macs": b_stats.macs})
+    rep["task"]["seconds"] = round(time.perf_counter() - t0, 1)
+    write_report(rep, out)
+    _log(f"done in {rep['task']['seconds']:.0f} s; run directory {out} (report.json, report.md, pareto.png)")
+    return rep
+
+
+def demo_table(rep: dict) -> str:
+    return format_table(rep)

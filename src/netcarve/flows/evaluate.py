@@ -1,0 +1,36 @@
+"""``netcarve eval``: accuracy of a model or checkpoint on a data set."""
+
+from __future__ import annotations
+
+import itertools
+
+from .common import model_info, resolve_model
+
+
+def evaluate_cli(spec: str, *, weights=None, dataset=None, data_dir=None, batch_size=256, split="test",
+                 limit=None, threads=2) -> dict:
+    from ..data import make_loaders
+    from ..train import evaluate
+
+    model = resolve_model(spec, weights, data_dir)
+    info = model_info(model)
+    ds = dataset or info.dataset
+    train_loader, test_loader = make_loaders(ds, info.preprocess, batch_size, data_dir=data_dir, augment=False,
+                                             seed=0)
+    loader = test_loader if split == "test" else train_loader
+    if limit:
+        n_batches = -(-limit // batch_size)
+        loader = _Limited(loader, n_batches)
+    res = evaluate(model, loader)
+    return {"model": info.name, "checkpoint_or_model": spec, "dataset": ds, "split": split, **res}
+
+
+class _Limited:
+    def __init__(self, loader, n: int):
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.n)
+
+    def __len__(self):
+        return min(self.n, len(self.loader))
