@@ -1,0 +1,47 @@
+"""Channel importance criteria: ``score(group, model) -> Tensor[num_channels]`` (higher = keep).
+
+Built-in criteria, computed per :class:`~netcarve.graph.ChannelGroup` by aggregating over every layer of
+the group (the layers' current weights in ``model``):
+
+``l1``
+    Sum over the group's layers of the absolute values of every *weight* element tied to channel ``c``:
+    the producer's output-channel row (``weight[c]``), a depthwise conv's filter ``c`` (or the tensors a
+    custom handler lists), and every consumer's input-channel columns (``weight[:, c]``; for a Linear
+    after ``flatten``, the ``H*W`` columns of channel ``c``). Biases and BatchNorm parameters are not
+    part of magnitude scores (BN scale is ``bn_scale``'s job).
+``l2``
+    Euclidean norm of the same elements (``sqrt`` of the sum of their squares over all layers).
+``bn_scale``
+    ``|gamma_c|`` of the group's affine BatchNorm; with several BNs in one group (MobileNetV2 hidden
+    channels: after the expand and the depthwise conv), the sum of their ``|gamma_c|``. A group without
+    an affine BatchNorm raises :class:`~netcarve.errors.ConfigError`.
+``random``
+    Uniform random scores, deterministic for a given ``seed`` keyword (default 0) and group name.
+
+Register another criterion with ``register_criterion("name")`` on a function ``fn(group, model)``.
+"""
+
+from .builtin import bn_scale, l1, l2, random_scores
+from .registry import (
+    Criterion,
+    channel_rows,
+    get_criterion,
+    list_criteria,
+    register_criterion,
+    resolve_criterion,
+    score_group,
+)
+
+__all__ = [
+    "Criterion",
+    "bn_scale",
+    "channel_rows",
+    "get_criterion",
+    "l1",
+    "l2",
+    "list_criteria",
+    "random_scores",
+    "register_criterion",
+    "resolve_criterion",
+    "score_group",
+]

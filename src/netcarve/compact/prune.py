@@ -1,0 +1,373 @@
+"""Structural channel pruning: choose channels per group, then physically remove them.
+
+* :func:`remove_channels` returns a physically narrower copy of a model given the channels to keep per
+  group (Conv/Linear/BatchNorm tensors sliced, depthwise convs shrink in/out/groups together).
+* :func:`mask_channels` returns the *masked dense* copy: same shapes, removed channels zeroed (the
+  producer's rows and bias, pass-through parameters, the consumers' input columns). The compact model must
+  compute the same function as the masked model; this is what the tests check.
+* :func:`prune_channels` scores channels with a criterion, picks how many to keep per group (a fixed
+  ``ratio``, or the smallest uniform ratio reaching a ``macs_reduction`` found by bisection) and returns a
+  :class:`PruneResult`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..criteria import resolve_criterion, score_group
+from ..errors import ConfigError, UnsupportedModelError
+from ..graph import ChannelGroup, GroupSet, build_channel_groups, get_channel_handler
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_channels` did.
+
+    Attributes:
+        model: the new, physically smaller model (the input model is untouched).
+        groups: every channel group found in the original model (``groups.skipped`` lists the others).
+        keep: group name (producer path) -> sorted indices of the kept channels, for every group that
+            was considered (protected groups are absent).
+        ratio: the fraction of channels removed per group (found by bisection for ``macs_reduction``).
+        criterion: the criterion's name.
+        macs_before, macs_after, params_before, params_after: from ``netcarve.measure.count_model``.
+        protected_groups: names of groups left untouched because they touch a protected module.
+        widths: group name -> (kept, original) channel counts.
+    """
+
+    model: nn.Module
+    groups: GroupSet
+    keep: dict[str, torch.Tensor]
+    ratio: float
+    criterion: str
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    protected_groups: tuple[str, ...] = ()
+    widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def macs_reduction(self) -> float:
+        """``macs_before / macs_after`` (2.0 = half the MACs)."""
+        return self.macs_before / max(self.macs_after, 1)
+
+    @property
+    def params_reduction(self) -> float:
+        """``params_before / params_after``."""
+        return self.params_before / max(self.params_after, 1)
+
+    def describe(self) -> str:
+        """One line per group (``name: kept/total``) and the MAC / parameter totals."""
+        lines = [
+            f"criterion {self.criterion}, ratio {self.ratio:.4f}: MACs {self.macs_before:,} -> "
+            f"{self.macs_after:,} ({self.macs_reduction:.2f}x), params {self.params_before:,} -> "
+            f"{self.params_after:,} ({self.params_reduction:.2f}x)"
+        ]
+        lines += [f"  {name}: {kept} / {total} channels" for name, (kept, total) in self.widths.items()]
+        lines += [f"  {name}: protected" for name in self.protected_groups]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- helpers
+def _groups_list(groups: GroupSet | Iterable[ChannelGroup]) -> list[ChannelGroup]:
+    return list(groups.groups if isinstance(groups, GroupSet) else groups)
+
+
+def _check_keep(group: ChannelGroup, idx) -> torch.Tensor:
+    idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+    n = group.num_channels
+    if idx.numel() == 0:
+        raise ConfigError(f"group {group.name!r}: cannot keep 0 channels")
+    if idx.min() < 0 or idx.max() >= n:
+        raise ConfigError(f"group {group.name!r}: kept indices must lie in [0, {n}), got {idx.tolist()}")
+    if torch.unique(idx).numel() != idx.numel():
+        raise ConfigError(f"group {group.name!r}: kept indices are not unique")
+    return torch.sort(idx).values
+
+
+def _expand(idx: torch.Tensor, block: int) -> torch.Tensor:
+    """Channel indices -> feature indices when each channel owns ``block`` contiguous features."""
+    if block == 1:
+        return idx
+    return (idx[:, None] * block + torch.arange(block)).flatten()
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    new = copy.deepcopy(model)
+    spec = getattr(model, "netcarve_spec", None)
+    if spec is not None:
+        new.netcarve_spec = copy.deepcopy(spec)
+    return new
+
+
+def remove_channels(
+    model: nn.Module,
+    groups: GroupSet | Iterable[ChannelGroup],
+    keep: Mapping[str, Sequence[int] | torch.Tensor],
+) -> nn.Module:
+    """A physically smaller copy of ``model`` keeping, for each group named in ``keep``, only the given
+    channel indices (groups absent from ``keep`` are untouched). ``model`` itself is not modified; its
+    ``netcarve_spec`` attribute is kept on the copy."""
+    by_name = {g.name: g for g in _groups_list(groups)}
+    unknown = sorted(set(keep) - set(by_name))
+    if unknown:
+        raise ConfigError(f"keep names unknown groups: {', '.join(unknown)}")
+    # per module: the kept indices on its input / output side
+    plan: dict[str, dict[str, torch.Tensor]] = {}
+    for name, idx in keep.items():
+        g = by_name[name]
+        idx = _check_keep(g, idx)
+        if idx.numel() == g.num_channels:
+            continue
+        for slot in g.slots:
+            sides = plan.setdefault(slot.path, {})
+            key = {"producer": "out", "passthrough": "out", "consumer": "in"}[slot.role]
+            if key in sides:
+                raise UnsupportedModelError(f"{slot.path} belongs to two groups on its {key}put side")
+            sides[key] = _expand(idx, slot.block)
+    new = _copy_model(model)
+    with torch.no_grad():
+        for path, sides in plan.items():
+            module = new.get_submodule(path)
+            handler = get_channel_handler(module)
+            if handler is None:  # pragma: no cover - groups come from build_channel_groups
+                raise UnsupportedModelError(f"{path} ({type(module).__name__}) has no channel handler")
+            replacement = handler.apply(module, sides.get("in"), sides.get("out"))
+            if replacement is not module:
+                _set_submodule(new, path, replacement)
+    return new
+
+
+def mask_channels(
+    model: nn.Module,
+    groups: GroupSet | Iterable[ChannelGroup],
+    keep: Mapping[str, Sequence[int] | torch.Tensor],
+) -> nn.Module:
+    """The masked dense copy of ``model``: same shapes, every removed channel's parameters set to zero
+    in each layer of its group (buffers such as BN running statistics are left as they are). Its output
+    equals that of :func:`remove_channels` with the same ``keep``."""
+    by_name = {g.name: g for g in _groups_list(groups)}
+    unknown = sorted(set(keep) - set(by_name))
+    if unknown:
+        raise ConfigError(f"keep names unknown groups: {', '.join(unknown)}")
+    new = _copy_model(model)
+    with torch.no_grad():
+        for name, idx in keep.items():
+            g = by_name[name]
+            kept = _check_keep(g, idx)
+            mask = torch.ones(g.num_channels, dtype=torch.bool)
+            mask[kept] = False
+            removed = mask.nonzero().flatten()
+            if removed.numel() == 0:
+                continue
+            for slot in g.slots:
+                module = new.get_submodule(slot.path)
+                rows = _expand(removed, slot.block)
+                for pname, dim in slot.params:
+                    t = getattr(module, pname, None)
+                    if isinstance(t, nn.Parameter):
+                        t.index_fill_(dim, rows.to(t.device), 0.0)
+    return new
+
+
+def _is_protected(group: ChannelGroup, protected: Sequence[str]) -> bool:
+    for p in protected:
+        for path in group.paths:
+            if path == p or path.startswith(p + "."):
+                return True
+    return False
+
+
+def keep_count(n: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
+    """How many of ``n`` channels to keep when removing the fraction ``ratio``.
+
+    ``round(n * (1 - ratio))`` (halves round up: ties keep more), at least ``min_channels`` (and 1), rounded to the nearest multiple of
+    ``round_to`` (not below ``min_channels``); never more than ``n`` and never 0. When no multiple of
+    ``round_to`` fits in ``n`` the group keeps all ``n`` channels.
+    """
+    lo = max(1, min(int(min_channels), n))
+    k = max(lo, min(n, int(math.floor(n * (1.0 - ratio) + 0.5 + 1e-9))))
+    if round_to > 1:
+        r = int(round_to)
+        k = max(r * int(math.floor(k / r + 0.5)), r * math.ceil(lo / r))
+        if k > n:
+            k = r * (n // r)
+            if k < lo:
+                return n
+    return int(k)
+
+
+def _uniform_counts(groups, ratio, round_to, min_channels) -> dict[str, int]:
+    return {g.name: keep_count(g.num_channels, ratio, round_to, min_channels) for g in groups}
+
+
+def _global_counts(groups, scores, ratio, round_to, min_channels) -> dict[str, int]:
+    """Remove the ``ratio`` least important channels of all groups together; each group's scores are
+    divided by their mean so that groups with different weight scales compare."""
+    entries = []
+    for g in groups:
+        s = scores[g.name]
+        m = float(s.mean())
+        norm = s / m if m > 0 else s
+        entries += [(float(v), g.name) for v in norm]
+    entries.sort(key=lambda e: e[0])
+    total = sum(g.num_channels for g in groups)
+    to_remove = int(math.floor(ratio * total + 0.5))
+    counts = {g.name: g.num_channels for g in groups}
+    floor = {g.name: max(1, min(int(min_channels), g.num_channels)) for g in groups}
+    removed = 0
+    for _, name in entries:
+        if removed >= to_remove:
+            break
+        if counts[name] > floor[name]:
+            counts[name] -= 1
+            removed += 1
+    out = {}
+    for g in groups:
+        n = g.num_channels
+        out[g.name] = keep_count(n, 1.0 - counts[g.name] / n, round_to, min_channels)
+    return out
+
+
+def _select(groups, scores, counts) -> dict[str, torch.Tensor]:
+    keep = {}
+    for g in groups:
+        order = torch.sort(-scores[g.name], stable=True).indices  # ties: lower index first
+        keep[g.name] = torch.sort(order[: counts[g.name]]).values
+    return keep
+
+
+def _count(model: nn.Module, example_input):
+    from .. import measure
+
+    count_model = getattr(measure, "count_model", None)
+    if count_model is None:  # pragma: no cover - until netcarve.measure.counting lands
+        raise UnsupportedModelError("netcarve.measure.count_model is not available")
+    inputs = example_input
+    was = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            cost = count_model(model, inputs)
+    finally:
+        for m, flag in was.items():
+            m.training = flag
+    return int(cost.total_macs), int(cost.total_params)
+
+
+def prune_channels(
+    model: nn.Module,
+    example_input,
+    *,
+    criterion="l1",
+    ratio: float | None = None,
+    macs_reduction: float | None = None,
+    round_to: int = 1,
+    protected: Sequence[str] = (),
+    global_ranking: bool = False,
+    min_channels: int = 1,
+    groups: GroupSet | None = None,
+) -> PruneResult:
+    """Structurally prune the output channels of every prunable group of ``model``.
+
+    Args:
+        model: the model (not modified; a pruned deep copy is returned).
+        example_input: a tensor (or tuple) the model accepts; used to trace shapes and count MACs.
+        criterion: a registered criterion name (``netcarve.criteria.list_criteria()``) or a callable
+            ``score(group, model) -> Tensor[num_channels]`` (higher = keep), e.g.
+            ``functools.partial(get_criterion("random"), seed=3)``.
+        ratio: fraction of channels removed per group (0 <= ratio < 1), or, with ``global_ranking``, of
+            all prunable channels together.
+        macs_reduction: instead of ``ratio``: find by bisection the smallest ratio whose pruned model has
+            ``total_macs <= baseline / macs_reduction``; ConfigError if even maximal pruning cannot.
+        round_to: kept widths are multiples of this (never 0, never more than the original; a group
+            narrower than ``round_to`` is left whole).
+        protected: module paths (or path prefixes, e.g. ``"layer1"``) whose shapes must not change; every
+            group touching one of them is left untouched.
+        global_ranking: rank channels across groups (scores divided by each group's mean) instead of
+            removing the same fraction in every group.
+        min_channels: each group keeps at least this many channels.
+        groups: precomputed ``build_channel_groups(model, example_input)``.
+    """
+    if (ratio is None) == (macs_reduction is None):
+        raise ConfigError("prune_channels: give exactly one of `ratio` or `macs_reduction`")
+    if ratio is not None and not 0.0 <= float(ratio) < 1.0:
+        raise ConfigError(f"prune_channels: ratio must be in [0, 1), got {ratio}")
+    if macs_reduction is not None and not float(macs_reduction) >= 1.0:
+        raise ConfigError(f"prune_channels: macs_reduction must be >= 1, got {macs_reduction}")
+    if int(round_to) < 1 or int(min_channels) < 1:
+        raise ConfigError("prune_channels: round_to and min_channels must be >= 1")
+    if isinstance(protected, str):
+        protected = (protected,)
+    crit_name, _ = resolve_criterion(criterion)
+    gs = groups if groups is not None else build_channel_groups(model, example_input)
+    candidates = [g for g in gs.groups if not _is_protected(g, protected)]
+    protected_groups = tuple(g.name for g in gs.groups if _is_protected(g, protected))
+    scores = {g.name: score_group(criterion, g, model) for g in candidates}
+
+    def counts_for(r: float) -> dict[str, int]:
+        if global_ranking:
+            return _global_counts(candidates, scores, r, round_to, min_channels)
+        return _uniform_counts(candidates, r, round_to, min_channels)
+
+    macs_before, params_before = _count(model, example_input)
+    cost_cache: dict[tuple, tuple[int, int]] = {}  # counts -> (macs, params); models are not kept
+
+    def macs_for(counts: dict[str, int]) -> int:
+        key = tuple(sorted(counts.items()))
+        if key not in cost_cache:
+            pruned = remove_channels(model, candidates, _select(candidates, scores, counts))
+            cost_cache[key] = _count(pruned, example_input)
+        return cost_cache[key][0]
+
+    if ratio is not None:
+        used = float(ratio)
+    else:
+        target = macs_before / float(macs_reduction)
+        lo, hi = 0.0, 1.0
+        if macs_for(counts_for(hi)) > target:
+            best = macs_for(counts_for(hi))
+            raise ConfigError(
+                f"prune_channels: cannot reach a {macs_reduction}x MAC reduction of {type(model).__name__}: "
+                f"pruning every group to its minimum gives {macs_before / max(best, 1):.2f}x "
+                f"({len(candidates)} prunable groups, {len(gs.skipped)} skipped)"
+            )
+        if macs_for(counts_for(lo)) <= target:
+            hi = 0.0
+        while hi - lo > 1e-4:  # MACs are non-increasing in the ratio
+            mid = (lo + hi) / 2
+            if macs_for(counts_for(mid)) <= target:
+                hi = mid
+            else:
+                lo = mid
+        used = hi
+    counts = counts_for(used)
+    pruned = remove_channels(model, candidates, _select(candidates, scores, counts))
+    macs_after, params_after = _count(pruned, example_input)
+    keep = _select(candidates, scores, counts)
+    return PruneResult(
+        model=pruned,
+        groups=gs,
+        keep=keep,
+        ratio=used,
+        criterion=crit_name,
+        macs_before=macs_before,
+        macs_after=macs_after,
+        params_before=params_before,
+        params_after=params_after,
+        protected_groups=protected_groups,
+        widths={g.name: (counts[g.name], g.num_channels) for g in candidates},
+    )

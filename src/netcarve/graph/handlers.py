@@ -1,0 +1,310 @@
+"""Channel handlers: how each kind of leaf layer takes part in a channel group, and how to slice it.
+
+A handler answers, for one module type:
+
+* its **role** (possibly depending on the instance, e.g. a Conv2d is a ``"layer"`` when ``groups == 1``
+  and a ``"passthrough"`` when depthwise):
+
+  - ``"layer"``: consumes channels on its input and produces new channels on its output (Conv2d, Linear);
+  - ``"producer"``: only its output channels can be pruned (its input use blocks pruning upstream);
+  - ``"consumer"``: only its input channels can be pruned (its output starts no group);
+  - ``"passthrough"``: carries the same channels from input to output and holds per-channel state that
+    is sliced with them (BatchNorm, depthwise Conv2d, a per-channel scale);
+  - ``"elementwise"``: parameter-free and channel-preserving (ReLU, Dropout, pooling, Identity);
+  - ``"opaque"``: anything else; a group whose channels reach it is not prunable.
+
+* which parameters/buffers are indexed by channels, and along which dimension
+  (``in_params`` for the consumer side, ``out_params`` for the producer side, ``params`` for a
+  pass-through layer);
+* which activation dimension carries the channels (``in_dim``/``out_dim``: 1 for convs and BatchNorm,
+  -1 for Linear) and which input ranks it accepts (``ndims``);
+* how to fix the module's size attributes after its tensors were sliced (``resize``), or a full
+  ``rebuild`` override.
+
+Built-in handlers cover the common ``torch.nn`` layers; :func:`register_channel_handler` adds one for a
+custom layer (which then becomes an fx leaf module). A subclass of a handled type uses the base handler
+only when it does not override ``forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+ROLES = ("layer", "producer", "consumer", "passthrough", "elementwise", "opaque")
+
+
+def _frozen(m: Mapping[str, int] | None) -> Mapping[str, int]:
+    return MappingProxyType(dict(m or {}))
+
+
+@dataclass(frozen=True)
+class ChannelHandler:
+    """How one leaf layer type takes part in channel groups (see the module docstring).
+
+    Args:
+        role: one of ``ROLES``, or ``fn(module) -> role`` when it depends on the instance.
+        in_params: consumer side: parameter/buffer name -> dimension indexed by input channels.
+        out_params: producer side: parameter/buffer name -> dimension indexed by output channels.
+        params: pass-through: parameter/buffer name -> dimension indexed by the channels it carries.
+        in_dim: activation dimension carrying the input channels (negative counts from the end).
+        out_dim: activation dimension carrying the output channels.
+        ndims: accepted input ranks (batch included), ``None`` for any.
+        mixes_last: elementwise role only: number of trailing dims the op mixes (2 for 2-d pooling);
+            channels must lie before them.
+        resize: ``fn(module, n_in, n_out)`` updating size attributes after slicing (``None`` = side
+            unchanged; pass-through layers get ``n_in == n_out``).
+        rebuild: ``fn(module, in_keep, out_keep) -> nn.Module`` replacing the generic slicing entirely
+            (``in_keep``/``out_keep`` are index tensors along the sliced dims, or ``None``).
+        score_params: names used by magnitude criteria (l1/l2); ``None`` = every listed ``nn.Parameter``.
+        check: ``fn(module) -> reason | None``; a reason makes this instance opaque.
+    """
+
+    role: str | Callable[[nn.Module], str]
+    in_params: Mapping[str, int] = field(default_factory=dict)
+    out_params: Mapping[str, int] = field(default_factory=dict)
+    params: Mapping[str, int] = field(default_factory=dict)
+    in_dim: int = 1
+    out_dim: int = 1
+    ndims: tuple[int, ...] | None = None
+    mixes_last: int = 0
+    resize: Callable[[nn.Module, int | None, int | None], None] | None = None
+    rebuild: Callable[[nn.Module, torch.Tensor | None, torch.Tensor | None], nn.Module] | None = None
+    score_params: tuple[str, ...] | None = None
+    check: Callable[[nn.Module], str | None] | None = None
+
+    def __post_init__(self):
+        for name in ("in_params", "out_params", "params"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+        if isinstance(self.role, str) and self.role not in ROLES:
+            raise ConfigError(f"channel handler role must be one of {ROLES}, got {self.role!r}")
+        if self.role == "passthrough" and not self.params and self.rebuild is None:
+            raise ConfigError("a 'passthrough' channel handler needs `params` (or use role='elementwise')")
+
+    # ------------------------------------------------------------------ queries
+    def role_of(self, module: nn.Module) -> str:
+        """The role of this instance (``"opaque"`` when ``check`` gives a reason)."""
+        if self.check is not None and self.check(module):
+            return "opaque"
+        role = self.role(module) if callable(self.role) else self.role
+        if role not in ROLES:
+            raise ConfigError(f"channel handler for {type(module).__name__} returned unknown role {role!r}")
+        return role
+
+    def reason_opaque(self, module: nn.Module) -> str | None:
+        """Why this instance cannot take part, if it cannot."""
+        return self.check(module) if self.check is not None else None
+
+    def param_spec(self, module: nn.Module, side: str) -> tuple[tuple[str, int], ...]:
+        """``(name, dim)`` pairs sliced on ``side`` ("in" / "out" / "through") for this instance."""
+        spec = {"in": self.in_params, "out": self.out_params, "through": self.params}[side]
+        return tuple((n, d) for n, d in spec.items() if getattr(module, n, None) is not None)
+
+    def width(self, module: nn.Module, side: str) -> int | None:
+        """Channel count on ``side`` read from the first listed tensor (``None`` if there is none)."""
+        for name, dim in self.param_spec(module, side):
+            return int(getattr(module, name).shape[dim])
+        return None
+
+    def scored(self, module: nn.Module, side: str) -> tuple[str, ...]:
+        """Names of the tensors magnitude criteria use on ``side``."""
+        names = [n for n, _ in self.param_spec(module, side)]
+        if self.score_params is not None:
+            return tuple(n for n in names if n in self.score_params)
+        return tuple(n for n in names if isinstance(getattr(module, n), nn.Parameter))
+
+    # ------------------------------------------------------------------ slicing
+    def apply(
+        self, module: nn.Module, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None
+    ) -> nn.Module:
+        """Slice ``module`` in place to the kept channels (index tensors already expanded for blocks)
+        and return it, or return the replacement built by ``rebuild``."""
+        if self.rebuild is not None:
+            return self.rebuild(module, in_keep, out_keep)
+        role = self.role_of(module)
+        if role == "passthrough":
+            keep = out_keep if out_keep is not None else in_keep
+            for name, dim in self.param_spec(module, "through"):
+                _index_tensor(module, name, dim, keep)
+            n = None if keep is None else int(keep.numel())
+            if self.resize is not None:
+                self.resize(module, n, n)
+            return module
+        if in_keep is not None:
+            for name, dim in self.param_spec(module, "in"):
+                _index_tensor(module, name, dim, in_keep)
+        if out_keep is not None:
+            for name, dim in self.param_spec(module, "out"):
+                _index_tensor(module, name, dim, out_keep)
+        if self.resize is not None:
+            self.resize(
+                module,
+                None if in_keep is None else int(in_keep.numel()),
+                None if out_keep is None else int(out_keep.numel()),
+            )
+        return module
+
+
+def _index_tensor(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
+    """Replace parameter/buffer ``name`` of ``module`` by its slice ``keep`` along ``dim``."""
+    t = getattr(module, name)
+    if t is None:
+        return
+    new = t.detach().index_select(dim, keep.to(t.device)).clone()
+    if isinstance(t, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:
+        setattr(module, name, new)
+
+
+# ---------------------------------------------------------------------- built-in handlers
+def _conv_role(m: nn.Module) -> str:
+    if m.groups == 1:
+        return "layer"
+    return "passthrough"  # depthwise (check() rejects other grouped convs)
+
+
+def _conv_check(m: nn.Module) -> str | None:
+    if m.groups == 1:
+        return None
+    if m.groups == m.in_channels == m.out_channels:
+        return None
+    if m.groups == m.in_channels:
+        return (
+            f"depthwise {type(m).__name__} with channel multiplier "
+            f"{m.out_channels // m.in_channels} is not supported yet"
+        )
+    return f"grouped {type(m).__name__} (groups={m.groups}) is not supported yet"
+
+
+def _conv_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    if m.groups == 1:
+        if n_in is not None:
+            m.in_channels = n_in
+        if n_out is not None:
+            m.out_channels = n_out
+    else:  # depthwise: in = out = groups
+        n = n_out if n_out is not None else n_in
+        m.in_channels = m.out_channels = m.groups = n
+
+
+def _linear_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    if n_in is not None:
+        m.in_features = n_in
+    if n_out is not None:
+        m.out_features = n_out
+
+
+def _bn_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    m.num_features = n_out
+
+
+def _prelu_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    m.num_parameters = n_out
+
+
+def _conv_handler(rank: int) -> ChannelHandler:
+    return ChannelHandler(
+        role=_conv_role,
+        in_params={"weight": 1},
+        out_params={"weight": 0, "bias": 0},
+        params={"weight": 0, "bias": 0},
+        ndims=(rank,),
+        resize=_conv_resize,
+        score_params=("weight",),
+        check=_conv_check,
+    )
+
+
+_ELEMENTWISE = ChannelHandler(role="elementwise")
+
+_BUILTIN: dict[type, ChannelHandler] = {
+    nn.Conv1d: _conv_handler(3),
+    nn.Conv2d: _conv_handler(4),
+    nn.Linear: ChannelHandler(
+        role="layer",
+        in_params={"weight": 1},
+        out_params={"weight": 0, "bias": 0},
+        in_dim=-1,
+        out_dim=-1,
+        resize=_linear_resize,
+        score_params=("weight",),
+    ),
+    nn.BatchNorm1d: ChannelHandler(
+        role="passthrough",
+        params={"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0},
+        ndims=(2, 3),
+        resize=_bn_resize,
+        score_params=(),
+    ),
+    nn.BatchNorm2d: ChannelHandler(
+        role="passthrough",
+        params={"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0},
+        ndims=(4,),
+        resize=_bn_resize,
+        score_params=(),
+    ),
+    nn.PReLU: ChannelHandler(
+        role=lambda m: "elementwise" if m.num_parameters == 1 else "passthrough",
+        params={"weight": 0},
+        resize=_prelu_resize,
+        score_params=(),
+    ),
+}
+for _t in (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+):  # fmt: skip
+    _BUILTIN[_t] = _ELEMENTWISE
+for _t in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.ZeroPad1d,
+           nn.ConstantPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d):  # fmt: skip
+    _BUILTIN[_t] = ChannelHandler(role="elementwise", mixes_last=1)
+for _t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
+           nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.Upsample):  # fmt: skip
+    _BUILTIN[_t] = ChannelHandler(role="elementwise", mixes_last=2)
+
+_USER: dict[type, ChannelHandler] = {}
+
+
+def register_channel_handler(module_type: type, handler: ChannelHandler, *, overwrite: bool = False):
+    """Tell netcarve how a custom leaf layer type takes part in channel groups.
+
+    Instances of ``module_type`` become fx leaf modules (their ``forward`` is not traced through). A
+    built-in type can be overridden with ``overwrite=True``. Returns ``handler``.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise ConfigError(f"register_channel_handler: {module_type!r} is not an nn.Module subclass")
+    if not isinstance(handler, ChannelHandler):
+        raise ConfigError(
+            f"register_channel_handler: handler for {module_type.__name__} must be a ChannelHandler"
+        )
+    if (module_type in _USER or module_type in _BUILTIN) and not overwrite:
+        raise ConfigError(f"a channel handler for {module_type.__name__} is already registered")
+    _USER[module_type] = handler
+    return handler
+
+
+def unregister_channel_handler(module_type: type) -> None:
+    """Remove a handler added by :func:`register_channel_handler` (no-op if there is none)."""
+    _USER.pop(module_type, None)
+
+
+def get_channel_handler(module: nn.Module | type) -> ChannelHandler | None:
+    """The handler for a module (or module type): user-registered first, then built-in; a subclass
+    inherits its base's handler only when it does not override ``forward``. ``None`` if unhandled."""
+    cls = module if isinstance(module, type) else type(module)
+    for table in (_USER, _BUILTIN):
+        if cls in table:
+            return table[cls]
+    for base in cls.__mro__[1:]:
+        for table in (_USER, _BUILTIN):
+            if base in table and getattr(cls, "forward", None) is getattr(base, "forward", None):
+                return table[base]
+    return None

@@ -1,0 +1,116 @@
+"""torch.fx tracing with netcarve's leaf rules, opaque fallback and shape propagation.
+
+Leaf modules are the ``torch.nn`` layers (fx's default) plus every module with a channel handler. When
+fx cannot trace *into* a submodule (data-dependent control flow, unsupported Python), that submodule is
+kept as an opaque leaf and tracing is retried, so the rest of the model can still be analysed; channels
+reaching an opaque module are never pruned. When the model's own ``forward`` cannot be traced,
+:class:`~netcarve.errors.UnsupportedModelError` names the model class and fx's message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import UnsupportedModelError
+from .handlers import get_channel_handler
+
+_MAX_OPAQUE_RETRIES = 64
+
+
+def short_message(exc: BaseException, limit: int = 240) -> str:
+    """First line of an exception message, shortened (fx messages can be pages long)."""
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else type(exc).__name__
+    msg = f"{type(exc).__name__}: {msg}"
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps handled layers and the given paths as leaves and remembers where it failed."""
+
+    def __init__(self, opaque: set[str]):
+        super().__init__()
+        self.opaque = opaque
+        self.failed_path: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.opaque or get_channel_handler(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_path is None:  # the innermost module whose tracing raised
+                try:
+                    self.failed_path = self.path_of_module(m)
+                except Exception:  # pragma: no cover - module not found in the hierarchy
+                    self.failed_path = ""
+            raise
+
+
+@dataclass
+class TracedModel:
+    """A traced model: its fx ``GraphModule`` (sharing the model's submodules) and the submodules kept
+    opaque because fx could not trace into them (path -> short reason)."""
+
+    graph_module: fx.GraphModule
+    opaque: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+
+def trace_model(model: nn.Module, example_input=None) -> TracedModel:
+    """Trace ``model`` with torch.fx; with ``example_input`` (a tensor or a tuple of tensors), also
+    record every node's output shape in ``node.meta["tensor_meta"]``.
+
+    Raises UnsupportedModelError when the model's own forward cannot be traced or the traced graph does
+    not run on the example input.
+    """
+    name = type(model).__name__
+    opaque: dict[str, str] = {}
+    for _ in range(_MAX_OPAQUE_RETRIES):
+        tracer = _Tracer(set(opaque))
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
+            path = tracer.failed_path
+            if not path or path in opaque:
+                raise UnsupportedModelError(
+                    f"cannot trace {name} with torch.fx: {short_message(e)}"
+                ) from None
+            opaque[path] = short_message(e)
+    else:  # pragma: no cover - pathological
+        raise UnsupportedModelError(f"cannot trace {name} with torch.fx: too many untraceable submodules")
+    gm = fx.GraphModule(model, graph, class_name=f"{name}Traced")
+    if example_input is not None:
+        propagate_shapes(gm, example_input, name)
+    return TracedModel(gm, opaque)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_input, model_name: str = "model") -> None:
+    """Run ``gm`` once on ``example_input`` (eval mode, no grad; train/eval flags restored after, so BN
+    running statistics are untouched) and store output shapes in ``node.meta``."""
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    modes = {m: m.training for m in gm.modules()}
+    try:
+        gm.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as e:
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]
+        raise UnsupportedModelError(
+            f"{model_name}: the fx-traced graph failed on the example input {shapes}: {short_message(e)}"
+        ) from None
+    finally:
+        for m, flag in modes.items():
+            m.training = flag

@@ -1,0 +1,367 @@
+"""Physical channel removal (netcarve.compact): equivalence to the masked dense model, ratios, MAC targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import netcarve
+from netcarve.compact import keep_count, mask_channels, prune_channels, remove_channels
+from netcarve.errors import ConfigError, UnsupportedModelError
+from netcarve.graph import (
+    ChannelHandler,
+    build_channel_groups,
+    register_channel_handler,
+    unregister_channel_handler,
+)
+
+
+# ---------------------------------------------------------------------- helpers
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so that slicing them matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+def assert_equivalent(compact: nn.Module, masked: nn.Module, input_shape, batch: int = 3, seed: int = 1):
+    x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
+    compact.eval()
+    masked.eval()
+    with torch.no_grad():
+        a, b = compact(x), masked(x)
+    scale = max(1.0, float(b.abs().max()))
+    err = float((a - b).abs().max())
+    assert err <= 1e-4 * scale, f"compact vs masked: max abs err {err} (scale {scale})"
+
+
+def widths(model: nn.Module) -> dict[str, tuple]:
+    out = {}
+    for p, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[p] = (m.in_channels, m.out_channels, m.groups, tuple(m.weight.shape))
+        elif isinstance(m, nn.Linear):
+            out[p] = (m.in_features, m.out_features, tuple(m.weight.shape))
+        elif isinstance(m, nn.BatchNorm2d):
+            out[p] = (m.num_features, tuple(m.running_mean.shape))
+    return out
+
+
+# ---------------------------------------------------------------------- hand-written models
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc1 = nn.Linear(16 * 4 * 4, 12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc2(torch.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+class Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(4, 12, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.project = nn.Conv2d(12, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu6(self.bn1(self.expand(x)))
+        x = F.relu6(self.bn2(self.dw(x)))
+        return self.fc(self.project(x).mean((2, 3)))
+
+
+class ChannelScale(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+class WithScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.scale = ChannelScale(6)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.scale(self.conv1(x)))).flatten(1)
+
+
+@pytest.fixture
+def scale_handler():
+    def resize(m, n_in, n_out):
+        m.channels = n_out
+
+    register_channel_handler(
+        ChannelScale, ChannelHandler(role="passthrough", params={"scale": 0}, resize=resize)
+    )
+    yield
+    unregister_channel_handler(ChannelScale)
+
+
+class MyDense(nn.Module):
+    """A custom dense layer (not an nn.Linear): y = x @ w.T + b, with w of shape (out, in)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n_out, n_in))
+        self.b = nn.Parameter(torch.randn(n_out))
+
+    def forward(self, x):
+        return x @ self.w.t() + self.b
+
+
+class DenseNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.d1 = MyDense(5, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.d2 = MyDense(8, 7)
+        self.d3 = nn.Linear(7, 2)
+
+    def forward(self, x):
+        return self.d3(torch.tanh(self.d2(F.relu(self.bn(self.d1(x))))))
+
+
+@pytest.fixture
+def dense_handler():
+    register_channel_handler(
+        MyDense,
+        ChannelHandler(role="layer", in_params={"w": 1}, out_params={"w": 0, "b": 0}, in_dim=-1, out_dim=-1),
+    )
+    yield
+    unregister_channel_handler(MyDense)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else self.conv(-x)
+
+
+# ---------------------------------------------------------------------- equivalence
+def test_chain_flatten_block_equivalence():
+    m = randomize_bn(Chain())
+    x = torch.randn(2, 3, 8, 8)
+    r = prune_channels(m, x, ratio=0.5)
+    w = widths(r.model)
+    assert w["conv1"][1] == 4 and w["bn1"] == (4, (4,)) and w["conv2"][:2] == (4, 8)
+    assert w["fc1"] == (8 * 16, 6, (6, 128))  # 8 kept channels x 4x4 features; fc1 -> 6 hidden
+    assert w["fc2"][0] == 6
+    assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (3, 8, 8))
+
+
+def test_depthwise_shrinks_in_out_groups_together():
+    m = randomize_bn(Depthwise())
+    r = prune_channels(m, torch.randn(2, 4, 6, 6), ratio=0.5, criterion="bn_scale", protected=("fc",))
+    dw = r.model.dw
+    assert dw.in_channels == dw.out_channels == dw.groups == 6 and dw.weight.shape == (6, 1, 3, 3)
+    assert dw.bias.shape == (6,) and r.model.project.in_channels == 6
+    assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (4, 6, 6))
+
+
+def test_custom_handler_layer_is_sliced(scale_handler):
+    m = WithScale()
+    r = prune_channels(m, torch.randn(2, 3, 5, 5), ratio=0.5)
+    kept = r.keep["conv1"]
+    assert r.model.scale.channels == 3
+    assert torch.equal(r.model.scale.scale.detach(), m.scale.scale.detach()[kept])
+    assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (3, 5, 5))
+
+
+def test_custom_producer_consumer_layer(dense_handler):
+    m = randomize_bn(DenseNet())
+    r = prune_channels(m, torch.randn(4, 5), ratio=0.5)
+    assert r.groups.names() == ["d1", "d2"]
+    assert r.groups["d1"].passthrough == ("bn",) and r.groups["d2"].consumers == ("d3",)
+    assert r.model.d1.w.shape == (4, 5) and r.model.d2.w.shape == (4, 4) and r.model.d3.in_features == 4
+    assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (5,))
+
+
+ZOO = ["lenet", "vgg11_bn", "resnet20", "mobilenetv2"]
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_equivalence_to_masked_model(name, round_to):
+    if name not in netcarve.list_models():
+        pytest.skip(f"zoo model {name!r} is not registered yet")
+    torch.manual_seed(0)
+    m = randomize_bn(netcarve.create_model(name)).eval()
+    x = netcarve.example_input(m, batch=2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    r = prune_channels(m, x, ratio=0.5, round_to=round_to)
+    assert r.macs_after < r.macs_before and r.params_after < r.params_before
+    assert r.model.netcarve_spec == m.netcarve_spec
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # input untouched
+    for g in r.groups:
+        k = r.keep[g.name]
+        assert torch.equal(k, torch.sort(k).values) and 0 < k.numel() <= g.num_channels
+        assert k.numel() == keep_count(g.num_channels, 0.5, round_to)
+        if round_to == 8:
+            assert k.numel() % 8 == 0 or k.numel() == g.num_channels
+        prod = r.model.get_submodule(g.producer)
+        width = prod.out_channels if isinstance(prod, nn.Conv2d) else prod.out_features
+        assert width == k.numel()
+    masked = mask_channels(m, r.groups, r.keep)
+    assert_equivalent(r.model, masked, tuple(x.shape[1:]))
+    # the masked model really differs from the original (the check is not vacuous)
+    with torch.no_grad():
+        assert not torch.allclose(masked(x), m(x))
+
+
+def test_resnet20_widths():
+    if "resnet20" not in netcarve.list_models():
+        pytest.skip("zoo model 'resnet20' is not registered yet")
+    m = netcarve.create_model("resnet20")
+    r = prune_channels(m, netcarve.example_input(m), ratio=0.5)
+    blk = r.model.layer2[1]
+    assert (blk.conv1.out_channels, blk.bn1.num_features, blk.conv2.in_channels) == (16, 16, 16)
+    assert blk.conv2.out_channels == 32  # residual-coupled: untouched
+    with torch.no_grad():
+        assert r.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------------- ratio / MAC targets / options
+def test_macs_reduction_reached_with_smallest_ratio():
+    m = randomize_bn(Chain())
+    x = torch.randn(1, 3, 8, 8)
+    r = prune_channels(m, x, macs_reduction=2.0)
+    assert r.macs_after <= r.macs_before / 2
+    assert 0 < r.ratio < 0.9
+    less = prune_channels(m, x, ratio=max(0.0, r.ratio - 0.05))
+    assert less.macs_after > r.macs_before / 2
+    assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (3, 8, 8))
+
+
+def test_macs_reduction_zoo():
+    if "resnet20" not in netcarve.list_models():
+        pytest.skip("zoo model 'resnet20' is not registered yet")
+    m = netcarve.create_model("resnet20")
+    r = prune_channels(m, netcarve.example_input(m), macs_reduction=1.5, round_to=4)
+    assert r.macs_after <= r.macs_before / 1.5
+    assert all(k % 4 == 0 for k, _ in r.widths.values())
+
+
+def test_macs_reduction_unreachable():
+    m = Depthwise()
+    with pytest.raises(ConfigError, match="cannot reach a 100.0x MAC reduction of Depthwise"):
+        prune_channels(m, torch.randn(1, 4, 6, 6), macs_reduction=100.0)
+
+
+def test_protected_min_channels_global():
+    m = randomize_bn(Chain())
+    x = torch.randn(1, 3, 8, 8)
+    r = prune_channels(m, x, ratio=0.5, protected=("bn2",))
+    assert r.protected_groups == ("conv2",) and "conv2" not in r.keep
+    assert r.model.conv2.out_channels == 16 and r.model.conv1.out_channels == 4
+    r = prune_channels(m, x, ratio=0.9, min_channels=3)
+    assert {k.numel() for k in r.keep.values()} == {3}
+    r = prune_channels(m, x, ratio=0.5, global_ranking=True)
+    total = sum(n for _, n in r.widths.values())
+    assert sum(k for k, _ in r.widths.values()) == total - round(0.5 * total)
+    assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (3, 8, 8))
+    assert "conv1:" in r.describe()
+
+
+def test_random_criterion_and_callable():
+    import functools
+
+    from netcarve.criteria import get_criterion
+
+    m = Chain()
+    x = torch.randn(1, 3, 8, 8)
+    a = prune_channels(m, x, ratio=0.5, criterion="random")
+    b = prune_channels(m, x, ratio=0.5, criterion="random")
+    assert all(torch.equal(a.keep[k], b.keep[k]) for k in a.keep)
+    c = prune_channels(m, x, ratio=0.5, criterion=functools.partial(get_criterion("random"), seed=7))
+    assert any(not torch.equal(a.keep[k], c.keep[k]) for k in a.keep)
+
+
+@pytest.mark.parametrize(
+    "n, ratio, round_to, min_channels, expected",
+    [
+        (16, 0.5, 1, 1, 8),
+        (10, 0.99, 1, 1, 1),  # never 0
+        (10, 0.95, 1, 3, 3),
+        (20, 0.5, 8, 1, 8),  # 10 -> nearest multiple of 8
+        (20, 0.1, 8, 1, 16),  # 18 -> 16
+        (64, 0.0, 8, 1, 64),
+        (6, 0.5, 8, 1, 6),  # no multiple of 8 fits: keep the group whole
+        (12, 0.9, 8, 1, 8),  # at least one multiple
+        (32, 0.5, 8, 20, 24),  # min_channels rounded up to a multiple
+    ],
+)
+def test_keep_count(n, ratio, round_to, min_channels, expected):
+    assert keep_count(n, ratio, round_to, min_channels) == expected
+
+
+def test_argument_errors():
+    m, x = Chain(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ConfigError, match="exactly one"):
+        prune_channels(m, x)
+    with pytest.raises(ConfigError, match="exactly one"):
+        prune_channels(m, x, ratio=0.5, macs_reduction=2)
+    with pytest.raises(ConfigError, match="ratio"):
+        prune_channels(m, x, ratio=1.0)
+    with pytest.raises(ConfigError, match="unknown criterion"):
+        prune_channels(m, x, ratio=0.5, criterion="nope")
+
+
+def test_untraceable_model_is_reported():
+    with pytest.raises(UnsupportedModelError, match="cannot trace Untraceable with torch.fx"):
+        prune_channels(Untraceable(), torch.randn(1, 3, 4, 4), ratio=0.5)
+
+
+# ---------------------------------------------------------------------- remove / mask
+def test_mask_and_remove_validate_and_zero():
+    m = Chain()
+    gs = build_channel_groups(m, torch.randn(1, 3, 8, 8))
+    masked = mask_channels(m, gs, {"conv1": [0, 2]})
+    removed = [1, 3, 4, 5, 6, 7]
+    assert masked.conv1.weight[removed].abs().sum() == 0 and masked.conv1.bias[removed].abs().sum() == 0
+    assert masked.bn1.weight[removed].abs().sum() == 0 and masked.conv2.weight[:, removed].abs().sum() == 0
+    assert torch.equal(masked.bn1.running_var, m.bn1.running_var)  # buffers untouched
+    assert m.conv1.weight[removed].abs().sum() > 0  # original untouched
+    small = remove_channels(m, gs, {"conv1": torch.tensor([2, 0])})
+    assert torch.equal(small.conv1.weight, m.conv1.weight[[0, 2]])
+    for bad in ({"conv1": []}, {"conv1": [8]}, {"conv1": [1, 1]}, {"nope": [0]}):
+        with pytest.raises(ConfigError):
+            remove_channels(m, gs, bad)
+        with pytest.raises(ConfigError):
+            mask_channels(m, gs, bad)
+
+
+def test_compact_model_trains():
+    m = Chain()
+    r = prune_channels(m, torch.randn(1, 3, 8, 8), ratio=0.5)
+    model = r.model.train()
+    loss = model(torch.randn(4, 3, 8, 8)).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())

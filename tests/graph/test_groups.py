@@ -1,0 +1,405 @@
+"""Channel-group discovery (netcarve.graph) on hand-written models and on the zoo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import netcarve
+from netcarve.errors import ConfigError, UnsupportedModelError
+from netcarve.graph import (
+    ChannelHandler,
+    build_channel_groups,
+    get_channel_handler,
+    register_channel_handler,
+    unregister_channel_handler,
+)
+
+
+# ---------------------------------------------------------------------- hand-written models
+class Chain(nn.Module):
+    """conv-bn-relu-conv-bn-relu-pool(2) -> flatten (16 ch x 4x4) -> fc1 -> relu -> fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(16 * 4 * 4, 12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        return self.fc2(torch.relu(self.fc1(self.flatten(x))))
+
+
+class ViewFlatten(nn.Module):
+    """conv -> relu -> x.view(x.size(0), -1) -> fc (and torch.flatten on a second branch-free variant)."""
+
+    def __init__(self, use_view: bool = True):
+        super().__init__()
+        self.use_view = use_view
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        x = x.view(x.size(0), -1) if self.use_view else torch.flatten(x, 1)
+        return self.fc(x)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return self.head(F.relu(out + x)).mean((2, 3))
+
+
+class Depthwise(nn.Module):
+    """MobileNetV2-style: expand 1x1 - bn - relu6 - dw 3x3 - bn - relu6 - project 1x1 -> mean -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(4, 12, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.project = nn.Conv2d(12, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu6(self.bn1(self.expand(x)))
+        x = F.relu6(self.bn2(self.dw(x)))
+        return self.fc(self.project(x).mean((2, 3)))
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 1)
+        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(self.gconv(self.conv1(x))).sum()
+
+
+class ChannelScale(nn.Module):
+    """A custom per-channel scale layer (x * scale[c]); fx would trace it, a handler makes it a leaf."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+class WithScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.scale = ChannelScale(6)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.scale(self.conv1(x)))).flatten(1)
+
+
+@pytest.fixture
+def scale_handler():
+    h = register_channel_handler(
+        ChannelScale,
+        ChannelHandler(role="passthrough", params={"scale": 0}, ndims=(4,)),
+    )
+    yield h
+    unregister_channel_handler(ChannelScale)
+
+
+# ---------------------------------------------------------------------- tests
+def test_chain_groups_flatten_block_and_describe():
+    m = Chain()
+    mode_before = m.training
+    stats_before = m.bn1.running_mean.clone()
+    gs = build_channel_groups(m, torch.randn(2, 3, 8, 8))
+    assert gs.names() == ["conv1", "conv2", "fc1"]
+    g1, g2, g3 = gs["conv1"], gs["conv2"], gs["fc1"]
+    assert (g1.producer, g1.consumers, g1.passthrough, g1.num_channels) == ("conv1", ("conv2",), ("bn1",), 8)
+    assert g1.slots[0].params == (("weight", 0), ("bias", 0))  # producer rows
+    assert dict(g1.slots[2].params) == {"weight": 1}  # consumer columns
+    assert (g2.consumers, g2.passthrough, g2.num_channels) == (("fc1",), ("bn2",), 16)
+    fc_slot = g2.slots[-1]
+    assert fc_slot.role == "consumer" and fc_slot.block == 16  # each channel owns 4x4 = 16 fc1 inputs
+    assert g2.slots[0].params == (("weight", 0),)  # conv2 has no bias
+    assert (g3.consumers, g3.num_channels) == (("fc2",), 12)
+    assert gs.skipped_names() == ["fc2"] and "model output" in gs.skipped[0].reason
+    text = gs.describe()
+    assert "group 'conv2': 16 channels" in text and "16 features per channel" in text
+    assert "consumer     fc1 (Linear): input channels: weight[dim 1]" in g2.describe()
+    # tracing with the example input must not touch the model's state
+    assert m.training == mode_before and torch.equal(m.bn1.running_mean, stats_before)
+
+
+@pytest.mark.parametrize("use_view", [True, False])
+def test_view_and_torch_flatten_to_linear(use_view):
+    gs = build_channel_groups(ViewFlatten(use_view), torch.randn(2, 2, 3, 3))
+    g = gs["conv"]
+    assert g.consumers == ("fc",) and g.slots[-1].block == 9
+
+
+def test_residual_is_skipped_with_reason_and_paths():
+    gs = build_channel_groups(Residual(), torch.randn(2, 3, 8, 8))
+    assert gs.names() == ["conv1"]  # the block-inner channels
+    assert gs["conv1"].passthrough == ("bn1",) and gs["conv1"].consumers == ("conv2",)
+    skipped = {s.producer: s for s in gs.skipped}
+    assert set(skipped) == {"stem", "conv2", "head"}
+    assert "residual" in skipped["conv2"].reason and "add" in skipped["conv2"].reason
+    assert skipped["conv2"].paths == ("conv2", "bn2")
+    assert "conv1" in skipped["stem"].paths  # the stem's channels also feed conv1
+    assert "model output" in skipped["head"].reason
+    assert "skipped 'conv2'" in gs.describe()
+
+
+def test_depthwise_is_pruned_with_its_group():
+    gs = build_channel_groups(Depthwise(), torch.randn(2, 4, 6, 6))
+    g = gs["expand"]
+    assert g.passthrough == ("bn1", "dw", "bn2") and g.consumers == ("project",) and g.num_channels == 12
+    dw = next(s for s in g.slots if s.path == "dw")
+    assert dw.role == "passthrough" and dw.params == (("weight", 0),)
+    assert gs["project"].consumers == ("fc",)  # mean over (2, 3) keeps the channels
+
+
+def test_grouped_conv_is_skipped():
+    gs = build_channel_groups(Grouped(), torch.randn(1, 4, 5, 5))
+    reasons = {s.producer: s.reason for s in gs.skipped}
+    assert "grouped Conv2d (groups=2)" in reasons["gconv"]
+    assert "grouped Conv2d" in reasons["conv1"]  # its consumer cannot be sliced
+    assert len(gs) == 0
+
+
+def test_custom_handler(scale_handler):
+    assert get_channel_handler(ChannelScale(3)) is scale_handler
+    gs = build_channel_groups(WithScale(), torch.randn(2, 3, 5, 5))
+    g = gs["conv1"]
+    assert g.passthrough == ("scale",) and g.consumers == ("conv2",)
+    assert g.slots[1].params == (("scale", 0),) and g.slots[1].scored == ("scale",)
+
+
+def test_without_handler_custom_layer_is_traced_through_and_blocks():
+    gs = build_channel_groups(WithScale(), torch.randn(2, 3, 5, 5))
+    assert len(gs) == 0
+    assert "combined with another tensor" in gs.skipped[0].reason
+
+
+def test_register_handler_validates():
+    with pytest.raises(ConfigError):
+        register_channel_handler(int, ChannelHandler(role="elementwise"))
+    with pytest.raises(ConfigError):
+        register_channel_handler(nn.ReLU, ChannelHandler(role="elementwise"))  # built-in, no overwrite
+    with pytest.raises(ConfigError):
+        ChannelHandler(role="sideways")
+    with pytest.raises(ConfigError):
+        ChannelHandler(role="passthrough")  # needs params
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.conv3 = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv3(self.conv2(self.conv2(self.conv1(x))))
+
+
+def test_shared_module_is_skipped():
+    gs = build_channel_groups(Shared(), torch.randn(1, 3, 4, 4))
+    reasons = {s.producer: s.reason for s in gs.skipped}
+    assert "called 2 times" in reasons["conv1"] and "called 2 times" in reasons["conv2"]
+    assert len(gs) == 0
+
+
+class ChannelRead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 1)
+        self.conv2 = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        return self.conv2(y) * (y.size(1) / 4) + y.shape[0]
+
+
+def test_channel_count_read_blocks_but_batch_read_does_not():
+    gs = build_channel_groups(ChannelRead(), torch.randn(2, 3, 4, 4))
+    # y.size(1) reads the channel count; y.shape[0] (the batch) is harmless
+    assert gs.skipped[0].producer == "conv1"
+    assert gs.skipped[0].reasons == ("reads the channel count at size in the model forward",)
+
+
+class Mlp3d(nn.Module):
+    """Linear on (B, T, F): the hidden features are the last dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 10)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(10, 6)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(x)))).mean(1)
+
+
+def test_linear_on_sequences():
+    gs = build_channel_groups(Mlp3d(), torch.randn(2, 5, 6))
+    assert gs.names() == ["fc1"] and gs["fc1"].consumers == ("fc2",)
+
+
+class Sliced(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 1)
+        self.conv2 = nn.Conv2d(2, 2, 1)
+        self.conv3 = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        z = torch.cat([y, y], 1)
+        return self.conv2(y[:, :2]), self.conv3(z[:, :4])
+
+
+def test_cat_and_indexing_are_skipped():
+    gs = build_channel_groups(Sliced(), torch.randn(1, 3, 2, 2))
+    r = gs.skipped[0].reason
+    assert (
+        gs.skipped[0].producer == "conv1"
+        and "indexed / sliced at getitem" in r
+        and "concatenated at cat" in r
+    )
+
+
+# ---------------------------------------------------------------------- tracing failures
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return self.conv(-x)
+
+
+def test_untraceable_model_raises_unsupported_naming_it():
+    with pytest.raises(UnsupportedModelError) as ei:
+        build_channel_groups(DataDependent(), torch.randn(1, 3, 4, 4))
+    msg = str(ei.value)
+    assert "DataDependent" in msg and "torch.fx" in msg
+    assert "\n" not in msg and len(msg) < 400  # short: no deep traceback
+    assert ei.value.__cause__ is None and ei.value.__suppress_context__
+
+
+class Gate(nn.Module):
+    """Untraceable inner module: data-dependent control flow."""
+
+    def forward(self, x):
+        return x if x.mean() > 0 else -x
+
+
+class WithGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 5, 1)
+        self.gate = Gate()
+        self.conv3 = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        return self.conv3(self.gate(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+def test_untraceable_submodule_becomes_opaque():
+    gs = build_channel_groups(WithGate(), torch.randn(1, 3, 4, 4))
+    assert gs.names() == ["conv1"]
+    assert "gate" in gs.opaque and "control flow" in gs.opaque["gate"]
+    conv2 = next(s for s in gs.skipped if s.producer == "conv2")
+    assert "gate" in conv2.reason and "gate" in conv2.paths
+
+
+def test_bad_example_input_is_reported():
+    with pytest.raises(UnsupportedModelError, match="Chain.*example input"):
+        build_channel_groups(Chain(), torch.randn(2, 5, 8, 8))
+
+
+# ---------------------------------------------------------------------- zoo models
+def _zoo(name: str):
+    if name not in netcarve.list_models():
+        pytest.skip(f"zoo model {name!r} is not registered yet")
+    m = netcarve.create_model(name)
+    return m, build_channel_groups(m, netcarve.example_input(m, batch=2))
+
+
+def test_zoo_lenet():
+    _, gs = _zoo("lenet")
+    assert gs.names() == ["conv1", "conv2", "conv3"]
+    assert gs["conv3"].consumers == ("fc",) and gs["conv3"].passthrough == ("bn3",)
+    assert gs.skipped_names() == ["fc"]
+
+
+def test_zoo_vgg11_bn():
+    m, gs = _zoo("vgg11_bn")
+    convs = [p for p, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
+    assert gs.names() == convs  # every conv, the last one feeding the classifier input
+    assert gs[convs[-1]].consumers == ("classifier",)
+    for p in convs:
+        assert len(gs[p].passthrough) == 1 and "BatchNorm2d" in gs[p].describe()
+    assert gs.skipped_names() == ["classifier"]
+
+
+def test_zoo_resnet20():
+    _, gs = _zoo("resnet20")
+    inner = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert gs.names() == inner
+    for p in inner:
+        blk = p.rsplit(".", 1)[0]
+        assert gs[p].consumers == (f"{blk}.conv2",) and gs[p].passthrough == (f"{blk}.bn1",)
+    skipped = {s.producer: s for s in gs.skipped}
+    for s in (1, 2, 3):
+        for b in range(3):
+            assert "residual" in skipped[f"layer{s}.{b}.conv2"].reason
+    assert "residual" in skipped["conv1"].reason
+    assert "model output" in skipped["linear"].reason
+
+
+def test_zoo_mobilenetv2():
+    m, gs = _zoo("mobilenetv2")
+    expands = [p for p, _ in m.named_modules() if p.endswith("expand_conv")]
+    for p in expands:
+        blk = p.rsplit(".", 1)[0]
+        g = gs[p]
+        assert g.passthrough == (f"{blk}.expand_bn", f"{blk}.dw_conv", f"{blk}.dw_bn")
+        assert g.consumers == (f"{blk}.project_conv",)
+    # block 0 has no expansion: the stem's channels flow through its depthwise conv
+    assert gs["conv1"].passthrough == ("bn1", "blocks.0.dw_conv", "blocks.0.dw_bn")
+    assert gs["conv2"].consumers == ("classifier",)
+    assert any("residual" in s.reason for s in gs.skipped)
