@@ -1,0 +1,131 @@
+"""A tiny pre-norm transformer encoder classifier over a sequence of feature vectors.
+
+``embed`` Linear(F, d) + learned ``pos_embed`` -> ``blocks`` of [LN - MultiHeadSelfAttention - LN - MLP(GELU)]
+(both residual) -> final LN -> mean over time -> ``head``. Attention is written out (no
+``nn.MultiheadAttention``) so that pruning can narrow ``qkv``/``proj`` and MAC counters can hook the
+parameter-free :class:`AttentionMatmul` (2 * B * H * T * T * head_dim MACs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ._presets import CIFAR_PREPROCESS
+from ._registry import register_model
+
+
+class AttentionMatmul(nn.Module):
+    """softmax(Q K^T / sqrt(head_dim)) V for q, k, v of shape (B, H, T, head_dim)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scale = q.shape[-1] ** -0.5
+        attn = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, T)
+        return torch.matmul(attn.softmax(dim=-1), v)  # (B, H, T, head_dim)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """``qkv`` Linear(d, 3*H*hd) -> ``matmul`` per head -> ``proj`` Linear(H*hd, d).
+
+    ``head_dim`` is derived at run time from ``qkv``'s output width and ``num_heads``, so removing whole
+    heads (narrow qkv/proj and lower ``num_heads``) or narrowing every head keeps the module runnable.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 4):
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.matmul = AttentionMatmul()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[0], x.shape[1]
+        qkv = self.qkv(x)  # (B, T, 3*H*hd)
+        head_dim = qkv.shape[-1] // 3 // self.num_heads
+        qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        out = self.matmul(qkv[0], qkv[1], qkv[2])  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(b, t, self.num_heads * head_dim)
+        return self.proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MultiHeadSelfAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerClassifier(nn.Module):
+    """(B, T, F) -> ``embed`` + ``pos_embed`` -> ``blocks`` -> ``norm`` -> mean over T -> ``head``."""
+
+    def __init__(
+        self,
+        input_size: int = 96,
+        seq_len: int = 32,
+        dim: int = 64,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        num_classes: int = 10,
+    ):
+        super().__init__()
+        self.input_shape = (seq_len, input_size)
+        self.embed = nn.Linear(input_size, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, dim))
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, F) -> (B, T, d) -> (B, d) -> (B, num_classes)
+        x = self.embed(x) + self.pos_embed[:, : x.shape[1]]
+        x = self.norm(self.blocks(x))
+        return self.head(x.mean(dim=1))
+
+
+@register_model(
+    "transformer_tiny",
+    family="transformer",
+    input_shape=(32, 96),
+    input_kind="sequence",
+    dataset="cifar10-rows",
+    preprocess=CIFAR_PREPROCESS,
+)
+def transformer_tiny(
+    input_size: int = 96,
+    seq_len: int = 32,
+    dim: int = 64,
+    depth: int = 4,
+    num_heads: int = 4,
+    mlp_ratio: float = 2.0,
+    num_classes: int = 10,
+) -> TransformerClassifier:
+    """Tiny pre-norm transformer encoder (d=64, 4 blocks, 4 heads) over CIFAR-10 rows (32 x 96)."""
+    return TransformerClassifier(input_size, seq_len, dim, depth, num_heads, mlp_ratio, num_classes)
