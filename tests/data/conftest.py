@@ -116,7 +116,7 @@ def make_npz_cifar():
 @pytest.fixture
 def no_data_root(tmp_path, monkeypatch) -> Path:
     """cwd = an empty tmp dir, NETCARVE_DATA unset, and the package location searched from tmp too."""
-    from netcarve.data import paths
+    from netcarve import paths
 
     work = tmp_path / "nowhere" / "cwd"
     work.mkdir(parents=True)

@@ -11,8 +11,7 @@ from safetensors.torch import save_file
 
 from netcarve.errors import CheckpointError, ConfigError, DataError
 from netcarve.models import create_model
-from netcarve.models import weights as W
-from netcarve.models.weights import find_data_root, load_pretrained, load_weights
+from netcarve.models.weights import load_pretrained, load_weights
 
 
 def _randomized(name: str, seed: int = 0, **kwargs):
@@ -201,37 +200,10 @@ def test_pretrained_errors():
         create_model("resnet20", pretrained="imagenet")
 
 
-def test_data_root_order(tmp_path, monkeypatch):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    monkeypatch.setenv("NETCARVE_DATA", str(b))
-    assert find_data_root(a) == a
-    assert find_data_root() == b
-    monkeypatch.setenv("NETCARVE_DATA", str(tmp_path / "nope"))
-    with pytest.raises(DataError, match="NETCARVE_DATA"):
-        find_data_root()
-    with pytest.raises(DataError, match="data_dir"):
-        find_data_root(tmp_path / "nope")
+def test_pretrained_without_data_root_is_a_clear_error(tmp_path, monkeypatch):
+    from netcarve import paths
 
-
-def test_data_root_search_upward(tmp_path, monkeypatch):
     monkeypatch.delenv("NETCARVE_DATA", raising=False)
-    monkeypatch.setattr(W, "__file__", str(tmp_path / "pkg" / "weights.py"))
-    (tmp_path / "shared" / "data").mkdir(parents=True)
-    deep = tmp_path / "main" / "sub"
-    deep.mkdir(parents=True)
-    monkeypatch.chdir(deep)
-    assert find_data_root() == tmp_path / "shared" / "data"
-
-
-def test_data_root_absent(tmp_path, monkeypatch):
-    monkeypatch.delenv("NETCARVE_DATA", raising=False)
-    monkeypatch.setattr(W, "__file__", str(tmp_path / "pkg" / "weights.py"))
-    monkeypatch.chdir(tmp_path)
-    if any((d / "shared" / "data").is_dir() for d in (tmp_path, *tmp_path.parents)):
-        pytest.skip("a shared/data directory exists above the temporary directory")
+    monkeypatch.setattr(paths, "_search_starts", lambda: [tmp_path / "nowhere"])
     with pytest.raises(DataError, match="NETCARVE_DATA"):
-        find_data_root()
-    with pytest.raises(DataError):
         load_pretrained(create_model("resnet20"), "resnet20", True)

@@ -5,6 +5,7 @@ Registered data sets (``list_datasets()``): ``digits`` / ``digits-rows`` (built 
 (your own images). See :mod:`netcarve.data.datasets` for the tensor layouts.
 """
 
+from ..paths import ENV_VAR, resolve_data_root
 from .cifar import CIFAR10_CLASSES, find_cifar10, read_cifar10_npz, read_cifar10_pickle
 from .datasets import (
     Dataset,
@@ -18,7 +19,6 @@ from .datasets import (
 from .digits import digits_split_indices
 from .imagefolder import IMAGE_EXTENSIONS, load_image_folder
 from .loader import BatchLoader, make_loaders
-from .paths import ENV_VAR, resolve_data_root
 from .transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip, make_transform
 
 __all__ = [

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..paths import HOW_TO, PathLike, describe_root_source, resolve_data_root
 from .datasets import Dataset, register_dataset, to_rows
-from .paths import HOW_TO, PathLike, describe_root_source, resolve_data_root
 
 CIFAR10_CLASSES = (
     "airplane",

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..paths import PathLike
 from .datasets import Dataset, register_dataset
-from .paths import PathLike
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..report import build_report, format_table, write_report
 from ..serialize import is_checkpoint, load, save
 from ..utils import seed_everything
-from .common import default_engine, example_batch, measure_stats, model_info
+from .common import default_engine, example_batch, measure_stats
 
 
 @dataclass
@@ -109,7 +109,8 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     ft_train_loader = train_loader
     if subset:
         ft_train_loader, _ = make_loaders(
-            cfg.dataset, info.preprocess, bs, data_dir=cfg.data_dir, augment=True, seed=cfg.seed, subset=subset
+            cfg.dataset, info.preprocess, bs, data_dir=cfg.data_dir, augment=True, seed=cfg.seed,
+            subset=(subset, None),
         )
 
     base, base_acc, source = _baseline(cfg, model_name, train_loader, test_loader)

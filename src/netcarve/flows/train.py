@@ -33,7 +33,8 @@ def train_cli(a) -> dict:
     elif a.distill:
         raise ConfigError("--distill needs --teacher MODEL|CHECKPOINT")
     train_loader, test_loader = make_loaders(ds, info.preprocess, a.batch_size, data_dir=a.data_dir,
-                                             augment=not a.no_augment, seed=a.seed, subset=a.subset)
+                                             augment=not a.no_augment, seed=a.seed,
+                                             subset=(a.subset, None) if a.subset else None)
     out = Path(a.out)
     res = fit(model, train_loader, test_loader, cfg, out_dir=out, teacher=teacher, kd=kd, resume=a.resume,
               progress=not a.no_progress and not a.json)

@@ -22,37 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError
+from ..paths import resolve_data_root
 from ._registry import get_model_info
 
-DATA_ENV = "NETCARVE_DATA"
 _MAX_LISTED = 5
-
-
-def find_data_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data root: ``data_dir``, else ``$NETCARVE_DATA``, else the nearest ``shared/data`` directory
-    found searching upward from the current directory and then from this package's location."""
-    if data_dir is not None:
-        p = Path(data_dir).expanduser()
-        if not p.is_dir():
-            raise DataError(f"data directory {str(p)!r} (data_dir argument) does not exist")
-        return p
-    env = os.environ.get(DATA_ENV)
-    if env:
-        p = Path(env).expanduser()
-        if not p.is_dir():
-            raise DataError(f"data directory {str(p)!r} (from ${DATA_ENV}) does not exist")
-        return p
-    starts = [Path.cwd().resolve(), Path(__file__).resolve().parent]
-    for start in starts:
-        for d in (start, *start.parents):
-            cand = d / "shared" / "data"
-            if cand.is_dir():
-                return cand
-    raise DataError(
-        f"no data root found: pass data_dir, set ${DATA_ENV}, or provide a shared/data directory in "
-        f"{starts[0]} or a parent of it (e.g. ../shared/data) or beside the netcarve repo"
-    )
 
 
 def load_pretrained(
@@ -67,9 +41,9 @@ def load_pretrained(
         if not info.pretrained:
             raise ConfigError(f"model {name!r} has no pretrained weights")
         rel = next(iter(info.pretrained.values()))
-        path = find_data_root(data_dir) / rel
+        path = resolve_data_root(data_dir) / rel
     elif isinstance(pretrained, (str, os.PathLike)) and str(pretrained) in info.pretrained:
-        path = find_data_root(data_dir) / info.pretrained[str(pretrained)]
+        path = resolve_data_root(data_dir) / info.pretrained[str(pretrained)]
     elif isinstance(pretrained, (str, os.PathLike)) and (
         Path(pretrained).suffix or os.sep in str(pretrained) or Path(pretrained).exists()
     ):

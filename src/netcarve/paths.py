@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DataError
+from .errors import DataError
 
 ENV_VAR = "NETCARVE_DATA"
 HOW_TO = (
