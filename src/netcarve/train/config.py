@@ -1,0 +1,248 @@
+"""Training and distillation configs: plain dataclasses with validated ``to_dict()`` / ``from_dict()``.
+
+Both configs validate on construction and in :meth:`from_dict`; a bad value or an unknown key raises
+:class:`netcarve.errors.ConfigError` naming the field. ``to_dict()`` returns JSON/YAML-safe builtins only.
+Float fields also accept numeric strings (PyYAML reads ``lr: 1e-3`` as the string ``"1e-3"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _int(owner: str, name: str, v: Any, lo: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise ConfigError(f"{owner}.{name} must be an integer, got {v!r}")
+    if lo is not None and v < lo:
+        raise ConfigError(f"{owner}.{name} must be >= {lo}, got {v}")
+    return int(v)
+
+
+def _float(owner: str, name: str, v: Any, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            raise ConfigError(f"{owner}.{name} must be a number, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{owner}.{name} must be a number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ConfigError(f"{owner}.{name} must be finite, got {v}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ConfigError(f"{owner}.{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ConfigError(f"{owner}.{name} must be {'<' if hi_open else '<='} {hi}, got {v}")
+    return v
+
+
+def _choice(owner: str, name: str, v: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(v, str) or v not in choices:
+        raise ConfigError(f"{owner}.{name} must be one of {', '.join(choices)}; got {v!r}")
+    return v
+
+
+def _bool(owner: str, name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{owner}.{name} must be true or false, got {v!r}")
+    return v
+
+
+def _from_dict(cls, d: Any):
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__}: expected a mapping of fields, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in d if k not in names)
+    if unknown:
+        raise ConfigError(
+            f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(names))}"
+        )
+    return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+@dataclass
+class TrainConfig:
+    """How :func:`netcarve.train.fit` trains.
+
+    Attributes:
+        epochs: number of passes over the training loader (>= 1).
+        batch_size: batch size the caller's loaders should use (``fit`` does not build loaders; it only
+            warns when ``train_loader.batch_size`` differs). Part of the config so recipes record it.
+        optimizer: ``"sgd"`` (with ``momentum`` / ``nesterov``) or ``"adamw"`` (``momentum`` and
+            ``nesterov`` ignored). Weight decay applies to all parameters.
+        lr: peak learning rate (> 0).
+        momentum: SGD momentum in [0, 1).
+        nesterov: SGD Nesterov momentum (needs ``momentum > 0``).
+        weight_decay: >= 0 (SGD: L2 added to the gradient; AdamW: decoupled).
+        schedule: per-step learning-rate schedule after warm-up: ``"cosine"`` (to ~0 at the last step),
+            ``"step"`` (multiply by ``gamma`` every ``step_size`` epochs) or ``"constant"``.
+        step_size, gamma: for ``schedule="step"``.
+        warmup_epochs: linear warm-up from ``lr / warmup_steps`` to ``lr`` over this many epochs.
+        label_smoothing: for the cross-entropy term, in [0, 1).
+        seed: seeds python/numpy/torch at the start of training (model init happens before ``fit``:
+            seed it yourself with :func:`netcarve.utils.seed_everything`).
+        grad_clip: max global gradient L2 norm, or ``None`` for no clipping.
+        log_every: update the progress bar / debug log every this many steps.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_size: int = 30
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    grad_clip: float | None = None
+    log_every: int = 50
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> TrainConfig:
+        """Check (and normalise the types of) every field; raises ConfigError naming the field."""
+        o = "TrainConfig"
+        self.epochs = _int(o, "epochs", self.epochs, 1)
+        self.batch_size = _int(o, "batch_size", self.batch_size, 1)
+        self.optimizer = _choice(o, "optimizer", self.optimizer, OPTIMIZERS)
+        self.lr = _float(o, "lr", self.lr, lo=0.0, lo_open=True)
+        self.momentum = _float(o, "momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        self.nesterov = _bool(o, "nesterov", self.nesterov)
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0.0:
+            raise ConfigError("TrainConfig.nesterov needs momentum > 0 (momentum is 0)")
+        self.weight_decay = _float(o, "weight_decay", self.weight_decay, lo=0.0)
+        self.schedule = _choice(o, "schedule", self.schedule, SCHEDULES)
+        self.step_size = _int(o, "step_size", self.step_size, 1)
+        self.gamma = _float(o, "gamma", self.gamma, lo=0.0, hi=1.0, lo_open=True)
+        self.warmup_epochs = _int(o, "warmup_epochs", self.warmup_epochs, 0)
+        self.label_smoothing = _float(
+            o, "label_smoothing", self.label_smoothing, lo=0.0, hi=1.0, hi_open=True
+        )
+        self.seed = _int(o, "seed", self.seed, 0)
+        if self.grad_clip is not None:
+            self.grad_clip = _float(o, "grad_clip", self.grad_clip, lo=0.0, lo_open=True)
+        self.log_every = _int(o, "log_every", self.log_every, 1)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping (missing fields take their defaults); unknown keys are a ConfigError."""
+        return _from_dict(cls, d)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class KDConfig:
+    """Knowledge distillation as a recovery step (see :mod:`netcarve.train.distill`).
+
+    Attributes:
+        kind: registered distillation losses joined by ``"+"``: ``"logit"``, ``"feature"``,
+            ``"logit+feature"`` (or any loss added with ``register_distill_loss``).
+        temperature: softmax temperature ``T`` of logit KD (> 0).
+        alpha: weight of the KD term in logit KD, ``(1 - alpha) * CE + alpha * T^2 * KL``; in [0, 1].
+        feature_weight: weight of the feature (hint) loss (>= 0).
+        hints: ``[[student_layer, teacher_layer], ...]`` module paths (``model.get_submodule`` names)
+            whose outputs feature KD matches; required by feature KD, rejected otherwise.
+    """
+
+    kind: str = "logit"
+    temperature: float = 4.0
+    alpha: float = 0.9
+    feature_weight: float = 1.0
+    hints: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def components(self) -> list[str]:
+        return [c.strip() for c in self.kind.split("+")]
+
+    def validate(self) -> KDConfig:
+        from .distill import get_distill_loss, list_distill_losses
+
+        o = "KDConfig"
+        if not isinstance(self.kind, str) or not self.kind.strip():
+            raise ConfigError(f"{o}.kind must be a string like 'logit' or 'logit+feature', got {self.kind!r}")
+        comps = self.components
+        known = list_distill_losses()
+        for c in comps:
+            if c not in known:
+                raise ConfigError(
+                    f"{o}.kind: unknown distillation loss {c!r} in {self.kind!r}; known: {', '.join(known)}"
+                )
+        if len(set(comps)) != len(comps):
+            raise ConfigError(f"{o}.kind: {self.kind!r} names a loss twice")
+        self.kind = "+".join(comps)
+        self.temperature = _float(o, "temperature", self.temperature, lo=0.0, lo_open=True)
+        self.alpha = _float(o, "alpha", self.alpha, lo=0.0, hi=1.0)
+        self.feature_weight = _float(o, "feature_weight", self.feature_weight, lo=0.0)
+        if self.hints is None:
+            self.hints = []
+        if not isinstance(self.hints, (list, tuple)):
+            raise ConfigError(
+                f"{o}.hints must be a list of [student_layer, teacher_layer] pairs, got {self.hints!r}"
+            )
+        hints = []
+        for i, h in enumerate(self.hints):
+            if (
+                not isinstance(h, (list, tuple))
+                or len(h) != 2
+                or not all(isinstance(p, str) and p for p in h)
+            ):
+                raise ConfigError(
+                    f"{o}.hints[{i}] must be a pair [student_layer, teacher_layer] of module paths, got {h!r}"
+                )
+            hints.append([h[0], h[1]])
+        self.hints = hints
+        uses_hints = [c for c in comps if get_distill_loss(c).uses_hints]
+        if uses_hints and not hints:
+            raise ConfigError(
+                f"{o}.hints: kind {self.kind!r} needs at least one [student_layer, teacher_layer] hint pair"
+            )
+        if hints and not uses_hints:
+            raise ConfigError(
+                f"{o}.hints are given but kind {self.kind!r} does not use them (use 'logit+feature')"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hints"] = [list(h) for h in self.hints]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KDConfig:
+        return _from_dict(cls, d)
+
+    def replace(self, **changes) -> KDConfig:
+        return dataclasses.replace(self, **changes)

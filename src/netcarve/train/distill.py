@@ -1,0 +1,464 @@
+"""Knowledge distillation as a pluggable recovery step, and the plain supervised task.
+
+A *task* turns a batch into a loss: ``task(x, y) -> {"loss": scalar with grad, "logits": student logits,
+<part>: detached scalar, ...}``. :func:`netcarve.train.fit` only talks to tasks, so supervised training
+and distillation share one loop:
+
+- :class:`SupervisedTask` -- cross-entropy (with label smoothing) on the model's logits.
+- :class:`DistillationTask` -- a student learns from a frozen teacher through the losses named by
+  :attr:`KDConfig.kind` (``"logit"``, ``"feature"``, ``"logit+feature"``, or a registered extension).
+
+Distillation losses are registered classes (``register_distill_loss`` / ``get_distill_loss`` /
+``list_distill_losses``) deriving from :class:`DistillLoss`:
+
+- ``logit``: ``(1 - alpha) * CE(y, s) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))``
+  (Hinton et al. 2015; the ``T^2`` keeps gradient magnitudes comparable across temperatures).
+- ``feature``: FitNets-style hints. Forward hooks capture the outputs of the named student and teacher
+  modules; a learned adapter maps the student's channels to the teacher's (they differ after pruning):
+  a 1x1 ``Conv2d`` for 4-D ``(N, C, H, W)`` outputs, a ``Linear`` on the last dimension for 2-D ``(N, C)``
+  and 3-D ``(N, T, C)`` outputs. The loss is ``feature_weight * mean over hint pairs of
+  MSE(adapter(s), t)``. When no registered component supplies the cross-entropy term (``kind="feature"``),
+  the task adds plain ``CE(y, s)``.
+
+The teacher always runs in eval mode under ``torch.no_grad`` and is not a registered submodule of the
+task (its weights are never in the task's ``state_dict`` or ``parameters()``). Adapter weights are
+trained with the student: build the optimizer over :meth:`DistillationTask.trainable_parameters` and save
+:meth:`DistillationTask.aux_state_dict` with the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._registry import Registry
+from ..errors import ConfigError
+from .config import KDConfig
+
+# ------------------------------------------------------------------------------------ functional
+
+
+def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``KL(softmax(t / T) || softmax(s / T))``, averaged over the batch (not yet scaled by ``T^2``)."""
+    t = float(temperature)
+    return F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1),
+        F.log_softmax(teacher_logits / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def logit_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(total, ce, kd)`` with ``total = (1 - alpha) * ce + alpha * T^2 * kd``."""
+    ce = F.cross_entropy(student_logits, target, label_smoothing=label_smoothing)
+    kd = kd_kl_div(student_logits, teacher_logits, temperature)
+    total = (1.0 - alpha) * ce + alpha * (temperature**2) * kd
+    return total, ce, kd
+
+
+# ------------------------------------------------------------------------------------ loss registry
+
+
+@dataclass
+class DistillBatch:
+    """What a :class:`DistillLoss` sees for one batch.
+
+    ``student_features`` / ``teacher_features`` map the module paths of the loss's
+    :meth:`DistillLoss.hook_points` to the outputs captured during this batch's forward passes.
+    """
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    target: torch.Tensor
+    student_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class DistillLoss(nn.Module):
+    """Base class of registered distillation losses.
+
+    Subclasses are constructed as ``cls(kd_config, label_smoothing)``, may declare the module outputs they
+    need with :meth:`hook_points`, build their trainable parts (adapters) in :meth:`setup` from the
+    captured output shapes, and return ``{"loss": weighted contribution, <part>: value, ...}`` from
+    :meth:`forward`. Set ``includes_ce = True`` if the loss already contains the label cross-entropy
+    term (then the task does not add it), ``uses_hints = True`` if it reads ``KDConfig.hints``.
+    """
+
+    includes_ce: ClassVar[bool] = False
+    uses_hints: ClassVar[bool] = False
+
+    def __init__(self, kd: KDConfig, label_smoothing: float = 0.0):
+        super().__init__()
+        self.kd = kd
+        self.label_smoothing = float(label_smoothing)
+
+    def hook_points(self) -> list[tuple[str, str]]:
+        """``(student_module_path, teacher_module_path)`` pairs whose outputs this loss needs."""
+        return [(s, t) for s, t in self.kd.hints] if self.uses_hints else []
+
+    def setup(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
+        """Called once with the output shapes (batch dim included) at the hook points."""
+
+    def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_DISTILL_LOSSES: Registry[type[DistillLoss]] = Registry("distillation loss")
+
+
+def register_distill_loss(name: str, cls: type[DistillLoss] | None = None, *, overwrite: bool = False):
+    """Register a :class:`DistillLoss` subclass under ``name`` (usable in ``KDConfig.kind``).
+
+    Use as a decorator (``@register_distill_loss("attention")``) or call with the class.
+    """
+    if "+" in name or not name.strip():
+        raise ConfigError(f"distillation loss name {name!r} must be non-empty and must not contain '+'")
+
+    def _check(c):
+        if not (isinstance(c, type) and issubclass(c, DistillLoss)):
+            raise ConfigError(f"distillation loss {name!r} must be a DistillLoss subclass, got {c!r}")
+        return _DISTILL_LOSSES.register(name, c, overwrite=overwrite)
+
+    return _check(cls) if cls is not None else _check
+
+
+def get_distill_loss(name: str) -> type[DistillLoss]:
+    return _DISTILL_LOSSES.get(name)
+
+
+def list_distill_losses(pattern: str = "*") -> list[str]:
+    return _DISTILL_LOSSES.list(pattern)
+
+
+@register_distill_loss("logit")
+class LogitKD(DistillLoss):
+    """``(1 - alpha) * CE(y, s) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))``; parts ``ce``, ``kd``."""
+
+    includes_ce = True
+
+    def forward(self, b: DistillBatch) -> dict[str, torch.Tensor]:
+        if b.student_logits.shape != b.teacher_logits.shape:
+            raise ConfigError(
+                f"logit distillation: student logits {tuple(b.student_logits.shape)} and teacher logits "
+                f"{tuple(b.teacher_logits.shape)} differ in shape (different number of classes?)"
+            )
+        total, ce, kd = logit_kd_loss(
+            b.student_logits,
+            b.teacher_logits,
+            b.target,
+            self.kd.temperature,
+            self.kd.alpha,
+            self.label_smoothing,
+        )
+        return {"loss": total, "ce": ce.detach(), "kd": kd.detach()}
+
+
+def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, where: str) -> nn.Module:
+    """The learned map from a student output to a teacher output shape (see the module docstring).
+
+    Raises ConfigError when the ranks or the spatial / sequence sizes differ; ``where`` names the layers.
+    """
+    s, t = tuple(student_shape), tuple(teacher_shape)
+    if len(s) != len(t):
+        raise ConfigError(
+            f"feature distillation {where}: student output {s} and teacher output {t} differ in rank"
+        )
+    if len(s) == 4:
+        if s[2:] != t[2:]:
+            raise ConfigError(
+                f"feature distillation {where}: spatial sizes differ (student {s[2]}x{s[3]}, teacher "
+                f"{t[2]}x{t[3]}); pick hint layers at the same resolution"
+            )
+        cs, ct = s[1], t[1]
+        adapter: nn.Module = nn.Conv2d(cs, ct, 1, bias=True)
+    elif len(s) in (2, 3):
+        if len(s) == 3 and s[1] != t[1]:
+            raise ConfigError(
+                f"feature distillation {where}: sequence lengths differ (student {s[1]}, teacher {t[1]})"
+            )
+        cs, ct = s[-1], t[-1]
+        adapter = nn.Linear(cs, ct, bias=True)
+    else:
+        raise ConfigError(
+            f"feature distillation {where}: outputs must be 2-D (N, C), 3-D (N, T, C) or 4-D (N, C, H, W); "
+            f"got student {s}, teacher {t}"
+        )
+    if cs == ct:  # same width: start from the identity so the loss starts at the raw feature distance
+        with torch.no_grad():
+            adapter.weight.copy_(torch.eye(cs).reshape(adapter.weight.shape))
+            adapter.bias.zero_()
+    return adapter
+
+
+@register_distill_loss("feature")
+class FeatureKD(DistillLoss):
+    """Hint-layer MSE after a learned adapter; part ``feature`` (unweighted mean over hint pairs)."""
+
+    uses_hints = True
+
+    def __init__(self, kd: KDConfig, label_smoothing: float = 0.0):
+        super().__init__(kd, label_smoothing)
+        self.adapters = nn.ModuleList()
+
+    def setup(self, student_shapes, teacher_shapes) -> None:
+        self.adapters = nn.ModuleList(
+            make_adapter(student_shapes[s], teacher_shapes[t], f"hint student {s!r} -> teacher {t!r}")
+            for s, t in self.hook_points()
+        )
+
+    def forward(self, b: DistillBatch) -> dict[str, torch.Tensor]:
+        pairs = self.hook_points()
+        if len(self.adapters) != len(pairs):
+            raise RuntimeError("FeatureKD.setup() was not called")  # a bug, not a user error
+        total = b.student_logits.new_zeros(())
+        for (s, t), adapter in zip(pairs, self.adapters):
+            fs, ft = b.student_features[s], b.teacher_features[t]
+            total = total + F.mse_loss(adapter(fs), ft.detach())
+        feat = total / len(pairs)
+        return {"loss": self.kd.feature_weight * feat, "feature": feat.detach()}
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+
+def _logits(out) -> torch.Tensor:
+    """Accept a tensor, a tuple/list whose first element is the logits, or a dict with ``"logits"``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    raise ConfigError(
+        f"model output must be a logits tensor (or a tuple/dict holding one), got {type(out).__name__}"
+    )
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+    return None
+
+
+def _submodule(model: nn.Module, path: str, role: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        shown = ", ".join(names[:25]) + (", ..." if len(names) > 25 else "")
+        raise ConfigError(
+            f"hint layer {path!r} not found in the {role} ({type(model).__name__}); its modules: {shown}"
+        ) from None
+
+
+class SupervisedTask(nn.Module):
+    """Plain training: ``loss = CE(y, model(x))`` with optional label smoothing."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = _logits(self.model(x))
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return {"loss": loss, "logits": logits, "ce": loss.detach()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def aux_state_dict(self) -> dict[str, torch.Tensor]:
+        """State besides the model's own (nothing for supervised training)."""
+        return {}
+
+    def load_aux_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ConfigError(f"supervised training has no auxiliary state, got keys {sorted(state)[:5]}")
+
+    def close(self) -> None:
+        """Release hooks (none here)."""
+
+
+class DistillationTask(nn.Module):
+    """Train ``student`` from a frozen ``teacher`` with the losses of ``kd.kind``.
+
+    Args:
+        student: the model being trained (a registered submodule, ``task.student`` / ``task.model``).
+        teacher: kept in eval mode, run under ``no_grad``; not a submodule of the task.
+        kd: the :class:`KDConfig` (default: logit KD, T=4, alpha=0.9).
+        label_smoothing: for the cross-entropy term.
+        example_input: a batch used once, in eval mode, to find the output shapes at the hint layers
+            (feature KD only). Default: ``netcarve.example_input(student)`` for zoo models.
+
+    ``forward(x, y)`` returns ``{"loss", "logits", <parts>}``: ``ce`` and ``kd`` for logit KD,
+    ``feature`` for feature KD. Call :meth:`close` (or use the task as a context manager) to remove the
+    forward hooks from student and teacher.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        kd: KDConfig | dict | None = None,
+        *,
+        label_smoothing: float = 0.0,
+        example_input: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if teacher is None:
+            raise ConfigError("DistillationTask needs a teacher model")
+        if teacher is student:
+            raise ConfigError(
+                "DistillationTask: the teacher must be a different module object than the student"
+            )
+        kd = KDConfig() if kd is None else KDConfig.from_dict(kd) if isinstance(kd, dict) else kd.validate()
+        self.kd = kd
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)  # deliberately not a submodule
+        teacher.eval()
+        self.label_smoothing = float(label_smoothing)
+        self.losses = nn.ModuleDict({c: get_distill_loss(c)(kd, label_smoothing) for c in kd.components})
+        self.adds_ce = not any(type(m).includes_ce for m in self.losses.values())
+
+        self._hooks: list = []
+        self._capturing = False
+        self._s_feats: dict[str, torch.Tensor] = {}
+        self._t_feats: dict[str, torch.Tensor] = {}
+        s_paths = sorted({s for m in self.losses.values() for s, _ in m.hook_points()})
+        t_paths = sorted({t for m in self.losses.values() for _, t in m.hook_points()})
+        try:
+            for p in s_paths:
+                mod = _submodule(student, p, "student")
+                self._hooks.append(mod.register_forward_hook(self._hook(self._s_feats, p)))
+            for p in t_paths:
+                mod = _submodule(teacher, p, "teacher")
+                self._hooks.append(mod.register_forward_hook(self._hook(self._t_feats, p)))
+            if s_paths or t_paths:
+                s_shapes, t_shapes = self._probe(example_input, s_paths, t_paths)
+                for m in self.losses.values():
+                    m.setup(s_shapes, t_shapes)
+        except BaseException:
+            self.close()  # leave no hooks behind on the caller's models
+            raise
+
+    # -- hooks
+    def _hook(self, store: dict, path: str):
+        def hook(module, inputs, output):
+            if self._capturing:
+                t = _first_tensor(output)
+                if t is None:
+                    raise ConfigError(
+                        f"hint layer {path!r} ({type(module).__name__}) did not output a tensor"
+                    )
+                store[path] = t
+
+        return hook
+
+    def _probe(self, example_input, s_paths, t_paths):
+        if example_input is None:
+            from ..models import example_input as _zoo_example
+
+            try:
+                example_input = _zoo_example(self.student, batch=2)
+            except (ConfigError, AttributeError, KeyError):
+                raise ConfigError(
+                    "feature distillation needs the output shapes of the hint layers: pass "
+                    "example_input=<a batch> (the student was not built by netcarve.create_model)"
+                ) from None
+        s_mode, t_mode = self.student.training, self.teacher.training
+        self.student.eval()
+        self.teacher.eval()
+        self._capturing = True
+        try:
+            with torch.no_grad():
+                self.student(example_input)
+                self.teacher(example_input)
+            s_shapes = {p: self._s_feats[p].shape for p in s_paths if p in self._s_feats}
+            t_shapes = {p: self._t_feats[p].shape for p in t_paths if p in self._t_feats}
+        finally:
+            self._capturing = False
+            self._s_feats.clear()
+            self._t_feats.clear()
+            self.student.train(s_mode)
+            self.teacher.train(t_mode)
+        for role, paths, shapes in (("student", s_paths, s_shapes), ("teacher", t_paths, t_shapes)):
+            missing = [p for p in paths if p not in shapes]
+            if missing:
+                raise ConfigError(
+                    f"hint layer(s) {missing} of the {role} were not called in its forward pass"
+                )
+        return s_shapes, t_shapes
+
+    def close(self) -> None:
+        """Remove the forward hooks this task put on the student and the teacher."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- nn.Module
+    @property
+    def model(self) -> nn.Module:
+        return self.student
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._capturing = True
+        try:
+            s_logits = _logits(self.student(x))
+            with torch.no_grad():
+                t_logits = _logits(self.teacher(x))
+            batch = DistillBatch(s_logits, t_logits, y, dict(self._s_feats), dict(self._t_feats))
+        finally:
+            self._capturing = False
+            self._s_feats.clear()
+            self._t_feats.clear()
+        out: dict[str, torch.Tensor] = {}
+        total = s_logits.new_zeros(())
+        if self.adds_ce:
+            ce = F.cross_entropy(s_logits, y, label_smoothing=self.label_smoothing)
+            total = total + ce
+            out["ce"] = ce.detach()
+        for m in self.losses.values():
+            parts = m(batch)
+            total = total + parts["loss"]
+            for k, v in parts.items():
+                if k != "loss":
+                    out[k] = v.detach()
+        return {"loss": total, "logits": s_logits, **out}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student parameters (those with ``requires_grad``) followed by the losses' (adapters)."""
+        return [p for p in self.student.parameters() if p.requires_grad] + list(self.losses.parameters())
+
+    def aux_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter weights etc. (everything trainable that is not the student's)."""
+        return {k: v.detach().clone() for k, v in self.losses.state_dict().items()}
+
+    def load_aux_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.losses.load_state_dict(state)

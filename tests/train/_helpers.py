@@ -1,0 +1,36 @@
+"""Shared pieces of the netcarve.train tests (also imported by the kill-test child script)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import netcarve
+from netcarve.data import make_loaders
+from netcarve.models import get_model_info
+from netcarve.utils import seed_everything
+
+
+def digits_loaders(batch_size: int = 64, seed: int = 0, augment: bool = False, subset=None):
+    """(train, test) BatchLoaders over the built-in 8x8 digits, preprocessed as lenet expects."""
+    return make_loaders(
+        "digits", get_model_info("lenet").preprocess, batch_size, augment=augment, seed=seed, subset=subset
+    )
+
+
+def lenet(width: int = 8, seed: int = 0) -> nn.Module:
+    seed_everything(seed)
+    return netcarve.create_model("lenet", width=width)
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def strip_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
