@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 from .common import model_info, resolve_model
 
 
@@ -19,18 +17,25 @@ def evaluate_cli(spec: str, *, weights=None, dataset=None, data_dir=None, batch_
                                              seed=0)
     loader = test_loader if split == "test" else train_loader
     if limit:
-        n_batches = -(-limit // batch_size)
-        loader = _Limited(loader, n_batches)
+        loader = _Limited(loader, limit)
     res = evaluate(model, loader)
     return {"model": info.name, "checkpoint_or_model": spec, "dataset": ds, "split": split, **res}
 
 
 class _Limited:
-    def __init__(self, loader, n: int):
-        self.loader, self.n = loader, n
+    """The first ``limit`` samples of a loader (the last batch cut to size)."""
+
+    def __init__(self, loader, limit: int):
+        self.loader, self.limit = loader, limit
 
     def __iter__(self):
-        return itertools.islice(iter(self.loader), self.n)
+        seen = 0
+        for x, y in self.loader:
+            if seen >= self.limit:
+                return
+            take = min(len(y), self.limit - seen)
+            seen += take
+            yield x[:take], y[:take]
 
     def __len__(self):
-        return min(self.n, len(self.loader))
+        return len(self.loader)
