@@ -1,0 +1,38 @@
+import json
+
+import netcarve
+from netcarve.cli.main import main
+
+
+def test_train_cli_writes_checkpoint_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "lenet", "--dataset", "digits", "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
+            "--out", str(out), "--no-progress", "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["epochs"] == 2 and res["top1"] > 50  # well above chance (10%)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    m = netcarve.load(out)
+    assert m.netcarve_metadata["accuracy"]["top1"] == res["top1"]
+    # extending a finished run with --resume trains only the new epoch
+    assert main(args[:5] + ["3"] + args[6:] + ["--resume"]) == 0
+    capsys.readouterr()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+def test_train_cli_distills_from_a_checkpoint(tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    assert main(["train", "lenet", "--dataset", "digits", "--epochs", "2", "--out", str(teacher), "--no-progress",
+                 "--json"]) == 0
+    capsys.readouterr()
+    assert main(["train", "lenet", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "student"),
+                 "--teacher", str(teacher), "--distill", "logit", "--no-progress", "--json"]) == 0
+    rec = json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "train_kd" in rec  # the distillation term was part of the loss
+
+
+def test_train_cli_bad_hint_is_clear(tmp_path, capsys):
+    rc = main(["train", "lenet", "--out", str(tmp_path / "r"), "--teacher", "lenet", "--hint", "nocolon"])
+    assert rc == 2 and "STUDENT_LAYER:TEACHER_LAYER" in capsys.readouterr().err
