@@ -35,3 +35,15 @@ def data_root(request) -> Path:
         pytest.skip("real CIFAR-10 / pretrained files not found: pass --data-dir, set NETCARVE_DATA, "
                     "or place shared/data beside the repo")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Tests run small models: one torch thread avoids OpenMP spin-waits on a busy 2-core box.
+    Latency measurements run in their own processes with their own thread counts."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
