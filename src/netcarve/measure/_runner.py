@@ -27,6 +27,7 @@ if __name__ == "__main__":  # keep this directory off sys.path: measure/profile.
 import gc  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -46,20 +47,33 @@ class EngineMissing(Exception):
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def run_rounds(fn, warmup: int, repeats: int, rounds: int, layer_step=None, interleave: str = "call"):
+def run_rounds(
+    fn, warmup: int, repeats: int, rounds: int, layer_step=None, interleave: str = "call",
+    min_round_ms: float = 100.0, max_repeats: int = 5000,
+):
     """``warmup`` calls, then ``rounds`` rounds of ``repeats`` timed calls of ``fn``.
 
     ``layer_step()`` (one instrumented call, returning its per-layer data) is interleaved with the timed
     calls so that whole-model and per-layer numbers see the same machine conditions: after every timed
     call (``interleave="call"``) or ``repeats`` of them after every timed round (``"round"``). Warm-up
-    covers both. Returns the per-round lists of milliseconds and the per-round lists of step results.
+    covers both. Without per-layer steps, rounds are lengthened to at least ``min_round_ms`` of timed calls
+    (more repeats, at most ``max_repeats``) after a warm-up of the same length. Returns the per-round lists of milliseconds and the per-round lists of step results.
     """
+    pc = time.perf_counter
     for _ in range(warmup):
         fn()
         if layer_step is not None:
             layer_step()
+    if layer_step is None and min_round_ms > 0:
+        # tiny models: a round of `repeats` calls can last well under a millisecond, too short to ride out
+        # thread-pool wake-ups and frequency changes; keep warming up and lengthen rounds to min_round_ms
+        t0, n = pc(), 0
+        while n < 3 or (pc() - t0) * 1e3 < min_round_ms:
+            fn()
+            n += 1
+        per_call_ms = (pc() - t0) * 1e3 / n
+        repeats = max(repeats, min(max_repeats, math.ceil(min_round_ms / max(per_call_ms, 1e-6))))
     times, layers = [], []
-    pc = time.perf_counter
     enabled = gc.isenabled()
     gc.disable()
     try:
