@@ -96,3 +96,23 @@ def test_make_loaders_real_cifar(cifar_root):
     xt, _ = next(iter(test))
     # ImageNet statistics are close to CIFAR-10's: normalised test images have mean ~0, std ~1
     assert abs(float(xt.mean())) < 0.5 and 0.7 < float(xt.std()) < 1.4
+
+
+def test_digits_training_augmentation_never_mirrors():
+    """Mirrored digits are not digits: the data set turns flips off for its training transform."""
+    import torch
+
+    from netcarve.data import get_dataset_info, make_loaders
+
+    assert get_dataset_info("digits").augment == {"flip": False}
+    train, _ = make_loaders("digits", {"scale": 1.0}, 4096, augment=True, seed=0)
+    names = [type(t).__name__ for t in train.transform.transforms]
+    assert "RandomHorizontalFlip" not in names and "RandomCrop" in names
+    cifar_names = [
+        type(t).__name__
+        for t in __import__("netcarve.data", fromlist=["make_transform"])
+        .make_transform({"scale": 1.0}, True, "image")
+        .transforms
+    ]
+    assert "RandomHorizontalFlip" in cifar_names
+    assert torch.is_tensor(next(iter(train))[0])

@@ -21,7 +21,7 @@ import dataclasses
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -176,13 +176,19 @@ class DatasetInfo:
     kind: str
     needs_data_dir: bool
     description: str = ""
+    augment: dict = field(default_factory=dict)  # make_transform options for training, e.g. {"flip": False}
 
 
 _DATASETS: Registry[DatasetInfo] = Registry("dataset")
 
 
-def register_dataset(name: str, *, kind: str = "image", needs_data_dir: bool = True, description: str = ""):
-    """Decorator registering a data set factory ``fn(split: str, data_dir, **kwargs) -> Dataset``."""
+def register_dataset(
+    name: str, *, kind: str = "image", needs_data_dir: bool = True, description: str = "",
+    augment: dict | None = None,
+):
+    """Decorator registering a data set factory ``fn(split: str, data_dir, **kwargs) -> Dataset``.
+    ``augment`` holds the data set's training-augmentation options for ``make_transform`` (e.g.
+    ``{"flip": False}`` where mirrored samples are not valid samples)."""
     if kind not in KINDS:
         raise ConfigError(f"dataset {name!r}: kind must be one of {KINDS}, got {kind!r}")
 
@@ -195,6 +201,7 @@ def register_dataset(name: str, *, kind: str = "image", needs_data_dir: bool = T
                 kind=kind,
                 needs_data_dir=needs_data_dir,
                 description=description or (fn.__doc__ or "").strip().split("\n")[0],
+                augment=dict(augment or {}),
             ),
         )
         return fn

@@ -59,7 +59,7 @@ def digits_split_indices(y: np.ndarray, split: str, test_fraction: float = 0.25,
     return np.sort(np.concatenate(out))
 
 
-@register_dataset("digits", kind="image", needs_data_dir=False)
+@register_dataset("digits", kind="image", needs_data_dir=False, augment={"flip": False})  # digits are not mirror-symmetric
 def digits(split: str = "train", data_dir=None, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
     """UCI 8x8 handwritten digits (built in): images (1, 8, 8) uint8 with raw values 0..16."""
     table = _read_digits(str(DIGITS_FILE))

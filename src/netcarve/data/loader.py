@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .datasets import Dataset, get_dataset
+from .datasets import Dataset, get_dataset, get_dataset_info
 from .transforms import Transform, make_transform
 
 
@@ -150,7 +150,7 @@ def make_loaders(
         train,
         batch_size,
         shuffle=True,
-        transform=make_transform(preprocess, augment, train.kind),
+        transform=make_transform(preprocess, augment, train.kind, **get_dataset_info(dataset_name).augment),
         seed=seed,
         drop_last=drop_last,
     )
