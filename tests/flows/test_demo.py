@@ -29,7 +29,7 @@ def test_demo_report_and_run_dir(demo_run):
     assert s["macs_reduction"] >= 2.0 and c["params"] < b["params"] and c["size_bytes"] < b["size_bytes"]
     assert b["latency_ms"]["p50"] > 0 and c["latency_ms"]["p50"] > 0
     assert [p["label"] for p in rep["points"]] == ["baseline", "pruned (before fine-tune)", "compressed"]
-    assert rep["measurement"] == {**rep["measurement"], "engine": "torch", "threads": 2, "batch": 1}
+    assert rep["measurement"] == {**rep["measurement"], "engine": "torch", "threads": 2, "batch": 64}
 
 
 def test_demo_output_is_a_loadable_checkpoint(demo_run, capsys):

@@ -169,3 +169,22 @@ def test_import_is_lean():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_compare_latency_keeps_best_process_of_each_variant():
+    import netcarve
+    from netcarve.measure import compare_latency
+    from netcarve.models import example_input
+
+    a = netcarve.create_model("lenet").eval()
+    b = netcarve.create_model("lenet", width=8).eval()
+    models = {"a": a, "b": b}
+    res = compare_latency(models, {k: example_input(m, 4) for k, m in models.items()}, engine="torch",
+                          threads=1, processes=2, warmup=2, repeats=5, rounds=2)
+    assert set(res) == {"a", "b"}
+    for r in res.values():
+        assert len(r.extra["process_p50_ms"]) == 2
+        assert r.p50_ms == min(r.extra["process_p50_ms"]) > 0
+    with pytest.raises(netcarve.ConfigError):
+        compare_latency(models, {}, processes=0)
+

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"],
                    help="latency engine (default: onnxruntime when installed, else torch)")
     s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--batch", type=int, default=1, help="batch size for latency (default 1)")
+    s.add_argument("--batch", type=int, help="batch size for latency (default: 64 for digits, 1 for cifar10)")
     s.add_argument("--macs-reduction", type=float, default=2.0)
     s.add_argument("--finetune-epochs", type=int, help="default: 20 (digits), 1 (cifar10)")
     s.add_argument("--train-subset", type=int, help="cifar10: training images used for fine-tuning (default 10000)")

@@ -7,6 +7,7 @@ MACs target, BN recalibration) -> fine-tune with knowledge distillation from the
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -33,7 +34,8 @@ class DemoConfig:
     out: str = "runs/demo"
     engine: str | None = None  # default: onnxruntime when installed, else torch
     threads: int = 2
-    batch: int = 1
+    batch: int | None = None  # latency batch; default 64 for digits (batch 1 of an 8x8 CNN times only
+    # per-call overhead, ~30-60 us, and the ratio of two such numbers is noise), 1 for cifar10
     macs_reduction: float = 2.0
     criterion: str = "l1"
     round_to: int = 8
@@ -41,6 +43,7 @@ class DemoConfig:
     finetune_epochs: int | None = None  # default: 20 for digits, 1 for cifar10
     train_subset: int | None = None  # cifar10: images per fine-tune epoch (default 10000)
     seed: int = 0
+    latency_processes: int = 3  # fresh processes per model for latency (best one kept)
     progress: bool = True
     cache_dir: str | None = None
     extra: dict = field(default_factory=dict)
@@ -86,7 +89,7 @@ def _baseline(cfg: DemoConfig, model_name: str, train_loader, test_loader):
 def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     from ..compact import prune_channels, recalibrate_bn
     from ..data import make_loaders
-    from ..measure import environment
+    from ..measure import compare_latency, environment
     from ..train import KDConfig, TrainConfig, evaluate, fit
 
     t0 = time.perf_counter()
@@ -94,6 +97,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
         raise ConfigError(f"demo --dataset must be 'digits' or 'cifar10', not {cfg.dataset!r}")
     model_name = cfg.model or ("lenet" if cfg.dataset == "digits" else "resnet20")
     engine = cfg.engine or default_engine()
+    batch = cfg.batch or (64 if cfg.dataset == "digits" else 1)
     ft_epochs = cfg.finetune_epochs if cfg.finetune_epochs is not None else (20 if cfg.dataset == "digits" else 1)
     subset = cfg.train_subset if cfg.train_subset is not None else (None if cfg.dataset == "digits" else 10000)
     torch.set_num_threads(cfg.threads)
@@ -115,10 +119,10 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
 
     base, base_acc, source = _baseline(cfg, model_name, train_loader, test_loader)
     base.eval()
-    _log(f"baseline top-1 {base_acc['top1']:.2f}% ({source}); measuring latency with {engine}")
+    _log(f"baseline top-1 {base_acc['top1']:.2f}% ({source})")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    b_stats = measure_stats(base, "baseline", engine=engine, threads=cfg.threads, batch=cfg.batch, accuracy=base_acc)
+    b_stats = measure_stats(base, "baseline", accuracy=base_acc, latency=False)
 
     _log(f"compressing: structural channel pruning, criterion {cfg.criterion}, "
          f"target {cfg.macs_reduction:g}x fewer MACs, widths rounded to {cfg.round_to}")
@@ -130,8 +134,8 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     acc_bn = evaluate(pruned, test_loader)
     _log(f"pruned: top-1 {acc_raw['top1']:.2f}% -> {acc_bn['top1']:.2f}% after BN recalibration; "
          f"fine-tuning {ft_epochs} epoch(s) with logit distillation from the baseline")
-    p_stats = measure_stats(pruned, "pruned (before fine-tune)", engine=engine, threads=cfg.threads,
-                            batch=cfg.batch, accuracy=acc_bn)
+    p_stats = measure_stats(pruned, "pruned (before fine-tune)", accuracy=acc_bn, latency=False)
+    pruned_before_ft = copy.deepcopy(pruned)
     ft_cfg = TrainConfig(epochs=ft_epochs, batch_size=bs, optimizer="sgd",
                          lr=0.01 if cfg.dataset == "digits" else 0.005, momentum=0.9,
                          weight_decay=5e-4, schedule="cosine", seed=cfg.seed)
@@ -139,15 +143,23 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
         kd=KDConfig(kind="logit", temperature=4.0, alpha=0.9), progress=cfg.progress)
     pruned.eval()
     acc_ft = evaluate(pruned, test_loader)
-    c_stats = measure_stats(pruned, "compressed", engine=engine, threads=cfg.threads, batch=cfg.batch,
-                            accuracy=acc_ft)
+    c_stats = measure_stats(pruned, "compressed", accuracy=acc_ft, latency=False)
+    _log(f"measuring latency with {engine}, batch {batch}, {cfg.threads} threads "
+         f"({cfg.latency_processes} fresh processes per model, interleaved)")
+    variants = {"baseline": base, "pruned": pruned_before_ft, "compressed": pruned}
+    lat = compare_latency(variants, {k: example_batch(m, batch) for k, m in variants.items()}, engine=engine,
+                          threads=cfg.threads, processes=cfg.latency_processes)
+    for stats, key in ((b_stats, "baseline"), (p_stats, "pruned"), (c_stats, "compressed")):
+        stats.latency_ms = {"p50": lat[key].p50_ms, "p90": lat[key].p90_ms}
+        stats.notes.extend(lat[key].notes)
     env = environment(threads=cfg.threads)
     rep = build_report(
         baseline=b_stats,
         compressed=c_stats,
         points=[b_stats, p_stats, c_stats],
-        measurement={"engine": engine, "threads": cfg.threads, "batch": cfg.batch,
-                     "method": "min over rounds of median latency, each engine in its own process"},
+        measurement={"engine": engine, "threads": cfg.threads, "batch": batch,
+                     "method": "min over rounds of median latency, each model timed in "
+                               f"{cfg.latency_processes} fresh processes (interleaved), best process kept"},
         env=env,
         task={"model": model_name, "dataset": cfg.dataset, "baseline_source": source,
               "method": f"channel pruning ({cfg.criterion}, {cfg.macs_reduction:g}x MACs, round_to "

@@ -3,7 +3,7 @@
 from .counting import LayerCost, ModelCost, count_model, get_counter, list_counters, register_counter
 from .env import environment
 from .export import to_onnx
-from .latency import ENGINES, LatencyResult, engine_available, measure_latency
+from .latency import ENGINES, LatencyResult, compare_latency, engine_available, measure_latency
 from .profile import format_profile_table, profile_model
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "LatencyResult",
     "LayerCost",
     "ModelCost",
+    "compare_latency",
     "count_model",
     "engine_available",
     "environment",

@@ -128,7 +128,7 @@ def format_table(rep: dict, markdown: bool = False) -> str:
         )
     caption = (
         f"latency: engine {m.get('engine')}, batch {m.get('batch')}, {m.get('threads')} threads, "
-        f"min over rounds of medians; CPU {rep.get('env', {}).get('cpu_model', '?')}"
+        f"{m.get('method') or 'min over rounds of medians'}; CPU {rep.get('env', {}).get('cpu_model', '?')}"
     )
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
