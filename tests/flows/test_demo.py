@@ -49,3 +49,34 @@ def test_demo_baseline_comes_from_cache_second_time(demo_run, tmp_path):
     rep2 = run_demo(cfg)
     assert rep2["task"]["baseline_source"] == "cache"
     assert rep2["baseline"]["top1"] == rep["baseline"]["top1"]
+
+
+def test_profile_accepts_the_run_directory(demo_run, capsys):
+    rep, d = demo_run
+    assert main(["profile", str(d / "run"), "--batch", "2", "--threads", "1", "--json"]) == 0
+    prof = json.loads(capsys.readouterr().out)
+    assert prof["total"]["macs"] == 2 * rep["compressed"]["macs"] and prof["total"]["params"] == rep["compressed"]["params"]
+    assert {"name", "type", "macs", "params", "latency_ms"} <= set(prof["layers"][0])
+    assert prof["total"]["latency_ms"] > 0 and prof["env"]["threads"] == 1
+
+
+def test_demo_cli_prints_table_or_json(monkeypatch, capsys):
+    from netcarve.flows import demo as demo_flow
+    from netcarve.report import ModelStats, build_report
+
+    seen = {}
+
+    def fake_run(cfg, command=None):
+        seen["cfg"] = cfg
+        b = ModelStats("baseline", top1=90.0, macs=100, latency_ms={"p50": 2.0, "p90": 2.0})
+        c = ModelStats("compressed", top1=89.0, macs=50, latency_ms={"p50": 1.0, "p90": 1.0})
+        return build_report(baseline=b, compressed=c, points=[b, c], env={},
+                            measurement={"engine": "torch", "threads": 2, "batch": 64}, task={}, command=command)
+
+    monkeypatch.setattr(demo_flow, "run_demo", fake_run)
+    assert main(["demo", "--macs-reduction", "3", "--batch", "8"]) == 0
+    assert "2.00x speedup" in capsys.readouterr().out
+    assert seen["cfg"].macs_reduction == 3.0 and seen["cfg"].batch == 8 and seen["cfg"].dataset == "digits"
+    assert main(["demo", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["macs_reduction"] == 2.0
+    assert seen["cfg"].progress is False

@@ -40,8 +40,8 @@ class DemoConfig:
     criterion: str = "l1"
     round_to: int = 8
     train_epochs: int = 30  # baseline training when no pretrained weights exist (digits)
-    finetune_epochs: int | None = None  # default: 20 for digits, 1 for cifar10
-    train_subset: int | None = None  # cifar10: images per fine-tune epoch (default 10000)
+    finetune_epochs: int | None = None  # default: 20 for digits, 2 for cifar10
+    train_subset: int | None = None  # fine-tune on this many training images (default: all)
     seed: int = 0
     latency_processes: int = 3  # fresh processes per model for latency (best one kept)
     progress: bool = True
@@ -98,8 +98,8 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     model_name = cfg.model or ("lenet" if cfg.dataset == "digits" else "resnet20")
     engine = cfg.engine or default_engine()
     batch = cfg.batch or (64 if cfg.dataset == "digits" else 1)
-    ft_epochs = cfg.finetune_epochs if cfg.finetune_epochs is not None else (20 if cfg.dataset == "digits" else 1)
-    subset = cfg.train_subset if cfg.train_subset is not None else (None if cfg.dataset == "digits" else 10000)
+    ft_epochs = cfg.finetune_epochs if cfg.finetune_epochs is not None else (20 if cfg.dataset == "digits" else 2)
+    subset = cfg.train_subset
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
