@@ -80,3 +80,17 @@ def test_demo_cli_prints_table_or_json(monkeypatch, capsys):
     assert main(["demo", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"]["macs_reduction"] == 2.0
     assert seen["cfg"].progress is False
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_demo_cifar10_starts_from_the_pretrained_resnet(data_root, tmp_path):
+    cfg = DemoConfig(dataset="cifar10", data_dir=str(data_root), out=str(tmp_path / "run"), engine="torch",
+                     finetune_epochs=1, train_subset=512, test_subset=1000, latency_processes=1,
+                     progress=False, cache_dir=str(tmp_path / "cache"))
+    rep = run_demo(cfg)
+    assert rep["task"]["model"] == "resnet20" and rep["task"]["baseline_source"] == "pretrained"
+    assert rep["baseline"]["top1"] > 88  # pretrained ResNet-20 on a balanced 1000-image test subset
+    assert rep["summary"]["macs_reduction"] >= 2.0
+    assert rep["compressed"]["top1"] > rep["points"][1]["top1"]  # distillation recovered accuracy
+    assert rep["measurement"]["batch"] == 1

@@ -42,6 +42,7 @@ class DemoConfig:
     train_epochs: int = 30  # baseline training when no pretrained weights exist (digits)
     finetune_epochs: int | None = None  # default: 20 for digits, 2 for cifar10
     train_subset: int | None = None  # fine-tune on this many training images (default: all)
+    test_subset: int | None = None  # evaluate on a class-balanced subset of the test split (default: all)
     seed: int = 0
     latency_processes: int = 3  # fresh processes per model for latency (best one kept)
     progress: bool = True
@@ -108,13 +109,14 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     info = get_model_info(model_name)
     bs = 64 if cfg.dataset == "digits" else 128
     train_loader, test_loader = make_loaders(
-        cfg.dataset, info.preprocess, bs, data_dir=cfg.data_dir, augment=True, seed=cfg.seed
+        cfg.dataset, info.preprocess, bs, data_dir=cfg.data_dir, augment=True, seed=cfg.seed,
+        subset=(None, cfg.test_subset),
     )
     ft_train_loader = train_loader
     if subset:
         ft_train_loader, _ = make_loaders(
             cfg.dataset, info.preprocess, bs, data_dir=cfg.data_dir, augment=True, seed=cfg.seed,
-            subset=(subset, None),
+            subset=(subset, cfg.test_subset),
         )
 
     base, base_acc, source = _baseline(cfg, model_name, train_loader, test_loader)
