@@ -101,3 +101,12 @@ def test_missing_and_non_checkpoint(tmp_path):
 def test_save_requires_registry_model(tmp_path):
     with pytest.raises(ConfigError, match="create_model"):
         netcarve.save(nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    m = netcarve.create_model("_test_tiny_serialize")
+    with torch.no_grad():
+        m.fc.weight[0, 0] = float("nan")
+    netcarve.save(m, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="NaN or inf.*fc.weight"):
+        netcarve.load(tmp_path / "ck")

@@ -286,6 +286,9 @@ def load(path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
     problems += [f"{k}: not a parameter of the rebuilt model" for k in sd if k not in expected]
     if problems:
         raise CheckpointError(f"{d}: weights do not fit model {manifest['model']['name']!r}: " + "; ".join(problems[:6]))
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{wpath}: tensors contain NaN or inf values: {', '.join(bad[:6])}")
     model.load_state_dict(sd, strict=True)
     model.netcarve_metadata = manifest.get("metadata", {})
     model.eval()
