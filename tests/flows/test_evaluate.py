@@ -35,3 +35,22 @@ def test_eval_missing_data_dir_is_clear(tmp_path, capsys):
     rc = main(["eval", "resnet20", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--json"])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_data_that_does_not_fit_the_model_is_clear(capsys):
+    assert main(["eval", "resnet20", "--dataset", "digits", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "takes samples of shape (3, 32, 32)" in err and "'digits' has (1, 8, 8)" in err
+
+
+def test_eval_unreadable_weights_file_is_clear(tmp_path, capsys):
+    bad = tmp_path / "w.pth"
+    bad.write_text("not a checkpoint")
+    assert main(["eval", "lenet", "--weights", str(bad), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read weights file" in err and str(bad) in err and len(err.splitlines()) == 1
+
+
+def test_demo_model_that_does_not_fit_the_dataset_is_clear(capsys, tmp_path):
+    assert main(["demo", "--model", "resnet20", "--out", str(tmp_path / "r"), "--json"]) == 2
+    assert "pick a model made for digits" in capsys.readouterr().err

@@ -60,6 +60,25 @@ def example_batch(model: nn.Module, batch: int = 1, seed: int = 0) -> torch.Tens
     return example_input(model, batch=batch, seed=seed)
 
 
+def loaders_for(model: nn.Module, dataset: str | None = None, batch_size: int = 128, *, data_dir=None,
+                augment: bool = True, seed: int = 0, subset=None):
+    """``(train_loader, test_loader)`` of ``dataset`` (default: the model's own) normalised the way the model's
+    weights expect; refuses a data set whose samples do not have the model's input shape."""
+    from ..data import make_loaders
+
+    info = model_info(model)
+    name = dataset or info.dataset
+    train, test = make_loaders(name, info.preprocess, batch_size, data_dir=data_dir, augment=augment, seed=seed,
+                               subset=subset)
+    got, want = tuple(test.dataset.input_shape), model_input_shape(model)
+    if got != want:
+        raise ConfigError(
+            f"model {info.name} takes samples of shape {want}, but data set {name!r} has {got}; "
+            f"its own data set is {info.dataset!r}"
+        )
+    return train, test
+
+
 def file_size_bytes(model: nn.Module) -> int:
     """Bytes of ``model.safetensors`` when the model is saved (what a user ships)."""
     with tempfile.TemporaryDirectory() as d:

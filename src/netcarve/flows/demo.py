@@ -112,6 +112,11 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
         cfg.dataset, info.preprocess, bs, data_dir=cfg.data_dir, augment=True, seed=cfg.seed,
         subset=(None, cfg.test_subset),
     )
+    if tuple(test_loader.dataset.input_shape) != tuple(info.input_shape):
+        raise ConfigError(
+            f"demo --model {model_name} takes samples of shape {tuple(info.input_shape)}, but --dataset "
+            f"{cfg.dataset} has {tuple(test_loader.dataset.input_shape)}; pick a model made for {cfg.dataset}"
+        )
     ft_train_loader = train_loader
     if subset:
         ft_train_loader, _ = make_loaders(

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from .common import model_info, resolve_model
+from .common import loaders_for, model_info, resolve_model
 
 
 def evaluate_cli(spec: str, *, weights=None, dataset=None, data_dir=None, batch_size=256, split="test",
                  limit=None, threads=2) -> dict:
-    from ..data import make_loaders
     from ..train import evaluate
 
     model = resolve_model(spec, weights, data_dir)
     info = model_info(model)
     ds = dataset or info.dataset
-    train_loader, test_loader = make_loaders(ds, info.preprocess, batch_size, data_dir=data_dir, augment=False,
-                                             seed=0)
+    train_loader, test_loader = loaders_for(model, ds, batch_size, data_dir=data_dir, augment=False)
     loader = test_loader if split == "test" else train_loader
     if limit:
         loader = _Limited(loader, limit)

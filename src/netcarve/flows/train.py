@@ -7,11 +7,10 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..serialize import save
 from ..utils import seed_everything
-from .common import model_info, resolve_model
+from .common import loaders_for, model_info, resolve_model
 
 
 def train_cli(a) -> dict:
-    from ..data import make_loaders
     from ..train import KDConfig, TrainConfig, evaluate, fit
 
     seed_everything(a.seed)
@@ -32,9 +31,9 @@ def train_cli(a) -> dict:
         kd = KDConfig(kind=a.distill or "logit", temperature=a.temperature, alpha=a.alpha, hints=hints)
     elif a.distill:
         raise ConfigError("--distill needs --teacher MODEL|CHECKPOINT")
-    train_loader, test_loader = make_loaders(ds, info.preprocess, a.batch_size, data_dir=a.data_dir,
-                                             augment=not a.no_augment, seed=a.seed,
-                                             subset=(a.subset, None) if a.subset else None)
+    train_loader, test_loader = loaders_for(model, ds, a.batch_size, data_dir=a.data_dir,
+                                            augment=not a.no_augment, seed=a.seed,
+                                            subset=(a.subset, None) if a.subset else None)
     out = Path(a.out)
     res = fit(model, train_loader, test_loader, cfg, out_dir=out, teacher=teacher, kd=kd, resume=a.resume,
               progress=not a.no_progress and not a.json)

@@ -82,7 +82,11 @@ def _read_state_dict(model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as e:  # corrupt / truncated / not a weights file
-        raise CheckpointError(f"cannot read weights file {str(path)!r}: {type(e).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # torch.load's messages run to a page
+        raise CheckpointError(
+            f"cannot read weights file {str(path)!r} (not a .th/.pt/.pth state dict, .npz or .safetensors "
+            f"netcarve can read, or corrupt): {type(e).__name__}: {first}"
+        ) from None
     return _unwrap(obj, path)
 
 
