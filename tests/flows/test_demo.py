@@ -94,3 +94,17 @@ def test_demo_cifar10_starts_from_the_pretrained_resnet(data_root, tmp_path):
     assert rep["summary"]["macs_reduction"] >= 2.0
     assert rep["compressed"]["top1"] > rep["points"][1]["top1"]  # distillation recovered accuracy
     assert rep["measurement"]["batch"] == 1
+
+
+def test_demo_resume_continues_the_fine_tune(demo_run, tmp_path):
+    rep, d = demo_run
+    out = tmp_path / "run"
+    base = dict(out=str(out), engine="torch", train_epochs=6, progress=False, cache_dir=str(d / "cache"),
+                latency_processes=1)
+    run_demo(DemoConfig(finetune_epochs=1, **base))
+    first = (out / "finetune" / "metrics.jsonl").read_text().splitlines()
+    rep2 = run_demo(DemoConfig(finetune_epochs=2, resume=True, **base))
+    lines = (out / "finetune" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    assert json.loads(lines[0]) == json.loads(first[0])  # epoch 1 was not trained again
+    assert rep2["compressed"]["top1"] > 50

@@ -89,7 +89,7 @@ def _cmd_demo(a) -> int:
     cfg = DemoConfig(dataset=a.dataset, model=a.model, data_dir=a.data_dir, out=a.out, engine=a.engine,
                      threads=a.threads, batch=a.batch, macs_reduction=a.macs_reduction,
                      finetune_epochs=a.finetune_epochs, train_subset=a.train_subset, seed=a.seed,
-                     progress=not a.no_progress and not a.json)
+                     resume=a.resume, progress=not a.no_progress and not a.json)
     rep = run_demo(cfg, command="netcarve " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
     if a.json:
         _print_json(rep)
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finetune-epochs", type=int, help="default: 20 (digits), 2 (cifar10)")
     s.add_argument("--train-subset", type=int, help="fine-tune on only N training images (default: all)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (fine-tuning resumes from its last epoch)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print report.json instead of the table")
     s.set_defaults(fn=_cmd_demo)

@@ -45,6 +45,7 @@ class DemoConfig:
     test_subset: int | None = None  # evaluate on a class-balanced subset of the test split (default: all)
     seed: int = 0
     latency_processes: int = 3  # fresh processes per model for latency (best one kept)
+    resume: bool = False  # continue an interrupted fine-tune in OUT/finetune (the baseline comes from its cache)
     progress: bool = True
     cache_dir: str | None = None
     extra: dict = field(default_factory=dict)
@@ -147,7 +148,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
                          lr=0.01 if cfg.dataset == "digits" else 0.005, momentum=0.9,
                          weight_decay=5e-4, schedule="cosine", seed=cfg.seed)
     fit(pruned, ft_train_loader, test_loader, ft_cfg, out_dir=out / "finetune", teacher=base,
-        kd=KDConfig(kind="logit", temperature=4.0, alpha=0.9), progress=cfg.progress)
+        kd=KDConfig(kind="logit", temperature=4.0, alpha=0.9), progress=cfg.progress, resume=cfg.resume)
     pruned.eval()
     acc_ft = evaluate(pruned, test_loader)
     c_stats = measure_stats(pruned, "compressed", accuracy=acc_ft, latency=False)
