@@ -62,3 +62,16 @@ def test_module_imports_only_the_standard_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == [2, False, False]
+
+
+def test_cpu_id_names_vendor_family_and_model():
+    import os
+
+    import pytest
+
+    from netcarve.measure import environment
+
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo on this platform")
+    cid = environment()["cpu_id"]
+    assert cid is not None and " family " in cid and " model " in cid

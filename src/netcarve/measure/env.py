@@ -23,6 +23,8 @@ def _read_cpuinfo() -> tuple[str | None, set[str]]:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip().lower()
+                if key in ("vendor_id", "cpu family", "model", "stepping") and key not in _CPU_ID:
+                    _CPU_ID[key] = value.strip()
                 if (
                     model is None
                     and key in ("model name", "hardware", "processor")
@@ -34,6 +36,17 @@ def _read_cpuinfo() -> tuple[str | None, set[str]]:
     except OSError:
         pass
     return model, flags
+
+
+_CPU_ID: dict[str, str] = {}
+
+
+def _cpu_id() -> str | None:
+    """e.g. ``AuthenticAMD family 25 model 17 stepping 1`` (a VM's model name can be as vague as "AMD EPYC")."""
+    if not _CPU_ID:
+        return None
+    return (f"{_CPU_ID.get('vendor_id', '?')} family {_CPU_ID.get('cpu family', '?')} "
+            f"model {_CPU_ID.get('model', '?')} stepping {_CPU_ID.get('stepping', '?')}")
 
 
 def _isa(flags: set[str]) -> dict[str, bool]:
@@ -68,7 +81,7 @@ def _logical_cores() -> int:
 def environment(threads: int | None = None) -> dict:
     """A JSON-ready description of the CPU, the thread count and the software versions.
 
-    Keys: ``cpu_model``, ``isa`` (``{flag: bool}`` for ``avx2, avx512f, avx512_vnni, avx512_bf16,
+    Keys: ``cpu_model``, ``cpu_id`` (vendor, family, model, stepping), ``isa`` (``{flag: bool}`` for ``avx2, avx512f, avx512_vnni, avx512_bf16,
     avx_vnni, amx, neon``), ``logical_cores``, ``usable_cores`` (CPU affinity of this process),
     ``threads`` (``threads`` if given, else torch's current setting when torch is already imported, else
     ``OMP_NUM_THREADS``, else the logical core count), ``machine``, ``python``, ``os``, and the versions
@@ -81,6 +94,7 @@ def environment(threads: int | None = None) -> dict:
         usable = _logical_cores()
     return {
         "cpu_model": model or platform.processor() or None,
+        "cpu_id": _cpu_id(),
         "isa": _isa(flags),
         "logical_cores": _logical_cores(),
         "usable_cores": usable,
