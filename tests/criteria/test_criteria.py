@@ -1,14 +1,17 @@
-"""Channel importance criteria: hand-computed values, determinism, registry conformance."""
+"""Channel importance criteria: hand-computed values, determinism, registry conformance, gradients."""
 
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
 from torch import nn
 
+from netcarve.compact import prune_channels
 from netcarve.criteria import (
+    accumulate_gradients,
     get_criterion,
     list_criteria,
     register_criterion,
@@ -86,6 +89,9 @@ def test_random_is_deterministic_by_seed(tiny):
 def test_registry_conformance(name, tiny):
     m, gs = tiny
     fn = get_criterion(name)
+    if getattr(fn, "needs_gradients", False):  # e.g. taylor
+        gen = torch.Generator().manual_seed(0)
+        accumulate_gradients(m, [(torch.randn(4, 2, 2, 2, generator=gen), torch.tensor([0, 1, 0, 1]))], 1)
     g = gs["conv1"]  # has a BatchNorm, so every built-in applies
     s = fn(g, m)
     assert isinstance(s, torch.Tensor) and s.shape == (g.num_channels,)
@@ -99,7 +105,7 @@ def test_registry_conformance(name, tiny):
 
 
 def test_builtins_registered_and_registry_errors():
-    assert {"l1", "l2", "bn_scale", "random"} <= set(list_criteria())
+    assert {"l1", "l2", "fpgm", "taylor", "bn_scale", "random"} <= set(list_criteria())
     with pytest.raises(ConfigError, match="unknown criterion 'nope'"):
         get_criterion("nope")
     with pytest.raises(ConfigError, match="already registered"):
@@ -116,3 +122,156 @@ def test_custom_criterion_and_validation(tiny):
         score_group(lambda g, model: torch.full((g.num_channels,), float("nan")), gs["conv1"], m)
     with pytest.raises(ConfigError):
         resolve_criterion(3)
+
+
+NEEDS_GRADS = re.escape(
+    "taylor needs gradients: run a backward pass on a few batches first, "
+    "or use netcarve.criteria.accumulate_gradients(model, loader, num_batches)"
+)
+
+
+class ConvConv(nn.Module):
+    """conv1 (2 -> 4, 1x1) - relu - conv2 (4 -> 1, 1x1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 1, 1)
+        with torch.no_grad():
+            # channel vectors (conv1.weight[c, 0], conv1.weight[c, 1], conv2.weight[0, c]):
+            # c0 = (0, 0, 0), c1 = c2 = (3, 4, 0) (the median, duplicated), c3 = (3, 4, 12)
+            self.conv1.weight.copy_(torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 4.0], [3.0, 4.0]]).view(4, 2, 1, 1))
+            self.conv1.bias.fill_(100.0)  # not part of the vectors
+            self.conv2.weight.copy_(torch.tensor([0.0, 0.0, 0.0, 12.0]).view(1, 4, 1, 1))
+
+    def forward(self, x):
+        return self.conv2(self.relu(self.conv1(x)))
+
+
+def _batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 2, 2, 2, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------- fpgm
+def test_fpgm_hand_computed():
+    m = ConvConv()
+    g = build_channel_groups(m, torch.randn(1, 2, 3, 3))["conv1"]
+    # d(c0, c1) = d(c0, c2) = 5, d(c1, c2) = 0, d(c1, c3) = d(c2, c3) = 12, d(c0, c3) = 13
+    s = get_criterion("fpgm")(g, m)
+    assert torch.allclose(s, torch.tensor([5 + 5 + 13.0, 5 + 0 + 12.0, 5 + 0 + 12.0, 13 + 12 + 12.0]))
+    assert s[1] == s[2] and int(s.argmin()) in (1, 2)  # the duplicated median is pruned first
+    assert torch.equal(s, get_criterion("fpgm")(g, m))
+
+
+def test_fpgm_matches_pairwise_distances_of_l2_elements(tiny):
+    m, gs = tiny
+    cases = {
+        # conv1 group: conv1 rows + conv2 columns (BN and biases excluded, as for l2)
+        "conv1": torch.cat([m.conv1.weight.detach().view(3, 2), m.conv2.weight.detach().view(2, 3).T], 1),
+        # conv2 group: conv2 rows + the 4 fc columns of each flattened channel
+        "conv2": torch.cat([m.conv2.weight.detach().view(2, 3),
+                            m.fc.weight.detach().view(2, 2, 4).transpose(0, 1).reshape(2, 8)], 1),
+    }  # fmt: skip
+    for name, x in cases.items():
+        expected = torch.cdist(x.double(), x.double()).sum(1).float()
+        assert torch.allclose(get_criterion("fpgm")(gs[name], m), expected, atol=1e-5), name
+
+
+def test_fpgm_prunes_the_duplicate():
+    m = ConvConv()
+    r = prune_channels(m, torch.randn(1, 2, 3, 3), ratio=0.25, criterion="fpgm")
+    kept = r.keep["conv1"].tolist()
+    assert len(kept) == 3 and 0 in kept and 3 in kept and (1 in kept) != (2 in kept)
+
+
+# ---------------------------------------------------------------------- taylor
+def _hand_grads(m):
+    with torch.no_grad():
+        m.bn.bias.copy_(torch.tensor([1.0, -1.0, 2.0]))
+    m.conv1.weight.grad = torch.tensor([[1.0, 1.0], [2.0, -2.0], [1.0, 5.0]]).view(3, 2, 1, 1)
+    m.conv1.bias.grad = torch.tensor([0.01, -0.02, 0.0])
+    m.bn.weight.grad = torch.tensor([2.0, 1.0, -1.0])
+    m.bn.bias.grad = torch.tensor([2.0, 1.0, 2.0])
+    m.conv2.weight.grad = torch.tensor([[3.0, 4.0, 1.0], [-1.0, 2.0, 7.0]]).view(2, 3, 1, 1)
+
+
+def test_taylor_hand_computed(tiny):
+    m, gs = tiny
+    _hand_grads(m)
+    # per channel c:      conv1.w row  conv1.b   bn.gamma  bn.beta  conv2.w column
+    # c0: 1*1 - 2*1 = -1   100*.01=1  .5*2=1    1*2=2    1*3 + 2*(-1) = 1   -> 4
+    # c1: .5*2 - .5*2 = 0  100*-.02=-2  -2*1=-2  -1*1=-1  0*4 + 1*2 = 2      -> -3 -> |.| = 3
+    # c2: -3*1 + 0*5 = -3  0          1*-1=-1   2*2=4    -1*1 + 0*7 = -1    -> -1 -> |.| = 1
+    s = get_criterion("taylor")(gs["conv1"], m)
+    assert torch.allclose(s, torch.tensor([4.0, 3.0, 1.0]))
+    assert torch.equal(score_group("taylor", gs["conv1"], m), s)
+    # frozen parameters are left out
+    m.conv1.bias.requires_grad_(False)
+    m.conv1.bias.grad = None
+    assert torch.allclose(get_criterion("taylor")(gs["conv1"], m), torch.tensor([3.0, 1.0, 1.0]))
+
+
+def test_taylor_without_gradients_raises(tiny):
+    m, gs = tiny
+    with pytest.raises(ConfigError, match=NEEDS_GRADS):
+        get_criterion("taylor")(gs["conv1"], m)
+    with pytest.raises(ConfigError, match=NEEDS_GRADS):
+        prune_channels(m, torch.randn(2, 2, 2, 2), ratio=0.5, criterion="taylor")
+    _hand_grads(m)
+    m.conv2.weight.grad = None  # one missing gradient is enough to refuse, and it is named
+    with pytest.raises(ConfigError, match=r"conv2\.weight of group 'conv1'"):
+        get_criterion("taylor")(gs["conv1"], m)
+
+
+# ---------------------------------------------------------------------- accumulate_gradients
+def test_accumulate_gradients_sums_in_eval_mode_and_keeps_bn_stats(tiny):
+    m, gs = tiny
+    m.train()
+    with torch.no_grad():
+        m.bn.running_mean.fill_(0.3)
+        m.bn.running_var.fill_(2.0)
+    buffers = {k: v.clone() for k, v in m.named_buffers()}
+    weights = {k: v.detach().clone() for k, v in m.named_parameters()}
+    m.fc.weight.grad = torch.full_like(m.fc.weight, 1e6)  # stale gradients are discarded
+    batches = _batches(3)
+    assert accumulate_gradients(m, batches, num_batches=2) == 2
+    assert m.training and m.bn.training  # modes restored
+    assert all(torch.equal(buffers[k], v) for k, v in m.named_buffers())  # BN stats untouched
+    assert all(torch.equal(weights[k], v) for k, v in m.named_parameters())
+    for k, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), k
+    # the sum of the first two batches' eval-mode gradients
+    ref = Tiny()
+    ref.load_state_dict(m.state_dict())
+    ref.eval()
+    for x, y in batches[:2]:
+        nn.functional.cross_entropy(ref(x), y).backward()
+    for (k, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), k
+    s = score_group("taylor", gs["conv1"], m)
+    assert s.shape == (3,) and torch.isfinite(s).all()
+
+
+def test_accumulate_gradients_then_prune_with_taylor(tiny):
+    m, _ = tiny
+    accumulate_gradients(m, _batches(2), num_batches=4, loss_fn=lambda out, y: out.pow(2).mean())
+    r = prune_channels(m, torch.randn(2, 2, 2, 2), ratio=0.5, criterion="taylor")
+    assert r.criterion == "taylor" and r.model.conv1.out_channels < 3
+
+
+def test_accumulate_gradients_errors(tiny):
+    m, _ = tiny
+    with pytest.raises(ConfigError, match="num_batches must be >= 1"):
+        accumulate_gradients(m, _batches(1), num_batches=0)
+    with pytest.raises(ConfigError, match="yielded no batches"):
+        accumulate_gradients(m, [])
+    with pytest.raises(ConfigError, match=r"\(x, y\) batches"):
+        accumulate_gradients(m, [torch.randn(4, 2, 2, 2)])
+    with pytest.raises(ConfigError, match="must return a scalar"):
+        accumulate_gradients(m, _batches(1), loss_fn=lambda out, y: out)
+    m.train()
+    with pytest.raises(ConfigError):
+        accumulate_gradients(m, [torch.randn(4, 2, 2, 2)])
+    assert m.training  # restored after a failure too

@@ -98,6 +98,18 @@ def _cmd_demo(a) -> int:
     return 0
 
 
+def _cmd_prune(a) -> int:
+    from ..flows.prune import prune_cli
+    from ..report import format_table
+
+    rep = prune_cli(a, command="netcarve " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+    if a.json:
+        _print_json(rep)
+    else:
+        print(format_table(rep))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="netcarve",
@@ -148,6 +160,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-layers", action="store_true", help="whole-model latency only")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_profile)
+
+    s = sub.add_parser("prune", help="structural channel pruning + BN recalibration + optional KD fine-tune")
+    _add_model_args(s)
+    s.add_argument("--out", required=True, help="run directory: compact model, baseline/, report")
+    s.add_argument("--dataset", help="data set for evaluation, recalibration and fine-tuning (default: the model's)")
+    s.add_argument("--scheme", default="channel", help="sparsity scheme (only 'channel' so far)")
+    s.add_argument("--criterion", default="l1", help="channel importance (see netcarve.criteria.list_criteria())")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--macs-reduction", type=float, help="target: baseline MACs / pruned MACs (e.g. 2.0)")
+    g.add_argument("--ratio", type=float, help="fraction of channels removed in every prunable group")
+    s.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this (e.g. 8)")
+    s.add_argument("--protect", action="append", default=[], metavar="MODULE_PATH",
+                   help="never prune groups touching this module (path prefix; repeatable)")
+    s.add_argument("--global-ranking", action="store_true", help="rank channels across groups (normalised scores)")
+    s.add_argument("--bn-batches", type=int, default=20, help="training batches for BN recalibration (default 20)")
+    s.add_argument("--no-bn-recalibration", action="store_true")
+    s.add_argument("--finetune-epochs", type=int, default=0)
+    s.add_argument("--distill", action="store_true", help="fine-tune with logit KD from the unpruned model")
+    s.add_argument("--lr", type=float, default=0.005)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--train-subset", type=int, help="fine-tune on only N training samples")
+    s.add_argument("--test-subset", type=int, help="evaluate on a class-balanced N-sample subset of the test split")
+    s.add_argument("--engine", choices=["torch", "onnxruntime", "openvino"],
+                   help="latency engine (default: onnxruntime when installed, else torch)")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--batch", type=int, default=1, help="batch size for latency (default 1)")
+    s.add_argument("--latency-processes", type=int, default=3)
+    s.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune in --out")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    s.set_defaults(fn=_cmd_prune)
 
     s = sub.add_parser("train", help="train or fine-tune (optionally with distillation), resumable")
     _add_model_args(s)

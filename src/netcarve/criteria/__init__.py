@@ -11,6 +11,18 @@ the group (the layers' current weights in ``model``):
     part of magnitude scores (BN scale is ``bn_scale``'s job).
 ``l2``
     Euclidean norm of the same elements (``sqrt`` of the sum of their squares over all layers).
+``fpgm``
+    Filter Pruning via Geometric Median (He et al., 2019): channel ``c``'s vector is the concatenation of
+    the elements ``l2`` uses; its score is the sum of Euclidean distances to every other channel's vector.
+    Channels near the geometric median (redundant) score lowest and are pruned first. Deterministic.
+``taylor``
+    First-order Taylor importance (Molchanov et al., 2019): ``|sum(weight * grad)|`` over every trainable
+    parameter element tied to channel ``c``: the producer's output-channel weight row and bias, the
+    pass-through layers' parameters (BatchNorm gamma and beta, depthwise filters and bias, PReLU slopes)
+    and the consumers' input-channel weight columns (BN running statistics are buffers, not used). It
+    reads ``.grad``: run a backward pass on a few batches first, e.g. with
+    :func:`accumulate_gradients`; without gradients it raises :class:`~netcarve.errors.ConfigError`.
+    The function carries ``needs_gradients = True``.
 ``bn_scale``
     ``|gamma_c|`` of the group's affine BatchNorm; with several BNs in one group (MobileNetV2 hidden
     channels: after the expand and the depthwise conv), the sum of their ``|gamma_c|``. A group without
@@ -21,7 +33,8 @@ the group (the layers' current weights in ``model``):
 Register another criterion with ``register_criterion("name")`` on a function ``fn(group, model)``.
 """
 
-from .builtin import bn_scale, l1, l2, random_scores
+from .builtin import bn_scale, fpgm, l1, l2, random_scores, taylor
+from .gradients import accumulate_gradients
 from .registry import (
     Criterion,
     channel_rows,
@@ -34,8 +47,10 @@ from .registry import (
 
 __all__ = [
     "Criterion",
+    "accumulate_gradients",
     "bn_scale",
     "channel_rows",
+    "fpgm",
     "get_criterion",
     "l1",
     "l2",
@@ -44,4 +59,5 @@ __all__ = [
     "register_criterion",
     "resolve_criterion",
     "score_group",
+    "taylor",
 ]

@@ -1,4 +1,5 @@
-"""Built-in criteria: ``l1``, ``l2``, ``bn_scale``, ``random`` (documented in :mod:`netcarve.criteria`)."""
+"""Built-in criteria: ``l1``, ``l2``, ``fpgm``, ``taylor``, ``bn_scale``, ``random`` (documented in
+:mod:`netcarve.criteria`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,58 @@ def l2(group: ChannelGroup, model: nn.Module) -> torch.Tensor:
     for _, _, rows in channel_rows(group, model):
         total += rows.double().pow(2).sum(1).cpu()
     return total.sqrt().float()
+
+
+@register_criterion("fpgm")
+def fpgm(group: ChannelGroup, model: nn.Module) -> torch.Tensor:
+    """Sum of Euclidean distances from each channel's weight vector to every other channel's.
+
+    A channel's vector is the concatenation of the elements ``l2`` uses (producer row, depthwise filter,
+    consumer columns, ...). Channels close to the geometric median of the group are the most replaceable
+    by the others, so they get the lowest scores and are pruned first."""
+    n = group.num_channels
+    parts = [rows.double().cpu() for _, _, rows in channel_rows(group, model)]
+    x = torch.cat(parts, 1) if parts else torch.zeros(n, 0, dtype=torch.float64)
+    x = x - x.mean(0, keepdim=True)  # distances are translation-invariant; centring limits cancellation
+    sq = x.pow(2).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
+    d2.fill_diagonal_(0.0)
+    return d2.sqrt().sum(1).float()
+
+
+TAYLOR_NEEDS_GRADIENTS = (
+    "taylor needs gradients: run a backward pass on a few batches first, "
+    "or use netcarve.criteria.accumulate_gradients(model, loader, num_batches)"
+)
+
+
+@register_criterion("taylor")
+def taylor(group: ChannelGroup, model: nn.Module) -> torch.Tensor:
+    """``|sum of weight * grad|`` over every trainable parameter element tied to each channel.
+
+    Uses every ``nn.Parameter`` the group slices: the producer's output-channel weight rows and bias, the
+    pass-through layers' per-channel parameters (BatchNorm gamma and beta, depthwise filters and bias,
+    PReLU slopes) and the consumers' input-channel weight columns. Buffers (BN running statistics) and
+    frozen parameters (``requires_grad=False``) are not used. Needs ``.grad`` on those parameters
+    (:func:`~netcarve.criteria.accumulate_gradients`); raises ConfigError otherwise."""
+    n = group.num_channels
+    total = torch.zeros(n, dtype=torch.float64)
+    for slot in group.slots:
+        module = model.get_submodule(slot.path)
+        for name, dim in slot.params:
+            p = getattr(module, name, None)
+            if not isinstance(p, nn.Parameter) or not p.requires_grad:
+                continue
+            if p.grad is None:
+                raise ConfigError(
+                    f"{TAYLOR_NEEDS_GRADIENTS} ({slot.path}.{name} of group {group.name!r} has no .grad)"
+                )
+            prod = (p.detach().double() * p.grad.detach().double()).movedim(dim, 0).reshape(n, -1)
+            total += prod.sum(1).cpu()
+    return total.abs().float()
+
+
+taylor.needs_gradients = True  # type: ignore[attr-defined]
 
 
 @register_criterion("bn_scale")

@@ -7,11 +7,9 @@ MACs target, BN recalibration) -> fine-tune with knowledge distillation from the
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +18,11 @@ import torch
 
 from .._version import __version__
 from ..errors import ConfigError
-from ..report import build_report, format_table, write_report
+from ..report import format_table
 from ..serialize import is_checkpoint, load, save
 from ..utils import seed_everything
-from .common import default_engine, example_batch, measure_stats
+from .common import default_engine
+from .compress import CompressSpec, compress_and_report, log
 
 
 @dataclass
@@ -52,7 +51,7 @@ class DemoConfig:
 
 
 def _log(msg: str) -> None:
-    print(f"[netcarve demo] {msg}", file=sys.stderr, flush=True)
+    log(msg, "netcarve demo")
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -89,10 +88,7 @@ def _baseline(cfg: DemoConfig, model_name: str, train_loader, test_loader):
 
 
 def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
-    from ..compact import prune_channels, recalibrate_bn
     from ..data import make_loaders
-    from ..measure import compare_latency, environment
-    from ..train import KDConfig, TrainConfig, evaluate, fit
 
     t0 = time.perf_counter()
     if cfg.dataset not in ("digits", "cifar10"):
@@ -126,62 +122,18 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
         )
 
     base, base_acc, source = _baseline(cfg, model_name, train_loader, test_loader)
-    base.eval()
     _log(f"baseline top-1 {base_acc['top1']:.2f}% ({source})")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    b_stats = measure_stats(base, "baseline", accuracy=base_acc, latency=False)
-
-    _log(f"compressing: structural channel pruning, criterion {cfg.criterion}, "
-         f"target {cfg.macs_reduction:g}x fewer MACs, widths rounded to {cfg.round_to}")
-    pr = prune_channels(base, example_batch(base, 1), criterion=cfg.criterion,
-                        macs_reduction=cfg.macs_reduction, round_to=cfg.round_to)
-    pruned = pr.model
-    acc_raw = evaluate(pruned, test_loader)
-    recalibrate_bn(pruned, train_loader, num_batches=20)
-    acc_bn = evaluate(pruned, test_loader)
-    _log(f"pruned: top-1 {acc_raw['top1']:.2f}% -> {acc_bn['top1']:.2f}% after BN recalibration; "
-         f"fine-tuning {ft_epochs} epoch(s) with logit distillation from the baseline")
-    p_stats = measure_stats(pruned, "pruned (before fine-tune)", accuracy=acc_bn, latency=False)
-    pruned_before_ft = copy.deepcopy(pruned)
-    ft_cfg = TrainConfig(epochs=ft_epochs, batch_size=bs, optimizer="sgd",
-                         lr=0.01 if cfg.dataset == "digits" else 0.005, momentum=0.9,
-                         weight_decay=5e-4, schedule="cosine", seed=cfg.seed)
-    fit(pruned, ft_train_loader, test_loader, ft_cfg, out_dir=out / "finetune", teacher=base,
-        kd=KDConfig(kind="logit", temperature=4.0, alpha=0.9), progress=cfg.progress, resume=cfg.resume)
-    pruned.eval()
-    acc_ft = evaluate(pruned, test_loader)
-    c_stats = measure_stats(pruned, "compressed", accuracy=acc_ft, latency=False)
-    _log(f"measuring latency with {engine}, batch {batch}, {cfg.threads} threads "
-         f"({cfg.latency_processes} fresh processes per model, interleaved)")
-    variants = {"baseline": base, "pruned": pruned_before_ft, "compressed": pruned}
-    lat = compare_latency(variants, {k: example_batch(m, batch) for k, m in variants.items()}, engine=engine,
-                          threads=cfg.threads, processes=cfg.latency_processes)
-    for stats, key in ((b_stats, "baseline"), (p_stats, "pruned"), (c_stats, "compressed")):
-        stats.latency_ms = {"p50": lat[key].p50_ms, "p90": lat[key].p90_ms}
-        stats.notes.extend(lat[key].notes)
-    env = environment(threads=cfg.threads)
-    rep = build_report(
-        baseline=b_stats,
-        compressed=c_stats,
-        points=[b_stats, p_stats, c_stats],
-        measurement={"engine": engine, "threads": cfg.threads, "batch": batch,
-                     "method": "min over rounds of median latency, each model timed in "
-                               f"{cfg.latency_processes} fresh processes (interleaved), best process kept"},
-        env=env,
-        task={"model": model_name, "dataset": cfg.dataset, "baseline_source": source,
-              "method": f"channel pruning ({cfg.criterion}, {cfg.macs_reduction:g}x MACs, round_to "
-                        f"{cfg.round_to}) + BN recalibration + logit KD fine-tune {ft_epochs} epoch(s)",
-              "kept_widths": {g: len(k) for g, k in getattr(pr, "kept", {}).items()},
-              "seconds": None},
-        command=command,
+    spec = CompressSpec(
+        criterion=cfg.criterion, macs_reduction=cfg.macs_reduction, round_to=cfg.round_to,
+        finetune_epochs=ft_epochs, distill=True, lr=0.01 if cfg.dataset == "digits" else 0.005, batch_size=bs,
+        seed=cfg.seed, engine=engine, threads=cfg.threads, latency_batch=batch,
+        latency_processes=cfg.latency_processes, progress=cfg.progress, resume=cfg.resume,
     )
-    save(pruned, out, metadata={"accuracy": acc_ft, "macs": c_stats.macs, "report": "report.json"})
-    save(base, out / "baseline", metadata={"accuracy": base_acc, "macs": b_stats.macs})
-    rep["task"]["seconds"] = round(time.perf_counter() - t0, 1)
-    write_report(rep, out)
-    _log(f"done in {rep['task']['seconds']:.0f} s; run directory {out} (report.json, report.md, pareto.png)")
-    return rep
+    return compress_and_report(
+        base, base_acc, spec, train_loader=train_loader, test_loader=test_loader, ft_train_loader=ft_train_loader,
+        out=cfg.out, task={"model": model_name, "dataset": cfg.dataset, "baseline_source": source},
+        command=command, tag="netcarve demo", t0=t0,
+    )
 
 
 def demo_table(rep: dict) -> str:

@@ -1,0 +1,165 @@
+"""The compression pipeline shared by ``netcarve demo`` and ``netcarve prune``.
+
+baseline -> structural channel pruning (criterion, ratio or MACs target, round_to, protected layers)
+-> BatchNorm recalibration -> optional fine-tune with logit distillation from the baseline
+-> latency of every point timed in interleaved fresh processes -> run directory with the compact model,
+the baseline and the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..report import build_report, write_report
+from ..serialize import save
+from .common import example_batch, measure_stats
+
+
+@dataclass
+class CompressSpec:
+    """What to do to the baseline and how to measure it."""
+
+    criterion: str = "l1"
+    macs_reduction: float | None = 2.0
+    ratio: float | None = None
+    round_to: int = 1
+    protected: list[str] = field(default_factory=list)
+    global_ranking: bool = False
+    bn_recalibration_batches: int = 20
+    gradient_batches: int = 8  # training batches whose gradients gradient-based criteria (taylor) use
+    finetune_epochs: int = 0
+    distill: bool = True
+    lr: float = 0.01
+    batch_size: int = 128
+    seed: int = 0
+    engine: str = "onnxruntime"
+    threads: int = 2
+    latency_batch: int = 1
+    latency_processes: int = 3
+    progress: bool = True
+    resume: bool = False
+
+    def validate(self) -> None:
+        if (self.macs_reduction is None) == (self.ratio is None):
+            raise ConfigError("give exactly one of --macs-reduction and --ratio")
+        if self.macs_reduction is not None and self.macs_reduction <= 1.0:
+            raise ConfigError(f"--macs-reduction must be > 1 (e.g. 2.0 for half the MACs), got {self.macs_reduction}")
+        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"--ratio must be in (0, 1), got {self.ratio}")
+        if self.round_to < 1:
+            raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
+        if self.finetune_epochs < 0 or self.latency_processes < 1 or self.latency_batch < 1:
+            raise ConfigError("--finetune-epochs must be >= 0, latency batch and processes >= 1")
+
+    def describe(self) -> str:
+        target = f"{self.macs_reduction:g}x MACs" if self.macs_reduction else f"ratio {self.ratio:g}"
+        s = f"channel pruning ({self.criterion}, {target}, round_to {self.round_to})"
+        if self.bn_recalibration_batches:
+            s += " + BN recalibration"
+        if self.finetune_epochs:
+            s += f" + {'logit KD' if self.distill else 'plain'} fine-tune {self.finetune_epochs} epoch(s)"
+        return s
+
+
+def log(msg: str, tag: str = "netcarve") -> None:
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
+
+
+def compress_and_report(
+    base: nn.Module,
+    base_acc: dict,
+    spec: CompressSpec,
+    *,
+    train_loader,
+    test_loader,
+    out: str | Path,
+    ft_train_loader=None,
+    task: dict | None = None,
+    command: str | None = None,
+    tag: str = "netcarve",
+    t0: float | None = None,
+) -> dict:
+    """Prune ``base`` as ``spec`` says, recover, measure, and write the run directory ``out``."""
+    from ..compact import prune_channels, recalibrate_bn
+    from ..measure import compare_latency, environment
+    from ..train import KDConfig, TrainConfig, evaluate, fit
+
+    spec.validate()
+    t0 = time.perf_counter() if t0 is None else t0
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base.eval()
+    b_stats = measure_stats(base, "baseline", accuracy=base_acc, latency=False)
+
+    log(f"compressing: {spec.describe()}", tag)
+    from ..criteria import accumulate_gradients, get_criterion
+
+    if getattr(get_criterion(spec.criterion), "needs_gradients", False):
+        accumulate_gradients(base, train_loader, num_batches=spec.gradient_batches)
+    pr = prune_channels(base, example_batch(base, 1), criterion=spec.criterion, ratio=spec.ratio,
+                        macs_reduction=spec.macs_reduction, round_to=spec.round_to, protected=spec.protected,
+                        global_ranking=spec.global_ranking)
+    pruned = pr.model
+    base.zero_grad(set_to_none=True)
+    pruned.zero_grad(set_to_none=True)
+    acc = evaluate(pruned, test_loader)
+    points = [b_stats]
+    if spec.bn_recalibration_batches:
+        acc_raw = acc
+        recalibrate_bn(pruned, train_loader, num_batches=spec.bn_recalibration_batches)
+        acc = evaluate(pruned, test_loader)
+        log(f"pruned: top-1 {acc_raw['top1']:.2f}% -> {acc['top1']:.2f}% after BN recalibration", tag)
+    else:
+        log(f"pruned: top-1 {acc['top1']:.2f}%", tag)
+    variants = {"baseline": base}
+    if spec.finetune_epochs:
+        p_stats = measure_stats(pruned, "pruned (before fine-tune)", accuracy=acc, latency=False)
+        points.append(p_stats)
+        variants["pruned"] = copy.deepcopy(pruned)
+        log(f"fine-tuning {spec.finetune_epochs} epoch(s)"
+            + (" with logit distillation from the baseline" if spec.distill else ""), tag)
+        ft_cfg = TrainConfig(epochs=spec.finetune_epochs, batch_size=spec.batch_size, optimizer="sgd", lr=spec.lr,
+                             momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=spec.seed)
+        fit(pruned, ft_train_loader or train_loader, test_loader, ft_cfg, out_dir=out / "finetune",
+            teacher=base if spec.distill else None,
+            kd=KDConfig(kind="logit", temperature=4.0, alpha=0.9) if spec.distill else None,
+            progress=spec.progress, resume=spec.resume)
+        pruned.eval()
+        acc = evaluate(pruned, test_loader)
+    c_stats = measure_stats(pruned, "compressed", accuracy=acc, latency=False)
+    points.append(c_stats)
+    variants["compressed"] = pruned
+
+    log(f"measuring latency with {spec.engine}, batch {spec.latency_batch}, {spec.threads} threads "
+        f"({spec.latency_processes} fresh processes per model, interleaved)", tag)
+    lat = compare_latency(variants, {k: example_batch(m, spec.latency_batch) for k, m in variants.items()},
+                          engine=spec.engine, threads=spec.threads, processes=spec.latency_processes)
+    for stats, key in zip(points, variants):
+        stats.latency_ms = {"p50": lat[key].p50_ms, "p90": lat[key].p90_ms}
+        stats.notes.extend(lat[key].notes)
+    rep = build_report(
+        baseline=b_stats,
+        compressed=c_stats,
+        points=points,
+        measurement={"engine": spec.engine, "threads": spec.threads, "batch": spec.latency_batch,
+                     "method": "min over rounds of median latency, each model timed in "
+                               f"{spec.latency_processes} fresh processes (interleaved), best process kept"},
+        env=environment(threads=spec.threads),
+        task={**(task or {}), "method": spec.describe(), "prune_ratio": pr.ratio,
+              "kept_widths": {g: list(w) for g, w in pr.widths.items()}, "seconds": None},
+        command=command,
+    )
+    save(pruned, out, metadata={"accuracy": acc, "macs": c_stats.macs, "report": "report.json",
+                                "method": spec.describe()})
+    save(base, out / "baseline", metadata={"accuracy": base_acc, "macs": b_stats.macs})
+    rep["task"]["seconds"] = round(time.perf_counter() - t0, 1)
+    write_report(rep, out)
+    log(f"done in {rep['task']['seconds']:.0f} s; run directory {out} (report.json, report.md, pareto.png)", tag)
+    return rep
