@@ -150,3 +150,20 @@ class _Unexportable(nn.Module):
 def test_unexportable_model_raises_naming_both_exporters(tmp_path):
     with pytest.raises(UnsupportedModelError, match="dynamo.*torchscript"):
         to_onnx(_Unexportable(), torch.randn(3, 3), tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "vgg11_bn", "lenet"])
+def test_channel_pruned_model_exports_and_matches_torch(name, tmp_path):
+    """A physically pruned model (narrower layers) exports and runs in onnxruntime with the same outputs."""
+    from netcarve.compact import prune_channels
+
+    torch.manual_seed(0)
+    model = netcarve.create_model(name)
+    _calibrate_bn(model, netcarve.example_input(model, batch=16, seed=1))
+    pruned = prune_channels(model, netcarve.example_input(model), ratio=0.5, round_to=8).model.eval()
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    x = netcarve.example_input(pruned, batch=2, seed=2)
+    with torch.no_grad():
+        ref = pruned(x).numpy()
+    (out,) = _run_ort(to_onnx(pruned, x, tmp_path / f"{name}-pruned.onnx"), {"input": x.numpy()})
+    assert np.abs(out - ref).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
