@@ -12,6 +12,7 @@ from netcarve.compact import keep_count, mask_channels, prune_channels, remove_c
 from netcarve.errors import ConfigError, UnsupportedModelError
 from netcarve.graph import (
     ChannelHandler,
+    GroupSet,
     build_channel_groups,
     register_channel_handler,
     unregister_channel_handler,
@@ -204,7 +205,7 @@ def test_custom_producer_consumer_layer(dense_handler):
     assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (5,))
 
 
-ZOO = ["lenet", "vgg11_bn", "resnet20", "mobilenetv2"]
+ZOO = ["lenet", "vgg11_bn", "resnet8", "resnet20", "mobilenetv2"]
 
 
 @pytest.mark.parametrize("round_to", [1, 8])
@@ -243,9 +244,123 @@ def test_resnet20_widths():
     r = prune_channels(m, netcarve.example_input(m), ratio=0.5)
     blk = r.model.layer2[1]
     assert (blk.conv1.out_channels, blk.bn1.num_features, blk.conv2.in_channels) == (16, 16, 16)
-    assert blk.conv2.out_channels == 32  # residual-coupled: untouched
+    assert blk.conv2.out_channels == blk.bn2.num_features == 16  # the stage's coupled group
+    assert r.model.conv1.out_channels == r.model.layer1[2].conv2.out_channels == 8
+    assert r.model.linear.in_features == 32
+    for s in (r.model.layer2[0].shortcut, r.model.layer3[0].shortcut):
+        assert s.src is not None and s.src.shape == s.dst.shape and not list(s.parameters())
+    assert r.model.layer2[0].shortcut.dst.max() < 16 and r.model.layer2[0].shortcut.src.max() < 8
     with torch.no_grad():
         assert r.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+class ResBlocks(nn.Module):
+    """Two residual blocks written with different add spellings, a 1x1 conv shortcut with bias (no BN)
+    and an add chain: identity block, downsampling block with a conv shortcut, identity block."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.a1, self.a2, self.abn = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b1 = nn.Conv2d(8, 5, 3, stride=2, padding=1)
+        self.b2 = nn.Conv2d(5, 12, 3, padding=1)
+        self.bbn = nn.BatchNorm2d(12)
+        self.sc = nn.Conv2d(8, 12, 1, stride=2)
+        self.c1, self.c2 = nn.Conv2d(12, 7, 1), nn.Conv2d(7, 12, 1)
+        self.fc = nn.Linear(12 * 2 * 2, 4)
+
+    def add(self, a, b):
+        if self.style == "op":
+            return a + b
+        if self.style == "iadd":
+            a += b
+            return a
+        if self.style == "torch":
+            return torch.add(a, b)
+        if self.style == "method":
+            return a.add(b)
+        return a.add_(b)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(self.add(self.abn(self.a2(F.relu(self.a1(x)))), x))
+        x = F.relu(self.add(self.bbn(self.b2(F.relu(self.b1(x)))), self.sc(x)))
+        x = self.add(x, self.c2(F.relu(self.c1(x))))
+        return self.fc(F.max_pool2d(x, 2).flatten(1))
+
+
+@pytest.mark.parametrize("style", ["op", "iadd", "torch", "method", "method_"])
+def test_residual_coupled_groups_equivalence(style):
+    torch.manual_seed(0)
+    m = randomize_bn(ResBlocks(style)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gs = build_channel_groups(m, x)
+    assert gs["stem"].producers == ("stem", "a2") and set(gs["stem"].consumers) == {"a1", "b1", "sc"}
+    g = gs["b2"]
+    assert g.producers == ("b2", "sc", "c2") and set(g.consumers) == {"c1", "fc"} and g.num_channels == 12
+    r = prune_channels(m, x, ratio=0.5, criterion="random")
+    assert r.model.stem.out_channels == r.model.a2.out_channels == r.model.b1.in_channels == 4
+    assert r.model.sc.weight.shape == (6, 4, 1, 1) and r.model.c2.out_channels == 6
+    assert r.model.fc.in_features == 6 * 4
+    assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (3, 8, 8))
+    # scores are aggregated over every member: l1 of the coupled group = sum over its layers
+    from netcarve.criteria import get_criterion
+
+    l1 = get_criterion("l1")(g, m)
+    manual = sum(m.get_submodule(p).weight.detach().abs().sum((1, 2, 3)) for p in ("b2", "sc", "c2"))
+    manual = manual + m.c1.weight.detach().abs().sum((0, 2, 3)) + m.fc.weight.detach().abs().view(4, 12, 4).sum((0, 2))
+    assert torch.allclose(l1, manual, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_option_a_shortcut_random_keeps_and_repruning(seed):
+    if "resnet20" not in netcarve.list_models():
+        pytest.skip("zoo model 'resnet20' is not registered yet")
+    m = randomize_bn(netcarve.create_model("resnet20"), seed).eval()
+    x = netcarve.example_input(m, batch=2)
+    gs = build_channel_groups(m, x)
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for grp in gs:  # random subsets: the shortcut maps only some kept inputs to kept outputs
+        k = int(torch.randint(1, grp.num_channels + 1, (1,), generator=g))
+        keep[grp.name] = torch.randperm(grp.num_channels, generator=g)[:k]
+    compact, masked = remove_channels(m, gs, keep), mask_channels(m, gs, keep)
+    sc = masked.layer2[0].shortcut  # same widths, pairs with a removed side dropped
+    assert sc.src is not None and sc.src.numel() <= 16 and torch.equal(sc.dst - sc.src, torch.full_like(sc.src, 8))
+    assert_equivalent(compact, masked, (3, 32, 32))
+    # a pruned model (shortcuts with channel maps) can be pruned again
+    r = prune_channels(compact, x, ratio=0.3, criterion="random")
+    assert len(r.groups) == len(gs) and r.macs_after < r.macs_before
+    assert_equivalent(r.model, mask_channels(compact, r.groups, r.keep), (3, 32, 32))
+
+
+def test_pruned_resnet20_saves_and_loads(tmp_path):
+    if "resnet20" not in netcarve.list_models():
+        pytest.skip("zoo model 'resnet20' is not registered yet")
+    from netcarve.serialize import load, save
+
+    m = randomize_bn(netcarve.create_model("resnet20")).eval()
+    r = prune_channels(m, netcarve.example_input(m), ratio=0.4, criterion="random")
+    save(r.model, tmp_path / "ckpt")
+    back = load(tmp_path / "ckpt")
+    assert torch.equal(back.layer3[0].shortcut.dst, r.model.layer3[0].shortcut.dst)
+    assert_equivalent(back, r.model.eval(), (3, 32, 32))
+    assert "src" not in dict(m.layer2[0].shortcut.named_buffers())  # unpruned: no state, as before
+
+
+def test_resnet20_macs_reduction_reach():
+    """Coupled residual groups make much deeper MAC reductions reachable (inner groups alone: ~20x)."""
+    if "resnet20" not in netcarve.list_models():
+        pytest.skip("zoo model 'resnet20' is not registered yet")
+    m = netcarve.create_model("resnet20")
+    x = netcarve.example_input(m)
+    gs = build_channel_groups(m, x)
+    inner_only = [g for g in gs if not g.coupled]
+    assert prune_channels(m, x, ratio=0.99, groups=GroupSet(gs.model_name, inner_only)).macs_reduction < 25
+    r = prune_channels(m, x, macs_reduction=30.0, groups=gs)
+    assert r.macs_after <= r.macs_before / 30
 
 
 # ---------------------------------------------------------------------- ratio / MAC targets / options

@@ -163,17 +163,53 @@ def test_view_and_torch_flatten_to_linear(use_view):
     assert g.consumers == ("fc",) and g.slots[-1].block == 9
 
 
-def test_residual_is_skipped_with_reason_and_paths():
+def test_residual_add_couples_producers_into_one_group():
     gs = build_channel_groups(Residual(), torch.randn(2, 3, 8, 8))
-    assert gs.names() == ["conv1"]  # the block-inner channels
+    assert gs.names() == ["stem", "conv1"]
     assert gs["conv1"].passthrough == ("bn1",) and gs["conv1"].consumers == ("conv2",)
+    g = gs["stem"]
+    assert g.producers == ("stem", "conv2") and g.coupled and g.num_channels == 8
+    assert g.passthrough == ("bn2",) and g.consumers == ("conv1", "head")
+    assert len(g.joins) == 1 and gs.group_of("conv2") is g
+    assert "coupled (2 producers) by residual adds" in g.describe()
+    assert gs.skipped_names() == ["head"] and "model output" in gs.skipped[0].reason
+
+
+class AddToInput(nn.Module):
+    """The block input is the model input: the sum's channels cannot be pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 3, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.head = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.conv1(x))))
+        out += x
+        return self.head(F.relu(out)).flatten(1)
+
+
+class Broadcast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 1)
+        self.conv2 = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv1(x) + self.conv2(x).mean((2, 3), keepdim=True)).flatten(1)
+
+
+def test_residual_skipped_when_an_addend_is_not_prunable():
+    gs = build_channel_groups(AddToInput(), torch.randn(2, 3, 5, 5))
+    assert gs.names() == ["conv1"]
     skipped = {s.producer: s for s in gs.skipped}
-    assert set(skipped) == {"stem", "conv2", "head"}
-    assert "residual" in skipped["conv2"].reason and "add" in skipped["conv2"].reason
-    assert skipped["conv2"].paths == ("conv2", "bn2")
-    assert "conv1" in skipped["stem"].paths  # the stem's channels also feed conv1
-    assert "model output" in skipped["head"].reason
-    assert "skipped 'conv2'" in gs.describe()
+    assert "to the model input 'x'" in skipped["conv2"].reason
+    assert skipped["conv2"].paths[:2] == ("conv2", "bn2")
+    gs = build_channel_groups(Broadcast(), torch.randn(2, 3, 5, 5))
+    assert len(gs) == 0 and all("broadcasting" in s.reason for s in gs.skipped if s.producer != "head")
 
 
 def test_depthwise_is_pruned_with_its_group():
@@ -379,16 +415,35 @@ def test_zoo_vgg11_bn():
 def test_zoo_resnet20():
     _, gs = _zoo("resnet20")
     inner = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
-    assert gs.names() == inner
+    stages = ["conv1", "layer2.0.conv2", "layer3.0.conv2"]
+    assert sorted(gs.names()) == sorted(inner + stages)
     for p in inner:
         blk = p.rsplit(".", 1)[0]
         assert gs[p].consumers == (f"{blk}.conv2",) and gs[p].passthrough == (f"{blk}.bn1",)
-    skipped = {s.producer: s for s in gs.skipped}
-    for s in (1, 2, 3):
-        for b in range(3):
-            assert "residual" in skipped[f"layer{s}.{b}.conv2"].reason
-    assert "residual" in skipped["conv1"].reason
-    assert "model output" in skipped["linear"].reason
+    # stage 1: stem + every block's conv2 (identity shortcuts); read by the stage-2 option-A shortcut
+    g = gs["conv1"]
+    assert g.producers == ("conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2")
+    assert g.consumers == tuple(f"layer1.{b}.conv1" for b in range(3)) + ("layer2.0.conv1", "layer2.0.shortcut")
+    # stages 2 and 3: the option-A shortcut is a parameter-free producer of the stage's group
+    for s, last in ((2, "layer3.0.shortcut"), (3, "linear")):
+        g = gs[f"layer{s}.0.conv2"]
+        assert g.producers == (f"layer{s}.0.conv2", f"layer{s}.0.shortcut", f"layer{s}.1.conv2",
+                               f"layer{s}.2.conv2")  # fmt: skip
+        assert g.consumers[-1] == last and g.num_channels == 16 * 2 ** (s - 1)
+        sc = next(x for x in g.slots if x.path == f"layer{s}.0.shortcut")
+        assert sc.params == () and sc.io_widths == (8 * 2 ** (s - 1), 16 * 2 ** (s - 1))
+    assert gs.skipped_names() == ["linear"]
+
+
+def test_zoo_resnet8_conv_shortcuts():
+    _, gs = _zoo("resnet8")
+    g1, g2 = gs["conv1"], gs["stack2.conv2"]
+    assert g1.producers == ("conv1", "stack1.conv2")
+    assert set(g1.consumers) == {"stack1.conv1", "stack2.conv1", "stack2.shortcut"}
+    assert g2.producers == ("stack2.conv2", "stack2.shortcut") and g2.passthrough == ("stack2.bn2",)
+    assert set(g2.consumers) == {"stack3.conv1", "stack3.shortcut"}
+    assert gs["stack3.conv2"].consumers == ("fc",)
+    assert gs.skipped_names() == ["fc"]
 
 
 def test_zoo_mobilenetv2():
@@ -402,4 +457,8 @@ def test_zoo_mobilenetv2():
     # block 0 has no expansion: the stem's channels flow through its depthwise conv
     assert gs["conv1"].passthrough == ("bn1", "blocks.0.dw_conv", "blocks.0.dw_bn")
     assert gs["conv2"].consumers == ("classifier",)
-    assert any("residual" in s.reason for s in gs.skipped)
+    # stride-1 same-width blocks: the projections of one stage form one coupled group
+    g = gs["blocks.3.project_conv"]
+    assert g.producers == ("blocks.3.project_conv", "blocks.4.project_conv", "blocks.5.project_conv")
+    assert g.consumers == ("blocks.4.expand_conv", "blocks.5.expand_conv", "blocks.6.expand_conv")
+    assert gs.skipped_names() == ["classifier"]

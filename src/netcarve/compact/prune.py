@@ -127,6 +127,7 @@ def remove_channels(
         raise ConfigError(f"keep names unknown groups: {', '.join(unknown)}")
     # per module: the kept indices on its input / output side
     plan: dict[str, dict[str, torch.Tensor]] = {}
+    io: dict[str, tuple[int, int]] = {}  # channel-map layers (option-A shortcuts): (in, out) widths
     for name, idx in keep.items():
         g = by_name[name]
         idx = _check_keep(g, idx)
@@ -138,6 +139,8 @@ def remove_channels(
             if key in sides:
                 raise UnsupportedModelError(f"{slot.path} belongs to two groups on its {key}put side")
             sides[key] = _expand(idx, slot.block)
+            if slot.io_widths is not None:
+                io[slot.path] = slot.io_widths
     new = _copy_model(model)
     with torch.no_grad():
         for path, sides in plan.items():
@@ -145,7 +148,8 @@ def remove_channels(
             handler = get_channel_handler(module)
             if handler is None:  # pragma: no cover - groups come from build_channel_groups
                 raise UnsupportedModelError(f"{path} ({type(module).__name__}) has no channel handler")
-            replacement = handler.apply(module, sides.get("in"), sides.get("out"))
+            w_in, w_out = io.get(path, (None, None))
+            replacement = handler.apply(module, sides.get("in"), sides.get("out"), in_width=w_in, out_width=w_out)
             if replacement is not module:
                 _set_submodule(new, path, replacement)
     return new
@@ -157,13 +161,16 @@ def mask_channels(
     keep: Mapping[str, Sequence[int] | torch.Tensor],
 ) -> nn.Module:
     """The masked dense copy of ``model``: same shapes, every removed channel's parameters set to zero
-    in each layer of its group (buffers such as BN running statistics are left as they are). Its output
-    equals that of :func:`remove_channels` with the same ``keep``."""
+    in each layer of its group (buffers such as BN running statistics are left as they are); a
+    parameter-free channel map (option-A shortcut) gets a same-width explicit channel map that drops the
+    removed channels. Its output equals that of :func:`remove_channels` with the same ``keep``."""
     by_name = {g.name: g for g in _groups_list(groups)}
     unknown = sorted(set(keep) - set(by_name))
     if unknown:
         raise ConfigError(f"keep names unknown groups: {', '.join(unknown)}")
     new = _copy_model(model)
+    # parameter-free channel maps (option-A shortcuts): path -> kept indices per side, (in, out) widths
+    maps: dict[str, tuple[dict[str, torch.Tensor], tuple[int, int]]] = {}
     with torch.no_grad():
         for name, idx in keep.items():
             g = by_name[name]
@@ -175,11 +182,21 @@ def mask_channels(
                 continue
             for slot in g.slots:
                 module = new.get_submodule(slot.path)
+                handler = get_channel_handler(module)
+                if handler is not None and handler.mask is not None and slot.io_widths is not None:
+                    key = "in" if slot.role == "consumer" else "out"
+                    maps.setdefault(slot.path, ({}, slot.io_widths))[0][key] = _expand(kept, slot.block)
+                    continue
                 rows = _expand(removed, slot.block)
                 for pname, dim in slot.params:
                     t = getattr(module, pname, None)
                     if isinstance(t, nn.Parameter):
                         t.index_fill_(dim, rows.to(t.device), 0.0)
+        for path, (sides, (w_in, w_out)) in maps.items():
+            module = new.get_submodule(path)
+            handler = get_channel_handler(module)
+            _set_submodule(new, path, handler.mask(module, sides.get("in"), sides.get("out"),
+                                                   in_width=w_in, out_width=w_out))  # fmt: skip
     return new
 
 

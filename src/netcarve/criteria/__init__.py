@@ -1,7 +1,9 @@
 """Channel importance criteria: ``score(group, model) -> Tensor[num_channels]`` (higher = keep).
 
 Built-in criteria, computed per :class:`~netcarve.graph.ChannelGroup` by aggregating over every layer of
-the group (the layers' current weights in ``model``):
+the group (the layers' current weights in ``model``). For a coupled residual group (several producers
+whose outputs are added) that means every producer, pass-through layer and consumer of the whole chain;
+parameter-free members (option-A shortcuts) contribute nothing:
 
 ``l1``
     Sum over the group's layers of the absolute values of every *weight* element tied to channel ``c``:

@@ -12,12 +12,24 @@ its output channels through channel-preserving operations only:
   leading flattened dimension: each channel then owns a contiguous block of ``H*W`` features;
 
 until it reaches **consumers** (Conv2d with ``groups == 1``, Linear, custom consumers) reading the channels
-on their input dimension. Any other use (a residual ``add``, ``cat``, another ``view``/``reshape``,
-indexing, reading the channel count, a layer without a handler, the model output) makes the group
-unprunable: it is recorded in :attr:`GroupSet.skipped` with the reasons and the module paths involved.
+on their input dimension.
 
-Coupled groups (residual adds, concatenations, attention heads, recurrent layers) are future work: the
-data model (``ChannelSlot`` roles, ``GroupSet``) is meant to be extended with several producers per group.
+**Residual adds** (``+``, ``operator.iadd``, ``torch.add``, ``Tensor.add``/``add_``) of same-shape tensors
+couple the channels of every addend and of the sum: the walk goes on through the sum, and every producer
+whose channels reach the same add (through BatchNorm, activations, identity shortcuts, 1x1 conv shortcuts
+as producers) is merged into one coupled :class:`ChannelGroup` together with the consumers of all the sums
+of the chain (e.g. a whole ResNet stage). The coupled group is skipped when an addend does not come from a
+prunable producer (the model input, a parameter, a layer that is itself skipped), or when a member is
+blocked for another reason (the sum reaches the model output, a ``cat``, ...).
+The CIFAR option-A shortcut (``ShortcutA``: subsample, zero-pad channels) is a parameter-free layer: a
+consumer of the group feeding it and a producer of the residual group it is added to; pruning gives it an
+explicit channel map (it also reads the residual branch's width, which is allowed for it).
+
+Any other use (``cat``, another ``view``/``reshape``, indexing, reading the channel count, a layer without
+a handler, the model output, broadcasting arithmetic with another tensor) makes the group unprunable: it is
+recorded in :attr:`GroupSet.skipped` with the reasons and the module paths involved.
+
+Concatenations, attention heads and recurrent layers are future work.
 """
 
 from __future__ import annotations
@@ -56,6 +68,8 @@ class ChannelSlot:
         params: ``(name, dim)`` of every parameter/buffer sliced along ``dim``.
         block: contiguous features per channel along the sliced dim (``H*W`` for a Linear after flatten).
         scored: names of the tensors magnitude criteria (l1/l2) use.
+        io_widths: ``(input, output)`` channel counts of the layer's call, for layers whose handler
+            rebuilds them from the widths (option-A shortcuts); ``None`` otherwise.
     """
 
     path: str
@@ -64,6 +78,7 @@ class ChannelSlot:
     params: tuple[tuple[str, int], ...]
     block: int = 1
     scored: tuple[str, ...] = ()
+    io_widths: tuple[int, int] | None = None
 
     @property
     def side(self) -> str:
@@ -71,7 +86,11 @@ class ChannelSlot:
         return {"producer": "out", "passthrough": "through", "consumer": "in"}[self.role]
 
     def describe(self) -> str:
-        dims = ", ".join(f"{n}[dim {d}]" for n, d in self.params) or "(no tensors)"
+        dims = ", ".join(f"{n}[dim {d}]" for n, d in self.params) or (
+            f"parameter-free channel map {self.io_widths[0]} -> {self.io_widths[1]}"
+            if self.io_widths is not None
+            else "(no tensors)"
+        )
         extra = f", {self.block} features per channel (flattened)" if self.block > 1 else ""
         return f"{_ROLE_WORDS[self.role]:<12} {self.path} ({self.module_type}): {_SIDE_WORDS[self.role]}: {dims}{extra}"
 
@@ -85,8 +104,15 @@ class ChannelGroup:
         consumers: module paths of the layers reading those channels on their input dim.
         passthrough: module paths of pass-through layers sliced with them (BatchNorm, depthwise conv).
         num_channels: number of channels in the group.
-        slots: every sliced layer with its tensors and dims (producer first).
+        slots: every sliced layer with its tensors and dims (producers first).
         via: parameter-free operations the channels flow through (module paths or fx node names).
+        joins: fx names of the residual adds coupling several producers (empty for a plain group).
+
+    A **coupled** (residual) group has several producers whose outputs are added elementwise (directly or
+    through BatchNorm / activations / identity shortcuts): the addends and the sum share one channel set,
+    so the same kept indices are applied to every producer's output, every pass-through layer and every
+    consumer of the sums. ``producer`` (the group's name) is then the first producer in graph order and
+    :attr:`producers` lists them all.
     """
 
     producer: str
@@ -95,6 +121,17 @@ class ChannelGroup:
     num_channels: int
     slots: tuple[ChannelSlot, ...]
     via: tuple[str, ...] = ()
+    joins: tuple[str, ...] = ()
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        """Every layer whose output channels are sliced (one, or several for a coupled group)."""
+        return tuple(s.path for s in self.slots if s.role == "producer")
+
+    @property
+    def coupled(self) -> bool:
+        """Whether several producers share the channels (residual adds)."""
+        return len(self.producers) > 1
 
     @property
     def name(self) -> str:
@@ -109,6 +146,8 @@ class ChannelGroup:
     def describe(self) -> str:
         """Which layers, which dimension, how many channels."""
         lines = [f"group {self.producer!r}: {self.num_channels} channels"]
+        if self.joins:
+            lines[0] += f", coupled ({len(self.producers)} producers) by residual adds {', '.join(self.joins)}"
         lines += [f"  {s.describe()}" for s in self.slots]
         if self.via:
             lines.append(f"  via          {', '.join(self.via)}")
@@ -159,6 +198,13 @@ class GroupSet:
 
     def names(self) -> list[str]:
         return [g.name for g in self.groups]
+
+    def group_of(self, path: str) -> ChannelGroup:
+        """The group whose producers include ``path`` (a coupled group is named after its first one)."""
+        for g in self.groups:
+            if path in g.producers:
+                return g
+        raise KeyError(path)
 
     def skipped_names(self) -> list[str]:
         return [s.producer for s in self.skipped]
@@ -252,6 +298,25 @@ class _State:
     block: int  # contiguous features per channel along dim
 
 
+@dataclass
+class _Walk:
+    """What following one producer's output channels found (before residual groups are merged)."""
+
+    path: str
+    n: int | None
+    slots: list[ChannelSlot] = field(default_factory=list)
+    via: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    involved: list[str] = field(default_factory=list)
+    # residual adds reached: (add node, the addend node the channels arrived by, channel dim, block)
+    joins: list[tuple[fx.Node, fx.Node, int, int]] = field(default_factory=list)
+    early: SkippedGroup | None = None  # the producer itself cannot start a group
+
+
+_ADD_FUNCS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
+
+
 class _GroupWalker:
     """Follows one producer's output channels through the graph."""
 
@@ -260,49 +325,130 @@ class _GroupWalker:
         self.modules = dict(gm.named_modules())
         self.calls = calls
         self.opaque = opaque
+        self._joins: list[tuple[fx.Node, fx.Node, int, int]] = []
+        self._seen: set[tuple[fx.Node, int, int]] = set()
 
-    def walk(self, node: fx.Node, module: nn.Module, handler: ChannelHandler) -> ChannelGroup | SkippedGroup:
+    def walk(self, node: fx.Node, module: nn.Module, handler: ChannelHandler) -> _Walk:
         path = str(node.target)
         n = handler.width(module, "out")
         shape = _shape(node)
-        involved: list[str] = [path]
+        if n is None and shape is not None and not handler.param_spec(module, "out") and handler.rebuild_widths:
+            n = int(shape[_norm(handler.out_dim, len(shape))])  # parameter-free channel map: width from shape
+        w = _Walk(path, n, involved=[path])
         if n is None or shape is None:
-            return SkippedGroup(path, ("output is not a single tensor with channel tensors",), (path,))
+            w.early = SkippedGroup(path, ("output is not a single tensor with channel tensors",), (path,))
+            return w
         dim = _norm(handler.out_dim, len(shape))
         if not 0 <= dim < len(shape) or shape[dim] != n:
-            return SkippedGroup(
+            w.early = SkippedGroup(
                 path, (f"output dim {handler.out_dim} does not hold its {n} channels",), (path,), n
             )
-        slots = [self._slot(path, module, handler, "producer", 1)]
-        via: list[str] = []
-        reasons: list[str] = []
+            return w
+        slots = w.slots
+        try:
+            slots.append(self._slot(path, module, handler, "producer", 1, node))
+        except _Block as b:
+            w.early = SkippedGroup(path, (str(b),), (path,), n)
+            return w
+        self._joins, self._seen = w.joins, set()
         frontier = [_State(node, dim, 1)]
         while frontier:
             st = frontier.pop()
             for user in list(st.node.users):
                 try:
-                    nxt = self._follow(user, st, n, slots, via, involved)
+                    nxt = self._follow(user, st, n, slots, w.via, w.involved)
                 except _Block as b:
-                    reasons.append(str(b))
+                    w.reasons.append(str(b))
                     continue
                 frontier.extend(nxt)
-        # shared layers: slicing them would change every call
-        for s in slots:
-            if self.calls[s.path] > 1:
-                reasons.append(f"{s.path} is called {self.calls[s.path]} times (shared weights)")
-        if not any(s.role == "consumer" for s in slots) and not reasons:
+        return w
+
+    def _residual_add(self, user: fx.Node, st: _State, shape, out_shape) -> list[_State]:
+        """``user`` adds ``st.node`` to other tensors: the channels of every addend and of the sum are
+        coupled. Record the join and go on with the sum (once per walk)."""
+        src = st.node
+        tensors = [a for a in _flat_args(user) if _is_tensor_node(a)]
+        if sum(1 for a in tensors if a is src) > 1:
+            raise _Block(f"combined with itself at {_where(user)}")
+        if out_shape != shape or any(_shape(a) != out_shape for a in tensors):
+            raise _Block(f"added to a tensor of another shape (broadcasting) at {_where(user)}")
+        self._joins.append((user, src, st.dim, st.block))
+        key = (user, st.dim, st.block)
+        if key in self._seen:
+            return []
+        self._seen.add(key)
+        return [_State(user, st.dim, st.block)]
+
+    def finish(self, walks: list[_Walk]) -> list[ChannelGroup | SkippedGroup]:
+        """One ChannelGroup for ``walks`` (producers coupled by residual adds, graph order), or one
+        SkippedGroup per producer, all with the reasons of the whole coupled set."""
+        name = walks[0].path
+        reasons = [r for w in walks for r in w.reasons]
+        for w in walks:  # shared layers: slicing them would change every call
+            for s in w.slots:
+                if self.calls[s.path] > 1:
+                    reasons.append(f"{s.path} is called {self.calls[s.path]} times (shared weights)")
+        widths = {w.path: w.n for w in walks}
+        if len(set(widths.values())) > 1:
+            reasons.append("residual-coupled producers have different widths ("
+                           + ", ".join(f"{p}: {n}" for p, n in widths.items()) + ")")  # fmt: skip
+        arrivals: dict[fx.Node, list[tuple[fx.Node, int, int]]] = {}
+        for w in walks:
+            for add, src, d, b in w.joins:
+                arrivals.setdefault(add, []).append((src, d, b))
+        for add, arr in arrivals.items():
+            if len({(d, b) for _, d, b in arr}) > 1:
+                reasons.append(f"addends carry the channels in different layouts at {_where(add)}")
+            got = {src for src, _, _ in arr}
+            for a in _flat_args(add):
+                if _is_tensor_node(a) and a not in got:
+                    reasons.append(f"added at {_where(add)} to {self._source(a)}, whose channels cannot be "
+                                   "pruned with this group")  # fmt: skip
+        slots: dict[tuple[str, str], ChannelSlot] = {}
+        for role in ("producer", "passthrough", "consumer"):
+            for w in walks:
+                for s in w.slots:
+                    if s.role == role:
+                        slots.setdefault((s.path, s.role), s)
+        if not any(s.role == "consumer" for s in slots.values()) and not reasons:
             reasons.append("its output is not read by any consumer layer")
-        paths = tuple(dict.fromkeys(involved + [s.path for s in slots]))
+        involved = [p for w in walks for p in w.involved] + [s.path for s in slots.values()]
+        paths = tuple(dict.fromkeys(involved))
         if reasons:
-            return SkippedGroup(path, tuple(dict.fromkeys(reasons)), paths, n)
-        consumers = tuple(s.path for s in slots if s.role == "consumer")
-        through = tuple(s.path for s in slots if s.role == "passthrough")
-        return ChannelGroup(path, consumers, through, n, tuple(slots), tuple(dict.fromkeys(via)))
+            reasons = list(dict.fromkeys(reasons))
+            if len(walks) > 1:
+                reasons.append("coupled by residual adds with " + ", ".join(w.path for w in walks))
+            return [SkippedGroup(w.path, tuple(reasons), paths, w.n) for w in walks]
+        all_slots = tuple(slots.values())
+        return [ChannelGroup(
+            name,
+            tuple(s.path for s in all_slots if s.role == "consumer"),
+            tuple(s.path for s in all_slots if s.role == "passthrough"),
+            int(walks[0].n),
+            all_slots,
+            tuple(dict.fromkeys(v for w in walks for v in w.via)),
+            tuple(dict.fromkeys(add.name for add in arrivals)),
+        )]  # fmt: skip
+
+    def _source(self, node: fx.Node) -> str:
+        if node.op == "placeholder":
+            return f"the model input {node.name!r}"
+        if node.op == "call_module":
+            return f"the output of {node.target} ({type(self.modules[str(node.target)]).__name__})"
+        if node.op == "get_attr":
+            return f"the tensor attribute {node.target}"
+        return _where(node)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _slot(path, module, handler, role, block) -> ChannelSlot:
+    def _slot(path, module, handler, role, block, node: fx.Node) -> ChannelSlot:
         side = {"producer": "out", "passthrough": "through", "consumer": "in"}[role]
+        io = None
+        if handler.rebuild_widths:
+            ins, outs = _shape(node.args[0]) if node.args else None, _shape(node)
+            if ins is None or outs is None:
+                raise _Block(f"{path}: input/output channel counts unknown")
+            io = (int(ins[_norm(handler.in_dim, len(ins))]), int(outs[_norm(handler.out_dim, len(outs))]))
         return ChannelSlot(
             path=path,
             role=role,
@@ -310,6 +456,7 @@ class _GroupWalker:
             params=handler.param_spec(module, side),
             block=block,
             scored=handler.scored(module, side),
+            io_widths=io,
         )
 
     def _only_input(self, user: fx.Node, src: fx.Node) -> None:
@@ -327,12 +474,21 @@ class _GroupWalker:
         """A Size object (``x.shape``/``x.size()``): only non-channel items may be read."""
         for u in user.users:
             if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int):
-                if _norm(u.args[1], ndim) == st.dim and u.users:
+                if _norm(u.args[1], ndim) == st.dim and u.users and not all(
+                    self._takes_width(v, u) for v in u.users
+                ):
                     raise _Block(f"reads the channel count at {_where(u)}")
                 continue
             if not u.users and u.op != "output":
                 continue
             raise _Block(f"uses the whole shape at {_where(u)}")
+
+    def _takes_width(self, node: fx.Node, width: fx.Node) -> bool:
+        """``node`` calls a layer told the width of its residual group (option-A shortcut) as ``width``."""
+        if node.op != "call_module" or str(node.target) in self.opaque:
+            return False
+        h = get_channel_handler(self.modules[str(node.target)])
+        return h is not None and h.takes_width and len(node.args) == 2 and node.args[1] is width
 
     def _follow(self, user, st: _State, n, slots, via, involved) -> list[_State]:
         src = st.node
@@ -373,6 +529,9 @@ class _GroupWalker:
             return []
         out_shape = _shape(user)
         if (not is_m and target in _BINARY_FUNCS) or (is_m and target in _BINARY_METHODS):
+            is_add = (not is_m and target in _ADD_FUNCS) or (is_m and target in _ADD_METHODS)
+            if is_add and any(_is_tensor_node(a) and a is not src for a in _flat_args(user)):
+                return self._residual_add(user, st, shape, out_shape)
             self._only_input(user, src)  # the other operand is a Python number (or a size)
             if out_shape != shape:
                 raise _Block(f"broadcasting at {_where(user)}")
@@ -500,7 +659,7 @@ class _GroupWalker:
                 raise _Block(f"{path} holds {width} channels, expected {n * st.block}")
             if st.block != 1 and isinstance(module, nn.Conv1d | nn.Conv2d):
                 raise _Block(f"{path}: depthwise conv on flattened channels")
-            slots.append(self._slot(path, module, handler, "passthrough", st.block))
+            slots.append(self._slot(path, module, handler, "passthrough", st.block, user))
             out_shape = _shape(user)
             if out_shape is None:
                 raise _Block(f"{path} does not return a single tensor")
@@ -510,7 +669,7 @@ class _GroupWalker:
         if width is not None and width != n * st.block:
             involved.append(path)
             raise _Block(f"{path} expects {width} input channels, got {n} x {st.block}")
-        slots.append(self._slot(path, module, handler, "consumer", st.block))
+        slots.append(self._slot(path, module, handler, "consumer", st.block, user))
         return []
 
 
@@ -529,6 +688,8 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     walker = _GroupWalker(gm, calls, traced.opaque)
     out = GroupSet(model_name=type(model).__name__, opaque=dict(traced.opaque))
+    entries: list[SkippedGroup | int] = []  # graph order: a finished skip, or an index into walks
+    walks: list[_Walk] = []
     seen: set[str] = set()
     for node in gm.graph.nodes:
         if node.op != "call_module" or str(node.target) in seen:
@@ -542,16 +703,44 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
         if role == "opaque":
             reason = handler.reason_opaque(module)
             if reason and isinstance(module, nn.Conv1d | nn.Conv2d):
-                out.skipped.append(SkippedGroup(path, (reason,), (path,), int(module.out_channels)))
+                entries.append(SkippedGroup(path, (reason,), (path,), int(module.out_channels)))
             seen.add(path)
             continue
         if role not in ("layer", "producer"):
             continue
         seen.add(path)
         if calls[path] > 1:
-            out.skipped.append(SkippedGroup(path, (f"{path} is called {calls[path]} times (shared weights)",),
+            entries.append(SkippedGroup(path, (f"{path} is called {calls[path]} times (shared weights)",),
                                             (path,), handler.width(module, "out")))  # fmt: skip
             continue
-        res = walker.walk(node, module, handler)
-        (out.groups if isinstance(res, ChannelGroup) else out.skipped).append(res)
+        w = walker.walk(node, module, handler)
+        entries.append(w.early if w.early is not None else len(walks))
+        if w.early is None:
+            walks.append(w)
+    # producers whose channels meet at a residual add form one coupled group
+    parent = list(range(len(walks)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_at: dict[fx.Node, int] = {}
+    for i, w in enumerate(walks):
+        for add, *_ in w.joins:
+            j = first_at.setdefault(add, i)
+            parent[find(i)] = find(j)
+    members: dict[int, list[_Walk]] = {}
+    for i, w in enumerate(walks):
+        members.setdefault(find(i), []).append(w)
+    for e in entries:
+        if isinstance(e, SkippedGroup):
+            out.skipped.append(e)
+            continue
+        root = find(e)
+        if root not in members:  # already emitted with an earlier member
+            continue
+        for res in walker.finish(members.pop(root)):
+            (out.groups if isinstance(res, ChannelGroup) else out.skipped).append(res)
     return out

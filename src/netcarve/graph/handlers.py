@@ -64,6 +64,13 @@ class ChannelHandler:
             (``in_keep``/``out_keep`` are index tensors along the sliced dims, or ``None``).
         score_params: names used by magnitude criteria (l1/l2); ``None`` = every listed ``nn.Parameter``.
         check: ``fn(module) -> reason | None``; a reason makes this instance opaque.
+        rebuild_widths: call ``rebuild`` (and ``mask``) with the keywords ``in_width`` / ``out_width``:
+            the module's input and output channel counts when the groups were built.
+        mask: for parameter-free layers that map channels (option-A shortcuts): ``fn(module, in_keep,
+            out_keep, ...) -> nn.Module`` returning a same-shape module that drops the removed channels
+            (used by ``mask_channels``; parameters of other layers are simply zeroed).
+        takes_width: ``forward(x, channels)`` receives the width of the residual group it produces
+            into (read from another addend with ``.shape[1]``); that read does not block the group.
     """
 
     role: str | Callable[[nn.Module], str]
@@ -78,6 +85,9 @@ class ChannelHandler:
     rebuild: Callable[[nn.Module, torch.Tensor | None, torch.Tensor | None], nn.Module] | None = None
     score_params: tuple[str, ...] | None = None
     check: Callable[[nn.Module], str | None] | None = None
+    rebuild_widths: bool = False
+    mask: Callable[..., nn.Module] | None = None
+    takes_width: bool = False
 
     def __post_init__(self):
         for name in ("in_params", "out_params", "params"):
@@ -121,11 +131,20 @@ class ChannelHandler:
 
     # ------------------------------------------------------------------ slicing
     def apply(
-        self, module: nn.Module, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None
+        self,
+        module: nn.Module,
+        in_keep: torch.Tensor | None,
+        out_keep: torch.Tensor | None,
+        *,
+        in_width: int | None = None,
+        out_width: int | None = None,
     ) -> nn.Module:
         """Slice ``module`` in place to the kept channels (index tensors already expanded for blocks)
-        and return it, or return the replacement built by ``rebuild``."""
+        and return it, or return the replacement built by ``rebuild`` (``in_width``/``out_width``: the
+        original channel counts, passed on to ``rebuild`` when ``rebuild_widths`` is set)."""
         if self.rebuild is not None:
+            if self.rebuild_widths:
+                return self.rebuild(module, in_keep, out_keep, in_width=in_width, out_width=out_width)
             return self.rebuild(module, in_keep, out_keep)
         role = self.role_of(module)
         if role == "passthrough":
@@ -270,6 +289,58 @@ for _t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2
            nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.Upsample):  # fmt: skip
     _BUILTIN[_t] = ChannelHandler(role="elementwise", mixes_last=2)
 
+
+
+# ---------------------------------------------------------------------- option-A shortcuts
+def _shortcut_pairs(m: nn.Module, in_width: int, out_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(src, dst)`` channel map of an option-A shortcut: its ``src``/``dst`` buffers once pruned, else
+    the zero padding (half before, cropping if negative)."""
+    if getattr(m, "src", None) is not None:
+        return m.src.cpu(), m.dst.cpu()
+    src = torch.arange(in_width)
+    dst = src + (out_width - in_width) // 2
+    ok = (dst >= 0) & (dst < out_width)
+    return src[ok], dst[ok]
+
+
+def _positions(keep: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Old index -> new position (-1 when removed)."""
+    if keep is None:
+        return torch.arange(width)
+    pos = torch.full((width,), -1, dtype=torch.long)
+    pos[keep.cpu()] = torch.arange(keep.numel())
+    return pos
+
+
+def _shortcut_rebuild(m, in_keep, out_keep, *, in_width=None, out_width=None, renumber=True) -> nn.Module:
+    """The same shortcut type with a fixed channel map keeping only pairs whose input and output channels
+    are both kept (renumbered to the kept positions, or in the original numbering for masking)."""
+    if in_width is None or out_width is None:  # pragma: no cover - slots always carry io widths
+        raise ConfigError(f"{type(m).__name__}: channel widths unknown, cannot rebuild")
+    src, dst = _shortcut_pairs(m, in_width, out_width)
+    pin, pout = _positions(in_keep, in_width)[src], _positions(out_keep, out_width)[dst]
+    ok = (pin >= 0) & (pout >= 0)
+    src, dst = (pin[ok], pout[ok]) if renumber else (src[ok], dst[ok])
+    device = m.src.device if getattr(m, "src", None) is not None else None
+    new = type(m)(m.stride, src=src, dst=dst)
+    return new.to(device) if device is not None else new
+
+
+def _shortcut_mask(m, in_keep, out_keep, *, in_width=None, out_width=None) -> nn.Module:
+    return _shortcut_rebuild(m, in_keep, out_keep, in_width=in_width, out_width=out_width, renumber=False)
+
+
+# The option-A shortcut (netcarve.models.cifar_resnet.ShortcutA) is a parameter-free "layer": a fixed
+# channel map from the group feeding it (in side) to the residual group it is added to (out side).
+# Pruning gives it an explicit src -> dst channel map (buffers). Known by qualified name, so that the
+# graph package does not import netcarve.models.
+_BY_NAME: dict[str, ChannelHandler] = {
+    "netcarve.models.cifar_resnet.ShortcutA": ChannelHandler(
+        role="layer", ndims=(4,), rebuild=_shortcut_rebuild, rebuild_widths=True, mask=_shortcut_mask,
+        takes_width=True,
+    ),
+}  # fmt: skip
+
 _USER: dict[type, ChannelHandler] = {}
 
 
@@ -303,6 +374,9 @@ def get_channel_handler(module: nn.Module | type) -> ChannelHandler | None:
     for table in (_USER, _BUILTIN):
         if cls in table:
             return table[cls]
+    by_name = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    if by_name is not None:
+        return by_name
     for base in cls.__mro__[1:]:
         for table in (_USER, _BUILTIN):
             if base in table and getattr(cls, "forward", None) is getattr(base, "forward", None):

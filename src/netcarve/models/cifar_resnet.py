@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..serialize import register_layer_spec
 from ._presets import IMAGENET_PREPROCESS
 from ._registry import register_model
 
@@ -19,18 +20,43 @@ class ShortcutA(nn.Module):
 
     The padding is computed at run time from the residual branch's channel count (half before, the rest
     after the input channels), so a block whose convs were narrowed by pruning still runs.
+
+    After channel pruning (``netcarve.compact``) the shortcut holds a fixed channel map instead: buffers
+    ``src``/``dst`` (input channel ``src[k]`` goes to output channel ``dst[k]``, the others are zero).
+    Without a map (the default) it has no state, so checkpoints of the unpruned model are unchanged.
     """
 
-    def __init__(self, stride: int = 2):
+    def __init__(self, stride: int = 2, src=None, dst=None):
         super().__init__()
         self.stride = stride
+        if (src is None) != (dst is None):
+            raise ValueError("ShortcutA: give both src and dst (a channel map) or neither")
+        self.register_buffer("src", None if src is None else torch.as_tensor(src, dtype=torch.long).clone())
+        self.register_buffer("dst", None if dst is None else torch.as_tensor(dst, dtype=torch.long).clone())
 
     def forward(self, x: torch.Tensor, channels: int) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, channels, H/stride, W/stride)
         x = x[:, :, :: self.stride, :: self.stride]
+        if self.src is not None:
+            out = x.new_zeros((x.shape[0], channels, x.shape[2], x.shape[3]))
+            return out.index_copy(1, self.dst, x.index_select(1, self.src))
         pad = channels - x.shape[1]
         before = pad // 2
         return F.pad(x, (0, 0, 0, 0, before, pad - before))
+
+    def extra_repr(self) -> str:
+        mapped = "" if self.src is None else f", mapped_channels={self.src.numel()}"
+        return f"stride={self.stride}{mapped}"
+
+
+def _shortcut_args(m: ShortcutA) -> dict:
+    if m.src is None:
+        return {"stride": m.stride}
+    return {"stride": m.stride, "src": m.src.tolist(), "dst": m.dst.tolist()}
+
+
+# save/load: a pruned shortcut's channel map is rebuilt from the manifest
+register_layer_spec(ShortcutA, _shortcut_args)
 
 
 class BasicBlock(nn.Module):
