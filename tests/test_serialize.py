@@ -25,8 +25,14 @@ class _Tiny(nn.Module):
         return self.fc(out[:, -1])
 
 
-if "_test_tiny_serialize" not in netcarve.list_models():
+@pytest.fixture(autouse=True, scope="module")
+def _registered_tiny():
+    """Register the test model only while these tests run (registry-parametrized zoo tests must not see it)."""
+    from netcarve.models._registry import _MODELS
+
     register_model("_test_tiny_serialize", family="test", input_shape=(3, 5, 5))(_Tiny)
+    yield
+    del _MODELS._items["_test_tiny_serialize"]
 
 
 def _narrow(model: nn.Module, keep: int) -> nn.Module:

@@ -8,7 +8,7 @@ A saved directory rebuilds without unpickling anything:
    one (e.g. a conv narrowed by channel pruning) is replaced by a layer built from the recorded arguments;
 3. the weights are loaded from ``model.safetensors`` with a strict key and shape check.
 
-Layer types are extensible with :func:`register_layer_spec`. A run directory written by any netcarve
+Layer types are extensible with :func:`register_layer_spec` (defined in ``netcarve._layer_specs``). A run directory written by any netcarve
 command is a checkpoint directory (it holds ``manifest.json`` and ``model.safetensors``).
 """
 
@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from ._registry import Registry
+from ._layer_specs import _LAYER_SPECS, layer_specs, register_layer_spec  # noqa: F401 (re-exported)
 from ._version import __version__
 from .errors import CheckpointError, ConfigError
 from .utils import atomic_write
@@ -33,102 +30,6 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "netcarve.model"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """How to describe a layer type by its constructor arguments and rebuild it from them."""
-
-    get_args: Callable[[nn.Module], dict[str, Any]]
-    build: Callable[[dict[str, Any]], nn.Module]
-
-
-_LAYER_SPECS: Registry[LayerSpec] = Registry("layer spec")
-
-
-def register_layer_spec(module_type: type, get_args: Callable, build: Callable | None = None) -> None:
-    """Teach save/load a layer type: ``get_args(module) -> dict`` of JSON-able constructor arguments,
-    ``build(args) -> module`` (default ``module_type(**args)``)."""
-    _LAYER_SPECS.register(
-        _type_key(module_type), LayerSpec(get_args, build or (lambda a, t=module_type: t(**a))), overwrite=True
-    )
-
-
-def _type_key(t: type) -> str:
-    return f"{t.__module__}.{t.__qualname__}"
-
-
-def _conv_args(m: nn.Module) -> dict:
-    return dict(
-        in_channels=m.in_channels,
-        out_channels=m.out_channels,
-        kernel_size=list(m.kernel_size),
-        stride=list(m.stride),
-        padding=m.padding if isinstance(m.padding, str) else list(m.padding),
-        dilation=list(m.dilation),
-        groups=m.groups,
-        bias=m.bias is not None,
-        padding_mode=m.padding_mode,
-    )
-
-
-def _bn_args(m: nn.Module) -> dict:
-    return dict(
-        num_features=m.num_features,
-        eps=m.eps,
-        momentum=m.momentum,
-        affine=m.affine,
-        track_running_stats=m.track_running_stats,
-    )
-
-
-def _rnn_args(m: nn.Module) -> dict:
-    a = dict(
-        input_size=m.input_size,
-        hidden_size=m.hidden_size,
-        num_layers=m.num_layers,
-        bias=m.bias,
-        batch_first=m.batch_first,
-        dropout=m.dropout,
-        bidirectional=m.bidirectional,
-    )
-    if isinstance(m, nn.LSTM) and m.proj_size:
-        a["proj_size"] = m.proj_size
-    return a
-
-
-for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_layer_spec(_t, _conv_args)
-for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-    register_layer_spec(_t, _bn_args)
-for _t in (nn.LSTM, nn.GRU, nn.RNN):
-    register_layer_spec(_t, _rnn_args)
-register_layer_spec(
-    nn.Linear, lambda m: dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
-)
-register_layer_spec(
-    nn.LayerNorm,
-    lambda m: dict(
-        normalized_shape=list(m.normalized_shape),
-        eps=m.eps,
-        elementwise_affine=m.elementwise_affine,
-        bias=getattr(m, "bias", None) is not None,
-    ),
-)
-register_layer_spec(
-    nn.Embedding,
-    lambda m: dict(num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim, padding_idx=m.padding_idx),
-)
-
-
-def layer_specs(model: nn.Module) -> dict[str, dict]:
-    """``{module_path: {"type": ..., "args": {...}}}`` for every layer of a registered type."""
-    out = {}
-    for name, m in model.named_modules():
-        key = _type_key(type(m))
-        if name and key in _LAYER_SPECS:
-            out[name] = {"type": key, "args": _LAYER_SPECS.get(key).get_args(m)}
-    return out
 
 
 def _state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:

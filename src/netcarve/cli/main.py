@@ -16,6 +16,19 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
 
+def _emit(a, obj, text) -> int:
+    """Print ``obj`` as JSON with ``--json``, else ``text(obj)``."""
+    if a.json:
+        _print_json(obj)
+    else:
+        print(text(obj))
+    return 0
+
+
+def _command_line() -> str:
+    return "netcarve " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL|CHECKPOINT",
                    help="a registered model name (see `netcarve models`) or a checkpoint / run directory")
@@ -49,12 +62,8 @@ def _cmd_eval(a) -> int:
 
     res = evaluate_cli(a.model, weights=a.weights, dataset=a.dataset, data_dir=a.data_dir,
                        batch_size=a.batch_size, split=a.split, limit=a.limit, threads=a.threads)
-    if a.json:
-        _print_json(res)
-    else:
-        print(f"{res['model']} on {res['dataset']} {res['split']} (n={res['n']}): top-1 {res['top1']:.2f}%  "
-              f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
-    return 0
+    return _emit(a, res, lambda r: f"{r['model']} on {r['dataset']} {r['split']} (n={r['n']}): "
+                                   f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}")
 
 
 def _cmd_profile(a) -> int:
@@ -64,50 +73,33 @@ def _cmd_profile(a) -> int:
     model = resolve_model(a.model, a.weights, a.data_dir)
     prof = profile_model(model, example_batch(model, a.batch), engine=a.engine, threads=a.threads,
                          batch=a.batch, per_layer=not a.no_layers)
-    if a.json:
-        _print_json(prof)
-    else:
-        print(format_profile_table(prof))
-    return 0
+    return _emit(a, prof, format_profile_table)
 
 
 def _cmd_train(a) -> int:
     from ..flows.train import train_cli
 
     res = train_cli(a)
-    if a.json:
-        _print_json(res)
-    else:
-        print(f"trained {res['model']} for {res['epochs']} epochs: top-1 {res['top1']:.2f}% "
-              f"(best {res['best_top1']:.2f}%); run directory {res['out']}")
-    return 0
+    return _emit(a, res, lambda r: f"trained {r['model']} for {r['epochs']} epochs: top-1 {r['top1']:.2f}% "
+                                   f"(best {r['best_top1']:.2f}%); run directory {r['out']}")
 
 
 def _cmd_demo(a) -> int:
-    from ..flows.demo import DemoConfig, demo_table, run_demo
+    from ..flows.demo import DemoConfig, run_demo
+    from ..report import format_table
 
     cfg = DemoConfig(dataset=a.dataset, model=a.model, data_dir=a.data_dir, out=a.out, engine=a.engine,
                      threads=a.threads, batch=a.batch, macs_reduction=a.macs_reduction,
                      finetune_epochs=a.finetune_epochs, train_subset=a.train_subset, seed=a.seed,
                      resume=a.resume, progress=not a.no_progress and not a.json)
-    rep = run_demo(cfg, command="netcarve " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
-    if a.json:
-        _print_json(rep)
-    else:
-        print(demo_table(rep))
-    return 0
+    return _emit(a, run_demo(cfg, command=_command_line()), format_table)
 
 
 def _cmd_prune(a) -> int:
     from ..flows.prune import prune_cli
     from ..report import format_table
 
-    rep = prune_cli(a, command="netcarve " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
-    if a.json:
-        _print_json(rep)
-    else:
-        print(format_table(rep))
-    return 0
+    return _emit(a, prune_cli(a, command=_command_line()), format_table)
 
 
 def build_parser() -> argparse.ArgumentParser:

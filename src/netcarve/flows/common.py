@@ -86,35 +86,17 @@ def file_size_bytes(model: nn.Module) -> int:
         return (Path(d) / "model.safetensors").stat().st_size
 
 
-def measure_stats(
-    model: nn.Module,
-    label: str,
-    *,
-    engine: str = "onnxruntime",
-    threads: int = 2,
-    batch: int = 1,
-    accuracy: dict[str, Any] | None = None,
-    latency: bool = True,
-    rounds: int = 5,
-) -> ModelStats:
-    """MACs, params, file size and measured latency of one model, as a report row."""
-    from ..measure import count_model, measure_latency
+def measure_stats(model: nn.Module, label: str, *, accuracy: dict[str, Any] | None = None) -> ModelStats:
+    """MACs, params and file size of one model (and its accuracy), as a report row; latency is added by the
+    caller, which times all variants together (``netcarve.measure.compare_latency``)."""
+    from ..measure import count_model
 
     model.eval()
-    x1 = example_batch(model, 1)
-    cost = count_model(model, x1)
-    stats = ModelStats(
-        label=label,
-        params=int(cost.total_params),
-        macs=int(cost.total_macs),
-        size_bytes=file_size_bytes(model),
-    )
+    cost = count_model(model, example_batch(model, 1))
+    stats = ModelStats(label=label, params=int(cost.total_params), macs=int(cost.total_macs),
+                       size_bytes=file_size_bytes(model))
     if accuracy:
         stats.top1, stats.top5, stats.loss = accuracy.get("top1"), accuracy.get("top5"), accuracy.get("loss")
-    if latency:
-        res = measure_latency(model, example_batch(model, batch), engine=engine, threads=threads, rounds=rounds)
-        stats.latency_ms = {"p50": res.p50_ms, "p90": res.p90_ms}
-        stats.notes.extend(getattr(res, "notes", []) or [])
     return stats
 
 

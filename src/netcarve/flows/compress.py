@@ -96,7 +96,7 @@ def compress_and_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base.eval()
-    b_stats = measure_stats(base, "baseline", accuracy=base_acc, latency=False)
+    b_stats = measure_stats(base, "baseline", accuracy=base_acc)
 
     log(f"compressing: {spec.describe()}", tag)
     from ..criteria import accumulate_gradients, get_criterion
@@ -120,7 +120,7 @@ def compress_and_report(
         log(f"pruned: top-1 {acc['top1']:.2f}%", tag)
     variants = {"baseline": base}
     if spec.finetune_epochs:
-        p_stats = measure_stats(pruned, "pruned (before fine-tune)", accuracy=acc, latency=False)
+        p_stats = measure_stats(pruned, "pruned (before fine-tune)", accuracy=acc)
         points.append(p_stats)
         variants["pruned"] = copy.deepcopy(pruned)
         log(f"fine-tuning {spec.finetune_epochs} epoch(s)"
@@ -133,7 +133,7 @@ def compress_and_report(
             progress=spec.progress, resume=spec.resume)
         pruned.eval()
         acc = evaluate(pruned, test_loader)
-    c_stats = measure_stats(pruned, "compressed", accuracy=acc, latency=False)
+    c_stats = measure_stats(pruned, "compressed", accuracy=acc)
     points.append(c_stats)
     variants["compressed"] = pruned
 

@@ -11,14 +11,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .._version import __version__
 from ..errors import ConfigError
-from ..report import format_table
 from ..serialize import is_checkpoint, load, save
 from ..utils import seed_everything
 from .common import default_engine
@@ -47,7 +46,6 @@ class DemoConfig:
     resume: bool = False  # continue an interrupted fine-tune in OUT/finetune (the baseline comes from its cache)
     progress: bool = True
     cache_dir: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _log(msg: str) -> None:
@@ -135,6 +133,3 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
         command=command, tag="netcarve demo", t0=t0,
     )
 
-
-def demo_table(rep: dict) -> str:
-    return format_table(rep)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..serialize import register_layer_spec
+from .._layer_specs import register_layer_spec
 from ._presets import IMAGENET_PREPROCESS
 from ._registry import register_model
 
