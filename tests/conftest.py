@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,3 +49,46 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- shared test models
+class SepAttention(nn.Module):
+    """User attention with separate q, k, v projections and ``heads`` heads."""
+
+    def __init__(self, dim=12, heads=3):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, t = x.shape[0], x.shape[1]
+        hd = self.q.out_features // self.heads
+
+        def split(y):
+            return y.reshape(b, t, self.heads, hd).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        a = torch.softmax(q @ k.transpose(-2, -1) / hd**0.5, -1) @ v
+        return self.o(a.transpose(1, 2).reshape(b, t, self.heads * hd))
+
+
+class SepModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 12)
+        self.attn = SepAttention()
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x)).mean(1))
+
+
+@pytest.fixture
+def sep_model():
+    """A model with user attention (separate q, k, v, ``heads`` heads) whose handler is registered with
+    ``attention_heads_handler`` for the test; yields the model class."""
+    from netcarve.graph import attention_heads_handler, register_channel_handler, unregister_channel_handler
+
+    register_channel_handler(SepAttention, attention_heads_handler(qkv=("q", "k", "v"), proj="o", num_heads="heads"))
+    yield SepModel
+    unregister_channel_handler(SepAttention)

@@ -72,6 +72,8 @@ def _rnn_args(m: nn.Module) -> dict:
     )
     if isinstance(m, nn.LSTM) and m.proj_size:
         a["proj_size"] = m.proj_size
+    if isinstance(m, nn.RNN) and m.nonlinearity != "tanh":
+        a["nonlinearity"] = m.nonlinearity
     return a
 
 

@@ -275,3 +275,57 @@ def test_accumulate_gradients_errors(tiny):
     with pytest.raises(ConfigError):
         accumulate_gradients(m, [torch.randn(4, 2, 2, 2)])
     assert m.training  # restored after a failure too
+
+
+# ---------------------------------------------------------------------- module-internal groups
+def _internal_case(kind: str):
+    import netcarve
+
+    torch.manual_seed(0)
+    if kind == "transformer":
+        m = netcarve.create_model("transformer_tiny", dim=16, depth=1, seq_len=4, input_size=6)
+    else:
+        m = netcarve.create_model(kind, num_layers=2, bidirectional=True, pool="mean", hidden_size=5,
+                                  seq_len=4, input_size=6)  # fmt: skip
+    x = torch.randn(4, 4, 6)
+    return m, x, build_channel_groups(m, x)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "transformer"])
+@pytest.mark.parametrize("name", list_criteria())
+def test_registry_conformance_on_internal_groups(name, kind):
+    """Recurrent hidden units (internal layer, top layer, both directions) and attention heads: one
+    finite, deterministic score per unit; bn_scale (no BatchNorm there) raises a ConfigError naming the group."""
+    m, x, gs = _internal_case(kind)
+    fn = get_criterion(name)
+    if getattr(fn, "needs_gradients", False):
+        accumulate_gradients(m, [(x, torch.tensor([0, 1, 2, 3]))], 1)
+    names = [n for n in gs.names() if ":" in n]
+    assert names and (kind == "transformer" or len(names) == 4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for gname in names:
+        g = gs[gname]
+        if name == "bn_scale":
+            with pytest.raises(ConfigError, match=re.escape(repr(gname))):
+                fn(g, m)
+            continue
+        s = fn(g, m)
+        assert isinstance(s, torch.Tensor) and s.shape == (g.num_channels,)
+        assert torch.isfinite(s).all() and torch.equal(s, fn(g, m))
+        assert torch.equal(score_group(name, g, m), s.float())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_l1_of_an_lstm_unit_sums_its_gate_rows_and_columns():
+    m, _, gs = _internal_case("lstm")
+    r = type("Weights", (), {k: v.detach() for k, v in m.rnn.named_parameters()})
+    h, j = 5, 2
+    expected = sum(float(getattr(r, f"weight_{k}_l0")[[j, h + j, 2 * h + j, 3 * h + j]].abs().sum()) for k in ("ih", "hh"))
+    expected += float(r.weight_hh_l0[:, j].abs().sum())  # recurrent input column
+    expected += sum(float(getattr(r, f"weight_ih_l1{s}")[:, j].abs().sum()) for s in ("", "_reverse"))
+    assert get_criterion("l1")(gs["rnn:l0"], m)[j].item() == pytest.approx(expected, rel=1e-5)
+    # the backward direction's unit j: next layer's input column h + j
+    exp_rev = sum(float(getattr(r, f"weight_ih_l1{s}")[:, h + j].abs().sum()) for s in ("", "_reverse"))
+    exp_rev += sum(float(getattr(r, f"weight_{k}_l0_reverse")[[j, h + j, 2 * h + j, 3 * h + j]].abs().sum())
+                   for k in ("ih", "hh")) + float(r.weight_hh_l0_reverse[:, j].abs().sum())  # fmt: skip
+    assert get_criterion("l1")(gs["rnn:l0_reverse"], m)[j].item() == pytest.approx(exp_rev, rel=1e-5)

@@ -22,11 +22,33 @@ from torch import nn
 
 from ..criteria import resolve_criterion, score_group
 from ..errors import ConfigError, UnsupportedModelError
-from ..graph import ChannelGroup, GroupSet, build_channel_groups, get_channel_handler
+from ..graph import ChannelGroup, ChannelSlot, GroupSet, build_channel_groups, get_channel_handler
+
+
+class Reductions:
+    """MAC / parameter reductions and the per-group width lines shared by the pruning results (needs
+    ``macs_before/after``, ``params_before/after``, ``widths``)."""
+
+    @property
+    def macs_reduction(self) -> float:
+        """``macs_before / macs_after`` (2.0 = half the MACs)."""
+        return self.macs_before / max(self.macs_after, 1)
+
+    @property
+    def params_reduction(self) -> float:
+        """``params_before / params_after``."""
+        return self.params_before / max(self.params_after, 1)
+
+    def _totals(self) -> str:
+        return (f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_reduction:.2f}x), params "
+                f"{self.params_before:,} -> {self.params_after:,} ({self.params_reduction:.2f}x)")
+
+    def _width_lines(self) -> list[str]:
+        return [f"  {name}: {kept} / {total} channels" for name, (kept, total) in self.widths.items()]
 
 
 @dataclass
-class PruneResult:
+class PruneResult(Reductions):
     """What :func:`prune_channels` did.
 
     Attributes:
@@ -53,24 +75,9 @@ class PruneResult:
     protected_groups: tuple[str, ...] = ()
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    @property
-    def macs_reduction(self) -> float:
-        """``macs_before / macs_after`` (2.0 = half the MACs)."""
-        return self.macs_before / max(self.macs_after, 1)
-
-    @property
-    def params_reduction(self) -> float:
-        """``params_before / params_after``."""
-        return self.params_before / max(self.params_after, 1)
-
     def describe(self) -> str:
         """One line per group (``name: kept/total``) and the MAC / parameter totals."""
-        lines = [
-            f"criterion {self.criterion}, ratio {self.ratio:.4f}: MACs {self.macs_before:,} -> "
-            f"{self.macs_after:,} ({self.macs_reduction:.2f}x), params {self.params_before:,} -> "
-            f"{self.params_after:,} ({self.params_reduction:.2f}x)"
-        ]
-        lines += [f"  {name}: {kept} / {total} channels" for name, (kept, total) in self.widths.items()]
+        lines = [f"criterion {self.criterion}, ratio {self.ratio:.4f}: {self._totals()}", *self._width_lines()]
         lines += [f"  {name}: protected" for name in self.protected_groups]
         return "\n".join(lines)
 
@@ -120,7 +127,12 @@ def remove_channels(
 ) -> nn.Module:
     """A physically smaller copy of ``model`` keeping, for each group named in ``keep``, only the given
     channel indices (groups absent from ``keep`` are untouched). ``model`` itself is not modified; its
-    ``netcarve_spec`` attribute is kept on the copy."""
+    ``netcarve_spec`` attribute is kept on the copy.
+
+    A layer reading a concatenation (slots with a ``span``) is sliced by every group on its own range of
+    the same side; the ranges of other inputs (the model input, skipped producers, groups absent from
+    ``keep``) are kept. Groups covering a whole side, or overlapping ranges, cannot share it
+    (UnsupportedModelError naming the module)."""
     by_name = {g.name: g for g in _groups_list(groups)}
     unknown = sorted(set(keep) - set(by_name))
     if unknown:
@@ -128,21 +140,34 @@ def remove_channels(
     # per module: the kept indices on its input / output side
     plan: dict[str, dict[str, torch.Tensor]] = {}
     io: dict[str, tuple[int, int]] = {}  # channel-map layers (option-A shortcuts): (in, out) widths
+    parts: dict[tuple[str, str], list[tuple[str, ChannelSlot, torch.Tensor]]] = {}  # after a cat
+    units: dict[str, dict[str, torch.Tensor]] = {}  # module-internal groups: owner path -> unit -> kept
     for name, idx in keep.items():
         g = by_name[name]
         idx = _check_keep(g, idx)
         if idx.numel() == g.num_channels:
             continue
         for slot in g.slots:
+            if _owned_by_module(slot, g, idx, units):  # sliced by the owning module's handler (reslice)
+                continue
             sides = plan.setdefault(slot.path, {})
             key = {"producer": "out", "passthrough": "out", "consumer": "in"}[slot.role]
+            if slot.io_widths is not None:
+                io[slot.path] = slot.io_widths
+            if slot.span is not None or (slot.path, key) in parts:
+                parts.setdefault((slot.path, key), []).append((name, slot, idx))
+                continue
             if key in sides:
                 raise UnsupportedModelError(f"{slot.path} belongs to two groups on its {key}put side")
             sides[key] = _expand(idx, slot.block)
-            if slot.io_widths is not None:
-                io[slot.path] = slot.io_widths
+    for (path, key), entries in parts.items():
+        if key in plan[path]:
+            raise UnsupportedModelError(f"{path} belongs to two groups on its {key}put side, one of them "
+                                        "covering the whole side")  # fmt: skip
+        plan[path][key] = _merge_parts(path, key, entries, by_name)
     new = _copy_model(model)
     with torch.no_grad():
+        _reslice_owners(new, units, plan)
         for path, sides in plan.items():
             module = new.get_submodule(path)
             handler = get_channel_handler(module)
@@ -153,6 +178,80 @@ def remove_channels(
             if replacement is not module:
                 _set_submodule(new, path, replacement)
     return new
+
+
+# ---------------------------------------------------------------------- module-internal groups
+def _owned_by_module(slot: ChannelSlot, group: ChannelGroup, kept: torch.Tensor, units: dict) -> bool:
+    """Record ``kept`` for the module declaring ``group`` (recurrent units, attention heads: the slot with
+    a ``unit``); slots on that module or inside it are sliced by its handler's ``reslice``, not here."""
+    if slot.unit:
+        units.setdefault(slot.path, {})[slot.unit] = kept
+        return True
+    return any(slot.path == s.path or slot.path.startswith(s.path + ".") for s in group.slots if s.unit)
+
+
+def _reslice_owners(new: nn.Module, units: dict, plan: dict) -> None:
+    """Rebuild every module with kept internal units (and layers with internal groups that are also
+    consumers of an upstream group: their ``in`` side), removing them from ``plan``."""
+    paths = list(units) + [p for p in plan if p not in units]
+    for path in paths:
+        module = new.get_submodule(path)
+        handler = get_channel_handler(module)
+        if handler is None or handler.reslice is None:
+            continue
+        sides = plan.pop(path, {})
+        if "out" in sides:  # pragma: no cover - such modules start no ordinary group
+            raise UnsupportedModelError(f"{path} ({type(module).__name__}): its output side is sliced by its handler")
+        replacement = handler.reslice(module, units.get(path, {}), sides.get("in"))
+        if replacement is not module:
+            _set_submodule(new, path, replacement)
+
+
+# ---------------------------------------------------------------------- concatenations
+def _removed_features(slot: ChannelSlot, group: ChannelGroup, kept: torch.Tensor) -> torch.Tensor:
+    """Indices along ``slot``'s sliced dim of the channels of ``group`` that ``kept`` drops."""
+    mask = torch.ones(group.num_channels, dtype=torch.bool)
+    mask[kept] = False
+    return slot.features(mask.nonzero().flatten(), group.num_channels)
+
+
+def _merge_parts(path: str, key: str, entries, by_name) -> torch.Tensor:
+    """Kept indices of one side of ``path`` sliced by several groups on disjoint ranges (the layer reads a
+    concatenation): everything outside the removed channels of those groups is kept, including the
+    ranges of unprunable inputs (the model input, skipped producers)."""
+    spans = {(s.span, s.sections) for _, s, _ in entries}
+    if any(sp is None for sp, _ in spans):
+        who = ", ".join(dict.fromkeys(n for n, _, _ in entries))
+        raise UnsupportedModelError(f"{path} belongs to two groups on its {key}put side, one of them "
+                                    f"covering the whole side ({who})")  # fmt: skip
+    if len(spans) != 1:
+        who = sorted({n for n, _, _ in entries})
+        raise UnsupportedModelError(f"{path}: groups {who} disagree on the size of its {key}put side "
+                                    f"({sorted(spans, key=str)})")  # fmt: skip
+    span, sections = spans.pop()
+    width = int(span) * int(sections)  # sectioned layers (gates, q/k/v) repeat the concatenated layout
+    owner = torch.full((width,), -1, dtype=torch.long)
+    removed = torch.zeros(width, dtype=torch.bool)
+    names = list(dict.fromkeys(n for n, _, _ in entries))
+    for name, slot, kept in entries:
+        g = by_name[name]
+        mine = slot.features(torch.arange(g.num_channels), g.num_channels)
+        if int(mine.min()) < 0 or int(mine.max()) >= width:
+            lo, hi = int(mine.min()), int(mine.max())
+            raise UnsupportedModelError(f"{path}: group {name!r} features [{lo}, {hi}] "
+                                        f"exceed its {key}put side ({width})")  # fmt: skip
+        clash = owner[mine]
+        other = clash[(clash >= 0) & (clash != names.index(name))]
+        if other.numel():
+            first = names[int(other[0])]
+            raise UnsupportedModelError(f"{path}: groups {first!r} and {name!r} overlap on its "
+                                        f"{key}put side")  # fmt: skip
+        owner[mine] = names.index(name)
+        removed[_removed_features(slot, g, kept)] = True
+    kept_all = (~removed).nonzero().flatten()
+    if kept_all.numel() == 0:  # pragma: no cover - every group keeps >= 1 channel
+        raise UnsupportedModelError(f"{path}: no {key}put channel left")
+    return kept_all
 
 
 def mask_channels(
@@ -185,9 +284,16 @@ def mask_channels(
                 handler = get_channel_handler(module)
                 if handler is not None and handler.mask is not None and slot.io_widths is not None:
                     key = "in" if slot.role == "consumer" else "out"
-                    maps.setdefault(slot.path, ({}, slot.io_widths))[0][key] = _expand(kept, slot.block)
+                    sides = maps.setdefault(slot.path, ({}, slot.io_widths))[0]
+                    if slot.span is not None:  # after a cat: the other groups' / inputs' channels stay
+                        width = slot.io_widths[0 if key == "in" else 1]
+                        prev = sides.get(key, torch.arange(width))
+                        gone = _removed_features(slot, g, kept)
+                        sides[key] = prev[~torch.isin(prev, gone)]
+                        continue
+                    sides[key] = _expand(kept, slot.block)
                     continue
-                rows = _expand(removed, slot.block)
+                rows = slot.features(removed, g.num_channels)  # offset, block, sections
                 for pname, dim in slot.params:
                     t = getattr(module, pname, None)
                     if isinstance(t, nn.Parameter):

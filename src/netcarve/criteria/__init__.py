@@ -32,6 +32,13 @@ parameter-free members (option-A shortcuts) contribute nothing:
 ``random``
     Uniform random scores, deterministic for a given ``seed`` keyword (default 0) and group name.
 
+For **module-internal groups** (recurrent hidden units, attention heads) the elements tied to a unit are
+its rows in every section of the declaring tensors (the 4 LSTM / 3 GRU gate blocks of ``weight_ih`` and
+``weight_hh``, the q/k/v sections of a fused projection; ``head_dim`` rows per head) and its input columns
+(``weight_hh``'s recurrent column, the next layer's ``weight_ih`` column, the output projection's
+``head_dim`` columns, a Linear after the RNN): ``l1``/``l2``/``fpgm``/``taylor`` use them like any slot
+(biases only for ``taylor``); ``bn_scale`` raises its ConfigError since such groups hold no BatchNorm.
+
 Register another criterion with ``register_criterion("name")`` on a function ``fn(group, model)``.
 """
 

@@ -75,7 +75,7 @@ def taylor(group: ChannelGroup, model: nn.Module) -> torch.Tensor:
                 raise ConfigError(
                     f"{TAYLOR_NEEDS_GRADIENTS} ({slot.path}.{name} of group {group.name!r} has no .grad)"
                 )
-            prod = (p.detach().double() * p.grad.detach().double()).movedim(dim, 0).reshape(n, -1)
+            prod = slot.channel_part(p.detach().double() * p.grad.detach().double(), dim, n)
             total += prod.sum(1).cpu()
     return total.abs().float()
 
@@ -92,7 +92,8 @@ def bn_scale(group: ChannelGroup, model: nn.Module) -> torch.Tensor:
         module = model.get_submodule(slot.path)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
             found = True
-            total += module.weight.detach().abs().reshape(group.num_channels, -1).sum(1).double().cpu()
+            rows = slot.channel_part(module.weight.detach().abs(), 0, group.num_channels)
+            total += rows.sum(1).double().cpu()
     if not found:
         raise ConfigError(
             f"criterion 'bn_scale' needs an affine BatchNorm in group {group.name!r}, which has none "

@@ -67,4 +67,4 @@ def channel_rows(group: ChannelGroup, model: nn.Module, *, scored_only: bool = T
             t = getattr(module, name, None)
             if t is None:
                 continue
-            yield slot, name, t.detach().movedim(dim, 0).reshape(n, -1)
+            yield slot, name, slot.channel_part(t.detach(), dim, n)

@@ -13,6 +13,7 @@ from .handlers import (
     register_channel_handler,
     unregister_channel_handler,
 )
+from .internal import InternalGroup, attention_heads_handler
 from .trace import TracedModel, trace_model
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "ChannelHandler",
     "ChannelSlot",
     "GroupSet",
+    "InternalGroup",
     "SkippedGroup",
     "TracedModel",
+    "attention_heads_handler",
     "build_channel_groups",
     "get_channel_handler",
     "register_channel_handler",

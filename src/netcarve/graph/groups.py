@@ -5,7 +5,8 @@ its output channels through channel-preserving operations only:
 
 * elementwise layers and functions (ReLU & co, Dropout, pooling, spatial padding, identity, arithmetic
   with a Python scalar), reductions over non-channel dims (``x.mean((2, 3))``), reads of non-channel sizes
-  (``x.size(0)``, ``x.shape[0]``);
+  (``x.size(0)``, ``x.shape[0]``), indexing of non-channel dims with ints, slices, ``None`` and ``...``
+  (``out[:, -1]``, ``out[:, -1, :]``; the channel dim is renumbered);
 * **pass-through** layers holding per-channel state that is sliced with the group (BatchNorm, depthwise
   Conv2d whose ``in = out = groups`` shrink together, custom pass-through layers);
 * ``flatten`` (module, function or method, or ``view``/``reshape(batch, -1)``) when the channels are the
@@ -20,21 +21,47 @@ whose channels reach the same add (through BatchNorm, activations, identity shor
 as producers) is merged into one coupled :class:`ChannelGroup` together with the consumers of all the sums
 of the chain (e.g. a whole ResNet stage). The coupled group is skipped when an addend does not come from a
 prunable producer (the model input, a parameter, a layer that is itself skipped), or when a member is
-blocked for another reason (the sum reaches the model output, a ``cat``, ...).
+blocked for another reason (the sum reaches the model output, a channel split, ...).
 The CIFAR option-A shortcut (``ShortcutA``: subsample, zero-pad channels) is a parameter-free layer: a
 consumer of the group feeding it and a producer of the residual group it is added to; pruning gives it an
 explicit channel map (it also reads the residual branch's width, which is allowed for it).
 
-Any other use (``cat``, another ``view``/``reshape``, indexing, reading the channel count, a layer without
-a handler, the model output, broadcasting arithmetic with another tensor) makes the group unprunable: it is
-recorded in :attr:`GroupSet.skipped` with the reasons and the module paths involved.
+**Concatenations** (``torch.cat`` / ``torch.concat`` of a list or tuple, dim positional or keyword,
+negative or not) along the channel dim put each input's channels at an offset of the output. A group goes
+on through the cat with that offset: every later pass-through layer and consumer (also after a flatten,
+where offsets scale with the block) gets a slot with ``offset`` and ``span`` (the size of its sliced dim),
+and only the group's range ``[offset, offset + num_channels * block)`` is sliced and scored. A cat does
+*not* couple its inputs: each input's producer stays its own group, so a layer reading a concatenation
+(DenseNet's BatchNorm and conv, an Inception / Fire / U-Net merge) is sliced by several groups on
+disjoint ranges, and the ranges of unprunable inputs (the model input, a skipped producer) are kept whole.
+Nested / repeated cats add offsets; a producer whose channels reach a layer by several paths (or a cat of
+a tensor with itself) gets one slot per range. A cat along another dim (time, space, batch) keeps the
+channels where they are but mixes channel ``c`` of every input, so it couples the inputs' producers like a
+residual add. Not supported (skipped with the reason): concatenated channels added to / combined with
+another tensor (a residual add after a cat), ``torch.stack``, splitting the channel dim (``split`` /
+``chunk`` / slicing: ShuffleNetV2's channel split) and channel shuffles (``view`` + ``transpose``);
+``split`` / ``chunk`` along another dim is followed through every piece.
 
-Concatenations, attention heads and recurrent layers are future work.
+**Module-internal groups** (:mod:`netcarve.graph.internal`) are declared by a layer's handler
+(``ChannelHandler.internal``) instead of starting at a producer's output: the hidden units of each layer
+and direction of ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (gate rows, recurrent and next-layer input columns;
+group ``"rnn:l0"``, ``"rnn:l1_reverse"``, ...) and the heads of an attention module (q/k/v rows and output
+projection columns; ``"attn:heads"``). Their slots may repeat the group's range in ``sections`` (gates,
+q/k/v). The top recurrent layer's units also leave the module: the walk follows them from the module's
+output (``out, _ = rnn(x)``) like a producer's channels (per direction, at offset ``d * H``). The declaring
+module is rebuilt by the handler's ``reslice`` (an RNN whose layers end up with unequal widths becomes a
+:class:`netcarve.layers.StackedRNN`). ``nn.MultiheadAttention``, an LSTM with ``proj_size`` and an RNN
+whose final state ``h_n`` is used are skipped with the reason.
+
+Any other use (another ``view``/``reshape``, slicing the channel dim, reading the channel count, a layer
+without a handler, the model output, broadcasting arithmetic with another tensor) makes the group
+unprunable: it is recorded in :attr:`GroupSet.skipped` with the reasons and the module paths involved.
 """
 
 from __future__ import annotations
 
 import operator
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,6 +97,17 @@ class ChannelSlot:
         scored: names of the tensors magnitude criteria (l1/l2) use.
         io_widths: ``(input, output)`` channel counts of the layer's call, for layers whose handler
             rebuilds them from the widths (option-A shortcuts); ``None`` otherwise.
+        offset: index (along the sliced dim, in features) of the group's first channel in this layer,
+            when the channels reach it through a concatenation (0 otherwise).
+        span: size of the sliced dim of this layer when the group covers only ``[offset, offset +
+            num_channels * block)`` of it (after a ``torch.cat`` along the channels; the rest belongs to
+            other groups or is kept whole); ``None`` when the group covers the whole dim.
+        sections: module-internal groups: the sliced dim is ``sections`` equal consecutive sections (the
+            4 gates of an LSTM, q/k/v of a fused projection) and the group owns the same features in each.
+        unit: module-internal groups: set on the slot of the module that declares the group (its
+            handler's ``internal``); ``remove_channels`` then lets the handler's ``reslice`` rebuild that
+            module and everything inside it (``unit`` names the group among the module's own groups).
+        note: what the slot's tensors are, for ``describe()`` ("gates i, f, g, o", "recurrent input").
     """
 
     path: str
@@ -79,6 +117,12 @@ class ChannelSlot:
     block: int = 1
     scored: tuple[str, ...] = ()
     io_widths: tuple[int, int] | None = None
+    offset: int = 0
+    span: int | None = None
+    # module-internal groups (recurrent hidden units, attention heads; see netcarve.graph.internal)
+    sections: int = 1
+    unit: str = ""
+    note: str = ""
 
     @property
     def side(self) -> str:
@@ -92,7 +136,43 @@ class ChannelSlot:
             else "(no tensors)"
         )
         extra = f", {self.block} features per channel (flattened)" if self.block > 1 else ""
+        if self.span is not None:
+            extra += f", at offset {self.offset} of {self.span} (concatenated)"
+        extra += self._internal_note()
         return f"{_ROLE_WORDS[self.role]:<12} {self.path} ({self.module_type}): {_SIDE_WORDS[self.role]}: {dims}{extra}"
+
+    def channel_part(self, tensor: torch.Tensor, dim: int, num_channels: int) -> torch.Tensor:
+        """The part of ``tensor`` (a parameter of this layer, or its gradient) tied to the group, moved to
+        ``(num_channels, k)`` rows: row ``c`` holds every element of channel ``c`` along ``dim``.
+        After a concatenation only the group's range ``[offset, offset + num_channels * block)`` of the
+        dim is used."""
+        if self.sections > 1:  # gates / q,k,v: the group's range repeats in each of `sections` sections
+            return self._sectioned_part(tensor, dim, num_channels)
+        if self.span is not None:
+            tensor = tensor.narrow(dim, self.offset, num_channels * self.block)
+        return tensor.movedim(dim, 0).reshape(num_channels, -1)
+
+    def _internal_note(self) -> str:
+        out = f", repeated in {self.sections} sections" if self.sections > 1 else ""
+        out += f" ({self.note})" if self.note else ""
+        return out + (f" [sliced by the module's handler as unit set {self.unit!r}]" if self.unit else "")
+
+    def _sectioned_part(self, tensor: torch.Tensor, dim: int, num_channels: int) -> torch.Tensor:
+        dim = _norm(dim, tensor.dim())
+        t = tensor.unflatten(dim, (self.sections, -1))
+        t = t.narrow(dim + 1, self.offset, num_channels * self.block).unflatten(dim + 1, (num_channels, -1))
+        return t.movedim(dim + 1, 0).reshape(num_channels, -1)
+
+    def features(self, channels: torch.Tensor, num_channels: int) -> torch.Tensor:
+        """Indices along the sliced dim of the features of ``channels`` (sorted channel indices of a group
+        of ``num_channels``): ``block`` contiguous features per channel from ``offset``, repeated in every
+        section (LSTM gates, q/k/v) when ``sections > 1``."""
+        channels = torch.as_tensor(channels, dtype=torch.long)
+        feats = self.offset + (channels[:, None] * self.block + torch.arange(self.block)).flatten()
+        if self.sections == 1:
+            return feats
+        section = self.span if self.span is not None else num_channels * self.block
+        return (torch.arange(self.sections)[:, None] * section + feats[None, :]).flatten()
 
 
 @dataclass(frozen=True)
@@ -113,6 +193,10 @@ class ChannelGroup:
     so the same kept indices are applied to every producer's output, every pass-through layer and every
     consumer of the sums. ``producer`` (the group's name) is then the first producer in graph order and
     :attr:`producers` lists them all.
+
+    A **module-internal** group (recurrent hidden units, attention heads; see
+    :mod:`netcarve.graph.internal`) is named ``"<module path>:<unit>"`` (``"rnn:l0_reverse"``,
+    ``"blocks.0.attn:heads"``); ``producer`` is then that name, not a module path.
     """
 
     producer: str
@@ -147,7 +231,9 @@ class ChannelGroup:
         """Which layers, which dimension, how many channels."""
         lines = [f"group {self.producer!r}: {self.num_channels} channels"]
         if self.joins:
-            lines[0] += f", coupled ({len(self.producers)} producers) by residual adds {', '.join(self.joins)}"
+            cats = [j for j in self.joins if _CAT_NODE.fullmatch(j)]  # fx names of torch.cat / concat nodes
+            how = "residual adds" + (" / concatenations along a non-channel dim" if cats else "")
+            lines[0] += f", coupled ({len(self.producers)} producers) by {how} {', '.join(self.joins)}"
         lines += [f"  {s.describe()}" for s in self.slots]
         if self.via:
             lines.append(f"  via          {', '.join(self.via)}")
@@ -296,6 +382,9 @@ class _State:
     node: fx.Node
     dim: int  # channel dim of node's output (non-negative)
     block: int  # contiguous features per channel along dim
+    # index of the group's first feature along dim (> 0 after a concatenation along the channels);
+    # None: the same as the state it was reached from (filled in by the walk)
+    offset: int | None = None
 
 
 @dataclass
@@ -314,6 +403,7 @@ class _Walk:
 
 
 _ADD_FUNCS = (operator.add, operator.iadd, torch.add)
+_CAT_NODE = re.compile(r"(cat|concat)(_\d+)?")
 _ADD_METHODS = ("add", "add_")
 
 
@@ -350,8 +440,8 @@ class _GroupWalker:
         except _Block as b:
             w.early = SkippedGroup(path, (str(b),), (path,), n)
             return w
-        self._joins, self._seen = w.joins, set()
-        frontier = [_State(node, dim, 1)]
+        self._joins, self._seen, self._n = w.joins, set(), n
+        frontier = [_State(node, dim, 1, 0)]
         while frontier:
             st = frontier.pop()
             for user in list(st.node.users):
@@ -360,6 +450,9 @@ class _GroupWalker:
                 except _Block as b:
                     w.reasons.append(str(b))
                     continue
+                for s in nxt:  # channel offsets carry over unless a cat / flatten set them
+                    if s.offset is None:
+                        s.offset = st.offset
                 frontier.extend(nxt)
         return w
 
@@ -367,6 +460,7 @@ class _GroupWalker:
         """``user`` adds ``st.node`` to other tensors: the channels of every addend and of the sum are
         coupled. Record the join and go on with the sum (once per walk)."""
         src = st.node
+        self._whole(user, st, "added to another tensor")
         tensors = [a for a in _flat_args(user) if _is_tensor_node(a)]
         if sum(1 for a in tensors if a is src) > 1:
             raise _Block(f"combined with itself at {_where(user)}")
@@ -378,6 +472,99 @@ class _GroupWalker:
             return []
         self._seen.add(key)
         return [_State(user, st.dim, st.block)]
+
+    # ------------------------------------------------------------------ concatenations / splits
+    @staticmethod
+    def _span(st: _State) -> int:
+        """Size of the channel dim of ``st.node`` (the group's range and, after a cat, other inputs')."""
+        return int(_shape(st.node)[st.dim])
+
+    def _part(self, st: _State, n: int) -> tuple[int, int | None]:
+        """``(offset, span)`` of a slot fed by ``st``: ``span`` is ``None`` when the group covers the whole
+        channel dim (no concatenation on the way)."""
+        span = self._span(st)
+        if st.offset == 0 and span == n * st.block:
+            return 0, None
+        return int(st.offset), span
+
+    def _whole(self, user: fx.Node, st: _State, what: str) -> None:
+        """Block when ``st`` carries the group's channels as part of a concatenation."""
+        if st.offset != 0 or self._span(st) != self._n * st.block:
+            raise _Block(f"{what} at {_where(user)} after a channel concatenation (the group holds features "
+                         f"[{st.offset}, {st.offset + self._n * st.block}) of {self._span(st)}; mixing "
+                         "concatenated channels with another tensor is not supported)")  # fmt: skip
+
+    def _concat(self, user: fx.Node, st: _State, shape, out_shape, via) -> list[_State]:
+        """``torch.cat(tensors, dim)`` with ``st.node`` among ``tensors``.
+
+        Along the channel dim, each input's channels land at an offset of the output: the group goes on
+        through the output with its offset (once per occurrence of ``st.node``). The inputs' groups are
+        *not* coupled: each keeps its own channels. Along another dim, channel ``c`` of the output mixes
+        channel ``c`` of every input, which couples the inputs' producers like a residual add (a join)."""
+        src = st.node
+        tensors = _arg(user, 0, "tensors")
+        dim = _arg(user, 1, "dim", 0)
+        where = _where(user)
+        if not isinstance(tensors, (list, tuple)) or not all(_is_tensor_node(t) for t in tensors):
+            raise _Block(f"concatenated at {where} with inputs of unknown shape")
+        if not isinstance(dim, int):
+            raise _Block(f"concatenated along a computed dim at {where}")
+        if any(a is src for a in _flat_args(user) if not any(a is t for t in tensors)):
+            raise _Block(f"used as a non-tensor argument of {where}")
+        ndim = len(shape)
+        if out_shape is None or len(out_shape) != ndim or any(len(_shape(t)) != ndim for t in tensors):
+            raise _Block(f"concatenated at {where} with tensors of another rank")
+        dim = _norm(dim, ndim)
+        if dim == st.dim:  # along the channels: offsets
+            via.append(user.name)
+            out: list[_State] = []
+            before = 0
+            for t in tensors:
+                if t is src:
+                    key = (user, dim, st.block, st.offset + before)
+                    if key not in self._seen:
+                        self._seen.add(key)
+                        out.append(_State(user, dim, st.block, st.offset + before))
+                before += int(_shape(t)[dim])
+            return out
+        # along another dim: the channels of every input are the same channel set
+        self._whole(user, st, f"concatenated along dim {dim} (not the channels)")
+        c = shape[st.dim]
+        if any(int(_shape(t)[st.dim]) != c for t in tensors) or out_shape[st.dim] != c:
+            raise _Block(f"concatenated along dim {dim} at {where} with tensors of other channel counts")
+        self._joins.append((user, src, st.dim, st.block))
+        key = (user, st.dim, st.block)
+        if key in self._seen:
+            return []
+        self._seen.add(key)
+        via.append(user.name)
+        return [_State(user, st.dim, st.block)]
+
+    def _split(self, user: fx.Node, st: _State, shape) -> list[_State]:
+        """``split`` / ``chunk`` / ``tensor_split`` / ``unbind``: along a non-channel dim every piece
+        carries all the channels (followed through ``pieces[i]``); along the channels it is blocked."""
+        where = _where(user)
+        name = user.target if isinstance(user.target, str) else user.target.__name__
+        if user.args[0] is not st.node or any(a is st.node for a in _flat_args(user)[1:]):
+            raise _Block(f"used as a non-first argument of {where}")
+        dim = _arg(user, 2 if name != "unbind" else 1, "dim", 0)
+        if not isinstance(dim, int):
+            raise _Block(f"{name} along a computed dim at {where}")
+        dim = _norm(dim, len(shape))
+        if dim == st.dim:
+            raise _Block(f"{name} of the channel dim at {where} (channel splits, e.g. ShuffleNetV2's, are "
+                         "not supported: the pieces would need per-piece groups)")  # fmt: skip
+        self._whole(user, st, name)
+        out = []
+        for u in user.users:
+            if not (u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)):
+                raise _Block(f"the pieces of {name} at {where} are used other than as pieces[i] "
+                             f"({_where(u)})")  # fmt: skip
+            if _shape(u) is None:
+                raise _Block(f"piece {u.args[1]} of {name} at {where} has an unknown shape")
+            new_dim = st.dim - 1 if name == "unbind" and dim < st.dim else st.dim
+            out.append(_State(u, new_dim, st.block))
+        return out
 
     def finish(self, walks: list[_Walk]) -> list[ChannelGroup | SkippedGroup]:
         """One ChannelGroup for ``walks`` (producers coupled by residual adds, graph order), or one
@@ -402,14 +589,16 @@ class _GroupWalker:
             got = {src for src, _, _ in arr}
             for a in _flat_args(add):
                 if _is_tensor_node(a) and a not in got:
-                    reasons.append(f"added at {_where(add)} to {self._source(a)}, whose channels cannot be "
+                    is_cat = add.target in (torch.cat, torch.concat)
+                    verb = "concatenated (not along the channels)" if is_cat else "added"
+                    reasons.append(f"{verb} at {_where(add)} to {self._source(a)}, whose channels cannot be "
                                    "pruned with this group")  # fmt: skip
-        slots: dict[tuple[str, str], ChannelSlot] = {}
+        slots: dict[tuple, ChannelSlot] = {}  # one per layer and role (and range, after a concatenation)
         for role in ("producer", "passthrough", "consumer"):
             for w in walks:
                 for s in w.slots:
                     if s.role == role:
-                        slots.setdefault((s.path, s.role), s)
+                        slots.setdefault((s.path, s.role, s.offset, s.block), s)
         if not any(s.role == "consumer" for s in slots.values()) and not reasons:
             reasons.append("its output is not read by any consumer layer")
         involved = [p for w in walks for p in w.involved] + [s.path for s in slots.values()]
@@ -417,13 +606,14 @@ class _GroupWalker:
         if reasons:
             reasons = list(dict.fromkeys(reasons))
             if len(walks) > 1:
-                reasons.append("coupled by residual adds with " + ", ".join(w.path for w in walks))
+                reasons.append("coupled by residual adds (or a non-channel cat) with "
+                               + ", ".join(w.path for w in walks))  # fmt: skip
             return [SkippedGroup(w.path, tuple(reasons), paths, w.n) for w in walks]
         all_slots = tuple(slots.values())
         return [ChannelGroup(
             name,
-            tuple(s.path for s in all_slots if s.role == "consumer"),
-            tuple(s.path for s in all_slots if s.role == "passthrough"),
+            tuple(dict.fromkeys(s.path for s in all_slots if s.role == "consumer")),
+            tuple(dict.fromkeys(s.path for s in all_slots if s.role == "passthrough")),
             int(walks[0].n),
             all_slots,
             tuple(dict.fromkeys(v for w in walks for v in w.via)),
@@ -441,7 +631,8 @@ class _GroupWalker:
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _slot(path, module, handler, role, block, node: fx.Node) -> ChannelSlot:
+    def _slot(path, module, handler, role, block, node: fx.Node, offset: int = 0, span: int | None = None
+              ) -> ChannelSlot:  # fmt: skip
         side = {"producer": "out", "passthrough": "through", "consumer": "in"}[role]
         io = None
         if handler.rebuild_widths:
@@ -457,6 +648,8 @@ class _GroupWalker:
             block=block,
             scored=handler.scored(module, side),
             io_widths=io,
+            offset=offset,
+            span=span,
         )
 
     def _only_input(self, user: fx.Node, src: fx.Node) -> None:
@@ -537,10 +730,16 @@ class _GroupWalker:
                 raise _Block(f"broadcasting at {_where(user)}")
             via.append(user.name)
             return [_State(user, st.dim, st.block)]
-        if not is_m and target in (torch.cat, torch.concat, torch.stack):
-            raise _Block(f"concatenated at {_where(user)}")
+        if not is_m and target in (torch.cat, torch.concat):
+            return self._concat(user, st, shape, out_shape, via)
+        if not is_m and target is torch.stack:
+            raise _Block(f"stacked at {_where(user)} (torch.stack is not supported; torch.cat is)")
+        if (not is_m and target in (torch.split, torch.chunk, torch.tensor_split, torch.unbind)) or (
+            is_m and target in ("split", "chunk", "tensor_split", "unbind", "split_with_sizes")
+        ):
+            return self._split(user, st, shape)
         if not is_m and target is operator.getitem:
-            raise _Block(f"indexed / sliced at {_where(user)}")
+            return [self._index(user, st, shape, out_shape, via)]
         if user.args[0] is not src:
             raise _Block(f"used as a non-first argument of {_where(user)}")
         if out_shape is None:
@@ -557,7 +756,8 @@ class _GroupWalker:
             if (len(sizes) == 2 and sizes[1] == -1 and st.dim == 1 and len(out_shape) == 2
                     and out_shape[0] == shape[0] and not (isinstance(sizes[0], int) and sizes[0] != shape[0])):  # fmt: skip
                 return [self._flatten(user, st, shape, 1, -1, via)]
-            raise _Block(f"{target} (not a flatten) at {_where(user)}")
+            raise _Block(f"{target} (not a flatten) at {_where(user)}; reshaping the channel dim (e.g. a "
+                         "channel shuffle) is not supported")  # fmt: skip
         # ---- elementwise
         if (not is_m and target in _ELEMENTWISE_FUNCS) or (is_m and target in _ELEMENTWISE_METHODS):
             self._only_input(user, src)
@@ -614,7 +814,52 @@ class _GroupWalker:
         inner = 1
         for d in shape[s + 1 : e + 1]:
             inner *= int(d)
-        return _State(user, s, st.block * inner)
+        return _State(user, s, st.block * inner, None if st.offset is None else st.offset * inner)
+
+    # ------------------------------------------------------------------ indexing (x[:, -1], x[..., 0, :])
+    def _index(self, user: fx.Node, st: _State, shape, out_shape, via) -> _State:
+        """``x[idx]`` with Python ints, full or partial slices, ``None`` and ``...`` on the other dims: the
+        channels go on through the result (their dim renumbered). Slicing, selecting or tensor-indexing
+        the channel dim blocks the group."""
+        where = _where(user)
+        if user.args[0] is not st.node:
+            raise _Block(f"used as an index at {where}")
+        idx = user.args[1]
+        idx = tuple(idx) if isinstance(idx, (tuple, list)) else (idx,)
+        ndim = len(shape)
+        if out_shape is None:
+            raise _Block(f"indexed at {where} (result of unknown shape)")
+        consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        if sum(1 for i in idx if i is Ellipsis) > 1 or consumed > ndim:
+            raise _Block(f"indexed at {where} with an unsupported index")
+        d_in = d_out = 0
+        new_dim = None
+        for item in idx:
+            if item is Ellipsis:
+                skip = ndim - consumed
+                if d_in <= st.dim < d_in + skip:
+                    new_dim = d_out + st.dim - d_in
+                d_in, d_out = d_in + skip, d_out + skip
+            elif item is None:
+                d_out += 1
+            elif isinstance(item, slice):
+                if d_in == st.dim:
+                    if not (item.start in (None, 0) and item.stop is None and item.step in (None, 1)):
+                        raise _Block(f"slices the channel dim at {where}")
+                    new_dim = d_out
+                d_in, d_out = d_in + 1, d_out + 1
+            elif isinstance(item, int) or (isinstance(item, fx.Node) and not _is_tensor_node(item)):
+                if d_in == st.dim:
+                    raise _Block(f"selects a single channel at {where}")
+                d_in += 1
+            else:
+                raise _Block(f"indexed with a tensor / unsupported index at {where}")
+        if new_dim is None:  # the channel dim lies after the indexed ones
+            new_dim = d_out + st.dim - d_in
+        if not 0 <= new_dim < len(out_shape) or out_shape[new_dim] != shape[st.dim]:
+            raise _Block(f"indexed at {where}: the channel dim could not be followed")
+        via.append(user.name)
+        return _State(user, new_dim, st.block)
 
     def _follow_module(self, user, st: _State, n, slots, via, involved, ndim) -> list[_State]:
         path = str(user.target)
@@ -655,21 +900,23 @@ class _GroupWalker:
             raise _Block(f"{path} ({type(module).__name__}) reads another dim than the channels")
         if role == "passthrough":
             width = handler.width(module, "through")
-            if width is not None and width != n * st.block:
-                raise _Block(f"{path} holds {width} channels, expected {n * st.block}")
+            span = self._span(st)
+            if width is not None and width != span:
+                raise _Block(f"{path} holds {width} channels, expected {span}")
             if st.block != 1 and isinstance(module, nn.Conv1d | nn.Conv2d):
                 raise _Block(f"{path}: depthwise conv on flattened channels")
-            slots.append(self._slot(path, module, handler, "passthrough", st.block, user))
+            slots.append(self._slot(path, module, handler, "passthrough", st.block, user, *self._part(st, n)))
             out_shape = _shape(user)
             if out_shape is None:
                 raise _Block(f"{path} does not return a single tensor")
             return [_State(user, _norm(handler.out_dim, len(out_shape)), st.block)]
         # consumer / layer
         width = handler.width(module, "in")
-        if width is not None and width != n * st.block:
+        if width is not None and width != self._span(st):
             involved.append(path)
-            raise _Block(f"{path} expects {width} input channels, got {n} x {st.block}")
-        slots.append(self._slot(path, module, handler, "consumer", st.block, user))
+            got = f"{n} x {st.block}" if self._span(st) == n * st.block else f"{self._span(st)}"
+            raise _Block(f"{path} expects {width} input channels, got {got}")
+        slots.append(self._slot(path, module, handler, "consumer", st.block, user, *self._part(st, n)))
         return []
 
 
@@ -698,6 +945,17 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
         module = modules[path]
         handler = get_channel_handler(module)
         if handler is None or path in traced.opaque:
+            continue
+        if handler.internal is not None:  # recurrent layers, attention: groups declared by the handler
+            from .internal import module_groups  # noqa: PLC0415 - internal builds on this module
+
+            seen.add(path)
+            for e in module_groups(walker, node, module, handler, calls[path]):
+                if isinstance(e, _Walk):
+                    entries.append(len(walks))
+                    walks.append(e)
+                else:
+                    entries.append(e)
             continue
         role = handler.role_of(module)
         if role == "opaque":
@@ -735,6 +993,9 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
     for i, w in enumerate(walks):
         members.setdefault(find(i), []).append(w)
     for e in entries:
+        if isinstance(e, ChannelGroup):  # a module-internal group (complete as declared)
+            out.groups.append(e)
+            continue
         if isinstance(e, SkippedGroup):
             out.skipped.append(e)
             continue

@@ -71,6 +71,13 @@ class ChannelHandler:
             (used by ``mask_channels``; parameters of other layers are simply zeroed).
         takes_width: ``forward(x, channels)`` receives the width of the residual group it produces
             into (read from another addend with ``.shape[1]``); that read does not block the group.
+        internal: ``fn(module) -> list[InternalGroup]``: **module-internal groups** (recurrent hidden
+            units, attention heads) the module declares itself, each a set of units whose tensors live
+            in the module or its children and that may also leave the module through its output (see
+            :mod:`netcarve.graph.internal`). The module is then an fx leaf whatever its role.
+        reslice: ``fn(module, units, in_keep) -> nn.Module``, required with ``internal``: rebuild the
+            module keeping, for each unit set named in ``units``, the given sorted unit indices (and the
+            input features ``in_keep`` when it is also a consumer of an upstream group, else ``None``).
     """
 
     role: str | Callable[[nn.Module], str]
@@ -88,6 +95,8 @@ class ChannelHandler:
     rebuild_widths: bool = False
     mask: Callable[..., nn.Module] | None = None
     takes_width: bool = False
+    internal: Callable[[nn.Module], list] | None = None
+    reslice: Callable[..., nn.Module] | None = None
 
     def __post_init__(self):
         for name in ("in_params", "out_params", "params"):
@@ -96,6 +105,8 @@ class ChannelHandler:
             raise ConfigError(f"channel handler role must be one of {ROLES}, got {self.role!r}")
         if self.role == "passthrough" and not self.params and self.rebuild is None:
             raise ConfigError("a 'passthrough' channel handler needs `params` (or use role='elementwise')")
+        if (self.internal is None) != (self.reslice is None):
+            raise ConfigError("a channel handler with module-internal groups needs both `internal` and `reslice`")
 
     # ------------------------------------------------------------------ queries
     def role_of(self, module: nn.Module) -> str:
@@ -349,6 +360,12 @@ def register_channel_handler(module_type: type, handler: ChannelHandler, *, over
 
     Instances of ``module_type`` become fx leaf modules (their ``forward`` is not traced through). A
     built-in type can be overridden with ``overwrite=True``. Returns ``handler``.
+
+    A multi-head attention module prunes whole heads with
+    ``register_channel_handler(MyAttention, netcarve.graph.attention_heads_handler(qkv="qkv", proj="proj"))``
+    (or ``qkv=("q", "k", "v")``); any layer can declare its own groups of units with ``internal`` and
+    ``reslice`` (see :mod:`netcarve.graph.internal`). To save / load such a pruned model, also register a
+    layer spec (``netcarve.serialize.register_layer_spec``) recording its head count.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise ConfigError(f"register_channel_handler: {module_type!r} is not an nn.Module subclass")

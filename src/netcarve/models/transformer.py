@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._layer_specs import register_layer_spec
 from ..errors import ConfigError
 from ._presets import CIFAR_PREPROCESS
 from ._registry import register_model
@@ -49,6 +50,21 @@ class MultiHeadSelfAttention(nn.Module):
         out = self.matmul(qkv[0], qkv[1], qkv[2])  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * head_dim)
         return self.proj(out)
+
+
+def _attention_from_spec(args: dict) -> MultiHeadSelfAttention:
+    """Rebuild a (possibly head-pruned) attention block: its qkv / proj Linears are rebuilt from their own
+    layer specs, ``num_heads`` from the manifest (it need not divide ``dim`` once heads were removed)."""
+    m = MultiHeadSelfAttention(int(args["dim"]), 1)
+    m.num_heads = int(args["num_heads"])
+    return m
+
+
+register_layer_spec(
+    MultiHeadSelfAttention,
+    lambda m: dict(dim=m.proj.out_features, num_heads=m.num_heads),
+    _attention_from_spec,
+)
 
 
 class MLP(nn.Module):

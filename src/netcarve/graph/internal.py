@@ -1,0 +1,435 @@
+"""Module-internal channel groups: recurrent hidden units and attention heads.
+
+Some layers hold prunable units that are not the output channels of a single producer:
+
+* **recurrent hidden units** (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and netcarve's
+  :class:`~netcarve.layers.StackedRNN`; any ``num_layers``, bidirectional or not, ``batch_first`` or
+  not, with or without bias). Unit ``j`` of layer ``l`` / direction ``d`` owns its row in every gate block
+  of ``weight_ih_l{l}`` and ``weight_hh_l{l}`` (4 gates i, f, g, o for LSTM, 3 gates r, z, n for GRU, 1 for
+  RNN) and the matching bias entries, its column of ``weight_hh_l{l}`` (recurrent input) and its input
+  column of layer ``l + 1`` (after ``[forward | backward]`` concatenation when bidirectional). Each
+  layer / direction is a group ``"<path>:l{l}"`` / ``"<path>:l{l}_reverse"``. Groups of lower layers are
+  internal to the module; the top layer's units are also the features of the module's output
+  ``(…, D*H)`` (direction ``d`` at offset ``d*H``): the walk follows them out through ``out, _ = rnn(x)``,
+  indexing of other dims (``out[:, -1]``), reductions (``out.mean(1)``), elementwise ops, to consumers
+  (a Linear gets its input columns sliced). Using the final state ``h_n`` / ``c_n`` or passing an initial
+  state skips the module's groups (it would expose every layer's units); an ``nn.LSTM`` with
+  ``proj_size > 0`` is skipped. Pruned layers with unequal widths turn the module into a
+  :class:`~netcarve.layers.StackedRNN`; uniform widths keep the torch module.
+* **attention heads** of a multi-head attention module written with linear projections
+  (:class:`netcarve.models.transformer.MultiHeadSelfAttention`): head ``h`` owns ``head_dim`` rows in
+  each of the q, k and v sections of the fused ``qkv`` projection (or of separate ``q``/``k``/``v``
+  Linears) and ``head_dim`` input columns of the output projection ``proj``; removing heads narrows both
+  and lowers ``num_heads``. The group is ``"<path>:heads"``. ``torch.nn.MultiheadAttention`` is
+  skipped (its ``embed_dim`` is both the model width and ``num_heads * head_dim``).
+
+**Your own attention module**: if its forward derives ``head_dim`` at run time from the projection width
+and ``num_heads`` (like ``MultiHeadSelfAttention``), register it with::
+
+    from netcarve.graph import attention_heads_handler, register_channel_handler
+    register_channel_handler(MyAttention, attention_heads_handler(qkv="qkv", proj="out"))
+    # or separate projections: attention_heads_handler(qkv=("q", "k", "v"), proj="o", num_heads="heads")
+
+Any other layer type can declare its own internal groups with a :class:`ChannelHandler` whose
+``internal(module)`` returns :class:`InternalGroup` s (slots with paths relative to the module) and whose
+``reslice(module, units, in_keep)`` rebuilds the module with the kept units.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from . import handlers as _handlers
+from .groups import (
+    ChannelGroup,
+    ChannelSlot,
+    SkippedGroup,
+    _Block,
+    _flat_args,
+    _is_tensor_node,
+    _State,
+    _Walk,
+    _where,
+)
+from .handlers import ChannelHandler, _index_tensor
+
+
+@dataclass(frozen=True)
+class InternalGroup:
+    """A group of units a module declares itself (returned by a handler's ``internal``).
+
+    Attributes:
+        unit: the group's key within the module; the group is named ``"<module path>:<unit>"``.
+        num_channels: number of units.
+        slots: the sliced tensors, with paths relative to the module (``""``: the module itself). One of
+            them, on the module, carries ``unit`` (``remove_channels`` then calls the handler's
+            ``reslice``); slots on other paths inside the module are sliced by ``reslice`` too.
+        output: ``None`` when the units stay inside the module; else ``(item, offset)``: the units are
+            also the last-dim features ``[offset, offset + num_channels)`` of the module's output
+            (``item``: index in the returned tuple, ``None`` when a single tensor is returned), and the
+            walk follows them to their consumers.
+        exposed: ``(item, what)`` output items that also carry the units (an RNN's ``h_n``): the group is
+            skipped when the model uses them.
+        single_input: the group is skipped when the module gets more than one tensor argument (an
+            initial state).
+        skip: a reason the group cannot be pruned (then it is listed in ``GroupSet.skipped``).
+    """
+
+    unit: str
+    num_channels: int
+    slots: tuple[ChannelSlot, ...] = ()
+    output: tuple[int | None, int] | None = None
+    exposed: tuple[tuple[int, str], ...] = ()
+    single_input: bool = False
+    skip: str | None = None
+
+
+def _join(path: str, rel: str) -> str:
+    return f"{path}.{rel}" if rel else path
+
+
+# ---------------------------------------------------------------------- the graph walk
+def module_groups(walker, node: fx.Node, module: nn.Module, handler: ChannelHandler, ncalls: int) -> list:
+    """Entries for ``build_channel_groups``: a ChannelGroup per internal group, a SkippedGroup per group
+    that cannot be pruned, a ``_Walk`` per group whose units leave the module (finished with the walks)."""
+    path = str(node.target)
+    try:
+        specs = list(handler.internal(module))
+    except Exception as e:  # noqa: BLE001 - a handler bug must not hide the rest of the model
+        return [SkippedGroup(path, (f"{type(module).__name__}: cannot list its internal groups ({e})",), (path,))]
+    common = [f"{path} is called {ncalls} times (shared weights)"] if ncalls > 1 else []
+    uses = _output_uses(node)
+    out: list = []
+    for spec in specs:
+        name = f"{path}:{spec.unit}"
+        slots = [replace(s, path=_join(path, s.path)) for s in spec.slots]
+        reasons = list(common) + ([spec.skip] if spec.skip else [])
+        if spec.single_input and sum(1 for a in _flat_args(node) if _is_tensor_node(a)) > 1:
+            reasons.append(f"{path} gets more than one tensor argument (an initial state), which would have "
+                           "to be pruned with its units")  # fmt: skip
+        for item, what in spec.exposed:
+            for user in uses.get(item, []):
+                reasons.append(f"{what} of {path} is used at {_where(user)} (it holds the units of every layer)")
+        if uses.get("whole") and (spec.output is not None or spec.exposed):
+            reasons.append(f"the output of {path} is used as a whole at {_where(uses['whole'][0])}")
+        involved = tuple(dict.fromkeys([path] + [s.path for s in slots]))
+        if reasons:
+            out.append(SkippedGroup(name, tuple(dict.fromkeys(reasons)), involved, spec.num_channels))
+            continue
+        if spec.output is None:
+            out.append(ChannelGroup(
+                name,
+                tuple(dict.fromkeys(s.path for s in slots if s.role == "consumer")),
+                tuple(dict.fromkeys(s.path for s in slots if s.role == "passthrough")),
+                int(spec.num_channels),
+                tuple(slots),
+            ))  # fmt: skip
+            continue
+        out.append(_walk_output(walker, node, name, spec, slots))
+    return out
+
+
+def _output_uses(node: fx.Node) -> dict:
+    """Users of a module's output: ``{item: [users of output[item]]}``, ``"whole"``: other uses."""
+    uses: dict = {}
+    for u in node.users:
+        if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int):
+            live = _live_users(u)
+            if live:
+                uses.setdefault(u.args[1], []).extend(live)
+        else:
+            uses.setdefault("whole", []).append(u)
+    return uses
+
+
+def _live_users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node`` that matter: an item taken out with ``getitem`` and never used (``out, (h, c) =
+    lstm(x)`` with ``h`` and ``c`` unused) is not a use."""
+    live = []
+    for u in node.users:
+        if u.op == "call_function" and u.target is operator.getitem and not _live_users(u):
+            continue
+        live.append(u)
+    return live
+
+
+def _walk_output(walker, node: fx.Node, name: str, spec: InternalGroup, slots: list[ChannelSlot]) -> _Walk:
+    """Follow the units out of the module (last dim of its output, at ``offset``) to their consumers."""
+    path = str(node.target)
+    n = int(spec.num_channels)
+    w = _Walk(name, n, slots=list(slots), involved=[path])
+    item, offset = spec.output
+    if item is None:
+        starts = [node]
+    else:
+        starts = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem
+                  and u.args[1] == item]  # fmt: skip
+    walker._joins, walker._seen, walker._n = w.joins, set(), n
+    frontier = []
+    for s in starts:
+        shape = getattr(s.meta.get("tensor_meta"), "shape", None)
+        if shape is None:
+            w.reasons.append(f"the output of {path} used at {_where(s)} is not a single tensor")
+            continue
+        frontier.append(_State(s, len(shape) - 1, 1, int(offset)))
+    first = len(w.slots)
+    while frontier:
+        st = frontier.pop()
+        for user in list(st.node.users):
+            try:
+                nxt = walker._follow(user, st, n, w.slots, w.via, w.involved)
+            except _Block as b:
+                w.reasons.append(str(b))
+                continue
+            for s in nxt:
+                if s.offset is None:
+                    s.offset = st.offset
+            frontier.extend(nxt)
+    if not w.reasons and not any(s.role == "consumer" for s in w.slots[first:]):
+        w.reasons.append(f"the output of {path} is not read by any consumer layer")
+    return w
+
+
+# ---------------------------------------------------------------------- recurrent layers
+_GATES = {"LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n"), "RNN_TANH": ("h",), "RNN_RELU": ("h",)}
+
+
+def _rnn_cells(m: nn.Module) -> list[list[tuple[str, str, nn.Module, int]]]:
+    """``cells[l][d] = (relative path, weight-name suffix, module holding the weights, hidden width)``."""
+    dirs = 2 if m.bidirectional else 1
+    if isinstance(m, nn.RNNBase):
+        return [[("", f"l{i}{'_reverse' if d else ''}", m, m.hidden_size) for d in range(dirs)]
+                for i in range(m.num_layers)]  # fmt: skip
+    return [[(f"layers.{i}.{d}", "l0", cell, cell.hidden_size) for d, cell in enumerate(row)]
+            for i, row in enumerate(m.layers)]  # fmt: skip
+
+
+def _unit_name(layer: int, d: int) -> str:
+    return f"l{layer}{'_reverse' if d else ''}"
+
+
+def _rnn_internal(m: nn.Module) -> list[InternalGroup]:
+    mode = m.mode
+    gates = _GATES[mode]
+    cells = _rnn_cells(m)
+    dirs = len(cells[0])
+    top = len(cells) - 1
+    is_lstm = mode == "LSTM"
+    exposed = ((1, "the final state (h_n, c_n)" if is_lstm else "the final hidden state h_n"),)
+    out = []
+    for i, row in enumerate(cells):
+        for d, (rel, sfx, cell, h) in enumerate(row):
+            unit = _unit_name(i, d)
+            if is_lstm and getattr(m, "proj_size", 0):
+                out.append(InternalGroup(unit, h, skip=f"nn.LSTM with proj_size={m.proj_size} is not supported (the "
+                                         "projection, not the hidden units, is what the next layer reads)"))  # fmt: skip
+                continue
+            names = [f"weight_ih_{sfx}", f"weight_hh_{sfx}"]
+            if getattr(m, "bias", True):
+                names += [f"bias_ih_{sfx}", f"bias_hh_{sfx}"]
+            kind = type(cell).__name__
+            slots = [ChannelSlot(rel, "producer", kind, tuple((nm, 0) for nm in names), scored=tuple(names[:2]),
+                                 sections=len(gates), note=f"rows of gates {', '.join(gates)}",
+                                 unit=unit if rel == "" else ""),  # fmt: skip
+                     ChannelSlot(rel, "consumer", kind, ((f"weight_hh_{sfx}", 1),), scored=(f"weight_hh_{sfx}",),
+                                 note="recurrent input columns")]  # fmt: skip
+            if rel:  # StackedRNN: the module itself is rebuilt
+                slots.insert(0, ChannelSlot("", "passthrough", type(m).__name__, (), unit=unit,
+                                            note="rebuilt with the kept units"))  # fmt: skip
+            if i < top:  # the next layer's input columns, in both of its directions
+                widths = [c[3] for c in cells[i]]
+                off, span = sum(widths[:d]), (sum(widths) if dirs > 1 else None)
+                by_path: dict[str, list[str]] = {}
+                for rel2, sfx2, _, _ in cells[i + 1]:
+                    by_path.setdefault(rel2, []).append(f"weight_ih_{sfx2}")
+                for rel2, wnames in by_path.items():
+                    slots.append(ChannelSlot(rel2, "consumer", kind, tuple((nm, 1) for nm in wnames),
+                                             scored=tuple(wnames), offset=off, span=span,
+                                             note=f"input columns of layer {i + 1}"))  # fmt: skip
+                out.append(InternalGroup(unit, h, tuple(slots), exposed=exposed, single_input=True))
+            else:
+                offset = sum(c[3] for c in row[:d])
+                out.append(InternalGroup(unit, h, tuple(slots), output=(0, offset), exposed=exposed, single_input=True))
+    return out
+
+
+def _rnn_reslice(m: nn.Module, units: dict, in_keep: torch.Tensor | None) -> nn.Module:
+    """The recurrent module keeping ``units[l{l}(_reverse)]`` hidden units (and ``in_keep`` input
+    features): the same torch type when every layer and direction keeps the same width, else a
+    :class:`~netcarve.layers.StackedRNN`."""
+    from ..layers import StackedRNN
+
+    mode = m.mode
+    g = len(_GATES[mode])
+    cells = _rnn_cells(m)
+    bias = bool(getattr(m, "bias", True))
+    cols = in_keep.cpu() if in_keep is not None else torch.arange(m.input_size)
+    tensors: list[list[dict[str, torch.Tensor]]] = []
+    widths: list[list[int]] = []
+    for i, row in enumerate(cells):
+        keeps = [units.get(_unit_name(i, d), torch.arange(h)).cpu() for d, (_, _, _, h) in enumerate(row)]
+        trow = []
+        for (_, sfx, cell, h), k in zip(row, keeps, strict=True):
+            rows = (torch.arange(g)[:, None] * h + k[None, :]).flatten()
+            t = {"weight_ih": getattr(cell, f"weight_ih_{sfx}").detach()[rows][:, cols],
+                 "weight_hh": getattr(cell, f"weight_hh_{sfx}").detach()[rows][:, k]}  # fmt: skip
+            if bias:
+                t["bias_ih"] = getattr(cell, f"bias_ih_{sfx}").detach()[rows]
+                t["bias_hh"] = getattr(cell, f"bias_hh_{sfx}").detach()[rows]
+            trow.append(t)
+        hs = [h for _, _, _, h in row]
+        cols = torch.cat([k + sum(hs[:d]) for d, k in enumerate(keeps)])
+        tensors.append(trow)
+        widths.append([int(k.numel()) for k in keeps])
+    ref = getattr(cells[0][0][2], f"weight_ih_{cells[0][0][1]}")
+    n_in = int(tensors[0][0]["weight_ih"].shape[1])
+    flat = {w for row in widths for w in row}
+    dirs = len(widths[0])
+    if len(flat) == 1:  # uniform: a torch module again
+        kw = {"nonlinearity": "relu" if mode == "RNN_RELU" else "tanh"} if mode.startswith("RNN") else {}
+        cls = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(mode, nn.RNN)
+        new = cls(n_in, flat.pop(), len(widths), bias=bias, batch_first=m.batch_first, dropout=m.dropout,
+                  bidirectional=dirs > 1, **kw)  # fmt: skip
+        targets = [[(new, f"l{i}{'_reverse' if d else ''}") for d in range(dirs)] for i in range(len(widths))]
+    else:
+        new = StackedRNN(mode, n_in, widths, bias=bias, batch_first=m.batch_first, dropout=m.dropout,
+                         bidirectional=dirs > 1)  # fmt: skip
+        targets = [[(cell, "l0") for cell in row] for row in new.layers]
+    new = new.to(device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        for trow, tgt_row in zip(tensors, targets, strict=True):
+            for t, (mod, sfx) in zip(trow, tgt_row, strict=True):
+                for kind, value in t.items():
+                    getattr(mod, f"{kind}_{sfx}").copy_(value)
+    new.train(m.training)
+    return new
+
+
+def _rnn_role(m: nn.Module) -> str:
+    return "consumer" if isinstance(m, nn.RNNBase) else "opaque"
+
+
+def _rnn_check(m: nn.Module) -> str | None:
+    if isinstance(m, nn.RNNBase):
+        return None
+    return f"{type(m).__name__}: its input width is not pruned (its hidden units are: groups '<path>:l*')"
+
+
+RNN_HANDLER = ChannelHandler(
+    role=_rnn_role,
+    in_params={"weight_ih_l0": 1, "weight_ih_l0_reverse": 1},
+    in_dim=-1,
+    ndims=(2, 3),
+    score_params=("weight_ih_l0", "weight_ih_l0_reverse"),
+    check=_rnn_check,
+    internal=_rnn_internal,
+    reslice=_rnn_reslice,
+)
+
+
+# ---------------------------------------------------------------------- attention heads
+def attention_heads_handler(
+    qkv: str | tuple[str, str, str] = "qkv", proj: str = "proj", num_heads: str = "num_heads"
+) -> ChannelHandler:
+    """A channel handler pruning whole heads of a multi-head attention module.
+
+    Args:
+        qkv: path (in the module) of the fused ``Linear(d, 3 * H * head_dim)`` projection whose output
+            rows are ``[q | k | v]``, each ``H`` heads of ``head_dim`` rows; or the paths of three
+            separate q, k, v Linears.
+        proj: path of the output ``Linear(H * head_dim, d)`` (its input columns are per head).
+        num_heads: attribute holding the number of heads (lowered when heads are removed).
+
+    The module's forward must derive ``head_dim`` at run time (``qkv.shape[-1] // 3 // self.num_heads``).
+    Its input and output width (the model dim) is not pruned: channels of the surrounding groups that
+    reach the module block those groups.
+    """
+    fused = isinstance(qkv, str)
+    names = (qkv,) if fused else tuple(qkv)
+    if not fused and len(names) != 3:
+        raise ConfigError(f"attention_heads_handler: qkv must be one path or three (q, k, v), got {qkv!r}")
+
+    def dims(m: nn.Module) -> tuple[int, int, int]:
+        h = int(getattr(m, num_heads))
+        lins = [m.get_submodule(p) for p in names]
+        width = lins[0].out_features // 3 if fused else lins[0].out_features
+        if any(not isinstance(x, nn.Linear) for x in [*lins, m.get_submodule(proj)]):
+            raise ConfigError(f"{type(m).__name__}: {', '.join(names)} and {proj} must be nn.Linear")
+        if (fused and lins[0].out_features != 3 * width) or any(x.out_features != width for x in lins[1:]):
+            raise ConfigError(f"{type(m).__name__}: q, k, v widths differ")
+        if width % h or m.get_submodule(proj).in_features != width:
+            raise ConfigError(f"{type(m).__name__}: width {width} is not {num_heads}={h} heads feeding {proj}")
+        return h, width, width // h
+
+    def internal(m: nn.Module) -> list[InternalGroup]:
+        h, _, hd = dims(m)
+        slots = [ChannelSlot("", "passthrough", type(m).__name__, (), unit="heads",
+                             note=f"{num_heads} lowered to the kept heads")]  # fmt: skip
+        for p, what in zip(names, ("q, k, v",) if fused else ("q", "k", "v"), strict=True):
+            params = (("weight", 0),) + ((("bias", 0),) if m.get_submodule(p).bias is not None else ())
+            slots.append(ChannelSlot(p, "producer", "Linear", params, block=hd, scored=("weight",),
+                                     sections=3 if fused else 1, note=f"{hd} rows per head of {what}"))  # fmt: skip
+        slots.append(ChannelSlot(proj, "consumer", "Linear", (("weight", 1),), block=hd, scored=("weight",),
+                                 note=f"{hd} input columns per head"))  # fmt: skip
+        return [InternalGroup("heads", h, tuple(slots))]
+
+    def reslice(m: nn.Module, units: dict, in_keep) -> nn.Module:
+        if in_keep is not None:  # pragma: no cover - the module is opaque to surrounding groups
+            raise UnsupportedModelError(f"{type(m).__name__}: its input width cannot be pruned")
+        keep = units.get("heads")
+        if keep is None:
+            return m
+        h, width, hd = dims(m)
+        feats = (keep.cpu()[:, None] * hd + torch.arange(hd)).flatten()
+        for p in names:
+            lin = m.get_submodule(p)
+            rows = (torch.arange(3)[:, None] * width + feats).flatten() if fused else feats
+            for t in ("weight", "bias"):
+                _index_tensor(lin, t, 0, rows)
+            lin.out_features = int(rows.numel())
+        out = m.get_submodule(proj)
+        _index_tensor(out, "weight", 1, feats)
+        out.in_features = int(feats.numel())
+        setattr(m, num_heads, int(keep.numel()))
+        return m
+
+    def check(m: nn.Module) -> str:
+        return (f"{type(m).__name__}: its input / output width (the model dim) is not pruned; its heads are "
+                "(group '<path>:heads')")  # fmt: skip
+
+    return ChannelHandler(role="opaque", check=check, internal=internal, reslice=reslice)
+
+
+_MHA_REASON = (
+    "torch.nn.MultiheadAttention is not supported: its embed_dim is both the model width and num_heads * "
+    "head_dim, so heads cannot be removed without changing its input/output width; write the attention "
+    "with Linear projections (like netcarve.models.transformer.MultiHeadSelfAttention) and register "
+    "netcarve.graph.attention_heads_handler for it"
+)
+
+
+def _mha_reslice(m, units, in_keep):  # pragma: no cover - its groups are always skipped
+    raise UnsupportedModelError(_MHA_REASON)
+
+
+MHA_HANDLER = ChannelHandler(
+    role="opaque",
+    check=lambda m: _MHA_REASON,
+    internal=lambda m: [InternalGroup("heads", int(m.num_heads), skip=_MHA_REASON)],
+    reslice=_mha_reslice,
+)
+
+
+# ---------------------------------------------------------------------- registration
+for _t in (nn.LSTM, nn.GRU, nn.RNN):
+    _handlers._BUILTIN[_t] = RNN_HANDLER
+_handlers._BUILTIN[nn.MultiheadAttention] = MHA_HANDLER
+# known by qualified name: the graph package does not import netcarve.models / netcarve.layers
+_handlers._BY_NAME["netcarve.layers.StackedRNN"] = RNN_HANDLER
+_handlers._BY_NAME["netcarve.models.transformer.MultiHeadSelfAttention"] = attention_heads_handler()

@@ -1,0 +1,186 @@
+"""Pruning module-internal groups (recurrent hidden units, attention heads): the compact model equals the
+masked dense one, MACs drop, uneven widths, save/load, ONNX; and every zoo model prunes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import netcarve
+from netcarve.compact import mask_channels, prune_channels, remove_channels
+from netcarve.graph import (
+    build_channel_groups,
+)
+from netcarve.layers import StackedRNN
+from netcarve.measure import count_model
+
+
+def assert_same(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    scale = max(1.0, float(yb.abs().max()))
+    err = float((ya - yb).abs().max())
+    assert err <= 1e-4 * scale, f"max abs err {err} (scale {scale})"
+
+
+def assert_differs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        assert not torch.allclose(a.eval()(x), b.eval()(x), atol=1e-6)
+
+
+class SeqFirstGRU(nn.Module):
+    """batch_first=False bidirectional GRU without bias; reads the last time step."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(6, 10, num_layers=2, bidirectional=True, bias=False)
+        self.fc = nn.Linear(20, 3)
+
+    def forward(self, x):  # x: (B, T, F)
+        out, _ = self.rnn(x.transpose(0, 1))  # (T, B, 2H)
+        return self.fc(torch.tanh(out[-1]))
+
+
+class EmbedLSTM(nn.Module):
+    """A Linear feeding a bidirectional LSTM: the Linear's group slices the LSTM's input columns."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(7, 9)
+        self.rnn = nn.LSTM(9, 6, num_layers=2, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        out = self.rnn(torch.relu(self.embed(x)))[0]
+        return self.fc(out.amax(dim=1))
+
+
+SMALL = dict(hidden_size=12, seq_len=5, input_size=7)
+CASES = {
+    "lstm1": lambda: netcarve.create_model("lstm", num_layers=1, **SMALL),
+    "lstm2": lambda: netcarve.create_model("lstm", num_layers=2, **SMALL),
+    "lstm3": lambda: netcarve.create_model("lstm", num_layers=3, dropout=0.1, **SMALL),
+    "gru1": lambda: netcarve.create_model("gru", num_layers=1, **SMALL),
+    "gru2": lambda: netcarve.create_model("gru", num_layers=2, **SMALL),
+    "gru3": lambda: netcarve.create_model("gru", num_layers=3, **SMALL),
+    "lstm_bi_mean": lambda: netcarve.create_model("lstm", num_layers=2, bidirectional=True, pool="mean", **SMALL),
+    "gru_bi_mean": lambda: netcarve.create_model("gru", num_layers=3, bidirectional=True, pool="mean", **SMALL),
+    "lstm_bi_last": lambda: netcarve.create_model("lstm", num_layers=2, bidirectional=True, **SMALL),
+    "gru_seq_first": SeqFirstGRU,
+    "lstm_after_linear": EmbedLSTM,
+    "transformer_tiny": lambda: netcarve.create_model("transformer_tiny", dim=32, depth=2, seq_len=6, input_size=7),
+}
+
+
+def make(case: str):
+    torch.manual_seed(0)
+    m = CASES[case]().eval()
+    x = torch.randn(3, 5 if case != "transformer_tiny" else 6, 7 if case != "gru_seq_first" else 6)
+    return m, x
+
+
+@pytest.mark.parametrize("global_ranking", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_compact_equals_masked(case, global_ranking):
+    m, x = make(case)
+    r = prune_channels(m, x, ratio=0.5, global_ranking=global_ranking)
+    assert len(r.groups) > 0 and r.macs_after < r.macs_before and r.params_after < r.params_before
+    masked = mask_channels(m, r.groups, r.keep)
+    assert_same(r.model, masked, x)
+    assert_differs(masked, m, x)  # the check is not vacuous
+    assert count_model(r.model, x).total_macs == r.macs_after
+
+
+def test_uneven_widths_build_a_stacked_rnn_and_reprune():
+    m, x = make("lstm_bi_mean")
+    gs = build_channel_groups(m, x)
+    keep = {"rnn:l0": [0, 3, 5], "rnn:l0_reverse": list(range(9)), "rnn:l1": [1, 2, 4, 7, 11], "rnn:l1_reverse": [0]}
+    compact = remove_channels(m, gs, keep)
+    rnn = compact.rnn
+    assert isinstance(rnn, StackedRNN) and rnn.hidden_sizes == [[3, 9], [5, 1]]
+    assert rnn.layers[1][0].weight_ih_l0.shape == (4 * 5, 12) and compact.fc.in_features == 6
+    assert_same(compact, mask_channels(m, gs, keep), x)
+    # MACs: per step and direction 4H(I+H) + 3H
+    per_step = sum(4 * h * (i + h) + 3 * h for i, h in ((7, 3), (7, 9), (12, 5), (12, 1)))
+    assert count_model(compact.rnn, x).total_macs == per_step * 3 * 5
+    # a StackedRNN is pruned again (its groups are declared on its single-layer children)
+    r = prune_channels(compact, x, ratio=0.3)
+    assert set(r.groups.names()) == {"rnn:l0", "rnn:l0_reverse", "rnn:l1", "rnn:l1_reverse"}
+    assert_same(r.model, mask_channels(compact, r.groups, r.keep), x)
+    # uniform widths turn it back into the torch module
+    uniform = remove_channels(compact, r.groups, {g.name: [0] for g in r.groups})
+    assert type(uniform.rnn) is nn.LSTM and uniform.rnn.hidden_size == 1
+    assert_same(uniform, mask_channels(compact, r.groups, {g.name: [0] for g in r.groups}), x)
+
+
+def test_custom_attention_heads(sep_model):
+    torch.manual_seed(0)
+    m, x = sep_model().eval(), torch.randn(2, 4, 5)
+    r = prune_channels(m, x, ratio=0.4)
+    assert r.widths == {"attn:heads": (2, 3)}
+    assert r.model.attn.heads == 2 and r.model.attn.q.out_features == 8 and r.model.attn.o.in_features == 8
+    assert_same(r.model, mask_channels(m, r.groups, r.keep), x)
+
+
+@pytest.mark.parametrize("case", ["lstm2", "transformer_tiny"])
+def test_macs_reduction_target(case):
+    m, x = make(case)
+    r = prune_channels(m, x, macs_reduction=1.5)
+    assert r.macs_before / r.macs_after >= 1.5
+    assert_same(r.model, mask_channels(m, r.groups, r.keep), x)
+
+
+@pytest.mark.parametrize("case", ["lstm_bi_mean", "gru3", "transformer_tiny"])
+def test_pruned_model_saves_and_loads(case, tmp_path):
+    m, x = make(case)
+    r = prune_channels(m, x, ratio=0.5, global_ranking=True)
+    netcarve.save(r.model, tmp_path)
+    loaded = netcarve.load(tmp_path)
+    assert type(getattr(loaded, "rnn", None)) is type(getattr(r.model, "rnn", None))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), r.model.eval()(x))
+
+
+@pytest.mark.parametrize("case", ["lstm_bi_mean", "transformer_tiny"])
+def test_pruned_model_exports_to_onnx(case, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from netcarve.measure import to_onnx
+
+    m, x = make(case)
+    r = prune_channels(m, x, ratio=0.5, global_ranking=True)
+    if case == "lstm_bi_mean":
+        assert isinstance(r.model.rnn, StackedRNN)
+    path = to_onnx(r.model, x, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = r.model.eval()(x)
+    assert float((torch.from_numpy(got) - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("name", netcarve.list_models())
+def test_every_zoo_model_prunes_compact_equals_masked(name):
+    torch.manual_seed(0)
+    m = _randomize_bn(netcarve.create_model(name)).eval()
+    x = netcarve.example_input(m, batch=2)
+    gs = build_channel_groups(m, x)
+    assert len(gs) >= 1, gs.describe()
+    r = prune_channels(m, x, ratio=0.3, groups=gs)
+    assert r.macs_after < r.macs_before
+    masked = mask_channels(m, gs, r.keep)
+    assert_same(r.model, masked, x)
+    assert_differs(masked, m, x)
