@@ -1,5 +1,6 @@
 """netcarve: make PyTorch models smaller and measurably faster on the CPU they run on."""
 
+from . import layers as _layers  # noqa: F401 - registers StackedRNN's layer spec for save/load
 from ._version import __version__
 from .errors import (
     CheckpointError,

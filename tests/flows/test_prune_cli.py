@@ -48,7 +48,9 @@ def test_prune_without_finetune_measures_two_points(trained_lenet, tmp_path, cap
     (["--scheme", "nm", "--ratio", "0.5"], "only 'channel'"),
     (["--ratio", "1.5"], "--ratio must be in (0, 1)"),
     (["--macs-reduction", "0.5"], "--macs-reduction must be > 1"),
-    ([], "exactly one of --macs-reduction and --ratio"),
+    ([], "exactly one of --macs-reduction, --ratio and --latency-ms"),
+    (["--latency-ms", "0"], "--latency-ms must be a positive number"),
+    (["--latency-ms", "nan"], "--latency-ms must be a positive number"),
     (["--ratio", "0.5", "--distill"], "--distill needs --finetune-epochs"),
     (["--ratio", "0.5", "--criterion", "nope"], "nope"),
 ])
@@ -66,3 +68,67 @@ def test_prune_with_other_criteria(criterion, trained_lenet, tmp_path, capsys):
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
     assert criterion in rep["task"]["method"] and rep["compressed"]["top1"] > 30
+
+
+def _fake_measure(engine, threads, options):
+    """Latency = 0.01 ms + 1 ms per MMAC: a deterministic stand-in for the engine during the search."""
+    from netcarve.measure import count_model
+
+    def run(model, x):
+        return 0.01 + count_model(model.eval(), x).total_macs / 1e6
+
+    return run
+
+
+def test_prune_latency_target_cli_reports_the_search(tmp_path, capsys, monkeypatch):
+    import netcarve.compact.latency_target as lt
+    from netcarve.measure import count_model
+
+    monkeypatch.setattr(lt, "_default_measure", _fake_measure)
+    model = netcarve.create_model("lenet")
+    target = 0.5 * (0.01 + count_model(model, netcarve.models.example_input(model)).total_macs / 1e6)
+    capsys.readouterr()
+    rc = main(["prune", "lenet", "--latency-ms", f"{target:.6f}", "--round-to", "8", "--engine", "torch",
+               "--threads", "1", "--latency-processes", "1", "--bn-batches", "2", "--out", str(tmp_path / "p"),
+               "--no-progress", "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    lt_rep = rep["task"]["latency_target"]
+    assert f"latency <= {float(f'{target:.6f}'):g} ms on torch, batch 1, 1 threads" in rep["task"]["method"]
+    assert lt_rep["target_ms"] == pytest.approx(target, rel=1e-5) and lt_rep["engine"] == "torch"
+    assert lt_rep["met"] and lt_rep["chosen_latency_ms"] <= lt_rep["target_ms"]
+    assert [t["role"] for t in lt_rep["trials"][:2]] == ["baseline", "max"] and len(lt_rep["trials"]) >= 4
+    assert rep["task"]["prune_ratio"] == lt_rep["chosen_ratio"] > 0
+    # the verdict comes from the flow's own final measurement of the compressed model
+    assert lt_rep["final_p50_ms"] == rep["compressed"]["latency_ms"]["p50"]
+    assert lt_rep["met_in_final"] == (lt_rep["final_p50_ms"] <= lt_rep["target_ms"])
+    assert rep["summary"]["macs_reduction"] >= 1.9
+    assert "Latency target" in (tmp_path / "p" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_prune_latency_target_cli_real_engine_baseline_already_fast(tmp_path, capsys):
+    capsys.readouterr()
+    rc = main(["prune", "lenet", "--latency-ms", "1000", "--engine", "onnxruntime", "--threads", "1",
+               "--latency-processes", "1", "--bn-batches", "1", "--out", str(tmp_path / "p"), "--no-progress",
+               "--json"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    rep = json.loads(captured.out)
+    lt_rep = rep["task"]["latency_target"]
+    assert lt_rep["engine"] == "onnxruntime" and len(lt_rep["trials"]) == 1 and lt_rep["chosen_ratio"] == 0
+    assert "already meets the target" in lt_rep["note"] and "already meets the target" in captured.err
+    assert lt_rep["met_in_final"] and rep["summary"]["macs_reduction"] == 1.0
+
+
+def test_prune_latency_target_unreachable_and_exclusive(tmp_path, capsys, monkeypatch):
+    import netcarve.compact.latency_target as lt
+
+    monkeypatch.setattr(lt, "_default_measure", _fake_measure)
+    rc = main(["prune", "lenet", "--latency-ms", "0.001", "--engine", "torch", "--out", str(tmp_path / "x")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cannot reach 0.001 ms on torch" in err and "best reachable is 0.01" in err
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "lenet", "--latency-ms", "1", "--ratio", "0.5", "--out", str(tmp_path / "y")])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--macs-reduction", type=float, help="target: baseline MACs / pruned MACs (e.g. 2.0)")
     g.add_argument("--ratio", type=float, help="fraction of channels removed in every prunable group")
+    g.add_argument("--latency-ms", type=float, metavar="MS",
+                   help="target: measured p50 latency in ms on --engine with --threads at --batch; the least "
+                        "pruning meeting it is found by bisection, timing each candidate in fresh processes")
     s.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this (e.g. 8)")
     s.add_argument("--protect", action="append", default=[], metavar="MODULE_PATH",
                    help="never prune groups touching this module (path prefix; repeatable)")
@@ -183,6 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    a = s.add_argument_group(
+        "pruning algorithm",
+        "how the target is reached; every algorithm ends with physical channel removal + BN recalibration, and "
+        "--finetune-epochs is its training budget: oneshot = prune once, then fine-tune; iterative = --steps "
+        "rounds of prune + BN recalibration + KD fine-tune (epochs split over the steps); sfp = train, zeroing "
+        "the lowest-scored channels after every epoch (they may recover), remove the last zeroed set; srfp/asrfp "
+        "= like sfp but decaying them by --alpha (asrfp: alpha falls to 0 over 80% of the epochs); increg = "
+        "rank-driven per-channel L2 penalties that grow until the channels to remove vanish")
+    a.add_argument("--algorithm", default="oneshot", metavar="NAME",
+                   help="oneshot (default), iterative, sfp, srfp, asrfp or increg (netcarve.algorithms)")
+    a.add_argument("--steps", type=int, help="iterative: number of prune + fine-tune rounds (default 3)")
+    a.add_argument("--prune-interval", type=int, metavar="N",
+                   help="sfp/srfp/asrfp: prune every N epochs (default 1); increg: update penalties every N steps")
+    a.add_argument("--alpha", type=float,
+                   help="srfp: decay factor of the selected channels (default 0.3); asrfp: starting factor (default 1)")
+    a.add_argument("--increg-mode", choices=["rank", "simple"],
+                   help="increg: rank-driven increments (default) or growing penalties on channels picked once")
+    a.add_argument("--increg-target-reg", type=float, metavar="LAMBDA",
+                   help="increg: penalty at which a channel is zeroed (default 0.5 / lr)")
+    a.add_argument("--increg-increment", type=float, metavar="A",
+                   help="increg: largest penalty increment per update (default: reach the target in half the budget)")
     s.set_defaults(fn=_cmd_prune)
 
     s = sub.add_parser("train", help="train or fine-tune (optionally with distillation), resumable")

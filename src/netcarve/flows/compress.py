@@ -9,6 +9,7 @@ the baseline and the report.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ class CompressSpec:
     criterion: str = "l1"
     macs_reduction: float | None = 2.0
     ratio: float | None = None
+    # measured-latency target on engine/threads/latency_batch (set macs_reduction=None): compact.prune_to_latency
+    latency_ms: float | None = None
     round_to: int = 1
     protected: list[str] = field(default_factory=list)
     global_ranking: bool = False
@@ -45,10 +48,15 @@ class CompressSpec:
     latency_processes: int = 3
     progress: bool = True
     resume: bool = False
+    # structured-pruning algorithm (netcarve.algorithms.list_algorithms()) and its own options
+    algorithm: str = "oneshot"
+    algorithm_options: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        if (self.macs_reduction is None) == (self.ratio is None):
-            raise ConfigError("give exactly one of --macs-reduction and --ratio")
+        if sum(t is not None for t in (self.macs_reduction, self.ratio, self.latency_ms)) != 1:
+            raise ConfigError("give exactly one of --macs-reduction, --ratio and --latency-ms")
+        if self.latency_ms is not None and not (math.isfinite(self.latency_ms) and self.latency_ms > 0):
+            raise ConfigError(f"--latency-ms must be a positive number of milliseconds, got {self.latency_ms}")
         if self.macs_reduction is not None and self.macs_reduction <= 1.0:
             raise ConfigError(f"--macs-reduction must be > 1 (e.g. 2.0 for half the MACs), got {self.macs_reduction}")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
@@ -57,15 +65,71 @@ class CompressSpec:
             raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
         if self.finetune_epochs < 0 or self.latency_processes < 1 or self.latency_batch < 1:
             raise ConfigError("--finetune-epochs must be >= 0, latency batch and processes >= 1")
+        self._algorithm()  # unknown algorithm / option, or a bad combination (e.g. sfp without epochs)
+
+    def _algorithm(self):
+        """``(algorithm instance, PruneJob without model/data)`` checked against this spec."""
+        from ..algorithms import PruneJob, get_algorithm
+        from ..train import TrainConfig
+
+        if self.algorithm != "oneshot" and self.latency_ms is not None:
+            raise ConfigError(f"--latency-ms works with --algorithm oneshot only, not {self.algorithm!r}")
+        algo = get_algorithm(self.algorithm)(**self.algorithm_options)
+        train = (TrainConfig(epochs=self.finetune_epochs, batch_size=self.batch_size, optimizer="sgd", lr=self.lr,
+                             momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=self.seed)
+                 if self.finetune_epochs else None)
+        job = PruneJob(model=None, example_input=None, ratio=self.ratio, macs_reduction=self.macs_reduction,
+                       criterion=self.criterion, round_to=self.round_to, protected=tuple(self.protected),
+                       global_ranking=self.global_ranking, train=train, distill=self.distill and train is not None,
+                       bn_batches=self.bn_recalibration_batches, gradient_batches=self.gradient_batches,
+                       resume=self.resume, progress=self.progress)
+        algo.check(job)
+        return algo, job
 
     def describe(self) -> str:
-        target = f"{self.macs_reduction:g}x MACs" if self.macs_reduction else f"ratio {self.ratio:g}"
-        s = f"channel pruning ({self.criterion}, {target}, round_to {self.round_to})"
+        if self.algorithm != "oneshot":
+            algo, job = self._algorithm()
+            return algo.describe(job)
+        if self.latency_ms is not None:
+            target = (f"latency <= {self.latency_ms:g} ms on {self.engine}, batch {self.latency_batch}, "
+                      f"{self.threads} threads")
+        else:
+            target = f"{self.macs_reduction:g}x MACs" if self.macs_reduction else f"ratio {self.ratio:g}"
+        s = f"{self.algorithm} channel pruning ({self.criterion}, {target}, round_to {self.round_to})"
         if self.bn_recalibration_batches:
             s += " + BN recalibration"
         if self.finetune_epochs:
             s += f" + {'logit KD' if self.distill else 'plain'} fine-tune {self.finetune_epochs} epoch(s)"
         return s
+
+
+def latency_target_summary(search, final_p50_ms: float) -> dict:
+    """``report["task"]["latency_target"]``: the search (every candidate's measurements) and whether the
+    final interleaved measurement of the compressed model met the target."""
+    met = final_p50_ms <= search.target_ms
+    verdict = (f"latency target {search.target_ms:g} ms {'met' if met else 'MISSED'} in the final measurement: "
+               f"compressed p50 {final_p50_ms:.4g} ms (search measured {search.chosen_latency_ms:.4g} ms)")
+    return {**search.to_dict(), "final_p50_ms": final_p50_ms, "met_in_final": met, "verdict": verdict}
+
+
+def run_spec_algorithm(base: nn.Module, spec: CompressSpec, *, train_loader, bn_loader, test_loader, out, tag):
+    """Run ``spec.algorithm`` (not ``oneshot``) on ``base``: its training budget is ``spec.finetune_epochs``
+    (with logit KD from ``base`` when ``spec.distill``), its checkpoints go to ``out/<algorithm>``."""
+    from ..algorithms import run_algorithm
+
+    _algo, job = spec._algorithm()
+    res = run_algorithm(spec.algorithm, base, example_batch(base, 1), options=spec.algorithm_options,
+                        ratio=job.ratio, macs_reduction=job.macs_reduction, criterion=job.criterion,
+                        round_to=job.round_to, protected=job.protected, global_ranking=job.global_ranking,
+                        train=job.train, distill=job.distill, bn_batches=job.bn_batches,
+                        gradient_batches=job.gradient_batches, train_loader=train_loader, test_loader=test_loader,
+                        out_dir=Path(out) / spec.algorithm, resume=spec.resume, progress=spec.progress)
+    if job.bn_batches and bn_loader is not train_loader:
+        from ..compact import recalibrate_bn
+
+        recalibrate_bn(res.model, bn_loader, num_batches=job.bn_batches)
+    base.zero_grad(set_to_none=True)
+    return res
 
 
 def log(msg: str, tag: str = "netcarve") -> None:
@@ -101,17 +165,32 @@ def compress_and_report(
     log(f"compressing: {spec.describe()}", tag)
     from ..criteria import accumulate_gradients, get_criterion
 
-    if getattr(get_criterion(spec.criterion), "needs_gradients", False):
+    if spec.algorithm != "oneshot":
+        pr = run_spec_algorithm(base, spec, train_loader=ft_train_loader or train_loader, bn_loader=train_loader,
+                                test_loader=test_loader, out=out, tag=tag)
+    elif getattr(get_criterion(spec.criterion), "needs_gradients", False):
         accumulate_gradients(base, train_loader, num_batches=spec.gradient_batches)
-    pr = prune_channels(base, example_batch(base, 1), criterion=spec.criterion, ratio=spec.ratio,
-                        macs_reduction=spec.macs_reduction, round_to=spec.round_to, protected=spec.protected,
-                        global_ranking=spec.global_ranking)
+    if spec.algorithm != "oneshot":
+        pass  # pruned, recalibrated and trained by the algorithm
+    elif spec.latency_ms is not None:
+        from ..compact import prune_to_latency
+
+        pr = prune_to_latency(base, example_batch(base, 1), spec.latency_ms, engine=spec.engine,
+                              batch=spec.latency_batch, threads=spec.threads, criterion=spec.criterion,
+                              round_to=spec.round_to, protected=spec.protected, global_ranking=spec.global_ranking,
+                              progress=lambda msg: log(msg, tag))
+        if pr.search.note:
+            log(pr.search.note, tag)
+    else:
+        pr = prune_channels(base, example_batch(base, 1), criterion=spec.criterion, ratio=spec.ratio,
+                            macs_reduction=spec.macs_reduction, round_to=spec.round_to, protected=spec.protected,
+                            global_ranking=spec.global_ranking)
     pruned = pr.model
     base.zero_grad(set_to_none=True)
     pruned.zero_grad(set_to_none=True)
     acc = evaluate(pruned, test_loader)
     points = [b_stats]
-    if spec.bn_recalibration_batches:
+    if spec.bn_recalibration_batches and spec.algorithm == "oneshot":
         acc_raw = acc
         recalibrate_bn(pruned, train_loader, num_batches=spec.bn_recalibration_batches)
         acc = evaluate(pruned, test_loader)
@@ -119,7 +198,7 @@ def compress_and_report(
     else:
         log(f"pruned: top-1 {acc['top1']:.2f}%", tag)
     variants = {"baseline": base}
-    if spec.finetune_epochs:
+    if spec.finetune_epochs and spec.algorithm == "oneshot":
         p_stats = measure_stats(pruned, "pruned (before fine-tune)", accuracy=acc)
         points.append(p_stats)
         variants["pruned"] = copy.deepcopy(pruned)
@@ -144,6 +223,10 @@ def compress_and_report(
     for stats, key in zip(points, variants):
         stats.latency_ms = {"p50": lat[key].p50_ms, "p90": lat[key].p90_ms}
         stats.notes.extend(lat[key].notes)
+    extra_task = {}
+    if spec.latency_ms is not None:
+        extra_task["latency_target"] = latency_target_summary(pr.search, lat["compressed"].p50_ms)
+        log(extra_task["latency_target"]["verdict"], tag)
     rep = build_report(
         baseline=b_stats,
         compressed=c_stats,
@@ -153,7 +236,7 @@ def compress_and_report(
                                f"{spec.latency_processes} fresh processes (interleaved), best process kept"},
         env=environment(threads=spec.threads),
         task={**(task or {}), "method": spec.describe(), "prune_ratio": pr.ratio,
-              "kept_widths": {g: list(w) for g, w in pr.widths.items()}, "seconds": None},
+              "kept_widths": {g: list(w) for g, w in pr.widths.items()}, **extra_task, "seconds": None},
         command=command,
     )
     save(pruned, out, metadata={"accuracy": acc, "macs": c_stats.macs, "report": "report.json",

@@ -10,6 +10,36 @@ from ..train import evaluate
 from .common import default_engine, loaders_for, model_info, resolve_model
 from .compress import CompressSpec, compress_and_report
 
+# CLI option -> (algorithm option, algorithms that take it)
+_ALGORITHM_FLAGS = {
+    "steps": ("--steps", "steps", ("iterative",)),
+    "prune_interval": ("--prune-interval", "interval", ("sfp", "srfp", "asrfp", "increg")),
+    "increg_mode": ("--increg-mode", "mode", ("increg",)),
+    "increg_target_reg": ("--increg-target-reg", "target_reg", ("increg",)),
+    "increg_increment": ("--increg-increment", "increment", ("increg",)),
+}
+
+
+def algorithm_options(a) -> tuple[str, dict]:
+    """``(--algorithm, its options)`` from the parsed arguments; ConfigError for an option the chosen
+    algorithm does not take."""
+    from ..algorithms import list_algorithms
+
+    name = getattr(a, "algorithm", None) or "oneshot"
+    if name not in list_algorithms():
+        raise ConfigError(f"--algorithm {name!r} is unknown; known: {', '.join(list_algorithms())}")
+    opts: dict = {}
+    flags = dict(_ALGORITHM_FLAGS)
+    flags["alpha"] = ("--alpha", "alpha0" if name == "asrfp" else "alpha", ("srfp", "asrfp"))
+    for attr, (flag, key, users) in flags.items():
+        value = getattr(a, attr, None)
+        if value is None:
+            continue
+        if name not in users:
+            raise ConfigError(f"{flag} applies to --algorithm {' / '.join(users)}, not {name}")
+        opts[key] = value
+    return name, opts
+
 
 def prune_cli(a, command: str | None = None) -> dict:
     t0 = time.perf_counter()
@@ -25,13 +55,15 @@ def prune_cli(a, command: str | None = None) -> dict:
         ft_train, _ = loaders_for(base, ds, a.batch_size, data_dir=a.data_dir, augment=True, seed=a.seed,
                                   subset=(a.train_subset, a.test_subset))
     spec = CompressSpec(
-        criterion=a.criterion, macs_reduction=a.macs_reduction, ratio=a.ratio, round_to=a.round_to,
+        criterion=a.criterion, macs_reduction=a.macs_reduction, ratio=a.ratio,
+        latency_ms=getattr(a, "latency_ms", None), round_to=a.round_to,
         protected=list(a.protect), global_ranking=a.global_ranking,
         bn_recalibration_batches=0 if a.no_bn_recalibration else a.bn_batches,
         finetune_epochs=a.finetune_epochs, distill=a.distill, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
         engine=a.engine or default_engine(), threads=a.threads, latency_batch=a.batch,
         latency_processes=a.latency_processes, progress=not a.no_progress and not a.json, resume=a.resume,
     )
+    spec.algorithm, spec.algorithm_options = algorithm_options(a)
     if a.distill and not a.finetune_epochs:
         raise ConfigError("--distill needs --finetune-epochs N (N > 0)")
     spec.validate()

@@ -130,6 +130,9 @@ def format_table(rep: dict, markdown: bool = False) -> str:
         f"latency: engine {m.get('engine')}, batch {m.get('batch')}, {m.get('threads')} threads, "
         f"{m.get('method') or 'min over rounds of medians'}; CPU {rep.get('env', {}).get('cpu_model', '?')}"
     )
+    target = (rep.get("task") or {}).get("latency_target")
+    if target and target.get("verdict"):
+        caption += f"\n{target['verdict']}"
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -188,12 +191,32 @@ def write_report(rep: dict, run_dir: str | os.PathLike) -> dict[str, Path]:
                 f"{_fmt((p.get('latency_ms') or {}).get('p50'), 'ms')} |"
             )
         md.append("")
+    md += _latency_target_md((rep.get("task") or {}).get("latency_target"))
     env = rep.get("env") or {}
     md += ["## Environment", "", "```", json.dumps(env, indent=1), "```", ""]
     with atomic_write(d / "report.md", "w") as f:
         f.write("\n".join(md))
     png = plot_points(rep, d / "pareto.png")
     return {"json": d / "report.json", "md": d / "report.md", "png": png}
+
+
+def _latency_target_md(t: dict | None) -> list[str]:
+    """The latency-target search (``task.latency_target``, from ``netcarve prune --latency-ms``) as markdown."""
+    if not t:
+        return []
+    md = ["## Latency target", "",
+          f"Target p50 <= {t['target_ms']:g} ms on {t['engine']} (batch {t['batch']}, {t['threads']} threads). "
+          f"{t.get('verdict', '')}.", ""]
+    if t.get("note"):
+        md += [t["note"], ""]
+    md += [f"Search: {len(t['trials'])} candidate(s) timed in {t.get('seconds')} s; a candidate's latency is the "
+           f"{t.get('statistic', 'min over its measurements')}.", "",
+           "| # | role | ratio | MACs reduction | latency ms | measurements ms | meets |", "|---|---|---|---|---|---|---|"]
+    for r in t["trials"]:
+        runs = ", ".join(f"{v:.4g}" for v in r["measurements_ms"])
+        md.append(f"| {r['step']} | {r['role']} | {r['ratio']:.4f} | {r['macs_reduction']:.2f}x | "
+                  f"{r['latency_ms']:.4g} | {runs} | {'yes' if r['meets'] else 'no'} |")
+    return md + [""]
 
 
 def read_report(run_dir: str | os.PathLike) -> dict:
