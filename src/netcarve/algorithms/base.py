@@ -295,6 +295,16 @@ def score_groups(job: PruneJob, model: nn.Module, groups: Sequence[ChannelGroup]
             model.zero_grad(set_to_none=True)
 
 
+def training_setup(job: PruneJob) -> tuple[nn.Module, GroupSet, list[ChannelGroup], dict[str, int], float]:
+    """For the algorithms that prune while training: a working copy of the job's model, its groups, the
+    groups that will lose channels, the channels each keeps (:func:`target_counts`) and the ratio used."""
+    model = working_copy(job.model)
+    groups = groups_of(job, model)
+    counts, ratio = target_counts(job, model, groups)
+    targets = [g for g in candidate_groups(groups, job.protected) if g.name in counts]
+    return model, groups, targets, counts, ratio
+
+
 def target_counts(job: PruneJob, model: nn.Module, groups: GroupSet) -> tuple[dict[str, int], float]:
     """Channels to keep per candidate group for the job's target (``prune_channels`` on ``model``:
     ratio, or the smallest uniform/global ratio reaching the MACs reduction) and the ratio it used."""

@@ -43,15 +43,12 @@ from .base import (
     AlgorithmResult,
     PruneJob,
     PruningAlgorithm,
-    candidate_groups,
     channel_norms,
     finish,
-    groups_of,
     register_algorithm,
     scale_channels_,
     score_groups,
-    target_counts,
-    working_copy,
+    training_setup,
 )
 
 MODES = ("rank", "simple")
@@ -276,12 +273,9 @@ class IncReg(PruningAlgorithm):
 
     def run(self, job: PruneJob) -> AlgorithmResult:
         original = job.model
-        model = working_copy(original)
-        groups = groups_of(job, model)
-        cands = candidate_groups(groups, job.protected)
-        counts, ratio = target_counts(job, model, groups)
+        model, groups, targets, counts, ratio = training_setup(job)
         A, target = self.hyper(job)
-        cb = IncRegCallback(job, model, [g for g in cands if g.name in counts], counts, A=A, target_reg=target,
+        cb = IncRegCallback(job, model, targets, counts, A=A, target_reg=target,
                             k2=float(self.opts["k2"]), interval=int(self.opts["interval"]), mode=self.opts["mode"])
         teacher, kd = job.teacher_and_kd(original)
         out = Path(job.out_dir) / "train" if job.out_dir is not None else None

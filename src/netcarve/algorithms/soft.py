@@ -24,16 +24,13 @@ from .base import (
     AlgorithmResult,
     PruneJob,
     PruningAlgorithm,
-    candidate_groups,
     finish,
-    groups_of,
     register_algorithm,
     removed_of,
     scale_channels_,
     score_groups,
     select_keep,
-    target_counts,
-    working_copy,
+    training_setup,
 )
 
 SCHEDULES = ("linear", "cosine")
@@ -111,12 +108,9 @@ class _SoftBase(PruningAlgorithm):
 
     def run(self, job: PruneJob) -> AlgorithmResult:
         original = job.model
-        model = working_copy(original)
-        groups = groups_of(job, model)
-        cands = candidate_groups(groups, job.protected)
-        counts, ratio = target_counts(job, model, groups)
+        model, groups, targets, counts, ratio = training_setup(job)
         epochs = job.epochs
-        cb = SoftPruneCallback(job, [g for g in cands if g.name in counts], counts,
+        cb = SoftPruneCallback(job, targets, counts,
                                lambda e: self.alpha(e, epochs), epochs, int(self.opts["interval"]))
         teacher, kd = job.teacher_and_kd(original)
         out = Path(job.out_dir) / "train" if job.out_dir is not None else None
