@@ -17,7 +17,7 @@ from torch import nn
 
 from .._registry import Registry
 from ..compact import prune_channels, recalibrate_bn, remove_channels
-from ..compact.prune import Reductions
+from ..compact.prune import Reductions, _count
 from ..criteria import accumulate_gradients, resolve_criterion, score_group
 from ..errors import ConfigError
 from ..graph import ChannelGroup, GroupSet, build_channel_groups
@@ -249,19 +249,9 @@ def run_algorithm(name: str, model: nn.Module, example_input, *, options: dict |
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def count(model: nn.Module, example_input) -> tuple[int, int]:
-    """``(total_macs, total_params)`` of ``model`` (eval mode, no grad; train flags restored)."""
-    from ..measure import count_model
 
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            cost = count_model(model, example_input)
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
-    return int(cost.total_macs), int(cost.total_params)
+
+count = _count  # (total_macs, total_params), train flags restored: the same helper prune_channels uses
 
 
 def is_protected(group: ChannelGroup, protected: Sequence[str]) -> bool:

@@ -373,18 +373,15 @@ def _select(groups, scores, counts) -> dict[str, torch.Tensor]:
     return keep
 
 
-def _count(model: nn.Module, example_input):
-    from .. import measure
+def _count(model: nn.Module, example_input) -> tuple[int, int]:
+    """``(total_macs, total_params)`` of ``model`` (eval mode, no grad; train flags restored)."""
+    from ..measure import count_model
 
-    count_model = getattr(measure, "count_model", None)
-    if count_model is None:  # pragma: no cover - until netcarve.measure.counting lands
-        raise UnsupportedModelError("netcarve.measure.count_model is not available")
-    inputs = example_input
     was = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            cost = count_model(model, inputs)
+            cost = count_model(model, example_input)
     finally:
         for m, flag in was.items():
             m.training = flag
