@@ -130,7 +130,7 @@ def cmd_train(a) -> None:
     torch.set_num_threads(a.threads)
     base = _baseline(a.data_dir)
     info = get_model_info("resnet56")
-    train, test = make_loaders("cifar10", info.preprocess, 128, data_dir=a.data_dir, augment=True, seed=0)
+    train, test = make_loaders("cifar10", info.preprocess, 128, data_dir=a.data_dir, augment=True, seed=a.seed)
     state = work / "state.json"
     rec = json.loads(state.read_text()) if state.exists() else {}
     if "base_top1" not in rec:
@@ -153,7 +153,7 @@ def cmd_train(a) -> None:
              f"{rec['top1_bn_recalibrated']:.2f} after BN recalibration")  # fmt: skip
     model = netcarve.load(pruned_dir)
     cfg = TrainConfig(epochs=a.epochs, batch_size=128, optimizer="sgd", lr=a.lr, momentum=0.9, weight_decay=5e-4,
-                      schedule="cosine", seed=0)  # fmt: skip
+                      schedule="cosine", seed=a.seed)  # fmt: skip
     t1 = time.perf_counter()
     res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=base,
               kd=KDConfig(kind="logit", temperature=4.0, alpha=0.9), resume=True, progress=a.progress)  # fmt: skip
@@ -165,6 +165,7 @@ def cmd_train(a) -> None:
     rec["base_macs"], rec["base_params"] = _macs(base)
     rec["widths"] = _widths(model)
     rec["epochs"], rec["lr"], rec["groups"], rec["target_macs_reduction"] = a.epochs, a.lr, a.groups, a.macs_reduction
+    rec["seed"] = a.seed
     netcarve.save(model, work / "final", metadata={"top1": rec["top1_final"]})
     state.write_text(json.dumps(rec, indent=1))
     _log(f"{a.tool}: final top-1 {rec['top1_final']:.2f} (dense {rec['base_top1']:.2f}), "
@@ -267,6 +268,7 @@ def main() -> None:
             s.add_argument("--name", default=None, help="variant name (default: TOOL, or TOOL-rN with --round-to N)")
             s.add_argument("--epochs", type=int, default=6)
             s.add_argument("--lr", type=float, default=0.01)
+            s.add_argument("--seed", type=int, default=0, help="data order + fine-tuning seed (pruning is deterministic)")
             s.add_argument("--threads", type=int, default=1)
             s.add_argument("--progress", action="store_true")
         if name == "latency":

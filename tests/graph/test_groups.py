@@ -221,11 +221,51 @@ def test_depthwise_is_pruned_with_its_group():
     assert gs["project"].consumers == ("fc",)  # mean over (2, 3) keeps the channels
 
 
-def test_grouped_conv_is_skipped():
+def test_grouped_conv_with_in_eq_out_is_a_partitioned_passthrough():
     gs = build_channel_groups(Grouped(), torch.randn(1, 4, 5, 5))
+    g = gs["conv1"]
+    assert g.passthrough == ("gconv",) and g.consumers == ("conv2",) and g.num_channels == 8
+    slot = next(s for s in g.slots if s.path == "gconv")
+    assert slot.role == "passthrough" and slot.partitions == 2 and g.partitions == 2
+    assert "kept evenly in 2 partitions of 4" in g.describe() and "2 channel groups" in g.describe()
+    assert [s.producer for s in gs.skipped] == ["conv2"]  # gconv starts no group; conv2 reaches the output
+
+
+class TwoGrouped(nn.Module):
+    """One group read by grouped convs with 2 and 4 groups: the group keeps channels evenly in 4 parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.g2 = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.g4 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        return self.head(self.g2(x) + self.g4(x))
+
+
+def test_grouped_convs_with_different_groups_need_the_lcm():
+    g = build_channel_groups(TwoGrouped(), torch.randn(1, 3, 6, 6))["conv1"]
+    assert g.partitions == 4 and set(g.passthrough) == {"g2", "g4"}
+
+
+def test_grouped_conv_changing_width_is_skipped_with_the_reason():
+    class Widen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(4, 8, 1)
+            self.gconv = nn.Conv2d(8, 16, 3, padding=1, groups=2)
+            self.conv2 = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.conv2(self.gconv(self.conv1(x))).sum()
+
+    gs = build_channel_groups(Widen(), torch.randn(1, 4, 5, 5))
     reasons = {s.producer: s.reason for s in gs.skipped}
-    assert "grouped Conv2d (groups=2)" in reasons["gconv"]
-    assert "grouped Conv2d" in reasons["conv1"]  # its consumer cannot be sliced
+    assert "grouped Conv2d with in_channels != out_channels (8 -> 16, groups=2)" in reasons["gconv"]
+    assert "gconv" in reasons["conv1"]  # its consumer cannot be sliced
     assert len(gs) == 0
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .._registry import Registry
 from ..compact import prune_channels, recalibrate_bn, remove_channels
-from ..compact.prune import Reductions, _count
+from ..compact.prune import Reductions, _count, select_channels
 from ..criteria import accumulate_gradients, resolve_criterion, score_group
 from ..errors import ConfigError
 from ..graph import ChannelGroup, GroupSet, build_channel_groups
@@ -309,13 +309,12 @@ def target_counts(job: PruneJob, model: nn.Module, groups: GroupSet) -> tuple[di
     return {name: kept for name, (kept, _total) in pr.widths.items()}, float(pr.ratio)
 
 
-def select_keep(scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The ``counts[g]`` highest-scored channels of every group (ties: the lower index), sorted."""
-    keep = {}
-    for name, k in counts.items():
-        order = torch.sort(-scores[name], stable=True).indices
-        keep[name] = torch.sort(order[:k]).values
-    return keep
+def select_keep(groups: Sequence[ChannelGroup], scores: dict[str, torch.Tensor], counts: dict[str, int]
+                ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The ``counts[g]`` highest-scored channels of every group named in ``counts`` (ties: the lower index;
+    evenly per partition for groups feeding grouped convs), sorted."""
+    by_name = {g.name: g for g in groups}
+    return {name: select_channels(by_name[name], scores[name], k) for name, k in counts.items()}
 
 
 def removed_of(group: ChannelGroup, kept: torch.Tensor) -> torch.Tensor:

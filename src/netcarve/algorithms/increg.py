@@ -59,6 +59,17 @@ def _rank(x: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.argsort(x, stable=True), stable=True)
 
 
+def _parts(group: ChannelGroup, n_prune: int) -> list[tuple[slice, int]]:
+    """``(channel slice, channels to prune there)``: the whole group, or each of the equal partitions of
+    a group feeding grouped convs (each prunes the same number)."""
+    parts = group.partitions
+    per = group.num_channels // parts
+    if n_prune % parts:
+        raise ConfigError(f"IncReg: group {group.name!r} must prune a multiple of its {parts} partitions, "
+                          f"got {n_prune}")  # fmt: skip
+    return [(slice(k * per, (k + 1) * per), n_prune // parts) for k in range(parts)]
+
+
 def increg_delta(j: torch.Tensor, n_prune: int, n_active: int, A: float, k2: float) -> torch.Tensor:
     """The "discontinuous" penalty increment for active ranks ``j`` (0 = least important) when ``n_prune``
     of ``n_active`` channels are still to prune: ``+A..+A*k2`` below the cut, ``-A*k2..-A`` above it."""
@@ -89,7 +100,8 @@ class IncRegCallback:
             scores = score_groups(job, model, groups)
             for g in groups:
                 sel = torch.zeros(g.num_channels, dtype=torch.bool)
-                sel[torch.sort(scores[g.name], stable=True).indices[: self.n_prune[g.name]]] = True
+                for sl, n_prune in _parts(g, self.n_prune[g.name]):
+                    sel[sl][torch.sort(scores[g.name][sl], stable=True).indices[:n_prune]] = True
                 self.selected[g.name] = sel
         self.steps = 0
         self.updates = 0
@@ -157,28 +169,39 @@ class IncRegCallback:
         scores = score_groups(self.job, model, active_groups, use_current_grads=True)
         n = self.updates
         for g in active_groups:
-            name, pruned = g.name, self.pruned[g.name]
-            s = scores[name].clone()
-            s[pruned] = -math.inf
-            self.hist[name] = ((n - 1) * self.hist[name] + _rank(s).float()) / n
-            h = self.hist[name].clone()
-            h[pruned] = -math.inf
-            n_pruned = int(pruned.sum())
-            j = _rank(h) - n_pruned
-            n_p, n_act = self.n_prune[name] - n_pruned, g.num_channels - n_pruned
-            active = ~pruned
-            delta = increg_delta(j[active], n_p, n_act, self.A, self.k2)
-            lam = self.lam[name]
-            lam[active] = (lam[active] + delta).clamp(min=0.0)
-            newly = active & (lam >= self.target_reg)
-            if int(newly.sum()) > n_p:  # never more than the target: the largest penalties win
-                cand = newly.nonzero().flatten()
-                top = cand[torch.sort(-lam[cand], stable=True).indices[:n_p]]
-                newly = torch.zeros_like(newly)
-                newly[top] = True
-            if newly.any():
-                pruned |= newly
-                scale_channels_(model, g, newly.nonzero().flatten(), 0.0)
+            newly_all = torch.zeros(g.num_channels, dtype=torch.bool)
+            for sl, n_prune in _parts(g, self.n_prune[g.name]):  # grouped convs: rank each partition alone
+                newly_all[sl] = self._update_part(g.name, sl, n_prune, scores[g.name][sl], n)
+            if newly_all.any():
+                self.pruned[g.name] |= newly_all
+                scale_channels_(model, g, newly_all.nonzero().flatten(), 0.0)
+
+    def _update_part(self, name: str, sl: slice, n_prune: int, score: torch.Tensor, n: int) -> torch.Tensor:
+        """One rank update of the channels ``sl`` of a group (all of it, or one partition of a group
+        feeding grouped convs) that must prune ``n_prune`` of them; returns the newly masked ones."""
+        pruned = self.pruned[name][sl]
+        s = score.clone()
+        s[pruned] = -math.inf
+        self.hist[name][sl] = ((n - 1) * self.hist[name][sl] + _rank(s).float()) / n
+        h = self.hist[name][sl].clone()
+        h[pruned] = -math.inf
+        n_pruned = int(pruned.sum())
+        newly = torch.zeros_like(pruned)
+        n_p, n_act = n_prune - n_pruned, pruned.numel() - n_pruned
+        if n_p <= 0:
+            return newly
+        j = _rank(h) - n_pruned
+        active = ~pruned
+        delta = increg_delta(j[active], n_p, n_act, self.A, self.k2)
+        lam = self.lam[name][sl]  # a view: updated in place
+        lam[active] = (lam[active] + delta).clamp(min=0.0)
+        newly = active & (lam >= self.target_reg)
+        if int(newly.sum()) > n_p:  # never more than the target: the largest penalties win
+            cand = newly.nonzero().flatten()
+            top = cand[torch.sort(-lam[cand], stable=True).indices[:n_p]]
+            newly = torch.zeros_like(newly)
+            newly[top] = True
+        return newly
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         rec = {"epoch": epoch + 1, "updates": self.updates, "groups": {}}
@@ -197,11 +220,14 @@ class IncRegCallback:
         for g in self.groups:
             name, n = g.name, g.num_channels
             gone = (self.selected[name] if self.mode == "simple" else self.pruned[name]).clone()
-            missing = self.n_prune[name] - int(gone.sum())
-            if missing > 0:
-                cand = (~gone).nonzero().flatten()
-                order = sorted(cand.tolist(), key=lambda c: (-float(self.lam[name][c]), float(self.hist[name][c]), c))
-                gone[order[:missing]] = True
+            for sl, n_prune in _parts(g, self.n_prune[name]):
+                part = gone[sl]  # a view
+                missing = n_prune - int(part.sum())
+                if missing > 0:
+                    lam, hist = self.lam[name][sl], self.hist[name][sl]
+                    cand = (~part).nonzero().flatten()
+                    order = sorted(cand.tolist(), key=lambda c: (-float(lam[c]), float(hist[c]), c))
+                    part[order[:missing]] = True
             keep[name] = (~gone).nonzero().flatten()
             assert keep[name].numel() == n - self.n_prune[name]
         return keep

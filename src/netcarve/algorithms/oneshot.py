@@ -160,10 +160,10 @@ class Iterative(PruningAlgorithm):
                 for g in cands:
                     n, k_end = g.num_channels, final_counts[g.name]
                     want = n * (k_end / n) ** (i / steps) if i < steps else k_end
-                    k = keep_count(n, 1.0 - want / n, int(job.round_to), int(job.min_channels))
+                    k = keep_count(n, 1.0 - want / n, int(job.round_to), int(job.min_channels), g.partitions)
                     counts[g.name] = min(max(k, k_end), len(keep[g.name]))  # monotone, never below the end
                 scores = score_groups(job, model, [by_name[name] for name in counts])
-                step_keep = select_keep(scores, counts)
+                step_keep = select_keep(groups.groups, scores, counts)
                 last_ratio = float(job.ratio)
             step_keep = {k: v for k, v in step_keep.items() if len(v) < by_name[k].num_channels}
             model = remove_channels(model, groups.groups, step_keep)

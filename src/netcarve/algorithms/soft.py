@@ -74,7 +74,7 @@ class SoftPruneCallback:
         was = model.training
         scores = score_groups(self.job, model, self.groups)
         model.train(was)
-        self.keep = select_keep(scores, self.counts)
+        self.keep = select_keep(self.groups, scores, self.counts)
         removed = {}
         for g in self.groups:
             r = removed_of(g, self.keep[g.name])

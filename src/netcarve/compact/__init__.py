@@ -4,7 +4,7 @@ pruning that meets a measured latency target)."""
 
 from .bn import recalibrate_bn
 from .latency_target import LatencyPruneResult, LatencySearch, LatencyTrial, prune_to_latency
-from .prune import PruneResult, keep_count, mask_channels, prune_channels, remove_channels
+from .prune import PruneResult, keep_count, mask_channels, prune_channels, remove_channels, select_channels
 
 __all__ = [
     "LatencyPruneResult",
@@ -17,4 +17,5 @@ __all__ = [
     "prune_to_latency",
     "recalibrate_bn",
     "remove_channels",
+    "select_channels",
 ]

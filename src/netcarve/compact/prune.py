@@ -23,6 +23,7 @@ from torch import nn
 from ..criteria import resolve_criterion, score_group
 from ..errors import ConfigError, UnsupportedModelError
 from ..graph import ChannelGroup, ChannelSlot, GroupSet, build_channel_groups, get_channel_handler
+from ..graph.handlers import mask_local_
 
 
 class Reductions:
@@ -96,7 +97,31 @@ def _check_keep(group: ChannelGroup, idx) -> torch.Tensor:
         raise ConfigError(f"group {group.name!r}: kept indices must lie in [0, {n}), got {idx.tolist()}")
     if torch.unique(idx).numel() != idx.numel():
         raise ConfigError(f"group {group.name!r}: kept indices are not unique")
+    parts = group.partitions
+    if parts > 1:
+        counts = torch.bincount(idx // (n // parts), minlength=parts)
+        if int(counts.min()) != int(counts.max()):
+            raise ConfigError(f"group {group.name!r} feeds grouped convs: the kept channels must be spread "
+                              f"evenly over its {parts} partitions of {n // parts}; got {counts.tolist()}")  # fmt: skip
     return torch.sort(idx).values
+
+
+def select_channels(group: ChannelGroup, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest-scored channels of ``group`` (ties: the lower index), sorted. A group feeding
+    grouped convs (``group.partitions = P > 1``) keeps the ``k / P`` best of each partition (``k`` must
+    be a multiple of ``P``; :func:`keep_count` with ``partitions=P`` gives one)."""
+    n, parts = group.num_channels, group.partitions
+    if not 0 < k <= n:
+        raise ConfigError(f"group {group.name!r}: cannot keep {k} of {n} channels")
+    if parts == 1:
+        order = torch.sort(-scores, stable=True).indices
+        return torch.sort(order[:k]).values
+    if k % parts:
+        raise ConfigError(f"group {group.name!r} feeds grouped convs: the kept count must be a multiple of "
+                          f"its {parts} partitions, got {k}")  # fmt: skip
+    per = n // parts
+    order = torch.sort(-scores.reshape(parts, per), dim=1, stable=True).indices[:, : k // parts]
+    return torch.sort((order + torch.arange(parts)[:, None] * per).flatten()).values
 
 
 def _expand(idx: torch.Tensor, block: int) -> torch.Tensor:
@@ -298,6 +323,8 @@ def mask_channels(
                     t = getattr(module, pname, None)
                     if isinstance(t, nn.Parameter):
                         t.index_fill_(dim, rows.to(t.device), 0.0)
+                if slot.partitions > 1:  # grouped conv: the removed inputs' columns in their partition
+                    mask_local_(module, handler, removed, g.num_channels)
         for path, (sides, (w_in, w_out)) in maps.items():
             module = new.get_submodule(path)
             handler = get_channel_handler(module)
@@ -314,15 +341,18 @@ def _is_protected(group: ChannelGroup, protected: Sequence[str]) -> bool:
     return False
 
 
-def keep_count(n: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
+def keep_count(n: int, ratio: float, round_to: int = 1, min_channels: int = 1, partitions: int = 1) -> int:
     """How many of ``n`` channels to keep when removing the fraction ``ratio``.
 
     ``round(n * (1 - ratio))`` (halves round up: ties keep more), at least ``min_channels`` (and 1), rounded to the nearest multiple of
     ``round_to`` (not below ``min_channels``); never more than ``n`` and never 0. When no multiple of
-    ``round_to`` fits in ``n`` the group keeps all ``n`` channels.
+    ``round_to`` fits in ``n`` the group keeps all ``n`` channels. A group feeding grouped convs
+    (``partitions`` > 1, which divides ``n``) keeps a multiple of ``lcm(round_to, partitions)``.
     """
     lo = max(1, min(int(min_channels), n))
     k = max(lo, min(n, int(math.floor(n * (1.0 - ratio) + 0.5 + 1e-9))))
+    if partitions > 1:
+        round_to = math.lcm(int(round_to), int(partitions))
     if round_to > 1:
         r = int(round_to)
         k = max(r * int(math.floor(k / r + 0.5)), r * math.ceil(lo / r))
@@ -334,7 +364,7 @@ def keep_count(n: int, ratio: float, round_to: int = 1, min_channels: int = 1) -
 
 
 def _uniform_counts(groups, ratio, round_to, min_channels) -> dict[str, int]:
-    return {g.name: keep_count(g.num_channels, ratio, round_to, min_channels) for g in groups}
+    return {g.name: keep_count(g.num_channels, ratio, round_to, min_channels, g.partitions) for g in groups}
 
 
 def _global_counts(groups, scores, ratio, round_to, min_channels) -> dict[str, int]:
@@ -361,16 +391,12 @@ def _global_counts(groups, scores, ratio, round_to, min_channels) -> dict[str, i
     out = {}
     for g in groups:
         n = g.num_channels
-        out[g.name] = keep_count(n, 1.0 - counts[g.name] / n, round_to, min_channels)
+        out[g.name] = keep_count(n, 1.0 - counts[g.name] / n, round_to, min_channels, g.partitions)
     return out
 
 
 def _select(groups, scores, counts) -> dict[str, torch.Tensor]:
-    keep = {}
-    for g in groups:
-        order = torch.sort(-scores[g.name], stable=True).indices  # ties: lower index first
-        keep[g.name] = torch.sort(order[: counts[g.name]]).values
-    return keep
+    return {g.name: select_channels(g, scores[g.name], counts[g.name]) for g in groups}
 
 
 def _count(model: nn.Module, example_input) -> tuple[int, int]:

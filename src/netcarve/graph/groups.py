@@ -8,7 +8,12 @@ its output channels through channel-preserving operations only:
   (``x.size(0)``, ``x.shape[0]``), indexing of non-channel dims with ints, slices, ``None`` and ``...``
   (``out[:, -1]``, ``out[:, -1, :]``; the channel dim is renumbered);
 * **pass-through** layers holding per-channel state that is sliced with the group (BatchNorm, depthwise
-  Conv2d whose ``in = out = groups`` shrink together, custom pass-through layers);
+  Conv2d whose ``in = out = groups`` shrink together, custom pass-through layers). A **grouped** Conv2d with
+  ``in = out`` (ResNeXt, RegNet) is a pass-through too: input and output channel ``c`` are removed together
+  and the conv keeps its ``groups``; since it mixes channels only within each of its ``groups`` contiguous
+  partitions, every partition must keep the same number of channels (:attr:`ChannelGroup.partitions`, the
+  least common multiple over the group's grouped convs; the selection keeps the best channels of each
+  partition). A grouped conv that changes the width, or reads concatenated channels, is left whole;
 * ``flatten`` (module, function or method, or ``view``/``reshape(batch, -1)``) when the channels are the
   leading flattened dimension: each channel then owns a contiguous block of ``H*W`` features;
 
@@ -60,6 +65,8 @@ unprunable: it is recorded in :attr:`GroupSet.skipped` with the reasons and the 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
 import re
 from collections import Counter
@@ -108,6 +115,9 @@ class ChannelSlot:
             handler's ``internal``); ``remove_channels`` then lets the handler's ``reslice`` rebuild that
             module and everything inside it (``unit`` names the group among the module's own groups).
         note: what the slot's tensors are, for ``describe()`` ("gates i, f, g, o", "recurrent input").
+        partitions: pass-through grouped conv (``in = out``, ``1 < groups < in``): its channels form
+            ``partitions`` equal contiguous partitions, each mixed only within itself; every partition
+            must keep the same number of channels (see :attr:`ChannelGroup.partitions`).
     """
 
     path: str
@@ -123,6 +133,8 @@ class ChannelSlot:
     sections: int = 1
     unit: str = ""
     note: str = ""
+    # grouped convs (in = out): channels are mixed only within this many equal contiguous partitions
+    partitions: int = 1
 
     @property
     def side(self) -> str:
@@ -139,6 +151,8 @@ class ChannelSlot:
         if self.span is not None:
             extra += f", at offset {self.offset} of {self.span} (concatenated)"
         extra += self._internal_note()
+        if self.partitions > 1:
+            extra += f", {self.partitions} channel groups (grouped conv: each keeps the same number)"
         return f"{_ROLE_WORDS[self.role]:<12} {self.path} ({self.module_type}): {_SIDE_WORDS[self.role]}: {dims}{extra}"
 
     def channel_part(self, tensor: torch.Tensor, dim: int, num_channels: int) -> torch.Tensor:
@@ -213,6 +227,12 @@ class ChannelGroup:
         return tuple(s.path for s in self.slots if s.role == "producer")
 
     @property
+    def partitions(self) -> int:
+        """The group's channels form this many equal contiguous partitions that must each keep the same
+        number of channels (the least common multiple over its grouped convs; 1 = no constraint)."""
+        return _lcm(s.partitions for s in self.slots)
+
+    @property
     def coupled(self) -> bool:
         """Whether several producers share the channels (residual adds)."""
         return len(self.producers) > 1
@@ -230,6 +250,8 @@ class ChannelGroup:
     def describe(self) -> str:
         """Which layers, which dimension, how many channels."""
         lines = [f"group {self.producer!r}: {self.num_channels} channels"]
+        if self.partitions > 1:
+            lines[0] += f", kept evenly in {self.partitions} partitions of {self.num_channels // self.partitions}"
         if self.joins:
             cats = [j for j in self.joins if _CAT_NODE.fullmatch(j)]  # fx names of torch.cat / concat nodes
             how = "residual adds" + (" / concatenations along a non-channel dim" if cats else "")
@@ -375,6 +397,13 @@ def _arg(node: fx.Node, pos: int, name: str, default=None):
     if len(node.args) > pos:
         return node.args[pos]
     return node.kwargs.get(name, default)
+
+
+def _lcm(values) -> int:
+    out = 1
+    for v in values:
+        out = out * int(v) // math.gcd(out, int(v))
+    return out
 
 
 @dataclass
@@ -905,7 +934,14 @@ class _GroupWalker:
                 raise _Block(f"{path} holds {width} channels, expected {span}")
             if st.block != 1 and isinstance(module, nn.Conv1d | nn.Conv2d):
                 raise _Block(f"{path}: depthwise conv on flattened channels")
-            slots.append(self._slot(path, module, handler, "passthrough", st.block, user, *self._part(st, n)))
+            slot = self._slot(path, module, handler, "passthrough", st.block, user, *self._part(st, n))
+            parts = handler.partitions_of(module)
+            if parts > 1:
+                if slot.span is not None or st.block != 1:
+                    raise _Block(f"{path} (grouped conv, groups={parts}) reads concatenated channels; "
+                                 "not supported")  # fmt: skip
+                slot = dataclasses.replace(slot, partitions=parts)
+            slots.append(slot)
             out_shape = _shape(user)
             if out_shape is None:
                 raise _Block(f"{path} does not return a single tensor")

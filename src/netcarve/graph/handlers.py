@@ -78,6 +78,11 @@ class ChannelHandler:
         reslice: ``fn(module, units, in_keep) -> nn.Module``, required with ``internal``: rebuild the
             module keeping, for each unit set named in ``units``, the given sorted unit indices (and the
             input features ``in_keep`` when it is also a consumer of an upstream group, else ``None``).
+        partitions: pass-through only: ``fn(module) -> P``: the layer mixes channels only within ``P``
+            equal contiguous partitions (a grouped conv with ``in = out``): output channel ``c`` reads the
+            input channels of partition ``c // (n / P)``. Every partition must then keep the same number
+            of channels; ``local_params`` name the tensors whose dim holds the partition-local input
+            index (a grouped conv's ``weight`` dim 1), gathered per partition when slicing.
     """
 
     role: str | Callable[[nn.Module], str]
@@ -97,9 +102,11 @@ class ChannelHandler:
     takes_width: bool = False
     internal: Callable[[nn.Module], list] | None = None
     reslice: Callable[..., nn.Module] | None = None
+    partitions: Callable[[nn.Module], int] | None = None
+    local_params: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("in_params", "out_params", "params"):
+        for name in ("in_params", "out_params", "params", "local_params"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         if isinstance(self.role, str) and self.role not in ROLES:
             raise ConfigError(f"channel handler role must be one of {ROLES}, got {self.role!r}")
@@ -126,6 +133,10 @@ class ChannelHandler:
         """``(name, dim)`` pairs sliced on ``side`` ("in" / "out" / "through") for this instance."""
         spec = {"in": self.in_params, "out": self.out_params, "through": self.params}[side]
         return tuple((n, d) for n, d in spec.items() if getattr(module, n, None) is not None)
+
+    def partitions_of(self, module: nn.Module) -> int:
+        """Number of channel partitions of a pass-through instance (1: channels are independent)."""
+        return int(self.partitions(module)) if self.partitions is not None else 1
 
     def width(self, module: nn.Module, side: str) -> int | None:
         """Channel count on ``side`` read from the first listed tensor (``None`` if there is none)."""
@@ -160,8 +171,15 @@ class ChannelHandler:
         role = self.role_of(module)
         if role == "passthrough":
             keep = out_keep if out_keep is not None else in_keep
+            parts = self.partitions_of(module)
+            width = self.width(module, "through")
             for name, dim in self.param_spec(module, "through"):
                 _index_tensor(module, name, dim, keep)
+            if keep is not None and parts > 1:  # grouped conv: each partition's inputs, locally indexed
+                local = partition_local(keep, int(width), parts, where=type(module).__name__)
+                for name, dim in self.local_params.items():
+                    if getattr(module, name, None) is not None:
+                        _gather_local(module, name, dim, local)
             n = None if keep is None else int(keep.numel())
             if self.resize is not None:
                 self.resize(module, n, n)
@@ -181,6 +199,48 @@ class ChannelHandler:
         return module
 
 
+def partition_local(keep: torch.Tensor, width: int, parts: int, *, where: str = "") -> torch.Tensor:
+    """``(parts, m)`` partition-local indices of the sorted kept channels ``keep`` of ``width`` channels in
+    ``parts`` equal contiguous partitions; ConfigError unless every partition keeps ``m`` channels."""
+    per = width // parts
+    keep = keep.cpu()
+    counts = torch.bincount(keep // per, minlength=parts)
+    if width % parts or int(counts.min()) != int(counts.max()):
+        raise ConfigError(f"{where}: the kept channels must be spread evenly over its {parts} channel groups "
+                          f"(grouped conv); got {counts.tolist()} per group")  # fmt: skip
+    return (keep - (keep // per) * per).view(parts, -1)
+
+
+def _gather_local(module: nn.Module, name: str, dim: int, local: torch.Tensor) -> None:
+    """Rows of ``name`` (already sliced along dim 0 to the kept channels, partition by partition) keep
+    along ``dim`` only the kept inputs of their own partition."""
+    t = getattr(module, name)
+    parts, m = local.shape
+    rows = t.detach().unflatten(0, (parts, m))  # (parts, m, per, ...)
+    idx = local.to(t.device)
+    new = torch.stack([rows[k].index_select(dim, idx[k]) for k in range(parts)]).flatten(0, 1).clone()
+    if isinstance(t, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:
+        setattr(module, name, new)
+
+
+def mask_local_(module: nn.Module, handler: ChannelHandler, removed: torch.Tensor, width: int) -> None:
+    """Masking twin of the local gather: zero, in every row of partition ``c // per``, the local input
+    column of each removed channel ``c`` (the rows of removed channels are zeroed by the caller)."""
+    parts = handler.partitions_of(module)
+    if parts <= 1 or removed.numel() == 0:
+        return
+    per = width // parts
+    for name, dim in handler.local_params.items():
+        t = getattr(module, name, None)
+        if not isinstance(t, nn.Parameter):
+            continue
+        for c in removed.tolist():
+            k, j = divmod(int(c), per)
+            t.narrow(0, k * per, per).select(dim, j).zero_()
+
+
 def _index_tensor(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
     """Replace parameter/buffer ``name`` of ``module`` by its slice ``keep`` along ``dim``."""
     t = getattr(module, name)
@@ -197,20 +257,21 @@ def _index_tensor(module: nn.Module, name: str, dim: int, keep: torch.Tensor) ->
 def _conv_role(m: nn.Module) -> str:
     if m.groups == 1:
         return "layer"
-    return "passthrough"  # depthwise (check() rejects other grouped convs)
+    return "passthrough"  # depthwise, or grouped with in = out (check() rejects other grouped convs)
 
 
 def _conv_check(m: nn.Module) -> str | None:
     if m.groups == 1:
         return None
-    if m.groups == m.in_channels == m.out_channels:
+    if m.in_channels == m.out_channels:  # depthwise, or grouped with in = out (ResNeXt, RegNet)
         return None
     if m.groups == m.in_channels:
         return (
             f"depthwise {type(m).__name__} with channel multiplier "
             f"{m.out_channels // m.in_channels} is not supported yet"
         )
-    return f"grouped {type(m).__name__} (groups={m.groups}) is not supported yet"
+    return (f"grouped {type(m).__name__} with in_channels != out_channels ({m.in_channels} -> {m.out_channels}, "
+            f"groups={m.groups}) is not supported yet")
 
 
 def _conv_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
@@ -219,9 +280,16 @@ def _conv_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
             m.in_channels = n_in
         if n_out is not None:
             m.out_channels = n_out
-    else:  # depthwise: in = out = groups
+    else:  # depthwise (in = out = groups) or grouped with in = out (groups unchanged)
         n = n_out if n_out is not None else n_in
-        m.in_channels = m.out_channels = m.groups = n
+        if m.groups == m.in_channels:
+            m.groups = n
+        m.in_channels = m.out_channels = n
+
+
+def _conv_partitions(m: nn.Module) -> int:
+    """Grouped (not depthwise) convs mix channels within ``groups`` partitions."""
+    return int(m.groups) if 1 < m.groups < m.in_channels else 1
 
 
 def _linear_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
@@ -249,6 +317,8 @@ def _conv_handler(rank: int) -> ChannelHandler:
         resize=_conv_resize,
         score_params=("weight",),
         check=_conv_check,
+        partitions=_conv_partitions,
+        local_params={"weight": 1},
     )
 
 
