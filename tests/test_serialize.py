@@ -116,3 +116,32 @@ def test_non_finite_weights_are_refused(tmp_path):
     netcarve.save(m, tmp_path / "ck")
     with pytest.raises(CheckpointError, match="NaN or inf.*fc.weight"):
         netcarve.load(tmp_path / "ck")
+
+
+class _Up(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(torch.relu(self.conv(x))))).mean((2, 3))
+
+
+def test_pruned_conv_transpose_roundtrip(tmp_path):
+    from netcarve.compact import prune_channels
+    from netcarve.models._registry import _MODELS
+
+    register_model("_test_up_serialize", family="test", input_shape=(3, 8, 8))(_Up)
+    try:
+        torch.manual_seed(0)
+        m = netcarve.create_model("_test_up_serialize").eval()
+        x = torch.randn(2, 3, 8, 8)
+        r = prune_channels(m, x, ratio=0.5)
+        assert r.model.up.weight.shape == (4, 3, 3, 3) and r.model.up.output_padding == (1, 1)
+        netcarve.save(r.model, tmp_path / "ck")
+        back = netcarve.load(tmp_path / "ck")
+        assert back.up.output_padding == (1, 1) and torch.equal(back(x), r.model(x))
+    finally:
+        del _MODELS._items["_test_up_serialize"]

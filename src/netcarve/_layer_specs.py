@@ -77,8 +77,16 @@ def _rnn_args(m: nn.Module) -> dict:
     return a
 
 
+def _conv_transpose_args(m: nn.Module) -> dict:
+    a = _conv_args(m)
+    a["output_padding"] = list(m.output_padding)
+    return a
+
+
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer_spec(_t, _conv_args)
+for _t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_layer_spec(_t, _conv_transpose_args)
 for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_layer_spec(_t, _bn_args)
 for _t in (nn.LSTM, nn.GRU, nn.RNN):

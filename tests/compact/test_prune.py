@@ -480,3 +480,75 @@ def test_compact_model_trains():
     loss = model(torch.randn(4, 3, 8, 8)).pow(2).mean()
     loss.backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+class SEBlock(nn.Module):
+    """MobileNetV3 / EfficientNet block: expand, depthwise, squeeze-excitation ``x * scale``, project,
+    residual; the SE gate's fc2 is coupled with the expand conv through the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 24, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.fc1 = nn.Conv2d(24, 6, 1)
+        self.fc2 = nn.Conv2d(6, 24, 1)
+        self.project = nn.Conv2d(24, 8, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.hardswish(self.bn1(self.expand(x)))
+        y = F.hardswish(self.bn2(self.dw(y)))
+        s = F.hardsigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        y = self.bn3(self.project(y * s))
+        return self.fc((x + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "fpgm"])
+def test_squeeze_excitation_gate_is_pruned_with_its_block(criterion):
+    m = randomize_bn(SEBlock())
+    r = prune_channels(m, torch.randn(2, 3, 6, 6), ratio=0.5, criterion=criterion)
+    assert r.groups["expand"].producers == ("expand", "fc2")
+    k = len(r.keep["expand"])
+    assert k == 12 and r.model.fc2.out_channels == k and r.model.fc1.in_channels == k and r.model.dw.groups == k
+    assert r.model.fc2.bias.shape == (k,)
+    assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (3, 6, 6))
+
+
+class UpBlock(nn.Module):
+    """A U-Net up step: ConvTranspose2d (inputs on weight dim 0, outputs on dim 1) upsamples, then is
+    concatenated with the skip and read by a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.skip = nn.Conv2d(3, 4, 3, padding=1)
+        self.out = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        y = self.up(F.relu(self.bn(self.down(x))))
+        return self.out(torch.cat([self.skip(x), F.relu(y)], 1)).mean((2, 3))
+
+
+def test_conv_transpose_is_a_layer():
+    m = randomize_bn(UpBlock())
+    r = prune_channels(m, torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert set(r.keep) == {"down", "up", "skip"}
+    up = r.model.up
+    assert up.in_channels == 4 and up.out_channels == 3 and up.weight.shape == (4, 3, 2, 2) and up.bias.shape == (3,)
+    assert r.model.out.in_channels == 5
+    assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (3, 8, 8))
+
+
+def test_grouped_conv_transpose_is_skipped_with_the_reason():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2), nn.Conv2d(4, 2, 1))
+    gs = build_channel_groups(m, torch.randn(1, 3, 4, 4))
+    reasons = {s.producer: s.reason for s in gs.skipped}
+    assert "grouped / depthwise ConvTranspose2d (groups=2) is not supported yet" in reasons["1"]
+    assert "ConvTranspose2d" in reasons["0"]

@@ -208,8 +208,44 @@ def test_residual_skipped_when_an_addend_is_not_prunable():
     skipped = {s.producer: s for s in gs.skipped}
     assert "to the model input 'x'" in skipped["conv2"].reason
     assert skipped["conv2"].paths[:2] == ("conv2", "bn2")
-    gs = build_channel_groups(Broadcast(), torch.randn(2, 3, 5, 5))
+    gs = build_channel_groups(RankBroadcast(), torch.randn(2, 3, 5, 5))
     assert len(gs) == 0 and all("broadcasting" in s.reason for s in gs.skipped if s.producer != "head")
+
+
+def test_channel_aligned_broadcast_couples_like_a_residual():
+    """``a + b.mean((2, 3), keepdim=True)`` and squeeze-excitation ``x * scale``: the operands' channels are
+    aligned (broadcast over space only), so their producers form one coupled group."""
+    g = build_channel_groups(Broadcast(), torch.randn(2, 3, 5, 5))["conv1"]
+    assert g.coupled and g.producers == ("conv1", "conv2") and g.consumers == ("head",)
+    gs = build_channel_groups(SqueezeExcite(), torch.randn(2, 3, 6, 6))
+    g = gs["conv"]
+    assert g.producers == ("conv", "fc2") and set(g.consumers) == {"fc1", "head"}
+    assert gs["fc1"].consumers == ("fc2",)
+
+
+class RankBroadcast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 1)
+        self.conv2 = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv1(x) + self.conv2(x).mean((0, 2, 3))[:, None, None]).flatten(1)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Conv2d(8, 2, 1)
+        self.fc2 = nn.Conv2d(2, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.head(x * s).mean((2, 3))
 
 
 def test_depthwise_is_pruned_with_its_group():
@@ -280,7 +316,7 @@ def test_custom_handler(scale_handler):
 def test_without_handler_custom_layer_is_traced_through_and_blocks():
     gs = build_channel_groups(WithScale(), torch.randn(2, 3, 5, 5))
     assert len(gs) == 0
-    assert "combined with another tensor" in gs.skipped[0].reason
+    assert "multiplied at mul in scale by view in scale" in gs.skipped[0].reason
 
 
 def test_register_handler_validates():

@@ -20,8 +20,10 @@ its output channels through channel-preserving operations only:
 until it reaches **consumers** (Conv2d with ``groups == 1``, Linear, custom consumers) reading the channels
 on their input dimension.
 
-**Residual adds** (``+``, ``operator.iadd``, ``torch.add``, ``Tensor.add``/``add_``) of same-shape tensors
-couple the channels of every addend and of the sum: the walk goes on through the sum, and every producer
+**Residual adds** (``+``, ``operator.iadd``, ``torch.add``, ``Tensor.add``/``add_``; also ``-`` and ``*``, e.g. the
+squeeze-excitation gate ``x * scale``) of channel-aligned tensors (same rank, same channels; other dims equal
+or broadcast from 1, as ``scale`` of shape ``(N, C, 1, 1)``) couple the channels of every operand and of the
+result: the walk goes on through the sum, and every producer
 whose channels reach the same add (through BatchNorm, activations, identity shortcuts, 1x1 conv shortcuts
 as producers) is merged into one coupled :class:`ChannelGroup` together with the consumers of all the sums
 of the chain (e.g. a whole ResNet stage). The coupled group is skipped when an addend does not come from a
@@ -399,6 +401,19 @@ def _arg(node: fx.Node, pos: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def _channel_aligned(out_shape, shapes, dim: int, n: int) -> bool:
+    """Every operand has the output's rank and its ``n`` channels at ``dim``; other dims equal the
+    output's or are 1 (``x * scale`` with ``scale`` of shape ``(N, C, 1, 1)``)."""
+    if out_shape is None or len(out_shape) <= dim or out_shape[dim] != n:
+        return False
+    for s in shapes:
+        if s is None or len(s) != len(out_shape) or s[dim] != n:
+            return False
+        if any(a != b and a != 1 for i, (a, b) in enumerate(zip(s, out_shape, strict=True)) if i != dim):
+            return False
+    return True
+
+
 def _lcm(values) -> int:
     out = 1
     for v in values:
@@ -432,6 +447,11 @@ class _Walk:
 
 
 _ADD_FUNCS = (operator.add, operator.iadd, torch.add)
+# elementwise products / differences of two channel-aligned tensors couple them like a residual add
+# (squeeze-excitation ``x * scale``); division is left out (a removed divisor channel would be 0 in the
+# masked model)
+_JOIN_FUNCS = (*_ADD_FUNCS, operator.sub, operator.isub, torch.sub, operator.mul, operator.imul, torch.mul)
+_JOIN_METHODS = ("add", "add_", "sub", "sub_", "mul", "mul_")
 _CAT_NODE = re.compile(r"(cat|concat)(_\d+)?")
 _ADD_METHODS = ("add", "add_")
 
@@ -493,8 +513,9 @@ class _GroupWalker:
         tensors = [a for a in _flat_args(user) if _is_tensor_node(a)]
         if sum(1 for a in tensors if a is src) > 1:
             raise _Block(f"combined with itself at {_where(user)}")
-        if out_shape != shape or any(_shape(a) != out_shape for a in tensors):
-            raise _Block(f"added to a tensor of another shape (broadcasting) at {_where(user)}")
+        if not _channel_aligned(out_shape, [_shape(a) for a in tensors], st.dim, int(shape[st.dim])):
+            raise _Block(f"added to / multiplied by a tensor of another shape at {_where(user)} (broadcasting is "
+                         "only followed over non-channel dims of the same rank)")  # fmt: skip
         self._joins.append((user, src, st.dim, st.block))
         key = (user, st.dim, st.block)
         if key in self._seen:
@@ -618,9 +639,15 @@ class _GroupWalker:
             got = {src for src, _, _ in arr}
             for a in _flat_args(add):
                 if _is_tensor_node(a) and a not in got:
-                    is_cat = add.target in (torch.cat, torch.concat)
-                    verb = "concatenated (not along the channels)" if is_cat else "added"
-                    reasons.append(f"{verb} at {_where(add)} to {self._source(a)}, whose channels cannot be "
+                    if add.target in (torch.cat, torch.concat):
+                        verb = "concatenated (not along the channels) at {} to"
+                    elif add.target in (operator.mul, operator.imul, torch.mul, "mul", "mul_"):
+                        verb = "multiplied at {} by"
+                    elif add.target in (operator.sub, operator.isub, torch.sub, "sub", "sub_"):
+                        verb = "combined by a subtraction at {} with"
+                    else:
+                        verb = "added at {} to"
+                    reasons.append(f"{verb.format(_where(add))} {self._source(a)}, whose channels cannot be "
                                    "pruned with this group")  # fmt: skip
         slots: dict[tuple, ChannelSlot] = {}  # one per layer and role (and range, after a concatenation)
         for role in ("producer", "passthrough", "consumer"):
@@ -751,8 +778,8 @@ class _GroupWalker:
             return []
         out_shape = _shape(user)
         if (not is_m and target in _BINARY_FUNCS) or (is_m and target in _BINARY_METHODS):
-            is_add = (not is_m and target in _ADD_FUNCS) or (is_m and target in _ADD_METHODS)
-            if is_add and any(_is_tensor_node(a) and a is not src for a in _flat_args(user)):
+            is_join = (not is_m and target in _JOIN_FUNCS) or (is_m and target in _JOIN_METHODS)
+            if is_join and any(_is_tensor_node(a) and a is not src for a in _flat_args(user)):
                 return self._residual_add(user, st, shape, out_shape)
             self._only_input(user, src)  # the other operand is a Python number (or a size)
             if out_shape != shape:
@@ -996,7 +1023,7 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
         role = handler.role_of(module)
         if role == "opaque":
             reason = handler.reason_opaque(module)
-            if reason and isinstance(module, nn.Conv1d | nn.Conv2d):
+            if reason and isinstance(module, nn.Conv1d | nn.Conv2d | nn.ConvTranspose1d | nn.ConvTranspose2d):
                 entries.append(SkippedGroup(path, (reason,), (path,), int(module.out_channels)))
             seen.add(path)
             continue

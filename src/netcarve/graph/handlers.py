@@ -322,11 +322,32 @@ def _conv_handler(rank: int) -> ChannelHandler:
     )
 
 
+def _conv_transpose_check(m: nn.Module) -> str | None:
+    if m.groups == 1:
+        return None
+    return f"grouped / depthwise {type(m).__name__} (groups={m.groups}) is not supported yet"
+
+
+def _conv_transpose_handler(rank: int) -> ChannelHandler:
+    """A transposed conv's weight is ``(in, out / groups, *kernel)``: inputs on dim 0, outputs on dim 1."""
+    return ChannelHandler(
+        role="layer",
+        in_params={"weight": 0},
+        out_params={"weight": 1, "bias": 0},
+        ndims=(rank,),
+        resize=_conv_resize,
+        score_params=("weight",),
+        check=_conv_transpose_check,
+    )
+
+
 _ELEMENTWISE = ChannelHandler(role="elementwise")
 
 _BUILTIN: dict[type, ChannelHandler] = {
     nn.Conv1d: _conv_handler(3),
     nn.Conv2d: _conv_handler(4),
+    nn.ConvTranspose1d: _conv_transpose_handler(3),
+    nn.ConvTranspose2d: _conv_transpose_handler(4),
     nn.Linear: ChannelHandler(
         role="layer",
         in_params={"weight": 1},
