@@ -5,7 +5,9 @@
     python benchmarks/structural_resnet56.py train --tool torch-pruning
     # 2. latency of dense / netcarve / Torch-Pruning models, interleaved fresh processes per engine
     python benchmarks/structural_resnet56.py latency
-    # 3. collect everything into benchmarks/results/structural_resnet56.json and print the table
+    # 3. optional: per-layer latency summed per stage (where the MACs reduction becomes speed)
+    python benchmarks/structural_resnet56.py profile
+    # 4. collect everything into benchmarks/results/structural_resnet56.json and print the table
     python benchmarks/structural_resnet56.py report
 
 Both tools get the same criterion (L1 norm of the filters), the same MACs target (``--macs-reduction``,
@@ -24,6 +26,13 @@ conv kernels want. Torch-Pruning's ``round_to=8`` cannot reach the target here: 
 width down and leaves a layer whole once that would be 0 (16-channel stage 1 at ratio > 0.5); scanning ratios 0-0.95 its best is
 1.97x; its entry therefore uses ``round_to=1`` (7/15/30, the same widths as netcarve without rounding).
 
+``--groups depth`` removes whole residual blocks instead (``netcarve.compact.prune_blocks``, least loss rise on 8
+training batches first; every remaining layer keeps its width); ``--groups depth+all`` removes blocks for the
+first sqrt(target) of the reduction and channels of every group for the rest. ``--seed`` changes the data order
+and fine-tuning seed. ``train --prune-only`` stops after pruning: its ``pruned`` model is timed by ``latency`` /
+``profile`` like a finished one (latency does not depend on the weights), and ``report`` takes the accuracy of
+such a variant from the committed results (a variant trained on another machine; its row says so).
+
 Needs the shared data (``--data-dir`` or ``NETCARVE_DATA``) and ``pip install torch-pruning``.
 """
 
@@ -32,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -40,7 +50,7 @@ from pathlib import Path
 import torch
 
 import netcarve
-from netcarve.compact import prune_channels, recalibrate_bn
+from netcarve.compact import prune_blocks, prune_channels, recalibrate_bn
 from netcarve.data import make_loaders
 from netcarve.graph import build_channel_groups
 from netcarve.graph.groups import GroupSet
@@ -73,8 +83,21 @@ def _widths(model) -> dict[str, int]:
     return {n: int(m.out_channels) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
 
-def prune_netcarve(base, target: float, groups: str, round_to: int = 1):
+def prune_netcarve(base, target: float, groups: str, round_to: int = 1, loader=None):
     x = example_input(base, batch=1)
+    if groups.startswith("depth"):  # whole residual blocks, least loss rise first (8 training batches)
+        # depth+all: blocks for the first sqrt(target) of the MACs reduction, then all channels for the rest
+        first = target if groups == "depth" else math.sqrt(target)
+        res = prune_blocks(base, x, macs_reduction=first, criterion="loss", loader=loader)
+        info = {"removed_blocks": res.removed, "candidate_blocks": len(res.blocks),
+                "block_scores": {k: round(v, 5) for k, v in res.scores.items()}}  # fmt: skip
+        if groups == "depth":
+            return res.model, info
+        macs0, _ = _macs(base)
+        macs1, _ = _macs(res.model)
+        pr = prune_channels(res.model, x, criterion="l1", macs_reduction=macs1 / (macs0 / target), round_to=round_to)
+        info.update({"ratio": pr.ratio, "round_to": round_to})
+        return pr.model, info
     gs = build_channel_groups(base, x)
     if groups == "inner":
         gs = GroupSet(gs.model_name, groups=[g for g in gs.groups if not g.coupled])
@@ -139,8 +162,10 @@ def cmd_train(a) -> None:
     pruned_dir = work / "pruned"
     if not (pruned_dir / "manifest.json").exists():
         torch.manual_seed(0)
-        prune = prune_netcarve if a.tool == "netcarve" else prune_torch_pruning
-        model, extra = prune(base, a.macs_reduction, a.groups, a.round_to)
+        if a.tool == "netcarve":
+            model, extra = prune_netcarve(base, a.macs_reduction, a.groups, a.round_to, loader=train)
+        else:
+            model, extra = prune_torch_pruning(base, a.macs_reduction, a.groups, a.round_to)
         rec["tool"] = a.tool
         rec["prune"] = extra
         rec["prune_seconds"] = round(time.perf_counter() - t0, 1)
@@ -151,6 +176,9 @@ def cmd_train(a) -> None:
         state.write_text(json.dumps(rec, indent=1))
         _log(f"{a.tool}: pruned ({rec['prune']}), top-1 {rec['top1_pruned']:.2f} -> "
              f"{rec['top1_bn_recalibrated']:.2f} after BN recalibration")  # fmt: skip
+    if a.prune_only:
+        _log(f"{a.tool}: --prune-only: {pruned_dir} holds the pruned architecture (for latency / profile)")
+        return
     model = netcarve.load(pruned_dir)
     cfg = TrainConfig(epochs=a.epochs, batch_size=128, optimizer="sgd", lr=a.lr, momentum=0.9, weight_decay=5e-4,
                       schedule="cosine", seed=a.seed)  # fmt: skip
@@ -175,9 +203,11 @@ def cmd_train(a) -> None:
 def cmd_latency(a) -> None:
     base = _baseline(a.data_dir)
     variants = {"dense": base}
-    for p in sorted(Path(a.work).glob("*/final")):
-        if (p / "manifest.json").exists():
-            variants[p.parent.name] = netcarve.load(p).eval()
+    for d in sorted(Path(a.work).iterdir()):
+        for sub in ("final", "pruned"):  # a variant pruned with --prune-only: its architecture (same shapes)
+            if (d / sub / "manifest.json").exists():
+                variants[d.name] = netcarve.load(d / sub).eval()
+                break
     if len(variants) == 1:
         _log(f"no final models in {a.work} (run `train` first)")
     out = {}
@@ -197,6 +227,70 @@ def cmd_latency(a) -> None:
     _log(f"wrote {path}")
 
 
+def _stage(name: str) -> str:
+    """Per-layer rows -> the part of the network they belong to."""
+    if "shortcut" in name:
+        return "shortcuts"
+    for st in ("layer1", "layer2", "layer3"):
+        if name == st or name.startswith(st + "."):
+            return st
+    return "stem" if name in ("conv1", "bn1", "relu") else "head" if name in ("avgpool", "flatten", "linear") else "other"
+
+
+def cmd_profile(a) -> None:
+    """Per-layer latency of dense and every pruned variant (its ``final`` model, else its ``pruned`` one:
+    same shapes), per engine and batch, summed per stage: where the MACs reduction turns into speed and
+    where it does not."""
+    from netcarve.measure import profile_model
+
+    variants = {"dense": _baseline(a.data_dir)}
+    for d in sorted(Path(a.work).iterdir()):
+        for sub in ("final", "pruned"):
+            if (d / sub / "manifest.json").exists():
+                variants[d.name] = netcarve.load(d / sub).eval()
+                break
+    out = {}
+    for engine in a.engines:
+        if not engine_available(engine):
+            _log(f"{engine} not installed; skipped")
+            continue
+        for batch in a.batches:
+            key = f"{engine}/b{batch}"
+            out[key] = {}
+            for name, model in variants.items():
+                prof = profile_model(model, engine=engine, threads=a.threads, batch=batch)
+                stages: dict[str, dict] = {}
+                for r in prof["layers"]:
+                    st = stages.setdefault(_stage(r["name"]), {"latency_ms": 0.0, "macs": 0})
+                    st["latency_ms"] += r["latency_ms"] or 0.0
+                    st["macs"] += int(r["macs"] or 0)
+                out[key][name] = {"latency_ms": prof["total"]["latency_ms"],
+                                  "per_layer_sum_ms": prof["total"]["per_layer_sum_ms"], "stages": stages,
+                                  "notes": prof["notes"]}  # fmt: skip
+            dense = out[key]["dense"]
+            _log(f"profile {key}:")
+            for name, rec in out[key].items():
+                parts = []
+                for st, v in rec["stages"].items():
+                    d = dense["stages"].get(st, {})
+                    sp = d.get("latency_ms", 0.0) / v["latency_ms"] if v["latency_ms"] else float("nan")
+                    mr = d.get("macs", 0) / v["macs"] if v["macs"] else float("nan")
+                    parts.append(f"{st} {v['latency_ms']:.3f} ms ({sp:.2f}x speed, {mr:.2f}x MACs)")
+                _log(f"  {name}: total {rec['latency_ms']:.3f} ms; " + "; ".join(parts))
+    path = Path(a.work) / "profile.json"
+    path.write_text(json.dumps({"threads": a.threads, "results": out, "env": environment(threads=a.threads)},
+                               indent=1))  # fmt: skip
+    _log(f"wrote {path}")
+
+
+def previous_env_note(row: dict) -> str:
+    """Where a carried-over row was trained (the committed results' environment)."""
+    prev = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    env = prev.get("env") or {}
+    where = ", ".join(str(env[k]) for k in ("cpu_model", "cpu_id") if env.get(k)) or "another machine"
+    return f"an earlier run ({where}); latency re-measured in this run on its pruned architecture"
+
+
 def cmd_report(a) -> None:
     work = Path(a.work)
     lat = json.loads((work / "latency.json").read_text()) if (work / "latency.json").exists() else {}
@@ -205,12 +299,30 @@ def cmd_report(a) -> None:
         rec = json.loads(p.read_text())
         if "top1_final" in rec:
             rows[p.parent.name] = rec
+    # variants trained in an earlier run (another machine) whose work folder here holds only the pruned
+    # architecture (--prune-only): accuracy and training fields come from the committed results
+    previous = {r["variant"]: r for r in json.loads(RESULTS.read_text()).get("rows", [])} if RESULTS.exists() else {}
+    carried = {}
+    for p in sorted(work.glob("*/state.json")):
+        name = p.parent.name
+        if name not in rows and name in previous and "top1" in previous[name]:
+            carried[name] = previous[name]
     if not rows:
         raise SystemExit(f"nothing to report in {work}")
     any_rec = next(iter(rows.values()))
     dense = {"top1": any_rec["base_top1"], "macs": any_rec["base_macs"], "params": any_rec["base_params"]}
     table = []
-    for name in ("dense", *rows):
+    for name in ("dense", *rows, *carried):
+        if name in carried:
+            entry = {k: v for k, v in carried[name].items() if k not in ("latency_ms", "speedup")}
+            entry.setdefault("trained_in", previous_env_note(carried[name]))
+            entry["latency_ms"], entry["speedup"] = {}, {}
+            for key, res in lat.get("results", {}).items():
+                if name in res:
+                    entry["latency_ms"][key] = res[name]["p50_ms"]
+                    entry["speedup"][key] = res["dense"]["p50_ms"] / res[name]["p50_ms"]
+            table.append(entry)
+            continue
         r = rows.get(name)
         macs = dense["macs"] if r is None else r["macs"]
         params = dense["params"] if r is None else r["params"]
@@ -219,7 +331,8 @@ def cmd_report(a) -> None:
                  "latency_ms": {}, "speedup": {}}  # fmt: skip
         if r is not None:
             entry.update({k: r.get(k) for k in ("top1_pruned", "top1_bn_recalibrated", "prune", "widths", "epochs",
-                                                "history", "finetune_seconds_this_process")})  # fmt: skip
+                                                "history", "finetune_seconds_this_process", "groups", "lr",
+                                                "seed", "target_macs_reduction")})  # fmt: skip
         for key, res in lat.get("results", {}).items():
             if name in res:
                 entry["latency_ms"][key] = res[name]["p50_ms"]
@@ -227,8 +340,9 @@ def cmd_report(a) -> None:
         table.append(entry)
     out = {
         "benchmark": "structural_resnet56",
-        "command": "python benchmarks/structural_resnet56.py train --tool netcarve --round-to 8; "
-                   "... train --tool torch-pruning; ... latency; ... report",
+        "command": "python benchmarks/structural_resnet56.py train --tool netcarve --round-to 8 (and every variant's "
+                   "own `train` line: its rows' prune / seed / groups fields); ... train --tool torch-pruning; ... "
+                   "latency; ... profile; ... report",
         "setup": {"criterion": "l1", "groups": any_rec.get("groups"), "target_macs_reduction":
                   any_rec.get("target_macs_reduction"), "epochs": any_rec.get("epochs"), "lr": any_rec.get("lr"),
                   "recovery": "BN recalibration (20 batches) + logit KD (T=4, alpha=0.9) from the dense model, "
@@ -239,6 +353,12 @@ def cmd_report(a) -> None:
         "rows": table,
         "env": lat.get("env") or environment(),
     }  # fmt: skip
+    prof_path = work / "profile.json"
+    if prof_path.exists():  # per-stage latency from `profile` (dense and every variant, one run)
+        prof = json.loads(prof_path.read_text())
+        out["profile"] = {"threads": prof["threads"], "env": prof["env"], "command": "... profile",
+                          "results": {k: {n: {"latency_ms": v["latency_ms"], "stages": v["stages"]}
+                                          for n, v in res.items()} for k, res in prof["results"].items()}}  # fmt: skip
     out["torch_pruning_version"] = _tp_version()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1))
@@ -256,14 +376,19 @@ def cmd_report(a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("train", "latency", "report"):
+    for name in ("train", "latency", "profile", "report"):
         s = sub.add_parser(name)
         s.add_argument("--work", default=os.path.expanduser("~/.cache/netcarve/bench/structural_resnet56"))
         s.add_argument("--data-dir", default=None)
         if name == "train":
             s.add_argument("--tool", choices=TOOLS, required=True)
             s.add_argument("--macs-reduction", type=float, default=2.15)
-            s.add_argument("--groups", choices=["inner", "all"], default="inner")
+            s.add_argument("--groups", choices=["inner", "all", "depth", "depth+all"], default="inner",
+                           help="inner: block-inner channels; all: also the residual channels; depth: remove "
+                                "whole residual blocks (netcarve only); depth+all: blocks for sqrt(target), "
+                                "then all channels")
+            s.add_argument("--prune-only", action="store_true",
+                           help="prune (+ BN recalibration) and stop: the architecture for latency / profile")
             s.add_argument("--round-to", type=int, default=1)
             s.add_argument("--name", default=None, help="variant name (default: TOOL, or TOOL-rN with --round-to N)")
             s.add_argument("--epochs", type=int, default=6)
@@ -271,13 +396,14 @@ def main() -> None:
             s.add_argument("--seed", type=int, default=0, help="data order + fine-tuning seed (pruning is deterministic)")
             s.add_argument("--threads", type=int, default=1)
             s.add_argument("--progress", action="store_true")
-        if name == "latency":
-            s.add_argument("--engines", nargs="+", default=["onnxruntime", "openvino", "torch"])
+        if name in ("latency", "profile"):
+            s.add_argument("--engines", nargs="+", default=["onnxruntime", "openvino", "torch"][: 3 if name == "latency" else 2])
             s.add_argument("--batches", nargs="+", type=int, default=[1, 64])
             s.add_argument("--threads", type=int, default=2)
-            s.add_argument("--processes", type=int, default=3)
+            if name == "latency":
+                s.add_argument("--processes", type=int, default=3)
     a = p.parse_args()
-    {"train": cmd_train, "latency": cmd_latency, "report": cmd_report}[a.cmd](a)
+    {"train": cmd_train, "latency": cmd_latency, "profile": cmd_profile, "report": cmd_report}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ from torch import nn
 
 from ._layer_specs import _LAYER_SPECS, layer_specs, register_layer_spec  # noqa: F401 (re-exported)
 from ._version import __version__
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .utils import atomic_write
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "netcarve.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional "dropped_blocks" (depth pruning); written as 1 without it
 
 
 def _state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -59,15 +59,18 @@ def save(model: nn.Module, directory: str | os.PathLike, metadata: dict | None =
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     sd = _state_dict_for_save(model)
+    dropped = list(getattr(model, "netcarve_dropped_blocks", None) or [])
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if dropped else 1,
         "netcarve_version": __version__,
         "model": {"name": spec["name"], "kwargs": spec.get("kwargs", {})},
         "layers": layer_specs(model),
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in sd.items()},
         "metadata": metadata or {},
     }
+    if dropped:  # residual blocks removed by depth pruning: load() removes them again before the weights
+        manifest["dropped_blocks"] = dropped
     tmp = d / f".{WEIGHTS}.tmp"
     save_file(sd, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, d / WEIGHTS)
@@ -141,6 +144,17 @@ def rebuild(manifest: dict) -> nn.Module:
         model = create_model(name, **manifest["model"].get("kwargs", {}))
     except ConfigError as e:
         raise CheckpointError(f"manifest names model {name!r} which cannot be built: {e}") from None
+    dropped = manifest.get("dropped_blocks") or []
+    if dropped:
+        from .compact.depth import drop_blocks
+        from .models import example_input
+
+        if not isinstance(dropped, list) or not all(isinstance(p, str) for p in dropped):
+            raise CheckpointError("manifest field 'dropped_blocks' must be a list of module paths")
+        try:
+            model = drop_blocks(model, dropped, example_input(model))
+        except (ConfigError, UnsupportedModelError) as e:
+            raise CheckpointError(f"manifest dropped_blocks cannot be removed from {name!r}: {e}") from None
     current = layer_specs(model)
     for path, spec in manifest["layers"].items():
         try:

@@ -45,7 +45,9 @@ def test_prune_without_finetune_measures_two_points(trained_lenet, tmp_path, cap
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--scheme", "nm", "--ratio", "0.5"], "only 'channel'"),
+    (["--scheme", "nm", "--ratio", "0.5"], "'channel' and 'depth' (structural) are"),
+    (["--scheme", "depth", "--ratio", "0.5", "--round-to", "8"], "--scheme depth does not take --round-to"),
+    (["--scheme", "depth", "--latency-ms", "1"], "--scheme depth does not take --latency-ms"),
     (["--ratio", "1.5"], "--ratio must be in (0, 1)"),
     (["--macs-reduction", "0.5"], "--macs-reduction must be > 1"),
     ([], "exactly one of --macs-reduction, --ratio and --latency-ms"),
@@ -132,3 +134,26 @@ def test_prune_latency_target_unreachable_and_exclusive(tmp_path, capsys, monkey
     with pytest.raises(SystemExit) as e:
         main(["prune", "lenet", "--latency-ms", "1", "--ratio", "0.5", "--out", str(tmp_path / "y")])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.data
+def test_prune_depth_removes_blocks_and_saves_them(data_root, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "depth"
+    rc = main(["prune", "resnet20", "--weights", "pretrained", "--data-dir", str(data_root), "--scheme", "depth",
+               "--macs-reduction", "1.3", "--bn-batches", "2", "--batch-size", "64", "--test-subset", "200",
+               "--engine", "torch", "--latency-processes", "1", "--out", str(out), "--no-progress", "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    removed = rep["task"]["removed_blocks"]
+    assert removed and rep["summary"]["macs_reduction"] >= 1.3 and "depth pruning" in rep["task"]["method"]
+    model = netcarve.load(out)
+    assert model.netcarve_dropped_blocks == removed
+    assert sum(p.numel() for p in model.parameters()) == rep["compressed"]["params"]
+
+
+def test_prune_depth_on_a_model_without_blocks_is_a_clear_error(trained_lenet, tmp_path, capsys):
+    rc = main(["prune", str(trained_lenet), "--scheme", "depth", "--ratio", "0.5", "--engine", "torch",
+               "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "has no removable residual block" in capsys.readouterr().err

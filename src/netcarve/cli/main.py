@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--out", required=True, help="run directory: compact model, baseline/, report")
     s.add_argument("--dataset", help="data set for evaluation, recalibration and fine-tuning (default: the model's)")
-    s.add_argument("--scheme", default="channel", help="sparsity scheme (only 'channel' so far)")
+    s.add_argument("--scheme", default="channel",
+                   help="'channel' (default: narrower layers) or 'depth' (remove whole residual blocks, keeping "
+                        "their shortcuts: every remaining layer keeps its width, so latency falls with the MACs)")
+    s.add_argument("--block-criterion", default="loss", choices=["loss", "cosine"],
+                   help="--scheme depth: block importance = loss rise on 8 training batches when the block alone "
+                        "is removed (default), or 1 - cos(block input, output)")
     s.add_argument("--criterion", default="l1", help="channel importance (see netcarve.criteria.list_criteria())")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--macs-reduction", type=float, help="target: baseline MACs / pruned MACs (e.g. 2.0)")

@@ -51,6 +51,10 @@ class CompressSpec:
     # structured-pruning algorithm (netcarve.algorithms.list_algorithms()) and its own options
     algorithm: str = "oneshot"
     algorithm_options: dict = field(default_factory=dict)
+    # "channel" (narrower layers) or "depth" (whole residual blocks removed: compact.prune_blocks; ratio =
+    # fraction of the removable blocks; block_criterion "loss" or "cosine")
+    scheme: str = "channel"
+    block_criterion: str = "loss"
 
     def validate(self) -> None:
         if sum(t is not None for t in (self.macs_reduction, self.ratio, self.latency_ms)) != 1:
@@ -65,6 +69,18 @@ class CompressSpec:
             raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
         if self.finetune_epochs < 0 or self.latency_processes < 1 or self.latency_batch < 1:
             raise ConfigError("--finetune-epochs must be >= 0, latency batch and processes >= 1")
+        if self.scheme not in ("channel", "depth"):
+            raise ConfigError(f"--scheme must be 'channel' or 'depth' for structural pruning, got {self.scheme!r}")
+        if self.scheme == "depth":
+            bad = [flag for flag, on in (("--latency-ms", self.latency_ms is not None),
+                                         ("--round-to", self.round_to != 1),
+                                         ("--global-ranking", self.global_ranking),
+                                         (f"--algorithm {self.algorithm}", self.algorithm != "oneshot")) if on]  # fmt: skip
+            if bad:
+                raise ConfigError(f"--scheme depth does not take {', '.join(bad)} (channel pruning options)")
+            if self.block_criterion not in ("loss", "cosine"):
+                raise ConfigError(f"--block-criterion must be 'loss' or 'cosine', got {self.block_criterion!r}")
+            return
         self._algorithm()  # unknown algorithm / option, or a bad combination (e.g. sfp without epochs)
 
     def _algorithm(self):
@@ -87,6 +103,10 @@ class CompressSpec:
         return algo, job
 
     def describe(self) -> str:
+        if self.scheme == "depth":
+            target = f"{self.macs_reduction:g}x MACs" if self.macs_reduction else f"ratio {self.ratio:g} of the blocks"
+            s = f"depth pruning: residual blocks removed ({self.block_criterion}, {target})"
+            return s + self._recovery()
         if self.algorithm != "oneshot":
             algo, job = self._algorithm()
             return algo.describe(job)
@@ -96,8 +116,10 @@ class CompressSpec:
         else:
             target = f"{self.macs_reduction:g}x MACs" if self.macs_reduction else f"ratio {self.ratio:g}"
         s = f"{self.algorithm} channel pruning ({self.criterion}, {target}, round_to {self.round_to})"
-        if self.bn_recalibration_batches:
-            s += " + BN recalibration"
+        return s + self._recovery()
+
+    def _recovery(self) -> str:
+        s = " + BN recalibration" if self.bn_recalibration_batches else ""
         if self.finetune_epochs:
             s += f" + {'logit KD' if self.distill else 'plain'} fine-tune {self.finetune_epochs} epoch(s)"
         return s
@@ -172,6 +194,12 @@ def compress_and_report(
         accumulate_gradients(base, train_loader, num_batches=spec.gradient_batches)
     if spec.algorithm != "oneshot":
         pass  # pruned, recalibrated and trained by the algorithm
+    elif spec.scheme == "depth":
+        from ..compact import prune_blocks
+
+        pr = prune_blocks(base, example_batch(base, 1), macs_reduction=spec.macs_reduction, ratio=spec.ratio,
+                          criterion=spec.block_criterion, loader=train_loader, protected=spec.protected)
+        log(f"removed {len(pr.removed)} of {len(pr.blocks)} residual blocks: {', '.join(pr.removed)}", tag)
     elif spec.latency_ms is not None:
         from ..compact import prune_to_latency
 
@@ -236,7 +264,8 @@ def compress_and_report(
                                f"{spec.latency_processes} fresh processes (interleaved), best process kept"},
         env=environment(threads=spec.threads),
         task={**(task or {}), "method": spec.describe(), "prune_ratio": pr.ratio,
-              "kept_widths": {g: list(w) for g, w in pr.widths.items()}, **extra_task, "seconds": None},
+              "kept_widths": {g: list(w) for g, w in pr.widths.items()}, **extra_task, "seconds": None,
+              **({"removed_blocks": list(pr.removed)} if spec.scheme == "depth" else {})},
         command=command,
     )
     save(pruned, out, metadata={"accuracy": acc, "macs": c_stats.macs, "report": "report.json",

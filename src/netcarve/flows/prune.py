@@ -43,8 +43,8 @@ def algorithm_options(a) -> tuple[str, dict]:
 
 def prune_cli(a, command: str | None = None) -> dict:
     t0 = time.perf_counter()
-    if a.scheme != "channel":
-        raise ConfigError(f"--scheme {a.scheme!r} is not available yet; only 'channel' (structural) is")
+    if a.scheme not in ("channel", "depth"):
+        raise ConfigError(f"--scheme {a.scheme!r} is not available yet; 'channel' and 'depth' (structural) are")
     base = resolve_model(a.model, a.weights, a.data_dir)
     info = model_info(base)
     ds = a.dataset or info.dataset
@@ -62,6 +62,7 @@ def prune_cli(a, command: str | None = None) -> dict:
         finetune_epochs=a.finetune_epochs, distill=a.distill, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
         engine=a.engine or default_engine(), threads=a.threads, latency_batch=a.batch,
         latency_processes=a.latency_processes, progress=not a.no_progress and not a.json, resume=a.resume,
+        scheme=a.scheme, block_criterion=getattr(a, "block_criterion", "loss"),
     )
     spec.algorithm, spec.algorithm_options = algorithm_options(a)
     if a.distill and not a.finetune_epochs:
