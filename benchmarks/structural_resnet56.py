@@ -200,14 +200,21 @@ def cmd_train(a) -> None:
          f"MACs {rec['base_macs'] / rec['macs']:.2f}x fewer")  # fmt: skip
 
 
-def cmd_latency(a) -> None:
-    base = _baseline(a.data_dir)
+def _variants(work, base) -> dict:
+    """``dense`` and every variant of ``work``: its ``final`` model, else its ``pruned`` one (a variant pruned
+    with --prune-only: the architecture, same shapes)."""
     variants = {"dense": base}
-    for d in sorted(Path(a.work).iterdir()):
-        for sub in ("final", "pruned"):  # a variant pruned with --prune-only: its architecture (same shapes)
+    for d in sorted(Path(work).iterdir()):
+        for sub in ("final", "pruned"):
             if (d / sub / "manifest.json").exists():
                 variants[d.name] = netcarve.load(d / sub).eval()
                 break
+    return variants
+
+
+def cmd_latency(a) -> None:
+    base = _baseline(a.data_dir)
+    variants = _variants(a.work, base)
     if len(variants) == 1:
         _log(f"no final models in {a.work} (run `train` first)")
     out = {}
@@ -243,12 +250,7 @@ def cmd_profile(a) -> None:
     where it does not."""
     from netcarve.measure import profile_model
 
-    variants = {"dense": _baseline(a.data_dir)}
-    for d in sorted(Path(a.work).iterdir()):
-        for sub in ("final", "pruned"):
-            if (d / sub / "manifest.json").exists():
-                variants[d.name] = netcarve.load(d / sub).eval()
-                break
+    variants = _variants(a.work, _baseline(a.data_dir))
     out = {}
     for engine in a.engines:
         if not engine_available(engine):
