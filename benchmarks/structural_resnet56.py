@@ -83,7 +83,7 @@ def _widths(model) -> dict[str, int]:
     return {n: int(m.out_channels) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
 
-def prune_netcarve(base, target: float, groups: str, round_to: int = 1, loader=None):
+def prune_netcarve(base, target: float, groups: str, round_to: int = 1, loader=None, global_ranking: bool = False):
     x = example_input(base, batch=1)
     if groups.startswith("depth"):  # whole residual blocks, least loss rise first (8 training batches)
         # depth+all: blocks for the first sqrt(target) of the MACs reduction, then all channels for the rest
@@ -101,8 +101,10 @@ def prune_netcarve(base, target: float, groups: str, round_to: int = 1, loader=N
     gs = build_channel_groups(base, x)
     if groups == "inner":
         gs = GroupSet(gs.model_name, groups=[g for g in gs.groups if not g.coupled])
-    pr = prune_channels(base, x, criterion="l1", macs_reduction=target, groups=gs, round_to=round_to)
-    return pr.model, {"ratio": pr.ratio, "groups": len(gs.groups), "round_to": round_to}
+    pr = prune_channels(base, x, criterion="l1", macs_reduction=target, groups=gs, round_to=round_to,
+                        global_ranking=global_ranking)
+    return pr.model, {"ratio": pr.ratio, "groups": len(gs.groups), "round_to": round_to,
+                      **({"global_ranking": True} if global_ranking else {})}
 
 
 def prune_torch_pruning(base, target: float, groups: str, round_to: int = 1):
@@ -163,7 +165,8 @@ def cmd_train(a) -> None:
     if not (pruned_dir / "manifest.json").exists():
         torch.manual_seed(0)
         if a.tool == "netcarve":
-            model, extra = prune_netcarve(base, a.macs_reduction, a.groups, a.round_to, loader=train)
+            model, extra = prune_netcarve(base, a.macs_reduction, a.groups, a.round_to, loader=train,
+                                          global_ranking=a.global_ranking)
         else:
             model, extra = prune_torch_pruning(base, a.macs_reduction, a.groups, a.round_to)
         rec["tool"] = a.tool
@@ -389,6 +392,8 @@ def main() -> None:
                            help="inner: block-inner channels; all: also the residual channels; depth: remove "
                                 "whole residual blocks (netcarve only); depth+all: blocks for sqrt(target), "
                                 "then all channels")
+            s.add_argument("--global-ranking", action="store_true",
+                           help="netcarve channel groups: rank channels across groups (per-group widths differ)")
             s.add_argument("--prune-only", action="store_true",
                            help="prune (+ BN recalibration) and stop: the architecture for latency / profile")
             s.add_argument("--round-to", type=int, default=1)
