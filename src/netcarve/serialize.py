@@ -59,7 +59,9 @@ def save(model: nn.Module, directory: str | os.PathLike, metadata: dict | None =
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     sd = _state_dict_for_save(model)
-    dropped = list(getattr(model, "netcarve_dropped_blocks", None) or [])
+    from .compact.depth import DROPPED_ATTR
+
+    dropped = list(getattr(model, DROPPED_ATTR, None) or [])
     manifest = {
         "format": FORMAT,
         "format_version": 2 if dropped else 1,

@@ -23,9 +23,7 @@ data needed), then removes the least important ones until a MACs target or a blo
 
 from __future__ import annotations
 
-import copy
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,15 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..graph.groups import _ADD_FUNCS, _ADD_METHODS, _ELEMENTWISE_FUNCS, _ELEMENTWISE_METHODS
 from ..graph.handlers import get_channel_handler
 from ..graph.trace import _Tracer, short_message
 from .prune import Reductions, _copy_model, _count, _set_submodule
-
-_ADDS = (operator.add, operator.iadd, torch.add)
-_ADD_METHODS = ("add", "add_")
-_ELEMENTWISE_FUNCS = (F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu, torch.relu, F.elu, torch.sigmoid,
-                      torch.tanh, F.dropout)  # fmt: skip
-_ELEMENTWISE_METHODS = ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone")
 
 #: the model attribute / manifest field listing the blocks removed from the registry architecture
 DROPPED_ATTR = "netcarve_dropped_blocks"
@@ -96,8 +89,10 @@ class DepthPruneResult(Reductions):
 
 
 # ------------------------------------------------------------------------------------------ block surgery
-def _record_inputs(model: nn.Module, paths: Sequence[str], example_input) -> dict[str, tuple]:
-    """The positional inputs each block gets in one eval forward pass of ``model`` (first call)."""
+def _record_inputs(model: nn.Module, paths: Sequence[str], example_input, calls: dict[str, int] | None = None
+                   ) -> dict[str, tuple]:  # fmt: skip
+    """The positional inputs each module of ``paths`` gets in one eval forward pass of ``model`` (first
+    call); ``calls``, when given, receives how often each was called."""
     seen: dict[str, tuple] = {}
     handles = []
     for p in paths:
@@ -105,6 +100,8 @@ def _record_inputs(model: nn.Module, paths: Sequence[str], example_input) -> dic
 
         def hook(m, args, p=p):
             seen.setdefault(p, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+            if calls is not None:
+                calls[p] = calls.get(p, 0) + 1
 
         handles.append(mod.register_forward_pre_hook(hook))
     was = {m: m.training for m in model.modules()}
@@ -193,7 +190,7 @@ def _main_path_adds(gm: fx.GraphModule, values: dict) -> list[tuple[fx.Node, fx.
         if prev is not None:
             node = prev
             continue
-        is_add = (node.op == "call_function" and node.target in _ADDS) or (
+        is_add = (node.op == "call_function" and node.target in _ADD_FUNCS) or (
             node.op == "call_method" and node.target in _ADD_METHODS
         )
         tensors = [a for a in node.args[:2] if _is_tensor(values, a)] if is_add else []
@@ -213,16 +210,20 @@ def _main_path_adds(gm: fx.GraphModule, values: dict) -> list[tuple[fx.Node, fx.
 
 
 def _drop(block: nn.Module, path: str, inputs: tuple) -> nn.Module:
-    """``block`` with every residual branch on its main path removed (a GraphModule), or raise
-    UnsupportedModelError saying why it is not a removable block."""
+    """``block`` with every residual branch on its main path removed (a new GraphModule sharing the kept
+    layers; ``block`` itself is not changed), or raise UnsupportedModelError saying why it is not a
+    removable block."""
     gm = _trace(block, path)
     interp = _Values(gm)
     interp.values = {}
-    was = block.training
+    was = {m: m.training for m in block.modules()}
     block.eval()
-    with torch.no_grad():
-        interp.run(*inputs)
-    block.train(was)
+    try:
+        with torch.no_grad():
+            interp.run(*inputs)
+    finally:
+        for m, flag in was.items():
+            m.training = flag
     values = interp.values
     adds = _main_path_adds(gm, values)
     if not adds:
@@ -263,24 +264,17 @@ def find_blocks(model: nn.Module, example_input) -> list[ResidualBlock]:
     """Every removable residual block of ``model`` (the innermost ones; see the module docstring), in order."""
     from ..measure import count_model
 
-    root_calls: dict[str, int] = {}
-    handles = []
-    for p, m in model.named_modules():
-        if p and any(True for _ in m.children()) and get_channel_handler(m) is None:
-            handles.append(m.register_forward_pre_hook(lambda *_, p=p: root_calls.__setitem__(p, root_calls.get(p, 0) + 1)))
-    try:
-        _record_inputs(model, [], example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    candidates = [p for p, n in root_calls.items() if n == 1]
-    inputs = _record_inputs(model, candidates, example_input)
+    containers = [p for p, m in model.named_modules()
+                  if p and any(True for _ in m.children()) and get_channel_handler(m) is None]  # fmt: skip
+    calls: dict[str, int] = {}
+    inputs = _record_inputs(model, containers, example_input, calls)
+    candidates = [p for p in containers if calls.get(p) == 1]  # shared blocks are not removable alone
     cost = {lc.name: lc for lc in count_model(model, example_input).layers} if candidates else {}
     found: list[ResidualBlock] = []
     for p in candidates:
         block = model.get_submodule(p)
         try:
-            dropped = _drop(copy.deepcopy(block), p, inputs[p])
+            dropped = _drop(block, p, inputs[p])
         except UnsupportedModelError:
             continue
         except Exception:  # noqa: BLE001 - a block fx cannot replay alone (e.g. inputs mutated later) is not removable
@@ -309,7 +303,7 @@ def drop_blocks(model: nn.Module, paths: Sequence[str], example_input) -> nn.Mod
         if p not in inputs:
             raise ConfigError(f"drop_blocks: {p} is not called in the forward pass")
         _set_submodule(new, p, _drop(new.get_submodule(p), p, inputs[p]))
-    new.netcarve_dropped_blocks = list(getattr(model, DROPPED_ATTR, [])) + paths  # type: ignore[assignment]
+    setattr(new, DROPPED_ATTR, list(getattr(model, DROPPED_ATTR, [])) + paths)
     return new
 
 
@@ -351,7 +345,7 @@ def score_blocks(model: nn.Module, example_input, blocks: Sequence[ResidualBlock
         scores = {}
         for b in blocks:
             original = model.get_submodule(b.path)
-            _set_submodule(model, b.path, _drop(copy.deepcopy(original), b.path, inputs[b.path]))
+            _set_submodule(model, b.path, _drop(original, b.path, inputs[b.path]))
             try:
                 scores[b.path] = _loss_on(model, batches) - base
             finally:

@@ -23,7 +23,7 @@ from torch import nn
 from ..criteria import resolve_criterion, score_group
 from ..errors import ConfigError, UnsupportedModelError
 from ..graph import ChannelGroup, ChannelSlot, GroupSet, build_channel_groups, get_channel_handler
-from ..graph.handlers import mask_local_
+from ..graph.handlers import mask_local_, partition_local
 
 
 class Reductions:
@@ -97,13 +97,10 @@ def _check_keep(group: ChannelGroup, idx) -> torch.Tensor:
         raise ConfigError(f"group {group.name!r}: kept indices must lie in [0, {n}), got {idx.tolist()}")
     if torch.unique(idx).numel() != idx.numel():
         raise ConfigError(f"group {group.name!r}: kept indices are not unique")
-    parts = group.partitions
-    if parts > 1:
-        counts = torch.bincount(idx // (n // parts), minlength=parts)
-        if int(counts.min()) != int(counts.max()):
-            raise ConfigError(f"group {group.name!r} feeds grouped convs: the kept channels must be spread "
-                              f"evenly over its {parts} partitions of {n // parts}; got {counts.tolist()}")  # fmt: skip
-    return torch.sort(idx).values
+    idx = torch.sort(idx).values
+    if group.partitions > 1:
+        partition_local(idx, n, group.partitions, where=f"group {group.name!r} feeds grouped convs")
+    return idx
 
 
 def select_channels(group: ChannelGroup, scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -206,8 +206,8 @@ def partition_local(keep: torch.Tensor, width: int, parts: int, *, where: str = 
     keep = keep.cpu()
     counts = torch.bincount(keep // per, minlength=parts)
     if width % parts or int(counts.min()) != int(counts.max()):
-        raise ConfigError(f"{where}: the kept channels must be spread evenly over its {parts} channel groups "
-                          f"(grouped conv); got {counts.tolist()} per group")  # fmt: skip
+        raise ConfigError(f"{where}: the kept channels must be spread evenly over its {parts} partitions of "
+                          f"{per} (the groups of a grouped conv); got {counts.tolist()}")  # fmt: skip
     return (keep - (keep // per) * per).view(parts, -1)
 
 
