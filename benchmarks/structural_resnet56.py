@@ -148,6 +148,13 @@ def _tp_version() -> str | None:
         return None
 
 
+def _kd(kind: str) -> KDConfig:
+    """Logit KD (T=4, alpha=0.9); ``logit+feature`` adds FitNets hints on the three stage outputs
+    (1x1 adapters from the pruned widths to the teacher's, weight 1)."""
+    hints = [[s, s] for s in ("layer1", "layer2", "layer3")] if "feature" in kind else []
+    return KDConfig(kind=kind, temperature=4.0, alpha=0.9, feature_weight=1.0, hints=hints)
+
+
 def cmd_train(a) -> None:
     name = a.name or (a.tool if a.round_to == 1 else f"{a.tool}-r{a.round_to}")
     work = Path(a.work) / name
@@ -187,7 +194,7 @@ def cmd_train(a) -> None:
                       schedule="cosine", seed=a.seed)  # fmt: skip
     t1 = time.perf_counter()
     res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=base,
-              kd=KDConfig(kind="logit", temperature=4.0, alpha=0.9), resume=True, progress=a.progress)  # fmt: skip
+              kd=_kd(a.kd), resume=True, progress=a.progress)  # fmt: skip
     model.eval()
     rec["finetune_seconds_this_process"] = round(time.perf_counter() - t1, 1)
     rec["history"] = [h if isinstance(h, dict) else h.to_dict() for h in getattr(res, "history", [])]
@@ -197,6 +204,7 @@ def cmd_train(a) -> None:
     rec["widths"] = _widths(model)
     rec["epochs"], rec["lr"], rec["groups"], rec["target_macs_reduction"] = a.epochs, a.lr, a.groups, a.macs_reduction
     rec["seed"] = a.seed
+    rec["kd"] = a.kd
     netcarve.save(model, work / "final", metadata={"top1": rec["top1_final"]})
     state.write_text(json.dumps(rec, indent=1))
     _log(f"{a.tool}: final top-1 {rec['top1_final']:.2f} (dense {rec['base_top1']:.2f}), "
@@ -400,6 +408,8 @@ def main() -> None:
             s.add_argument("--name", default=None, help="variant name (default: TOOL, or TOOL-rN with --round-to N)")
             s.add_argument("--epochs", type=int, default=6)
             s.add_argument("--lr", type=float, default=0.01)
+            s.add_argument("--kd", choices=["logit", "logit+feature"], default="logit",
+                           help="distillation losses (feature: hints on the three stage outputs)")
             s.add_argument("--seed", type=int, default=0, help="data order + fine-tuning seed (pruning is deterministic)")
             s.add_argument("--threads", type=int, default=1)
             s.add_argument("--progress", action="store_true")

@@ -45,7 +45,7 @@ def test_prune_without_finetune_measures_two_points(trained_lenet, tmp_path, cap
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--scheme", "nm", "--ratio", "0.5"], "'channel' and 'depth' (structural) are"),
+    (["--scheme", "nm", "--ratio", "0.5"], "`netcarve sparsify --scheme nm`"),
     (["--scheme", "depth", "--ratio", "0.5", "--round-to", "8"], "--scheme depth does not take --round-to"),
     (["--scheme", "depth", "--latency-ms", "1"], "--scheme depth does not take --latency-ms"),
     (["--ratio", "1.5"], "--ratio must be in (0, 1)"),

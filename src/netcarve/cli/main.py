@@ -102,6 +102,25 @@ def _cmd_prune(a) -> int:
     return _emit(a, prune_cli(a, command=_command_line()), format_table)
 
 
+def _cmd_sparsify(a) -> int:
+    from ..flows.sparsify import format_sparsify, sparsify_cli
+
+    return _emit(a, sparsify_cli(a, command=_command_line()), format_sparsify)
+
+
+def _cmd_run(a) -> int:
+    from ..flows.sparsify import format_sparsify, run_cli
+
+    return _emit(a, run_cli(a, command=_command_line()), format_sparsify)
+
+
+def _add_run_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--json", action="store_true", help="print report.json instead of the summary")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="netcarve",
@@ -213,6 +232,62 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--increg-increment", type=float, metavar="A",
                    help="increg: largest penalty increment per update (default: reach the target in half the budget)")
     s.set_defaults(fn=_cmd_prune)
+
+    s = sub.add_parser(
+        "sparsify", help="fine-grained sparsity (unstructured, N:M, block, row/column, pattern, PCNN, ...) + "
+                         "masked fine-tune; the model keeps its shapes, with zeros",
+        description="Sparsify the weights of MODEL into one scheme (or a --plan of schemes per layer), reached by "
+                    "--algorithm, recovered by masked fine-tuning (optionally distilled). RUN_DIR gets the dense "
+                    "weights with zeros (model.safetensors + manifest.json), report.json/md and recipe.yaml "
+                    "(replay it with `netcarve run RUN_DIR/recipe.yaml`).")
+    _add_model_args(s)
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--dataset", help="data set (default: the model's own)")
+    s.add_argument("--scheme", default="unstructured",
+                   help="unstructured, nm, block, row, column, rowcol, connectivity, pattern, pcnn, channel_groups "
+                        "(netcarve.sparsity.list_schemes())")
+    s.add_argument("--sparsity", type=float, help="fraction of weights (or of the scheme's groups) zeroed, e.g. 0.9")
+    s.add_argument("--n", type=int, help="nm: non-zeros per run of --m weights (e.g. 2)")
+    s.add_argument("--m", type=int, help="nm: run length (e.g. 4)")
+    s.add_argument("--block", help="block: tile ROWSxCOLS of the GEMM view (default 4x16)")
+    s.add_argument("--patterns", type=int,
+                   help="pattern: library size extracted from the model's 3x3 kernels (4/6/8/12; default 8); "
+                        "pcnn: allowed position patterns per layer (default 16)")
+    s.add_argument("--connectivity", type=float,
+                   help="pattern: kernel reduction factor of connectivity pruning (3.6 keeps 1/3.6 of the kernels)")
+    s.add_argument("--length", type=int, help="pcnn: vector length L (default 9: one 3x3 kernel)")
+    s.add_argument("--keep", type=int, help="pcnn: non-zeros kept per vector")
+    s.add_argument("--groups", type=int, help="channel_groups: number of channel groups")
+    s.add_argument("--layers", nargs="+", metavar="GLOB", help="only these weights (globs on names / module paths)")
+    s.add_argument("--types", nargs="+", metavar="TYPE", help="only these module types (Conv2d, Linear, LSTM, conv, rnn...)")
+    s.add_argument("--exclude", nargs="+", metavar="GLOB", help="leave these weights dense")
+    s.add_argument("--include-first-last", action="store_true",
+                   help="also sparsify the first conv and the last linear layer (default: kept dense)")
+    s.add_argument("--plan", metavar="FILE", help="a YAML/JSON sparsity plan (rules per layer / type) instead of --scheme")
+    s.add_argument("--algorithm", default="oneshot",
+                   help="oneshot (default), agp, admm, reweighted, ssauto (netcarve.sparsity.list_sparsifiers())")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="an algorithm option, e.g. rho=0.01, reg_epochs=3, frequency=100 (repeatable)")
+    s.add_argument("--finetune-epochs", type=int, default=0, help="the whole training budget of the algorithm")
+    s.add_argument("--distill", action="store_true", help="train with logit KD from the dense model")
+    s.add_argument("--lr", type=float, default=0.01)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--bn-batches", type=int, default=0, help="BN recalibration batches after the hard prune")
+    s.add_argument("--train-subset", type=int, help="train on only N training samples")
+    s.add_argument("--test-subset", type=int, help="evaluate on a class-balanced N-sample subset of the test split")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--latency", action="store_true",
+                   help="also time baseline and sparse model in --engine (dense kernels: no speedup expected)")
+    s.add_argument("--engine", default="onnxruntime", choices=["torch", "onnxruntime", "openvino"])
+    s.add_argument("--batch", type=int, default=1, help="batch size for --latency")
+    _add_run_args(s)
+    s.set_defaults(fn=_cmd_sparsify)
+
+    s = sub.add_parser("run", help="run a YAML recipe (model, plan of schemes per layer, algorithm, budget, KD)")
+    s.add_argument("recipe", metavar="RECIPE.yaml")
+    s.add_argument("--out", help="override the recipe's run directory")
+    _add_run_args(s)
+    s.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("train", help="train or fine-tune (optionally with distillation), resumable")
     _add_model_args(s)

@@ -44,7 +44,12 @@ def algorithm_options(a) -> tuple[str, dict]:
 def prune_cli(a, command: str | None = None) -> dict:
     t0 = time.perf_counter()
     if a.scheme not in ("channel", "depth"):
-        raise ConfigError(f"--scheme {a.scheme!r} is not available yet; 'channel' and 'depth' (structural) are")
+        from ..sparsity import list_schemes
+
+        hint = (f"; fine-grained sparsity (the model keeps its shapes, with zeros) is `netcarve sparsify --scheme "
+                f"{a.scheme}`" if a.scheme in list_schemes() else "")
+        raise ConfigError(f"--scheme {a.scheme!r}: netcarve prune removes structure, 'channel' and 'depth' are "
+                          f"its schemes{hint}")
     base = resolve_model(a.model, a.weights, a.data_dir)
     info = model_info(base)
     ds = a.dataset or info.dataset

@@ -1,0 +1,208 @@
+"""Accuracy against weight sparsity, per scheme x algorithm, at a fixed fine-tune budget, on real CIFAR-10.
+
+    # one cell (resumable: rerun the same command after a kill)
+    python benchmarks/sparsity_cifar.py run --model resnet20 --scheme pattern --connectivity 3.6 --algorithm admm
+    # a preset list of cells, one after the other (finished cells are skipped)
+    python benchmarks/sparsity_cifar.py grid --preset resnet20
+    # a block-pruned 2-layer GRU on CIFAR-10 rows (32 steps x 96 features): trains the dense GRU first
+    python benchmarks/sparsity_cifar.py grid --preset gru
+    # collect every finished cell into benchmarks/results/sparsity_cifar.json and print the table
+    python benchmarks/sparsity_cifar.py report
+
+Every cell runs the same code path as ``netcarve sparsify`` (``netcarve.flows.sparsify.run_recipe``): the
+pretrained model (``--weights pretrained``; the GRU: the dense model trained by the ``gru`` preset), the scheme
+on every weight it applies to except the first conv and the last linear layer, the algorithm, then the
+budget: ``--epochs`` (default 4) epochs of SGD (lr 0.01, cosine, momentum 0.9, wd 5e-4, batch 128, crop + flip)
+with logit KD (T=4, alpha=0.9) from the dense model on the full 50k training set, BN recalibration after the
+hard prune (20 batches). For ``admm`` / ``reweighted`` / ``ssauto`` the first half of the budget regularises and
+the second half retrains with the masks fixed. Accuracy is top-1 on the full 10k test set. "compression" is
+dense weights / non-zero weights *of the sparsified layers*; "model compression" counts every parameter.
+
+The work directory (``--work``, default ``~/.cache/netcarve/bench/sparsity_cifar``) keeps one run directory
+per cell (``netcarve eval`` / ``netcarve bench`` work on them). Needs the shared data (``--data-dir`` or
+``NETCARVE_DATA``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "sparsity_cifar.json"
+
+# preset cells: (model, scheme flags, algorithm, sparsity-or-None)
+PRESETS = {
+    "resnet20": [
+        *[("resnet20", {"scheme": "unstructured", "sparsity": s}, a) for s in (0.75, 0.875, 0.9375)
+          for a in ("oneshot", "admm")],
+        ("resnet20", {"scheme": "pattern", "patterns": 8}, "oneshot"),
+        ("resnet20", {"scheme": "pattern", "patterns": 8}, "admm"),
+        ("resnet20", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "oneshot"),
+        ("resnet20", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "admm"),
+        ("resnet20", {"scheme": "nm", "n": 2, "m": 4}, "oneshot"),
+        ("resnet20", {"scheme": "block", "block": "4x16", "sparsity": 0.75}, "oneshot"),
+        ("resnet20", {"scheme": "block", "block": "4x16", "sparsity": 0.75}, "reweighted"),
+        ("resnet20", {"scheme": "pcnn", "length": 9, "keep": 2}, "admm"),
+        ("resnet20", {"scheme": "column", "sparsity": 0.5}, "ssauto"),
+        ("resnet20", {"scheme": "unstructured", "sparsity": 0.875}, "agp"),
+    ],
+    "resnet56": [
+        ("resnet56", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "oneshot"),
+        ("resnet56", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "admm"),
+        ("resnet56", {"scheme": "unstructured", "sparsity": 0.9}, "oneshot"),
+    ],
+    "gru": [
+        ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "oneshot"),
+        ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "admm"),
+        ("gru", {"scheme": "block", "block": "4x16", "sparsity": 0.9}, "admm"),
+    ],
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[sparsity_cifar {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cell_name(model: str, flags: dict, algorithm: str, epochs: int) -> str:
+    parts = [model, flags["scheme"]]
+    for k in ("n", "m", "block", "patterns", "connectivity", "length", "keep", "sparsity"):
+        if flags.get(k) is not None:
+            parts.append(f"{k[0]}{flags[k]}")
+    return "-".join(str(p) for p in parts + [algorithm, f"e{epochs}"])
+
+
+def gru_dense(work: Path, data_dir, epochs: int = 10) -> Path:
+    """Train the dense 2-layer GRU (hidden 128) on CIFAR-10 rows once (resumable); its checkpoint dir."""
+    import netcarve
+    from netcarve.data import make_loaders
+    from netcarve.models import create_model, get_model_info
+    from netcarve.train import TrainConfig, evaluate, fit
+
+    out = work / "gru-dense"
+    if (out / "manifest.json").exists():
+        return out
+    model = create_model("gru")
+    info = get_model_info("gru")
+    train, test = make_loaders("cifar10-rows", info.preprocess, 128, data_dir=data_dir, augment=False, seed=0)
+    cfg = TrainConfig(epochs=epochs, batch_size=128, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
+                      schedule="cosine", grad_clip=1.0)
+    _log(f"training the dense GRU for {epochs} epochs")
+    fit(model, train, test, cfg, out_dir=work / "gru-dense-train", resume=True, progress=False)
+    acc = evaluate(model, test)
+    netcarve.save(model, out, metadata={"accuracy": acc, "epochs": epochs})
+    _log(f"dense GRU: top-1 {acc['top1']:.2f}%")
+    return out
+
+
+def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, data_dir, lr: float = 0.01,
+             options: dict | None = None) -> dict:
+    from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
+
+    name = cell_name(model, flags, algorithm, epochs)
+    out = work / name
+    if (out / "report.json").exists():
+        _log(f"{name}: done already")
+        return json.loads((out / "report.json").read_text())
+    ns = argparse.Namespace(plan=None, layers=None, types=None, exclude=None, include_first_last=False,
+                            **{k: flags.get(k) for k in ("scheme", "sparsity", "n", "m", "block", "patterns",
+                                                         "connectivity", "length", "keep", "groups")})
+    source, weights = model, "pretrained"
+    if model in ("gru", "lstm"):
+        source, weights = str(gru_dense(work, data_dir)), None
+    recipe = SparsifyRecipe.from_dict({
+        "model": source, "weights": weights, "out": str(out), "plan": plan_from_args(ns), "data_dir": data_dir,
+        "algorithm": algorithm, "algorithm_options": options or {},
+        "finetune": {"epochs": epochs, "lr": lr, "batch_size": 128}, "distill": epochs > 0, "bn_batches": 20,
+    })
+    _log(f"{name}: start")
+    rep = run_recipe(recipe, resume=True, progress=False, threads=torch.get_num_threads(),
+                     command="python benchmarks/sparsity_cifar.py run " + " ".join(
+                         f"--{k} {v}" for k, v in {"model": model, **flags, "algorithm": algorithm,
+                                                   "epochs": epochs}.items() if v is not None))
+    return rep
+
+
+def cmd_run(a) -> None:
+    flags = {k: getattr(a, k) for k in ("scheme", "sparsity", "n", "m", "block", "patterns", "connectivity",
+                                        "length", "keep", "groups")}
+    run_cell(Path(a.work), a.model, flags, a.algorithm, a.epochs, a.data_dir, a.lr,
+             {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in (o.split("=", 1) for o in a.option)})
+
+
+def cmd_grid(a) -> None:
+    for model, flags, algorithm in PRESETS[a.preset]:
+        run_cell(Path(a.work), model, flags, algorithm, a.epochs, a.data_dir, a.lr)
+
+
+def cmd_report(a) -> None:
+    from netcarve.measure import environment
+
+    rows = []
+    for d in sorted(Path(a.work).iterdir()):
+        rp = d / "report.json"
+        if not rp.is_file():
+            continue
+        rep = json.loads(rp.read_text())
+        s = rep["task"]["sparsity"]
+        layers = s["layers"]
+        numel = sum(v["numel"] for v in layers.values())
+        nz = sum(v["nonzero"] for v in layers.values())
+        rows.append({
+            "cell": d.name, "model": rep["task"]["model"], "command": rep.get("command"),
+            "scheme": ",".join(sorted({v["scheme"] for v in layers.values()})), "algorithm": s["algorithm"],
+            "options": s["options"], "sparsified_weights": len(layers), "left_dense": len(s["skipped"]),
+            "layer_sparsity": 1 - nz / numel, "compression": numel / max(1, nz),
+            "model_compression": s["compression"], "macs_reduction": s["dense_macs"] / max(1, s["nonzero_macs"]),
+            "top1_dense": rep["baseline"]["top1"], "top1": rep["compressed"]["top1"],
+            "delta_pp": rep["compressed"]["top1"] - rep["baseline"]["top1"], "seconds": rep["task"]["seconds"],
+            "threads": rep["env"].get("threads"), "cpu": rep["env"].get("cpu_model"),
+        })
+    doc = {"benchmark": "sparsity_cifar", "budget": "see module docstring", "rows": rows,
+           "env": environment(threads=torch.get_num_threads())}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(doc, indent=1))
+    head = f"{'cell':<58} {'dense':>6} {'top-1':>6} {'delta':>6} {'compr.':>7} {'MACs':>6}"
+    print(head)
+    for r in rows:
+        print(f"{r['cell']:<58} {r['top1_dense']:6.2f} {r['top1']:6.2f} {r['delta_pp']:+6.2f} "
+              f"{r['compression']:6.2f}x {r['macs_reduction']:5.2f}x")
+    print(f"wrote {RESULTS}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "grid", "report"):
+        s = sub.add_parser(name)
+        s.add_argument("--work", default=os.path.expanduser("~/.cache/netcarve/bench/sparsity_cifar"))
+        s.add_argument("--data-dir", default=None)
+        s.add_argument("--threads", type=int, default=2)
+        if name in ("run", "grid"):
+            s.add_argument("--epochs", type=int, default=4)
+            s.add_argument("--lr", type=float, default=0.01)
+        if name == "run":
+            s.add_argument("--model", default="resnet20")
+            s.add_argument("--scheme", required=True)
+            s.add_argument("--algorithm", default="oneshot")
+            for k in ("sparsity", "connectivity"):
+                s.add_argument(f"--{k}", type=float)
+            for k in ("n", "m", "patterns", "length", "keep", "groups"):
+                s.add_argument(f"--{k}", type=int)
+            s.add_argument("--block")
+            s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+        if name == "grid":
+            s.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    Path(a.work).mkdir(parents=True, exist_ok=True)
+    {"run": cmd_run, "grid": cmd_grid, "report": cmd_report}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
