@@ -39,12 +39,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "sparsity_cifar.json"
 # preset cells: (model, scheme flags, algorithm, sparsity-or-None)
 PRESETS = {
     "resnet20": [
+        ("resnet20", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "oneshot"),
+        ("resnet20", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "admm"),
         *[("resnet20", {"scheme": "unstructured", "sparsity": s}, a) for s in (0.75, 0.875, 0.9375)
           for a in ("oneshot", "admm")],
         ("resnet20", {"scheme": "pattern", "patterns": 8}, "oneshot"),
-        ("resnet20", {"scheme": "pattern", "patterns": 8}, "admm"),
-        ("resnet20", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "oneshot"),
-        ("resnet20", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "admm"),
         ("resnet20", {"scheme": "nm", "n": 2, "m": 4}, "oneshot"),
         ("resnet20", {"scheme": "block", "block": "4x16", "sparsity": 0.75}, "oneshot"),
         ("resnet20", {"scheme": "block", "block": "4x16", "sparsity": 0.75}, "reweighted"),

@@ -192,6 +192,7 @@ def write_report(rep: dict, run_dir: str | os.PathLike) -> dict[str, Path]:
             )
         md.append("")
     md += _latency_target_md((rep.get("task") or {}).get("latency_target"))
+    md += _sparsity_md((rep.get("task") or {}).get("sparsity"))
     env = rep.get("env") or {}
     md += ["## Environment", "", "```", json.dumps(env, indent=1), "```", ""]
     with atomic_write(d / "report.md", "w") as f:
@@ -216,6 +217,25 @@ def _latency_target_md(t: dict | None) -> list[str]:
         runs = ", ".join(f"{v:.4g}" for v in r["measurements_ms"])
         md.append(f"| {r['step']} | {r['role']} | {r['ratio']:.4f} | {r['macs_reduction']:.2f}x | "
                   f"{r['latency_ms']:.4g} | {runs} | {'yes' if r['meets'] else 'no'} |")
+    return md + [""]
+
+
+def _sparsity_md(s: dict | None) -> list[str]:
+    """Per-weight sparsity of a ``netcarve sparsify`` run (``task.sparsity``) as markdown."""
+    if not s:
+        return []
+    t = s["total"]
+    md = ["## Sparsity", "",
+          f"{s['algorithm']}: {t['nonzero']:,} of {t['numel']:,} weights of the sparsified layers kept "
+          f"({t['numel'] / max(1, t['nonzero']):.2f}x fewer); whole model {s['dense_params']:,} -> "
+          f"{s['nonzero_params']:,} non-zero parameters; {s['dense_macs'] / 1e6:.2f}M -> "
+          f"{s['nonzero_macs'] / 1e6:.2f}M MACs multiply a non-zero weight.", "",
+          "| weight | scheme | level | non-zero | sparsity |", "|---|---|---|---|---|"]
+    for name, r in s["layers"].items():
+        lv = "-" if r.get("level") is None else f"{r['level']:.3f}"
+        md.append(f"| {name} | {r['scheme']} | {lv} | {r['nonzero']:,} / {r['numel']:,} | {r['sparsity']:.3f} |")
+    for name, why in (s.get("skipped") or {}).items():
+        md.append(f"| {name} | dense | - | - | {why} |")
     return md + [""]
 
 
