@@ -51,6 +51,20 @@ PRESETS = {
         ("resnet20", {"scheme": "column", "sparsity": 0.5}, "ssauto"),
         ("resnet20", {"scheme": "unstructured", "sparsity": 0.875}, "agp"),
     ],
+    # the two halves of the committed run, one process each (1 thread each on 2 cores)
+    "issue4-a": [
+        ("resnet20", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "oneshot"),
+        *[("resnet20", {"scheme": "unstructured", "sparsity": s}, "oneshot") for s in (0.875, 0.9375, 0.75)],
+        ("resnet20", {"scheme": "nm", "n": 2, "m": 4}, "oneshot"),
+        ("resnet20", {"scheme": "block", "block": "4x16", "sparsity": 0.75}, "oneshot"),
+        ("resnet20", {"scheme": "pattern", "patterns": 8}, "oneshot"),
+    ],
+    "issue4-b": [
+        ("resnet20", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "admm"),
+        *[("resnet20", {"scheme": "unstructured", "sparsity": s}, "admm") for s in (0.875, 0.9375, 0.75)],
+        ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "oneshot"),
+        ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "admm"),
+    ],
     "resnet56": [
         ("resnet56", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "oneshot"),
         ("resnet56", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "admm"),

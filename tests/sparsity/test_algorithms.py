@@ -13,6 +13,7 @@ from netcarve.sparsity import (
     SparsifyJob,
     SparsityPlan,
     agp_level,
+    get_scheme,
     keep_count,
     list_sparsifiers,
     project_all,
@@ -158,3 +159,21 @@ def test_scheme_registry_is_covered():
     from netcarve.sparsity import list_schemes
 
     assert set(SCHEME_PLANS) | {"unstructured"} == set(list_schemes())
+
+
+def test_admm_keeps_one_copy_per_constraint_for_pattern_plus_connectivity(tiny_cnn):
+    from netcarve.sparsity.algorithms import ADMM, _ADMMCallback
+
+    plan = SCHEME_PLANS["pattern"]
+    targets = plan.resolve(tiny_cnn).targets
+    cb = _ADMMCallback(ADMM(), tiny_cnn, targets)
+    pattern_only = get_scheme("pattern")(library=targets[0].scheme.library)
+    for t in targets:
+        z_pattern, z_connect = cb.Z[t.name]
+        pattern_only.validate(z_pattern != 0)  # every kernel keeps a library pattern, none removed
+        assert bool((z_pattern != 0).flatten(2).any(-1).all())
+        kernels = (z_connect != 0).flatten(2).any(-1)  # whole kernels, half of them removed, entries untouched
+        assert kernels.float().mean().item() == pytest.approx(0.5, abs=0.01)
+        w = tiny_cnn.get_parameter(t.name).detach()
+        assert torch.equal(z_connect[kernels], w[kernels])
+        assert len(cb.U[t.name]) == 2
