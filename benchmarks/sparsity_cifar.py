@@ -14,7 +14,7 @@ pretrained model (``--weights pretrained``; the GRU: the dense model trained by 
 on every weight it applies to except the first conv and the last linear layer, the algorithm, then the
 budget: ``--epochs`` (default 4) epochs of SGD (lr 0.01, cosine, momentum 0.9, wd 5e-4, batch 128, crop + flip)
 with logit KD (T=4, alpha=0.9) from the dense model on the full 50k training set, BN recalibration after the
-hard prune (20 batches). For ``admm`` / ``reweighted`` / ``ssauto`` the first half of the budget regularises and
+hard prune (20 batches); the GRU fine-tunes with AdamW (lr 1e-3, wd 1e-4, gradient clip 1) instead. For ``admm`` / ``reweighted`` / ``ssauto`` the first half of the budget regularises and
 the second half retrains with the masks fixed. Accuracy is top-1 on the full 10k test set. "compression" is
 dense weights / non-zero weights *of the sparsified layers*; "model compression" counts every parameter.
 
@@ -126,12 +126,14 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
                             **{k: flags.get(k) for k in ("scheme", "sparsity", "n", "m", "block", "patterns",
                                                          "connectivity", "length", "keep", "groups")})
     source, weights = model, "pretrained"
+    finetune = {"epochs": epochs, "lr": lr, "batch_size": 128}
     if model in ("gru", "lstm"):
         source, weights = str(gru_dense(work, data_dir)), None
+        finetune.update(optimizer="adamw", lr=1e-3, weight_decay=1e-4, grad_clip=1.0)
     recipe = SparsifyRecipe.from_dict({
         "model": source, "weights": weights, "out": str(out), "plan": plan_from_args(ns), "data_dir": data_dir,
         "algorithm": algorithm, "algorithm_options": options or {},
-        "finetune": {"epochs": epochs, "lr": lr, "batch_size": 128}, "distill": epochs > 0, "bn_batches": 20,
+        "finetune": finetune, "distill": epochs > 0, "bn_batches": 20,
     })
     _log(f"{name}: start")
     rep = run_recipe(recipe, resume=True, progress=False, threads=torch.get_num_threads(),

@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--distill", action="store_true", help="train with logit KD from the dense model")
     s.add_argument("--lr", type=float, default=0.01)
     s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    s.add_argument("--grad-clip", type=float, help="max global gradient norm (recurrent models)")
     s.add_argument("--bn-batches", type=int, default=0, help="BN recalibration batches after the hard prune")
     s.add_argument("--train-subset", type=int, help="train on only N training samples")
     s.add_argument("--test-subset", type=int, help="evaluate on a class-balanced N-sample subset of the test split")

@@ -39,6 +39,8 @@ class FinetuneSpec:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     schedule: str = "cosine"
+    optimizer: str = "sgd"  # or "adamw" (recurrent models)
+    grad_clip: float | None = None
 
 
 @dataclass
@@ -103,6 +105,12 @@ class SparsifyRecipe:
         ft = self.finetune
         if int(ft.epochs) < 0 or not (isinstance(ft.lr, (int, float)) and ft.lr > 0) or int(ft.batch_size) < 1:
             raise ConfigError(f"{where}: finetune needs epochs >= 0, lr > 0, batch_size >= 1")
+        if ft.epochs:
+            from ..train import TrainConfig
+
+            TrainConfig(epochs=ft.epochs, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
+                        momentum=ft.momentum, weight_decay=ft.weight_decay, schedule=ft.schedule,
+                        grad_clip=ft.grad_clip)  # its validation names a bad finetune value
         if self.distill and not ft.epochs:
             raise ConfigError(f"{where}: distill needs finetune.epochs > 0")
         if int(self.bn_batches) < 0:
@@ -226,9 +234,9 @@ def run_recipe(recipe: SparsifyRecipe, *, command: str | None = None, resume: bo
         kd = KDConfig.from_dict(recipe.distill)
     train_cfg = None
     if ft.epochs:
-        train_cfg = TrainConfig(epochs=ft.epochs, batch_size=ft.batch_size, optimizer="sgd", lr=ft.lr,
+        train_cfg = TrainConfig(epochs=ft.epochs, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
                                 momentum=ft.momentum, weight_decay=ft.weight_decay, schedule=ft.schedule,
-                                seed=recipe.seed)
+                                grad_clip=ft.grad_clip, seed=recipe.seed)
     algo = get_sparsifier(recipe.algorithm)(**recipe.algorithm_options)
     job = SparsifyJob(model=base, plan=plan, train_loader=train, test_loader=test, train=train_cfg,
                       distill=bool(recipe.distill), kd=kd, bn_batches=recipe.bn_batches,
@@ -393,7 +401,8 @@ def recipe_from_args(a) -> SparsifyRecipe:
     return SparsifyRecipe.from_dict({
         "model": a.model, "out": a.out, "plan": plan_from_args(a), "weights": a.weights, "dataset": a.dataset,
         "data_dir": a.data_dir, "algorithm": a.algorithm, "algorithm_options": opts,
-        "finetune": {"epochs": a.finetune_epochs, "lr": a.lr, "batch_size": a.batch_size},
+        "finetune": {"epochs": a.finetune_epochs, "lr": a.lr, "batch_size": a.batch_size, "optimizer": a.optimizer,
+                     "grad_clip": a.grad_clip},
         "distill": bool(a.distill), "bn_batches": a.bn_batches, "seed": a.seed,
         "train_subset": a.train_subset, "test_subset": a.test_subset, "latency": latency,
     }, where="netcarve sparsify")
