@@ -177,3 +177,16 @@ def test_admm_keeps_one_copy_per_constraint_for_pattern_plus_connectivity(tiny_c
         w = tiny_cnn.get_parameter(t.name).detach()
         assert torch.equal(z_connect[kernels], w[kernels])
         assert len(cb.U[t.name]) == 2
+
+
+def test_resuming_a_different_job_is_refused(tiny_cnn, loader, tmp_path):
+    run_sparsifier("admm", _job(tiny_cnn, loader, out_dir=tmp_path), rho=0.1)
+    with pytest.raises(ConfigError, match="differs in options"):
+        run_sparsifier("admm", _job(tiny_cnn, loader, out_dir=tmp_path, resume=True), rho=0.2)
+    with pytest.raises(ConfigError, match="differs in plan"):
+        run_sparsifier("admm", _job(tiny_cnn, loader, SparsityPlan.single("unstructured", 0.5), out_dir=tmp_path,
+                                    resume=True), rho=0.1)
+    # without --resume a new job simply starts over in the same directory
+    res = run_sparsifier("admm", _job(tiny_cnn, loader, SparsityPlan.single("unstructured", 0.5), out_dir=tmp_path),
+                         rho=0.1)
+    assert abs(res.sparsity - 0.5) < 0.01

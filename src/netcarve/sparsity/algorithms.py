@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,11 +54,13 @@ from torch import nn
 from .._registry import Registry
 from ..errors import CheckpointError, ConfigError
 from ..train import KDConfig, TrainConfig, fit
+from ..utils import atomic_write
 from .masks import apply_masks, effective_weight, get_masks, mask_stats, original_weight, squash
 from .plan import Resolved, SparsityPlan, Target
 from .schemes import SparsityScheme
 
 REGULARIZED = "regularized.safetensors"
+JOB_FILE = "job.json"
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -194,6 +197,7 @@ class Sparsifier:
         job.validate()
         resolved = job.plan.resolve(job.model)
         self.check(job, resolved)
+        self._check_resume(job)
         model = copy.deepcopy(job.model)
         model.train(job.model.training)
         history, events = self._run(job, model, resolved)
@@ -203,6 +207,34 @@ class Sparsifier:
         return SparsifyResult(model=model, algorithm=self.name, options=dict(self.opts), masks=masks,
                               stats=mask_stats(masks), targets=resolved.targets, skipped=resolved.skipped,
                               history=history, events=events)
+
+    def _fingerprint(self, job: SparsifyJob) -> dict:
+        return json.loads(json.dumps({
+            "algorithm": self.name, "options": self.opts, "plan": job.plan.to_dict(),
+            "train": job.train.to_dict() if job.train is not None else None,
+            "distill": bool(job.distill or job.teacher is not None), "bn_batches": int(job.bn_batches),
+        }, default=str))  # fmt: skip
+
+    def _check_resume(self, job: SparsifyJob) -> None:
+        """``out_dir/job.json`` records what the run does; resuming a different job is refused (its committed
+        phases would be reused silently otherwise)."""
+        if job.out_dir is None:
+            return
+        out = Path(job.out_dir)
+        path = out / JOB_FILE
+        new = self._fingerprint(job)
+        if job.resume and path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{path} is corrupt; delete {out} to start over") from None
+            diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if diffs:
+                raise ConfigError(f"cannot resume from {out}: the saved run differs in {', '.join(diffs)} "
+                                  "(start a fresh run without --resume, or use another run directory)")
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "w") as f:
+            json.dump(new, f, indent=1)
 
     def _run(self, job, model, resolved) -> tuple[list, list]:  # pragma: no cover - abstract
         raise NotImplementedError
