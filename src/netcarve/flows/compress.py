@@ -28,9 +28,10 @@ class CompressSpec:
     """What to do to the baseline and how to measure it."""
 
     criterion: str = "l1"
-    macs_reduction: float | None = 2.0
+    # the target: exactly one of macs_reduction, ratio and latency_ms (measured on engine/threads/latency_batch,
+    # compact.prune_to_latency)
+    macs_reduction: float | None = None
     ratio: float | None = None
-    # measured-latency target on engine/threads/latency_batch (set macs_reduction=None): compact.prune_to_latency
     latency_ms: float | None = None
     round_to: int = 1
     protected: list[str] = field(default_factory=list)
