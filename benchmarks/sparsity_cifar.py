@@ -61,9 +61,10 @@ PRESETS = {
     ],
     "issue4-b": [
         ("resnet20", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "admm"),
-        *[("resnet20", {"scheme": "unstructured", "sparsity": s}, "admm") for s in (0.875, 0.9375, 0.75)],
+        ("resnet20", {"scheme": "unstructured", "sparsity": 0.875}, "admm"),
         ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "oneshot"),
         ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "admm"),
+        *[("resnet20", {"scheme": "unstructured", "sparsity": s}, "admm") for s in (0.9375, 0.75)],
     ],
     "resnet56": [
         ("resnet56", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "oneshot"),
@@ -82,12 +83,14 @@ def _log(msg: str) -> None:
     print(f"[sparsity_cifar {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def cell_name(model: str, flags: dict, algorithm: str, epochs: int) -> str:
+def cell_name(model: str, flags: dict, algorithm: str, epochs: int, options: dict | None = None) -> str:
     parts = [model, flags["scheme"]]
     for k in ("n", "m", "block", "patterns", "connectivity", "length", "keep", "sparsity"):
         if flags.get(k) is not None:
             parts.append(f"{k[0]}{flags[k]}")
-    return "-".join(str(p) for p in parts + [algorithm, f"e{epochs}"])
+    parts.append(algorithm)
+    parts += [f"{k}{v}" for k, v in sorted((options or {}).items())]  # non-default algorithm options
+    return "-".join(str(p) for p in parts + [f"e{epochs}"])
 
 
 def gru_dense(work: Path, data_dir, epochs: int = 10) -> Path:
@@ -117,7 +120,7 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
              options: dict | None = None) -> dict:
     from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
 
-    name = cell_name(model, flags, algorithm, epochs)
+    name = cell_name(model, flags, algorithm, epochs, options)
     out = work / name
     if (out / "report.json").exists():
         _log(f"{name}: done already")

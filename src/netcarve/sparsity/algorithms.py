@@ -15,7 +15,10 @@ dense weights with zeros (masks squashed: the handoff to compaction and sparse k
                 constraint of the scheme, two for pattern + connectivity), Z-step = the constraint's projection
                 of ``W + U_c``, U-step ``U_c += W - Z_c`` every ``update_epochs``; ``rho`` multiplied by
                 ``rho_mult`` after each update; then hard pruning (the full scheme's projection) and masked
-                retraining.
+                retraining. Default ``rho``: :func:`auto_rho`, scaled to the budget (a pull that can move the
+                weights into the set within one update period); card A0's 1e-3 assumes hundreds of epochs and
+                barely moves the weights in a few (measured on ResNet-20: ``||W - Z|| / ||W||`` still 0.8 after
+                two epochs at rho 0.01).
 ``reweighted``  cards A4/A5: ``f(W) + lam * sum_g alpha_g ||W_g||^2``, ``alpha_g = 1 / (||W_g||^2 + eps)``
                 refreshed every ``refresh_steps``; ``penalize="outside"`` (A5, default) penalises only the groups
                 the current projection would zero, ``"all"`` every group (A4); then hard pruning and masked
@@ -486,10 +489,17 @@ class AGP(Sparsifier):
 
 
 # ----------------------------------------------------------------------------------------------- admm
+def auto_rho(lr: float, steps_per_update: int) -> float:
+    """``rho`` whose pull ``rho * (W - Z + U)`` alone would shrink a to-be-zeroed weight by about ``1/e`` over one
+    update period of SGD at the average learning rate of a cosine schedule (``lr / 2``):
+    ``rho = 2 / (lr * steps_per_update)``."""
+    return 2.0 / (float(lr) * max(1, int(steps_per_update)))
+
+
 class _ADMMCallback(_HookCallback):
-    def __init__(self, sparsifier, model, targets):
+    def __init__(self, sparsifier, model, targets, auto: float | None = None):
         super().__init__(targets)
-        self.rho = float(sparsifier.opts["rho"])
+        self.rho = float(sparsifier.opts["rho"]) if sparsifier.opts["rho"] is not None else float(auto or 1e-3)
         self.mult = float(sparsifier.opts["rho_mult"])
         self.every = int(sparsifier.opts["update_epochs"])
         self.zeroed_only = sparsifier.opts["penalty"] == "zeroed"
@@ -544,10 +554,11 @@ class _ADMMCallback(_HookCallback):
 @register_sparsifier("admm")
 class ADMM(Sparsifier):
     summary = "ADMM (W/Z/U updates, a copy per constraint), hard prune, masked retraining (card A0)"
-    options = {"rho": 0.01, "rho_mult": 1.5, "update_epochs": 1, "reg_epochs": None, "penalty": "full"}
+    options = {"rho": None, "rho_mult": 1.5, "update_epochs": 1, "reg_epochs": None, "penalty": "full"}
 
     def _check_options(self):
-        if not float(self.opts["rho"]) > 0 or not float(self.opts["rho_mult"]) >= 1.0:
+        rho = self.opts["rho"]
+        if (rho is not None and not float(rho) > 0) or not float(self.opts["rho_mult"]) >= 1.0:
             raise ConfigError("admm: rho must be > 0 and rho_mult >= 1")
         if int(self.opts["update_epochs"]) < 1:
             raise ConfigError("admm: update_epochs must be >= 1")
@@ -556,7 +567,8 @@ class ADMM(Sparsifier):
 
     def _run(self, job, model, resolved):
         reg, retrain = self._split(job)
-        cb = _ADMMCallback(self, model, resolved.targets)
+        auto = auto_rho(job.train.lr, len(job.train_loader) * int(self.opts["update_epochs"]))
+        cb = _ADMMCallback(self, model, resolved.targets, auto=auto)
         hist = self._regularize(job, model, resolved, reg, cb)
         self._hard_prune(job, model, resolved)
         hist += self._train(job, model, retrain, "retrain")
