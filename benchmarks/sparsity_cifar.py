@@ -74,7 +74,8 @@ PRESETS = {
     "gru": [
         ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "oneshot"),
         ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "admm"),
-        ("gru", {"scheme": "block", "block": "4x16", "sparsity": 0.9}, "admm"),
+        ("gru", {"scheme": "block", "block": "4x16", "sparsity": 0.9}, "oneshot"),
+        ("gru", {"scheme": "unstructured", "sparsity": 0.9}, "oneshot"),
     ],
 }
 
