@@ -75,6 +75,10 @@ PRESETS = {
         ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "oneshot"),
         ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "admm"),
         ("gru", {"scheme": "block", "block": "4x16", "sparsity": 0.9}, "oneshot"),
+        ("gru", {"scheme": "block", "block": "4x16", "sparsity": 0.9}, "reweighted"),
+        ("gru", {"scheme": "block", "block": "4x16", "sparsity": 0.75}, "oneshot"),
+        ("gru", {"scheme": "block", "block": "4x16", "sparsity": 0.9, "balanced": True}, "oneshot"),
+        ("gru", {"scheme": "block", "block": "4x16", "sparsity": 0.75, "balanced": True}, "oneshot"),
         ("gru", {"scheme": "unstructured", "sparsity": 0.9}, "oneshot"),
     ],
 }
@@ -89,6 +93,8 @@ def cell_name(model: str, flags: dict, algorithm: str, epochs: int, options: dic
     for k in ("n", "m", "block", "patterns", "connectivity", "length", "keep", "sparsity"):
         if flags.get(k) is not None:
             parts.append(f"{k[0]}{flags[k]}")
+    if flags.get("balanced"):
+        parts.append("balanced")
     parts.append(algorithm)
     parts += [f"{k}{v}" for k, v in sorted((options or {}).items())]  # non-default algorithm options
     return "-".join(str(p) for p in parts + [f"e{epochs}"])
@@ -127,6 +133,7 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
         _log(f"{name}: done already")
         return json.loads((out / "report.json").read_text())
     ns = argparse.Namespace(plan=None, layers=None, types=None, exclude=None, include_first_last=False,
+                            balanced=bool(flags.get("balanced")),
                             **{k: flags.get(k) for k in ("scheme", "sparsity", "n", "m", "block", "patterns",
                                                          "connectivity", "length", "keep", "groups")})
     source, weights = model, "pretrained"
@@ -141,15 +148,25 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
     })
     _log(f"{name}: start")
     rep = run_recipe(recipe, resume=True, progress=False, threads=torch.get_num_threads(),
-                     command="python benchmarks/sparsity_cifar.py run " + " ".join(
-                         f"--{k} {v}" for k, v in {"model": model, **flags, "algorithm": algorithm,
-                                                   "epochs": epochs}.items() if v is not None))
+                     command=_command(model, flags, algorithm, epochs, options))
     return rep
+
+
+def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict | None) -> str:
+    """The ``run`` command line that reproduces a cell."""
+    args = []
+    for k, v in {"model": model, **flags, "algorithm": algorithm, "epochs": epochs}.items():
+        if v is True:
+            args.append(f"--{k}")
+        elif v is not None and v is not False:
+            args.append(f"--{k} {v}")
+    args += [f"--option {k}={v}" for k, v in (options or {}).items()]
+    return "python benchmarks/sparsity_cifar.py run " + " ".join(args)
 
 
 def cmd_run(a) -> None:
     flags = {k: getattr(a, k) for k in ("scheme", "sparsity", "n", "m", "block", "patterns", "connectivity",
-                                        "length", "keep", "groups")}
+                                        "length", "keep", "groups", "balanced")}
     run_cell(Path(a.work), a.model, flags, a.algorithm, a.epochs, a.data_dir, a.lr,
              {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in (o.split("=", 1) for o in a.option)})
 
@@ -214,6 +231,7 @@ def main() -> None:
             for k in ("n", "m", "patterns", "length", "keep", "groups"):
                 s.add_argument(f"--{k}", type=int)
             s.add_argument("--block")
+            s.add_argument("--balanced", action="store_true")
             s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
         if name == "grid":
             s.add_argument("--preset", choices=sorted(PRESETS), required=True)

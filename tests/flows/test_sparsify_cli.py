@@ -101,6 +101,7 @@ def test_recipe_with_rules_per_layer_type(trained_lenet, tmp_path, capsys):
     (["--scheme", "pattern", "--connectivity", "0.5"], "kernel reduction factor"),
     (["--scheme", "block", "--block", "4by4", "--sparsity", "0.5"], "--block must look like"),
     (["--scheme", "unstructured"], "needs a sparsity level"),
+    (["--scheme", "unstructured", "--sparsity", "0.5", "--balanced"], "does not take --balanced"),
     (["--scheme", "unstructured", "--sparsity", "0.5", "--algorithm", "magic"], "unknown sparsity algorithm"),
     (["--scheme", "nm", "--n", "2", "--m", "4", "--algorithm", "agp", "--finetune-epochs", "1"], "fix their own"),
     (["--scheme", "unstructured", "--sparsity", "0.5", "--algorithm", "admm"], "needs at least 1 epoch"),

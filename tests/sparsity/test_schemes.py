@@ -400,7 +400,7 @@ def test_block_ranks_tiles_by_raw_energy():
 
 def test_block_option_forms():
     assert Block("4x16") == Block((4, 16)) == Block([4, 16]) == Block(" 4 X 16 ")
-    assert Block(4).options() == {"block": [4, 4]}
+    assert Block(4).options() == {"block": [4, 4], "balanced": False}
     assert Pattern() == Pattern(library=default_library(8)) != Pattern(library=default_library(4))
 
 
@@ -559,3 +559,32 @@ def test_spm_errors():
                   ids=torch.tensor([0, 1]), values=torch.zeros(2, 2))
     with pytest.raises(ConfigError, match="missing field"):
         SPMWeight.from_dict({"shape": [2, 9]})
+
+
+def test_balanced_block_is_the_exact_projection_per_tile_row():
+    """Brute force over every choice of k tiles in each tile row of a 4x4 weight with 2x2 tiles."""
+    import itertools
+
+    from netcarve.sparsity import make_scheme
+
+    g = torch.Generator().manual_seed(3)
+    s = make_scheme("block", block=[2, 2], balanced=True)
+    assert make_scheme("block", **s.options()) == s and s.options()["balanced"] is True
+    for _trial in range(5):
+        w = torch.randn(4, 4, generator=g)
+        m = s.project(w, 0.5)  # 2 tiles per tile row -> keep 1 per row
+        s.validate(m, 0.5)
+        best = min(
+            float((w * (1 - torch.tensor([[a[0], a[0], a[1], a[1]]] * 2 + [[b[0], b[0], b[1], b[1]]] * 2,
+                                         dtype=torch.float))).pow(2).sum())
+            for a in itertools.permutations([1, 0]) for b in itertools.permutations([1, 0])
+        )
+        assert float((w * ~m).pow(2).sum()) == pytest.approx(best, abs=1e-6)
+        assert bool(m.reshape(2, 2, 2, 2).any(-1).any(1).any(-1).all())  # every row block keeps a tile
+    unbalanced = torch.zeros(4, 4, dtype=torch.bool)
+    unbalanced[:2, :] = True  # both tiles of the first tile row, none of the second
+    with pytest.raises(ConfigError, match="tile row keeps 2 of 2"):
+        s.validate(unbalanced, 0.5)
+    make_scheme("block", block=[2, 2]).validate(unbalanced, 0.5)  # in the plain set
+    with pytest.raises(ConfigError, match="balanced"):
+        make_scheme("block", balanced="yes")

@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, help="nm: non-zeros per run of --m weights (e.g. 2)")
     s.add_argument("--m", type=int, help="nm: run length (e.g. 4)")
     s.add_argument("--block", help="block: tile ROWSxCOLS of the GEMM view (default 4x16)")
+    s.add_argument("--balanced", action="store_true",
+                   help="block: every row of tiles keeps the same number of tiles (RTMobile BSP; no dead rows)")
     s.add_argument("--patterns", type=int,
                    help="pattern: library size extracted from the model's 3x3 kernels (4/6/8/12; default 8); "
                         "pcnn: allowed position patterns per layer (default 16)")

@@ -349,10 +349,11 @@ def plan_from_args(a) -> dict:
     used = {"--sparsity": a.sparsity is not None, "--n": a.n is not None, "--m": a.m is not None,
             "--block": a.block is not None, "--patterns": a.patterns is not None,
             "--connectivity": a.connectivity is not None, "--length": a.length is not None,
-            "--keep": a.keep is not None, "--groups": a.groups is not None}
+            "--keep": a.keep is not None, "--groups": a.groups is not None,
+            "--balanced": bool(getattr(a, "balanced", False))}
     takes = {"unstructured": {"--sparsity"}, "row": {"--sparsity"}, "column": {"--sparsity"},
              "rowcol": {"--sparsity"}, "connectivity": {"--sparsity"}, "nm": {"--n", "--m"},
-             "block": {"--sparsity", "--block"}, "pattern": {"--patterns", "--connectivity"},
+             "block": {"--sparsity", "--block", "--balanced"}, "pattern": {"--patterns", "--connectivity"},
              "pcnn": {"--length", "--keep", "--patterns"}, "channel_groups": {"--sparsity", "--groups"}}
     allowed = takes.get(s)
     if allowed is not None:
@@ -364,7 +365,7 @@ def plan_from_args(a) -> dict:
             raise ConfigError("--scheme nm needs --n and --m (e.g. --n 2 --m 4)")
         opts = {"n": a.n, "m": a.m}
     elif s == "block":
-        opts = {"block": _parse_block(a.block or "4x16")}
+        opts = {"block": _parse_block(a.block or "4x16"), **({"balanced": True} if a.balanced else {})}
     elif s == "pattern":
         opts = {"library_size": a.patterns or 8}
         if a.connectivity is not None:
