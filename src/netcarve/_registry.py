@@ -32,6 +32,18 @@ class Registry(Generic[T]):
             return _add(obj)
         return _add
 
+    def register_subclass(self, name: str, cls, base: type, *, overwrite: bool = False, who: str = "register"):
+        """Register a subclass of ``base`` under ``name`` and set its ``name`` attribute; without ``cls``,
+        return a class decorator. A non-subclass is a ConfigError naming ``who``."""
+
+        def _add(c):
+            if not (isinstance(c, type) and issubclass(c, base)):
+                raise ConfigError(f"{who}({name!r}): expected a {base.__name__} subclass, got {c!r}")
+            c.name = name
+            return self.register(name, c, overwrite=overwrite)
+
+        return _add(cls) if cls is not None else _add
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

@@ -14,6 +14,7 @@ from netcarve.sparsity import (
     SparsityPlan,
     agp_level,
     get_scheme,
+    get_sparsifier,
     keep_count,
     list_sparsifiers,
     project_all,
@@ -190,3 +191,14 @@ def test_resuming_a_different_job_is_refused(tiny_cnn, loader, tmp_path):
     res = run_sparsifier("admm", _job(tiny_cnn, loader, SparsityPlan.single("unstructured", 0.5), out_dir=tmp_path),
                          rho=0.1)
     assert abs(res.sparsity - 0.5) < 0.01
+
+
+def test_registries_refuse_non_subclasses_and_duplicates():
+    from netcarve.sparsity import register_scheme, register_sparsifier
+
+    with pytest.raises(ConfigError, match="expected a SparsityScheme subclass"):
+        register_scheme("not-a-scheme", int)
+    with pytest.raises(ConfigError, match="expected a Sparsifier subclass"):
+        register_sparsifier("not-an-algorithm", dict)
+    with pytest.raises(ConfigError, match="already registered"):
+        register_sparsifier("oneshot", get_sparsifier("oneshot"))

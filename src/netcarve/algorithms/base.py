@@ -210,14 +210,7 @@ _ALGORITHMS: Registry[type[PruningAlgorithm]] = Registry("pruning algorithm")
 
 def register_algorithm(name: str, cls: type[PruningAlgorithm] | None = None, *, overwrite: bool = False):
     """Register a :class:`PruningAlgorithm` subclass under ``name`` (a class decorator without ``cls``)."""
-
-    def _add(c: type[PruningAlgorithm]) -> type[PruningAlgorithm]:
-        if not (isinstance(c, type) and issubclass(c, PruningAlgorithm)):
-            raise ConfigError(f"register_algorithm({name!r}): expected a PruningAlgorithm subclass, got {c!r}")
-        c.name = name
-        return _ALGORITHMS.register(name, c, overwrite=overwrite)
-
-    return _add(cls) if cls is not None else _add
+    return _ALGORITHMS.register_subclass(name, cls, PruningAlgorithm, overwrite=overwrite, who="register_algorithm")
 
 
 def get_algorithm(name: str) -> type[PruningAlgorithm]:

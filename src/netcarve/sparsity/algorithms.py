@@ -289,14 +289,7 @@ _SPARSIFIERS: Registry[type[Sparsifier]] = Registry("sparsity algorithm")
 
 def register_sparsifier(name: str, cls: type[Sparsifier] | None = None, *, overwrite: bool = False):
     """Register a :class:`Sparsifier` subclass under ``name`` (a class decorator without ``cls``)."""
-
-    def _add(c):
-        if not (isinstance(c, type) and issubclass(c, Sparsifier)):
-            raise ConfigError(f"register_sparsifier({name!r}): expected a Sparsifier subclass, got {c!r}")
-        c.name = name
-        return _SPARSIFIERS.register(name, c, overwrite=overwrite)
-
-    return _add(cls) if cls is not None else _add
+    return _SPARSIFIERS.register_subclass(name, cls, Sparsifier, overwrite=overwrite, who="register_sparsifier")
 
 
 def get_sparsifier(name: str) -> type[Sparsifier]:

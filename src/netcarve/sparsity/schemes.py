@@ -200,14 +200,7 @@ _SCHEMES: Registry[type[SparsityScheme]] = Registry("sparsity scheme")
 
 def register_scheme(name: str, cls: type[SparsityScheme] | None = None, *, overwrite: bool = False):
     """Register a :class:`SparsityScheme` subclass under ``name`` (a class decorator without ``cls``)."""
-
-    def _add(c: type[SparsityScheme]) -> type[SparsityScheme]:
-        if not (isinstance(c, type) and issubclass(c, SparsityScheme)):
-            raise ConfigError(f"register_scheme({name!r}): expected a SparsityScheme subclass, got {c!r}")
-        c.name = name
-        return _SCHEMES.register(name, c, overwrite=overwrite)
-
-    return _add(cls) if cls is not None else _add
+    return _SCHEMES.register_subclass(name, cls, SparsityScheme, overwrite=overwrite, who="register_scheme")
 
 
 def get_scheme(name: str) -> type[SparsityScheme]:
