@@ -23,10 +23,11 @@ import yaml
 from torch import nn
 
 from ..errors import ConfigError
-from ..report import ModelStats, build_report, write_report
+from ..report import build_report, write_report
 from ..serialize import save
 from ..utils import atomic_write
 from .common import example_batch, loaders_for, measure_stats, model_info, resolve_model
+from .compress import log as _log
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -138,14 +139,20 @@ def _placeholder_libraries(plan: Any) -> Any:
     return plan
 
 
-def load_recipe(path: str | Path) -> SparsifyRecipe:
+def _read_yaml(path: str | Path, what: str) -> Any:
+    """The parsed YAML (or JSON) file ``path``; ConfigError naming ``what`` when missing or invalid."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"recipe {p} does not exist")
+        raise ConfigError(f"{what} {p} does not exist")
     try:
-        d = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
+
+
+def load_recipe(path: str | Path) -> SparsifyRecipe:
+    p = Path(path)
+    d = _read_yaml(p, "recipe")
     if isinstance(d, dict) and "sparsify" in d and isinstance(d["sparsify"], dict):
         d = {**{k: v for k, v in d.items() if k != "sparsify"}, **d["sparsify"]}
     return SparsifyRecipe.from_dict(d, where=f"recipe {p}")
@@ -193,12 +200,6 @@ def nonzero_macs(model: nn.Module, masks: dict[str, torch.Tensor], dense_macs: d
 
 
 # ----------------------------------------------------------------------------------------------- run
-def _log(msg: str, tag: str) -> None:
-    import sys
-
-    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
-
-
 def run_recipe(recipe: SparsifyRecipe, *, command: str | None = None, resume: bool = False, progress: bool = True,
                threads: int | None = None, tag: str = "netcarve sparsify") -> dict:
     """Run ``recipe`` and write its run directory; returns the report dict."""
@@ -325,23 +326,18 @@ def format_sparsify(rep: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- CLI
 def _parse_block(s: str) -> list[int]:
+    from ..sparsity.schemes import _parse_block as parse
+
     try:
-        a, b = s.lower().split("x")
-        return [int(a), int(b)]
-    except ValueError:
+        return list(parse(s))
+    except ConfigError:
         raise ConfigError(f"--block must look like 4x16 (rows x columns), got {s!r}") from None
 
 
 def plan_from_args(a) -> dict:
     """The one-rule plan of ``netcarve sparsify``'s scheme flags (or ``--plan FILE``)."""
     if getattr(a, "plan", None):
-        p = Path(a.plan)
-        if not p.is_file():
-            raise ConfigError(f"--plan {p} does not exist")
-        try:
-            d = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--plan {p} is not valid YAML/JSON: {e}") from None
+        d = _read_yaml(a.plan, "--plan")
         return d.get("plan", d) if isinstance(d, dict) else d
     s = a.scheme
     opts: dict[str, Any] = {}
@@ -422,4 +418,4 @@ def run_cli(a, command: str | None = None) -> dict:
                       threads=a.threads, tag="netcarve run")
 
 
-__all__ = ["SparsifyRecipe", "load_recipe", "run_recipe", "save_recipe", "format_sparsify", "ModelStats"]
+__all__ = ["SparsifyRecipe", "load_recipe", "run_recipe", "save_recipe", "format_sparsify"]

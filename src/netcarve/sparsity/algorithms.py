@@ -749,21 +749,3 @@ class SSAuto(Sparsifier):
         self._hard_prune(job, model, resolved)
         hist += self._train(job, model, retrain, "retrain")
         return hist, cb.events + ([{"automatic_rates": auto}] if auto else [])
-
-
-__all__ = [
-    "ADMM",
-    "AGP",
-    "OneShot",
-    "Reweighted",
-    "SSAuto",
-    "Sparsifier",
-    "SparsifyJob",
-    "SparsifyResult",
-    "agp_level",
-    "get_sparsifier",
-    "list_sparsifiers",
-    "project_all",
-    "register_sparsifier",
-    "run_sparsifier",
-]

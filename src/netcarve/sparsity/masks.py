@@ -109,11 +109,7 @@ def squash(model: nn.Module) -> nn.Module:
     """Remove every :class:`WeightMask`, leaving ``original * mask`` as a plain parameter (in place)."""
     for name in list(get_masks(model)):
         mod, param = _module(model, name)
-        with torch.no_grad():
-            dense = getattr(mod, param).detach().clone()
-        parametrize.remove_parametrizations(mod, param, leave_parametrized=False)
-        with torch.no_grad():
-            getattr(mod, param).copy_(dense)
+        parametrize.remove_parametrizations(mod, param, leave_parametrized=True)
     return model
 
 

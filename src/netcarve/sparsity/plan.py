@@ -188,7 +188,6 @@ class SparsityPlan:
             lins = [n for n, m, _ in cands if isinstance(m, nn.Linear)]
             first_last = {*convs[:1], *lins[-1:]}
         targets, skipped = [], {}
-        named = set()
         for name, mod, attr in cands:
             w = getattr(mod, attr)
             chosen = None
@@ -200,7 +199,6 @@ class SparsityPlan:
                 continue
             rule, scheme = self.rules[chosen], built[chosen]
             exact = rule.names_exactly(name)
-            named.add(name) if exact else None
             if any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name.rpartition(".")[0], g)
                    for g in self.exclude):  # fmt: skip
                 skipped[name] = "excluded by the plan"

@@ -379,8 +379,9 @@ class _PartitionScheme(SparsityScheme):
         """(entry -> group ids of ``shape``, number of groups)."""
         raise NotImplementedError
 
-    def _select(self, energy: torch.Tensor, k: int) -> torch.Tensor:
-        return topk_mask(energy, k)
+    def _select(self, energy: torch.Tensor, level: float, shape: tuple[int, ...]) -> torch.Tensor:
+        """Kept groups (bool over ``energy``) at ``level`` for a weight of ``shape``: the top ``k`` by energy."""
+        return topk_mask(energy, keep_count(energy.numel(), level))
 
     def group_ids(self, weight):
         self._require(weight)
@@ -393,7 +394,7 @@ class _PartitionScheme(SparsityScheme):
             ids, n = self._partition(tuple(weight.shape), weight.device)
             sq = _sq(weight)
             energy = torch.zeros(n, dtype=sq.dtype, device=sq.device).index_add_(0, ids.reshape(-1), sq.reshape(-1))
-            return self._select(energy, keep_count(n, lv))[ids]
+            return self._select(energy, lv, tuple(weight.shape))[ids]
 
     def _alive(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept entries per group, group sizes) of a bool mask."""
@@ -470,19 +471,12 @@ class Block(_PartitionScheme):
         rows, cols = shape[0], math.prod(shape[1:])
         return -(-rows // self.bh), -(-cols // self.bw)
 
-    def project(self, weight, level=None):
+    def _select(self, energy, level, shape):
         if not self.balanced:
-            return super().project(weight, level)
-        self._require(weight)
-        lv = check_level(self.name, level)
-        with torch.no_grad():
-            ids, n = self._partition(tuple(weight.shape), weight.device)
-            sq = _sq(weight)
-            energy = torch.zeros(n, dtype=sq.dtype, device=sq.device).index_add_(0, ids.reshape(-1), sq.reshape(-1))
-            ntr, ntc = self._grid(tuple(weight.shape))
-            k = keep_count(ntc, lv)
-            keep = torch.stack([topk_mask(e, k) for e in energy.reshape(ntr, ntc)])
-            return keep.reshape(-1)[ids]
+            return super()._select(energy, level, shape)
+        ntr, ntc = self._grid(shape)
+        k = keep_count(ntc, level)
+        return torch.stack([topk_mask(e, k) for e in energy.reshape(ntr, ntc)]).reshape(-1)
 
     def _level_shortfall(self, mask, level):
         if not self.balanced:
@@ -496,11 +490,10 @@ class Block(_PartitionScheme):
 
     def _partition(self, shape, device):
         rows, cols = shape[0], math.prod(shape[1:])
-        ntc = -(-cols // self.bw)
+        ntr, ntc = self._grid(shape)
         tr = torch.arange(rows, device=device) // self.bh
         tc = torch.arange(cols, device=device) // self.bw
-        ids = (tr[:, None] * ntc + tc[None, :]).reshape(shape)
-        return ids, -(-rows // self.bh) * ntc
+        return (tr[:, None] * ntc + tc[None, :]).reshape(shape), ntr * ntc
 
 
 @register_scheme("row")
@@ -578,11 +571,11 @@ class ChannelGroups(_PartitionScheme):
         gid = torch.arange(rows, device=device) // (rows // self.groups)
         return gid[:, None].expand(rows, cols).reshape(shape), self.groups
 
-    def _select(self, energy, k):
+    def _select(self, energy, level, shape):
         if not self.nested:
-            return super()._select(energy, k)
+            return super()._select(energy, level, shape)
         keep = torch.zeros(energy.numel(), dtype=torch.bool, device=energy.device)
-        keep[:k] = True
+        keep[: keep_count(energy.numel(), level)] = True
         return keep
 
     def _check_more(self, alive):
