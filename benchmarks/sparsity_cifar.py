@@ -6,6 +6,8 @@
     python benchmarks/sparsity_cifar.py grid --preset resnet20
     # a block-pruned 2-layer GRU on CIFAR-10 rows (32 steps x 96 features): trains the dense GRU first
     python benchmarks/sparsity_cifar.py grid --preset gru
+    # VGG-16-BN trained here first (20 epochs, bf16 autocast), then pattern + connectivity / unstructured
+    python benchmarks/sparsity_cifar.py grid --preset vgg16 --precision bf16
     # collect every finished cell into benchmarks/results/sparsity_cifar.json and print the table
     python benchmarks/sparsity_cifar.py report
 
@@ -71,6 +73,11 @@ PRESETS = {
         ("resnet56", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "admm"),
         ("resnet56", {"scheme": "unstructured", "sparsity": 0.9}, "oneshot"),
     ],
+    "vgg16": [
+        ("vgg16", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "oneshot"),
+        ("vgg16", {"scheme": "unstructured", "sparsity": 0.9}, "oneshot"),
+        ("vgg16", {"scheme": "pattern", "patterns": 8, "connectivity": 3.6}, "admm"),
+    ],
     "gru": [
         ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "oneshot"),
         ("gru", {"scheme": "block", "block": "16x16", "sparsity": 0.9}, "admm"),
@@ -123,11 +130,42 @@ def gru_dense(work: Path, data_dir, epochs: int = 10) -> Path:
     return out
 
 
+VGG_EPOCHS = 20
+
+
+def vgg16_dense(work: Path, data_dir, epochs: int = VGG_EPOCHS) -> Path:
+    """Train VGG-16-BN on CIFAR-10 from scratch once (resumable); its checkpoint dir.
+
+    SGD (lr 0.05, momentum 0.9, wd 5e-4, cosine), batch 128, crop + flip, bf16 autocast + channels-last
+    (about 175 s per epoch on 2 threads here instead of ~390 s in fp32); evaluated in fp32."""
+    import netcarve
+    from netcarve.data import make_loaders
+    from netcarve.models import create_model, get_model_info
+    from netcarve.train import TrainConfig, evaluate, fit
+    from netcarve.utils import seed_everything
+
+    out = work / "vgg16-dense"
+    if (out / "manifest.json").exists():
+        return out
+    seed_everything(0)
+    model = create_model("vgg16_bn")
+    info = get_model_info("vgg16_bn")
+    train, test = make_loaders("cifar10", info.preprocess, 128, data_dir=data_dir, augment=True, seed=0)
+    cfg = TrainConfig(epochs=epochs, batch_size=128, optimizer="sgd", lr=0.05, weight_decay=5e-4,
+                      schedule="cosine", precision="bf16", channels_last=True)
+    _log(f"training VGG-16 for {epochs} epochs")
+    fit(model, train, test, cfg, out_dir=work / "vgg16-dense-train", resume=True, progress=False)
+    acc = evaluate(model, test)
+    netcarve.save(model, out, metadata={"accuracy": acc, "epochs": epochs, "train": cfg.to_dict()})
+    _log(f"dense VGG-16: top-1 {acc['top1']:.2f}%")
+    return out
+
+
 def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, data_dir, lr: float = 0.01,
-             options: dict | None = None) -> dict:
+             options: dict | None = None, precision: str = "fp32") -> dict:
     from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
 
-    name = cell_name(model, flags, algorithm, epochs, options)
+    name = cell_name(model, flags, algorithm, epochs, options) + ("-bf16" if precision == "bf16" else "")
     out = work / name
     if (out / "report.json").exists():
         _log(f"{name}: done already")
@@ -138,6 +176,10 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
                                                          "connectivity", "length", "keep", "groups")})
     source, weights = model, "pretrained"
     finetune = {"epochs": epochs, "lr": lr, "batch_size": 128}
+    if precision == "bf16":
+        finetune.update(precision="bf16", channels_last=model not in ("gru", "lstm"))
+    if model == "vgg16":
+        source, weights = str(vgg16_dense(work, data_dir)), None
     if model in ("gru", "lstm"):
         source, weights = str(gru_dense(work, data_dir)), None
         finetune.update(optimizer="adamw", lr=1e-3, weight_decay=1e-4, grad_clip=1.0)
@@ -148,14 +190,16 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
     })
     _log(f"{name}: start")
     rep = run_recipe(recipe, resume=True, progress=False, threads=torch.get_num_threads(),
-                     command=_command(model, flags, algorithm, epochs, options))
+                     command=_command(model, flags, algorithm, epochs, options, precision))
     return rep
 
 
-def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict | None) -> str:
+def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict | None,
+             precision: str = "fp32") -> str:
     """The ``run`` command line that reproduces a cell."""
     args = []
-    for k, v in {"model": model, **flags, "algorithm": algorithm, "epochs": epochs}.items():
+    extra = {"precision": precision} if precision != "fp32" else {}
+    for k, v in {"model": model, **flags, "algorithm": algorithm, "epochs": epochs, **extra}.items():
         if v is True:
             args.append(f"--{k}")
         elif v is not None and v is not False:
@@ -168,12 +212,13 @@ def cmd_run(a) -> None:
     flags = {k: getattr(a, k) for k in ("scheme", "sparsity", "n", "m", "block", "patterns", "connectivity",
                                         "length", "keep", "groups", "balanced")}
     run_cell(Path(a.work), a.model, flags, a.algorithm, a.epochs, a.data_dir, a.lr,
-             {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in (o.split("=", 1) for o in a.option)})
+             {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in (o.split("=", 1) for o in a.option)},
+             a.precision)
 
 
 def cmd_grid(a) -> None:
     for model, flags, algorithm in PRESETS[a.preset]:
-        run_cell(Path(a.work), model, flags, algorithm, a.epochs, a.data_dir, a.lr)
+        run_cell(Path(a.work), model, flags, algorithm, a.epochs, a.data_dir, a.lr, precision=a.precision)
 
 
 def cmd_report(a) -> None:
@@ -222,6 +267,8 @@ def main() -> None:
         if name in ("run", "grid"):
             s.add_argument("--epochs", type=int, default=4)
             s.add_argument("--lr", type=float, default=0.01)
+            s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                           help="bf16: fine-tune under bf16 autocast + channels-last (~2x faster here)")
         if name == "run":
             s.add_argument("--model", default="resnet20")
             s.add_argument("--scheme", required=True)

@@ -1,9 +1,11 @@
 """Pieces of the sparsify flow: non-zero MAC counting, pattern library materialisation, recipe round trip."""
 
+import pytest
 import torch
 import yaml
 from torch import nn
 
+from netcarve.errors import ConfigError
 from netcarve.flows.sparsify import SparsifyRecipe, load_recipe, materialize_plan, nonzero_macs, save_recipe
 from netcarve.measure import count_model
 from netcarve.sparsity import extract_pattern_library
@@ -41,7 +43,11 @@ def test_recipe_yaml_round_trip(tmp_path):
     r = SparsifyRecipe.from_dict({"model": "lenet", "out": str(tmp_path / "o"), "algorithm": "admm",
                                   "algorithm_options": {"rho": 0.02},
                                   "plan": {"rules": [{"scheme": "block", "options": {"block": [4, 4]}, "sparsity": 0.5}]},
-                                  "finetune": {"epochs": 3}, "distill": True})
+                                  "finetune": {"epochs": 3, "precision": "bf16", "channels_last": True},
+                                  "distill": True})
+    assert r.finetune.train_config(seed=4).to_dict() == {
+        **r.finetune.train_config().to_dict(), "seed": 4}
+    assert (r.finetune.train_config().precision, r.finetune.train_config().channels_last) == ("bf16", True)
     save_recipe(r, tmp_path / "r.yaml")
     back = load_recipe(tmp_path / "r.yaml")
     assert back.to_dict() == r.to_dict()
@@ -49,3 +55,10 @@ def test_recipe_yaml_round_trip(tmp_path):
     d = yaml.safe_load((tmp_path / "r.yaml").read_text())
     (tmp_path / "n.yaml").write_text(yaml.safe_dump({"model": d.pop("model"), "out": d.pop("out"), "sparsify": d}))
     assert load_recipe(tmp_path / "n.yaml").to_dict() == r.to_dict()
+
+
+def test_recipe_rejects_a_bad_precision(tmp_path):
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16"):
+        SparsifyRecipe.from_dict({"model": "lenet", "out": str(tmp_path / "o"),
+                                  "plan": {"rules": [{"scheme": "unstructured", "sparsity": 0.5}]},
+                                  "finetune": {"epochs": 1, "precision": "fp16"}})

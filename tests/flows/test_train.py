@@ -2,6 +2,7 @@ import json
 
 import netcarve
 from netcarve.cli.main import main
+from netcarve.train import read_train_state
 
 
 def test_train_cli_writes_checkpoint_and_resumes(tmp_path, capsys):
@@ -28,9 +29,12 @@ def test_train_cli_distills_from_a_checkpoint(tmp_path, capsys):
                  "--json"]) == 0
     capsys.readouterr()
     assert main(["train", "lenet", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "student"),
-                 "--teacher", str(teacher), "--distill", "logit", "--no-progress", "--json"]) == 0
+                 "--teacher", str(teacher), "--distill", "logit", "--no-progress", "--json",
+                 "--precision", "bf16", "--channels-last"]) == 0
     rec = json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[0])
     assert "train_kd" in rec  # the distillation term was part of the loss
+    cfg = read_train_state(tmp_path / "student")["config"]
+    assert (cfg["precision"], cfg["channels_last"]) == ("bf16", True)
 
 
 def test_train_cli_bad_hint_is_clear(tmp_path, capsys):

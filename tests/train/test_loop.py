@@ -354,3 +354,55 @@ def test_progress_switch(monkeypatch):
     assert _progress_enabled(True) and not _progress_enabled(False)
     monkeypatch.setenv("NETCARVE_NO_PROGRESS", "1")
     assert not _progress_enabled(True)
+
+
+# ------------------------------------------------------------------------------- precision / layout
+
+
+def _inner_conv(model: nn.Module) -> nn.Module:
+    # a conv with several input channels (a 1-channel input is contiguous in both memory formats)
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
+
+
+@pytest.mark.parametrize("precision,channels_last", [("fp32", False), ("bf16", True)])
+def test_fit_precision_and_memory_format(tmp_path, precision, channels_last):
+    train, test = digits_loaders(batch_size=64, seed=0, augment=False)
+    model = lenet(16, seed=0)
+    seen = []
+
+    def hook(mod, inp, out):
+        if mod.training:
+            seen.append((out.dtype, inp[0].is_contiguous(memory_format=torch.channels_last)))
+
+    h = _inner_conv(model).register_forward_hook(hook)
+    cfg = TrainConfig(epochs=3, precision=precision, channels_last=channels_last, **SMALL)
+    res = fit(model, train, test, cfg, out_dir=tmp_path, progress=False)
+    h.remove()
+    want_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen and all(s == (want_dtype, channels_last) for s in seen)
+    assert res.final["val_top1"] > 85.0  # bf16 autocast trains as well as fp32 on this task
+    # the model comes back in the default layout, fp32, and evaluation is fp32
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    assert evaluate(model, test)["top1"] == pytest.approx(res.final["val_top1"])
+    assert read_train_state(tmp_path)["config"]["precision"] == precision
+
+
+def test_precision_config_and_resume(tmp_path):
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="channels_last must be true or false"):
+        TrainConfig(channels_last="yes")
+    train, test = _small_loaders()
+    cfg = TrainConfig(epochs=1, **SMALL)
+    fit(lenet(8), train, test, cfg, out_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match=r"precision \(saved 'fp32', given 'bf16'\)"):
+        fit(lenet(8), train, test, cfg.replace(epochs=2, precision="bf16"), out_dir=tmp_path, resume=True,
+            progress=False)
+    # a state written before these fields existed resumes with their defaults
+    sp = tmp_path / "train_state" / "state.json"
+    state = json.loads(sp.read_text())
+    for k in ("precision", "channels_last"):
+        del state["config"][k]
+    sp.write_text(json.dumps(state))
+    res = fit(lenet(8), train, test, cfg.replace(epochs=2), out_dir=tmp_path, resume=True, progress=False)
+    assert res.resumed_from == 1 and len(res.history) == 2

@@ -42,6 +42,17 @@ class FinetuneSpec:
     schedule: str = "cosine"
     optimizer: str = "sgd"  # or "adamw" (recurrent models)
     grad_clip: float | None = None
+    precision: str = "fp32"  # or "bf16" (autocast; ~2x faster on CPUs with native bf16)
+    channels_last: bool = False
+
+    def train_config(self, seed: int = 0):
+        """The :class:`~netcarve.train.TrainConfig` of this budget (its validation names a bad value)."""
+        from ..train import TrainConfig
+
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
+                           momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule,
+                           grad_clip=self.grad_clip, precision=self.precision,
+                           channels_last=self.channels_last, seed=seed)
 
 
 @dataclass
@@ -107,11 +118,7 @@ class SparsifyRecipe:
         if int(ft.epochs) < 0 or not (isinstance(ft.lr, (int, float)) and ft.lr > 0) or int(ft.batch_size) < 1:
             raise ConfigError(f"{where}: finetune needs epochs >= 0, lr > 0, batch_size >= 1")
         if ft.epochs:
-            from ..train import TrainConfig
-
-            TrainConfig(epochs=ft.epochs, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
-                        momentum=ft.momentum, weight_decay=ft.weight_decay, schedule=ft.schedule,
-                        grad_clip=ft.grad_clip)  # its validation names a bad finetune value
+            ft.train_config()
         if self.distill and not ft.epochs:
             raise ConfigError(f"{where}: distill needs finetune.epochs > 0")
         if int(self.bn_batches) < 0:
@@ -205,7 +212,7 @@ def run_recipe(recipe: SparsifyRecipe, *, command: str | None = None, resume: bo
     """Run ``recipe`` and write its run directory; returns the report dict."""
     from ..measure import count_model, environment
     from ..sparsity import SparsifyJob, SparsityPlan, get_sparsifier
-    from ..train import KDConfig, TrainConfig, evaluate
+    from ..train import KDConfig, evaluate
 
     t0 = time.perf_counter()
     recipe.validate()
@@ -233,11 +240,7 @@ def run_recipe(recipe: SparsifyRecipe, *, command: str | None = None, resume: bo
     kd = None
     if isinstance(recipe.distill, dict):
         kd = KDConfig.from_dict(recipe.distill)
-    train_cfg = None
-    if ft.epochs:
-        train_cfg = TrainConfig(epochs=ft.epochs, batch_size=ft.batch_size, optimizer=ft.optimizer, lr=ft.lr,
-                                momentum=ft.momentum, weight_decay=ft.weight_decay, schedule=ft.schedule,
-                                grad_clip=ft.grad_clip, seed=recipe.seed)
+    train_cfg = ft.train_config(recipe.seed) if ft.epochs else None
     algo = get_sparsifier(recipe.algorithm)(**recipe.algorithm_options)
     job = SparsifyJob(model=base, plan=plan, train_loader=train, test_loader=test, train=train_cfg,
                       distill=bool(recipe.distill), kd=kd, bn_batches=recipe.bn_batches,
@@ -399,7 +402,7 @@ def recipe_from_args(a) -> SparsifyRecipe:
         "model": a.model, "out": a.out, "plan": plan_from_args(a), "weights": a.weights, "dataset": a.dataset,
         "data_dir": a.data_dir, "algorithm": a.algorithm, "algorithm_options": opts,
         "finetune": {"epochs": a.finetune_epochs, "lr": a.lr, "batch_size": a.batch_size, "optimizer": a.optimizer,
-                     "grad_clip": a.grad_clip},
+                     "grad_clip": a.grad_clip, "precision": a.precision, "channels_last": a.channels_last},
         "distill": bool(a.distill), "bn_batches": a.bn_batches, "seed": a.seed,
         "train_subset": a.train_subset, "test_subset": a.test_subset, "latency": latency,
     }, where="netcarve sparsify")

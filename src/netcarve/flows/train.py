@@ -18,7 +18,8 @@ def train_cli(a) -> dict:
     info = model_info(model)
     ds = a.dataset or info.dataset
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
-                      weight_decay=a.weight_decay, schedule=a.schedule, label_smoothing=a.label_smoothing,
+                      weight_decay=a.weight_decay, schedule=a.schedule, label_smoothing=a.label_smoothing, precision=a.precision,
+                      channels_last=a.channels_last,
                       seed=a.seed)
     teacher, kd = None, None
     if a.teacher:

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("fp32", "bf16")
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -102,6 +103,13 @@ class TrainConfig:
             seed it yourself with :func:`netcarve.utils.seed_everything`).
         grad_clip: max global gradient L2 norm, or ``None`` for no clipping.
         log_every: update the progress bar / debug log every this many steps.
+        precision: ``"fp32"`` or ``"bf16"``: the forward passes (student and teacher) and their
+            gradients under ``torch.autocast("cpu", torch.bfloat16)``; weights, optimizer state and
+            the loss stay fp32, and evaluation is always fp32. About 2x faster training on CPUs with
+            native bf16 (AVX512-BF16 / AMX; measured here for ResNet-56 and VGG-16), much slower on
+            CPUs without it (a warning says so).
+        channels_last: train convolutional models in the channels-last memory format (oneDNN's fast
+            layout on CPU; 1.2-1.3x here); the model is returned in the default format.
     """
 
     epochs: int = 10
@@ -119,6 +127,8 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float | None = None
     log_every: int = 50
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -146,6 +156,8 @@ class TrainConfig:
         if self.grad_clip is not None:
             self.grad_clip = _float(o, "grad_clip", self.grad_clip, lo=0.0, lo_open=True)
         self.log_every = _int(o, "log_every", self.log_every, 1)
+        self.precision = _choice(o, "precision", self.precision, PRECISIONS)
+        self.channels_last = _bool(o, "channels_last", self.channels_last)
         return self
 
     def to_dict(self) -> dict[str, Any]:

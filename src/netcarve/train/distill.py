@@ -225,7 +225,7 @@ class FeatureKD(DistillLoss):
         total = b.student_logits.new_zeros(())
         for (s, t), adapter in zip(pairs, self.adapters):
             fs, ft = b.student_features[s], b.teacher_features[t]
-            total = total + F.mse_loss(adapter(fs), ft.detach())
+            total = total + F.mse_loss(adapter(fs).float(), ft.detach().float())
         feat = total / len(pairs)
         return {"loss": self.kd.feature_weight * feat, "feature": feat.detach()}
 
@@ -234,13 +234,15 @@ class FeatureKD(DistillLoss):
 
 
 def _logits(out) -> torch.Tensor:
-    """Accept a tensor, a tuple/list whose first element is the logits, or a dict with ``"logits"``."""
+    """Accept a tensor, a tuple/list whose first element is the logits, or a dict with ``"logits"``.
+
+    Returned as fp32 (a no-op in fp32; under bf16 autocast the losses are computed in fp32)."""
     if isinstance(out, torch.Tensor):
-        return out
+        return out.float()
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
+        return out[0].float()
     if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
+        return out["logits"].float()
     raise ConfigError(
         f"model output must be a logits tensor (or a tuple/dict holding one), got {type(out).__name__}"
     )

@@ -75,6 +75,13 @@ class TrainResult:
 # -------------------------------------------------------------------------------------------- evaluate
 
 
+def _native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -171,7 +178,8 @@ def _append_metrics(out: Path, rec: dict[str, Any]) -> None:
 
 
 def _check_resumable(saved: dict, config: TrainConfig, kd: KDConfig | None, steps: int, where: Path) -> None:
-    old = saved.get("config") or {}
+    # fields a run saved by an older netcarve lacks count as their defaults
+    old = {**TrainConfig().to_dict(), **(saved.get("config") or {})}
     new = config.to_dict()
     diffs = [
         f"{k} (saved {old.get(k)!r}, given {new.get(k)!r})"
@@ -298,6 +306,15 @@ def fit(
 
     was_training = model.training
     seed_everything(config.seed)
+    if config.precision == "bf16" and not _native_bf16():
+        logger.warning(
+            "TrainConfig.precision='bf16' on a CPU without native bf16 (AVX512-BF16 / AMX): autocast will "
+            "emulate it and train slower than fp32"
+        )
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
     if teacher is not None:
         if kd.hints and example_input is None:
             example_input = _zoo_example(model)
@@ -418,6 +435,10 @@ def fit(
     finally:
         task.close()
         model.train(was_training)
+        if config.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+            if teacher is not None:
+                teacher.to(memory_format=torch.contiguous_format)
 
     final = history[-1] if history else None
     best = final
@@ -437,9 +458,13 @@ def _run_epoch(task, model, loader, optimizer, scheduler, params, config, epoch,
     device = _device(model)
     sums: dict[str, float] = {}
     n = correct = 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     for step, (x, y) in enumerate(loader):
         x, y = x.to(device), y.to(device)
-        out = task(x, y)
+        if config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            out = task(x, y)
         loss = out["loss"]
         lv = float(loss.detach())
         if not math.isfinite(lv):
