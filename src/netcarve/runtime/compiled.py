@@ -1,0 +1,231 @@
+"""``netcarve.runtime.compile``: a model (or a saved run) -> one native callable, sparse where it is faster.
+
+Steps: lower the eval-mode model to a plan (:mod:`netcarve.runtime.plan`: BN folded, ReLU / residual
+additions fused), build it natively, then autotune: the whole plan is profiled once with every conv dense
+and once with every conv sparse (the same activations flow through both), and each conv keeps the faster
+kernel on this CPU at the example's shape. Decisions are cached per CPU model, thread count, input shape and
+layer (``$NETCARVE_CACHE/autotune/<cpu>.json``), so recompiling the same model is instant. Without a C++
+compiler (or ``NETCARVE_KERNELS=off``) the plain-PyTorch twin of the plan runs instead, and
+``CompiledModel.native`` is False.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ._build import cache_root, cpu_key, load_kernels
+from .plan import Op, ReferencePlan, build_native, lower
+
+logger = logging.getLogger(__name__)
+
+SPARSE_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class LayerChoice:
+    """One conv of a compiled model: its kernel choice and the timings behind it."""
+
+    name: str
+    kind: str
+    shape: list[int]
+    density: float
+    macs: int
+    nonzero_macs: int
+    choice: str  # "sparse" or "dense"
+    sparse_ms: float | None = None
+    dense_ms: float | None = None
+    cached: bool = False
+
+
+def _conv_macs(op: Op) -> tuple[int, int]:
+    w = op.p["weight"]
+    out = op.out_shape or (1, w.shape[0], 1, 1)
+    per_out = out[0] * out[2] * out[3]
+    return int(w.numel()) * per_out, int((w != 0).sum()) * per_out
+
+
+def _signature(op: Op, x_shape: tuple[int, ...], threads: int) -> str:
+    w = op.p["weight"]
+    h = hashlib.sha1()
+    h.update(json.dumps([list(w.shape), list(op.in_shape or ()), list(x_shape), op.p["stride"], op.p["padding"],
+                         op.p["groups"], threads, len(op.inputs), op.p["relu"]]).encode())
+    h.update((w != 0).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class _TuneCache:
+    def __init__(self):
+        self.path = cache_root() / "autotune" / f"{cpu_key()}.json"
+        try:
+            self.data = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            self.data = {}
+
+    def get(self, key: str) -> dict | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.data[key] = value
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data))
+            os.replace(tmp, self.path)
+        except OSError as e:  # a read-only cache only costs re-tuning
+            logger.warning("cannot write the autotune cache %s: %s", self.path, e)
+
+
+class CompiledModel:
+    """A model compiled to one native plan. Call it like the model (eval-mode semantics, no autograd)."""
+
+    def __init__(self, ops: list[Op], nvals: int, output: int, plan, example_shape: tuple[int, ...],
+                 layers: list[LayerChoice], threads: int):
+        self.ops, self.nvals, self.output = ops, nvals, output
+        self._plan = plan
+        self._reference = ReferencePlan(ops, nvals, output)
+        self.example_shape = example_shape
+        self.layers = layers
+        self.threads = threads
+
+    @property
+    def native(self) -> bool:
+        return self._plan is not None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != len(self.example_shape) or \
+                tuple(x.shape[1:]) != tuple(self.example_shape[1:]):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ConfigError(f"compiled model: expected input (N, {', '.join(map(str, self.example_shape[1:]))}), "
+                              f"got {got}")
+        if x.dtype != torch.float32:
+            raise ConfigError(f"compiled model: expected a float32 input, got {x.dtype}")
+        if self._plan is None:
+            return self._reference.run(x)
+        return self._plan.run(x.detach())
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same plan run with plain PyTorch ops (the reference twin)."""
+        return self._reference.run(x)
+
+    def time(self, x: torch.Tensor, repeats: int = 50, warmup: int = 10) -> float:
+        """Median whole-model latency in ms, timed inside the native plan (no Python between layers)."""
+        if self._plan is None:
+            raise ConfigError("compiled model: not native (no compiled kernels); time the reference with netcarve bench")
+        return float(self._plan.time(x.detach(), repeats, warmup))
+
+    def profile(self, x: torch.Tensor, repeats: int = 30, warmup: int = 5) -> list[dict[str, Any]]:
+        """Per step: name, kind, kernel and median milliseconds (each step timed inside the native plan)."""
+        if self._plan is None:
+            raise ConfigError("compiled model: not native (no compiled kernels)")
+        ms = self._plan.profile(x.detach(), repeats, warmup)
+        choice = {lc.name: lc.choice for lc in self.layers}
+        return [{"name": op.name, "kind": op.kind, "kernel": choice.get(op.name, "aten" if op.kind != "conv" else
+                                                                            "dense"), "ms": float(t)}
+                for op, t in zip(self.ops, ms)]
+
+    def summary(self) -> dict[str, Any]:
+        return {"native": self.native, "threads": self.threads, "example_shape": list(self.example_shape),
+                "steps": len(self.ops), "layers": [asdict(lc) for lc in self.layers],
+                "sparse_layers": sum(lc.choice == "sparse" for lc in self.layers)}
+
+
+def _resolve(model_or_checkpoint) -> nn.Module:
+    if isinstance(model_or_checkpoint, nn.Module):
+        return model_or_checkpoint
+    if isinstance(model_or_checkpoint, (str, os.PathLike)):
+        from ..serialize import load
+
+        return load(model_or_checkpoint)
+    raise ConfigError(f"runtime.compile: expected an nn.Module or a checkpoint path, got "
+                      f"{type(model_or_checkpoint).__name__}")
+
+
+@torch.no_grad()
+def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "auto",  # noqa: A001
+            threads: int | None = None, repeats: int = 20, use_cache: bool = True) -> CompiledModel:
+    """Compile a model (or a checkpoint directory saved by netcarve) for this CPU.
+
+    Args:
+        example_input: a float32 batch of the shape to tune for (other batch sizes run too).
+        sparse: ``"auto"`` (each conv takes the faster of the sparse and dense kernels, measured here),
+            ``"always"`` (every groups=1 conv runs sparse) or ``"never"`` (dense everywhere: the baseline).
+        threads: torch threads to use while tuning (default: the current setting).
+        repeats: profiling runs per variant when tuning.
+        use_cache: read / write the per-CPU autotune cache.
+    """
+    if sparse not in SPARSE_MODES:
+        raise ConfigError(f"runtime.compile: sparse must be one of {', '.join(SPARSE_MODES)}, got {sparse!r}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
+        raise ConfigError("runtime.compile: example_input must be a float32 tensor (a batch of the model's input)")
+    model = _resolve(model_or_checkpoint)
+    was_training = model.training
+    model.eval()
+    try:
+        ops, nvals, output = lower(model, example_input)
+    finally:
+        model.train(was_training)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    nthreads = torch.get_num_threads()
+    mod = load_kernels()
+    convs = [op for op in ops if op.kind == "conv"]
+    layers: list[LayerChoice] = []
+    for op in convs:
+        macs, nz = _conv_macs(op)
+        w = op.p["weight"]
+        layers.append(LayerChoice(op.name, "conv", list(w.shape), float((w != 0).float().mean()), macs, nz, "dense"))
+    if mod is None:
+        return CompiledModel(ops, nvals, output, None, tuple(example_input.shape), layers, nthreads)
+
+    eligible = [op.p["groups"] == 1 for op in convs]
+    if sparse == "always":
+        for op, ok in zip(convs, eligible):
+            op.p["sparse"] = ok
+    elif sparse == "auto":
+        cache = _TuneCache() if use_cache else None
+        keys = [_signature(op, tuple(example_input.shape), nthreads) for op in convs]
+        known = [cache.get(k) if cache else None for k in keys]
+        if any(ok and kn is None for ok, kn in zip(eligible, known)):
+            t_dense = _profile_convs(mod, ops, nvals, output, example_input, convs, False, repeats)
+            t_sparse = _profile_convs(mod, ops, nvals, output, example_input, convs, True, repeats)
+            for i, (ok, kn) in enumerate(zip(eligible, known)):
+                if ok and kn is None:
+                    known[i] = {"sparse_ms": t_sparse[i], "dense_ms": t_dense[i], "fresh": True}
+                    if cache:
+                        cache.put(keys[i], {"sparse_ms": t_sparse[i], "dense_ms": t_dense[i]})
+            if cache:
+                cache.save()
+        for op, ok, kn, lc in zip(convs, eligible, known, layers):
+            if ok and kn is not None:
+                lc.sparse_ms, lc.dense_ms = kn["sparse_ms"], kn["dense_ms"]
+                lc.cached = not kn.get("fresh", False)
+                op.p["sparse"] = kn["sparse_ms"] < kn["dense_ms"]
+    for op, lc in zip(convs, layers):
+        lc.choice = "sparse" if op.p["sparse"] else "dense"
+    plan = build_native(mod, ops, nvals, output)
+    return CompiledModel(ops, nvals, output, plan, tuple(example_input.shape), layers, nthreads)
+
+
+def _profile_convs(mod, ops, nvals, output, x, convs, sparse: bool, repeats: int) -> list[float]:
+    saved = [op.p["sparse"] for op in convs]
+    for op in convs:
+        op.p["sparse"] = sparse and op.p["groups"] == 1
+    try:
+        plan = build_native(mod, ops, nvals, output)
+        ms = plan.profile(x, repeats, max(3, repeats // 4))
+    finally:
+        for op, s in zip(convs, saved):
+            op.p["sparse"] = s
+    by_op = dict(zip((id(op) for op in ops), ms))
+    return [float(by_op[id(op)]) for op in convs]

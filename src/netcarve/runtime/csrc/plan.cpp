@@ -1,0 +1,270 @@
+// netcarve whole-model execution plan: a flat list of steps run in one C++ call, no Python per layer.
+//
+// Values are numbered: value 0 is the input; every step reads values and writes one new value. Steps are
+// added from Python (netcarve/runtime/plan.py lowers an fx graph, folds BN, fuses ReLU and residual
+// additions into convs and chooses sparse or dense per conv). Sparse convs run the netcarve kernel; dense
+// convs, pooling and linear layers call ATen (oneDNN / MKL) directly from C++.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL };
+
+struct Step {
+  Kind kind;
+  std::string name;
+  std::vector<int64_t> in;  // value ids read
+  int64_t out = -1;
+  std::vector<int64_t> ints;
+  std::vector<double> floats;
+  std::vector<torch::Tensor> ts;  // weights / taps / maps
+  bool sparse = false;
+  bool relu = false;
+};
+
+}  // namespace
+
+class Plan {
+ public:
+  explicit Plan(int64_t num_values, int64_t output) : nvals_(num_values), output_(output) {}
+
+  // conv: in = {x} or {x, residual}; ints = {out_channels, kh, kw, stride, pad, groups}
+  // ts = {weight, bias|undefined, tap_ptr, tap_chan, tap_pos, tap_w, tap_order}
+  void add_conv(const std::string& name, std::vector<int64_t> in, int64_t out, torch::Tensor weight,
+                c10::optional<torch::Tensor> bias, std::vector<torch::Tensor> taps, int64_t stride, int64_t pad,
+                int64_t groups, bool relu, bool sparse) {
+    Step s{CONV, name, std::move(in), out};
+    s.ints = {weight.size(0), weight.size(2), weight.size(3), stride, pad, groups};
+    s.ts = {weight.contiguous(), bias.has_value() ? bias->contiguous() : torch::Tensor()};
+    for (auto& t : taps) s.ts.push_back(t.contiguous());
+    TORCH_CHECK(!sparse || (groups == 1 && s.ts.size() == 7), name, ": a sparse conv needs groups=1 and its taps");
+    s.relu = relu;
+    s.sparse = sparse;
+    steps_.push_back(std::move(s));
+  }
+  void set_sparse(int64_t i, bool sparse) {
+    TORCH_CHECK(i >= 0 && i < (int64_t)steps_.size() && steps_[i].kind == CONV, "set_sparse: step ", i, " is not a conv");
+    TORCH_CHECK(!sparse || steps_[i].ts.size() == 7, "set_sparse: step ", i, " has no taps");
+    steps_[i].sparse = sparse;
+  }
+  void add_linear(const std::string& name, int64_t in, int64_t out, torch::Tensor weight,
+                  c10::optional<torch::Tensor> bias, bool relu) {
+    Step s{LINEAR, name, {in}, out};
+    s.ts = {weight.contiguous(), bias.has_value() ? bias->contiguous() : torch::Tensor()};
+    s.relu = relu;
+    steps_.push_back(std::move(s));
+  }
+  // per-channel y = x * scale + shift (an unfused BatchNorm), scale/shift shaped to broadcast
+  void add_affine(const std::string& name, int64_t in, int64_t out, torch::Tensor scale, torch::Tensor shift,
+                  bool relu) {
+    Step s{AFFINE, name, {in}, out};
+    s.ts = {scale.contiguous(), shift.contiguous()};
+    s.relu = relu;
+    steps_.push_back(std::move(s));
+  }
+  void add_relu(const std::string& name, int64_t in, int64_t out) { steps_.push_back(Step{RELU, name, {in}, out}); }
+  void add_clamp(const std::string& name, int64_t in, int64_t out, double lo, double hi) {
+    Step s{CLAMP, name, {in}, out};
+    s.floats = {lo, hi};
+    steps_.push_back(std::move(s));
+  }
+  void add_add(const std::string& name, int64_t a, int64_t b, int64_t out, bool relu) {
+    Step s{ADD, name, {a, b}, out};
+    s.relu = relu;
+    steps_.push_back(std::move(s));
+  }
+  void add_mul(const std::string& name, int64_t a, int64_t b, int64_t out) {
+    steps_.push_back(Step{MUL, name, {a, b}, out});
+  }
+  void add_pool(const std::string& name, bool max, int64_t in, int64_t out, std::vector<int64_t> kernel,
+                std::vector<int64_t> stride, std::vector<int64_t> pad, bool ceil_mode, bool count_include_pad) {
+    Step s{max ? MAXPOOL : AVGPOOL, name, {in}, out};
+    s.ints = {kernel[0], kernel[1], stride[0], stride[1], pad[0], pad[1], ceil_mode, count_include_pad};
+    steps_.push_back(std::move(s));
+  }
+  void add_gap(const std::string& name, int64_t in, int64_t out) { steps_.push_back(Step{GAP, name, {in}, out}); }
+  void add_flatten(const std::string& name, int64_t in, int64_t out, int64_t start) {
+    Step s{FLATTEN, name, {in}, out};
+    s.ints = {start};
+    steps_.push_back(std::move(s));
+  }
+  // option-A shortcut: subsample by stride, then zero-pad channels (before, after) or apply a channel map
+  void add_shortcut(const std::string& name, int64_t in, int64_t out, int64_t stride, int64_t channels,
+                    int64_t before, c10::optional<torch::Tensor> src, c10::optional<torch::Tensor> dst) {
+    Step s{SHORTCUT, name, {in}, out};
+    s.ints = {stride, channels, before};
+    if (src.has_value()) s.ts = {src->to(torch::kLong), dst->to(torch::kLong)};
+    steps_.push_back(std::move(s));
+  }
+  void add_cat(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t dim) {
+    Step s{CAT, name, std::move(in), out};
+    s.ints = {dim};
+    steps_.push_back(std::move(s));
+  }
+
+  torch::Tensor run(torch::Tensor x) {
+    c10::InferenceMode guard;
+    std::vector<torch::Tensor> v(nvals_);
+    v[0] = x.contiguous();
+    for (auto& s : steps_) v[s.out] = exec(s, v);
+    return v[output_];
+  }
+
+  // per step: the median over `repeats` runs of its time in milliseconds (the whole plan runs each time)
+  std::vector<double> profile(torch::Tensor x, int64_t repeats, int64_t warmup) {
+    c10::InferenceMode guard;
+    const size_t n = steps_.size();
+    std::vector<std::vector<double>> t(n);
+    for (int64_t r = 0; r < warmup + repeats; ++r) {
+      std::vector<torch::Tensor> v(nvals_);
+      v[0] = x.contiguous();
+      for (size_t i = 0; i < n; ++i) {
+        auto a = std::chrono::steady_clock::now();
+        v[steps_[i].out] = exec(steps_[i], v);
+        auto b = std::chrono::steady_clock::now();
+        if (r >= warmup) t[i].push_back(std::chrono::duration<double, std::milli>(b - a).count());
+      }
+    }
+    std::vector<double> med(n, 0.0);
+    for (size_t i = 0; i < n; ++i) {
+      if (t[i].empty()) continue;
+      std::sort(t[i].begin(), t[i].end());
+      med[i] = t[i][t[i].size() / 2];
+    }
+    return med;
+  }
+
+  // whole-plan latency: median over `repeats` timed runs after `warmup` runs, in milliseconds
+  double time(torch::Tensor x, int64_t repeats, int64_t warmup) {
+    std::vector<double> t;
+    for (int64_t r = 0; r < warmup + repeats; ++r) {
+      auto a = std::chrono::steady_clock::now();
+      run(x);
+      auto b = std::chrono::steady_clock::now();
+      if (r >= warmup) t.push_back(std::chrono::duration<double, std::milli>(b - a).count());
+    }
+    std::sort(t.begin(), t.end());
+    return t.empty() ? 0.0 : t[t.size() / 2];
+  }
+
+  int64_t size() const { return steps_.size(); }
+  std::vector<std::string> names() const {
+    std::vector<std::string> r;
+    for (auto& s : steps_) r.push_back(s.name);
+    return r;
+  }
+
+ private:
+  torch::Tensor exec(Step& s, std::vector<torch::Tensor>& v) {
+    const torch::Tensor& x = v[s.in[0]];
+    switch (s.kind) {
+      case CONV: {
+        const int64_t F = s.ints[0], kh = s.ints[1], kw = s.ints[2], st = s.ints[3], pd = s.ints[4], g = s.ints[5];
+        c10::optional<torch::Tensor> bias;
+        if (s.ts[1].defined()) bias = s.ts[1];
+        c10::optional<torch::Tensor> res;
+        if (s.in.size() > 1) res = v[s.in[1]];
+        if (s.sparse)
+          return sparse_conv2d(x, s.ts[2], s.ts[3], s.ts[4], s.ts[5], s.ts[6], bias, res, F, kh, kw, st, pd, s.relu);
+        auto y = at::conv2d(x, s.ts[0], bias, {st, st}, {pd, pd}, {1, 1}, g);
+        if (res) y.add_(*res);
+        if (s.relu) y.relu_();
+        return y;
+      }
+      case LINEAR: {
+        auto y = s.ts[1].defined() ? at::addmm(s.ts[1], x, s.ts[0].t()) : at::mm(x, s.ts[0].t());
+        if (s.relu) y.relu_();
+        return y;
+      }
+      case AFFINE: {
+        auto y = at::addcmul(s.ts[1], x, s.ts[0]);
+        if (s.relu) y.relu_();
+        return y;
+      }
+      case RELU:
+        return at::relu(x);
+      case CLAMP:
+        return at::clamp(x, s.floats[0], s.floats[1]);
+      case ADD: {
+        auto y = at::add(x, v[s.in[1]]);
+        if (s.relu) y.relu_();
+        return y;
+      }
+      case MUL:
+        return at::mul(x, v[s.in[1]]);
+      case MAXPOOL:
+        return at::max_pool2d(x, {s.ints[0], s.ints[1]}, {s.ints[2], s.ints[3]}, {s.ints[4], s.ints[5]}, {1, 1},
+                              s.ints[6] != 0);
+      case AVGPOOL:
+        return at::avg_pool2d(x, {s.ints[0], s.ints[1]}, {s.ints[2], s.ints[3]}, {s.ints[4], s.ints[5]},
+                              s.ints[6] != 0, s.ints[7] != 0);
+      case GAP:
+        return at::mean(x, {2, 3}, true);
+      case FLATTEN:
+        return x.flatten(s.ints[0]);
+      case SHORTCUT: {
+        const int64_t st = s.ints[0], C = s.ints[1], before = s.ints[2];
+        auto y = x.slice(2, 0, x.size(2), st).slice(3, 0, x.size(3), st);
+        if (!s.ts.empty()) {
+          auto out = at::zeros({y.size(0), C, y.size(2), y.size(3)}, y.options());
+          return out.index_copy_(1, s.ts[1], y.index_select(1, s.ts[0]));
+        }
+        return at::constant_pad_nd(y, {0, 0, 0, 0, before, C - y.size(1) - before}, 0.0);
+      }
+      case CAT: {
+        std::vector<torch::Tensor> xs;
+        for (auto i : s.in) xs.push_back(v[i]);
+        return at::cat(xs, s.ints[0]);
+      }
+    }
+    TORCH_CHECK(false, "unknown step kind");
+  }
+
+  int64_t nvals_, output_;
+  std::vector<Step> steps_;
+};
+
+std::string build_info() {
+  std::string s = "vector 16 x fp32";
+#if defined(__AVX512F__)
+  s += ", AVX-512";
+#elif defined(__AVX2__)
+  s += ", AVX2";
+#else
+  s += ", generic";
+#endif
+  s += ", torch thread pool (" + std::to_string(at::get_num_threads()) + " threads)";
+  return s;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sparse_conv2d", &sparse_conv2d, "direct sparse conv2d over non-zero taps (fp32)");
+  m.def("build_info", &build_info);
+  py::class_<Plan>(m, "Plan")
+      .def(py::init<int64_t, int64_t>())
+      .def("add_conv", &Plan::add_conv)
+      .def("set_sparse", &Plan::set_sparse)
+      .def("add_linear", &Plan::add_linear)
+      .def("add_affine", &Plan::add_affine)
+      .def("add_relu", &Plan::add_relu)
+      .def("add_clamp", &Plan::add_clamp)
+      .def("add_add", &Plan::add_add)
+      .def("add_mul", &Plan::add_mul)
+      .def("add_pool", &Plan::add_pool)
+      .def("add_gap", &Plan::add_gap)
+      .def("add_flatten", &Plan::add_flatten)
+      .def("add_shortcut", &Plan::add_shortcut)
+      .def("add_cat", &Plan::add_cat)
+      .def("run", &Plan::run, py::call_guard<py::gil_scoped_release>())
+      .def("profile", &Plan::profile, py::call_guard<py::gil_scoped_release>())
+      .def("time", &Plan::time, py::call_guard<py::gil_scoped_release>())
+      .def("size", &Plan::size)
+      .def("names", &Plan::names);
+}

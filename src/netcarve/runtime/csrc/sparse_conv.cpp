@@ -1,0 +1,235 @@
+// netcarve native CPU kernels (fp32), compiled for the host at first use (-O3 -march=native -fopenmp).
+//
+// sparse_conv2d: a direct convolution that visits only the non-zero weights (unstructured, pattern +
+// connectivity, N:M, ... any zeros), output-stationary and vectorised over output pixels:
+//   * the input is zero-padded and split into stride x stride phase planes, so every weight tap
+//     (c, ky, kx) reads one contiguous, shifted window of one plane: out[q] += w * plane[off + q];
+//   * outputs are computed on a "wide" grid (rows of the phase-plane width; the extra columns are
+//     discarded), BLOCK pixels at a time held in vector registers across all of a filter's taps;
+//   * filters are visited in the given order (PatDNN's filter-kernel reorder: similar work together) and
+//     split over torch's own thread pool (at::parallel_for), so no second OpenMP pool competes with torch;
+//   * bias, a residual addition and ReLU are fused into the store.
+// The reference twin is F.conv2d on the dense weight (netcarve/runtime/kernels.py); tests compare both.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+static inline v16 loadu(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+static inline void storeu(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+static inline v16 bcast(float w) { return v16{w, w, w, w, w, w, w, w, w, w, w, w, w, w, w, w}; }
+
+constexpr int64_t VL = 16;          // floats per vector
+constexpr int64_t BLOCK = 8 * VL;   // pixels per register block (8 accumulators)
+
+// dst[0 .. NV*VL) = sum over a filter's taps of w[e] * in[off[e] + q0 + 0 .. NV*VL)
+// The offset of tap e is chan[e] * cstride + tapoff[pos[e]] (computed here: no per-call offset table).
+struct Taps {
+  const int32_t* chan;
+  const int32_t* pos;
+  const float* w;
+  const int64_t* tapoff;
+  int64_t cstride;
+  inline int64_t off(int64_t e) const { return chan[e] * cstride + tapoff[pos[e]]; }
+};
+
+template <int NV>
+static inline void accumulate(const float* __restrict in, const Taps& t, const float* __restrict w, int64_t t0,
+                              int64_t ntaps, int64_t q0, float* __restrict dst) {
+  v16 a[NV];
+  for (int i = 0; i < NV; ++i) a[i] = bcast(0.f);
+  for (int64_t e = 0; e < ntaps; ++e) {
+    const float* src = in + t.off(t0 + e) + q0;
+    const v16 we = bcast(w[e]);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) a[i] += we * loadu(src + i * VL);
+  }
+  for (int i = 0; i < NV; ++i) storeu(dst + i * VL, a[i]);
+}
+
+// one vector of pixels: four independent accumulator chains over the taps hide the FMA latency
+static inline void accumulate_one(const float* __restrict in, const Taps& t, const float* __restrict w, int64_t t0,
+                                  int64_t ntaps, int64_t q0, float* __restrict dst) {
+  v16 a0 = bcast(0.f), a1 = a0, a2 = a0, a3 = a0;
+  int64_t e = 0;
+  in += q0;
+  for (; e + 4 <= ntaps; e += 4) {
+    a0 += bcast(w[e]) * loadu(in + t.off(t0 + e));
+    a1 += bcast(w[e + 1]) * loadu(in + t.off(t0 + e + 1));
+    a2 += bcast(w[e + 2]) * loadu(in + t.off(t0 + e + 2));
+    a3 += bcast(w[e + 3]) * loadu(in + t.off(t0 + e + 3));
+  }
+  for (; e < ntaps; ++e) a0 += bcast(w[e]) * loadu(in + t.off(t0 + e));
+  storeu(dst, (a0 + a1) + (a2 + a3));
+}
+
+}  // namespace
+
+// x: (N, C, H, W) fp32. Taps of filter list i: [tap_ptr[i], tap_ptr[i+1]) with channel tap_chan, kernel
+// position tap_pos = ky * kw + kx and weight tap_w; filter_order[i] is the output channel of list i.
+//
+// Layout: the padded input is split into S x S phase planes of Hph x Wph, stored channel-major with the
+// batch inside: planes[c][ry][rx][n][yy][xx]. A tap of channel c at (ky, kx) then reads, for the flat
+// output index q = n * plane + y * Wph + x, the element planes[base(c, ky % S, kx % S) + (ky / S) * Wph +
+// (kx / S) + q]: one shifted contiguous window over all images at once, so small planes (4x4) still
+// give long vectors when the batch is large. Positions with y >= Ho or x >= Wo are computed and dropped.
+torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
+                            torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,
+                            c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
+                            int64_t stride, int64_t pad, bool relu) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "sparse_conv2d: x must be (N, C, H, W) float32");
+  TORCH_CHECK(stride >= 1 && pad >= 0 && kh >= 1 && kw >= 1, "sparse_conv2d: bad geometry");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = stride;
+  const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad;
+  TORCH_CHECK(Hp >= kh && Wp >= kw, "sparse_conv2d: input smaller than the kernel");
+  const int64_t Ho = (Hp - kh) / S + 1, Wo = (Wp - kw) / S + 1;
+  const int64_t Hph = (Hp + S - 1) / S, Wph = (Wp + S - 1) / S, plane = Hph * Wph;
+  const int64_t F = out_channels, L = filter_order.size(0);
+  const int64_t total = N * plane;                               // flat output positions (all images)
+  const int64_t group = N * plane;                               // one (c, ry, rx) block of planes
+  const int64_t slack = Wph * (kh / S + 1) + kw + BLOCK;         // reads past the last block land here
+
+  TORCH_CHECK(tap_chan.scalar_type() == torch::kInt32 && tap_pos.scalar_type() == torch::kInt32 &&
+                  tap_ptr.scalar_type() == torch::kInt32 && filter_order.scalar_type() == torch::kInt32 &&
+                  tap_w.scalar_type() == torch::kFloat32,
+              "sparse_conv2d: taps must be int32 (ptr, chan, pos, order) and float32 (w)");
+  auto tp = tap_ptr.contiguous();
+  auto tc = tap_chan.contiguous();
+  auto tq = tap_pos.contiguous();
+  auto tw = tap_w.contiguous();
+  auto fo = filter_order.contiguous();
+  const int64_t E = tw.numel();
+  TORCH_CHECK(tp.numel() == L + 1 && tc.numel() == E && tq.numel() == E, "sparse_conv2d: inconsistent taps");
+  // taps are validated when they are built (netcarve/runtime/kernels.py: conv_taps); here only the table
+  std::vector<int64_t> tapoff(kh * kw);
+  for (int64_t ky = 0; ky < kh; ++ky)
+    for (int64_t kx = 0; kx < kw; ++kx)
+      tapoff[ky * kw + kx] = ((ky % S) * S + kx % S) * group + (ky / S) * Wph + (kx / S);
+  const Taps taps{tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), tw.data_ptr<float>(), tapoff.data(),
+                  S * S * group};
+
+  // Work split: the flat output range in chunks whose input windows (all channels and phases) stay in
+  // L2 while every filter of a filter group sweeps them; jobs = chunks x filter groups (filters dealt to
+  // the groups round-robin in the heaviest-first order, so the groups carry similar work).
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t l2_floats = 512 * 1024 / 4;
+  int64_t chunk = std::max<int64_t>(BLOCK, l2_floats / std::max<int64_t>(1, C * S * S) / BLOCK * BLOCK);
+  chunk = std::min<int64_t>({chunk, 2048, (total + VL - 1) / VL * VL});
+  const int64_t nchunks = (total + chunk - 1) / chunk;
+  const int64_t padded_total = nchunks * chunk;
+
+  auto planes = torch::zeros({C * S * S * group + padded_total + slack}, x.options());
+  {
+    const float* src = x.data_ptr<float>();
+    float* dst = planes.data_ptr<float>();
+    at::parallel_for(0, C * N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t cn = b; cn < e; ++cn) {
+        const int64_t c = cn / N, n = cn % N;
+        const float* s = src + (n * C + c) * H * W;
+        for (int64_t y = 0; y < H; ++y) {
+          const int64_t py = y + pad, ry = py % S, yy = py / S;
+          const float* sr = s + y * W;
+          if (S == 1) {
+            std::memcpy(dst + c * group + n * plane + yy * Wph + pad, sr, W * sizeof(float));
+            continue;
+          }
+          for (int64_t rx = 0; rx < S; ++rx) {  // columns x with (x + pad) % S == rx go to phase rx
+            int64_t x0 = ((rx - pad) % S + S) % S;
+            float* d = dst + ((c * S + ry) * S + rx) * group + n * plane + yy * Wph + (x0 + pad) / S;
+            for (int64_t xx = x0; xx < W; xx += S) *d++ = sr[xx];
+          }
+        }
+      }
+    });
+  }
+
+  auto out = torch::empty({N, F, Ho, Wo}, x.options());
+  const float* pl = planes.data_ptr<float>();
+  const int32_t* ptr = tp.data_ptr<int32_t>();
+  const float* wv = tw.data_ptr<float>();
+  const int32_t* ord = fo.data_ptr<int32_t>();
+  torch::Tensor bias_c;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    bias_c = bias->contiguous();
+    bp = bias_c.data_ptr<float>();
+  }
+  torch::Tensor res;
+  const float* rp = nullptr;
+  if (residual.has_value()) {
+    res = residual->contiguous();
+    TORCH_CHECK(res.sizes() == out.sizes(), "sparse_conv2d: residual shape differs from the output");
+    rp = res.data_ptr<float>();
+  }
+  float* op = out.data_ptr<float>();
+
+  // filters without taps (all-zero weights) are absent from the lists: list index L stands for all of them
+  std::vector<int64_t> empty;
+  {
+    std::vector<char> has(F, 0);
+    for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
+    for (int64_t f = 0; f < F; ++f)
+      if (!has[f]) empty.push_back(f);
+  }
+  const int64_t lists = L + (empty.empty() ? 0 : 1);
+
+  // store one filter's outputs for flat positions [q0, q0 + qn) (acc holds them), keeping the valid ones
+  auto store = [&](const float* acc, int64_t f, int64_t q0, int64_t qn) {
+    const float bv = bp ? bp[f] : 0.f;
+    int64_t q = q0;
+    const int64_t qe = std::min<int64_t>(q0 + qn, total);
+    while (q < qe) {
+      const int64_t n = q / plane, r = q % plane, y = r / Wph, x0 = r % Wph;
+      const int64_t seg = std::min<int64_t>(Wph - x0, qe - q);
+      if (y < Ho && x0 < Wo) {
+        const int64_t xe = std::min<int64_t>(Wo, x0 + seg);
+        float* o = op + ((n * F + f) * Ho + y) * Wo;
+        const float* rr = rp ? rp + ((n * F + f) * Ho + y) * Wo : nullptr;
+        const float* a = acc + (q - q0) - x0;
+        for (int64_t xx = x0; xx < xe; ++xx) {
+          float v = a[xx] + bv;
+          if (rr) v += rr[xx];
+          o[xx] = relu && v < 0.f ? 0.f : v;
+        }
+      }
+      q += seg;
+    }
+  };
+  const int64_t ngroups = std::min<int64_t>(lists, std::max<int64_t>(1, (4 * nthreads + nchunks - 1) / nchunks));
+  at::parallel_for(0, nchunks * ngroups, 1, [&](int64_t b, int64_t e) {
+    alignas(64) float acc[BLOCK];
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t g = job % ngroups, c0 = (job / ngroups) * chunk;
+      const int64_t cn = std::min<int64_t>(chunk, padded_total - c0);
+      // block-outer: the input windows of one block are reused by every filter of the group
+      for (int64_t q0 = c0; q0 < c0 + cn; q0 += BLOCK) {
+        const int64_t qn = std::min<int64_t>(BLOCK, c0 + cn - q0);
+        for (int64_t i = g; i < lists; i += ngroups) {
+          if (i < L) {
+            const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0;
+            if (qn == BLOCK) {
+              accumulate<8>(pl, taps, wv + t0, t0, nt, q0, acc);
+            } else {
+              for (int64_t q = 0; q < qn; q += VL) accumulate_one(pl, taps, wv + t0, t0, nt, q0 + q, acc + q);
+            }
+            store(acc, ord[i], q0, qn);
+          } else {
+            std::fill(acc, acc + qn, 0.f);
+            for (int64_t f : empty) store(acc, f, q0, qn);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+

@@ -1,0 +1,97 @@
+"""Python faces of the native kernels, each with its reference twin in plain PyTorch.
+
+:class:`SparseConv2d` runs a conv whose weight has zeros (any pattern: unstructured, pattern + connectivity,
+N:M, ...) by visiting only the non-zero taps (``csrc/sparse_conv.cpp``). ``reference=True`` (or no compiled
+kernels) computes the same thing with ``F.conv2d`` on the dense weight; the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from ._build import load_kernels
+
+
+def conv_taps(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The non-zero taps of a conv weight (F, C, kh, kw), grouped per filter.
+
+    Filters are ordered by number of taps, most first (PatDNN's filter reorder: threads get similar work
+    and the heaviest filters are scheduled first); inside a filter, taps by (channel, position), so the taps
+    reading one input plane are consecutive. Returns int32 ``ptr`` (L+1), ``chan`` / ``pos`` (E), fp32
+    ``w`` (E) and int32 ``order`` (L: the output channel of each list; filters with no taps are left out).
+    """
+    if weight.dim() != 4:
+        raise ConfigError(f"conv_taps: expected a (F, C, kh, kw) weight, got shape {tuple(weight.shape)}")
+    f, c, kh, kw = weight.shape
+    w = weight.detach().float().reshape(f, c * kh * kw)
+    nz = w != 0
+    counts = nz.sum(1)
+    order = torch.argsort(-counts, stable=True)
+    order = order[counts[order] > 0]
+    rows, cols = nz[order].nonzero(as_tuple=True)
+    ptr = torch.zeros(order.numel() + 1, dtype=torch.int64)
+    ptr[1:] = counts[order].cumsum(0)
+    return {"ptr": ptr.int(), "chan": (cols // (kh * kw)).int(), "pos": (cols % (kh * kw)).int(),
+            "w": w[order][rows, cols].contiguous(), "order": order.int()}
+
+
+class SparseConv2d(nn.Module):
+    """A conv (groups 1, dilation 1, square stride / padding) executed over its non-zero taps.
+
+    Built from a dense ``nn.Conv2d`` (or weight + options) whose zeros are the sparsity; BN can be folded
+    into it beforehand (:func:`netcarve.runtime.fold_bn`). ``forward(x, residual=None)`` returns
+    ``relu?(conv(x) + bias + residual)``. ``reference=True`` runs the PyTorch twin.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1, padding: int = 0,
+                 relu: bool = False, reference: bool = False):
+        super().__init__()
+        if weight.dim() != 4:
+            raise ConfigError(f"SparseConv2d: weight must be (F, C, kh, kw), got {tuple(weight.shape)}")
+        self.out_channels, self.in_channels, self.kh, self.kw = (int(s) for s in weight.shape)
+        self.stride, self.padding, self.relu = int(stride), int(padding), bool(relu)
+        self.register_buffer("weight", weight.detach().float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        for k, v in conv_taps(self.weight).items():
+            self.register_buffer(f"tap_{k}", v)
+        self.reference = bool(reference)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, relu: bool = False, reference: bool = False, where: str = "") -> SparseConv2d:
+        name = where or type(conv).__name__
+        if conv.groups != 1 or tuple(conv.dilation) != (1, 1):
+            raise UnsupportedModelError(f"{name}: SparseConv2d handles groups=1, dilation=1 convs only "
+                                        f"(groups={conv.groups}, dilation={tuple(conv.dilation)})")
+        if isinstance(conv.padding, str) or len(set(conv.stride)) != 1 or len(set(conv.padding)) != 1 \
+                or conv.padding_mode != "zeros":
+            raise UnsupportedModelError(f"{name}: SparseConv2d needs equal stride / zero padding on both axes "
+                                        f"(stride={conv.stride}, padding={conv.padding})")
+        return cls(conv.weight, conv.bias, conv.stride[0], conv.padding[0], relu=relu, reference=reference)
+
+    @property
+    def density(self) -> float:
+        return self.tap_w.numel() / max(1, self.weight.numel())
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel=({self.kh}, {self.kw}), stride={self.stride}, "
+                f"padding={self.padding}, relu={self.relu}, density={self.density:.3f}")
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ConfigError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        mod = None if self.reference else load_kernels()
+        if mod is None or x.dtype != torch.float32 or x.requires_grad:
+            return self.forward_reference(x, residual)
+        return mod.sparse_conv2d(x, self.tap_ptr, self.tap_chan, self.tap_pos, self.tap_w, self.tap_order,
+                                 self.bias, residual, self.out_channels, self.kh, self.kw, self.stride,
+                                 self.padding, self.relu)
+
+    def forward_reference(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.conv2d(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                     self.stride, self.padding)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self.relu else y

@@ -1,0 +1,437 @@
+"""Lower a model to a flat execution plan: fx graph -> ops (BN folded, ReLU and residual additions fused into
+convs) -> the native :class:`Plan` (``csrc/plan.cpp``) or its plain-PyTorch twin :class:`ReferencePlan`.
+
+Supported (everything else is an :class:`~netcarve.errors.UnsupportedModelError` naming the module path
+and type): Conv2d (any groups; sparse only for groups=1), BatchNorm2d (folded into the conv before it, else a
+per-channel affine), Linear, ReLU / ReLU6 / Hardtanh, addition, multiplication, Max/AvgPool2d,
+AdaptiveAvgPool2d(1), Flatten / flatten / view-as-flatten, torch.cat, Identity / Dropout (eval) and the
+option-A shortcut of the CIFAR ResNets.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..graph.trace import trace_model
+from .kernels import conv_taps
+
+_RELU_FNS = {F.relu, torch.relu}
+_ADD_FNS = {operator.add, torch.add, operator.iadd}
+
+
+@dataclass
+class Op:
+    """One step: ``kind``, ``name`` (module path / node name), ``inputs`` (value ids), ``out`` (value id)
+    and ``p`` (weights and options)."""
+
+    kind: str
+    name: str
+    inputs: list[int]
+    out: int = -1
+    p: dict[str, Any] = field(default_factory=dict)
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    tm = node.meta.get("tensor_meta")
+    return tuple(int(s) for s in tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FNS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FNS:
+        return len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
+    return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv weight and bias with an eval-mode BatchNorm folded in (zeros of the weight stay zeros)."""
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
+        1.0 / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias.detach() if bn.affine else 0.0) - bn.running_mean * scale
+    b = shift if bias is None else bias.detach() * scale + shift
+    return weight.detach() * scale.reshape(-1, *([1] * (weight.dim() - 1))), b
+
+
+class Lowering:
+    """fx graph -> list of :class:`Op` in an executable order."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor):
+        self.model = model
+        self.name = type(model).__name__
+        traced = trace_model(model, example_input)
+        if traced.opaque:
+            path, why = next(iter(traced.opaque.items()))
+            raise UnsupportedModelError(f"runtime: {self.name}: fx cannot trace into {path!r} ({why})")
+        self.gm = traced.graph_module
+        self.modules = dict(self.gm.named_modules())
+        self.val: dict[fx.Node, int] = {}
+        self.ops: list[Op] = []
+        self.done: set[fx.Node] = set()
+        self.nvals = 1
+        self.output: int | None = None
+
+    # ---- helpers
+    def _new(self, node: fx.Node) -> int:
+        self.val[node] = self.nvals
+        self.nvals += 1
+        return self.val[node]
+
+    def _in(self, node: Any, where: fx.Node) -> int:
+        if not isinstance(node, fx.Node) or node not in self.val:
+            raise UnsupportedModelError(f"runtime: {self.name}: {self._where(where)} takes a non-tensor or "
+                                        f"unsupported input {node!r}")
+        return self.val[node]
+
+    def _where(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"module {node.target!r} ({type(self.modules[node.target]).__name__})"
+        tgt = getattr(node.target, "__name__", str(node.target))
+        return f"{node.op} {tgt!r} (node {node.name!r})"
+
+    def _unsupported(self, node: fx.Node, why: str = "") -> None:
+        raise UnsupportedModelError(
+            f"runtime: {self.name}: {self._where(node)} is not supported by the netcarve runtime"
+            + (f" ({why})" if why else "")
+            + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6, add, mul, Max/AvgPool2d, "
+              "AdaptiveAvgPool2d(1), flatten, cat, Identity/Dropout")
+
+    def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
+        op.out = self._new(result)
+        op.out_shape = _shape(result)
+        if src is not None:
+            op.in_shape = _shape(src)
+        self.ops.append(op)
+
+    def _fuse_tail(self, node: fx.Node, allow_add: bool) -> tuple[fx.Node, fx.Node | None, bool]:
+        """Follow ``node`` through an only-user residual add (if allowed) and ReLU: (last node, residual, relu)."""
+        cur, res, relu = node, None, False
+        u = _only_user(cur)
+        if allow_add and u is not None and _is_add(u):
+            other = u.args[1] if u.args[0] is cur else u.args[0]
+            if isinstance(other, fx.Node) and other is not cur and _shape(other) == _shape(cur):
+                cur, res = u, other
+                self.done.add(u)
+                u = _only_user(cur)
+        if u is not None and _is_relu(u, self.modules):
+            cur, relu = u, True
+            self.done.add(u)
+        return cur, res, relu
+
+    # ---- lowering
+    def run(self) -> tuple[list[Op], int, int]:
+        nodes = list(self.gm.graph.nodes)
+        for node in nodes:
+            if node in self.done:
+                continue
+            self.done.add(node)
+            getattr(self, f"_lower_{node.op}")(node)
+        if self.output is None:
+            raise UnsupportedModelError(f"runtime: {self.name}: the graph has no output")
+        return self._schedule(), self.nvals, self.output
+
+    def _lower_placeholder(self, node):
+        if 0 in self.val.values():
+            raise UnsupportedModelError(f"runtime: {self.name}: models with more than one input are not supported")
+        self.val[node] = 0
+
+    def _lower_get_attr(self, node):
+        self._unsupported(node, "parameters used directly in forward")
+
+    def _lower_output(self, node):
+        out = node.args[0]
+        if isinstance(out, (tuple, list)):
+            if len(out) != 1:
+                raise UnsupportedModelError(f"runtime: {self.name}: models with several outputs are not supported")
+            out = out[0]
+        self.output = self._in(out, node)
+
+    def _alias(self, node, src):
+        self.val[node] = self._in(src, node)
+
+    def _lower_call_module(self, node):
+        m = self.modules[node.target]
+        x = node.args[0] if node.args else None
+        name = str(node.target)
+        if isinstance(m, nn.Conv2d):
+            return self._conv(node, m)
+        if isinstance(m, nn.BatchNorm2d):
+            if m.training or m.running_var is None:
+                self._unsupported(node, "BatchNorm needs eval mode and running statistics")
+            scale = (m.weight.detach() if m.affine else 1.0) / torch.sqrt(m.running_var + m.eps)
+            shift = (m.bias.detach() if m.affine else 0.0) - m.running_mean * scale
+            last, _, relu = self._fuse_tail(node, allow_add=False)
+            return self._emit(Op("affine", name, [self._in(x, node)],
+                                 p={"scale": scale.reshape(1, -1, 1, 1).float(),
+                                    "shift": shift.reshape(1, -1, 1, 1).float(), "relu": relu}), last, x)
+        if isinstance(m, nn.ReLU):
+            return self._emit(Op("relu", name, [self._in(x, node)]), node, x)
+        if isinstance(m, (nn.ReLU6, nn.Hardtanh)):
+            lo, hi = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (float(m.min_val), float(m.max_val))
+            return self._emit(Op("clamp", name, [self._in(x, node)], p={"lo": lo, "hi": hi}), node, x)
+        if isinstance(m, nn.Linear):
+            if len(_shape(x) or ()) != 2:
+                self._unsupported(node, "Linear on inputs with more than 2 dims")
+            last, _, relu = self._fuse_tail(node, allow_add=False)
+            return self._emit(Op("linear", name, [self._in(x, node)],
+                                 p={"weight": m.weight.detach().float(),
+                                    "bias": None if m.bias is None else m.bias.detach().float(), "relu": relu}),
+                              last, x)
+        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            if isinstance(m, nn.MaxPool2d) and m.dilation not in (1, (1, 1)):
+                self._unsupported(node, "dilated max pooling")
+            if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
+                self._unsupported(node, "divisor_override")
+            pair = nn.modules.utils._pair
+            return self._emit(Op("maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool", name, [self._in(x, node)],
+                                 p={"kernel": list(pair(m.kernel_size)),
+                                    "stride": list(pair(m.stride if m.stride is not None else m.kernel_size)),
+                                    "padding": list(pair(m.padding)), "ceil_mode": bool(m.ceil_mode),
+                                    "count_include_pad": bool(getattr(m, "count_include_pad", True))}), node, x)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            if nn.modules.utils._pair(m.output_size) != (1, 1):
+                self._unsupported(node, f"output_size {m.output_size} (only 1)")
+            return self._emit(Op("gap", name, [self._in(x, node)]), node, x)
+        if isinstance(m, nn.Flatten):
+            if m.end_dim != -1:
+                self._unsupported(node, "Flatten with end_dim != -1")
+            return self._emit(Op("flatten", name, [self._in(x, node)], p={"start": int(m.start_dim)}), node, x)
+        if isinstance(m, (nn.Identity, nn.Dropout)):
+            return self._alias(node, x)
+        if type(m).__name__ == "ShortcutA":
+            shape = _shape(node)
+            cin = _shape(x)[1]
+            src = None if m.src is None else m.src.clone()
+            dst = None if m.dst is None else m.dst.clone()
+            before = 0 if src is not None else (shape[1] - cin) // 2
+            return self._emit(Op("shortcut", name, [self._in(x, node)],
+                                 p={"stride": int(m.stride), "channels": shape[1], "before": before,
+                                    "src": src, "dst": dst}), node, x)
+        self._unsupported(node)
+
+    def _conv(self, node, m: nn.Conv2d):
+        x = node.args[0]
+        name = str(node.target)
+        if m.padding_mode != "zeros" or isinstance(m.padding, str) or len(set(m.stride)) != 1 \
+                or len(set(m.padding)) != 1 or tuple(m.dilation) != (1, 1):
+            self._unsupported(node, "only square stride / zero padding and dilation 1")
+        w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
+        bn_node = _only_user(node)
+        last = node
+        if bn_node is not None and bn_node.op == "call_module" and \
+                isinstance(self.modules[bn_node.target], nn.BatchNorm2d):
+            bn = self.modules[bn_node.target]
+            if not bn.training and bn.running_var is not None:
+                w, b = fold_bn(w, b, bn)
+                self.done.add(bn_node)
+                last = bn_node
+        last, res, relu = self._fuse_tail(last, allow_add=m.groups == 1)
+        inputs = [self._in(x, node)] + ([] if res is None else [res])
+        op = Op("conv", name, inputs, p={"weight": w.float().contiguous(),
+                                         "bias": None if b is None else b.float().contiguous(),
+                                         "stride": int(m.stride[0]), "padding": int(m.padding[0]),
+                                         "groups": int(m.groups), "relu": relu, "sparse": False})
+        self._emit(op, last, x)
+
+    def _lower_call_function(self, node):
+        t = node.target
+        if _shape(node) is None:  # shape arithmetic (x.shape[1], ...): only feeds module arguments
+            return
+        args = node.args
+        if t in _RELU_FNS:
+            return self._emit(Op("relu", node.name, [self._in(args[0], node)]), node, args[0])
+        if _is_add(node):
+            last, _, relu = self._fuse_tail(node, allow_add=False)
+            return self._emit(Op("add", node.name, [self._in(args[0], node), self._in(args[1], node)],
+                                 p={"relu": relu}), last, args[0])
+        if t in (operator.mul, torch.mul) and len(args) == 2 and all(isinstance(a, fx.Node) for a in args):
+            return self._emit(Op("mul", node.name, [self._in(args[0], node), self._in(args[1], node)]), node, args[0])
+        if t is torch.flatten:
+            start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+            if end != -1:
+                self._unsupported(node, "flatten with end_dim != -1")
+            return self._emit(Op("flatten", node.name, [self._in(args[0], node)], p={"start": int(start)}), node,
+                              args[0])
+        if t is torch.cat:
+            xs = args[0]
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            return self._emit(Op("cat", node.name, [self._in(a, node) for a in xs], p={"dim": int(dim)}), node)
+        if t is F.adaptive_avg_pool2d and nn.modules.utils._pair(args[1]) == (1, 1):
+            return self._emit(Op("gap", node.name, [self._in(args[0], node)]), node, args[0])
+        self._unsupported(node)
+
+    def _lower_call_method(self, node):
+        t = node.target
+        if _shape(node) is None:
+            return
+        x = node.args[0]
+        if t in ("relu", "relu_"):
+            return self._emit(Op("relu", node.name, [self._in(x, node)]), node, x)
+        if t in ("contiguous", "clone"):
+            return self._alias(node, x)
+        if _is_add(node):
+            last, _, relu = self._fuse_tail(node, allow_add=False)
+            return self._emit(Op("add", node.name, [self._in(x, node), self._in(node.args[1], node)],
+                                 p={"relu": relu}), last, x)
+        if t in ("flatten", "view", "reshape"):
+            out, src = _shape(node), _shape(x)
+            if t == "flatten" or (out is not None and src is not None and len(out) == 2 and out[0] == src[0]):
+                start = 1 if t != "flatten" else (node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0))
+                return self._emit(Op("flatten", node.name, [self._in(x, node)], p={"start": int(start)}), node, x)
+        if t == "mean":
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            if dims is not None and sorted(d % 4 for d in dims) == [2, 3]:
+                if keep:
+                    return self._emit(Op("gap", node.name, [self._in(x, node)]), node, x)
+                tmp = Op("gap", node.name + ".gap", [self._in(x, node)])
+                tmp.out = self.nvals
+                self.nvals += 1
+                self.ops.append(tmp)
+                return self._emit(Op("flatten", node.name, [tmp.out], p={"start": 1}), node, x)
+        self._unsupported(node)
+
+    def _schedule(self) -> list[Op]:
+        """Order ops so every input is produced first (a fused conv may read a residual computed after it in
+        the source order); stable otherwise."""
+        for op in self.ops:  # a fused residual was referenced by node before it was lowered
+            op.inputs = [self._in(i, i) if isinstance(i, fx.Node) else i for i in op.inputs]
+        ready, order, pending = {0}, [], list(self.ops)
+        while pending:
+            for i, op in enumerate(pending):
+                if all(v in ready for v in op.inputs):
+                    order.append(op)
+                    ready.add(op.out)
+                    pending.pop(i)
+                    break
+            else:  # pragma: no cover - a cycle cannot come out of an fx graph
+                raise UnsupportedModelError(f"runtime: {self.name}: cannot order the plan's steps")
+        return order
+
+
+def lower(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Op], int, int]:
+    """``(ops, number of values, output value id)`` of ``model`` (eval mode) traced on ``example_input``."""
+    return Lowering(model, example_input).run()
+
+
+# ------------------------------------------------------------------------------------------ executors
+
+
+class ReferencePlan:
+    """The plain-PyTorch twin of the native plan: the same ops, BN folds and fusions, run with torch ops."""
+
+    def __init__(self, ops: list[Op], nvals: int, output: int):
+        self.ops, self.nvals, self.output = ops, nvals, output
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        v: list[torch.Tensor | None] = [None] * self.nvals
+        v[0] = x
+        for op in self.ops:
+            v[op.out] = run_op_reference(op, v)
+        return v[self.output]
+
+
+def run_op_reference(op: Op, v: list) -> torch.Tensor:
+    x, p = v[op.inputs[0]], op.p
+    k = op.kind
+    if k == "conv":
+        y = F.conv2d(x, p["weight"], p["bias"], p["stride"], p["padding"], 1, p["groups"])
+        if len(op.inputs) > 1:
+            y = y + v[op.inputs[1]]
+        return torch.relu(y) if p["relu"] else y
+    if k == "linear":
+        y = F.linear(x, p["weight"], p["bias"])
+        return torch.relu(y) if p["relu"] else y
+    if k == "affine":
+        y = x * p["scale"] + p["shift"]
+        return torch.relu(y) if p["relu"] else y
+    if k == "relu":
+        return torch.relu(x)
+    if k == "clamp":
+        return torch.clamp(x, p["lo"], p["hi"])
+    if k == "add":
+        y = x + v[op.inputs[1]]
+        return torch.relu(y) if p["relu"] else y
+    if k == "mul":
+        return x * v[op.inputs[1]]
+    if k == "maxpool":
+        return F.max_pool2d(x, p["kernel"], p["stride"], p["padding"], ceil_mode=p["ceil_mode"])
+    if k == "avgpool":
+        return F.avg_pool2d(x, p["kernel"], p["stride"], p["padding"], ceil_mode=p["ceil_mode"],
+                            count_include_pad=p["count_include_pad"])
+    if k == "gap":
+        return x.mean((2, 3), keepdim=True)
+    if k == "flatten":
+        return x.flatten(p["start"])
+    if k == "shortcut":
+        y = x[:, :, :: p["stride"], :: p["stride"]]
+        if p["src"] is not None:
+            out = y.new_zeros((y.shape[0], p["channels"], y.shape[2], y.shape[3]))
+            return out.index_copy(1, p["dst"], y.index_select(1, p["src"]))
+        return F.pad(y, (0, 0, 0, 0, p["before"], p["channels"] - y.shape[1] - p["before"]))
+    if k == "cat":
+        return torch.cat([v[i] for i in op.inputs], p["dim"])
+    raise ValueError(f"unknown op kind {k!r}")  # pragma: no cover
+
+
+def build_native(mod, ops: list[Op], nvals: int, output: int):
+    """The native ``Plan`` of ``ops`` (``mod``: the compiled kernel module)."""
+    plan = mod.Plan(nvals, output)
+    for op in ops:
+        p, n = op.p, op.name
+        if op.kind == "conv":
+            taps = []
+            if p["groups"] == 1:
+                t = p.setdefault("taps", conv_taps(p["weight"]))
+                taps = [t["ptr"], t["chan"], t["pos"], t["w"], t["order"]]
+            plan.add_conv(n, op.inputs, op.out, p["weight"], p["bias"], taps, p["stride"], p["padding"],
+                          p["groups"], p["relu"], bool(p["sparse"]))
+        elif op.kind == "linear":
+            plan.add_linear(n, op.inputs[0], op.out, p["weight"], p["bias"], p["relu"])
+        elif op.kind == "affine":
+            plan.add_affine(n, op.inputs[0], op.out, p["scale"], p["shift"], p["relu"])
+        elif op.kind == "relu":
+            plan.add_relu(n, op.inputs[0], op.out)
+        elif op.kind == "clamp":
+            plan.add_clamp(n, op.inputs[0], op.out, p["lo"], p["hi"])
+        elif op.kind == "add":
+            plan.add_add(n, op.inputs[0], op.inputs[1], op.out, p["relu"])
+        elif op.kind == "mul":
+            plan.add_mul(n, op.inputs[0], op.inputs[1], op.out)
+        elif op.kind in ("maxpool", "avgpool"):
+            plan.add_pool(n, op.kind == "maxpool", op.inputs[0], op.out, p["kernel"], p["stride"], p["padding"],
+                          p["ceil_mode"], p["count_include_pad"])
+        elif op.kind == "gap":
+            plan.add_gap(n, op.inputs[0], op.out)
+        elif op.kind == "flatten":
+            plan.add_flatten(n, op.inputs[0], op.out, p["start"])
+        elif op.kind == "shortcut":
+            plan.add_shortcut(n, op.inputs[0], op.out, p["stride"], p["channels"], p["before"], p["src"], p["dst"])
+        elif op.kind == "cat":
+            plan.add_cat(n, op.inputs, op.out, p["dim"])
+        else:  # pragma: no cover
+            raise ValueError(f"unknown op kind {op.kind!r}")
+    return plan
