@@ -76,6 +76,12 @@ def _cmd_profile(a) -> int:
     return _emit(a, prof, format_profile_table)
 
 
+def _cmd_bench(a) -> int:
+    from ..flows.bench import bench_cli, format_bench
+
+    return _emit(a, bench_cli(a), format_bench)
+
+
 def _cmd_train(a) -> int:
     from ..flows.train import train_cli
 
@@ -178,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-layers", action="store_true", help="whole-model latency only")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_profile)
+
+    s = sub.add_parser("bench", help="latency on every engine side by side (torch, onnxruntime, openvino, "
+                                     "netcarve native dense / sparse, deepsparse) and netcarve per layer")
+    _add_model_args(s)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--engines", nargs="+", metavar="ENGINE",
+                   help="torch onnxruntime openvino netcarve-dense netcarve deepsparse (default: all available)")
+    s.add_argument("--repeats", type=int, default=30)
+    s.add_argument("--rounds", type=int, default=5)
+    s.add_argument("--deepsparse-python", metavar="PYTHON",
+                   help="interpreter of a virtualenv with deepsparse==1.8.0 (default: $NETCARVE_DEEPSPARSE_PYTHON)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("prune", help="structural channel pruning + BN recalibration + optional KD fine-tune")
     _add_model_args(s)

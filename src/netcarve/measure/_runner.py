@@ -34,6 +34,8 @@ import traceback  # noqa: E402
 import numpy as np  # noqa: E402
 
 _PIP = {
+    "deepsparse": "pip install deepsparse==1.8.0 in a virtualenv of its own (numpy 1.26, onnx 1.14)",
+    "netcarve": "a C++ compiler (g++) for netcarve's native kernels",
     "onnxruntime": "pip install onnxruntime",
     "openvino": "pip install openvino",
     "torch": "pip install torch",
@@ -512,7 +514,76 @@ def _ov_runtime_nodes(compiled, names, net):
 # ------------------------------------------------------------------------------------------------ driver
 
 
-_ENGINES = {"torch": _run_torch, "onnxruntime": _run_onnxruntime, "openvino": _run_openvino}
+# ------------------------------------------------------------------------------------------ netcarve
+
+
+def _run_netcarve(req, inputs, model=None):
+    """netcarve's native runtime: compile (autotune sparse vs dense per conv, ``engine_options["sparse"]``:
+    auto / always / never) and time the compiled plan. ``layers`` = ``{"entries": [[name, kind, kernel]],
+    "rounds": [[ms per plan step]], "summary": compile summary}``."""
+    import torch
+
+    import netcarve
+    from netcarve.runtime import compile as rt_compile
+    from netcarve.runtime import kernel_status
+
+    if model is None:
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
+        model = netcarve.load(req["model"])
+    torch.set_num_threads(req["threads"])
+    st = kernel_status()
+    if not st["available"]:
+        raise EngineMissing(f"netcarve native kernels unavailable: {st['reason']}")
+    args = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
+    if len(args) != 1:
+        raise ValueError("the netcarve runtime takes models with one input")
+    x = args[0]
+    opts = req.get("engine_options") or {}
+    compiled = rt_compile(model.eval(), x, sparse=opts.get("sparse", "auto"))
+    out = compiled(x)
+
+    def fn():
+        compiled(x)
+
+    kernels = {lc.name: lc.choice for lc in compiled.layers}
+    step = (lambda: list(compiled._plan.profile(x, 1, 0))) if req["per_layer"] else None
+    times, steps = run_rounds(fn, req["warmup"], req["repeats"], req["rounds"], step, "call")
+    layers = None
+    if step is not None:
+        layers = {"entries": [[op.name, op.kind, kernels.get(op.name, "aten")] for op in compiled.ops],
+                  "rounds": [central_mean(r) for r in steps], "summary": compiled.summary()}
+    notes = [f"netcarve runtime: {sum(c == 'sparse' for c in kernels.values())} of {len(kernels)} convs "
+             f"run the sparse kernel ({opts.get('sparse', 'auto')})"]
+    return {"times": times, "layers": layers, "out": [out.numpy()], "threads": torch.get_num_threads(),
+            "notes": notes}
+
+
+def _run_deepsparse(req, inputs, model=None):
+    """DeepSparse 1.8 (Neural Magic's sparse CPU engine, end-of-life) on the ONNX file, in its own
+    virtualenv; a measured peer only."""
+    try:
+        from deepsparse import Engine
+    except ImportError as e:
+        raise EngineMissing(str(e)) from None
+    xs = [np.ascontiguousarray(a, dtype=np.float32) for a in inputs]
+    eng = Engine(model=req["model"], batch_size=int(xs[0].shape[0]), num_cores=int(req["threads"]))
+    out = eng.run(xs)
+
+    def fn():
+        eng.run(xs)
+
+    times, _ = run_rounds(fn, req["warmup"], req["repeats"], req["rounds"], None, "call")
+    import deepsparse
+
+    return {"times": times, "layers": None, "out": [np.asarray(o) for o in out], "threads": int(req["threads"]),
+            "notes": [f"deepsparse {deepsparse.__version__}, num_cores={req['threads']}"]}
+
+
+_ENGINES = {"torch": _run_torch, "onnxruntime": _run_onnxruntime, "openvino": _run_openvino,
+            "netcarve": _run_netcarve, "deepsparse": _run_deepsparse}
 
 
 def _load_env(req):
@@ -547,7 +618,7 @@ def run_request(req: dict, model=None) -> dict:
         "threads_effective": got["threads"],
         "max_abs_diff": diff,
         "max_ref_abs": scale,
-        "loaded": {m: m in sys.modules for m in ("torch", "onnxruntime", "openvino", "netcarve")},
+        "loaded": {m: m in sys.modules for m in ("torch", "onnxruntime", "openvino", "netcarve", "deepsparse")},
         "notes": got["notes"],
     }
 

@@ -74,9 +74,12 @@ from . import _runner
 from ._util import eval_mode
 from .env import environment
 
-ENGINES = ("torch", "onnxruntime", "openvino")
+ENGINES = ("torch", "onnxruntime", "openvino", "netcarve", "deepsparse")
 _ENGINE_PIP = {
     "torch": "pip install torch",
+    "deepsparse": "python -m venv DS && DS/bin/pip install deepsparse==1.8.0 numpy==1.26.4 onnx==1.14.1, then set "
+                  "NETCARVE_DEEPSPARSE_PYTHON=DS/bin/python (it cannot share an environment with torch)",
+    "netcarve": "install a C++ compiler (g++) for netcarve's native kernels (see netcarve.runtime.kernel_status())",
     "onnxruntime": "pip install onnxruntime",
     "openvino": "pip install openvino",
 }
@@ -116,7 +119,34 @@ def engine_available(engine: str) -> bool:
     """Whether ``engine``'s Python package is importable (checked without importing it)."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "netcarve":
+        from ..runtime import kernel_status
+
+        return bool(kernel_status()["available"])
+    if engine == "deepsparse":
+        return deepsparse_python() is not None
     return importlib.util.find_spec(engine) is not None
+
+
+_DS_DEFAULT = Path.home() / ".cache" / "netcarve" / "venvs" / "deepsparse" / "bin" / "python"
+_ds_checked: dict[str, bool] = {}
+
+
+def deepsparse_python() -> str | None:
+    """The interpreter of a separate virtualenv with DeepSparse (a measured peer, never a dependency):
+    ``$NETCARVE_DEEPSPARSE_PYTHON``, else ``~/.cache/netcarve/venvs/deepsparse/bin/python``; None when
+    neither exists or ``import deepsparse`` fails there."""
+    py = os.environ.get("NETCARVE_DEEPSPARSE_PYTHON") or (str(_DS_DEFAULT) if _DS_DEFAULT.exists() else None)
+    if not py:
+        return None
+    if py not in _ds_checked:
+        try:
+            r = subprocess.run([py, "-c", "import deepsparse"], capture_output=True, timeout=120,
+                               env={**os.environ, "NM_DISABLE_ANALYTICS": "1"})
+            _ds_checked[py] = r.returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            _ds_checked[py] = False
+    return py if _ds_checked[py] else None
 
 
 def measure_latency(
@@ -176,7 +206,7 @@ def measure_latency(
             notes: list[str] = []
             extra: dict[str, Any] = {}
             in_process_model = None
-            if engine == "torch":
+            if engine in ("torch", "netcarve"):
                 reason = _save_for_child(model, work / "model") if isolate else "isolate=False"
                 if reason is None:
                     req["model"] = str(work / "model")
@@ -188,8 +218,14 @@ def measure_latency(
                 from .export import to_onnx
 
                 onnx_path = to_onnx(model, args, work / "model.onnx")
+                if engine == "deepsparse":
+                    _cap_ir_version(onnx_path, 9)
                 req["model"] = str(onnx_path)
                 extra["onnx_exporter"] = _onnx_exporter(onnx_path)
+            if engine == "deepsparse":  # its own virtualenv: always a separate process
+                req["python"] = deepsparse_python()
+                req["engine_options"].setdefault("env", {})["NM_DISABLE_ANALYTICS"] = "1"
+                isolate = True
             isolated = isolate and in_process_model is None
             if isolated:
                 res = _run_child(work, req, threads, timeout_s)
@@ -297,6 +333,16 @@ def _save_for_child(model: nn.Module, directory: Path) -> str | None:
     return None
 
 
+def _cap_ir_version(path: Path, ir: int) -> None:
+    """DeepSparse 1.8 reads ONNX IR <= 9; today's exporters write 10 without using anything IR 10 added."""
+    import onnx
+
+    m = onnx.load(str(path))
+    if m.ir_version > ir:
+        m.ir_version = ir
+        onnx.save(m, str(path))
+
+
 def _child_env(threads: int, extra: dict | None = None) -> dict[str, str]:
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
@@ -312,7 +358,7 @@ def _run_child(work: Path, req: dict, threads: int, timeout_s: float) -> dict:
     (work / "request.json").write_text(json.dumps(req), encoding="utf-8")
     try:
         proc = subprocess.run(
-            [sys.executable, str(_RUNNER), str(work)],
+            [req.get("python") or sys.executable, str(_RUNNER), str(work)],
             env=_child_env(threads, (req.get("engine_options") or {}).get("env")),
             cwd=str(work),
             capture_output=True,
@@ -375,7 +421,17 @@ def _per_layer(engine: str, layers, model: nn.Module, work: Path):
     # instrumented call was fastest: both are "least disturbed round" estimates
     sums = [sum(r) for r in layers["rounds"]]
     best = layers["rounds"][int(np.argmin(sums))]
-    if engine == "torch":
+    if engine == "netcarve":  # plan steps: fused ops carry their module path; glue ops go to the model ("")
+        agg: dict[str, float] = {}
+        steps_of: dict[str, list[str]] = {}
+        for (name, kind, kernel), ms in zip(layers["entries"], best):
+            path = name if name in types else ""
+            agg[path] = agg.get(path, 0.0) + float(ms)
+            steps_of.setdefault(path, []).append(f"{kind}:{kernel}")
+        rows = [{"name": p, "type": types.get(p, "?"), "latency_ms": ms, "steps": steps_of[p]}
+                for p, ms in agg.items()]
+        extra["compiled"] = layers.get("summary")
+    elif engine == "torch":
         rows = [
             {"name": name, "type": typ, "latency_ms": float(ms)}
             for (name, typ), ms, called in zip(layers["entries"], best, layers["called"])

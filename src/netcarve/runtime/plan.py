@@ -4,7 +4,7 @@ convs) -> the native :class:`Plan` (``csrc/plan.cpp``) or its plain-PyTorch twin
 Supported (everything else is an :class:`~netcarve.errors.UnsupportedModelError` naming the module path
 and type): Conv2d (any groups; sparse only for groups=1), BatchNorm2d (folded into the conv before it, else a
 per-channel affine), Linear, ReLU / ReLU6 / Hardtanh, addition, multiplication, Max/AvgPool2d,
-AdaptiveAvgPool2d(1), Flatten / flatten / view-as-flatten, torch.cat, Identity / Dropout (eval) and the
+AdaptiveAvgPool2d(1), Flatten / flatten / view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval) and the
 option-A shortcut of the CIFAR ResNets.
 """
 
@@ -60,8 +60,15 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
 
 
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` (and indexing into them): static here, so not a real use of ``x``."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1 and node.args[1] == "shape":
+        return True
+    return node.op == "call_method" and node.target == "size"
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
+    users = [u for u in node.users if not _is_shape_query(u)]
     return users[0] if len(users) == 1 else None
 
 
@@ -115,7 +122,7 @@ class Lowering:
             f"runtime: {self.name}: {self._where(node)} is not supported by the netcarve runtime"
             + (f" ({why})" if why else "")
             + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6, add, mul, Max/AvgPool2d, "
-              "AdaptiveAvgPool2d(1), flatten, cat, Identity/Dropout")
+              "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout")
 
     def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
         op.out = self._new(result)
@@ -128,13 +135,15 @@ class Lowering:
         """Follow ``node`` through an only-user residual add (if allowed) and ReLU: (last node, residual, relu)."""
         cur, res, relu = node, None, False
         u = _only_user(cur)
+        if u is not None and u in self.done:  # already fused into another op (the other operand of an add)
+            return cur, res, relu
         if allow_add and u is not None and _is_add(u):
             other = u.args[1] if u.args[0] is cur else u.args[0]
             if isinstance(other, fx.Node) and other is not cur and _shape(other) == _shape(cur):
                 cur, res = u, other
                 self.done.add(u)
                 u = _only_user(cur)
-        if u is not None and _is_relu(u, self.modules):
+        if u is not None and u not in self.done and _is_relu(u, self.modules):
             cur, relu = u, True
             self.done.add(u)
         return cur, res, relu
@@ -217,6 +226,10 @@ class Lowering:
             if m.end_dim != -1:
                 self._unsupported(node, "Flatten with end_dim != -1")
             return self._emit(Op("flatten", name, [self._in(x, node)], p={"start": int(m.start_dim)}), node, x)
+        if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
+            return self._emit(Op("pad", name, [self._in(x, node)],
+                                 p={"pads": [int(v) for v in m.padding], "value": float(getattr(m, "value", 0.0))}),
+                              node, x)
         if isinstance(m, (nn.Identity, nn.Dropout)):
             return self._alias(node, x)
         if type(m).__name__ == "ShortcutA":
@@ -392,6 +405,8 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
             out = y.new_zeros((y.shape[0], p["channels"], y.shape[2], y.shape[3]))
             return out.index_copy(1, p["dst"], y.index_select(1, p["src"]))
         return F.pad(y, (0, 0, 0, 0, p["before"], p["channels"] - y.shape[1] - p["before"]))
+    if k == "pad":
+        return F.pad(x, p["pads"], value=p["value"])
     if k == "cat":
         return torch.cat([v[i] for i in op.inputs], p["dim"])
     raise ValueError(f"unknown op kind {k!r}")  # pragma: no cover
@@ -432,6 +447,8 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             plan.add_shortcut(n, op.inputs[0], op.out, p["stride"], p["channels"], p["before"], p["src"], p["dst"])
         elif op.kind == "cat":
             plan.add_cat(n, op.inputs, op.out, p["dim"])
+        elif op.kind == "pad":
+            plan.add_pad(n, op.inputs[0], op.out, p["pads"], p["value"])
         else:  # pragma: no cover
             raise ValueError(f"unknown op kind {op.kind!r}")
     return plan

@@ -15,7 +15,7 @@
 
 namespace {
 
-enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL };
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD };
 
 struct Step {
   Kind kind;
@@ -101,6 +101,13 @@ class Plan {
     Step s{SHORTCUT, name, {in}, out};
     s.ints = {stride, channels, before};
     if (src.has_value()) s.ts = {src->to(torch::kLong), dst->to(torch::kLong)};
+    steps_.push_back(std::move(s));
+  }
+  // constant padding of the last two dims: pads = {left, right, top, bottom}
+  void add_pad(const std::string& name, int64_t in, int64_t out, std::vector<int64_t> pads, double value) {
+    Step s{PAD, name, {in}, out};
+    s.ints = pads;
+    s.floats = {value};
     steps_.push_back(std::move(s));
   }
   void add_cat(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t dim) {
@@ -218,6 +225,8 @@ class Plan {
         }
         return at::constant_pad_nd(y, {0, 0, 0, 0, before, C - y.size(1) - before}, 0.0);
       }
+      case PAD:
+        return at::constant_pad_nd(x, s.ints, s.floats[0]);
       case CAT: {
         std::vector<torch::Tensor> xs;
         for (auto i : s.in) xs.push_back(v[i]);
@@ -262,6 +271,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_flatten", &Plan::add_flatten)
       .def("add_shortcut", &Plan::add_shortcut)
       .def("add_cat", &Plan::add_cat)
+      .def("add_pad", &Plan::add_pad)
       .def("run", &Plan::run, py::call_guard<py::gil_scoped_release>())
       .def("profile", &Plan::profile, py::call_guard<py::gil_scoped_release>())
       .def("time", &Plan::time, py::call_guard<py::gil_scoped_release>())

@@ -131,7 +131,8 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   {
     const float* src = x.data_ptr<float>();
     float* dst = planes.data_ptr<float>();
-    at::parallel_for(0, C * N, 1, [&](int64_t b, int64_t e) {
+    const int64_t fill_grain = N * C * H * W < (int64_t)1 << 16 ? N * C : 1;
+    at::parallel_for(0, C * N, fill_grain, [&](int64_t b, int64_t e) {
       for (int64_t cn = b; cn < e; ++cn) {
         const int64_t c = cn / N, n = cn % N;
         const float* s = src + (n * C + c) * H * W;
@@ -185,27 +186,43 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   // store one filter's outputs for flat positions [q0, q0 + qn) (acc holds them), keeping the valid ones
   auto store = [&](const float* acc, int64_t f, int64_t q0, int64_t qn) {
     const float bv = bp ? bp[f] : 0.f;
-    int64_t q = q0;
     const int64_t qe = std::min<int64_t>(q0 + qn, total);
+    int64_t q = q0, n = q / plane, r = q % plane, y = r / Wph, x0 = r % Wph;  // then advanced without division
     while (q < qe) {
-      const int64_t n = q / plane, r = q % plane, y = r / Wph, x0 = r % Wph;
       const int64_t seg = std::min<int64_t>(Wph - x0, qe - q);
       if (y < Ho && x0 < Wo) {
         const int64_t xe = std::min<int64_t>(Wo, x0 + seg);
         float* o = op + ((n * F + f) * Ho + y) * Wo;
         const float* rr = rp ? rp + ((n * F + f) * Ho + y) * Wo : nullptr;
         const float* a = acc + (q - q0) - x0;
-        for (int64_t xx = x0; xx < xe; ++xx) {
-          float v = a[xx] + bv;
-          if (rr) v += rr[xx];
-          o[xx] = relu && v < 0.f ? 0.f : v;
+        if (rr) {
+          for (int64_t xx = x0; xx < xe; ++xx) {
+            const float v = a[xx] + bv + rr[xx];
+            o[xx] = relu ? std::max(v, 0.f) : v;
+          }
+        } else {
+          for (int64_t xx = x0; xx < xe; ++xx) {
+            const float v = a[xx] + bv;
+            o[xx] = relu ? std::max(v, 0.f) : v;
+          }
         }
       }
       q += seg;
+      x0 += seg;
+      if (x0 == Wph) {
+        x0 = 0;
+        if (++y == Hph) {
+          y = 0;
+          ++n;
+        }
+      }
     }
   };
   const int64_t ngroups = std::min<int64_t>(lists, std::max<int64_t>(1, (4 * nthreads + nchunks - 1) / nchunks));
-  at::parallel_for(0, nchunks * ngroups, 1, [&](int64_t b, int64_t e) {
+  // layers with little work run inline: waking the thread team costs more than it saves there
+  const int64_t work = E * padded_total;  // multiply-adds computed
+  const int64_t grain = work < (int64_t)1 << 21 ? nchunks * ngroups : 1;
+  at::parallel_for(0, nchunks * ngroups, grain, [&](int64_t b, int64_t e) {
     alignas(64) float acc[BLOCK];
     for (int64_t job = b; job < e; ++job) {
       const int64_t g = job % ngroups, c0 = (job / ngroups) * chunk;

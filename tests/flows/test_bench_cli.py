@@ -1,0 +1,34 @@
+"""netcarve bench: engines side by side in their own processes, netcarve per-layer rows, clear skips."""
+
+import json
+
+from netcarve.cli.main import main
+
+
+def test_bench_json_document(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NETCARVE_DEEPSPARSE_PYTHON", str(tmp_path / "no-such-python"))
+    rc = main(["bench", "resnet8", "--batch", "2", "--threads", "1", "--repeats", "3", "--rounds", "1",
+               "--engines", "torch", "netcarve-dense", "netcarve", "deepsparse", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["engines"]) == {"torch", "netcarve-dense", "netcarve"}
+    assert "deepsparse" in doc["skipped"] and "NETCARVE_DEEPSPARSE_PYTHON" in doc["skipped"]["deepsparse"]
+    for v in doc["engines"].values():
+        assert v["latency_ms"] > 0 and v["max_abs_diff"] < 1e-3
+        assert v["speedup_vs_fastest_dense"] > 0  # relative to torch, the only dense engine here
+    assert doc["fastest_dense"]["engine"] == "torch"
+    assert doc["batch"] == 2 and doc["threads"] == 1
+    assert doc["env"]["gemm_fp32_gflops"] > 0 and doc["env"]["threads"] == 1
+    convs = [r for r in doc["layers"] if "kernel" in r]
+    assert len(convs) == 9  # resnet8: 7 3x3 convs + 2 1x1 shortcut convs
+    for r in convs:
+        assert r["kernel"] in ("sparse", "dense") and r["macs"] > 0 and r["latency_ms"] >= 0
+        assert r["kernel"] == ("sparse" if r["sparse_ms"] < r["dense_ms"] else "dense")
+
+
+def test_bench_text_and_errors(capsys):
+    assert main(["bench", "lenet", "--engines", "netcarve", "--repeats", "2", "--rounds", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "netcarve per layer" in out and "GEMM ceiling" in out
+    assert main(["bench", "lenet", "--engines", "tensorrt"]) == 2
+    assert "unknown engine" in capsys.readouterr().err

@@ -1,0 +1,157 @@
+"""Whole-model plans: native and reference twin against the (masked) eval model on zoo models; fusion;
+autotune decisions and cache; checkpoints; clear errors; the no-compiler fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import netcarve
+from netcarve.errors import ConfigError, UnsupportedModelError
+from netcarve.models import create_model
+from netcarve.runtime import compile, lower
+from netcarve.sparsity import make_scheme
+
+
+def _prepared(name: str, seed: int = 0, sparse: bool = True) -> nn.Module:
+    """A zoo model in eval mode with non-trivial BN statistics and pattern / unstructured zeros."""
+    torch.manual_seed(seed)
+    m = create_model(name).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+            if sparse and isinstance(mod, nn.Conv2d) and mod.groups == 1:
+                if mod.kernel_size == (3, 3) and mod.in_channels > 3:
+                    s = make_scheme("pattern", connectivity=0.7)
+                    mod.weight.mul_(s.project(mod.weight, s.default_level()))
+                else:
+                    mod.weight.mul_(torch.rand(mod.weight.shape) < 0.5)
+    return m
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+ZOO = ["resnet20", "resnet8", "vgg11_bn", "mobilenetv2", "lenet"]
+
+
+def _example(m, batch):
+    info = netcarve.models.get_model_info(m.netcarve_spec["name"]) if hasattr(m, "netcarve_spec") else None
+    shape = info.input_shape if info is not None else m.input_shape
+    return torch.randn(batch, *shape)
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_compiled_zoo_models_match_the_masked_model(kernels, name, mode):
+    m = _prepared(name)
+    x = _example(m, 3)
+    with torch.no_grad():
+        ref = m(x)
+    c = compile(m, x, sparse=mode)
+    assert c.native
+    out = c(x)
+    assert out.shape == ref.shape
+    assert _rel(out, ref) <= 1e-4
+    assert _rel(c.reference(x), ref) <= 1e-4
+    assert _rel(c(x[:1]), ref[:1]) <= 1e-4  # other batch sizes run too
+    sparse_convs = sum(lc.choice == "sparse" for lc in c.layers)
+    eligible = sum(op.kind == "conv" and op.p["groups"] == 1 for op in c.ops)
+    assert sparse_convs == (eligible if mode == "always" else 0)
+
+
+def test_resnet_plan_is_fused():
+    m = _prepared("resnet20")
+    ops, _, _ = lower(m, torch.randn(1, 3, 32, 32))
+    kinds = [op.kind for op in ops]
+    assert set(kinds) == {"conv", "shortcut", "gap", "flatten", "linear"}  # BN, ReLU and the adds are fused
+    assert kinds.count("conv") == 19
+    assert sum(len(op.inputs) == 2 for op in ops if op.kind == "conv") == 9  # one residual per block
+    # every step reads values that an earlier step produced
+    seen = {0}
+    for op in ops:
+        assert all(i in seen for i in op.inputs)
+        seen.add(op.out)
+
+
+def test_autotune_records_timings_and_uses_the_cache(kernels, tmp_path, monkeypatch):
+    monkeypatch.setenv("NETCARVE_CACHE", str(tmp_path))
+    m = _prepared("resnet8")
+    x = torch.randn(1, 3, 32, 32)
+    c = compile(m, x, sparse="auto", repeats=5)
+    assert c.layers and all(lc.sparse_ms is not None and lc.dense_ms is not None for lc in c.layers)
+    for lc in c.layers:
+        assert lc.choice == ("sparse" if lc.sparse_ms < lc.dense_ms else "dense")
+        assert not lc.cached
+    assert list((tmp_path / "autotune").glob("*.json"))
+    again = compile(m, x, sparse="auto", repeats=5)
+    assert all(lc.cached for lc in again.layers)
+    assert [lc.choice for lc in again.layers] == [lc.choice for lc in c.layers]
+    with torch.no_grad():
+        assert _rel(again(x), m(x)) <= 1e-4
+    prof = again.profile(x, repeats=3, warmup=1)
+    assert len(prof) == len(again.ops) and all(p["ms"] >= 0 for p in prof)
+    assert again.time(x, repeats=3, warmup=1) > 0
+
+
+def test_compile_a_saved_checkpoint(kernels, tmp_path):
+    m = _prepared("resnet8")
+    netcarve.save(m, tmp_path / "run")
+    x = torch.randn(2, 3, 32, 32)
+    c = compile(str(tmp_path / "run"), x, sparse="always")
+    with torch.no_grad():
+        assert _rel(c(x), m(x)) <= 1e-4
+
+
+def test_unsupported_models_and_inputs_are_clear(kernels):
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.conv(x))
+
+    with pytest.raises(UnsupportedModelError, match=r"module 'act' \(GELU\) is not supported by the netcarve runtime"):
+        compile(Odd(), torch.randn(1, 3, 8, 8))
+    with pytest.raises(UnsupportedModelError, match="runtime"):
+        compile(create_model("gru").eval(), torch.randn(1, 32, 96))
+    c = compile(_prepared("lenet"), torch.randn(1, *create_model("lenet").input_shape))
+    with pytest.raises(ConfigError, match="expected input"):
+        c(torch.randn(1, 3, 5, 5))
+    with pytest.raises(ConfigError, match="sparse must be one of"):
+        compile(_prepared("lenet"), torch.randn(1, *create_model("lenet").input_shape), sparse="yes")
+    with pytest.raises(ConfigError, match="float32"):
+        compile(_prepared("lenet"), torch.zeros(1, 1, 28, 28, dtype=torch.float64))
+
+
+def test_fallback_without_kernels_runs_the_reference(tmp_path):
+    code = (
+        "import torch, netcarve\n"
+        "from netcarve.runtime import compile, kernel_status\n"
+        "from netcarve.models import create_model\n"
+        "torch.manual_seed(0)\n"
+        "m = create_model('resnet8').eval()\n"
+        "x = torch.randn(2, 3, 32, 32)\n"
+        "c = compile(m, x)\n"
+        "st = kernel_status()\n"
+        "assert not c.native and not st['available'] and 'NETCARVE_KERNELS=off' in st['reason']\n"
+        "with torch.no_grad():\n"
+        "    assert (c(x) - m(x)).abs().max() < 1e-4\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NETCARVE_KERNELS": "off"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    assert "using the PyTorch reference path" in r.stderr

@@ -1,0 +1,105 @@
+"""The native sparse conv kernel against its PyTorch twin: odd sizes, strides, 1x1 / 5x5, residual, ReLU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from netcarve.errors import ConfigError
+from netcarve.runtime import SparseConv2d, conv_taps
+
+
+def _sparse_weight(f, c, k, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(f, c, k, k, generator=g)
+    return w * (torch.rand(w.shape, generator=g) < density)
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+# (N, C, F, H, W, k, stride, pad, density): odd sizes, widths not multiples of 16, strides 1/2/3, 1x1 and 5x5
+CASES = [
+    (1, 3, 5, 7, 9, 3, 1, 1, 0.5),
+    (2, 16, 17, 31, 33, 3, 2, 1, 0.12),
+    (3, 8, 16, 8, 8, 1, 1, 0, 0.3),
+    (1, 5, 7, 6, 6, 3, 2, 0, 0.6),
+    (4, 20, 40, 4, 4, 3, 1, 1, 0.1),
+    (1, 4, 4, 11, 5, 5, 1, 2, 0.4),
+    (2, 6, 9, 13, 13, 3, 3, 1, 0.5),
+    (5, 33, 19, 1, 1, 1, 1, 0, 0.2),
+    (1, 64, 64, 32, 32, 3, 1, 1, 1.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:8])))
+@pytest.mark.parametrize("fuse", ["plain", "bias_relu", "bias_residual_relu"])
+def test_sparse_conv_matches_reference(kernels, case, fuse):
+    n, c, f, h, w, k, s, p, d = case
+    weight = _sparse_weight(f, c, k, d, seed=h * w + f)
+    bias = torch.randn(f) if fuse != "plain" else None
+    m = SparseConv2d(weight, bias, stride=s, padding=p, relu=fuse != "plain")
+    x = torch.randn(n, c, h, w)
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    res = torch.randn(n, f, ho, wo) if fuse == "bias_residual_relu" else None
+    ref = m.forward_reference(x, res)
+    out = m(x, res)
+    assert out.shape == ref.shape == (n, f, ho, wo)
+    assert _rel_err(out, ref) <= 1e-4
+    assert not torch.equal(m.forward_reference(x * 2, res), ref)  # the comparison is not vacuous
+
+
+def test_all_zero_filters_output_bias_only(kernels):
+    weight = _sparse_weight(8, 4, 3, 0.5, 0)
+    weight[[1, 5]] = 0.0
+    bias = torch.arange(8, dtype=torch.float32) - 3
+    m = SparseConv2d(weight, bias, padding=1, relu=True)
+    x = torch.randn(2, 4, 5, 5)
+    out = m(x)
+    assert _rel_err(out, m.forward_reference(x)) <= 1e-4
+    assert torch.equal(out[:, 1], torch.zeros(2, 5, 5))  # bias -2, ReLU
+    assert torch.equal(out[:, 5], torch.full((2, 5, 5), 2.0))
+
+
+def test_thread_counts_give_the_same_result(kernels):
+    weight = _sparse_weight(32, 16, 3, 0.2, 1)
+    m = SparseConv2d(weight, torch.randn(32), padding=1)
+    x = torch.randn(3, 16, 12, 12)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = m(x)
+        torch.set_num_threads(2)
+        b = m(x)
+    finally:
+        torch.set_num_threads(old)
+    assert _rel_err(a, b) <= 1e-6 and _rel_err(a, m.forward_reference(x)) <= 1e-4
+
+
+def test_conv_taps_rebuild_the_weight_heaviest_filters_first():
+    weight = _sparse_weight(10, 6, 3, 0.3, 2)
+    weight[4] = 0.0
+    t = conv_taps(weight)
+    counts = (t["ptr"][1:] - t["ptr"][:-1]).tolist()
+    assert counts == sorted(counts, reverse=True) and 4 not in t["order"].tolist()
+    rebuilt = torch.zeros(10, 6 * 9)
+    filt = torch.repeat_interleave(t["order"].long(), torch.tensor(counts))
+    rebuilt[filt, t["chan"].long() * 9 + t["pos"].long()] = t["w"]
+    assert torch.equal(rebuilt.reshape(weight.shape), weight)
+
+
+def test_bad_inputs_are_clear(kernels):
+    m = SparseConv2d(_sparse_weight(4, 3, 3, 0.5, 0), padding=1)
+    with pytest.raises(ConfigError, match=r"expected input \(N, 3, H, W\)"):
+        m(torch.randn(1, 4, 8, 8))
+    with pytest.raises(ConfigError, match="weight must be"):
+        SparseConv2d(torch.randn(4, 3))
+    from netcarve.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="groups=1"):
+        SparseConv2d.from_conv(torch.nn.Conv2d(4, 4, 3, groups=2), where="features.3")
+    # grad-requiring inputs run the reference (autograd works there)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    m(x).sum().backward()
+    assert x.grad is not None
