@@ -155,3 +155,46 @@ def test_fallback_without_kernels_runs_the_reference(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
     assert "using the PyTorch reference path" in r.stderr
+
+
+def test_runs_in_torchs_thread_pool_next_to_torch(kernels):
+    """The kernels split work with at::parallel_for, i.e. torch's own OpenMP pool: they follow
+    torch.set_num_threads, and a compiled plan and torch ops can run at once from two Python threads."""
+    import threading
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert "(1 threads)" in kernels.build_info()
+        torch.set_num_threads(2)
+        assert "(2 threads)" in kernels.build_info()
+    finally:
+        torch.set_num_threads(old)
+    m = _prepared("resnet8")
+    x = torch.randn(2, 3, 32, 32)
+    c = compile(m, x, sparse="always")
+    with torch.no_grad():
+        ref = m(x)
+    conv = nn.Conv2d(16, 16, 3, padding=1).eval()
+    y = torch.randn(4, 16, 32, 32)
+    errors = []
+
+    def plan_loop():
+        for _ in range(30):
+            if _rel(c(x), ref) > 1e-4:
+                errors.append("plan output changed")
+
+    def torch_loop():
+        with torch.no_grad():
+            want = conv(y)
+            for _ in range(30):
+                if not torch.allclose(conv(y), want):
+                    errors.append("torch output changed")
+
+    threads = [threading.Thread(target=plan_loop), threading.Thread(target=torch_loop)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors

@@ -1,0 +1,159 @@
+"""Sparse models on netcarve's native runtime against the best dense engines, side by side in one run.
+
+    python benchmarks/sparse_runtime.py --models resnet56 vgg16 --batch 1 64 --threads 2
+    python benchmarks/sparse_runtime.py --models resnet56-channel      # issue 3: compact model vs MACs cut
+
+For each model and variant (dense; pattern 4-of-9 + connectivity 3.6x, about 8x fewer weights in the 3x3
+convs; 90% unstructured) and batch size, ``netcarve bench`` times every engine in its own process (torch
+eager, onnxruntime, openvino, netcarve native with every conv dense, netcarve autotuned sparse, deepsparse
+when its virtualenv exists), ``--threads`` threads, minimum over rounds of medians. Results go to
+``benchmarks/results/sparse_runtime.json`` with the environment.
+
+Weights: the fine-tuned runs of ``benchmarks/sparsity_cifar.py`` when they exist in its work directory
+(the row says which), else a one-shot projection of the dense model (same zero structure, no fine-tune:
+latency does not depend on the accuracy). VGG-16 is the model trained by ``sparsity_cifar.py --preset
+vgg16`` (random weights otherwise, noted). ``resnet56-channel`` is the channel-pruned compact ResNet-56 of
+``benchmarks/structural_resnet56.py`` against the dense ResNet-56 (both dense kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "sparse_runtime.json"
+CACHE = Path(os.path.expanduser("~/.cache/netcarve/bench"))
+SPARSITY_WORK = CACHE / "sparsity_cifar"
+STRUCT_WORK = CACHE / "structural_resnet56"
+WORK = CACHE / "sparse_runtime"
+
+VARIANTS = {
+    "pattern": {"scheme": "pattern", "patterns": 8, "connectivity": 3.6},
+    "unstructured90": {"scheme": "unstructured", "sparsity": 0.9},
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[sparse_runtime {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _dense_source(model: str) -> tuple[str, str | None, str]:
+    if model == "vgg16":
+        d = SPARSITY_WORK / "vgg16-dense"
+        if (d / "manifest.json").exists():
+            return str(d), None, f"trained here ({d})"
+        return "vgg16_bn", None, "random weights (VGG-16 not trained yet)"
+    return model, "pretrained", "pretrained"
+
+
+def _cell(model: str, variant: str) -> Path | None:
+    """A fine-tuned run of sparsity_cifar.py for this model / variant, if any."""
+    flags = VARIANTS[variant]
+    stem = {"pattern": f"{model}-pattern-p8-c3.6-oneshot", "unstructured90": f"{model}-unstructured-s0.9-oneshot"}[variant]
+    for d in sorted(SPARSITY_WORK.glob(stem + "-e*")):
+        if (d / "report.json").exists() and flags:
+            return d
+    return None
+
+
+def _projected(model: str, variant: str, data_dir) -> Path:
+    from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
+
+    out = WORK / f"{model}-{variant}-projected"
+    if (out / "report.json").exists():
+        return out
+    src, weights, _ = _dense_source(model)
+    flags = VARIANTS[variant]
+    ns = argparse.Namespace(plan=None, layers=None, types=None, exclude=None, include_first_last=False,
+                            balanced=False, **{k: flags.get(k) for k in ("scheme", "sparsity", "n", "m", "block",
+                                                                        "patterns", "connectivity", "length",
+                                                                        "keep", "groups")})
+    recipe = SparsifyRecipe.from_dict({"model": src, "weights": weights, "out": str(out), "plan": plan_from_args(ns),
+                                       "data_dir": data_dir, "algorithm": "oneshot", "test_subset": 500})
+    run_recipe(recipe, progress=False, threads=torch.get_num_threads())
+    return out
+
+
+def _bench(model_dir_or_name: str, weights, batch: int, threads: int, engines, repeats: int, rounds: int) -> dict:
+    from netcarve.flows.bench import run_bench
+    from netcarve.flows.common import resolve_model
+    from netcarve.models import example_input
+
+    m = resolve_model(model_dir_or_name, weights)
+    return run_bench(m, example_input(m, batch=batch), engines=engines, threads=threads, repeats=repeats,
+                     rounds=rounds, progress=lambda e: _log(f"  {e}"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet56", "vgg16"],
+                   help="resnet56, vgg16 (dense + pattern + unstructured90), resnet56-channel")
+    p.add_argument("--variants", nargs="+", default=["dense", "pattern", "unstructured90"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engines", nargs="+",
+                   default=["torch", "onnxruntime", "openvino", "netcarve-dense", "netcarve", "deepsparse"])
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    WORK.mkdir(parents=True, exist_ok=True)
+    doc = json.loads(a.out.read_text()) if a.out.exists() else {"benchmark": "sparse_runtime", "rows": []}
+    rows = doc["rows"]
+
+    def record(row):
+        rows[:] = [r for r in rows if (r["model"], r["variant"], r["batch"]) != (row["model"], row["variant"], row["batch"])]
+        rows.append(row)
+        doc["command"] = "python benchmarks/sparse_runtime.py " + " ".join(sys.argv[1:])
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(doc, indent=1))
+
+    for model in a.models:
+        if model == "resnet56-channel":
+            compact = STRUCT_WORK / "netcarve-all-r8" / "pruned"
+            if not (compact / "manifest.json").exists():
+                _log(f"no channel-pruned ResNet-56 at {compact}: run benchmarks/structural_resnet56.py first")
+                continue
+            for batch in a.batch:
+                for variant, (src, w) in {"dense": ("resnet56", "pretrained"), "channel-pruned": (str(compact), None)}.items():
+                    _log(f"resnet56-channel {variant} batch {batch}")
+                    res = _bench(src, w, batch, a.threads, [e for e in a.engines if e != "deepsparse"],
+                                 a.repeats, a.rounds)
+                    record({"model": "resnet56-channel", "variant": variant, "batch": batch, "source": src, **res})
+            continue
+        for variant in a.variants:
+            if variant == "dense":
+                src, w, note = _dense_source(model)
+            else:
+                cell = _cell(model, variant)
+                if cell is not None:
+                    src, w, note = str(cell), None, f"fine-tuned run {cell.name}"
+                else:
+                    src, w, note = str(_projected(model, variant, a.data_dir)), None, "one-shot projection (no fine-tune)"
+            for batch in a.batch:
+                _log(f"{model} {variant} batch {batch} ({note})")
+                res = _bench(src, w, batch, a.threads, a.engines, a.repeats, a.rounds)
+                record({"model": model, "variant": variant, "batch": batch, "source": note, **res})
+    _print(rows)
+
+
+def _print(rows) -> None:
+    names = ["torch", "onnxruntime", "openvino", "deepsparse", "netcarve-dense", "netcarve"]
+    print(f"{'model':<18} {'variant':<15} {'batch':>5} " + " ".join(f"{n:>14}" for n in names) + f" {'vs best dense':>14}")
+    for r in rows:
+        e = r["engines"]
+        cells = " ".join(f"{e[n]['latency_ms']:14.3f}" if n in e else f"{'-':>14}" for n in names)
+        sp = e.get("netcarve", {}).get("speedup_vs_fastest_dense")
+        print(f"{r['model']:<18} {r['variant']:<15} {r['batch']:>5} {cells} {(f'{sp:.2f}x' if sp else '-'):>14}")
+
+
+if __name__ == "__main__":
+    main()
