@@ -35,6 +35,11 @@ def _prepared(name: str, seed: int = 0, sparse: bool = True) -> nn.Module:
                     mod.weight.mul_(s.project(mod.weight, s.default_level()))
                 else:
                     mod.weight.mul_(torch.rand(mod.weight.shape) < 0.5)
+            if sparse and isinstance(mod, (nn.GRU, nn.LSTM)):
+                blk = make_scheme("block", block=[4, 16])
+                for name_, w in mod.named_parameters():
+                    if name_.startswith("weight"):
+                        w.mul_(blk.project(w, 0.8))
     return m
 
 
@@ -42,7 +47,7 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
 
 
-ZOO = ["resnet20", "resnet8", "vgg11_bn", "mobilenetv2", "lenet"]
+ZOO = ["resnet20", "resnet8", "vgg11_bn", "mobilenetv2", "lenet", "gru", "lstm"]
 
 
 def _example(m, batch):
@@ -65,9 +70,9 @@ def test_compiled_zoo_models_match_the_masked_model(kernels, name, mode):
     assert _rel(out, ref) <= 1e-4
     assert _rel(c.reference(x), ref) <= 1e-4
     assert _rel(c(x[:1]), ref[:1]) <= 1e-4  # other batch sizes run too
-    sparse_convs = sum(lc.choice == "sparse" for lc in c.layers)
-    eligible = sum(op.kind == "conv" and op.p["groups"] == 1 for op in c.ops)
-    assert sparse_convs == (eligible if mode == "always" else 0)
+    sparse_layers = sum(lc.choice == "sparse" for lc in c.layers)
+    eligible = sum(op.kind in ("linear", "rnn") or (op.kind == "conv" and op.p["groups"] == 1) for op in c.ops)
+    assert sparse_layers == (eligible if mode == "always" else 0)
 
 
 def test_resnet_plan_is_fused():
@@ -125,8 +130,10 @@ def test_unsupported_models_and_inputs_are_clear(kernels):
 
     with pytest.raises(UnsupportedModelError, match=r"module 'act' \(GELU\) is not supported by the netcarve runtime"):
         compile(Odd(), torch.randn(1, 3, 8, 8))
-    with pytest.raises(UnsupportedModelError, match="runtime"):
-        compile(create_model("gru").eval(), torch.randn(1, 32, 96))
+    with pytest.raises(UnsupportedModelError, match="bidirectional"):
+        compile(create_model("gru", bidirectional=True).eval(), torch.randn(1, 32, 96))
+    with pytest.raises(UnsupportedModelError, match=r"transformer_tiny|MultiheadAttention|not supported"):
+        compile(create_model("transformer_tiny").eval(), netcarve.example_input("transformer_tiny"))
     c = compile(_prepared("lenet"), torch.randn(1, *create_model("lenet").input_shape))
     with pytest.raises(ConfigError, match="expected input"):
         c(torch.randn(1, 3, 5, 5))

@@ -32,7 +32,8 @@ SPARSE_MODES = ("auto", "always", "never")
 
 @dataclass
 class LayerChoice:
-    """One conv of a compiled model: its kernel choice and the timings behind it."""
+    """One conv / linear / recurrent layer of a compiled model: its kernel choice and the timings behind it
+    (``shape``: its (first) weight's shape; ``macs`` / ``nonzero_macs`` for the example batch)."""
 
     name: str
     kind: str
@@ -46,19 +47,40 @@ class LayerChoice:
     cached: bool = False
 
 
-def _conv_macs(op: Op) -> tuple[int, int]:
-    w = op.p["weight"]
-    out = op.out_shape or (1, w.shape[0], 1, 1)
-    per_out = out[0] * out[2] * out[3]
-    return int(w.numel()) * per_out, int((w != 0).sum()) * per_out
+TUNABLE = ("conv", "linear", "rnn")
+
+
+def _weights(op: Op) -> list[torch.Tensor]:
+    return op.p["dense"][::2] if op.kind == "rnn" else [op.p["weight"]]
+
+
+def _eligible(op: Op) -> bool:
+    return op.kind in ("linear", "rnn") or (op.kind == "conv" and op.p["groups"] == 1)
+
+
+def _macs(op: Op) -> tuple[int, int]:
+    """(dense MACs, MACs with a non-zero weight) of one tunable op for the example batch."""
+    ws = _weights(op)
+    if op.kind == "conv":
+        out = op.out_shape or (1, ws[0].shape[0], 1, 1)
+        reps = out[0] * out[2] * out[3]
+    elif op.kind == "linear":
+        out = op.out_shape or (1, ws[0].shape[0])
+        reps = int(torch.tensor(out[:-1]).prod()) if len(out) > 1 else 1
+    else:  # rnn: every matrix once per step and sequence
+        shape = op.in_shape or (1, 1, 1)
+        reps = shape[0] * shape[1]
+    return sum(int(w.numel()) for w in ws) * reps, sum(int((w != 0).sum()) for w in ws) * reps
 
 
 def _signature(op: Op, x_shape: tuple[int, ...], threads: int) -> str:
-    w = op.p["weight"]
     h = hashlib.sha1()
-    h.update(json.dumps([list(w.shape), list(op.in_shape or ()), list(x_shape), op.p["stride"], op.p["padding"],
-                         op.p["groups"], threads, len(op.inputs), op.p["relu"]]).encode())
-    h.update((w != 0).numpy().tobytes())
+    opts = {k: v for k, v in op.p.items() if isinstance(v, (int, float, bool, str))}
+    h.update(json.dumps([op.kind, list(op.in_shape or ()), list(x_shape), threads, len(op.inputs),
+                         sorted(opts.items())]).encode())
+    for w in _weights(op):
+        h.update(json.dumps(list(w.shape)).encode())
+        h.update((w != 0).numpy().tobytes())
     return h.hexdigest()[:20]
 
 
@@ -130,8 +152,7 @@ class CompiledModel:
             raise ConfigError("compiled model: not native (no compiled kernels)")
         ms = self._plan.profile(x.detach(), repeats, warmup)
         choice = {lc.name: lc.choice for lc in self.layers}
-        return [{"name": op.name, "kind": op.kind, "kernel": choice.get(op.name, "aten" if op.kind != "conv" else
-                                                                            "dense"), "ms": float(t)}
+        return [{"name": op.name, "kind": op.kind, "kernel": choice.get(op.name, "aten"), "ms": float(t)}
                 for op, t in zip(self.ops, ms)]
 
     def summary(self) -> dict[str, Any]:
@@ -179,16 +200,17 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         torch.set_num_threads(int(threads))
     nthreads = torch.get_num_threads()
     mod = load_kernels()
-    convs = [op for op in ops if op.kind == "conv"]
+    convs = [op for op in ops if op.kind in TUNABLE]
     layers: list[LayerChoice] = []
     for op in convs:
-        macs, nz = _conv_macs(op)
-        w = op.p["weight"]
-        layers.append(LayerChoice(op.name, "conv", list(w.shape), float((w != 0).float().mean()), macs, nz, "dense"))
+        macs, nz = _macs(op)
+        ws = _weights(op)
+        dens = sum(int((w != 0).sum()) for w in ws) / max(1, sum(w.numel() for w in ws))
+        layers.append(LayerChoice(op.name, op.kind, list(ws[0].shape), float(dens), macs, nz, "dense"))
     if mod is None:
         return CompiledModel(ops, nvals, output, None, tuple(example_input.shape), layers, nthreads)
 
-    eligible = [op.p["groups"] == 1 for op in convs]
+    eligible = [_eligible(op) for op in convs]
     if sparse == "always":
         for op, ok in zip(convs, eligible):
             op.p["sparse"] = ok
@@ -220,7 +242,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
 def _profile_convs(mod, ops, nvals, output, x, convs, sparse: bool, repeats: int) -> list[float]:
     saved = [op.p["sparse"] for op in convs]
     for op in convs:
-        op.p["sparse"] = sparse and op.p["groups"] == 1
+        op.p["sparse"] = sparse and _eligible(op)
     try:
         plan = build_native(mod, ops, nvals, output)
         ms = plan.profile(x, repeats, max(3, repeats // 4))

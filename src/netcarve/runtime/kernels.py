@@ -95,3 +95,46 @@ class SparseConv2d(nn.Module):
         if residual is not None:
             y = y + residual
         return torch.relu(y) if self.relu else y
+
+
+# ------------------------------------------------------------------------------------------- BSR linear
+
+BSR_BLOCKS = ((16, 16), (8, 16), (4, 16), (2, 16), (1, 16))
+_TILE_OVERHEAD = 8  # per stored tile, in value-equivalents (index load, loop, horizontal sums)
+
+
+def choose_block(weight: torch.Tensor) -> tuple[int, int]:
+    """The BSR tile of :data:`BSR_BLOCKS` that stores a 2-D weight's non-zeros most cheaply (values kept, zero
+    padding inside kept tiles included, plus a per-tile overhead): 4x16 for a 4x16-block-pruned weight,
+    1x16 for unstructured sparsity."""
+    w = weight.detach().reshape(weight.shape[0], -1) != 0
+    rows, cols = w.shape
+    best, best_cost = BSR_BLOCKS[-1], None
+    for bh, bw in BSR_BLOCKS:
+        pr, pc = -(-rows // bh) * bh, -(-cols // bw) * bw
+        padded = torch.zeros(pr, pc, dtype=torch.bool)
+        padded[:rows, :cols] = w
+        tiles = int(padded.reshape(pr // bh, bh, pc // bw, bw).any(3).any(1).sum())
+        cost = tiles * (bh * bw + _TILE_OVERHEAD)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = (bh, bw), cost
+    return best
+
+
+def bsr_tensors(weight: torch.Tensor, block: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """``[indptr, indices, values]`` of a 2-D weight in BSR tiles (``netcarve.pack`` "bsr" layout)."""
+    from ..pack import pack
+
+    w = weight.detach().float().reshape(weight.shape[0], -1)
+    p = pack(w, "bsr", block=list(block or choose_block(w)))
+    return [p.tensors["indptr"], p.tensors["indices"], p.tensors["values"]]
+
+
+def bsr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               block: tuple[int, int] | None = None, reference: bool = False) -> torch.Tensor:
+    """``x @ weight.T + bias`` with the weight in BSR tiles (native kernel), or ``F.linear`` (reference)."""
+    mod = None if reference else load_kernels()
+    if mod is None or x.dtype != torch.float32 or x.requires_grad:
+        return F.linear(x, weight, bias)
+    ptr, idx, val = bsr_tensors(weight, block)
+    return mod.bsr_linear(x, ptr, idx, val, None if bias is None else bias.detach().float(), int(weight.shape[0]))

@@ -4,8 +4,9 @@ convs) -> the native :class:`Plan` (``csrc/plan.cpp``) or its plain-PyTorch twin
 Supported (everything else is an :class:`~netcarve.errors.UnsupportedModelError` naming the module path
 and type): Conv2d (any groups; sparse only for groups=1), BatchNorm2d (folded into the conv before it, else a
 per-channel affine), Linear, ReLU / ReLU6 / Hardtanh, addition, multiplication, Max/AvgPool2d,
-AdaptiveAvgPool2d(1), Flatten / flatten / view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval) and the
-option-A shortcut of the CIFAR ResNets.
+AdaptiveAvgPool2d(1), Flatten / flatten / view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval), the
+option-A shortcut of the CIFAR ResNets, unidirectional (multi-layer) GRU / LSTM with their output sequence,
+``x[:, k]`` selects and means over one dim.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..graph.trace import trace_model
-from .kernels import conv_taps
+from .kernels import bsr_tensors, conv_taps
 
 _RELU_FNS = {F.relu, torch.relu}
 _ADD_FNS = {operator.add, torch.add, operator.iadd}
@@ -122,7 +123,7 @@ class Lowering:
             f"runtime: {self.name}: {self._where(node)} is not supported by the netcarve runtime"
             + (f" ({why})" if why else "")
             + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6, add, mul, Max/AvgPool2d, "
-              "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout")
+              "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (unidirectional), x[:, k], mean")
 
     def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
         op.out = self._new(result)
@@ -152,8 +153,8 @@ class Lowering:
     def run(self) -> tuple[list[Op], int, int]:
         nodes = list(self.gm.graph.nodes)
         for node in nodes:
-            if node in self.done:
-                continue
+            if node in self.done or (node.op not in ("output", "placeholder") and not node.users):
+                continue  # fused already, or dead (e.g. an RNN's unused final state)
             self.done.add(node)
             getattr(self, f"_lower_{node.op}")(node)
         if self.output is None:
@@ -204,9 +205,9 @@ class Lowering:
                 self._unsupported(node, "Linear on inputs with more than 2 dims")
             last, _, relu = self._fuse_tail(node, allow_add=False)
             return self._emit(Op("linear", name, [self._in(x, node)],
-                                 p={"weight": m.weight.detach().float(),
-                                    "bias": None if m.bias is None else m.bias.detach().float(), "relu": relu}),
-                              last, x)
+                                 p={"weight": m.weight.detach().float().contiguous(),
+                                    "bias": None if m.bias is None else m.bias.detach().float(), "relu": relu,
+                                    "sparse": False}), last, x)
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             if isinstance(m, nn.MaxPool2d) and m.dilation not in (1, (1, 1)):
                 self._unsupported(node, "dilated max pooling")
@@ -232,6 +233,8 @@ class Lowering:
                               node, x)
         if isinstance(m, (nn.Identity, nn.Dropout)):
             return self._alias(node, x)
+        if isinstance(m, (nn.GRU, nn.LSTM)):
+            return self._rnn(node, m)
         if type(m).__name__ == "ShortcutA":
             shape = _shape(node)
             cin = _shape(x)[1]
@@ -242,6 +245,22 @@ class Lowering:
                                  p={"stride": int(m.stride), "channels": shape[1], "before": before,
                                     "src": src, "dst": dst}), node, x)
         self._unsupported(node)
+
+    def _rnn(self, node, m):
+        if m.bidirectional or getattr(m, "proj_size", 0):
+            self._unsupported(node, "bidirectional / projected recurrent layers")
+        if len(node.args) > 1 or node.kwargs:
+            self._unsupported(node, "an initial state argument")
+        dense = []
+        for layer in range(m.num_layers):
+            for kind in ("ih", "hh"):
+                w = getattr(m, f"weight_{kind}_l{layer}").detach().float().contiguous()
+                b = getattr(m, f"bias_{kind}_l{layer}", None)
+                dense += [w, None if b is None else b.detach().float().contiguous()]
+        x = node.args[0]
+        self._emit(Op("rnn", str(node.target), [self._in(x, node)],
+                      p={"lstm": isinstance(m, nn.LSTM), "hidden": int(m.hidden_size), "batch_first": bool(m.batch_first),
+                         "dense": dense, "sparse": False}), node, x)
 
     def _conv(self, node, m: nn.Conv2d):
         x = node.args[0]
@@ -269,9 +288,17 @@ class Lowering:
 
     def _lower_call_function(self, node):
         t = node.target
+        args = node.args
+        if t is operator.getitem and isinstance(args[0], fx.Node):
+            src = args[0]
+            if src.op == "call_module" and isinstance(self.modules.get(src.target), (nn.GRU, nn.LSTM)):
+                if args[1] != 0:
+                    self._unsupported(node, "the recurrent layer's final state (only its output sequence)")
+                return self._alias(node, src)
+            if _shape(node) is not None and _shape(src) is not None:
+                return self._getitem(node, src, args[1])
         if _shape(node) is None:  # shape arithmetic (x.shape[1], ...): only feeds module arguments
             return
-        args = node.args
         if t in _RELU_FNS:
             return self._emit(Op("relu", node.name, [self._in(args[0], node)]), node, args[0])
         if _is_add(node):
@@ -295,6 +322,16 @@ class Lowering:
             return self._emit(Op("gap", node.name, [self._in(args[0], node)]), node, args[0])
         self._unsupported(node)
 
+    def _getitem(self, node, src, index):
+        """``x[:, k]`` / ``x[:, -1]`` (an integer at one position, full slices elsewhere) -> select."""
+        idx = index if isinstance(index, tuple) else (index,)
+        full = slice(None, None, None)
+        ints = [(d, i) for d, i in enumerate(idx) if isinstance(i, int)]
+        if len(ints) == 1 and all(i == full for d, i in enumerate(idx) if d != ints[0][0]):
+            d, k = ints[0]
+            return self._emit(Op("select", node.name, [self._in(src, node)], p={"dim": d, "index": int(k)}), node, src)
+        self._unsupported(node, f"indexing with {index!r} (only x[:, k]-style selects)")
+
     def _lower_call_method(self, node):
         t = node.target
         if _shape(node) is None:
@@ -316,6 +353,10 @@ class Lowering:
         if t == "mean":
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            if isinstance(dims, int) or (isinstance(dims, (tuple, list)) and len(dims) == 1):
+                d = dims if isinstance(dims, int) else dims[0]
+                return self._emit(Op("mean", node.name, [self._in(x, node)], p={"dim": int(d), "keepdim": bool(keep)}),
+                                  node, x)
             if dims is not None and sorted(d % 4 for d in dims) == [2, 3]:
                 if keep:
                     return self._emit(Op("gap", node.name, [self._in(x, node)]), node, x)
@@ -407,9 +448,41 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
         return F.pad(y, (0, 0, 0, 0, p["before"], p["channels"] - y.shape[1] - p["before"]))
     if k == "pad":
         return F.pad(x, p["pads"], value=p["value"])
+    if k == "select":
+        return x.select(p["dim"], p["index"])
+    if k == "mean":
+        return x.mean(p["dim"], keepdim=p["keepdim"])
+    if k == "rnn":
+        return _rnn_reference(x, p)
     if k == "cat":
         return torch.cat([v[i] for i in op.inputs], p["dim"])
     raise ValueError(f"unknown op kind {k!r}")  # pragma: no cover
+
+
+def _rnn_reference(x: torch.Tensor, p: dict) -> torch.Tensor:
+    h_seq = x if p["batch_first"] else x.transpose(0, 1)
+    d = p["dense"]
+    for layer in range(len(d) // 4):
+        w_ih, b_ih, w_hh, b_hh = d[4 * layer: 4 * layer + 4]
+        n, t = h_seq.shape[:2]
+        h = h_seq.new_zeros(n, p["hidden"])
+        c = h_seq.new_zeros(n, p["hidden"])
+        gx = F.linear(h_seq, w_ih, b_ih)
+        outs = []
+        for s in range(t):
+            a, b = gx[:, s], F.linear(h, w_hh, b_hh)
+            if p["lstm"]:
+                i, f, g, o = (a + b).chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            else:
+                ar, az, an = a.chunk(3, 1)
+                br, bz, bn = b.chunk(3, 1)
+                r, z = torch.sigmoid(ar + br), torch.sigmoid(az + bz)
+                h = (1 - z) * torch.tanh(an + r * bn) + z * h
+            outs.append(h)
+        h_seq = torch.stack(outs, 1)
+    return h_seq if p["batch_first"] else h_seq.transpose(0, 1)
 
 
 def build_native(mod, ops: list[Op], nvals: int, output: int):
@@ -425,7 +498,17 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             plan.add_conv(n, op.inputs, op.out, p["weight"], p["bias"], taps, p["stride"], p["padding"],
                           p["groups"], p["relu"], bool(p["sparse"]))
         elif op.kind == "linear":
-            plan.add_linear(n, op.inputs[0], op.out, p["weight"], p["bias"], p["relu"])
+            bsr = p.setdefault("bsr", bsr_tensors(p["weight"]))
+            plan.add_linear(n, op.inputs[0], op.out, p["weight"], p["bias"], p["relu"], bsr, bool(p.get("sparse")))
+        elif op.kind == "rnn":
+            if "bsr" not in p:
+                p["bsr"] = [t for w in p["dense"][::2] for t in bsr_tensors(w)]
+            plan.add_rnn(n, op.inputs[0], op.out, p["lstm"], p["hidden"], p["batch_first"], p["dense"], p["bsr"],
+                         bool(p["sparse"]))
+        elif op.kind == "select":
+            plan.add_select(n, op.inputs[0], op.out, p["dim"], p["index"])
+        elif op.kind == "mean":
+            plan.add_mean(n, op.inputs[0], op.out, p["dim"], p["keepdim"])
         elif op.kind == "affine":
             plan.add_affine(n, op.inputs[0], op.out, p["scale"], p["shift"], p["relu"])
         elif op.kind == "relu":

@@ -6,3 +6,17 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
                             int64_t stride, int64_t pad, bool relu);
+
+torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
+                         c10::optional<torch::Tensor> bias, int64_t out_features);
+
+// A matmul y = x W^T (+ bias) that is dense (w) or BSR (ptr / idx / val, sparse = true).
+struct MatW {
+  torch::Tensor w, ptr, idx, val, bias;
+  int64_t out = 0;
+  bool sparse = false;
+  torch::Tensor apply(const torch::Tensor& x) const;
+};
+
+// One unidirectional LSTM (lstm = true; gates i, f, g, o) or GRU (r, z, n) layer over x (N, T, I).
+torch::Tensor rnn_layer(const torch::Tensor& x, const MatW& ih, const MatW& hh, int64_t hidden, bool lstm);

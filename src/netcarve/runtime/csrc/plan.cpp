@@ -15,7 +15,7 @@
 
 namespace {
 
-enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD };
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN };
 
 struct Step {
   Kind kind;
@@ -25,9 +25,23 @@ struct Step {
   std::vector<int64_t> ints;
   std::vector<double> floats;
   std::vector<torch::Tensor> ts;  // weights / taps / maps
+  std::vector<MatW> mats;         // linear: 1; rnn: 2 per layer (ih, hh)
   bool sparse = false;
   bool relu = false;
 };
+
+static MatW make_mat(const torch::Tensor& w, c10::optional<torch::Tensor> bias, const std::vector<torch::Tensor>& bsr) {
+  MatW m;
+  m.w = w.contiguous();
+  if (bias.has_value() && bias->defined()) m.bias = bias->contiguous();
+  m.out = w.size(0);
+  if (bsr.size() == 3) {
+    m.ptr = bsr[0].contiguous();
+    m.idx = bsr[1].contiguous();
+    m.val = bsr[2].contiguous();
+  }
+  return m;
+}
 
 }  // namespace
 
@@ -49,16 +63,47 @@ class Plan {
     s.sparse = sparse;
     steps_.push_back(std::move(s));
   }
-  void set_sparse(int64_t i, bool sparse) {
-    TORCH_CHECK(i >= 0 && i < (int64_t)steps_.size() && steps_[i].kind == CONV, "set_sparse: step ", i, " is not a conv");
-    TORCH_CHECK(!sparse || steps_[i].ts.size() == 7, "set_sparse: step ", i, " has no taps");
-    steps_[i].sparse = sparse;
-  }
+
+  // bsr = {indptr, indices, values} (may be empty: dense only)
   void add_linear(const std::string& name, int64_t in, int64_t out, torch::Tensor weight,
-                  c10::optional<torch::Tensor> bias, bool relu) {
+                  c10::optional<torch::Tensor> bias, bool relu, std::vector<torch::Tensor> bsr, bool sparse) {
     Step s{LINEAR, name, {in}, out};
-    s.ts = {weight.contiguous(), bias.has_value() ? bias->contiguous() : torch::Tensor()};
+    s.mats = {make_mat(weight, bias, bsr)};
+    TORCH_CHECK(!sparse || bsr.size() == 3, name, ": a sparse linear needs its BSR tensors");
+    s.sparse = sparse;
+    s.mats[0].sparse = sparse;
     s.relu = relu;
+    steps_.push_back(std::move(s));
+  }
+  // dense = {w_ih, b_ih, w_hh, b_hh} per layer (biases may be undefined); bsr = 6 per layer (ih, hh) or empty
+  void add_rnn(const std::string& name, int64_t in, int64_t out, bool lstm, int64_t hidden, bool batch_first,
+               std::vector<c10::optional<torch::Tensor>> dense, std::vector<torch::Tensor> bsr, bool sparse) {
+    Step s{RNN, name, {in}, out};
+    const size_t L = dense.size() / 4;
+    TORCH_CHECK(L >= 1 && dense.size() == 4 * L, name, ": rnn needs 4 tensors per layer");
+    TORCH_CHECK(!sparse || bsr.size() == 6 * L, name, ": a sparse rnn needs BSR tensors for every matrix");
+    for (size_t l = 0; l < L; ++l) {
+      std::vector<torch::Tensor> bi, bh;
+      if (bsr.size() == 6 * L) {
+        bi = {bsr[6 * l], bsr[6 * l + 1], bsr[6 * l + 2]};
+        bh = {bsr[6 * l + 3], bsr[6 * l + 4], bsr[6 * l + 5]};
+      }
+      s.mats.push_back(make_mat(*dense[4 * l], dense[4 * l + 1], bi));
+      s.mats.push_back(make_mat(*dense[4 * l + 2], dense[4 * l + 3], bh));
+    }
+    for (auto& m : s.mats) m.sparse = sparse;
+    s.sparse = sparse;
+    s.ints = {lstm, hidden, batch_first};
+    steps_.push_back(std::move(s));
+  }
+  void add_select(const std::string& name, int64_t in, int64_t out, int64_t dim, int64_t index) {
+    Step s{SELECT, name, {in}, out};
+    s.ints = {dim, index};
+    steps_.push_back(std::move(s));
+  }
+  void add_mean(const std::string& name, int64_t in, int64_t out, int64_t dim, bool keepdim) {
+    Step s{MEAN, name, {in}, out};
+    s.ints = {dim, keepdim};
     steps_.push_back(std::move(s));
   }
   // per-channel y = x * scale + shift (an unfused BatchNorm), scale/shift shaped to broadcast
@@ -186,10 +231,20 @@ class Plan {
         return y;
       }
       case LINEAR: {
-        auto y = s.ts[1].defined() ? at::addmm(s.ts[1], x, s.ts[0].t()) : at::mm(x, s.ts[0].t());
+        auto y = s.mats[0].apply(x);
         if (s.relu) y.relu_();
         return y;
       }
+      case RNN: {
+        const bool lstm = s.ints[0] != 0, bf = s.ints[2] != 0;
+        auto h = bf ? x : x.transpose(0, 1);
+        for (size_t l = 0; l + 1 < s.mats.size(); l += 2) h = rnn_layer(h.contiguous(), s.mats[l], s.mats[l + 1], s.ints[1], lstm);
+        return bf ? h : h.transpose(0, 1).contiguous();
+      }
+      case SELECT:
+        return x.select(s.ints[0], s.ints[1]);
+      case MEAN:
+        return at::mean(x, {s.ints[0]}, s.ints[1] != 0);
       case AFFINE: {
         auto y = at::addcmul(s.ts[1], x, s.ts[0]);
         if (s.relu) y.relu_();
@@ -255,11 +310,11 @@ std::string build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_conv2d", &sparse_conv2d, "direct sparse conv2d over non-zero taps (fp32)");
+  m.def("bsr_linear", &bsr_linear, "y = x W^T + b with W in BSR tiles (fp32)");
   m.def("build_info", &build_info);
   py::class_<Plan>(m, "Plan")
       .def(py::init<int64_t, int64_t>())
       .def("add_conv", &Plan::add_conv)
-      .def("set_sparse", &Plan::set_sparse)
       .def("add_linear", &Plan::add_linear)
       .def("add_affine", &Plan::add_affine)
       .def("add_relu", &Plan::add_relu)
@@ -272,6 +327,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_shortcut", &Plan::add_shortcut)
       .def("add_cat", &Plan::add_cat)
       .def("add_pad", &Plan::add_pad)
+      .def("add_rnn", &Plan::add_rnn)
+      .def("add_select", &Plan::add_select)
+      .def("add_mean", &Plan::add_mean)
       .def("run", &Plan::run, py::call_guard<py::gil_scoped_release>())
       .def("profile", &Plan::profile, py::call_guard<py::gil_scoped_release>())
       .def("time", &Plan::time, py::call_guard<py::gil_scoped_release>())
