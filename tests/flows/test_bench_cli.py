@@ -19,9 +19,9 @@ def test_bench_json_document(tmp_path, capsys, monkeypatch):
     assert doc["fastest_dense"]["engine"] == "torch"
     assert doc["batch"] == 2 and doc["threads"] == 1
     assert doc["env"]["gemm_fp32_gflops"] > 0 and doc["env"]["threads"] == 1
-    convs = [r for r in doc["layers"] if "kernel" in r]
-    assert len(convs) == 9  # resnet8: 7 3x3 convs + 2 1x1 shortcut convs
-    for r in convs:
+    tuned = [r for r in doc["layers"] if "kernel" in r]
+    assert len(tuned) == 10  # resnet8: 7 3x3 convs + 2 1x1 shortcut convs + the linear head
+    for r in tuned:
         assert r["kernel"] in ("sparse", "dense") and r["macs"] > 0 and r["latency_ms"] >= 0
         assert r["kernel"] == ("sparse" if r["sparse_ms"] < r["dense_ms"] else "dense")
 
