@@ -42,12 +42,12 @@ struct Taps {
 };
 
 template <int NV>
-static inline void accumulate(const float* __restrict in, const Taps& t, const float* __restrict w, int64_t t0,
+static inline void accumulate(const float* __restrict in, const int64_t* __restrict off, const float* __restrict w,
                               int64_t ntaps, int64_t q0, float* __restrict dst) {
   v16 a[NV];
   for (int i = 0; i < NV; ++i) a[i] = bcast(0.f);
   for (int64_t e = 0; e < ntaps; ++e) {
-    const float* src = in + t.off(t0 + e) + q0;
+    const float* src = in + off[e] + q0;
     const v16 we = bcast(w[e]);
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) a[i] += we * loadu(src + i * VL);
@@ -55,19 +55,36 @@ static inline void accumulate(const float* __restrict in, const Taps& t, const f
   for (int i = 0; i < NV; ++i) storeu(dst + i * VL, a[i]);
 }
 
+// out[i] = relu?(acc[i] + bias (+ res[i])) for one row segment (restrict + compile-time ReLU: vectorises)
+template <bool RELU>
+static inline void store_row(float* __restrict o, const float* __restrict a, const float* __restrict rr, float bv,
+                             int64_t n) {
+  if (rr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = a[i] + bv + rr[i];
+      o[i] = RELU ? (v > 0.f ? v : 0.f) : v;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = a[i] + bv;
+      o[i] = RELU ? (v > 0.f ? v : 0.f) : v;
+    }
+  }
+}
+
 // one vector of pixels: four independent accumulator chains over the taps hide the FMA latency
-static inline void accumulate_one(const float* __restrict in, const Taps& t, const float* __restrict w, int64_t t0,
-                                  int64_t ntaps, int64_t q0, float* __restrict dst) {
+static inline void accumulate_one(const float* __restrict in, const int64_t* __restrict off,
+                                  const float* __restrict w, int64_t ntaps, int64_t q0, float* __restrict dst) {
   v16 a0 = bcast(0.f), a1 = a0, a2 = a0, a3 = a0;
   int64_t e = 0;
   in += q0;
   for (; e + 4 <= ntaps; e += 4) {
-    a0 += bcast(w[e]) * loadu(in + t.off(t0 + e));
-    a1 += bcast(w[e + 1]) * loadu(in + t.off(t0 + e + 1));
-    a2 += bcast(w[e + 2]) * loadu(in + t.off(t0 + e + 2));
-    a3 += bcast(w[e + 3]) * loadu(in + t.off(t0 + e + 3));
+    a0 += bcast(w[e]) * loadu(in + off[e]);
+    a1 += bcast(w[e + 1]) * loadu(in + off[e + 1]);
+    a2 += bcast(w[e + 2]) * loadu(in + off[e + 2]);
+    a3 += bcast(w[e + 3]) * loadu(in + off[e + 3]);
   }
-  for (; e < ntaps; ++e) a0 += bcast(w[e]) * loadu(in + t.off(t0 + e));
+  for (; e < ntaps; ++e) a0 += bcast(w[e]) * loadu(in + off[e]);
   storeu(dst, (a0 + a1) + (a2 + a3));
 }
 
@@ -127,22 +144,34 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   const int64_t nchunks = (total + chunk - 1) / chunk;
   const int64_t padded_total = nchunks * chunk;
 
-  auto planes = torch::zeros({C * S * S * group + padded_total + slack}, x.options());
+  // stride 1: only the padding ring and the tail need zeros (rows are copied whole); stride > 1: all of it
+  const int64_t total_len = C * S * S * group + padded_total + slack;
+  auto planes = S == 1 ? torch::empty({total_len}, x.options()) : torch::zeros({total_len}, x.options());
   {
     const float* src = x.data_ptr<float>();
     float* dst = planes.data_ptr<float>();
+    if (S == 1) std::fill(dst + C * group, dst + total_len, 0.f);
     const int64_t fill_grain = N * C * H * W < (int64_t)1 << 16 ? N * C : 1;
     at::parallel_for(0, C * N, fill_grain, [&](int64_t b, int64_t e) {
       for (int64_t cn = b; cn < e; ++cn) {
         const int64_t c = cn / N, n = cn % N;
         const float* s = src + (n * C + c) * H * W;
+        if (S == 1) {
+          float* d = dst + c * group + n * plane;
+          std::fill(d, d + pad * Wph, 0.f);                      // top padding rows
+          std::fill(d + (pad + H) * Wph, d + plane, 0.f);         // bottom padding rows
+          for (int64_t y = 0; y < H; ++y) {
+            float* row = d + (y + pad) * Wph;
+            for (int64_t k = 0; k < pad; ++k) row[k] = 0.f;
+            const float* sr = s + y * W;
+            for (int64_t k = 0; k < W; ++k) row[pad + k] = sr[k];
+            for (int64_t k = pad + W; k < Wph; ++k) row[k] = 0.f;
+          }
+          continue;
+        }
         for (int64_t y = 0; y < H; ++y) {
           const int64_t py = y + pad, ry = py % S, yy = py / S;
           const float* sr = s + y * W;
-          if (S == 1) {
-            std::memcpy(dst + c * group + n * plane + yy * Wph + pad, sr, W * sizeof(float));
-            continue;
-          }
           for (int64_t rx = 0; rx < S; ++rx) {  // columns x with (x + pad) % S == rx go to phase rx
             int64_t x0 = ((rx - pad) % S + S) % S;
             float* d = dst + ((c * S + ry) * S + rx) * group + n * plane + yy * Wph + (x0 + pad) / S;
@@ -195,17 +224,10 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
         float* o = op + ((n * F + f) * Ho + y) * Wo;
         const float* rr = rp ? rp + ((n * F + f) * Ho + y) * Wo : nullptr;
         const float* a = acc + (q - q0) - x0;
-        if (rr) {
-          for (int64_t xx = x0; xx < xe; ++xx) {
-            const float v = a[xx] + bv + rr[xx];
-            o[xx] = relu ? std::max(v, 0.f) : v;
-          }
-        } else {
-          for (int64_t xx = x0; xx < xe; ++xx) {
-            const float v = a[xx] + bv;
-            o[xx] = relu ? std::max(v, 0.f) : v;
-          }
-        }
+        if (relu)
+          store_row<true>(o + x0, a + x0, rr ? rr + x0 : nullptr, bv, xe - x0);
+        else
+          store_row<false>(o + x0, a + x0, rr ? rr + x0 : nullptr, bv, xe - x0);
       }
       q += seg;
       x0 += seg;
@@ -224,19 +246,31 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   const int64_t grain = work < (int64_t)1 << 21 ? nchunks * ngroups : 1;
   at::parallel_for(0, nchunks * ngroups, grain, [&](int64_t b, int64_t e) {
     alignas(64) float acc[BLOCK];
+    std::vector<int64_t> offs;  // the group's tap offsets, computed once per job, read by every block
+    int64_t offs_group = -1;
     for (int64_t job = b; job < e; ++job) {
       const int64_t g = job % ngroups, c0 = (job / ngroups) * chunk;
       const int64_t cn = std::min<int64_t>(chunk, padded_total - c0);
+      if (g != offs_group) {
+        offs.clear();
+        for (int64_t i = g; i < L; i += ngroups)
+          for (int64_t t = ptr[i]; t < ptr[i + 1]; ++t) offs.push_back(taps.off(t));
+        offs_group = g;
+      }
+      int64_t base;
       // block-outer: the input windows of one block are reused by every filter of the group
       for (int64_t q0 = c0; q0 < c0 + cn; q0 += BLOCK) {
         const int64_t qn = std::min<int64_t>(BLOCK, c0 + cn - q0);
+        base = 0;
         for (int64_t i = g; i < lists; i += ngroups) {
           if (i < L) {
             const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0;
+            const int64_t* off = offs.data() + base;
+            base += nt;
             if (qn == BLOCK) {
-              accumulate<8>(pl, taps, wv + t0, t0, nt, q0, acc);
+              accumulate<8>(pl, off, wv + t0, nt, q0, acc);
             } else {
-              for (int64_t q = 0; q < qn; q += VL) accumulate_one(pl, taps, wv + t0, t0, nt, q0 + q, acc + q);
+              for (int64_t q = 0; q < qn; q += VL) accumulate_one(pl, off, wv + t0, nt, q0 + q, acc + q);
             }
             store(acc, ord[i], q0, qn);
           } else {
