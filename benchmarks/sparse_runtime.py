@@ -2,6 +2,7 @@
 
     python benchmarks/sparse_runtime.py --models resnet56 vgg16 --batch 1 64 --threads 2
     python benchmarks/sparse_runtime.py --models resnet56-channel      # issue 3: compact model vs MACs cut
+    python benchmarks/sparse_runtime.py --models gru --batch 1 32      # block-sparse 2-layer GRU end to end
 
 For each model and variant (dense; pattern 4-of-9 + connectivity 3.6x, about 8x fewer weights in the 3x3
 convs; 90% unstructured) and batch size, ``netcarve bench`` times every engine in its own process (torch
@@ -37,6 +38,9 @@ VARIANTS = {
     "pattern": {"scheme": "pattern", "patterns": 8, "connectivity": 3.6},
     "unstructured90": {"scheme": "unstructured", "sparsity": 0.9},
 }
+# the GRU (2 x 128 on CIFAR-10 rows, trained by sparsity_cifar.py): its fine-tuned block-sparse cells
+GRU_CELLS = {"block4x16-90": "gru-block-b4x16-s0.9-oneshot-e4", "block16x16-90": "gru-block-b16x16-s0.9-oneshot-e4",
+             "block4x16-90-balanced": "gru-block-b4x16-s0.9-balanced-oneshot-e4"}
 
 
 def _log(msg: str) -> None:
@@ -93,7 +97,7 @@ def _bench(model_dir_or_name: str, weights, batch: int, threads: int, engines, r
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet56", "vgg16"],
-                   help="resnet56, vgg16 (dense + pattern + unstructured90), resnet56-channel")
+                   help="resnet56, vgg16 (dense + pattern + unstructured90), resnet56-channel, gru (block-sparse cells)")
     p.add_argument("--variants", nargs="+", default=["dense", "pattern", "unstructured90"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 64])
     p.add_argument("--threads", type=int, default=2)
@@ -117,6 +121,20 @@ def main() -> None:
         a.out.write_text(json.dumps(doc, indent=1))
 
     for model in a.models:
+        if model == "gru":
+            dense = SPARSITY_WORK / "gru-dense"
+            if not (dense / "manifest.json").exists():
+                _log(f"no dense GRU at {dense}: run benchmarks/sparsity_cifar.py grid --preset gru first")
+                continue
+            for batch in a.batch:
+                for variant, path in {"dense": dense, **{k: SPARSITY_WORK / v for k, v in GRU_CELLS.items()}}.items():
+                    if not (path / "manifest.json").exists():
+                        _log(f"skipping gru {variant}: {path} missing")
+                        continue
+                    _log(f"gru {variant} batch {batch}")
+                    res = _bench(str(path), None, batch, a.threads, a.engines, a.repeats, a.rounds)
+                    record({"model": "gru", "variant": variant, "batch": batch, "source": path.name, **res})
+            continue
         if model == "resnet56-channel":
             compact = STRUCT_WORK / "netcarve-all-r8" / "pruned"
             if not (compact / "manifest.json").exists():
