@@ -2,6 +2,11 @@
 #pragma once
 #include <torch/extension.h>
 
+// Work (multiply-adds) below which a kernel runs on the calling thread instead of waking torch's thread team.
+// Waking a sleeping OpenMP team costs tens of microseconds on small VMs; with OMP_WAIT_POLICY=ACTIVE (threads
+// spin, as onnxruntime's do by default) a lower threshold pays off. Set with set_parallel_threshold().
+extern int64_t g_parallel_threshold;
+
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,

@@ -312,6 +312,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_conv2d", &sparse_conv2d, "direct sparse conv2d over non-zero taps (fp32)");
   m.def("bsr_linear", &bsr_linear, "y = x W^T + b with W in BSR tiles (fp32)");
   m.def("build_info", &build_info);
+  m.def("set_parallel_threshold", [](int64_t v) { g_parallel_threshold = v; },
+        "multiply-adds below which kernels run on the calling thread (default 2^16)");
+  m.def("parallel_threshold", []() { return g_parallel_threshold; });
   py::class_<Plan>(m, "Plan")
       .def(py::init<int64_t, int64_t>())
       .def("add_conv", &Plan::add_conv)

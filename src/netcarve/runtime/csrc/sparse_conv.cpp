@@ -18,6 +18,8 @@
 #include <cstring>
 #include <vector>
 
+int64_t g_parallel_threshold = (int64_t)1 << 16;
+
 namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -243,7 +245,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   const int64_t ngroups = std::min<int64_t>(lists, std::max<int64_t>(1, (4 * nthreads + nchunks - 1) / nchunks));
   // layers with little work run inline: waking the thread team costs more than it saves there
   const int64_t work = E * padded_total;  // multiply-adds computed
-  const int64_t grain = work < (int64_t)1 << 21 ? nchunks * ngroups : 1;
+  const int64_t grain = work < g_parallel_threshold ? nchunks * ngroups : 1;
   at::parallel_for(0, nchunks * ngroups, grain, [&](int64_t b, int64_t e) {
     alignas(64) float acc[BLOCK];
     std::vector<int64_t> offs;  // the group's tap offsets, computed once per job, read by every block

@@ -165,7 +165,7 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
   const float* vd = val.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   const int64_t work = val.numel() * M;
-  const int64_t grain = work < (int64_t)1 << 16 ? RB : std::max<int64_t>(1, RB / (8 * at::get_num_threads()));
+  const int64_t grain = work < g_parallel_threshold ? RB : std::max<int64_t>(1, RB / (8 * at::get_num_threads()));
   if (M >= 16 && (bh == 1 || bh == 2 || bh == 4 || bh == 8 || bh == 16)) {
     const int64_t Mp = (M + 15) / 16 * 16, nmv = Mp / 16;
     auto xt = torch::zeros({Kp, Mp}, x.options());
