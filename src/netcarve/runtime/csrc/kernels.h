@@ -6,6 +6,8 @@
 // Waking a sleeping OpenMP team costs tens of microseconds on small VMs; with OMP_WAIT_POLICY=ACTIVE (threads
 // spin, as onnxruntime's do by default) a lower threshold pays off. Set with set_parallel_threshold().
 extern int64_t g_parallel_threshold;
+// Outputs of at most this many 16-float vectors (N * Ho * Wo) take the im2col path of sparse_conv2d.
+extern int64_t g_small_max_vectors;
 
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,

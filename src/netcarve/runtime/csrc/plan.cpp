@@ -315,6 +315,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_parallel_threshold", [](int64_t v) { g_parallel_threshold = v; },
         "multiply-adds below which kernels run on the calling thread (default 2^16)");
   m.def("parallel_threshold", []() { return g_parallel_threshold; });
+  m.def("set_small_max_vectors", [](int64_t v) { g_small_max_vectors = v; },
+        "largest output (in 16-float vectors) that takes the im2col path of sparse_conv2d (default 4; 0 = never)");
   py::class_<Plan>(m, "Plan")
       .def(py::init<int64_t, int64_t>())
       .def("add_conv", &Plan::add_conv)
