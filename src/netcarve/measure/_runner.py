@@ -555,7 +555,7 @@ def _run_netcarve(req, inputs, model=None):
     if step is not None:
         layers = {"entries": [[op.name, op.kind, kernels.get(op.name, "aten")] for op in compiled.ops],
                   "rounds": [central_mean(r) for r in steps], "summary": compiled.summary()}
-    notes = [f"netcarve runtime: {sum(c == 'sparse' for c in kernels.values())} of {len(kernels)} convs "
+    notes = [f"netcarve runtime: {sum(c == 'sparse' for c in kernels.values())} of {len(kernels)} conv / linear / recurrent layers "
              f"run the sparse kernel ({opts.get('sparse', 'auto')})"]
     return {"times": times, "layers": layers, "out": [out.numpy()], "threads": torch.get_num_threads(),
             "notes": notes}

@@ -1,0 +1,99 @@
+"""Single kernels against their dense twins, side by side in one process: the sparse direct conv (pattern 4-of-9 +
+connectivity 3.6x, 12% dense) against torch's dense conv (oneDNN) on ResNet-56 / VGG-16 layer shapes, and the BSR
+linear kernel (90% sparse in 4x16 / 16x16 tiles) against torch.addmm (MKL) on GRU/LSTM-sized gate matrices.
+
+    python benchmarks/kernels.py --threads 2
+
+Median of ``--repeats`` calls after warm-up, from Python (the same call overhead for both sides); results in
+``benchmarks/results/kernels.json`` with the environment. Correctness is the tests' job; each row also records the
+max abs difference to the dense twin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
+
+CONVS = [(16, 16, 32), (32, 32, 16), (64, 64, 8), (64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4),
+         (512, 512, 2)]
+LINEARS = [(384, 128), (1536, 512), (4096, 1024)]
+
+
+def _time(fn, repeats: int) -> float:
+    for _ in range(max(3, repeats // 10)):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=200)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    from netcarve.measure import environment
+    from netcarve.runtime import SparseConv2d, kernel_status, load_kernels
+    from netcarve.runtime.kernels import bsr_tensors
+    from netcarve.sparsity import make_scheme
+
+    st = kernel_status()
+    if not st["available"]:
+        raise SystemExit(f"native kernels unavailable: {st['reason']}")
+    mod = load_kernels()
+    rows = []
+    torch.manual_seed(0)
+    pattern = make_scheme("pattern", connectivity=1 - 1 / 3.6)
+    with torch.inference_mode():
+        for c, f, hw in CONVS:
+            w = torch.randn(f, c, 3, 3)
+            w = w * pattern.project(w, pattern.default_level())
+            b = torch.randn(f)
+            for n in (1, 64):
+                x = torch.randn(n, c, hw, hw)
+                m = SparseConv2d(w, b, 1, 1, relu=True)
+                dense = _time(lambda x=x, w=w, b=b: torch.relu(torch.conv2d(x, w, b, 1, 1)), max(10, a.repeats // (n // 8 + 1)))
+                sparse = _time(lambda m=m, x=x: m(x), max(10, a.repeats // (n // 8 + 1)))
+                diff = float((m(x) - torch.relu(torch.conv2d(x, w, b, 1, 1))).abs().max())
+                rows.append({"kernel": "sparse_conv2d", "shape": f"{c}->{f} 3x3 at {hw}x{hw}", "batch": n,
+                             "density": float((w != 0).float().mean()), "dense_ms": dense, "sparse_ms": sparse,
+                             "speedup": dense / sparse, "max_abs_diff": diff})
+                print(f"conv {c}->{f} {hw}x{hw} n={n}: dense {dense:.3f} ms, sparse {sparse:.3f} ms, "
+                      f"{dense / sparse:.2f}x", flush=True)
+        for r, k in LINEARS:
+            for blk in ([4, 16], [16, 16]):
+                w = torch.randn(r, k)
+                w = w * make_scheme("block", block=blk).project(w, 0.9)
+                b = torch.randn(r)
+                bt = bsr_tensors(w, tuple(blk))
+                for m_ in (1, 32):
+                    x = torch.randn(m_, k)
+                    dense = _time(lambda b=b, x=x, w=w: torch.addmm(b, x, w.t()), a.repeats * 5)
+                    sparse = _time(lambda x=x, bt=bt, b=b, r=r: mod.bsr_linear(x, *bt, b, r), a.repeats * 5)
+                    diff = float((mod.bsr_linear(x, *bt, b, r) - torch.addmm(b, x, w.t())).abs().max())
+                    rows.append({"kernel": "bsr_linear", "shape": f"{r}x{k} block {blk[0]}x{blk[1]}", "batch": m_,
+                                 "density": float((w != 0).float().mean()), "dense_ms": dense, "sparse_ms": sparse,
+                                 "speedup": dense / sparse, "max_abs_diff": diff})
+                    print(f"linear {r}x{k} {blk} M={m_}: dense {dense * 1e3:.1f} us, bsr {sparse * 1e3:.1f} us, "
+                          f"{dense / sparse:.2f}x", flush=True)
+    env = environment(a.threads)
+    env["kernels"] = st["info"]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"benchmark": "kernels", "command": f"python benchmarks/kernels.py --threads {a.threads}",
+                                   "rows": rows, "env": env}, indent=1))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
