@@ -244,6 +244,7 @@ def cmd_report(a) -> None:
             "top1_dense": rep["baseline"]["top1"], "top1": rep["compressed"]["top1"],
             "delta_pp": rep["compressed"]["top1"] - rep["baseline"]["top1"], "seconds": rep["task"]["seconds"],
             "threads": rep["env"].get("threads"), "cpu": rep["env"].get("cpu_model"),
+            "precision": "bf16" if d.name.endswith("-bf16") else "fp32",
         })
     doc = {"benchmark": "sparsity_cifar", "budget": "see module docstring", "rows": rows,
            "env": environment(threads=torch.get_num_threads())}
