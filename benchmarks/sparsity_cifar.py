@@ -16,7 +16,9 @@ pretrained model (``--weights pretrained``; the GRU: the dense model trained by 
 on every weight it applies to except the first conv and the last linear layer, the algorithm, then the
 budget: ``--epochs`` (default 4) epochs of SGD (lr 0.01, cosine, momentum 0.9, wd 5e-4, batch 128, crop + flip)
 with logit KD (T=4, alpha=0.9) from the dense model on the full 50k training set, BN recalibration after the
-hard prune (20 batches); the GRU fine-tunes with AdamW (lr 1e-3, wd 1e-4, gradient clip 1) instead. For ``admm`` / ``reweighted`` / ``ssauto`` the first half of the budget regularises and
+hard prune (20 batches); the GRU fine-tunes with AdamW (lr 1e-3, wd 1e-4, gradient clip 1) instead. Cells run with
+``--precision bf16`` (name suffix ``-bf16``) train under bf16 autocast in channels-last (about 2x faster here);
+their evaluation is fp32 like every other cell's. For ``admm`` / ``reweighted`` / ``ssauto`` the first half of the budget regularises and
 the second half retrains with the masks fixed. Accuracy is top-1 on the full 10k test set. "compression" is
 dense weights / non-zero weights *of the sparsified layers*; "model compression" counts every parameter.
 
