@@ -49,6 +49,8 @@ import torch
 
 from .._registry import Registry
 from ..errors import CheckpointError, ConfigError
+from ..sparsity.schemes import _library_tensor, _parse_block
+from ..sparsity.spm import _id_dtype
 
 FORMAT_VERSION = 1
 HEADER_KEY = "netcarve.packed"
@@ -75,10 +77,6 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dt, torch.dtype):
         raise CheckpointError(f"packed weight: unknown dtype {name!r}")
     return dt
-
-
-def _id_dtype(num: int) -> torch.dtype:
-    return torch.uint8 if num <= 256 else torch.int16 if num <= 2**15 else torch.int32
 
 
 @dataclass
@@ -261,28 +259,12 @@ class CSR(PackFormat):
 # ------------------------------------------------------------------------------------------------ bsr
 
 
-def _parse_block(value: Any, who: str) -> tuple[int, int]:
-    if isinstance(value, str):
-        parts = value.lower().split("x")
-    elif isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        parts = [value, value]
-    try:
-        bh, bw = (int(x) for x in parts)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{who}: block must be [bh, bw] or 'BHxBW', got {value!r}") from None
-    if bh < 1 or bw < 1:
-        raise ConfigError(f"{who}: block sizes must be >= 1, got {value!r}")
-    return bh, bw
-
-
 @register_format("bsr")
 class BSR(PackFormat):
     summary = "block sparse rows: dense bh x bw tiles of the GEMM view, int32 block column per tile"
 
     def __init__(self, block: Any = (4, 16)):
-        self.block = _parse_block(block, "packed format 'bsr'")
+        self.block = _parse_block(block, "packed format 'bsr': block")
 
     def options(self):
         return {"block": list(self.block)}
@@ -390,15 +372,10 @@ class NMFormat(PackFormat):
 def _library_arg(library: Any, length: int, who: str) -> torch.Tensor | None:
     if library is None:
         return None
-    try:
-        lib = torch.as_tensor(library).to(torch.bool).reshape(len(library), -1)
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(f"{who}: library must be a list of flat 0/1 lists, got {library!r:.80}") from None
-    if lib.shape[1] != length or lib.shape[0] < 1:
-        raise ConfigError(f"{who}: library patterns must have {length} entries, got shape {tuple(lib.shape)}")
+    lib = _library_tensor(library, who=who, length=length, entries=None)
     e = lib.sum(1)
-    if bool((e != e[0]).any()) or int(e[0]) < 1:
-        raise ConfigError(f"{who}: every library pattern must keep the same (>= 1) number of entries")
+    if bool((e != e[0]).any()):
+        raise ConfigError(f"{who}: every library pattern must keep the same number of entries")
     return lib
 
 

@@ -243,8 +243,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         keys = [_signature(op, tuple(example_input.shape), nthreads) for op in convs]
         known = [cache.get(k) if cache else None for k in keys]
         if any(ok and kn is None for ok, kn in zip(eligible, known)):
-            t_dense = _profile_convs(mod, ops, nvals, output, example_input, convs, False, repeats)
-            t_sparse = _profile_convs(mod, ops, nvals, output, example_input, convs, True, repeats)
+            t_dense = _profile_tunable(mod, ops, nvals, output, example_input, convs, False, repeats)
+            t_sparse = _profile_tunable(mod, ops, nvals, output, example_input, convs, True, repeats)
             for i, (ok, kn) in enumerate(zip(eligible, known)):
                 if ok and kn is None:
                     known[i] = {"sparse_ms": t_sparse[i], "dense_ms": t_dense[i], "fresh": True}
@@ -263,7 +263,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     return CompiledModel(ops, nvals, output, plan, tuple(example_input.shape), layers, nthreads)
 
 
-def _profile_convs(mod, ops, nvals, output, x, convs, sparse: bool, repeats: int) -> list[float]:
+def _profile_tunable(mod, ops, nvals, output, x, convs, sparse: bool, repeats: int) -> list[float]:
+    """Per tunable op (``convs``): its median time in the whole plan profiled with every op sparse / dense."""
     saved = [op.p["sparse"] for op in convs]
     for op in convs:
         op.p["sparse"] = sparse and _eligible(op)

@@ -73,11 +73,15 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as the per-channel affine map ``y = x * scale + shift``."""
+    scale = (bn.weight.detach() if bn.affine else 1.0) / torch.sqrt(bn.running_var + bn.eps)
+    return scale, (bn.bias.detach() if bn.affine else 0.0) - bn.running_mean * scale
+
+
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv weight and bias with an eval-mode BatchNorm folded in (zeros of the weight stay zeros)."""
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
-        1.0 / torch.sqrt(bn.running_var + bn.eps)
-    shift = (bn.bias.detach() if bn.affine else 0.0) - bn.running_mean * scale
+    scale, shift = bn_scale_shift(bn)
     b = shift if bias is None else bias.detach() * scale + shift
     return weight.detach() * scale.reshape(-1, *([1] * (weight.dim() - 1))), b
 
@@ -189,8 +193,7 @@ class Lowering:
         if isinstance(m, nn.BatchNorm2d):
             if m.training or m.running_var is None:
                 self._unsupported(node, "BatchNorm needs eval mode and running statistics")
-            scale = (m.weight.detach() if m.affine else 1.0) / torch.sqrt(m.running_var + m.eps)
-            shift = (m.bias.detach() if m.affine else 0.0) - m.running_mean * scale
+            scale, shift = bn_scale_shift(m)
             last, _, relu = self._fuse_tail(node, allow_add=False)
             return self._emit(Op("affine", name, [self._in(x, node)],
                                  p={"scale": scale.reshape(1, -1, 1, 1).float(),

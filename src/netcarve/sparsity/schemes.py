@@ -419,9 +419,9 @@ class _PartitionScheme(SparsityScheme):
         """Extra structure checks on the per-group alive flags (subclasses)."""
 
 
-def _parse_block(value: Any) -> tuple[int, int]:
-    bad = ConfigError(f"scheme 'block': option 'block' must be two positive ints (rows, columns) or a string like "
-                      f"'4x16', got {value!r}")
+def _parse_block(value: Any, who: str = "scheme 'block': option 'block'") -> tuple[int, int]:
+    """``[bh, bw]``, ``(bh, bw)``, ``"4x16"`` or one int (square) -> ``(bh, bw)``; ConfigError naming ``who``."""
+    bad = ConfigError(f"{who} must be two positive ints (rows, columns) or a string like '4x16', got {value!r}")
     if isinstance(value, str):
         parts = value.lower().replace(" ", "").split("x")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
