@@ -14,7 +14,6 @@ throughput ``2 * dense MACs / time`` (what a dense engine would need to match it
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -60,9 +59,15 @@ def run_bench(model: torch.nn.Module, x: torch.Tensor, *, engines=ALL_ENGINES, t
         if progress:
             progress(name)
         try:
-            if name == "deepsparse" and deepsparse_python:
-                os.environ["NETCARVE_DEEPSPARSE_PYTHON"] = deepsparse_python
-            if name.startswith("netcarve"):
+            if name == "deepsparse":
+                from ..measure.latency import deepsparse_python as find_ds
+
+                if find_ds(deepsparse_python) is None:
+                    raise EngineUnavailableError(
+                        "deepsparse is not installed (set NETCARVE_DEEPSPARSE_PYTHON or --deepsparse-python to its "
+                        "virtualenv's python)")
+                r = measure_latency(model, x, engine="deepsparse", engine_options={"python": deepsparse_python}, **kw)
+            elif name.startswith("netcarve"):
                 if not engine_available("netcarve"):
                     from ..runtime import kernel_status
 
@@ -72,9 +77,7 @@ def run_bench(model: torch.nn.Module, x: torch.Tensor, *, engines=ALL_ENGINES, t
                                     engine_options={"sparse": mode}, **kw)
             else:
                 if not engine_available(name):
-                    raise EngineUnavailableError(
-                        f"{name} is not installed" + (" (set NETCARVE_DEEPSPARSE_PYTHON to its virtualenv's python)"
-                                                      if name == "deepsparse" else ""))
+                    raise EngineUnavailableError(f"{name} is not installed")
                 r = measure_latency(model, x, engine=name, **kw)
         except EngineUnavailableError as e:
             out["skipped"][name] = str(e)

@@ -50,7 +50,9 @@ smallest total is reported. ``per_layer_sum_ms`` is the sum of the rows; when it
 ``engine_options``: ``{"inference_precision": "f32"|"bf16"|"f16"}`` (OpenVINO),
 ``{"graph_optimization_level": "disable"|"basic"|"extended"|"all"}`` (ONNX Runtime),
 ``{"interleave": "round"|"call"}`` (per-layer scheduling for the ONNX engines),
-``{"env": {...}}`` (extra environment variables for the engine process, e.g. ``OMP_WAIT_POLICY``).
+``{"env": {...}}`` (extra environment variables for the engine process, e.g. ``OMP_WAIT_POLICY``),
+``{"python": PATH}`` (DeepSparse: the interpreter of its virtualenv), ``{"sparse": "auto"|"always"|"never"}``
+(netcarve: the kernel choice of ``netcarve.runtime.compile``).
 """
 
 from __future__ import annotations
@@ -132,11 +134,11 @@ _DS_DEFAULT = Path.home() / ".cache" / "netcarve" / "venvs" / "deepsparse" / "bi
 _ds_checked: dict[str, bool] = {}
 
 
-def deepsparse_python() -> str | None:
+def deepsparse_python(python: str | None = None) -> str | None:
     """The interpreter of a separate virtualenv with DeepSparse (a measured peer, never a dependency):
-    ``$NETCARVE_DEEPSPARSE_PYTHON``, else ``~/.cache/netcarve/venvs/deepsparse/bin/python``; None when
-    neither exists or ``import deepsparse`` fails there."""
-    py = os.environ.get("NETCARVE_DEEPSPARSE_PYTHON") or (str(_DS_DEFAULT) if _DS_DEFAULT.exists() else None)
+    ``python`` when given, else ``$NETCARVE_DEEPSPARSE_PYTHON``, else
+    ``~/.cache/netcarve/venvs/deepsparse/bin/python``; None when none exists or ``import deepsparse`` fails there."""
+    py = python or os.environ.get("NETCARVE_DEEPSPARSE_PYTHON") or (str(_DS_DEFAULT) if _DS_DEFAULT.exists() else None)
     if not py:
         return None
     if py not in _ds_checked:
@@ -168,7 +170,9 @@ def measure_latency(
     Raises :class:`~netcarve.errors.EngineUnavailableError` (with the pip command) when the engine is
     not installed or fails to run the model, :class:`~netcarve.errors.ConfigError` for bad arguments.
     """
-    if not engine_available(engine):
+    available = (deepsparse_python((engine_options or {}).get("python")) is not None if engine == "deepsparse"
+                 else engine_available(engine))
+    if not available:
         raise EngineUnavailableError(
             f"engine {engine!r} is not installed; install it with: {_ENGINE_PIP[engine]}"
         )
@@ -223,7 +227,7 @@ def measure_latency(
                 req["model"] = str(onnx_path)
                 extra["onnx_exporter"] = _onnx_exporter(onnx_path)
             if engine == "deepsparse":  # its own virtualenv: always a separate process
-                req["python"] = deepsparse_python()
+                req["python"] = deepsparse_python(req["engine_options"].pop("python", None))
                 req["engine_options"].setdefault("env", {})["NM_DISABLE_ANALYTICS"] = "1"
                 isolate = True
             isolated = isolate and in_process_model is None

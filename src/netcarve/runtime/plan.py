@@ -496,13 +496,16 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
         if op.kind == "conv":
             taps = []
             if p["groups"] == 1:
-                t = p.setdefault("taps", conv_taps(p["weight"]))
+                if "taps" not in p:  # built once per op, not per plan build (autotuning builds three)
+                    p["taps"] = conv_taps(p["weight"])
+                t = p["taps"]
                 taps = [t["ptr"], t["chan"], t["pos"], t["w"], t["order"]]
             plan.add_conv(n, op.inputs, op.out, p["weight"], p["bias"], taps, p["stride"], p["padding"],
                           p["groups"], p["relu"], bool(p["sparse"]))
         elif op.kind == "linear":
-            bsr = p.setdefault("bsr", bsr_tensors(p["weight"]))
-            plan.add_linear(n, op.inputs[0], op.out, p["weight"], p["bias"], p["relu"], bsr, bool(p.get("sparse")))
+            if "bsr" not in p:
+                p["bsr"] = bsr_tensors(p["weight"])
+            plan.add_linear(n, op.inputs[0], op.out, p["weight"], p["bias"], p["relu"], p["bsr"], bool(p.get("sparse")))
         elif op.kind == "rnn":
             if "bsr" not in p:
                 p["bsr"] = [t for w in p["dense"][::2] for t in bsr_tensors(w)]
