@@ -162,7 +162,8 @@ def cmd_train(a) -> None:
     torch.set_num_threads(a.threads)
     base = _baseline(a.data_dir)
     info = get_model_info("resnet56")
-    train, test = make_loaders("cifar10", info.preprocess, 128, data_dir=a.data_dir, augment=True, seed=a.seed)
+    train, test = make_loaders("cifar10", info.preprocess, a.batch_size, data_dir=a.data_dir, augment=True,
+                               seed=a.seed)  # fmt: skip
     state = work / "state.json"
     rec = json.loads(state.read_text()) if state.exists() else {}
     if "base_top1" not in rec:
@@ -190,8 +191,9 @@ def cmd_train(a) -> None:
         _log(f"{a.tool}: --prune-only: {pruned_dir} holds the pruned architecture (for latency / profile)")
         return
     model = netcarve.load(pruned_dir)
-    cfg = TrainConfig(epochs=a.epochs, batch_size=128, optimizer="sgd", lr=a.lr, momentum=0.9, weight_decay=5e-4,
-                      schedule="cosine", seed=a.seed)  # fmt: skip
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, optimizer="sgd", lr=a.lr, momentum=0.9,
+                      weight_decay=5e-4, schedule="cosine", seed=a.seed, precision=a.precision,
+                      channels_last=a.channels_last)  # fmt: skip
     t1 = time.perf_counter()
     res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=base,
               kd=_kd(a.kd), resume=True, progress=a.progress)  # fmt: skip
@@ -205,6 +207,7 @@ def cmd_train(a) -> None:
     rec["epochs"], rec["lr"], rec["groups"], rec["target_macs_reduction"] = a.epochs, a.lr, a.groups, a.macs_reduction
     rec["seed"] = a.seed
     rec["kd"] = a.kd
+    rec["batch_size"], rec["precision"] = a.batch_size, a.precision
     netcarve.save(model, work / "final", metadata={"top1": rec["top1_final"]})
     state.write_text(json.dumps(rec, indent=1))
     _log(f"{a.tool}: final top-1 {rec['top1_final']:.2f} (dense {rec['base_top1']:.2f}), "
@@ -408,6 +411,10 @@ def main() -> None:
             s.add_argument("--name", default=None, help="variant name (default: TOOL, or TOOL-rN with --round-to N)")
             s.add_argument("--epochs", type=int, default=6)
             s.add_argument("--lr", type=float, default=0.01)
+            s.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch (and BN recalibration)")
+            s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                           help="bf16: autocast forward/backward (fp32 weights, loss and evaluation)")
+            s.add_argument("--channels-last", action="store_true")
             s.add_argument("--kd", choices=["logit", "logit+feature"], default="logit",
                            help="distillation losses (feature: hints on the three stage outputs)")
             s.add_argument("--seed", type=int, default=0, help="data order + fine-tuning seed (pruning is deterministic)")

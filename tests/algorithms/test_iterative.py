@@ -38,3 +38,15 @@ def test_iterative_ratio_ends_at_the_oneshot_widths(lenet_job):
     assert it.widths == one.widths and it.macs_after == one.macs_after
     first = _steps(it)[0]["widths"]
     assert all(one.widths[g][0] < first[g] < one.widths[g][1] and first[g] % 2 == 0 for g in first)
+
+
+def test_iterative_with_layer_ratios_does_not_compound_them(lenet_job):
+    """A fixed per-layer ratio is where the schedule ends, not applied again at every step."""
+    job = dict(lenet_job)
+    job.pop("baseline_top1")
+    one = run_algorithm("oneshot", macs_reduction=2.0, layer_ratios={"conv1": 0.5}, progress=False, **job)
+    it = run_algorithm("iterative", macs_reduction=2.0, layer_ratios={"conv1": 0.5}, progress=False,
+                       options={"steps": 3}, **job)
+    assert it.widths == one.widths
+    assert it.widths["conv1"] == (8, 16)
+    assert it.macs_reduction >= 2.0

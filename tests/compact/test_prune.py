@@ -552,3 +552,53 @@ def test_grouped_conv_transpose_is_skipped_with_the_reason():
     reasons = {s.producer: s.reason for s in gs.skipped}
     assert "grouped / depthwise ConvTranspose2d (groups=2) is not supported yet" in reasons["1"]
     assert "ConvTranspose2d" in reasons["0"]
+
+
+# ---------------------------------------------------------------------- per-layer ratios
+def _resnet20():
+    if "resnet20" not in netcarve.list_models():
+        pytest.skip("zoo model 'resnet20' is not registered yet")
+    m = randomize_bn(netcarve.create_model("resnet20"))
+    return m, netcarve.example_input(m)
+
+
+def test_layer_ratios_fix_named_groups_and_the_target_covers_the_rest():
+    m, x = _resnet20()
+    gs = build_channel_groups(m, x)
+    by_stage = {}
+    for g in gs:
+        by_stage.setdefault(g.producers[-1].split(".")[0], []).append(g.name)
+    r = prune_channels(m, x, macs_reduction=2.0, groups=gs, layer_ratios={"layer1": 0.0, "layer3.*.conv1": 0.5})
+    assert r.macs_after <= r.macs_before / 2
+    for name, (kept, total) in r.widths.items():
+        if name.startswith("layer1.") and name.endswith("conv1"):
+            assert kept == total, name  # layer1's inner groups are whole
+        if name.startswith("layer3.") and name.endswith("conv1"):
+            assert kept == total // 2, name  # the later, more specific pattern wins for these
+    # the stem + layer1 residual group is produced by layer1.*.conv2 too: fixed at 0 by "layer1"
+    stem = next(g for g in gs if g.coupled and any(p.startswith("layer1.") for p in g.producers))
+    assert r.widths[stem.name][0] == stem.num_channels and r.fixed_ratios[stem.name] == 0.0
+    # the remaining groups carry the whole reduction, so they are pruned harder than uniform pruning would
+    uniform = prune_channels(m, x, macs_reduction=2.0, groups=gs)
+    assert r.ratio > uniform.ratio
+    assert_equivalent(r.model, mask_channels(m, r.groups, r.keep), (3, 32, 32))
+    assert "layer ratio 0.5" in r.describe()
+
+
+def test_layer_ratios_alone_prune_only_the_named_groups():
+    m, x = _resnet20()
+    r = prune_channels(m, x, layer_ratios={"layer2.0.conv1": 0.5})
+    changed = {n: w for n, w in r.widths.items() if w[0] != w[1]}
+    assert changed == {"layer2.0.conv1": (16, 32)}
+    assert r.model.layer2[0].conv1.out_channels == 16 and r.model.layer2[0].conv2.in_channels == 16
+
+
+def test_layer_ratio_errors():
+    m, x = _resnet20()
+    with pytest.raises(ConfigError, match="'layer9' matches no prunable channel group"):
+        prune_channels(m, x, ratio=0.3, layer_ratios={"layer9": 0.5})
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\)"):
+        prune_channels(m, x, layer_ratios={"layer1": 1.0})
+    # every group fixed: the MACs target cannot be met by the others
+    with pytest.raises(ConfigError, match="at fixed layer ratios"):
+        prune_channels(m, x, macs_reduction=3.0, layer_ratios={"*": 0.1})

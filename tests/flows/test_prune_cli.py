@@ -44,6 +44,19 @@ def test_prune_without_finetune_measures_two_points(trained_lenet, tmp_path, cap
     assert rep["summary"]["macs_reduction"] >= 2.0
 
 
+def test_prune_layer_ratios_cli(trained_lenet, tmp_path, capsys):
+    capsys.readouterr()
+    rc = main(["prune", str(trained_lenet), "--macs-reduction", "2", "--layer-ratio", "conv1=0",
+               "--layer-ratio", "conv2=0.75", "--engine", "torch", "--latency-processes", "1",
+               "--out", str(tmp_path / "p"), "--no-progress", "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    widths = rep["task"]["kept_widths"]
+    assert widths["conv1"][0] == widths["conv1"][1] and widths["conv2"] == [widths["conv2"][1] // 4, widths["conv2"][1]]
+    assert rep["task"]["layer_ratios"] == {"conv1": 0.0, "conv2": 0.75}
+    assert rep["summary"]["macs_reduction"] >= 2.0 and "layer ratios conv1=0, conv2=0.75" in rep["task"]["method"]
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--scheme", "nm", "--ratio", "0.5"], "`netcarve sparsify --scheme nm`"),
     (["--scheme", "depth", "--ratio", "0.5", "--round-to", "8"], "--scheme depth does not take --round-to"),
@@ -55,6 +68,10 @@ def test_prune_without_finetune_measures_two_points(trained_lenet, tmp_path, cap
     (["--latency-ms", "nan"], "--latency-ms must be a positive number"),
     (["--ratio", "0.5", "--distill"], "--distill needs --finetune-epochs"),
     (["--ratio", "0.5", "--criterion", "nope"], "nope"),
+    (["--ratio", "0.5", "--layer-ratio", "conv1"], "--layer-ratio 'conv1': expected PATTERN=RATIO"),
+    (["--ratio", "0.5", "--layer-ratio", "conv1=1"], "expected PATTERN=RATIO with RATIO in [0, 1)"),
+    (["--ratio", "0.5", "--layer-ratio", "nothere=0.5"], "'nothere' matches no prunable channel group"),
+    (["--scheme", "depth", "--ratio", "0.5", "--layer-ratio", "conv1=0.5"], "does not take --layer-ratio"),
 ])
 def test_prune_bad_options_are_clear(args, msg, tmp_path, capsys):
     rc = main(["prune", "lenet", "--out", str(tmp_path / "x"), "--engine", "torch", *args])

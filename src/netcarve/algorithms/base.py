@@ -36,7 +36,7 @@ class PruneJob:
             takes it (fraction of channels removed per group, or baseline MACs / pruned MACs).
         criterion: a registered criterion name or a callable ``score(group, model)``; gradient-based
             criteria (``needs_gradients``) get gradients from ``gradient_batches`` training batches.
-        round_to, protected, global_ranking, min_channels: as in ``prune_channels``.
+        round_to, protected, global_ranking, min_channels, layer_ratios: as in ``prune_channels``.
         train_loader, test_loader: ``(x, y)`` loaders; the train loader feeds training, gradients and BN
             recalibration; the test loader is the validation loader of the training runs (may be None).
         train: the training budget (:class:`~netcarve.train.TrainConfig`; ``epochs`` is the whole budget
@@ -57,6 +57,7 @@ class PruneJob:
     protected: Sequence[str] = ()
     global_ranking: bool = False
     min_channels: int = 1
+    layer_ratios: dict[str, float] = field(default_factory=dict)
     train_loader: Any = None
     test_loader: Any = None
     train: TrainConfig | None = None
@@ -70,6 +71,9 @@ class PruneJob:
     progress: bool = True
 
     def validate(self) -> PruneJob:
+        self.layer_ratios = dict(self.layer_ratios or {})
+        if self.layer_ratios and self.ratio is None and self.macs_reduction is None:
+            self.ratio = 0.0  # only the named layers are pruned
         if (self.ratio is None) == (self.macs_reduction is None):
             raise ConfigError("give exactly one pruning target: ratio or macs_reduction")
         if self.ratio is not None and not 0.0 <= float(self.ratio) < 1.0:
@@ -108,7 +112,8 @@ class PruneJob:
         """The ``prune_channels`` keyword arguments of the target and selection options."""
         return dict(criterion=self.criterion, ratio=self.ratio, macs_reduction=self.macs_reduction,
                     round_to=int(self.round_to), protected=tuple(self.protected),
-                    global_ranking=bool(self.global_ranking), min_channels=int(self.min_channels))
+                    global_ranking=bool(self.global_ranking), min_channels=int(self.min_channels),
+                    layer_ratios=dict(self.layer_ratios))
 
     def teacher_and_kd(self, original: nn.Module) -> tuple[nn.Module | None, KDConfig | None]:
         """The teacher for distillation (a frozen copy of ``original`` when ``distill`` and no teacher)."""

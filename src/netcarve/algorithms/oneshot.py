@@ -111,18 +111,23 @@ class Iterative(PruningAlgorithm):
         cands = candidate_groups(groups0, job.protected)
         macs0, _ = count(original, job.example_input)
         final_counts = None
-        if job.ratio is not None:  # the one-shot widths are the end point of the width schedule
+        # the one-shot widths are the end point of the width schedule (a MACs target with per-layer ratios
+        # too: relative targets per step would apply the fixed ratios again at every step)
+        by_widths = job.ratio is not None or bool(job.layer_ratios)
+        if by_widths:
             work = working_copy(original)
             if job.needs_gradients:
                 rewind(job.train_loader)
                 accumulate_gradients(work, job.train_loader, num_batches=job.gradient_batches)
             pr0 = prune_channels(work, job.example_input, groups=groups0, **job.target_kwargs())
             final_counts = {k: w[0] for k, w in pr0.widths.items()}
+            pr0_ratio = pr0.ratio
             del work, pr0
         teacher, kd = job.teacher_and_kd(original)
         out = Path(job.out_dir) if job.out_dir is not None else None
         what = {"ratio": job.ratio, "macs_reduction": job.macs_reduction, "criterion": job.criterion_name,
-                "round_to": int(job.round_to), "protected": sorted(job.protected), "global_ranking": job.global_ranking}
+                "round_to": int(job.round_to), "protected": sorted(job.protected), "global_ranking": job.global_ranking,
+                **({"layer_ratios": dict(job.layer_ratios)} if job.layer_ratios else {})}
         fresh = {"steps": [], "total": steps, "target": what}
         state = self._load_state(out, fresh) if (out is not None and job.resume) else fresh
         if out is not None and not job.resume:
@@ -145,7 +150,7 @@ class Iterative(PruningAlgorithm):
                 continue
             groups = groups_of(job, model)
             by_name = {g.name: g for g in groups.groups}
-            if job.macs_reduction is not None:
+            if not by_widths:
                 target = macs0 / geometric(1.0, float(job.macs_reduction), i, steps)
                 cur, _ = count(model, job.example_input)
                 rel = max(1.0, cur / target) if i < steps else max(1.0, cur / (macs0 / float(job.macs_reduction)))
@@ -164,7 +169,7 @@ class Iterative(PruningAlgorithm):
                     counts[g.name] = min(max(k, k_end), len(keep[g.name]))  # monotone, never below the end
                 scores = score_groups(job, model, [by_name[name] for name in counts])
                 step_keep = select_keep(groups.groups, scores, counts)
-                last_ratio = float(job.ratio)
+                last_ratio = float(pr0_ratio)
             step_keep = {k: v for k, v in step_keep.items() if len(v) < by_name[k].num_channels}
             model = remove_channels(model, groups.groups, step_keep)
             model.zero_grad(set_to_none=True)

@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protect", action="append", default=[], metavar="MODULE_PATH",
                    help="never prune groups touching this module (path prefix; repeatable)")
     s.add_argument("--global-ranking", action="store_true", help="rank channels across groups (normalised scores)")
+    s.add_argument("--layer-ratio", action="append", default=[], metavar="PATTERN=RATIO",
+                   help="per-layer ratio: prune the groups produced by layers matching PATTERN (module path, "
+                        "prefix or glob, e.g. layer1 or 'layer*.conv1') at RATIO; the target applies to the "
+                        "rest; later patterns win (repeatable)")
     s.add_argument("--bn-batches", type=int, default=20, help="training batches for BN recalibration (default 20)")
     s.add_argument("--no-bn-recalibration", action="store_true")
     s.add_argument("--finetune-epochs", type=int, default=0)

@@ -178,6 +178,7 @@ def prune_to_latency(
     global_ranking: bool = False,
     min_channels: int = 1,
     groups=None,
+    layer_ratios: dict[str, float] | None = None,
     tolerance: float = 0.15,
     processes: int = 3,
     ratio_resolution: float = 0.01,
@@ -196,7 +197,7 @@ def prune_to_latency(
         latency_ms: the target, in milliseconds per call of the whole batch.
         engine, batch, threads: where and how latency is measured (``netcarve.measure.ENGINES``); each
             measurement runs the engine in a fresh process.
-        criterion, round_to, protected, global_ranking, min_channels, groups: as for
+        criterion, round_to, protected, global_ranking, min_channels, groups, layer_ratios: as for
             :func:`netcarve.compact.prune_channels`.
         tolerance: a candidate whose latency is above the target by less than this fraction is measured
             again (the noise band; ~0.15 on a small shared machine).
@@ -243,7 +244,8 @@ def prune_to_latency(
 
         def prune(m, x, *, ratio):
             return prune_channels(m, x, criterion=criterion, ratio=ratio, round_to=round_to, protected=protected,
-                                  global_ranking=global_ranking, min_channels=min_channels, groups=gs)
+                                  global_ranking=global_ranking, min_channels=min_channels, groups=gs,
+                                  layer_ratios=layer_ratios)
 
     search = LatencySearch(target_ms=target, engine=engine, threads=threads, batch=batch,
                            tolerance=float(tolerance), processes=processes)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,10 +76,12 @@ class PruneResult(Reductions):
     params_after: int
     protected_groups: tuple[str, ...] = ()
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    fixed_ratios: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line per group (``name: kept/total``) and the MAC / parameter totals."""
         lines = [f"criterion {self.criterion}, ratio {self.ratio:.4f}: {self._totals()}", *self._width_lines()]
+        lines += [f"  {name}: layer ratio {r:g}" for name, r in self.fixed_ratios.items()]
         lines += [f"  {name}: protected" for name in self.protected_groups]
         return "\n".join(lines)
 
@@ -360,6 +363,42 @@ def keep_count(n: int, ratio: float, round_to: int = 1, min_channels: int = 1, p
     return int(k)
 
 
+def _matches(path: str, pattern: str) -> bool:
+    """A module path matches a pattern that is the path itself, a prefix of it (``"layer1"`` matches
+    ``"layer1.0.conv1"``) or an ``fnmatch`` glob (``"layer*.conv1"``)."""
+    return path == pattern or path.startswith(pattern + ".") or fnmatch.fnmatchcase(path, pattern)
+
+
+def fixed_group_ratios(groups: Sequence[ChannelGroup], layer_ratios: Mapping[str, float] | None) -> dict[str, float]:
+    """Group name -> pruning ratio for the groups that ``layer_ratios`` (module pattern -> ratio) names.
+
+    A group is named by a pattern that matches one of the layers whose output channels it removes (its
+    producers: matched as in :func:`_matches`); when several patterns match, the one listed last wins (so
+    a general rule can come first and exceptions after it). Ratios must be in [0, 1) and every pattern
+    must name at least one of ``groups``; otherwise ConfigError (a typo never silently prunes nothing).
+    """
+    if not layer_ratios:
+        return {}
+    if not isinstance(layer_ratios, Mapping):
+        raise ConfigError(f"layer_ratios must map module patterns to ratios, got {type(layer_ratios).__name__}")
+    out: dict[str, float] = {}
+    for pattern, r in layer_ratios.items():
+        try:
+            r = float(r)
+        except (TypeError, ValueError):
+            raise ConfigError(f"layer ratio for {pattern!r} must be a number in [0, 1), got {r!r}") from None
+        if not (0.0 <= r < 1.0):
+            raise ConfigError(f"layer ratio for {pattern!r} must be in [0, 1), got {r}")
+        hit = [g for g in groups if any(_matches(p, str(pattern)) for p in g.producers)]
+        if not hit:
+            names = ", ".join(g.name for g in list(groups)[:8]) + (", ..." if len(groups) > 8 else "")
+            raise ConfigError(f"layer ratio pattern {pattern!r} matches no prunable channel group (groups are "
+                              f"named by the layers producing their channels: {names})")
+        for g in hit:
+            out[g.name] = r
+    return out
+
+
 def _uniform_counts(groups, ratio, round_to, min_channels) -> dict[str, int]:
     return {g.name: keep_count(g.num_channels, ratio, round_to, min_channels, g.partitions) for g in groups}
 
@@ -423,6 +462,7 @@ def prune_channels(
     global_ranking: bool = False,
     min_channels: int = 1,
     groups: GroupSet | None = None,
+    layer_ratios: Mapping[str, float] | None = None,
 ) -> PruneResult:
     """Structurally prune the output channels of every prunable group of ``model``.
 
@@ -444,7 +484,14 @@ def prune_channels(
             removing the same fraction in every group.
         min_channels: each group keeps at least this many channels.
         groups: precomputed ``build_channel_groups(model, example_input)``.
+        layer_ratios: per-layer ratios, module pattern -> fraction of channels removed (``{"layer1": 0.0,
+            "layer3": 0.5}``): every group produced by a matching layer (path, path prefix or glob; the
+            last matching pattern wins) is pruned at that ratio; ``ratio`` / ``macs_reduction`` (found over
+            the other groups only) / ``global_ranking`` apply to the rest. With only ``layer_ratios`` the
+            other groups are left whole. A pattern that names no group is a ConfigError.
     """
+    if layer_ratios and ratio is None and macs_reduction is None:
+        ratio = 0.0
     if (ratio is None) == (macs_reduction is None):
         raise ConfigError("prune_channels: give exactly one of `ratio` or `macs_reduction`")
     if ratio is not None and not 0.0 <= float(ratio) < 1.0:
@@ -459,12 +506,16 @@ def prune_channels(
     gs = groups if groups is not None else build_channel_groups(model, example_input)
     candidates = [g for g in gs.groups if not _is_protected(g, protected)]
     protected_groups = tuple(g.name for g in gs.groups if _is_protected(g, protected))
+    fixed = fixed_group_ratios(candidates, layer_ratios)
+    free = [g for g in candidates if g.name not in fixed]
+    fixed_counts = {g.name: keep_count(g.num_channels, fixed[g.name], round_to, min_channels, g.partitions)
+                    for g in candidates if g.name in fixed}  # fmt: skip
     scores = {g.name: score_group(criterion, g, model) for g in candidates}
 
     def counts_for(r: float) -> dict[str, int]:
         if global_ranking:
-            return _global_counts(candidates, scores, r, round_to, min_channels)
-        return _uniform_counts(candidates, r, round_to, min_channels)
+            return _global_counts(free, scores, r, round_to, min_channels) | fixed_counts
+        return _uniform_counts(free, r, round_to, min_channels) | fixed_counts
 
     macs_before, params_before = _count(model, example_input)
     cost_cache: dict[tuple, tuple[int, int]] = {}  # counts -> (macs, params); models are not kept
@@ -486,7 +537,8 @@ def prune_channels(
             raise ConfigError(
                 f"prune_channels: cannot reach a {macs_reduction}x MAC reduction of {type(model).__name__}: "
                 f"pruning every group to its minimum gives {macs_before / max(best, 1):.2f}x "
-                f"({len(candidates)} prunable groups, {len(gs.skipped)} skipped)"
+                f"({len(candidates)} prunable groups, {len(gs.skipped)} skipped"
+                + (f", {len(fixed)} at fixed layer ratios" if fixed else "") + ")"
             )
         if macs_for(counts_for(lo)) <= target:
             hi = 0.0
@@ -513,4 +565,5 @@ def prune_channels(
         params_after=params_after,
         protected_groups=protected_groups,
         widths={g.name: (counts[g.name], g.num_channels) for g in candidates},
+        fixed_ratios=fixed,
     )

@@ -36,6 +36,9 @@ class CompressSpec:
     round_to: int = 1
     protected: list[str] = field(default_factory=list)
     global_ranking: bool = False
+    # per-layer ratios: module pattern (path, prefix or glob) -> fraction of its groups' channels removed;
+    # the target (if any) is met over the other groups
+    layer_ratios: dict[str, float] = field(default_factory=dict)
     bn_recalibration_batches: int = 20
     gradient_batches: int = 8  # training batches whose gradients gradient-based criteria (taylor) use
     finetune_epochs: int = 0
@@ -58,8 +61,13 @@ class CompressSpec:
     block_criterion: str = "loss"
 
     def validate(self) -> None:
-        if sum(t is not None for t in (self.macs_reduction, self.ratio, self.latency_ms)) != 1:
-            raise ConfigError("give exactly one of --macs-reduction, --ratio and --latency-ms")
+        targets = sum(t is not None for t in (self.macs_reduction, self.ratio, self.latency_ms))
+        if targets != 1 and not (targets == 0 and self.layer_ratios):
+            raise ConfigError("give exactly one of --macs-reduction, --ratio and --latency-ms "
+                              "(or only --layer-ratio PATTERN=RATIO)")
+        for pattern, r in self.layer_ratios.items():
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+                raise ConfigError(f"--layer-ratio {pattern}={r!r}: the ratio must be a number in [0, 1)")
         if self.latency_ms is not None and not (math.isfinite(self.latency_ms) and self.latency_ms > 0):
             raise ConfigError(f"--latency-ms must be a positive number of milliseconds, got {self.latency_ms}")
         if self.macs_reduction is not None and self.macs_reduction <= 1.0:
@@ -74,6 +82,7 @@ class CompressSpec:
             raise ConfigError(f"--scheme must be 'channel' or 'depth' for structural pruning, got {self.scheme!r}")
         if self.scheme == "depth":
             bad = [flag for flag, on in (("--latency-ms", self.latency_ms is not None),
+                                         ("--layer-ratio", bool(self.layer_ratios)),
                                          ("--round-to", self.round_to != 1),
                                          ("--global-ranking", self.global_ranking),
                                          (f"--algorithm {self.algorithm}", self.algorithm != "oneshot")) if on]  # fmt: skip
@@ -97,7 +106,8 @@ class CompressSpec:
                  if self.finetune_epochs else None)
         job = PruneJob(model=None, example_input=None, ratio=self.ratio, macs_reduction=self.macs_reduction,
                        criterion=self.criterion, round_to=self.round_to, protected=tuple(self.protected),
-                       global_ranking=self.global_ranking, train=train, distill=self.distill and train is not None,
+                       global_ranking=self.global_ranking, layer_ratios=dict(self.layer_ratios), train=train,
+                       distill=self.distill and train is not None,
                        bn_batches=self.bn_recalibration_batches, gradient_batches=self.gradient_batches,
                        resume=self.resume, progress=self.progress)
         algo.check(job)
@@ -114,8 +124,12 @@ class CompressSpec:
         if self.latency_ms is not None:
             target = (f"latency <= {self.latency_ms:g} ms on {self.engine}, batch {self.latency_batch}, "
                       f"{self.threads} threads")
-        else:
+        elif self.macs_reduction or self.ratio is not None:
             target = f"{self.macs_reduction:g}x MACs" if self.macs_reduction else f"ratio {self.ratio:g}"
+        else:
+            target = "only the layers with a layer ratio"
+        if self.layer_ratios:
+            target += "; layer ratios " + ", ".join(f"{k}={v:g}" for k, v in self.layer_ratios.items())
         s = f"{self.algorithm} channel pruning ({self.criterion}, {target}, round_to {self.round_to})"
         return s + self._recovery()
 
@@ -144,6 +158,7 @@ def run_spec_algorithm(base: nn.Module, spec: CompressSpec, *, train_loader, bn_
     res = run_algorithm(spec.algorithm, base, example_batch(base, 1), options=spec.algorithm_options,
                         ratio=job.ratio, macs_reduction=job.macs_reduction, criterion=job.criterion,
                         round_to=job.round_to, protected=job.protected, global_ranking=job.global_ranking,
+                        layer_ratios=job.layer_ratios,
                         train=job.train, distill=job.distill, bn_batches=job.bn_batches,
                         gradient_batches=job.gradient_batches, train_loader=train_loader, test_loader=test_loader,
                         out_dir=Path(out) / spec.algorithm, resume=spec.resume, progress=spec.progress)
@@ -207,13 +222,14 @@ def compress_and_report(
         pr = prune_to_latency(base, example_batch(base, 1), spec.latency_ms, engine=spec.engine,
                               batch=spec.latency_batch, threads=spec.threads, criterion=spec.criterion,
                               round_to=spec.round_to, protected=spec.protected, global_ranking=spec.global_ranking,
+                              layer_ratios=spec.layer_ratios,
                               progress=lambda msg: log(msg, tag))
         if pr.search.note:
             log(pr.search.note, tag)
     else:
         pr = prune_channels(base, example_batch(base, 1), criterion=spec.criterion, ratio=spec.ratio,
                             macs_reduction=spec.macs_reduction, round_to=spec.round_to, protected=spec.protected,
-                            global_ranking=spec.global_ranking)
+                            global_ranking=spec.global_ranking, layer_ratios=spec.layer_ratios)
     pruned = pr.model
     base.zero_grad(set_to_none=True)
     pruned.zero_grad(set_to_none=True)
@@ -266,7 +282,8 @@ def compress_and_report(
         env=environment(threads=spec.threads),
         task={**(task or {}), "method": spec.describe(), "prune_ratio": pr.ratio,
               "kept_widths": {g: list(w) for g, w in pr.widths.items()}, **extra_task, "seconds": None,
-              **({"removed_blocks": list(pr.removed)} if spec.scheme == "depth" else {})},
+              **({"removed_blocks": list(pr.removed)} if spec.scheme == "depth" else {}),
+              **({"layer_ratios": dict(spec.layer_ratios)} if spec.layer_ratios else {})},
         command=command,
     )
     save(pruned, out, metadata={"accuracy": acc, "macs": c_stats.macs, "report": "report.json",

@@ -41,6 +41,22 @@ def algorithm_options(a) -> tuple[str, dict]:
     return name, opts
 
 
+def parse_layer_ratios(items) -> dict[str, float]:
+    """``["layer1=0", "layer3=0.5"]`` -> ``{"layer1": 0.0, "layer3": 0.5}``; ConfigError naming a bad item."""
+    out: dict[str, float] = {}
+    for item in items or ():
+        pattern, sep, value = str(item).rpartition("=")
+        try:
+            r = float(value)
+        except ValueError:
+            r = None
+        if not sep or not pattern or r is None or not 0.0 <= r < 1.0:
+            raise ConfigError(f"--layer-ratio {item!r}: expected PATTERN=RATIO with RATIO in [0, 1), "
+                              "e.g. --layer-ratio layer1=0.25")
+        out[pattern] = r
+    return out
+
+
 def prune_cli(a, command: str | None = None) -> dict:
     t0 = time.perf_counter()
     if a.scheme not in ("channel", "depth"):
@@ -63,6 +79,7 @@ def prune_cli(a, command: str | None = None) -> dict:
         criterion=a.criterion, macs_reduction=a.macs_reduction, ratio=a.ratio,
         latency_ms=getattr(a, "latency_ms", None), round_to=a.round_to,
         protected=list(a.protect), global_ranking=a.global_ranking,
+        layer_ratios=parse_layer_ratios(getattr(a, "layer_ratio", None)),
         bn_recalibration_batches=0 if a.no_bn_recalibration else a.bn_batches,
         finetune_epochs=a.finetune_epochs, distill=a.distill, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
         engine=a.engine or default_engine(), threads=a.threads, latency_batch=a.batch,
