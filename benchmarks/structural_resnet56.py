@@ -170,7 +170,10 @@ def cmd_train(a) -> None:
         rec["base_top1"] = evaluate(base, test)["top1"]
     t0 = time.perf_counter()
     pruned_dir = work / "pruned"
-    if not (pruned_dir / "manifest.json").exists():
+    if a.steps > 1 and (a.tool != "netcarve" or a.groups != "all"):
+        raise SystemExit("--steps (iterative pruning) needs --tool netcarve --groups all")
+    rec["tool"] = a.tool
+    if a.steps == 1 and not (pruned_dir / "manifest.json").exists():
         torch.manual_seed(0)
         if a.tool == "netcarve":
             model, extra = prune_netcarve(base, a.macs_reduction, a.groups, a.round_to, loader=train,
@@ -190,16 +193,28 @@ def cmd_train(a) -> None:
     if a.prune_only:
         _log(f"{a.tool}: --prune-only: {pruned_dir} holds the pruned architecture (for latency / profile)")
         return
-    model = netcarve.load(pruned_dir)
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, optimizer="sgd", lr=a.lr, momentum=0.9,
                       weight_decay=5e-4, schedule="cosine", seed=a.seed, precision=a.precision,
                       channels_last=a.channels_last)  # fmt: skip
     t1 = time.perf_counter()
-    res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=base,
-              kd=_kd(a.kd), resume=True, progress=a.progress)  # fmt: skip
+    if a.steps > 1:  # iterative: the same budget over a geometric schedule of prune + KD fine-tune steps
+        from netcarve.algorithms import run_algorithm
+
+        res = run_algorithm("iterative", base, example_input(base, batch=1), options={"steps": a.steps},
+                            macs_reduction=a.macs_reduction, round_to=a.round_to, criterion="l1", train=cfg,
+                            teacher=base, kd=_kd(a.kd), bn_batches=20, train_loader=train, test_loader=test,
+                            out_dir=work / "iterative", resume=True, progress=a.progress)  # fmt: skip
+        model = res.model
+        rec["prune"] = {"algorithm": "iterative", "steps": a.steps, "ratio": res.ratio, "round_to": a.round_to,
+                        "groups": len(res.groups.groups)}  # fmt: skip
+    else:
+        model = netcarve.load(pruned_dir)
+        res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=base,
+                  kd=_kd(a.kd), resume=True, progress=a.progress)  # fmt: skip
     model.eval()
     rec["finetune_seconds_this_process"] = round(time.perf_counter() - t1, 1)
-    rec["history"] = [h if isinstance(h, dict) else h.to_dict() for h in getattr(res, "history", [])]
+    rec["history"] = [h if isinstance(h, dict) else h.to_dict() for h in getattr(res, "history", [])
+                      if not isinstance(h, dict) or "val_top1" in h]  # fmt: skip
     rec["top1_final"] = evaluate(model, test)["top1"]
     rec["macs"], rec["params"] = _macs(model)
     rec["base_macs"], rec["base_params"] = _macs(base)
@@ -411,6 +426,9 @@ def main() -> None:
             s.add_argument("--name", default=None, help="variant name (default: TOOL, or TOOL-rN with --round-to N)")
             s.add_argument("--epochs", type=int, default=6)
             s.add_argument("--lr", type=float, default=0.01)
+            s.add_argument("--steps", type=int, default=1,
+                           help="> 1: iterative pruning, the --epochs budget split over this many prune + KD "
+                                "fine-tune steps on a geometric MACs schedule (netcarve, --groups all)")
             s.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch (and BN recalibration)")
             s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                            help="bf16: autocast forward/backward (fp32 weights, loss and evaluation)")

@@ -22,8 +22,10 @@ def test_bench_json_document(tmp_path, capsys, monkeypatch):
     tuned = [r for r in doc["layers"] if "kernel" in r]
     assert len(tuned) == 10  # resnet8: 7 3x3 convs + 2 1x1 shortcut convs + the linear head
     for r in tuned:
-        assert r["kernel"] in ("sparse", "dense") and r["macs"] > 0 and r["latency_ms"] >= 0
-        assert r["kernel"] == ("sparse" if r["sparse_ms"] < r["dense_ms"] else "dense")
+        assert r["kernel"] in ("sparse", "dense", "direct") and r["macs"] > 0 and r["latency_ms"] >= 0
+        times = {k: r[f"{k}_ms"] for k in ("sparse", "dense", "direct") if r.get(f"{k}_ms") is not None}
+        assert r["kernel"] == min(times, key=times.get)
+        assert ("direct" in times) == (r["type"] == "Conv2d")
 
 
 def test_bench_text_and_errors(capsys):

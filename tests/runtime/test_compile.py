@@ -15,6 +15,7 @@ import netcarve
 from netcarve.errors import ConfigError, UnsupportedModelError
 from netcarve.models import create_model
 from netcarve.runtime import compile, lower
+from netcarve.runtime.plan import build_native
 from netcarve.sparsity import make_scheme
 
 
@@ -75,6 +76,22 @@ def test_compiled_zoo_models_match_the_masked_model(kernels, name, mode):
     assert sparse_layers == (eligible if mode == "always" else 0)
 
 
+@pytest.mark.parametrize("name", [n for n in ZOO if n not in ("gru", "lstm")])
+def test_every_conv_on_the_direct_kernel_matches(kernels, name):
+    """The plan with every groups=1 conv on netcarve's dense direct kernel equals the masked model."""
+    m = _prepared(name)
+    x = _example(m, 2)
+    with torch.no_grad():
+        ref = m(x)
+    ops, nvals, output = lower(m, x)
+    direct = [op for op in ops if op.kind == "conv" and op.p["groups"] == 1]
+    assert direct
+    for op in direct:
+        op.p["kernel"] = "direct"
+    plan = build_native(kernels, ops, nvals, output)
+    assert _rel(plan.run(x), ref) <= 1e-4
+
+
 def test_resnet_plan_is_fused():
     m = _prepared("resnet20")
     ops, _, _ = lower(m, torch.randn(1, 3, 32, 32))
@@ -96,8 +113,11 @@ def test_autotune_records_timings_and_uses_the_cache(kernels, tmp_path, monkeypa
     c = compile(m, x, sparse="auto", repeats=5)
     assert c.layers and all(lc.sparse_ms is not None and lc.dense_ms is not None for lc in c.layers)
     for lc in c.layers:
-        assert lc.choice == ("sparse" if lc.sparse_ms < lc.dense_ms else "dense")
+        times = {"sparse": lc.sparse_ms, "dense": lc.dense_ms,
+                 **({"direct": lc.direct_ms} if lc.kind == "conv" else {})}
+        assert lc.choice == min(times, key=times.get)
         assert not lc.cached
+    assert all(lc.direct_ms is not None for lc in c.layers if lc.kind == "conv")
     assert list((tmp_path / "autotune").glob("*.json"))
     again = compile(m, x, sparse="auto", repeats=5)
     assert all(lc.cached for lc in again.layers)

@@ -7,6 +7,7 @@ import torch
 
 from netcarve.errors import ConfigError
 from netcarve.runtime import SparseConv2d, conv_taps
+from netcarve.runtime.kernels import DIRECT_FILTERS, direct_conv2d, direct_pack
 
 
 def _sparse_weight(f, c, k, density, seed):
@@ -53,6 +54,43 @@ def test_sparse_conv_matches_reference(kernels, case, fuse):
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4
     assert not torch.equal(m.forward_reference(x * 2, res), ref)  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:8])))
+@pytest.mark.parametrize("fuse", ["plain", "bias_residual_relu"])
+@pytest.mark.parametrize("rows", ["planes", "im2col"])
+def test_direct_conv_matches_reference(kernels, case, fuse, rows):
+    """The dense direct kernel (every tap) on the same cases, both row layouts (phase planes / im2col)."""
+    n, c, f, h, w, k, s, p, d = case
+    weight = _sparse_weight(f, c, k, max(d, 0.7), seed=h * w + f + 1)
+    bias = torch.randn(f) if fuse != "plain" else None
+    x = torch.randn(n, c, h, w)
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    res = torch.randn(n, f, ho, wo) if fuse != "plain" else None
+    relu = fuse != "plain"
+    ref = direct_conv2d(x, weight, bias, s, p, relu, res, reference=True)
+    old = 1 << 17
+    kernels.set_direct_im2col_max(0 if rows == "planes" else 1 << 30)
+    try:
+        out = direct_conv2d(x, weight, bias, s, p, relu, res)
+    finally:
+        kernels.set_direct_im2col_max(old)
+    assert out.shape == ref.shape == (n, f, ho, wo)
+    assert _rel_err(out, ref) <= 1e-4
+    assert not torch.equal(direct_conv2d(x * 2, weight, bias, s, p, relu, res, reference=True), ref)
+
+
+def test_direct_pack_layout_and_bad_shapes(kernels):
+    w = torch.randn(11, 3, 3, 3)
+    packed = direct_pack(w)
+    fb = -(-11 // DIRECT_FILTERS)
+    assert packed.shape == (fb, 27, DIRECT_FILTERS)
+    unpacked = packed.permute(0, 2, 1).reshape(fb * DIRECT_FILTERS, 27)
+    assert torch.equal(unpacked[:11].reshape(w.shape), w) and not unpacked[11:].any()
+    with pytest.raises(ConfigError, match="direct_pack"):
+        direct_pack(torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match="packed weight must be"):
+        kernels.direct_conv2d(torch.randn(1, 4, 5, 5), packed, None, None, 11, 3, 3, 1, 1, False)
 
 
 def test_all_zero_filters_output_bias_only(kernels):

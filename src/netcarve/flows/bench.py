@@ -1,9 +1,10 @@
 """``netcarve bench``: whole-model and per-layer latency of one model on every engine, side by side.
 
 Engines (each timed in its own process, see :mod:`netcarve.measure.latency`): ``torch`` (eager), ``onnxruntime``
-and ``openvino`` (dense, when installed), ``netcarve-dense`` (netcarve's native plan with every conv dense: BN
-folded, ReLU / residual fused, no Python between layers), ``netcarve`` (the same plan with each conv on the
-faster of the sparse and dense kernels, autotuned here) and ``deepsparse`` (a peer, run from its own
+and ``openvino`` (dense, when installed), ``netcarve-dense`` (netcarve's native plan with every layer on the faster
+of its dense kernels, ATen's or netcarve's direct conv: BN folded, ReLU / residual fused, no Python between
+layers), ``netcarve`` (the same plan with each layer on the fastest of the sparse and dense kernels, autotuned
+here) and ``deepsparse`` (a peer, run from its own
 virtualenv: ``--deepsparse-python``, ``$NETCARVE_DEEPSPARSE_PYTHON`` or ``~/.cache/netcarve/venvs/deepsparse``;
 skipped with the install command when absent).
 
@@ -108,7 +109,7 @@ def _layer_rows(r) -> list[dict[str, Any]]:
         d = {"name": row["name"], "type": row["type"], "latency_ms": ms, "steps": row.get("steps")}
         if lc is not None:
             d.update(kernel=lc["choice"], density=lc["density"], macs=lc["macs"], nonzero_macs=lc["nonzero_macs"],
-                     sparse_ms=lc["sparse_ms"], dense_ms=lc["dense_ms"])
+                     sparse_ms=lc["sparse_ms"], dense_ms=lc["dense_ms"], direct_ms=lc.get("direct_ms"))
             if ms > 0:
                 d["effective_gflops"] = 2.0 * lc["macs"] / ms / 1e6
                 d["useful_gflops"] = 2.0 * lc["nonzero_macs"] / ms / 1e6

@@ -1,9 +1,9 @@
 """``netcarve.runtime.compile``: a model (or a saved run) -> one native callable, sparse where it is faster.
 
 Steps: lower the eval-mode model to a plan (:mod:`netcarve.runtime.plan`: BN folded, ReLU / residual
-additions fused), build it natively, then autotune: the whole plan is profiled once with every conv dense
-and once with every conv sparse (the same activations flow through both), and each conv keeps the faster
-kernel on this CPU at the example's shape. Decisions are cached per CPU model, thread count, input shape and
+additions fused), build it natively, then autotune: the whole plan is profiled once per kernel kind (every
+layer on ATen's dense kernel, every conv on netcarve's dense direct kernel, every layer sparse; the same
+activations flow through all), and each layer keeps the fastest kernel on this CPU at the example's shape. Decisions are cached per CPU model, thread count, input shape and
 layer (``$NETCARVE_CACHE/autotune/<cpu>.json``), so recompiling the same model is instant. Without a C++
 compiler (or ``NETCARVE_KERNELS=off``) the plain-PyTorch twin of the plan runs instead, and
 ``CompiledModel.native`` is False.
@@ -41,9 +41,10 @@ class LayerChoice:
     density: float
     macs: int
     nonzero_macs: int
-    choice: str  # "sparse" or "dense"
+    choice: str  # "sparse", "dense" (ATen: oneDNN / MKL) or "direct" (netcarve's dense conv kernel)
     sparse_ms: float | None = None
     dense_ms: float | None = None
+    direct_ms: float | None = None
     cached: bool = False
 
 
@@ -201,8 +202,9 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
 
     Args:
         example_input: a float32 batch of the shape to tune for (other batch sizes run too).
-        sparse: ``"auto"`` (each conv takes the faster of the sparse and dense kernels, measured here),
-            ``"always"`` (every groups=1 conv runs sparse) or ``"never"`` (dense everywhere: the baseline).
+        sparse: ``"auto"`` (each layer takes the fastest of its kernels measured here: sparse, ATen dense and,
+            for convs, netcarve's dense direct conv), ``"always"`` (every groups=1 conv, linear and recurrent
+            layer runs sparse) or ``"never"`` (the fastest dense kernel per layer: the dense baseline).
         threads: torch threads to use while tuning (default: the current setting).
         repeats: profiling runs per variant when tuning.
         use_cache: read / write the per-CPU autotune cache.
@@ -235,44 +237,68 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         return CompiledModel(ops, nvals, output, None, tuple(example_input.shape), layers, nthreads)
 
     eligible = [_eligible(op) for op in convs]
-    if sparse == "always":
-        for op, ok in zip(convs, eligible):
-            op.p["sparse"] = ok
-    elif sparse == "auto":
+    # candidate kernels per layer: "sparse" (eligible layers, not with sparse="never"), "dense" (ATen: oneDNN /
+    # MKL) and, for groups=1 convs, "direct" (netcarve's dense register-blocked conv); "always": sparse only
+    cands = []
+    for op, ok in zip(convs, eligible):
+        c = ["dense"] + (["direct"] if op.kind == "conv" and ok else [])
+        cands.append(["sparse"] if sparse == "always" and ok else c + (["sparse"] if ok and sparse == "auto" else []))
+    tuned = [len(c) > 1 for c in cands]
+    known: list[dict | None] = [None] * len(convs)
+    if any(tuned):
         cache = _TuneCache() if use_cache else None
         keys = [_signature(op, tuple(example_input.shape), nthreads) for op in convs]
-        known = [cache.get(k) if cache else None for k in keys]
-        if any(ok and kn is None for ok, kn in zip(eligible, known)):
-            t_dense = _profile_tunable(mod, ops, nvals, output, example_input, convs, False, repeats)
-            t_sparse = _profile_tunable(mod, ops, nvals, output, example_input, convs, True, repeats)
-            for i, (ok, kn) in enumerate(zip(eligible, known)):
-                if ok and kn is None:
-                    known[i] = {"sparse_ms": t_sparse[i], "dense_ms": t_dense[i], "fresh": True}
-                    if cache:
-                        cache.put(keys[i], {"sparse_ms": t_sparse[i], "dense_ms": t_dense[i]})
+        for i, t in enumerate(tuned):
+            hit = cache.get(keys[i]) if cache and t else None
+            if hit is not None and all(f"{k}_ms" in hit for k in cands[i]):
+                known[i] = hit
+        missing = [i for i, t in enumerate(tuned) if t and known[i] is None]
+        if missing:
+            times = {k: _profile_tunable(mod, ops, nvals, output, example_input, convs, k, repeats)
+                     for k in ("dense", "direct", "sparse") if any(k in cands[i] for i in missing)}
+            for i in missing:
+                entry = dict(cache.get(keys[i]) or {}) if cache else {}
+                entry.update({f"{k}_ms": times[k][i] for k in cands[i]})
+                known[i] = {**entry, "fresh": True}
+                if cache:
+                    cache.put(keys[i], entry)
             if cache:
                 cache.save()
-        for op, ok, kn, lc in zip(convs, eligible, known, layers):
-            if ok and kn is not None:
-                lc.sparse_ms, lc.dense_ms = kn["sparse_ms"], kn["dense_ms"]
-                lc.cached = not kn.get("fresh", False)
-                op.p["sparse"] = kn["sparse_ms"] < kn["dense_ms"]
-    for op, lc in zip(convs, layers):
-        lc.choice = "sparse" if op.p["sparse"] else "dense"
+    for op, c, kn, lc in zip(convs, cands, known, layers):
+        if kn is not None:
+            lc.sparse_ms, lc.dense_ms, lc.direct_ms = kn.get("sparse_ms"), kn.get("dense_ms"), kn.get("direct_ms")
+            lc.cached = not kn.get("fresh", False)
+            lc.choice = min(c, key=lambda k: kn[f"{k}_ms"])
+        else:
+            lc.choice = c[0]
+        _set_kernel(op, lc.choice)
     plan = build_native(mod, ops, nvals, output)
     return CompiledModel(ops, nvals, output, plan, tuple(example_input.shape), layers, nthreads)
 
 
-def _profile_tunable(mod, ops, nvals, output, x, convs, sparse: bool, repeats: int) -> list[float]:
-    """Per tunable op (``convs``): its median time in the whole plan profiled with every op sparse / dense."""
-    saved = [op.p["sparse"] for op in convs]
+def _set_kernel(op: Op, choice: str) -> None:
+    """Point one tunable op at a kernel: "sparse", "dense" (ATen) or "direct" (convs only)."""
+    if op.kind == "conv":
+        op.p["kernel"] = {"dense": "aten"}.get(choice, choice)
+    else:
+        op.p["sparse"] = choice == "sparse"
+
+
+def _profile_tunable(mod, ops, nvals, output, x, convs, choice: str, repeats: int) -> list[float]:
+    """Per tunable op (``convs``): its median time in the whole plan profiled with every op that can take
+    ``choice`` ("dense", "direct" or "sparse") on it (the others dense)."""
+    saved = [(op.p.get("kernel"), op.p.get("sparse")) for op in convs]
     for op in convs:
-        op.p["sparse"] = sparse and _eligible(op)
+        ok = _eligible(op) and (choice != "direct" or op.kind == "conv")
+        _set_kernel(op, choice if ok else "dense")
     try:
         plan = build_native(mod, ops, nvals, output)
         ms = plan.profile(x, repeats, max(3, repeats // 4))
     finally:
-        for op, s in zip(convs, saved):
-            op.p["sparse"] = s
+        for op, (k, sp) in zip(convs, saved):
+            if op.kind == "conv":
+                op.p["kernel"] = k
+            else:
+                op.p["sparse"] = sp
     by_op = dict(zip((id(op) for op in ops), ms))
     return [float(by_op[id(op)]) for op in convs]

@@ -97,6 +97,40 @@ class SparseConv2d(nn.Module):
         return torch.relu(y) if self.relu else y
 
 
+# ------------------------------------------------------------------------------------------- direct conv
+
+DIRECT_FILTERS = 8  # output channels per register block of csrc direct_conv2d
+
+
+def direct_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A (F, C, kh, kw) conv weight packed for the direct kernel: (ceil(F/8), C*kh*kw, 8), each block of eight
+    filters interleaved per input row; filters beyond F are zeros."""
+    if weight.dim() != 4:
+        raise ConfigError(f"direct_pack: expected a (F, C, kh, kw) weight, got shape {tuple(weight.shape)}")
+    f = weight.shape[0]
+    fb = -(-f // DIRECT_FILTERS)
+    w = weight.detach().float().reshape(f, -1)
+    padded = w.new_zeros(fb * DIRECT_FILTERS, w.shape[1])
+    padded[:f] = w
+    return padded.reshape(fb, DIRECT_FILTERS, -1).permute(0, 2, 1).contiguous()
+
+
+def direct_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                  padding: int = 0, relu: bool = False, residual: torch.Tensor | None = None,
+                  reference: bool = False) -> torch.Tensor:
+    """``relu?(conv2d(x, weight, bias, stride, padding) + residual)`` with the dense direct kernel
+    (``csrc`` ``direct_conv2d``), or its reference twin in PyTorch (``reference=True`` or no kernels)."""
+    mod = None if reference else load_kernels()
+    if mod is None or x.dtype != torch.float32 or x.requires_grad:
+        y = F.conv2d(x, weight, bias, stride=stride, padding=padding)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+    f, _, kh, kw = weight.shape
+    return mod.direct_conv2d(x, direct_pack(weight), None if bias is None else bias.detach().float(), residual,
+                             int(f), int(kh), int(kw), int(stride), int(padding), bool(relu))
+
+
 # ------------------------------------------------------------------------------------------- BSR linear
 
 BSR_BLOCKS = ((16, 16), (8, 16), (4, 16), (2, 16), (1, 16))

@@ -22,7 +22,11 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..graph.trace import trace_model
-from .kernels import bsr_tensors, conv_taps
+from .kernels import bsr_tensors, conv_taps, direct_pack
+
+# conv kernels of the native plan, by index: ATen's conv (oneDNN), netcarve's sparse tap-list kernel,
+# netcarve's dense register-blocked direct kernel
+CONV_KERNELS = ("aten", "sparse", "direct")
 
 _RELU_FNS = {F.relu, torch.relu}
 _ADD_FNS = {operator.add, torch.add, operator.iadd}
@@ -286,7 +290,7 @@ class Lowering:
         op = Op("conv", name, inputs, p={"weight": w.float().contiguous(),
                                          "bias": None if b is None else b.float().contiguous(),
                                          "stride": int(m.stride[0]), "padding": int(m.padding[0]),
-                                         "groups": int(m.groups), "relu": relu, "sparse": False})
+                                         "groups": int(m.groups), "relu": relu, "kernel": "aten"})
         self._emit(op, last, x)
 
     def _lower_call_function(self, node):
@@ -494,14 +498,19 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
     for op in ops:
         p, n = op.p, op.name
         if op.kind == "conv":
-            taps = []
-            if p["groups"] == 1:
-                if "taps" not in p:  # built once per op, not per plan build (autotuning builds three)
+            kernel = CONV_KERNELS.index(p["kernel"])
+            taps, packed = [], None
+            if kernel == 1:
+                if "taps" not in p:  # built once per op, not per plan build (autotuning builds several)
                     p["taps"] = conv_taps(p["weight"])
                 t = p["taps"]
                 taps = [t["ptr"], t["chan"], t["pos"], t["w"], t["order"]]
-            plan.add_conv(n, op.inputs, op.out, p["weight"], p["bias"], taps, p["stride"], p["padding"],
-                          p["groups"], p["relu"], bool(p["sparse"]))
+            elif kernel == 2:
+                if "packed" not in p:
+                    p["packed"] = direct_pack(p["weight"])
+                packed = p["packed"]
+            plan.add_conv(n, op.inputs, op.out, p["weight"], p["bias"], taps, packed, p["stride"], p["padding"],
+                          p["groups"], p["relu"], kernel)
         elif op.kind == "linear":
             if "bsr" not in p:
                 p["bsr"] = bsr_tensors(p["weight"])

@@ -14,6 +14,13 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
                             int64_t stride, int64_t pad, bool relu);
 
+// Dense conv as a register-blocked direct convolution (8 filters x 48 pixels per block); wpack is
+// (ceil(F/8), C*kh*kw, 8). Outputs under g_direct_im2col_max floats of im2col matrix may use im2col rows.
+extern int64_t g_direct_im2col_max;
+torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<torch::Tensor> bias,
+                            c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
+                            int64_t stride, int64_t pad, bool relu);
+
 torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
                          c10::optional<torch::Tensor> bias, int64_t out_features);
 

@@ -2,7 +2,7 @@
 //
 // Values are numbered: value 0 is the input; every step reads values and writes one new value. Steps are
 // added from Python (netcarve/runtime/plan.py lowers an fx graph, folds BN, fuses ReLU and residual
-// additions into convs and chooses sparse or dense per conv). Sparse convs run the netcarve kernel; dense
+// additions into convs and chooses a kernel per conv). Sparse and direct convs run netcarve's kernels; ATen
 // convs, pooling and linear layers call ATen (oneDNN / MKL) directly from C++.
 #include "kernels.h"
 
@@ -27,6 +27,7 @@ struct Step {
   std::vector<torch::Tensor> ts;  // weights / taps / maps
   std::vector<MatW> mats;         // linear: 1; rnn: 2 per layer (ih, hh)
   bool sparse = false;
+  int64_t conv_kernel = 0;  // conv: 0 ATen, 1 sparse taps, 2 direct (ts[7] = packed weight)
   bool relu = false;
 };
 
@@ -50,17 +51,24 @@ class Plan {
   explicit Plan(int64_t num_values, int64_t output) : nvals_(num_values), output_(output) {}
 
   // conv: in = {x} or {x, residual}; ints = {out_channels, kh, kw, stride, pad, groups}
-  // ts = {weight, bias|undefined, tap_ptr, tap_chan, tap_pos, tap_w, tap_order}
+  // ts = {weight, bias|undefined, tap_ptr, tap_chan, tap_pos, tap_w, tap_order, packed|undefined}
+  // kernel: 0 ATen conv, 1 sparse taps (needs the taps), 2 direct (needs the packed weight)
   void add_conv(const std::string& name, std::vector<int64_t> in, int64_t out, torch::Tensor weight,
-                c10::optional<torch::Tensor> bias, std::vector<torch::Tensor> taps, int64_t stride, int64_t pad,
-                int64_t groups, bool relu, bool sparse) {
+                c10::optional<torch::Tensor> bias, std::vector<torch::Tensor> taps,
+                c10::optional<torch::Tensor> packed, int64_t stride, int64_t pad, int64_t groups, bool relu,
+                int64_t kernel) {
     Step s{CONV, name, std::move(in), out};
     s.ints = {weight.size(0), weight.size(2), weight.size(3), stride, pad, groups};
     s.ts = {weight.contiguous(), bias.has_value() ? bias->contiguous() : torch::Tensor()};
-    for (auto& t : taps) s.ts.push_back(t.contiguous());
-    TORCH_CHECK(!sparse || (groups == 1 && s.ts.size() == 7), name, ": a sparse conv needs groups=1 and its taps");
+    TORCH_CHECK(kernel >= 0 && kernel <= 2, name, ": conv kernel must be 0 (ATen), 1 (sparse) or 2 (direct)");
+    TORCH_CHECK(kernel != 1 || (groups == 1 && taps.size() == 5), name, ": a sparse conv needs groups=1 and its taps");
+    TORCH_CHECK(kernel != 2 || (groups == 1 && packed.has_value()), name,
+                ": a direct conv needs groups=1 and its packed weight");
+    s.ts.resize(8);
+    for (size_t i = 0; i < taps.size() && i < 5; ++i) s.ts[2 + i] = taps[i].contiguous();
+    if (packed.has_value()) s.ts[7] = packed->contiguous();
     s.relu = relu;
-    s.sparse = sparse;
+    s.conv_kernel = kernel;
     steps_.push_back(std::move(s));
   }
 
@@ -223,8 +231,9 @@ class Plan {
         if (s.ts[1].defined()) bias = s.ts[1];
         c10::optional<torch::Tensor> res;
         if (s.in.size() > 1) res = v[s.in[1]];
-        if (s.sparse)
+        if (s.conv_kernel == 1)
           return sparse_conv2d(x, s.ts[2], s.ts[3], s.ts[4], s.ts[5], s.ts[6], bias, res, F, kh, kw, st, pd, s.relu);
+        if (s.conv_kernel == 2) return direct_conv2d(x, s.ts[7], bias, res, F, kh, kw, st, pd, s.relu);
         auto y = at::conv2d(x, s.ts[0], bias, {st, st}, {pd, pd}, {1, 1}, g);
         if (res) y.add_(*res);
         if (s.relu) y.relu_();
@@ -310,6 +319,9 @@ std::string build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_conv2d", &sparse_conv2d, "direct sparse conv2d over non-zero taps (fp32)");
+  m.def("direct_conv2d", &direct_conv2d, "dense conv2d, register-blocked direct convolution (fp32)");
+  m.def("set_direct_im2col_max", [](int64_t v) { g_direct_im2col_max = v; },
+        "largest im2col matrix (floats) direct_conv2d builds for small outputs (default 2^17; 0 = never)");
   m.def("bsr_linear", &bsr_linear, "y = x W^T + b with W in BSR tiles (fp32)");
   m.def("build_info", &build_info);
   m.def("set_parallel_threshold", [](int64_t v) { g_parallel_threshold = v; },

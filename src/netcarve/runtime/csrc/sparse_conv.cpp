@@ -91,16 +91,92 @@ static inline void accumulate_one(const float* __restrict in, const int64_t* __r
   storeu(dst, (a0 + a1) + (a2 + a3));
 }
 
-}  // namespace
+// The zero-padded input split into S x S phase planes, channel-major with the batch inside:
+// planes[c][ry][rx][n][yy][xx] (see sparse_conv2d), followed by `tail` zeros that over-reads land in.
+static torch::Tensor phase_planes(const torch::Tensor& x, int64_t S, int64_t pad, int64_t Hph, int64_t Wph,
+                                  int64_t tail) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t plane = Hph * Wph, group = N * plane;
+  // stride 1: only the padding ring and the tail need zeros (rows are copied whole); stride > 1: all of it
+  const int64_t total_len = C * S * S * group + tail;
+  auto planes = S == 1 ? torch::empty({total_len}, x.options()) : torch::zeros({total_len}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = planes.data_ptr<float>();
+  if (S == 1) std::fill(dst + C * group, dst + total_len, 0.f);
+  const int64_t fill_grain = N * C * H * W < (int64_t)1 << 16 ? N * C : 1;
+  at::parallel_for(0, C * N, fill_grain, [&](int64_t b, int64_t e) {
+    for (int64_t cn = b; cn < e; ++cn) {
+      const int64_t c = cn / N, n = cn % N;
+      const float* s = src + (n * C + c) * H * W;
+      if (S == 1) {
+        float* d = dst + c * group + n * plane;
+        std::fill(d, d + pad * Wph, 0.f);                      // top padding rows
+        std::fill(d + (pad + H) * Wph, d + plane, 0.f);         // bottom padding rows
+        for (int64_t y = 0; y < H; ++y) {
+          float* row = d + (y + pad) * Wph;
+          for (int64_t k = 0; k < pad; ++k) row[k] = 0.f;
+          const float* sr = s + y * W;
+          for (int64_t k = 0; k < W; ++k) row[pad + k] = sr[k];
+          for (int64_t k = pad + W; k < Wph; ++k) row[k] = 0.f;
+        }
+        continue;
+      }
+      for (int64_t y = 0; y < H; ++y) {
+        const int64_t py = y + pad, ry = py % S, yy = py / S;
+        const float* sr = s + y * W;
+        for (int64_t rx = 0; rx < S; ++rx) {  // columns x with (x + pad) % S == rx go to phase rx
+          int64_t x0 = ((rx - pad) % S + S) % S;
+          float* d = dst + ((c * S + ry) * S + rx) * group + n * plane + yy * Wph + (x0 + pad) / S;
+          for (int64_t xx = x0; xx < W; xx += S) *d++ = sr[xx];
+        }
+      }
+    }
+  });
+  return planes;
+}
 
-// The small-output path of sparse_conv2d (see there). X: (C*kh*kw, Pp) im2col of x, 64-byte aligned rows.
-static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
-                                         const torch::Tensor& tq, const torch::Tensor& tw, const torch::Tensor& fo,
-                                         const c10::optional<torch::Tensor>& bias,
-                                         const c10::optional<torch::Tensor>& residual, int64_t F, int64_t kh, int64_t kw,
-                                         int64_t S, int64_t pad, bool relu, int64_t Ho, int64_t Wo, int64_t P,
-                                         int64_t Pp) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), KK = kh * kw;
+// Stores one filter's outputs computed on the wide grid (flat positions q = n * plane + y * Wph + x of the
+// phase planes) for [q0, q0 + qn) from acc, keeping the valid ones, with bias (+ residual) and ReLU.
+struct WideStore {
+  float* op;
+  const float* rp;
+  const float* bp;
+  bool relu;
+  int64_t F, Ho, Wo, Hph, Wph, plane, total;
+  void operator()(const float* acc, int64_t f, int64_t q0, int64_t qn) const {
+    const float bv = bp ? bp[f] : 0.f;
+    const int64_t qe = std::min<int64_t>(q0 + qn, total);
+    int64_t q = q0, n = q / plane, r = q % plane, y = r / Wph, x0 = r % Wph;  // then advanced without division
+    while (q < qe) {
+      const int64_t seg = std::min<int64_t>(Wph - x0, qe - q);
+      if (y < Ho && x0 < Wo) {
+        const int64_t xe = std::min<int64_t>(Wo, x0 + seg);
+        float* o = op + ((n * F + f) * Ho + y) * Wo;
+        const float* rr = rp ? rp + ((n * F + f) * Ho + y) * Wo : nullptr;
+        const float* a = acc + (q - q0) - x0;
+        if (relu)
+          store_row<true>(o + x0, a + x0, rr ? rr + x0 : nullptr, bv, xe - x0);
+        else
+          store_row<false>(o + x0, a + x0, rr ? rr + x0 : nullptr, bv, xe - x0);
+      }
+      q += seg;
+      x0 += seg;
+      if (x0 == Wph) {
+        x0 = 0;
+        if (++y == Hph) {
+          y = 0;
+          ++n;
+        }
+      }
+    }
+  }
+};
+
+// The im2col matrix of x: C * kh * kw rows of the P = N * Ho * Wo output positions (zeros where the window
+// is in the padding), each row padded to Pp floats (a multiple of the vector width: aligned rows).
+static torch::Tensor im2col_rows(const torch::Tensor& x, int64_t kh, int64_t kw, int64_t S, int64_t pad,
+                                 int64_t Ho, int64_t Wo, int64_t Pp) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), KK = kh * kw, P = N * Ho * Wo;
   auto X = torch::zeros({C * KK * Pp}, x.options());  // rows of whole vectors (torch buffers are 64-byte aligned)
   float* xp = X.data_ptr<float>();
   const float* src = x.data_ptr<float>();
@@ -133,6 +209,21 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
             }
         }
   });
+  return X;
+}
+
+}  // namespace
+
+// The small-output path of sparse_conv2d (see there). X: (C*kh*kw, Pp) im2col of x, 64-byte aligned rows.
+static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
+                                         const torch::Tensor& tq, const torch::Tensor& tw, const torch::Tensor& fo,
+                                         const c10::optional<torch::Tensor>& bias,
+                                         const c10::optional<torch::Tensor>& residual, int64_t F, int64_t kh, int64_t kw,
+                                         int64_t S, int64_t pad, bool relu, int64_t Ho, int64_t Wo, int64_t P,
+                                         int64_t Pp) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), KK = kh * kw;
+  auto X = im2col_rows(x, kh, kw, S, pad, Ho, Wo, Pp);
+  const float* xp = X.data_ptr<float>();
   auto out = torch::empty({N, F, Ho, Wo}, x.options());
   float* op = out.data_ptr<float>();
   const int32_t* ptr = tp.data_ptr<int32_t>();
@@ -272,44 +363,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   const int64_t nchunks = (total + chunk - 1) / chunk;
   const int64_t padded_total = nchunks * chunk;
 
-  // stride 1: only the padding ring and the tail need zeros (rows are copied whole); stride > 1: all of it
-  const int64_t total_len = C * S * S * group + padded_total + slack;
-  auto planes = S == 1 ? torch::empty({total_len}, x.options()) : torch::zeros({total_len}, x.options());
-  {
-    const float* src = x.data_ptr<float>();
-    float* dst = planes.data_ptr<float>();
-    if (S == 1) std::fill(dst + C * group, dst + total_len, 0.f);
-    const int64_t fill_grain = N * C * H * W < (int64_t)1 << 16 ? N * C : 1;
-    at::parallel_for(0, C * N, fill_grain, [&](int64_t b, int64_t e) {
-      for (int64_t cn = b; cn < e; ++cn) {
-        const int64_t c = cn / N, n = cn % N;
-        const float* s = src + (n * C + c) * H * W;
-        if (S == 1) {
-          float* d = dst + c * group + n * plane;
-          std::fill(d, d + pad * Wph, 0.f);                      // top padding rows
-          std::fill(d + (pad + H) * Wph, d + plane, 0.f);         // bottom padding rows
-          for (int64_t y = 0; y < H; ++y) {
-            float* row = d + (y + pad) * Wph;
-            for (int64_t k = 0; k < pad; ++k) row[k] = 0.f;
-            const float* sr = s + y * W;
-            for (int64_t k = 0; k < W; ++k) row[pad + k] = sr[k];
-            for (int64_t k = pad + W; k < Wph; ++k) row[k] = 0.f;
-          }
-          continue;
-        }
-        for (int64_t y = 0; y < H; ++y) {
-          const int64_t py = y + pad, ry = py % S, yy = py / S;
-          const float* sr = s + y * W;
-          for (int64_t rx = 0; rx < S; ++rx) {  // columns x with (x + pad) % S == rx go to phase rx
-            int64_t x0 = ((rx - pad) % S + S) % S;
-            float* d = dst + ((c * S + ry) * S + rx) * group + n * plane + yy * Wph + (x0 + pad) / S;
-            for (int64_t xx = x0; xx < W; xx += S) *d++ = sr[xx];
-          }
-        }
-      }
-    });
-  }
-
+  auto planes = phase_planes(x, S, pad, Hph, Wph, padded_total + slack);
   auto out = torch::empty({N, F, Ho, Wo}, x.options());
   const float* pl = planes.data_ptr<float>();
   const int32_t* ptr = tp.data_ptr<int32_t>();
@@ -340,34 +394,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   }
   const int64_t lists = L + (empty.empty() ? 0 : 1);
 
-  // store one filter's outputs for flat positions [q0, q0 + qn) (acc holds them), keeping the valid ones
-  auto store = [&](const float* acc, int64_t f, int64_t q0, int64_t qn) {
-    const float bv = bp ? bp[f] : 0.f;
-    const int64_t qe = std::min<int64_t>(q0 + qn, total);
-    int64_t q = q0, n = q / plane, r = q % plane, y = r / Wph, x0 = r % Wph;  // then advanced without division
-    while (q < qe) {
-      const int64_t seg = std::min<int64_t>(Wph - x0, qe - q);
-      if (y < Ho && x0 < Wo) {
-        const int64_t xe = std::min<int64_t>(Wo, x0 + seg);
-        float* o = op + ((n * F + f) * Ho + y) * Wo;
-        const float* rr = rp ? rp + ((n * F + f) * Ho + y) * Wo : nullptr;
-        const float* a = acc + (q - q0) - x0;
-        if (relu)
-          store_row<true>(o + x0, a + x0, rr ? rr + x0 : nullptr, bv, xe - x0);
-        else
-          store_row<false>(o + x0, a + x0, rr ? rr + x0 : nullptr, bv, xe - x0);
-      }
-      q += seg;
-      x0 += seg;
-      if (x0 == Wph) {
-        x0 = 0;
-        if (++y == Hph) {
-          y = 0;
-          ++n;
-        }
-      }
-    }
-  };
+  const WideStore store{op, rp, bp, relu, F, Ho, Wo, Hph, Wph, plane, total};
   const int64_t ngroups = std::min<int64_t>(lists, std::max<int64_t>(1, (4 * nthreads + nchunks - 1) / nchunks));
   // layers with little work run inline: waking the thread team costs more than it saves there
   const int64_t work = E * padded_total;  // multiply-adds computed
@@ -412,3 +439,165 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   return out;
 }
 
+
+// ------------------------------------------------------------------------------------------------------------
+// direct_conv2d: a dense conv (every tap, zeros included) as a register-blocked direct convolution. Eight
+// output channels x 3 vectors of output pixels stay in registers while every input row k = (c, ky, kx) is
+// loaded once per block and multiplied by the eight filters' broadcast weights: 3 loads + 8 broadcasts per
+// 24 multiply-adds (the tap-list kernel above needs one load per multiply-add, fine for 10% density but
+// load-bound for dense layers). Vectorised over pixels, so narrow (channel-pruned) layers lose nothing to
+// vector width. Rows are shifted windows of the phase planes (as sparse_conv2d) or, for small outputs where
+// the wide grid wastes many lanes, rows of an im2col matrix. Bias, residual and ReLU are fused into the store.
+// wpack: (ceil(F / 8), C * kh * kw, 8) fp32, filters zero-padded to a multiple of 8 (runtime/kernels.py:
+// direct_pack). The reference twin is F.conv2d on the dense weight.
+namespace {
+
+constexpr int64_t FBLK = 8;   // output channels per register block
+constexpr int64_t DNV = 3;    // pixel vectors per register block (8 x 3 accumulators + 3 inputs + 1 weight)
+
+// acc[j * ldacc + 0 .. NV * VL) = sum over the K rows of wp[k * FB + j] * base[off[k] + 0 .. NV * VL)
+template <int FB, int NV>
+static inline void blockf(const float* __restrict base, const int64_t* __restrict off, const float* __restrict wp,
+                          int64_t K, float* __restrict acc, int64_t ldacc) {
+  v16 a[FB][NV];
+#pragma GCC unroll 16
+  for (int j = 0; j < FB; ++j)
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) a[j][i] = bcast(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* src = base + off[k];
+    const float* w = wp + FB * k;
+    v16 v[NV];
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) v[i] = loadu(src + i * VL);
+#pragma GCC unroll 16
+    for (int j = 0; j < FB; ++j) {
+      const v16 wj = bcast(w[j]);
+#pragma GCC unroll 4
+      for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < FB; ++j)
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) storeu(acc + j * ldacc + i * VL, a[j][i]);
+}
+
+// Stores one filter's outputs for positions [q0, q0 + qn) of the compact output order q = n * Ho * Wo + r.
+struct CompactStore {
+  float* op;
+  const float* rp;
+  const float* bp;
+  bool relu;
+  int64_t F, HW, total;
+  void operator()(const float* acc, int64_t f, int64_t q0, int64_t qn) const {
+    const float bv = bp ? bp[f] : 0.f;
+    const int64_t qe = std::min<int64_t>(q0 + qn, total);
+    for (int64_t q = q0; q < qe;) {
+      const int64_t n = q / HW, r = q % HW, seg = std::min<int64_t>(HW - r, qe - q);
+      float* o = op + (n * F + f) * HW + r;
+      const float* rr = rp ? rp + (n * F + f) * HW + r : nullptr;
+      if (relu)
+        store_row<true>(o, acc + (q - q0), rr, bv, seg);
+      else
+        store_row<false>(o, acc + (q - q0), rr, bv, seg);
+      q += seg;
+    }
+  }
+};
+
+}  // namespace
+
+int64_t g_direct_im2col_max = (int64_t)1 << 17;  // floats of im2col matrix the direct conv may build (512 KiB)
+
+torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<torch::Tensor> bias,
+                            c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
+                            int64_t stride, int64_t pad, bool relu) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "direct_conv2d: x must be (N, C, H, W) float32");
+  TORCH_CHECK(stride >= 1 && pad >= 0 && kh >= 1 && kw >= 1, "direct_conv2d: bad geometry");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = stride, F = out_channels;
+  const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad, T = kh * kw, K = C * T;
+  TORCH_CHECK(Hp >= kh && Wp >= kw, "direct_conv2d: input smaller than the kernel");
+  const int64_t FB = (F + FBLK - 1) / FBLK;
+  TORCH_CHECK(wpack.scalar_type() == torch::kFloat32 && wpack.dim() == 3 && wpack.size(0) == FB &&
+                  wpack.size(1) == K && wpack.size(2) == FBLK,
+              "direct_conv2d: packed weight must be (ceil(F/8), C*kh*kw, 8) float32 for this input");
+  auto wp_t = wpack.contiguous();
+  const int64_t Ho = (Hp - kh) / S + 1, Wo = (Wp - kw) / S + 1;
+  const int64_t Hph = (Hp + S - 1) / S, Wph = (Wp + S - 1) / S, plane = Hph * Wph;
+  const int64_t P = N * Ho * Wo, BLKPX = DNV * VL;
+
+  auto out = torch::empty({N, F, Ho, Wo}, x.options());
+  torch::Tensor bias_c, res;
+  const float* bp = nullptr;
+  const float* rp = nullptr;
+  if (bias.has_value()) {
+    bias_c = bias->contiguous();
+    bp = bias_c.data_ptr<float>();
+  }
+  if (residual.has_value()) {
+    res = residual->contiguous();
+    TORCH_CHECK(res.sizes() == out.sizes(), "direct_conv2d: residual shape differs from the output");
+    rp = res.data_ptr<float>();
+  }
+  float* op = out.data_ptr<float>();
+
+  // rows: im2col when the wide grid would waste over a quarter of the lanes and the matrix is small
+  const int64_t Pp = (P + BLKPX - 1) / BLKPX * BLKPX;
+  const bool use_cols = 4 * N * plane > 5 * P && K * Pp <= g_direct_im2col_max;
+  torch::Tensor rows;
+  std::vector<int64_t> off(K);
+  int64_t total;
+  if (use_cols) {
+    rows = im2col_rows(x, kh, kw, S, pad, Ho, Wo, Pp);
+    for (int64_t k = 0; k < K; ++k) off[k] = k * Pp;
+    total = P;
+  } else {
+    total = N * plane;
+    const int64_t group = N * plane, padded = (total + BLKPX - 1) / BLKPX * BLKPX;
+    rows = phase_planes(x, S, pad, Hph, Wph, padded + Wph * (kh / S + 1) + kw + BLKPX);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t ky = 0; ky < kh; ++ky)
+        for (int64_t kx = 0; kx < kw; ++kx)
+          off[(c * kh + ky) * kw + kx] =
+              c * S * S * group + ((ky % S) * S + kx % S) * group + (ky / S) * Wph + (kx / S);
+  }
+  const float* base = rows.data_ptr<float>();
+  const float* wpk = wp_t.data_ptr<float>();
+  const WideStore wide{op, rp, bp, relu, F, Ho, Wo, Hph, Wph, plane, total};
+  const CompactStore compact{op, rp, bp, relu, F, Ho * Wo, total};
+
+  // jobs: chunks of pixel blocks whose input rows stay in L2 while the filter blocks sweep them
+  const int64_t nblocks = (total + BLKPX - 1) / BLKPX;
+  const int64_t per_chunk = std::max<int64_t>(1, std::min<int64_t>(nblocks, ((int64_t)1 << 16) / (K * BLKPX)));
+  const int64_t nchunks = (nblocks + per_chunk - 1) / per_chunk;
+  const int64_t work = K * FB * FBLK * nblocks * BLKPX;
+  const int64_t njobs = nchunks * FB;
+  const int64_t grain = work < g_parallel_threshold ? njobs : 1;
+  at::parallel_for(0, njobs, grain, [&](int64_t b, int64_t e) {
+    alignas(64) float acc[FBLK * DNV * VL];
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t chunk = job / FB, fb = job % FB;
+      const float* wp = wpk + fb * K * FBLK;
+      const int64_t blk_end = std::min<int64_t>(nblocks, (chunk + 1) * per_chunk);
+      for (int64_t blk = chunk * per_chunk; blk < blk_end; ++blk) {
+        const int64_t q0 = blk * BLKPX, qn = std::min<int64_t>(BLKPX, total - q0);
+        const int64_t nv = (qn + VL - 1) / VL;
+        const float* src = base + q0;
+        switch (nv) {
+          case 3: blockf<FBLK, 3>(src, off.data(), wp, K, acc, BLKPX); break;
+          case 2: blockf<FBLK, 2>(src, off.data(), wp, K, acc, BLKPX); break;
+          default: blockf<FBLK, 1>(src, off.data(), wp, K, acc, BLKPX); break;
+        }
+        for (int64_t j = 0; j < FBLK && fb * FBLK + j < F; ++j) {
+          if (use_cols)
+            compact(acc + j * BLKPX, fb * FBLK + j, q0, qn);
+          else
+            wide(acc + j * BLKPX, fb * FBLK + j, q0, qn);
+        }
+      }
+    }
+  });
+  return out;
+}
