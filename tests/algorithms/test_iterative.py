@@ -45,8 +45,12 @@ def test_iterative_with_layer_ratios_does_not_compound_them(lenet_job):
     job = dict(lenet_job)
     job.pop("baseline_top1")
     one = run_algorithm("oneshot", macs_reduction=2.0, layer_ratios={"conv1": 0.5}, progress=False, **job)
+    # the model itself as the teacher: it is copied before being frozen, so the student still trains
     it = run_algorithm("iterative", macs_reduction=2.0, layer_ratios={"conv1": 0.5}, progress=False,
-                       options={"steps": 3}, **job)
+                       options={"steps": 3}, teacher=job["model"],
+                       train=TrainConfig(epochs=3, batch_size=64, lr=0.02), **job)
+    assert all(p.requires_grad for p in job["model"].parameters())
+    assert len([r for r in it.history if "val_top1" in r]) == 3
     assert it.widths == one.widths
     assert it.widths["conv1"] == (8, 16)
     assert it.macs_reduction >= 2.0

@@ -137,6 +137,7 @@ SCHEME_PLANS = {
                                    connectivity=0.5),
     "pcnn": SparsityPlan.single("pcnn", length=9, keep=2, patterns=4),
     "channel_groups": SparsityPlan.single("channel_groups", 0.5, groups=4),
+    "bsp": SparsityPlan.single("bsp", 0.6, block_rows=4, row_sparsity=0.25),
 }
 # which algorithm drives which scheme (methods card H.2): level-ramping / soft-thresholding need a level
 PAIRS = [(a, s) for a in ("oneshot", "admm", "reweighted") for s in SCHEME_PLANS]

@@ -39,6 +39,7 @@ CASES = {
     "unstructured": ({}, (8, 4, 3, 3), 0.6),
     "nm": ({"n": 2, "m": 4}, (8, 4, 3, 3), None),
     "block": ({"block": "2x4"}, (8, 4, 3, 3), 0.5),
+    "bsp": ({"block_rows": 4}, (8, 4, 3, 3), 0.5),
     "row": ({}, (8, 4, 3, 3), 0.5),
     "column": ({}, (8, 4, 3, 3), 0.3),
     "rowcol": ({"column_share": 0.5}, (8, 4, 3, 3), 0.7),
@@ -380,6 +381,9 @@ def test_validate_rejects_masks_outside_the_sets():
     ("pcnn", {"length": 4, "keep": 2, "patterns": 1, "library": [[1, 1, 0, 0], [0, 0, 1, 1]]}, "more than"),
     ("pcnn", {"patterns": 0}, "'patterns'"),
     ("channel_groups", {"groups": 0}, "'groups'"),
+    ("bsp", {"block_rows": 0}, "'block_rows'"),
+    ("bsp", {"row_sparsity": 1.0}, "'row_sparsity' must be < 1"),
+    ("bsp", {"row_sparsity": "half"}, "'row_sparsity'"),
     ("channel_groups", {"nested": "yes"}, "'nested'"),
     ("row", {"level": 0.5}, "invalid options"),
 ])
@@ -588,3 +592,41 @@ def test_balanced_block_is_the_exact_projection_per_tile_row():
     make_scheme("block", block=[2, 2]).validate(unbalanced, 0.5)  # in the plain set
     with pytest.raises(ConfigError, match="balanced"):
         make_scheme("block", balanced="yes")
+
+
+def test_bsp_two_steps_column_segments_per_row_block_then_rows():
+    """RTMobile BSP (card A7): the card's pseudo-code proj_bsp, written out here, gives the same mask."""
+    import math
+
+    from netcarve.sparsity import make_scheme
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(12, 10, generator=g)  # 3 row blocks of 4 rows
+    s = make_scheme("bsp", block_rows=4, row_sparsity=0.25)
+    m = s.project(w, 0.6)
+    out = w.clone()
+    for r0 in range(0, 12, 4):
+        seg = w[r0:r0 + 4]
+        keep = torch.topk(seg.norm(dim=0), math.ceil((1 - 0.6) * 10)).indices
+        col = torch.zeros(10, dtype=torch.bool)
+        col[keep] = True
+        out[r0:r0 + 4] = seg * col
+    rows = torch.zeros(12, dtype=torch.bool)
+    rows[torch.topk(out.norm(dim=1), math.ceil(0.75 * 12)).indices] = True
+    assert torch.equal(m, (out != 0) & rows[:, None])
+    s.validate(m, 0.6)
+    assert int((~m.any(1)).sum()) == 3  # 25% of the rows zeroed whole
+    assert all(int(m[r0:r0 + 4].any(0).sum()) == 4 for r0 in range(0, 12, 4))  # 4 segments per block
+    # without row pruning it is the balanced block projection (exact)
+    assert torch.equal(make_scheme("bsp", block_rows=4).project(w, 0.6),
+                       make_scheme("block", block=[4, 1], balanced=True).project(w, 0.6))
+    # masks outside the set
+    bad = m.clone()
+    r = int(m.any(1).nonzero()[0])
+    bad[r, int((~m[r]).nonzero()[0])] = True  # one row of a block gains a column its block dropped
+    with pytest.raises(ConfigError, match="keep different columns"):
+        s.validate(bad)
+    with pytest.raises(ConfigError, match="rows are zero"):
+        s.validate(make_scheme("bsp", block_rows=4).project(w, 0.6))  # no dead rows
+    with pytest.raises(ConfigError, match="allows"):
+        s.validate(s.project(w, 0.2), 0.6)  # too many segments for level 0.6

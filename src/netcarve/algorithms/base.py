@@ -118,8 +118,8 @@ class PruneJob:
     def teacher_and_kd(self, original: nn.Module) -> tuple[nn.Module | None, KDConfig | None]:
         """The teacher for distillation (a frozen copy of ``original`` when ``distill`` and no teacher)."""
         teacher = self.teacher
-        if teacher is None and self.distill:
-            teacher = copy.deepcopy(original)
+        if (teacher is None and self.distill) or teacher is original:
+            teacher = copy.deepcopy(original)  # frozen below: never freeze the model being pruned
         if teacher is None:
             return None, None
         teacher.eval()

@@ -26,6 +26,7 @@ from .plan import SparsityPlan, SparsityRule, Target, candidate_weights
 from .schemes import (
     NM,
     PCNN,
+    BSP,
     Block,
     ChannelGroups,
     Column,
@@ -52,6 +53,7 @@ from .spm import SPMWeight, spm_decode, spm_encode
 __all__ = [
     "NM",
     "PCNN",
+    "BSP",
     "Block",
     "ChannelGroups",
     "Column",

@@ -28,6 +28,8 @@ Schemes (``list_schemes()``; "exact" = ``project`` is the exact Euclidean projec
 - ``nm`` (``n``, ``m``): every run of ``m`` consecutive weights along the reduction axis keeps its ``n``
   largest (a shorter tail run of ``r`` keeps ``min(n, r)``). No level. Exact.
 - ``block`` (``block=(bh, bw)`` or ``"4x16"``): tiles of the GEMM view, largest raw energy kept. Exact.
+- ``bsp`` (``block_rows``, ``row_sparsity``): RTMobile BSP -- the same number of column segments kept in every
+  row block (level), then whole rows by L2. Exact without row pruning, the card's two-stage heuristic with it.
 - ``row`` / ``column``: whole rows (filters, output units) / whole columns of the GEMM view, by L2. Exact.
 - ``rowcol`` (``column_share``): SS-Auto dense sub-matrix kept rows x kept columns. Heuristic.
 - ``connectivity``: whole kernels ``W[f, c]`` of convs (conv1d: the last dim is the kernel). Exact.
@@ -494,6 +496,74 @@ class Block(_PartitionScheme):
         tr = torch.arange(rows, device=device) // self.bh
         tc = torch.arange(cols, device=device) // self.bw
         return (tr[:, None] * ntc + tc[None, :]).reshape(shape), ntr * ntc
+
+
+@register_scheme("bsp")
+class BSP(SparsityScheme):
+    """RTMobile's Block-based Structured Pruning (card A7), both steps: the GEMM view is cut into row blocks of
+    ``block_rows`` rows; step 1 keeps, in every row block, the same number ``keep_count(columns, level)`` of
+    whole column segments (``block_rows x 1``, largest L2: the balanced ``block`` projection with ``bh x 1``
+    tiles); step 2 then zeroes the ``row_sparsity`` fraction of whole rows with the smallest L2 norm of what
+    step 1 kept. Each row block becomes a dense sub-matrix with one column-index list (minus its dead rows).
+
+    ``level`` is the column-segment sparsity. With ``row_sparsity = 0`` the projection is exact (it is the
+    balanced block projection); with rows removed it is the card's two-stage projection, not the exact one onto
+    the intersection (``exact = False``). ``group_ids`` are the column segments (what the regularisers
+    penalise); ADMM's Z-step is this two-stage projection (one copy, as the card prescribes)."""
+
+    summary = "RTMobile BSP: the same column segments count per row block, then whole rows by L2"
+    exact = False
+
+    def __init__(self, block_rows: int = 16, row_sparsity: float = 0.0):
+        self.block_rows = _opt_int("bsp", "block_rows", block_rows)
+        self.row_sparsity = _opt_fraction("bsp", "row_sparsity", row_sparsity)
+        if self.row_sparsity >= 1.0:
+            raise ConfigError(f"scheme 'bsp': option 'row_sparsity' must be < 1 (some rows must stay), got {row_sparsity!r}")
+
+    def options(self):
+        return {"block_rows": self.block_rows, "row_sparsity": self.row_sparsity}
+
+    def _segments(self) -> Block:
+        return Block(block=(self.block_rows, 1), balanced=True)
+
+    def group_ids(self, weight):
+        self._require(weight)
+        return self._segments().group_ids(weight)
+
+    def project(self, weight, level=None):
+        self._require(weight)
+        lv = check_level(self.name, level)
+        with torch.no_grad():
+            mask = self._segments().project(weight, lv)
+            if self.row_sparsity > 0:
+                g = gemm_view(_sq(weight) * mask)
+                rows = topk_mask(g.sum(1), keep_count(g.shape[0], self.row_sparsity))
+                mask = (gemm_view(mask) & rows[:, None]).reshape(weight.shape)
+            return mask
+
+    def validate(self, mask, level=None):
+        m = self._check_mask(mask, None)
+        self._require(m)
+        g = gemm_view(m)
+        rows, cols = g.shape
+        alive = g.any(1)
+        for r0 in range(0, rows, self.block_rows):
+            blk = g[r0:r0 + self.block_rows]
+            live = blk[alive[r0:r0 + self.block_rows]]
+            if live.numel() and not bool((live == live[0]).all()):
+                raise ConfigError(f"scheme 'bsp': the live rows of row block {r0 // self.block_rows} (rows {r0}-"
+                                  f"{min(rows, r0 + self.block_rows) - 1}) keep different columns; a row block "
+                                  "keeps whole column segments")
+            if level is not None and live.numel():
+                k = keep_count(cols, check_level(self.name, level))
+                n = int(live[0].sum())
+                if n > k:
+                    raise ConfigError(f"scheme 'bsp': row block {r0 // self.block_rows} keeps {n} of {cols} column "
+                                      f"segments, level {level:g} allows {k}")
+        need = rows - keep_count(rows, self.row_sparsity)
+        if int((~alive).sum()) < need:
+            raise ConfigError(f"scheme 'bsp': {int((~alive).sum())} of {rows} rows are zero, row_sparsity "
+                              f"{self.row_sparsity:g} needs {need}")
 
 
 @register_scheme("row")
