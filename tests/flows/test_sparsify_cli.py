@@ -77,6 +77,22 @@ def test_nm_oneshot_without_training(trained_lenet, tmp_path, capsys):
     assert s["nonzero_macs"] < s["dense_macs"]
 
 
+def test_bsp_on_the_gru_gates(tmp_path, capsys):
+    rep = _run(capsys, ["sparsify", "gru", "--scheme", "bsp", "--sparsity", "0.75", "--block-rows", "16",
+                        "--row-sparsity", "0.25", "--types", "GRU", "--out", str(tmp_path / "bsp"), "--no-progress",
+                        "--json"])
+    layers = rep["task"]["sparsity"]["layers"]
+    assert layers and all(v["scheme"] == "bsp" for v in layers.values())
+    model = netcarve.load(tmp_path / "bsp")
+    from netcarve.sparsity import make_scheme
+
+    s = make_scheme("bsp", block_rows=16, row_sparsity=0.25)
+    for name in layers:
+        w = model.get_parameter(name).detach()
+        s.validate(w != 0, 0.75)
+        assert int((w.reshape(w.shape[0], -1) == 0).all(1).sum()) == w.shape[0] - round(0.75 * w.shape[0])
+
+
 def test_recipe_with_rules_per_layer_type(trained_lenet, tmp_path, capsys):
     recipe = {
         "model": str(trained_lenet), "out": str(tmp_path / "r"),
@@ -102,6 +118,8 @@ def test_recipe_with_rules_per_layer_type(trained_lenet, tmp_path, capsys):
     (["--scheme", "block", "--block", "4by4", "--sparsity", "0.5"], "--block must look like"),
     (["--scheme", "unstructured"], "needs a sparsity level"),
     (["--scheme", "unstructured", "--sparsity", "0.5", "--balanced"], "does not take --balanced"),
+    (["--scheme", "block", "--sparsity", "0.5", "--row-sparsity", "0.5"], "does not take --row-sparsity"),
+    (["--scheme", "bsp", "--sparsity", "0.5", "--block-rows", "0"], "'block_rows' must be >= 1"),
     (["--scheme", "unstructured", "--sparsity", "0.5", "--algorithm", "magic"], "unknown sparsity algorithm"),
     (["--scheme", "nm", "--n", "2", "--m", "4", "--algorithm", "agp", "--finetune-epochs", "1"], "fix their own"),
     (["--scheme", "unstructured", "--sparsity", "0.5", "--algorithm", "admm"], "needs at least 1 epoch"),

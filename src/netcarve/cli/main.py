@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--dataset", help="data set (default: the model's own)")
     s.add_argument("--scheme", default="unstructured",
-                   help="unstructured, nm, block, row, column, rowcol, connectivity, pattern, pcnn, channel_groups "
+                   help="unstructured, nm, block, bsp, row, column, rowcol, connectivity, pattern, pcnn, channel_groups "
                         "(netcarve.sparsity.list_schemes())")
     s.add_argument("--sparsity", type=float, help="fraction of weights (or of the scheme's groups) zeroed, e.g. 0.9")
     s.add_argument("--n", type=int, help="nm: non-zeros per run of --m weights (e.g. 2)")
@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pattern: kernel reduction factor of connectivity pruning (3.6 keeps 1/3.6 of the kernels)")
     s.add_argument("--length", type=int, help="pcnn: vector length L (default 9: one 3x3 kernel)")
     s.add_argument("--keep", type=int, help="pcnn: non-zeros kept per vector")
+    s.add_argument("--block-rows", type=int, help="bsp: rows per row block (default 16)")
+    s.add_argument("--row-sparsity", type=float, help="bsp: fraction of whole rows zeroed after the column step")
     s.add_argument("--groups", type=int, help="channel_groups: number of channel groups")
     s.add_argument("--layers", nargs="+", metavar="GLOB", help="only these weights (globs on names / module paths)")
     s.add_argument("--types", nargs="+", metavar="TYPE", help="only these module types (Conv2d, Linear, LSTM, conv, rnn...)")

@@ -349,11 +349,14 @@ def plan_from_args(a) -> dict:
             "--block": a.block is not None, "--patterns": a.patterns is not None,
             "--connectivity": a.connectivity is not None, "--length": a.length is not None,
             "--keep": a.keep is not None, "--groups": a.groups is not None,
-            "--balanced": bool(getattr(a, "balanced", False))}
+            "--balanced": bool(getattr(a, "balanced", False)),
+            "--block-rows": getattr(a, "block_rows", None) is not None,
+            "--row-sparsity": getattr(a, "row_sparsity", None) is not None}
     takes = {"unstructured": {"--sparsity"}, "row": {"--sparsity"}, "column": {"--sparsity"},
              "rowcol": {"--sparsity"}, "connectivity": {"--sparsity"}, "nm": {"--n", "--m"},
              "block": {"--sparsity", "--block", "--balanced"}, "pattern": {"--patterns", "--connectivity"},
-             "pcnn": {"--length", "--keep", "--patterns"}, "channel_groups": {"--sparsity", "--groups"}}
+             "pcnn": {"--length", "--keep", "--patterns"}, "channel_groups": {"--sparsity", "--groups"},
+             "bsp": {"--sparsity", "--block-rows", "--row-sparsity"}}
     allowed = takes.get(s)
     if allowed is not None:
         extra = sorted(f for f, on in used.items() if on and f not in allowed)
@@ -376,6 +379,9 @@ def plan_from_args(a) -> dict:
         if a.keep is None:
             raise ConfigError("--scheme pcnn needs --keep N (non-zeros per length-L vector)")
         opts = {"length": a.length or 9, "keep": a.keep, **({"patterns": a.patterns} if a.patterns else {})}
+    elif s == "bsp":
+        opts = {k: v for k, v in (("block_rows", getattr(a, "block_rows", None)),
+                                  ("row_sparsity", getattr(a, "row_sparsity", None))) if v is not None}
     elif s == "channel_groups":
         if a.groups is None:
             raise ConfigError("--scheme channel_groups needs --groups G")
