@@ -143,21 +143,27 @@ struct WideStore {
   const float* bp;
   bool relu;
   int64_t F, Ho, Wo, Hph, Wph, plane, total;
-  void operator()(const float* acc, int64_t f, int64_t q0, int64_t qn) const {
-    const float bv = bp ? bp[f] : 0.f;
+  void operator()(const float* acc, int64_t f, int64_t q0, int64_t qn) const { block(acc, 0, f, 1, q0, qn); }
+  // filters f0 .. f0 + nf - 1 at once (filter j's values at acc + j * ldacc): the position bookkeeping of
+  // the wide grid is done once per row segment, not once per filter
+  void block(const float* acc, int64_t ldacc, int64_t f0, int64_t nf, int64_t q0, int64_t qn) const {
     const int64_t qe = std::min<int64_t>(q0 + qn, total);
     int64_t q = q0, n = q / plane, r = q % plane, y = r / Wph, x0 = r % Wph;  // then advanced without division
     while (q < qe) {
       const int64_t seg = std::min<int64_t>(Wph - x0, qe - q);
       if (y < Ho && x0 < Wo) {
         const int64_t xe = std::min<int64_t>(Wo, x0 + seg);
-        float* o = op + ((n * F + f) * Ho + y) * Wo;
-        const float* rr = rp ? rp + ((n * F + f) * Ho + y) * Wo : nullptr;
-        const float* a = acc + (q - q0) - x0;
-        if (relu)
-          store_row<true>(o + x0, a + x0, rr ? rr + x0 : nullptr, bv, xe - x0);
-        else
-          store_row<false>(o + x0, a + x0, rr ? rr + x0 : nullptr, bv, xe - x0);
+        for (int64_t j = 0; j < nf; ++j) {
+          const int64_t f = f0 + j;
+          const float bv = bp ? bp[f] : 0.f;
+          float* o = op + ((n * F + f) * Ho + y) * Wo;
+          const float* rr = rp ? rp + ((n * F + f) * Ho + y) * Wo : nullptr;
+          const float* a = acc + j * ldacc + (q - q0) - x0;
+          if (relu)
+            store_row<true>(o + x0, a + x0, rr ? rr + x0 : nullptr, bv, xe - x0);
+          else
+            store_row<false>(o + x0, a + x0, rr ? rr + x0 : nullptr, bv, xe - x0);
+        }
       }
       q += seg;
       x0 += seg;
@@ -590,11 +596,11 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
           case 2: blockf<FBLK, 2>(src, off.data(), wp, K, acc, BLKPX); break;
           default: blockf<FBLK, 1>(src, off.data(), wp, K, acc, BLKPX); break;
         }
-        for (int64_t j = 0; j < FBLK && fb * FBLK + j < F; ++j) {
-          if (use_cols)
-            compact(acc + j * BLKPX, fb * FBLK + j, q0, qn);
-          else
-            wide(acc + j * BLKPX, fb * FBLK + j, q0, qn);
+        const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
+        if (use_cols) {
+          for (int64_t j = 0; j < nf; ++j) compact(acc + j * BLKPX, fb * FBLK + j, q0, qn);
+        } else {
+          wide.block(acc, BLKPX, fb * FBLK, nf, q0, qn);
         }
       }
     }
