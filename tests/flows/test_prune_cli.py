@@ -34,12 +34,15 @@ def test_prune_cli_compacts_a_checkpoint_and_reports(trained_lenet, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(rep["compressed"]["top1"])
 
 
-def test_prune_without_finetune_measures_two_points(trained_lenet, tmp_path, capsys):
+@pytest.mark.parametrize("engine", ["torch", "netcarve"])
+def test_prune_without_finetune_measures_two_points(trained_lenet, tmp_path, capsys, engine):
     capsys.readouterr()
-    rc = main(["prune", str(trained_lenet), "--macs-reduction", "2", "--engine", "torch", "--latency-processes",
+    rc = main(["prune", str(trained_lenet), "--macs-reduction", "2", "--engine", engine, "--latency-processes",
                "1", "--out", str(tmp_path / "p"), "--no-progress", "--json"])
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
+    assert rep["measurement"]["engine"] == engine
+    assert all(p["latency_ms"]["p50"] > 0 for p in rep["points"])
     assert [p["label"] for p in rep["points"]] == ["baseline", "compressed"]
     assert rep["summary"]["macs_reduction"] >= 2.0
 
