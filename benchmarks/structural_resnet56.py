@@ -29,7 +29,9 @@ width down and leaves a layer whole once that would be 0 (16-channel stage 1 at 
 ``--groups depth`` removes whole residual blocks instead (``netcarve.compact.prune_blocks``, least loss rise on 8
 training batches first; every remaining layer keeps its width); ``--groups depth+all`` removes blocks for the
 first sqrt(target) of the reduction and channels of every group for the rest. ``--seed`` changes the data order
-and fine-tuning seed. ``train --prune-only`` stops after pruning: its ``pruned`` model is timed by ``latency`` /
+and fine-tuning seed. ``--steps K`` (netcarve, ``--groups all``) spends the same epoch budget on iterative pruning:
+K prune + BN recalibration + KD fine-tune steps on a geometric MACs schedule (``netcarve.algorithms`` ``iterative``).
+``--batch-size`` / ``--precision bf16`` / ``--channels-last`` change the fine-tuning batch and arithmetic. ``train --prune-only`` stops after pruning: its ``pruned`` model is timed by ``latency`` /
 ``profile`` like a finished one (latency does not depend on the weights), and ``report`` takes the accuracy of
 such a variant from the committed results (a variant trained on another machine; its row says so).
 
@@ -338,12 +340,17 @@ def cmd_report(a) -> None:
         name = p.parent.name
         if name not in rows and name in previous and "top1" in previous[name]:
             carried[name] = previous[name]
+    # committed rows with no folder here at all are kept as they were (accuracy and latency of their own run)
+    kept = {n: r for n, r in previous.items() if n != "dense" and n not in rows and n not in carried}
     if not rows:
         raise SystemExit(f"nothing to report in {work}")
     any_rec = next(iter(rows.values()))
     dense = {"top1": any_rec["base_top1"], "macs": any_rec["base_macs"], "params": any_rec["base_params"]}
     table = []
-    for name in ("dense", *rows, *carried):
+    for name in ("dense", *rows, *carried, *kept):
+        if name in kept:
+            table.append({**kept[name], "from_committed_results": True})
+            continue
         if name in carried:
             entry = {k: v for k, v in carried[name].items() if k not in ("latency_ms", "speedup")}
             entry.setdefault("trained_in", previous_env_note(carried[name]))
@@ -363,11 +370,14 @@ def cmd_report(a) -> None:
         if r is not None:
             entry.update({k: r.get(k) for k in ("top1_pruned", "top1_bn_recalibrated", "prune", "widths", "epochs",
                                                 "history", "finetune_seconds_this_process", "groups", "lr",
-                                                "seed", "target_macs_reduction")})  # fmt: skip
+                                                "seed", "target_macs_reduction", "batch_size", "precision")
+                          if k in r})  # fmt: skip
         for key, res in lat.get("results", {}).items():
             if name in res:
                 entry["latency_ms"][key] = res[name]["p50_ms"]
                 entry["speedup"][key] = res["dense"]["p50_ms"] / res[name]["p50_ms"]
+        if name == "dense" and not lat and "dense" in previous:  # no latency run here: the committed one
+            entry["latency_ms"], entry["speedup"] = previous["dense"]["latency_ms"], previous["dense"]["speedup"]
         table.append(entry)
     out = {
         "benchmark": "structural_resnet56",
