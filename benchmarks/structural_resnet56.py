@@ -334,7 +334,8 @@ def cmd_report(a) -> None:
             rows[p.parent.name] = rec
     # variants trained in an earlier run (another machine) whose work folder here holds only the pruned
     # architecture (--prune-only): accuracy and training fields come from the committed results
-    previous = {r["variant"]: r for r in json.loads(RESULTS.read_text()).get("rows", [])} if RESULTS.exists() else {}
+    prev_doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    previous = {r["variant"]: r for r in prev_doc.get("rows", [])}
     carried = {}
     for p in sorted(work.glob("*/state.json")):
         name = p.parent.name
@@ -392,7 +393,7 @@ def cmd_report(a) -> None:
                     "method": "per engine, every model in its own fresh processes (interleaved), min over rounds "
                               "of medians, best process kept"},
         "rows": table,
-        "env": lat.get("env") or environment(),
+        "env": lat.get("env") or prev_doc.get("env") or environment(),
     }  # fmt: skip
     prof_path = work / "profile.json"
     if prof_path.exists():  # per-stage latency from `profile` (dense and every variant, one run)
