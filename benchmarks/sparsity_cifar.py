@@ -248,6 +248,10 @@ def cmd_report(a) -> None:
             "threads": rep["env"].get("threads"), "cpu": rep["env"].get("cpu_model"),
             "precision": "bf16" if d.name.endswith("-bf16") else "fp32",
         })
+    # cells committed earlier (another machine or work directory) and not re-run here are kept as they were
+    prev = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    here = {r["cell"] for r in rows}
+    rows = [r for r in prev.get("rows", []) if r["cell"] not in here] + rows
     doc = {"benchmark": "sparsity_cifar", "budget": "see module docstring", "rows": rows,
            "env": environment(threads=torch.get_num_threads())}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
