@@ -207,8 +207,12 @@ def cmd_train(a) -> None:
                             teacher=base, kd=_kd(a.kd), bn_batches=20, train_loader=train, test_loader=test,
                             out_dir=work / "iterative", resume=True, progress=a.progress)  # fmt: skip
         model = res.model
-        rec["prune"] = {"algorithm": "iterative", "steps": a.steps, "ratio": res.ratio, "round_to": a.round_to,
-                        "groups": len(res.groups.groups)}  # fmt: skip
+        steps = [h for h in res.history if "step" in h and "macs" in h]
+        rec["prune"] = {"algorithm": "iterative", "steps": a.steps, "round_to": a.round_to,
+                        "groups": len(res.groups.groups),
+                        "step_macs_reduction": [round(res.macs_before / h["macs"], 3) for h in steps],
+                        "step_target_macs_reduction": [round(res.macs_before / h["target_macs"], 3)
+                                                       for h in steps if "target_macs" in h]}  # fmt: skip
     else:
         model = netcarve.load(pruned_dir)
         res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=base,
@@ -356,6 +360,8 @@ def cmd_report(a) -> None:
             entry = {k: v for k, v in carried[name].items() if k not in ("latency_ms", "speedup")}
             entry.setdefault("trained_in", previous_env_note(carried[name]))
             entry["latency_ms"], entry["speedup"] = {}, {}
+            if not lat:  # no latency run here: the committed measurements
+                entry["latency_ms"], entry["speedup"] = carried[name]["latency_ms"], carried[name]["speedup"]
             for key, res in lat.get("results", {}).items():
                 if name in res:
                     entry["latency_ms"][key] = res[name]["p50_ms"]
@@ -391,11 +397,13 @@ def cmd_report(a) -> None:
                   "SGD cosine, batch 128, full 50k training set with crop+flip"},
         "latency": {"threads": lat.get("threads"), "processes": lat.get("processes"),
                     "method": "per engine, every model in its own fresh processes (interleaved), min over rounds "
-                              "of medians, best process kept"},
+                              "of medians, best process kept"} if lat else prev_doc.get("latency", {}),
         "rows": table,
         "env": lat.get("env") or prev_doc.get("env") or environment(),
     }  # fmt: skip
     prof_path = work / "profile.json"
+    if "profile" in prev_doc:
+        out["profile"] = prev_doc["profile"]
     if prof_path.exists():  # per-stage latency from `profile` (dense and every variant, one run)
         prof = json.loads(prof_path.read_text())
         out["profile"] = {"threads": prof["threads"], "env": prof["env"], "command": "... profile",

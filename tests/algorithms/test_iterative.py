@@ -54,3 +54,17 @@ def test_iterative_with_layer_ratios_does_not_compound_them(lenet_job):
     assert it.widths == one.widths
     assert it.widths["conv1"] == (8, 16)
     assert it.macs_reduction >= 2.0
+
+
+def test_iterative_warns_when_a_step_overshoots_its_target(lenet_job, caplog):
+    """With coarse rounding a step may have no width between the previous and the final one: it is logged."""
+    import logging
+
+    job = dict(lenet_job)
+    job.pop("baseline_top1")
+    with caplog.at_level(logging.WARNING, logger="netcarve.algorithms.oneshot"):
+        res = run_algorithm("iterative", macs_reduction=1.5, round_to=16, progress=False, options={"steps": 3}, **job)
+    steps = _steps(res)
+    assert all("target_macs" in s for s in steps)
+    overshot = [s for s in steps[:-1] if s["macs"] < 0.9 * s["target_macs"]]
+    assert overshot and "beyond its" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from .base import (
     working_copy,
 )
 
+logger = logging.getLogger(__name__)
 
 def _finetune(job: PruneJob, model: nn.Module, teacher, kd, epochs: int, out_dir) -> list[dict[str, Any]]:
     if epochs < 1:
@@ -179,6 +181,13 @@ class Iterative(PruningAlgorithm):
                 recalibrate_bn(model, job.train_loader, num_batches=job.bn_batches)
             macs, _ = count(model, job.example_input)
             rec = {"step": i, "macs": macs, "widths": {k: len(v) for k, v in keep.items()}}
+            if not by_widths:
+                rec["target_macs"] = int(target)
+                if i < steps and macs < 0.9 * target:
+                    logger.warning(
+                        "iterative step %d of %d reached %.2fx fewer MACs, beyond its %.2fx step target: no width "
+                        "in between (round_to=%d); the remaining steps only fine-tune", i, steps, macs0 / max(macs, 1),
+                        macs0 / target, int(job.round_to))
             step_hist = [rec]
             sub = out / f"step{i}" if out is not None else None
             for r in _finetune(job, model, teacher, kd, epochs[i - 1], sub):
