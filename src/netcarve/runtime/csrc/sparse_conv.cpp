@@ -178,6 +178,25 @@ struct WideStore {
   }
 };
 
+// The fused epilogue's inputs: contiguous bias and residual (checked against the output's shape), or null.
+struct Epilogue {
+  torch::Tensor bias_c, res;
+  const float* bp = nullptr;
+  const float* rp = nullptr;
+  Epilogue(const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& residual,
+           const torch::Tensor& out, const char* who) {
+    if (bias.has_value()) {
+      bias_c = bias->contiguous();
+      bp = bias_c.data_ptr<float>();
+    }
+    if (residual.has_value()) {
+      res = residual->contiguous();
+      TORCH_CHECK(res.sizes() == out.sizes(), who, ": residual shape differs from the output");
+      rp = res.data_ptr<float>();
+    }
+  }
+};
+
 // The im2col matrix of x: C * kh * kw rows of the P = N * Ho * Wo output positions (zeros where the window
 // is in the padding), each row padded to Pp floats (a multiple of the vector width: aligned rows).
 static torch::Tensor im2col_rows(const torch::Tensor& x, int64_t kh, int64_t kw, int64_t S, int64_t pad,
@@ -238,18 +257,9 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
   const float* wv = tw.data_ptr<float>();
   const int32_t* ord = fo.data_ptr<int32_t>();
   const int64_t L = fo.numel(), nv = Pp / VL;
-  torch::Tensor bias_c, res;
-  const float* bp = nullptr;
-  const float* rp = nullptr;
-  if (bias.has_value()) {
-    bias_c = bias->contiguous();
-    bp = bias_c.data_ptr<float>();
-  }
-  if (residual.has_value()) {
-    res = residual->contiguous();
-    TORCH_CHECK(res.sizes() == out.sizes(), "sparse_conv2d: residual shape differs from the output");
-    rp = res.data_ptr<float>();
-  }
+  const Epilogue ep(bias, residual, out, "sparse_conv2d");
+  const float* bp = ep.bp;
+  const float* rp = ep.rp;
   std::vector<char> has(F, 0);
   for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
   auto emit = [&](int64_t f, const float* acc) {
@@ -375,19 +385,9 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   const int32_t* ptr = tp.data_ptr<int32_t>();
   const float* wv = tw.data_ptr<float>();
   const int32_t* ord = fo.data_ptr<int32_t>();
-  torch::Tensor bias_c;
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    bias_c = bias->contiguous();
-    bp = bias_c.data_ptr<float>();
-  }
-  torch::Tensor res;
-  const float* rp = nullptr;
-  if (residual.has_value()) {
-    res = residual->contiguous();
-    TORCH_CHECK(res.sizes() == out.sizes(), "sparse_conv2d: residual shape differs from the output");
-    rp = res.data_ptr<float>();
-  }
+  const Epilogue ep(bias, residual, out, "sparse_conv2d");
+  const float* bp = ep.bp;
+  const float* rp = ep.rp;
   float* op = out.data_ptr<float>();
 
   // filters without taps (all-zero weights) are absent from the lists: list index L stands for all of them
@@ -535,18 +535,9 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
   const int64_t P = N * Ho * Wo, BLKPX = DNV * VL;
 
   auto out = torch::empty({N, F, Ho, Wo}, x.options());
-  torch::Tensor bias_c, res;
-  const float* bp = nullptr;
-  const float* rp = nullptr;
-  if (bias.has_value()) {
-    bias_c = bias->contiguous();
-    bp = bias_c.data_ptr<float>();
-  }
-  if (residual.has_value()) {
-    res = residual->contiguous();
-    TORCH_CHECK(res.sizes() == out.sizes(), "direct_conv2d: residual shape differs from the output");
-    rp = res.data_ptr<float>();
-  }
+  const Epilogue ep(bias, residual, out, "direct_conv2d");
+  const float* bp = ep.bp;
+  const float* rp = ep.rp;
   float* op = out.data_ptr<float>();
 
   // rows: im2col when the wide grid would waste over a quarter of the lanes and the matrix is small
