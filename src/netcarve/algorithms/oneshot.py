@@ -33,6 +33,7 @@ from .base import (
 
 logger = logging.getLogger(__name__)
 
+
 def _finetune(job: PruneJob, model: nn.Module, teacher, kd, epochs: int, out_dir) -> list[dict[str, Any]]:
     if epochs < 1:
         return []

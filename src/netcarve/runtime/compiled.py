@@ -3,8 +3,9 @@
 Steps: lower the eval-mode model to a plan (:mod:`netcarve.runtime.plan`: BN folded, ReLU / residual
 additions fused), build it natively, then autotune: the whole plan is profiled once per kernel kind (every
 layer on ATen's dense kernel, every conv on netcarve's dense direct kernel, every layer sparse; the same
-activations flow through all), and each layer keeps the fastest kernel on this CPU at the example's shape. Decisions are cached per CPU model, thread count, input shape and
-layer (``$NETCARVE_CACHE/autotune/<cpu>.json``), so recompiling the same model is instant. Without a C++
+activations flow through all), and each layer keeps the fastest kernel on this CPU at the example's shape.
+Decisions are cached per CPU model, thread count, input shape and layer (``$NETCARVE_CACHE/autotune/<cpu>.json``),
+so recompiling the same model is instant. Without a C++
 compiler (or ``NETCARVE_KERNELS=off``) the plain-PyTorch twin of the plan runs instead, and
 ``CompiledModel.native`` is False.
 """

@@ -24,9 +24,9 @@ from .algorithms import (
 from .masks import WeightMask, apply_masks, get_masks, mask_stats, masks_from_zeros, squash
 from .plan import SparsityPlan, SparsityRule, Target, candidate_weights
 from .schemes import (
+    BSP,
     NM,
     PCNN,
-    BSP,
     Block,
     ChannelGroups,
     Column,

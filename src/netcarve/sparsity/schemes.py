@@ -547,6 +547,7 @@ class BSP(SparsityScheme):
         g = gemm_view(m)
         rows, cols = g.shape
         alive = g.any(1)
+        k = None if level is None else keep_count(cols, check_level(self.name, level))
         for r0 in range(0, rows, self.block_rows):
             blk = g[r0:r0 + self.block_rows]
             live = blk[alive[r0:r0 + self.block_rows]]
@@ -554,8 +555,7 @@ class BSP(SparsityScheme):
                 raise ConfigError(f"scheme 'bsp': the live rows of row block {r0 // self.block_rows} (rows {r0}-"
                                   f"{min(rows, r0 + self.block_rows) - 1}) keep different columns; a row block "
                                   "keeps whole column segments")
-            if level is not None and live.numel():
-                k = keep_count(cols, check_level(self.name, level))
+            if k is not None and live.numel():
                 n = int(live[0].sum())
                 if n > k:
                     raise ConfigError(f"scheme 'bsp': row block {r0 // self.block_rows} keeps {n} of {cols} column "
