@@ -31,6 +31,8 @@ training batches first; every remaining layer keeps its width); ``--groups depth
 first sqrt(target) of the reduction and channels of every group for the rest. ``--seed`` changes the data order
 and fine-tuning seed. ``--steps K`` (netcarve, ``--groups all``) spends the same epoch budget on iterative pruning:
 K prune + BN recalibration + KD fine-tune steps on a geometric MACs schedule (``netcarve.algorithms`` ``iterative``).
+``--algorithm sfp|srfp|asrfp|increg`` (``--algo-option KEY=VALUE``) spends it on soft pruning / incremental
+regularisation of the full model instead, ending in the same physical removal.
 ``--batch-size`` / ``--precision bf16`` / ``--channels-last`` change the fine-tuning batch and arithmetic. ``train --prune-only`` stops after pruning: its ``pruned`` model is timed by ``latency`` /
 ``profile`` like a finished one (latency does not depend on the weights), and ``report`` takes the accuracy of
 such a variant from the committed results (a variant trained on another machine; its row says so).
@@ -157,6 +159,19 @@ def _kd(kind: str) -> KDConfig:
     return KDConfig(kind=kind, temperature=4.0, alpha=0.9, feature_weight=1.0, hints=hints)
 
 
+def _algo_options(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise SystemExit(f"--algo-option expects KEY=VALUE, got {it!r}")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
 def cmd_train(a) -> None:
     name = a.name or (a.tool if a.round_to == 1 else f"{a.tool}-r{a.round_to}")
     work = Path(a.work) / name
@@ -172,10 +187,13 @@ def cmd_train(a) -> None:
         rec["base_top1"] = evaluate(base, test)["top1"]
     t0 = time.perf_counter()
     pruned_dir = work / "pruned"
-    if a.steps > 1 and (a.tool != "netcarve" or a.groups != "all"):
-        raise SystemExit("--steps (iterative pruning) needs --tool netcarve --groups all")
+    if a.steps > 1:
+        a.algorithm = "iterative"
+    algo_opts = _algo_options(a.algo_option)
+    if a.algorithm != "oneshot" and (a.tool != "netcarve" or a.groups != "all"):
+        raise SystemExit(f"--algorithm {a.algorithm} / --steps needs --tool netcarve --groups all")
     rec["tool"] = a.tool
-    if a.steps == 1 and not (pruned_dir / "manifest.json").exists():
+    if a.algorithm == "oneshot" and not (pruned_dir / "manifest.json").exists():
         torch.manual_seed(0)
         if a.tool == "netcarve":
             model, extra = prune_netcarve(base, a.macs_reduction, a.groups, a.round_to, loader=train,
@@ -199,20 +217,28 @@ def cmd_train(a) -> None:
                       weight_decay=5e-4, schedule="cosine", seed=a.seed, precision=a.precision,
                       channels_last=a.channels_last)  # fmt: skip
     t1 = time.perf_counter()
-    if a.steps > 1:  # iterative: the same budget over a geometric schedule of prune + KD fine-tune steps
+    if a.algorithm != "oneshot":  # the same epoch budget spent by a netcarve.algorithms algorithm
         from netcarve.algorithms import run_algorithm
 
-        res = run_algorithm("iterative", base, example_input(base, batch=1), options={"steps": a.steps},
+        if a.algorithm == "iterative":
+            algo_opts.setdefault("steps", max(a.steps, 2))
+        res = run_algorithm(a.algorithm, base, example_input(base, batch=1), options=algo_opts,
                             macs_reduction=a.macs_reduction, round_to=a.round_to, criterion="l1", train=cfg,
                             teacher=base, kd=_kd(a.kd), bn_batches=20, train_loader=train, test_loader=test,
-                            out_dir=work / "iterative", resume=True, progress=a.progress)  # fmt: skip
+                            out_dir=work / a.algorithm, resume=True, progress=a.progress)  # fmt: skip
         model = res.model
-        steps = [h for h in res.history if "step" in h and "macs" in h]
-        rec["prune"] = {"algorithm": "iterative", "steps": a.steps, "round_to": a.round_to,
-                        "groups": len(res.groups.groups),
-                        "step_macs_reduction": [round(res.macs_before / h["macs"], 3) for h in steps],
-                        "step_target_macs_reduction": [round(res.macs_before / h["target_macs"], 3)
-                                                       for h in steps if "target_macs" in h]}  # fmt: skip
+        rec["prune"] = {"algorithm": a.algorithm, "options": algo_opts, "round_to": a.round_to,
+                        "groups": len(res.groups.groups), "ratio": res.ratio}
+        if a.algorithm == "iterative":
+            steps = [h for h in res.history if "step" in h and "macs" in h]
+            rec["prune"].update({
+                "steps": algo_opts["steps"],
+                "step_macs_reduction": [round(res.macs_before / h["macs"], 3) for h in steps],
+                "step_target_macs_reduction": [round(res.macs_before / h["target_macs"], 3)
+                                               for h in steps if "target_macs" in h]})  # fmt: skip
+        alphas = [h.get("alpha") for h in res.history if isinstance(h, dict)]
+        if any(x is not None for x in alphas):
+            rec["prune"]["alpha_by_epoch"] = alphas
     else:
         model = netcarve.load(pruned_dir)
         res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=base,
@@ -448,6 +474,12 @@ def main() -> None:
             s.add_argument("--steps", type=int, default=1,
                            help="> 1: iterative pruning, the --epochs budget split over this many prune + KD "
                                 "fine-tune steps on a geometric MACs schedule (netcarve, --groups all)")
+            s.add_argument("--algorithm", choices=["oneshot", "iterative", "sfp", "srfp", "asrfp", "increg"],
+                           default="oneshot",
+                           help="oneshot: prune, BN recalibration, KD fine-tune; the others spend the same --epochs "
+                                "budget as netcarve.algorithms does (netcarve, --groups all)")
+            s.add_argument("--algo-option", action="append", default=[], metavar="KEY=VALUE",
+                           help="an option of --algorithm (e.g. alpha0=0.7, decay_fraction=0.6); repeatable")
             s.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch (and BN recalibration)")
             s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                            help="bf16: autocast forward/backward (fp32 weights, loss and evaluation)")

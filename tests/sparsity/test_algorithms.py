@@ -92,7 +92,8 @@ def test_admm_resumes_after_a_kill_to_the_same_weights(tiny_cnn, tmp_path):
     data = make_data()
     ref = run_sparsifier("admm", _job(tiny_cnn, data, train=TrainConfig(epochs=4, batch_size=32, lr=0.05),
                                       out_dir=tmp_path / "ref"), rho=0.1)
-    for kill_at in (11, 27):  # inside the ADMM phase (epoch 2), inside masked retraining (epoch 4)
+    # the loader also feeds validation (16 batches an epoch): 11 is inside the ADMM phase, 40 inside retraining
+    for kill_at in (11, 40):
         out = tmp_path / f"k{kill_at}"
         with pytest.raises(KeyboardInterrupt):
             run_sparsifier("admm", _job(tiny_cnn, InterruptingLoader(data, kill_at),
@@ -203,3 +204,97 @@ def test_registries_refuse_non_subclasses_and_duplicates():
         register_sparsifier("not-an-algorithm", dict)
     with pytest.raises(ConfigError, match="already registered"):
         register_sparsifier("oneshot", get_sparsifier("oneshot"))
+
+
+# ---------------------------------------------------------------- card A2: the library shrinks during ADMM
+def test_library_sizes_fall_geometrically_to_the_target():
+    from netcarve.sparsity.algorithms import library_sizes
+
+    assert library_sizes(56, 8, 3) == [56, 21, 8]
+    assert library_sizes(56, 8, 5) == [56, 34, 21, 13, 8]
+    assert library_sizes(126, 4, 2) == [126, 4]
+    assert library_sizes(56, 8, 1) == [8]  # a single Z-step uses the final size
+    s = library_sizes(56, 55, 6)
+    assert s[0] == 56 and s[-1] == 55 and s == sorted(s, reverse=True)
+
+
+def test_library_shrink_keeps_the_most_used_patterns(tiny_cnn):
+    from netcarve.sparsity.algorithms import LibraryShrink
+    from netcarve.sparsity.schemes import centre_patterns, pattern_ids
+
+    plan = SparsityPlan.single("pattern", library=centre_patterns(4)[:3])
+    targets = plan.resolve(tiny_cnn).targets
+    sh = LibraryShrink(targets, z_steps=3, initial="centre")
+    assert sh.state["entries=4,size=3"]["sizes"] == [56, 13, 3]
+    lib = centre_patterns(4)
+    # masks that use pattern 40 most, then 7, then 0, then 12 (the rest once or never)
+    masks = {}
+    for t in targets:
+        w = tiny_cnn.get_parameter(t.name)
+        n = w.shape[0] * w.shape[1]
+        ids = torch.tensor(([40] * 4 + [7] * 3 + [0] * 2 + [12]) * (n // 10 + 1))[:n]
+        masks[t.name] = torch.tensor(lib, dtype=torch.bool)[ids].reshape(w.shape)
+    cons = {t.name: [(t.scheme, None)] for t in targets}
+    log = sh.step(masks, cons)
+    new = sh.state["entries=4,size=3"]["library"]
+    assert len(new) == 13 and new[:4] == [lib[40], lib[7], lib[0], lib[12]]
+    assert log["library"]["entries=4,size=3"] == {"used": 4, "size": 13}
+    assert all(c[0][0].library == new for c in cons.values())  # the constraint copies follow the library
+    sh.step(masks, cons)
+    assert sh.state["entries=4,size=3"]["library"] == [lib[40], lib[7], lib[0]]
+    sh.finalize(targets)
+    for t in targets:
+        assert t.scheme.library == [lib[40], lib[7], lib[0]]
+        assert pattern_ids(t.scheme.project(tiny_cnn.get_parameter(t.name)), t.scheme).max() <= 2
+
+
+def test_admm_with_a_shrinking_library_ends_in_the_learned_set(tiny_cnn, loader, tmp_path):
+    from netcarve.sparsity.schemes import centre_patterns
+
+    plan = SparsityPlan.single("pattern", library=centre_patterns(4)[:4], connectivity=0.5)
+    res = run_sparsifier("admm", _job(tiny_cnn, loader, plan, train=TrainConfig(epochs=4, batch_size=32, lr=0.05),
+                                      out_dir=tmp_path), rho=0.1, shrink_library=True)
+    sizes = [e["library"]["entries=4,size=4"]["size"] for e in res.events]
+    assert sizes == [15, 4, 4]  # 56 at the first Z-step, 15 at the second, 4 at the last (2 ADMM epochs)
+    learned = res.targets[0].scheme.library
+    assert len(learned) == 4 and all(t.scheme.library == learned for t in res.targets)
+    assert all(p in centre_patterns(4) for p in learned)
+    sd = res.model.state_dict()
+    used = set()
+    for t in res.targets:
+        mask = sd[t.name] != 0
+        t.scheme.validate(mask, t.level)  # every kept kernel is a learned pattern; half the kernels removed
+        used |= {tuple(k.tolist()) for k in mask.reshape(-1, 9).int() if k.any()}
+    assert used <= {tuple(p) for p in learned}
+    saved = (tmp_path / "pattern_library.json").read_text()
+    assert str(learned[0]).replace(" ", "") in saved.replace(" ", "").replace("\n", "")
+
+
+def test_admm_shrinking_library_resumes_after_a_kill(tiny_cnn, tmp_path):
+    from netcarve.sparsity.schemes import centre_patterns
+
+    data = make_data()
+    plan = SparsityPlan.single("pattern", library=centre_patterns(4)[:4], connectivity=0.5)
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05)
+    ref = run_sparsifier("admm", _job(tiny_cnn, data, plan, train=cfg, out_dir=tmp_path / "ref"), rho=0.1,
+                         shrink_library=True)
+    # the loader also feeds validation: 16 batches per epoch; 40 is inside masked retraining (phase 1 committed)
+    for kill_at in (11, 40):
+        out = tmp_path / f"k{kill_at}"
+        with pytest.raises(KeyboardInterrupt):
+            run_sparsifier("admm", _job(tiny_cnn, InterruptingLoader(data, kill_at), plan, train=cfg, out_dir=out),
+                           rho=0.1, shrink_library=True)
+        res = run_sparsifier("admm", _job(tiny_cnn, data, plan, train=cfg, out_dir=out, resume=True), rho=0.1,
+                             shrink_library=True)
+        assert res.targets[0].scheme.library == ref.targets[0].scheme.library, kill_at
+        for k, v in ref.model.state_dict().items():
+            assert torch.allclose(v, res.model.state_dict()[k], atol=1e-6), (kill_at, k)
+
+
+def test_shrinking_library_needs_a_pattern_plan(tiny_cnn, loader):
+    with pytest.raises(ConfigError, match="no 'pattern' target"):
+        run_sparsifier("admm", _job(tiny_cnn, loader), shrink_library=True)
+    with pytest.raises(ConfigError, match="initial_library"):
+        run_sparsifier("admm", _job(tiny_cnn, loader), shrink_library=True, initial_library="big")
+    with pytest.raises(ConfigError, match="true or false"):
+        run_sparsifier("admm", _job(tiny_cnn, loader), shrink_library="yes")

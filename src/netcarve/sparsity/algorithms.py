@@ -490,22 +490,30 @@ def auto_rho(lr: float, steps_per_update: int) -> float:
 
 
 class _ADMMCallback(_HookCallback):
-    def __init__(self, sparsifier, model, targets, auto: float | None = None):
+    def __init__(self, sparsifier, model, targets, auto: float | None = None, shrink: LibraryShrink | None = None):
         super().__init__(targets)
         self.rho = float(sparsifier.opts["rho"]) if sparsifier.opts["rho"] is not None else float(auto or 1e-3)
         self.mult = float(sparsifier.opts["rho_mult"])
         self.every = int(sparsifier.opts["update_epochs"])
         self.zeroed_only = sparsifier.opts["penalty"] == "zeroed"
         self.cons = {t.name: _constraint_levels(t) for t in targets}
+        self.shrink = shrink
+        if shrink is not None:
+            shrink.apply(self.cons)
         self.Z: dict[str, list[torch.Tensor]] = {}
         self.U: dict[str, list[torch.Tensor]] = {}
+        masks = {}
         with torch.no_grad():
             for t in targets:
                 w = effective_weight(model, t.name).detach()
-                self.Z[t.name] = [w * c.project(w, lv) for c, lv in self.cons[t.name]]
+                ms = [c.project(w, lv) for c, lv in self.cons[t.name]]
+                masks[t.name] = ms[0]
+                self.Z[t.name] = [w * m for m in ms]
                 self.U[t.name] = [torch.zeros_like(w) for _ in self.cons[t.name]]
         self.events: list[dict] = []
         self.updates = 0
+        if shrink is not None:
+            self.events.append({"epoch": 0, **shrink.step(masks, self.cons)})
 
     def grad_term(self, name, w):
         g = None
@@ -519,35 +527,167 @@ class _ADMMCallback(_HookCallback):
     def on_epoch_end(self, model, epoch):
         if (epoch + 1) % self.every:
             return
-        gaps = {}
+        gaps, masks = {}, {}
         with torch.no_grad():
             for t in self.targets:
                 w = effective_weight(model, t.name).detach()
                 for i, (c, lv) in enumerate(self.cons[t.name]):
                     x = w + self.U[t.name][i]
-                    self.Z[t.name][i] = x * c.project(x, lv)
+                    m = c.project(x, lv)
+                    if i == 0:
+                        masks[t.name] = m
+                    self.Z[t.name][i] = x * m
                     self.U[t.name][i] = self.U[t.name][i] + w - self.Z[t.name][i]
                 z = self.Z[t.name][0]
                 gaps[t.name] = float((w - z).norm() / w.norm().clamp_min(1e-12))
         self.updates += 1
-        self.events.append({"epoch": epoch + 1, "rho": self.rho, "max_gap": max(gaps.values()),
-                            "mean_gap": sum(gaps.values()) / len(gaps)})
+        ev = {"epoch": epoch + 1, "rho": self.rho, "max_gap": max(gaps.values()),
+              "mean_gap": sum(gaps.values()) / len(gaps)}
+        if self.shrink is not None:
+            ev.update(self.shrink.step(masks, self.cons))
+        self.events.append(ev)
         self.rho *= self.mult
 
     def state_dict(self):
-        return {"Z": {k: list(v) for k, v in self.Z.items()}, "U": {k: list(v) for k, v in self.U.items()},
-                "rho": self.rho, "updates": self.updates, "events": list(self.events)}
+        d = {"Z": {k: list(v) for k, v in self.Z.items()}, "U": {k: list(v) for k, v in self.U.items()},
+             "rho": self.rho, "updates": self.updates, "events": list(self.events)}
+        if self.shrink is not None:
+            d["libraries"] = self.shrink.state_dict()
+        return d
 
     def load_state_dict(self, d):
         self.Z = {k: list(v) for k, v in d["Z"].items()}
         self.U = {k: list(v) for k, v in d["U"].items()}
         self.rho, self.updates, self.events = float(d["rho"]), int(d["updates"]), list(d.get("events", []))
+        if self.shrink is not None:
+            if "libraries" not in d:
+                raise CheckpointError("the ADMM checkpoint has no pattern-library state (saved by a run without "
+                                      "shrink_library); start a fresh run")
+            self.shrink.load_state_dict(d["libraries"])
+            self.shrink.apply(self.cons)
+
+
+# ------------------------------------------------------------------------------- A2: shrinking library
+INITIAL_LIBRARIES = ("centre", "all")
+LIBRARY_FILE = "pattern_library.json"
+
+
+def library_sizes(initial: int, final: int, z_steps: int) -> list[int]:
+    """Library size used at each of ``z_steps`` ADMM Z-steps: geometric from ``initial`` down to ``final``
+    (card A2; reached at the last Z-step, which the hard prune then uses), never increasing."""
+    if z_steps <= 1 or initial <= final:
+        return [final] * max(1, z_steps)
+    sizes = [max(final, round(initial * (final / initial) ** (i / (z_steps - 1)))) for i in range(z_steps)]
+    sizes[-1] = final
+    for i in range(1, z_steps):
+        sizes[i] = min(sizes[i], sizes[i - 1])
+    return sizes
+
+
+def shrink_by_usage(library: list[list[int]], usage: list[int], size: int) -> list[list[int]]:
+    """The ``size`` most used patterns of ``library``, most used first (ties: library order)."""
+    order = sorted(range(len(library)), key=lambda i: (-int(usage[i]), i))
+    return [list(library[i]) for i in order[:size]]
+
+
+class LibraryShrink:
+    """Card A2: the pattern library learned during ADMM. Pattern targets with the same ``entries`` and final
+    library size ``K`` (the plan's library length) share one library that starts as every centre-including
+    pattern (``initial="centre"``: 56 for 4 entries) or every pattern (``"all"``: 126); each Z-step projects
+    onto the current library, counts which pattern every kernel took (over all the targets sharing it) and
+    keeps the most used for the next Z-step, on :func:`library_sizes`; the last Z-step uses ``K`` patterns
+    and the hard prune that learned library. Written to ``out_dir/pattern_library.json`` after each step."""
+
+    def __init__(self, targets: list[Target], z_steps: int, initial: str = "centre", out_dir=None):
+        from .schemes import all_patterns, centre_patterns
+
+        self.out = None if out_dir is None else Path(out_dir) / LIBRARY_FILE
+        self.members: dict[str, list[str]] = {}
+        self.state: dict[str, dict] = {}
+        for t in targets:
+            if t.scheme.name != "pattern":
+                continue
+            e, k = int(t.scheme.entries), len(t.scheme.library)
+            key = f"entries={e},size={k}"
+            self.members.setdefault(key, []).append(t.name)
+            if key in self.state:
+                continue
+            lib = centre_patterns(e) if initial == "centre" else all_patterns(e)
+            if len(lib) < k:
+                raise ConfigError(f"admm: the {initial} library has {len(lib)} patterns of {e} entries, fewer than "
+                                  f"the {k} the plan asks for")
+            self.state[key] = {"entries": e, "sizes": library_sizes(len(lib), k, z_steps), "step": 0,
+                               "library": lib}
+
+    def apply(self, cons: dict[str, list]) -> None:
+        """Point every member's pattern constraint copy at its group's current library."""
+        from .schemes import Pattern
+
+        for key, names in self.members.items():
+            st = self.state[key]
+            scheme = Pattern(library=st["library"], entries=st["entries"])
+            for n in names:
+                cons[n][0] = (scheme, cons[n][0][1])
+
+    def step(self, masks: dict[str, torch.Tensor], cons: dict[str, list]) -> dict[str, Any]:
+        """After a Z-step (``masks``: each target's pattern-copy mask): count usage, shrink, re-point."""
+        from .schemes import pattern_ids
+
+        log = {}
+        for key, names in self.members.items():
+            st = self.state[key]
+            usage = torch.zeros(len(st["library"]), dtype=torch.long)
+            for n in names:
+                ids = pattern_ids(masks[n], st["library"]).reshape(-1)
+                usage += torch.bincount(ids[ids >= 0].cpu(), minlength=len(st["library"]))
+            used = int((usage > 0).sum())
+            st["step"] += 1
+            if st["step"] < len(st["sizes"]):
+                st["library"] = shrink_by_usage(st["library"], usage.tolist(), st["sizes"][st["step"]])
+            log[key] = {"used": used, "size": len(st["library"])}
+        self.apply(cons)
+        self._write()
+        return {"library": log}
+
+    def state_dict(self) -> dict:
+        return json.loads(json.dumps(self.state))
+
+    def load_state_dict(self, d: dict) -> None:
+        if set(d) != set(self.state):
+            raise CheckpointError(f"saved pattern libraries {sorted(d)} do not match this plan's {sorted(self.state)}")
+        self.state = json.loads(json.dumps(d))
+
+    def _write(self) -> None:
+        if self.out is not None:
+            with atomic_write(self.out, "w") as f:
+                json.dump(self.state, f, indent=1)
+
+    def load_file(self) -> None:
+        if self.out is None or not self.out.is_file():
+            raise CheckpointError(f"{self.out}: missing; the committed ADMM phase 1 needs the pattern library it "
+                                  f"learned (delete {REGULARIZED} to redo phase 1)")
+        try:
+            self.load_state_dict(json.loads(self.out.read_text()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{self.out} is corrupt ({e}); delete {REGULARIZED} to redo phase 1") from None
+
+    def finalize(self, targets: list[Target]) -> None:
+        """Give every member target its learned library (the hard prune and the report use it)."""
+        from .schemes import Pattern
+
+        for key, names in self.members.items():
+            st = self.state[key]
+            for t in targets:
+                if t.name in names:
+                    t.scheme = Pattern(library=st["library"], entries=st["entries"],
+                                       connectivity=t.scheme.connectivity)
 
 
 @register_sparsifier("admm")
 class ADMM(Sparsifier):
     summary = "ADMM (W/Z/U updates, a copy per constraint), hard prune, masked retraining (card A0)"
-    options = {"rho": None, "rho_mult": 1.5, "update_epochs": 1, "reg_epochs": None, "penalty": "full"}
+    options = {"rho": None, "rho_mult": 1.5, "update_epochs": 1, "reg_epochs": None, "penalty": "full",
+               "shrink_library": False, "initial_library": "centre"}
 
     def _check_options(self):
         rho = self.opts["rho"]
@@ -557,12 +697,33 @@ class ADMM(Sparsifier):
             raise ConfigError("admm: update_epochs must be >= 1")
         if self.opts["penalty"] not in ("full", "zeroed"):
             raise ConfigError("admm: penalty must be 'full' (||W - Z + U||^2) or 'zeroed' (only where Z is 0)")
+        if not isinstance(self.opts["shrink_library"], bool):
+            raise ConfigError(f"admm: shrink_library must be true or false, got {self.opts['shrink_library']!r}")
+        if self.opts["initial_library"] not in INITIAL_LIBRARIES:
+            raise ConfigError(f"admm: initial_library must be one of {', '.join(INITIAL_LIBRARIES)}, "
+                              f"got {self.opts['initial_library']!r}")
+
+    def check(self, job, resolved):
+        super().check(job, resolved)
+        if self.opts["shrink_library"] and not any(t.scheme.name == "pattern" for t in resolved.targets):
+            raise ConfigError("admm: shrink_library learns a pattern library (card A2); the plan has no 'pattern' "
+                              "target")
 
     def _run(self, job, model, resolved):
         reg, retrain = self._split(job)
-        auto = auto_rho(job.train.lr, len(job.train_loader) * int(self.opts["update_epochs"]))
-        cb = _ADMMCallback(self, model, resolved.targets, auto=auto)
+        every = int(self.opts["update_epochs"])
+        auto = auto_rho(job.train.lr, len(job.train_loader) * every)
+        shrink = None
+        if self.opts["shrink_library"]:
+            shrink = LibraryShrink(resolved.targets, z_steps=1 + reg // every, initial=self.opts["initial_library"],
+                                   out_dir=job.out_dir)
+        committed = job.resume and job.out_dir is not None and (Path(job.out_dir) / REGULARIZED).is_file()
+        if shrink is not None and committed:
+            shrink.load_file()  # phase 1 is resumed from its commit: the library it learned
+        cb = _ADMMCallback(self, model, resolved.targets, auto=auto, shrink=None if committed else shrink)
         hist = self._regularize(job, model, resolved, reg, cb)
+        if shrink is not None:
+            shrink.finalize(resolved.targets)
         self._hard_prune(job, model, resolved)
         hist += self._train(job, model, retrain, "retrain")
         return hist, cb.events
