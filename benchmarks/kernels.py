@@ -41,11 +41,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--out", default=str(RESULTS), help="results JSON (default benchmarks/results/kernels.json; "
+                   "e.g. kernels-avx2.json for a machine of another ISA)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from netcarve.measure import environment
     from netcarve.runtime import SparseConv2d, kernel_status, load_kernels
-    from netcarve.runtime.kernels import bsr_tensors
+    from netcarve.runtime.kernels import bsr_tensors, direct_pack
     from netcarve.sparsity import make_scheme
 
     st = kernel_status()
@@ -65,12 +67,23 @@ def main() -> None:
                 m = SparseConv2d(w, b, 1, 1, relu=True)
                 dense = _time(lambda x=x, w=w, b=b: torch.relu(torch.conv2d(x, w, b, 1, 1)), max(10, a.repeats // (n // 8 + 1)))
                 sparse = _time(lambda m=m, x=x: m(x), max(10, a.repeats // (n // 8 + 1)))
-                diff = float((m(x) - torch.relu(torch.conv2d(x, w, b, 1, 1))).abs().max())
+                wp = direct_pack(w)
+
+                def direct(x=x, wp=wp, b=b, f=f):  # netcarve's dense direct kernel (every tap, zeros included)
+                    return mod.direct_conv2d(x, wp, b, None, f, 3, 3, 1, 1, True)
+
+                direct_ms = _time(direct, max(10, a.repeats // (n // 8 + 1)))
+                ref = torch.relu(torch.conv2d(x, w, b, 1, 1))
+                diff = float((m(x) - ref).abs().max())
+                gflop = 2 * n * f * c * 9 * hw * hw / 1e9
                 rows.append({"kernel": "sparse_conv2d", "shape": f"{c}->{f} 3x3 at {hw}x{hw}", "batch": n,
                              "density": float((w != 0).float().mean()), "dense_ms": dense, "sparse_ms": sparse,
-                             "speedup": dense / sparse, "max_abs_diff": diff})
+                             "speedup": dense / sparse, "max_abs_diff": diff, "direct_ms": direct_ms,
+                             "direct_vs_dense": dense / direct_ms, "direct_max_abs_diff": float((direct() - ref).abs().max()),
+                             "dense_gflops": gflop / dense * 1e3, "direct_gflops": gflop / direct_ms * 1e3})
                 print(f"conv {c}->{f} {hw}x{hw} n={n}: dense {dense:.3f} ms, sparse {sparse:.3f} ms, "
-                      f"{dense / sparse:.2f}x", flush=True)
+                      f"{dense / sparse:.2f}x; dense direct {direct_ms:.3f} ms ({dense / direct_ms:.2f}x oneDNN)",
+                      flush=True)
         for r, k in LINEARS:
             for blk in ([4, 16], [16, 16]):
                 w = torch.randn(r, k)
@@ -89,10 +102,11 @@ def main() -> None:
                           f"{dense / sparse:.2f}x", flush=True)
     env = environment(a.threads)
     env["kernels"] = st["info"]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"benchmark": "kernels", "command": f"python benchmarks/kernels.py --threads {a.threads}",
-                                   "rows": rows, "env": env}, indent=1))
-    print(f"wrote {RESULTS}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = f"python benchmarks/kernels.py --threads {a.threads}" + (f" --out {a.out}" if out != RESULTS else "")
+    out.write_text(json.dumps({"benchmark": "kernels", "command": cmd, "rows": rows, "env": env}, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -305,13 +305,12 @@ class Plan {
 };
 
 std::string build_info() {
-  std::string s = "vector 16 x fp32";
 #if defined(__AVX512F__)
-  s += ", AVX-512";
+  std::string s = "vector 16 x fp32, AVX-512";
 #elif defined(__AVX2__)
-  s += ", AVX2";
+  std::string s = "vector 8 x fp32, AVX2";
 #else
-  s += ", generic";
+  std::string s = "vector 8 x fp32, generic";
 #endif
   s += ", torch thread pool (" + std::to_string(at::get_num_threads()) + " threads)";
   return s;

@@ -23,15 +23,27 @@ int64_t g_small_max_vectors = 4;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-
-static inline v16 loadu(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-static inline void storeu(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
-static inline v16 bcast(float w) { return v16{w, w, w, w, w, w, w, w, w, w, w, w, w, w, w, w}; }
-
+// One register of floats: 16 with AVX-512 (32 registers), 8 otherwise (AVX2: 16 registers of 8). A 16-float
+// vector on AVX2 would be two registers, and the register blocks below would spill (measured: the dense
+// direct kernel at ~10 GFLOP/s instead of 40-75).
+#if defined(__AVX512F__)
 constexpr int64_t VL = 16;          // floats per vector
-constexpr int64_t BLOCK = 8 * VL;   // pixels per register block (8 accumulators)
+#else
+constexpr int64_t VL = 8;
+#endif
+typedef float vecf __attribute__((vector_size(VL * 4)));
+typedef float vecfu __attribute__((vector_size(VL * 4), aligned(4)));
+
+static inline vecf loadu(const float* p) { return *reinterpret_cast<const vecfu*>(p); }
+static inline void storeu(float* p, vecf v) { *reinterpret_cast<vecfu*>(p) = v; }
+static inline vecf bcast(float w) {
+  vecf v;
+  for (int64_t i = 0; i < VL; ++i) v[i] = w;
+  return v;
+}
+
+constexpr int64_t BLOCK = 8 * VL;      // pixels per register block (8 accumulators)
+constexpr int64_t SMALL_MAX_PX = 256;  // the small-output path's accumulator (floats)
 
 // dst[0 .. NV*VL) = sum over a filter's taps of w[e] * in[off[e] + q0 + 0 .. NV*VL)
 // The offset of tap e is chan[e] * cstride + tapoff[pos[e]] (computed here: no per-call offset table).
@@ -47,11 +59,11 @@ struct Taps {
 template <int NV>
 static inline void accumulate(const float* __restrict in, const int64_t* __restrict off, const float* __restrict w,
                               int64_t ntaps, int64_t q0, float* __restrict dst) {
-  v16 a[NV];
+  vecf a[NV];
   for (int i = 0; i < NV; ++i) a[i] = bcast(0.f);
   for (int64_t e = 0; e < ntaps; ++e) {
     const float* src = in + off[e] + q0;
-    const v16 we = bcast(w[e]);
+    const vecf we = bcast(w[e]);
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) a[i] += we * loadu(src + i * VL);
   }
@@ -78,7 +90,7 @@ static inline void store_row(float* __restrict o, const float* __restrict a, con
 // one vector of pixels: four independent accumulator chains over the taps hide the FMA latency
 static inline void accumulate_one(const float* __restrict in, const int64_t* __restrict off,
                                   const float* __restrict w, int64_t ntaps, int64_t q0, float* __restrict dst) {
-  v16 a0 = bcast(0.f), a1 = a0, a2 = a0, a3 = a0;
+  vecf a0 = bcast(0.f), a1 = a0, a2 = a0, a3 = a0;
   int64_t e = 0;
   in += q0;
   for (; e + 4 <= ntaps; e += 4) {
@@ -277,7 +289,7 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
   const int64_t work = tw.numel() * Pp;
   const int64_t grain = work < g_parallel_threshold ? L + 1 : std::max<int64_t>(1, L / (8 * at::get_num_threads()));
   at::parallel_for(0, L + 1, grain, [&](int64_t b, int64_t e) {
-    alignas(64) float acc[16 * VL];
+    alignas(64) float acc[SMALL_MAX_PX];
     for (int64_t i = b; i < e; ++i) {
       if (i == L) {  // filters without taps: bias (+ residual) only
         std::fill(acc, acc + Pp, 0.f);
@@ -287,7 +299,7 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
       }
       const int64_t t0 = ptr[i], t1 = ptr[i + 1];
       if (nv == 1) {  // one vector: four chains over the taps hide the FMA latency
-        v16 a0 = bcast(0.f), a1 = a0, a2 = a0, a3 = a0;
+        vecf a0 = bcast(0.f), a1 = a0, a2 = a0, a3 = a0;
         int64_t t = t0;
         for (; t + 4 <= t1; t += 4) {
           a0 += bcast(wv[t]) * loadu(xp + (ch[t] * KK + pos[t]) * Pp);
@@ -300,9 +312,9 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
       } else {
         for (int64_t v0 = 0; v0 < nv; v0 += 4) {  // four vectors at a time, every tap
           const int64_t m = std::min<int64_t>(4, nv - v0);
-          v16 a[4] = {bcast(0.f), bcast(0.f), bcast(0.f), bcast(0.f)};
+          vecf a[4] = {bcast(0.f), bcast(0.f), bcast(0.f), bcast(0.f)};
           for (int64_t t = t0; t < t1; ++t) {
-            const v16 w = bcast(wv[t]);
+            const vecf w = bcast(wv[t]);
             const float* xr = xp + (ch[t] * KK + pos[t]) * Pp + v0 * VL;
             for (int64_t k = 0; k < m; ++k) a[k] += w * loadu(xr + k * VL);
           }
@@ -365,7 +377,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   // load and one FMA per tap and vector.
   const int64_t P = N * Ho * Wo, Pp = (P + VL - 1) / VL * VL;
   // (measured: a clear win for 256-512 channels at 8x8-2x2, a loss for ResNet-56's 32-64 channels)
-  if (Pp <= g_small_max_vectors * VL && C * kh * kw >= 1024 && C * kh * kw * Pp * 4 <= (int64_t)1 << 20) {
+  if (Pp <= std::min<int64_t>(g_small_max_vectors * 16, SMALL_MAX_PX) && C * kh * kw >= 1024 && C * kh * kw * Pp * 4 <= (int64_t)1 << 20) {
     return sparse_conv2d_small(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, S, pad, relu, Ho, Wo, P, Pp);
   }
 
@@ -448,9 +460,9 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
 
 // ------------------------------------------------------------------------------------------------------------
 // direct_conv2d: a dense conv (every tap, zeros included) as a register-blocked direct convolution. Eight
-// output channels x 3 vectors of output pixels stay in registers while every input row k = (c, ky, kx) is
-// loaded once per block and multiplied by the eight filters' broadcast weights: 3 loads + 8 broadcasts per
-// 24 multiply-adds (the tap-list kernel above needs one load per multiply-add, fine for 10% density but
+// (AVX2: four) output channels x 3 vectors of output pixels stay in registers while every input row k =
+// (c, ky, kx) is loaded once per block and multiplied by the filters' broadcast weights: 3 loads + 8
+// broadcasts per 24 multiply-adds (the tap-list kernel above needs one load per multiply-add, fine for 10% density but
 // load-bound for dense layers). Vectorised over pixels, so narrow (channel-pruned) layers lose nothing to
 // vector width. Rows are shifted windows of the phase planes (as sparse_conv2d) or, for small outputs where
 // the wide grid wastes many lanes, rows of an im2col matrix. Bias, residual and ReLU are fused into the store.
@@ -458,27 +470,38 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
 // direct_pack). The reference twin is F.conv2d on the dense weight.
 namespace {
 
-constexpr int64_t FBLK = 8;   // output channels per register block
-constexpr int64_t DNV = 3;    // pixel vectors per register block (8 x 3 accumulators + 3 inputs + 1 weight)
+constexpr int64_t FBLK = 8;   // output channels per packed weight block (the pack format)
+// The register block, by ISA: AVX-512 (32 registers of 16 floats): all 8 filters x 3 vectors (24
+// accumulators + 3 inputs + 1 weight). AVX2 (16 registers of 8 floats): 8 x 3 would spill most
+// accumulators (measured on a Zen 3: ~10 GFLOP/s, 4-10x slower than oneDNN), so 4 filters x 3 vectors of 8
+// (12 accumulators + 3 inputs + 1 weight = 16: 40-75 GFLOP/s), the packed block of 8 filters in two passes
+// (4 x 3 beat 8 x 1 there).
+#if defined(__AVX512F__)
+constexpr int DFB = 8;       // filters held in registers
+#else
+constexpr int DFB = 4;
+#endif
+constexpr int DNV = 3;       // pixel vectors per register block
 
-// acc[j * ldacc + 0 .. NV * VL) = sum over the K rows of wp[k * FB + j] * base[off[k] + 0 .. NV * VL)
+// acc[j * ldacc + 0 .. NV * VL) = sum over the K rows of wp[k * FBLK + j] * base[off[k] + 0 .. NV * VL),
+// for the FB filters j = 0 .. FB - 1 of the packed block starting at wp
 template <int FB, int NV>
 static inline void blockf(const float* __restrict base, const int64_t* __restrict off, const float* __restrict wp,
                           int64_t K, float* __restrict acc, int64_t ldacc) {
-  v16 a[FB][NV];
+  vecf a[FB][NV];
 #pragma GCC unroll 16
   for (int j = 0; j < FB; ++j)
 #pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) a[j][i] = bcast(0.f);
   for (int64_t k = 0; k < K; ++k) {
     const float* src = base + off[k];
-    const float* w = wp + FB * k;
-    v16 v[NV];
+    const float* w = wp + FBLK * k;
+    vecf v[NV];
 #pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) v[i] = loadu(src + i * VL);
 #pragma GCC unroll 16
     for (int j = 0; j < FB; ++j) {
-      const v16 wj = bcast(w[j]);
+      const vecf wj = bcast(w[j]);
 #pragma GCC unroll 4
       for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
     }
@@ -578,16 +601,19 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
       const int64_t chunk = job / FB, fb = job % FB;
       const float* wp = wpk + fb * K * FBLK;
       const int64_t blk_end = std::min<int64_t>(nblocks, (chunk + 1) * per_chunk);
+      const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
       for (int64_t blk = chunk * per_chunk; blk < blk_end; ++blk) {
         const int64_t q0 = blk * BLKPX, qn = std::min<int64_t>(BLKPX, total - q0);
         const int64_t nv = (qn + VL - 1) / VL;
         const float* src = base + q0;
-        switch (nv) {
-          case 3: blockf<FBLK, 3>(src, off.data(), wp, K, acc, BLKPX); break;
-          case 2: blockf<FBLK, 2>(src, off.data(), wp, K, acc, BLKPX); break;
-          default: blockf<FBLK, 1>(src, off.data(), wp, K, acc, BLKPX); break;
+        for (int64_t h = 0; h < nf; h += DFB) {  // AVX2: the second half only when it holds real filters
+          float* ah = acc + h * BLKPX;
+          switch (nv) {
+            case 3: blockf<DFB, 3>(src, off.data(), wp + h, K, ah, BLKPX); break;
+            case 2: blockf<DFB, 2>(src, off.data(), wp + h, K, ah, BLKPX); break;
+            default: blockf<DFB, 1>(src, off.data(), wp + h, K, ah, BLKPX); break;
+          }
         }
-        const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
         if (use_cols) {
           for (int64_t j = 0; j < nf; ++j) compact(acc + j * BLKPX, fb * FBLK + j, q0, qn);
         } else {
