@@ -148,8 +148,11 @@ def test_bad_inputs_are_clear(kernels):
     assert x.grad is not None
 
 
-@pytest.mark.parametrize("bh,bw", [(1, 16), (2, 16), (4, 16), (8, 16), (16, 16), (4, 32), (4, 4), (2, 5)])
-@pytest.mark.parametrize("m", [1, 3, 32])
+# tiles of 8 and 16 columns (one / two AVX2 vectors), 16-row tiles (two AVX2 passes), ragged tiles; batches
+# below 16 (row path) and above (transposed path; 17: a partial vector of batch rows)
+@pytest.mark.parametrize("bh,bw", [(1, 16), (2, 16), (4, 16), (8, 16), (16, 16), (4, 32), (4, 8), (16, 8), (4, 4),
+                                   (2, 5)])
+@pytest.mark.parametrize("m", [1, 3, 17, 32])
 def test_bsr_linear_matches_f_linear(kernels, bh, bw, m):
     from netcarve.runtime.kernels import bsr_linear, bsr_tensors
     from netcarve.sparsity import make_scheme

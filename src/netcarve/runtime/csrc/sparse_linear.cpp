@@ -23,46 +23,67 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 static inline v16 loadu(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 static inline v16 bcast16(float w) { return v16{w, w, w, w, w, w, w, w, w, w, w, w, w, w, w, w}; }
-static inline float hsum(v16 v) {
+
+// The matmul kernels' vector: one register (16 floats with AVX-512, 8 with AVX2; a 16-float vector on AVX2 is
+// a register pair and the register blocks below would spill). RMAX: tile rows held in registers at once.
+#if defined(__AVX512F__)
+constexpr int64_t RL = 16;
+constexpr int RMAX = 16;
+#else
+constexpr int64_t RL = 8;
+constexpr int RMAX = 8;
+#endif
+typedef float vr __attribute__((vector_size(RL * 4)));
+typedef float vru __attribute__((vector_size(RL * 4), aligned(4)));
+static inline vr rload(const float* p) { return *reinterpret_cast<const vru*>(p); }
+static inline void rstore(float* p, vr v) { *reinterpret_cast<vru*>(p) = v; }
+static inline vr rbcast(float w) {
+  vr v;
+  for (int64_t i = 0; i < RL; ++i) v[i] = w;
+  return v;
+}
+static inline float hsum(vr v) {
   float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
+  for (int64_t i = 0; i < RL; ++i) s += v[i];
   return s;
 }
 
-// MB rows of x at once against one block row: each tile's BH weight vectors are loaded once and used for
-// all MB rows (BH * MB accumulators, <= 16 vector registers)
-template <int BH, int MB>
+// MB rows of x at once against rows [r0, r0 + RH) of one block row of BH-row tiles: each tile's RH weight
+// vectors are loaded once and used for all MB rows (RH * MB accumulators)
+template <int BH, int RH, int MB>
 static inline void bsr_block(const float* __restrict x, int64_t K, int64_t m0, const int32_t* __restrict idx,
-                             const float* __restrict val, int64_t bw, int64_t j0, int64_t j1, float* out /* MB*BH */) {
-  const int64_t nv = bw / 16;
-  v16 acc[MB][BH];
+                             const float* __restrict val, int64_t bw, int64_t j0, int64_t j1, int64_t r0,
+                             float* out /* MB*BH */) {
+  const int64_t nv = bw / RL;
+  vr acc[MB][RH];
   for (int mm = 0; mm < MB; ++mm)
-    for (int r = 0; r < BH; ++r) acc[mm][r] = v16{};
+    for (int r = 0; r < RH; ++r) acc[mm][r] = vr{};
   for (int64_t j = j0; j < j1; ++j) {
     const float* xs = x + m0 * K + (int64_t)idx[j] * bw;
-    const float* w = val + j * BH * bw;
+    const float* w = val + (j * BH + r0) * bw;
     for (int64_t v = 0; v < nv; ++v) {
-      v16 wv[BH];
+      vr wv[RH];
 #pragma GCC unroll 16
-      for (int r = 0; r < BH; ++r) wv[r] = loadu(w + r * bw + v * 16);
+      for (int r = 0; r < RH; ++r) wv[r] = rload(w + r * bw + v * RL);
 #pragma GCC unroll 16
       for (int mm = 0; mm < MB; ++mm) {
-        const v16 xv = loadu(xs + mm * K + v * 16);
+        const vr xv = rload(xs + mm * K + v * RL);
 #pragma GCC unroll 16
-        for (int r = 0; r < BH; ++r) acc[mm][r] += wv[r] * xv;
+        for (int r = 0; r < RH; ++r) acc[mm][r] += wv[r] * xv;
       }
     }
   }
   for (int mm = 0; mm < MB; ++mm)
-    for (int r = 0; r < BH; ++r) out[mm * BH + r] = hsum(acc[mm][r]);
+    for (int r = 0; r < RH; ++r) out[mm * BH + r0 + r] = hsum(acc[mm][r]);
 }
 
 template <int BH>
 static void bsr_rows(const float* __restrict x, int64_t M, int64_t K, const int32_t* __restrict ptr,
                      const int32_t* __restrict idx, const float* __restrict val, int64_t bw, int64_t rb0,
                      int64_t rb1, const float* bias, float* __restrict y, int64_t R) {
-  constexpr int MB = BH >= 16 ? 1 : 16 / BH;
-  const bool vec = bw % 16 == 0;
+  constexpr int RH = BH < RMAX ? BH : RMAX;  // tile rows per pass (AVX2: 16-row tiles in two passes)
+  constexpr int MB = RH >= RMAX ? 1 : RMAX / RH;
+  const bool vec = bw % RL == 0;
   float out[MB * BH];
   for (int64_t rb = rb0; rb < rb1; ++rb) {
     const int64_t j0 = ptr[rb], j1 = ptr[rb + 1];
@@ -76,11 +97,11 @@ static void bsr_rows(const float* __restrict x, int64_t M, int64_t K, const int3
     };
     if (vec) {
       for (; m0 + MB <= M; m0 += MB) {
-        bsr_block<BH, MB>(x, K, m0, idx, val, bw, j0, j1, out);
+        for (int r0 = 0; r0 < BH; r0 += RH) bsr_block<BH, RH, MB>(x, K, m0, idx, val, bw, j0, j1, r0, out);
         emit(m0, MB);
       }
       for (; m0 < M; ++m0) {
-        bsr_block<BH, 1>(x, K, m0, idx, val, bw, j0, j1, out);
+        for (int r0 = 0; r0 < BH; r0 += RH) bsr_block<BH, RH, 1>(x, K, m0, idx, val, bw, j0, j1, r0, out);
         emit(m0, 1);
       }
     } else {  // tiles narrower than a vector (or ragged): scalar
@@ -99,36 +120,39 @@ static void bsr_rows(const float* __restrict x, int64_t M, int64_t K, const int3
   }
 }
 
-// Batched path (M >= 16): x transposed to xt (K, Mp), 16 batch rows per vector, so no horizontal sums;
-// MC vectors of batch rows at once reuse every broadcast weight MC times. Output transposed: yt (R, Mp).
-template <int BH, int MC>
+// Batched path (M >= 16): x transposed to xt (K, Mp), RL batch rows per vector, so no horizontal sums;
+// MC vectors of batch rows at once reuse every broadcast weight MC times; tile rows [r0, r0 + RH) per pass.
+// Output transposed: yt (R, Mp).
+template <int BH, int RH, int MC>
 static void bsr_rows_t(const float* __restrict xt, int64_t Mp, int64_t mv0, const int32_t* __restrict ptr,
                        const int32_t* __restrict idx, const float* __restrict val, int64_t bw, int64_t rb0,
                        int64_t rb1, const float* bias, float* __restrict yt, int64_t R) {
   for (int64_t rb = rb0; rb < rb1; ++rb) {
-    v16 acc[BH][MC];
-    for (int r = 0; r < BH; ++r)
-      for (int k = 0; k < MC; ++k) acc[r][k] = v16{};
-    for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
-      const float* w = val + j * BH * bw;
-      const float* xc = xt + (int64_t)idx[j] * bw * Mp + mv0 * 16;
-      for (int64_t c = 0; c < bw; ++c) {
-        v16 xv[MC];
+    for (int r0 = 0; r0 < BH; r0 += RH) {
+      vr acc[RH][MC];
+      for (int r = 0; r < RH; ++r)
+        for (int k = 0; k < MC; ++k) acc[r][k] = vr{};
+      for (int64_t j = ptr[rb]; j < ptr[rb + 1]; ++j) {
+        const float* w = val + (j * BH + r0) * bw;
+        const float* xc = xt + (int64_t)idx[j] * bw * Mp + mv0 * RL;
+        for (int64_t c = 0; c < bw; ++c) {
+          vr xv[MC];
 #pragma GCC unroll 4
-        for (int k = 0; k < MC; ++k) xv[k] = loadu(xc + c * Mp + k * 16);
+          for (int k = 0; k < MC; ++k) xv[k] = rload(xc + c * Mp + k * RL);
 #pragma GCC unroll 16
-        for (int r = 0; r < BH; ++r) {
-          const v16 wv = bcast16(w[r * bw + c]);
+          for (int r = 0; r < RH; ++r) {
+            const vr wv = rbcast(w[r * bw + c]);
 #pragma GCC unroll 4
-          for (int k = 0; k < MC; ++k) acc[r][k] += wv * xv[k];
+            for (int k = 0; k < MC; ++k) acc[r][k] += wv * xv[k];
+          }
         }
       }
-    }
-    for (int r = 0; r < BH; ++r) {
-      const int64_t row = rb * BH + r;
-      if (row >= R) break;
-      const v16 bv = bcast16(bias ? bias[row] : 0.f);
-      for (int k = 0; k < MC; ++k) *reinterpret_cast<v16u*>(yt + row * Mp + (mv0 + k) * 16) = acc[r][k] + bv;
+      for (int r = 0; r < RH; ++r) {
+        const int64_t row = rb * BH + r0 + r;
+        if (row >= R) break;
+        const vr bv = rbcast(bias ? bias[row] : 0.f);
+        for (int k = 0; k < MC; ++k) rstore(yt + row * Mp + (mv0 + k) * RL, acc[r][k] + bv);
+      }
     }
   }
 }
@@ -167,7 +191,7 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
   const int64_t work = val.numel() * M;
   const int64_t grain = work < g_parallel_threshold ? RB : std::max<int64_t>(1, RB / (8 * at::get_num_threads()));
   if (M >= 16 && (bh == 1 || bh == 2 || bh == 4 || bh == 8 || bh == 16)) {
-    const int64_t Mp = (M + 15) / 16 * 16, nmv = Mp / 16;
+    const int64_t Mp = (M + 15) / 16 * 16, nmv = Mp / RL;
     auto xt = torch::zeros({Kp, Mp}, x.options());
     xt.narrow(1, 0, M).copy_(xp.t());
     auto yt = torch::empty({RB * bh, Mp}, x.options());
@@ -175,24 +199,26 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
     float* ytd = yt.data_ptr<float>();
     at::parallel_for(0, RB, grain, [&](int64_t b0, int64_t b1) {
       int64_t mv = 0;
-      const int64_t mc = bh == 16 ? 1 : 2;  // batch vectors per pass: BH * MC <= 16 accumulators
-#define NC_BSR_T(BHV, MCV) bsr_rows_t<BHV, MCV>(xtd, Mp, mv, pd, id, vd, bw, b0, b1, bp, ytd, R)
+      // batch vectors per pass: RH * MC <= RMAX accumulators (16 of 32 AVX-512 registers, 8 of 16 AVX2 ones)
+      constexpr int R8 = RMAX < 8 ? RMAX : 8;
+      const int64_t mc = bh >= RMAX ? 1 : 2;
+#define NC_BSR_T(BHV, RHV, MCV) bsr_rows_t<BHV, RHV, MCV>(xtd, Mp, mv, pd, id, vd, bw, b0, b1, bp, ytd, R)
       for (; mv + mc <= nmv; mv += mc) {
         switch (bh) {
-          case 1: NC_BSR_T(1, 2); break;
-          case 2: NC_BSR_T(2, 2); break;
-          case 4: NC_BSR_T(4, 2); break;
-          case 8: NC_BSR_T(8, 2); break;
-          default: NC_BSR_T(16, 1); break;
+          case 1: NC_BSR_T(1, 1, 2); break;
+          case 2: NC_BSR_T(2, 2, 2); break;
+          case 4: NC_BSR_T(4, 4, 2); break;
+          case 8: if (RMAX > 8) NC_BSR_T(8, 8, 2); else NC_BSR_T(8, R8, 1); break;
+          default: NC_BSR_T(16, RMAX, 1); break;
         }
       }
       for (; mv < nmv; ++mv) {
         switch (bh) {
-          case 1: NC_BSR_T(1, 1); break;
-          case 2: NC_BSR_T(2, 1); break;
-          case 4: NC_BSR_T(4, 1); break;
-          case 8: NC_BSR_T(8, 1); break;
-          default: NC_BSR_T(16, 1); break;
+          case 1: NC_BSR_T(1, 1, 1); break;
+          case 2: NC_BSR_T(2, 2, 1); break;
+          case 4: NC_BSR_T(4, 4, 1); break;
+          case 8: NC_BSR_T(8, R8, 1); break;
+          default: NC_BSR_T(16, RMAX, 1); break;
         }
       }
 #undef NC_BSR_T
