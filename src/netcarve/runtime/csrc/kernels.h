@@ -2,11 +2,31 @@
 #pragma once
 #include <torch/extension.h>
 
+// One vector register of floats (GCC vector extensions): 16 with AVX-512 (32 registers), 8 otherwise (AVX2:
+// 16 registers of 8). Register blocks are sized in these; a 16-float vector on AVX2 would be a register pair
+// and the blocks would spill (measured on a Zen 3: the dense direct conv at ~10 GFLOP/s instead of 40-75).
+namespace nck {
+#if defined(__AVX512F__)
+constexpr int64_t VL = 16;
+#else
+constexpr int64_t VL = 8;
+#endif
+typedef float vecf __attribute__((vector_size(VL * 4)));
+typedef float vecfu __attribute__((vector_size(VL * 4), aligned(4)));
+static inline vecf loadu(const float* p) { return *reinterpret_cast<const vecfu*>(p); }
+static inline void storeu(float* p, vecf v) { *reinterpret_cast<vecfu*>(p) = v; }
+static inline vecf bcast(float w) {
+  vecf v;
+  for (int64_t i = 0; i < VL; ++i) v[i] = w;
+  return v;
+}
+}  // namespace nck
+
 // Work (multiply-adds) below which a kernel runs on the calling thread instead of waking torch's thread team.
 // Waking a sleeping OpenMP team costs tens of microseconds on small VMs; with OMP_WAIT_POLICY=ACTIVE (threads
 // spin, as onnxruntime's do by default) a lower threshold pays off. Set with set_parallel_threshold().
 extern int64_t g_parallel_threshold;
-// Outputs of at most this many 16-float vectors (N * Ho * Wo) take the im2col path of sparse_conv2d.
+// Outputs of at most 16 x this many floats (N * Ho * Wo, at most 256) take the im2col path of sparse_conv2d.
 extern int64_t g_small_max_vectors;
 
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
@@ -14,7 +34,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
                             int64_t stride, int64_t pad, bool relu);
 
-// Dense conv as a register-blocked direct convolution (8 filters x 48 pixels per block); wpack is
+// Dense conv as a register-blocked direct convolution (8 filters x 48 pixels per block; AVX2: 4 x 24); wpack is
 // (ceil(F/8), C*kh*kw, 8). Outputs under g_direct_im2col_max floats of im2col matrix may use im2col rows.
 extern int64_t g_direct_im2col_max;
 torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<torch::Tensor> bias,

@@ -23,24 +23,11 @@ int64_t g_small_max_vectors = 4;
 
 namespace {
 
-// One register of floats: 16 with AVX-512 (32 registers), 8 otherwise (AVX2: 16 registers of 8). A 16-float
-// vector on AVX2 would be two registers, and the register blocks below would spill (measured: the dense
-// direct kernel at ~10 GFLOP/s instead of 40-75).
-#if defined(__AVX512F__)
-constexpr int64_t VL = 16;          // floats per vector
-#else
-constexpr int64_t VL = 8;
-#endif
-typedef float vecf __attribute__((vector_size(VL * 4)));
-typedef float vecfu __attribute__((vector_size(VL * 4), aligned(4)));
-
-static inline vecf loadu(const float* p) { return *reinterpret_cast<const vecfu*>(p); }
-static inline void storeu(float* p, vecf v) { *reinterpret_cast<vecfu*>(p) = v; }
-static inline vecf bcast(float w) {
-  vecf v;
-  for (int64_t i = 0; i < VL; ++i) v[i] = w;
-  return v;
-}
+using nck::bcast;
+using nck::loadu;
+using nck::storeu;
+using nck::vecf;
+using nck::VL;  // floats per vector register (kernels.h)
 
 constexpr int64_t BLOCK = 8 * VL;      // pixels per register block (8 accumulators)
 constexpr int64_t SMALL_MAX_PX = 256;  // the small-output path's accumulator (floats)

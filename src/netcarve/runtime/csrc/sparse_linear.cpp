@@ -24,24 +24,14 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 static inline v16 loadu(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 static inline v16 bcast16(float w) { return v16{w, w, w, w, w, w, w, w, w, w, w, w, w, w, w, w}; }
 
-// The matmul kernels' vector: one register (16 floats with AVX-512, 8 with AVX2; a 16-float vector on AVX2 is
-// a register pair and the register blocks below would spill). RMAX: tile rows held in registers at once.
-#if defined(__AVX512F__)
-constexpr int64_t RL = 16;
-constexpr int RMAX = 16;
-#else
-constexpr int64_t RL = 8;
-constexpr int RMAX = 8;
-#endif
-typedef float vr __attribute__((vector_size(RL * 4)));
-typedef float vru __attribute__((vector_size(RL * 4), aligned(4)));
-static inline vr rload(const float* p) { return *reinterpret_cast<const vru*>(p); }
-static inline void rstore(float* p, vr v) { *reinterpret_cast<vru*>(p) = v; }
-static inline vr rbcast(float w) {
-  vr v;
-  for (int64_t i = 0; i < RL; ++i) v[i] = w;
-  return v;
-}
+// The matmul kernels work in register-wide vectors (kernels.h: 16 floats with AVX-512, 8 with AVX2). RMAX:
+// tile rows held in registers at once (16 of 32 AVX-512 registers, 8 of 16 AVX2 ones).
+typedef nck::vecf vr;
+constexpr int64_t RL = nck::VL;
+constexpr int RMAX = RL == 16 ? 16 : 8;
+static inline vr rload(const float* p) { return nck::loadu(p); }
+static inline void rstore(float* p, vr v) { nck::storeu(p, v); }
+static inline vr rbcast(float w) { return nck::bcast(w); }
 static inline float hsum(vr v) {
   float s = 0.f;
   for (int64_t i = 0; i < RL; ++i) s += v[i];
