@@ -127,6 +127,13 @@ def test_autotune_records_timings_and_uses_the_cache(kernels, tmp_path, monkeypa
     prof = again.profile(x, repeats=3, warmup=1)
     assert len(prof) == len(again.ops) and all(p["ms"] >= 0 for p in prof)
     assert again.time(x, repeats=3, warmup=1) > 0
+    # other kernel sources (a changed build) are timed afresh, not judged by this build's timings
+    import netcarve.runtime.compiled as compiled_mod
+
+    monkeypatch.setattr(compiled_mod, "source_hash", lambda: "0123456789ab")
+    rebuilt = compile(m, x, sparse="auto", repeats=5)
+    assert not any(lc.cached for lc in rebuilt.layers)
+    assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
 
 
 def test_compile_a_saved_checkpoint(kernels, tmp_path):

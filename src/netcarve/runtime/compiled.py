@@ -4,8 +4,9 @@ Steps: lower the eval-mode model to a plan (:mod:`netcarve.runtime.plan`: BN fol
 additions fused), build it natively, then autotune: the whole plan is profiled once per kernel kind (every
 layer on ATen's dense kernel, every conv on netcarve's dense direct kernel, every layer sparse; the same
 activations flow through all), and each layer keeps the fastest kernel on this CPU at the example's shape.
-Decisions are cached per CPU model, thread count, input shape and layer (``$NETCARVE_CACHE/autotune/<cpu>.json``),
-so recompiling the same model is instant. Without a C++
+Decisions are cached per CPU model, kernel source, thread count, input shape and layer
+(``$NETCARVE_CACHE/autotune/<cpu>-<kernel source hash>.json``: changed kernels are re-timed, never judged by
+an older build's timings), so recompiling the same model is instant. Without a C++
 compiler (or ``NETCARVE_KERNELS=off``) the plain-PyTorch twin of the plan runs instead, and
 ``CompiledModel.native`` is False.
 """
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._build import cache_root, cpu_key, load_kernels
+from ._build import cache_root, cpu_key, load_kernels, source_hash
 from .plan import Op, ReferencePlan, build_native, lower
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _signature(op: Op, x_shape: tuple[int, ...], threads: int) -> str:
 
 class _TuneCache:
     def __init__(self):
-        self.path = cache_root() / "autotune" / f"{cpu_key()}.json"
+        self.path = cache_root() / "autotune" / f"{cpu_key()}-{source_hash()}.json"
         try:
             self.data = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
