@@ -298,3 +298,35 @@ def test_shrinking_library_needs_a_pattern_plan(tiny_cnn, loader):
         run_sparsifier("admm", _job(tiny_cnn, loader), shrink_library=True, initial_library="big")
     with pytest.raises(ConfigError, match="true or false"):
         run_sparsifier("admm", _job(tiny_cnn, loader), shrink_library="yes")
+
+
+def test_admm_shrinking_library_survives_a_kill_before_and_after_the_commit(tiny_cnn, tmp_path, monkeypatch):
+    """Killed after the last ADMM epoch but before phase 1 is committed, resumed, killed inside retraining,
+    resumed again: the library learned in phase 1 is the one the hard prune uses."""
+    import netcarve.sparsity.algorithms as alg
+    from netcarve.sparsity.schemes import centre_patterns
+
+    data = make_data()
+    plan = SparsityPlan.single("pattern", library=centre_patterns(4)[:4], connectivity=0.5)
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05)
+    ref = run_sparsifier("admm", _job(tiny_cnn, data, plan, train=cfg, out_dir=tmp_path / "ref"), rho=0.1,
+                         shrink_library=True)
+    out = tmp_path / "run"
+    real_save = alg._save_weights
+
+    def killed_save(model, path):
+        raise KeyboardInterrupt("killed before the commit")
+
+    monkeypatch.setattr(alg, "_save_weights", killed_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_sparsifier("admm", _job(tiny_cnn, data, plan, train=cfg, out_dir=out), rho=0.1, shrink_library=True)
+    monkeypatch.setattr(alg, "_save_weights", real_save)
+    with pytest.raises(KeyboardInterrupt):  # resumed: phase 1 restored from fit's checkpoint, then killed again
+        run_sparsifier("admm", _job(tiny_cnn, InterruptingLoader(data, 12), plan, train=cfg, out_dir=out,
+                                    resume=True), rho=0.1, shrink_library=True)
+    assert (out / alg.REGULARIZED).is_file()
+    res = run_sparsifier("admm", _job(tiny_cnn, data, plan, train=cfg, out_dir=out, resume=True), rho=0.1,
+                         shrink_library=True)
+    assert res.targets[0].scheme.library == ref.targets[0].scheme.library
+    for k, v in ref.model.state_dict().items():
+        assert torch.allclose(v, res.model.state_dict()[k], atol=1e-6), k

@@ -656,6 +656,7 @@ class LibraryShrink:
         if set(d) != set(self.state):
             raise CheckpointError(f"saved pattern libraries {sorted(d)} do not match this plan's {sorted(self.state)}")
         self.state = json.loads(json.dumps(d))
+        self._write()  # the file follows the restored state (the callback's first Z-step wrote a fresh one)
 
     def _write(self) -> None:
         if self.out is not None:
