@@ -23,6 +23,7 @@ from netcarve.sparsity.schemes import (
     Row,
     RowColumn,
     Unstructured,
+    all_patterns,
     centre_patterns,
     default_library,
     extract_pattern_library,
@@ -441,6 +442,13 @@ def test_centre_patterns_and_default_library():
     assert Pattern().library == default_library(8)
     with pytest.raises(ConfigError, match="'size'"):
         default_library(57)
+
+
+def test_all_patterns_lists_every_shape_centre_ones_first():
+    every = all_patterns(4)
+    assert len(every) == 126 and len({tuple(c) for c in every}) == 126 and all(sum(c) == 4 for c in every)
+    assert every[:56] == centre_patterns(4) and not any(c[4] for c in every[56:])
+    assert len(all_patterns(2)) == 36
 
 
 def _kernels_with(pattern, n, seed):

@@ -60,7 +60,7 @@ from ..train import KDConfig, TrainConfig, fit
 from ..utils import atomic_write
 from .masks import apply_masks, effective_weight, get_masks, mask_stats, original_weight, squash
 from .plan import Resolved, SparsityPlan, Target
-from .schemes import SparsityScheme
+from .schemes import Pattern, SparsityScheme, all_patterns, centre_patterns, pattern_ids
 
 REGULARIZED = "regularized.safetensors"
 JOB_FILE = "job.json"
@@ -599,8 +599,6 @@ class LibraryShrink:
     and the hard prune that learned library. Written to ``out_dir/pattern_library.json`` after each step."""
 
     def __init__(self, targets: list[Target], z_steps: int, initial: str = "centre", out_dir=None):
-        from .schemes import all_patterns, centre_patterns
-
         self.out = None if out_dir is None else Path(out_dir) / LIBRARY_FILE
         self.members: dict[str, list[str]] = {}
         self.state: dict[str, dict] = {}
@@ -621,8 +619,6 @@ class LibraryShrink:
 
     def apply(self, cons: dict[str, list]) -> None:
         """Point every member's pattern constraint copy at its group's current library."""
-        from .schemes import Pattern
-
         for key, names in self.members.items():
             st = self.state[key]
             scheme = Pattern(library=st["library"], entries=st["entries"])
@@ -631,8 +627,6 @@ class LibraryShrink:
 
     def step(self, masks: dict[str, torch.Tensor], cons: dict[str, list]) -> dict[str, Any]:
         """After a Z-step (``masks``: each target's pattern-copy mask): count usage, shrink, re-point."""
-        from .schemes import pattern_ids
-
         log = {}
         for key, names in self.members.items():
             st = self.state[key]
@@ -674,8 +668,6 @@ class LibraryShrink:
 
     def finalize(self, targets: list[Target]) -> None:
         """Give every member target its learned library (the hard prune and the report use it)."""
-        from .schemes import Pattern
-
         for key, names in self.members.items():
             st = self.state[key]
             for t in targets:

@@ -745,10 +745,9 @@ def all_patterns(entries: int = 4) -> list[list[int]]:
     """Every 3x3 pattern of ``entries`` positions (C(9, entries); 126 for 4), centre-including ones first in
     :func:`centre_patterns` order, then the rest in lexicographic order of their positions."""
     entries = _opt_int("pattern", "entries", entries, low=1, high=9)
-    centre = centre_patterns(entries) if entries >= 1 else []
     rest = [[1 if i in c else 0 for i in range(9)] for c in itertools.combinations(range(9), entries)
             if _CENTRE not in c]
-    return centre + rest
+    return centre_patterns(entries) + rest
 
 
 def default_library(size: int = 8, entries: int = 4) -> list[list[int]]:
