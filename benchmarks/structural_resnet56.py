@@ -188,6 +188,8 @@ def cmd_train(a) -> None:
     t0 = time.perf_counter()
     pruned_dir = work / "pruned"
     if a.steps > 1:
+        if a.algorithm not in ("oneshot", "iterative"):
+            raise SystemExit(f"--steps is iterative pruning; it does not combine with --algorithm {a.algorithm}")
         a.algorithm = "iterative"
     algo_opts = _algo_options(a.algo_option)
     if a.algorithm != "oneshot" and (a.tool != "netcarve" or a.groups != "all"):

@@ -190,7 +190,6 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
     at::parallel_for(0, RB, grain, [&](int64_t b0, int64_t b1) {
       int64_t mv = 0;
       // batch vectors per pass: RH * MC <= RMAX accumulators (16 of 32 AVX-512 registers, 8 of 16 AVX2 ones)
-      constexpr int R8 = RMAX < 8 ? RMAX : 8;
       const int64_t mc = bh >= RMAX ? 1 : 2;
 #define NC_BSR_T(BHV, RHV, MCV) bsr_rows_t<BHV, RHV, MCV>(xtd, Mp, mv, pd, id, vd, bw, b0, b1, bp, ytd, R)
       for (; mv + mc <= nmv; mv += mc) {
@@ -198,7 +197,7 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
           case 1: NC_BSR_T(1, 1, 2); break;
           case 2: NC_BSR_T(2, 2, 2); break;
           case 4: NC_BSR_T(4, 4, 2); break;
-          case 8: if (RMAX > 8) NC_BSR_T(8, 8, 2); else NC_BSR_T(8, R8, 1); break;
+          case 8: if (RMAX > 8) NC_BSR_T(8, 8, 2); else NC_BSR_T(8, 8, 1); break;
           default: NC_BSR_T(16, RMAX, 1); break;
         }
       }
@@ -207,7 +206,7 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
           case 1: NC_BSR_T(1, 1, 1); break;
           case 2: NC_BSR_T(2, 2, 1); break;
           case 4: NC_BSR_T(4, 4, 1); break;
-          case 8: NC_BSR_T(8, R8, 1); break;
+          case 8: NC_BSR_T(8, 8, 1); break;
           default: NC_BSR_T(16, RMAX, 1); break;
         }
       }
