@@ -87,7 +87,8 @@ def _widths(model) -> dict[str, int]:
     return {n: int(m.out_channels) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
 
-def prune_netcarve(base, target: float, groups: str, round_to: int = 1, loader=None, global_ranking: bool = False):
+def prune_netcarve(base, target: float, groups: str, round_to: int = 1, loader=None, global_ranking: bool = False,
+                   criterion: str = "l1"):
     x = example_input(base, batch=1)
     if groups.startswith("depth"):  # whole residual blocks, least loss rise first (8 training batches)
         # depth+all: blocks for the first sqrt(target) of the MACs reduction, then all channels for the rest
@@ -99,16 +100,27 @@ def prune_netcarve(base, target: float, groups: str, round_to: int = 1, loader=N
             return res.model, info
         macs0, _ = _macs(base)
         macs1, _ = _macs(res.model)
-        pr = prune_channels(res.model, x, criterion="l1", macs_reduction=macs1 / (macs0 / target), round_to=round_to)
+        pr = prune_channels(res.model, x, criterion=_criterion(res.model, criterion, loader),
+                            macs_reduction=macs1 / (macs0 / target), round_to=round_to)
         info.update({"ratio": pr.ratio, "round_to": round_to})
         return pr.model, info
     gs = build_channel_groups(base, x)
     if groups == "inner":
         gs = GroupSet(gs.model_name, groups=[g for g in gs.groups if not g.coupled])
-    pr = prune_channels(base, x, criterion="l1", macs_reduction=target, groups=gs, round_to=round_to,
-                        global_ranking=global_ranking)
+    pr = prune_channels(base, x, criterion=_criterion(base, criterion, loader), macs_reduction=target, groups=gs,
+                        round_to=round_to, global_ranking=global_ranking)
     return pr.model, {"ratio": pr.ratio, "groups": len(gs.groups), "round_to": round_to,
-                      **({"global_ranking": True} if global_ranking else {})}
+                      **({"global_ranking": True} if global_ranking else {}),
+                      **({"criterion": criterion} if criterion != "l1" else {})}
+
+
+def _criterion(model, name: str, loader) -> str:
+    """``name``, after leaving on ``model`` the gradients of 8 training batches when the criterion needs them."""
+    from netcarve.criteria import accumulate_gradients, get_criterion
+
+    if getattr(get_criterion(name), "needs_gradients", False):
+        accumulate_gradients(model, loader, num_batches=8)
+    return name
 
 
 def prune_torch_pruning(base, target: float, groups: str, round_to: int = 1):
@@ -192,6 +204,8 @@ def cmd_train(a) -> None:
             raise SystemExit(f"--steps is iterative pruning; it does not combine with --algorithm {a.algorithm}")
         a.algorithm = "iterative"
     algo_opts = _algo_options(a.algo_option)
+    if a.criterion != "l1" and (a.tool != "netcarve" or a.algorithm != "oneshot"):
+        raise SystemExit("--criterion other than l1: netcarve one-shot pruning only")
     if a.algorithm != "oneshot" and (a.tool != "netcarve" or a.groups != "all"):
         raise SystemExit(f"--algorithm {a.algorithm} / --steps needs --tool netcarve --groups all")
     rec["tool"] = a.tool
@@ -199,7 +213,7 @@ def cmd_train(a) -> None:
         torch.manual_seed(0)
         if a.tool == "netcarve":
             model, extra = prune_netcarve(base, a.macs_reduction, a.groups, a.round_to, loader=train,
-                                          global_ranking=a.global_ranking)
+                                          global_ranking=a.global_ranking, criterion=a.criterion)
         else:
             model, extra = prune_torch_pruning(base, a.macs_reduction, a.groups, a.round_to)
         rec["tool"] = a.tool
@@ -291,10 +305,41 @@ def cmd_latency(a) -> None:
             res = compare_latency(variants, xs, engine=engine, threads=a.threads, processes=a.processes)
             out[f"{engine}/b{batch}"] = {k: {"p50_ms": r.p50_ms, "p90_ms": r.p90_ms} for k, r in res.items()}
             _log("  " + ", ".join(f"{k} {r.p50_ms:.3f} ms" for k, r in res.items()))
+    doc = {"threads": a.threads, "processes": a.processes, "results": out, "env": environment(threads=a.threads)}
     path = Path(a.work) / "latency.json"
-    path.write_text(json.dumps({"threads": a.threads, "processes": a.processes, "results": out,
-                                "env": environment(threads=a.threads)}, indent=1))  # fmt: skip
+    path.write_text(json.dumps(doc, indent=1))
     _log(f"wrote {path}")
+    if a.out:  # a standalone result: the architectures, their MACs and every speedup against dense
+        macs0, params0 = _macs(base)
+        arch = {}
+        for k, m in variants.items():
+            macs, params = _macs(m)
+            arch[k] = {"macs": macs, "params": params, "macs_reduction": round(macs0 / macs, 3),
+                       "params_reduction": round(params0 / params, 3), "widths": _stage_widths(m)}
+        speedup = {key: {k: round(res["dense"]["p50_ms"] / r["p50_ms"], 3) for k, r in res.items()}
+                   for key, res in out.items()}  # fmt: skip
+        ratio = {key: {k: round(sp[k] / arch[k]["macs_reduction"], 3) for k in sp} for key, sp in speedup.items()}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({
+            "benchmark": "structural_resnet56 latency",
+            "command": f"python benchmarks/structural_resnet56.py latency --work {a.work} --engines {' '.join(a.engines)} "
+                       f"--batches {' '.join(map(str, a.batches))} --threads {a.threads} --processes {a.processes} "
+                       f"--out {a.out}",
+            "models": arch, "speedup": speedup, "speedup_over_macs_reduction": ratio, **doc}, indent=1))  # fmt: skip
+        _log(f"wrote {a.out}")
+
+
+def _stage_widths(model) -> dict[str, list[int]]:
+    """Per stage, the distinct output widths of its convs (e.g. ``{"layer1": [8]}``) and the block count."""
+    out: dict[str, list[int]] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and n.startswith("layer"):
+            st = n.split(".")[0]
+            out.setdefault(st, [])
+            if m.out_channels not in out[st]:
+                out[st].append(int(m.out_channels))
+    blocks = {st: len(getattr(model, st)) for st in out if hasattr(model, st)}
+    return {st: {"widths": sorted(w), "blocks": blocks.get(st)} for st, w in out.items()}
 
 
 def _stage(name: str) -> str:
@@ -465,6 +510,9 @@ def main() -> None:
                            help="inner: block-inner channels; all: also the residual channels; depth: remove "
                                 "whole residual blocks (netcarve only); depth+all: blocks for sqrt(target), "
                                 "then all channels")
+            s.add_argument("--criterion", default="l1", choices=["l1", "l2", "fpgm", "bn_scale", "taylor", "random"],
+                           help="netcarve channel criterion (default l1, the one Torch-Pruning gets; taylor: "
+                                "gradients of 8 training batches); one-shot pruning only")
             s.add_argument("--global-ranking", action="store_true",
                            help="netcarve channel groups: rank channels across groups (per-group widths differ)")
             s.add_argument("--prune-only", action="store_true",
@@ -497,6 +545,9 @@ def main() -> None:
             s.add_argument("--threads", type=int, default=2)
             if name == "latency":
                 s.add_argument("--processes", type=int, default=3)
+                s.add_argument("--out", default=None,
+                               help="also write a standalone result (architectures, MACs, speedups, speedup / MACs "
+                                    "reduction) here, e.g. benchmarks/results/structural_resnet56-latency-avx2.json")
     a = p.parse_args()
     {"train": cmd_train, "latency": cmd_latency, "profile": cmd_profile, "report": cmd_report}[a.cmd](a)
 
