@@ -55,6 +55,7 @@ import torch
 
 import netcarve
 from netcarve.compact import prune_blocks, prune_channels, recalibrate_bn
+from netcarve.criteria import list_criteria
 from netcarve.data import make_loaders
 from netcarve.graph import build_channel_groups
 from netcarve.graph.groups import GroupSet
@@ -329,17 +330,16 @@ def cmd_latency(a) -> None:
         _log(f"wrote {a.out}")
 
 
-def _stage_widths(model) -> dict[str, list[int]]:
-    """Per stage, the distinct output widths of its convs (e.g. ``{"layer1": [8]}``) and the block count."""
-    out: dict[str, list[int]] = {}
-    for n, m in model.named_modules():
-        if isinstance(m, torch.nn.Conv2d) and n.startswith("layer"):
-            st = n.split(".")[0]
-            out.setdefault(st, [])
-            if m.out_channels not in out[st]:
-                out[st].append(int(m.out_channels))
-    blocks = {st: len(getattr(model, st)) for st in out if hasattr(model, st)}
-    return {st: {"widths": sorted(w), "blocks": blocks.get(st)} for st, w in out.items()}
+def _stage_widths(model) -> dict[str, dict]:
+    """Per stage, the distinct output widths of its convs and its block count (blocks holding a conv: depth
+    pruning leaves removed blocks as identities), e.g. ``{"layer1": {"widths": [8], "blocks": 9}}``."""
+    out: dict[str, set[int]] = {}
+    for n, w in _widths(model).items():
+        if n.startswith("layer"):
+            out.setdefault(n.split(".")[0], set()).add(w)
+    blocks = {st: sum(any(isinstance(m, torch.nn.Conv2d) for m in b.modules()) for b in getattr(model, st))
+              for st in out}  # fmt: skip
+    return {st: {"widths": sorted(w), "blocks": blocks[st]} for st, w in out.items()}
 
 
 def _stage(name: str) -> str:
@@ -510,7 +510,7 @@ def main() -> None:
                            help="inner: block-inner channels; all: also the residual channels; depth: remove "
                                 "whole residual blocks (netcarve only); depth+all: blocks for sqrt(target), "
                                 "then all channels")
-            s.add_argument("--criterion", default="l1", choices=["l1", "l2", "fpgm", "bn_scale", "taylor", "random"],
+            s.add_argument("--criterion", default="l1", choices=list_criteria(),
                            help="netcarve channel criterion (default l1, the one Torch-Pruning gets; taylor: "
                                 "gradients of 8 training batches); one-shot pruning only")
             s.add_argument("--global-ranking", action="store_true",
