@@ -31,6 +31,11 @@ CASES = [
     (2, 6, 9, 13, 13, 3, 3, 1, 0.5),
     (5, 33, 19, 1, 1, 1, 1, 0, 0.2),
     (1, 64, 64, 32, 32, 3, 1, 1, 1.0),
+    # output widths that are multiples of the vector (8 / 16): the direct conv's row layout, incl. stride 2,
+    # several images, rows that straddle images inside one register block, filters not a multiple of 8
+    (2, 16, 12, 32, 32, 3, 2, 1, 0.5),
+    (3, 5, 11, 7, 16, 3, 1, 1, 0.7),
+    (1, 24, 20, 8, 8, 3, 1, 1, 0.8),
     # many channels, tiny outputs: the im2col path (C * kh * kw >= 1024, N * Ho * Wo <= 64)
     (1, 130, 24, 4, 4, 3, 1, 1, 0.2),
     (2, 128, 16, 6, 6, 3, 2, 1, 0.3),
@@ -58,9 +63,10 @@ def test_sparse_conv_matches_reference(kernels, case, fuse):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:8])))
 @pytest.mark.parametrize("fuse", ["plain", "bias_residual_relu"])
-@pytest.mark.parametrize("rows", ["planes", "im2col"])
+@pytest.mark.parametrize("rows", ["rows", "planes", "im2col"])
 def test_direct_conv_matches_reference(kernels, case, fuse, rows):
-    """The dense direct kernel (every tap) on the same cases, both row layouts (phase planes / im2col)."""
+    """The dense direct kernel (every tap) on the same cases in each of its layouts: output rows where the width
+    allows ("rows", the default), the wide grid of the phase planes, an im2col matrix."""
     n, c, f, h, w, k, s, p, d = case
     weight = _sparse_weight(f, c, k, max(d, 0.7), seed=h * w + f + 1)
     bias = torch.randn(f) if fuse != "plain" else None
@@ -70,11 +76,13 @@ def test_direct_conv_matches_reference(kernels, case, fuse, rows):
     relu = fuse != "plain"
     ref = direct_conv2d(x, weight, bias, s, p, relu, res, reference=True)
     old = 1 << 17
-    kernels.set_direct_im2col_max(0 if rows == "planes" else 1 << 30)
+    kernels.set_direct_im2col_max({"rows": old, "planes": 0, "im2col": -1}[rows])
+    kernels.set_direct_rows(rows == "rows")
     try:
         out = direct_conv2d(x, weight, bias, s, p, relu, res)
     finally:
         kernels.set_direct_im2col_max(old)
+        kernels.set_direct_rows(True)
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4
     assert not torch.equal(direct_conv2d(x * 2, weight, bias, s, p, relu, res, reference=True), ref)

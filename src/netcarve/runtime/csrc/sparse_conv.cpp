@@ -499,6 +499,40 @@ static inline void blockf(const float* __restrict base, const int64_t* __restric
     for (int i = 0; i < NV; ++i) storeu(acc + j * ldacc + i * VL, a[j][i]);
 }
 
+// As blockf, but vector i of the block reads from its own base (base + voff[i]): the "row" layout, where
+// every vector is VL pixels of one output row (outputs whose width is a multiple of VL), so no lane computes a
+// padding column of the wide grid (13% of the lanes at 32x32, 27% at 16x16, 56% at 8x8 with pad 1).
+template <int FB, int NV>
+static inline void blockf_rows(const float* __restrict base, const int64_t* __restrict voff,
+                               const int64_t* __restrict off, const float* __restrict wp, int64_t K,
+                               float* __restrict acc, int64_t ldacc) {
+  vecf a[FB][NV];
+  const float* src[NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < NV; ++i) src[i] = base + voff[i];
+#pragma GCC unroll 16
+  for (int j = 0; j < FB; ++j)
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) a[j][i] = bcast(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t o = off[k];
+    const float* w = wp + FBLK * k;
+    vecf v[NV];
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) v[i] = loadu(src[i] + o);
+#pragma GCC unroll 16
+    for (int j = 0; j < FB; ++j) {
+      const vecf wj = bcast(w[j]);
+#pragma GCC unroll 4
+      for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < FB; ++j)
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) storeu(acc + j * ldacc + i * VL, a[j][i]);
+}
+
 // Stores one filter's outputs for positions [q0, q0 + qn) of the compact output order q = n * Ho * Wo + r.
 struct CompactStore {
   float* op;
@@ -524,7 +558,8 @@ struct CompactStore {
 
 }  // namespace
 
-int64_t g_direct_im2col_max = (int64_t)1 << 17;  // floats of im2col matrix the direct conv may build (512 KiB)
+int64_t g_direct_im2col_max = (int64_t)1 << 17;
+bool g_direct_rows = true;  // floats of im2col matrix the direct conv may build (512 KiB)
 
 torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
@@ -550,9 +585,13 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
   const float* rp = ep.rp;
   float* op = out.data_ptr<float>();
 
-  // rows: im2col when the wide grid would waste over a quarter of the lanes and the matrix is small
   const int64_t Pp = (P + BLKPX - 1) / BLKPX * BLKPX;
-  const bool use_cols = 4 * N * plane > 5 * P && K * Pp <= g_direct_im2col_max;
+  // rows (outputs whose width is a multiple of the vector: every lane a real output) before the wide grid
+  const bool row_mode = g_direct_rows && Wo % VL == 0;
+  // im2col only where the wide grid wastes over a third of the lanes (measured: building the matrix costs
+  // more than a quarter's waste at 16x16); g_direct_im2col_max < 0 forces it (tests)
+  const bool use_cols =
+      !row_mode && (g_direct_im2col_max < 0 || (2 * N * plane > 3 * P && K * Pp <= g_direct_im2col_max));
   torch::Tensor rows;
   std::vector<int64_t> off(K);
   int64_t total;
@@ -576,9 +615,19 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
   const CompactStore compact{op, rp, bp, relu, F, Ho * Wo, total};
 
   // jobs: chunks of pixel blocks whose input rows stay in L2 while the filter blocks sweep them
-  const int64_t nblocks = (total + BLKPX - 1) / BLKPX;
-  const int64_t per_chunk = std::max<int64_t>(1, std::min<int64_t>(nblocks, ((int64_t)1 << 16) / (K * BLKPX)));
-  const int64_t nchunks = (nblocks + per_chunk - 1) / per_chunk;
+  const int64_t WV = Wo / VL, nvec = N * Ho * WV;  // row mode: vectors of output rows
+  const int64_t nblocks = row_mode ? (nvec + DNV - 1) / DNV : (total + BLKPX - 1) / BLKPX;
+  // Chunks are sized evenly and their count makes the jobs (chunks x filter blocks) a multiple of the thread
+  // count where possible: at batch 1 a layer has only a few jobs, and one chunk of 37 blocks next to one of 12
+  // (an 8-filter 32x32 layer split by a fixed chunk size) left one of two threads idle most of the layer.
+  const int64_t max_per_chunk = std::max<int64_t>(1, std::min<int64_t>(nblocks, ((int64_t)1 << 16) / (K * BLKPX)));
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nchunks = (nblocks + max_per_chunk - 1) / max_per_chunk;
+  for (int64_t c = nchunks; c <= std::min<int64_t>(nblocks, nchunks + nthreads); ++c)
+    if ((c * FB) % nthreads == 0) {
+      nchunks = c;
+      break;
+    }
   const int64_t work = K * FB * FBLK * nblocks * BLKPX;
   const int64_t njobs = nchunks * FB;
   const int64_t grain = work < g_parallel_threshold ? njobs : 1;
@@ -587,9 +636,39 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
     for (int64_t job = b; job < e; ++job) {
       const int64_t chunk = job / FB, fb = job % FB;
       const float* wp = wpk + fb * K * FBLK;
-      const int64_t blk_end = std::min<int64_t>(nblocks, (chunk + 1) * per_chunk);
+      const int64_t blk_end = (chunk + 1) * nblocks / nchunks;
       const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
-      for (int64_t blk = chunk * per_chunk; blk < blk_end; ++blk) {
+      for (int64_t blk = chunk * nblocks / nchunks; blk < blk_end; ++blk) {
+        if (row_mode) {
+          const int64_t v0 = blk * DNV, nv = std::min<int64_t>(DNV, nvec - v0);
+          int64_t voff[DNV], ooff[DNV];
+          for (int64_t i = 0; i < DNV; ++i) {
+            const int64_t v = v0 + std::min<int64_t>(i, nv - 1), n = v / (Ho * WV), r = v % (Ho * WV);
+            const int64_t y = r / WV, x0 = (r % WV) * VL;
+            voff[i] = n * plane + y * Wph + x0;
+            ooff[i] = n * F * Ho * Wo + y * Wo + x0;
+          }
+          for (int64_t h = 0; h < nf; h += DFB) {
+            float* ah = acc + h * BLKPX;
+            switch (nv) {
+              case 3: blockf_rows<DFB, 3>(base, voff, off.data(), wp + h, K, ah, BLKPX); break;
+              case 2: blockf_rows<DFB, 2>(base, voff, off.data(), wp + h, K, ah, BLKPX); break;
+              default: blockf_rows<DFB, 1>(base, voff, off.data(), wp + h, K, ah, BLKPX); break;
+            }
+          }
+          for (int64_t j = 0; j < nf; ++j) {
+            const int64_t f = fb * FBLK + j;
+            const float bv = bp ? bp[f] : 0.f;
+            for (int64_t i = 0; i < nv; ++i) {
+              const int64_t o = ooff[i] + f * Ho * Wo;
+              if (relu)
+                store_row<true>(op + o, acc + j * BLKPX + i * VL, rp ? rp + o : nullptr, bv, VL);
+              else
+                store_row<false>(op + o, acc + j * BLKPX + i * VL, rp ? rp + o : nullptr, bv, VL);
+            }
+          }
+          continue;
+        }
         const int64_t q0 = blk * BLKPX, qn = std::min<int64_t>(BLKPX, total - q0);
         const int64_t nv = (qn + VL - 1) / VL;
         const float* src = base + q0;
