@@ -46,7 +46,10 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:8])))
 @pytest.mark.parametrize("fuse", ["plain", "bias_relu", "bias_residual_relu"])
-def test_sparse_conv_matches_reference(kernels, case, fuse):
+@pytest.mark.parametrize("layout", ["rows", "wide"])
+def test_sparse_conv_matches_reference(kernels, case, fuse, layout):
+    """The sparse kernel against its reference twin; "rows": the row layout wherever the output width is a
+    multiple of the vector (the default), "wide": always the wide grid of the phase planes."""
     n, c, f, h, w, k, s, p, d = case
     weight = _sparse_weight(f, c, k, d, seed=h * w + f)
     bias = torch.randn(f) if fuse != "plain" else None
@@ -55,10 +58,36 @@ def test_sparse_conv_matches_reference(kernels, case, fuse):
     ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     res = torch.randn(n, f, ho, wo) if fuse == "bias_residual_relu" else None
     ref = m.forward_reference(x, res)
-    out = m(x, res)
+    kernels.set_row_layout(layout == "rows")
+    try:
+        out = m(x, res)
+    finally:
+        kernels.set_row_layout(True)
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4
     assert not torch.equal(m.forward_reference(x * 2, res), ref)  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("layout", ["rows", "wide"])
+@pytest.mark.parametrize("shape", [(2, 6, 10, 8, 16), (1, 4, 9, 9, 11)], ids=["width16", "width11"])
+def test_sparse_conv_all_zero_filters(kernels, layout, shape):
+    """Filters with no non-zero weight (connectivity pruning removes whole filters) output bias + residual,
+    ReLU'd, in both layouts."""
+    n, c, f, h, w = shape
+    weight = _sparse_weight(f, c, 3, 0.5, seed=7)
+    weight[::3] = 0
+    bias = torch.randn(f)
+    m = SparseConv2d(weight, bias, stride=1, padding=1, relu=True)
+    x = torch.randn(n, c, h, w)
+    res = torch.randn(n, f, h, w)
+    kernels.set_row_layout(layout == "rows")
+    try:
+        out = m(x, res)
+    finally:
+        kernels.set_row_layout(True)
+    ref = m.forward_reference(x, res)
+    assert _rel_err(out, ref) <= 1e-4
+    assert torch.equal(out[:, ::3], torch.relu(bias[::3].view(1, -1, 1, 1) + res[:, ::3]))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:8])))
@@ -77,12 +106,12 @@ def test_direct_conv_matches_reference(kernels, case, fuse, rows):
     ref = direct_conv2d(x, weight, bias, s, p, relu, res, reference=True)
     old = 1 << 17
     kernels.set_direct_im2col_max({"rows": old, "planes": 0, "im2col": -1}[rows])
-    kernels.set_direct_rows(rows == "rows")
+    kernels.set_row_layout(rows == "rows")
     try:
         out = direct_conv2d(x, weight, bias, s, p, relu, res)
     finally:
         kernels.set_direct_im2col_max(old)
-        kernels.set_direct_rows(True)
+        kernels.set_row_layout(True)
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4
     assert not torch.equal(direct_conv2d(x * 2, weight, bias, s, p, relu, res, reference=True), ref)

@@ -48,8 +48,9 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
 // Dense conv as a register-blocked direct convolution (8 filters x 48 pixels per block; AVX2: 4 x 24); wpack is
 // (ceil(F/8), C*kh*kw, 8). Outputs under g_direct_im2col_max floats of im2col matrix may use im2col rows.
 extern int64_t g_direct_im2col_max;
-// Outputs whose width is a multiple of the vector run in the row layout (no padding lanes) unless this is off.
-extern bool g_direct_rows;
+// Convs (direct and sparse) whose output width is a multiple of the vector run in the row layout (no padding
+// lanes) unless this is off (set_row_layout).
+extern bool g_row_layout;
 torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
                             int64_t stride, int64_t pad, bool relu);

@@ -322,8 +322,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_direct_im2col_max", [](int64_t v) { g_direct_im2col_max = v; },
         "largest im2col matrix (floats) direct_conv2d builds for small outputs (default 2^17; 0 = never, "
         "-1 = always where the row layout does not apply)");
-  m.def("set_direct_rows", [](bool v) { g_direct_rows = v; },
-        "run direct_conv2d in the row layout where the output width is a multiple of the vector (default on)");
+  m.def("set_row_layout", [](bool v) { g_row_layout = v; },
+        "run direct_conv2d and sparse_conv2d in the row layout where the output width is a multiple of the vector "
+        "(default on)");
   m.def("bsr_linear", &bsr_linear, "y = x W^T + b with W in BSR tiles (fp32)");
   m.def("build_info", &build_info);
   m.def("set_parallel_threshold", [](int64_t v) { g_parallel_threshold = v; },
