@@ -31,6 +31,16 @@ static inline vecf bcast(float w) {
   return v;
 #endif
 }
+static inline vecf vmax0(vecf a) {
+#if defined(__AVX512F__)
+  return (vecf)_mm512_max_ps((__m512)a, _mm512_setzero_ps());
+#elif defined(__AVX__)
+  return (vecf)_mm256_max_ps((__m256)a, _mm256_setzero_ps());
+#else
+  for (int64_t i = 0; i < VL; ++i) a[i] = a[i] > 0.f ? a[i] : 0.f;
+  return a;
+#endif
+}
 }  // namespace nck
 
 // Work (multiply-adds) below which a kernel runs on the calling thread instead of waking torch's thread team.

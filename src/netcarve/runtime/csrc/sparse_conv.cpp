@@ -79,6 +79,41 @@ static inline void accumulate_rows(const float* __restrict in, const int64_t* __
   for (int i = 0; i < NV; ++i) storeu(dst + i * VL, a[i]);
 }
 
+// The row layout's tables, built once per layer (integer divisions per block cost more than a sparse filter's
+// taps): for vector v = (n, y, x0 / VL) of the output rows, vin[v] = its offset in the phase planes and
+// vout[v] = its offset in the (N, F, Ho, Wo) output for filter 0; padded with the last vector to a multiple of pad_to.
+static void row_tables(int64_t N, int64_t Ho, int64_t Wo, int64_t plane, int64_t Wph, int64_t F, int64_t pad_to,
+                       std::vector<int64_t>& vin, std::vector<int64_t>& vout) {
+  const int64_t WV = Wo / VL, nvec = N * Ho * WV, padded = (nvec + pad_to - 1) / pad_to * pad_to;
+  vin.resize(padded);
+  vout.resize(padded);
+  int64_t v = 0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t y = 0; y < Ho; ++y)
+      for (int64_t x0 = 0; x0 < Wo; x0 += VL, ++v) {
+        vin[v] = n * plane + y * Wph + x0;
+        vout[v] = n * F * Ho * Wo + y * Wo + x0;
+      }
+  for (; v < padded; ++v) {
+    vin[v] = vin[nvec - 1];
+    vout[v] = vout[nvec - 1];
+  }
+}
+
+// The row layout's epilogue for one filter: out[ooff[k] ..+VL) = relu?(acc[k] + bias (+ res[ooff[k] ..])) for the
+// nv vectors of a block, whole vectors at a time (op / rp already offset to the filter's channel)
+static inline void store_vecs(float* __restrict op, const float* __restrict rp, const int64_t* __restrict ooff,
+                              const float* __restrict acc, int64_t nv, float bias, bool relu) {
+  const vecf b = bcast(bias);
+  for (int64_t k = 0; k < nv; ++k) {
+    const int64_t o = ooff[k];
+    vecf a = loadu(acc + k * VL) + b;
+    if (rp) a += loadu(rp + o);
+    if (relu) a = nck::vmax0(a);
+    storeu(op + o, a);
+  }
+}
+
 // out[i] = relu?(acc[i] + bias (+ res[i])) for one row segment (restrict + compile-time ReLU: vectorises)
 template <bool RELU>
 static inline void store_row(float* __restrict o, const float* __restrict a, const float* __restrict rr, float bv,
@@ -130,16 +165,11 @@ static torch::Tensor phase_planes(const torch::Tensor& x, int64_t S, int64_t pad
       const int64_t c = cn / N, n = cn % N;
       const float* s = src + (n * C + c) * H * W;
       if (S == 1) {
+        // zero the plane in one pass, then copy the rows in (a memcpy each): per-row scalar copies and small
+        // fills of the padding columns were ~60k instructions for a 16 x 32 x 32 input (callgrind)
         float* d = dst + c * group + n * plane;
-        std::fill(d, d + pad * Wph, 0.f);                      // top padding rows
-        std::fill(d + (pad + H) * Wph, d + plane, 0.f);         // bottom padding rows
-        for (int64_t y = 0; y < H; ++y) {
-          float* row = d + (y + pad) * Wph;
-          for (int64_t k = 0; k < pad; ++k) row[k] = 0.f;
-          const float* sr = s + y * W;
-          for (int64_t k = 0; k < W; ++k) row[pad + k] = sr[k];
-          for (int64_t k = pad + W; k < Wph; ++k) row[k] = 0.f;
-        }
+        std::memset(d, 0, sizeof(float) * plane);
+        for (int64_t y = 0; y < H; ++y) std::memcpy(d + (y + pad) * Wph + pad, s + y * W, sizeof(float) * W);
         continue;
       }
       for (int64_t y = 0; y < H; ++y) {
@@ -427,6 +457,8 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     // row read from its own base, so no lane computes a padding column of the wide grid (13% of the lanes at
     // 32x32, 27% at 16x16, 56% at 8x8 with pad 1); chunks and filter groups as on the wide grid below.
     const int64_t WV = Wo / VL, nvec = N * Ho * WV, HoWo = Ho * Wo;
+    std::vector<int64_t> vin, vout;
+    row_tables(N, Ho, Wo, plane, Wph, F, 8, vin, vout);
     const int64_t chunkv = std::max<int64_t>(8, std::min<int64_t>(chunk / VL, (nvec + 7) / 8 * 8));
     const int64_t nch = (nvec + chunkv - 1) / chunkv;
     const int64_t ng = std::min<int64_t>(lists, std::max<int64_t>(1, (4 * nthreads + nch - 1) / nch));
@@ -445,13 +477,8 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
         }
         for (int64_t v0 = v_beg; v0 < v_end; v0 += 8) {
           const int64_t nv = std::min<int64_t>(8, v_end - v0);
-          int64_t voff[8], ooff[8];
-          for (int64_t k = 0; k < 8; ++k) {
-            const int64_t v = v0 + std::min<int64_t>(k, nv - 1), n = v / (Ho * WV), r = v % (Ho * WV);
-            const int64_t y = r / WV, x0 = (r % WV) * VL;
-            voff[k] = n * plane + y * Wph + x0;
-            ooff[k] = n * F * HoWo + y * Wo + x0;
-          }
+          const int64_t* voff = vin.data() + v0;
+          const int64_t* ooff = vout.data() + v0;
           int64_t base = 0;
           for (int64_t i = g; i < lists; i += ng) {
             if (i < L) {
@@ -469,14 +496,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
             const int64_t nf = i < L ? 1 : (int64_t)empty.size();
             for (int64_t j = 0; j < nf; ++j) {
               const int64_t f = i < L ? ord[i] : empty[j];
-              const float bv = bp ? bp[f] : 0.f;
-              for (int64_t k = 0; k < nv; ++k) {
-                const int64_t o = ooff[k] + f * HoWo;
-                if (relu)
-                  store_row<true>(op + o, acc + k * VL, rp ? rp + o : nullptr, bv, VL);
-                else
-                  store_row<false>(op + o, acc + k * VL, rp ? rp + o : nullptr, bv, VL);
-              }
+              store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
             }
           }
         }
@@ -699,6 +719,8 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
 
   // jobs: chunks of pixel blocks whose input rows stay in L2 while the filter blocks sweep them
   const int64_t WV = Wo / VL, nvec = N * Ho * WV;  // row mode: vectors of output rows
+  std::vector<int64_t> vin, vout;
+  if (row_mode) row_tables(N, Ho, Wo, plane, Wph, F, DNV, vin, vout);
   const int64_t nblocks = row_mode ? (nvec + DNV - 1) / DNV : (total + BLKPX - 1) / BLKPX;
   // Chunks are sized evenly and their count makes the jobs (chunks x filter blocks) a multiple of the thread
   // count where possible: at batch 1 a layer has only a few jobs, and one chunk of 37 blocks next to one of 12
@@ -724,13 +746,8 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
       for (int64_t blk = chunk * nblocks / nchunks; blk < blk_end; ++blk) {
         if (row_mode) {
           const int64_t v0 = blk * DNV, nv = std::min<int64_t>(DNV, nvec - v0);
-          int64_t voff[DNV], ooff[DNV];
-          for (int64_t i = 0; i < DNV; ++i) {
-            const int64_t v = v0 + std::min<int64_t>(i, nv - 1), n = v / (Ho * WV), r = v % (Ho * WV);
-            const int64_t y = r / WV, x0 = (r % WV) * VL;
-            voff[i] = n * plane + y * Wph + x0;
-            ooff[i] = n * F * Ho * Wo + y * Wo + x0;
-          }
+          const int64_t* voff = vin.data() + v0;
+          const int64_t* ooff = vout.data() + v0;
           for (int64_t h = 0; h < nf; h += DFB) {
             float* ah = acc + h * BLKPX;
             switch (nv) {
@@ -740,15 +757,8 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
             }
           }
           for (int64_t j = 0; j < nf; ++j) {
-            const int64_t f = fb * FBLK + j;
-            const float bv = bp ? bp[f] : 0.f;
-            for (int64_t i = 0; i < nv; ++i) {
-              const int64_t o = ooff[i] + f * Ho * Wo;
-              if (relu)
-                store_row<true>(op + o, acc + j * BLKPX + i * VL, rp ? rp + o : nullptr, bv, VL);
-              else
-                store_row<false>(op + o, acc + j * BLKPX + i * VL, rp ? rp + o : nullptr, bv, VL);
-            }
+            const int64_t f = fb * FBLK + j, fo = f * Ho * Wo;
+            store_vecs(op + fo, rp ? rp + fo : nullptr, ooff, acc + j * BLKPX, nv, bp ? bp[f] : 0.f, relu);
           }
           continue;
         }
