@@ -574,38 +574,10 @@ constexpr int DFB = 4;
 #endif
 constexpr int DNV = 3;       // pixel vectors per register block
 
-// acc[j * ldacc + 0 .. NV * VL) = sum over the K rows of wp[k * FBLK + j] * base[off[k] + 0 .. NV * VL),
-// for the FB filters j = 0 .. FB - 1 of the packed block starting at wp
-template <int FB, int NV>
-static inline void blockf(const float* __restrict base, const int64_t* __restrict off, const float* __restrict wp,
-                          int64_t K, float* __restrict acc, int64_t ldacc) {
-  vecf a[FB][NV];
-#pragma GCC unroll 16
-  for (int j = 0; j < FB; ++j)
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) a[j][i] = bcast(0.f);
-  for (int64_t k = 0; k < K; ++k) {
-    const float* src = base + off[k];
-    const float* w = wp + FBLK * k;
-    vecf v[NV];
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) v[i] = loadu(src + i * VL);
-#pragma GCC unroll 16
-    for (int j = 0; j < FB; ++j) {
-      const vecf wj = bcast(w[j]);
-#pragma GCC unroll 4
-      for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
-    }
-  }
-#pragma GCC unroll 16
-  for (int j = 0; j < FB; ++j)
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) storeu(acc + j * ldacc + i * VL, a[j][i]);
-}
-
-// As blockf, but vector i of the block reads from its own base (base + voff[i]): the "row" layout, where
-// every vector is VL pixels of one output row (outputs whose width is a multiple of VL), so no lane computes a
-// padding column of the wide grid (13% of the lanes at 32x32, 27% at 16x16, 56% at 8x8 with pad 1).
+// acc[j * ldacc + i * VL ..] = sum over the K rows of wp[k * FBLK + j] * base[voff[i] + off[k] ..] for the FB
+// filters j of the packed block at wp and the NV vectors i. Vector i reads from its own base: in the "row"
+// layout every vector is VL pixels of one output row (outputs whose width is a multiple of VL), so no lane
+// computes a padding column of the wide grid (13% of the lanes at 32x32, 27% at 16x16, 56% at 8x8 with pad 1).
 template <int FB, int NV>
 static inline void blockf_rows(const float* __restrict base, const int64_t* __restrict voff,
                                const int64_t* __restrict off, const float* __restrict wp, int64_t K,
@@ -635,6 +607,14 @@ static inline void blockf_rows(const float* __restrict base, const int64_t* __re
   for (int j = 0; j < FB; ++j)
 #pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) storeu(acc + j * ldacc + i * VL, a[j][i]);
+}
+
+// The wide grid / im2col rows: the NV vectors are contiguous (after inlining, the same code as a single base)
+template <int FB, int NV>
+static inline void blockf(const float* __restrict base, const int64_t* __restrict off, const float* __restrict wp,
+                          int64_t K, float* __restrict acc, int64_t ldacc) {
+  static constexpr int64_t contiguous[4] = {0, VL, 2 * VL, 3 * VL};
+  blockf_rows<FB, NV>(base, contiguous, off, wp, K, acc, ldacc);
 }
 
 // Stores one filter's outputs for positions [q0, q0 + qn) of the compact output order q = n * Ho * Wo + r.
