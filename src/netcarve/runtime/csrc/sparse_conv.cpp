@@ -33,8 +33,8 @@ using nck::VL;  // floats per vector register (kernels.h)
 constexpr int64_t BLOCK = 8 * VL;      // pixels per register block (8 accumulators)
 constexpr int64_t SMALL_MAX_PX = 256;  // the small-output path's accumulator (floats)
 
-// dst[0 .. NV*VL) = sum over a filter's taps of w[e] * in[off[e] + q0 + 0 .. NV*VL)
-// The offset of tap e is chan[e] * cstride + tapoff[pos[e]] (computed here: no per-call offset table).
+// A sparse filter's taps: the offset of tap e is chan[e] * cstride + tapoff[pos[e]] (computed here: no per-call
+// offset table).
 struct Taps {
   const int32_t* chan;
   const int32_t* pos;
@@ -44,22 +44,9 @@ struct Taps {
   inline int64_t off(int64_t e) const { return chan[e] * cstride + tapoff[pos[e]]; }
 };
 
-template <int NV>
-static inline void accumulate(const float* __restrict in, const int64_t* __restrict off, const float* __restrict w,
-                              int64_t ntaps, int64_t q0, float* __restrict dst) {
-  vecf a[NV];
-  for (int i = 0; i < NV; ++i) a[i] = bcast(0.f);
-  for (int64_t e = 0; e < ntaps; ++e) {
-    const float* src = in + off[e] + q0;
-    const vecf we = bcast(w[e]);
-#pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) a[i] += we * loadu(src + i * VL);
-  }
-  for (int i = 0; i < NV; ++i) storeu(dst + i * VL, a[i]);
-}
-
-// As accumulate, but vector i reads from its own base in + voff[i] (the row layout: each vector VL pixels of
-// one output row, see direct_conv2d), so no lane computes a padding column
+// dst[i * VL ..] = sum over a filter's taps of w[e] * in[voff[i] + off[e] ..] for the NV vectors i. Vector i reads
+// from its own base: in the row layout each vector is VL pixels of one output row (see direct_conv2d), so no
+// lane computes a padding column; on the wide grid the vectors are contiguous (kContiguous).
 template <int NV>
 static inline void accumulate_rows(const float* __restrict in, const int64_t* __restrict voff,
                                    const int64_t* __restrict off, const float* __restrict w, int64_t ntaps,
@@ -77,6 +64,16 @@ static inline void accumulate_rows(const float* __restrict in, const int64_t* __
     for (int i = 0; i < NV; ++i) a[i] += we * loadu(src[i] + o);
   }
   for (int i = 0; i < NV; ++i) storeu(dst + i * VL, a[i]);
+}
+
+// offsets of NV contiguous vectors (the wide grid): after inlining the same code as a single base
+constexpr int64_t kContiguous[8] = {0, VL, 2 * VL, 3 * VL, 4 * VL, 5 * VL, 6 * VL, 7 * VL};
+
+// dst[0 .. NV*VL) = sum over a filter's taps of w[e] * in[off[e] + q0 + 0 .. NV*VL)
+template <int NV>
+static inline void accumulate(const float* __restrict in, const int64_t* __restrict off, const float* __restrict w,
+                              int64_t ntaps, int64_t q0, float* __restrict dst) {
+  accumulate_rows<NV>(in + q0, kContiguous, off, w, ntaps, dst);
 }
 
 // The row layout's tables, built once per layer (integer divisions per block cost more than a sparse filter's
@@ -579,9 +576,8 @@ constexpr int DNV = 3;       // pixel vectors per register block
 // layout every vector is VL pixels of one output row (outputs whose width is a multiple of VL), so no lane
 // computes a padding column of the wide grid (13% of the lanes at 32x32, 27% at 16x16, 56% at 8x8 with pad 1).
 template <int FB, int NV>
-static inline void blockf_rows(const float* __restrict base, const int64_t* __restrict voff,
-                               const int64_t* __restrict off, const float* __restrict wp, int64_t K,
-                               float* __restrict acc, int64_t ldacc) {
+static inline void blockf(const float* __restrict base, const int64_t* __restrict voff, const int64_t* __restrict off,
+                          const float* __restrict wp, int64_t K, float* __restrict acc, int64_t ldacc) {
   vecf a[FB][NV];
   const float* src[NV];
 #pragma GCC unroll 4
@@ -607,14 +603,6 @@ static inline void blockf_rows(const float* __restrict base, const int64_t* __re
   for (int j = 0; j < FB; ++j)
 #pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) storeu(acc + j * ldacc + i * VL, a[j][i]);
-}
-
-// The wide grid / im2col rows: the NV vectors are contiguous (after inlining, the same code as a single base)
-template <int FB, int NV>
-static inline void blockf(const float* __restrict base, const int64_t* __restrict off, const float* __restrict wp,
-                          int64_t K, float* __restrict acc, int64_t ldacc) {
-  static constexpr int64_t contiguous[4] = {0, VL, 2 * VL, 3 * VL};
-  blockf_rows<FB, NV>(base, contiguous, off, wp, K, acc, ldacc);
 }
 
 // Stores one filter's outputs for positions [q0, q0 + qn) of the compact output order q = n * Ho * Wo + r.
@@ -724,36 +712,34 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
       const int64_t blk_end = (chunk + 1) * nblocks / nchunks;
       const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
       for (int64_t blk = chunk * nblocks / nchunks; blk < blk_end; ++blk) {
+        // the block's NV vectors: output-row vectors (row layout) or contiguous from q0 (wide grid / im2col)
+        int64_t nv, q0 = 0, qn = 0;
+        const float* src = base;
+        const int64_t* voff = kContiguous;
         if (row_mode) {
-          const int64_t v0 = blk * DNV, nv = std::min<int64_t>(DNV, nvec - v0);
-          const int64_t* voff = vin.data() + v0;
-          const int64_t* ooff = vout.data() + v0;
-          for (int64_t h = 0; h < nf; h += DFB) {
-            float* ah = acc + h * BLKPX;
-            switch (nv) {
-              case 3: blockf_rows<DFB, 3>(base, voff, off.data(), wp + h, K, ah, BLKPX); break;
-              case 2: blockf_rows<DFB, 2>(base, voff, off.data(), wp + h, K, ah, BLKPX); break;
-              default: blockf_rows<DFB, 1>(base, voff, off.data(), wp + h, K, ah, BLKPX); break;
-            }
-          }
-          for (int64_t j = 0; j < nf; ++j) {
-            const int64_t f = fb * FBLK + j, fo = f * Ho * Wo;
-            store_vecs(op + fo, rp ? rp + fo : nullptr, ooff, acc + j * BLKPX, nv, bp ? bp[f] : 0.f, relu);
-          }
-          continue;
+          nv = std::min<int64_t>(DNV, nvec - blk * DNV);
+          voff = vin.data() + blk * DNV;
+        } else {
+          q0 = blk * BLKPX;
+          qn = std::min<int64_t>(BLKPX, total - q0);
+          nv = (qn + VL - 1) / VL;
+          src = base + q0;
         }
-        const int64_t q0 = blk * BLKPX, qn = std::min<int64_t>(BLKPX, total - q0);
-        const int64_t nv = (qn + VL - 1) / VL;
-        const float* src = base + q0;
         for (int64_t h = 0; h < nf; h += DFB) {  // AVX2: the second half only when it holds real filters
           float* ah = acc + h * BLKPX;
           switch (nv) {
-            case 3: blockf<DFB, 3>(src, off.data(), wp + h, K, ah, BLKPX); break;
-            case 2: blockf<DFB, 2>(src, off.data(), wp + h, K, ah, BLKPX); break;
-            default: blockf<DFB, 1>(src, off.data(), wp + h, K, ah, BLKPX); break;
+            case 3: blockf<DFB, 3>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
+            case 2: blockf<DFB, 2>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
+            default: blockf<DFB, 1>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
           }
         }
-        if (use_cols) {
+        if (row_mode) {
+          for (int64_t j = 0; j < nf; ++j) {
+            const int64_t f = fb * FBLK + j, fo = f * Ho * Wo;
+            store_vecs(op + fo, rp ? rp + fo : nullptr, vout.data() + blk * DNV, acc + j * BLKPX, nv, bp ? bp[f] : 0.f,
+                       relu);
+          }
+        } else if (use_cols) {
           for (int64_t j = 0; j < nf; ++j) compact(acc + j * BLKPX, fb * FBLK + j, q0, qn);
         } else {
           wide.block(acc, BLKPX, fb * FBLK, nf, q0, qn);
