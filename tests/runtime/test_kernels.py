@@ -46,10 +46,11 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:8])))
 @pytest.mark.parametrize("fuse", ["plain", "bias_relu", "bias_residual_relu"])
-@pytest.mark.parametrize("layout", ["rows", "wide"])
+@pytest.mark.parametrize("layout", ["rows", "shared", "wide"])
 def test_sparse_conv_matches_reference(kernels, case, fuse, layout):
     """The sparse kernel against its reference twin; "rows": the row layout wherever the output width is a
-    multiple of the vector (the default), "wide": always the wide grid of the phase planes."""
+    multiple of the vector (the default; banded at small batches), "shared": the row layout on planes shared by
+    the threads (banding off), "wide": always the wide grid of the phase planes."""
     n, c, f, h, w, k, s, p, d = case
     weight = _sparse_weight(f, c, k, d, seed=h * w + f)
     bias = torch.randn(f) if fuse != "plain" else None
@@ -58,11 +59,13 @@ def test_sparse_conv_matches_reference(kernels, case, fuse, layout):
     ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     res = torch.randn(n, f, ho, wo) if fuse == "bias_residual_relu" else None
     ref = m.forward_reference(x, res)
-    kernels.set_row_layout(layout == "rows")
+    kernels.set_row_layout(layout != "wide")
+    kernels.set_banded(layout == "rows")
     try:
         out = m(x, res)
     finally:
         kernels.set_row_layout(True)
+        kernels.set_banded(True)
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4
     assert not torch.equal(m.forward_reference(x * 2, res), ref)  # the comparison is not vacuous
@@ -92,10 +95,11 @@ def test_sparse_conv_all_zero_filters(kernels, layout, shape):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:8])))
 @pytest.mark.parametrize("fuse", ["plain", "bias_residual_relu"])
-@pytest.mark.parametrize("rows", ["rows", "planes", "im2col"])
+@pytest.mark.parametrize("rows", ["rows", "shared", "planes", "im2col"])
 def test_direct_conv_matches_reference(kernels, case, fuse, rows):
     """The dense direct kernel (every tap) on the same cases in each of its layouts: output rows where the width
-    allows ("rows", the default), the wide grid of the phase planes, an im2col matrix."""
+    allows ("rows", the default; banded at small batches), output rows on planes shared by the threads ("shared"),
+    the wide grid of the phase planes, an im2col matrix."""
     n, c, f, h, w, k, s, p, d = case
     weight = _sparse_weight(f, c, k, max(d, 0.7), seed=h * w + f + 1)
     bias = torch.randn(f) if fuse != "plain" else None
@@ -105,16 +109,58 @@ def test_direct_conv_matches_reference(kernels, case, fuse, rows):
     relu = fuse != "plain"
     ref = direct_conv2d(x, weight, bias, s, p, relu, res, reference=True)
     old = 1 << 17
-    kernels.set_direct_im2col_max({"rows": old, "planes": 0, "im2col": -1}[rows])
-    kernels.set_row_layout(rows == "rows")
+    kernels.set_direct_im2col_max({"rows": old, "shared": old, "planes": 0, "im2col": -1}[rows])
+    kernels.set_row_layout(rows in ("rows", "shared"))
+    kernels.set_banded(rows == "rows")
     try:
         out = direct_conv2d(x, weight, bias, s, p, relu, res)
     finally:
         kernels.set_direct_im2col_max(old)
         kernels.set_row_layout(True)
+        kernels.set_banded(True)
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4
     assert not torch.equal(direct_conv2d(x * 2, weight, bias, s, p, relu, res, reference=True), ref)
+
+
+# (N, C, F, H, W, stride): one image split in row bands (32x32, 16x16), a small output split by filters (8x8),
+# bands that cross images (3 images of 7 rows), stride 2, fewer filter blocks than threads (F = 4)
+BANDED = [(1, 16, 20, 32, 32, 1), (1, 64, 64, 8, 8, 1), (3, 5, 11, 7, 16, 1), (2, 16, 12, 32, 32, 2),
+          (1, 8, 4, 16, 16, 1), (1, 24, 40, 16, 16, 2)]
+
+
+@pytest.mark.parametrize("case", BANDED, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("kernel", ["sparse", "direct"])
+def test_banded_split_matches_reference(kernels, case, threads, kernel):
+    """Small batches in the row layout split output rows (or, at 8x8, filters) over the threads, each building
+    its own padded input: with every layer forced parallel (threshold 0) and 2 or 3 threads, both kernels match
+    the reference, with bias, residual, ReLU and all-zero filters."""
+    n, c, f, h, w, s = case
+    weight = _sparse_weight(f, c, 3, 0.3 if kernel == "sparse" else 1.0, seed=h + f + s)
+    weight[1::4] = 0
+    bias = torch.randn(f)
+    x = torch.randn(n, c, h, w)
+    ho, wo = (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1
+    res = torch.randn(n, f, ho, wo)
+    m = SparseConv2d(weight, bias, stride=s, padding=1, relu=True)
+    ref = m.forward_reference(x, res)
+    run = (lambda: m(x, res)) if kernel == "sparse" else (lambda: direct_conv2d(x, weight, bias, s, 1, True, res))
+    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
+    torch.set_num_threads(threads)
+    kernels.set_parallel_threshold(0)
+    try:
+        out = run()
+        kernels.set_banded(False)
+        shared = run()
+    finally:
+        kernels.set_banded(True)
+        kernels.set_parallel_threshold(old_threshold)
+        torch.set_num_threads(old_threads)
+    assert out.shape == ref.shape == (n, f, ho, wo)
+    assert _rel_err(out, ref) <= 1e-4
+    assert _rel_err(shared, ref) <= 1e-4
+    assert not torch.equal(m.forward_reference(x * 2, res), ref)
 
 
 def test_direct_pack_layout_and_bad_shapes(kernels):

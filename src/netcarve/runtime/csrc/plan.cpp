@@ -322,6 +322,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_direct_im2col_max", [](int64_t v) { g_direct_im2col_max = v; },
         "largest im2col matrix (floats) direct_conv2d builds for small outputs (default 2^17; 0 = never, "
         "-1 = always where the row layout does not apply)");
+  m.def("set_banded", [](bool v) { g_banded = v; },
+        "direct convs at small batches: each thread builds and computes its own output rows (default on)");
   m.def("set_row_layout", [](bool v) { g_row_layout = v; },
         "run direct_conv2d and sparse_conv2d in the row layout where the output width is a multiple of the vector "
         "(default on)");

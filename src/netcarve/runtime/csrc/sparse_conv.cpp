@@ -21,6 +21,7 @@
 int64_t g_parallel_threshold = (int64_t)1 << 16;
 int64_t g_small_max_vectors = 4;
 bool g_row_layout = true;
+bool g_banded = true;
 
 namespace {
 
@@ -181,6 +182,30 @@ static torch::Tensor phase_planes(const torch::Tensor& x, int64_t S, int64_t pad
     }
   });
   return planes;
+}
+
+// Output rows [y0, y1) of one image need the zero-padded input rows [y0 * S, (y1 - 1) * S + kh): this band split
+// into S x S phase planes of Hb x Wph, channel-major (buf[c][ry][rx][yy][xx], planes of bplane floats).
+static void band_planes(const float* __restrict src, int64_t C, int64_t H, int64_t W, int64_t S, int64_t pad,
+                        int64_t iy0, int64_t iy1, int64_t bplane, int64_t Wph, float* __restrict buf) {
+  std::memset(buf, 0, sizeof(float) * C * S * S * bplane);
+  for (int64_t c = 0; c < C; ++c) {
+    const float* sc = src + c * H * W;
+    float* bc = buf + c * S * S * bplane;
+    for (int64_t py = std::max<int64_t>(iy0, pad); py < std::min<int64_t>(iy1, H + pad); ++py) {
+      const int64_t ly = py - iy0, ry = ly % S, yy = ly / S;
+      const float* sr = sc + (py - pad) * W;
+      if (S == 1) {
+        std::memcpy(bc + yy * Wph + pad, sr, sizeof(float) * W);
+        continue;
+      }
+      for (int64_t rx = 0; rx < S; ++rx) {  // columns x with (x + pad) % S == rx go to phase rx
+        const int64_t x0 = ((rx - pad) % S + S) % S;
+        float* d = bc + (ry * S + rx) * bplane + yy * Wph + (x0 + pad) / S;
+        for (int64_t xx = x0; xx < W; xx += S) *d++ = sr[xx];
+      }
+    }
+  }
 }
 
 // Stores one filter's outputs computed on the wide grid (flat positions q = n * plane + y * Wph + x of the
@@ -417,10 +442,98 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     return sparse_conv2d_small(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, S, pad, relu, Ho, Wo, P, Pp);
   }
 
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  if (g_row_layout && g_banded && Wo % VL == 0 && N < 2 * nthreads) {
+    // Banded (small batches; see direct_conv2d): each thread takes a contiguous range of output rows, builds the
+    // padded phase planes of just those rows (+ halo) in a buffer of its own and runs every filter over them in
+    // blocks of 8 row vectors. No single-threaded copy of the whole input, and each thread mostly reads rows it
+    // wrote itself in the previous layer.
+    // Small outputs (8x8 at batch 1: a few vectors per thread) split the filters instead: every thread builds
+    // the whole padded input (in parallel, a few KiB) and runs its share of the filters (dealt round-robin in
+    // the heaviest-first order).
+    const int64_t WV = Wo / VL, R = N * Ho, HoWo = Ho * Wo;
+    const int64_t work = E * N * Ho * Wo;
+    const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, L), nthreads);
+    const int64_t nb = (R * WV) / nt >= 16 ? std::min<int64_t>(R, nt) : 1, ng = nt / nb;
+    const int64_t ntasks = nb * ng;
+    const int64_t rows_max = std::min<int64_t>(Ho, (R + nb - 1) / nb);
+    const int64_t Hb = ((rows_max - 1) * S + kh + S - 1) / S, bplane = Hb * Wph;
+    const int64_t bfloats = C * S * S * bplane + 2 * VL;
+    std::vector<int64_t> boff(kh * kw);
+    for (int64_t ky = 0; ky < kh; ++ky)
+      for (int64_t kx = 0; kx < kw; ++kx) boff[ky * kw + kx] = ((ky % S) * S + kx % S) * bplane + (ky / S) * Wph + (kx / S);
+    const int32_t* ptr = tp.data_ptr<int32_t>();
+    const int32_t* ord = fo.data_ptr<int32_t>();
+    const float* wv = tw.data_ptr<float>();
+    const Taps btaps{tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), wv, boff.data(), S * S * bplane};
+    std::vector<int64_t> offs(E);
+    for (int64_t e = 0; e < E; ++e) offs[e] = btaps.off(e);
+    auto out = torch::empty({N, F, Ho, Wo}, x.options());
+    const Epilogue ep(bias, residual, out, "sparse_conv2d");
+    const float* bp = ep.bp;
+    const float* rp = ep.rp;
+    float* op = out.data_ptr<float>();
+    std::vector<int64_t> empty;
+    {
+      std::vector<char> has(F, 0);
+      for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
+      for (int64_t f = 0; f < F; ++f)
+        if (!has[f]) empty.push_back(f);
+    }
+    const float* xs = x.data_ptr<float>();
+    at::parallel_for(0, ntasks, 1, [&](int64_t tb, int64_t te) {
+      thread_local std::vector<float> buf;
+      thread_local std::vector<int64_t> vin, vout;
+      if ((int64_t)buf.size() < bfloats) buf.assign(bfloats, 0.f);
+      alignas(64) float acc[BLOCK];
+      for (int64_t task = tb; task < te; ++task) {
+      const int64_t band = task / ng, g = task % ng;
+      const int64_t r0 = band * R / nb, r1 = (band + 1) * R / nb;
+      for (int64_t r = r0; r < r1;) {  // one image's segment of rows at a time
+        const int64_t n = r / Ho, y0 = r % Ho, y1 = std::min<int64_t>(Ho, y0 + (r1 - r));
+        for (int64_t ya = y0; ya < y1; ya += rows_max) {
+          const int64_t yb = std::min<int64_t>(y1, ya + rows_max);
+          band_planes(xs + n * C * H * W, C, H, W, S, pad, ya * S, (yb - 1) * S + kh, bplane, Wph, buf.data());
+          const int64_t nvec = (yb - ya) * WV;
+          vin.resize(nvec);
+          vout.resize(nvec);
+          for (int64_t v = 0; v < nvec; ++v) {
+            const int64_t yl = v / WV, x0 = (v % WV) * VL;
+            vin[v] = yl * Wph + x0;
+            vout[v] = n * F * HoWo + (ya + yl) * Wo + x0;
+          }
+          const float* pl = buf.data();
+          for (int64_t v0 = 0; v0 < nvec; v0 += 8) {
+            const int64_t nv = std::min<int64_t>(8, nvec - v0);
+            const int64_t* voff = vin.data() + v0;
+            const int64_t* ooff = vout.data() + v0;
+            for (int64_t i = g; i < L; i += ng) {
+              const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0;
+              if (nv == 8) {
+                accumulate_rows<8>(pl, voff, offs.data() + t0, wv + t0, nt, acc);
+              } else {
+                for (int64_t k = 0; k < nv; ++k) accumulate_one(pl, offs.data() + t0, wv + t0, nt, voff[k], acc + k * VL);
+              }
+              const int64_t f = ord[i];
+              store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
+            }
+            if (g == 0 && !empty.empty()) {
+              std::fill(acc, acc + nv * VL, 0.f);
+              for (int64_t f : empty)
+                store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
+            }
+          }
+        }
+        r += y1 - y0;
+      }
+      }
+    });
+    return out;
+  }
+
   // Work split: the flat output range in chunks whose input windows (all channels and phases) stay in
   // L2 while every filter of a filter group sweeps them; jobs = chunks x filter groups (filters dealt to
   // the groups round-robin in the heaviest-first order, so the groups carry similar work).
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t l2_floats = 512 * 1024 / 4;
   int64_t chunk = std::max<int64_t>(BLOCK, l2_floats / std::max<int64_t>(1, C * S * S) / BLOCK * BLOCK);
   chunk = std::min<int64_t>({chunk, 2048, (total + VL - 1) / VL * VL});
@@ -659,6 +772,79 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
   const int64_t Pp = (P + BLKPX - 1) / BLKPX * BLKPX;
   // rows (outputs whose width is a multiple of the vector: every lane a real output) before the wide grid
   const bool row_mode = g_row_layout && Wo % VL == 0;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t WV = Wo / VL;  // row mode: vectors per output row
+  if (row_mode && g_banded && N < 2 * nthreads) {
+    // Banded (small batches): each thread takes a contiguous range of output rows (all filters) and builds the
+    // padded phase planes of just its rows (+ halo) in a buffer of its own, so no step runs on one thread while
+    // the other waits, and the rows it reads are mostly the ones it wrote in the previous layer (in its own
+    // cache). The shared-planes path below copied the whole input on one thread, then both threads read it all.
+    const int64_t R = N * Ho;
+    const int64_t work = K * FB * FBLK * N * Ho * Wo;
+    // Small outputs (8x8 at batch 1: under a dozen vectors per thread) split the filter blocks instead (3-vector
+    // register blocks, no halo rows; measured faster there): every thread builds the whole padded input (in
+    // parallel, a few KiB) and runs its share of the filter blocks.
+    const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, FB), nthreads);
+    const int64_t nb = (R * WV) / nt >= 4 * DNV || FB < nt ? std::min<int64_t>(R, nt) : 1, ng = nt / nb;
+    const int64_t ntasks = nb * ng;
+    const int64_t rows_max = std::min<int64_t>(Ho, (R + nb - 1) / nb);
+    const int64_t Hb = ((rows_max - 1) * S + kh + S - 1) / S, bplane = Hb * Wph;
+    const int64_t bfloats = C * S * S * bplane + 2 * VL;
+    std::vector<int64_t> off(K);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t ky = 0; ky < kh; ++ky)
+        for (int64_t kx = 0; kx < kw; ++kx)
+          off[(c * kh + ky) * kw + kx] = ((c * S + ky % S) * S + kx % S) * bplane + (ky / S) * Wph + (kx / S);
+    const float* xs = x.data_ptr<float>();
+    const float* wpk = wp_t.data_ptr<float>();
+    at::parallel_for(0, ntasks, 1, [&](int64_t tb, int64_t te) {
+      thread_local std::vector<float> buf;
+      thread_local std::vector<int64_t> vin, vout;
+      if ((int64_t)buf.size() < bfloats) buf.assign(bfloats, 0.f);
+      alignas(64) float acc[FBLK * DNV * VL];
+      for (int64_t task = tb; task < te; ++task) {
+      const int64_t band = task / ng, g = task % ng;
+      const int64_t r0 = band * R / nb, r1 = (band + 1) * R / nb;
+      for (int64_t r = r0; r < r1;) {  // one image's segment of rows at a time
+        const int64_t n = r / Ho, y0 = r % Ho, y1 = std::min<int64_t>(Ho, y0 + (r1 - r));
+        for (int64_t ya = y0; ya < y1; ya += rows_max) {  // rows_max bounds the band buffer
+          const int64_t yb = std::min<int64_t>(y1, ya + rows_max);
+          band_planes(xs + n * C * H * W, C, H, W, S, pad, ya * S, (yb - 1) * S + kh, bplane, Wph, buf.data());
+          const int64_t nvec = (yb - ya) * WV, padded = (nvec + DNV - 1) / DNV * DNV;
+          vin.resize(padded);
+          vout.resize(padded);
+          for (int64_t v = 0; v < padded; ++v) {
+            const int64_t u = std::min<int64_t>(v, nvec - 1), yl = u / WV, x0 = (u % WV) * VL;
+            vin[v] = yl * Wph + x0;
+            vout[v] = n * F * Ho * Wo + (ya + yl) * Wo + x0;
+          }
+          for (int64_t fb = g * FB / ng; fb < (g + 1) * FB / ng; ++fb) {
+            const float* wp = wpk + fb * K * FBLK;
+            const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
+            for (int64_t v0 = 0; v0 < nvec; v0 += DNV) {
+              const int64_t nv = std::min<int64_t>(DNV, nvec - v0);
+              for (int64_t h = 0; h < nf; h += DFB) {
+                float* ah = acc + h * BLKPX;
+                switch (nv) {
+                  case 3: blockf<DFB, 3>(buf.data(), vin.data() + v0, off.data(), wp + h, K, ah, BLKPX); break;
+                  case 2: blockf<DFB, 2>(buf.data(), vin.data() + v0, off.data(), wp + h, K, ah, BLKPX); break;
+                  default: blockf<DFB, 1>(buf.data(), vin.data() + v0, off.data(), wp + h, K, ah, BLKPX); break;
+                }
+              }
+              for (int64_t j = 0; j < nf; ++j) {
+                const int64_t f = fb * FBLK + j, fo = f * Ho * Wo;
+                store_vecs(op + fo, rp ? rp + fo : nullptr, vout.data() + v0, acc + j * BLKPX, nv, bp ? bp[f] : 0.f,
+                           relu);
+              }
+            }
+          }
+        }
+        r += y1 - y0;
+      }
+      }
+    });
+    return out;
+  }
   // im2col only where the wide grid wastes over a third of the lanes (measured: building the matrix costs
   // more than a quarter's waste at 16x16); g_direct_im2col_max < 0 forces it (tests)
   const bool use_cols =
@@ -686,64 +872,66 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
   const CompactStore compact{op, rp, bp, relu, F, Ho * Wo, total};
 
   // jobs: chunks of pixel blocks whose input rows stay in L2 while the filter blocks sweep them
-  const int64_t WV = Wo / VL, nvec = N * Ho * WV;  // row mode: vectors of output rows
+  const int64_t nvec = N * Ho * WV;  // row mode: vectors of output rows
   std::vector<int64_t> vin, vout;
   if (row_mode) row_tables(N, Ho, Wo, plane, Wph, F, DNV, vin, vout);
   const int64_t nblocks = row_mode ? (nvec + DNV - 1) / DNV : (total + BLKPX - 1) / BLKPX;
-  // Chunks are sized evenly and their count makes the jobs (chunks x filter blocks) a multiple of the thread
-  // count where possible: at batch 1 a layer has only a few jobs, and one chunk of 37 blocks next to one of 12
-  // (an 8-filter 32x32 layer split by a fixed chunk size) left one of two threads idle most of the layer.
+  // Chunks of pixel blocks whose input rows stay in L2 while the filter blocks sweep them; the work units
+  // (chunk, filter block, pixel block), chunk-major, are split over the threads in equal contiguous ranges of
+  // whole blocks. At batch 1 a layer has only a few dozen blocks: whole jobs (chunk x filter block) over two
+  // threads left one idle for up to a fifth of the layer (an 8-filter 32x32 layer once split 37 / 12 blocks).
   const int64_t max_per_chunk = std::max<int64_t>(1, std::min<int64_t>(nblocks, ((int64_t)1 << 16) / (K * BLKPX)));
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t nchunks = (nblocks + max_per_chunk - 1) / max_per_chunk;
-  for (int64_t c = nchunks; c <= std::min<int64_t>(nblocks, nchunks + nthreads); ++c)
-    if ((c * FB) % nthreads == 0) {
-      nchunks = c;
-      break;
-    }
+  const int64_t nchunks = (nblocks + max_per_chunk - 1) / max_per_chunk;
+  const int64_t units = nblocks * FB;
   const int64_t work = K * FB * FBLK * nblocks * BLKPX;
-  const int64_t njobs = nchunks * FB;
-  const int64_t grain = work < g_parallel_threshold ? njobs : 1;
-  at::parallel_for(0, njobs, grain, [&](int64_t b, int64_t e) {
+  const int64_t ntasks = work < g_parallel_threshold ? 1 : std::min<int64_t>(units, nthreads);
+  auto run_block = [&](float* acc, int64_t fb, int64_t blk) {
+    const float* wp = wpk + fb * K * FBLK;
+    const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
+    // the block's NV vectors: output-row vectors (row layout) or contiguous from q0 (wide grid / im2col)
+    int64_t nv, q0 = 0, qn = 0;
+    const float* src = base;
+    const int64_t* voff = kContiguous;
+    if (row_mode) {
+      nv = std::min<int64_t>(DNV, nvec - blk * DNV);
+      voff = vin.data() + blk * DNV;
+    } else {
+      q0 = blk * BLKPX;
+      qn = std::min<int64_t>(BLKPX, total - q0);
+      nv = (qn + VL - 1) / VL;
+      src = base + q0;
+    }
+    for (int64_t h = 0; h < nf; h += DFB) {  // AVX2: the second half only when it holds real filters
+      float* ah = acc + h * BLKPX;
+      switch (nv) {
+        case 3: blockf<DFB, 3>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
+        case 2: blockf<DFB, 2>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
+        default: blockf<DFB, 1>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
+      }
+    }
+    if (row_mode) {
+      for (int64_t j = 0; j < nf; ++j) {
+        const int64_t f = fb * FBLK + j, fo = f * Ho * Wo;
+        store_vecs(op + fo, rp ? rp + fo : nullptr, vout.data() + blk * DNV, acc + j * BLKPX, nv, bp ? bp[f] : 0.f,
+                   relu);
+      }
+    } else if (use_cols) {
+      for (int64_t j = 0; j < nf; ++j) compact(acc + j * BLKPX, fb * FBLK + j, q0, qn);
+    } else {
+      wide.block(acc, BLKPX, fb * FBLK, nf, q0, qn);
+    }
+  };
+  at::parallel_for(0, ntasks, 1, [&](int64_t tb, int64_t te) {
     alignas(64) float acc[FBLK * DNV * VL];
-    for (int64_t job = b; job < e; ++job) {
-      const int64_t chunk = job / FB, fb = job % FB;
-      const float* wp = wpk + fb * K * FBLK;
-      const int64_t blk_end = (chunk + 1) * nblocks / nchunks;
-      const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
-      for (int64_t blk = chunk * nblocks / nchunks; blk < blk_end; ++blk) {
-        // the block's NV vectors: output-row vectors (row layout) or contiguous from q0 (wide grid / im2col)
-        int64_t nv, q0 = 0, qn = 0;
-        const float* src = base;
-        const int64_t* voff = kContiguous;
-        if (row_mode) {
-          nv = std::min<int64_t>(DNV, nvec - blk * DNV);
-          voff = vin.data() + blk * DNV;
-        } else {
-          q0 = blk * BLKPX;
-          qn = std::min<int64_t>(BLKPX, total - q0);
-          nv = (qn + VL - 1) / VL;
-          src = base + q0;
-        }
-        for (int64_t h = 0; h < nf; h += DFB) {  // AVX2: the second half only when it holds real filters
-          float* ah = acc + h * BLKPX;
-          switch (nv) {
-            case 3: blockf<DFB, 3>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
-            case 2: blockf<DFB, 2>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
-            default: blockf<DFB, 1>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
-          }
-        }
-        if (row_mode) {
-          for (int64_t j = 0; j < nf; ++j) {
-            const int64_t f = fb * FBLK + j, fo = f * Ho * Wo;
-            store_vecs(op + fo, rp ? rp + fo : nullptr, vout.data() + blk * DNV, acc + j * BLKPX, nv, bp ? bp[f] : 0.f,
-                       relu);
-          }
-        } else if (use_cols) {
-          for (int64_t j = 0; j < nf; ++j) compact(acc + j * BLKPX, fb * FBLK + j, q0, qn);
-        } else {
-          wide.block(acc, BLKPX, fb * FBLK, nf, q0, qn);
-        }
+    const int64_t u0 = tb * units / ntasks, u1 = te * units / ntasks;
+    for (int64_t c = 0; c < nchunks; ++c) {  // chunk c: blocks [cs, ce), units [FB * cs, FB * ce)
+      const int64_t cs = c * nblocks / nchunks, ce = (c + 1) * nblocks / nchunks, len = ce - cs;
+      if (FB * ce <= u0) continue;
+      if (FB * cs >= u1) break;
+      for (int64_t fb = 0; fb < FB; ++fb) {
+        const int64_t ub = FB * cs + fb * len;  // unit of (fb, cs)
+        const int64_t b0 = std::max<int64_t>(ub, u0) - ub, b1 = std::min<int64_t>(ub + len, u1) - ub;
+        for (int64_t i = b0; i < b1; ++i) run_block(acc, fb, cs + i);
       }
     }
   });
