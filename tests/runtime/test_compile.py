@@ -76,6 +76,44 @@ def test_compiled_zoo_models_match_the_masked_model(kernels, name, mode):
     assert sparse_layers == (eligible if mode == "always" else 0)
 
 
+def test_plan_across_batches_threads_and_concurrent_calls(kernels):
+    """A compiled sparse plan keeps per-layer caches of its tap offsets (one geometry of the banded planes at a
+    time): alternating batch sizes (banded 1 / 3, shared planes 8), thread counts and two Python threads calling
+    it at once with different batches all give the model's output."""
+    import threading
+
+    m = _prepared("resnet20", seed=3)
+    c = compile(m, _example(m, 1), sparse="always")
+    xs = {b: _example(m, b) for b in (1, 3, 8)}
+    with torch.no_grad():
+        refs = {b: m(x) for b, x in xs.items()}
+    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
+    kernels.set_parallel_threshold(0)
+    try:
+        for threads in (2, 3, 1):
+            torch.set_num_threads(threads)
+            for b in (1, 3, 1, 8, 3):
+                assert _rel(c(xs[b]), refs[b]) <= 1e-4, (threads, b)
+        torch.set_num_threads(2)
+        errors = []
+
+        def worker(b):
+            for _ in range(5):
+                err = _rel(c(xs[b]), refs[b])
+                if err > 1e-4:
+                    errors.append((b, err))
+
+        ts = [threading.Thread(target=worker, args=(b,)) for b in (1, 3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors
+    finally:
+        kernels.set_parallel_threshold(old_threshold)
+        torch.set_num_threads(old_threads)
+
+
 @pytest.mark.parametrize("name", [n for n in ZOO if n not in ("gru", "lstm")])
 def test_every_conv_on_the_direct_kernel_matches(kernels, name):
     """The plan with every groups=1 conv on netcarve's dense direct kernel equals the masked model."""

@@ -2,6 +2,10 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <memory>
+#include <mutex>
+#include <vector>
+
 #include <immintrin.h>
 
 // One vector register of floats (GCC vector extensions): 16 with AVX-512 (32 registers), 8 otherwise (AVX2:
@@ -50,10 +54,19 @@ extern int64_t g_parallel_threshold;
 // Outputs of at most 16 x this many floats (N * Ho * Wo, at most 256) take the im2col path of sparse_conv2d.
 extern int64_t g_small_max_vectors;
 
+// A plan step's cache of its taps' input offsets for one geometry of the (banded) phase planes: computing them
+// is serial work proportional to the taps, repeated on every call otherwise. Owned by the step (its taps never
+// change); safe for concurrent runs (a call that finds another geometry computes and swaps in its own).
+struct TapOffCache {
+  std::mutex m;
+  int64_t key[3] = {-1, -1, -1};
+  std::shared_ptr<const std::vector<int64_t>> offs;
+};
+
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
-                            int64_t stride, int64_t pad, bool relu);
+                            int64_t stride, int64_t pad, bool relu, TapOffCache* cache = nullptr);
 
 // Dense conv as a register-blocked direct convolution (8 filters x 48 pixels per block; AVX2: 4 x 24); wpack is
 // (ceil(F/8), C*kh*kw, 8). Outputs under g_direct_im2col_max floats of im2col matrix may use im2col rows.

@@ -29,6 +29,7 @@ struct Step {
   bool sparse = false;
   int64_t conv_kernel = 0;  // conv: 0 ATen, 1 sparse taps, 2 direct (ts[7] = packed weight)
   bool relu = false;
+  std::shared_ptr<TapOffCache> offs = std::make_shared<TapOffCache>();  // sparse conv: its tap offsets
 };
 
 static MatW make_mat(const torch::Tensor& w, c10::optional<torch::Tensor> bias, const std::vector<torch::Tensor>& bsr) {
@@ -232,7 +233,8 @@ class Plan {
         c10::optional<torch::Tensor> res;
         if (s.in.size() > 1) res = v[s.in[1]];
         if (s.conv_kernel == 1)
-          return sparse_conv2d(x, s.ts[2], s.ts[3], s.ts[4], s.ts[5], s.ts[6], bias, res, F, kh, kw, st, pd, s.relu);
+          return sparse_conv2d(x, s.ts[2], s.ts[3], s.ts[4], s.ts[5], s.ts[6], bias, res, F, kh, kw, st, pd, s.relu,
+                               s.offs.get());
         if (s.conv_kernel == 2) return direct_conv2d(x, s.ts[7], bias, res, F, kh, kw, st, pd, s.relu);
         auto y = at::conv2d(x, s.ts[0], bias, {st, st}, {pd, pd}, {1, 1}, g);
         if (res) y.add_(*res);
@@ -317,7 +319,13 @@ std::string build_info() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_conv2d", &sparse_conv2d, "direct sparse conv2d over non-zero taps (fp32)");
+  m.def("sparse_conv2d",
+        [](torch::Tensor x, torch::Tensor tp, torch::Tensor tc, torch::Tensor tq, torch::Tensor tw, torch::Tensor fo,
+           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> res, int64_t F, int64_t kh, int64_t kw,
+           int64_t stride, int64_t pad, bool relu) {
+          return sparse_conv2d(x, tp, tc, tq, tw, fo, bias, res, F, kh, kw, stride, pad, relu);
+        },
+        "direct sparse conv2d over non-zero taps (fp32)");
   m.def("direct_conv2d", &direct_conv2d, "dense conv2d, register-blocked direct convolution (fp32)");
   m.def("set_direct_im2col_max", [](int64_t v) { g_direct_im2col_max = v; },
         "largest im2col matrix (floats) direct_conv2d builds for small outputs (default 2^17; 0 = never, "

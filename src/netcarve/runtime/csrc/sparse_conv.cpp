@@ -399,7 +399,7 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
-                            int64_t stride, int64_t pad, bool relu) {
+                            int64_t stride, int64_t pad, bool relu, TapOffCache* cache) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "sparse_conv2d: x must be (N, C, H, W) float32");
   TORCH_CHECK(stride >= 1 && pad >= 0 && kh >= 1 && kw >= 1, "sparse_conv2d: bad geometry");
   x = x.contiguous();
@@ -466,8 +466,24 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     const int32_t* ord = fo.data_ptr<int32_t>();
     const float* wv = tw.data_ptr<float>();
     const Taps btaps{tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), wv, boff.data(), S * S * bplane};
-    std::vector<int64_t> offs(E);
-    for (int64_t e = 0; e < E; ++e) offs[e] = btaps.off(e);
+    std::shared_ptr<const std::vector<int64_t>> offs_p;
+    if (cache) {
+      std::lock_guard<std::mutex> lock(cache->m);
+      if (cache->key[0] == bplane && cache->key[1] == Wph && cache->key[2] == S) offs_p = cache->offs;
+    }
+    if (!offs_p) {
+      auto o = std::make_shared<std::vector<int64_t>>(E);
+      for (int64_t e = 0; e < E; ++e) (*o)[e] = btaps.off(e);
+      offs_p = o;
+      if (cache) {
+        std::lock_guard<std::mutex> lock(cache->m);
+        cache->key[0] = bplane;
+        cache->key[1] = Wph;
+        cache->key[2] = S;
+        cache->offs = offs_p;
+      }
+    }
+    const std::vector<int64_t>& offs = *offs_p;
     auto out = torch::empty({N, F, Ho, Wo}, x.options());
     const Epilogue ep(bias, residual, out, "sparse_conv2d");
     const float* bp = ep.bp;
