@@ -78,8 +78,8 @@ def test_compiled_zoo_models_match_the_masked_model(kernels, name, mode):
 
 def test_plan_across_batches_threads_and_concurrent_calls(kernels):
     """A compiled sparse plan keeps per-layer caches of its tap offsets (one geometry of the banded planes at a
-    time): alternating batch sizes (banded 1 / 3, shared planes 8), thread counts and two Python threads calling
-    it at once with different batches all give the model's output."""
+    time): alternating batch sizes (1, 3, 8: different band geometries), thread counts and two Python threads
+    calling it at once with different batches all give the model's output."""
     import threading
 
     m = _prepared("resnet20", seed=3)

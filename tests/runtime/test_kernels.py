@@ -41,6 +41,8 @@ CASES = [
     (2, 128, 16, 6, 6, 3, 2, 1, 0.3),
     (1, 1100, 8, 3, 3, 1, 1, 0, 0.1),
     (3, 120, 9, 2, 2, 3, 1, 1, 0.15),
+    # 8x8 with many channels: row vectors on the planes where the width allows (AVX2), else the im2col path
+    (1, 128, 16, 8, 8, 3, 1, 1, 0.2),
 ]
 
 
@@ -124,16 +126,17 @@ def test_direct_conv_matches_reference(kernels, case, fuse, rows):
 
 
 # (N, C, F, H, W, stride): one image split in row bands (32x32, 16x16), a small output split by filters (8x8),
-# bands that cross images (3 images of 7 rows), stride 2, fewer filter blocks than threads (F = 4)
+# bands that cross images (3 images of 7 rows), stride 2, fewer filter blocks than threads (F = 4), batches of
+# whole images per thread (5 images; 4 at stride 2)
 BANDED = [(1, 16, 20, 32, 32, 1), (1, 64, 64, 8, 8, 1), (3, 5, 11, 7, 16, 1), (2, 16, 12, 32, 32, 2),
-          (1, 8, 4, 16, 16, 1), (1, 24, 40, 16, 16, 2)]
+          (1, 8, 4, 16, 16, 1), (1, 24, 40, 16, 16, 2), (5, 8, 12, 16, 16, 1), (4, 16, 20, 16, 16, 2)]
 
 
 @pytest.mark.parametrize("case", BANDED, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("kernel", ["sparse", "direct"])
 def test_banded_split_matches_reference(kernels, case, threads, kernel):
-    """Small batches in the row layout split output rows (or, at 8x8, filters) over the threads, each building
+    """Row-layout convs split output rows (or, at 8x8 and batch 1, filters) over the threads, each building
     its own padded input: with every layer forced parallel (threshold 0) and 2 or 3 threads, both kernels match
     the reference, with bias, residual, ReLU and all-zero filters."""
     n, c, f, h, w, s = case

@@ -74,8 +74,8 @@ extern int64_t g_direct_im2col_max;
 // Convs (direct and sparse) whose output width is a multiple of the vector run in the row layout (no padding
 // lanes) unless this is off (set_row_layout).
 extern bool g_row_layout;
-// Direct convs at small batches (N < 2 x threads) in the row layout split output rows over the threads, each
-// building its own rows' padded input (set_banded).
+// Convs (direct and sparse) in the row layout split output rows over the threads, each building its own rows'
+// padded input (set_banded; off: planes shared by the threads).
 extern bool g_banded;
 torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,

@@ -331,7 +331,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "largest im2col matrix (floats) direct_conv2d builds for small outputs (default 2^17; 0 = never, "
         "-1 = always where the row layout does not apply)");
   m.def("set_banded", [](bool v) { g_banded = v; },
-        "direct convs at small batches: each thread builds and computes its own output rows (default on)");
+        "row-layout convs: each thread builds and computes its own output rows (default on; off: shared planes)");
   m.def("set_row_layout", [](bool v) { g_row_layout = v; },
         "run direct_conv2d and sparse_conv2d in the row layout where the output width is a multiple of the vector "
         "(default on)");

@@ -437,17 +437,21 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   // output positions, padded to whole vectors) once, then each filter is a sparse row times X: one aligned
   // load and one FMA per tap and vector.
   const int64_t P = N * Ho * Wo, Pp = (P + VL - 1) / VL * VL;
-  // (measured: a clear win for 256-512 channels at 8x8-2x2, a loss for ResNet-56's 32-64 channels)
-  if (Pp <= std::min<int64_t>(g_small_max_vectors * 16, SMALL_MAX_PX) && C * kh * kw >= 1024 && C * kh * kw * Pp * 4 <= (int64_t)1 << 20) {
+  // (measured: a clear win for 256-512 channels at 4x4-2x2, a loss for ResNet-56's 32-64 channels). Outputs that
+  // take the row layout (8x8 on AVX2) stay on the planes: there the im2col matrix (9x the input) spills L2 and
+  // a 256-channel 8x8 layer at batch 1 ran 2.7x slower than banded row vectors (Zen 3, 2 threads, 12% density).
+  const bool rows_fit = g_row_layout && Wo % VL == 0;
+  if (!rows_fit && Pp <= std::min<int64_t>(g_small_max_vectors * 16, SMALL_MAX_PX) && C * kh * kw >= 1024 &&
+      C * kh * kw * Pp * 4 <= (int64_t)1 << 20) {
     return sparse_conv2d_small(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, S, pad, relu, Ho, Wo, P, Pp);
   }
 
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  if (g_row_layout && g_banded && Wo % VL == 0 && N < 2 * nthreads) {
-    // Banded (small batches; see direct_conv2d): each thread takes a contiguous range of output rows, builds the
-    // padded phase planes of just those rows (+ halo) in a buffer of its own and runs every filter over them in
-    // blocks of 8 row vectors. No single-threaded copy of the whole input, and each thread mostly reads rows it
-    // wrote itself in the previous layer.
+  if (g_row_layout && g_banded && Wo % VL == 0) {
+    // Banded (see direct_conv2d): each thread takes a contiguous range of output rows (at batch 1 a band of one
+    // image, at large batches whole images), builds the padded phase planes of just those rows (+ halo) in a
+    // buffer of its own and runs every filter over them in blocks of 8 row vectors. No single-threaded copy of
+    // the whole input, and each thread mostly reads rows it wrote itself in the previous layer.
     // Small outputs (8x8 at batch 1: a few vectors per thread) split the filters instead: every thread builds
     // the whole padded input (in parallel, a few KiB) and runs its share of the filters (dealt round-robin in
     // the heaviest-first order).
@@ -456,6 +460,8 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, L), nthreads);
     const int64_t nb = (R * WV) / nt >= 16 ? std::min<int64_t>(R, nt) : 1, ng = nt / nb;
     const int64_t ntasks = nb * ng;
+    // (bands small enough to stay in L1, 24-48 KiB, measured 5-20% slower at batch 64 than whole images: halo
+    // copies and short sweeps)
     const int64_t rows_max = std::min<int64_t>(Ho, (R + nb - 1) / nb);
     const int64_t Hb = ((rows_max - 1) * S + kh + S - 1) / S, bplane = Hb * Wph;
     const int64_t bfloats = C * S * S * bplane + 2 * VL;
@@ -790,11 +796,13 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
   const bool row_mode = g_row_layout && Wo % VL == 0;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t WV = Wo / VL;  // row mode: vectors per output row
-  if (row_mode && g_banded && N < 2 * nthreads) {
-    // Banded (small batches): each thread takes a contiguous range of output rows (all filters) and builds the
-    // padded phase planes of just its rows (+ halo) in a buffer of its own, so no step runs on one thread while
-    // the other waits, and the rows it reads are mostly the ones it wrote in the previous layer (in its own
-    // cache). The shared-planes path below copied the whole input on one thread, then both threads read it all.
+  if (row_mode && g_banded) {
+    // Banded: each thread takes a contiguous range of output rows (all filters; at batch 1 a band of the image,
+    // at large batches whole images) and builds the padded phase planes of just its rows (+ halo) in a buffer of
+    // its own, so no step runs on one thread while the other waits, and the rows it reads are mostly the ones it
+    // wrote in the previous layer (in its own cache). The shared-planes path below copies the whole input on one
+    // thread at small batches, then all threads read all of it (measured 1.0-1.5x slower per layer at batch 1,
+    // 1.07-1.2x over whole ResNet-56 plans at batch 64).
     const int64_t R = N * Ho;
     const int64_t work = K * FB * FBLK * N * Ho * Wo;
     // Small outputs (8x8 at batch 1: under a dozen vectors per thread) split the filter blocks instead (3-vector
