@@ -370,6 +370,26 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
         }
         for (; t < t1; ++t) a0 += bcast(wv[t]) * loadu(xp + (ch[t] * KK + pos[t]) * Pp);
         storeu(acc, (a0 + a1) + (a2 + a3));
+      } else if (nv == 2) {  // 4x4 outputs at batch 1: two vectors, two taps at a time (four chains)
+        vecf a0 = bcast(0.f), a1 = a0, b0 = a0, b1 = a0;
+        int64_t t = t0;
+        for (; t + 2 <= t1; t += 2) {
+          const float* x0 = xp + (ch[t] * KK + pos[t]) * Pp;
+          const float* x1 = xp + (ch[t + 1] * KK + pos[t + 1]) * Pp;
+          const vecf w0 = bcast(wv[t]), w1 = bcast(wv[t + 1]);
+          a0 += w0 * loadu(x0);
+          a1 += w0 * loadu(x0 + VL);
+          b0 += w1 * loadu(x1);
+          b1 += w1 * loadu(x1 + VL);
+        }
+        for (; t < t1; ++t) {
+          const float* x0 = xp + (ch[t] * KK + pos[t]) * Pp;
+          const vecf w0 = bcast(wv[t]);
+          a0 += w0 * loadu(x0);
+          a1 += w0 * loadu(x0 + VL);
+        }
+        storeu(acc, a0 + b0);
+        storeu(acc + VL, a1 + b1);
       } else {
         for (int64_t v0 = 0; v0 < nv; v0 += 4) {  // four vectors at a time, every tap
           const int64_t m = std::min<int64_t>(4, nv - v0);
