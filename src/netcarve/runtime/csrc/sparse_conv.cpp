@@ -208,6 +208,16 @@ static void band_planes(const float* __restrict src, int64_t C, int64_t H, int64
   }
 }
 
+// The filters without taps (all-zero weights, absent from the L lists of filter_order `ord`), ascending.
+static std::vector<int64_t> empty_filters(const int32_t* ord, int64_t L, int64_t F) {
+  std::vector<char> has(F, 0);
+  for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
+  std::vector<int64_t> empty;
+  for (int64_t f = 0; f < F; ++f)
+    if (!has[f]) empty.push_back(f);
+  return empty;
+}
+
 // Stores one filter's outputs computed on the wide grid (flat positions q = n * plane + y * Wph + x of the
 // phase planes) for [q0, q0 + qn) from acc, keeping the valid ones, with bias (+ residual) and ReLU.
 struct WideStore {
@@ -515,13 +525,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     const float* bp = ep.bp;
     const float* rp = ep.rp;
     float* op = out.data_ptr<float>();
-    std::vector<int64_t> empty;
-    {
-      std::vector<char> has(F, 0);
-      for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
-      for (int64_t f = 0; f < F; ++f)
-        if (!has[f]) empty.push_back(f);
-    }
+    const std::vector<int64_t> empty = empty_filters(ord, L, F);
     const float* xs = x.data_ptr<float>();
     at::parallel_for(0, ntasks, 1, [&](int64_t tb, int64_t te) {
       thread_local std::vector<float> buf;
@@ -594,13 +598,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   float* op = out.data_ptr<float>();
 
   // filters without taps (all-zero weights) are absent from the lists: list index L stands for all of them
-  std::vector<int64_t> empty;
-  {
-    std::vector<char> has(F, 0);
-    for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
-    for (int64_t f = 0; f < F; ++f)
-      if (!has[f]) empty.push_back(f);
-  }
+  const std::vector<int64_t> empty = empty_filters(ord, L, F);
   const int64_t lists = L + (empty.empty() ? 0 : 1);
 
   const WideStore store{op, rp, bp, relu, F, Ho, Wo, Hph, Wph, plane, total};
