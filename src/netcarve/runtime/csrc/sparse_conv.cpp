@@ -208,6 +208,46 @@ static void band_planes(const float* __restrict src, int64_t C, int64_t H, int64
   }
 }
 
+// The banded work split of both conv kernels (see direct_conv2d): the N * Ho output rows cut into nb contiguous
+// bands (at batch 1 bands of one image, at large batches whole images), times ng filter groups; each task builds
+// the padded phase planes of its band (+ halo) in a thread-local buffer, one image segment at a time.
+struct Bands {
+  int64_t N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, WV, R, nb, ng, rows_max, bplane, bfloats;
+  Bands(int64_t N_, int64_t C_, int64_t H_, int64_t W_, int64_t S_, int64_t pad_, int64_t kh_, int64_t Ho_,
+        int64_t Wo_, int64_t Wph_, int64_t F_, int64_t ntasks, int64_t nbands)
+      : N(N_), C(C_), H(H_), W(W_), S(S_), pad(pad_), kh(kh_), Ho(Ho_), Wo(Wo_), Wph(Wph_), F(F_), WV(Wo_ / VL),
+        R(N_ * Ho_), nb(nbands), ng(ntasks / nbands), rows_max(std::min<int64_t>(Ho_, (R + nb - 1) / nb)),
+        bplane(((rows_max - 1) * S_ + kh_ + S_ - 1) / S_ * Wph_), bfloats(C_ * S_ * S_ * bplane + 2 * VL) {}
+  // body(g, planes, vin, vout, nvec) for every image segment of every task: filter group g; nvec row vectors,
+  // vector v reading planes + vin[v] (+ a tap's offset) and storing to vout[v] (+ a filter's f * Ho * Wo)
+  template <class Body>
+  void run(const float* xs, Body&& body) const {
+    at::parallel_for(0, nb * ng, 1, [&](int64_t tb, int64_t te) {
+      thread_local std::vector<float> buf;
+      thread_local std::vector<int64_t> vin, vout;
+      if ((int64_t)buf.size() < bfloats) buf.assign(bfloats, 0.f);
+      for (int64_t task = tb; task < te; ++task) {
+        const int64_t band = task / ng, g = task % ng, r1 = (band + 1) * R / nb;
+        // a segment never exceeds rows_max rows: bands are at most ceil(R / nb) rows, segments at most Ho
+        for (int64_t r = band * R / nb; r < r1;) {
+          const int64_t n = r / Ho, y0 = r % Ho, y1 = std::min<int64_t>(Ho, y0 + (r1 - r));
+          band_planes(xs + n * C * H * W, C, H, W, S, pad, y0 * S, (y1 - 1) * S + kh, bplane, Wph, buf.data());
+          const int64_t nvec = (y1 - y0) * WV;
+          vin.resize(nvec);
+          vout.resize(nvec);
+          for (int64_t v = 0; v < nvec; ++v) {
+            const int64_t yl = v / WV, x0 = (v % WV) * VL;
+            vin[v] = yl * Wph + x0;
+            vout[v] = n * F * Ho * Wo + (y0 + yl) * Wo + x0;
+          }
+          body(g, (const float*)buf.data(), (const int64_t*)vin.data(), (const int64_t*)vout.data(), nvec);
+          r += y1 - y0;
+        }
+      }
+    });
+  }
+};
+
 // The filters without taps (all-zero weights, absent from the L lists of filter_order `ord`), ascending.
 static std::vector<int64_t> empty_filters(const int32_t* ord, int64_t L, int64_t F) {
   std::vector<char> has(F, 0);
@@ -485,16 +525,13 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     // Small outputs (8x8 at batch 1: a few vectors per thread) split the filters instead: every thread builds
     // the whole padded input (in parallel, a few KiB) and runs its share of the filters (dealt round-robin in
     // the heaviest-first order).
-    const int64_t WV = Wo / VL, R = N * Ho, HoWo = Ho * Wo;
+    const int64_t R = N * Ho, HoWo = Ho * Wo;
     const int64_t work = E * N * Ho * Wo;
     const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, L), nthreads);
-    const int64_t nb = (R * WV) / nt >= 16 ? std::min<int64_t>(R, nt) : 1, ng = nt / nb;
-    const int64_t ntasks = nb * ng;
     // (bands small enough to stay in L1, 24-48 KiB, measured 5-20% slower at batch 64 than whole images: halo
     // copies and short sweeps)
-    const int64_t rows_max = std::min<int64_t>(Ho, (R + nb - 1) / nb);
-    const int64_t Hb = ((rows_max - 1) * S + kh + S - 1) / S, bplane = Hb * Wph;
-    const int64_t bfloats = C * S * S * bplane + 2 * VL;
+    const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt, (R * (Wo / VL)) / nt >= 16 ? std::min<int64_t>(R, nt) : 1);
+    const int64_t bplane = bands.bplane, ng = bands.ng;
     std::vector<int64_t> boff(kh * kw);
     for (int64_t ky = 0; ky < kh; ++ky)
       for (int64_t kx = 0; kx < kw; ++kx) boff[ky * kw + kx] = ((ky % S) * S + kx % S) * bplane + (ky / S) * Wph + (kx / S);
@@ -519,59 +556,35 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
         cache->offs = offs_p;
       }
     }
-    const std::vector<int64_t>& offs = *offs_p;
+    const int64_t* offs = offs_p->data();
     auto out = torch::empty({N, F, Ho, Wo}, x.options());
     const Epilogue ep(bias, residual, out, "sparse_conv2d");
     const float* bp = ep.bp;
     const float* rp = ep.rp;
     float* op = out.data_ptr<float>();
     const std::vector<int64_t> empty = empty_filters(ord, L, F);
-    const float* xs = x.data_ptr<float>();
-    at::parallel_for(0, ntasks, 1, [&](int64_t tb, int64_t te) {
-      thread_local std::vector<float> buf;
-      thread_local std::vector<int64_t> vin, vout;
-      if ((int64_t)buf.size() < bfloats) buf.assign(bfloats, 0.f);
+    bands.run(x.data_ptr<float>(), [&](int64_t g, const float* pl, const int64_t* vin, const int64_t* vout,
+                                       int64_t nvec) {
       alignas(64) float acc[BLOCK];
-      for (int64_t task = tb; task < te; ++task) {
-      const int64_t band = task / ng, g = task % ng;
-      const int64_t r0 = band * R / nb, r1 = (band + 1) * R / nb;
-      for (int64_t r = r0; r < r1;) {  // one image's segment of rows at a time
-        const int64_t n = r / Ho, y0 = r % Ho, y1 = std::min<int64_t>(Ho, y0 + (r1 - r));
-        for (int64_t ya = y0; ya < y1; ya += rows_max) {
-          const int64_t yb = std::min<int64_t>(y1, ya + rows_max);
-          band_planes(xs + n * C * H * W, C, H, W, S, pad, ya * S, (yb - 1) * S + kh, bplane, Wph, buf.data());
-          const int64_t nvec = (yb - ya) * WV;
-          vin.resize(nvec);
-          vout.resize(nvec);
-          for (int64_t v = 0; v < nvec; ++v) {
-            const int64_t yl = v / WV, x0 = (v % WV) * VL;
-            vin[v] = yl * Wph + x0;
-            vout[v] = n * F * HoWo + (ya + yl) * Wo + x0;
+      for (int64_t v0 = 0; v0 < nvec; v0 += 8) {
+        const int64_t nv = std::min<int64_t>(8, nvec - v0);
+        const int64_t* voff = vin + v0;
+        const int64_t* ooff = vout + v0;
+        for (int64_t i = g; i < L; i += ng) {
+          const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0;
+          if (nv == 8) {
+            accumulate_rows<8>(pl, voff, offs + t0, wv + t0, nt, acc);
+          } else {
+            for (int64_t k = 0; k < nv; ++k) accumulate_one(pl, offs + t0, wv + t0, nt, voff[k], acc + k * VL);
           }
-          const float* pl = buf.data();
-          for (int64_t v0 = 0; v0 < nvec; v0 += 8) {
-            const int64_t nv = std::min<int64_t>(8, nvec - v0);
-            const int64_t* voff = vin.data() + v0;
-            const int64_t* ooff = vout.data() + v0;
-            for (int64_t i = g; i < L; i += ng) {
-              const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0;
-              if (nv == 8) {
-                accumulate_rows<8>(pl, voff, offs.data() + t0, wv + t0, nt, acc);
-              } else {
-                for (int64_t k = 0; k < nv; ++k) accumulate_one(pl, offs.data() + t0, wv + t0, nt, voff[k], acc + k * VL);
-              }
-              const int64_t f = ord[i];
-              store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
-            }
-            if (g == 0 && !empty.empty()) {
-              std::fill(acc, acc + nv * VL, 0.f);
-              for (int64_t f : empty)
-                store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
-            }
-          }
+          const int64_t f = ord[i];
+          store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
         }
-        r += y1 - y0;
-      }
+        if (g == 0 && !empty.empty()) {
+          std::fill(acc, acc + nv * VL, 0.f);
+          for (int64_t f : empty)
+            store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
+        }
       }
     });
     return out;
@@ -827,62 +840,36 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
     // register blocks, no halo rows; measured faster there): every thread builds the whole padded input (in
     // parallel, a few KiB) and runs its share of the filter blocks.
     const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, FB), nthreads);
-    const int64_t nb = (R * WV) / nt >= 4 * DNV || FB < nt ? std::min<int64_t>(R, nt) : 1, ng = nt / nb;
-    const int64_t ntasks = nb * ng;
-    const int64_t rows_max = std::min<int64_t>(Ho, (R + nb - 1) / nb);
-    const int64_t Hb = ((rows_max - 1) * S + kh + S - 1) / S, bplane = Hb * Wph;
-    const int64_t bfloats = C * S * S * bplane + 2 * VL;
+    const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt,
+                      (R * WV) / nt >= 4 * DNV || FB < nt ? std::min<int64_t>(R, nt) : 1);
+    const int64_t bplane = bands.bplane, ng = bands.ng;
     std::vector<int64_t> off(K);
     for (int64_t c = 0; c < C; ++c)
       for (int64_t ky = 0; ky < kh; ++ky)
         for (int64_t kx = 0; kx < kw; ++kx)
           off[(c * kh + ky) * kw + kx] = ((c * S + ky % S) * S + kx % S) * bplane + (ky / S) * Wph + (kx / S);
-    const float* xs = x.data_ptr<float>();
     const float* wpk = wp_t.data_ptr<float>();
-    at::parallel_for(0, ntasks, 1, [&](int64_t tb, int64_t te) {
-      thread_local std::vector<float> buf;
-      thread_local std::vector<int64_t> vin, vout;
-      if ((int64_t)buf.size() < bfloats) buf.assign(bfloats, 0.f);
+    bands.run(x.data_ptr<float>(), [&](int64_t g, const float* pl, const int64_t* vin, const int64_t* vout,
+                                       int64_t nvec) {
       alignas(64) float acc[FBLK * DNV * VL];
-      for (int64_t task = tb; task < te; ++task) {
-      const int64_t band = task / ng, g = task % ng;
-      const int64_t r0 = band * R / nb, r1 = (band + 1) * R / nb;
-      for (int64_t r = r0; r < r1;) {  // one image's segment of rows at a time
-        const int64_t n = r / Ho, y0 = r % Ho, y1 = std::min<int64_t>(Ho, y0 + (r1 - r));
-        for (int64_t ya = y0; ya < y1; ya += rows_max) {  // rows_max bounds the band buffer
-          const int64_t yb = std::min<int64_t>(y1, ya + rows_max);
-          band_planes(xs + n * C * H * W, C, H, W, S, pad, ya * S, (yb - 1) * S + kh, bplane, Wph, buf.data());
-          const int64_t nvec = (yb - ya) * WV, padded = (nvec + DNV - 1) / DNV * DNV;
-          vin.resize(padded);
-          vout.resize(padded);
-          for (int64_t v = 0; v < padded; ++v) {
-            const int64_t u = std::min<int64_t>(v, nvec - 1), yl = u / WV, x0 = (u % WV) * VL;
-            vin[v] = yl * Wph + x0;
-            vout[v] = n * F * Ho * Wo + (ya + yl) * Wo + x0;
-          }
-          for (int64_t fb = g * FB / ng; fb < (g + 1) * FB / ng; ++fb) {
-            const float* wp = wpk + fb * K * FBLK;
-            const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
-            for (int64_t v0 = 0; v0 < nvec; v0 += DNV) {
-              const int64_t nv = std::min<int64_t>(DNV, nvec - v0);
-              for (int64_t h = 0; h < nf; h += DFB) {
-                float* ah = acc + h * BLKPX;
-                switch (nv) {
-                  case 3: blockf<DFB, 3>(buf.data(), vin.data() + v0, off.data(), wp + h, K, ah, BLKPX); break;
-                  case 2: blockf<DFB, 2>(buf.data(), vin.data() + v0, off.data(), wp + h, K, ah, BLKPX); break;
-                  default: blockf<DFB, 1>(buf.data(), vin.data() + v0, off.data(), wp + h, K, ah, BLKPX); break;
-                }
-              }
-              for (int64_t j = 0; j < nf; ++j) {
-                const int64_t f = fb * FBLK + j, fo = f * Ho * Wo;
-                store_vecs(op + fo, rp ? rp + fo : nullptr, vout.data() + v0, acc + j * BLKPX, nv, bp ? bp[f] : 0.f,
-                           relu);
-              }
+      for (int64_t fb = g * FB / ng; fb < (g + 1) * FB / ng; ++fb) {
+        const float* wp = wpk + fb * K * FBLK;
+        const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
+        for (int64_t v0 = 0; v0 < nvec; v0 += DNV) {
+          const int64_t nv = std::min<int64_t>(DNV, nvec - v0);
+          for (int64_t h = 0; h < nf; h += DFB) {
+            float* ah = acc + h * BLKPX;
+            switch (nv) {
+              case 3: blockf<DFB, 3>(pl, vin + v0, off.data(), wp + h, K, ah, BLKPX); break;
+              case 2: blockf<DFB, 2>(pl, vin + v0, off.data(), wp + h, K, ah, BLKPX); break;
+              default: blockf<DFB, 1>(pl, vin + v0, off.data(), wp + h, K, ah, BLKPX); break;
             }
           }
+          for (int64_t j = 0; j < nf; ++j) {
+            const int64_t f = fb * FBLK + j, fo = f * Ho * Wo;
+            store_vecs(op + fo, rp ? rp + fo : nullptr, vout + v0, acc + j * BLKPX, nv, bp ? bp[f] : 0.f, relu);
+          }
         }
-        r += y1 - y0;
-      }
       }
     });
     return out;
