@@ -1,0 +1,87 @@
+"""A runtime switch on and off, interleaved in one process: whole ResNet-56 plans (dense, the compact 8/24/48
+model, pattern 4-of-9 + connectivity, 90% unstructured) timed with a kernel switch of netcarve's runtime on and off,
+alternating, so machine noise hits both sides alike.
+
+    python benchmarks/runtime_ab.py --switch banded --batch 1 64 --threads 2
+
+Switches: ``banded`` (``set_banded``: each thread builds and computes its own output rows) and ``row_layout``
+(``set_row_layout``). Models come from the work directories of ``sparse_runtime.py`` (sparse ResNet-56) and
+``structural_resnet56.py`` (the compact model, ``--compact``); missing ones are skipped with a note. Every plan is
+compiled once (autotuned with the switch on, the default) and timed inside the native plan: minimum over
+``--rounds`` of the median of ``--repeats`` runs. Results in ``benchmarks/results/runtime_ab-<switch>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench"
+SWITCHES = {"banded": "set_banded", "row_layout": "set_row_layout"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--switch", choices=sorted(SWITCHES), default="banded")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=100, help="runs per median at batch 1 (a tenth at larger batches)")
+    p.add_argument("--compact", default=str(CACHE / "structural_resnet56" / "netcarve-all-r8" / "pruned"))
+    p.add_argument("--sparse-dir", default=str(CACHE / "sparse_runtime"))
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    import netcarve
+    from netcarve.measure import environment
+    from netcarve.models import create_model
+    from netcarve.runtime import compile as compile_plan
+    from netcarve.runtime import kernel_status, load_kernels
+
+    st = kernel_status()
+    if not st["available"]:
+        raise SystemExit(f"native kernels unavailable: {st['reason']}")
+    switch = getattr(load_kernels(), SWITCHES[a.switch])
+    sources = {"dense": None, "compact": a.compact,
+               "pattern": os.path.join(a.sparse_dir, "resnet56-pattern-projected"),
+               "unstructured90": os.path.join(a.sparse_dir, "resnet56-unstructured90-projected")}
+    models, skipped = {}, {}
+    for name, path in sources.items():
+        if path is None:
+            models[name] = create_model("resnet56").eval()
+        elif (Path(path) / "manifest.json").exists():
+            models[name] = netcarve.load(path).eval()
+        else:
+            skipped[name] = f"no saved model at {path} (run the benchmark that makes it)"
+    rows = []
+    for batch in a.batch:
+        x = torch.randn(batch, 3, 32, 32)
+        plans = {k: compile_plan(m, x, sparse="never" if k in ("dense", "compact") else "always")
+                 for k, m in models.items()}
+        repeats = a.repeats if batch == 1 else max(3, a.repeats // 10)
+        times = {(k, on): [] for k in plans for on in (False, True)}
+        for _ in range(a.rounds):
+            for k, plan in plans.items():
+                for on in (False, True):
+                    switch(on)
+                    times[(k, on)].append(plan.time(x, repeats, max(3, repeats // 5)))
+        switch(True)
+        for k in plans:
+            off, on = min(times[(k, False)]), min(times[(k, True)])
+            rows.append({"model": k, "batch": batch, "off_ms": off, "on_ms": on, "speedup": off / on})
+            print(f"b{batch:<3d} {k:15s} off {off:9.3f} ms  on {on:9.3f} ms  x{off / on:.2f}", flush=True)
+    out = Path(a.out) if a.out else RESULTS / f"runtime_ab-{a.switch}.json"
+    out.write_text(json.dumps({"benchmark": "runtime_ab", "switch": a.switch, "threads": a.threads,
+                               "command": f"python benchmarks/runtime_ab.py --switch {a.switch} --batch "
+                                          f"{' '.join(map(str, a.batch))} --threads {a.threads}",
+                               "rows": rows, "skipped": skipped, "env": environment()}, indent=1))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
