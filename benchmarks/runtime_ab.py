@@ -1,11 +1,14 @@
-"""A runtime switch on and off, interleaved in one process: whole ResNet-56 plans (dense, the compact 8/24/48
-model, pattern 4-of-9 + connectivity, 90% unstructured) timed with a kernel switch of netcarve's runtime on and off,
-alternating, so machine noise hits both sides alike.
+"""A runtime switch on and off, interleaved in one process: whole-model plans timed with a kernel switch of
+netcarve's runtime on and off, alternating, so machine noise hits both sides alike. ``--models resnet56`` (default):
+ResNet-56 dense, the compact 8/24/48 model, pattern 4-of-9 + connectivity, 90% unstructured; ``--models vgg16``:
+VGG-16-BN dense, pattern, 90% unstructured (the CIFAR VGG with five max-pooling layers).
 
     python benchmarks/runtime_ab.py --switch banded --batch 1 64 --threads 2
+    python benchmarks/runtime_ab.py --switch native_pool --models vgg16 --batch 1 64 --threads 2
 
-Switches: ``banded`` (``set_banded``: each thread builds and computes its own output rows) and ``row_layout``
-(``set_row_layout``). Models come from the work directories of ``sparse_runtime.py`` (sparse ResNet-56) and
+Switches: ``banded`` (``set_banded``: each thread builds and computes its own output rows), ``row_layout``
+(``set_row_layout``) and ``native_pool`` (``set_native_pool``: netcarve's max pooling kernel instead of ATen's).
+Models come from the work directories of ``sparse_runtime.py`` (sparse ResNet-56 / VGG-16) and
 ``structural_resnet56.py`` (the compact model, ``--compact``); missing ones are skipped with a note. Every plan is
 compiled once (autotuned with the switch on, the default) and timed inside the native plan: minimum over
 ``--rounds`` of the median of ``--repeats`` runs. Results in ``benchmarks/results/runtime_ab-<switch>.json``.
@@ -22,12 +25,15 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench"
-SWITCHES = {"banded": "set_banded", "row_layout": "set_row_layout"}
+SWITCHES = {"banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool"}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--switch", choices=sorted(SWITCHES), default="banded")
+    p.add_argument("--models", nargs="+", choices=["resnet56", "vgg16"], default=["resnet56"],
+                   help="resnet56: dense, compact, pattern, unstructured90; vgg16 (VGG-16-BN, max pooling): dense, "
+                        "pattern, unstructured90")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
@@ -47,13 +53,19 @@ def main() -> None:
     if not st["available"]:
         raise SystemExit(f"native kernels unavailable: {st['reason']}")
     switch = getattr(load_kernels(), SWITCHES[a.switch])
-    sources = {"dense": None, "compact": a.compact,
-               "pattern": os.path.join(a.sparse_dir, "resnet56-pattern-projected"),
-               "unstructured90": os.path.join(a.sparse_dir, "resnet56-unstructured90-projected")}
+    sources = {}
+    if "resnet56" in a.models:
+        sources.update({"dense": None, "compact": a.compact,
+                        "pattern": os.path.join(a.sparse_dir, "resnet56-pattern-projected"),
+                        "unstructured90": os.path.join(a.sparse_dir, "resnet56-unstructured90-projected")})
+    if "vgg16" in a.models:
+        sources.update({"vgg16-dense": None,
+                        "vgg16-pattern": os.path.join(a.sparse_dir, "vgg16-pattern-projected"),
+                        "vgg16-unstructured90": os.path.join(a.sparse_dir, "vgg16-unstructured90-projected")})
     models, skipped = {}, {}
     for name, path in sources.items():
         if path is None:
-            models[name] = create_model("resnet56").eval()
+            models[name] = create_model("vgg16_bn" if name.startswith("vgg16") else "resnet56").eval()
         elif (Path(path) / "manifest.json").exists():
             models[name] = netcarve.load(path).eval()
         else:
@@ -61,7 +73,7 @@ def main() -> None:
     rows = []
     for batch in a.batch:
         x = torch.randn(batch, 3, 32, 32)
-        plans = {k: compile_plan(m, x, sparse="never" if k in ("dense", "compact") else "always")
+        plans = {k: compile_plan(m, x, sparse="never" if k.endswith(("dense", "compact")) else "always")
                  for k, m in models.items()}
         repeats = a.repeats if batch == 1 else max(3, a.repeats // 10)
         times = {(k, on): [] for k in plans for on in (False, True)}
@@ -78,7 +90,8 @@ def main() -> None:
     out = Path(a.out) if a.out else RESULTS / f"runtime_ab-{a.switch}.json"
     out.write_text(json.dumps({"benchmark": "runtime_ab", "switch": a.switch, "threads": a.threads,
                                "command": f"python benchmarks/runtime_ab.py --switch {a.switch} --batch "
-                                          f"{' '.join(map(str, a.batch))} --threads {a.threads}",
+                                          f"{' '.join(map(str, a.batch))} --threads {a.threads}"
+                                          + (f" --models {' '.join(a.models)}" if a.models != ["resnet56"] else ""),
                                "rows": rows, "skipped": skipped, "env": environment()}, indent=1))
     print(f"results: {out}")
 

@@ -270,3 +270,39 @@ def test_choose_block_follows_the_zero_structure():
     wu = w * make_scheme("unstructured").project(w, 0.9)
     p = pack(wu, "bsr", block=list(choose_block(wu)))
     assert p.stored_values / wu.numel() > 0.8
+
+
+# (N, C, H, W, kernel, stride, padding, ceil_mode): the 2x2 / 2 vector path (even and odd sizes, widths beyond
+# a vector, a 1-wide output), overlapping 3x3 / 2 windows with padding (ResNet stems), ceil mode that adds a
+# partial window and one whose last window would start in the padding (dropped), 1x1 and non-square windows
+POOL_CASES = [
+    (1, 64, 32, 32, 2, 2, 0, False),
+    (3, 5, 17, 19, 2, 2, 0, False),
+    (2, 3, 2, 42, 2, 2, 0, False),
+    (1, 4, 9, 9, 3, 2, 1, False),
+    (2, 3, 7, 6, 3, 2, 1, True),
+    (1, 2, 5, 5, 2, 2, 0, True),
+    (1, 2, 6, 6, 3, 2, 1, True),
+    (2, 3, 5, 8, 1, 1, 0, False),
+    (1, 2, 8, 7, (2, 3), (1, 2), (1, 1), False),
+    (1, 1, 3, 4200, 3, 2, 1, True),  # rows wider than the kernel's 2048-float buffer: pooled in chunks
+    (1, 1, 4, 4097, 2, 2, 0, True),
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_max_pool_matches_reference(kernels, case):
+    from netcarve.runtime.kernels import max_pool2d
+
+    n, c, h, w, k, s, p, ceil = case
+    g = torch.Generator().manual_seed(h * w)
+    x = torch.randn(n, c, h, w, generator=g) - 3.0  # mostly negative: the padding must never win
+    x.view(-1)[:: max(1, x.numel() // 7)] = float("nan")  # a NaN in a window makes that output NaN
+    x.view(-1)[1 :: max(1, x.numel() // 5)] = float("-inf")
+    ref = torch.nn.functional.max_pool2d(x, k, s, p, ceil_mode=ceil)
+    got = max_pool2d(x, k, s, p, ceil_mode=ceil)
+    assert got.shape == ref.shape
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.nan_to_num(0.0), ref.nan_to_num(0.0))
+    with pytest.raises(RuntimeError, match="smaller than"):
+        kernels.max_pool2d(torch.randn(1, 1, 2, 2), 3, 3, 1, 1, 0, 0, False)

@@ -131,6 +131,23 @@ def direct_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                              int(f), int(kh), int(kw), int(stride), int(padding), bool(relu))
 
 
+# ------------------------------------------------------------------------------------------- max pooling
+
+
+def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               reference: bool = False) -> torch.Tensor:
+    """``F.max_pool2d`` (dilation 1) with the native kernel (``csrc/pool.cpp``: torch's semantics, -inf padding,
+    ceil mode, NaN propagation), or its reference twin ``F.max_pool2d`` (``reference=True``, no kernels, autograd
+    or a dtype other than float32)."""
+    k = nn.modules.utils._pair(kernel_size)
+    s = nn.modules.utils._pair(k if stride is None or stride == [] else stride)
+    p = nn.modules.utils._pair(padding)
+    mod = None if reference else load_kernels()
+    if mod is None or x.dtype != torch.float32 or x.requires_grad or x.dim() != 4:
+        return F.max_pool2d(x, k, s, p, ceil_mode=ceil_mode)
+    return mod.max_pool2d(x, k[0], k[1], s[0], s[1], p[0], p[1], bool(ceil_mode))
+
+
 # ------------------------------------------------------------------------------------------- BSR linear
 
 BSR_BLOCKS = ((16, 16), (8, 16), (4, 16), (2, 16), (1, 16))

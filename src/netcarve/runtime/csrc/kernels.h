@@ -81,6 +81,13 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
                             int64_t stride, int64_t pad, bool relu);
 
+// Max pooling of NCHW fp32 (dilation 1) with torch's semantics (-inf padding, ceil_mode, NaN propagation); the
+// reference twin is F.max_pool2d (ATen's CPU max pooling measured 10-20x slower here).
+// Plans run max pooling with this kernel unless set_native_pool(False) (then ATen's, for A/B measurement).
+extern bool g_native_pool;
+torch::Tensor max_pool2d(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                         bool ceil_mode);
+
 torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
                          c10::optional<torch::Tensor> bias, int64_t out_features);
 

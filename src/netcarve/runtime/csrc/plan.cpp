@@ -273,6 +273,8 @@ class Plan {
       case MUL:
         return at::mul(x, v[s.in[1]]);
       case MAXPOOL:
+        if (g_native_pool)
+          return max_pool2d(x, s.ints[0], s.ints[1], s.ints[2], s.ints[3], s.ints[4], s.ints[5], s.ints[6] != 0);
         return at::max_pool2d(x, {s.ints[0], s.ints[1]}, {s.ints[2], s.ints[3]}, {s.ints[4], s.ints[5]}, {1, 1},
                               s.ints[6] != 0);
       case AVGPOOL:
@@ -335,6 +337,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_row_layout", [](bool v) { g_row_layout = v; },
         "run direct_conv2d and sparse_conv2d in the row layout where the output width is a multiple of the vector "
         "(default on)");
+  m.def("max_pool2d", &max_pool2d, "max pooling of NCHW fp32 (dilation 1; torch's semantics)");
+  m.def("set_native_pool", [](bool v) { g_native_pool = v; },
+        "plans run max pooling with netcarve's kernel (default on; off: ATen's max_pool2d)");
   m.def("bsr_linear", &bsr_linear, "y = x W^T + b with W in BSR tiles (fp32)");
   m.def("build_info", &build_info);
   m.def("set_parallel_threshold", [](int64_t v) { g_parallel_threshold = v; },

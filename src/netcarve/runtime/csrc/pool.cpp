@@ -1,0 +1,100 @@
+// max_pool2d: max pooling of an NCHW fp32 tensor (dilation 1), the semantics of torch's max_pool2d: padding is
+// -inf (never selected), ceil_mode windows that would start in the right / bottom padding are dropped, and a NaN
+// in a window makes that output NaN. Parallel over the N * C planes; each window's rows are reduced with
+// vector maxes across the whole row, then its columns. Measured on a Zen 3 VM (2 threads, torch 2.13): ATen's
+// max_pool2d took 219 us on a 64 x 32 x 32 input at batch 1 and 13.8 ms at batch 64, 14% of a pattern-sparse
+// VGG-16's time in netcarve's plan at batch 1. The reference twin is F.max_pool2d.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+
+using namespace nck;
+
+bool g_native_pool = true;
+
+namespace {
+
+// max with NaN propagation (torch's rule: a NaN input wins)
+static inline float maxnan(float m, float v) { return (v > m || std::isnan(v)) ? v : m; }
+static inline vecf vmaxnan(vecf m, vecf v) {
+  return (v > m) | (v != v) ? v : m;  // lane-wise: v where v > m or v is NaN
+}
+
+int64_t pooled_size(int64_t in, int64_t k, int64_t s, int64_t p, bool ceil_mode) {
+  const int64_t span = in + 2 * p - k;
+  int64_t out = (ceil_mode ? (span + s - 1) / s : span / s) + 1;
+  // torch: the last window must start inside the input or the left padding
+  if (ceil_mode && (out - 1) * s >= in + p) --out;
+  return out;
+}
+
+// One plane: per output row, the max over the window's rows for every input column (vectorised over the row),
+// then over each output's window columns. Rows wider than the buffer are pooled in column chunks.
+constexpr int64_t MROW = 2048;
+
+void pool_plane(const float* __restrict src, float* __restrict dst, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  alignas(64) float m[MROW];
+  // output columns [c0, c1) read input columns [c0 * sw - pw, (c1 - 1) * sw - pw + kw) clipped to the input
+  const int64_t per_chunk = std::max<int64_t>(1, (MROW - kw) / sw + 1);
+  for (int64_t c0 = 0; c0 < Wo; c0 += per_chunk) {
+    const int64_t c1 = std::min<int64_t>(Wo, c0 + per_chunk);
+    const int64_t xa = std::max<int64_t>(0, c0 * sw - pw), xb = std::min<int64_t>(W, (c1 - 1) * sw - pw + kw);
+    const int64_t w = xb - xa;
+    for (int64_t oy = 0; oy < Ho; ++oy) {
+      const int64_t y0 = std::max<int64_t>(0, oy * sh - ph), y1 = std::min<int64_t>(H, oy * sh - ph + kh);
+      const float* r = src + y0 * W + xa;
+      int64_t x = 0;
+      for (; x < w; ++x) m[x] = r[x];
+      for (int64_t y = y0 + 1; y < y1; ++y) {
+        r = src + y * W + xa;
+        for (x = 0; x + VL <= w; x += VL) storeu(m + x, vmaxnan(loadu(m + x), loadu(r + x)));
+        for (; x < w; ++x) m[x] = maxnan(m[x], r[x]);
+      }
+      float* o = dst + oy * Wo;
+      if (kw == 2 && sw == 2 && pw == 0 && xb == 2 * c1) {  // whole 2-wide windows
+        for (int64_t ox = c0; ox < c1; ++ox) o[ox] = maxnan(m[2 * ox - xa], m[2 * ox + 1 - xa]);
+        continue;
+      }
+      for (int64_t ox = c0; ox < c1; ++ox) {
+        const int64_t x0 = std::max<int64_t>(0, ox * sw - pw), x1 = std::min<int64_t>(W, ox * sw - pw + kw);
+        float v = m[x0 - xa];
+        for (int64_t xx = x0 + 1; xx < x1; ++xx) v = maxnan(v, m[xx - xa]);
+        o[ox] = v;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor max_pool2d(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                         bool ceil_mode) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "max_pool2d: x must be (N, C, H, W) float32");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0, "max_pool2d: bad geometry");
+  TORCH_CHECK(2 * ph <= kh && 2 * pw <= kw, "max_pool2d: padding must be at most half the kernel");
+  TORCH_CHECK(kw <= MROW, "max_pool2d: windows wider than ", MROW, " columns are not supported");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H + 2 * ph >= kh && W + 2 * pw >= kw, "max_pool2d: a ", H, "x", W, " input (padded by ", ph, ", ", pw,
+              ") is smaller than the ", kh, "x", kw, " window");
+  const int64_t Ho = pooled_size(H, kh, sh, ph, ceil_mode), Wo = pooled_size(W, kw, sw, pw, ceil_mode);
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, "max_pool2d: output would be empty for a ", H, "x", W, " input");
+  auto out = torch::empty({N, C, Ho, Wo}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t planes = N * C, per_plane = std::max<int64_t>(1, H * W);
+  // about 16k input floats per task: small layers stay on the calling thread
+  const int64_t grain = std::max<int64_t>(1, ((int64_t)1 << 14) / per_plane);
+  at::parallel_for(0, planes, grain, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const float* s = xp + p * H * W;
+      float* d = op + p * Ho * Wo;
+      pool_plane(s, d, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw);
+    }
+  });
+  return out;
+}
