@@ -114,6 +114,55 @@ def test_plan_across_batches_threads_and_concurrent_calls(kernels):
         torch.set_num_threads(old_threads)
 
 
+class _DeepSmall(nn.Module):
+    """128-channel 3x3 convs (C * 9 >= 1024) on 4x4 / 2x2 maps: the small-output path of the sparse conv, with a
+    fused residual and ReLU and filters without taps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(128, 128, 3, padding=1)
+        self.conv2 = nn.Conv2d(128, 128, 3, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(128, 40, 3, stride=2, padding=1)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for c in (self.conv1, self.conv2, self.conv3):
+                c.weight.mul_(torch.rand(c.weight.shape, generator=g) < 0.12)
+            self.conv1.weight[[3, 40, 41, 127]] = 0.0  # filters with no taps: bias (+ ReLU) only
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        y = torch.relu(self.conv2(y) + x)
+        return self.conv3(y)
+
+
+@pytest.mark.parametrize("size", [4, 2])
+def test_small_outputs_row_taps_match_reference(kernels, size):
+    """Small sparse outputs in a plan run from taps regrouped by im2col row, one filter group per thread (kept per
+    step and thread count): equal to the model for 1-3 threads and batches 1 / 3 (one and two vectors, a
+    stride-2 layer), and to the per-filter tap lists (set_small_rowtaps(False))."""
+    m = _DeepSmall().eval()
+    c = compile(m, torch.randn(1, 128, size, size), sparse="always")
+    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
+    kernels.set_parallel_threshold(0)
+    try:
+        for threads in (2, 3, 1):
+            torch.set_num_threads(threads)
+            for b in (1, 3, 1):
+                x = torch.randn(b, 128, size, size)
+                with torch.no_grad():
+                    ref = m(x)
+                got = c(x)
+                assert _rel(got, ref) <= 1e-4, (threads, b)
+                kernels.set_small_rowtaps(False)
+                try:
+                    assert _rel(c(x), ref) <= 1e-4, (threads, b, "tap lists")
+                finally:
+                    kernels.set_small_rowtaps(True)
+    finally:
+        kernels.set_parallel_threshold(old_threshold)
+        torch.set_num_threads(old_threads)
+
+
 @pytest.mark.parametrize("name", [n for n in ZOO if n not in ("gru", "lstm")])
 def test_every_conv_on_the_direct_kernel_matches(kernels, name):
     """The plan with every groups=1 conv on netcarve's dense direct kernel equals the masked model."""

@@ -57,11 +57,25 @@ extern int64_t g_small_max_vectors;
 // A plan step's cache of its taps' input offsets for one geometry of the (banded) phase planes: computing them
 // is serial work proportional to the taps, repeated on every call otherwise. Owned by the step (its taps never
 // change); safe for concurrent runs (a call that finds another geometry computes and swaps in its own).
+// The small-output path's taps regrouped by im2col row (input channel x kernel position) for the filter groups of
+// one thread count: per group, for each row, the (filter - first filter of the group, weight) pairs.
+struct RowTaps {
+  int64_t ngroups = 0;
+  std::vector<int64_t> f0;                // group g holds filters [f0[g], f0[g + 1])
+  std::vector<std::vector<int32_t>> ptr;  // per group: C * kh * kw + 1 offsets into fil / w
+  std::vector<std::vector<int32_t>> fil;
+  std::vector<std::vector<float>> w;
+};
+
 struct TapOffCache {
   std::mutex m;
   int64_t key[3] = {-1, -1, -1};
   std::shared_ptr<const std::vector<int64_t>> offs;
+  std::shared_ptr<const RowTaps> rows;  // the small-output path (sparse_conv2d_small), keyed by its ngroups
 };
+// Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
+// once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).
+extern bool g_small_rowtaps;
 
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,

@@ -334,6 +334,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-1 = always where the row layout does not apply)");
   m.def("set_banded", [](bool v) { g_banded = v; },
         "row-layout convs: each thread builds and computes its own output rows (default on; off: shared planes)");
+  m.def("set_small_rowtaps", [](bool v) { g_small_rowtaps = v; },
+        "plan steps with small sparse conv outputs (im2col path, one or two vectors) run from taps regrouped by "
+        "im2col row, a filter group per thread (default on; off: per-filter tap lists)");
   m.def("set_row_layout", [](bool v) { g_row_layout = v; },
         "run direct_conv2d and sparse_conv2d in the row layout where the output width is a multiple of the vector "
         "(default on)");
