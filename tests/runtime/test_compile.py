@@ -163,6 +163,30 @@ def test_small_outputs_row_taps_match_reference(kernels, size):
         torch.set_num_threads(old_threads)
 
 
+def test_native_pool_and_shortcuts_match_reference(kernels):
+    """Plans run max pooling, global average pooling and option-A shortcuts (with a pruned model's channel maps)
+    natively; with set_native_pool(False) through ATen: both equal the model."""
+    from netcarve.compact import prune_channels
+
+    r = prune_channels(create_model("resnet20").eval(), torch.randn(1, 3, 32, 32), ratio=0.3)
+    compact = (r.model if hasattr(r, "model") else r).eval()
+    assert any(getattr(mod, "src", None) is not None for mod in compact.modules()), "expected mapped shortcuts"
+    vgg = _prepared("vgg11_bn")
+    try:
+        for on in (True, False):
+            kernels.set_native_pool(on)
+            for m in (compact, vgg):
+                x = torch.randn(3, 3, 32, 32)
+                c = compile(m, x[:1])
+                kinds = {op.kind for op in c.ops}
+                assert {"shortcut", "gap"} <= kinds or "maxpool" in kinds
+                with torch.no_grad():
+                    ref = m(x)
+                assert _rel(c(x), ref) <= 1e-4, (on, type(m).__name__)
+    finally:
+        kernels.set_native_pool(True)
+
+
 @pytest.mark.parametrize("name", [n for n in ZOO if n not in ("gru", "lstm")])
 def test_every_conv_on_the_direct_kernel_matches(kernels, name):
     """The plan with every groups=1 conv on netcarve's dense direct kernel equals the masked model."""

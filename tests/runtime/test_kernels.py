@@ -306,3 +306,34 @@ def test_max_pool_matches_reference(kernels, case):
     assert torch.equal(got.nan_to_num(0.0), ref.nan_to_num(0.0))
     with pytest.raises(RuntimeError, match="smaller than"):
         kernels.max_pool2d(torch.randn(1, 1, 2, 2), 3, 3, 1, 1, 0, 0, False)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 8, 8), (3, 5, 7, 9), (2, 3, 1, 1), (1, 2, 4, 37)])
+def test_global_avg_pool_matches_mean(kernels, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))) * 3 + 1
+    ref = x.mean((2, 3), keepdim=True)
+    got = kernels.global_avg_pool(x)
+    assert got.shape == ref.shape
+    assert _rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_shortcut_subsample_matches_slicing(kernels, stride, mapped):
+    """The option-A shortcut: rows / columns 0, stride, ... (odd sizes included), channels at an offset with zeros
+    around them, or placed by a channel map (a pruned model's), zeros in the unmapped channels."""
+    x = torch.randn(2, 6, 9, 7, generator=torch.Generator().manual_seed(stride))
+    y = x[:, :, ::stride, ::stride]
+    if mapped:
+        src, dst = torch.tensor([0, 2, 5, 3]), torch.tensor([7, 1, 4, 0])
+        ref = torch.zeros(2, 9, y.shape[2], y.shape[3])
+        ref[:, dst] = y[:, src]
+        got = kernels.shortcut_subsample(x, stride, 9, 0, src, dst)
+    else:
+        ref = torch.nn.functional.pad(y, (0, 0, 0, 0, 2, 4))
+        got = kernels.shortcut_subsample(x, stride, 12, 2, None, None)
+    assert torch.equal(got, ref)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        kernels.shortcut_subsample(x, stride, 7, 2, None, None)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.shortcut_subsample(x, stride, 4, 0, torch.tensor([0]), torch.tensor([4]))

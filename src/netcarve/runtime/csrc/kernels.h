@@ -102,6 +102,12 @@ extern bool g_native_pool;
 torch::Tensor max_pool2d(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                          bool ceil_mode);
 
+// (N, C, H, W) -> (N, C, 1, 1) plane means; the option-A shortcut (subsample, then channels placed at an offset or
+// by a map, zeros elsewhere). Plans use these (and max_pool2d) unless set_native_pool(False).
+torch::Tensor global_avg_pool(torch::Tensor x);
+torch::Tensor shortcut_subsample(torch::Tensor x, int64_t stride, int64_t channels, int64_t before,
+                                 c10::optional<torch::Tensor> src, c10::optional<torch::Tensor> dst);
+
 torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
                          c10::optional<torch::Tensor> bias, int64_t out_features);
 

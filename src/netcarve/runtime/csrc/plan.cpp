@@ -281,11 +281,16 @@ class Plan {
         return at::avg_pool2d(x, {s.ints[0], s.ints[1]}, {s.ints[2], s.ints[3]}, {s.ints[4], s.ints[5]},
                               s.ints[6] != 0, s.ints[7] != 0);
       case GAP:
+        if (g_native_pool && x.dim() == 4) return global_avg_pool(x);
         return at::mean(x, {2, 3}, true);
       case FLATTEN:
         return x.flatten(s.ints[0]);
       case SHORTCUT: {
         const int64_t st = s.ints[0], C = s.ints[1], before = s.ints[2];
+        if (g_native_pool && x.dim() == 4 && (!s.ts.empty() || (before >= 0 && before + x.size(1) <= C))) {
+          if (!s.ts.empty()) return shortcut_subsample(x, st, C, before, s.ts[0], s.ts[1]);
+          return shortcut_subsample(x, st, C, before, c10::nullopt, c10::nullopt);
+        }
         auto y = x.slice(2, 0, x.size(2), st).slice(3, 0, x.size(3), st);
         if (!s.ts.empty()) {
           auto out = at::zeros({y.size(0), C, y.size(2), y.size(3)}, y.options());
@@ -342,7 +347,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(default on)");
   m.def("max_pool2d", &max_pool2d, "max pooling of NCHW fp32 (dilation 1; torch's semantics)");
   m.def("set_native_pool", [](bool v) { g_native_pool = v; },
-        "plans run max pooling with netcarve's kernel (default on; off: ATen's max_pool2d)");
+        "plans run max pooling, global average pooling and option-A shortcuts with netcarve's kernels (default on; "
+        "off: ATen's ops)");
+  m.def("global_avg_pool", &global_avg_pool, "(N, C, H, W) -> (N, C, 1, 1) plane means (fp32)");
+  m.def("shortcut_subsample", &shortcut_subsample,
+        "option-A shortcut: subsample by stride, channels at an offset or by a src / dst map, zeros elsewhere");
   m.def("bsr_linear", &bsr_linear, "y = x W^T + b with W in BSR tiles (fp32)");
   m.def("build_info", &build_info);
   m.def("set_parallel_threshold", [](int64_t v) { g_parallel_threshold = v; },

@@ -98,3 +98,82 @@ torch::Tensor max_pool2d(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, in
   });
   return out;
 }
+
+// Global average pooling: (N, C, H, W) -> (N, C, 1, 1), the mean of each plane (vector partial sums, then the
+// lanes). The reference twin is x.mean((2, 3), keepdim=True).
+torch::Tensor global_avg_pool(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "global_avg_pool: x must be (N, C, H, W) float32");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  TORCH_CHECK(HW > 0, "global_avg_pool: empty planes");
+  auto out = torch::empty({N, C, 1, 1}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, ((int64_t)1 << 15) / HW);
+  at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const float* s = xp + p * HW;
+      vecf a0 = bcast(0.f), a1 = a0;
+      int64_t i = 0;
+      for (; i + 2 * VL <= HW; i += 2 * VL) {
+        a0 += loadu(s + i);
+        a1 += loadu(s + i + VL);
+      }
+      for (; i + VL <= HW; i += VL) a0 += loadu(s + i);
+      a0 += a1;
+      float sum = 0.f;
+      for (int64_t l = 0; l < VL; ++l) sum += a0[l];
+      for (; i < HW; ++i) sum += s[i];
+      op[p] = sum / (float)HW;
+    }
+  });
+  return out;
+}
+
+// The option-A shortcut of CIFAR ResNets: x subsampled by `stride` in both spatial dims (rows and columns 0,
+// stride, 2 * stride, ...), its channels placed into `channels` output channels: at [before, before + C) with zeros
+// around them, or, given src / dst (int64), output channel dst[i] = input channel src[i] and zeros elsewhere (a
+// channel-pruned model's map). The reference twin: slicing + constant_pad_nd / index_copy_ (plan.py).
+torch::Tensor shortcut_subsample(torch::Tensor x, int64_t stride, int64_t channels, int64_t before,
+                                 c10::optional<torch::Tensor> src, c10::optional<torch::Tensor> dst) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "shortcut: x must be (N, C, H, W) float32");
+  TORCH_CHECK(stride >= 1 && channels >= 1, "shortcut: bad stride / channels");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), S = stride;
+  const int64_t Ho = (H + S - 1) / S, Wo = (W + S - 1) / S;
+  std::vector<int64_t> from(channels, -1);  // input channel of each output channel, -1: zeros
+  if (src.has_value() && src->defined()) {
+    TORCH_CHECK(dst.has_value() && dst->defined() && src->numel() == dst->numel() &&
+                    src->scalar_type() == torch::kLong && dst->scalar_type() == torch::kLong,
+                "shortcut: src / dst must be int64 index tensors of one length");
+    auto sc = src->contiguous(), dc = dst->contiguous();
+    const int64_t* s = sc.data_ptr<int64_t>();
+    const int64_t* d = dc.data_ptr<int64_t>();
+    for (int64_t i = 0; i < sc.numel(); ++i) {
+      TORCH_CHECK(s[i] >= 0 && s[i] < C && d[i] >= 0 && d[i] < channels, "shortcut: channel map out of range");
+      from[d[i]] = s[i];
+    }
+  } else {
+    TORCH_CHECK(before >= 0 && before + C <= channels, "shortcut: ", C, " channels do not fit into ", channels,
+                " at offset ", before);
+    for (int64_t c = 0; c < C; ++c) from[before + c] = c;
+  }
+  auto out = torch::empty({N, channels, Ho, Wo}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, ((int64_t)1 << 15) / std::max<int64_t>(1, Ho * Wo));
+  at::parallel_for(0, N * channels, grain, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t n = p / channels, c = from[p % channels];
+      float* o = op + p * Ho * Wo;
+      if (c < 0) {
+        std::fill(o, o + Ho * Wo, 0.f);
+        continue;
+      }
+      const float* s = xp + (n * C + c) * H * W;
+      for (int64_t y = 0; y < Ho; ++y)
+        for (int64_t xx = 0; xx < Wo; ++xx) o[y * Wo + xx] = s[y * S * W + xx * S];
+    }
+  });
+  return out;
+}
