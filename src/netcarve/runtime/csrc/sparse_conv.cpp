@@ -444,8 +444,6 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
   const Epilogue ep(bias, residual, out, "sparse_conv2d");
   const float* bp = ep.bp;
   const float* rp = ep.rp;
-  std::vector<char> has(F, 0);
-  for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
   auto emit = [&](int64_t f, const float* acc) {
     const float bv = bp ? bp[f] : 0.f;
     for (int64_t n = 0; n < N; ++n) {
@@ -493,6 +491,8 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
     });
     return out;
   }
+  std::vector<char> has(F, 0);  // the tap lists' filters; the others get bias (+ residual) only
+  for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
   const int64_t grain = work < g_parallel_threshold ? L + 1 : std::max<int64_t>(1, L / (8 * at::get_num_threads()));
   at::parallel_for(0, L + 1, grain, [&](int64_t b, int64_t e) {
     alignas(64) float acc[SMALL_MAX_PX];
