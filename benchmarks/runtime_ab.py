@@ -7,8 +7,10 @@ VGG-16-BN dense, pattern, 90% unstructured (the CIFAR VGG with five max-pooling 
     python benchmarks/runtime_ab.py --switch native_pool --models vgg16 --batch 1 64 --threads 2
 
 Switches: ``banded`` (``set_banded``: each thread builds and computes its own output rows), ``row_layout``
-(``set_row_layout``) and ``native_pool`` (``set_native_pool``: netcarve's max pooling kernel instead of ATen's) and ``small_rowtaps``
-(``set_small_rowtaps``: small sparse outputs from taps regrouped by im2col row instead of per-filter tap lists).
+(``set_row_layout``), ``native_pool`` (``set_native_pool``: netcarve's max pooling kernel instead of ATen's),
+``small_rowtaps`` (``set_small_rowtaps``: small sparse outputs from taps regrouped by im2col row instead of
+per-filter tap lists) and ``batched_small`` (``set_batched_small``: 4x4 / 2x2 sparse outputs at large batches as the
+sparse weight times L1-sized im2col tiles instead of the padded wide grid).
 Models come from the work directories of ``sparse_runtime.py`` (sparse ResNet-56 / VGG-16) and
 ``structural_resnet56.py`` (the compact model, ``--compact``); missing ones are skipped with a note. Every plan is
 compiled once (autotuned with the switch on, the default) and timed inside the native plan: minimum over
@@ -27,7 +29,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench"
 SWITCHES = {"banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
-            "small_rowtaps": "set_small_rowtaps"}
+            "small_rowtaps": "set_small_rowtaps", "batched_small": "set_batched_small"}
 
 
 def main() -> None:

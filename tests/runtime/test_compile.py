@@ -163,6 +163,34 @@ def test_small_outputs_row_taps_match_reference(kernels, size):
         torch.set_num_threads(old_threads)
 
 
+def test_batched_small_outputs_in_a_plan_match_reference(kernels):
+    """4x4 / 2x2 maps at batches of 16-40 (several vectors of positions) run as the sparse weight times tiles of
+    the im2col matrix, the tiled taps kept in the step's cache: equal to the model at 1-3 threads over repeated
+    calls and batch changes, with the fused residual + ReLU, filters without taps and a stride-2 layer, and equal
+    to the wide grid (set_batched_small(False))."""
+    m = _DeepSmall().eval()
+    cs = {size: compile(m, torch.randn(16, 128, size, size), sparse="always") for size in (4, 2)}
+    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
+    kernels.set_parallel_threshold(0)
+    try:
+        for threads in (2, 3, 1):
+            torch.set_num_threads(threads)
+            for b, size in ((16, 4), (40, 4), (16, 4), (40, 2)):
+                c = cs[size]
+                x = torch.randn(b, 128, size, size)
+                with torch.no_grad():
+                    ref = m(x)
+                assert _rel(c(x), ref) <= 1e-4, (threads, b, size)
+                kernels.set_batched_small(False)
+                try:
+                    assert _rel(c(x), ref) <= 1e-4, (threads, b, size, "wide grid")
+                finally:
+                    kernels.set_batched_small(True)
+    finally:
+        kernels.set_parallel_threshold(old_threshold)
+        torch.set_num_threads(old_threads)
+
+
 def test_native_pool_and_shortcuts_match_reference(kernels):
     """Plans run max pooling, global average pooling and option-A shortcuts (with a pruned model's channel maps)
     natively; with set_native_pool(False) through ATen: both equal the model."""

@@ -166,6 +166,66 @@ def test_banded_split_matches_reference(kernels, case, threads, kernel):
     assert not torch.equal(m.forward_reference(x * 2, res), ref)
 
 
+# (N, C, F, H, W, stride, pad, density): 4x4 / 2x2 outputs over several vectors of positions (batches), where the
+# wide grid would compute mostly padding: several column tiles, a partial last tile (2x2: 33 images), stride 2
+# (4x4 -> 2x2), no padding (6x6 -> 4x4), more filters than fit one group, few filters (groups of one)
+BATCHED = [(16, 40, 24, 4, 4, 1, 1, 0.2), (33, 30, 13, 2, 2, 1, 1, 0.3), (33, 32, 10, 4, 4, 2, 1, 0.25),
+           (10, 40, 8, 6, 6, 1, 0, 0.3), (9, 64, 70, 4, 4, 1, 1, 0.1), (64, 29, 3, 2, 2, 1, 1, 0.5)]
+
+
+@pytest.mark.parametrize("case", BATCHED, ids=lambda c: "x".join(map(str, c[:7])))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batched_small_outputs_match_reference(kernels, case, threads):
+    """Small maps at large batches (the sparse weight times L1-sized tiles of the im2col matrix): equal to the
+    reference with bias, residual, ReLU and all-zero filters, forced parallel at 1-3 threads, and equal to the
+    wide grid the path replaces (set_batched_small(False))."""
+    n, c, f, h, w, s, p, d = case
+    weight = _sparse_weight(f, c, 3, d, seed=n + c + f)
+    weight[1::5] = 0
+    bias = torch.randn(f)
+    x = torch.randn(n, c, h, w)
+    ho, wo = (h + 2 * p - 3) // s + 1, (w + 2 * p - 3) // s + 1
+    res = torch.randn(n, f, ho, wo)
+    m = SparseConv2d(weight, bias, stride=s, padding=p, relu=True)
+    ref = m.forward_reference(x, res)
+    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
+    torch.set_num_threads(threads)
+    kernels.set_parallel_threshold(0)
+    try:
+        out = m(x, res)
+        plain = SparseConv2d(weight, None, stride=s, padding=p)(x)
+        kernels.set_batched_small(False)
+        wide = m(x, res)
+    finally:
+        kernels.set_batched_small(True)
+        kernels.set_parallel_threshold(old_threshold)
+        torch.set_num_threads(old_threads)
+    assert out.shape == ref.shape == (n, f, ho, wo)
+    assert _rel_err(out, ref) <= 1e-4
+    assert _rel_err(plain, torch.nn.functional.conv2d(x, weight, None, s, p)) <= 1e-4
+    assert _rel_err(out, wide) <= 1e-4
+    assert torch.equal(out[:, 1::5], torch.relu(bias[1::5].view(1, -1, 1, 1) + res[:, 1::5]))
+
+
+def test_batched_small_outputs_keep_nan_and_inf_where_the_reference_does(kernels):
+    """The im2col gather reads a valid element for padding positions and selects zero: an inf or NaN in the
+    input (also at the first element, which the padding positions read) reaches exactly the outputs whose
+    windows hold it, as in F.conv2d (channel 0, which every filter reads with non-zero weights: elsewhere a
+    dense conv would also spread a NaN through the zero weights, which a sparse kernel skips)."""
+    weight = _sparse_weight(12, 40, 3, 0.4, seed=3)
+    weight[:, 0] = 0.5  # every filter reads channel 0 at every kernel position
+    m = SparseConv2d(weight, None, padding=1)
+    for bad in (float("inf"), float("nan")):
+        x = torch.randn(20, 40, 4, 4)
+        x[0, 0, 0, 0] = bad
+        x[7, 0, 2, 1] = float("nan")
+        out, ref = m(x), m.forward_reference(x)
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+        assert torch.isfinite(out[1:7]).all() and torch.isnan(out[7]).any()
+        fin = torch.isfinite(ref)
+        assert _rel_err(out[fin], ref[fin]) <= 1e-4
+
+
 def test_direct_pack_layout_and_bad_shapes(kernels):
     w = torch.randn(11, 3, 3, 3)
     packed = direct_pack(w)

@@ -67,12 +67,26 @@ struct RowTaps {
   std::vector<std::vector<float>> w;
 };
 
+// The batched small-output path's taps (sparse_conv2d_batched): the taps cut at tiles of `rows` im2col rows, tile
+// by tile, and within a tile by filter list (ascending rows): list i's taps in tile k are [ptr[k * L + i],
+// ptr[k * L + i + 1]), each an offset into the tile's block of rows (row in tile x row_len) and a weight.
+struct KTiles {
+  int64_t rows = 0, ntiles = 0, row_len = 0;
+  std::vector<int32_t> ptr, off;
+  std::vector<float> w;
+};
+
 struct TapOffCache {
   std::mutex m;
   int64_t key[3] = {-1, -1, -1};
   std::shared_ptr<const std::vector<int64_t>> offs;
-  std::shared_ptr<const RowTaps> rows;  // the small-output path (sparse_conv2d_small), keyed by its ngroups
+  std::shared_ptr<const RowTaps> rows;     // the small-output path (sparse_conv2d_small), keyed by its ngroups
+  std::shared_ptr<const KTiles> ktiles;    // the batched small-output path (sparse_conv2d_batched)
 };
+// Outputs the wide grid would compute mostly in padding (4x4 and 2x2 maps with more than a few vectors of
+// positions, e.g. at batch 64) run as a sparse matrix times im2col tiles (sparse_conv2d_batched) unless this is
+// off (set_batched_small).
+extern bool g_batched_small;
 // Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
 // once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).
 extern bool g_small_rowtaps;

@@ -342,6 +342,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_small_rowtaps", [](bool v) { g_small_rowtaps = v; },
         "plan steps with small sparse conv outputs (im2col path, one or two vectors) run from taps regrouped by "
         "im2col row, a filter group per thread (default on; off: per-filter tap lists)");
+  m.def("set_batched_small", [](bool v) { g_batched_small = v; },
+        "sparse convs whose 4x4 / 2x2 outputs span several vectors (large batches) run as the sparse weight times "
+        "L1-sized tiles of the im2col matrix (default on; off: the padded wide grid)");
   m.def("set_row_layout", [](bool v) { g_row_layout = v; },
         "run direct_conv2d and sparse_conv2d in the row layout where the output width is a multiple of the vector "
         "(default on)");
