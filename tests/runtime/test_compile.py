@@ -211,6 +211,10 @@ def test_native_pool_and_shortcuts_match_reference(kernels):
                 with torch.no_grad():
                     ref = m(x)
                 assert _rel(c(x), ref) <= 1e-4, (on, type(m).__name__)
+                # the profile names the kernel that ran the pooling / shortcut steps
+                labels = {(p["kind"], p["kernel"]) for p in c.profile(x[:1], repeats=1, warmup=0)
+                          if p["kind"] in ("maxpool", "gap", "shortcut")}
+                assert labels and {k for _, k in labels} == {"native" if on else "aten"}, (on, labels)
     finally:
         kernels.set_native_pool(True)
 

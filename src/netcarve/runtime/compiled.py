@@ -155,7 +155,10 @@ class CompiledModel:
             raise ConfigError("compiled model: not native (no compiled kernels)")
         ms = self._plan.profile(x.detach(), repeats, warmup)
         choice = {lc.name: lc.choice for lc in self.layers}
-        return [{"name": op.name, "kind": op.kind, "kernel": choice.get(op.name, "aten"), "ms": float(t)}
+        # max pooling, global average pooling and option-A shortcuts run netcarve's kernels unless switched off
+        native = {"maxpool", "gap", "shortcut"} if load_kernels().native_pool() else set()
+        return [{"name": op.name, "kind": op.kind,
+                 "kernel": choice.get(op.name, "native" if op.kind in native else "aten"), "ms": float(t)}
                 for op, t in zip(self.ops, ms)]
 
     def summary(self) -> dict[str, Any]:

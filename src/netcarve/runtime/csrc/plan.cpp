@@ -352,6 +352,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_native_pool", [](bool v) { g_native_pool = v; },
         "plans run max pooling, global average pooling and option-A shortcuts with netcarve's kernels (default on; "
         "off: ATen's ops)");
+  m.def("native_pool", []() { return g_native_pool; }, "whether plans pool with netcarve's kernels");
   m.def("global_avg_pool", &global_avg_pool, "(N, C, H, W) -> (N, C, 1, 1) plane means (fp32)");
   m.def("shortcut_subsample", &shortcut_subsample,
         "option-A shortcut: subsample by stride, channels at an offset or by a src / dst map, zeros elsewhere");
