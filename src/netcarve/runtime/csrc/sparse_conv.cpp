@@ -396,7 +396,7 @@ static std::shared_ptr<const RowTaps> build_row_taps(const int32_t* ptr, const i
       if (list_of[f] >= 0)
         for (int64_t t = ptr[list_of[f]]; t < ptr[list_of[f] + 1]; ++t) {
           const int32_t e = fill[ch[t] * KK + pos[t]]++;
-          rt->fil[gi][e] = (int32_t)(f - rt->f0[gi]);
+          rt->fil[gi][e] = (uint16_t)(f - rt->f0[gi]);
           rt->w[gi][e] = wv[t];
         }
   }
@@ -408,7 +408,7 @@ static std::shared_ptr<const RowTaps> build_row_taps(const int32_t* ptr, const i
 // the accumulators of one thread's filters stay in L1 / L2, the rows stream in order).
 template <int NV>
 static void row_taps_accumulate(const float* __restrict xp, int64_t Pp, int64_t K, const int32_t* __restrict rptr,
-                                const int32_t* __restrict fil, const float* __restrict w, float* __restrict acc) {
+                                const uint16_t* __restrict fil, const float* __restrict w, float* __restrict acc) {
   for (int64_t r = 0; r < K; ++r) {
     const int32_t e0 = rptr[r], e1 = rptr[r + 1];
     if (e0 == e1) continue;
@@ -462,7 +462,7 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
   // thread takes a group of filters and streams the im2col rows once; the per-filter tap lists below gather a
   // row per tap from all of X (L2 latency per tap: measured ~5 cycles per tap on one Zen 3 core, and slower on
   // two threads than on one for a 512-channel 4x4 layer).
-  if (cache && g_small_rowtaps && nv <= 2) {
+  if (cache && g_small_rowtaps && nv <= 2 && F <= 65536) {
     const int64_t K = C * KK;
     const int64_t ng = work < g_parallel_threshold ? 1 : std::min<int64_t>(F, at::get_num_threads());
     std::shared_ptr<const RowTaps> rt;
