@@ -322,6 +322,23 @@ struct Epilogue {
   }
 };
 
+// Per kernel position (ky, kx) and output position q = (n * Ho + y) * Wo + x: the input offset that q reads from
+// channel 0 (n * C * H * W + iy * W + ix), -1 in the padding; rows of `stride` entries (>= N * Ho * Wo).
+template <typename T>
+static void window_offsets(int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t S, int64_t pad,
+                           int64_t Ho, int64_t Wo, int64_t stride, T* tab) {
+  for (int64_t ky = 0; ky < kh; ++ky)
+    for (int64_t kx = 0; kx < kw; ++kx) {
+      T* t = tab + (ky * kw + kx) * stride;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t y = 0; y < Ho; ++y)
+          for (int64_t xo = 0; xo < Wo; ++xo) {
+            const int64_t iy = y * S + ky - pad, ix = xo * S + kx - pad;
+            *t++ = (iy < 0 || iy >= H || ix < 0 || ix >= W) ? T(-1) : T((n * C * H + iy) * W + ix);
+          }
+    }
+}
+
 // The im2col matrix of x: C * kh * kw rows of the P = N * Ho * Wo output positions (zeros where the window
 // is in the padding), each row padded to Pp floats (a multiple of the vector width: aligned rows).
 static torch::Tensor im2col_rows(const torch::Tensor& x, int64_t kh, int64_t kw, int64_t S, int64_t pad,
@@ -334,16 +351,7 @@ static torch::Tensor im2col_rows(const torch::Tensor& x, int64_t kh, int64_t kw,
   // -1 in the padding: computed once, then every channel's rows are plain gathers. (Copying row segments with
   // per-segment bounds was ~14 ns per row: 65 us for a 512-channel 2x2 layer, a fifth of its sparse conv.)
   std::vector<int64_t> tab(KK * P);
-  for (int64_t ky = 0; ky < kh; ++ky)
-    for (int64_t kx = 0; kx < kw; ++kx) {
-      int64_t* t = tab.data() + (ky * kw + kx) * P;
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t y = 0; y < Ho; ++y)
-          for (int64_t xo = 0; xo < Wo; ++xo) {
-            const int64_t iy = y * S + ky - pad, ix = xo * S + kx - pad;
-            *t++ = (iy < 0 || iy >= H || ix < 0 || ix >= W) ? -1 : (n * C * H + iy) * W + ix;
-          }
-    }
+  window_offsets(N, C, H, W, kh, kw, S, pad, Ho, Wo, P, tab.data());
   const int64_t fill_grain = C * KK * P < 16 * g_parallel_threshold ? C : 1;  // copies: cheap per element
   at::parallel_for(0, C, fill_grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -664,25 +672,16 @@ static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::
     }
   }
   const int64_t ntiles = kt->ntiles;
-  // per kernel position and column q = n * HoWo + r: the input offset (n * C * H * W + iy * W + ix; channel 0)
-  // that column reads and 1, or 0 and 0 in the padding and past the last column (a branch-free gather, a select
-  // after an always-valid load: branches on the padding mispredicted at every ring position; a multiply by the
-  // mask would turn an inf / NaN at offset 0 into NaN in the padding)
-  std::vector<int32_t> tab(KK * Pt, 0);  // (the dispatcher keeps N * C * H * W below 2^31)
-  std::vector<int32_t> valid(KK * Pt, 0);
-  for (int64_t ky = 0; ky < kh; ++ky)
-    for (int64_t kx = 0; kx < kw; ++kx) {
-      int32_t* t = tab.data() + (ky * kw + kx) * Pt;
-      int32_t* v = valid.data() + (ky * kw + kx) * Pt;
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t y = 0; y < Ho; ++y)
-          for (int64_t xo = 0; xo < Wo; ++xo, ++t, ++v) {
-            const int64_t iy = y * S + ky - pad, ix = xo * S + kx - pad;
-            if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
-            *t = (int32_t)((n * C * H + iy) * W + ix);
-            *v = -1;
-          }
-    }
+  // per kernel position and column q = n * HoWo + r: the input offset that column reads (channel 0) and mask -1, or
+  // offset 0 and mask 0 in the padding and past the last column (gather_row loads the masked-in lanes only; a
+  // branch per element mispredicted at every ring position)
+  std::vector<int32_t> tab(KK * Pt, -1);  // (the dispatcher keeps N * C * H * W below 2^31)
+  std::vector<int32_t> valid(KK * Pt);
+  window_offsets(N, C, H, W, kh, kw, S, pad, Ho, Wo, Pt, tab.data());
+  for (int64_t i = 0; i < KK * Pt; ++i) {
+    valid[i] = tab[i] >= 0 ? -1 : 0;
+    tab[i] = std::max<int32_t>(tab[i], 0);
+  }
   // the output offset of column q for filter 0
   std::vector<int64_t> vout(Pt, 0);
   for (int64_t q = 0; q < P; ++q) vout[q] = (q / HoWo) * F * HoWo + q % HoWo;
