@@ -5,8 +5,10 @@ linear kernel (90% sparse in 4x16 / 16x16 tiles) against torch.addmm (MKL) on GR
     python benchmarks/kernels.py --threads 2
 
 Median of ``--repeats`` calls after warm-up, from Python (the same call overhead for both sides); results in
-``benchmarks/results/kernels.json`` with the environment. Correctness is the tests' job; each row also records the
-max abs difference to the dense twin.
+``benchmarks/results/kernels.json`` with the environment. Linear rows are also timed the way the runtime calls
+them, from C++ (a one-step native plan each, dense = ATen's addmm, sparse = the BSR kernel: ``*_native_ms``), since
+at these sizes a Python call costs as much as the sparse matmul. ``--only linear`` skips the convs. Correctness is
+the tests' job; each row also records the max abs difference to the dense twin.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--only", choices=["all", "conv", "linear"], default="all")
     p.add_argument("--out", default=str(RESULTS), help="results JSON (default benchmarks/results/kernels.json; "
                    "e.g. kernels-avx2.json for a machine of another ISA)")
     a = p.parse_args()
@@ -58,7 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     pattern = make_scheme("pattern", connectivity=1 - 1 / 3.6)
     with torch.inference_mode():
-        for c, f, hw in CONVS:
+        for c, f, hw in CONVS if a.only != "linear" else []:
             w = torch.randn(f, c, 3, 3)
             w = w * pattern.project(w, pattern.default_level())
             b = torch.randn(f)
@@ -84,7 +87,7 @@ def main() -> None:
                 print(f"conv {c}->{f} {hw}x{hw} n={n}: dense {dense:.3f} ms, sparse {sparse:.3f} ms, "
                       f"{dense / sparse:.2f}x; dense direct {direct_ms:.3f} ms ({dense / direct_ms:.2f}x oneDNN)",
                       flush=True)
-        for r, k in LINEARS:
+        for r, k in LINEARS if a.only != "conv" else []:
             for blk in ([4, 16], [16, 16]):
                 w = torch.randn(r, k)
                 w = w * make_scheme("block", block=blk).project(w, 0.9)
@@ -95,17 +98,39 @@ def main() -> None:
                     dense = _time(lambda b=b, x=x, w=w: torch.addmm(b, x, w.t()), a.repeats * 5)
                     sparse = _time(lambda x=x, bt=bt, b=b, r=r: mod.bsr_linear(x, *bt, b, r), a.repeats * 5)
                     diff = float((mod.bsr_linear(x, *bt, b, r) - torch.addmm(b, x, w.t())).abs().max())
+                    native = {}
+                    for kind, sp in (("dense", False), ("sparse", True)):
+                        plan = mod.Plan(2, 1)
+                        plan.add_linear("fc", 0, 1, w, b, False, list(bt), sp)
+                        reps = a.repeats * 25
+                        native[kind] = min(plan.time(x, reps, reps // 10) for _ in range(3))
                     rows.append({"kernel": "bsr_linear", "shape": f"{r}x{k} block {blk[0]}x{blk[1]}", "batch": m_,
                                  "density": float((w != 0).float().mean()), "dense_ms": dense, "sparse_ms": sparse,
-                                 "speedup": dense / sparse, "max_abs_diff": diff})
+                                 "speedup": dense / sparse, "max_abs_diff": diff,
+                                 "dense_native_ms": native["dense"], "sparse_native_ms": native["sparse"],
+                                 "native_speedup": native["dense"] / native["sparse"]})
                     print(f"linear {r}x{k} {blk} M={m_}: dense {dense * 1e3:.1f} us, bsr {sparse * 1e3:.1f} us, "
-                          f"{dense / sparse:.2f}x", flush=True)
+                          f"{dense / sparse:.2f}x; from C++ {native['dense'] * 1e3:.1f} / {native['sparse'] * 1e3:.1f}"
+                          f" us, {native['dense'] / native['sparse']:.2f}x", flush=True)
     env = environment(a.threads)
     env["kernels"] = st["info"]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = f"python benchmarks/kernels.py --threads {a.threads}" + (f" --out {a.out}" if out != RESULTS else "")
-    out.write_text(json.dumps({"benchmark": "kernels", "command": cmd, "rows": rows, "env": env}, indent=1))
+    cmd = f"python benchmarks/kernels.py --threads {a.threads}" + (f" --only {a.only}" if a.only != "all" else "") \
+        + (f" --out {a.out}" if out != RESULTS else "")
+    doc = {"benchmark": "kernels", "command": cmd, "rows": rows, "env": env}
+    if a.only != "all" and out.exists():  # keep the other kernels' rows (and their command / environment)
+        old = json.loads(out.read_text())
+        ran = "bsr_linear" if a.only == "linear" else "sparse_conv2d"
+        prev = {(r["shape"], r["batch"]): r for r in old.get("rows", []) if r.get("kernel") == ran}
+        for r in rows:
+            o = prev.get((r["shape"], r["batch"]))
+            if o:
+                r["previous"] = {k: o[k] for k in ("dense_ms", "sparse_ms", "speedup") if k in o}
+        kept = [r for r in old.get("rows", []) if r.get("kernel") != ran]
+        doc = {"benchmark": "kernels", "command": cmd, "rows": kept + rows, "env": env,
+               "earlier": {"command": old.get("command"), "env": old.get("env"), "kept_rows": len(kept)}}
+    out.write_text(json.dumps(doc, indent=1))
     print(f"wrote {out}")
 
 

@@ -41,6 +41,11 @@ VARIANTS = {
 # the GRU (2 x 128 on CIFAR-10 rows, trained by sparsity_cifar.py): its fine-tuned block-sparse cells
 GRU_CELLS = {"block4x16-90": "gru-block-b4x16-s0.9-oneshot-e4", "block16x16-90": "gru-block-b16x16-s0.9-oneshot-e4",
              "block4x16-90-balanced": "gru-block-b4x16-s0.9-balanced-oneshot-e4"}
+# without the trained GRU: the same architecture with random weights, projected one-shot (latency does not depend
+# on the values, only on the zero structure)
+GRU_FLAGS = {"block4x16-90": {"scheme": "block", "block": "4x16", "sparsity": 0.9},
+             "block16x16-90": {"scheme": "block", "block": "16x16", "sparsity": 0.9},
+             "block4x16-90-balanced": {"scheme": "block", "block": "4x16", "sparsity": 0.9, "balanced": True}}
 
 
 def _log(msg: str) -> None:
@@ -53,6 +58,11 @@ def _dense_source(model: str) -> tuple[str, str | None, str]:
         if (d / "manifest.json").exists():
             return str(d), None, f"trained here ({d})"
         return "vgg16_bn", None, "random weights (VGG-16 not trained yet)"
+    if model == "gru":
+        d = SPARSITY_WORK / "gru-dense"
+        if (d / "manifest.json").exists():
+            return str(d), None, f"trained here ({d})"
+        return "gru", None, "random weights (GRU not trained here)"
     return model, "pretrained", "pretrained"
 
 
@@ -69,13 +79,14 @@ def _cell(model: str, variant: str) -> Path | None:
 def _projected(model: str, variant: str, data_dir) -> Path:
     from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
 
-    out = WORK / f"{model}-{variant}-projected"
+    src, weights, _ = _dense_source(model)
+    out = WORK / (f"{model}-{variant}-projected" + ("-random" if model == "gru" and not Path(src).exists() else ""))
     if (out / "report.json").exists():
         return out
-    src, weights, _ = _dense_source(model)
-    flags = VARIANTS[variant]
+    flags = GRU_FLAGS[variant] if model == "gru" else VARIANTS[variant]
     ns = argparse.Namespace(plan=None, layers=None, types=None, exclude=None, include_first_last=False,
-                            balanced=False, **{k: flags.get(k) for k in ("scheme", "sparsity", "n", "m", "block",
+                            balanced=flags.get("balanced", False),
+                            **{k: flags.get(k) for k in ("scheme", "sparsity", "n", "m", "block",
                                                                         "patterns", "connectivity", "length",
                                                                         "keep", "groups")})
     recipe = SparsifyRecipe.from_dict({"model": src, "weights": weights, "out": str(out), "plan": plan_from_args(ns),
@@ -123,17 +134,23 @@ def main() -> None:
     for model in a.models:
         if model == "gru":
             dense = SPARSITY_WORK / "gru-dense"
-            if not (dense / "manifest.json").exists():
-                _log(f"no dense GRU at {dense}: run benchmarks/sparsity_cifar.py grid --preset gru first")
-                continue
+            trained = (dense / "manifest.json").exists()
+            if not trained:
+                _log(f"no trained GRU at {dense} (benchmarks/sparsity_cifar.py grid --preset gru): random weights, "
+                     "block-sparse variants projected one-shot")
             for batch in a.batch:
-                for variant, path in {"dense": dense, **{k: SPARSITY_WORK / v for k, v in GRU_CELLS.items()}}.items():
-                    if not (path / "manifest.json").exists():
-                        _log(f"skipping gru {variant}: {path} missing")
-                        continue
-                    _log(f"gru {variant} batch {batch}")
-                    res = _bench(str(path), None, batch, a.threads, a.engines, a.repeats, a.rounds)
-                    record({"model": "gru", "variant": variant, "batch": batch, "source": path.name, **res})
+                for variant in ["dense", *GRU_CELLS]:
+                    if variant == "dense":
+                        src, weights, note = _dense_source("gru")
+                    elif trained and (SPARSITY_WORK / GRU_CELLS[variant] / "manifest.json").exists():
+                        src, weights, note = str(SPARSITY_WORK / GRU_CELLS[variant]), None, "fine-tuned cell"
+                    else:
+                        src, weights, note = str(_projected("gru", variant, a.data_dir)), None, \
+                            "one-shot projection of the " + ("trained" if trained else "random-weight") + " GRU"
+                    _log(f"gru {variant} batch {batch} ({note})")
+                    res = _bench(src, weights, batch, a.threads, a.engines, a.repeats, a.rounds)
+                    record({"model": "gru", "variant": variant, "batch": batch, "source": Path(src).name,
+                            "weights": note, **res})
             continue
         if model == "resnet56-channel":
             compact = STRUCT_WORK / "netcarve-all-r8" / "pruned"

@@ -375,3 +375,31 @@ def test_runs_in_torchs_thread_pool_next_to_torch(kernels):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_compiled_rnn_batched_saturated_and_nan(kernels, cell):
+    """Recurrent layers at batches that take the batched BSR path for the per-step matmul (>= 8), a hidden size
+    that is no multiple of the vector (44: the scalar tail of the gate math), gates driven far into saturation
+    (pre-activations beyond the +-80 clamp of the vectorised exp), and a NaN in one sample: it reaches exactly
+    that sample's output, as in PyTorch, and no other."""
+    torch.manual_seed(5)
+    m = create_model(cell, input_size=24, hidden_size=44, seq_len=7).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("rnn.weight"):
+                p.mul_(make_scheme("block", block=[4, 4]).project(p, 0.7)).mul_(6.0)
+    x = torch.randn(19, 7, 24) * 3
+    c = compile(m, x[:1], sparse="always")
+    assert any(lc.choice == "sparse" for lc in c.layers)
+    for b in (19, 8, 1):
+        with torch.no_grad():
+            ref = m(x[:b])
+        assert _rel(c(x[:b]), ref) <= 1e-4, b
+    x[4, 2, 5] = float("nan")
+    with torch.no_grad():
+        ref = m(x)
+    out = c(x)
+    assert torch.isnan(ref[4]).all() and torch.isnan(out[4]).all()
+    keep = torch.arange(19) != 4
+    assert torch.isfinite(out[keep]).all() and _rel(out[keep], ref[keep]) <= 1e-4

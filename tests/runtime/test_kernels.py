@@ -294,11 +294,11 @@ def test_bad_inputs_are_clear(kernels):
     assert x.grad is not None
 
 
-# tiles of 8 and 16 columns (one / two AVX2 vectors), 16-row tiles (two AVX2 passes), ragged tiles; batches
-# below 16 (row path) and above (transposed path; 17: a partial vector of batch rows)
+# tiles of 8 and 16 columns (one / two AVX2 vectors), 16-row tiles (passes of 4 rows), ragged tiles; batches
+# below 8 (row path) and from 8 on (transposed path; 17: a partial vector of batch rows)
 @pytest.mark.parametrize("bh,bw", [(1, 16), (2, 16), (4, 16), (8, 16), (16, 16), (4, 32), (4, 8), (16, 8), (4, 4),
                                    (2, 5)])
-@pytest.mark.parametrize("m", [1, 3, 17, 32])
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 32])
 def test_bsr_linear_matches_f_linear(kernels, bh, bw, m):
     from netcarve.runtime.kernels import bsr_linear, bsr_tensors
     from netcarve.sparsity import make_scheme
@@ -314,6 +314,40 @@ def test_bsr_linear_matches_f_linear(kernels, bh, bw, m):
     assert out.shape == (m, rows) and _rel_err(out, ref) <= 1e-4
     assert _rel_err(bsr_linear(x, w, None), torch.nn.functional.linear(x, w)) <= 1e-4  # auto block choice
 
+
+
+# The transposed (batched) path in parallel: every thread its chunk of block rows, its outputs transposed into y;
+# batches that fill whole vectors (8, 64), leave a partial one (9, 41) or make a power-of-two row stride (128:
+# the padded leading dimension); no bias; every register block (tile heights 1 / 2 / 4 and passes of 4 rows for
+# 8 / 16); a last block row cut short (R = 203)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("bh,bw", [(1, 16), (2, 8), (4, 16), (8, 16), (16, 16)])
+def test_bsr_linear_batched_parallel(kernels, threads, bh, bw):
+    from netcarve.runtime.kernels import bsr_tensors
+    from netcarve.sparsity import make_scheme
+
+    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
+    torch.set_num_threads(threads)
+    kernels.set_parallel_threshold(0)
+    try:
+        torch.manual_seed(threads * 1000 + bh * 10 + bw)
+        rows, cols = 203, 96
+        w = torch.randn(rows, cols)
+        w = w * make_scheme("block", block=[bh, bw]).project(w, 0.85)
+        bt = bsr_tensors(w, (bh, bw))
+        b = torch.randn(rows)
+        for m in (8, 9, 41, 64, 128):
+            x = torch.randn(m, cols)
+            out = kernels.bsr_linear(x, *bt, b, rows)
+            assert out.shape == (m, rows) and _rel_err(out, torch.nn.functional.linear(x, w, b)) <= 1e-4, m
+            plain = kernels.bsr_linear(x, *bt, None, rows)
+            assert _rel_err(plain, torch.nn.functional.linear(x, w)) <= 1e-4, m
+        # a strided (non-contiguous) input gives the same result
+        xs = torch.randn(cols, 40).t()
+        assert _rel_err(kernels.bsr_linear(xs, *bt, b, rows), torch.nn.functional.linear(xs, w, b)) <= 1e-4
+    finally:
+        kernels.set_parallel_threshold(old_threshold)
+        torch.set_num_threads(old_threads)
 
 def test_choose_block_follows_the_zero_structure():
     from netcarve.runtime.kernels import choose_block
