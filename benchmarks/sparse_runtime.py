@@ -52,17 +52,18 @@ def _log(msg: str) -> None:
     print(f"[sparse_runtime {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+# models without pretrained weights: trained by sparsity_cifar.py into SPARSITY_WORK / dir, else the zoo model
+# with random weights
+TRAINED_HERE = {"vgg16": ("vgg16-dense", "vgg16_bn"), "gru": ("gru-dense", "gru")}
+
+
 def _dense_source(model: str) -> tuple[str, str | None, str]:
-    if model == "vgg16":
-        d = SPARSITY_WORK / "vgg16-dense"
+    if model in TRAINED_HERE:
+        sub, zoo_name = TRAINED_HERE[model]
+        d = SPARSITY_WORK / sub
         if (d / "manifest.json").exists():
             return str(d), None, f"trained here ({d})"
-        return "vgg16_bn", None, "random weights (VGG-16 not trained yet)"
-    if model == "gru":
-        d = SPARSITY_WORK / "gru-dense"
-        if (d / "manifest.json").exists():
-            return str(d), None, f"trained here ({d})"
-        return "gru", None, "random weights (GRU not trained here)"
+        return zoo_name, None, f"random weights ({model} not trained here)"
     return model, "pretrained", "pretrained"
 
 
@@ -133,15 +134,15 @@ def main() -> None:
 
     for model in a.models:
         if model == "gru":
-            dense = SPARSITY_WORK / "gru-dense"
-            trained = (dense / "manifest.json").exists()
+            dense_src, _, dense_note = _dense_source("gru")
+            trained = Path(dense_src).exists()
             if not trained:
-                _log(f"no trained GRU at {dense} (benchmarks/sparsity_cifar.py grid --preset gru): random weights, "
-                     "block-sparse variants projected one-shot")
+                _log("no trained GRU (benchmarks/sparsity_cifar.py grid --preset gru): random weights, block-sparse "
+                     "variants projected one-shot")
             for batch in a.batch:
                 for variant in ["dense", *GRU_CELLS]:
                     if variant == "dense":
-                        src, weights, note = _dense_source("gru")
+                        src, weights, note = dense_src, None, dense_note
                     elif trained and (SPARSITY_WORK / GRU_CELLS[variant] / "manifest.json").exists():
                         src, weights, note = str(SPARSITY_WORK / GRU_CELLS[variant]), None, "fine-tuned cell"
                     else:

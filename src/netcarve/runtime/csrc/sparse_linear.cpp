@@ -1,10 +1,11 @@
 // netcarve block-sparse (BSR) matmul and recurrent layers (fp32).
 //
 // bsr_linear: y (M, R) = x (M, K) @ W^T + bias with W stored as BSR tiles of bh x bw (netcarve.pack "bsr"
-// layout: indptr per block row, block column per tile, tile values row-major). Per block row, the bh output
-// rows keep one vector accumulator each over all tiles of the row (x's bw-wide slice loaded once per tile and
-// shared by the bh rows); one horizontal sum per output at the end. Block rows are split over torch's thread
-// pool when there is enough work.
+// layout: indptr per block row, block column per tile, tile values row-major). Below batch 8, per block row the
+// bh output rows keep one vector accumulator each over all tiles of the row (x's bw-wide slice loaded once per
+// tile and shared by the bh rows), lanes summed at the end. From batch 8 on, the batch is in the vector lanes
+// (x and the outputs transposed through per-thread scratch; bsr_rows_t). Block rows are split over torch's thread
+// pool in chunks of equal tile counts when there is enough work.
 //
 // rnn_layer: one unidirectional LSTM / GRU layer over a (N, T, I) sequence, PyTorch's gate order and
 // equations; the input projection of all time steps is one matmul, the recurrent one a matmul per step;
@@ -21,7 +22,6 @@
 #include <vector>
 
 namespace {
-
 
 // The matmul kernels work in register-wide vectors (kernels.h: 16 floats with AVX-512, 8 with AVX2). RMAX:
 // tile rows held in registers at once (16 of 32 AVX-512 registers, 8 of 16 AVX2 ones).
