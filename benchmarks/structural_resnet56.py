@@ -232,7 +232,7 @@ def cmd_train(a) -> None:
         return
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, optimizer="sgd", lr=a.lr, momentum=0.9,
                       weight_decay=5e-4, schedule="cosine", seed=a.seed, precision=a.precision,
-                      channels_last=a.channels_last)  # fmt: skip
+                      channels_last=a.channels_last, ema_decay=a.ema)  # fmt: skip
     t1 = time.perf_counter()
     if a.algorithm != "oneshot":  # the same epoch budget spent by a netcarve.algorithms algorithm
         from netcarve.algorithms import run_algorithm
@@ -271,6 +271,8 @@ def cmd_train(a) -> None:
     rec["epochs"], rec["lr"], rec["groups"], rec["target_macs_reduction"] = a.epochs, a.lr, a.groups, a.macs_reduction
     rec["seed"] = a.seed
     rec["kd"] = a.kd
+    if a.ema:
+        rec["ema_decay"] = a.ema
     rec["batch_size"], rec["precision"] = a.batch_size, a.precision
     netcarve.save(model, work / "final", metadata={"top1": rec["top1_final"]})
     state.write_text(json.dumps(rec, indent=1))
@@ -537,6 +539,10 @@ def main() -> None:
             s.add_argument("--kd", choices=["logit", "logit+feature"], default="logit",
                            help="distillation losses (feature: hints on the three stage outputs)")
             s.add_argument("--seed", type=int, default=0, help="data order + fine-tuning seed (pruning is deterministic)")
+            s.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                           help="also average the fine-tuned weights (TrainConfig.ema_decay, e.g. 0.998); the "
+                                "epochs' val_top1 and the final model are the average's, val_top1_live the "
+                                "live weights'")
             s.add_argument("--threads", type=int, default=1)
             s.add_argument("--progress", action="store_true")
         if name in ("latency", "profile"):

@@ -18,8 +18,8 @@ def test_prune_cli_compacts_a_checkpoint_and_reports(trained_lenet, tmp_path, ca
     capsys.readouterr()
     out = tmp_path / "pruned"
     rc = main(["prune", str(trained_lenet), "--ratio", "0.5", "--round-to", "8", "--finetune-epochs", "2",
-               "--distill", "--engine", "torch", "--latency-processes", "1", "--batch", "8", "--out", str(out),
-               "--no-progress", "--json"])
+               "--distill", "--ema", "0.99", "--engine", "torch", "--latency-processes", "1", "--batch", "8",
+               "--out", str(out), "--no-progress", "--json"])
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["task"]["source"] == str(trained_lenet) and rep["task"]["prune_ratio"] == 0.5
@@ -30,6 +30,8 @@ def test_prune_cli_compacts_a_checkpoint_and_reports(trained_lenet, tmp_path, ca
     model = netcarve.load(out)
     assert sum(p.numel() for p in model.parameters()) == rep["compressed"]["params"]
     assert (out / "baseline" / "manifest.json").is_file() and (out / "finetune" / "metrics.jsonl").is_file()
+    ft = json.loads((out / "finetune" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "val_top1_live" in ft  # --ema reached the fine-tune: the average was validated beside the live weights
     assert main(["eval", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(rep["compressed"]["top1"])
 
@@ -70,6 +72,8 @@ def test_prune_layer_ratios_cli(trained_lenet, tmp_path, capsys):
     (["--latency-ms", "0"], "--latency-ms must be a positive number"),
     (["--latency-ms", "nan"], "--latency-ms must be a positive number"),
     (["--ratio", "0.5", "--distill"], "--distill needs --finetune-epochs"),
+    (["--ratio", "0.5", "--ema", "0.99"], "--ema averages the fine-tuned weights: it needs --finetune-epochs"),
+    (["--ratio", "0.5", "--finetune-epochs", "1", "--ema", "1"], "--ema must be a decay in [0, 1)"),
     (["--ratio", "0.5", "--criterion", "nope"], "nope"),
     (["--ratio", "0.5", "--layer-ratio", "conv1"], "--layer-ratio 'conv1': expected PATTERN=RATIO"),
     (["--ratio", "0.5", "--layer-ratio", "conv1=1"], "expected PATTERN=RATIO with RATIO in [0, 1)"),

@@ -43,11 +43,13 @@ def test_recipe_yaml_round_trip(tmp_path):
     r = SparsifyRecipe.from_dict({"model": "lenet", "out": str(tmp_path / "o"), "algorithm": "admm",
                                   "algorithm_options": {"rho": 0.02},
                                   "plan": {"rules": [{"scheme": "block", "options": {"block": [4, 4]}, "sparsity": 0.5}]},
-                                  "finetune": {"epochs": 3, "precision": "bf16", "channels_last": True},
+                                  "finetune": {"epochs": 3, "precision": "bf16", "channels_last": True,
+                                               "ema_decay": 0.995},
                                   "distill": True})
     assert r.finetune.train_config(seed=4).to_dict() == {
         **r.finetune.train_config().to_dict(), "seed": 4}
-    assert (r.finetune.train_config().precision, r.finetune.train_config().channels_last) == ("bf16", True)
+    tc = r.finetune.train_config()
+    assert (tc.precision, tc.channels_last, tc.ema_decay) == ("bf16", True, 0.995)
     save_recipe(r, tmp_path / "r.yaml")
     back = load_recipe(tmp_path / "r.yaml")
     assert back.to_dict() == r.to_dict()

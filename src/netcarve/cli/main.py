@@ -128,6 +128,13 @@ def _add_precision_args(s) -> None:
                    help="bf16: train under bf16 autocast (fp32 weights and evaluation); ~2x faster on CPUs with "
                         "native bf16 (AVX512-BF16 / AMX)")
     s.add_argument("--channels-last", action="store_true", help="train convs in the channels-last memory format")
+    _add_ema_arg(s)
+
+
+def _add_ema_arg(s) -> None:
+    s.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="also keep an exponential moving average of the weights (e.g. 0.998); validation and the "
+                        "saved model use the average (TrainConfig.ema_decay; default 0 = off)")
 
 
 def _add_run_args(s: argparse.ArgumentParser) -> None:
@@ -232,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finetune-epochs", type=int, default=0)
     s.add_argument("--distill", action="store_true", help="fine-tune with logit KD from the unpruned model")
     s.add_argument("--lr", type=float, default=0.005)
+    _add_ema_arg(s)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--train-subset", type=int, help="fine-tune on only N training samples")
     s.add_argument("--test-subset", type=int, help="evaluate on a class-balanced N-sample subset of the test split")

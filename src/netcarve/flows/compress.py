@@ -44,6 +44,7 @@ class CompressSpec:
     finetune_epochs: int = 0
     distill: bool = True
     lr: float = 0.01
+    ema_decay: float = 0.0  # TrainConfig.ema_decay of the fine-tune (0 = off)
     batch_size: int = 128
     seed: int = 0
     engine: str = "onnxruntime"
@@ -78,6 +79,10 @@ class CompressSpec:
             raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
         if self.finetune_epochs < 0 or self.latency_processes < 1 or self.latency_batch < 1:
             raise ConfigError("--finetune-epochs must be >= 0, latency batch and processes >= 1")
+        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
+            raise ConfigError(f"--ema must be a decay in [0, 1) (0 = off), got {self.ema_decay!r}")
+        if self.ema_decay and not self.finetune_epochs:
+            raise ConfigError("--ema averages the fine-tuned weights: it needs --finetune-epochs N")
         if self.scheme not in ("channel", "depth"):
             raise ConfigError(f"--scheme must be 'channel' or 'depth' for structural pruning, got {self.scheme!r}")
         if self.scheme == "depth":
@@ -102,7 +107,8 @@ class CompressSpec:
             raise ConfigError(f"--latency-ms works with --algorithm oneshot only, not {self.algorithm!r}")
         algo = get_algorithm(self.algorithm)(**self.algorithm_options)
         train = (TrainConfig(epochs=self.finetune_epochs, batch_size=self.batch_size, optimizer="sgd", lr=self.lr,
-                             momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=self.seed)
+                             momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=self.seed,
+                             ema_decay=self.ema_decay)
                  if self.finetune_epochs else None)
         job = PruneJob(model=None, example_input=None, ratio=self.ratio, macs_reduction=self.macs_reduction,
                        criterion=self.criterion, round_to=self.round_to, protected=tuple(self.protected),
@@ -250,7 +256,8 @@ def compress_and_report(
         log(f"fine-tuning {spec.finetune_epochs} epoch(s)"
             + (" with logit distillation from the baseline" if spec.distill else ""), tag)
         ft_cfg = TrainConfig(epochs=spec.finetune_epochs, batch_size=spec.batch_size, optimizer="sgd", lr=spec.lr,
-                             momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=spec.seed)
+                             momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=spec.seed,
+                             ema_decay=spec.ema_decay)
         fit(pruned, ft_train_loader or train_loader, test_loader, ft_cfg, out_dir=out / "finetune",
             teacher=base if spec.distill else None,
             kd=KDConfig(kind="logit", temperature=4.0, alpha=0.9) if spec.distill else None,

@@ -82,6 +82,7 @@ def prune_cli(a, command: str | None = None) -> dict:
         layer_ratios=parse_layer_ratios(getattr(a, "layer_ratio", None)),
         bn_recalibration_batches=0 if a.no_bn_recalibration else a.bn_batches,
         finetune_epochs=a.finetune_epochs, distill=a.distill, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
+        ema_decay=getattr(a, "ema", 0.0),
         engine=a.engine or default_engine(), threads=a.threads, latency_batch=a.batch,
         latency_processes=a.latency_processes, progress=not a.no_progress and not a.json, resume=a.resume,
         scheme=a.scheme, block_criterion=getattr(a, "block_criterion", "loss"),

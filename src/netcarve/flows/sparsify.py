@@ -44,6 +44,7 @@ class FinetuneSpec:
     grad_clip: float | None = None
     precision: str = "fp32"  # or "bf16" (autocast; ~2x faster on CPUs with native bf16)
     channels_last: bool = False
+    ema_decay: float = 0.0  # TrainConfig.ema_decay: 0 = off
 
     def train_config(self, seed: int = 0):
         """The :class:`~netcarve.train.TrainConfig` of this budget (its validation names a bad value)."""
@@ -52,7 +53,7 @@ class FinetuneSpec:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
                            momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule,
                            grad_clip=self.grad_clip, precision=self.precision,
-                           channels_last=self.channels_last, seed=seed)
+                           channels_last=self.channels_last, ema_decay=self.ema_decay, seed=seed)
 
 
 @dataclass
@@ -408,7 +409,8 @@ def recipe_from_args(a) -> SparsifyRecipe:
         "model": a.model, "out": a.out, "plan": plan_from_args(a), "weights": a.weights, "dataset": a.dataset,
         "data_dir": a.data_dir, "algorithm": a.algorithm, "algorithm_options": opts,
         "finetune": {"epochs": a.finetune_epochs, "lr": a.lr, "batch_size": a.batch_size, "optimizer": a.optimizer,
-                     "grad_clip": a.grad_clip, "precision": a.precision, "channels_last": a.channels_last},
+                     "grad_clip": a.grad_clip, "precision": a.precision, "channels_last": a.channels_last,
+                     "ema_decay": a.ema},
         "distill": bool(a.distill), "bn_batches": a.bn_batches, "seed": a.seed,
         "train_subset": a.train_subset, "test_subset": a.test_subset, "latency": latency,
     }, where="netcarve sparsify")

@@ -110,6 +110,12 @@ class TrainConfig:
             CPUs without it (a warning says so).
         channels_last: train convolutional models in the channels-last memory format (oneDNN's fast
             layout on CPU; 1.2-1.3x here); the model is returned in the default format.
+        ema_decay: 0 (off) or in (0, 1): also keep an exponential moving average of the model's weights
+            and buffers, updated after every optimizer step with decay ``min(ema_decay, (1 + t) / (10 + t))``
+            at update ``t`` (the warm-up of timm's ``ModelEmaV2``). Each epoch's ``val_*`` metrics are then
+            those of the averaged weights (the live weights' in ``val_top1_live`` / ``val_loss_live``), and
+            the model holds the averaged weights when :func:`~netcarve.train.fit` returns. Weights that are
+            exactly zero in the live model (pruning masks) stay zero in the average.
     """
 
     epochs: int = 10
@@ -129,6 +135,7 @@ class TrainConfig:
     log_every: int = 50
     precision: str = "fp32"
     channels_last: bool = False
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         self.validate()
@@ -158,6 +165,7 @@ class TrainConfig:
         self.log_every = _int(o, "log_every", self.log_every, 1)
         self.precision = _choice(o, "precision", self.precision, PRECISIONS)
         self.channels_last = _bool(o, "channels_last", self.channels_last)
+        self.ema_decay = _float(o, "ema_decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
         return self
 
     def to_dict(self) -> dict[str, Any]:

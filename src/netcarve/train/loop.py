@@ -42,6 +42,7 @@ from .checkpoint import (
 )
 from .config import KDConfig, TrainConfig
 from .distill import DistillationTask, SupervisedTask, _logits
+from .ema import ModelEma
 
 logger = logging.getLogger(__name__)
 
@@ -334,10 +335,17 @@ def fit(
         params = task.trainable_parameters()
         optimizer = make_optimizer(params, config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s, steps))
+        ema = ModelEma(model, config.ema_decay) if config.ema_decay > 0 else None
         history: list[dict[str, Any]] = []
         start = 0
         if saved is not None:
             meta, extra = load_train_state(out, model)
+            if ema is not None:
+                if "ema" not in extra:
+                    raise CheckpointError(
+                        f"{out / 'train_state'}: ema_decay is set but the saved state has no weight average"
+                    )
+                ema.load_state_dict(extra["ema"])
             try:
                 task.load_aux_state_dict(extra.get("aux", {}))
                 optimizer.load_state_dict(extra["optimizer"])
@@ -382,12 +390,19 @@ def fit(
                     steps,
                     callbacks,
                     bar,
+                    ema,
                 )
                 for cb in callbacks:
                     if hasattr(cb, "on_epoch_end"):
                         cb.on_epoch_end(model, epoch)
                 if val_loader is not None:
-                    v = evaluate(model, val_loader)
+                    if ema is not None:
+                        v = evaluate(model, val_loader)
+                        rec.update(val_top1_live=v["top1"], val_loss_live=v["loss"])
+                        with ema.swapped_in(model):
+                            v = evaluate(model, val_loader)
+                    else:
+                        v = evaluate(model, val_loader)
                     rec.update(val_top1=v["top1"], val_top5=v["top5"], val_loss=v["loss"])
                     bar.set_postfix(
                         loss=f"{rec['train_loss']:.4f}",
@@ -420,6 +435,8 @@ def fit(
                     },
                     "rng": get_rng_state(),
                 }
+                if ema is not None:
+                    extra["ema"] = ema.state_dict()
                 meta = {
                     "epoch": epoch + 1,
                     "config": config.to_dict(),
@@ -432,6 +449,8 @@ def fit(
                 }
                 save_train_state(out, model=model, extra=extra, meta=meta)
                 _append_metrics(out, rec)
+        if ema is not None:
+            ema.copy_to(model)
     finally:
         task.close()
         model.train(was_training)
@@ -449,7 +468,7 @@ def fit(
     )
 
 
-def _run_epoch(task, model, loader, optimizer, scheduler, params, config, epoch, steps, callbacks, bar):
+def _run_epoch(task, model, loader, optimizer, scheduler, params, config, epoch, steps, callbacks, bar, ema=None):
     task.train()
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
@@ -482,6 +501,8 @@ def _run_epoch(task, model, loader, optimizer, scheduler, params, config, epoch,
         scheduler.step()
         for cb in step_cbs:
             cb.on_step_end(model)
+        if ema is not None:
+            ema.update(model)
         b = int(y.shape[0])
         n += b
         correct += int((out["logits"].detach().argmax(-1) == y).sum())
