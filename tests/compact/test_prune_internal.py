@@ -58,6 +58,31 @@ class EmbedLSTM(nn.Module):
         return self.fc(out.amax(dim=1))
 
 
+class FinalStateHead(nn.Module):
+    """Classifies from the final state: GRU ``fc(h_n[-1])``; bidirectional LSTM ``fc(cat(h_n[-2], h_n[-1],
+    c_n[-1]))`` (a group reaching one consumer twice); single-layer GRU ``fc(h_n.squeeze(0))``."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        if kind == "gru":
+            self.rnn, width = nn.GRU(7, 10, num_layers=3, batch_first=True), 10
+        elif kind == "lstm_bi":
+            self.rnn, width = nn.LSTM(7, 6, num_layers=2, batch_first=True, bidirectional=True), 18
+        else:
+            self.rnn, width = nn.GRU(7, 9, batch_first=True), 9
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x):
+        if self.kind == "gru":
+            return self.fc(self.rnn(x)[1][-1])
+        if self.kind == "lstm_bi":
+            _, (h, c) = self.rnn(x)
+            return self.fc(torch.cat((h[-2], h[-1], torch.tanh(c[-1])), 1))
+        _, h = self.rnn(x)
+        return self.fc(h.squeeze(0))
+
+
 SMALL = dict(hidden_size=12, seq_len=5, input_size=7)
 CASES = {
     "lstm1": lambda: netcarve.create_model("lstm", num_layers=1, **SMALL),
@@ -71,6 +96,10 @@ CASES = {
     "lstm_bi_last": lambda: netcarve.create_model("lstm", num_layers=2, bidirectional=True, **SMALL),
     "gru_seq_first": SeqFirstGRU,
     "lstm_after_linear": EmbedLSTM,
+    "gru_final_state": lambda: FinalStateHead("gru"),
+    "lstm_bi_final_state": lambda: FinalStateHead("lstm_bi"),
+    "gru1_final_state_squeeze": lambda: FinalStateHead("gru1"),
+    "lstm_bi_state_pool": lambda: netcarve.create_model("lstm", num_layers=2, bidirectional=True, pool="state", **SMALL),
     "transformer_tiny": lambda: netcarve.create_model("transformer_tiny", dim=32, depth=2, seq_len=6, input_size=7),
 }
 
@@ -133,7 +162,7 @@ def test_macs_reduction_target(case):
     assert_same(r.model, mask_channels(m, r.groups, r.keep), x)
 
 
-@pytest.mark.parametrize("case", ["lstm_bi_mean", "gru3", "transformer_tiny"])
+@pytest.mark.parametrize("case", ["lstm_bi_mean", "gru3", "lstm_bi_state_pool", "transformer_tiny"])
 def test_pruned_model_saves_and_loads(case, tmp_path):
     m, x = make(case)
     r = prune_channels(m, x, ratio=0.5, global_ranking=True)
@@ -144,14 +173,14 @@ def test_pruned_model_saves_and_loads(case, tmp_path):
         assert torch.equal(loaded(x), r.model.eval()(x))
 
 
-@pytest.mark.parametrize("case", ["lstm_bi_mean", "transformer_tiny"])
+@pytest.mark.parametrize("case", ["lstm_bi_mean", "lstm_bi_state_pool", "transformer_tiny"])
 def test_pruned_model_exports_to_onnx(case, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from netcarve.measure import to_onnx
 
     m, x = make(case)
     r = prune_channels(m, x, ratio=0.5, global_ranking=True)
-    if case == "lstm_bi_mean":
+    if case.startswith("lstm_bi"):
         assert isinstance(r.model.rnn, StackedRNN)
     path = to_onnx(r.model, x, tmp_path / "m.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -82,13 +82,70 @@ class FinalState(nn.Module):
         return self.fc(h[-1])
 
 
-@pytest.mark.parametrize("init_state", [False, True])
-def test_final_state_or_initial_state_skips_every_layer(init_state):
-    gs = build_channel_groups(FinalState(init_state), torch.randn(2, 3, 5))
+def test_initial_state_skips_every_layer():
+    gs = build_channel_groups(FinalState(init_state=True), torch.randn(2, 3, 5))
     assert len(gs) == 0
     assert {s.producer for s in gs.skipped} >= {"rnn:l0", "rnn:l1"}
-    why = "initial state" if init_state else "final state (h_n, c_n) of rnn is used"
-    assert all(why in s.reason for s in gs.skipped if s.producer.startswith("rnn:"))
+    assert all("initial state" in s.reason for s in gs.skipped if s.producer.startswith("rnn:"))
+
+
+def test_final_state_row_is_followed_to_its_consumer():
+    # fc(h[-1]): the top layer's units leave through h_n's last row; layer 0's row is never read
+    gs = build_channel_groups(FinalState(), torch.randn(2, 3, 5))
+    assert gs.names() == ["rnn:l0", "rnn:l1"]
+    assert gs["rnn:l0"].consumers == ("rnn",)  # internal only: h_n[0] is not used
+    fc = next(s for s in gs["rnn:l1"].slots if s.path == "fc")
+    assert fc.role == "consumer" and (fc.offset, fc.span) == (0, None)
+
+
+class _StateUse(nn.Module):
+    def __init__(self, use: str, layers: int = 2, bidirectional: bool = False):
+        super().__init__()
+        self.use = use
+        self.rnn = nn.GRU(5, 6, num_layers=layers, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(12 if use in ("cat", "rows01") else 6, 3)
+
+    def forward(self, x):
+        _, h = self.rnn(x)
+        if self.use == "cat":  # both directions of the top layer
+            return self.fc(torch.cat((h[-2], h[-1]), 1))
+        if self.use == "rows01":  # two rows of layer 0 and layer 1
+            return self.fc(torch.cat((h[0], h[1]), 1))
+        if self.use == "permute":
+            return self.fc(h.permute(1, 0, 2).mean(1))
+        if self.use == "slice":
+            return self.fc(h[-1:].sum(0))
+        if self.use == "squeeze":
+            return self.fc(h.squeeze(0))
+        return self.fc(h.squeeze())
+
+
+def test_final_state_rows_of_both_directions_and_lower_layers():
+    gs = build_channel_groups(_StateUse("cat", bidirectional=True), torch.randn(2, 3, 5))
+    assert gs.names() == ["rnn:l0", "rnn:l0_reverse", "rnn:l1", "rnn:l1_reverse"]
+    offs = {n: next(s for s in gs[n].slots if s.path == "fc").offset for n in ("rnn:l1", "rnn:l1_reverse")}
+    assert offs == {"rnn:l1": 0, "rnn:l1_reverse": 6}
+    assert all(s.path != "fc" for n in ("rnn:l0", "rnn:l0_reverse") for s in gs[n].slots)
+    # a lower layer's row read by a consumer: that layer's group reaches fc too
+    gs = build_channel_groups(_StateUse("rows01"), torch.randn(2, 3, 5))
+    assert {n: next(s for s in gs[n].slots if s.path == "fc").offset for n in gs.names()} == {"rnn:l0": 0, "rnn:l1": 6}
+
+
+@pytest.mark.parametrize("use,why", [
+    ("permute", "final hidden state h_n of rnn is used whole at permute"),
+    ("slice", "final hidden state h_n of rnn is used whole at getitem"),
+])
+def test_final_state_used_whole_skips_every_layer_with_reason(use, why):
+    gs = build_channel_groups(_StateUse(use), torch.randn(2, 3, 5))
+    assert len(gs) == 0
+    assert all(why in s.reason for s in gs.skipped if s.producer.startswith("rnn:")), gs.describe()
+
+
+def test_single_row_state_is_followed_through_squeeze():
+    gs = build_channel_groups(_StateUse("squeeze", layers=1), torch.randn(2, 3, 5))
+    assert gs.names() == ["rnn:l0"] and "fc" in gs["rnn:l0"].consumers
+    gs = build_channel_groups(_StateUse("squeeze_all", layers=1), torch.randn(2, 3, 5))
+    assert len(gs) == 0 and "squeeze() without a dim" in gs.describe()
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections")
@@ -199,6 +256,7 @@ def test_unpacked_but_unused_final_state_does_not_block_pruning():
     x = torch.randn(2, 5, 8)
     gs = build_channel_groups(_UnpacksState().eval(), x)
     assert [g.name for g in gs.groups] == ["lstm:l0", "lstm:l1"]
+    # hidden[-1].sum() sums the top layer's units away: that group is skipped, layer 0 stays prunable
     used = build_channel_groups(_UnpacksState(use_state=True).eval(), x)
-    assert not used.groups
-    assert any("final state (h_n, c_n) of lstm is used" in r for s in used.skipped for r in s.reasons)
+    assert [g.name for g in used.groups] == ["lstm:l0"]
+    assert any("reduces over all dims" in r for s in used.skipped if s.producer == "lstm:l1" for r in s.reasons)

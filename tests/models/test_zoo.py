@@ -171,7 +171,7 @@ def test_transformer_attention_matches_reference():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize(("bidirectional", "pool"), [(False, "last"), (True, "last"), (True, "mean")])
+@pytest.mark.parametrize(("bidirectional", "pool"), [(False, "last"), (True, "last"), (True, "mean"), (True, "state")])
 def test_rnn_variants(cell, bidirectional, pool):
     model = create_model(cell, num_layers=3, bidirectional=bidirectional, pool=pool, seq_len=7, input_size=5)
     assert model.input_shape == (7, 5)
@@ -189,6 +189,21 @@ def test_rnn_last_step_uses_each_directions_final_state():
     model(x)
     _, (h_n, _) = model.rnn(x)  # h_n: (2 directions, B, H)
     torch.testing.assert_close(feats[0], torch.cat([h_n[0], h_n[1]], dim=-1))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_rnn_state_pool_reads_the_same_features_from_h_n(cell, bidirectional):
+    torch.manual_seed(0)
+    last = create_model(cell, num_layers=2, bidirectional=bidirectional, hidden_size=6, seq_len=5, input_size=4).eval()
+    state = create_model(cell, num_layers=2, bidirectional=bidirectional, hidden_size=6, seq_len=5, input_size=4,
+                         pool="state").eval()
+    state.load_state_dict(last.state_dict())
+    x = torch.randn(3, 5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(state(x), last(x))
+    with pytest.raises(ConfigError, match="'last', 'mean' or 'state'"):
+        create_model(cell, pool="first")
 
 
 def test_custom_sizes_set_input_shape():

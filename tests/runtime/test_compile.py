@@ -288,6 +288,35 @@ def test_compile_a_saved_checkpoint(kernels, tmp_path):
         assert _rel(c(x), m(x)) <= 1e-4
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_compiled_rnn_reads_the_top_row_of_the_final_state(kernels, cell):
+    torch.manual_seed(0)
+    m = create_model(cell, num_layers=2, hidden_size=12, seq_len=5, input_size=7, pool="state").eval()
+    x = torch.randn(3, 5, 7)
+    c = compile(m, x, sparse="never")
+    assert c.native and [op.kind for op in c.ops][-2:] == ["select", "linear"]
+    with torch.no_grad():
+        assert _rel(c(x), m(x)) <= 1e-4
+
+    class Row(nn.Module):  # layer 0's row / the LSTM's cell state / the whole state: not kept by the plan
+        def __init__(self, use):
+            super().__init__()
+            self.use = use
+            self.rnn = (nn.GRU if use != "c" else nn.LSTM)(7, 6, num_layers=2, batch_first=True)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            _, s = self.rnn(x)
+            if self.use == "c":
+                return self.fc(s[1][-1])
+            return self.fc(s[0]) if self.use == "row0" else self.fc(s.mean(0))
+
+    for use, msg in (("row0", r"row 0 of the final state h_n \(only the top layer's"),
+                     ("c", "final cell state c_n"), ("whole", "reads the final state of 'rnn' whole")):
+        with pytest.raises(UnsupportedModelError, match=msg):
+            compile(Row(use).eval(), x)
+
+
 def test_unsupported_models_and_inputs_are_clear(kernels):
     class Odd(nn.Module):
         def __init__(self):

@@ -57,8 +57,10 @@ projection columns; ``"attn:heads"``). Their slots may repeat the group's range 
 q/k/v). The top recurrent layer's units also leave the module: the walk follows them from the module's
 output (``out, _ = rnn(x)``) like a producer's channels (per direction, at offset ``d * H``). The declaring
 module is rebuilt by the handler's ``reslice`` (an RNN whose layers end up with unequal widths becomes a
-:class:`netcarve.layers.StackedRNN`). ``nn.MultiheadAttention``, an LSTM with ``proj_size`` and an RNN
-whose final state ``h_n`` is used are skipped with the reason.
+:class:`netcarve.layers.StackedRNN`). A row of the final state (``h_n[-1]``, ``c_n[k]``: an int index) carries
+its layer / direction's units out like the output does (``fc(h_n[-1])``, ``cat((h_n[-2], h_n[-1]), 1)``).
+``nn.MultiheadAttention``, an LSTM with ``proj_size`` and an RNN whose final state is used whole (e.g.
+``h_n.permute(...)``) are skipped with the reason.
 
 Any other use (another ``view``/``reshape``, slicing the channel dim, reading the channel count, a layer
 without a handler, the model output, broadcasting arithmetic with another tensor) makes the group
@@ -814,6 +816,27 @@ class _GroupWalker:
                 return [self._flatten(user, st, shape, 1, -1, via)]
             raise _Block(f"{target} (not a flatten) at {_where(user)}; reshaping the channel dim (e.g. a "
                          "channel shuffle) is not supported")  # fmt: skip
+        # ---- squeeze / unsqueeze of other dims
+        if (not is_m and target in (torch.squeeze, torch.unsqueeze)) or (is_m and target in ("squeeze", "unsqueeze")):
+            self._only_input(user, src)
+            name = target if is_m else target.__name__
+            dims = _arg(user, 1, "dim")
+            if dims is None:  # squeeze(): once pruned to one channel, the channel dim would vanish too
+                raise _Block(f"squeeze() without a dim at {_where(user)} (give the dim: squeeze(0))")
+            dims = list(dims) if isinstance(dims, (tuple, list)) else [dims]
+            if not all(isinstance(d, int) for d in dims):
+                raise _Block(f"{name} with computed dims at {_where(user)}")
+            if name == "unsqueeze":
+                d = _norm(dims[0], ndim + 1)
+                new_dim = st.dim + (1 if d <= st.dim else 0)
+            else:
+                dims = [_norm(d, ndim) for d in dims]
+                if st.dim in dims:  # a no-op while there are channels to spare, not once one is left
+                    raise _Block(f"squeezes the channel dim at {_where(user)}")
+                dims = [d for d in dims if shape[d] == 1]  # size > 1: a no-op
+                new_dim = st.dim - sum(1 for d in set(dims) if d < st.dim)
+            via.append(user.name)
+            return [_State(user, new_dim, st.block)]
         # ---- elementwise
         if (not is_m and target in _ELEMENTWISE_FUNCS) or (is_m and target in _ELEMENTWISE_METHODS):
             self._only_input(user, src)

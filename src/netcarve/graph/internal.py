@@ -12,9 +12,12 @@ Some layers hold prunable units that are not the output channels of a single pro
   internal to the module; the top layer's units are also the features of the module's output
   ``(…, D*H)`` (direction ``d`` at offset ``d*H``): the walk follows them out through ``out, _ = rnn(x)``,
   indexing of other dims (``out[:, -1]``), reductions (``out.mean(1)``), elementwise ops, to consumers
-  (a Linear gets its input columns sliced). Using the final state ``h_n`` / ``c_n`` or passing an initial
-  state skips the module's groups (it would expose every layer's units); an ``nn.LSTM`` with
-  ``proj_size > 0`` is skipped. Pruned layers with unequal widths turn the module into a
+  (a Linear gets its input columns sliced). The final state ``h_n`` (and ``c_n``) is followed row by row:
+  ``h_n[k]`` (an int index, e.g. ``h_n[-1]``, the top layer's last direction) carries the units of layer
+  ``k // D``, direction ``k % D`` in its last dim, so ``fc(h_n[-1])`` or ``cat((h_n[-2], h_n[-1]), 1)``
+  prune like ``out[:, -1]`` (and with a single layer / direction, ``h_n`` itself, e.g. ``h_n.squeeze(0)``).
+  Any other use of the whole state (``h_n.permute(...)``, slices of rows) skips the module's groups with
+  the reason, as does passing an initial state; an ``nn.LSTM`` with ``proj_size > 0`` is skipped. Pruned layers with unequal widths turn the module into a
   :class:`~netcarve.layers.StackedRNN`; uniform widths keep the torch module.
 * **attention heads** of a multi-head attention module written with linear projections
   (:class:`netcarve.models.transformer.MultiHeadSelfAttention`): head ``h`` owns ``head_dim`` rows in
@@ -75,7 +78,12 @@ class InternalGroup:
             (``item``: index in the returned tuple, ``None`` when a single tensor is returned), and the
             walk follows them to their consumers.
         exposed: ``(item, what)`` output items that also carry the units (an RNN's ``h_n``): the group is
-            skipped when the model uses them.
+            skipped when the model uses them (but see ``state``).
+        state: ``(row, rows, nested)`` for a final-state item of ``exposed``: the group's units are row ``row``
+            of ``rows`` along dim 0 of that item (``nested`` = 0), or of each tensor of the tuple it is
+            (``nested`` tensors: LSTM's ``(h_n, c_n)``). Uses that index one row with an int are then
+            followed from that row (its last dim holds the units) instead of skipping the group; other rows
+            are not this group's.
         single_input: the group is skipped when the module gets more than one tensor argument (an
             initial state).
         skip: a reason the group cannot be pruned (then it is listed in ``GroupSet.skipped``).
@@ -86,6 +94,7 @@ class InternalGroup:
     slots: tuple[ChannelSlot, ...] = ()
     output: tuple[int | None, int] | None = None
     exposed: tuple[tuple[int, str], ...] = ()
+    state: tuple[int, int, int] | None = None
     single_input: bool = False
     skip: str | None = None
 
@@ -113,16 +122,24 @@ def module_groups(walker, node: fx.Node, module: nn.Module, handler: ChannelHand
         if spec.single_input and sum(1 for a in _flat_args(node) if _is_tensor_node(a)) > 1:
             reasons.append(f"{path} gets more than one tensor argument (an initial state), which would have "
                            "to be pruned with its units")  # fmt: skip
+        state_starts: list[fx.Node] = []
         for item, what in spec.exposed:
-            for user in uses.get(item, []):
-                reasons.append(f"{what} of {path} is used at {_where(user)} (it holds the units of every layer)")
+            if spec.state is None:
+                for user in uses.get(item, []):
+                    reasons.append(f"{what} of {path} is used at {_where(user)} (it holds the units of every layer)")
+                continue
+            starts, whole = _state_rows(node, item, *spec.state)
+            state_starts += starts
+            for user in whole:
+                reasons.append(f"{what} of {path} is used whole at {_where(user)} (it holds the units of every "
+                               "layer; only rows taken with an int index, e.g. h_n[-1], are followed)")
         if uses.get("whole") and (spec.output is not None or spec.exposed):
             reasons.append(f"the output of {path} is used as a whole at {_where(uses['whole'][0])}")
         involved = tuple(dict.fromkeys([path] + [s.path for s in slots]))
         if reasons:
             out.append(SkippedGroup(name, tuple(dict.fromkeys(reasons)), involved, spec.num_channels))
             continue
-        if spec.output is None:
+        if spec.output is None and not state_starts:
             out.append(ChannelGroup(
                 name,
                 tuple(dict.fromkeys(s.path for s in slots if s.role == "consumer")),
@@ -131,8 +148,45 @@ def module_groups(walker, node: fx.Node, module: nn.Module, handler: ChannelHand
                 tuple(slots),
             ))  # fmt: skip
             continue
-        out.append(_walk_output(walker, node, name, spec, slots))
+        out.append(_walk_output(walker, node, name, spec, slots, state_starts))
     return out
+
+
+def _int_item(u: fx.Node) -> int | None:
+    """``k`` when ``u`` is ``x[k]`` with a plain int ``k``, else None."""
+    if u.op == "call_function" and u.target is operator.getitem and type(u.args[1]) is int:
+        return u.args[1]
+    return None
+
+
+def _state_rows(node: fx.Node, item: int, row: int, rows: int, nested: int) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Where a final state's row ``row`` (of ``rows``) is read: ``(starts, whole)``. ``starts``: nodes whose last
+    dim holds the row's units (``state[row]`` with an int index; with a single row, the state tensor itself);
+    ``whole``: uses that read the state in another way (they expose every row)."""
+    tensors, whole = [], []
+    for u in node.users:
+        if _int_item(u) != item:
+            continue
+        if nested == 0:
+            tensors.append(u)
+            continue
+        for v in _live_users(u):  # (h_n, c_n): each tensor taken out with an int index
+            (tensors if _int_item(v) is not None else whole).append(v)
+    starts = []
+    for t in tensors:
+        users = _live_users(t)
+        if not users:
+            continue
+        if rows == 1 and _is_tensor_node(t):  # one layer, one direction: h_n (1, N, H) holds just these units
+            starts.append(t)
+            continue
+        for u in users:
+            k = _int_item(u)
+            if k is None or not -rows <= k < rows:
+                whole.append(u)
+            elif k % rows == row:
+                starts.append(u)
+    return starts, whole
 
 
 def _output_uses(node: fx.Node) -> dict:
@@ -159,20 +213,25 @@ def _live_users(node: fx.Node) -> list[fx.Node]:
     return live
 
 
-def _walk_output(walker, node: fx.Node, name: str, spec: InternalGroup, slots: list[ChannelSlot]) -> _Walk:
-    """Follow the units out of the module (last dim of its output, at ``offset``) to their consumers."""
+def _walk_output(walker, node: fx.Node, name: str, spec: InternalGroup, slots: list[ChannelSlot],
+                 state_starts: list[fx.Node] = ()) -> _Walk:
+    """Follow the units out of the module (last dim of its output, at ``offset``; and of the final-state rows
+    ``state_starts``, at offset 0) to their consumers."""
     path = str(node.target)
     n = int(spec.num_channels)
     w = _Walk(name, n, slots=list(slots), involved=[path])
-    item, offset = spec.output
-    if item is None:
-        starts = [node]
-    else:
-        starts = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem
-                  and u.args[1] == item]  # fmt: skip
+    starts: list[tuple[fx.Node, int]] = []
+    if spec.output is not None:
+        item, offset = spec.output
+        if item is None:
+            starts = [(node, offset)]
+        else:
+            starts = [(u, offset) for u in node.users if u.op == "call_function" and u.target is operator.getitem
+                      and u.args[1] == item]  # fmt: skip
+    starts += [(s, 0) for s in state_starts]
     walker._joins, walker._seen, walker._n = w.joins, set(), n
     frontier = []
-    for s in starts:
+    for s, offset in starts:
         shape = getattr(s.meta.get("tensor_meta"), "shape", None)
         if shape is None:
             w.reasons.append(f"the output of {path} used at {_where(s)} is not a single tensor")
@@ -226,6 +285,7 @@ def _rnn_internal(m: nn.Module) -> list[InternalGroup]:
     for i, row in enumerate(cells):
         for d, (rel, sfx, cell, h) in enumerate(row):
             unit = _unit_name(i, d)
+            state = (i * dirs + d, len(cells) * dirs, 2 if is_lstm else 0)
             if is_lstm and getattr(m, "proj_size", 0):
                 out.append(InternalGroup(unit, h, skip=f"nn.LSTM with proj_size={m.proj_size} is not supported (the "
                                          "projection, not the hidden units, is what the next layer reads)"))  # fmt: skip
@@ -252,10 +312,11 @@ def _rnn_internal(m: nn.Module) -> list[InternalGroup]:
                     slots.append(ChannelSlot(rel2, "consumer", kind, tuple((nm, 1) for nm in wnames),
                                              scored=tuple(wnames), offset=off, span=span,
                                              note=f"input columns of layer {i + 1}"))  # fmt: skip
-                out.append(InternalGroup(unit, h, tuple(slots), exposed=exposed, single_input=True))
+                out.append(InternalGroup(unit, h, tuple(slots), exposed=exposed, state=state, single_input=True))
             else:
                 offset = sum(c[3] for c in row[:d])
-                out.append(InternalGroup(unit, h, tuple(slots), output=(0, offset), exposed=exposed, single_input=True))
+                out.append(InternalGroup(unit, h, tuple(slots), output=(0, offset), exposed=exposed, state=state,
+                                         single_input=True))
     return out
 
 

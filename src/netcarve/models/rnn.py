@@ -3,7 +3,9 @@
 Default input: CIFAR-10 images read row by row (``cifar10-rows``: 32 steps x 96 features = 32 px x RGB).
 The logits come from ``fc`` on a pooled summary of the top layer's outputs: ``pool="last"`` (default) takes
 the last time step of the forward direction (and, when bidirectional, the first time step of the backward
-direction, i.e. each direction's final state); ``pool="mean"`` averages the outputs over time.
+direction, i.e. each direction's final state); ``pool="mean"`` averages the outputs over time; ``pool="state"``
+reads the same features from the final state ``h_n`` (``h_n[-1]``, bidirectional ``cat(h_n[-2], h_n[-1])``),
+the way many classifiers are written.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ class RNNClassifier(nn.Module):
         super().__init__()
         if cell not in ("lstm", "gru"):
             raise ConfigError(f"cell must be 'lstm' or 'gru', got {cell!r}")
-        if pool not in ("last", "mean"):
-            raise ConfigError(f"pool must be 'last' or 'mean', got {pool!r}")
+        if pool not in ("last", "mean", "state"):
+            raise ConfigError(f"pool must be 'last', 'mean' or 'state', got {pool!r}")
         self.input_shape = (seq_len, input_size)
         self.pool = pool
         rnn_cls = nn.LSTM if cell == "lstm" else nn.GRU
@@ -47,8 +49,11 @@ class RNNClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, F) -> out: (B, T, D*H) -> (B, num_classes)
-        out, _ = self.rnn(x)
-        if self.pool == "mean":
+        out, state = self.rnn(x)
+        if self.pool == "state":
+            h = state[0] if self.rnn.mode == "LSTM" else state  # (h_n, c_n); a StackedRNN too
+            feat = torch.cat([h[-2], h[-1]], dim=-1) if self.rnn.bidirectional else h[-1]
+        elif self.pool == "mean":
             feat = out.mean(dim=1)
         elif self.rnn.bidirectional:
             h = out.shape[-1] // 2

@@ -103,6 +103,7 @@ class Lowering:
         self.gm = traced.graph_module
         self.modules = dict(self.gm.named_modules())
         self.val: dict[fx.Node, int] = {}
+        self._rnn_state: dict[fx.Node, tuple[fx.Node, str]] = {}  # final-state nodes -> (rnn node, "h" / "hc")
         self.ops: list[Op] = []
         self.done: set[fx.Node] = set()
         self.nvals = 1
@@ -115,6 +116,10 @@ class Lowering:
         return self.val[node]
 
     def _in(self, node: Any, where: fx.Node) -> int:
+        if isinstance(node, fx.Node) and node in self._rnn_state:
+            raise UnsupportedModelError(f"runtime: {self.name}: {self._where(where)} reads the final state of "
+                                        f"{self._rnn_state[node][0].target!r} whole (the plan keeps only the top "
+                                        "layer's row, h_n[-1])")
         if not isinstance(node, fx.Node) or node not in self.val:
             raise UnsupportedModelError(f"runtime: {self.name}: {self._where(where)} takes a non-tensor or "
                                         f"unsupported input {node!r}")
@@ -299,9 +304,14 @@ class Lowering:
         if t is operator.getitem and isinstance(args[0], fx.Node):
             src = args[0]
             if src.op == "call_module" and isinstance(self.modules.get(src.target), (nn.GRU, nn.LSTM)):
+                if args[1] == 1:  # the final state: rows of it are lowered where read (_rnn_state_row)
+                    self._rnn_state[node] = (src, "h" if isinstance(self.modules[src.target], nn.GRU) else "hc")
+                    return
                 if args[1] != 0:
                     self._unsupported(node, "the recurrent layer's final state (only its output sequence)")
                 return self._alias(node, src)
+            if src in self._rnn_state:
+                return self._rnn_state_row(node, src, args[1])
             if _shape(node) is not None and _shape(src) is not None:
                 return self._getitem(node, src, args[1])
         if _shape(node) is None:  # shape arithmetic (x.shape[1], ...): only feeds module arguments
@@ -328,6 +338,22 @@ class Lowering:
         if t is F.adaptive_avg_pool2d and nn.modules.utils._pair(args[1]) == (1, 1):
             return self._emit(Op("gap", node.name, [self._in(args[0], node)]), node, args[0])
         self._unsupported(node)
+
+    def _rnn_state_row(self, node, src, index):
+        """``h_n[k]`` of the top layer (``k = -1`` or ``num_layers - 1``; LSTM: ``(h_n, c_n)[0][k]``) is the output
+        sequence's last time step: lowered as that select. Lower layers' rows and ``c_n`` are not kept by the plan."""
+        rnn, kind = self._rnn_state[src]
+        m = self.modules[rnn.target]
+        if kind == "hc":  # (h_n, c_n): take h_n, then a row of it
+            if index != 0 or type(index) is not int:
+                self._unsupported(node, "the LSTM's final cell state c_n (only h_n's top row)")
+            self._rnn_state[node] = (rnn, "h")
+            return
+        L = int(m.num_layers)
+        if type(index) is not int or not -L <= index < L or index % L != L - 1:
+            self._unsupported(node, f"row {index!r} of the final state h_n (only the top layer's, h_n[-1])")
+        dim = 1 if m.batch_first else 0
+        return self._emit(Op("select", node.name, [self._in(rnn, node)], p={"dim": dim, "index": -1}), node, rnn)
 
     def _getitem(self, node, src, index):
         """``x[:, k]`` / ``x[:, -1]`` (an integer at one position, full slices elsewhere) -> select."""
