@@ -555,10 +555,6 @@ EXPLAIN = [
      "raised in its importance computation, with or without `num_heads` (checked by hand); the model has a "
      "Linear embedding plus a learned position-embedding parameter and a qkv reshape with head_dim derived "
      "at run time; not investigated further"),
-    ("netcarve", r"lstm_textcls", r"no prunable groups",
-     "`output, (hidden, cell) = self.lstm(x)` leaves two getitem nodes for h_n / c_n in the fx graph that "
-     "nothing uses; netcarve counts them as uses of the final state and skips the LSTM (with "
-     "`output, _ = self.lstm(x)` both LSTM groups are found)"),
 ]
 
 

@@ -8,7 +8,7 @@ CPU some are shrunk (``NOTES`` says which and how); every block type and connect
 original is kept. ImageNet models take 64x64 inputs (ViT / Mixer: 64x64 with 16x16 patches = 16 tokens).
 
 ``MODELS`` maps a name to ``(constructor, input_shape)``; :func:`example_input` builds the input
-(token ids for ``lstm_textcls``, a float image otherwise).
+(token ids for ``lstm_textcls`` / ``bilstm_sentiment``, a float image otherwise).
 """
 
 from __future__ import annotations
@@ -1105,6 +1105,26 @@ class LSTMTextClassifier(nn.Module):
         return self.fc(output[:, -1, :])
 
 
+class BiLSTMSentiment(nn.Module):
+    """Embedding -> 2-layer bidirectional LSTM -> both directions' final hidden states
+    (``cat((hidden[-2, :, :], hidden[-1, :, :]), dim=1)``) -> dropout -> Linear (the sentiment tutorial shape)."""
+
+    def __init__(self, vocab_size=5000, embed_dim=100, hidden_dim=256, num_layers=2, num_classes=2, dropout=0.5):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.rnn = nn.LSTM(embed_dim, hidden_dim, num_layers=num_layers, bidirectional=True, dropout=dropout,
+                           batch_first=True)
+        self.fc = nn.Linear(hidden_dim * 2, num_classes)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, text):
+        embedded = self.dropout(self.embedding(text))
+        output, (hidden, cell) = self.rnn(embedded)
+        hidden = self.dropout(torch.cat((hidden[-2, :, :], hidden[-1, :, :]), dim=1))
+        return self.fc(hidden)
+
+
 # ============================================================================ registry
 _IMG = (3, 64, 64)
 
@@ -1126,6 +1146,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "unet": (UNet, _IMG),
     "mixer_s16": (MlpMixer, _IMG),
     "lstm_textcls": (LSTMTextClassifier, (32,)),
+    "bilstm_sentiment": (BiLSTMSentiment, (32,)),
 }
 
 # which definition each one mirrors
@@ -1147,6 +1168,7 @@ SOURCES: dict[str, str] = {
     "unet": "milesial Pytorch-UNet",
     "mixer_s16": "timm mixer_s16_224",
     "lstm_textcls": "PyTorch text-classification tutorial",
+    "bilstm_sentiment": "bidirectional-LSTM sentiment tutorial (final hidden states)",
 }
 
 # what differs from the reference (besides random init and the 64x64 input)
@@ -1169,6 +1191,8 @@ NOTES: dict[str, str] = {
     "unet": "base width 16 instead of 64 (same 4 down / 4 up levels, bilinear=False)",
     "mixer_s16": "Mixer-S/16 (512 dim, 8 blocks) at 64x64 (16 tokens)",
     "lstm_textcls": "vocab 5000, embedding 128, hidden 256, 2 layers, 4 classes, 32 tokens",
+    "bilstm_sentiment": "vocab 5000 (tutorial: 25,002), embedding 100, hidden 256, 2 layers, 2 directions, 2 classes, "
+                        "32 tokens, no packed sequences",
 }
 
 
@@ -1178,10 +1202,10 @@ def create(name: str) -> nn.Module:
 
 
 def example_input(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """The model's input: token ids for ``lstm_textcls``, a standard-normal image batch otherwise."""
+    """The model's input: token ids for the text models, a standard-normal image batch otherwise."""
     _, shape = MODELS[name]
     g = torch.Generator().manual_seed(seed)
-    if name == "lstm_textcls":
+    if name in ("lstm_textcls", "bilstm_sentiment"):
         return torch.randint(0, 5000, (batch, *shape), generator=g)
     return torch.randn(batch, *shape, generator=g)
 
@@ -1192,6 +1216,8 @@ def output_shape(name: str, batch: int = 1) -> tuple[int, ...]:
         return (batch, 2, *MODELS[name][1][1:])
     if name == "lstm_textcls":
         return (batch, 4)
+    if name == "bilstm_sentiment":
+        return (batch, 2)
     return (batch, 1000)
 
 

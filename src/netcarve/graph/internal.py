@@ -153,10 +153,14 @@ def module_groups(walker, node: fx.Node, module: nn.Module, handler: ChannelHand
 
 
 def _int_item(u: fx.Node) -> int | None:
-    """``k`` when ``u`` is ``x[k]`` with a plain int ``k``, else None."""
-    if u.op == "call_function" and u.target is operator.getitem and type(u.args[1]) is int:
-        return u.args[1]
-    return None
+    """``k`` when ``u`` is ``x[k]`` with a plain int ``k`` (or ``x[k, :, :]`` / ``x[k, ...]``), else None."""
+    if u.op != "call_function" or u.target is not operator.getitem:
+        return None
+    idx = u.args[1]
+    if isinstance(idx, tuple) and idx and type(idx[0]) is int and all(
+            i is Ellipsis or i == slice(None) for i in idx[1:]):  # fmt: skip
+        idx = idx[0]
+    return idx if type(idx) is int else None
 
 
 def _state_rows(node: fx.Node, item: int, row: int, rows: int, nested: int) -> tuple[list[fx.Node], list[fx.Node]]:
