@@ -103,12 +103,14 @@ class _StateUse(nn.Module):
         super().__init__()
         self.use = use
         self.rnn = nn.GRU(5, 6, num_layers=layers, batch_first=True, bidirectional=bidirectional)
-        self.fc = nn.Linear(12 if use in ("cat", "rows01") else 6, 3)
+        self.fc = nn.Linear(12 if use in ("cat", "cat_tuple_index", "rows01") else 6, 3)
 
     def forward(self, x):
         _, h = self.rnn(x)
         if self.use == "cat":  # both directions of the top layer
             return self.fc(torch.cat((h[-2], h[-1]), 1))
+        if self.use == "cat_tuple_index":  # the same written h[-2, :, :] (and h[-1, ...])
+            return self.fc(torch.cat((h[-2, :, :], h[-1, ...]), 1))
         if self.use == "rows01":  # two rows of layer 0 and layer 1
             return self.fc(torch.cat((h[0], h[1]), 1))
         if self.use == "permute":
@@ -120,8 +122,9 @@ class _StateUse(nn.Module):
         return self.fc(h.squeeze())
 
 
-def test_final_state_rows_of_both_directions_and_lower_layers():
-    gs = build_channel_groups(_StateUse("cat", bidirectional=True), torch.randn(2, 3, 5))
+@pytest.mark.parametrize("use", ["cat", "cat_tuple_index"])
+def test_final_state_rows_of_both_directions_and_lower_layers(use):
+    gs = build_channel_groups(_StateUse(use, bidirectional=True), torch.randn(2, 3, 5))
     assert gs.names() == ["rnn:l0", "rnn:l0_reverse", "rnn:l1", "rnn:l1_reverse"]
     offs = {n: next(s for s in gs[n].slots if s.path == "fc").offset for n in ("rnn:l1", "rnn:l1_reverse")}
     assert offs == {"rnn:l1": 0, "rnn:l1_reverse": 6}
