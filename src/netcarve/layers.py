@@ -2,10 +2,14 @@
 
 :class:`StackedRNN` replaces an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` whose layers (or directions) end up
 with different hidden widths after pruning (torch's modules force one ``hidden_size`` for all of them).
-Its layer spec is registered for :mod:`netcarve.serialize`, so a pruned model saves and loads as data.
+:class:`HeadPrunedMultiheadAttention` replaces an ``nn.MultiheadAttention`` that lost heads (torch's module ties
+``num_heads * head_dim`` to its input / output width ``embed_dim``).
+Their layer specs are registered for :mod:`netcarve.serialize`, so a pruned model saves and loads as data.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -123,4 +127,101 @@ register_layer_spec(
         dropout=m.dropout,
         bidirectional=m.bidirectional,
     ),
+)
+
+
+class HeadPrunedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` with ``num_heads * head_dim`` decoupled from ``embed_dim``: what pruning heads of
+    a torch attention module leaves (``embed_dim`` in, ``embed_dim`` out, ``num_heads`` heads of ``head_dim``).
+
+    Same parameters (``in_proj_weight`` ``(3 * num_heads * head_dim, embed_dim)`` rows ``[q | k | v]``,
+    ``in_proj_bias``, ``out_proj``) and the same call as ``nn.MultiheadAttention`` (``query, key, value,
+    key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal``; batch-first or sequence-first;
+    unbatched inputs), returning ``(output, weights or None)``. Not supported: ``kdim`` / ``vdim`` differing from
+    ``embed_dim``, ``add_bias_kv``, ``add_zero_attn`` (such modules are not pruned), and a 3-D ``attn_mask`` must
+    have ``batch * num_heads`` rows for the *kept* heads.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = False):
+        super().__init__()
+        if min(embed_dim, num_heads, head_dim) < 1:
+            raise ConfigError(f"HeadPrunedMultiheadAttention: embed_dim={embed_dim}, num_heads={num_heads}, "
+                              f"head_dim={head_dim} must be positive")
+        self.embed_dim, self.num_heads, self.head_dim = int(embed_dim), int(num_heads), int(head_dim)
+        self.dropout, self.batch_first = float(dropout), bool(batch_first)
+        inner = self.num_heads * self.head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, self.embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
+        self.out_proj = nn.Linear(inner, self.embed_dim, bias=bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, E): one sequence
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        tq, n, e = query.shape
+        tk = key.shape[0]
+        if e != self.embed_dim or key.shape[-1] != e or value.shape[-1] != e:
+            raise ConfigError(f"HeadPrunedMultiheadAttention: expected embed_dim {self.embed_dim}, got query / key / "
+                              f"value widths {e} / {key.shape[-1]} / {value.shape[-1]}")
+        h, hd = self.num_heads, self.head_dim
+        inner = h * hd
+        w, b = self.in_proj_weight, self.in_proj_bias
+        q, k, v = (F.linear(t, w[i * inner:(i + 1) * inner], None if b is None else b[i * inner:(i + 1) * inner])
+                   for i, t in enumerate((query, key, value)))
+        q = q.reshape(tq, n * h, hd).transpose(0, 1) * (1.0 / math.sqrt(hd))
+        k = k.reshape(tk, n * h, hd).transpose(0, 1)
+        v = v.reshape(tk, n * h, hd).transpose(0, 1)
+        mask = None
+        if attn_mask is not None:
+            mask = self._additive(attn_mask, q.dtype)
+            if mask.dim() == 2:
+                mask = mask.unsqueeze(0)
+            elif mask.shape[0] != n * h:
+                raise ConfigError(f"HeadPrunedMultiheadAttention: a 3-D attn_mask needs batch * num_heads = {n * h} "
+                                  f"rows (the kept heads), got {mask.shape[0]}")
+        elif is_causal:
+            mask = torch.full((1, tq, tk), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        if key_padding_mask is not None:
+            kp = self._additive(key_padding_mask, q.dtype).view(n, 1, 1, tk).expand(n, h, 1, tk).reshape(n * h, 1, tk)
+            mask = kp if mask is None else mask + kp
+        scores = torch.bmm(q, k.transpose(1, 2))
+        if mask is not None:
+            scores = scores + mask
+        attn = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout > 0:
+            attn = F.dropout(attn, self.dropout)
+        out = torch.bmm(attn, v).transpose(0, 1).reshape(tq, n, inner)
+        out = self.out_proj(out)
+        if unbatched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        weights = attn.view(n, h, tq, tk)
+        weights = weights.mean(dim=1) if average_attn_weights else weights
+        return out, (weights.squeeze(0) if unbatched else weights)
+
+    @staticmethod
+    def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+        return mask.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"dropout={self.dropout}, bias={self.in_proj_bias is not None}, batch_first={self.batch_first}")
+
+
+register_layer_spec(
+    HeadPrunedMultiheadAttention,
+    lambda m: dict(embed_dim=m.embed_dim, num_heads=m.num_heads, head_dim=m.head_dim, dropout=m.dropout,
+                   bias=m.in_proj_bias is not None, batch_first=m.batch_first),
 )

@@ -83,6 +83,30 @@ class FinalStateHead(nn.Module):
         return self.fc(h.squeeze(0))
 
 
+class MHABlock(nn.Module):
+    """Pre-norm encoder blocks on torch's nn.MultiheadAttention (batch-first and sequence-first, with and without
+    biases), a key-padding mask, then a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(7, 16)
+        self.norm = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.attn2 = nn.MultiheadAttention(16, 8, bias=False)
+        self.fc = nn.Linear(16, 3)
+        pad = torch.zeros(3, 5, dtype=torch.bool)  # the tests' batch of 3 sequences of 5
+        pad[0, -2:] = True
+        self.register_buffer("pad", pad)
+
+    def forward(self, x):
+        x = self.embed(x)
+        h = self.norm(x)
+        x = x + self.attn(h, h, h, key_padding_mask=self.pad, need_weights=False)[0]
+        s = x.transpose(0, 1)
+        x = x + self.attn2(s, s, s)[0].transpose(0, 1)
+        return self.fc(x.mean(1))
+
+
 SMALL = dict(hidden_size=12, seq_len=5, input_size=7)
 CASES = {
     "lstm1": lambda: netcarve.create_model("lstm", num_layers=1, **SMALL),
@@ -101,6 +125,7 @@ CASES = {
     "gru1_final_state_squeeze": lambda: FinalStateHead("gru1"),
     "lstm_bi_state_pool": lambda: netcarve.create_model("lstm", num_layers=2, bidirectional=True, pool="state", **SMALL),
     "transformer_tiny": lambda: netcarve.create_model("transformer_tiny", dim=32, depth=2, seq_len=6, input_size=7),
+    "nn_mha": MHABlock,
 }
 
 
@@ -143,6 +168,28 @@ def test_uneven_widths_build_a_stacked_rnn_and_reprune():
     uniform = remove_channels(compact, r.groups, {g.name: [0] for g in r.groups})
     assert type(uniform.rnn) is nn.LSTM and uniform.rnn.hidden_size == 1
     assert_same(uniform, mask_channels(compact, r.groups, {g.name: [0] for g in r.groups}), x)
+
+
+def test_nn_mha_heads_become_a_head_pruned_attention_and_reprune():
+    from netcarve.layers import HeadPrunedMultiheadAttention
+
+    m, x = make("nn_mha")
+    gs = build_channel_groups(m, x)
+    assert set(gs.names()) >= {"attn:heads", "attn2:heads"}
+    keep = {"attn:heads": [1, 3], "attn2:heads": [0, 2, 5]}
+    compact = remove_channels(m, gs, keep)
+    a = compact.attn
+    assert isinstance(a, HeadPrunedMultiheadAttention) and (a.num_heads, a.head_dim, a.embed_dim) == (2, 4, 16)
+    assert a.in_proj_weight.shape == (24, 16) and a.out_proj.weight.shape == (16, 8) and a.batch_first
+    assert torch.equal(a.in_proj_weight[:4], m.attn.in_proj_weight[4:8])  # q rows of head 1
+    assert torch.equal(a.in_proj_weight[8:12], m.attn.in_proj_weight[20:24])  # k rows of head 1
+    assert compact.attn2.in_proj_bias is None and compact.attn2.num_heads == 3 and not compact.attn2.batch_first
+    assert_same(compact, mask_channels(m, gs, keep), x)
+    assert count_model(compact, x).total_macs < count_model(m, x).total_macs
+    # a pruned attention is pruned again
+    r = prune_channels(compact, x, ratio=0.5)
+    assert r.widths["attn:heads"] == (1, 2) and r.model.attn.num_heads == 1
+    assert_same(r.model, mask_channels(compact, r.groups, r.keep), x)
 
 
 def test_custom_attention_heads(sep_model):
@@ -213,3 +260,32 @@ def test_every_zoo_model_prunes_compact_equals_masked(name):
     masked = mask_channels(m, gs, r.keep)
     assert_same(r.model, masked, x)
     assert_differs(masked, m, x)
+
+
+def test_head_pruned_attention_saves_loads_and_exports(tmp_path):
+    from netcarve.models import register_model
+    from netcarve.models._registry import _MODELS
+
+    register_model("_test_mha_block", family="test", input_shape=(5, 7))(MHABlock)
+    try:
+        torch.manual_seed(0)
+        m = netcarve.create_model("_test_mha_block").eval()
+        x = torch.randn(3, 5, 7)
+        r = prune_channels(m, x, ratio=0.5)
+        assert type(r.model.attn).__name__ == "HeadPrunedMultiheadAttention"
+        netcarve.save(r.model, tmp_path / "run")
+        loaded = netcarve.load(tmp_path / "run")
+        assert type(loaded.attn) is type(r.model.attn) and loaded.attn.num_heads == r.model.attn.num_heads
+        with torch.no_grad():
+            assert torch.equal(loaded(x), r.model.eval()(x))
+    finally:
+        del _MODELS._items["_test_mha_block"]
+    ort = pytest.importorskip("onnxruntime")
+    from netcarve.measure import to_onnx
+
+    path = to_onnx(r.model, x, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        want = r.model(x)
+    assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))

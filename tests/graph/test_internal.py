@@ -192,19 +192,39 @@ def test_transformer_heads_groups():
     assert qkv.features(torch.tensor([1]), 4).tolist() == [*range(8, 16), *range(40, 48), *range(72, 80)]
 
 
-def test_nn_multihead_attention_is_skipped_with_reason():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc = nn.Linear(8, 2)
+class _MHA(nn.Module):
+    def __init__(self, use_weights=False, **kw):
+        super().__init__()
+        self.use_weights = use_weights
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, **kw)
+        self.fc = nn.Linear(8, 2)
 
-        def forward(self, x):
-            return self.fc(self.attn(x, x, x)[0].mean(1))
+    def forward(self, x):
+        kv = x[..., :5] if self.attn.kdim == 5 else x  # key / value of another width
+        out, w = self.attn(x, kv, kv)
+        y = self.fc(out.mean(1))
+        return y + w.sum() if self.use_weights else y
 
-    gs = build_channel_groups(M(), torch.randn(2, 3, 8))
-    assert "attn:heads" in gs.skipped_names()
-    assert "embed_dim is both the model width and num_heads * head_dim" in gs.describe()
+
+def test_nn_multihead_attention_heads_group():
+    gs = build_channel_groups(_MHA(), torch.randn(2, 3, 8))
+    assert gs.names() == ["attn:heads"] and gs["attn:heads"].num_channels == 2
+    qkv = next(s for s in gs["attn:heads"].slots if s.role == "producer")
+    assert (qkv.path, qkv.sections, qkv.block, qkv.unit) == ("attn", 3, 4, "heads")
+    assert ("in_proj_weight", 0) in qkv.params and ("in_proj_bias", 0) in qkv.params
+    out = next(s for s in gs["attn:heads"].slots if s.path == "attn.out_proj")
+    assert out.role == "consumer" and out.params == (("weight", 1),) and out.block == 4
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(kdim=5, vdim=5), "kdim / vdim (5 / 5) other than embed_dim 8"),
+    (dict(add_bias_kv=True), "add_bias_kv / add_zero_attn"),
+    (dict(add_zero_attn=True), "add_bias_kv / add_zero_attn"),
+    (dict(use_weights=True), "the attention weights of attn is used"),
+])
+def test_nn_multihead_attention_unsupported_forms_are_skipped_with_reason(kw, why):
+    gs = build_channel_groups(_MHA(**kw), torch.randn(2, 3, 8))
+    assert "attn:heads" in gs.skipped_names() and why in gs.describe(), gs.describe()
 
 
 def test_custom_attention_through_register_channel_handler(sep_model):

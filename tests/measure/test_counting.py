@@ -178,6 +178,23 @@ def test_multihead_attention_by_hand():
     assert cost.total_params == sum(p.numel() for p in mha.parameters())
 
 
+def test_head_pruned_attention_by_hand():
+    from netcarve.layers import HeadPrunedMultiheadAttention
+
+    e, t, s, b, h, hd = 8, 5, 3, 2, 3, 2  # 3 heads of 2: inner width 6, embed_dim 8; keys of length 3
+    m = HeadPrunedMultiheadAttention(e, h, hd, batch_first=True)
+    q, kv = torch.randn(b, t, e), torch.randn(b, s, e)
+    cost = count_model(m, (q, kv, kv))
+    rows = cost.by_name()
+    inner = h * hd
+    assert rows[""].macs == b * (t * e * inner + 2 * s * e * inner + 2 * t * s * inner)
+    assert rows["out_proj"].macs == b * t * inner * e  # its own Linear hook
+    # with every head kept it costs what nn.MultiheadAttention does
+    full = HeadPrunedMultiheadAttention(e, 2, 4, batch_first=True)
+    assert count_model(full, (q, q, q)).total_macs == count_model(nn.MultiheadAttention(e, 2, batch_first=True),
+                                                                    (q, q, q)).total_macs
+
+
 def test_shared_parameters_counted_once_and_shared_module_per_call():
     class Tied(nn.Module):
         def __init__(self):

@@ -23,8 +23,12 @@ Some layers hold prunable units that are not the output channels of a single pro
   (:class:`netcarve.models.transformer.MultiHeadSelfAttention`): head ``h`` owns ``head_dim`` rows in
   each of the q, k and v sections of the fused ``qkv`` projection (or of separate ``q``/``k``/``v``
   Linears) and ``head_dim`` input columns of the output projection ``proj``; removing heads narrows both
-  and lowers ``num_heads``. The group is ``"<path>:heads"``. ``torch.nn.MultiheadAttention`` is
-  skipped (its ``embed_dim`` is both the model width and ``num_heads * head_dim``).
+  and lowers ``num_heads``. The group is ``"<path>:heads"``. ``torch.nn.MultiheadAttention`` too: its
+  heads own ``head_dim`` rows of each q / k / v section of ``in_proj_weight`` (and ``in_proj_bias``) and
+  ``head_dim`` columns of ``out_proj``; since torch ties ``num_heads * head_dim`` to ``embed_dim`` (the
+  model width, which stays), a pruned one becomes a :class:`~netcarve.layers.HeadPrunedMultiheadAttention`
+  (same parameters and call). Skipped with the reason: separate ``kdim`` / ``vdim``, ``add_bias_kv``,
+  ``add_zero_attn``, and a model that uses the returned attention weights.
 
 **Your own attention module**: if its forward derives ``head_dim`` at run time from the projection width
 and ``num_heads`` (like ``MultiHeadSelfAttention``), register it with::
@@ -471,22 +475,62 @@ def attention_heads_handler(
     return ChannelHandler(role="opaque", check=check, internal=internal, reslice=reslice)
 
 
-_MHA_REASON = (
-    "torch.nn.MultiheadAttention is not supported: its embed_dim is both the model width and num_heads * "
-    "head_dim, so heads cannot be removed without changing its input/output width; write the attention "
-    "with Linear projections (like netcarve.models.transformer.MultiHeadSelfAttention) and register "
-    "netcarve.graph.attention_heads_handler for it"
-)
+# torch.nn.MultiheadAttention (and the HeadPrunedMultiheadAttention pruning turns it into): whole heads, i.e.
+# head_dim rows of each of the q, k, v sections of in_proj_weight / in_proj_bias and head_dim input columns of
+# out_proj. embed_dim (the model width, in and out) stays.
+def _mha_unsupported(m: nn.Module) -> str | None:
+    if not getattr(m, "_qkv_same_embed_dim", True):
+        return (f"nn.MultiheadAttention with kdim / vdim ({m.kdim} / {m.vdim}) other than embed_dim {m.embed_dim} "
+                "(separate q / k / v projection weights) is not supported")
+    if getattr(m, "bias_k", None) is not None or getattr(m, "add_zero_attn", False):
+        return "nn.MultiheadAttention with add_bias_kv / add_zero_attn is not supported"
+    return None
 
 
-def _mha_reslice(m, units, in_keep):  # pragma: no cover - its groups are always skipped
-    raise UnsupportedModelError(_MHA_REASON)
+def _mha_internal(m: nn.Module) -> list[InternalGroup]:
+    h, hd = int(m.num_heads), int(m.head_dim)
+    why = _mha_unsupported(m)
+    if why:
+        return [InternalGroup("heads", h, skip=why)]
+    params = (("in_proj_weight", 0),) + ((("in_proj_bias", 0),) if m.in_proj_bias is not None else ())
+    slots = (ChannelSlot("", "producer", type(m).__name__, params, block=hd, scored=("in_proj_weight",), sections=3,
+                         unit="heads", note=f"{hd} rows per head of q, k, v (num_heads lowered)"),
+             ChannelSlot("out_proj", "consumer", "Linear", (("weight", 1),), block=hd, scored=("weight",),
+                         note=f"{hd} input columns per head"))  # fmt: skip
+    return [InternalGroup("heads", h, slots, exposed=((1, "the attention weights"),))]
+
+
+def _mha_reslice(m: nn.Module, units: dict, in_keep) -> nn.Module:
+    from ..layers import HeadPrunedMultiheadAttention
+
+    if in_keep is not None:  # pragma: no cover - the module is opaque to surrounding groups
+        raise UnsupportedModelError(f"{type(m).__name__}: its input width cannot be pruned")
+    keep = units.get("heads")
+    if keep is None:
+        return m
+    h, hd, e = int(m.num_heads), int(m.head_dim), int(m.embed_dim)
+    feats = (keep.cpu()[:, None] * hd + torch.arange(hd)).flatten()
+    rows = (torch.arange(3)[:, None] * (h * hd) + feats).flatten()
+    bias = m.in_proj_bias is not None
+    new = HeadPrunedMultiheadAttention(e, int(keep.numel()), hd, dropout=float(m.dropout), bias=bias,
+                                       batch_first=bool(m.batch_first))  # fmt: skip
+    new = new.to(device=m.in_proj_weight.device, dtype=m.in_proj_weight.dtype)
+    with torch.no_grad():
+        new.in_proj_weight.copy_(m.in_proj_weight[rows])
+        new.out_proj.weight.copy_(m.out_proj.weight[:, feats])
+        if bias:
+            new.in_proj_bias.copy_(m.in_proj_bias[rows])
+        if m.out_proj.bias is not None:
+            new.out_proj.bias.copy_(m.out_proj.bias)
+    new.train(m.training)
+    return new
 
 
 MHA_HANDLER = ChannelHandler(
     role="opaque",
-    check=lambda m: _MHA_REASON,
-    internal=lambda m: [InternalGroup("heads", int(m.num_heads), skip=_MHA_REASON)],
+    check=lambda m: (f"{type(m).__name__}: its input / output width (embed_dim, the model dim) is not pruned; its "
+                     "heads are (group '<path>:heads')"),  # fmt: skip
+    internal=_mha_internal,
     reslice=_mha_reslice,
 )
 
@@ -497,4 +541,5 @@ for _t in (nn.LSTM, nn.GRU, nn.RNN):
 _handlers._BUILTIN[nn.MultiheadAttention] = MHA_HANDLER
 # known by qualified name: the graph package does not import netcarve.models / netcarve.layers
 _handlers._BY_NAME["netcarve.layers.StackedRNN"] = RNN_HANDLER
+_handlers._BY_NAME["netcarve.layers.HeadPrunedMultiheadAttention"] = MHA_HANDLER
 _handlers._BY_NAME["netcarve.models.transformer.MultiHeadSelfAttention"] = attention_heads_handler()

@@ -28,6 +28,9 @@ RNN / LSTM / GRU (+ ``*Cell``)         per time step, per layer, per direction, 
                                        PackedSequence).
 MultiheadAttention                     projections ``Tq*E*E + Tk*E*kdim + Tk*E*vdim + Tq*E*E`` and
                                        attention ``2*Tq*Tk*E``, times the batch size
+HeadPrunedMultiheadAttention           q / k / v projections ``(Tq + 2*Tk)*E*I`` and attention ``2*Tq*Tk*I``
+                                       (``I = num_heads * head_dim``), times the batch size; its
+                                       ``out_proj`` Linear counts itself
 ``AttentionMatmul(q, k, v)``           ``batch * Tq * Tk * (d_k + d_v)`` from the shapes
 (any class of that name)               ``q (..., Tq, d_k)``, ``k (..., Tk, d_k)``, ``v (..., Tk, d_v)``;
                                        for ``(B, H, T, d)`` inputs that is ``2*B*H*T*T*d``
@@ -262,6 +265,20 @@ def _mha(m: nn.MultiheadAttention, inputs, out) -> int:
     return b * (proj + 2 * tq * tk * e)
 
 
+def _head_pruned_mha(m: nn.Module, inputs, out) -> int:
+    """netcarve.layers.HeadPrunedMultiheadAttention: q / k / v projections to ``num_heads * head_dim`` and the two
+    attention matmuls (its ``out_proj`` is a Linear, counted by its own hook)."""
+    q, k = inputs[0], inputs[1]
+    e, inner = m.embed_dim, m.num_heads * m.head_dim
+    if m.batch_first and q.dim() == 3:
+        b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+    elif q.dim() == 3:
+        b, tq, tk = q.shape[1], q.shape[0], k.shape[0]
+    else:
+        b, tq, tk = 1, q.shape[0], k.shape[0]
+    return b * (tq * e * inner + 2 * tk * e * inner + 2 * tq * tk * inner)
+
+
 def _attention_matmul(m: nn.Module, inputs, out) -> int:
     q, k, v = (t for t in inputs[:3])
     batch = math.prod(q.shape[:-2])
@@ -287,4 +304,5 @@ for _t in (
 register_counter(nn.RNNBase, _rnn)  # RNN, LSTM, GRU
 register_counter(nn.RNNCellBase, _rnn_cell)
 register_counter(nn.MultiheadAttention, _mha)
+register_counter("HeadPrunedMultiheadAttention", _head_pruned_mha)
 register_counter("AttentionMatmul", _attention_matmul)

@@ -29,11 +29,12 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
+from ..layers import HeadPrunedMultiheadAttention
 from .schemes import SparsityScheme, check_level, make_scheme
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RNN = (nn.LSTM, nn.GRU, nn.RNN)
-TYPE_ALIASES = {"conv": _CONV, "linear": (nn.Linear,), "rnn": _RNN, "attention": (nn.MultiheadAttention,)}
+TYPE_ALIASES = {"conv": _CONV, "linear": (nn.Linear,), "rnn": _RNN, "attention": (nn.MultiheadAttention, HeadPrunedMultiheadAttention)}
 
 
 def candidate_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -47,8 +48,9 @@ def candidate_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             for w in mod._flat_weights_names:
                 if w.startswith("weight_"):
                     out.append((pre + w, mod, w))
-        elif isinstance(mod, nn.MultiheadAttention):
-            names = ["in_proj_weight"] if mod._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        elif isinstance(mod, (nn.MultiheadAttention, HeadPrunedMultiheadAttention)):
+            same = getattr(mod, "_qkv_same_embed_dim", True)
+            names = ["in_proj_weight"] if same else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
             out += [(pre + n, mod, n) for n in names]
     return out
 
