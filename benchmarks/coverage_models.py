@@ -13,6 +13,7 @@ original is kept. ImageNet models take 64x64 inputs (ViT / Mixer: 64x64 with 16x
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -1125,6 +1126,44 @@ class BiLSTMSentiment(nn.Module):
         return self.fc(hidden)
 
 
+class PositionalEncoding(nn.Module):
+    """Sinusoidal position encoding added to the embeddings, then dropout (word_language_model)."""
+
+    def __init__(self, d_model, dropout=0.1, max_len=512):
+        super().__init__()
+        self.dropout = nn.Dropout(p=dropout)
+        pe = torch.zeros(max_len, d_model)
+        position = torch.arange(0, max_len, dtype=torch.float).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(10000.0) / d_model))
+        pe[:, 0::2] = torch.sin(position * div_term)
+        pe[:, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe.unsqueeze(0))  # (1, max_len, d_model): batch first
+
+    def forward(self, x):
+        return self.dropout(x + self.pe[:, : x.size(1)])
+
+
+class TransformerLM(nn.Module):
+    """pytorch/examples word_language_model ``TransformerModel``: Embedding * sqrt(d) -> positional encoding ->
+    ``nn.TransformerEncoder`` (causal mask) -> Linear decoder -> log-softmax; batch first, mask built once."""
+
+    def __init__(self, ntoken=5000, ninp=200, nhead=2, nhid=200, nlayers=2, dropout=0.2, seq_len=32):
+        super().__init__()
+        self.ninp = ninp
+        self.pos_encoder = PositionalEncoding(ninp, dropout)
+        layer = nn.TransformerEncoderLayer(ninp, nhead, nhid, dropout, batch_first=True)
+        self.transformer_encoder = nn.TransformerEncoder(layer, nlayers, enable_nested_tensor=False)
+        self.input_emb = nn.Embedding(ntoken, ninp)
+        self.decoder = nn.Linear(ninp, ntoken)
+        self.register_buffer("src_mask", nn.Transformer.generate_square_subsequent_mask(seq_len))
+
+    def forward(self, src):
+        src = self.input_emb(src) * math.sqrt(self.ninp)
+        src = self.pos_encoder(src)
+        output = self.transformer_encoder(src, self.src_mask)
+        return F.log_softmax(self.decoder(output), dim=-1)
+
+
 # ============================================================================ registry
 _IMG = (3, 64, 64)
 
@@ -1147,6 +1186,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "mixer_s16": (MlpMixer, _IMG),
     "lstm_textcls": (LSTMTextClassifier, (32,)),
     "bilstm_sentiment": (BiLSTMSentiment, (32,)),
+    "transformer_lm": (TransformerLM, (32,)),
 }
 
 # which definition each one mirrors
@@ -1169,6 +1209,7 @@ SOURCES: dict[str, str] = {
     "mixer_s16": "timm mixer_s16_224",
     "lstm_textcls": "PyTorch text-classification tutorial",
     "bilstm_sentiment": "bidirectional-LSTM sentiment tutorial (final hidden states)",
+    "transformer_lm": "pytorch/examples word_language_model (nn.TransformerEncoder)",
 }
 
 # what differs from the reference (besides random init and the 64x64 input)
@@ -1193,6 +1234,8 @@ NOTES: dict[str, str] = {
     "lstm_textcls": "vocab 5000, embedding 128, hidden 256, 2 layers, 4 classes, 32 tokens",
     "bilstm_sentiment": "vocab 5000 (tutorial: 25,002), embedding 100, hidden 256, 2 layers, 2 directions, 2 classes, "
                         "32 tokens, no packed sequences",
+    "transformer_lm": "vocab 5000 (example: its corpus), d_model 200, 2 heads, feed-forward 200, 2 layers, 32 tokens, "
+                      "batch first",
 }
 
 
@@ -1205,7 +1248,7 @@ def example_input(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
     """The model's input: token ids for the text models, a standard-normal image batch otherwise."""
     _, shape = MODELS[name]
     g = torch.Generator().manual_seed(seed)
-    if name in ("lstm_textcls", "bilstm_sentiment"):
+    if name in ("lstm_textcls", "bilstm_sentiment", "transformer_lm"):
         return torch.randint(0, 5000, (batch, *shape), generator=g)
     return torch.randn(batch, *shape, generator=g)
 
@@ -1218,6 +1261,8 @@ def output_shape(name: str, batch: int = 1) -> tuple[int, ...]:
         return (batch, 4)
     if name == "bilstm_sentiment":
         return (batch, 2)
+    if name == "transformer_lm":
+        return (batch, MODELS[name][1][0], 5000)
     return (batch, 1000)
 
 

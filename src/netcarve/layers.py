@@ -155,6 +155,9 @@ class HeadPrunedMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
         self.out_proj = nn.Linear(inner, self.embed_dim, bias=bias)
         nn.init.xavier_uniform_(self.in_proj_weight)
+        # read by nn.TransformerEncoderLayer / nn.TransformerEncoder before their fused fast paths, which assume
+        # num_heads * head_dim == embed_dim: False keeps them on the regular path, which calls this module
+        self._qkv_same_embed_dim = False
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
                 average_attn_weights: bool = True, is_causal: bool = False):

@@ -107,6 +107,25 @@ class MHABlock(nn.Module):
         return self.fc(x.mean(1))
 
 
+class TorchEncoder(nn.Module):
+    """torch's nn.TransformerEncoder (post-norm, 2 layers) and a pre-norm GELU nn.TransformerEncoderLayer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(7, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.top = nn.TransformerEncoderLayer(32, 8, 48, dropout=0.0, batch_first=True, norm_first=True,
+                                              activation="gelu")
+        self.fc = nn.Linear(32, 3)
+        with torch.no_grad():  # the encoder's layers start as copies of one layer: make them differ
+            for p in self.enc.layers[1].parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+
+    def forward(self, x):
+        return self.fc(self.top(self.enc(self.embed(x))).mean(1))
+
+
 SMALL = dict(hidden_size=12, seq_len=5, input_size=7)
 CASES = {
     "lstm1": lambda: netcarve.create_model("lstm", num_layers=1, **SMALL),
@@ -126,6 +145,7 @@ CASES = {
     "lstm_bi_state_pool": lambda: netcarve.create_model("lstm", num_layers=2, bidirectional=True, pool="state", **SMALL),
     "transformer_tiny": lambda: netcarve.create_model("transformer_tiny", dim=32, depth=2, seq_len=6, input_size=7),
     "nn_mha": MHABlock,
+    "torch_encoder": TorchEncoder,
 }
 
 
@@ -190,6 +210,56 @@ def test_nn_mha_heads_become_a_head_pruned_attention_and_reprune():
     r = prune_channels(compact, x, ratio=0.5)
     assert r.widths["attn:heads"] == (1, 2) and r.model.attn.num_heads == 1
     assert_same(r.model, mask_channels(compact, r.groups, r.keep), x)
+
+
+def test_torch_transformer_encoder_heads_and_feed_forward():
+    from netcarve.layers import HeadPrunedMultiheadAttention
+
+    m, x = make("torch_encoder")
+    gs = build_channel_groups(m, x)
+    assert gs.names() == ["enc:layers.0.heads", "enc:layers.0.ffn", "enc:layers.1.heads", "enc:layers.1.ffn",
+                          "top:heads", "top:ffn"]
+    assert "d_model) is not pruned" in gs.describe()  # the embedding's group stops at the encoder
+    keep = {"enc:layers.1.heads": [3], "enc:layers.0.ffn": list(range(0, 64, 3)), "top:heads": [0, 1, 7],
+            "top:ffn": [5, 6]}
+    compact = remove_channels(m, gs, keep)
+    l0, l1 = compact.enc.layers
+    assert type(l0.self_attn) is nn.MultiheadAttention and l0.linear1.out_features == l0.linear2.in_features == 22
+    assert isinstance(l1.self_attn, HeadPrunedMultiheadAttention) and l1.self_attn.num_heads == 1
+    assert compact.top.self_attn.num_heads == 3 and compact.top.linear2.weight.shape == (32, 2)
+    assert_same(compact, mask_channels(m, gs, keep), x)
+    assert_differs(mask_channels(m, gs, keep), m, x)
+
+
+def test_torch_transformer_encoder_decoder_heads_cross_heads_and_feed_forward():
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.src, self.tgt = nn.Linear(7, 16), nn.Linear(5, 16)
+            self.tr = nn.Transformer(16, 4, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=24,
+                                     dropout=0.0, batch_first=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x, y):
+            mask = nn.Transformer.generate_square_subsequent_mask(4)
+            return self.fc(self.tr(self.src(x), self.tgt(y), tgt_mask=mask, tgt_is_causal=True).mean(1))
+
+    torch.manual_seed(0)
+    m = Seq2Seq().eval()
+    x, y = torch.randn(3, 5, 7), torch.randn(3, 4, 5)
+    gs = build_channel_groups(m, (x, y))
+    assert gs.names() == ["tr:encoder.layers.0.heads", "tr:encoder.layers.0.ffn", "tr:encoder.layers.1.heads",
+                          "tr:encoder.layers.1.ffn", "tr:decoder.layers.0.heads", "tr:decoder.layers.0.cross_heads",
+                          "tr:decoder.layers.0.ffn"]
+    r = prune_channels(m, (x, y), ratio=0.5)
+    dec = r.model.tr.decoder.layers[0]
+    assert dec.self_attn.num_heads == dec.multihead_attn.num_heads == 2 and dec.linear1.out_features == 12
+    masked = mask_channels(m, r.groups, r.keep)
+    with torch.no_grad():
+        a, b, c = r.model(x, y), masked(x, y), m(x, y)
+    assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(b.abs().max()))
+    assert not torch.allclose(b, c, atol=1e-6)
+    assert count_model(r.model, (x, y)).total_macs == r.macs_after < r.macs_before
 
 
 def test_custom_attention_heads(sep_model):
@@ -267,19 +337,23 @@ def test_head_pruned_attention_saves_loads_and_exports(tmp_path):
     from netcarve.models._registry import _MODELS
 
     register_model("_test_mha_block", family="test", input_shape=(5, 7))(MHABlock)
+    register_model("_test_torch_encoder", family="test", input_shape=(5, 7))(TorchEncoder)
     try:
-        torch.manual_seed(0)
-        m = netcarve.create_model("_test_mha_block").eval()
         x = torch.randn(3, 5, 7)
-        r = prune_channels(m, x, ratio=0.5)
+        for name in ("_test_torch_encoder", "_test_mha_block"):
+            torch.manual_seed(0)
+            m = netcarve.create_model(name).eval()
+            r = prune_channels(m, x, ratio=0.5)
+            netcarve.save(r.model, tmp_path / name)
+            loaded = netcarve.load(tmp_path / name)
+            for (path, a), (_, b) in zip(loaded.named_modules(), r.model.named_modules(), strict=True):
+                assert type(a) is type(b), path
+            with torch.no_grad():
+                assert torch.equal(loaded(x), r.model.eval()(x))
         assert type(r.model.attn).__name__ == "HeadPrunedMultiheadAttention"
-        netcarve.save(r.model, tmp_path / "run")
-        loaded = netcarve.load(tmp_path / "run")
-        assert type(loaded.attn) is type(r.model.attn) and loaded.attn.num_heads == r.model.attn.num_heads
-        with torch.no_grad():
-            assert torch.equal(loaded(x), r.model.eval()(x))
     finally:
         del _MODELS._items["_test_mha_block"]
+        del _MODELS._items["_test_torch_encoder"]
     ort = pytest.importorskip("onnxruntime")
     from netcarve.measure import to_onnx
 

@@ -34,3 +34,19 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 def strip_seconds(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+class Crash(Exception):
+    """Raised by :class:`CrashAfter` (a simulated kill in the middle of training)."""
+
+
+class CrashAfter:
+    """A ``fit`` callback raising :class:`Crash` after ``steps`` optimizer steps."""
+
+    def __init__(self, steps: int):
+        self.steps, self.n = steps, 0
+
+    def on_step_end(self, model):
+        self.n += 1
+        if self.n == self.steps:
+            raise Crash

@@ -10,7 +10,7 @@ from netcarve.errors import CheckpointError, ConfigError
 from netcarve.train import TrainConfig, evaluate, fit, load_train_state, read_train_state
 from netcarve.train.ema import ModelEma
 
-from ._helpers import digits_loaders, lenet, max_abs_diff, strip_seconds, weights
+from ._helpers import Crash, CrashAfter, digits_loaders, lenet, max_abs_diff, strip_seconds, weights
 
 SMALL = dict(batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, seed=5)
 
@@ -120,27 +120,15 @@ def test_fit_ema_keeps_masked_weights_zero(tmp_path):
     assert float(w[1::2].abs().max()) > 0.0
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_fit_ema_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     cfg = TrainConfig(epochs=3, ema_decay=0.97, **SMALL)
     train, test = _small_loaders()
     ref_model = lenet(8, seed=0)
     ref = fit(ref_model, train, test, cfg, progress=False)
 
-    class Crash:
-        n = 0
-
-        def on_step_end(self, model):
-            self.n += 1
-            if self.n == len(train) + 3:
-                raise _Crash
-
     train, test = _small_loaders()
-    with pytest.raises(_Crash):
-        fit(lenet(8, seed=0), train, test, cfg, out_dir=tmp_path, progress=False, callbacks=[Crash()])
+    with pytest.raises(Crash):
+        fit(lenet(8, seed=0), train, test, cfg, out_dir=tmp_path, progress=False, callbacks=[CrashAfter(len(train) + 3)])  # 3 steps into epoch 2
     train, test = _small_loaders()
     model = lenet(8, seed=99)
     res = fit(model, train, test, cfg, out_dir=tmp_path, resume=True, progress=False)

@@ -13,7 +13,7 @@ from netcarve.errors import ConfigError, NetcarveError
 from netcarve.train import KDConfig, TrainConfig, TrainResult, evaluate, fit, lr_factor, read_train_state
 from netcarve.train.loop import _progress_enabled
 
-from ._helpers import digits_loaders, lenet, max_abs_diff, strip_seconds, weights
+from ._helpers import Crash, CrashAfter, digits_loaders, lenet, max_abs_diff, strip_seconds, weights
 
 SMALL = dict(batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, seed=5)
 
@@ -136,10 +136,6 @@ def test_fit_without_val_loader_and_with_adamw():
     assert res.final["val_top1"] is None and res.best is res.final
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     cfg = TrainConfig(epochs=3, nesterov=True, warmup_epochs=1, **SMALL)
 
@@ -147,17 +143,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     ref_model = lenet(8, seed=0)
     ref = fit(ref_model, train, test, cfg, progress=False)
 
-    class Crash:
-        n = 0
-
-        def on_step_end(self, model):
-            self.n += 1
-            if self.n == len(train) + 3:  # 3 steps into the second epoch
-                raise _Crash
-
     train, test = _small_loaders()
-    with pytest.raises(_Crash):
-        fit(lenet(8, seed=0), train, test, cfg, out_dir=tmp_path, progress=False, callbacks=[Crash()])
+    with pytest.raises(Crash):
+        fit(lenet(8, seed=0), train, test, cfg, out_dir=tmp_path, progress=False, callbacks=[CrashAfter(len(train) + 3)])  # 3 steps into epoch 2
     assert read_train_state(tmp_path)["epoch"] == 1
     train, test = _small_loaders()
     model = lenet(8, seed=99)  # a different init: everything must come from the checkpoint

@@ -29,6 +29,11 @@ Some layers hold prunable units that are not the output channels of a single pro
   model width, which stays), a pruned one becomes a :class:`~netcarve.layers.HeadPrunedMultiheadAttention`
   (same parameters and call). Skipped with the reason: separate ``kdim`` / ``vdim``, ``add_bias_kv``,
   ``add_zero_attn``, and a model that uses the returned attention weights.
+* **torch's transformer modules** (``nn.TransformerEncoderLayer`` / ``DecoderLayer``, ``nn.TransformerEncoder`` /
+  ``Decoder``, ``nn.Transformer``; fx cannot trace their forward): per layer, the heads of ``self_attn`` (group
+  ``"<path>:heads"``, ``"<path>:layers.<i>.heads"``, ``"<path>:decoder.layers.<i>.heads"``), of a decoder's
+  cross attention ``multihead_attn`` (``":...cross_heads"``) and the feed-forward hidden units (``linear1``
+  rows, ``linear2`` columns; ``":...ffn"``). ``d_model`` stays.
 
 **Your own attention module**: if its forward derives ``head_dim`` at run time from the projection width
 and ``num_heads`` (like ``MultiHeadSelfAttention``), register it with::
@@ -479,7 +484,9 @@ def attention_heads_handler(
 # head_dim rows of each of the q, k, v sections of in_proj_weight / in_proj_bias and head_dim input columns of
 # out_proj. embed_dim (the model width, in and out) stays.
 def _mha_unsupported(m: nn.Module) -> str | None:
-    if not getattr(m, "_qkv_same_embed_dim", True):
+    if not isinstance(m, nn.MultiheadAttention):  # a HeadPrunedMultiheadAttention: always the fused form
+        return None
+    if not m._qkv_same_embed_dim:
         return (f"nn.MultiheadAttention with kdim / vdim ({m.kdim} / {m.vdim}) other than embed_dim {m.embed_dim} "
                 "(separate q / k / v projection weights) is not supported")
     if getattr(m, "bias_k", None) is not None or getattr(m, "add_zero_attn", False):
@@ -535,10 +542,89 @@ MHA_HANDLER = ChannelHandler(
 )
 
 
+# ---------------------------------------------------------------------- torch's transformer modules
+# nn.TransformerEncoder(Layer) / nn.TransformerDecoder(Layer) / nn.Transformer: fx cannot trace their forward
+# (fast-path checks), so they are leaves declaring, per layer, the heads of self_attn (and a decoder's cross
+# attention multihead_attn; as nn.MultiheadAttention above) and the feed-forward hidden units (linear1 rows, linear2
+# columns). d_model (in and out) stays.
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_TRANSFORMER_ATTN = (("self_attn", "heads"), ("multihead_attn", "cross_heads"))  # (attribute, unit suffix)
+
+
+def _encoder_layers(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path inside m, layer)`` of every encoder / decoder layer of a torch transformer module."""
+    if isinstance(m, _TRANSFORMER_LAYERS):
+        return [("", m)]
+    if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return [(f"layers.{i}", layer) for i, layer in enumerate(m.layers)]
+    if isinstance(m, nn.Transformer):
+        return [(f"{part}.{rel}", layer) for part in ("encoder", "decoder")
+                for rel, layer in _encoder_layers(getattr(m, part))]  # fmt: skip
+    return []
+
+
+def _encoder_internal(m: nn.Module) -> list[InternalGroup]:
+    out = []
+    for rel, layer in _encoder_layers(m):
+        pre = f"{rel}." if rel else ""  # unit names and slot paths inside the module
+        if not isinstance(layer, _TRANSFORMER_LAYERS):
+            continue
+        for attr, suffix in _TRANSFORMER_ATTN:
+            attn = getattr(layer, attr, None)
+            if attn is None:
+                continue
+            unit = f"{pre}{suffix}"
+            for spec in _mha_internal(attn):
+                slots = (ChannelSlot("", "passthrough", type(m).__name__, (), unit=unit,
+                                     note=f"{pre}{attr} rebuilt with the kept heads"),)  # fmt: skip
+                slots += tuple(replace(s, path=_join(f"{pre}{attr}", s.path), unit="") for s in spec.slots)
+                out.append(InternalGroup(unit, spec.num_channels, slots if not spec.skip else (), skip=spec.skip))
+        params = (("weight", 0),) + ((("bias", 0),) if layer.linear1.bias is not None else ())
+        unit = f"{pre}ffn"
+        out.append(InternalGroup(unit, int(layer.linear1.out_features), (
+            ChannelSlot("", "passthrough", type(m).__name__, (), unit=unit, note="feed-forward width lowered"),
+            ChannelSlot(f"{pre}linear1", "producer", "Linear", params, scored=("weight",),
+                        note="feed-forward hidden units"),
+            ChannelSlot(f"{pre}linear2", "consumer", "Linear", (("weight", 1),), scored=("weight",),
+                        note="feed-forward input columns"),
+        )))  # fmt: skip
+    return out
+
+
+def _encoder_reslice(m: nn.Module, units: dict, in_keep) -> nn.Module:
+    if in_keep is not None:  # pragma: no cover - the module is opaque to surrounding groups
+        raise UnsupportedModelError(f"{type(m).__name__}: its input width (d_model) cannot be pruned")
+    for rel, layer in _encoder_layers(m):
+        pre = f"{rel}." if rel else ""
+        for attr, suffix in _TRANSFORMER_ATTN:
+            if f"{pre}{suffix}" in units:
+                setattr(layer, attr, _mha_reslice(getattr(layer, attr), {"heads": units[f"{pre}{suffix}"]}, None))
+        keep = units.get(f"{pre}ffn")
+        if keep is not None:
+            keep = keep.cpu()
+            for t in ("weight", "bias"):
+                _index_tensor(layer.linear1, t, 0, keep)
+            _index_tensor(layer.linear2, "weight", 1, keep)
+            layer.linear1.out_features = layer.linear2.in_features = int(keep.numel())
+    return m
+
+
+ENCODER_HANDLER = ChannelHandler(
+    role="opaque",
+    check=lambda m: (f"{type(m).__name__}: its input / output width (d_model) is not pruned; its attention heads "
+                     "and feed-forward units are (groups '<path>:[layers.<i>.]heads' / 'cross_heads' / 'ffn')"),  # fmt: skip
+    internal=_encoder_internal,
+    reslice=_encoder_reslice,
+)
+
+
 # ---------------------------------------------------------------------- registration
 for _t in (nn.LSTM, nn.GRU, nn.RNN):
     _handlers._BUILTIN[_t] = RNN_HANDLER
 _handlers._BUILTIN[nn.MultiheadAttention] = MHA_HANDLER
+for _t in (nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder,
+           nn.Transformer):
+    _handlers._BUILTIN[_t] = ENCODER_HANDLER
 # known by qualified name: the graph package does not import netcarve.models / netcarve.layers
 _handlers._BY_NAME["netcarve.layers.StackedRNN"] = RNN_HANDLER
 _handlers._BY_NAME["netcarve.layers.HeadPrunedMultiheadAttention"] = MHA_HANDLER

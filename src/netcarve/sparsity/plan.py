@@ -49,7 +49,7 @@ def candidate_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
                 if w.startswith("weight_"):
                     out.append((pre + w, mod, w))
         elif isinstance(mod, (nn.MultiheadAttention, HeadPrunedMultiheadAttention)):
-            same = getattr(mod, "_qkv_same_embed_dim", True)
+            same = isinstance(mod, HeadPrunedMultiheadAttention) or mod._qkv_same_embed_dim
             names = ["in_proj_weight"] if same else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
             out += [(pre + n, mod, n) for n in names]
     return out
