@@ -338,6 +338,7 @@ def test_head_pruned_attention_saves_loads_and_exports(tmp_path):
 
     register_model("_test_mha_block", family="test", input_shape=(5, 7))(MHABlock)
     register_model("_test_torch_encoder", family="test", input_shape=(5, 7))(TorchEncoder)
+    pruned = {}
     try:
         x = torch.randn(3, 5, 7)
         for name in ("_test_torch_encoder", "_test_mha_block"):
@@ -350,16 +351,18 @@ def test_head_pruned_attention_saves_loads_and_exports(tmp_path):
                 assert type(a) is type(b), path
             with torch.no_grad():
                 assert torch.equal(loaded(x), r.model.eval()(x))
-        assert type(r.model.attn).__name__ == "HeadPrunedMultiheadAttention"
+            pruned[name] = r.model
+        assert type(pruned["_test_mha_block"].attn).__name__ == "HeadPrunedMultiheadAttention"
     finally:
         del _MODELS._items["_test_mha_block"]
         del _MODELS._items["_test_torch_encoder"]
     ort = pytest.importorskip("onnxruntime")
     from netcarve.measure import to_onnx
 
-    path = to_onnx(r.model, x, tmp_path / "m.onnx")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
-    with torch.no_grad():
-        want = r.model(x)
-    assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
+    for name, model in pruned.items():
+        path = to_onnx(model, x, tmp_path / f"{name}.onnx")
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            want = model(x)
+        assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max())), name
