@@ -288,6 +288,39 @@ def test_compile_a_saved_checkpoint(kernels, tmp_path):
         assert _rel(c(x), m(x)) <= 1e-4
 
 
+class _SeqFirstBi(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(7, 6, num_layers=2, bidirectional=True, bias=cell == "gru")
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x):  # x: (T, N, 7)
+        out, _ = self.rnn(x)
+        return self.fc(out[-1])
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_compiled_bidirectional_rnn_matches(kernels, cell, mode):
+    torch.manual_seed(0)
+    m = create_model(cell, num_layers=3, hidden_size=12, seq_len=5, input_size=7, pool="mean", bidirectional=True)
+    m = m.eval()
+    with torch.no_grad():  # block zeros in every matrix, as a pruned model has
+        for name, p in m.rnn.named_parameters():
+            if name.startswith("weight"):
+                keep = (torch.rand(-(-p.shape[0] // 4), -(-p.shape[1] // 4)) > 0.6).float()
+                p.mul_(keep.repeat_interleave(4, 0).repeat_interleave(4, 1)[: p.shape[0], : p.shape[1]])
+    for model, x in ((m, torch.randn(3, 5, 7)), (_SeqFirstBi(cell).eval(), torch.randn(5, 3, 7))):
+        c = compile(model, x, sparse=mode)
+        assert c.native and [op.kind for op in c.ops].count("rnn") == 1
+        with torch.no_grad():
+            ref = model(x)
+            assert _rel(c(x), ref) <= 1e-4 and _rel(c.reference(x), ref) <= 1e-4
+    with pytest.raises(UnsupportedModelError, match="final state h_n of a bidirectional layer"):
+        compile(create_model(cell, bidirectional=True, pool="state", hidden_size=6, seq_len=5, input_size=7).eval(),
+                torch.randn(2, 5, 7))
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_compiled_rnn_reads_the_top_row_of_the_final_state(kernels, cell):
     torch.manual_seed(0)
@@ -329,8 +362,8 @@ def test_unsupported_models_and_inputs_are_clear(kernels):
 
     with pytest.raises(UnsupportedModelError, match=r"module 'act' \(GELU\) is not supported by the netcarve runtime"):
         compile(Odd(), torch.randn(1, 3, 8, 8))
-    with pytest.raises(UnsupportedModelError, match="bidirectional"):
-        compile(create_model("gru", bidirectional=True).eval(), torch.randn(1, 32, 96))
+    with pytest.raises(UnsupportedModelError, match=r"indexing with .* \(only x\[:, k\]-style selects\)"):
+        compile(create_model("gru", bidirectional=True).eval(), torch.randn(1, 32, 96))  # out[:, -1, :h]
     with pytest.raises(UnsupportedModelError, match=r"transformer_tiny|MultiheadAttention|not supported"):
         compile(create_model("transformer_tiny").eval(), netcarve.example_input("transformer_tiny"))
     c = compile(_prepared("lenet"), torch.randn(1, *create_model("lenet").input_shape))

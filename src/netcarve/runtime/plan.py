@@ -5,7 +5,7 @@ Supported (everything else is an :class:`~netcarve.errors.UnsupportedModelError`
 and type): Conv2d (any groups; sparse only for groups=1), BatchNorm2d (folded into the conv before it, else a
 per-channel affine), Linear, ReLU / ReLU6 / Hardtanh, addition, multiplication, Max/AvgPool2d,
 AdaptiveAvgPool2d(1), Flatten / flatten / view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval), the
-option-A shortcut of the CIFAR ResNets, unidirectional (multi-layer) GRU / LSTM with their output sequence,
+option-A shortcut of the CIFAR ResNets, (multi-layer, bidirectional) GRU / LSTM with their output sequence (and the top row h_n[-1] of a unidirectional one),
 ``x[:, k]`` selects and means over one dim.
 """
 
@@ -136,7 +136,7 @@ class Lowering:
             f"runtime: {self.name}: {self._where(node)} is not supported by the netcarve runtime"
             + (f" ({why})" if why else "")
             + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6, add, mul, Max/AvgPool2d, "
-              "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (unidirectional), x[:, k], mean")
+              "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (also bidirectional), x[:, k], mean")
 
     def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
         op.out = self._new(result)
@@ -259,20 +259,22 @@ class Lowering:
         self._unsupported(node)
 
     def _rnn(self, node, m):
-        if m.bidirectional or getattr(m, "proj_size", 0):
-            self._unsupported(node, "bidirectional / projected recurrent layers")
+        if getattr(m, "proj_size", 0):
+            self._unsupported(node, "projected recurrent layers (proj_size)")
         if len(node.args) > 1 or node.kwargs:
             self._unsupported(node, "an initial state argument")
         dense = []
+        dirs = 2 if m.bidirectional else 1
         for layer in range(m.num_layers):
-            for kind in ("ih", "hh"):
-                w = getattr(m, f"weight_{kind}_l{layer}").detach().float().contiguous()
-                b = getattr(m, f"bias_{kind}_l{layer}", None)
-                dense += [w, None if b is None else b.detach().float().contiguous()]
+            for sfx in ("", "_reverse")[:dirs]:
+                for kind in ("ih", "hh"):
+                    w = getattr(m, f"weight_{kind}_l{layer}{sfx}").detach().float().contiguous()
+                    b = getattr(m, f"bias_{kind}_l{layer}{sfx}", None)
+                    dense += [w, None if b is None else b.detach().float().contiguous()]
         x = node.args[0]
         self._emit(Op("rnn", str(node.target), [self._in(x, node)],
                       p={"lstm": isinstance(m, nn.LSTM), "hidden": int(m.hidden_size), "batch_first": bool(m.batch_first),
-                         "dense": dense, "sparse": False}), node, x)
+                         "dense": dense, "sparse": False, "dirs": dirs}), node, x)
 
     def _conv(self, node, m: nn.Conv2d):
         x = node.args[0]
@@ -350,6 +352,8 @@ class Lowering:
             self._rnn_state[node] = (rnn, "h")
             return
         L = int(m.num_layers)
+        if m.bidirectional:
+            self._unsupported(node, "the final state h_n of a bidirectional layer (read its output sequence instead)")
         if type(index) is not int or not -L <= index < L or index % L != L - 1:
             self._unsupported(node, f"row {index!r} of the final state h_n (only the top layer's, h_n[-1])")
         dim = 1 if m.batch_first else 0
@@ -494,28 +498,35 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
 
 def _rnn_reference(x: torch.Tensor, p: dict) -> torch.Tensor:
     h_seq = x if p["batch_first"] else x.transpose(0, 1)
-    d = p["dense"]
-    for layer in range(len(d) // 4):
-        w_ih, b_ih, w_hh, b_hh = d[4 * layer: 4 * layer + 4]
-        n, t = h_seq.shape[:2]
-        h = h_seq.new_zeros(n, p["hidden"])
-        c = h_seq.new_zeros(n, p["hidden"])
-        gx = F.linear(h_seq, w_ih, b_ih)
-        outs = []
-        for s in range(t):
-            a, b = gx[:, s], F.linear(h, w_hh, b_hh)
-            if p["lstm"]:
-                i, f, g, o = (a + b).chunk(4, 1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-            else:
-                ar, az, an = a.chunk(3, 1)
-                br, bz, bn = b.chunk(3, 1)
-                r, z = torch.sigmoid(ar + br), torch.sigmoid(az + bz)
-                h = (1 - z) * torch.tanh(an + r * bn) + z * h
-            outs.append(h)
-        h_seq = torch.stack(outs, 1)
+    d, dirs = p["dense"], p.get("dirs", 1)
+    for layer in range(len(d) // (4 * dirs)):
+        outs = [_rnn_direction(h_seq, d[4 * (layer * dirs + r): 4 * (layer * dirs + r) + 4], p, reverse=r == 1)
+                for r in range(dirs)]  # fmt: skip
+        h_seq = torch.cat(outs, -1)
     return h_seq if p["batch_first"] else h_seq.transpose(0, 1)
+
+
+def _rnn_direction(h_seq: torch.Tensor, weights: list, p: dict, reverse: bool) -> torch.Tensor:
+    """One layer and direction over a batch-first sequence (the reference twin of csrc rnn_layer)."""
+    w_ih, b_ih, w_hh, b_hh = weights
+    n, t = h_seq.shape[:2]
+    h = h_seq.new_zeros(n, p["hidden"])
+    c = h_seq.new_zeros(n, p["hidden"])
+    gx = F.linear(h_seq, w_ih, b_ih)
+    outs: list[torch.Tensor] = [h] * t
+    for s in (range(t - 1, -1, -1) if reverse else range(t)):
+        a, b = gx[:, s], F.linear(h, w_hh, b_hh)
+        if p["lstm"]:
+            i, f, g, o = (a + b).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        else:
+            ar, az, an = a.chunk(3, 1)
+            br, bz, bn = b.chunk(3, 1)
+            r, z = torch.sigmoid(ar + br), torch.sigmoid(az + bz)
+            h = (1 - z) * torch.tanh(an + r * bn) + z * h
+        outs[s] = h
+    return torch.stack(outs, 1)
 
 
 def build_native(mod, ops: list[Op], nvals: int, output: int):
@@ -545,7 +556,7 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             if "bsr" not in p:
                 p["bsr"] = [t for w in p["dense"][::2] for t in bsr_tensors(w)]
             plan.add_rnn(n, op.inputs[0], op.out, p["lstm"], p["hidden"], p["batch_first"], p["dense"], p["bsr"],
-                         bool(p["sparse"]))
+                         bool(p["sparse"]), int(p.get("dirs", 1)))
         elif op.kind == "select":
             plan.add_select(n, op.inputs[0], op.out, p["dim"], p["index"])
         elif op.kind == "mean":

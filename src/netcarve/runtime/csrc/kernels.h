@@ -134,4 +134,5 @@ struct MatW {
 };
 
 // One unidirectional LSTM (lstm = true; gates i, f, g, o) or GRU (r, z, n) layer over x (N, T, I).
-torch::Tensor rnn_layer(const torch::Tensor& x, const MatW& ih, const MatW& hh, int64_t hidden, bool lstm);
+torch::Tensor rnn_layer(const torch::Tensor& x, const MatW& ih, const MatW& hh, int64_t hidden, bool lstm,
+                        bool reverse = false);

@@ -84,12 +84,15 @@ class Plan {
     s.relu = relu;
     steps_.push_back(std::move(s));
   }
-  // dense = {w_ih, b_ih, w_hh, b_hh} per layer (biases may be undefined); bsr = 6 per layer (ih, hh) or empty
+  // dense = {w_ih, b_ih, w_hh, b_hh} per layer and direction (l0, l0_reverse, l1, ...; biases may be undefined);
+  // bsr = 6 per layer and direction (ih, hh) or empty; dirs: 2 for a bidirectional module
   void add_rnn(const std::string& name, int64_t in, int64_t out, bool lstm, int64_t hidden, bool batch_first,
-               std::vector<c10::optional<torch::Tensor>> dense, std::vector<torch::Tensor> bsr, bool sparse) {
+               std::vector<c10::optional<torch::Tensor>> dense, std::vector<torch::Tensor> bsr, bool sparse,
+               int64_t dirs) {
     Step s{RNN, name, {in}, out};
     const size_t L = dense.size() / 4;
-    TORCH_CHECK(L >= 1 && dense.size() == 4 * L, name, ": rnn needs 4 tensors per layer");
+    TORCH_CHECK(dirs == 1 || dirs == 2, name, ": rnn directions must be 1 or 2");
+    TORCH_CHECK(L >= 1 && dense.size() == 4 * L && L % dirs == 0, name, ": rnn needs 4 tensors per layer and direction");
     TORCH_CHECK(!sparse || bsr.size() == 6 * L, name, ": a sparse rnn needs BSR tensors for every matrix");
     for (size_t l = 0; l < L; ++l) {
       std::vector<torch::Tensor> bi, bh;
@@ -102,7 +105,7 @@ class Plan {
     }
     for (auto& m : s.mats) m.sparse = sparse;
     s.sparse = sparse;
-    s.ints = {lstm, hidden, batch_first};
+    s.ints = {lstm, hidden, batch_first, dirs};
     steps_.push_back(std::move(s));
   }
   void add_select(const std::string& name, int64_t in, int64_t out, int64_t dim, int64_t index) {
@@ -248,8 +251,13 @@ class Plan {
       }
       case RNN: {
         const bool lstm = s.ints[0] != 0, bf = s.ints[2] != 0;
+        const size_t D = (size_t)s.ints[3];
         auto h = bf ? x : x.transpose(0, 1);
-        for (size_t l = 0; l + 1 < s.mats.size(); l += 2) h = rnn_layer(h.contiguous(), s.mats[l], s.mats[l + 1], s.ints[1], lstm);
+        for (size_t l = 0; l + 2 * D <= s.mats.size(); l += 2 * D) {
+          auto in = h.contiguous();
+          h = rnn_layer(in, s.mats[l], s.mats[l + 1], s.ints[1], lstm, false);
+          if (D == 2) h = at::cat({h, rnn_layer(in, s.mats[l + 2], s.mats[l + 3], s.ints[1], lstm, true)}, 2);
+        }
         return bf ? h : h.transpose(0, 1).contiguous();
       }
       case SELECT:

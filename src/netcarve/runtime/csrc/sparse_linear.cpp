@@ -7,7 +7,7 @@
 // (x and the outputs transposed through per-thread scratch; bsr_rows_t). Block rows are split over torch's thread
 // pool in chunks of equal tile counts when there is enough work.
 //
-// rnn_layer: one unidirectional LSTM / GRU layer over a (N, T, I) sequence, PyTorch's gate order and
+// rnn_layer: one LSTM / GRU layer and direction over a (N, T, I) sequence, PyTorch's gate order and
 // equations; the input projection of all time steps is one matmul, the recurrent one a matmul per step;
 // either may be dense (ATen) or BSR.
 #include "kernels.h"
@@ -405,8 +405,9 @@ static inline vr vexp(vr x) {
 static inline vr vsigm(vr x) { return rbcast(1.f) / (rbcast(1.f) + vexp(-x)); }
 static inline vr vtanh(vr x) { return rbcast(1.f) - rbcast(2.f) / (vexp(x + x) + rbcast(1.f)); }
 
-// x: (N, T, I); returns the (N, T, H) outputs of one LSTM (gates i, f, g, o) or GRU (r, z, n) layer.
-torch::Tensor rnn_layer(const torch::Tensor& x, const MatW& ih, const MatW& hh, int64_t hidden, bool lstm) {
+// x: (N, T, I); returns the (N, T, H) outputs of one LSTM (gates i, f, g, o) or GRU (r, z, n) layer; reverse: the
+// steps run from T - 1 down to 0 (the backward direction of a bidirectional layer; output t is still step t's).
+torch::Tensor rnn_layer(const torch::Tensor& x, const MatW& ih, const MatW& hh, int64_t hidden, bool lstm, bool reverse) {
   const int64_t N = x.size(0), T = x.size(1), H = hidden, G = lstm ? 4 : 3;
   auto gx = ih.apply(x.reshape({N * T, x.size(2)})).reshape({N, T, G * H}).contiguous();
   auto out = torch::empty({N, T, H}, x.options());
@@ -415,7 +416,8 @@ torch::Tensor rnn_layer(const torch::Tensor& x, const MatW& ih, const MatW& hh, 
   at::Tensor hn(at::detail::empty_cpu({N, H}, x.options()));  // the next state; swapped with h after every step
   const float* gxp = gx.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = reverse ? T - 1 - step : step;
     auto gh = hh.apply(h).contiguous();  // (N, G*H) with b_hh
     const float* ghp = gh.data_ptr<float>();
     float* hp = h.data_ptr<float>();
