@@ -17,8 +17,9 @@ Some layers hold prunable units that are not the output channels of a single pro
   ``k // D``, direction ``k % D`` in its last dim, so ``fc(h_n[-1])`` or ``cat((h_n[-2], h_n[-1]), 1)``
   prune like ``out[:, -1]`` (and with a single layer / direction, ``h_n`` itself, e.g. ``h_n.squeeze(0)``).
   Any other use of the whole state (``h_n.permute(...)``, slices of rows) skips the module's groups with
-  the reason, as does passing an initial state; an ``nn.LSTM`` with ``proj_size > 0`` is skipped. Pruned layers with unequal widths turn the module into a
-  :class:`~netcarve.layers.StackedRNN`; uniform widths keep the torch module.
+  the reason, as does passing an initial state; an ``nn.LSTM`` with ``proj_size > 0`` is skipped. Pruned
+  layers with unequal widths turn the module into a :class:`~netcarve.layers.StackedRNN`; uniform widths keep
+  the torch module.
 * **attention heads** of a multi-head attention module written with linear projections
   (:class:`netcarve.models.transformer.MultiHeadSelfAttention`): head ``h`` owns ``head_dim`` rows in
   each of the q, k and v sections of the fused ``qkv`` projection (or of separate ``q``/``k``/``v``
