@@ -3,6 +3,7 @@
     python benchmarks/sparse_runtime.py --models resnet56 vgg16 --batch 1 64 --threads 2
     python benchmarks/sparse_runtime.py --models resnet56-channel      # issue 3: compact model vs MACs cut
     python benchmarks/sparse_runtime.py --models gru --batch 1 32      # block-sparse 2-layer GRU end to end
+    python benchmarks/sparse_runtime.py --models gru-bi --batch 1 64   # the same, bidirectional (random weights)
 
 For each model and variant (dense; pattern 4-of-9 + connectivity 3.6x, about 8x fewer weights in the 3x3
 convs; 90% unstructured) and batch size, ``netcarve bench`` times every engine in its own process (torch
@@ -14,7 +15,8 @@ Weights: the fine-tuned runs of ``benchmarks/sparsity_cifar.py`` when they exist
 (the row says which), else a one-shot projection of the dense model (same zero structure, no fine-tune:
 latency does not depend on the accuracy). VGG-16 is the model trained by ``sparsity_cifar.py --preset
 vgg16`` (random weights otherwise, noted). ``resnet56-channel`` is the channel-pruned compact ResNet-56 of
-``benchmarks/structural_resnet56.py`` against the dense ResNet-56 (both dense kernels).
+``benchmarks/structural_resnet56.py`` against the dense ResNet-56 (both dense kernels). ``gru-bi`` is the zoo GRU
+bidirectional (2 x 128 per direction, mean over time) with random weights, dense and block 4x16 90% (one-shot).
 """
 
 from __future__ import annotations
@@ -80,11 +82,14 @@ def _cell(model: str, variant: str) -> Path | None:
 def _projected(model: str, variant: str, data_dir) -> Path:
     from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
 
-    src, weights, _ = _dense_source(model)
+    if model == "gru-bi":
+        src, weights = str(WORK / "gru-bi-dense-random"), None
+    else:
+        src, weights, _ = _dense_source(model)
     out = WORK / (f"{model}-{variant}-projected" + ("-random" if model == "gru" and not Path(src).exists() else ""))
     if (out / "report.json").exists():
         return out
-    flags = GRU_FLAGS[variant] if model == "gru" else VARIANTS[variant]
+    flags = GRU_FLAGS[variant] if model.startswith("gru") else VARIANTS[variant]
     ns = argparse.Namespace(plan=None, layers=None, types=None, exclude=None, include_first_last=False,
                             balanced=flags.get("balanced", False),
                             **{k: flags.get(k) for k in ("scheme", "sparsity", "n", "m", "block",
@@ -133,6 +138,22 @@ def main() -> None:
         a.out.write_text(json.dumps(doc, indent=1))
 
     for model in a.models:
+        if model == "gru-bi":
+            dense_dir = WORK / "gru-bi-dense-random"
+            if not (dense_dir / "manifest.json").exists():
+                import netcarve
+
+                torch.manual_seed(0)
+                netcarve.save(netcarve.create_model("gru", bidirectional=True, pool="mean").eval(), dense_dir)
+            for batch in a.batch:
+                for variant in ("dense", "block4x16-90"):
+                    src = str(dense_dir) if variant == "dense" else str(_projected("gru-bi", variant, a.data_dir))
+                    _log(f"gru-bi {variant} batch {batch}")
+                    res = _bench(src, None, batch, a.threads, a.engines, a.repeats, a.rounds)
+                    record({"model": "gru-bi", "variant": variant, "batch": batch, "source": Path(src).name,
+                            "weights": "random weights" + (", one-shot block projection" if variant != "dense" else ""),
+                            **res})
+            continue
         if model == "gru":
             dense_src, _, dense_note = _dense_source("gru")
             trained = Path(dense_src).exists()
