@@ -50,3 +50,26 @@ class CrashAfter:
         self.n += 1
         if self.n == self.steps:
             raise Crash
+
+
+def crash_and_resume(cfg, out_dir, loaders):
+    """Train ``cfg`` uninterrupted, then again killed 3 steps into epoch 2 and resumed from ``out_dir`` with a
+    differently initialised model; ``loaders()`` makes fresh (train, test) loaders for each run.
+    Returns ``(reference result, reference model, epoch saved at the kill, resumed result, resumed model)``."""
+    from netcarve.train import fit, read_train_state
+
+    train, test = loaders()
+    ref_model = lenet(8, seed=0)
+    ref = fit(ref_model, train, test, cfg, progress=False)
+    train, test = loaders()
+    try:
+        fit(lenet(8, seed=0), train, test, cfg, out_dir=out_dir, progress=False, callbacks=[CrashAfter(len(train) + 3)])
+    except Crash:
+        pass
+    else:  # pragma: no cover - the callback always raises
+        raise AssertionError("the simulated kill did not happen")
+    saved_epoch = read_train_state(out_dir)["epoch"]
+    train, test = loaders()
+    model = lenet(8, seed=99)  # a different init: everything must come from the checkpoint
+    res = fit(model, train, test, cfg, out_dir=out_dir, resume=True, progress=False)
+    return ref, ref_model, saved_epoch, res, model

@@ -10,7 +10,7 @@ from netcarve.errors import CheckpointError, ConfigError
 from netcarve.train import TrainConfig, evaluate, fit, load_train_state, read_train_state
 from netcarve.train.ema import ModelEma
 
-from ._helpers import Crash, CrashAfter, digits_loaders, lenet, max_abs_diff, strip_seconds, weights
+from ._helpers import crash_and_resume, digits_loaders, lenet, max_abs_diff, strip_seconds, weights
 
 SMALL = dict(batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, seed=5)
 
@@ -122,22 +122,14 @@ def test_fit_ema_keeps_masked_weights_zero(tmp_path):
 
 def test_fit_ema_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     cfg = TrainConfig(epochs=3, ema_decay=0.97, **SMALL)
-    train, test = _small_loaders()
-    ref_model = lenet(8, seed=0)
-    ref = fit(ref_model, train, test, cfg, progress=False)
-
-    train, test = _small_loaders()
-    with pytest.raises(Crash):
-        fit(lenet(8, seed=0), train, test, cfg, out_dir=tmp_path, progress=False, callbacks=[CrashAfter(len(train) + 3)])  # 3 steps into epoch 2
-    train, test = _small_loaders()
-    model = lenet(8, seed=99)
-    res = fit(model, train, test, cfg, out_dir=tmp_path, resume=True, progress=False)
+    ref, ref_model, _, res, model = crash_and_resume(cfg, tmp_path, _small_loaders)
     assert res.resumed_from == 1
     assert strip_seconds(res.history) == strip_seconds(ref.history)
     assert max_abs_diff(weights(model), weights(ref_model)) <= 1e-6
 
     # a state saved without averaging cannot be resumed with it (and vice versa)
     plain = tmp_path / "plain"
+    train, test = _small_loaders()
     fit(lenet(8), train, test, TrainConfig(epochs=1, **SMALL), out_dir=plain, progress=False)
     with pytest.raises(ConfigError, match=r"ema_decay \(saved 0.0, given 0.97\)"):
         fit(lenet(8), train, test, cfg, out_dir=plain, resume=True, progress=False)

@@ -13,7 +13,7 @@ from netcarve.errors import ConfigError, NetcarveError
 from netcarve.train import KDConfig, TrainConfig, TrainResult, evaluate, fit, lr_factor, read_train_state
 from netcarve.train.loop import _progress_enabled
 
-from ._helpers import Crash, CrashAfter, digits_loaders, lenet, max_abs_diff, strip_seconds, weights
+from ._helpers import crash_and_resume, digits_loaders, lenet, max_abs_diff, strip_seconds, weights
 
 SMALL = dict(batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, seed=5)
 
@@ -138,18 +138,8 @@ def test_fit_without_val_loader_and_with_adamw():
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     cfg = TrainConfig(epochs=3, nesterov=True, warmup_epochs=1, **SMALL)
-
-    train, test = _small_loaders()
-    ref_model = lenet(8, seed=0)
-    ref = fit(ref_model, train, test, cfg, progress=False)
-
-    train, test = _small_loaders()
-    with pytest.raises(Crash):
-        fit(lenet(8, seed=0), train, test, cfg, out_dir=tmp_path, progress=False, callbacks=[CrashAfter(len(train) + 3)])  # 3 steps into epoch 2
-    assert read_train_state(tmp_path)["epoch"] == 1
-    train, test = _small_loaders()
-    model = lenet(8, seed=99)  # a different init: everything must come from the checkpoint
-    res = fit(model, train, test, cfg, out_dir=tmp_path, resume=True, progress=False)
+    ref, ref_model, saved_epoch, res, model = crash_and_resume(cfg, tmp_path, _small_loaders)
+    assert saved_epoch == 1
     assert res.resumed_from == 1
     assert strip_seconds(res.history) == strip_seconds(ref.history)
     assert max_abs_diff(weights(model), weights(ref_model)) <= 1e-6
