@@ -498,7 +498,7 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
 
 def _rnn_reference(x: torch.Tensor, p: dict) -> torch.Tensor:
     h_seq = x if p["batch_first"] else x.transpose(0, 1)
-    d, dirs = p["dense"], p.get("dirs", 1)
+    d, dirs = p["dense"], p["dirs"]
     for layer in range(len(d) // (4 * dirs)):
         outs = [_rnn_direction(h_seq, d[4 * (layer * dirs + r): 4 * (layer * dirs + r) + 4], p, reverse=r == 1)
                 for r in range(dirs)]  # fmt: skip
@@ -556,7 +556,7 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             if "bsr" not in p:
                 p["bsr"] = [t for w in p["dense"][::2] for t in bsr_tensors(w)]
             plan.add_rnn(n, op.inputs[0], op.out, p["lstm"], p["hidden"], p["batch_first"], p["dense"], p["bsr"],
-                         bool(p["sparse"]), int(p.get("dirs", 1)))
+                         bool(p["sparse"]), int(p["dirs"]))
         elif op.kind == "select":
             plan.add_select(n, op.inputs[0], op.out, p["dim"], p["index"])
         elif op.kind == "mean":
