@@ -32,7 +32,9 @@ first sqrt(target) of the reduction and channels of every group for the rest. ``
 and fine-tuning seed. ``--steps K`` (netcarve, ``--groups all``) spends the same epoch budget on iterative pruning:
 K prune + BN recalibration + KD fine-tune steps on a geometric MACs schedule (``netcarve.algorithms`` ``iterative``).
 ``--algorithm sfp|srfp|asrfp|increg`` (``--algo-option KEY=VALUE``) spends it on soft pruning / incremental
-regularisation of the full model instead, ending in the same physical removal.
+regularisation of the full model instead, ending in the same physical removal. ``--reconstruct B`` (netcarve
+one-shot channel pruning) replaces BN recalibration by a least-squares refit of every conv / linear against the
+dense model on B training batches (``netcarve.compact.reconstruct``).
 ``--batch-size`` / ``--precision bf16`` / ``--channels-last`` change the fine-tuning batch and arithmetic. ``train --prune-only`` stops after pruning: its ``pruned`` model is timed by ``latency`` /
 ``profile`` like a finished one (latency does not depend on the weights), and ``report`` takes the accuracy of
 such a variant from the committed results (a variant trained on another machine; its row says so).
@@ -54,7 +56,7 @@ from pathlib import Path
 import torch
 
 import netcarve
-from netcarve.compact import prune_blocks, prune_channels, recalibrate_bn
+from netcarve.compact import prune_blocks, prune_channels, recalibrate_bn, reconstruct
 from netcarve.criteria import list_criteria
 from netcarve.data import make_loaders
 from netcarve.graph import build_channel_groups
@@ -110,7 +112,7 @@ def prune_netcarve(base, target: float, groups: str, round_to: int = 1, loader=N
         gs = GroupSet(gs.model_name, groups=[g for g in gs.groups if not g.coupled])
     pr = prune_channels(base, x, criterion=_criterion(base, criterion, loader), macs_reduction=target, groups=gs,
                         round_to=round_to, global_ranking=global_ranking)
-    return pr.model, {"ratio": pr.ratio, "groups": len(gs.groups), "round_to": round_to,
+    return pr.model, {"ratio": pr.ratio, "groups": len(gs.groups), "round_to": round_to, "_groups": gs, "_keep": pr.keep,
                       **({"global_ranking": True} if global_ranking else {}),
                       **({"criterion": criterion} if criterion != "l1" else {})}
 
@@ -209,6 +211,8 @@ def cmd_train(a) -> None:
         raise SystemExit("--criterion other than l1: netcarve one-shot pruning only")
     if a.algorithm != "oneshot" and (a.tool != "netcarve" or a.groups != "all"):
         raise SystemExit(f"--algorithm {a.algorithm} / --steps needs --tool netcarve --groups all")
+    if a.reconstruct and (a.tool != "netcarve" or a.groups.startswith("depth") or a.algorithm != "oneshot"):
+        raise SystemExit("--reconstruct: netcarve one-shot channel pruning only")
     rec["tool"] = a.tool
     if a.algorithm == "oneshot" and not (pruned_dir / "manifest.json").exists():
         torch.manual_seed(0)
@@ -221,12 +225,22 @@ def cmd_train(a) -> None:
         rec["prune"] = extra
         rec["prune_seconds"] = round(time.perf_counter() - t0, 1)
         rec["top1_pruned"] = evaluate(model, test)["top1"]
-        recalibrate_bn(model, train, num_batches=20)
-        rec["top1_bn_recalibrated"] = evaluate(model, test)["top1"]
+        if a.reconstruct:  # least-squares refit of every conv / linear against the dense model, instead of BN recal
+            model, rrep = reconstruct(base, extra.pop("_groups"), extra.pop("_keep"), train,
+                                      num_batches=a.reconstruct)
+            rec["reconstruct"] = rrep.to_dict()
+            rec["top1_reconstructed"] = evaluate(model, test)["top1"]
+            after = f"{rec['top1_reconstructed']:.2f} after reconstruction ({rrep.seconds:.0f} s)"
+        else:
+            recalibrate_bn(model, train, num_batches=20)
+            rec["top1_bn_recalibrated"] = evaluate(model, test)["top1"]
+            after = f"{rec['top1_bn_recalibrated']:.2f} after BN recalibration"
+        extra.pop("_groups", None)
+        extra.pop("_keep", None)
+        rec["prune"] = extra
         netcarve.save(model, pruned_dir)
         state.write_text(json.dumps(rec, indent=1))
-        _log(f"{a.tool}: pruned ({rec['prune']}), top-1 {rec['top1_pruned']:.2f} -> "
-             f"{rec['top1_bn_recalibrated']:.2f} after BN recalibration")  # fmt: skip
+        _log(f"{a.tool}: pruned ({rec['prune']}), top-1 {rec['top1_pruned']:.2f} -> {after}")
     if a.prune_only:
         _log(f"{a.tool}: --prune-only: {pruned_dir} holds the pruned architecture (for latency / profile)")
         return
@@ -450,8 +464,8 @@ def cmd_report(a) -> None:
                  "params": params, "macs_reduction": dense["macs"] / macs, "params_reduction": dense["params"] / params,
                  "latency_ms": {}, "speedup": {}}  # fmt: skip
         if r is not None:
-            entry.update({k: r.get(k) for k in ("top1_pruned", "top1_bn_recalibrated", "prune", "widths", "epochs",
-                                                "history", "finetune_seconds_this_process", "groups", "lr",
+            entry.update({k: r.get(k) for k in ("top1_pruned", "top1_bn_recalibrated", "top1_reconstructed",
+                                                "reconstruct", "prune", "widths", "epochs", "history", "finetune_seconds_this_process", "groups", "lr",
                                                 "seed", "target_macs_reduction", "batch_size", "precision", "kd",
                                                 "ema_decay")
                           if k in r})  # fmt: skip
@@ -522,6 +536,10 @@ def main() -> None:
                            help="prune (+ BN recalibration) and stop: the architecture for latency / profile")
             s.add_argument("--round-to", type=int, default=1)
             s.add_argument("--name", default=None, help="variant name (default: TOOL, or TOOL-rN with --round-to N)")
+            s.add_argument("--reconstruct", type=int, default=0, metavar="BATCHES",
+                           help="netcarve one-shot: refit every conv / linear by least squares against the dense "
+                                "model on BATCHES training batches (netcarve.compact.reconstruct) instead of BN "
+                                "recalibration")
             s.add_argument("--epochs", type=int, default=6)
             s.add_argument("--lr", type=float, default=0.01)
             s.add_argument("--steps", type=int, default=1,

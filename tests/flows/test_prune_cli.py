@@ -62,6 +62,22 @@ def test_prune_layer_ratios_cli(trained_lenet, tmp_path, capsys):
     assert rep["summary"]["macs_reduction"] >= 2.0 and "layer ratios conv1=0, conv2=0.75" in rep["task"]["method"]
 
 
+def test_prune_reconstruct_refits_against_the_baseline(trained_lenet, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "r"
+    rc = main(["prune", str(trained_lenet), "--ratio", "0.6", "--reconstruct", "3", "--engine", "torch",
+               "--latency-processes", "1", "--out", str(out), "--no-progress", "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    rec = rep["task"]["reconstruct"]
+    assert rec["num_batches"] == 3 and len(rec["layers"]) >= 3
+    assert rec["mean_error_after"] < rec["mean_error_before"]
+    assert "least-squares reconstruction (3 batches)" in rep["task"]["method"]
+    assert "BN recalibration" not in rep["task"]["method"]
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(rep["compressed"]["top1"])
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--scheme", "nm", "--ratio", "0.5"], "`netcarve sparsify --scheme nm`"),
     (["--scheme", "depth", "--ratio", "0.5", "--round-to", "8"], "--scheme depth does not take --round-to"),
@@ -79,6 +95,10 @@ def test_prune_layer_ratios_cli(trained_lenet, tmp_path, capsys):
     (["--ratio", "0.5", "--layer-ratio", "conv1=1"], "expected PATTERN=RATIO with RATIO in [0, 1)"),
     (["--ratio", "0.5", "--layer-ratio", "nothere=0.5"], "'nothere' matches no prunable channel group"),
     (["--scheme", "depth", "--ratio", "0.5", "--layer-ratio", "conv1=0.5"], "does not take --layer-ratio"),
+    (["--scheme", "depth", "--ratio", "0.5", "--reconstruct", "2"], "--reconstruct refits the layers after one-shot"),
+    (["--ratio", "0.5", "--reconstruct", "2", "--algorithm", "sfp", "--finetune-epochs", "1"],
+     "--reconstruct refits the layers after one-shot"),
+    (["--ratio", "0.5", "--reconstruct", "-1"], "--reconstruct must be a number of batches >= 0"),
 ])
 def test_prune_bad_options_are_clear(args, msg, tmp_path, capsys):
     rc = main(["prune", "lenet", "--out", str(tmp_path / "x"), "--engine", "torch", *args])

@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "rest; later patterns win (repeatable)")
     s.add_argument("--bn-batches", type=int, default=20, help="training batches for BN recalibration (default 20)")
     s.add_argument("--no-bn-recalibration", action="store_true")
+    s.add_argument("--reconstruct", type=int, default=0, metavar="BATCHES",
+                   help="after removal, refit every kept conv / linear weight by least squares so each layer "
+                        "reproduces the unpruned model's output on BATCHES training batches (replaces BN "
+                        "recalibration; one-shot channel pruning; 0 = off)")
     s.add_argument("--finetune-epochs", type=int, default=0)
     s.add_argument("--distill", action="store_true", help="fine-tune with logit KD from the unpruned model")
     s.add_argument("--lr", type=float, default=0.005)

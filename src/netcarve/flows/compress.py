@@ -40,6 +40,10 @@ class CompressSpec:
     # the target (if any) is met over the other groups
     layer_ratios: dict[str, float] = field(default_factory=dict)
     bn_recalibration_batches: int = 20
+    # > 0: least-squares refit of the kept weights against the baseline on this many training batches right
+    # after removal (compact.reconstruct; one-shot channel pruning); it replaces BN recalibration (the refit
+    # layers reproduce the baseline's pre-BN outputs, so its statistics stay valid)
+    reconstruct_batches: int = 0
     gradient_batches: int = 8  # training batches whose gradients gradient-based criteria (taylor) use
     finetune_epochs: int = 0
     distill: bool = True
@@ -83,6 +87,12 @@ class CompressSpec:
             raise ConfigError(f"--ema must be a decay in [0, 1) (0 = off), got {self.ema_decay!r}")
         if self.ema_decay and not self.finetune_epochs:
             raise ConfigError("--ema averages the fine-tuned weights: it needs --finetune-epochs N")
+        if isinstance(self.reconstruct_batches, bool) or not isinstance(self.reconstruct_batches, int) \
+                or self.reconstruct_batches < 0:
+            raise ConfigError(f"--reconstruct must be a number of batches >= 0, got {self.reconstruct_batches!r}")
+        if self.reconstruct_batches and (self.scheme != "channel" or self.algorithm != "oneshot"):
+            raise ConfigError("--reconstruct refits the layers after one-shot channel removal: it needs --scheme "
+                              f"channel and --algorithm oneshot, not {self.scheme} / {self.algorithm}")
         if self.scheme not in ("channel", "depth"):
             raise ConfigError(f"--scheme must be 'channel' or 'depth' for structural pruning, got {self.scheme!r}")
         if self.scheme == "depth":
@@ -140,7 +150,9 @@ class CompressSpec:
         return s + self._recovery()
 
     def _recovery(self) -> str:
-        s = " + BN recalibration" if self.bn_recalibration_batches else ""
+        s = " + BN recalibration" if self.bn_recalibration_batches and not self.reconstruct_batches else ""
+        if self.reconstruct_batches:
+            s += f" + least-squares reconstruction ({self.reconstruct_batches} batches)"
         if self.finetune_epochs:
             s += f" + {'logit KD' if self.distill else 'plain'} fine-tune {self.finetune_epochs} epoch(s)"
         return s
@@ -241,7 +253,16 @@ def compress_and_report(
     pruned.zero_grad(set_to_none=True)
     acc = evaluate(pruned, test_loader)
     points = [b_stats]
-    if spec.bn_recalibration_batches and spec.algorithm == "oneshot":
+    recon = None
+    if spec.reconstruct_batches:
+        from ..compact import reconstruct
+
+        acc_raw = acc
+        pruned, recon = reconstruct(base, pr.groups, pr.keep, train_loader, num_batches=spec.reconstruct_batches)
+        acc = evaluate(pruned, test_loader)
+        log(recon.describe(), tag)
+        log(f"pruned: top-1 {acc_raw['top1']:.2f}% -> {acc['top1']:.2f}% after reconstruction", tag)
+    elif spec.bn_recalibration_batches and spec.algorithm == "oneshot":
         acc_raw = acc
         recalibrate_bn(pruned, train_loader, num_batches=spec.bn_recalibration_batches)
         acc = evaluate(pruned, test_loader)
@@ -290,7 +311,8 @@ def compress_and_report(
         task={**(task or {}), "method": spec.describe(), "prune_ratio": pr.ratio,
               "kept_widths": {g: list(w) for g, w in pr.widths.items()}, **extra_task, "seconds": None,
               **({"removed_blocks": list(pr.removed)} if spec.scheme == "depth" else {}),
-              **({"layer_ratios": dict(spec.layer_ratios)} if spec.layer_ratios else {})},
+              **({"layer_ratios": dict(spec.layer_ratios)} if spec.layer_ratios else {}),
+              **({"reconstruct": recon.to_dict()} if recon is not None else {})},
         command=command,
     )
     save(pruned, out, metadata={"accuracy": acc, "macs": c_stats.macs, "report": "report.json",
