@@ -33,7 +33,7 @@ and fine-tuning seed. ``--steps K`` (netcarve, ``--groups all``) spends the same
 K prune + BN recalibration + KD fine-tune steps on a geometric MACs schedule (``netcarve.algorithms`` ``iterative``).
 ``--algorithm sfp|srfp|asrfp|increg`` (``--algo-option KEY=VALUE``) spends it on soft pruning / incremental
 regularisation of the full model instead, ending in the same physical removal. ``--reconstruct B`` (netcarve
-one-shot channel pruning) replaces BN recalibration by a least-squares refit of every conv / linear against the
+channel pruning, any ``--algorithm``) replaces BN recalibration by a least-squares refit of every conv / linear against the
 dense model on B training batches (``netcarve.compact.reconstruct``).
 ``--batch-size`` / ``--precision bf16`` / ``--channels-last`` change the fine-tuning batch and arithmetic. ``train --prune-only`` stops after pruning: its ``pruned`` model is timed by ``latency`` /
 ``profile`` like a finished one (latency does not depend on the weights), and ``report`` takes the accuracy of
@@ -211,8 +211,8 @@ def cmd_train(a) -> None:
         raise SystemExit("--criterion other than l1: netcarve one-shot pruning only")
     if a.algorithm != "oneshot" and (a.tool != "netcarve" or a.groups != "all"):
         raise SystemExit(f"--algorithm {a.algorithm} / --steps needs --tool netcarve --groups all")
-    if a.reconstruct and (a.tool != "netcarve" or a.groups.startswith("depth") or a.algorithm != "oneshot"):
-        raise SystemExit("--reconstruct: netcarve one-shot channel pruning only")
+    if a.reconstruct and (a.tool != "netcarve" or a.groups.startswith("depth")):
+        raise SystemExit("--reconstruct: netcarve channel pruning only")
     rec["tool"] = a.tool
     if a.algorithm == "oneshot" and not (pruned_dir / "manifest.json").exists():
         torch.manual_seed(0)
@@ -255,7 +255,7 @@ def cmd_train(a) -> None:
             algo_opts.setdefault("steps", max(a.steps, 2))
         res = run_algorithm(a.algorithm, base, example_input(base, batch=1), options=algo_opts,
                             macs_reduction=a.macs_reduction, round_to=a.round_to, criterion="l1", train=cfg,
-                            teacher=base, kd=_kd(a.kd), bn_batches=20, train_loader=train, test_loader=test,
+                            teacher=base, kd=_kd(a.kd), bn_batches=20, reconstruct_batches=a.reconstruct, train_loader=train, test_loader=test,
                             out_dir=work / a.algorithm, resume=True, progress=a.progress)  # fmt: skip
         model = res.model
         rec["prune"] = {"algorithm": a.algorithm, "options": algo_opts, "round_to": a.round_to,
@@ -537,7 +537,7 @@ def main() -> None:
             s.add_argument("--round-to", type=int, default=1)
             s.add_argument("--name", default=None, help="variant name (default: TOOL, or TOOL-rN with --round-to N)")
             s.add_argument("--reconstruct", type=int, default=0, metavar="BATCHES",
-                           help="netcarve one-shot: refit every conv / linear by least squares against the dense "
+                           help="netcarve channel pruning (any --algorithm): refit every conv / linear by least squares against the dense "
                                 "model on BATCHES training batches (netcarve.compact.reconstruct) instead of BN "
                                 "recalibration")
             s.add_argument("--epochs", type=int, default=6)

@@ -7,6 +7,7 @@ followed by BatchNorm recalibration).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,12 +17,14 @@ import torch
 from torch import nn
 
 from .._registry import Registry
-from ..compact import prune_channels, recalibrate_bn, remove_channels
+from ..compact import prune_channels, recalibrate_bn, reconstruct, remove_channels
 from ..compact.prune import Reductions, _count, select_channels
 from ..criteria import accumulate_gradients, resolve_criterion, score_group
 from ..errors import ConfigError
 from ..graph import ChannelGroup, GroupSet, build_channel_groups
 from ..train import KDConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -44,6 +47,9 @@ class PruneJob:
         teacher: a model to distil from (logit KD, ``kd``); with ``distill=True`` and no teacher, a frozen
             copy of the unpruned ``model``.
         bn_batches: training batches for BatchNorm recalibration after removal (0: none).
+        reconstruct_batches: > 0: after each removal, refit the kept conv / linear weights by least squares
+            so the layers reproduce the model as it was just before the removal, on this many training
+            batches (:func:`netcarve.compact.reconstruct`), instead of BatchNorm recalibration.
         out_dir: where per-epoch checkpoints go (None: nothing on disk); ``resume`` continues from them.
         progress: tqdm bars during training.
     """
@@ -65,6 +71,7 @@ class PruneJob:
     distill: bool = False
     kd: KDConfig | None = None
     bn_batches: int = 20
+    reconstruct_batches: int = 0
     gradient_batches: int = 8
     out_dir: Any = None
     resume: bool = False
@@ -87,11 +94,12 @@ class PruneJob:
             self.train = TrainConfig.from_dict(self.train) if isinstance(self.train, dict) else self.train.validate()
         if self.kd is not None and isinstance(self.kd, dict):
             self.kd = KDConfig.from_dict(self.kd)
-        if int(self.bn_batches) < 0 or int(self.gradient_batches) < 1:
-            raise ConfigError("bn_batches must be >= 0 and gradient_batches >= 1")
+        if int(self.bn_batches) < 0 or int(self.gradient_batches) < 1 or int(self.reconstruct_batches) < 0:
+            raise ConfigError("bn_batches and reconstruct_batches must be >= 0 and gradient_batches >= 1")
         if self.resume and self.out_dir is None:
             raise ConfigError("resume needs out_dir (where the checkpoints were written)")
-        needs_loader = (self.train is not None or self.bn_batches > 0 or self.needs_gradients)
+        needs_loader = (self.train is not None or self.bn_batches > 0 or self.reconstruct_batches > 0
+                        or self.needs_gradients)
         if needs_loader and self.train_loader is None:
             raise ConfigError("a train_loader is needed (training, BN recalibration or gradient-based criterion)")
         return self
@@ -364,10 +372,7 @@ def finish(job: PruneJob, algorithm: str, original: nn.Module, trained: nn.Modul
            events: list[dict[str, Any]] | None = None) -> AlgorithmResult:
     """Remove the channels not in ``keep`` from ``trained`` (same architecture as ``original``, whose
     ``groups`` these are), recalibrate BatchNorm and count."""
-    compact = remove_channels(trained, groups.groups, keep)
-    if job.bn_batches:
-        rewind(job.train_loader)
-        recalibrate_bn(compact, job.train_loader, num_batches=job.bn_batches)
+    compact = remove_and_recover(job, trained, groups.groups, keep)
     compact.zero_grad(set_to_none=True)
     compact.eval()
     result = make_result(job, algorithm, original, compact, groups, keep, ratio, history)
@@ -375,6 +380,28 @@ def finish(job: PruneJob, algorithm: str, original: nn.Module, trained: nn.Modul
     trained.eval()
     result.dense = trained
     return result
+
+
+def remove_and_recover(job: PruneJob, model: nn.Module, groups, keep: dict[str, torch.Tensor]) -> nn.Module:
+    """``remove_channels(model, groups, keep)``, then the job's recovery: least-squares reconstruction against
+    ``model`` (``reconstruct_batches``) or else BatchNorm recalibration (``bn_batches``)."""
+    if job.reconstruct_batches:
+        rewind(job.train_loader)
+        compact, rep = reconstruct(model, groups, keep, job.train_loader, num_batches=int(job.reconstruct_batches))
+        logger.info("%s", rep.describe())
+        return compact
+    compact = remove_channels(model, groups, keep)
+    if job.bn_batches:
+        rewind(job.train_loader)
+        recalibrate_bn(compact, job.train_loader, num_batches=job.bn_batches)
+    return compact
+
+
+def recovery_words(job: PruneJob) -> str:
+    """`` + least-squares reconstruction`` / `` + BN recalibration`` / ``""`` for the descriptions."""
+    if job.reconstruct_batches:
+        return f" + least-squares reconstruction ({job.reconstruct_batches} batches)"
+    return " + BN recalibration" if job.bn_batches else ""
 
 
 def make_result(job, algorithm, original, compact, groups, keep, ratio, history) -> AlgorithmResult:

@@ -45,6 +45,7 @@ from .base import (
     PruningAlgorithm,
     channel_norms,
     finish,
+    recovery_words,
     register_algorithm,
     scale_channels_,
     score_groups,
@@ -319,4 +320,4 @@ class IncReg(PruningAlgorithm):
 
     def describe(self, job: PruneJob) -> str:
         return (f"increg incremental regularisation ({self.opts['mode']}, {job.criterion_name}, "
-                f"{job.describe_target()}, {job.epochs} epoch(s){job.kd_words()}) + removal + BN recalibration")
+                f"{job.describe_target()}, {job.epochs} epoch(s){job.kd_words()}) + removal" + recovery_words(job))

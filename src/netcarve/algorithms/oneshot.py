@@ -24,7 +24,9 @@ from .base import (
     geometric,
     groups_of,
     make_result,
+    recovery_words,
     register_algorithm,
+    remove_and_recover,
     rewind,
     score_groups,
     select_keep,
@@ -59,11 +61,14 @@ class OneShot(PruningAlgorithm):
             rewind(job.train_loader)
             accumulate_gradients(work, job.train_loader, num_batches=job.gradient_batches)
         pr = prune_channels(work, job.example_input, **job.target_kwargs())
-        pruned = pr.model
+        if job.reconstruct_batches:  # refit against the unpruned model
+            pruned = remove_and_recover(job, work, pr.groups, pr.keep)
+        else:
+            pruned = pr.model
+            if job.bn_batches:
+                rewind(job.train_loader)
+                recalibrate_bn(pruned, job.train_loader, num_batches=job.bn_batches)
         pruned.zero_grad(set_to_none=True)
-        if job.bn_batches:
-            rewind(job.train_loader)
-            recalibrate_bn(pruned, job.train_loader, num_batches=job.bn_batches)
         teacher, kd = job.teacher_and_kd(original)
         out = Path(job.out_dir) / "finetune" if job.out_dir is not None else None
         history = [{"step": 1, "macs": pr.macs_after, "widths": {k: w[0] for k, w in pr.widths.items()}}]
@@ -72,8 +77,7 @@ class OneShot(PruningAlgorithm):
 
     def describe(self, job: PruneJob) -> str:
         s = f"oneshot channel pruning ({job.criterion_name}, {job.describe_target()}, round_to {job.round_to})"
-        if job.bn_batches:
-            s += " + BN recalibration"
+        s += recovery_words(job)
         if job.epochs:
             s += f" + {'logit KD' if job.teacher is not None or job.distill else 'plain'} fine-tune {job.epochs} epoch(s)"
         return s
@@ -174,12 +178,9 @@ class Iterative(PruningAlgorithm):
                 step_keep = select_keep(groups.groups, scores, counts)
                 last_ratio = float(pr0_ratio)
             step_keep = {k: v for k, v in step_keep.items() if len(v) < by_name[k].num_channels}
-            model = remove_channels(model, groups.groups, step_keep)
+            model = remove_and_recover(job, model, groups.groups, step_keep)
             model.zero_grad(set_to_none=True)
             keep = {k: (v[step_keep[k]] if k in step_keep else v) for k, v in keep.items()}
-            if job.bn_batches:
-                rewind(job.train_loader)
-                recalibrate_bn(model, job.train_loader, num_batches=job.bn_batches)
             macs, _ = count(model, job.example_input)
             rec = {"step": i, "macs": macs, "widths": {k: len(v) for k, v in keep.items()}}
             if not by_widths:
@@ -245,8 +246,7 @@ class Iterative(PruningAlgorithm):
     def describe(self, job: PruneJob) -> str:
         s = (f"iterative channel pruning ({job.criterion_name}, {job.describe_target()} in {self.opts['steps']} "
              f"geometric steps, round_to {job.round_to})")
-        if job.bn_batches:
-            s += " + BN recalibration"
+        s += recovery_words(job)
         if job.epochs:
             s += f" + {'logit KD' if job.teacher is not None or job.distill else 'plain'} fine-tune {job.epochs} epoch(s) in total"
         return s

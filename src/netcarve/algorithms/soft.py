@@ -25,6 +25,7 @@ from .base import (
     PruneJob,
     PruningAlgorithm,
     finish,
+    recovery_words,
     register_algorithm,
     removed_of,
     scale_channels_,
@@ -134,7 +135,7 @@ class SFP(_SoftBase):
 
     def describe(self, job: PruneJob) -> str:
         return (f"sfp soft filter pruning ({job.criterion_name}, {job.describe_target()}, {job.epochs} epoch(s)"
-                f"{job.kd_words()}, zeroing every {self.opts['interval']} epoch(s)) + removal + BN recalibration")
+                f"{job.kd_words()}, zeroing every {self.opts['interval']} epoch(s)) + removal" + recovery_words(job))
 
 
 @register_algorithm("srfp")
@@ -155,7 +156,7 @@ class SRFP(_SoftBase):
 
     def describe(self, job: PruneJob) -> str:
         return (f"srfp softer filter pruning ({job.criterion_name}, {job.describe_target()}, {job.epochs} epoch(s)"
-                f"{job.kd_words()}, decay {self.opts['alpha']:g}) + removal + BN recalibration")
+                f"{job.kd_words()}, decay {self.opts['alpha']:g}) + removal" + recovery_words(job))
 
 
 @register_algorithm("asrfp")
@@ -183,4 +184,4 @@ class ASRFP(_SoftBase):
     def describe(self, job: PruneJob) -> str:
         return (f"asrfp asymptotic softer filter pruning ({job.criterion_name}, {job.describe_target()}, "
                 f"{job.epochs} epoch(s){job.kd_words()}, {self.opts['schedule']} decay {self.opts['alpha0']:g} -> 0 over "
-                f"{self.opts['decay_fraction']:g} of them) + removal + BN recalibration")
+                f"{self.opts['decay_fraction']:g} of them) + removal" + recovery_words(job))

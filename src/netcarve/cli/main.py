@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reconstruct", type=int, default=0, metavar="BATCHES",
                    help="after removal, refit every kept conv / linear weight by least squares so each layer "
                         "reproduces the unpruned model's output on BATCHES training batches (replaces BN "
-                        "recalibration; one-shot channel pruning; 0 = off)")
+                        "recalibration; channel pruning with any --algorithm; 0 = off)")
     s.add_argument("--finetune-epochs", type=int, default=0)
     s.add_argument("--distill", action="store_true", help="fine-tune with logit KD from the unpruned model")
     s.add_argument("--lr", type=float, default=0.005)

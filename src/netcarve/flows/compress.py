@@ -40,8 +40,8 @@ class CompressSpec:
     # the target (if any) is met over the other groups
     layer_ratios: dict[str, float] = field(default_factory=dict)
     bn_recalibration_batches: int = 20
-    # > 0: least-squares refit of the kept weights against the baseline on this many training batches right
-    # after removal (compact.reconstruct; one-shot channel pruning); it replaces BN recalibration (the refit
+    # > 0: least-squares refit of the kept weights against the model before removal on this many training
+    # batches right after removal (compact.reconstruct; channel pruning, every algorithm); it replaces BN recalibration (the refit
     # layers reproduce the baseline's pre-BN outputs, so its statistics stay valid)
     reconstruct_batches: int = 0
     gradient_batches: int = 8  # training batches whose gradients gradient-based criteria (taylor) use
@@ -90,9 +90,9 @@ class CompressSpec:
         if isinstance(self.reconstruct_batches, bool) or not isinstance(self.reconstruct_batches, int) \
                 or self.reconstruct_batches < 0:
             raise ConfigError(f"--reconstruct must be a number of batches >= 0, got {self.reconstruct_batches!r}")
-        if self.reconstruct_batches and (self.scheme != "channel" or self.algorithm != "oneshot"):
-            raise ConfigError("--reconstruct refits the layers after one-shot channel removal: it needs --scheme "
-                              f"channel and --algorithm oneshot, not {self.scheme} / {self.algorithm}")
+        if self.reconstruct_batches and self.scheme != "channel":
+            raise ConfigError("--reconstruct refits the layers after channel removal: it needs --scheme channel, "
+                              f"not {self.scheme}")
         if self.scheme not in ("channel", "depth"):
             raise ConfigError(f"--scheme must be 'channel' or 'depth' for structural pruning, got {self.scheme!r}")
         if self.scheme == "depth":
@@ -124,7 +124,8 @@ class CompressSpec:
                        criterion=self.criterion, round_to=self.round_to, protected=tuple(self.protected),
                        global_ranking=self.global_ranking, layer_ratios=dict(self.layer_ratios), train=train,
                        distill=self.distill and train is not None,
-                       bn_batches=self.bn_recalibration_batches, gradient_batches=self.gradient_batches,
+                       bn_batches=self.bn_recalibration_batches, reconstruct_batches=self.reconstruct_batches,
+                       gradient_batches=self.gradient_batches,
                        resume=self.resume, progress=self.progress)
         algo.check(job)
         return algo, job
@@ -254,7 +255,7 @@ def compress_and_report(
     acc = evaluate(pruned, test_loader)
     points = [b_stats]
     recon = None
-    if spec.reconstruct_batches:
+    if spec.reconstruct_batches and spec.algorithm == "oneshot":
         from ..compact import reconstruct
 
         acc_raw = acc
