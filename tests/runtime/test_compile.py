@@ -15,6 +15,7 @@ import netcarve
 from netcarve.errors import ConfigError, UnsupportedModelError
 from netcarve.models import create_model
 from netcarve.runtime import compile, lower
+from netcarve.runtime.compiled import SPARSE_MARGIN
 from netcarve.runtime.plan import build_native
 from netcarve.sparsity import make_scheme
 
@@ -258,7 +259,9 @@ def test_autotune_records_timings_and_uses_the_cache(kernels, tmp_path, monkeypa
     for lc in c.layers:
         times = {"sparse": lc.sparse_ms, "dense": lc.dense_ms,
                  **({"direct": lc.direct_ms} if lc.kind == "conv" else {})}
-        assert lc.choice == min(times, key=times.get)
+        dense = min((k for k in times if k != "sparse"), key=times.get)
+        want = "sparse" if times["sparse"] < SPARSE_MARGIN * times[dense] else dense
+        assert lc.choice == want
         assert not lc.cached
     assert all(lc.direct_ms is not None for lc in c.layers if lc.kind == "conv")
     assert list((tmp_path / "autotune").glob("*.json"))
@@ -277,6 +280,19 @@ def test_autotune_records_timings_and_uses_the_cache(kernels, tmp_path, monkeypa
     rebuilt = compile(m, x, sparse="auto", repeats=5)
     assert not any(lc.cached for lc in rebuilt.layers)
     assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
+
+
+def test_sparse_kernel_needs_a_clear_win():
+    from netcarve.runtime.compiled import _pick
+
+    assert SPARSE_MARGIN < 1.0
+    t = {"sparse_ms": 0.95, "dense_ms": 1.0, "direct_ms": 1.1}
+    assert _pick(["dense", "direct", "sparse"], t) == "dense"  # 5% faster: within noise, dense kept
+    t["sparse_ms"] = 0.5
+    assert _pick(["dense", "direct", "sparse"], t) == "sparse"
+    t["direct_ms"] = 0.8
+    assert _pick(["dense", "direct"], t) == "direct"
+    assert _pick(["sparse"], {"sparse_ms": 9.0}) == "sparse"  # sparse="always"
 
 
 def test_compile_a_saved_checkpoint(kernels, tmp_path):
