@@ -58,12 +58,17 @@ def test_refit_recovers_an_exactly_representable_function():
     assert ref.fc2.weight.shape == (3, 6)  # the reference is untouched
 
 
-def test_masked_refit_keeps_removed_rows_and_columns_zero_and_compacts_equal():
-    torch.manual_seed(0)
-    ref = create_model("resnet20").eval()
+def _pruned(name: str, ratio: float, seed: int):
+    """A randomly initialised zoo CNN, its channel groups and an L1 prune result at ``ratio``."""
+    torch.manual_seed(seed)
+    ref = create_model(name).eval()
     x = torch.randn(1, 3, 32, 32)
     gs = build_channel_groups(ref, x)
-    pr = prune_channels(ref, x, criterion="l1", ratio=0.5, groups=gs)
+    return ref, gs, prune_channels(ref, x, criterion="l1", ratio=ratio, groups=gs)
+
+
+def test_masked_refit_keeps_removed_rows_and_columns_zero_and_compacts_equal():
+    ref, gs, pr = _pruned("resnet20", 0.5, seed=0)
     masked = mask_channels(ref, gs, pr.keep)
     zeros = {n: (p == 0) for n, p in masked.named_parameters() if p.dim() > 1}
     before = {n: p.detach().clone() for n, p in masked.named_parameters()}
@@ -83,11 +88,7 @@ def test_masked_refit_keeps_removed_rows_and_columns_zero_and_compacts_equal():
 
 
 def test_refit_brings_the_pruned_model_closer_to_the_reference_on_new_inputs():
-    torch.manual_seed(1)
-    ref = create_model("resnet8").eval()
-    x = torch.randn(1, 3, 32, 32)
-    gs = build_channel_groups(ref, x)
-    pr = prune_channels(ref, x, criterion="l1", ratio=0.4, groups=gs)
+    ref, gs, pr = _pruned("resnet8", 0.4, seed=1)
     refit, rep = reconstruct(ref, gs, pr.keep, _batches((16, 3, 32, 32), 4), positions=32)
     xt = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
