@@ -207,6 +207,43 @@ def test_batched_small_outputs_match_reference(kernels, case, threads):
     assert torch.equal(out[:, 1::5], torch.relu(bias[1::5].view(1, -1, 1, 1) + res[:, 1::5]))
 
 
+# 8x8 maps (64 of the 100 positions of the padded wide grid) with many taps per im2col row: batched with AVX-512
+# (set_batched_fill), the row layout on AVX2; and a batch whose positions give 16+ tiles of 8 vectors
+BATCHED_TILES = BATCHED[:3] + [(8, 30, 40, 8, 8, 1, 1, 0.6), (40, 30, 32, 8, 8, 1, 1, 0.6)]
+
+
+@pytest.mark.parametrize("case", BATCHED_TILES, ids=lambda c: "x".join(map(str, c[:7])))
+@pytest.mark.parametrize("tile", [(2, 4096), (4, 16384), (8, 4096), (0, 49152)], ids=lambda t: f"nv{t[0]}-{t[1]}")
+def test_batched_tiles_of_every_shape_match_reference(kernels, case, tile):
+    """The batched path at each tile width (2, 4, 8 vectors; 0 = by output size) and block size (4 KiB blocks:
+    many row tiles of 16-32 rows, a partial last one), 2 threads forced parallel: equal to the reference with
+    bias, residual, ReLU and all-zero filters."""
+    n, c, f, h, w, s, p, d = case
+    weight = _sparse_weight(f, c, 3, d, seed=n + c + f + 1)
+    weight[2::7] = 0
+    bias = torch.randn(f)
+    x = torch.randn(n, c, h, w)
+    ho, wo = (h + 2 * p - 3) // s + 1, (w + 2 * p - 3) // s + 1
+    res = torch.randn(n, f, ho, wo)
+    m = SparseConv2d(weight, bias, stride=s, padding=p, relu=True)
+    ref = m.forward_reference(x, res)
+    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
+    old_fill, old_tile = kernels.batched_fill(), kernels.batched_tile()
+    torch.set_num_threads(2)
+    kernels.set_parallel_threshold(0)
+    kernels.set_batched_tile(*tile)
+    kernels.set_batched_fill(0.7)
+    try:
+        out = m(x, res)
+    finally:
+        kernels.set_batched_tile(*old_tile)
+        kernels.set_batched_fill(old_fill)
+        kernels.set_parallel_threshold(old_threshold)
+        torch.set_num_threads(old_threads)
+    assert _rel_err(out, ref) <= 1e-4
+    assert torch.equal(out[:, 2::7], torch.relu(bias[2::7].view(1, -1, 1, 1) + res[:, 2::7]))
+
+
 def test_batched_small_outputs_keep_nan_and_inf_where_the_reference_does(kernels):
     """The im2col gather reads a valid element for padding positions and selects zero: an inf or NaN in the
     input (also at the first element, which the padding positions read) reaches exactly the outputs whose

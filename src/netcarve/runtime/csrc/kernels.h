@@ -87,6 +87,11 @@ struct TapOffCache {
 // positions, e.g. at batch 64) run as a sparse matrix times im2col tiles (sparse_conv2d_batched) unless this is
 // off (set_batched_small).
 extern bool g_batched_small;
+// ... when the output fills less than this fraction of the padded wide grid (Ho * Wo < fill * plane; default 0.6)
+extern double g_batched_fill;
+// ... in tiles of this many accumulator vectors (2, 4 or 8; 0 = by output size) by g_batched_block bytes of im2col rows
+extern int64_t g_batched_nv;
+extern int64_t g_batched_block;
 // Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
 // once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).
 extern bool g_small_rowtaps;

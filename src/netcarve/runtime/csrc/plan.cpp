@@ -353,6 +353,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_batched_small", [](bool v) { g_batched_small = v; },
         "sparse convs whose 4x4 / 2x2 outputs span several vectors (large batches) run as the sparse weight times "
         "L1-sized tiles of the im2col matrix (default on; off: the padded wide grid)");
+  m.def("set_batched_fill", [](double v) { g_batched_fill = v; },
+        "the batched path takes outputs that fill less than this fraction of the padded wide grid (default 0.6)");
+  m.def("batched_fill", []() { return g_batched_fill; });
+  m.def("batched_tile", []() { return std::make_tuple(g_batched_nv, g_batched_block); });
+  m.def("set_batched_tile", [](int64_t nv, int64_t block) { g_batched_nv = nv; g_batched_block = block; },
+        "the batched path's tile: nv accumulator vectors (2, 4 or 8; 0 = by output size, the default) by block bytes of "
+        "im2col rows (default 49152 with AVX-512, 24576 otherwise)");
   m.def("set_row_layout", [](bool v) { g_row_layout = v; },
         "run direct_conv2d and sparse_conv2d in the row layout where the output width is a multiple of the vector "
         "(default on)");

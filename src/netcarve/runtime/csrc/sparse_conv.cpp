@@ -24,6 +24,14 @@ bool g_row_layout = true;
 bool g_banded = true;
 bool g_small_rowtaps = true;
 bool g_batched_small = true;
+#if defined(__AVX512F__)
+double g_batched_fill = 0.7;
+int64_t g_batched_block = 49152;
+#else
+double g_batched_fill = 0.6;
+int64_t g_batched_block = 24576;
+#endif
+int64_t g_batched_nv = 0;  // 0: by size
 
 namespace {
 
@@ -566,16 +574,17 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
 // The batched small-output path: 4x4 / 2x2 maps at large batches. On the wide grid a 4x4 map with padding 1
 // computes 36 positions for 16 outputs (2x2: 16 for 4), with unaligned loads: measured 12-25 useful GFLOP/s on
 // VGG-16's 512-channel layers at batch 64 against ~80 on its 32x32-8x8 layers (Zen 3, 2 threads). Here the
-// N * Ho * Wo output positions are cut into column tiles of BT_COLS (8 vectors) and the K = C * kh * kw im2col
-// rows into tiles of BT_ROWS rows: one tile's block of the im2col matrix (BT_ROWS x BT_COLS, 24 KiB) is gathered
-// into L1 and every filter adds its taps in that row range into its accumulators (8 vectors, kept per filter for
-// the column tile in L2): one aligned load per multiply-add of 8 lanes, every lane an output.
-constexpr int64_t BT_COLS = 8 * VL;  // columns per tile (8 accumulator vectors)
-// rows per tile: a 24 KiB block (96 rows on AVX2; 48 KiB blocks measured level with 24 on a Zen 3, 12 KiB 15-25%
-// slower: the per (filter, tile) overhead of loading and storing its accumulators)
-constexpr int64_t BT_ROWS = std::max<int64_t>(16, 24576 / (BT_COLS * 4));
+// N * Ho * Wo output positions are cut into column tiles of BT_COLS (4 or 8 vectors) and the K = C * kh * kw
+// im2col rows into tiles of BT_ROWS rows: one tile's block of the im2col matrix (BT_ROWS x BT_COLS, g_batched_block
+// bytes) is gathered once and every filter adds its taps in that row range into its accumulators (kept per filter
+// for the column tile in L2): one aligned load per multiply-add of a vector, every lane an output.
+// Block size: 24 KiB on AVX2 (48 KiB measured level with 24 on a Zen 3, 12 KiB 15-25% slower: the per (filter,
+// tile) cost of loading and storing its accumulators); 48 KiB with AVX-512 (VGG-16 at batch 64, 90% unstructured,
+// Zen 4 VM, 2 threads: 4-vector tiles of 48 KiB ran the 4x4 / 2x2 layers 10-30% faster than 8-vector tiles of
+// 24 KiB, 96 and 192 KiB were 5-10% slower again).
 
-// acc[0 .. NV*VL) += sum over the taps of w[e] * in[off[e] + 0 .. NV*VL)
+// acc[0 .. NV*VL) += sum over the taps of w[e] * in[off[e] + 0 .. NV*VL) (two accumulator sets taking alternate
+// taps, for more independent FMA chains at NV = 4, measured 0-5% slower on a Zen 4 VM: loads bound this loop)
 template <int NV>
 static inline void accumulate_add(const float* __restrict in, const int32_t* __restrict off, const float* __restrict w,
                                   int64_t ntaps, float* __restrict acc) {
@@ -593,12 +602,13 @@ static inline void accumulate_add(const float* __restrict in, const int32_t* __r
 }
 
 static std::shared_ptr<const KTiles> build_ktiles(const int32_t* ptr, const int32_t* ch, const int32_t* pos,
-                                                  const float* wv, int64_t L, int64_t KK, int64_t K) {
+                                                  const float* wv, int64_t L, int64_t KK, int64_t K, int64_t R,
+                                                  int64_t cols) {
   auto kt = std::make_shared<KTiles>();
-  const int64_t R = BT_ROWS, nt = (K + R - 1) / R, E = ptr[L];
+  const int64_t nt = (K + R - 1) / R, E = ptr[L];
   kt->rows = R;
   kt->ntiles = nt;
-  kt->row_len = BT_COLS;
+  kt->row_len = cols;
   // tile-major: tile k's taps of every list are consecutive (one forward stream per tile; filter-major, each
   // (list, tile) pair started a new cache line out of L2 / L3 and the taps of a 512-channel layer do not fit L2)
   std::vector<int64_t> count(nt * L + 1, 0);
@@ -615,7 +625,7 @@ static std::shared_ptr<const KTiles> build_ktiles(const int32_t* ptr, const int3
     std::stable_sort(taps.begin(), taps.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     for (const auto& tw : taps) {
       const int64_t k = tw.first / R, e = count[k * L + i]++;
-      kt->off[e] = (int32_t)((tw.first - k * R) * BT_COLS);
+      kt->off[e] = (int32_t)((tw.first - k * R) * cols);
       kt->w[e] = tw.second;
     }
   }
@@ -626,34 +636,38 @@ static std::shared_ptr<const KTiles> build_ktiles(const int32_t* ptr, const int3
 // padding are not loaded, so an inf / NaN elsewhere cannot leak into them). The gather was a quarter of the
 // 512-channel 4x4 layer's time at batch 64 with a scalar select (Zen 3, measured with the taps skipped); the masked
 // gathers made the layer 5-12% faster (interleaved A/B, 1 and 2 threads).
+template <int64_t COLS>
 static inline void gather_row(const float* __restrict sc, const int32_t* __restrict t, const int32_t* __restrict m,
                               float* __restrict row) {
 #if defined(__AVX512F__)
-  for (int64_t j = 0; j < BT_COLS; j += 16) {
+  for (int64_t j = 0; j < COLS; j += 16) {
     const __m512i idx = _mm512_loadu_si512(t + j);
     const __mmask16 k = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(m + j), _mm512_setzero_si512());
     _mm512_storeu_ps(row + j, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, sc, 4));
   }
 #elif defined(__AVX2__)
-  for (int64_t j = 0; j < BT_COLS; j += 8) {
+  for (int64_t j = 0; j < COLS; j += 8) {
     const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + j));
     const __m256 k = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + j)));
     _mm256_storeu_ps(row + j, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), sc, idx, k, 4));
   }
 #else
-  for (int64_t j = 0; j < BT_COLS; ++j) {
+  for (int64_t j = 0; j < COLS; ++j) {
     const float v = sc[t[j]];
     row[j] = m[j] ? v : 0.f;
   }
 #endif
 }
 
+template <int NV>
 static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
                                            const torch::Tensor& tq, const torch::Tensor& tw, const torch::Tensor& fo,
                                            const c10::optional<torch::Tensor>& bias,
                                            const c10::optional<torch::Tensor>& residual, int64_t F, int64_t kh,
                                            int64_t kw, int64_t S, int64_t pad, bool relu, int64_t Ho, int64_t Wo,
                                            TapOffCache* cache) {
+  constexpr int64_t BT_COLS = NV * VL;  // this instance's tile: NV accumulator vectors wide, g_batched_block bytes
+  const int64_t BT_ROWS = std::max<int64_t>(16, g_batched_block / (BT_COLS * 4));
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), KK = kh * kw, K = C * KK;
   const int64_t HoWo = Ho * Wo, P = N * HoWo, nct = (P + BT_COLS - 1) / BT_COLS, Pt = nct * BT_COLS;
   const int32_t* ptr = tp.data_ptr<int32_t>();
@@ -665,7 +679,8 @@ static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::
     if (cache->ktiles && cache->ktiles->row_len == BT_COLS && cache->ktiles->rows == BT_ROWS) kt = cache->ktiles;
   }
   if (!kt) {
-    kt = build_ktiles(ptr, tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), tw.data_ptr<float>(), L, KK, K);
+    kt = build_ktiles(ptr, tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), tw.data_ptr<float>(), L, KK, K, BT_ROWS,
+                      BT_COLS);
     if (cache) {
       std::lock_guard<std::mutex> lock(cache->m);
       cache->ktiles = kt;
@@ -718,11 +733,11 @@ static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::
           const int32_t* __restrict m = valid.data() + (r % KK) * Pt + q0;
           const float* __restrict sc = xp + (r / KK) * H * W;
           float* __restrict row = blk + (r - r0) * BT_COLS;
-          gather_row(sc, t, m, row);
+          gather_row<BT_COLS>(sc, t, m, row);
         }
         for (int64_t i = g, li = 0; i < L; i += ng, ++li) {
           const int32_t t0 = kptr[k * L + i], t1 = kptr[k * L + i + 1];
-          if (t0 < t1) accumulate_add<8>(blk, koff + t0, kw_ + t0, t1 - t0, acc + li * BT_COLS);
+          if (t0 < t1) accumulate_add<NV>(blk, koff + t0, kw_ + t0, t1 - t0, acc + li * BT_COLS);
         }
       }
       auto emit = [&](int64_t f, const float* a) {
@@ -802,10 +817,22 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     return sparse_conv2d_small(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, S, pad, relu, Ho, Wo, P, Pp, cache);
   }
 
-  // Larger small outputs (4x4 / 2x2 maps at large batches): the wide grid would compute mostly padding.
-  if (!rows_fit && g_batched_small && P >= BT_COLS && C * kh * kw >= 256 && 10 * Ho * Wo < 6 * plane &&
+  // Larger small outputs (4x4 / 2x2 maps at large batches): the wide grid would compute mostly padding. Maps
+  // that fill more of it (8x8 with padding 1: 64 of 100 positions) only where every im2col row feeds many taps
+  // (E >= 16 K), or gathering the tiles costs more than it saves: measured on a Zen 4 VM (AVX-512, 2 threads,
+  // batch 64, 90% unstructured) VGG-16's 256-channel 8x8 layers ran 1.5-1.75x faster batched (25 taps per row),
+  // ResNet-56's 64-channel 8x8 layers 20% slower (6 taps per row). (AVX2 runs 8x8 maps in the row layout.)
+  const double fill = (double)(Ho * Wo) / (double)plane;
+  // tile width: 8 vectors where that still gives 16+ column tiles (8x8 maps at batch 64: 5% faster than 4 on Zen 4),
+  // else 4 (2x2 at batch 64: 256 positions, 2 tiles of 8 vectors, 30% slower than 4 tiles of 4)
+  const int64_t bnv = g_batched_nv == 0 ? (P >= 16 * 8 * VL ? 8 : 4) : g_batched_nv <= 2 ? 2 : g_batched_nv <= 4 ? 4 : 8;
+  if (!rows_fit && g_batched_small && P >= 8 * VL && C * kh * kw >= 256 && (fill < 0.6 || (fill < g_batched_fill && E >= 16 * C * kh * kw)) &&
       N * C * H * W < ((int64_t)1 << 31)) {
-    return sparse_conv2d_batched(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, S, pad, relu, Ho, Wo, cache);
+    if (bnv == 2)
+      return sparse_conv2d_batched<2>(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, S, pad, relu, Ho, Wo, cache);
+    if (bnv == 4)
+      return sparse_conv2d_batched<4>(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, S, pad, relu, Ho, Wo, cache);
+    return sparse_conv2d_batched<8>(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, S, pad, relu, Ho, Wo, cache);
   }
 
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
