@@ -192,6 +192,35 @@ def test_batched_small_outputs_in_a_plan_match_reference(kernels):
         torch.set_num_threads(old_threads)
 
 
+def test_multirow_outputs_in_a_plan_match_reference(kernels):
+    """A 90%-sparse ResNet-20 at batches of 17-32: its 8x8 layers (on AVX-512 narrower than a vector) run several
+    rows per vector, the shifted-copy offsets kept in the step's cache across calls and batch changes: equal to
+    the model at 1-2 threads, and to the wide grid (set_multirow(False))."""
+    torch.manual_seed(0)
+    m = create_model("resnet20").eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Conv2d) and mod.in_channels > 3:
+                mod.weight.mul_((torch.rand_like(mod.weight) > 0.9).float())
+    c = compile(m, torch.randn(32, 3, 32, 32), sparse="always")
+    old_threads = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            for b in (32, 17, 32):
+                x = torch.randn(b, 3, 32, 32)
+                with torch.no_grad():
+                    ref = m(x)
+                assert _rel(c(x), ref) <= 1e-4, (threads, b)
+                kernels.set_multirow(False)
+                try:
+                    assert _rel(c(x), ref) <= 1e-4, (threads, b, "wide grid")
+                finally:
+                    kernels.set_multirow(True)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 def test_native_pool_and_shortcuts_match_reference(kernels):
     """Plans run max pooling, global average pooling and option-A shortcuts (with a pruned model's channel maps)
     natively; with set_native_pool(False) through ATen: both equal the model."""

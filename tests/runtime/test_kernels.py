@@ -244,6 +244,43 @@ def test_batched_tiles_of_every_shape_match_reference(kernels, case, tile):
     assert torch.equal(out[:, 2::7], torch.relu(bias[2::7].view(1, -1, 1, 1) + res[:, 2::7]))
 
 
+# (N, C, F, H, W, density): outputs narrower than a vector at large batches (several rows per vector: 8x8 on AVX-512,
+# 4x4 and 2x2 on both ISAs), few channels so the im2col paths do not take them; a partial last block of vectors
+MULTIROW = [(16, 12, 10, 8, 8, 0.3), (20, 9, 17, 8, 8, 0.2), (64, 6, 9, 4, 4, 0.5), (257, 4, 5, 2, 2, 0.5)]
+
+
+@pytest.mark.parametrize("case", MULTIROW, ids=lambda c: "x".join(map(str, c[:5])))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_multirow_outputs_match_reference(kernels, case, threads):
+    """Rows narrower than a vector, several per vector, read from kw shifted copies of the input: equal to the
+    reference with bias, residual, ReLU and all-zero filters, forced parallel, and to the wide grid it replaces
+    (set_multirow(False))."""
+    n, c, f, h, w, d = case
+    weight = _sparse_weight(f, c, 3, d, seed=n + c + f + 2)
+    weight[1::4] = 0
+    bias = torch.randn(f)
+    x = torch.randn(n, c, h, w)
+    res = torch.randn(n, f, h, w)
+    m = SparseConv2d(weight, bias, padding=1, relu=True)
+    ref = m.forward_reference(x, res)
+    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
+    torch.set_num_threads(threads)
+    kernels.set_parallel_threshold(0)
+    try:
+        out = m(x, res)
+        plain = SparseConv2d(weight, None, padding=1)(x)
+        kernels.set_multirow(False)
+        wide = m(x, res)
+    finally:
+        kernels.set_multirow(True)
+        kernels.set_parallel_threshold(old_threshold)
+        torch.set_num_threads(old_threads)
+    assert _rel_err(out, ref) <= 1e-4
+    assert _rel_err(plain, torch.nn.functional.conv2d(x, weight, None, 1, 1)) <= 1e-4
+    assert _rel_err(out, wide) <= 1e-4
+    assert torch.equal(out[:, 1::4], torch.relu(bias[1::4].view(1, -1, 1, 1) + res[:, 1::4]))
+
+
 def test_batched_small_outputs_keep_nan_and_inf_where_the_reference_does(kernels):
     """The im2col gather reads a valid element for padding positions and selects zero: an inf or NaN in the
     input (also at the first element, which the padding positions read) reaches exactly the outputs whose

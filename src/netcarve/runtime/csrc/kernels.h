@@ -92,6 +92,8 @@ extern double g_batched_fill;
 // ... in tiles of this many accumulator vectors (2, 4 or 8; 0 = by output size) by g_batched_block bytes of im2col rows
 extern int64_t g_batched_nv;
 extern int64_t g_batched_block;
+// Sparse convs with outputs narrower than a vector run several output rows per vector unless this is off
+extern bool g_multirow;
 // Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
 // once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).
 extern bool g_small_rowtaps;

@@ -32,6 +32,7 @@ double g_batched_fill = 0.6;
 int64_t g_batched_block = 24576;
 #endif
 int64_t g_batched_nv = 0;  // 0: by size
+bool g_multirow = true;
 
 namespace {
 
@@ -802,6 +803,109 @@ static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// Outputs narrower than a vector (8x8 maps with AVX-512, 4x4 / 2x2 with either ISA), stride 1: one vector holds
+// R = VL / Wo whole output rows. The padded input is stored once per kernel column kx, shifted by kx and cut to
+// the output width (planes[c][kx][n][yy][x] = padded x[n][c][yy][x + kx], yy < Hp, x < Wo), so every tap
+// (c, ky, kx) of a vector of rows y .. y + R - 1 reads one contiguous window planes[c][kx][n][y + ky][0 .. VL):
+// no lane computes padding (the wide grid computes 100 positions for an 8x8 map's 64) and the register blocks,
+// tap offsets and epilogue of the row layout apply unchanged. The price: kw copies of the input. Measured on a
+// Zen 4 VM (AVX-512, 2 threads): see docs/runtime.md.
+static torch::Tensor sparse_conv2d_multirow(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
+                                            const torch::Tensor& tq, const torch::Tensor& tw, const torch::Tensor& fo,
+                                            const c10::optional<torch::Tensor>& bias,
+                                            const c10::optional<torch::Tensor>& residual, int64_t F, int64_t kh,
+                                            int64_t kw, int64_t pad, bool relu, int64_t Ho, int64_t Wo,
+                                            TapOffCache* cache) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Hp = H + 2 * pad;
+  const int64_t R = VL / Wo, pimg = Hp * Wo, kxs = N * pimg, cs = kw * kxs, HoWo = Ho * Wo;
+  const int64_t L = fo.numel(), E = tw.numel();
+  auto planes = torch::empty({C * cs + VL}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = planes.data_ptr<float>();
+  std::fill(dst + C * cs, dst + C * cs + VL, 0.f);
+  at::parallel_for(0, C * N, N * C * H * W < ((int64_t)1 << 16) ? C * N : 1, [&](int64_t b, int64_t e) {
+    for (int64_t cn = b; cn < e; ++cn) {
+      const int64_t c = cn / N, n = cn % N;
+      const float* s = src + (n * C + c) * H * W;
+      for (int64_t kx = 0; kx < kw; ++kx) {
+        float* d = dst + c * cs + kx * kxs + n * pimg;
+        for (int64_t yy = 0; yy < Hp; ++yy, d += Wo) {
+          const int64_t iy = yy - pad;
+          if (iy < 0 || iy >= H) {
+            std::fill(d, d + Wo, 0.f);
+            continue;
+          }
+          // columns [lo, hi) come from the row, shifted by kx - pad; the rest are padding
+          const float* sr = s + iy * W + kx - pad;
+          const int64_t lo = std::max<int64_t>(0, pad - kx), hi = std::min<int64_t>(Wo, W + pad - kx);
+          for (int64_t xo = 0; xo < lo; ++xo) d[xo] = 0.f;
+          for (int64_t xo = lo; xo < hi; ++xo) d[xo] = sr[xo];
+          for (int64_t xo = std::max(lo, hi); xo < Wo; ++xo) d[xo] = 0.f;
+        }
+      }
+    }
+  });
+  std::vector<int64_t> tapoff(kh * kw);
+  for (int64_t ky = 0; ky < kh; ++ky)
+    for (int64_t kx = 0; kx < kw; ++kx) tapoff[ky * kw + kx] = kx * kxs + ky * Wo;
+  const Taps taps{tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), tw.data_ptr<float>(), tapoff.data(), cs};
+  // (a negative plane key: these offsets differ from the phase planes' of the same sizes)
+  const auto offs_p = tap_offsets(taps, E, -kxs, Wo, 1, cache);
+  const int64_t* offs = offs_p->data();
+  // vector v = (n, y0 = R * j): planes offset n * pimg + y0 * Wo, output offset n * F * HoWo + y0 * Wo (R rows of
+  // Wo outputs are contiguous); padded with the last vector to a multiple of 8
+  const int64_t vpi = Ho / R, nvec = N * vpi, padded = (nvec + 7) / 8 * 8;
+  std::vector<int64_t> vin(padded), vout(padded);
+  for (int64_t v = 0; v < padded; ++v) {
+    const int64_t u = std::min(v, nvec - 1), n = u / vpi, y0 = (u % vpi) * R;
+    vin[v] = n * pimg + y0 * Wo;
+    vout[v] = n * F * HoWo + y0 * Wo;
+  }
+  auto out = torch::empty({N, F, Ho, Wo}, x.options());
+  const Epilogue ep(bias, residual, out, "sparse_conv2d");
+  const float* bp = ep.bp;
+  const float* rp = ep.rp;
+  float* op = out.data_ptr<float>();
+  const float* pl = planes.data_ptr<float>();
+  const int32_t* ptr = tp.data_ptr<int32_t>();
+  const float* wv = tw.data_ptr<float>();
+  const int32_t* ord = fo.data_ptr<int32_t>();
+  const std::vector<int64_t> empty = empty_filters(ord, L, F);
+  const int64_t lists = L + (empty.empty() ? 0 : 1);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  // chunks of vectors whose windows (about VL x kw floats per vector and channel) fit in half of L2
+  const int64_t chunkv = std::max<int64_t>(8, (131072 / std::max<int64_t>(1, VL * C * kw)) / 8 * 8);
+  const int64_t nch = (nvec + chunkv - 1) / chunkv;
+  const int64_t ng = std::min<int64_t>(lists, std::max<int64_t>(1, (4 * nthreads + nch - 1) / nch));
+  const int64_t work = E * nvec * VL;
+  at::parallel_for(0, nch * ng, work < g_parallel_threshold ? nch * ng : 1, [&](int64_t b, int64_t e) {
+    alignas(64) float acc[BLOCK];
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t g = job % ng, v_beg = (job / ng) * chunkv, v_end = std::min<int64_t>(nvec, v_beg + chunkv);
+      for (int64_t v0 = v_beg; v0 < v_end; v0 += 8) {
+        const int64_t nv = std::min<int64_t>(8, v_end - v0);
+        const int64_t* voff = vin.data() + v0;
+        const int64_t* ooff = vout.data() + v0;
+        for (int64_t i = g; i < lists; i += ng) {
+          if (i < L) {
+            const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0;
+            accumulate_part(pl, voff, offs + t0, wv + t0, nt, nv, acc);
+          } else {
+            std::fill(acc, acc + nv * VL, 0.f);
+          }
+          const int64_t nf = i < L ? 1 : (int64_t)empty.size();
+          for (int64_t j = 0; j < nf; ++j) {
+            const int64_t f = i < L ? ord[i] : empty[j];
+            store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // x: (N, C, H, W) fp32. Taps of filter list i: [tap_ptr[i], tap_ptr[i+1]) with channel tap_chan, kernel
 // position tap_pos = ky * kw + kx and weight tap_w; filter_order[i] is the output channel of list i.
 //
@@ -880,6 +984,12 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     return sparse_conv2d_batched<8>(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, S, pad, relu, Ho, Wo, cache);
   }
 
+  // Outputs narrower than a vector whose rows fill whole vectors, at large batches: several rows per vector
+  // (sparse_conv2d_multirow). At batch 1 (4 vectors of an 8x8 map) it measured slower than the wide grid's one
+  // block of 7 (ResNet-56's 64-channel layers, Zen 4: 21 against 16 us per layer), hence 64+ vectors.
+  if (g_multirow && S == 1 && Wo < VL && VL % Wo == 0 && Ho % (VL / Wo) == 0 && P >= 64 * VL) {
+    return sparse_conv2d_multirow(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, pad, relu, Ho, Wo, cache);
+  }
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   if (g_row_layout && g_banded && Wo % VL == 0) {
     // Banded (see direct_conv2d): each thread takes a contiguous range of output rows (at batch 1 a band of one
