@@ -324,6 +324,28 @@ def test_sparse_kernel_needs_a_clear_win():
     assert _pick(["sparse"], {"sparse_ms": 9.0}) == "sparse"  # sparse="always"
 
 
+def test_whole_plan_check_overrules_a_bad_per_layer_pick(kernels, monkeypatch):
+    """A per-layer pick that loses as a whole plan (here forced: every layer of a dense ResNet-20 "picked" sparse,
+    as a profile from a busy moment can do) is replaced by the fastest uniform plan, timed whole; with the check
+    disabled (margin 0) the bad pick stays. Either way the outputs equal the model."""
+    from netcarve.runtime import compiled as cmod
+
+    m = create_model("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(cmod, "_pick", lambda cands, known: "sparse" if "sparse" in cands else cands[0])
+    c = compile(m, x, sparse="auto", use_cache=False, repeats=6)
+    check = c.summary()["plan_check"]
+    assert check["chosen"] == "dense" and check["dense"] < check["tuned"]
+    assert not any(lc.choice == "sparse" for lc in c.layers)
+    monkeypatch.setattr(cmod, "PLAN_CHECK_MARGIN", 0.0)
+    bad = compile(m, x, sparse="auto", use_cache=False, repeats=6)
+    assert bad.plan_check["chosen"] == "tuned" and all(lc.choice == "sparse" for lc in bad.layers)
+    with torch.no_grad():
+        ref = m(x)
+    assert _rel(c(x), ref) <= 1e-4 and _rel(bad(x), ref) <= 1e-4
+    assert compile(m, x, sparse="never", use_cache=False).plan_check is None
+
+
 def test_compile_a_saved_checkpoint(kernels, tmp_path):
     m = _prepared("resnet8")
     netcarve.save(m, tmp_path / "run")

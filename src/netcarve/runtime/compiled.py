@@ -122,6 +122,8 @@ class CompiledModel:
         self.example_shape = example_shape
         self.layers = layers
         self.threads = threads
+        # whole-plan check of the autotuned choices (sparse="auto"): ms per variant and the one kept, or None
+        self.plan_check: dict[str, Any] | None = None
 
     @property
     def native(self) -> bool:
@@ -164,7 +166,7 @@ class CompiledModel:
     def summary(self) -> dict[str, Any]:
         return {"native": self.native, "threads": self.threads, "example_shape": list(self.example_shape),
                 "steps": len(self.ops), "layers": [asdict(lc) for lc in self.layers],
-                "sparse_layers": sum(lc.choice == "sparse" for lc in self.layers)}
+                "sparse_layers": sum(lc.choice == "sparse" for lc in self.layers), "plan_check": self.plan_check}
 
 
 def _resolve(model_or_checkpoint) -> nn.Module:
@@ -278,7 +280,56 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
             lc.choice = c[0]
         _set_kernel(op, lc.choice)
     plan = build_native(mod, ops, nvals, output)
-    return CompiledModel(ops, nvals, output, plan, tuple(example_input.shape), layers, nthreads)
+    check = None
+    if sparse == "auto" and any(tuned):
+        plan, check = _check_whole_plan(mod, ops, nvals, output, example_input, convs, cands, known, layers, plan,
+                                        max(3, repeats // 2))
+    compiled = CompiledModel(ops, nvals, output, plan, tuple(example_input.shape), layers, nthreads)
+    compiled.plan_check = check
+    return compiled
+
+
+# the per-layer choices are kept unless a uniform plan is faster than them by more than this (whole-plan times
+# differ by a few percent between rounds)
+PLAN_CHECK_MARGIN = 0.95
+
+
+def _check_whole_plan(mod, ops, nvals, output, x, convs, cands, known, layers, tuned_plan, repeats: int):
+    """Time the per-layer choices against the two uniform plans (every layer at its fastest dense kernel; every
+    eligible layer sparse) as whole plans, interleaved over 3 rounds, and keep the fastest: a per-layer profile
+    taken while the machine was busy (or cached from such a moment) can pick kernels that lose as a whole (measured
+    on a Zen 4 VM: a sparse ResNet-56 at batch 64 whose cached profile put 17 of its 18 8x8 layers on the dense
+    kernel ran 49-58 ms, all-sparse 33-36 ms). Returns (plan, {"tuned": ms, "dense": ms, "sparse": ms, "chosen"})."""
+    def dense_of(c, kn):
+        d = [k for k in c if k != "sparse"]
+        return min(d, key=lambda k: kn.get(f"{k}_ms", float("inf"))) if d and kn else (d[0] if d else c[0])
+
+    tuned_choice = [lc.choice for lc in layers]
+    variants = {"tuned": tuned_choice,
+                "dense": [dense_of(c, kn) for c, kn in zip(cands, known)],
+                "sparse": ["sparse" if "sparse" in c else dense_of(c, kn) for c, kn in zip(cands, known)]}
+    plans = {"tuned": tuned_plan}
+    for name in ("dense", "sparse"):
+        if variants[name] != tuned_choice and variants[name] not in [variants[k] for k in plans]:
+            for op, ch in zip(convs, variants[name]):
+                _set_kernel(op, ch)
+            plans[name] = build_native(mod, ops, nvals, output)
+    times: dict[str, list[float]] = {k: [] for k in plans}
+    if len(plans) > 1:
+        for _ in range(3):
+            for k, p in plans.items():
+                times[k].append(float(p.time(x, repeats, 2)))
+    best = {k: min(v) for k, v in times.items() if v}
+    chosen = "tuned"
+    if best:
+        fastest = min(best, key=best.get)
+        if fastest != "tuned" and best[fastest] < PLAN_CHECK_MARGIN * best["tuned"]:
+            chosen = fastest
+    for op, lc, ch in zip(convs, layers, variants[chosen]):
+        lc.choice = ch
+        _set_kernel(op, ch)
+    check = {**{k: round(v, 4) for k, v in best.items()}, "chosen": chosen}
+    return plans[chosen], check
 
 
 # the sparse kernel must beat the fastest dense candidate by this factor to be chosen: per-op profile times
