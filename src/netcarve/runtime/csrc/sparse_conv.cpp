@@ -803,6 +803,41 @@ static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::
   return out;
 }
 
+// The row-vector blocks of the row layout and of sparse_conv2d_multirow: vector v reads from planes + vin[v] (+ a
+// tap's offset) and stores to out + vout[v] (+ a filter's f * HoWo); jobs are chunks of chunkv vectors x ng filter
+// groups (list i in group i % ng; list index L stands for the filters without taps), blocks of up to 8 vectors.
+static void run_row_blocks(const float* pl, const int64_t* offs, const int32_t* ptr, const float* wv, const int32_t* ord,
+                           const std::vector<int64_t>& empty, int64_t L, const std::vector<int64_t>& vin,
+                           const std::vector<int64_t>& vout, int64_t nvec, int64_t chunkv, int64_t ng, float* op,
+                           const float* rp, const float* bp, bool relu, int64_t HoWo, int64_t work) {
+  const int64_t lists = L + (empty.empty() ? 0 : 1);
+  const int64_t nch = (nvec + chunkv - 1) / chunkv;
+  at::parallel_for(0, nch * ng, work < g_parallel_threshold ? nch * ng : 1, [&](int64_t b, int64_t e) {
+    alignas(64) float acc[BLOCK];
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t g = job % ng, v_beg = (job / ng) * chunkv, v_end = std::min<int64_t>(nvec, v_beg + chunkv);
+      for (int64_t v0 = v_beg; v0 < v_end; v0 += 8) {
+        const int64_t nv = std::min<int64_t>(8, v_end - v0);
+        const int64_t* voff = vin.data() + v0;
+        const int64_t* ooff = vout.data() + v0;
+        for (int64_t i = g; i < lists; i += ng) {
+          if (i < L) {
+            const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0;
+            accumulate_part(pl, voff, offs + t0, wv + t0, nt, nv, acc);
+          } else {
+            std::fill(acc, acc + nv * VL, 0.f);
+          }
+          const int64_t nf = i < L ? 1 : (int64_t)empty.size();
+          for (int64_t j = 0; j < nf; ++j) {
+            const int64_t f = i < L ? ord[i] : empty[j];
+            store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
+          }
+        }
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Outputs narrower than a vector (8x8 maps with AVX-512, 4x4 / 2x2 with either ISA), stride 1: one vector holds
 // R = VL / Wo whole output rows. The padded input is stored once per kernel column kx, shifted by kx and cut to
@@ -878,31 +913,7 @@ static torch::Tensor sparse_conv2d_multirow(const torch::Tensor& x, const torch:
   const int64_t chunkv = std::max<int64_t>(8, (131072 / std::max<int64_t>(1, VL * C * kw)) / 8 * 8);
   const int64_t nch = (nvec + chunkv - 1) / chunkv;
   const int64_t ng = std::min<int64_t>(lists, std::max<int64_t>(1, (4 * nthreads + nch - 1) / nch));
-  const int64_t work = E * nvec * VL;
-  at::parallel_for(0, nch * ng, work < g_parallel_threshold ? nch * ng : 1, [&](int64_t b, int64_t e) {
-    alignas(64) float acc[BLOCK];
-    for (int64_t job = b; job < e; ++job) {
-      const int64_t g = job % ng, v_beg = (job / ng) * chunkv, v_end = std::min<int64_t>(nvec, v_beg + chunkv);
-      for (int64_t v0 = v_beg; v0 < v_end; v0 += 8) {
-        const int64_t nv = std::min<int64_t>(8, v_end - v0);
-        const int64_t* voff = vin.data() + v0;
-        const int64_t* ooff = vout.data() + v0;
-        for (int64_t i = g; i < lists; i += ng) {
-          if (i < L) {
-            const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0;
-            accumulate_part(pl, voff, offs + t0, wv + t0, nt, nv, acc);
-          } else {
-            std::fill(acc, acc + nv * VL, 0.f);
-          }
-          const int64_t nf = i < L ? 1 : (int64_t)empty.size();
-          for (int64_t j = 0; j < nf; ++j) {
-            const int64_t f = i < L ? ord[i] : empty[j];
-            store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
-          }
-        }
-      }
-    }
-  });
+  run_row_blocks(pl, offs, ptr, wv, ord, empty, L, vin, vout, nvec, chunkv, ng, op, rp, bp, relu, HoWo, E * nvec * VL);
   return out;
 }
 
@@ -1081,31 +1092,8 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     const int64_t chunkv = std::max<int64_t>(8, std::min<int64_t>(chunk / VL, (nvec + 7) / 8 * 8));
     const int64_t nch = (nvec + chunkv - 1) / chunkv;
     const int64_t ng = std::min<int64_t>(lists, std::max<int64_t>(1, (4 * nthreads + nch - 1) / nch));
-    const int64_t rwork = E * nvec * VL;
-    at::parallel_for(0, nch * ng, rwork < g_parallel_threshold ? nch * ng : 1, [&](int64_t b, int64_t e) {
-      alignas(64) float acc[BLOCK];
-      for (int64_t job = b; job < e; ++job) {
-        const int64_t g = job % ng, v_beg = (job / ng) * chunkv, v_end = std::min<int64_t>(nvec, v_beg + chunkv);
-        for (int64_t v0 = v_beg; v0 < v_end; v0 += 8) {
-          const int64_t nv = std::min<int64_t>(8, v_end - v0);
-          const int64_t* voff = vin.data() + v0;
-          const int64_t* ooff = vout.data() + v0;
-          for (int64_t i = g; i < lists; i += ng) {
-            if (i < L) {
-              const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0;
-              accumulate_part(pl, voff, offs + t0, wv + t0, nt, nv, acc);
-            } else {
-              std::fill(acc, acc + nv * VL, 0.f);
-            }
-            const int64_t nf = i < L ? 1 : (int64_t)empty.size();
-            for (int64_t j = 0; j < nf; ++j) {
-              const int64_t f = i < L ? ord[i] : empty[j];
-              store_vecs(op + f * HoWo, rp ? rp + f * HoWo : nullptr, ooff, acc, nv, bp ? bp[f] : 0.f, relu);
-            }
-          }
-        }
-      }
-    });
+    run_row_blocks(pl, offs, ptr, wv, ord, empty, L, vin, vout, nvec, chunkv, ng, op, rp, bp, relu, HoWo,
+                   E * nvec * VL);
     return out;
   }
   const int64_t ngroups = std::min<int64_t>(lists, std::max<int64_t>(1, (4 * nthreads + nchunks - 1) / nchunks));
