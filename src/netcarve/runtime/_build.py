@@ -3,8 +3,9 @@
 The C++ sources in ``csrc/`` are built as a PyTorch extension (``torch.utils.cpp_extension.load``, g++ with
 ``-O3 -march=native -fopenmp``), so the kernels split work over torch's own thread pool and respect
 ``torch.set_num_threads``. Binaries are cached under ``$NETCARVE_CACHE`` (default ``~/.cache/netcarve``)
-``/kernels/<cpu key>-<source hash>-torch<version>``: a new CPU model, changed sources or another torch build
-compile afresh; everything else loads in milliseconds.
+``/kernels/<cpu key>-<source hash>-torch<version>``, compiled from copies of the sources staged in that directory
+(so every checkout of the same sources shares one binary): a new CPU model, changed sources or another torch
+build compile afresh; everything else loads in milliseconds.
 
 ``NETCARVE_KERNELS=off`` disables them (the pure-PyTorch reference path runs instead). When no compiler is
 found or the build fails, :func:`load_kernels` logs one clear warning naming the reason and returns None;
