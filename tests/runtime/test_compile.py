@@ -19,6 +19,8 @@ from netcarve.runtime.compiled import SPARSE_MARGIN
 from netcarve.runtime.plan import build_native
 from netcarve.sparsity import make_scheme
 
+from ._util import forced_parallel, switched_off
+
 
 def _prepared(name: str, seed: int = 0, sparse: bool = True) -> nn.Module:
     """A zoo model in eval mode with non-trivial BN statistics and pattern / unstructured zeros."""
@@ -143,9 +145,7 @@ def test_small_outputs_row_taps_match_reference(kernels, size):
     stride-2 layer), and to the per-filter tap lists (set_small_rowtaps(False))."""
     m = _DeepSmall().eval()
     c = compile(m, torch.randn(1, 128, size, size), sparse="always")
-    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
-    kernels.set_parallel_threshold(0)
-    try:
+    with forced_parallel(kernels):
         for threads in (2, 3, 1):
             torch.set_num_threads(threads)
             for b in (1, 3, 1):
@@ -154,14 +154,8 @@ def test_small_outputs_row_taps_match_reference(kernels, size):
                     ref = m(x)
                 got = c(x)
                 assert _rel(got, ref) <= 1e-4, (threads, b)
-                kernels.set_small_rowtaps(False)
-                try:
+                with switched_off(kernels, "small_rowtaps"):
                     assert _rel(c(x), ref) <= 1e-4, (threads, b, "tap lists")
-                finally:
-                    kernels.set_small_rowtaps(True)
-    finally:
-        kernels.set_parallel_threshold(old_threshold)
-        torch.set_num_threads(old_threads)
 
 
 def test_batched_small_outputs_in_a_plan_match_reference(kernels):
@@ -171,9 +165,7 @@ def test_batched_small_outputs_in_a_plan_match_reference(kernels):
     to the wide grid (set_batched_small(False))."""
     m = _DeepSmall().eval()
     cs = {size: compile(m, torch.randn(16, 128, size, size), sparse="always") for size in (4, 2)}
-    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
-    kernels.set_parallel_threshold(0)
-    try:
+    with forced_parallel(kernels):
         for threads in (2, 3, 1):
             torch.set_num_threads(threads)
             for b, size in ((16, 4), (40, 4), (16, 4), (40, 2)):
@@ -182,14 +174,8 @@ def test_batched_small_outputs_in_a_plan_match_reference(kernels):
                 with torch.no_grad():
                     ref = m(x)
                 assert _rel(c(x), ref) <= 1e-4, (threads, b, size)
-                kernels.set_batched_small(False)
-                try:
+                with switched_off(kernels, "batched_small"):
                     assert _rel(c(x), ref) <= 1e-4, (threads, b, size, "wide grid")
-                finally:
-                    kernels.set_batched_small(True)
-    finally:
-        kernels.set_parallel_threshold(old_threshold)
-        torch.set_num_threads(old_threads)
 
 
 def test_multirow_outputs_in_a_plan_match_reference(kernels):
@@ -212,11 +198,8 @@ def test_multirow_outputs_in_a_plan_match_reference(kernels):
                 with torch.no_grad():
                     ref = m(x)
                 assert _rel(c(x), ref) <= 1e-4, (threads, b)
-                kernels.set_multirow(False)
-                try:
+                with switched_off(kernels, "multirow"):
                     assert _rel(c(x), ref) <= 1e-4, (threads, b, "wide grid")
-                finally:
-                    kernels.set_multirow(True)
     finally:
         torch.set_num_threads(old_threads)
 

@@ -9,6 +9,8 @@ from netcarve.errors import ConfigError
 from netcarve.runtime import SparseConv2d, conv_taps
 from netcarve.runtime.kernels import DIRECT_FILTERS, direct_conv2d, direct_pack
 
+from ._util import forced_parallel, switched_off
+
 
 def _sparse_weight(f, c, k, density, seed):
     g = torch.Generator().manual_seed(seed)
@@ -149,17 +151,10 @@ def test_banded_split_matches_reference(kernels, case, threads, kernel):
     m = SparseConv2d(weight, bias, stride=s, padding=1, relu=True)
     ref = m.forward_reference(x, res)
     run = (lambda: m(x, res)) if kernel == "sparse" else (lambda: direct_conv2d(x, weight, bias, s, 1, True, res))
-    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
-    torch.set_num_threads(threads)
-    kernels.set_parallel_threshold(0)
-    try:
+    with forced_parallel(kernels, threads):
         out = run()
-        kernels.set_banded(False)
-        shared = run()
-    finally:
-        kernels.set_banded(True)
-        kernels.set_parallel_threshold(old_threshold)
-        torch.set_num_threads(old_threads)
+        with switched_off(kernels, "banded"):
+            shared = run()
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4
     assert _rel_err(shared, ref) <= 1e-4
@@ -188,18 +183,11 @@ def test_batched_small_outputs_match_reference(kernels, case, threads):
     res = torch.randn(n, f, ho, wo)
     m = SparseConv2d(weight, bias, stride=s, padding=p, relu=True)
     ref = m.forward_reference(x, res)
-    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
-    torch.set_num_threads(threads)
-    kernels.set_parallel_threshold(0)
-    try:
+    with forced_parallel(kernels, threads):
         out = m(x, res)
         plain = SparseConv2d(weight, None, stride=s, padding=p)(x)
-        kernels.set_batched_small(False)
-        wide = m(x, res)
-    finally:
-        kernels.set_batched_small(True)
-        kernels.set_parallel_threshold(old_threshold)
-        torch.set_num_threads(old_threads)
+        with switched_off(kernels, "batched_small"):
+            wide = m(x, res)
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4
     assert _rel_err(plain, torch.nn.functional.conv2d(x, weight, None, s, p)) <= 1e-4
@@ -227,19 +215,15 @@ def test_batched_tiles_of_every_shape_match_reference(kernels, case, tile):
     res = torch.randn(n, f, ho, wo)
     m = SparseConv2d(weight, bias, stride=s, padding=p, relu=True)
     ref = m.forward_reference(x, res)
-    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
     old_fill, old_tile = kernels.batched_fill(), kernels.batched_tile()
-    torch.set_num_threads(2)
-    kernels.set_parallel_threshold(0)
     kernels.set_batched_tile(*tile)
     kernels.set_batched_fill(0.7)
     try:
-        out = m(x, res)
+        with forced_parallel(kernels, 2):
+            out = m(x, res)
     finally:
         kernels.set_batched_tile(*old_tile)
         kernels.set_batched_fill(old_fill)
-        kernels.set_parallel_threshold(old_threshold)
-        torch.set_num_threads(old_threads)
     assert _rel_err(out, ref) <= 1e-4
     assert torch.equal(out[:, 2::7], torch.relu(bias[2::7].view(1, -1, 1, 1) + res[:, 2::7]))
 
@@ -263,18 +247,11 @@ def test_multirow_outputs_match_reference(kernels, case, threads):
     res = torch.randn(n, f, h, w)
     m = SparseConv2d(weight, bias, padding=1, relu=True)
     ref = m.forward_reference(x, res)
-    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
-    torch.set_num_threads(threads)
-    kernels.set_parallel_threshold(0)
-    try:
+    with forced_parallel(kernels, threads):
         out = m(x, res)
         plain = SparseConv2d(weight, None, padding=1)(x)
-        kernels.set_multirow(False)
-        wide = m(x, res)
-    finally:
-        kernels.set_multirow(True)
-        kernels.set_parallel_threshold(old_threshold)
-        torch.set_num_threads(old_threads)
+        with switched_off(kernels, "multirow"):
+            wide = m(x, res)
     assert _rel_err(out, ref) <= 1e-4
     assert _rel_err(plain, torch.nn.functional.conv2d(x, weight, None, 1, 1)) <= 1e-4
     assert _rel_err(out, wide) <= 1e-4

@@ -300,9 +300,9 @@ def _check_whole_plan(mod, ops, nvals, output, x, convs, cands, known, layers, t
     taken while the machine was busy (or cached from such a moment) can pick kernels that lose as a whole (measured
     on a Zen 4 VM: a sparse ResNet-56 at batch 64 whose cached profile put 17 of its 18 8x8 layers on the dense
     kernel ran 49-58 ms, all-sparse 33-36 ms). Returns (plan, {"tuned": ms, "dense": ms, "sparse": ms, "chosen"})."""
-    def dense_of(c, kn):
-        d = [k for k in c if k != "sparse"]
-        return min(d, key=lambda k: kn.get(f"{k}_ms", float("inf"))) if d and kn else (d[0] if d else c[0])
+    def dense_of(c, kn):  # the layer's fastest dense candidate (its only candidate where it has no other)
+        d = [k for k in c if k != "sparse"] or c
+        return _pick(d, kn) if kn else d[0]
 
     tuned_choice = [lc.choice for lc in layers]
     variants = {"tuned": tuned_choice,

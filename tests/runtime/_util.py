@@ -1,0 +1,32 @@
+"""Helpers of the runtime tests: kernel settings changed for a block and restored after it."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def forced_parallel(kernels, threads: int | None = None):
+    """Every kernel splits its work over the thread pool (parallel threshold 0), at ``threads`` torch threads if
+    given; the threshold and the thread count are restored after the block (also when the block sets threads)."""
+    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    kernels.set_parallel_threshold(0)
+    try:
+        yield
+    finally:
+        kernels.set_parallel_threshold(old_threshold)
+        torch.set_num_threads(old_threads)
+
+
+@contextmanager
+def switched_off(kernels, name: str):
+    """A kernel path switched off (``set_<name>(False)``) for the block, back on (its default) after it."""
+    getattr(kernels, f"set_{name}")(False)
+    try:
+        yield
+    finally:
+        getattr(kernels, f"set_{name}")(True)
