@@ -314,12 +314,7 @@ def _check_whole_plan(mod, ops, nvals, output, x, convs, cands, known, layers, t
             for op, ch in zip(convs, variants[name]):
                 _set_kernel(op, ch)
             plans[name] = build_native(mod, ops, nvals, output)
-    times: dict[str, list[float]] = {k: [] for k in plans}
-    if len(plans) > 1:
-        for _ in range(3):
-            for k, p in plans.items():
-                times[k].append(float(p.time(x, repeats, 2)))
-    best = {k: min(v) for k, v in times.items() if v}
+    best = _time_plans(plans, x, repeats) if len(plans) > 1 else {}
     chosen = "tuned"
     if best:
         fastest = min(best, key=best.get)
@@ -330,6 +325,15 @@ def _check_whole_plan(mod, ops, nvals, output, x, convs, cands, known, layers, t
         _set_kernel(op, ch)
     check = {**{k: round(v, 4) for k, v in best.items()}, "chosen": chosen}
     return plans[chosen], check
+
+
+def _time_plans(plans: dict, x, repeats: int, rounds: int = 3) -> dict[str, float]:
+    """Each plan's best time (ms) over ``rounds`` interleaved rounds of ``repeats`` calls (2 warm-up calls each)."""
+    times: dict[str, list[float]] = {k: [] for k in plans}
+    for _ in range(rounds):
+        for k, p in plans.items():
+            times[k].append(float(p.time(x, repeats, 2)))
+    return {k: min(v) for k, v in times.items()}
 
 
 # the sparse kernel must beat the fastest dense candidate by this factor to be chosen: per-op profile times
