@@ -228,34 +228,58 @@ def test_batched_tiles_of_every_shape_match_reference(kernels, case, tile):
     assert torch.equal(out[:, 2::7], torch.relu(bias[2::7].view(1, -1, 1, 1) + res[:, 2::7]))
 
 
-# (N, C, F, H, W, density): outputs narrower than a vector at large batches (several rows per vector: 8x8 on AVX-512,
-# 4x4 and 2x2 on both ISAs), few channels so the im2col paths do not take them; a partial last block of vectors
-MULTIROW = [(16, 12, 10, 8, 8, 0.3), (20, 9, 17, 8, 8, 0.2), (64, 6, 9, 4, 4, 0.5), (257, 4, 5, 2, 2, 0.5)]
+# (N, C, F, H, W, density, kernel, padding): outputs narrower than a vector at large batches (several rows per vector:
+# 8x8 on AVX-512, 4x4 and 2x2 on both ISAs), few channels so the im2col paths do not take them; a partial last block
+# of vectors. 'Same' convs (output width = input width) build the shifted copies from masked flat loads, the others
+# (padding 0, a 5x5 kernel with padding 1) row by row.
+MULTIROW = [(16, 12, 10, 8, 8, 0.3, 3, 1), (20, 9, 17, 8, 8, 0.2, 3, 1), (64, 6, 9, 4, 4, 0.5, 3, 1),
+            (257, 4, 5, 2, 2, 0.5, 3, 1), (16, 7, 6, 10, 10, 0.3, 3, 0), (64, 5, 7, 4, 4, 0.5, 5, 2),
+            (16, 6, 5, 10, 10, 0.4, 5, 1)]
 
 
-@pytest.mark.parametrize("case", MULTIROW, ids=lambda c: "x".join(map(str, c[:5])))
+@pytest.mark.parametrize("case", MULTIROW, ids=lambda c: "x".join(map(str, c[:5])) + f"-k{c[6]}p{c[7]}")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_multirow_outputs_match_reference(kernels, case, threads):
     """Rows narrower than a vector, several per vector, read from kw shifted copies of the input: equal to the
     reference with bias, residual, ReLU and all-zero filters, forced parallel, and to the wide grid it replaces
     (set_multirow(False))."""
-    n, c, f, h, w, d = case
-    weight = _sparse_weight(f, c, 3, d, seed=n + c + f + 2)
+    n, c, f, h, w, d, k, p = case
+    weight = _sparse_weight(f, c, k, d, seed=n + c + f + 2)
     weight[1::4] = 0
     bias = torch.randn(f)
     x = torch.randn(n, c, h, w)
-    res = torch.randn(n, f, h, w)
-    m = SparseConv2d(weight, bias, padding=1, relu=True)
+    ho = h + 2 * p - k + 1
+    res = torch.randn(n, f, ho, ho)
+    m = SparseConv2d(weight, bias, padding=p, relu=True)
     ref = m.forward_reference(x, res)
     with forced_parallel(kernels, threads):
         out = m(x, res)
-        plain = SparseConv2d(weight, None, padding=1)(x)
+        plain = SparseConv2d(weight, None, padding=p)(x)
         with switched_off(kernels, "multirow"):
             wide = m(x, res)
     assert _rel_err(out, ref) <= 1e-4
-    assert _rel_err(plain, torch.nn.functional.conv2d(x, weight, None, 1, 1)) <= 1e-4
+    assert _rel_err(plain, torch.nn.functional.conv2d(x, weight, None, 1, p)) <= 1e-4
     assert _rel_err(out, wide) <= 1e-4
     assert torch.equal(out[:, 1::4], torch.relu(bias[1::4].view(1, -1, 1, 1) + res[:, 1::4]))
+
+
+def test_multirow_at_batch_one_when_allowed(kernels):
+    """set_multirow_min_vectors(0) lets a batch-1 8x8 / 4x4 output take the multi-row path (a single, partial block
+    of vectors; the flat shifted copies cover the whole map): equal to the reference and to the wide grid."""
+    old = kernels.multirow_min_vectors()
+    assert old == 64
+    try:
+        for c, h in ((40, 8), (24, 4)):
+            weight = _sparse_weight(12, c, 3, 0.2, seed=c + h)
+            x = torch.randn(1, c, h, h)
+            m = SparseConv2d(weight, torch.randn(12), padding=1, relu=True)
+            kernels.set_multirow_min_vectors(0)
+            out = m(x)
+            kernels.set_multirow_min_vectors(old)
+            wide = m(x)
+            assert _rel_err(out, m.forward_reference(x)) <= 1e-4 and _rel_err(out, wide) <= 1e-4
+    finally:
+        kernels.set_multirow_min_vectors(old)
 
 
 def test_batched_small_outputs_keep_nan_and_inf_where_the_reference_does(kernels):

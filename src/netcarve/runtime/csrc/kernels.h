@@ -94,6 +94,8 @@ extern int64_t g_batched_nv;
 extern int64_t g_batched_block;
 // Sparse convs with outputs narrower than a vector run several output rows per vector unless this is off
 extern bool g_multirow;
+// ... where the output spans at least this many vectors (default 64)
+extern int64_t g_multirow_min_vectors;
 // Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
 // once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).
 extern bool g_small_rowtaps;

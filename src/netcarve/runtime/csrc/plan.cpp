@@ -359,6 +359,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_multirow", [](bool v) { g_multirow = v; },
         "sparse convs whose output rows are narrower than a vector (8x8 with AVX-512, 4x4 / 2x2) run several rows per "
         "vector from kw shifted copies of the input (default on; off: the wide grid)");
+  m.def("set_multirow_min_vectors", [](int64_t v) { g_multirow_min_vectors = v; },
+        "the multi-row path takes outputs of at least this many vectors (N * Ho * Wo / VL; default 64)");
+  m.def("multirow_min_vectors", []() { return g_multirow_min_vectors; });
   m.def("batched_tile", []() { return std::make_tuple(g_batched_nv, g_batched_block); });
   m.def("set_batched_tile", [](int64_t nv, int64_t block) { g_batched_nv = nv; g_batched_block = block; },
         "the batched path's tile: nv accumulator vectors (2, 4 or 8; 0 = by output size, the default) by block bytes of "

@@ -33,6 +33,7 @@ int64_t g_batched_block = 24576;
 #endif
 int64_t g_batched_nv = 0;  // 0: by size
 bool g_multirow = true;
+int64_t g_multirow_min_vectors = 64;
 
 namespace {
 
@@ -838,6 +839,23 @@ static void run_row_blocks(const float* pl, const int64_t* offs, const int32_t* 
   });
 }
 
+// the lanes of `bits` of the vector at p, zeros elsewhere; lanes outside `bits` are never read (masked loads do not
+// fault), so p may point before the array or run past its end there
+static inline vecf load_mask(const float* p, uint32_t bits) {
+#if defined(__AVX512F__)
+  return (vecf)_mm512_maskz_loadu_ps((__mmask16)bits, p);
+#elif defined(__AVX2__)
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), bit), bit);
+  return (vecf)_mm256_maskload_ps(p, m);
+#else
+  alignas(64) float t[VL] = {};
+  for (int64_t l = 0; l < VL; ++l)
+    if (bits >> l & 1) t[l] = p[l];
+  return loadu(t);
+#endif
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Outputs narrower than a vector (8x8 maps with AVX-512, 4x4 / 2x2 with either ISA), stride 1: one vector holds
 // R = VL / Wo whole output rows. The padded input is stored once per kernel column kx, shifted by kx and cut to
@@ -859,10 +877,40 @@ static torch::Tensor sparse_conv2d_multirow(const torch::Tensor& x, const torch:
   const float* src = x.data_ptr<float>();
   float* dst = planes.data_ptr<float>();
   std::fill(dst + C * cs, dst + C * cs + VL, 0.f);
+  // 'same' convs whose rows divide the vector (8x8 / 4x4 / 2x2 with pad (kw - 1) / 2): a shifted plane's rows
+  // [pad, pad + H) are the input channel read flat, shifted by kx - pad, with the lanes whose column falls in the
+  // padding masked to zero (one fixed mask per kx); the scalar loop below cost ~5 us of a 64-channel 8x8 layer
+  const bool flat = Wo == W && VL % W == 0;
+  std::vector<uint32_t> colmasks(kw, 0);  // lanes whose column kx - pad + (l % W) lies inside the row
+  for (int64_t kx = 0; flat && kx < kw; ++kx)
+    for (int64_t l = 0; l < VL; ++l)
+      if (l % W + kx - pad >= 0 && l % W + kx - pad < W) colmasks[kx] |= (uint32_t)1 << l;
   at::parallel_for(0, C * N, N * C * H * W < ((int64_t)1 << 16) ? C * N : 1, [&](int64_t b, int64_t e) {
     for (int64_t cn = b; cn < e; ++cn) {
       const int64_t c = cn / N, n = cn % N;
       const float* s = src + (n * C + c) * H * W;
+      if (flat) {
+        for (int64_t kx = 0; kx < kw; ++kx) {
+          float* d = dst + c * cs + kx * kxs + n * pimg;
+          const int64_t sh = kx - pad, HW = H * W;
+          const uint32_t colmask = colmasks[kx];
+          std::fill(d, d + pad * Wo, 0.f);
+          std::fill(d + pad * Wo + HW, d + pimg, 0.f);
+          float* di = d + pad * Wo;
+          for (int64_t j = 0; j < HW; j += VL) {
+            const uint32_t m = HW - j >= VL ? colmask : colmask & (((uint32_t)1 << (HW - j)) - 1);
+            const vecf v = load_mask(s + j + sh, m);
+            if (HW - j >= VL) {
+              storeu(di + j, v);
+            } else {
+              alignas(64) float t[VL];
+              storeu(t, v);
+              std::copy(t, t + (HW - j), di + j);
+            }
+          }
+        }
+        continue;
+      }
       for (int64_t kx = 0; kx < kw; ++kx) {
         float* d = dst + c * cs + kx * kxs + n * pimg;
         for (int64_t yy = 0; yy < Hp; ++yy, d += Wo) {
@@ -998,7 +1046,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   // Outputs narrower than a vector whose rows fill whole vectors, at large batches: several rows per vector
   // (sparse_conv2d_multirow). At batch 1 (4 vectors of an 8x8 map) it measured slower than the wide grid's one
   // block of 7 (ResNet-56's 64-channel layers, Zen 4: 21 against 16 us per layer), hence 64+ vectors.
-  if (g_multirow && S == 1 && Wo < VL && VL % Wo == 0 && Ho % (VL / Wo) == 0 && P >= 64 * VL) {
+  if (g_multirow && S == 1 && Wo < VL && VL % Wo == 0 && Ho % (VL / Wo) == 0 && P >= g_multirow_min_vectors * VL) {
     return sparse_conv2d_multirow(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, pad, relu, Ho, Wo, cache);
   }
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
