@@ -18,6 +18,24 @@ def _sparse_weight(f, c, k, density, seed):
     return w * (torch.rand(w.shape, generator=g) < density)
 
 
+def _fused_case(n, c, f, h, w, k, s, p, d, seed, zero_every):
+    """A sparse conv with bias, residual and ReLU fused and every ``zero_every``-th filter (from ``zero_every // 2``)
+    all-zero, with its input and residual: (module, x, residual, bias, reference output, the zeroed filters' slice)."""
+    weight = _sparse_weight(f, c, k, d, seed=seed)
+    zeroed = slice(zero_every // 2, None, zero_every)
+    weight[zeroed] = 0
+    bias = torch.randn(f)
+    x = torch.randn(n, c, h, w)
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    res = torch.randn(n, f, ho, wo)
+    m = SparseConv2d(weight, bias, stride=s, padding=p, relu=True)
+    return m, x, res, bias, m.forward_reference(x, res), zeroed
+
+
+def _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed):
+    return torch.equal(out[:, zeroed], torch.relu(bias[zeroed].view(1, -1, 1, 1) + res[:, zeroed]))
+
+
 def _rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
 
@@ -175,24 +193,17 @@ def test_batched_small_outputs_match_reference(kernels, case, threads):
     reference with bias, residual, ReLU and all-zero filters, forced parallel at 1-3 threads, and equal to the
     wide grid the path replaces (set_batched_small(False))."""
     n, c, f, h, w, s, p, d = case
-    weight = _sparse_weight(f, c, 3, d, seed=n + c + f)
-    weight[1::5] = 0
-    bias = torch.randn(f)
-    x = torch.randn(n, c, h, w)
-    ho, wo = (h + 2 * p - 3) // s + 1, (w + 2 * p - 3) // s + 1
-    res = torch.randn(n, f, ho, wo)
-    m = SparseConv2d(weight, bias, stride=s, padding=p, relu=True)
-    ref = m.forward_reference(x, res)
+    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, s, p, d, seed=n + c + f, zero_every=5)
     with forced_parallel(kernels, threads):
         out = m(x, res)
-        plain = SparseConv2d(weight, None, stride=s, padding=p)(x)
+        plain = SparseConv2d(m.weight, None, stride=s, padding=p)(x)
         with switched_off(kernels, "batched_small"):
             wide = m(x, res)
-    assert out.shape == ref.shape == (n, f, ho, wo)
+    assert out.shape == ref.shape == res.shape
     assert _rel_err(out, ref) <= 1e-4
-    assert _rel_err(plain, torch.nn.functional.conv2d(x, weight, None, s, p)) <= 1e-4
+    assert _rel_err(plain, torch.nn.functional.conv2d(x, m.weight, None, s, p)) <= 1e-4
     assert _rel_err(out, wide) <= 1e-4
-    assert torch.equal(out[:, 1::5], torch.relu(bias[1::5].view(1, -1, 1, 1) + res[:, 1::5]))
+    assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
 
 
 # 8x8 maps (64 of the 100 positions of the padded wide grid) with many taps per im2col row: batched with AVX-512
@@ -207,14 +218,7 @@ def test_batched_tiles_of_every_shape_match_reference(kernels, case, tile):
     many row tiles of 16-32 rows, a partial last one), 2 threads forced parallel: equal to the reference with
     bias, residual, ReLU and all-zero filters."""
     n, c, f, h, w, s, p, d = case
-    weight = _sparse_weight(f, c, 3, d, seed=n + c + f + 1)
-    weight[2::7] = 0
-    bias = torch.randn(f)
-    x = torch.randn(n, c, h, w)
-    ho, wo = (h + 2 * p - 3) // s + 1, (w + 2 * p - 3) // s + 1
-    res = torch.randn(n, f, ho, wo)
-    m = SparseConv2d(weight, bias, stride=s, padding=p, relu=True)
-    ref = m.forward_reference(x, res)
+    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, s, p, d, seed=n + c + f + 1, zero_every=7)
     old_fill, old_tile = kernels.batched_fill(), kernels.batched_tile()
     kernels.set_batched_tile(*tile)
     kernels.set_batched_fill(0.7)
@@ -225,7 +229,7 @@ def test_batched_tiles_of_every_shape_match_reference(kernels, case, tile):
         kernels.set_batched_tile(*old_tile)
         kernels.set_batched_fill(old_fill)
     assert _rel_err(out, ref) <= 1e-4
-    assert torch.equal(out[:, 2::7], torch.relu(bias[2::7].view(1, -1, 1, 1) + res[:, 2::7]))
+    assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
 
 
 # (N, C, F, H, W, density, kernel, padding): outputs narrower than a vector at large batches (several rows per vector:
@@ -244,23 +248,16 @@ def test_multirow_outputs_match_reference(kernels, case, threads):
     reference with bias, residual, ReLU and all-zero filters, forced parallel, and to the wide grid it replaces
     (set_multirow(False))."""
     n, c, f, h, w, d, k, p = case
-    weight = _sparse_weight(f, c, k, d, seed=n + c + f + 2)
-    weight[1::4] = 0
-    bias = torch.randn(f)
-    x = torch.randn(n, c, h, w)
-    ho = h + 2 * p - k + 1
-    res = torch.randn(n, f, ho, ho)
-    m = SparseConv2d(weight, bias, padding=p, relu=True)
-    ref = m.forward_reference(x, res)
+    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, k, 1, p, d, seed=n + c + f + 2, zero_every=4)
     with forced_parallel(kernels, threads):
         out = m(x, res)
-        plain = SparseConv2d(weight, None, padding=p)(x)
+        plain = SparseConv2d(m.weight, None, padding=p)(x)
         with switched_off(kernels, "multirow"):
             wide = m(x, res)
     assert _rel_err(out, ref) <= 1e-4
-    assert _rel_err(plain, torch.nn.functional.conv2d(x, weight, None, 1, p)) <= 1e-4
+    assert _rel_err(plain, torch.nn.functional.conv2d(x, m.weight, None, 1, p)) <= 1e-4
     assert _rel_err(out, wide) <= 1e-4
-    assert torch.equal(out[:, 1::4], torch.relu(bias[1::4].view(1, -1, 1, 1) + res[:, 1::4]))
+    assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
 
 
 def test_multirow_at_batch_one_when_allowed(kernels):
