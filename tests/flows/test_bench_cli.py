@@ -24,6 +24,10 @@ def test_bench_json_document(tmp_path, capsys, monkeypatch):
     for r in tuned:
         assert r["kernel"] in ("sparse", "dense", "direct") and r["macs"] > 0 and r["latency_ms"] >= 0
         times = {k: r[f"{k}_ms"] for k in ("sparse", "dense", "direct") if r.get(f"{k}_ms") is not None}
+        assert "sparse" not in times  # a dense model: the sparse kernel is not offered (SPARSE_MAX_DENSITY)
+        if not times:  # the linear head: one dense kernel, nothing to time
+            assert r["kernel"] == "dense" and r["type"] == "Linear"
+            continue
         assert r["kernel"] == min(times, key=times.get)
         assert ("direct" in times) == (r["type"] == "Conv2d")
 

@@ -15,7 +15,7 @@ import netcarve
 from netcarve.errors import ConfigError, UnsupportedModelError
 from netcarve.models import create_model
 from netcarve.runtime import compile, lower
-from netcarve.runtime.compiled import SPARSE_MARGIN
+from netcarve.runtime.compiled import SPARSE_MARGIN, SPARSE_MAX_DENSITY
 from netcarve.runtime.plan import build_native
 from netcarve.sparsity import make_scheme
 
@@ -267,18 +267,19 @@ def test_autotune_records_timings_and_uses_the_cache(kernels, tmp_path, monkeypa
     m = _prepared("resnet8")
     x = torch.randn(1, 3, 32, 32)
     c = compile(m, x, sparse="auto", repeats=5)
-    assert c.layers and all(lc.sparse_ms is not None and lc.dense_ms is not None for lc in c.layers)
+    offered = [lc for lc in c.layers if lc.density <= SPARSE_MAX_DENSITY]
+    assert offered and all(lc.sparse_ms is not None and lc.dense_ms is not None for lc in offered)
+    assert all(lc.sparse_ms is None for lc in c.layers if lc.density > SPARSE_MAX_DENSITY)  # the dense fc
     for lc in c.layers:
-        times = {"sparse": lc.sparse_ms, "dense": lc.dense_ms,
-                 **({"direct": lc.direct_ms} if lc.kind == "conv" else {})}
-        dense = min((k for k in times if k != "sparse"), key=times.get)
-        want = "sparse" if times["sparse"] < SPARSE_MARGIN * times[dense] else dense
+        times = {"dense": lc.dense_ms, **({"direct": lc.direct_ms} if lc.kind == "conv" else {})}
+        dense = min(times, key=times.get)
+        want = "sparse" if lc.sparse_ms is not None and lc.sparse_ms < SPARSE_MARGIN * times[dense] else dense
         assert lc.choice == want
         assert not lc.cached
     assert all(lc.direct_ms is not None for lc in c.layers if lc.kind == "conv")
     assert list((tmp_path / "autotune").glob("*.json"))
     again = compile(m, x, sparse="auto", repeats=5)
-    assert all(lc.cached for lc in again.layers)
+    assert all(lc.cached for lc in again.layers if lc.dense_ms is not None)  # the tuned ones (the fc has one kernel)
     assert [lc.choice for lc in again.layers] == [lc.choice for lc in c.layers]
     with torch.no_grad():
         assert _rel(again(x), m(x)) <= 1e-4
@@ -292,6 +293,20 @@ def test_autotune_records_timings_and_uses_the_cache(kernels, tmp_path, monkeypa
     rebuilt = compile(m, x, sparse="auto", repeats=5)
     assert not any(lc.cached for lc in rebuilt.layers)
     assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
+
+
+def test_auto_offers_the_sparse_kernel_only_to_sparse_enough_layers(kernels):
+    """sparse="auto" times the sparse kernel only on layers at most SPARSE_MAX_DENSITY dense: a dense model stays on
+    the dense kernels whatever a profile says (a throttled moment made the sparse kernel look faster on dense
+    layers), a sparse one is offered it; sparse="always" still runs every eligible layer sparse."""
+    assert 0.5 <= SPARSE_MAX_DENSITY < 1.0
+    x = torch.randn(1, 3, 32, 32)
+    dense = compile(_prepared("resnet8", sparse=False), x, sparse="auto", use_cache=False, repeats=3)
+    assert all(lc.sparse_ms is None and lc.choice != "sparse" for lc in dense.layers)
+    sparse = compile(_prepared("resnet8"), x, sparse="auto", use_cache=False, repeats=3)
+    assert any(lc.sparse_ms is not None for lc in sparse.layers if lc.kind == "conv")
+    always = compile(_prepared("resnet8", sparse=False), x, sparse="always", use_cache=False)
+    assert all(lc.choice == "sparse" for lc in always.layers)
 
 
 def test_sparse_kernel_needs_a_clear_win():
@@ -308,12 +323,12 @@ def test_sparse_kernel_needs_a_clear_win():
 
 
 def test_whole_plan_check_overrules_a_bad_per_layer_pick(kernels, monkeypatch):
-    """A per-layer pick that loses as a whole plan (here forced: every layer of a dense ResNet-20 "picked" sparse,
+    """A per-layer pick that loses as a whole plan (here forced: every layer of a sparse ResNet-20 "picked" sparse,
     as a profile from a busy moment can do) is replaced by the fastest uniform plan, timed whole; with the check
     disabled (margin 0) the bad pick stays. Either way the outputs equal the model."""
     from netcarve.runtime import compiled as cmod
 
-    m = create_model("resnet20").eval()
+    m = _prepared("resnet20")
     x = torch.randn(2, 3, 32, 32)
     monkeypatch.setattr(cmod, "_pick", lambda cands, known: "sparse" if "sparse" in cands else cands[0])
     # the real timings, then fixed ones (how much the sparse kernel loses on dense weights depends on the machine
@@ -334,7 +349,7 @@ def test_whole_plan_check_overrules_a_bad_per_layer_pick(kernels, monkeypatch):
     assert not any(lc.choice == "sparse" for lc in c.layers)
     monkeypatch.setattr(cmod, "PLAN_CHECK_MARGIN", 0.0)
     bad = compile(m, x, sparse="auto", use_cache=False, repeats=6)
-    assert bad.plan_check["chosen"] == "tuned" and all(lc.choice == "sparse" for lc in bad.layers)
+    assert bad.plan_check["chosen"] == "tuned" and all(lc.choice == "sparse" for lc in bad.layers if lc.density <= SPARSE_MAX_DENSITY)
     with torch.no_grad():
         ref = m(x)
     assert _rel(c(x), ref) <= 1e-4 and _rel(bad(x), ref) <= 1e-4

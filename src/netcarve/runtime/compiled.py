@@ -246,10 +246,12 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     eligible = [_eligible(op) for op in convs]
     # candidate kernels per layer: "sparse" (eligible layers, not with sparse="never"), "dense" (ATen: oneDNN /
     # MKL) and, for groups=1 convs, "direct" (netcarve's dense register-blocked conv); "always": sparse only
+    # (with "auto" only layers at most SPARSE_MAX_DENSITY dense are offered the sparse kernel)
     cands = []
-    for op, ok in zip(convs, eligible):
+    for op, ok, lc in zip(convs, eligible, layers):
         c = ["dense"] + (["direct"] if op.kind == "conv" and ok else [])
-        cands.append(["sparse"] if sparse == "always" and ok else c + (["sparse"] if ok and sparse == "auto" else []))
+        offer = ok and sparse == "auto" and lc.density <= SPARSE_MAX_DENSITY
+        cands.append(["sparse"] if sparse == "always" and ok else c + (["sparse"] if offer else []))
     tuned = [len(c) > 1 for c in cands]
     known: list[dict | None] = [None] * len(convs)
     if any(tuned):
@@ -273,7 +275,9 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
                 cache.save()
     for op, c, kn, lc in zip(convs, cands, known, layers):
         if kn is not None:
-            lc.sparse_ms, lc.dense_ms, lc.direct_ms = kn.get("sparse_ms"), kn.get("dense_ms"), kn.get("direct_ms")
+            # (only the candidates' times: a cache entry may hold others, from a run that offered more kernels)
+            lc.sparse_ms, lc.dense_ms, lc.direct_ms = (kn.get(f"{k}_ms") if k in c else None
+                                                       for k in ("sparse", "dense", "direct"))
             lc.cached = not kn.get("fresh", False)
             lc.choice = _pick(c, kn)
         else:
@@ -334,6 +338,16 @@ def _time_plans(plans: dict, x, repeats: int, rounds: int = 3) -> dict[str, floa
         for k, p in plans.items():
             times[k].append(float(p.time(x, repeats, 2)))
     return {k: min(v) for k, v in times.items()}
+
+
+# sparse="auto" offers the sparse kernel only to layers at most this dense. On the Zen 4 VM the tap-list kernel is
+# load-bound and the dense kernels FMA-bound, and the host halves wide-FMA throughput for tens of seconds at a time
+# (benchmarks/phase_probe.py): in those phases the sparse kernel beat the dense ones even on fully dense layers, and
+# a profile taken then (and cached) kept a dense ResNet-56 on the sparse kernel at 4.26 ms against 2.06 ms dense.
+# Measured there at 2 threads (ResNet-56, random weights, random zeros, the same two plans alternated 12 times):
+# at density 0.7 the sparse plan ran 8-11% slower than the dense one at batch 1 in the unthrottled samples (1.4-1.9x
+# faster in the throttled ones) and 28-31% slower at batch 64; at density 0.5 16-24% faster at batch 1.
+SPARSE_MAX_DENSITY = 0.7
 
 
 # the sparse kernel must beat the fastest dense candidate by this factor to be chosen: per-op profile times
