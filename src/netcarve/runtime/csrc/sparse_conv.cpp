@@ -879,7 +879,8 @@ static torch::Tensor sparse_conv2d_multirow(const torch::Tensor& x, const torch:
   std::fill(dst + C * cs, dst + C * cs + VL, 0.f);
   // 'same' convs whose rows divide the vector (8x8 / 4x4 / 2x2 with pad (kw - 1) / 2): a shifted plane's rows
   // [pad, pad + H) are the input channel read flat, shifted by kx - pad, with the lanes whose column falls in the
-  // padding masked to zero (one fixed mask per kx); the scalar loop below cost ~5 us of a 64-channel 8x8 layer
+  // padding masked to zero (one fixed mask per kx); the row loop below, kept for other shapes, was 11% of a batch-1
+  // ResNet-56 run that used this path
   const bool flat = Wo == W && VL % W == 0;
   std::vector<uint32_t> colmasks(kw, 0);  // lanes whose column kx - pad + (l % W) lies inside the row
   for (int64_t kx = 0; flat && kx < kw; ++kx)
@@ -1044,8 +1045,8 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   }
 
   // Outputs narrower than a vector whose rows fill whole vectors, at large batches: several rows per vector
-  // (sparse_conv2d_multirow). At batch 1 (4 vectors of an 8x8 map) it measured slower than the wide grid's one
-  // block of 7 (ResNet-56's 64-channel layers, Zen 4: 21 against 16 us per layer), hence 64+ vectors.
+  // (sparse_conv2d_multirow). At batch 1 (4 vectors of an 8x8 map) it was within +-10% of the wide grid's one block
+  // of 7 on a Zen 4 VM, faster or slower with the host's throttling (docs/runtime.md), hence 64+ vectors by default.
   if (g_multirow && S == 1 && Wo < VL && VL % Wo == 0 && Ho % (VL / Wo) == 0 && P >= g_multirow_min_vectors * VL) {
     return sparse_conv2d_multirow(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, pad, relu, Ho, Wo, cache);
   }
