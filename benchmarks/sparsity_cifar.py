@@ -105,6 +105,8 @@ def cell_name(model: str, flags: dict, algorithm: str, epochs: int, options: dic
             parts.append(f"{k[0]}{flags[k]}")
     if flags.get("balanced"):
         parts.append("balanced")
+    if flags.get("allocation") not in (None, "uniform"):
+        parts.append(flags["allocation"] + (f"{flags['min_density']}" if flags.get("min_density") else ""))
     parts.append(algorithm)
     parts += [f"{k}{v}" for k, v in sorted((options or {}).items())]  # non-default algorithm options
     return "-".join(str(p) for p in parts + [f"e{epochs}"])
@@ -176,7 +178,8 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
     ns = argparse.Namespace(plan=None, layers=None, types=None, exclude=None, include_first_last=False,
                             balanced=bool(flags.get("balanced")),
                             **{k: flags.get(k) for k in ("scheme", "sparsity", "n", "m", "block", "patterns",
-                                                         "connectivity", "length", "keep", "groups")})
+                                                         "connectivity", "length", "keep", "groups", "allocation",
+                                                         "min_density")})
     source, weights = model, "pretrained"
     finetune = {"epochs": epochs, "lr": lr, "batch_size": 128}
     if precision == "bf16":
@@ -203,6 +206,7 @@ def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict
     args = []
     extra = {"precision": precision} if precision != "fp32" else {}
     for k, v in {"model": model, **flags, "algorithm": algorithm, "epochs": epochs, **extra}.items():
+        k = k.replace("_", "-")
         if v is True:
             args.append(f"--{k}")
         elif v is not None and v is not False:
@@ -213,7 +217,7 @@ def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict
 
 def cmd_run(a) -> None:
     flags = {k: getattr(a, k) for k in ("scheme", "sparsity", "n", "m", "block", "patterns", "connectivity",
-                                        "length", "keep", "groups", "balanced")}
+                                        "length", "keep", "groups", "balanced", "allocation", "min_density")}
     run_cell(Path(a.work), a.model, flags, a.algorithm, a.epochs, a.data_dir, a.lr,
              {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in (o.split("=", 1) for o in a.option)},
              a.precision)
@@ -287,6 +291,8 @@ def main() -> None:
                 s.add_argument(f"--{k}", type=int)
             s.add_argument("--block")
             s.add_argument("--balanced", action="store_true")
+            s.add_argument("--allocation", help="uniform (default), global, lamp, erk (netcarve.sparsity.allocation)")
+            s.add_argument("--min-density", type=float, help="non-uniform allocation: least kept share per weight")
             s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
         if name == "grid":
             s.add_argument("--preset", choices=sorted(PRESETS), required=True)

@@ -146,3 +146,22 @@ def test_bad_recipes_are_clear(text, msg, tmp_path, capsys):
     p.write_text(text)
     assert main(["run", str(p)]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_allocation_flag_spreads_the_level_and_is_saved_in_the_recipe(trained_lenet, tmp_path, capsys):
+    out = tmp_path / "lamp"
+    rep = _run(capsys, ["sparsify", str(trained_lenet), "--scheme", "unstructured", "--sparsity", "0.8",
+                        "--allocation", "lamp", "--min-density", "0.05", "--include-first-last", "--out", str(out),
+                        "--no-progress", "--json"])
+    layers = rep["task"]["sparsity"]["layers"]
+    assert len({round(v["sparsity"], 4) for v in layers.values()}) > 1  # not the same level everywhere
+    numel = sum(v["numel"] for v in layers.values())
+    nonzero = sum(v["nonzero"] for v in layers.values())
+    assert numel - nonzero == round(0.8 * numel)  # ... but the rule's total
+    assert all(v["nonzero"] >= 0.05 * v["numel"] for v in layers.values())
+    plan = yaml.safe_load((out / "recipe.yaml").read_text())["plan"]
+    assert plan["allocation"] == "lamp" and plan["min_density"] == 0.05
+    capsys.readouterr()
+    assert main(["sparsify", str(trained_lenet), "--scheme", "unstructured", "--sparsity", "0.8", "--allocation",
+                 "lamb", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "unknown sparsity allocation 'lamb'" in capsys.readouterr().err

@@ -111,6 +111,39 @@ def test_conformance(name):
         assert c.check(w) is None
 
 
+@pytest.mark.parametrize("name", list_schemes())
+def test_group_energy_counts_the_groups_project_keeps(name):
+    """Non-uniform allocation relies on it: ``project(w, level)`` keeps exactly ``keep_count(groups, level)``
+    of the groups ``group_energy`` lists, and the energy it keeps is the sum of the top ones."""
+    opts, shape, level = CASES[name]
+    s = make_scheme(name, **opts)
+    w = rand(*shape, seed=3)
+    ge = s.group_energy(w)
+    if ge is None:
+        assert name in {"nm", "pcnn", "bsp", "rowcol"}, f"{name} should list its groups"
+        return
+    energy, size = ge
+    assert energy.dim() == 1 and energy.shape == size.shape and bool((size > 0).all())
+    n = energy.numel()
+    for lv in (0.0, 0.3, 0.55, 0.9, 1.0):
+        mask = s.project(w, lv)
+        k = keep_count(n, lv)
+        kept_energy = float((w.double() ** 2 * mask).sum())
+        top = float(torch.sort(energy.double(), descending=True).values[:k].sum())
+        assert kept_energy == pytest.approx(top, rel=1e-5, abs=1e-6), lv
+        top_k = torch.sort(energy, descending=True, stable=True).indices[:k]
+        assert int(mask.sum()) == int(size[top_k].sum())  # entries kept (pattern: `entries` per kept kernel)
+    if name == "unstructured":
+        assert n == w.numel()
+
+
+def test_group_energy_is_none_where_one_count_cannot_describe_the_set():
+    w = rand(8, 4, 3, 3)
+    assert Block(block="2x4", balanced=True).group_energy(w) is None
+    assert ChannelGroups(groups=4, nested=True).group_energy(w) is None
+    assert Block(block="2x4").group_energy(w)[0].numel() == 4 * 9
+
+
 @pytest.mark.parametrize("name", [n for n in list_schemes() if CASES[n][2] is not None])
 def test_level_endpoints(name):
     opts, shape, _ = CASES[name]

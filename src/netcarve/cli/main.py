@@ -314,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--include-first-last", action="store_true",
                    help="also sparsify the first conv and the last linear layer (default: kept dense)")
     s.add_argument("--plan", metavar="FILE", help="a YAML/JSON sparsity plan (rules per layer / type) instead of --scheme")
+    s.add_argument("--allocation", help="how the level is spread over the layers: uniform (default), global (one "
+                                        "magnitude ranking), lamp (layer-adaptive, scale-invariant), erk (by layer "
+                                        "shape); the total kept is the same")
+    s.add_argument("--min-density", type=float,
+                   help="non-uniform allocation: fraction of its groups every weight keeps at least (default 0)")
     s.add_argument("--algorithm", default="oneshot",
                    help="oneshot (default), agp, admm, reweighted, ssauto (netcarve.sparsity.list_sparsifiers())")
     s.add_argument("--option", action="append", metavar="KEY=VALUE",

@@ -342,7 +342,8 @@ def plan_from_args(a) -> dict:
     """The one-rule plan of ``netcarve sparsify``'s scheme flags (or ``--plan FILE``)."""
     if getattr(a, "plan", None):
         d = _read_yaml(a.plan, "--plan")
-        return d.get("plan", d) if isinstance(d, dict) else d
+        d = d.get("plan", d) if isinstance(d, dict) else d
+        return _with_allocation(d, a)
     s = a.scheme
     opts: dict[str, Any] = {}
     sparsity = a.sparsity
@@ -394,7 +395,20 @@ def plan_from_args(a) -> dict:
         rule["layers"] = list(a.layers)
     if a.types:
         rule["types"] = list(a.types)
-    return {"rules": [rule], "exclude": list(a.exclude or []), "skip_first_last": not a.include_first_last}
+    return _with_allocation({"rules": [rule], "exclude": list(a.exclude or []),
+                             "skip_first_last": not a.include_first_last}, a)
+
+
+def _with_allocation(plan: Any, a) -> Any:
+    """``plan`` with ``--allocation`` / ``--min-density`` (when given) written into it."""
+    if not isinstance(plan, dict):
+        return plan
+    plan = dict(plan)
+    if getattr(a, "allocation", None) is not None:
+        plan["allocation"] = a.allocation
+    if getattr(a, "min_density", None) is not None:
+        plan["min_density"] = a.min_density
+    return plan
 
 
 def recipe_from_args(a) -> SparsifyRecipe:

@@ -9,7 +9,10 @@ A rule selects candidates by ``layers`` (globs on the parameter name ``"layer1.0
 module path ``"layer1.0.conv1"``) and/or ``types`` (module class names like ``Conv2d``, ``LSTM``, or the
 aliases ``conv``, ``linear``, ``rnn``, ``attention``). Later rules override earlier ones for the same weight;
 ``exclude`` globs and ``skip_first_last`` (default: leave the first conv and the last linear layer dense,
-the usual practice, card 0.3) remove weights. A rule whose scheme cannot apply to a matched weight (e.g.
+the usual practice, card 0.3) remove weights. ``allocation`` spreads each rule's level over its weights
+(:mod:`netcarve.sparsity.allocation`: ``uniform`` -- the default, the same level everywhere -- ``global``,
+``lamp``, ``erk``: the rule's total kept, per-layer levels from a ranking of the weights' groups, each
+keeping at least ``min_density`` of its groups), computed once from the weights the plan is resolved on. A rule whose scheme cannot apply to a matched weight (e.g.
 ``pattern`` on a 1x1 conv) skips it with the reason recorded in ``plan.resolve(model).skipped`` -- unless the
 rule names that weight exactly (no glob characters), which is a ConfigError.
 
@@ -17,7 +20,7 @@ Plans round-trip through dicts (JSON/YAML)::
 
     {"rules": [{"scheme": "pattern", "options": {"library_size": 8}, "sparsity": 0.72, "types": ["Conv2d"]},
                {"scheme": "unstructured", "sparsity": 0.9, "layers": ["fc*"]}],
-     "exclude": ["layer1.0.*"], "skip_first_last": true}
+     "exclude": ["layer1.0.*"], "skip_first_last": true, "allocation": "lamp", "min_density": 0.02}
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ..layers import HeadPrunedMultiheadAttention
+from .allocation import AllocEntry, allocate, get_allocation
 from .schemes import SparsityScheme, check_level, make_scheme
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -136,6 +141,8 @@ class SparsityPlan:
     rules: list[SparsityRule] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     skip_first_last: bool = True
+    allocation: str = "uniform"
+    min_density: float = 0.0
 
     def __post_init__(self):
         self.rules = [r if isinstance(r, SparsityRule) else SparsityRule(**_rule_kwargs(r)) for r in self.rules]
@@ -159,25 +166,36 @@ class SparsityPlan:
                 if t.lower() not in TYPE_ALIASES and not t[:1].isupper():
                     raise ConfigError(f"plan rule {i}: type {t!r} is neither a module class name (e.g. Conv2d) nor "
                                       f"one of {', '.join(TYPE_ALIASES)}")
+        if not isinstance(self.allocation, str):
+            raise ConfigError(f"sparsity plan: allocation must be a name, got {self.allocation!r}")
+        try:
+            get_allocation(self.allocation)
+        except ConfigError as e:
+            raise ConfigError(f"sparsity plan: {e}") from None
+        md = self.min_density
+        if isinstance(md, bool) or not isinstance(md, (int, float)) or not 0.0 <= float(md) <= 1.0:
+            raise ConfigError(f"sparsity plan: min_density must be a number in [0, 1], got {md!r}")
         return self
 
     def to_dict(self) -> dict:
         return {"rules": [asdict(r) for r in self.rules], "exclude": list(self.exclude),
-                "skip_first_last": self.skip_first_last}
+                "skip_first_last": self.skip_first_last, "allocation": self.allocation,
+                "min_density": float(self.min_density)}
 
     @classmethod
     def from_dict(cls, d: dict) -> SparsityPlan:
         if not isinstance(d, dict):
             raise ConfigError(f"a sparsity plan must be a mapping, got {type(d).__name__}")
-        unknown = sorted(set(d) - {"rules", "exclude", "skip_first_last"})
+        unknown = sorted(set(d) - {"rules", "exclude", "skip_first_last", "allocation", "min_density"})
         if unknown:
             raise ConfigError(f"sparsity plan: unknown field(s) {', '.join(unknown)}; known: rules, exclude, "
-                              "skip_first_last")
+                              "skip_first_last, allocation, min_density")
         rules = d.get("rules") or []
         if not isinstance(rules, list):
             raise ConfigError("sparsity plan: 'rules' must be a list")
         return cls(rules=rules, exclude=list(d.get("exclude") or []),
-                   skip_first_last=bool(d.get("skip_first_last", True))).validate()
+                   skip_first_last=bool(d.get("skip_first_last", True)),
+                   allocation=d.get("allocation", "uniform"), min_density=d.get("min_density", 0.0)).validate()
 
     def resolve(self, model: nn.Module) -> Resolved:
         """The per-weight targets of this plan on ``model`` and the weights left dense (with the reason)."""
@@ -226,7 +244,31 @@ class SparsityPlan:
         if not targets:
             raise ConfigError(f"the sparsity plan selects no weight of {type(model).__name__}"
                               + (f" (skipped: {dict(list(skipped.items())[:4])})" if skipped else ""))
+        if self.allocation != "uniform":
+            self._allocate(targets, {n: getattr(m, a) for n, m, a in cands})
         return Resolved(targets=targets, skipped=skipped)
+
+    def _allocate(self, targets: list[Target], weights: dict) -> None:
+        """Replace the levels of each rule's targets by the plan's allocation of the rule's level."""
+        for i, rule in enumerate(self.rules):
+            mine = [t for t in targets if t.rule == i and t.level is not None]
+            if not mine:
+                continue
+            entries = []
+            for t in mine:
+                w = weights[t.name].detach()
+                ge = t.scheme.group_energy(w)
+                if ge is None:
+                    raise ConfigError(f"plan rule {i}: allocation {self.allocation!r} needs one number of kept groups "
+                                      f"per weight, which scheme {rule.scheme!r} {t.scheme.options()} does not have; "
+                                      "use allocation 'uniform' for this rule")
+                entries.append(AllocEntry(name=t.name, shape=tuple(w.shape), energy=ge[0].cpu(), size=ge[1].cpu()))
+            if not all(bool(torch.isfinite(e.energy).all()) for e in entries):
+                bad = next(e.name for e in entries if not bool(torch.isfinite(e.energy).all()))
+                raise ConfigError(f"plan rule {i}: weight {bad} has NaN / inf entries; cannot rank it "
+                                  f"for allocation {self.allocation!r}")
+            for t, lv in zip(mine, allocate(self.allocation, entries, mine[0].level, float(self.min_density))):
+                t.level = float(lv)
 
 
 def _rule_kwargs(r: Any) -> dict:

@@ -149,6 +149,14 @@ class SparsityScheme:
         """The level a plan uses when its rule gives no ``sparsity`` (``pattern``: its ``connectivity``)."""
         return None
 
+    def group_energy(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(energy, size)``, 1-D over the groups ``project`` keeps or drops: the squared norm a group keeps
+        when it stays and its number of entries; ``project(weight, level)`` keeps exactly
+        ``keep_count(len(energy), level)`` of them. Non-uniform allocation across layers
+        (:mod:`netcarve.sparsity.allocation`) ranks these. None: the scheme cannot take a per-layer level
+        from such a ranking (no level, or a count that is not one number of groups)."""
+        return None
+
     # ---- helpers for subclasses
     def _require(self, weight: torch.Tensor) -> None:
         why = self.check(weight)
@@ -239,6 +247,12 @@ class Unstructured(SparsityScheme):
         with torch.no_grad():
             w = weight.detach()
             return topk_mask(w.abs().reshape(-1), keep_count(w.numel(), lv)).reshape(w.shape)
+
+    def group_energy(self, weight):
+        self._require(weight)
+        with torch.no_grad():
+            e = _sq(weight).reshape(-1)
+            return e, torch.ones_like(e)
 
     def validate(self, mask, level=None):
         self._check_mask(mask, level)
@@ -398,6 +412,20 @@ class _PartitionScheme(SparsityScheme):
             energy = torch.zeros(n, dtype=sq.dtype, device=sq.device).index_add_(0, ids.reshape(-1), sq.reshape(-1))
             return self._select(energy, lv, tuple(weight.shape))[ids]
 
+    def group_energy(self, weight):
+        if not self._plain_topk():
+            return None
+        self._require(weight)
+        with torch.no_grad():
+            ids, n = self._partition(tuple(weight.shape), weight.device)
+            sq = _sq(weight).reshape(-1)
+            energy = torch.zeros(n, dtype=sq.dtype, device=sq.device).index_add_(0, ids.reshape(-1), sq)
+            return energy, torch.bincount(ids.reshape(-1), minlength=n).to(sq.dtype)
+
+    def _plain_topk(self) -> bool:
+        """True when ``_select`` is the plain top-k over all groups (overridden selections may not be)."""
+        return type(self)._select is _PartitionScheme._select
+
     def _alive(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept entries per group, group sizes) of a bool mask."""
         ids, n = self._partition(tuple(m.shape), m.device)
@@ -472,6 +500,9 @@ class Block(_PartitionScheme):
     def _grid(self, shape):
         rows, cols = shape[0], math.prod(shape[1:])
         return -(-rows // self.bh), -(-cols // self.bw)
+
+    def _plain_topk(self):
+        return not self.balanced
 
     def _select(self, energy, level, shape):
         if not self.balanced:
@@ -640,6 +671,9 @@ class ChannelGroups(_PartitionScheme):
         rows, cols = shape[0], math.prod(shape[1:])
         gid = torch.arange(rows, device=device) // (rows // self.groups)
         return gid[:, None].expand(rows, cols).reshape(shape), self.groups
+
+    def _plain_topk(self):
+        return not self.nested
 
     def _select(self, energy, level, shape):
         if not self.nested:
@@ -894,6 +928,13 @@ class Pattern(SparsityScheme):
                 kept = energy.gather(1, best[:, None]).squeeze(1)
                 mask &= topk_mask(kept, keep_count(k.shape[0], rate))[:, None]
             return mask.reshape(weight.shape)
+
+    def group_energy(self, weight):
+        self._require(weight)
+        with torch.no_grad():
+            k = _sq(weight).reshape(-1, 9)
+            e = (k @ self._lib.to(k.device, k.dtype).T).max(1).values  # each kernel's best-pattern energy
+            return e, torch.full_like(e, float(self.entries))
 
     def validate(self, mask, level=None):
         m = self._check_mask(mask, None)
