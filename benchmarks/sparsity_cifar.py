@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparsity_cifar.json"
 
@@ -252,6 +253,12 @@ def cmd_report(a) -> None:
             "threads": rep["env"].get("threads"), "cpu": rep["env"].get("cpu_model"),
             "precision": "bf16" if d.name.endswith("-bf16") else "fp32",
         })
+        plan = (yaml.safe_load((d / "recipe.yaml").read_text()) or {}).get("plan", {}) if (d / "recipe.yaml").is_file() else {}
+        if plan.get("allocation", "uniform") != "uniform":
+            rows[-1]["allocation"] = plan["allocation"]
+            rows[-1]["min_density"] = plan.get("min_density", 0.0)
+            rows[-1]["kernel_density_by_layer"] = {k: round(1 - v["level"], 4) for k, v in layers.items()
+                                                   if v.get("level") is not None}
     # cells committed earlier (another machine or work directory) and not re-run here are kept as they were
     prev = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     here = {r["cell"] for r in rows}

@@ -68,11 +68,12 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:8])))
 @pytest.mark.parametrize("fuse", ["plain", "bias_relu", "bias_residual_relu"])
-@pytest.mark.parametrize("layout", ["rows", "shared", "wide"])
+@pytest.mark.parametrize("layout", ["rows", "rows_buffered", "shared", "shared_buffered", "wide"])
 def test_sparse_conv_matches_reference(kernels, case, fuse, layout):
     """The sparse kernel against its reference twin; "rows": the row layout wherever the output width is a
     multiple of the vector (the default; banded at small batches), "shared": the row layout on planes shared by
-    the threads (banding off), "wide": always the wide grid of the phase planes."""
+    the threads (banding off), "wide": always the wide grid of the phase planes; "_buffered": the row layout's
+    epilogue through the accumulator buffer instead of from the registers (set_fused_store(False))."""
     n, c, f, h, w, k, s, p, d = case
     weight = _sparse_weight(f, c, k, d, seed=h * w + f)
     bias = torch.randn(f) if fuse != "plain" else None
@@ -82,12 +83,14 @@ def test_sparse_conv_matches_reference(kernels, case, fuse, layout):
     res = torch.randn(n, f, ho, wo) if fuse == "bias_residual_relu" else None
     ref = m.forward_reference(x, res)
     kernels.set_row_layout(layout != "wide")
-    kernels.set_banded(layout == "rows")
+    kernels.set_banded(layout.startswith("rows"))
+    kernels.set_fused_store(not layout.endswith("_buffered"))
     try:
         out = m(x, res)
     finally:
         kernels.set_row_layout(True)
         kernels.set_banded(True)
+        kernels.set_fused_store(True)
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4
     assert not torch.equal(m.forward_reference(x * 2, res), ref)  # the comparison is not vacuous

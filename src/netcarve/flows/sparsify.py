@@ -249,7 +249,9 @@ def run_recipe(recipe: SparsifyRecipe, *, command: str | None = None, resume: bo
     resolved = plan.resolve(base)
     schemes = sorted({f"{t.scheme.name}" for t in resolved.targets})
     _log(f"{recipe.algorithm} to {', '.join(schemes)} on {len(resolved.targets)} weights "
-         f"({len(resolved.skipped)} left dense); budget {ft.epochs} epoch(s)"
+         f"({len(resolved.skipped)} left dense"
+         + (f"; levels by {plan.allocation} allocation" if plan.allocation != "uniform" else "")
+         + f"); budget {ft.epochs} epoch(s)"
          + (" with logit KD" if recipe.distill else ""), tag)
     res = algo.run(job)
     acc = evaluate(res.model, test)

@@ -96,6 +96,9 @@ extern int64_t g_batched_block;
 extern bool g_multirow;
 // ... where the output spans at least this many vectors (default 64)
 extern int64_t g_multirow_min_vectors;
+// Row-vector blocks of sparse convs apply the epilogue to the accumulator registers (default on; off: through a
+// buffer, set_fused_store)
+extern bool g_fused_store;
 // Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
 // once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).
 extern bool g_small_rowtaps;

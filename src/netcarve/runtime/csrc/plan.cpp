@@ -362,6 +362,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_multirow_min_vectors", [](int64_t v) { g_multirow_min_vectors = v; },
         "the multi-row path takes outputs of at least this many vectors (N * Ho * Wo / VL; default 64)");
   m.def("multirow_min_vectors", []() { return g_multirow_min_vectors; });
+  m.def("set_fused_store", [](bool v) { g_fused_store = v; },
+        "sparse convs in the row layout (and multi-row) store each filter's block straight from the accumulator "
+        "registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");
   m.def("batched_tile", []() { return std::make_tuple(g_batched_nv, g_batched_block); });
   m.def("set_batched_tile", [](int64_t nv, int64_t block) { g_batched_nv = nv; g_batched_block = block; },
         "the batched path's tile: nv accumulator vectors (2, 4 or 8; 0 = by output size, the default) by block bytes of "
