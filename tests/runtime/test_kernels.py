@@ -263,6 +263,29 @@ def test_multirow_outputs_match_reference(kernels, case, threads):
     assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
 
 
+# (N, C, F, H, W, stride): outputs whose rows are a multiple of 8 floats but not of 16 (8x8, 8x24), incl. stride 2 and
+# a wide input channel count that the im2col path took before
+HALF_ROWS = [(1, 64, 64, 8, 8, 1), (1, 32, 40, 16, 16, 2), (2, 12, 10, 8, 24, 1), (1, 130, 9, 8, 8, 1),
+             (3, 8, 19, 8, 8, 1)]
+
+
+@pytest.mark.parametrize("case", HALF_ROWS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_half_width_rows_match_reference(kernels, case, threads):
+    """AVX-512 builds run 8x8-style outputs in the banded row layout with 8-float vectors (set_half_rows; elsewhere
+    the switch changes nothing): equal to the reference with bias, residual, ReLU and all-zero filters, forced
+    parallel, and to the path it replaces."""
+    n, c, f, h, w, s = case
+    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, s, 1, 0.2, seed=n + c + f + 3, zero_every=3)
+    with forced_parallel(kernels, threads):
+        out = m(x, res)
+        with switched_off(kernels, "half_rows"):
+            old = m(x, res)
+    assert _rel_err(out, ref) <= 1e-4
+    assert _rel_err(out, old) <= 1e-4
+    assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
+
+
 def test_multirow_at_batch_one_when_allowed(kernels):
     """set_multirow_min_vectors(0) lets a batch-1 8x8 / 4x4 output take the multi-row path (a single, partial block
     of vectors; the flat shifted copies cover the whole map): equal to the reference and to the wide grid."""

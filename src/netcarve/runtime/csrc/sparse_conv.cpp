@@ -35,6 +35,7 @@ int64_t g_batched_nv = 0;  // 0: by size
 bool g_multirow = true;
 int64_t g_multirow_min_vectors = 64;
 bool g_fused_store = true;
+bool g_half_rows = true;
 
 namespace {
 
@@ -222,6 +223,63 @@ static inline void accumulate_part_store(const float* __restrict in, const int64
   }
 }
 
+#if defined(__AVX512F__)
+// Half-width row vectors (8 floats, ymm) for outputs whose rows are a multiple of 8 but not of 16 (8x8 maps): one
+// output row per vector, no padding lanes, no shifted copies. On Zen 4 two 256-bit FMAs / loads per cycle move as
+// many floats as one 512-bit one, so nothing is lost to the narrower vector; the 16-float wide grid computed 100
+// positions (7 vectors) for an 8x8 map's 64 outputs.
+constexpr int64_t HVL = 8;
+typedef float vech __attribute__((vector_size(HVL * 4)));
+typedef float vechu __attribute__((vector_size(HVL * 4), aligned(4)));
+static inline vech loadh(const float* p) { return *reinterpret_cast<const vechu*>(p); }
+static inline void storeh(float* p, vech v) { *reinterpret_cast<vechu*>(p) = v; }
+static inline vech bcasth(float w) { return (vech)_mm256_set1_ps(w); }
+static inline vech vmax0h(vech a) { return (vech)_mm256_max_ps((__m256)a, _mm256_setzero_ps()); }
+
+template <int NV>
+static inline void accumulate_rows_store_h(const float* __restrict in, const int64_t* __restrict voff,
+                                           const int64_t* __restrict off, const float* __restrict w, int64_t ntaps,
+                                           float* __restrict op, const float* __restrict rp,
+                                           const int64_t* __restrict ooff, float bias, bool relu) {
+  vech a[NV];
+  const float* src[NV];
+  for (int i = 0; i < NV; ++i) {
+    a[i] = bcasth(0.f);
+    src[i] = in + voff[i];
+  }
+  for (int64_t e = 0; e < ntaps; ++e) {
+    const int64_t o = off[e];
+    const vech we = bcasth(w[e]);
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) a[i] += we * loadh(src[i] + o);
+  }
+  const vech b = bcasth(bias);
+  for (int i = 0; i < NV; ++i) {
+    const int64_t o = ooff[i];
+    vech v = a[i] + b;
+    if (rp) v += loadh(rp + o);
+    if (relu) v = vmax0h(v);
+    storeh(op + o, v);
+  }
+}
+
+static inline void accumulate_part_store_h(const float* __restrict in, const int64_t* __restrict voff,
+                                           const int64_t* __restrict off, const float* __restrict w, int64_t ntaps,
+                                           int64_t nv, float* __restrict op, const float* __restrict rp,
+                                           const int64_t* __restrict ooff, float bias, bool relu) {
+  switch (nv) {
+    case 8: accumulate_rows_store_h<8>(in, voff, off, w, ntaps, op, rp, ooff, bias, relu); break;
+    case 7: accumulate_rows_store_h<7>(in, voff, off, w, ntaps, op, rp, ooff, bias, relu); break;
+    case 6: accumulate_rows_store_h<6>(in, voff, off, w, ntaps, op, rp, ooff, bias, relu); break;
+    case 5: accumulate_rows_store_h<5>(in, voff, off, w, ntaps, op, rp, ooff, bias, relu); break;
+    case 4: accumulate_rows_store_h<4>(in, voff, off, w, ntaps, op, rp, ooff, bias, relu); break;
+    case 3: accumulate_rows_store_h<3>(in, voff, off, w, ntaps, op, rp, ooff, bias, relu); break;
+    case 2: accumulate_rows_store_h<2>(in, voff, off, w, ntaps, op, rp, ooff, bias, relu); break;
+    default: accumulate_rows_store_h<1>(in, voff, off, w, ntaps, op, rp, ooff, bias, relu);
+  }
+}
+#endif
+
 // Every tap's input offset (Taps::off), computed once per layer geometry: the plane size (a band's or the whole
 // batch's), Wph and the stride key the cache (the formula is the same for both layouts). Recomputed per call and
 // job, these were a quarter of a 64-channel 8x8 layer's time at batch 1 (perf, Zen 4).
@@ -312,10 +370,11 @@ static void band_planes(const float* __restrict src, int64_t C, int64_t H, int64
 // bands (at batch 1 bands of one image, at large batches whole images), times ng filter groups; each task builds
 // the padded phase planes of its band (+ halo) in a thread-local buffer, one image segment at a time.
 struct Bands {
-  int64_t N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, WV, R, nb, ng, rows_max, bplane, bfloats;
+  int64_t N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, vl, WV, R, nb, ng, rows_max, bplane, bfloats;
+  // vl: floats per row vector (VL; HVL for the half-width rows of sparse_conv2d)
   Bands(int64_t N_, int64_t C_, int64_t H_, int64_t W_, int64_t S_, int64_t pad_, int64_t kh_, int64_t Ho_,
-        int64_t Wo_, int64_t Wph_, int64_t F_, int64_t ntasks, int64_t nbands)
-      : N(N_), C(C_), H(H_), W(W_), S(S_), pad(pad_), kh(kh_), Ho(Ho_), Wo(Wo_), Wph(Wph_), F(F_), WV(Wo_ / VL),
+        int64_t Wo_, int64_t Wph_, int64_t F_, int64_t ntasks, int64_t nbands, int64_t vl_ = VL)
+      : N(N_), C(C_), H(H_), W(W_), S(S_), pad(pad_), kh(kh_), Ho(Ho_), Wo(Wo_), Wph(Wph_), F(F_), vl(vl_), WV(Wo_ / vl_),
         R(N_ * Ho_), nb(nbands), ng(ntasks / nbands), rows_max(std::min<int64_t>(Ho_, (R + nb - 1) / nb)),
         bplane(((rows_max - 1) * S_ + kh_ + S_ - 1) / S_ * Wph_), bfloats(C_ * S_ * S_ * bplane + 2 * VL) {}
   // body(g, planes, vin, vout, nvec) for every image segment of every task: filter group g; nvec row vectors,
@@ -336,7 +395,7 @@ struct Bands {
           vin.resize(nvec);
           vout.resize(nvec);
           for (int64_t v = 0; v < nvec; ++v) {
-            const int64_t yl = v / WV, x0 = (v % WV) * VL;
+            const int64_t yl = v / WV, x0 = (v % WV) * vl;
             vin[v] = yl * Wph + x0;
             vout[v] = n * F * Ho * Wo + (y0 + yl) * Wo + x0;
           }
@@ -1070,7 +1129,13 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   // take the row layout (8x8 on AVX2) stay on the planes: there the im2col matrix (9x the input) spills L2 and
   // a 256-channel 8x8 layer at batch 1 ran 2.7x slower than banded row vectors (Zen 3, 2 threads, 12% density).
   const bool rows_fit = g_row_layout && Wo % VL == 0;
-  if (!rows_fit && Pp <= std::min<int64_t>(g_small_max_vectors * 16, SMALL_MAX_PX) && C * kh * kw >= 1024 &&
+#if defined(__AVX512F__)
+  // (the half-width row layout, below, takes 8x8 outputs at small batches like AVX2's row layout does)
+  const bool half = g_half_rows && g_row_layout && g_banded && Wo % VL != 0 && Wo % HVL == 0;
+#else
+  const bool half = false;
+#endif
+  if (!rows_fit && !half && Pp <= std::min<int64_t>(g_small_max_vectors * 16, SMALL_MAX_PX) && C * kh * kw >= 1024 &&
       C * kh * kw * Pp * 4 <= (int64_t)1 << 20) {
     return sparse_conv2d_small(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, S, pad, relu, Ho, Wo, P, Pp, cache);
   }
@@ -1102,7 +1167,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     return sparse_conv2d_multirow(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, pad, relu, Ho, Wo, cache);
   }
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  if (g_row_layout && g_banded && Wo % VL == 0) {
+  if (g_row_layout && g_banded && (Wo % VL == 0 || half)) {
     // Banded (see direct_conv2d): each thread takes a contiguous range of output rows (at batch 1 a band of one
     // image, at large batches whole images), builds the padded phase planes of just those rows (+ halo) in a
     // buffer of its own and runs every filter over them in blocks of 8 row vectors. No single-threaded copy of
@@ -1115,7 +1180,9 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, L), nthreads);
     // (bands small enough to stay in L1, 24-48 KiB, measured 5-20% slower at batch 64 than whole images: halo
     // copies and short sweeps)
-    const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt, (R * (Wo / VL)) / nt >= 16 ? std::min<int64_t>(R, nt) : 1);
+    const int64_t vl = half ? 8 : VL;
+    const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt,
+                      (R * (Wo / VL)) / nt >= 16 ? std::min<int64_t>(R, nt) : 1, vl);
     const int64_t bplane = bands.bplane, ng = bands.ng;
     std::vector<int64_t> boff(kh * kw);
     for (int64_t ky = 0; ky < kh; ++ky)
@@ -1139,6 +1206,24 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
         const int64_t nv = std::min<int64_t>(8, nvec - v0);
         const int64_t* voff = vin + v0;
         const int64_t* ooff = vout + v0;
+#if defined(__AVX512F__)
+        if (vl == HVL) {  // half-width rows: every block from the registers, empty filters element by element
+          for (int64_t i = g; i < L; i += ng) {
+            const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0, f = ord[i];
+            accumulate_part_store_h(pl, voff, offs + t0, wv + t0, nt, nv, op + f * HoWo, rp ? rp + f * HoWo : nullptr,
+                                    ooff, bp ? bp[f] : 0.f, relu);
+          }
+          if (g == 0)
+            for (int64_t f : empty)
+              for (int64_t k = 0; k < nv; ++k)
+                for (int64_t j = 0; j < HVL; ++j) {
+                  const int64_t o = f * HoWo + ooff[k] + j;
+                  const float v = (bp ? bp[f] : 0.f) + (rp ? rp[o] : 0.f);
+                  op[o] = relu ? (v > 0.f ? v : 0.f) : v;  // as vmax0 (a NaN becomes 0)
+                }
+          continue;
+        }
+#endif
         for (int64_t i = g; i < L; i += ng) {
           const int64_t t0 = ptr[i], nt = ptr[i + 1] - t0;
           const int64_t f = ord[i];
