@@ -252,7 +252,7 @@ def test_multirow_outputs_match_reference(kernels, case, threads):
     (set_multirow(False))."""
     n, c, f, h, w, d, k, p = case
     m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, k, 1, p, d, seed=n + c + f + 2, zero_every=4)
-    with forced_parallel(kernels, threads):
+    with forced_parallel(kernels, threads), switched_off(kernels, "half_rows"):  # (AVX-512 8x8: else half rows)
         out = m(x, res)
         plain = SparseConv2d(m.weight, None, padding=p)(x)
         with switched_off(kernels, "multirow"):
@@ -291,6 +291,7 @@ def test_multirow_at_batch_one_when_allowed(kernels):
     of vectors; the flat shifted copies cover the whole map): equal to the reference and to the wide grid."""
     old = kernels.multirow_min_vectors()
     assert old == 64
+    kernels.set_half_rows(False)  # (AVX-512 8x8: else the half-width rows)
     try:
         for c, h in ((40, 8), (24, 4)):
             weight = _sparse_weight(12, c, 3, 0.2, seed=c + h)
@@ -303,6 +304,7 @@ def test_multirow_at_batch_one_when_allowed(kernels):
             assert _rel_err(out, m.forward_reference(x)) <= 1e-4 and _rel_err(out, wide) <= 1e-4
     finally:
         kernels.set_multirow_min_vectors(old)
+        kernels.set_half_rows(True)
 
 
 def test_batched_small_outputs_keep_nan_and_inf_where_the_reference_does(kernels):
