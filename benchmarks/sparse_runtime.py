@@ -106,7 +106,7 @@ PASSES = 1  # --passes: every engine list timed this many times over, the fastes
 
 
 def _bench(model_dir_or_name: str, weights, batch: int, threads: int, engines, repeats: int, rounds: int) -> dict:
-    from netcarve.flows.bench import DENSE_ENGINES, run_bench
+    from netcarve.flows.bench import rank_against_dense, run_bench
     from netcarve.flows.common import resolve_model
     from netcarve.models import example_input
 
@@ -127,12 +127,7 @@ def _bench(model_dir_or_name: str, weights, batch: int, threads: int, engines, r
         out["engines"][name] = {**best, "passes_ms": [r["latency_ms"] for r in runs]}
         if name == "netcarve":
             out["layers"] = docs[[d["engines"].get(name) is best for d in docs].index(True)]["layers"]
-    dense = {k: v["latency_ms"] for k, v in out["engines"].items() if k in DENSE_ENGINES}
-    if dense:
-        fast = min(dense, key=dense.get)
-        out["fastest_dense"] = {"engine": fast, "latency_ms": dense[fast]}
-        for v in out["engines"].values():
-            v["speedup_vs_fastest_dense"] = dense[fast] / v["latency_ms"] if v["latency_ms"] > 0 else None
+    rank_against_dense(out)
     out["passes"] = len(docs)
     return out
 

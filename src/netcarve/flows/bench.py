@@ -87,16 +87,21 @@ def run_bench(model: torch.nn.Module, x: torch.Tensor, *, engines=ALL_ENGINES, t
                                 "max_abs_diff": r.extra.get("max_abs_diff"), "notes": r.notes}
         if name == "netcarve" and r.per_layer is not None:
             out["layers"] = _layer_rows(r)
-    dense = {k: v["latency_ms"] for k, v in out["engines"].items() if k in DENSE_ENGINES}
-    if dense:
-        best = min(dense, key=dense.get)
-        out["fastest_dense"] = {"engine": best, "latency_ms": dense[best]}
-        for v in out["engines"].values():
-            v["speedup_vs_fastest_dense"] = dense[best] / v["latency_ms"] if v["latency_ms"] > 0 else None
+    rank_against_dense(out)
     env = environment(threads)
     env["gemm_fp32_gflops"] = gemm_ceiling_gflops(threads)
     out["env"] = env
     return out
+
+
+def rank_against_dense(doc: dict[str, Any]) -> None:
+    """Set ``doc["fastest_dense"]`` and every engine's ``speedup_vs_fastest_dense`` from ``doc["engines"]``."""
+    dense = {k: v["latency_ms"] for k, v in doc["engines"].items() if k in DENSE_ENGINES}
+    if dense:
+        best = min(dense, key=dense.get)
+        doc["fastest_dense"] = {"engine": best, "latency_ms": dense[best]}
+        for v in doc["engines"].values():
+            v["speedup_vs_fastest_dense"] = dense[best] / v["latency_ms"] if v["latency_ms"] > 0 else None
 
 
 def _layer_rows(r) -> list[dict[str, Any]]:
