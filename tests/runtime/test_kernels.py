@@ -286,6 +286,27 @@ def test_half_width_rows_match_reference(kernels, case, threads):
     assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
 
 
+@pytest.mark.parametrize("case", HALF_ROWS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_direct_conv_half_width_rows_match_reference(kernels, case, threads):
+    """The dense direct kernel's half-width row layout (AVX-512, 8x8-style outputs; set_half_rows): equal to the
+    reference with bias, residual and ReLU, forced parallel, and to the path it replaces; filters not a multiple of
+    8 (a partial packed block)."""
+    n, c, f, h, w, s = case
+    weight = _sparse_weight(f, c, 3, 0.9, seed=n + c + f)
+    bias = torch.randn(f)
+    x = torch.randn(n, c, h, w)
+    ho, wo = (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1
+    res = torch.randn(n, f, ho, wo)
+    ref = direct_conv2d(x, weight, bias, s, 1, True, res, reference=True)
+    with forced_parallel(kernels, threads):
+        out = direct_conv2d(x, weight, bias, s, 1, True, res)
+        with switched_off(kernels, "half_rows"):
+            old = direct_conv2d(x, weight, bias, s, 1, True, res)
+    assert out.shape == ref.shape == (n, f, ho, wo)
+    assert _rel_err(out, ref) <= 1e-4 and _rel_err(out, old) <= 1e-4
+
+
 def test_multirow_at_batch_one_when_allowed(kernels):
     """set_multirow_min_vectors(0) lets a batch-1 8x8 / 4x4 output take the multi-row path (a single, partial block
     of vectors; the flat shifted copies cover the whole map): equal to the reference and to the wide grid."""

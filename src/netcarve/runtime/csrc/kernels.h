@@ -99,8 +99,8 @@ extern int64_t g_multirow_min_vectors;
 // Row-vector blocks of sparse convs apply the epilogue to the accumulator registers (default on; off: through a
 // buffer, set_fused_store)
 extern bool g_fused_store;
-// With AVX-512, sparse convs whose output rows are a multiple of 8 floats but not of 16 (8x8 maps) run the banded
-// row layout with 8-float vectors (default on; off: the wide grid / multi-row paths, set_half_rows)
+// With AVX-512, sparse and dense direct convs whose output rows are a multiple of 8 floats but not of 16 (8x8 maps)
+// run the banded row layout with 8-float vectors (default on; off: the wide grid / multi-row paths, set_half_rows)
 extern bool g_half_rows;
 // Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
 // once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).

@@ -363,8 +363,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the multi-row path takes outputs of at least this many vectors (N * Ho * Wo / VL; default 64)");
   m.def("multirow_min_vectors", []() { return g_multirow_min_vectors; });
   m.def("set_half_rows", [](bool v) { g_half_rows = v; },
-        "AVX-512 builds: sparse convs with output rows of 8 (8x8 maps) use the banded row layout with 8-float vectors "
-        "(default on; off: the 16-float wide grid, or multi-row at large batches)");
+        "AVX-512 builds: sparse and dense direct convs with output rows of 8 (8x8 maps) use the banded row layout "
+        "with 8-float vectors (default on; off: the 16-float wide grid, or multi-row at large batches)");
   m.def("set_fused_store", [](bool v) { g_fused_store = v; },
         "sparse convs in the row layout (and multi-row) store each filter's block straight from the accumulator "
         "registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");

@@ -1384,6 +1384,53 @@ static inline void blockf(const float* __restrict base, const int64_t* __restric
     for (int i = 0; i < NV; ++i) storeu(acc + j * ldacc + i * VL, a[j][i]);
 }
 
+#if defined(__AVX512F__)
+// blockf with half-width (8-float) row vectors, for the banded row layout of outputs whose rows are a multiple of 8
+// but not of 16 (8x8 maps; see sparse_conv2d's half-width rows): 8 filters x NV vectors of ymm accumulators
+template <int FB, int NV>
+static inline void blockf_h(const float* __restrict base, const int64_t* __restrict voff, const int64_t* __restrict off,
+                            const float* __restrict wp, int64_t K, float* __restrict acc, int64_t ldacc) {
+  vech a[FB][NV];
+  const float* src[NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < NV; ++i) src[i] = base + voff[i];
+#pragma GCC unroll 16
+  for (int j = 0; j < FB; ++j)
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) a[j][i] = bcasth(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t o = off[k];
+    const float* w = wp + FBLK * k;
+    vech v[NV];
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) v[i] = loadh(src[i] + o);
+#pragma GCC unroll 16
+    for (int j = 0; j < FB; ++j) {
+      const vech wj = bcasth(w[j]);
+#pragma GCC unroll 4
+      for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < FB; ++j)
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) storeh(acc + j * ldacc + i * HVL, a[j][i]);
+}
+
+// store_vecs for half-width vectors
+static inline void store_vecs_h(float* __restrict op, const float* __restrict rp, const int64_t* __restrict ooff,
+                                const float* __restrict acc, int64_t nv, float bias, bool relu) {
+  const vech b = bcasth(bias);
+  for (int64_t k = 0; k < nv; ++k) {
+    const int64_t o = ooff[k];
+    vech a = loadh(acc + k * HVL) + b;
+    if (rp) a += loadh(rp + o);
+    if (relu) a = vmax0h(a);
+    storeh(op + o, a);
+  }
+}
+#endif
+
 // Stores one filter's outputs for positions [q0, q0 + qn) of the compact output order q = n * Ho * Wo + r.
 struct CompactStore {
   float* op;
@@ -1440,6 +1487,45 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
   const bool row_mode = g_row_layout && Wo % VL == 0;
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t WV = Wo / VL;  // row mode: vectors per output row
+#if defined(__AVX512F__)
+  if (g_half_rows && g_row_layout && g_banded && !row_mode && Wo % HVL == 0) {
+    // 8x8-style outputs in half-width row vectors (banded, as below; 8 filters x 3 ymm vectors in registers)
+    const int64_t R = N * Ho, WVH = Wo / HVL, BLKH = DNV * HVL;
+    const int64_t work = K * FB * FBLK * N * Ho * Wo;
+    const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, FB), nthreads);
+    const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt,
+                      (R * WVH) / nt >= 4 * DNV || FB < nt ? std::min<int64_t>(R, nt) : 1, HVL);
+    const int64_t bplane = bands.bplane;
+    std::vector<int64_t> off(K);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t ky = 0; ky < kh; ++ky)
+        for (int64_t kx = 0; kx < kw; ++kx)
+          off[(c * kh + ky) * kw + kx] = ((c * S + ky % S) * S + kx % S) * bplane + (ky / S) * Wph + (kx / S);
+    const float* wpk = wp_t.data_ptr<float>();
+    const int64_t ng = bands.ng;
+    bands.run(x.data_ptr<float>(), [&](int64_t g, const float* pl, const int64_t* vin, const int64_t* vout,
+                                       int64_t nvec) {
+      alignas(64) float acc[FBLK * DNV * HVL];
+      for (int64_t fb = g * FB / ng; fb < (g + 1) * FB / ng; ++fb) {
+        const float* wp = wpk + fb * K * FBLK;
+        const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
+        for (int64_t v0 = 0; v0 < nvec; v0 += DNV) {
+          const int64_t nv = std::min<int64_t>(DNV, nvec - v0);
+          switch (nv) {
+            case 3: blockf_h<FBLK, 3>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
+            case 2: blockf_h<FBLK, 2>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
+            default: blockf_h<FBLK, 1>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
+          }
+          for (int64_t j = 0; j < nf; ++j) {
+            const int64_t f = fb * FBLK + j, fo = f * Ho * Wo;
+            store_vecs_h(op + fo, rp ? rp + fo : nullptr, vout + v0, acc + j * BLKH, nv, bp ? bp[f] : 0.f, relu);
+          }
+        }
+      }
+    });
+    return out;
+  }
+#endif
   if (row_mode && g_banded) {
     // Banded: each thread takes a contiguous range of output rows (all filters; at batch 1 a band of the image,
     // at large batches whole images) and builds the padded phase planes of just its rows (+ halo) in a buffer of
