@@ -1183,9 +1183,9 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, L), nthreads);
     // (bands small enough to stay in L1, 24-48 KiB, measured 5-20% slower at batch 64 than whole images: halo
     // copies and short sweeps)
-    const int64_t vl = half ? 8 : VL;
+    const int64_t vl = half ? VL / 2 : VL;  // (half: AVX-512 only, VL / 2 = HVL)
     const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt,
-                      (R * (Wo / VL)) / nt >= 16 ? std::min<int64_t>(R, nt) : 1, vl);
+                      (R * (Wo / vl)) / nt >= 16 ? std::min<int64_t>(R, nt) : 1, vl);
     const int64_t bplane = bands.bplane, ng = bands.ng;
     std::vector<int64_t> boff(kh * kw);
     for (int64_t ky = 0; ky < kh; ++ky)
