@@ -263,8 +263,8 @@ class SparsityPlan:
                                       f"per weight, which scheme {rule.scheme!r} {t.scheme.options()} does not have; "
                                       "use allocation 'uniform' for this rule")
                 entries.append(AllocEntry(name=t.name, shape=tuple(w.shape), energy=ge[0].cpu(), size=ge[1].cpu()))
-            if not all(bool(torch.isfinite(e.energy).all()) for e in entries):
-                bad = next(e.name for e in entries if not bool(torch.isfinite(e.energy).all()))
+            bad = next((e.name for e in entries if not bool(torch.isfinite(e.energy).all())), None)
+            if bad is not None:
                 raise ConfigError(f"plan rule {i}: weight {bad} has NaN / inf entries; cannot rank it "
                                   f"for allocation {self.allocation!r}")
             for t, lv in zip(mine, allocate(self.allocation, entries, mine[0].level, float(self.min_density))):
