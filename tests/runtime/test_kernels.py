@@ -307,6 +307,66 @@ def test_direct_conv_half_width_rows_match_reference(kernels, case, threads):
     assert _rel_err(out, ref) <= 1e-4 and _rel_err(out, old) <= 1e-4
 
 
+def test_direct_split_balances_the_busiest_thread(kernels):
+    """direct_conv2d's banded split over 2 threads: 24 filters (3 blocks of 8) on a 16x16 batch-1 output split the
+    rows (filter blocks would leave one thread 2 of 3), 64 filters on 8x8 split the filter blocks 4 / 4, 32 filters
+    on 16x16 keep the earlier choice on a tie (filters), one filter block never splits filters; with the switch off
+    the earlier rule (filters for outputs under 4 register blocks per thread) comes back."""
+    assert kernels.direct_split(1, 16, 1, 3, 2) == 2
+    assert kernels.direct_split(1, 8, 1, 8, 2) == 1
+    assert kernels.direct_split(1, 16, 1, 4, 2) == 1
+    assert kernels.direct_split(1, 32, 2, 1, 2) == 2
+    assert kernels.direct_split(64, 16, 1, 3, 2) == 2
+    assert kernels.direct_split(1, 16, 1, 3, 1) == 1
+    with switched_off(kernels, "direct_balanced_split"):
+        assert kernels.direct_split(1, 16, 1, 3, 2) == 1
+
+
+# (N, C, F, H, W, stride): filter blocks that do not divide over 2 threads (24, 40 filters), rows of 16 / 8 / 32
+# floats, stride 2, several images, a width whose padded rows span 3 vectors, an input wider than the masked copy
+SPLIT_CASES = [(1, 24, 24, 16, 16, 1), (1, 8, 24, 32, 32, 2), (1, 48, 40, 8, 8, 1), (3, 16, 24, 16, 16, 1),
+               (1, 8, 8, 32, 32, 1), (2, 5, 11, 40, 48, 1), (1, 3, 8, 4, 272, 1)]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_direct_conv_split_and_band_copy_match_reference(kernels, case, threads):
+    """The dense direct kernel with the balanced split (set_direct_balanced_split) and the masked band copies
+    (set_band_copy_rows, AVX-512): equal to the reference with bias, residual and ReLU, forced parallel, and
+    bitwise to the earlier split and to memset + memcpy bands."""
+    n, c, f, h, w, s = case
+    weight = _sparse_weight(f, c, 3, 0.9, seed=n + c + f + w)
+    bias = torch.randn(f)
+    x = torch.randn(n, c, h, w)
+    ho, wo = (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1
+    res = torch.randn(n, f, ho, wo)
+    ref = direct_conv2d(x, weight, bias, s, 1, True, res, reference=True)
+    with forced_parallel(kernels, threads):
+        out = direct_conv2d(x, weight, bias, s, 1, True, res)
+        with switched_off(kernels, "direct_balanced_split"):
+            old_split = direct_conv2d(x, weight, bias, s, 1, True, res)
+        with switched_off(kernels, "band_copy_rows"):
+            old_copy = direct_conv2d(x, weight, bias, s, 1, True, res)
+    assert out.shape == ref.shape == (n, f, ho, wo)
+    assert _rel_err(out, ref) <= 1e-4
+    assert torch.equal(out, old_split) and torch.equal(out, old_copy)
+
+
+@pytest.mark.parametrize("case", [(1, 16, 20, 32, 32), (2, 24, 9, 16, 16), (1, 7, 5, 13, 21)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_sparse_conv_band_copy_matches_reference(kernels, case):
+    """The sparse kernel's banded rows read the masked band copies too: equal to the reference and bitwise to the
+    memset + memcpy bands, forced parallel on 2 threads (a width not a multiple of 8 takes the wide grid)."""
+    n, c, f, h, w = case
+    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, 1, 1, 0.3, seed=n + c + f, zero_every=4)
+    with forced_parallel(kernels, 2):
+        out = m(x, res)
+        with switched_off(kernels, "band_copy_rows"):
+            old = m(x, res)
+    assert _rel_err(out, ref) <= 1e-4 and torch.equal(out, old)
+    assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
+
+
 def test_multirow_at_batch_one_when_allowed(kernels):
     """set_multirow_min_vectors(0) lets a batch-1 8x8 / 4x4 output take the multi-row path (a single, partial block
     of vectors; the flat shifted copies cover the whole map): equal to the reference and to the wide grid."""

@@ -102,6 +102,15 @@ extern bool g_fused_store;
 // With AVX-512, sparse and dense direct convs whose output rows are a multiple of 8 floats but not of 16 (8x8 maps)
 // run the banded row layout with 8-float vectors (default on; off: the wide grid / multi-row paths, set_half_rows)
 extern bool g_half_rows;
+// direct_conv2d's banded split (rows or filter blocks over the threads) by the register blocks of the busiest thread
+// (default on; off: the earlier rule, filters for small outputs, set_direct_balanced_split)
+extern bool g_direct_balanced_split;
+// the bands direct_conv2d cuts N * Ho output rows of vpr vectors into for FB filter blocks over nt threads (1: the
+// filter blocks are split instead)
+int64_t direct_split(int64_t N, int64_t Ho, int64_t vpr, int64_t FB, int64_t nt);
+// AVX-512: stride-1 band planes written row by row with masked vector loads / stores (default on; off: memset + a
+// memcpy per row, set_band_copy_rows)
+extern bool g_band_copy_rows;
 // Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
 // once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).
 extern bool g_small_rowtaps;

@@ -365,6 +365,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_half_rows", [](bool v) { g_half_rows = v; },
         "AVX-512 builds: sparse and dense direct convs with output rows of 8 (8x8 maps) use the banded row layout "
         "with 8-float vectors (default on; off: the 16-float wide grid, or multi-row at large batches)");
+  m.def("set_direct_balanced_split", [](bool v) { g_direct_balanced_split = v; },
+        "direct convs split rows or filter blocks over the threads by the register blocks of the busiest thread "
+        "(default on; off: the earlier rule, filter blocks for outputs under 4 register blocks per thread)");
+  m.def("direct_split", &direct_split,
+        "the bands direct_conv2d cuts its N * Ho output rows (vpr row vectors each) into for FB blocks of 8 filters "
+        "over nt threads (1: the filter blocks are split over the threads instead)");
+  m.def("set_band_copy_rows", [](bool v) { g_band_copy_rows = v; },
+        "AVX-512 builds: stride-1 band planes of the banded conv paths written row by row with masked vector loads "
+        "and stores (default on; off: a memset of the band then a memcpy per row)");
   m.def("set_fused_store", [](bool v) { g_fused_store = v; },
         "sparse convs in the row layout (and multi-row) store each filter's block straight from the accumulator "
         "registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");

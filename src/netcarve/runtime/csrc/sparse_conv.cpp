@@ -19,6 +19,7 @@
 #include <vector>
 
 int64_t g_parallel_threshold = (int64_t)1 << 16;
+bool g_band_copy_rows = true;
 int64_t g_small_max_vectors = 4;
 bool g_row_layout = true;
 bool g_banded = true;
@@ -346,6 +347,44 @@ static torch::Tensor phase_planes(const torch::Tensor& x, int64_t S, int64_t pad
 // into S x S phase planes of Hb x Wph, channel-major (buf[c][ry][rx][yy][xx], planes of bplane floats).
 static void band_planes(const float* __restrict src, int64_t C, int64_t H, int64_t W, int64_t S, int64_t pad,
                         int64_t iy0, int64_t iy1, int64_t bplane, int64_t Wph, float* __restrict buf) {
+#if defined(__AVX512F__)
+  if (S == 1 && g_band_copy_rows && Wph <= 16 * 16) {
+    // stride 1 with AVX-512: each padded row written once by masked 16-float loads / stores (the left pad, the
+    // row and the right pad in one pass, loads masked to the row so nothing outside it is read), instead of a
+    // memset of the band and a memcpy per row (library calls of 32-128 bytes each at batch 1)
+    const int64_t nch = (Wph + 15) / 16, nrows = iy1 - iy0;
+    __mmask16 lm[16], sm[16];
+    for (int64_t k = 0; k < nch; ++k) {
+      uint32_t l = 0, st = 0;
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t x = k * 16 + i;
+        if (x < Wph) st |= 1u << i;
+        if (x >= pad && x < pad + W) l |= 1u << i;
+      }
+      lm[k] = (__mmask16)l;
+      sm[k] = (__mmask16)st;
+    }
+    const __m512 z = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) {
+      const float* sc = src + c * H * W;
+      float* bc = buf + c * bplane;
+      for (int64_t ly = 0; ly < nrows; ++ly) {
+        const int64_t py = iy0 + ly;
+        float* d = bc + ly * Wph;
+        if (py < pad || py >= H + pad) {
+          for (int64_t k = 0; k < nch; ++k) _mm512_mask_storeu_ps(d + k * 16, sm[k], z);
+          continue;
+        }
+        const float* sr = sc + (py - pad) * W - pad;  // sr[x] is padded column x (read only where lm is set)
+        for (int64_t k = 0; k < nch; ++k)
+          _mm512_mask_storeu_ps(d + k * 16, sm[k], _mm512_maskz_loadu_ps(lm[k], sr + k * 16));
+      }
+      for (int64_t i = nrows * Wph; i < bplane; i += 16)
+        _mm512_mask_storeu_ps(bc + i, (__mmask16)(bplane - i >= 16 ? 0xFFFF : (1u << (bplane - i)) - 1), z);
+    }
+    return;
+  }
+#endif
   std::memset(buf, 0, sizeof(float) * C * S * S * bplane);
   for (int64_t c = 0; c < C; ++c) {
     const float* sc = src + c * H * W;
@@ -1456,6 +1495,53 @@ struct CompactStore {
 
 }  // namespace
 
+// The banded split of direct_conv2d: nb bands of rows (each thread all filter blocks of its rows) or one band whose
+// filter blocks are dealt over the threads. Chosen by the register blocks the busiest thread runs (bands are cut
+// per image into segments of ceil(rows * vpr / DNV) blocks; a filter group runs ceil(FB / ng) filter blocks):
+// 24 filters (3 blocks of 8) over 2 threads split by filters left one thread 2 blocks and the other 1, a third
+// of a layer idle (channel-pruned ResNet-56, 24-wide 16x16 layers: 1.35x from 1 to 2 threads). Ties keep the
+// measured rule: filters for small outputs (under 4 register blocks of vectors per thread), rows otherwise.
+bool g_direct_balanced_split = true;
+
+static int64_t direct_bands(int64_t N, int64_t Ho, int64_t vpr, int64_t FB, int64_t nt, int64_t dnv) {
+  const int64_t R = N * Ho, nb_rows = std::min<int64_t>(R, nt);
+  const int64_t old_rule = (R * vpr) / nt >= 4 * dnv || FB < nt ? nb_rows : 1;
+  if (!g_direct_balanced_split || nt <= 1) return old_rule;
+  auto cost = [&](int64_t nb) {
+    const int64_t ng = std::max<int64_t>(1, nt / nb);
+    int64_t worst = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      int64_t blocks = 0;
+      for (int64_t r = b * R / nb, r1 = (b + 1) * R / nb; r < r1;) {
+        const int64_t y1 = std::min<int64_t>(Ho, r % Ho + (r1 - r)), rows = y1 - r % Ho;
+        blocks += (rows * vpr + dnv - 1) / dnv;
+        r += rows;
+      }
+      worst = std::max(worst, blocks);
+    }
+    return worst * ((FB + ng - 1) / ng);
+  };
+  const int64_t cr = cost(nb_rows), cf = cost(1);
+  return cr < cf ? nb_rows : cf < cr ? 1 : old_rule;
+}
+
+int64_t direct_split(int64_t N, int64_t Ho, int64_t vpr, int64_t FB, int64_t nt) {
+  return direct_bands(N, Ho, vpr, FB, nt, DNV);
+}
+
+// The offsets of the K = C * kh * kw input rows of a banded conv in its band planes (channel c's S x S phase
+// planes of bplane floats each): the kh * kw tap offsets once, then one add per row (the divisions by S per row,
+// on one thread while the other waited, were ~1% of a batch-1 plan)
+static std::vector<int64_t> band_offsets(int64_t C, int64_t kh, int64_t kw, int64_t S, int64_t bplane, int64_t Wph) {
+  const int64_t T = kh * kw;
+  std::vector<int64_t> off(C * T);
+  for (int64_t ky = 0; ky < kh; ++ky)
+    for (int64_t kx = 0; kx < kw; ++kx) off[ky * kw + kx] = ((ky % S) * S + kx % S) * bplane + (ky / S) * Wph + (kx / S);
+  for (int64_t c = 1; c < C; ++c)
+    for (int64_t t = 0; t < T; ++t) off[c * T + t] = off[t] + c * S * S * bplane;
+  return off;
+}
+
 int64_t g_direct_im2col_max = (int64_t)1 << 17;  // floats of im2col matrix the direct conv may build (512 KiB)
 
 torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<torch::Tensor> bias,
@@ -1493,14 +1579,9 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
     const int64_t R = N * Ho, WVH = Wo / HVL, BLKH = DNV * HVL;
     const int64_t work = K * FB * FBLK * N * Ho * Wo;
     const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, FB), nthreads);
-    const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt,
-                      (R * WVH) / nt >= 4 * DNV || FB < nt ? std::min<int64_t>(R, nt) : 1, HVL);
+    const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt, direct_bands(N, Ho, WVH, FB, nt, DNV), HVL);
     const int64_t bplane = bands.bplane;
-    std::vector<int64_t> off(K);
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t ky = 0; ky < kh; ++ky)
-        for (int64_t kx = 0; kx < kw; ++kx)
-          off[(c * kh + ky) * kw + kx] = ((c * S + ky % S) * S + kx % S) * bplane + (ky / S) * Wph + (kx / S);
+    const std::vector<int64_t> off = band_offsets(C, kh, kw, S, bplane, Wph);
     const float* wpk = wp_t.data_ptr<float>();
     const int64_t ng = bands.ng;
     bands.run(x.data_ptr<float>(), [&](int64_t g, const float* pl, const int64_t* vin, const int64_t* vout,
@@ -1536,17 +1617,12 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
     const int64_t R = N * Ho;
     const int64_t work = K * FB * FBLK * N * Ho * Wo;
     // Small outputs (8x8 at batch 1: under a dozen vectors per thread) split the filter blocks instead (3-vector
-    // register blocks, no halo rows; measured faster there): every thread builds the whole padded input (in
-    // parallel, a few KiB) and runs its share of the filter blocks.
+    // register blocks, no halo rows; measured faster there) where that balances as well (direct_bands): every
+    // thread builds the whole padded input (in parallel, a few KiB) and runs its share of the filter blocks.
     const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, FB), nthreads);
-    const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt,
-                      (R * WV) / nt >= 4 * DNV || FB < nt ? std::min<int64_t>(R, nt) : 1);
+    const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt, direct_bands(N, Ho, WV, FB, nt, DNV));
     const int64_t bplane = bands.bplane, ng = bands.ng;
-    std::vector<int64_t> off(K);
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t ky = 0; ky < kh; ++ky)
-        for (int64_t kx = 0; kx < kw; ++kx)
-          off[(c * kh + ky) * kw + kx] = ((c * S + ky % S) * S + kx % S) * bplane + (ky / S) * Wph + (kx / S);
+    const std::vector<int64_t> off = band_offsets(C, kh, kw, S, bplane, Wph);
     const float* wpk = wp_t.data_ptr<float>();
     bands.run(x.data_ptr<float>(), [&](int64_t g, const float* pl, const int64_t* vin, const int64_t* vout,
                                        int64_t nvec) {
