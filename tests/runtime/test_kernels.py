@@ -303,8 +303,11 @@ def test_direct_conv_half_width_rows_match_reference(kernels, case, threads):
         out = direct_conv2d(x, weight, bias, s, 1, True, res)
         with switched_off(kernels, "half_rows"):
             old = direct_conv2d(x, weight, bias, s, 1, True, res)
+        with switched_off(kernels, "fused_store"):
+            buffered = direct_conv2d(x, weight, bias, s, 1, True, res)
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4 and _rel_err(out, old) <= 1e-4
+    assert torch.equal(out, buffered)
 
 
 def test_direct_split_balances_the_busiest_thread(kernels):
@@ -331,9 +334,10 @@ SPLIT_CASES = [(1, 24, 24, 16, 16, 1), (1, 8, 24, 32, 32, 2), (1, 48, 40, 8, 8, 
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("threads", [1, 2])
 def test_direct_conv_split_and_band_copy_match_reference(kernels, case, threads):
-    """The dense direct kernel with the balanced split (set_direct_balanced_split) and the masked band copies
-    (set_band_copy_rows, AVX-512): equal to the reference with bias, residual and ReLU, forced parallel, and
-    bitwise to the earlier split and to memset + memcpy bands."""
+    """The dense direct kernel with the balanced split (set_direct_balanced_split), the masked band copies
+    (set_band_copy_rows, AVX-512) and the epilogue from the registers (set_fused_store): equal to the reference with
+    bias, residual and ReLU (and without any), forced parallel, and bitwise to the earlier split, to memset + memcpy
+    bands and to the epilogue through the buffer."""
     n, c, f, h, w, s = case
     weight = _sparse_weight(f, c, 3, 0.9, seed=n + c + f + w)
     bias = torch.randn(f)
@@ -347,9 +351,15 @@ def test_direct_conv_split_and_band_copy_match_reference(kernels, case, threads)
             old_split = direct_conv2d(x, weight, bias, s, 1, True, res)
         with switched_off(kernels, "band_copy_rows"):
             old_copy = direct_conv2d(x, weight, bias, s, 1, True, res)
+        with switched_off(kernels, "fused_store"):
+            buffered = direct_conv2d(x, weight, bias, s, 1, True, res)
+            plain = direct_conv2d(x, weight, None, s, 1, False, None)
+        fused_plain = direct_conv2d(x, weight, None, s, 1, False, None)
     assert out.shape == ref.shape == (n, f, ho, wo)
     assert _rel_err(out, ref) <= 1e-4
-    assert torch.equal(out, old_split) and torch.equal(out, old_copy)
+    assert torch.equal(out, old_split) and torch.equal(out, old_copy) and torch.equal(out, buffered)
+    assert torch.equal(fused_plain, plain)
+    assert _rel_err(plain, direct_conv2d(x, weight, None, s, 1, False, None, reference=True)) <= 1e-4
 
 
 @pytest.mark.parametrize("case", [(1, 16, 20, 32, 32), (2, 24, 9, 16, 16), (1, 7, 5, 13, 21)],

@@ -96,8 +96,8 @@ extern int64_t g_batched_block;
 extern bool g_multirow;
 // ... where the output spans at least this many vectors (default 64)
 extern int64_t g_multirow_min_vectors;
-// Row-vector blocks of sparse convs apply the epilogue to the accumulator registers (default on; off: through a
-// buffer, set_fused_store)
+// Row-vector blocks of sparse convs and of the banded direct conv apply the epilogue to the accumulator registers
+// (default on; off: through a buffer, set_fused_store)
 extern bool g_fused_store;
 // With AVX-512, sparse and dense direct convs whose output rows are a multiple of 8 floats but not of 16 (8x8 maps)
 // run the banded row layout with 8-float vectors (default on; off: the wide grid / multi-row paths, set_half_rows)

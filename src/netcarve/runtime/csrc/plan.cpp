@@ -375,7 +375,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "AVX-512 builds: stride-1 band planes of the banded conv paths written row by row with masked vector loads "
         "and stores (default on; off: a memset of the band then a memcpy per row)");
   m.def("set_fused_store", [](bool v) { g_fused_store = v; },
-        "sparse convs in the row layout (and multi-row) store each filter's block straight from the accumulator "
+        "sparse convs in the row layout (and multi-row) and banded direct convs store each filter's block straight from the accumulator "
         "registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");
   m.def("batched_tile", []() { return std::make_tuple(g_batched_nv, g_batched_block); });
   m.def("set_batched_tile", [](int64_t nv, int64_t block) { g_batched_nv = nv; g_batched_block = block; },

@@ -1423,6 +1423,50 @@ static inline void blockf(const float* __restrict base, const int64_t* __restric
     for (int i = 0; i < NV; ++i) storeu(acc + j * ldacc + i * VL, a[j][i]);
 }
 
+// blockf with the epilogue from the registers (the row layout, g_fused_store): the block's nf <= FB filters
+// f0 + j (f0 = fo / HoWo) get bias bp[j] (+ residual at rp) and ReLU, stored to op + (f0 + j) * HoWo + ooff[i]
+template <int FB, int NV>
+static inline void blockf_store(const float* __restrict base, const int64_t* __restrict voff,
+                                const int64_t* __restrict off, const float* __restrict wp, int64_t K,
+                                float* __restrict op, const float* __restrict rp, const int64_t* __restrict ooff,
+                                const float* __restrict bp, int64_t f0, int64_t HoWo, int64_t nf, bool relu) {
+  vecf a[FB][NV];
+  const float* src[NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < NV; ++i) src[i] = base + voff[i];
+#pragma GCC unroll 16
+  for (int j = 0; j < FB; ++j)
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) a[j][i] = bcast(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t o = off[k];
+    const float* w = wp + FBLK * k;
+    vecf v[NV];
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) v[i] = loadu(src[i] + o);
+#pragma GCC unroll 16
+    for (int j = 0; j < FB; ++j) {
+      const vecf wj = bcast(w[j]);
+#pragma GCC unroll 4
+      for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < FB; ++j) {
+    if (j >= nf) break;
+    const vecf b = bcast(bp ? bp[j] : 0.f);
+    float* o = op + (f0 + j) * HoWo;
+    const float* r = rp ? rp + (f0 + j) * HoWo : nullptr;
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) {
+      vecf t = a[j][i] + b;
+      if (r) t += loadu(r + ooff[i]);
+      if (relu) t = nck::vmax0(t);
+      storeu(o + ooff[i], t);
+    }
+  }
+}
+
 #if defined(__AVX512F__)
 // blockf with half-width (8-float) row vectors, for the banded row layout of outputs whose rows are a multiple of 8
 // but not of 16 (8x8 maps; see sparse_conv2d's half-width rows): 8 filters x NV vectors of ymm accumulators
@@ -1454,6 +1498,49 @@ static inline void blockf_h(const float* __restrict base, const int64_t* __restr
   for (int j = 0; j < FB; ++j)
 #pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) storeh(acc + j * ldacc + i * HVL, a[j][i]);
+}
+
+// blockf_h with the epilogue from the registers (see blockf_store)
+template <int FB, int NV>
+static inline void blockf_h_store(const float* __restrict base, const int64_t* __restrict voff,
+                                  const int64_t* __restrict off, const float* __restrict wp, int64_t K,
+                                  float* __restrict op, const float* __restrict rp, const int64_t* __restrict ooff,
+                                  const float* __restrict bp, int64_t f0, int64_t HoWo, int64_t nf, bool relu) {
+  vech a[FB][NV];
+  const float* src[NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < NV; ++i) src[i] = base + voff[i];
+#pragma GCC unroll 16
+  for (int j = 0; j < FB; ++j)
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) a[j][i] = bcasth(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t o = off[k];
+    const float* w = wp + FBLK * k;
+    vech v[NV];
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) v[i] = loadh(src[i] + o);
+#pragma GCC unroll 16
+    for (int j = 0; j < FB; ++j) {
+      const vech wj = bcasth(w[j]);
+#pragma GCC unroll 4
+      for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < FB; ++j) {
+    if (j >= nf) break;
+    const vech b = bcasth(bp ? bp[j] : 0.f);
+    float* o = op + (f0 + j) * HoWo;
+    const float* r = rp ? rp + (f0 + j) * HoWo : nullptr;
+#pragma GCC unroll 4
+    for (int i = 0; i < NV; ++i) {
+      vech t = a[j][i] + b;
+      if (r) t += loadh(r + ooff[i]);
+      if (relu) t = vmax0h(t);
+      storeh(o + ooff[i], t);
+    }
+  }
 }
 
 // store_vecs for half-width vectors
@@ -1592,6 +1679,15 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
         const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
         for (int64_t v0 = 0; v0 < nvec; v0 += DNV) {
           const int64_t nv = std::min<int64_t>(DNV, nvec - v0);
+          if (g_fused_store) {
+            const float* bb = bp ? bp + fb * FBLK : nullptr;
+            switch (nv) {
+              case 3: blockf_h_store<FBLK, 3>(pl, vin + v0, off.data(), wp, K, op, rp, vout + v0, bb, fb * FBLK, Ho * Wo, nf, relu); break;
+              case 2: blockf_h_store<FBLK, 2>(pl, vin + v0, off.data(), wp, K, op, rp, vout + v0, bb, fb * FBLK, Ho * Wo, nf, relu); break;
+              default: blockf_h_store<FBLK, 1>(pl, vin + v0, off.data(), wp, K, op, rp, vout + v0, bb, fb * FBLK, Ho * Wo, nf, relu); break;
+            }
+            continue;
+          }
           switch (nv) {
             case 3: blockf_h<FBLK, 3>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
             case 2: blockf_h<FBLK, 2>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
@@ -1632,6 +1728,18 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
         const int64_t nf = std::min<int64_t>(FBLK, F - fb * FBLK);
         for (int64_t v0 = 0; v0 < nvec; v0 += DNV) {
           const int64_t nv = std::min<int64_t>(DNV, nvec - v0);
+          if (g_fused_store) {
+            for (int64_t h = 0; h < nf; h += DFB) {
+              const int64_t f0 = fb * FBLK + h, nh = std::min<int64_t>(DFB, nf - h);
+              const float* bb = bp ? bp + f0 : nullptr;
+              switch (nv) {
+                case 3: blockf_store<DFB, 3>(pl, vin + v0, off.data(), wp + h, K, op, rp, vout + v0, bb, f0, Ho * Wo, nh, relu); break;
+                case 2: blockf_store<DFB, 2>(pl, vin + v0, off.data(), wp + h, K, op, rp, vout + v0, bb, f0, Ho * Wo, nh, relu); break;
+                default: blockf_store<DFB, 1>(pl, vin + v0, off.data(), wp + h, K, op, rp, vout + v0, bb, f0, Ho * Wo, nh, relu); break;
+              }
+            }
+            continue;
+          }
           for (int64_t h = 0; h < nf; h += DFB) {
             float* ah = acc + h * BLKPX;
             switch (nv) {
