@@ -1389,14 +1389,13 @@ constexpr int DFB = 4;
 #endif
 constexpr int DNV = 3;       // pixel vectors per register block
 
-// acc[j * ldacc + i * VL ..] = sum over the K rows of wp[k * FBLK + j] * base[voff[i] + off[k] ..] for the FB
-// filters j of the packed block at wp and the NV vectors i. Vector i reads from its own base: in the "row"
-// layout every vector is VL pixels of one output row (outputs whose width is a multiple of VL), so no lane
-// computes a padding column of the wide grid (13% of the lanes at 32x32, 27% at 16x16, 56% at 8x8 with pad 1).
+// The register block's accumulation (blockf, blockf_store)
 template <int FB, int NV>
-static inline void blockf(const float* __restrict base, const int64_t* __restrict voff, const int64_t* __restrict off,
-                          const float* __restrict wp, int64_t K, float* __restrict acc, int64_t ldacc) {
-  vecf a[FB][NV];
+static inline __attribute__((always_inline)) void blockf_loop(const float* __restrict base,
+                                                              const int64_t* __restrict voff,
+                                                              const int64_t* __restrict off,
+                                                              const float* __restrict wp, int64_t K,
+                                                              vecf (&a)[FB][NV]) {
   const float* src[NV];
 #pragma GCC unroll 4
   for (int i = 0; i < NV; ++i) src[i] = base + voff[i];
@@ -1417,6 +1416,18 @@ static inline void blockf(const float* __restrict base, const int64_t* __restric
       for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
     }
   }
+}
+
+// acc[j * ldacc + i * VL ..] = a[j][i] of blockf_loop, the sum over the K rows of wp[k * FBLK + j] *
+// base[voff[i] + off[k] ..] for the FB filters j of the packed block at wp and the NV vectors i. Vector i reads
+// from its own base: in the "row" layout every vector is VL pixels of one output row (outputs whose width is a
+// multiple of VL), so no lane computes a padding column of the wide grid (13% of the lanes at 32x32, 27% at 16x16,
+// 56% at 8x8 with pad 1).
+template <int FB, int NV>
+static inline void blockf(const float* __restrict base, const int64_t* __restrict voff, const int64_t* __restrict off,
+                          const float* __restrict wp, int64_t K, float* __restrict acc, int64_t ldacc) {
+  vecf a[FB][NV];
+  blockf_loop<FB, NV>(base, voff, off, wp, K, a);
 #pragma GCC unroll 16
   for (int j = 0; j < FB; ++j)
 #pragma GCC unroll 4
@@ -1431,26 +1442,7 @@ static inline void blockf_store(const float* __restrict base, const int64_t* __r
                                 float* __restrict op, const float* __restrict rp, const int64_t* __restrict ooff,
                                 const float* __restrict bp, int64_t f0, int64_t HoWo, int64_t nf, bool relu) {
   vecf a[FB][NV];
-  const float* src[NV];
-#pragma GCC unroll 4
-  for (int i = 0; i < NV; ++i) src[i] = base + voff[i];
-#pragma GCC unroll 16
-  for (int j = 0; j < FB; ++j)
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) a[j][i] = bcast(0.f);
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t o = off[k];
-    const float* w = wp + FBLK * k;
-    vecf v[NV];
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) v[i] = loadu(src[i] + o);
-#pragma GCC unroll 16
-    for (int j = 0; j < FB; ++j) {
-      const vecf wj = bcast(w[j]);
-#pragma GCC unroll 4
-      for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
-    }
-  }
+  blockf_loop<FB, NV>(base, voff, off, wp, K, a);
 #pragma GCC unroll 16
   for (int j = 0; j < FB; ++j) {
     if (j >= nf) break;
@@ -1468,12 +1460,13 @@ static inline void blockf_store(const float* __restrict base, const int64_t* __r
 }
 
 #if defined(__AVX512F__)
-// blockf with half-width (8-float) row vectors, for the banded row layout of outputs whose rows are a multiple of 8
-// but not of 16 (8x8 maps; see sparse_conv2d's half-width rows): 8 filters x NV vectors of ymm accumulators
+// blockf_loop in half-width (8-float) vectors
 template <int FB, int NV>
-static inline void blockf_h(const float* __restrict base, const int64_t* __restrict voff, const int64_t* __restrict off,
-                            const float* __restrict wp, int64_t K, float* __restrict acc, int64_t ldacc) {
-  vech a[FB][NV];
+static inline __attribute__((always_inline)) void blockf_loop_h(const float* __restrict base,
+                                                                const int64_t* __restrict voff,
+                                                                const int64_t* __restrict off,
+                                                                const float* __restrict wp, int64_t K,
+                                                                vech (&a)[FB][NV]) {
   const float* src[NV];
 #pragma GCC unroll 4
   for (int i = 0; i < NV; ++i) src[i] = base + voff[i];
@@ -1494,6 +1487,15 @@ static inline void blockf_h(const float* __restrict base, const int64_t* __restr
       for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
     }
   }
+}
+
+// blockf with half-width (8-float) row vectors, for the banded row layout of outputs whose rows are a multiple of 8
+// but not of 16 (8x8 maps; see sparse_conv2d's half-width rows): 8 filters x NV vectors of ymm accumulators
+template <int FB, int NV>
+static inline void blockf_h(const float* __restrict base, const int64_t* __restrict voff, const int64_t* __restrict off,
+                            const float* __restrict wp, int64_t K, float* __restrict acc, int64_t ldacc) {
+  vech a[FB][NV];
+  blockf_loop_h<FB, NV>(base, voff, off, wp, K, a);
 #pragma GCC unroll 16
   for (int j = 0; j < FB; ++j)
 #pragma GCC unroll 4
@@ -1507,26 +1509,7 @@ static inline void blockf_h_store(const float* __restrict base, const int64_t* _
                                   float* __restrict op, const float* __restrict rp, const int64_t* __restrict ooff,
                                   const float* __restrict bp, int64_t f0, int64_t HoWo, int64_t nf, bool relu) {
   vech a[FB][NV];
-  const float* src[NV];
-#pragma GCC unroll 4
-  for (int i = 0; i < NV; ++i) src[i] = base + voff[i];
-#pragma GCC unroll 16
-  for (int j = 0; j < FB; ++j)
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) a[j][i] = bcasth(0.f);
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t o = off[k];
-    const float* w = wp + FBLK * k;
-    vech v[NV];
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) v[i] = loadh(src[i] + o);
-#pragma GCC unroll 16
-    for (int j = 0; j < FB; ++j) {
-      const vech wj = bcasth(w[j]);
-#pragma GCC unroll 4
-      for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
-    }
-  }
+  blockf_loop_h<FB, NV>(base, voff, off, wp, K, a);
 #pragma GCC unroll 16
   for (int j = 0; j < FB; ++j) {
     if (j >= nf) break;
@@ -1680,11 +1663,12 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
         for (int64_t v0 = 0; v0 < nvec; v0 += DNV) {
           const int64_t nv = std::min<int64_t>(DNV, nvec - v0);
           if (g_fused_store) {
-            const float* bb = bp ? bp + fb * FBLK : nullptr;
+            const int64_t f0 = fb * FBLK, HW = Ho * Wo, *vi = vin + v0, *vo = vout + v0, *of = off.data();
+            const float* bb = bp ? bp + f0 : nullptr;
             switch (nv) {
-              case 3: blockf_h_store<FBLK, 3>(pl, vin + v0, off.data(), wp, K, op, rp, vout + v0, bb, fb * FBLK, Ho * Wo, nf, relu); break;
-              case 2: blockf_h_store<FBLK, 2>(pl, vin + v0, off.data(), wp, K, op, rp, vout + v0, bb, fb * FBLK, Ho * Wo, nf, relu); break;
-              default: blockf_h_store<FBLK, 1>(pl, vin + v0, off.data(), wp, K, op, rp, vout + v0, bb, fb * FBLK, Ho * Wo, nf, relu); break;
+              case 3: blockf_h_store<FBLK, 3>(pl, vi, of, wp, K, op, rp, vo, bb, f0, HW, nf, relu); break;
+              case 2: blockf_h_store<FBLK, 2>(pl, vi, of, wp, K, op, rp, vo, bb, f0, HW, nf, relu); break;
+              default: blockf_h_store<FBLK, 1>(pl, vi, of, wp, K, op, rp, vo, bb, f0, HW, nf, relu); break;
             }
             continue;
           }
@@ -1729,13 +1713,14 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
         for (int64_t v0 = 0; v0 < nvec; v0 += DNV) {
           const int64_t nv = std::min<int64_t>(DNV, nvec - v0);
           if (g_fused_store) {
-            for (int64_t h = 0; h < nf; h += DFB) {
+            const int64_t HW = Ho * Wo, *vi = vin + v0, *vo = vout + v0, *of = off.data();
+            for (int64_t h = 0; h < nf; h += DFB) {  // (AVX2: two passes of 4 filters)
               const int64_t f0 = fb * FBLK + h, nh = std::min<int64_t>(DFB, nf - h);
               const float* bb = bp ? bp + f0 : nullptr;
               switch (nv) {
-                case 3: blockf_store<DFB, 3>(pl, vin + v0, off.data(), wp + h, K, op, rp, vout + v0, bb, f0, Ho * Wo, nh, relu); break;
-                case 2: blockf_store<DFB, 2>(pl, vin + v0, off.data(), wp + h, K, op, rp, vout + v0, bb, f0, Ho * Wo, nh, relu); break;
-                default: blockf_store<DFB, 1>(pl, vin + v0, off.data(), wp + h, K, op, rp, vout + v0, bb, f0, Ho * Wo, nh, relu); break;
+                case 3: blockf_store<DFB, 3>(pl, vi, of, wp + h, K, op, rp, vo, bb, f0, HW, nh, relu); break;
+                case 2: blockf_store<DFB, 2>(pl, vi, of, wp + h, K, op, rp, vo, bb, f0, HW, nh, relu); break;
+                default: blockf_store<DFB, 1>(pl, vi, of, wp + h, K, op, rp, vo, bb, f0, HW, nh, relu); break;
               }
             }
             continue;
