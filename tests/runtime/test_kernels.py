@@ -326,9 +326,11 @@ def test_direct_split_balances_the_busiest_thread(kernels):
 
 
 # (N, C, F, H, W, stride): filter blocks that do not divide over 2 threads (24, 40 filters), rows of 16 / 8 / 32
-# floats, stride 2, several images, a width whose padded rows span 3 vectors, an input wider than the masked copy
+# floats, several images, a width whose padded rows span 3 vectors, an input wider than the masked copy
+# (stride 2: odd input widths, rows of more than 32 floats split into phases by permutes)
 SPLIT_CASES = [(1, 24, 24, 16, 16, 1), (1, 8, 24, 32, 32, 2), (1, 48, 40, 8, 8, 1), (3, 16, 24, 16, 16, 1),
-               (1, 8, 8, 32, 32, 1), (2, 5, 11, 40, 48, 1), (1, 3, 8, 4, 272, 1)]
+               (1, 8, 8, 32, 32, 1), (2, 5, 11, 40, 48, 1), (1, 3, 8, 4, 272, 1), (1, 6, 10, 31, 31, 2),
+               (2, 4, 9, 15, 47, 2), (1, 3, 16, 9, 95, 2)]
 
 
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "x".join(map(str, c)))

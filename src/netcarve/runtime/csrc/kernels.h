@@ -108,8 +108,8 @@ extern bool g_direct_balanced_split;
 // the bands direct_conv2d cuts N * Ho output rows of vpr vectors into for FB filter blocks over nt threads (1: the
 // filter blocks are split instead)
 int64_t direct_split(int64_t N, int64_t Ho, int64_t vpr, int64_t FB, int64_t nt);
-// AVX-512: stride-1 band planes written row by row with masked vector loads / stores (default on; off: memset + a
-// memcpy per row, set_band_copy_rows)
+// AVX-512: stride-1 band planes written row by row with masked vector loads / stores, stride-2 rows split into
+// their two phases by vector permutes (default on; off: memset + a memcpy per row / a scalar loop, set_band_copy_rows)
 extern bool g_band_copy_rows;
 // Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
 // once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).

@@ -373,7 +373,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "over nt threads (1: the filter blocks are split over the threads instead)");
   m.def("set_band_copy_rows", [](bool v) { g_band_copy_rows = v; },
         "AVX-512 builds: stride-1 band planes of the banded conv paths written row by row with masked vector loads "
-        "and stores (default on; off: a memset of the band then a memcpy per row)");
+        "and stores, stride-2 rows split into their phases by vector permutes (default on; off: a memset of the "
+        "band then a memcpy per row / a scalar loop)");
   m.def("set_fused_store", [](bool v) { g_fused_store = v; },
         "sparse convs in the row layout (and multi-row) and banded direct convs store each filter's block straight from the accumulator "
         "registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");
