@@ -286,26 +286,37 @@ def test_half_width_rows_match_reference(kernels, case, threads):
     assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
 
 
+def _direct_case(case, seed):
+    """A 3x3 pad-1 direct conv case (N, C, F, H, W, stride) at 90% density: ``run(fused=True, reference=False)`` (with
+    bias, residual and ReLU, or none of them) and the fused reference output."""
+    n, c, f, h, w, s = case
+    weight = _sparse_weight(f, c, 3, 0.9, seed=seed)
+    bias = torch.randn(f)
+    x = torch.randn(n, c, h, w)
+    res = torch.randn(n, f, (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1)
+
+    def run(fused=True, reference=False):
+        if fused:
+            return direct_conv2d(x, weight, bias, s, 1, True, res, reference=reference)
+        return direct_conv2d(x, weight, None, s, 1, False, None, reference=reference)
+
+    return run, run(reference=True)
+
+
 @pytest.mark.parametrize("case", HALF_ROWS, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("threads", [1, 2])
 def test_direct_conv_half_width_rows_match_reference(kernels, case, threads):
     """The dense direct kernel's half-width row layout (AVX-512, 8x8-style outputs; set_half_rows): equal to the
     reference with bias, residual and ReLU, forced parallel, and to the path it replaces; filters not a multiple of
     8 (a partial packed block)."""
-    n, c, f, h, w, s = case
-    weight = _sparse_weight(f, c, 3, 0.9, seed=n + c + f)
-    bias = torch.randn(f)
-    x = torch.randn(n, c, h, w)
-    ho, wo = (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1
-    res = torch.randn(n, f, ho, wo)
-    ref = direct_conv2d(x, weight, bias, s, 1, True, res, reference=True)
+    run, ref = _direct_case(case, seed=sum(case[:3]))
     with forced_parallel(kernels, threads):
-        out = direct_conv2d(x, weight, bias, s, 1, True, res)
+        out = run()
         with switched_off(kernels, "half_rows"):
-            old = direct_conv2d(x, weight, bias, s, 1, True, res)
+            old = run()
         with switched_off(kernels, "fused_store"):
-            buffered = direct_conv2d(x, weight, bias, s, 1, True, res)
-    assert out.shape == ref.shape == (n, f, ho, wo)
+            buffered = run()
+    assert out.shape == ref.shape
     assert _rel_err(out, ref) <= 1e-4 and _rel_err(out, old) <= 1e-4
     assert torch.equal(out, buffered)
 
@@ -340,28 +351,22 @@ def test_direct_conv_split_and_band_copy_match_reference(kernels, case, threads)
     (set_band_copy_rows, AVX-512) and the epilogue from the registers (set_fused_store): equal to the reference with
     bias, residual and ReLU (and without any), forced parallel, and bitwise to the earlier split, to memset + memcpy
     bands and to the epilogue through the buffer."""
-    n, c, f, h, w, s = case
-    weight = _sparse_weight(f, c, 3, 0.9, seed=n + c + f + w)
-    bias = torch.randn(f)
-    x = torch.randn(n, c, h, w)
-    ho, wo = (h + 2 - 3) // s + 1, (w + 2 - 3) // s + 1
-    res = torch.randn(n, f, ho, wo)
-    ref = direct_conv2d(x, weight, bias, s, 1, True, res, reference=True)
+    run, ref = _direct_case(case, seed=sum(case[:3]) + case[4])
     with forced_parallel(kernels, threads):
-        out = direct_conv2d(x, weight, bias, s, 1, True, res)
+        out = run()
         with switched_off(kernels, "direct_balanced_split"):
-            old_split = direct_conv2d(x, weight, bias, s, 1, True, res)
+            old_split = run()
         with switched_off(kernels, "band_copy_rows"):
-            old_copy = direct_conv2d(x, weight, bias, s, 1, True, res)
+            old_copy = run()
         with switched_off(kernels, "fused_store"):
-            buffered = direct_conv2d(x, weight, bias, s, 1, True, res)
-            plain = direct_conv2d(x, weight, None, s, 1, False, None)
-        fused_plain = direct_conv2d(x, weight, None, s, 1, False, None)
-    assert out.shape == ref.shape == (n, f, ho, wo)
+            buffered = run()
+            plain = run(fused=False)
+        fused_plain = run(fused=False)
+    assert out.shape == ref.shape
     assert _rel_err(out, ref) <= 1e-4
     assert torch.equal(out, old_split) and torch.equal(out, old_copy) and torch.equal(out, buffered)
     assert torch.equal(fused_plain, plain)
-    assert _rel_err(plain, direct_conv2d(x, weight, None, s, 1, False, None, reference=True)) <= 1e-4
+    assert _rel_err(plain, run(fused=False, reference=True)) <= 1e-4
 
 
 @pytest.mark.parametrize("case", [(1, 16, 20, 32, 32), (2, 24, 9, 16, 16), (1, 7, 5, 13, 21)],
