@@ -473,6 +473,9 @@ def cmd_report(a) -> None:
             if name in res:
                 entry["latency_ms"][key] = res[name]["p50_ms"]
                 entry["speedup"][key] = res["dense"]["p50_ms"] / res[name]["p50_ms"]
+        old = previous.get(name, {})
+        if r is not None and old.get("top1") == entry["top1"]:  # the same run: keep its hand-written annotations
+            entry.update({k: old[k] for k in ("note", "netcarve_commit") if k in old and k not in entry})
         if name == "dense" and not lat and "dense" in previous:  # no latency run here: the committed one
             entry["latency_ms"], entry["speedup"] = previous["dense"]["latency_ms"], previous["dense"]["speedup"]
         table.append(entry)
