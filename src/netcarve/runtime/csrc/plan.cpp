@@ -376,8 +376,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "and stores, stride-2 rows split into their phases by vector permutes (default on; off: a memset of the "
         "band then a memcpy per row / a scalar loop)");
   m.def("set_fused_store", [](bool v) { g_fused_store = v; },
-        "sparse convs in the row layout (and multi-row) and banded direct convs store each filter's block straight from the accumulator "
-        "registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");
+        "sparse convs in the row layout (and multi-row) and banded direct convs store each filter's block straight "
+        "from the accumulator registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");
   m.def("batched_tile", []() { return std::make_tuple(g_batched_nv, g_batched_block); });
   m.def("set_batched_tile", [](int64_t nv, int64_t block) { g_batched_nv = nv; g_batched_block = block; },
         "the batched path's tile: nv accumulator vectors (2, 4 or 8; 0 = by output size, the default) by block bytes of "

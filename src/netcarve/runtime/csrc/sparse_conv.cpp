@@ -1450,8 +1450,8 @@ static inline void blockf(const float* __restrict base, const int64_t* __restric
     for (int i = 0; i < NV; ++i) storeu(acc + j * ldacc + i * VL, a[j][i]);
 }
 
-// blockf with the epilogue from the registers (the row layout, g_fused_store): the block's nf <= FB filters
-// f0 + j (f0 = fo / HoWo) get bias bp[j] (+ residual at rp) and ReLU, stored to op + (f0 + j) * HoWo + ooff[i]
+// blockf with the epilogue from the registers (the row layout, g_fused_store): the block's first nf <= FB filters,
+// output channels f0 + j, get bias bp[j] (+ the residual at rp) and ReLU, stored to op + (f0 + j) * HoWo + ooff[i]
 template <int FB, int NV>
 static inline void blockf_store(const float* __restrict base, const int64_t* __restrict voff,
                                 const int64_t* __restrict off, const float* __restrict wp, int64_t K,
@@ -1622,7 +1622,8 @@ static std::vector<int64_t> band_offsets(int64_t C, int64_t kh, int64_t kw, int6
   const int64_t T = kh * kw;
   std::vector<int64_t> off(C * T);
   for (int64_t ky = 0; ky < kh; ++ky)
-    for (int64_t kx = 0; kx < kw; ++kx) off[ky * kw + kx] = ((ky % S) * S + kx % S) * bplane + (ky / S) * Wph + (kx / S);
+    for (int64_t kx = 0; kx < kw; ++kx)
+      off[ky * kw + kx] = ((ky % S) * S + kx % S) * bplane + (ky / S) * Wph + (kx / S);
   for (int64_t c = 1; c < C; ++c)
     for (int64_t t = 0; t < T; ++t) off[c * T + t] = off[t] + c * S * S * bplane;
   return off;
