@@ -369,6 +369,29 @@ def test_direct_conv_split_and_band_copy_match_reference(kernels, case, threads)
     assert _rel_err(plain, run(fused=False, reference=True)) <= 1e-4
 
 
+@pytest.mark.parametrize("case", [(1, 16, 20, 32, 32, 2), (1, 24, 9, 16, 16, 1), (1, 12, 10, 8, 8, 1),
+                                  (3, 8, 7, 16, 16, 2)], ids=lambda c: "x".join(map(str, c)))
+def test_sparse_conv_band_split_matches_reference(kernels, case):
+    """Banded sparse convs split the output rows over the threads (set_sparse_band_min_vectors(0)) or the filters
+    (a threshold no output reaches): both equal to the reference, forced parallel on 2 threads; the default is 8
+    row vectors per thread."""
+    n, c, f, h, w, s = case
+    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, s, 1, 0.3, seed=n + c + f + s, zero_every=4)
+    old = kernels.sparse_band_min_vectors()
+    assert old == 8
+    outs = []
+    try:
+        with forced_parallel(kernels, 2):
+            for v in (0, 1 << 30):
+                kernels.set_sparse_band_min_vectors(v)
+                outs.append(m(x, res))
+    finally:
+        kernels.set_sparse_band_min_vectors(old)
+    for out in outs:
+        assert _rel_err(out, ref) <= 1e-4
+        assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
+
+
 @pytest.mark.parametrize("case", [(1, 16, 20, 32, 32), (2, 24, 9, 16, 16), (1, 7, 5, 13, 21)],
                          ids=lambda c: "x".join(map(str, c)))
 def test_sparse_conv_band_copy_matches_reference(kernels, case):

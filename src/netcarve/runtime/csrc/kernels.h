@@ -111,6 +111,9 @@ int64_t direct_split(int64_t N, int64_t Ho, int64_t vpr, int64_t FB, int64_t nt)
 // AVX-512: stride-1 band planes written row by row with masked vector loads / stores, stride-2 rows split into
 // their two phases by vector permutes (default on; off: memset + a memcpy per row / a scalar loop, set_band_copy_rows)
 extern bool g_band_copy_rows;
+// banded sparse convs split rows over the threads from this many row vectors per thread, filters below it
+// (default 8; set_sparse_band_min_vectors)
+extern int64_t g_sparse_band_min_vectors;
 // Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
 // once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).
 extern bool g_small_rowtaps;

@@ -375,6 +375,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "AVX-512 builds: stride-1 band planes of the banded conv paths written row by row with masked vector loads "
         "and stores, stride-2 rows split into their phases by vector permutes (default on; off: a memset of the "
         "band then a memcpy per row / a scalar loop)");
+  m.def("set_sparse_band_min_vectors", [](int64_t v) { g_sparse_band_min_vectors = v; },
+        "banded sparse convs split the output rows over the threads when each gets at least this many row vectors, "
+        "else the filters (default 8)");
+  m.def("sparse_band_min_vectors", []() { return g_sparse_band_min_vectors; });
   m.def("set_fused_store", [](bool v) { g_fused_store = v; },
         "sparse convs in the row layout (and multi-row) and banded direct convs store each filter's block straight "
         "from the accumulator registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");

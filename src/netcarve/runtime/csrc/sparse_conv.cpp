@@ -20,6 +20,7 @@
 
 int64_t g_parallel_threshold = (int64_t)1 << 16;
 bool g_band_copy_rows = true;
+int64_t g_sparse_band_min_vectors = 8;
 int64_t g_small_max_vectors = 4;
 bool g_row_layout = true;
 bool g_banded = true;
@@ -1230,9 +1231,13 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     // image, at large batches whole images), builds the padded phase planes of just those rows (+ halo) in a
     // buffer of its own and runs every filter over them in blocks of 8 row vectors. No single-threaded copy of
     // the whole input, and each thread mostly reads rows it wrote itself in the previous layer.
-    // Small outputs (8x8 at batch 1: a few vectors per thread) split the filters instead: every thread builds
-    // the whole padded input (in parallel, a few KiB) and runs its share of the filters (dealt round-robin in
-    // the heaviest-first order).
+    // Small outputs (8x8 at batch 1: under g_sparse_band_min_vectors = 8 vectors per thread) split the filters
+    // instead: every thread builds the whole padded input (in parallel, a few KiB) and runs its share of the filters
+    // (dealt round-robin in the heaviest-first order). 16x16 outputs at batch 1 (8 vectors per thread) split rows
+    // since 2026-12-05 (the threshold was 16): each thread copies half the input, a quarter of it at stride 2 (the
+    // whole 32x32 input in 4 phase planes, 74 KiB for 16 channels, had made those layers 1.08x faster on 2 threads
+    // than on 1); sparse ResNet-56 at batch 1, 2 threads, 1.028x (pattern) / 1.035x (90% unstructured) faster,
+    // VGG-16 level (1.005x); a threshold of 4 (8x8 outputs by rows too) was level on ResNet-56, 0.98x on VGG-16.
     const int64_t R = N * Ho, HoWo = Ho * Wo;
     const int64_t work = E * N * Ho * Wo;
     const int64_t nt = work < g_parallel_threshold ? 1 : std::min<int64_t>(std::max<int64_t>(R, L), nthreads);
@@ -1240,7 +1245,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
     // copies and short sweeps)
     const int64_t vl = half ? VL / 2 : VL;  // (half: AVX-512 only, VL / 2 = HVL)
     const Bands bands(N, C, H, W, S, pad, kh, Ho, Wo, Wph, F, nt,
-                      (R * (Wo / vl)) / nt >= 16 ? std::min<int64_t>(R, nt) : 1, vl);
+                      (R * (Wo / vl)) / nt >= g_sparse_band_min_vectors ? std::min<int64_t>(R, nt) : 1, vl);
     const int64_t bplane = bands.bplane, ng = bands.ng;
     std::vector<int64_t> boff(kh * kw);
     for (int64_t ky = 0; ky < kh; ++ky)
