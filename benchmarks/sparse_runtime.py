@@ -102,19 +102,19 @@ def _projected(model: str, variant: str, data_dir) -> Path:
     return out
 
 
-PASSES = 1  # --passes: every engine list timed this many times over, the fastest pass per engine kept
-
-
-def _bench(model_dir_or_name: str, weights, batch: int, threads: int, engines, repeats: int, rounds: int) -> dict:
+def _bench(model_dir_or_name: str, weights, batch: int, threads: int, engines, repeats: int, rounds: int,
+           passes: int = 1) -> dict:
+    """``netcarve bench`` of one model; ``passes`` > 1: the engine list timed that many times over, each engine's
+    fastest pass kept."""
     from netcarve.flows.bench import rank_against_dense, run_bench
     from netcarve.flows.common import resolve_model
     from netcarve.models import example_input
 
     m = resolve_model(model_dir_or_name, weights)
     docs = []
-    for k in range(PASSES):
+    for k in range(max(1, passes)):
         docs.append(run_bench(m, example_input(m, batch=batch), engines=engines, threads=threads, repeats=repeats,
-                              rounds=rounds, progress=lambda e, k=k: _log(f"  {e}" + (f" (pass {k + 1})" if PASSES > 1 else ""))))
+                              rounds=rounds, progress=lambda e, k=k: _log(f"  {e}" + (f" (pass {k + 1})" if passes > 1 else ""))))
     if len(docs) == 1:
         return docs[0]
     # an engine's result is its fastest pass (the passes spread each engine over minutes: this VM slows down for
@@ -148,8 +148,6 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
-    global PASSES
-    PASSES = max(1, a.passes)
     torch.set_num_threads(a.threads)
     WORK.mkdir(parents=True, exist_ok=True)
     doc = json.loads(a.out.read_text()) if a.out.exists() else {"benchmark": "sparse_runtime", "rows": []}
@@ -174,7 +172,7 @@ def main() -> None:
                 for variant in ("dense", "block4x16-90"):
                     src = str(dense_dir) if variant == "dense" else str(_projected("gru-bi", variant, a.data_dir))
                     _log(f"gru-bi {variant} batch {batch}")
-                    res = _bench(src, None, batch, a.threads, a.engines, a.repeats, a.rounds)
+                    res = _bench(src, None, batch, a.threads, a.engines, a.repeats, a.rounds, a.passes)
                     record({"model": "gru-bi", "variant": variant, "batch": batch, "source": Path(src).name,
                             "weights": "random weights" + (", one-shot block projection" if variant != "dense" else ""),
                             **res})
@@ -195,7 +193,7 @@ def main() -> None:
                         src, weights, note = str(_projected("gru", variant, a.data_dir)), None, \
                             "one-shot projection of the " + ("trained" if trained else "random-weight") + " GRU"
                     _log(f"gru {variant} batch {batch} ({note})")
-                    res = _bench(src, weights, batch, a.threads, a.engines, a.repeats, a.rounds)
+                    res = _bench(src, weights, batch, a.threads, a.engines, a.repeats, a.rounds, a.passes)
                     record({"model": "gru", "variant": variant, "batch": batch, "source": Path(src).name,
                             "weights": note, **res})
             continue
@@ -208,7 +206,7 @@ def main() -> None:
                 for variant, (src, w) in {"dense": ("resnet56", "pretrained"), "channel-pruned": (str(compact), None)}.items():
                     _log(f"resnet56-channel {variant} batch {batch}")
                     res = _bench(src, w, batch, a.threads, [e for e in a.engines if e != "deepsparse"],
-                                 a.repeats, a.rounds)
+                                 a.repeats, a.rounds, a.passes)
                     record({"model": "resnet56-channel", "variant": variant, "batch": batch, "source": src, **res})
             continue
         for variant in a.variants:
@@ -222,7 +220,7 @@ def main() -> None:
                     src, w, note = str(_projected(model, variant, a.data_dir)), None, "one-shot projection (no fine-tune)"
             for batch in a.batch:
                 _log(f"{model} {variant} batch {batch} ({note})")
-                res = _bench(src, w, batch, a.threads, a.engines, a.repeats, a.rounds)
+                res = _bench(src, w, batch, a.threads, a.engines, a.repeats, a.rounds, a.passes)
                 record({"model": model, "variant": variant, "batch": batch, "source": note, **res})
     _print(rows)
 
