@@ -30,3 +30,13 @@ def switched_off(kernels, name: str):
         yield
     finally:
         getattr(kernels, f"set_{name}")(True)
+
+
+@contextmanager
+def switched_on(kernels, name: str):
+    """A kernel path that is off by default switched on (``set_<name>(True)``) for the block, off again after it."""
+    getattr(kernels, f"set_{name}")(True)
+    try:
+        yield
+    finally:
+        getattr(kernels, f"set_{name}")(False)

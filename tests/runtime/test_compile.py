@@ -19,7 +19,7 @@ from netcarve.runtime.compiled import SPARSE_MARGIN, SPARSE_MAX_DENSITY
 from netcarve.runtime.plan import build_native
 from netcarve.sparsity import make_scheme
 
-from ._util import forced_parallel, switched_off
+from ._util import forced_parallel, switched_off, switched_on
 
 
 def _prepared(name: str, seed: int = 0, sparse: bool = True) -> nn.Module:
@@ -139,23 +139,26 @@ class _DeepSmall(nn.Module):
 
 
 @pytest.mark.parametrize("size", [4, 2])
-def test_small_outputs_row_taps_match_reference(kernels, size):
-    """Small sparse outputs in a plan run from taps regrouped by im2col row, one filter group per thread (kept per
-    step and thread count): equal to the model for 1-3 threads and batches 1 / 3 (one and two vectors, a
-    stride-2 layer), and to the per-filter tap lists (set_small_rowtaps(False))."""
+def test_small_outputs_match_reference(kernels, size):
+    """Small sparse outputs in a plan gather their taps' im2col rows per filter, from rows of 4 / 8 floats where the
+    output has at most 4 / 8 positions (2x2 at batches 1 / 2, the stride-2 layer's 1x1), else whole vectors: equal
+    to the model for 1-3 threads and batches 1-3, to 16-float rows (set_small_narrow(False)) and to the taps
+    regrouped by im2col row (set_small_rowtaps(True), kept per step and thread count)."""
     m = _DeepSmall().eval()
     c = compile(m, torch.randn(1, 128, size, size), sparse="always")
     with forced_parallel(kernels):
         for threads in (2, 3, 1):
             torch.set_num_threads(threads)
-            for b in (1, 3, 1):
+            for b in (1, 2, 3, 1):
                 x = torch.randn(b, 128, size, size)
                 with torch.no_grad():
                     ref = m(x)
                 got = c(x)
                 assert _rel(got, ref) <= 1e-4, (threads, b)
-                with switched_off(kernels, "small_rowtaps"):
-                    assert _rel(c(x), ref) <= 1e-4, (threads, b, "tap lists")
+                with switched_off(kernels, "small_narrow"):
+                    assert _rel(c(x), ref) <= 1e-4, (threads, b, "16-float rows")
+                with switched_on(kernels, "small_rowtaps"):
+                    assert _rel(c(x), ref) <= 1e-4, (threads, b, "row taps")
 
 
 def test_batched_small_outputs_in_a_plan_match_reference(kernels):

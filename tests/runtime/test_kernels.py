@@ -602,6 +602,15 @@ POOL_CASES = [
     (1, 2, 8, 7, (2, 3), (1, 2), (1, 1), False),
     (1, 1, 3, 4200, 3, 2, 1, True),  # rows wider than the kernel's 2048-float buffer: pooled in chunks
     (1, 1, 4, 4097, 2, 2, 0, True),
+    # AVX-512's flat 2x2 / 2 path (even maps 2-32 wide): whole chunks of 16 outputs, chunks plus a tail, a tail
+    # only, 32 / 16 / 8 / 4 / 2 columns, ceil mode on even sizes (the same windows)
+    (2, 3, 4, 8, 2, 2, 0, False),
+    (3, 7, 4, 4, 2, 2, 0, False),
+    (1, 5, 2, 2, 2, 2, 0, False),
+    (2, 3, 2, 32, 2, 2, 0, False),
+    (1, 3, 6, 16, 2, 2, 0, True),
+    (2, 64, 8, 8, 2, 2, 0, False),
+    (1, 300, 2, 2, 2, 2, 0, False),
 ]
 
 
@@ -621,6 +630,21 @@ def test_max_pool_matches_reference(kernels, case):
     assert torch.equal(got.nan_to_num(0.0), ref.nan_to_num(0.0))
     with pytest.raises(RuntimeError, match="smaller than"):
         kernels.max_pool2d(torch.randn(1, 1, 2, 2), 3, 3, 1, 1, 0, 0, False)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 8), (3, 7, 4, 4), (64, 40, 4, 4), (8, 37, 8, 8), (5, 9, 2, 2)])
+def test_flat_max_pool_equals_per_plane(kernels, shape):
+    """The flat 2x2 / 2 pooling (AVX-512; elsewhere the same path runs twice) split over 1-3 threads is bitwise
+    equal to the per-plane kernel (set_pool_flat(False)), NaNs included."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
+    x.view(-1)[::11] = float("nan")
+    for threads in (1, 2, 3):
+        with forced_parallel(kernels, threads):
+            got = kernels.max_pool2d(x, 2, 2, 2, 2, 0, 0, False)
+            with switched_off(kernels, "pool_flat"):
+                per_plane = kernels.max_pool2d(x, 2, 2, 2, 2, 0, 0, False)
+        assert torch.equal(got.isnan(), per_plane.isnan()), threads
+        assert torch.equal(got.nan_to_num(0.0), per_plane.nan_to_num(0.0)), threads
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 8, 8), (3, 5, 7, 9), (2, 3, 1, 1), (1, 2, 4, 37)])

@@ -82,6 +82,10 @@ struct TapOffCache {
   std::shared_ptr<const std::vector<int64_t>> offs;
   std::shared_ptr<const RowTaps> rows;     // the small-output path (sparse_conv2d_small), keyed by its ngroups
   std::shared_ptr<const KTiles> ktiles;    // the batched small-output path (sparse_conv2d_batched)
+  // the small-output path's im2col row of each tap (chan * kh * kw + pos): 16-bit where the rows allow (6 bytes
+  // streamed per tap with the weight instead of 8), else 32-bit
+  std::shared_ptr<const std::vector<uint16_t>> xrows16;
+  std::shared_ptr<const std::vector<int32_t>> xrows32;
 };
 // Outputs the wide grid would compute mostly in padding (4x4 and 2x2 maps with more than a few vectors of
 // positions, e.g. at batch 64) run as a sparse matrix times im2col tiles (sparse_conv2d_batched) unless this is
@@ -115,8 +119,11 @@ extern bool g_band_copy_rows;
 // (default 8; set_sparse_band_min_vectors)
 extern int64_t g_sparse_band_min_vectors;
 // Small outputs of plan steps run from their RowTaps (each thread a group of filters, the im2col rows streamed
-// once) unless this is off (set_small_rowtaps; off: every filter gathers its taps' rows).
+// once) if this is on (set_small_rowtaps; default off since 2026-12-05: every filter gathers its taps' rows).
 extern bool g_small_rowtaps;
+// The small-output path's im2col rows are 4 / 8 floats (xmm / ymm multiply-adds) for outputs of at most 4 / 8
+// positions (2x2 maps at batch 1-2) instead of whole 16-float vectors unless this is off (set_small_narrow).
+extern bool g_small_narrow;
 
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,
@@ -140,6 +147,9 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
 // reference twin is F.max_pool2d (ATen's CPU max pooling measured 10-20x slower here).
 // Plans run max pooling with this kernel unless set_native_pool(False) (then ATen's, for A/B measurement).
 extern bool g_native_pool;
+// With AVX-512, 2x2 / stride-2 pooling of even maps 2-32 columns wide runs over the whole tensor as one sequence of row
+// pairs, 16 outputs per 4 vector loads (set_pool_flat; off: plane by plane)
+extern bool g_pool_flat;
 torch::Tensor max_pool2d(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                          bool ceil_mode);
 

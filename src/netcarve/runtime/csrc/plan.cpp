@@ -347,9 +347,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-1 = always where the row layout does not apply)");
   m.def("set_banded", [](bool v) { g_banded = v; },
         "row-layout convs: each thread builds and computes its own output rows (default on; off: shared planes)");
+  m.def("set_small_narrow", [](bool v) { g_small_narrow = v; },
+        "small outputs of at most 4 / 8 positions gather 4- / 8-float im2col rows (default on; off: 16-float rows)");
   m.def("set_small_rowtaps", [](bool v) { g_small_rowtaps = v; },
         "plan steps with small sparse conv outputs (im2col path, one or two vectors) run from taps regrouped by "
-        "im2col row, a filter group per thread (default on; off: per-filter tap lists)");
+        "im2col row, a filter group per thread (default off: per-filter tap lists, gathered rows)");
   m.def("set_batched_small", [](bool v) { g_batched_small = v; },
         "sparse convs whose 4x4 / 2x2 outputs span several vectors (large batches) run as the sparse weight times "
         "L1-sized tiles of the im2col matrix (default on; off: the padded wide grid)");
@@ -393,6 +395,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_native_pool", [](bool v) { g_native_pool = v; },
         "plans run max pooling, global average pooling and option-A shortcuts with netcarve's kernels (default on; "
         "off: ATen's ops)");
+  m.def("set_pool_flat", [](bool v) { g_pool_flat = v; },
+        "AVX-512: 2x2 / stride-2 max pooling of even maps 2-32 wide over the whole tensor (default on; off: per plane)");
   m.def("native_pool", []() { return g_native_pool; }, "whether plans pool with netcarve's kernels");
   m.def("global_avg_pool", &global_avg_pool, "(N, C, H, W) -> (N, C, 1, 1) plane means (fp32)");
   m.def("shortcut_subsample", &shortcut_subsample,

@@ -24,7 +24,8 @@ int64_t g_sparse_band_min_vectors = 8;
 int64_t g_small_max_vectors = 4;
 bool g_row_layout = true;
 bool g_banded = true;
-bool g_small_rowtaps = true;
+bool g_small_rowtaps = false;
+bool g_small_narrow = true;
 bool g_batched_small = true;
 #if defined(__AVX512F__)
 double g_batched_fill = 0.7;
@@ -645,6 +646,56 @@ static void row_taps_accumulate(const float* __restrict xp, int64_t Pp, int64_t 
   }
 }
 
+// 4 / 8 / 16-float vectors with unaligned loads and stores and a broadcast (GCC ignores vector_size with a
+// template-dependent size, and the aligned(4) of an unaligned type passed through a template: one struct each)
+typedef float vec4f __attribute__((vector_size(16)));
+typedef float vec4fu __attribute__((vector_size(16), aligned(4)));
+typedef float vec8f __attribute__((vector_size(32)));
+typedef float vec8fu __attribute__((vector_size(32), aligned(4)));
+template <int W>
+struct VecN;
+template <>
+struct VecN<4> {
+  typedef vec4f v;
+  static v ld(const float* p) { return *reinterpret_cast<const vec4fu*>(p); }
+  static void st(float* p, v a) { *reinterpret_cast<vec4fu*>(p) = a; }
+  static v bc(float x) { return (v)_mm_set1_ps(x); }
+};
+template <>
+struct VecN<8> {
+  typedef vec8f v;
+  static v ld(const float* p) { return *reinterpret_cast<const vec8fu*>(p); }
+  static void st(float* p, v a) { *reinterpret_cast<vec8fu*>(p) = a; }
+  static v bc(float x) { return (v)_mm256_set1_ps(x); }
+};
+#if defined(__AVX512F__)
+template <>
+struct VecN<16> {
+  typedef vecf v;
+  static v ld(const float* p) { return loadu(p); }
+  static void st(float* p, v a) { storeu(p, a); }
+  static v bc(float x) { return (v)_mm512_set1_ps(x); }
+};
+#endif
+
+// acc[0 .. W) = sum over taps [t0, t1) of w[t] * X[row[t] * W .. + W) for im2col rows of W = 4, 8 or 16 floats
+// (xmm / ymm / zmm multiply-adds; four chains hide the FMA latency)
+template <int W, typename I>
+static inline void gather_rows(const float* __restrict xq, const I* __restrict row, const float* __restrict w,
+                               int64_t t0, int64_t t1, float* __restrict acc) {
+  using V = VecN<W>;
+  typename V::v a0 = V::bc(0.f), a1 = a0, a2 = a0, a3 = a0;
+  int64_t t = t0;
+  for (; t + 4 <= t1; t += 4) {
+    a0 += V::bc(w[t]) * V::ld(xq + (int64_t)row[t] * W);
+    a1 += V::bc(w[t + 1]) * V::ld(xq + (int64_t)row[t + 1] * W);
+    a2 += V::bc(w[t + 2]) * V::ld(xq + (int64_t)row[t + 2] * W);
+    a3 += V::bc(w[t + 3]) * V::ld(xq + (int64_t)row[t + 3] * W);
+  }
+  for (; t < t1; ++t) a0 += V::bc(w[t]) * V::ld(xq + (int64_t)row[t] * W);
+  V::st(acc, (a0 + a1) + (a2 + a3));
+}
+
 // The small-output path of sparse_conv2d (see there). X: (C*kh*kw, Pp) im2col of x, 64-byte aligned rows.
 static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
                                          const torch::Tensor& tq, const torch::Tensor& tw, const torch::Tensor& fo,
@@ -653,7 +704,11 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
                                          int64_t S, int64_t pad, bool relu, int64_t Ho, int64_t Wo, int64_t P,
                                          int64_t Pp, TapOffCache* cache) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), KK = kh * kw;
-  auto X = im2col_rows(x, kh, kw, S, pad, Ho, Wo, Pp);
+  const int64_t nv = Pp / VL;
+  const bool rowtaps = cache && g_small_rowtaps && nv <= 2 && F <= 65536;
+  // im2col row length: whole vectors, or 4 / 8 floats for the gather path's narrow outputs (below)
+  const int64_t Pq = rowtaps ? Pp : (g_small_narrow && P <= 4) ? 4 : (g_small_narrow && P <= 8) ? 8 : Pp;
+  auto X = im2col_rows(x, kh, kw, S, pad, Ho, Wo, Pq);
   const float* xp = X.data_ptr<float>();
   auto out = torch::empty({N, F, Ho, Wo}, x.options());
   float* op = out.data_ptr<float>();
@@ -662,7 +717,7 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
   const int32_t* pos = tq.data_ptr<int32_t>();
   const float* wv = tw.data_ptr<float>();
   const int32_t* ord = fo.data_ptr<int32_t>();
-  const int64_t L = fo.numel(), nv = Pp / VL;
+  const int64_t L = fo.numel();
   const Epilogue ep(bias, residual, out, "sparse_conv2d");
   const float* bp = ep.bp;
   const float* rp = ep.rp;
@@ -679,11 +734,14 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
     }
   };
   const int64_t work = tw.numel() * Pp;
-  // Plan steps (a cache to keep the regrouped taps in), outputs of one or two vectors: the row-taps form. Each
-  // thread takes a group of filters and streams the im2col rows once; the per-filter tap lists below gather a
-  // row per tap from all of X (L2 latency per tap: measured ~5 cycles per tap on one Zen 3 core, and slower on
-  // two threads than on one for a 512-channel 4x4 layer).
-  if (cache && g_small_rowtaps && nv <= 2 && F <= 65536) {
+  // With set_small_rowtaps(True), plan steps (a cache to keep the regrouped taps in) with outputs of one or two
+  // vectors run the row-taps form: each thread takes a group of filters and streams the im2col rows once,
+  // read-modify-writing a filter's accumulators per tap. Off by default since 2026-12-05: the per-filter gather
+  // below (accumulators in registers, 16-bit rows precomputed, 4- / 8-float rows for 2x2 outputs) ran the
+  // 512-channel 4x4 / 2x2 layers of pattern-sparse VGG-16 at batch 1 in 80-160 / 95 us against 180 / 260-290 us
+  // (plan profile, Zen 4 VM, 2 threads) and the whole model 1.49x faster (one process, alternated). (On a Zen 3
+  // the row-taps form had been ~10% faster per layer than the gather with its per-tap chan * KK + pos.)
+  if (rowtaps) {
     const int64_t K = C * KK;
     const int64_t ng = work < g_parallel_threshold ? 1 : std::min<int64_t>(F, at::get_num_threads());
     std::shared_ptr<const RowTaps> rt;
@@ -713,6 +771,39 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
     });
     return out;
   }
+  // Per filter list, its taps gathered from X: the accumulators stay in registers (no store per tap as in the
+  // row-taps form). Outputs of at most 4 / 8 positions (2x2 maps at batch 1) take X with rows of 4 / 8 floats and
+  // 128- / 256-bit multiply-adds: with 16-float rows 12 of 16 lanes were zeros, X was 4x larger (295 KiB for 512
+  // channels, in L2) and building it (a single-threaded fill of mostly zero tails) was 11% of a 512-channel 2x2
+  // layer's time. The taps' row offsets are computed once per layer (cache) instead of chan * KK + pos per tap.
+  const float* xq = xp;
+  const int64_t E = tw.numel(), K = C * KK;
+  std::shared_ptr<const std::vector<uint16_t>> r16;
+  std::shared_ptr<const std::vector<int32_t>> r32;
+  if (cache) {
+    std::lock_guard<std::mutex> lock(cache->m);
+    if (cache->xrows16 && (int64_t)cache->xrows16->size() == E) r16 = cache->xrows16;
+    if (cache->xrows32 && (int64_t)cache->xrows32->size() == E) r32 = cache->xrows32;
+  }
+  if (!r16 && !r32) {
+    if (K <= 65536) {
+      auto o = std::make_shared<std::vector<uint16_t>>(E);
+      for (int64_t t = 0; t < E; ++t) (*o)[t] = (uint16_t)(ch[t] * KK + pos[t]);
+      r16 = o;
+    } else {
+      auto o = std::make_shared<std::vector<int32_t>>(E);
+      for (int64_t t = 0; t < E; ++t) (*o)[t] = (int32_t)(ch[t] * KK + pos[t]);
+      r32 = o;
+    }
+    if (cache) {
+      std::lock_guard<std::mutex> lock(cache->m);
+      cache->xrows16 = r16;
+      cache->xrows32 = r32;
+    }
+  }
+  const uint16_t* x16 = r16 ? r16->data() : nullptr;
+  const int32_t* x32 = r32 ? r32->data() : nullptr;
+  auto xrow = [&](int64_t t) -> const float* { return xq + (x16 ? (int64_t)x16[t] : (int64_t)x32[t]) * Pq; };
   std::vector<char> has(F, 0);  // the tap lists' filters; the others get bias (+ residual) only
   for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
   const int64_t grain = work < g_parallel_threshold ? L + 1 : std::max<int64_t>(1, L / (8 * at::get_num_threads()));
@@ -720,29 +811,25 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
     alignas(64) float acc[SMALL_MAX_PX];
     for (int64_t i = b; i < e; ++i) {
       if (i == L) {  // filters without taps: bias (+ residual) only
-        std::fill(acc, acc + Pp, 0.f);
+        std::fill(acc, acc + Pq, 0.f);
         for (int64_t f = 0; f < F; ++f)
           if (!has[f]) emit(f, acc);
         continue;
       }
       const int64_t t0 = ptr[i], t1 = ptr[i + 1];
-      if (nv == 1) {  // one vector: four chains over the taps hide the FMA latency
-        vecf a0 = bcast(0.f), a1 = a0, a2 = a0, a3 = a0;
-        int64_t t = t0;
-        for (; t + 4 <= t1; t += 4) {
-          a0 += bcast(wv[t]) * loadu(xp + (ch[t] * KK + pos[t]) * Pp);
-          a1 += bcast(wv[t + 1]) * loadu(xp + (ch[t + 1] * KK + pos[t + 1]) * Pp);
-          a2 += bcast(wv[t + 2]) * loadu(xp + (ch[t + 2] * KK + pos[t + 2]) * Pp);
-          a3 += bcast(wv[t + 3]) * loadu(xp + (ch[t + 3] * KK + pos[t + 3]) * Pp);
-        }
-        for (; t < t1; ++t) a0 += bcast(wv[t]) * loadu(xp + (ch[t] * KK + pos[t]) * Pp);
-        storeu(acc, (a0 + a1) + (a2 + a3));
-      } else if (nv == 2) {  // 4x4 outputs at batch 1: two vectors, two taps at a time (four chains)
+      if (Pq == 4 || Pq == 8 || Pq == VL) {  // one row of 4 / 8 floats or one vector
+        if (Pq == 4)
+          x16 ? gather_rows<4>(xq, x16, wv, t0, t1, acc) : gather_rows<4>(xq, x32, wv, t0, t1, acc);
+        else if (Pq == 8)
+          x16 ? gather_rows<8>(xq, x16, wv, t0, t1, acc) : gather_rows<8>(xq, x32, wv, t0, t1, acc);
+        else
+          x16 ? gather_rows<VL>(xq, x16, wv, t0, t1, acc) : gather_rows<VL>(xq, x32, wv, t0, t1, acc);
+      } else if (nv == 2) {  // 4x4 outputs at batch 2: two vectors, two taps at a time (four chains)
         vecf a0 = bcast(0.f), a1 = a0, b0 = a0, b1 = a0;
         int64_t t = t0;
         for (; t + 2 <= t1; t += 2) {
-          const float* x0 = xp + (ch[t] * KK + pos[t]) * Pp;
-          const float* x1 = xp + (ch[t + 1] * KK + pos[t + 1]) * Pp;
+          const float* x0 = xrow(t);
+          const float* x1 = xrow(t + 1);
           const vecf w0 = bcast(wv[t]), w1 = bcast(wv[t + 1]);
           a0 += w0 * loadu(x0);
           a1 += w0 * loadu(x0 + VL);
@@ -750,7 +837,7 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
           b1 += w1 * loadu(x1 + VL);
         }
         for (; t < t1; ++t) {
-          const float* x0 = xp + (ch[t] * KK + pos[t]) * Pp;
+          const float* x0 = xrow(t);
           const vecf w0 = bcast(wv[t]);
           a0 += w0 * loadu(x0);
           a1 += w0 * loadu(x0 + VL);
@@ -763,7 +850,7 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
           vecf a[4] = {bcast(0.f), bcast(0.f), bcast(0.f), bcast(0.f)};
           for (int64_t t = t0; t < t1; ++t) {
             const vecf w = bcast(wv[t]);
-            const float* xr = xp + (ch[t] * KK + pos[t]) * Pp + v0 * VL;
+            const float* xr = xrow(t) + v0 * VL;
             for (int64_t k = 0; k < m; ++k) a[k] += w * loadu(xr + k * VL);
           }
           for (int64_t k = 0; k < m; ++k) storeu(acc + (v0 + k) * VL, a[k]);
