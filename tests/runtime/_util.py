@@ -23,20 +23,20 @@ def forced_parallel(kernels, threads: int | None = None):
 
 
 @contextmanager
+def _switched(kernels, name: str, on: bool):
+    """``set_<name>(on)`` for the block, ``set_<name>(not on)`` (the default) after it."""
+    getattr(kernels, f"set_{name}")(on)
+    try:
+        yield
+    finally:
+        getattr(kernels, f"set_{name}")(not on)
+
+
 def switched_off(kernels, name: str):
     """A kernel path switched off (``set_<name>(False)``) for the block, back on (its default) after it."""
-    getattr(kernels, f"set_{name}")(False)
-    try:
-        yield
-    finally:
-        getattr(kernels, f"set_{name}")(True)
+    return _switched(kernels, name, False)
 
 
-@contextmanager
 def switched_on(kernels, name: str):
     """A kernel path that is off by default switched on (``set_<name>(True)``) for the block, off again after it."""
-    getattr(kernels, f"set_{name}")(True)
-    try:
-        yield
-    finally:
-        getattr(kernels, f"set_{name}")(False)
+    return _switched(kernels, name, True)
