@@ -129,8 +129,8 @@ torch::Tensor max_pool2d(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, in
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
 #if defined(__AVX512F__)
-  if (g_pool_flat && kh == 2 && kw == 2 && sh == 2 && sw == 2 && ph == 0 && pw == 0 && H % 2 == 0 && W <= 32 &&
-      32 % W == 0) {
+  if (g_pool_flat && kh == 2 && kw == 2 && sh == 2 && sw == 2 && ph == 0 && pw == 0 && H % 2 == 0 &&
+      32 % W == 0) {  // W in {2, 4, 8, 16, 32} (W >= kw)
     pool2x2_flat(xp, op, W, N * C * Ho * Wo);
     return out;
   }

@@ -779,7 +779,6 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
   // 128- / 256-bit multiply-adds: with 16-float rows 12 of 16 lanes were zeros, X was 4x larger (295 KiB for 512
   // channels, in L2) and building it (a single-threaded fill of mostly zero tails) was 11% of a 512-channel 2x2
   // layer's time. The taps' row offsets are computed once per layer (cache) instead of chan * KK + pos per tap.
-  const float* xq = xp;
   const int64_t E = tw.numel(), K = C * KK;
   std::shared_ptr<const std::vector<uint16_t>> r16;
   std::shared_ptr<const std::vector<int32_t>> r32;
@@ -806,7 +805,7 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
   }
   const uint16_t* x16 = r16 ? r16->data() : nullptr;
   const int32_t* x32 = r32 ? r32->data() : nullptr;
-  auto xrow = [&](int64_t t) -> const float* { return xq + (x16 ? (int64_t)x16[t] : (int64_t)x32[t]) * Pq; };
+  auto xrow = [&](int64_t t) -> const float* { return xp + (x16 ? (int64_t)x16[t] : (int64_t)x32[t]) * Pq; };
   std::vector<char> has(F, 0);  // the tap lists' filters; the others get bias (+ residual) only
   for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
   const int64_t grain = work < g_parallel_threshold ? L + 1 : std::max<int64_t>(1, L / (8 * at::get_num_threads()));
@@ -822,11 +821,11 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
       const int64_t t0 = ptr[i], t1 = ptr[i + 1];
       if (Pq == 4 || Pq == 8 || Pq == VL) {  // one row of 4 / 8 floats or one vector
         if (Pq == 4)
-          x16 ? gather_rows<4>(xq, x16, wv, t0, t1, acc) : gather_rows<4>(xq, x32, wv, t0, t1, acc);
+          x16 ? gather_rows<4>(xp, x16, wv, t0, t1, acc) : gather_rows<4>(xp, x32, wv, t0, t1, acc);
         else if (Pq == 8)
-          x16 ? gather_rows<8>(xq, x16, wv, t0, t1, acc) : gather_rows<8>(xq, x32, wv, t0, t1, acc);
+          x16 ? gather_rows<8>(xp, x16, wv, t0, t1, acc) : gather_rows<8>(xp, x32, wv, t0, t1, acc);
         else
-          x16 ? gather_rows<VL>(xq, x16, wv, t0, t1, acc) : gather_rows<VL>(xq, x32, wv, t0, t1, acc);
+          x16 ? gather_rows<VL>(xp, x16, wv, t0, t1, acc) : gather_rows<VL>(xp, x32, wv, t0, t1, acc);
       } else if (nv == 2) {  // 4x4 outputs at batch 2: two vectors, two taps at a time (four chains)
         vecf a0 = bcast(0.f), a1 = a0, b0 = a0, b1 = a0;
         int64_t t = t0;
