@@ -35,6 +35,9 @@ K prune + BN recalibration + KD fine-tune steps on a geometric MACs schedule (``
 regularisation of the full model instead, ending in the same physical removal. ``--reconstruct B`` (netcarve
 channel pruning, any ``--algorithm``) replaces BN recalibration by a least-squares refit of every conv / linear against the
 dense model on B training batches (``netcarve.compact.reconstruct``).
+``--layer-ratio PATTERN=R`` (netcarve, ``--groups all``, one-shot; repeatable) sets the widths per group instead of
+a MACs target, as ``netcarve prune --layer-ratio`` does (e.g. the stage-2 residual channels ``layer2.0.conv2``, the
+stage-3 inner ones ``layer3.*.conv1``; groups no pattern names stay whole).
 ``--batch-size`` / ``--precision bf16`` / ``--channels-last`` change the fine-tuning batch and arithmetic. ``train --prune-only`` stops after pruning: its ``pruned`` model is timed by ``latency`` /
 ``profile`` like a finished one (latency does not depend on the weights), and ``report`` takes the accuracy of
 such a variant from the committed results (a variant trained on another machine; its row says so).
@@ -59,6 +62,7 @@ import netcarve
 from netcarve.compact import prune_blocks, prune_channels, recalibrate_bn, reconstruct
 from netcarve.criteria import list_criteria
 from netcarve.data import make_loaders
+from netcarve.flows.prune import parse_layer_ratios
 from netcarve.graph import build_channel_groups
 from netcarve.graph.groups import GroupSet
 from netcarve.measure import compare_latency, count_model, engine_available, environment
@@ -91,7 +95,7 @@ def _widths(model) -> dict[str, int]:
 
 
 def prune_netcarve(base, target: float, groups: str, round_to: int = 1, loader=None, global_ranking: bool = False,
-                   criterion: str = "l1"):
+                   criterion: str = "l1", layer_ratios: dict[str, float] | None = None):
     x = example_input(base, batch=1)
     if groups.startswith("depth"):  # whole residual blocks, least loss rise first (8 training batches)
         # depth+all: blocks for the first sqrt(target) of the MACs reduction, then all channels for the rest
@@ -110,10 +114,13 @@ def prune_netcarve(base, target: float, groups: str, round_to: int = 1, loader=N
     gs = build_channel_groups(base, x)
     if groups == "inner":
         gs = GroupSet(gs.model_name, groups=[g for g in gs.groups if not g.coupled])
-    pr = prune_channels(base, x, criterion=_criterion(base, criterion, loader), macs_reduction=target, groups=gs,
-                        round_to=round_to, global_ranking=global_ranking)
+    # with layer_ratios the widths are the user's (the groups they leave out stay whole): no MACs target
+    pr = prune_channels(base, x, criterion=_criterion(base, criterion, loader), groups=gs, round_to=round_to,
+                        macs_reduction=None if layer_ratios else target, global_ranking=global_ranking,
+                        layer_ratios=layer_ratios or None)  # fmt: skip
     return pr.model, {"ratio": pr.ratio, "groups": len(gs.groups), "round_to": round_to, "_groups": gs, "_keep": pr.keep,
                       **({"global_ranking": True} if global_ranking else {}),
+                      **({"layer_ratios": layer_ratios} if layer_ratios else {}),
                       **({"criterion": criterion} if criterion != "l1" else {})}
 
 
@@ -211,6 +218,9 @@ def cmd_train(a) -> None:
         raise SystemExit("--criterion other than l1: netcarve one-shot pruning only")
     if a.algorithm != "oneshot" and (a.tool != "netcarve" or a.groups != "all"):
         raise SystemExit(f"--algorithm {a.algorithm} / --steps needs --tool netcarve --groups all")
+    layer_ratios = parse_layer_ratios(a.layer_ratio)
+    if layer_ratios and (a.tool != "netcarve" or a.groups != "all" or a.algorithm != "oneshot"):
+        raise SystemExit("--layer-ratio: netcarve one-shot pruning with --groups all only")
     if a.reconstruct and (a.tool != "netcarve" or a.groups.startswith("depth")):
         raise SystemExit("--reconstruct: netcarve channel pruning only")
     rec["tool"] = a.tool
@@ -218,7 +228,8 @@ def cmd_train(a) -> None:
         torch.manual_seed(0)
         if a.tool == "netcarve":
             model, extra = prune_netcarve(base, a.macs_reduction, a.groups, a.round_to, loader=train,
-                                          global_ranking=a.global_ranking, criterion=a.criterion)
+                                          global_ranking=a.global_ranking, criterion=a.criterion,
+                                          layer_ratios=layer_ratios)  # fmt: skip
         else:
             model, extra = prune_torch_pruning(base, a.macs_reduction, a.groups, a.round_to)
         rec["tool"] = a.tool
@@ -535,6 +546,10 @@ def main() -> None:
                                 "gradients of 8 training batches); one-shot pruning only")
             s.add_argument("--global-ranking", action="store_true",
                            help="netcarve channel groups: rank channels across groups (per-group widths differ)")
+            s.add_argument("--layer-ratio", action="append", default=[], metavar="PATTERN=RATIO",
+                           help="netcarve, --groups all, one-shot: the fraction of channels removed from the groups "
+                                "produced by matching layers (netcarve prune --layer-ratio; the last matching "
+                                "pattern wins, unnamed groups stay whole); replaces the MACs target; repeatable")
             s.add_argument("--prune-only", action="store_true",
                            help="prune (+ BN recalibration) and stop: the architecture for latency / profile")
             s.add_argument("--round-to", type=int, default=1)
