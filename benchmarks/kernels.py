@@ -7,7 +7,9 @@ linear kernel (90% sparse in 4x16 / 16x16 tiles) against torch.addmm (MKL) on GR
 Median of ``--repeats`` calls after warm-up, from Python (the same call overhead for both sides); results in
 ``benchmarks/results/kernels.json`` with the environment. Linear rows are also timed the way the runtime calls
 them, from C++ (a one-step native plan each, dense = ATen's addmm, sparse = the BSR kernel: ``*_native_ms``), since
-at these sizes a Python call costs as much as the sparse matmul. ``--only linear`` skips the convs. Correctness is
+at these sizes a Python call costs as much as the sparse matmul; plus netcarve's own dense kernel, which plans use for
+batches of at most 4 rows (``netcarve_dense_native_ms``; at batch 32 it is addmm again), and the BSR kernel's speedup
+over the faster of the two dense ones (``native_speedup_vs_fastest_dense``). ``--only linear`` skips the convs. Correctness is
 the tests' job; each row also records the max abs difference to the dense twin.
 """
 
@@ -99,19 +101,28 @@ def main() -> None:
                     sparse = _time(lambda x=x, bt=bt, b=b, r=r: mod.bsr_linear(x, *bt, b, r), a.repeats * 5)
                     diff = float((mod.bsr_linear(x, *bt, b, r) - torch.addmm(b, x, w.t())).abs().max())
                     native = {}
-                    for kind, sp in (("dense", False), ("sparse", True)):
+                    # dense: ATen's addmm, and netcarve's own dense kernel where the plan uses it (batches <= 4)
+                    for kind, sp, small in (("dense", False, False), ("netcarve_dense", False, True),
+                                            ("sparse", True, True)):
                         plan = mod.Plan(2, 1)
                         plan.add_linear("fc", 0, 1, w, b, False, list(bt), sp)
                         reps = a.repeats * 25
+                        mod.set_dense_small_linear(small)
                         native[kind] = min(plan.time(x, reps, reps // 10) for _ in range(3))
+                    mod.set_dense_small_linear(True)
+                    fastest = min(native["dense"], native["netcarve_dense"])
                     rows.append({"kernel": "bsr_linear", "shape": f"{r}x{k} block {blk[0]}x{blk[1]}", "batch": m_,
                                  "density": float((w != 0).float().mean()), "dense_ms": dense, "sparse_ms": sparse,
                                  "speedup": dense / sparse, "max_abs_diff": diff,
                                  "dense_native_ms": native["dense"], "sparse_native_ms": native["sparse"],
-                                 "native_speedup": native["dense"] / native["sparse"]})
+                                 "native_speedup": native["dense"] / native["sparse"],
+                                 "netcarve_dense_native_ms": native["netcarve_dense"],
+                                 "native_speedup_vs_fastest_dense": fastest / native["sparse"]})
                     print(f"linear {r}x{k} {blk} M={m_}: dense {dense * 1e3:.1f} us, bsr {sparse * 1e3:.1f} us, "
                           f"{dense / sparse:.2f}x; from C++ {native['dense'] * 1e3:.1f} / {native['sparse'] * 1e3:.1f}"
-                          f" us, {native['dense'] / native['sparse']:.2f}x", flush=True)
+                          f" us, {native['dense'] / native['sparse']:.2f}x; netcarve dense "
+                          f"{native['netcarve_dense'] * 1e3:.1f} us, fastest dense / bsr "
+                          f"{fastest / native['sparse']:.2f}x", flush=True)
     env = environment(a.threads)
     env["kernels"] = st["info"]
     out = Path(a.out)

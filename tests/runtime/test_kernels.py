@@ -570,6 +570,30 @@ def test_bsr_linear_batched_parallel(kernels, threads, bh, bw):
         kernels.set_parallel_threshold(old_threshold)
         torch.set_num_threads(old_threads)
 
+# Dense linear steps of at most 4 batch rows run netcarve's dot-product kernel (dense_small): 1-5 rows (5: ATen),
+# K with and without a vector tail (3, 70, 128), R not a multiple of its 4-row blocks (37), bias or none, a strided
+# input, 1-3 threads with the work split forced; against F.linear and against the same plan on ATen's addmm.
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("k", [3, 70, 128])
+def test_dense_small_linear_matches_f_linear(kernels, threads, k):
+    with forced_parallel(kernels, threads):
+        torch.manual_seed(threads * 100 + k)
+        rows = 37
+        w = torch.randn(rows, k)
+        b = torch.randn(rows)
+        for bias in (b, None):
+            plan = kernels.Plan(2, 1)
+            plan.add_linear("fc", 0, 1, w, bias, False, [], False)
+            for m in (1, 2, 3, 4, 5):
+                for x in (torch.randn(m, k), torch.randn(k, m).t()):
+                    ref = torch.nn.functional.linear(x, w, bias)
+                    out = plan.run(x)
+                    assert out.shape == (m, rows) and _rel_err(out, ref) <= 1e-4, (m, bias is None)
+                    with switched_off(kernels, "dense_small_linear"):
+                        aten = plan.run(x)
+                    assert _rel_err(out, aten) <= 1e-4, (m, bias is None)
+
+
 def test_choose_block_follows_the_zero_structure():
     from netcarve.runtime.kernels import choose_block
     from netcarve.sparsity import make_scheme

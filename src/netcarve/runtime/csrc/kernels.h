@@ -163,6 +163,9 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
                          c10::optional<torch::Tensor> bias, int64_t out_features);
 
 // A matmul y = x W^T (+ bias) that is dense (w) or BSR (ptr / idx / val, sparse = true).
+// Dense linear / gate matmuls of at most 4 batch rows run netcarve's dot-product kernel unless this is off (then
+// ATen's addmm; set_dense_small_linear)
+extern bool g_dense_small_linear;
 struct MatW {
   torch::Tensor w, ptr, idx, val, bias;
   int64_t out = 0;

@@ -414,6 +414,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "banded sparse convs split the output rows over the threads when each gets at least this many row vectors, "
         "else the filters (default 8)");
   m.def("sparse_band_min_vectors", []() { return g_sparse_band_min_vectors; });
+  m.def("set_dense_small_linear", [](bool v) { g_dense_small_linear = v; },
+        "dense linear and LSTM / GRU gate matmuls of at most 4 batch rows run netcarve's dot-product kernel (default "
+        "on; off: ATen's addmm)");
   m.def("set_fused_store", [](bool v) { g_fused_store = v; },
         "sparse convs in the row layout (and multi-row) and banded direct convs store each filter's block straight "
         "from the accumulator registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");
