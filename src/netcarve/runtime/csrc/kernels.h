@@ -166,6 +166,9 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
 // Dense linear / gate matmuls of at most 4 batch rows run netcarve's dot-product kernel unless this is off (then
 // ATen's addmm; set_dense_small_linear)
 extern bool g_dense_small_linear;
+// BSR matmuls at batch 1 (AVX-512, tiles a whole number of vectors wide) reduce 16 output rows at a time into one
+// vector (reduce16) unless this is off (then per block row, lane sums and scalar stores; set_bsr_rows16)
+extern bool g_bsr_rows16;
 struct MatW {
   torch::Tensor w, ptr, idx, val, bias;
   int64_t out = 0;

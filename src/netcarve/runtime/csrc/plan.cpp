@@ -417,6 +417,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_dense_small_linear", [](bool v) { g_dense_small_linear = v; },
         "dense linear and LSTM / GRU gate matmuls of at most 4 batch rows run netcarve's dot-product kernel (default "
         "on; off: ATen's addmm)");
+  m.def("set_bsr_rows16", [](bool v) { g_bsr_rows16 = v; },
+        "AVX-512 builds: BSR matmuls at batch 1 reduce 16 output rows at a time into one vector (default on; off: per "
+        "block row, lane sums and scalar stores)");
   m.def("set_fused_store", [](bool v) { g_fused_store = v; },
         "sparse convs in the row layout (and multi-row) and banded direct convs store each filter's block straight "
         "from the accumulator registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");
