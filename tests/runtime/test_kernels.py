@@ -595,6 +595,7 @@ def test_dense_small_linear_matches_f_linear(kernels, threads, k):
                     with switched_off(kernels, "dense_small_linear"):
                         aten = plan.run(x)
                     assert _rel_err(out, aten) <= 1e-4, (m, bias is None)
+            assert plan.run(torch.randn(0, k)).shape == (0, rows)  # an empty batch: ATen's path
 
 
 def test_choose_block_follows_the_zero_structure():

@@ -162,13 +162,14 @@ torch::Tensor shortcut_subsample(torch::Tensor x, int64_t stride, int64_t channe
 torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
                          c10::optional<torch::Tensor> bias, int64_t out_features);
 
-// A matmul y = x W^T (+ bias) that is dense (w) or BSR (ptr / idx / val, sparse = true).
 // Dense linear / gate matmuls of at most 4 batch rows run netcarve's dot-product kernel unless this is off (then
 // ATen's addmm; set_dense_small_linear)
 extern bool g_dense_small_linear;
 // BSR matmuls at batch 1 (AVX-512, tiles a whole number of vectors wide) reduce 16 output rows at a time into one
 // vector (reduce16) unless this is off (then per block row, lane sums and scalar stores; set_bsr_rows16)
 extern bool g_bsr_rows16;
+
+// A matmul y = x W^T (+ bias) that is dense (w) or BSR (ptr / idx / val, sparse = true).
 struct MatW {
   torch::Tensor w, ptr, idx, val, bias;
   int64_t out = 0;

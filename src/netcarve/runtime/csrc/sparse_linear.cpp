@@ -501,7 +501,8 @@ torch::Tensor MatW::apply(const torch::Tensor& x) const {
     return bsr_linear(x, ptr, idx, val, b, out);
   }
   // (4 batch rows only with whole vectors: with a scalar K tail ATen was faster there, 384 x 130: 0.9x)
-  if (g_dense_small_linear && x.dim() == 2 && (x.size(0) <= 3 || (x.size(0) == 4 && x.size(1) % RL == 0)) &&
+  if (g_dense_small_linear && x.dim() == 2 && x.size(0) >= 1 &&
+      (x.size(0) <= 3 || (x.size(0) == 4 && x.size(1) % RL == 0)) &&
       x.scalar_type() == torch::kFloat32 &&
       w.is_contiguous() && w.scalar_type() == torch::kFloat32 && (!bias.defined() || bias.is_contiguous()))
     return dense_small(x, w, bias);
