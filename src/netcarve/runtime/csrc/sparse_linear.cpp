@@ -349,11 +349,14 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
   const int64_t work = val.numel() * M;
   // Below 4x the kernels' threshold of multiply-adds (a 90%-sparse 384 x 128 matmul at batch 32, ~6 us on one
   // thread) the calling thread does it all: two threads saved ~1 us at best and, in some processes on a 2-vCPU VM,
-  // doubled the time (7.8 against 16-18 us, same inputs).
+  // doubled the time (7.8 against 16-18 us, same inputs). Below batch 8 (no transposes, the weights streamed once
+  // per call) from the threshold itself: a 90%-sparse 1536 x 512 matmul at batch 1 (79k multiply-adds) ran 5.2 ->
+  // 4.0 us on two threads (Zen 4 VM, one process, alternated; 384 x 128 ones, 4.9k at batch 1, stay on one).
   // Otherwise one chunk of block rows per thread, cut at equal shares of tiles (plus half a tile per block row for
   // its accumulator set-up and stores): block-sparse rows hold very different tile counts (whole gate rows empty
   // after unbalanced pruning), and equal row counts left one thread with most of the tiles.
-  const int64_t nchunks = work < 4 * g_parallel_threshold ? 1 : std::min<int64_t>(RB, at::get_num_threads());
+  const int64_t par_min = M >= kBsrBatchedMin ? 4 * g_parallel_threshold : g_parallel_threshold;
+  const int64_t nchunks = work < par_min ? 1 : std::min<int64_t>(RB, at::get_num_threads());
   std::vector<int64_t> cut(nchunks + 1, RB);
   cut[0] = 0;
   {
