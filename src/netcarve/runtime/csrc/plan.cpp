@@ -192,10 +192,10 @@ class Plan {
     c10::InferenceMode guard;
     const size_t n = steps_.size();
     std::vector<std::vector<double>> t(n);
+    const std::vector<int64_t> last = last_uses();  // (the same for every repetition)
     for (int64_t r = 0; r < warmup + repeats; ++r) {
       std::vector<torch::Tensor> v(nvals_);
       v[0] = x.contiguous();
-      const std::vector<int64_t> last = last_uses();
       for (size_t i = 0; i < n; ++i) {
         auto a = std::chrono::steady_clock::now();
         v[steps_[i].out] = exec(steps_[i], v);
