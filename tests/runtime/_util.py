@@ -23,6 +23,17 @@ def forced_parallel(kernels, threads: int | None = None):
 
 
 @contextmanager
+def at_threads(threads: int):
+    """Only ``threads`` torch threads for the block (the kernels' own parallel threshold), restored after it."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+@contextmanager
 def _switched(kernels, name: str, on: bool):
     """``set_<name>(on)`` for the block, ``set_<name>(not on)`` (the default) after it."""
     getattr(kernels, f"set_{name}")(on)

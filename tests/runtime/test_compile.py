@@ -19,7 +19,7 @@ from netcarve.runtime.compiled import SPARSE_MARGIN, SPARSE_MAX_DENSITY
 from netcarve.runtime.plan import build_native
 from netcarve.sparsity import make_scheme
 
-from ._util import forced_parallel, switched_off, switched_on
+from ._util import at_threads, forced_parallel, switched_off, switched_on
 
 
 def _prepared(name: str, seed: int = 0, sparse: bool = True) -> nn.Module:
@@ -157,6 +157,51 @@ def test_released_values_do_not_change_outputs(kernels, name):
         assert _rel(got, ref[: len(xb)]) <= 1e-4
     prof = c.profile(x, 2, 1)  # the per-step timing loop drops values the same way
     assert prof and all(p["ms"] >= 0 for p in prof)
+
+
+@pytest.mark.parametrize("name", ["branchy", "resnet20", "mobilenetv2", "gru"])
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_team_runs_match_fork_join(kernels, name, mode):
+    """Plans run their steps in one OpenMP region per run of netcarve-kernel steps, the kernels' loops handed to the
+    waiting threads (set_team, default on): bitwise the outputs of a fork and join per loop, at 1-3 threads, with
+    every kernel forced parallel, over batch sizes, in run and profile, with ATen steps (mobilenetv2's depthwise
+    convs, the cat) splitting the runs."""
+    if name == "branchy":
+        m, x = _Branchy().eval(), torch.randn(3, 3, 8, 8)
+    else:
+        m = _prepared(name)
+        x = _example(m, 3)
+    c = compile(m, x, sparse=mode)
+    with torch.no_grad():
+        ref = m(x)
+    assert kernels.team()
+    for threads in (2, 3, 1):
+        for forced in (False, True):
+            ctx = forced_parallel(kernels, threads) if forced else at_threads(threads)
+            with ctx:
+                for xb in (x[:1], x):
+                    got = c(xb)
+                    with switched_off(kernels, "team"):
+                        fj = c(xb)
+                    assert torch.equal(got, fj), (threads, forced, len(xb))
+                    assert _rel(got, ref[: len(xb)]) <= 1e-4
+    prof = c.profile(x, 2, 1)
+    assert prof and all(p["ms"] >= 0 for p in prof)
+
+
+def test_team_run_errors_propagate_and_the_plan_recovers(kernels):
+    """A kernel's error inside a team region (an input of the wrong width reaching the first conv's check) is
+    raised on the calling thread, the waiting threads are released, and the next call runs normally."""
+    m = _prepared("resnet20")
+    x = _example(m, 2)
+    c = compile(m, x, sparse="never")
+    with torch.no_grad():
+        ref = m(x)
+    with forced_parallel(kernels, 2):
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="direct_conv2d"):
+                c._plan.run(torch.randn(2, 5, 32, 32))
+            assert _rel(c(x), ref) <= 1e-4
 
 
 class _DeepSmall(nn.Module):

@@ -2,6 +2,10 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -45,6 +49,93 @@ static inline vecf vmax0(vecf a) {
   return a;
 #endif
 }
+
+// A plan's thread team: a run of plan steps executes inside one OpenMP parallel region of torch's own pool
+// (plan.cpp), the calling thread running the steps and the others waiting for the steps' parallel loops, handed
+// over through two atomics (about 0.07 us a loop on this 2-core VM) instead of a fork and join of the OpenMP team
+// per loop (0.6 us measured; a channel-pruned ResNet-56 at batch 1 runs ~60 loops in ~0.7 ms). The loops split
+// their range exactly as at::parallel_for does, so results do not depend on the mode.
+struct Team {
+  int64_t nt = 1;                                 // threads, the calling one included
+  alignas(64) std::atomic<int64_t> seq{0};        // the current loop's number (workers wait for a new one); -1: done
+  alignas(64) std::atomic<int64_t> finished{0};   // workers done with the current loop
+  alignas(64) void (*fn)(const void*, int64_t, int64_t) = nullptr;  // the loop: fn(ctx, begin, end)
+  const void* ctx = nullptr;
+  int64_t begin = 0, end = 0, chunk = 0, ntasks = 0;
+  std::exception_ptr err;  // a worker's exception (the first), rethrown on the calling thread
+  std::atomic<bool> failed{false};
+
+  // the workers' loop (thread tid of nt): run every posted loop's chunk until the run ends
+  void work(int64_t tid) {
+    int64_t seen = 0;
+    for (;;) {
+      int64_t s;
+      while ((s = seq.load(std::memory_order_acquire)) == seen) _mm_pause();
+      if (s < 0) return;
+      seen = s;
+      const int64_t b = begin + tid * chunk;
+      if (tid < ntasks && b < end) {
+        try {
+          fn(ctx, b, std::min(end, b + chunk));
+        } catch (...) {
+          if (!failed.exchange(true)) err = std::current_exception();
+        }
+      }
+      finished.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+  // ends the workers' loop (the calling thread, once)
+  void release() { seq.store(-1, std::memory_order_release); }
+
+  // at::parallel_for's split (ATen/ParallelOpenMP.h): min(nt, ceil(n / grain)) chunks of ceil(n / tasks)
+  template <class F>
+  void parallel_for(int64_t b, int64_t e, int64_t grain, const F& f) {
+    const int64_t n = e - b;
+    const int64_t tasks = grain > 0 ? std::min<int64_t>(nt, (n + grain - 1) / grain) : nt;
+    if (n <= grain || n <= 1 || tasks <= 1) {
+      f(b, e);
+      return;
+    }
+    fn = [](const void* c, int64_t x, int64_t y) { (*static_cast<const F*>(c))(x, y); };
+    ctx = &f;
+    begin = b;
+    end = e;
+    ntasks = tasks;
+    chunk = (n + tasks - 1) / tasks;
+    finished.store(0, std::memory_order_relaxed);
+    seq.store(seq.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+    std::exception_ptr mine;
+    try {
+      f(b, std::min(e, b + chunk));
+    } catch (...) {
+      mine = std::current_exception();
+    }
+    // (f lives on this stack: wait for every worker before leaving, even on an exception)
+    while (finished.load(std::memory_order_acquire) < nt - 1) _mm_pause();
+    if (mine) std::rethrow_exception(mine);
+    if (failed.load(std::memory_order_acquire)) {
+      std::exception_ptr e2 = err;
+      err = nullptr;
+      failed.store(false);
+      std::rethrow_exception(e2);
+    }
+  }
+};
+// The team of the plan run on this thread (set on the calling thread inside a team region; null elsewhere)
+extern thread_local Team* t_team;
+
+// at::parallel_for, through the plan's team when called on its calling thread inside a team region
+template <class F>
+inline void parallel_for(int64_t b, int64_t e, int64_t grain, const F& f) {
+  if (b >= e) return;
+  if (Team* t = t_team) {
+    t->parallel_for(b, e, grain, f);
+    return;
+  }
+  at::parallel_for(b, e, grain, f);
+}
+// at::get_num_threads(), or the team's size inside a team region
+inline int64_t num_threads() { return t_team ? t_team->nt : at::get_num_threads(); }
 }  // namespace nck
 
 // Work (multiply-adds) below which a kernel runs on the calling thread instead of waking torch's thread team.
@@ -175,8 +266,14 @@ struct MatW {
   int64_t out = 0;
   bool sparse = false;
   torch::Tensor apply(const torch::Tensor& x) const;
+  // whether apply(x) runs on netcarve's kernels only (BSR, or the small dense kernel), not ATen's addmm
+  bool native(const torch::Tensor& x) const;
 };
 
 // One unidirectional LSTM (lstm = true; gates i, f, g, o) or GRU (r, z, n) layer over x (N, T, I).
 torch::Tensor rnn_layer(const torch::Tensor& x, const MatW& ih, const MatW& hh, int64_t hidden, bool lstm,
                         bool reverse = false);
+
+// Plans run consecutive steps that only use netcarve's kernels (and cheap ATen ops) inside one OpenMP region as a
+// Team unless this is off (set_team; off: every kernel loop forks and joins torch's OpenMP team)
+extern bool g_team;

@@ -7,9 +7,11 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <chrono>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -48,6 +50,8 @@ static MatW make_mat(const torch::Tensor& w, c10::optional<torch::Tensor> bias, 
 }  // namespace
 
 bool g_release_values = true;
+bool g_team = true;
+thread_local nck::Team* nck::t_team = nullptr;
 
 class Plan {
  public:
@@ -179,11 +183,7 @@ class Plan {
     c10::InferenceMode guard;
     std::vector<torch::Tensor> v(nvals_);
     v[0] = x.contiguous();
-    const std::vector<int64_t> last = last_uses();
-    for (size_t i = 0; i < steps_.size(); ++i) {
-      v[steps_[i].out] = exec(steps_[i], v);
-      release(i, last, v);
-    }
+    run_steps(v, last_uses(), nullptr);
     return v[output_];
   }
 
@@ -193,16 +193,13 @@ class Plan {
     const size_t n = steps_.size();
     std::vector<std::vector<double>> t(n);
     const std::vector<int64_t> last = last_uses();  // (the same for every repetition)
+    std::vector<double> once(n);
     for (int64_t r = 0; r < warmup + repeats; ++r) {
       std::vector<torch::Tensor> v(nvals_);
       v[0] = x.contiguous();
-      for (size_t i = 0; i < n; ++i) {
-        auto a = std::chrono::steady_clock::now();
-        v[steps_[i].out] = exec(steps_[i], v);
-        release(i, last, v);
-        auto b = std::chrono::steady_clock::now();
-        if (r >= warmup) t[i].push_back(std::chrono::duration<double, std::milli>(b - a).count());
-      }
+      run_steps(v, last, &once);
+      if (r >= warmup)
+        for (size_t i = 0; i < n; ++i) t[i].push_back(once[i]);
     }
     std::vector<double> med(n, 0.0);
     for (size_t i = 0; i < n; ++i) {
@@ -255,6 +252,96 @@ class Plan {
     for (int64_t j : steps_[i].in)
       if (last[j] == (int64_t)i) v[j] = torch::Tensor();
     if (last[steps_[i].out] == (int64_t)i) v[steps_[i].out] = torch::Tensor();  // never read
+  }
+
+  // One step: run, drop the values it read last, and (times) record its time in milliseconds.
+  void step(size_t i, std::vector<torch::Tensor>& v, const std::vector<int64_t>& last, std::vector<double>* times) {
+    if (!times) {
+      v[steps_[i].out] = exec(steps_[i], v);
+      release(i, last, v);
+      return;
+    }
+    auto a = std::chrono::steady_clock::now();
+    v[steps_[i].out] = exec(steps_[i], v);
+    release(i, last, v);
+    auto b = std::chrono::steady_clock::now();
+    (*times)[i] = std::chrono::duration<double, std::milli>(b - a).count();
+  }
+
+  // Whether a step can run inside a team region, where ATen's own parallel loops run on the calling thread alone:
+  // netcarve's kernels and views always; ATen element-wise ops, pads, concatenations and pools only on tensors
+  // ATen would not split anyway (at most its grain of 32768 elements); ATen convs and large matmuls never.
+  static bool small(const torch::Tensor& t) { return t.numel() <= 32768; }
+  bool team_safe(const Step& s, const std::vector<torch::Tensor>& v) const {
+    const torch::Tensor& x = v[s.in[0]];
+    switch (s.kind) {
+      case CONV:
+        return s.conv_kernel != 0;
+      case LINEAR:
+        return s.mats[0].native(x);
+      case RNN:
+        for (auto& m : s.mats)
+          if (!m.sparse) return false;
+        return true;
+      case MAXPOOL:
+      case GAP:
+      case SHORTCUT:
+        return (g_native_pool && x.dim() == 4) || small(x);
+      case FLATTEN:
+      case SELECT:
+        return true;
+      case ADD:
+      case MUL:
+        return small(x) && small(v[s.in[1]]);
+      case CAT:
+        for (int64_t j : s.in)
+          if (!small(v[j])) return false;
+        return true;
+      case RELU:
+      case CLAMP:
+      case AFFINE:
+      case PAD:
+      case MEAN:
+      case AVGPOOL:
+        return small(x);
+    }
+    return false;
+  }
+
+  // Runs every step: runs of team-safe steps inside one OpenMP region of torch's pool as a nck::Team (the calling
+  // thread runs the steps, the others their kernels' loops: no fork / join per loop), the others one by one.
+  void run_steps(std::vector<torch::Tensor>& v, const std::vector<int64_t>& last, std::vector<double>* times) {
+    const size_t n = steps_.size();
+    const int64_t nt = at::get_num_threads();
+    const bool team = g_team && nt > 1 && !at::in_parallel_region() && nck::t_team == nullptr;
+    size_t i = 0;
+    while (i < n) {
+      if (!team || !team_safe(steps_[i], v)) {
+        step(i++, v, last, times);
+        continue;
+      }
+      nck::Team tm;
+      std::exception_ptr eptr;
+#pragma omp parallel num_threads(nt)
+      {
+        const int64_t tid = omp_get_thread_num();
+        if (tid == 0) {
+          tm.nt = omp_get_num_threads();
+          nck::t_team = &tm;
+          try {
+            do step(i++, v, last, times);
+            while (i < n && team_safe(steps_[i], v));
+          } catch (...) {
+            eptr = std::current_exception();
+          }
+          nck::t_team = nullptr;
+          tm.release();
+        } else {
+          tm.work(tid);
+        }
+      }
+      if (eptr) std::rethrow_exception(eptr);
+    }
   }
 
   torch::Tensor exec(Step& s, std::vector<torch::Tensor>& v) {
@@ -378,6 +465,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-1 = always where the row layout does not apply)");
   m.def("set_banded", [](bool v) { g_banded = v; },
         "row-layout convs: each thread builds and computes its own output rows (default on; off: shared planes)");
+  m.def("set_team", [](bool v) { g_team = v; },
+        "plans run consecutive steps of netcarve's kernels inside one OpenMP region, the kernels' loops handed to the "
+        "waiting threads through atomics (default on; off: an OpenMP fork and join per loop)");
+  m.def("team", []() { return g_team; });
   m.def("set_release_values", [](bool v) { g_release_values = v; },
         "plans drop each value after its last reader (default on; off: every value lives until the run ends)");
   m.def("set_small_narrow", [](bool v) { g_small_narrow = v; },

@@ -94,7 +94,7 @@ void pool2x2_flat(const float* __restrict src, float* __restrict dst, int64_t W,
   };
   const int64_t chunks = outputs / 16;
   const int64_t grain = 256;  // 16k input floats per task
-  at::parallel_for(0, chunks, grain, [&](int64_t b, int64_t e) {
+  nck::parallel_for(0, chunks, grain, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const float* s = src + j * 64;
       const __m512 v0 = _mm512_loadu_ps(s), v1 = _mm512_loadu_ps(s + 16), v2 = _mm512_loadu_ps(s + 32),
@@ -138,7 +138,7 @@ torch::Tensor max_pool2d(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, in
   const int64_t planes = N * C, per_plane = std::max<int64_t>(1, H * W);
   // about 16k input floats per task: small layers stay on the calling thread
   const int64_t grain = std::max<int64_t>(1, ((int64_t)1 << 14) / per_plane);
-  at::parallel_for(0, planes, grain, [&](int64_t b, int64_t e) {
+  nck::parallel_for(0, planes, grain, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const float* s = xp + p * H * W;
       float* d = op + p * Ho * Wo;
@@ -159,7 +159,7 @@ torch::Tensor global_avg_pool(torch::Tensor x) {
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, ((int64_t)1 << 15) / HW);
-  at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
+  nck::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const float* s = xp + p * HW;
       vecf a0 = bcast(0.f), a1 = a0;
@@ -211,7 +211,7 @@ torch::Tensor shortcut_subsample(torch::Tensor x, int64_t stride, int64_t channe
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, ((int64_t)1 << 15) / std::max<int64_t>(1, Ho * Wo));
-  at::parallel_for(0, N * channels, grain, [&](int64_t b, int64_t e) {
+  nck::parallel_for(0, N * channels, grain, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t n = p / channels, c = from[p % channels];
       float* o = op + p * Ho * Wo;

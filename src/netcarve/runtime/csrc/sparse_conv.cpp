@@ -7,7 +7,8 @@
 //   * outputs are computed on a "wide" grid (rows of the phase-plane width; the extra columns are
 //     discarded), BLOCK pixels at a time held in vector registers across all of a filter's taps;
 //   * filters are visited in the given order (PatDNN's filter-kernel reorder: similar work together) and
-//     split over torch's own thread pool (at::parallel_for), so no second OpenMP pool competes with torch;
+//     split over torch's own thread pool (nck::parallel_for: at::parallel_for, or inside a plan's team region the
+//     threads of that region), so no second OpenMP pool competes with torch;
 //   * bias, a residual addition and ReLU are fused into the store.
 // The reference twin is F.conv2d on the dense weight (netcarve/runtime/kernels.py); tests compare both.
 #include "kernels.h"
@@ -319,7 +320,7 @@ static torch::Tensor phase_planes(const torch::Tensor& x, int64_t S, int64_t pad
   float* dst = planes.data_ptr<float>();
   if (S == 1) std::fill(dst + C * group, dst + total_len, 0.f);
   const int64_t fill_grain = N * C * H * W < (int64_t)1 << 16 ? N * C : 1;
-  at::parallel_for(0, C * N, fill_grain, [&](int64_t b, int64_t e) {
+  nck::parallel_for(0, C * N, fill_grain, [&](int64_t b, int64_t e) {
     for (int64_t cn = b; cn < e; ++cn) {
       const int64_t c = cn / N, n = cn % N;
       const float* s = src + (n * C + c) * H * W;
@@ -438,7 +439,7 @@ struct Bands {
   // vector v reading planes + vin[v] (+ a tap's offset) and storing to vout[v] (+ a filter's f * Ho * Wo)
   template <class Body>
   void run(const float* xs, Body&& body) const {
-    at::parallel_for(0, nb * ng, 1, [&](int64_t tb, int64_t te) {
+    nck::parallel_for(0, nb * ng, 1, [&](int64_t tb, int64_t te) {
       thread_local std::vector<float> buf;
       thread_local std::vector<int64_t> vin, vout;
       if ((int64_t)buf.size() < bfloats) buf.assign(bfloats, 0.f);
@@ -570,7 +571,7 @@ static torch::Tensor im2col_rows(const torch::Tensor& x, int64_t kh, int64_t kw,
   // it was 16x the threshold, so a 512-channel 4x4 layer's 74k-element matrix was built on one thread while the
   // other waited: VGG-16 at batch 1 1.08x / 1.27x faster (pattern / 90% unstructured, one process, alternated))
   const int64_t fill_grain = C * KK * P < g_parallel_threshold / 4 ? C : 1;
-  at::parallel_for(0, C, fill_grain, [&](int64_t c0, int64_t c1) {
+  nck::parallel_for(0, C, fill_grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const float* sc = src + c * H * W;
       for (int64_t kk = 0; kk < KK; ++kk) {
@@ -746,7 +747,7 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
   // the row-taps form had been ~10% faster per layer than the gather with its per-tap chan * KK + pos.)
   if (rowtaps) {
     const int64_t K = C * KK;
-    const int64_t ng = work < g_parallel_threshold ? 1 : std::min<int64_t>(F, at::get_num_threads());
+    const int64_t ng = work < g_parallel_threshold ? 1 : std::min<int64_t>(F, nck::num_threads());
     std::shared_ptr<const RowTaps> rt;
     {
       std::lock_guard<std::mutex> lock(cache->m);
@@ -757,7 +758,7 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
       std::lock_guard<std::mutex> lock(cache->m);
       cache->rows = rt;
     }
-    at::parallel_for(0, ng, 1, [&](int64_t gb, int64_t ge) {
+    nck::parallel_for(0, ng, 1, [&](int64_t gb, int64_t ge) {
       thread_local std::vector<float> accv;
       for (int64_t g = gb; g < ge; ++g) {
         const int64_t f0 = rt->f0[g], nf = rt->f0[g + 1] - f0;
@@ -808,8 +809,8 @@ static torch::Tensor sparse_conv2d_small(const torch::Tensor& x, const torch::Te
   auto xrow = [&](int64_t t) -> const float* { return xp + (x16 ? (int64_t)x16[t] : (int64_t)x32[t]) * Pq; };
   std::vector<char> has(F, 0);  // the tap lists' filters; the others get bias (+ residual) only
   for (int64_t i = 0; i < L; ++i) has[ord[i]] = 1;
-  const int64_t grain = work < g_parallel_threshold ? L + 1 : std::max<int64_t>(1, L / (8 * at::get_num_threads()));
-  at::parallel_for(0, L + 1, grain, [&](int64_t b, int64_t e) {
+  const int64_t grain = work < g_parallel_threshold ? L + 1 : std::max<int64_t>(1, L / (8 * nck::num_threads()));
+  nck::parallel_for(0, L + 1, grain, [&](int64_t b, int64_t e) {
     alignas(64) float acc[SMALL_MAX_PX];
     for (int64_t i = b; i < e; ++i) {
       if (i == L) {  // filters without taps: bias (+ residual) only
@@ -1001,7 +1002,7 @@ static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::
   float* op = out.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const std::vector<int64_t> empty = empty_filters(ord, L, F);
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
   // jobs: column tiles x filter groups (groups only where there are fewer tiles than 2 per thread; each group
   // gathers its own blocks)
   const int64_t ng = nct >= 2 * nthreads ? 1 : std::min<int64_t>(std::max<int64_t>(L, 1), (2 * nthreads + nct - 1) / nct);
@@ -1009,7 +1010,7 @@ static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::
   const int32_t* kptr = kt->ptr.data();
   const int32_t* koff = kt->off.data();
   const float* kw_ = kt->w.data();
-  at::parallel_for(0, nct * ng, work < g_parallel_threshold ? nct * ng : 1, [&](int64_t b, int64_t e) {
+  nck::parallel_for(0, nct * ng, work < g_parallel_threshold ? nct * ng : 1, [&](int64_t b, int64_t e) {
     thread_local std::vector<float> blkv, accv;
     const int64_t nlist_max = (L + ng - 1) / ng;
     if ((int64_t)blkv.size() < BT_ROWS * BT_COLS + 16) blkv.resize(BT_ROWS * BT_COLS + 16);
@@ -1062,7 +1063,7 @@ static void run_row_blocks(const float* pl, const int64_t* offs, const int32_t* 
                            const float* rp, const float* bp, bool relu, int64_t HoWo, int64_t work) {
   const int64_t lists = L + (empty.empty() ? 0 : 1);
   const int64_t nch = (nvec + chunkv - 1) / chunkv;
-  at::parallel_for(0, nch * ng, work < g_parallel_threshold ? nch * ng : 1, [&](int64_t b, int64_t e) {
+  nck::parallel_for(0, nch * ng, work < g_parallel_threshold ? nch * ng : 1, [&](int64_t b, int64_t e) {
     alignas(64) float acc[BLOCK];
     for (int64_t job = b; job < e; ++job) {
       const int64_t g = job % ng, v_beg = (job / ng) * chunkv, v_end = std::min<int64_t>(nvec, v_beg + chunkv);
@@ -1141,7 +1142,7 @@ static torch::Tensor sparse_conv2d_multirow(const torch::Tensor& x, const torch:
   for (int64_t kx = 0; flat && kx < kw; ++kx)
     for (int64_t l = 0; l < VL; ++l)
       if (l % W + kx - pad >= 0 && l % W + kx - pad < W) colmasks[kx] |= (uint32_t)1 << l;
-  at::parallel_for(0, C * N, N * C * H * W < ((int64_t)1 << 16) ? C * N : 1, [&](int64_t b, int64_t e) {
+  nck::parallel_for(0, C * N, N * C * H * W < ((int64_t)1 << 16) ? C * N : 1, [&](int64_t b, int64_t e) {
     for (int64_t cn = b; cn < e; ++cn) {
       const int64_t c = cn / N, n = cn % N;
       const float* s = src + (n * C + c) * H * W;
@@ -1212,7 +1213,7 @@ static torch::Tensor sparse_conv2d_multirow(const torch::Tensor& x, const torch:
   const int32_t* ord = fo.data_ptr<int32_t>();
   const std::vector<int64_t> empty = empty_filters(ord, L, F);
   const int64_t lists = L + (empty.empty() ? 0 : 1);
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
   // chunks of vectors whose windows (about VL x kw floats per vector and channel) fit in half of L2
   const int64_t chunkv = std::max<int64_t>(8, (131072 / std::max<int64_t>(1, VL * C * kw)) / 8 * 8);
   const int64_t nch = (nvec + chunkv - 1) / chunkv;
@@ -1314,7 +1315,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
       P >= g_multirow_min_vectors * VL) {
     return sparse_conv2d_multirow(x, tp, tc, tq, tw, fo, bias, residual, F, kh, kw, pad, relu, Ho, Wo, cache);
   }
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
   if (g_row_layout && g_banded && (Wo % VL == 0 || half)) {
     // Banded (see direct_conv2d): each thread takes a contiguous range of output rows (at batch 1 a band of one
     // image, at large batches whole images), builds the padded phase planes of just those rows (+ halo) in a
@@ -1442,7 +1443,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   // layers with little work run inline: waking the thread team costs more than it saves there
   const int64_t work = E * padded_total;  // multiply-adds computed
   const int64_t grain = work < g_parallel_threshold ? nchunks * ngroups : 1;
-  at::parallel_for(0, nchunks * ngroups, grain, [&](int64_t b, int64_t e) {
+  nck::parallel_for(0, nchunks * ngroups, grain, [&](int64_t b, int64_t e) {
     alignas(64) float acc[BLOCK];
     for (int64_t job = b; job < e; ++job) {
       const int64_t g = job % ngroups, c0 = (job / ngroups) * chunk;
@@ -1752,7 +1753,7 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
   const int64_t Pp = (P + BLKPX - 1) / BLKPX * BLKPX;
   // rows (outputs whose width is a multiple of the vector: every lane a real output) before the wide grid
   const bool row_mode = g_row_layout && Wo % VL == 0;
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
   const int64_t WV = Wo / VL;  // row mode: vectors per output row
 #if defined(__AVX512F__)
   if (g_half_rows && g_row_layout && g_banded && !row_mode && Wo % HVL == 0) {
@@ -1929,7 +1930,7 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
       wide.block(acc, BLKPX, fb * FBLK, nf, q0, qn);
     }
   };
-  at::parallel_for(0, ntasks, 1, [&](int64_t tb, int64_t te) {
+  nck::parallel_for(0, ntasks, 1, [&](int64_t tb, int64_t te) {
     alignas(64) float acc[FBLK * DNV * VL];
     const int64_t u0 = tb * units / ntasks, u1 = te * units / ntasks;
     for (int64_t c = 0; c < nchunks; ++c) {  // chunk c: blocks [cs, ce), units [FB * cs, FB * ce)

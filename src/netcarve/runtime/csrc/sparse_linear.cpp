@@ -356,7 +356,7 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
   // its accumulator set-up and stores): block-sparse rows hold very different tile counts (whole gate rows empty
   // after unbalanced pruning), and equal row counts left one thread with most of the tiles.
   const int64_t par_min = M >= kBsrBatchedMin ? 4 * g_parallel_threshold : g_parallel_threshold;
-  const int64_t nchunks = work < par_min ? 1 : std::min<int64_t>(RB, at::get_num_threads());
+  const int64_t nchunks = work < par_min ? 1 : std::min<int64_t>(RB, nck::num_threads());
   std::vector<int64_t> cut(nchunks + 1, RB);
   cut[0] = 0;
   {
@@ -369,7 +369,7 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
     }
   }
   auto run_chunks = [&](auto&& body) {
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    nck::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
         if (cut[c] < cut[c + 1]) body(cut[c], cut[c + 1]);
     });
@@ -484,11 +484,11 @@ static torch::Tensor dense_small(const torch::Tensor& x_, const torch::Tensor& w
       default: dense_rows<4>(xd, wd, bd, K, R, r0, r1, yd); break;
     }
   };
-  const int64_t nt = M * R * K < 4 * g_parallel_threshold ? 1 : std::min<int64_t>(at::get_num_threads(), R / 4);
+  const int64_t nt = M * R * K < 4 * g_parallel_threshold ? 1 : std::min<int64_t>(nck::num_threads(), R / 4);
   if (nt <= 1) {
     rows(0, R);
   } else {
-    at::parallel_for(0, nt, 1, [&](int64_t c0, int64_t c1) {
+    nck::parallel_for(0, nt, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) rows(c * R / nt / 4 * 4, c + 1 == nt ? R : (c + 1) * R / nt / 4 * 4);
     });
   }
@@ -497,18 +497,21 @@ static torch::Tensor dense_small(const torch::Tensor& x_, const torch::Tensor& w
 
 bool g_dense_small_linear = true;
 
+bool MatW::native(const torch::Tensor& x) const {
+  // (4 batch rows only with whole vectors: with a scalar K tail ATen was faster there, 384 x 130: 0.9x)
+  return sparse || (g_dense_small_linear && x.dim() == 2 && x.size(0) >= 1 &&
+                    (x.size(0) <= 3 || (x.size(0) == 4 && x.size(1) % RL == 0)) &&
+                    x.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.scalar_type() == torch::kFloat32 &&
+                    (!bias.defined() || bias.is_contiguous()));
+}
+
 torch::Tensor MatW::apply(const torch::Tensor& x) const {
   if (sparse) {
     c10::optional<torch::Tensor> b;
     if (bias.defined()) b = bias;
     return bsr_linear(x, ptr, idx, val, b, out);
   }
-  // (4 batch rows only with whole vectors: with a scalar K tail ATen was faster there, 384 x 130: 0.9x)
-  if (g_dense_small_linear && x.dim() == 2 && x.size(0) >= 1 &&
-      (x.size(0) <= 3 || (x.size(0) == 4 && x.size(1) % RL == 0)) &&
-      x.scalar_type() == torch::kFloat32 &&
-      w.is_contiguous() && w.scalar_type() == torch::kFloat32 && (!bias.defined() || bias.is_contiguous()))
-    return dense_small(x, w, bias);
+  if (native(x)) return dense_small(x, w, bias);
   return bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
 }
 
