@@ -177,6 +177,9 @@ struct TapOffCache {
   // streamed per tap with the weight instead of 8), else 32-bit
   std::shared_ptr<const std::vector<uint16_t>> xrows16;
   std::shared_ptr<const std::vector<int32_t>> xrows32;
+  // direct_conv2d's banded input-row offsets (band_offsets) for one geometry: key {C, S, bplane, Wph}
+  int64_t dkey[4] = {-1, -1, -1, -1};
+  std::shared_ptr<const std::vector<int64_t>> doffs;
 };
 // Outputs the wide grid would compute mostly in padding (4x4 and 2x2 maps with more than a few vectors of
 // positions, e.g. at batch 64) run as a sparse matrix times im2col tiles (sparse_conv2d_batched) unless this is
@@ -230,9 +233,13 @@ extern bool g_row_layout;
 // Convs (direct and sparse) in the row layout split output rows over the threads, each building its own rows'
 // padded input (set_banded; off: planes shared by the threads).
 extern bool g_banded;
+// cache: the plan step's (band offsets kept per geometry; null: computed per call)
 torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
-                            int64_t stride, int64_t pad, bool relu);
+                            int64_t stride, int64_t pad, bool relu, TapOffCache* cache = nullptr);
+// Conv outputs are allocated without the dispatcher (at::detail::empty_cpu), and plan steps' direct convs take their
+// band offsets from the step's cache, unless this is off (set_lean_steps; off: torch::empty and offsets per call)
+extern bool g_lean_steps;
 
 // Max pooling of NCHW fp32 (dilation 1) with torch's semantics (-inf padding, ceil_mode, NaN propagation); the
 // reference twin is F.max_pool2d (ATen's CPU max pooling measured 10-20x slower here).

@@ -356,7 +356,8 @@ class Plan {
         if (s.conv_kernel == 1)
           return sparse_conv2d(x, s.ts[2], s.ts[3], s.ts[4], s.ts[5], s.ts[6], bias, res, F, kh, kw, st, pd, s.relu,
                                s.offs.get());
-        if (s.conv_kernel == 2) return direct_conv2d(x, s.ts[7], bias, res, F, kh, kw, st, pd, s.relu);
+        if (s.conv_kernel == 2)
+          return direct_conv2d(x, s.ts[7], bias, res, F, kh, kw, st, pd, s.relu, s.offs.get());
         auto y = at::conv2d(x, s.ts[0], bias, {st, st}, {pd, pd}, {1, 1}, g);
         if (res) y.add_(*res);
         if (s.relu) y.relu_();
@@ -459,7 +460,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return sparse_conv2d(x, tp, tc, tq, tw, fo, bias, res, F, kh, kw, stride, pad, relu);
         },
         "direct sparse conv2d over non-zero taps (fp32)");
-  m.def("direct_conv2d", &direct_conv2d, "dense conv2d, register-blocked direct convolution (fp32)");
+  m.def("direct_conv2d",
+        [](torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> res,
+           int64_t F, int64_t kh, int64_t kw, int64_t stride, int64_t pad, bool relu) {
+          return direct_conv2d(x, wp, bias, res, F, kh, kw, stride, pad, relu);
+        },
+        "dense conv2d, register-blocked direct convolution (fp32)");
+  m.def("set_lean_steps", [](bool v) { g_lean_steps = v; },
+        "conv outputs allocated without the dispatcher, plan steps' direct convs' band offsets kept in the step's cache "
+        "(default on; off: torch::empty and the offsets per call)");
   m.def("set_direct_im2col_max", [](int64_t v) { g_direct_im2col_max = v; },
         "largest im2col matrix (floats) direct_conv2d builds for small outputs (default 2^17; 0 = never, "
         "-1 = always where the row layout does not apply)");
