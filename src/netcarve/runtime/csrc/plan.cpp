@@ -308,6 +308,33 @@ class Plan {
     return false;
   }
 
+  // Whether a step may be team-safe, by its kind alone (before its inputs exist)
+  static bool team_kind(const Step& s) {
+    switch (s.kind) {
+      case CONV:
+        return s.conv_kernel != 0;
+      case RNN:
+        return s.sparse;
+      case RELU:
+      case CLAMP:
+      case AFFINE:
+      case PAD:
+      case MEAN:
+      case AVGPOOL:
+      case ADD:
+      case MUL:
+      case CAT:
+      case LINEAR:
+      case MAXPOOL:
+      case GAP:
+      case SHORTCUT:
+      case FLATTEN:
+      case SELECT:
+        return true;
+    }
+    return false;
+  }
+
   // Runs every step: runs of team-safe steps inside one OpenMP region of torch's pool as a nck::Team (the calling
   // thread runs the steps, the others their kernels' loops: no fork / join per loop), the others one by one.
   void run_steps(std::vector<torch::Tensor>& v, const std::vector<int64_t>& last, std::vector<double>* times) {
@@ -316,7 +343,8 @@ class Plan {
     const bool team = g_team && nt > 1 && !at::in_parallel_region() && nck::t_team == nullptr;
     size_t i = 0;
     while (i < n) {
-      if (!team || !team_safe(steps_[i], v)) {
+      // (a region for one step would cost the fork / join it saves: only where the next step can join it)
+      if (!team || !team_safe(steps_[i], v) || i + 1 >= n || !team_kind(steps_[i + 1])) {
         step(i++, v, last, times);
         continue;
       }
