@@ -10,7 +10,12 @@ Switches: ``banded`` (``set_banded``: each thread builds and computes its own ou
 (``set_row_layout``), ``native_pool`` (``set_native_pool``: netcarve's max pooling kernel instead of ATen's),
 ``small_rowtaps`` (``set_small_rowtaps``: small sparse outputs from taps regrouped by im2col row instead of
 per-filter tap lists) and ``batched_small`` (``set_batched_small``: 4x4 / 2x2 sparse outputs at large batches as the
-sparse weight times L1-sized im2col tiles instead of the padded wide grid).
+sparse weight times L1-sized im2col tiles instead of the padded wide grid), ``team`` (``set_team``: a plan's kernel
+steps in one OpenMP region, loops handed over by atomics, instead of a fork / join per loop) and ``lean_steps``
+(``set_lean_steps``: conv outputs allocated without the dispatcher, direct convs' band offsets cached per step).
+``--callers 2`` times each plan called from two Python threads at once (wall time per call, both threads'
+calls counted; e.g. a server answering two requests): with ``--switch team`` the case where two plan runs compete
+for the cores.
 Models come from the work directories of ``sparse_runtime.py`` (sparse ResNet-56 / VGG-16) and
 ``structural_resnet56.py`` (the compact model, ``--compact``); missing ones are skipped with a note. Every plan is
 compiled once (autotuned with the switch on, the default) and timed inside the native plan: minimum over
@@ -29,7 +34,26 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench"
 SWITCHES = {"banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
-            "small_rowtaps": "set_small_rowtaps", "batched_small": "set_batched_small"}
+            "small_rowtaps": "set_small_rowtaps", "batched_small": "set_batched_small", "team": "set_team",
+            "lean_steps": "set_lean_steps"}
+
+
+def _time_callers(plan, x, repeats: int, callers: int) -> float:
+    """Wall time per call (ms) with ``callers`` Python threads each calling the plan ``repeats`` times at once."""
+    import threading
+    import time
+
+    def loop():
+        for _ in range(repeats):
+            plan(x)
+
+    ts = [threading.Thread(target=loop) for _ in range(callers)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return (time.perf_counter() - t0) * 1e3 / (repeats * callers)
 
 
 def main() -> None:
@@ -44,6 +68,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=100, help="runs per median at batch 1 (a tenth at larger batches)")
     p.add_argument("--compact", default=str(CACHE / "structural_resnet56" / "netcarve-all-r8" / "pruned"))
     p.add_argument("--sparse-dir", default=str(CACHE / "sparse_runtime"))
+    p.add_argument("--callers", type=int, default=1,
+                   help="Python threads calling each plan at once (> 1: wall time per call, not the native timer)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -85,17 +111,24 @@ def main() -> None:
             for k, plan in plans.items():
                 for on in (False, True):
                     switch(on)
-                    times[(k, on)].append(plan.time(x, repeats, max(3, repeats // 5)))
+                    if a.callers > 1:
+                        _time_callers(plan, x, max(3, repeats // 5), a.callers)  # warm-up
+                        times[(k, on)].append(_time_callers(plan, x, repeats, a.callers))
+                    else:
+                        times[(k, on)].append(plan.time(x, repeats, max(3, repeats // 5)))
         switch(True)
         for k in plans:
             off, on = min(times[(k, False)]), min(times[(k, True)])
             rows.append({"model": k, "batch": batch, "off_ms": off, "on_ms": on, "speedup": off / on})
             print(f"b{batch:<3d} {k:15s} off {off:9.3f} ms  on {on:9.3f} ms  x{off / on:.2f}", flush=True)
-    out = Path(a.out) if a.out else RESULTS / f"runtime_ab-{a.switch}.json"
+    suffix = f"-callers{a.callers}" if a.callers > 1 else ""
+    out = Path(a.out) if a.out else RESULTS / f"runtime_ab-{a.switch}{suffix}.json"
     out.write_text(json.dumps({"benchmark": "runtime_ab", "switch": a.switch, "threads": a.threads,
+                               "callers": a.callers,
                                "command": f"python benchmarks/runtime_ab.py --switch {a.switch} --batch "
                                           f"{' '.join(map(str, a.batch))} --threads {a.threads}"
-                                          + (f" --models {' '.join(a.models)}" if a.models != ["resnet56"] else ""),
+                                          + (f" --models {' '.join(a.models)}" if a.models != ["resnet56"] else "")
+                                          + (f" --callers {a.callers}" if a.callers > 1 else ""),
                                "rows": rows, "skipped": skipped, "env": environment()}, indent=1))
     print(f"results: {out}")
 

@@ -2,6 +2,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <sched.h>
+
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -66,11 +68,23 @@ struct Team {
   std::atomic<bool> failed{false};
 
   // the workers' loop (thread tid of nt): run every posted loop's chunk until the run ends
+  // Waiting spins, then yields the core after kSpin pauses (tens of microseconds, far more than the gap between two
+  // loops of a plan): with more busy threads than cores (two plans called at once, or other processes), a thread
+  // spinning on a descheduled partner would hold the core it needs.
+  static constexpr int kSpin = 2048;
+  static inline void pause_or_yield(int& spins) {
+    if (++spins < kSpin) {
+      _mm_pause();
+    } else {
+      sched_yield();
+    }
+  }
   void work(int64_t tid) {
     int64_t seen = 0;
     for (;;) {
       int64_t s;
-      while ((s = seq.load(std::memory_order_acquire)) == seen) _mm_pause();
+      int spins = 0;
+      while ((s = seq.load(std::memory_order_acquire)) == seen) pause_or_yield(spins);
       if (s < 0) return;
       seen = s;
       const int64_t b = begin + tid * chunk;
@@ -111,7 +125,8 @@ struct Team {
       mine = std::current_exception();
     }
     // (f lives on this stack: wait for every worker before leaving, even on an exception)
-    while (finished.load(std::memory_order_acquire) < nt - 1) _mm_pause();
+    int spins = 0;
+    while (finished.load(std::memory_order_acquire) < nt - 1) pause_or_yield(spins);
     if (mine) std::rethrow_exception(mine);
     if (failed.load(std::memory_order_acquire)) {
       std::exception_ptr e2 = err;

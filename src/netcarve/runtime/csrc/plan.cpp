@@ -52,6 +52,7 @@ static MatW make_mat(const torch::Tensor& w, c10::optional<torch::Tensor> bias, 
 bool g_release_values = true;
 bool g_team = true;
 thread_local nck::Team* nck::t_team = nullptr;
+static std::atomic<int> g_team_busy{0};  // a plan run holds a team (one at a time, see run_steps)
 
 class Plan {
  public:
@@ -340,7 +341,17 @@ class Plan {
   void run_steps(std::vector<torch::Tensor>& v, const std::vector<int64_t>& last, std::vector<double>* times) {
     const size_t n = steps_.size();
     const int64_t nt = at::get_num_threads();
-    const bool team = g_team && nt > 1 && !at::in_parallel_region() && nck::t_team == nullptr;
+    // One plan run at a time holds a team (plans called at once from several threads: the others fork and join per
+    // loop, as libgomp's pool copes with more threads than cores; two spinning teams on 2 cores ran 6-9x slower)
+    bool team = g_team && nt > 1 && !at::in_parallel_region() && nck::t_team == nullptr;
+    int expected = 0;
+    if (team && !g_team_busy.compare_exchange_strong(expected, 1, std::memory_order_acquire)) team = false;
+    struct Release {
+      bool held;
+      ~Release() {
+        if (held) g_team_busy.store(0, std::memory_order_release);
+      }
+    } release_team{team};
     size_t i = 0;
     while (i < n) {
       // (a region for one step would cost the fork / join it saves: only where the next step can join it)
