@@ -309,31 +309,11 @@ class Plan {
     return false;
   }
 
-  // Whether a step may be team-safe, by its kind alone (before its inputs exist)
+  // Whether a step may be team-safe, by its kind alone (before its inputs exist): all but ATen convs and dense RNNs
   static bool team_kind(const Step& s) {
-    switch (s.kind) {
-      case CONV:
-        return s.conv_kernel != 0;
-      case RNN:
-        return s.sparse;
-      case RELU:
-      case CLAMP:
-      case AFFINE:
-      case PAD:
-      case MEAN:
-      case AVGPOOL:
-      case ADD:
-      case MUL:
-      case CAT:
-      case LINEAR:
-      case MAXPOOL:
-      case GAP:
-      case SHORTCUT:
-      case FLATTEN:
-      case SELECT:
-        return true;
-    }
-    return false;
+    if (s.kind == CONV) return s.conv_kernel != 0;
+    if (s.kind == RNN) return s.sparse;
+    return true;
   }
 
   // Runs every step: runs of team-safe steps inside one OpenMP region of torch's pool as a nck::Team (the calling
