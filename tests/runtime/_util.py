@@ -8,29 +8,29 @@ import torch
 
 
 @contextmanager
-def forced_parallel(kernels, threads: int | None = None):
-    """Every kernel splits its work over the thread pool (parallel threshold 0), at ``threads`` torch threads if
-    given; the threshold and the thread count are restored after the block (also when the block sets threads)."""
-    old_threads, old_threshold = torch.get_num_threads(), kernels.parallel_threshold()
+def at_threads(threads: int | None):
+    """``threads`` torch threads for the block if given; the thread count is restored after it (also when the block
+    sets threads)."""
+    old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    kernels.set_parallel_threshold(0)
     try:
         yield
     finally:
-        kernels.set_parallel_threshold(old_threshold)
         torch.set_num_threads(old_threads)
 
 
 @contextmanager
-def at_threads(threads: int):
-    """Only ``threads`` torch threads for the block (the kernels' own parallel threshold), restored after it."""
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
+def forced_parallel(kernels, threads: int | None = None):
+    """Every kernel splits its work over the thread pool (parallel threshold 0), at ``threads`` torch threads if
+    given; the threshold and the thread count are restored after the block (also when the block sets threads)."""
+    old_threshold = kernels.parallel_threshold()
+    with at_threads(threads):
+        kernels.set_parallel_threshold(0)
+        try:
+            yield
+        finally:
+            kernels.set_parallel_threshold(old_threshold)
 
 
 @contextmanager

@@ -582,8 +582,8 @@ def test_fallback_without_kernels_runs_the_reference(tmp_path):
 
 
 def test_runs_in_torchs_thread_pool_next_to_torch(kernels):
-    """The kernels split work with at::parallel_for, i.e. torch's own OpenMP pool: they follow
-    torch.set_num_threads, and a compiled plan and torch ops can run at once from two Python threads."""
+    """The kernels split work over torch's own OpenMP pool (at::parallel_for, or a plan's team region of that pool):
+    they follow torch.set_num_threads, and a compiled plan and torch ops can run at once from two Python threads."""
     import threading
 
     old = torch.get_num_threads()
