@@ -573,6 +573,55 @@ def test_bsr_linear_batched_parallel(kernels, threads, bh, bw):
         kernels.set_parallel_threshold(old_threshold)
         torch.set_num_threads(old_threads)
 
+# Tiles 16 rows tall with their transposed copy (bsr_linear_t, as plans call it: MatW keeps bsr_tiles_t of the
+# tiles) run with the output rows in the vector lanes (bsr_cols, AVX-512): every batch-row register block (8, 4, 2,
+# 1 and their mixes), tiles narrower than a vector and of an odd width, K padded to the tile, a last block row cut
+# short (203 rows), an empty block row, bias or none, a strided input, 1-3 threads with the work split forced; against
+# F.linear and against the same call with bsr_cols off. A plan's sparse linear step takes the same path.
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("bw", [16, 8, 5])
+def test_bsr_cols_matches_f_linear(kernels, threads, bw):
+    from netcarve.runtime.kernels import bsr_tensors
+    from netcarve.sparsity import make_scheme
+
+    torch.manual_seed(threads * 100 + bw)
+    rows, cols = 203, 70
+    w = torch.randn(rows, cols)
+    w = w * make_scheme("block", block=[16, bw]).project(w, 0.8)
+    w[32:48] = 0  # an empty block row
+    bt = bsr_tensors(w, (16, bw))
+    vt = kernels.bsr_tiles_t(bt[2])
+    assert vt.shape == (bt[2].shape[0], bw, 16) and torch.equal(vt, bt[2].transpose(1, 2))
+    b = torch.randn(rows)
+    with forced_parallel(kernels, threads):
+        for m in (1, 2, 3, 4, 5, 8, 9, 13, 33):
+            x = torch.randn(m, cols)
+            for bias in (b, None):
+                ref = torch.nn.functional.linear(x, w, bias)
+                out = kernels.bsr_linear_t(x, *bt[:3], vt, bias, rows)
+                assert out.shape == (m, rows) and _rel_err(out, ref) <= 1e-4, (m, bias is None)
+                with switched_off(kernels, "bsr_cols"):
+                    assert _rel_err(kernels.bsr_linear_t(x, *bt[:3], vt, bias, rows), ref) <= 1e-4
+        xs = torch.randn(cols, 40).t()
+        assert _rel_err(kernels.bsr_linear_t(xs, *bt[:3], vt, b, rows), torch.nn.functional.linear(xs, w, b)) <= 1e-4
+        plan = kernels.Plan(2, 1)
+        plan.add_linear("fc", 0, 1, w, b, False, list(bt), True)
+        for m in (1, 6, 32):
+            x = torch.randn(m, cols)
+            assert _rel_err(plan.run(x), torch.nn.functional.linear(x, w, b)) <= 1e-4, m
+
+
+def test_bsr_tiles_t_only_for_16_row_tiles_and_checked(kernels):
+    from netcarve.runtime.kernels import bsr_tensors
+
+    w = torch.randn(32, 32)
+    bt = bsr_tensors(w, (4, 16))
+    assert kernels.bsr_tiles_t(bt[2]) is None  # other tile heights keep their paths
+    bt16 = bsr_tensors(w, (16, 16))
+    with pytest.raises(RuntimeError, match="transposed tiles do not match"):
+        kernels.bsr_linear_t(torch.randn(2, 32), *bt16[:3], torch.zeros(1, 16, 16), None, 32)
+
+
 # Dense linear steps of at most 4 batch rows run netcarve's dot-product kernel (dense_small): 1-5 rows (5: ATen),
 # K with and without a vector tail (3, 70, 128), R not a multiple of its 4-row blocks (37), bias or none, a strided
 # input, 1-3 threads with the work split forced; against F.linear and against the same plan on ATen's addmm.

@@ -275,6 +275,12 @@ torch::Tensor shortcut_subsample(torch::Tensor x, int64_t stride, int64_t channe
 
 torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
                          c10::optional<torch::Tensor> bias, int64_t out_features);
+// bsr_linear with the tiles also transposed (values_t = bsr_tiles_t(values), or undefined): tiles 16 rows tall
+// then run bsr_cols (AVX-512)
+torch::Tensor bsr_linear_t(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
+                           torch::Tensor values_t, c10::optional<torch::Tensor> bias, int64_t out_features);
+// (nb, 16, bw) tiles -> (nb, bw, 16) contiguous; undefined for other tile heights
+torch::Tensor bsr_tiles_t(const torch::Tensor& values);
 
 // Dense linear / gate matmuls of at most 4 batch rows run netcarve's dot-product kernel unless this is off (then
 // ATen's addmm; set_dense_small_linear)
@@ -282,10 +288,14 @@ extern bool g_dense_small_linear;
 // BSR matmuls at batch 1 (AVX-512, tiles a whole number of vectors wide) reduce 16 output rows at a time into one
 // vector (reduce16) unless this is off (then per block row, lane sums and scalar stores; set_bsr_rows16)
 extern bool g_bsr_rows16;
+extern bool g_transpose16;  // AVX-512 16 x 16 transposes in the batched BSR path
+// BSR matmuls with 16-row tiles whose transposed tiles are known (MatW::valt) run bsr_cols (AVX-512; set_bsr_cols)
+extern bool g_bsr_cols;
 
 // A matmul y = x W^T (+ bias) that is dense (w) or BSR (ptr / idx / val, sparse = true).
 struct MatW {
   torch::Tensor w, ptr, idx, val, bias;
+  torch::Tensor valt;  // BSR tiles 16 rows tall: each tile transposed (bsr_tiles_t), for bsr_cols
   int64_t out = 0;
   bool sparse = false;
   torch::Tensor apply(const torch::Tensor& x) const;

@@ -43,6 +43,7 @@ static MatW make_mat(const torch::Tensor& w, c10::optional<torch::Tensor> bias, 
     m.ptr = bsr[0].contiguous();
     m.idx = bsr[1].contiguous();
     m.val = bsr[2].contiguous();
+    m.valt = bsr_tiles_t(m.val);
   }
   return m;
 }
@@ -539,6 +540,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_bsr_rows16", [](bool v) { g_bsr_rows16 = v; },
         "AVX-512 builds: BSR matmuls at batch 1 reduce 16 output rows at a time into one vector (default on; off: per "
         "block row, lane sums and scalar stores)");
+  m.def("set_bsr_cols", [](bool v) { g_bsr_cols = v; },
+        "AVX-512 builds: plans' BSR matmuls with tiles 16 rows tall keep the tiles transposed too and run with the "
+        "output rows in the vector lanes at every batch (default on; off: the batch-1 reduction / batched transposed "
+        "paths)");
+  m.def("bsr_linear_t", &bsr_linear_t, "bsr_linear with transposed 16-row tiles (values_t = bsr_tiles_t(values))");
+  m.def("bsr_tiles_t", &bsr_tiles_t, "(nb, 16, bw) BSR tiles transposed to (nb, bw, 16); undefined otherwise");
+  m.def("set_transpose16", [](bool v) { g_transpose16 = v; },
+        "AVX-512 builds: the batched BSR path transposes x and y in 16 x 16 register blocks (default on; off: 8 x 8 "
+        "blocks)");
   m.def("set_fused_store", [](bool v) { g_fused_store = v; },
         "sparse convs in the row layout (and multi-row) and banded direct convs store each filter's block straight "
         "from the accumulator registers, with bias / residual / ReLU (default on; off: through a buffer, as before)");

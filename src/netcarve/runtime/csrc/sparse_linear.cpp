@@ -95,7 +95,7 @@ static inline void bsr_block(const float* __restrict x, int64_t K, int64_t m0, c
 // The lane sums of 16 accumulators as one vector, lane i = sum of a[i]: a transpose-add tree (46 shuffle / add
 // uops for 16 outputs, against ~14 per 4 outputs with hsum4 plus a scalar store per output). After the four
 // levels lane 4k + s holds row k + 4s; the final permute puts the rows in order.
-static inline __m512 reduce16(const __m512* a) {
+static inline __attribute__((always_inline)) __m512 reduce16(const __m512* a) {
   __m512 b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i)  // rows 2i, 2i+1: 8 lanes each
     b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
@@ -145,6 +145,68 @@ static void bsr_rows16(const float* __restrict x, const int32_t* __restrict ptr,
     const __mmask16 mk = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
     if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(mk, bias + row0));
     _mm512_mask_storeu_ps(y + row0, mk, s);
+  }
+}
+
+// Tiles 16 rows tall (AVX-512), any batch: the output rows in the vector lanes. The tiles are stored transposed
+// once per weight (valt: tile j's column c = 16 contiguous floats at valt + (j * bw + c) * 16, MatW::valt), so
+// y[m, 16 rows] += x[m, c] (broadcast) * column c: no horizontal sums at batch 1 (bsr_rows16's reduce16) and no
+// transposes of x and y at larger batches (bsr_rows_t's, ~25% of a 90%-sparse 384 x 128 matmul at batch 32).
+// MB batch rows share each column load; at batch 1 four accumulators split the FMA chain over the columns.
+template <int MB>
+static inline void bsr_cols_block(const float* __restrict x, int64_t ldx, const int32_t* __restrict idx,
+                                  const float* __restrict valt, int64_t bw, int64_t j0, int64_t j1, __m512 bv,
+                                  __mmask16 mk, float* __restrict y, int64_t ldy) {
+  if constexpr (MB == 1) {
+    __m512 a[4] = {bv, _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* xs = x + (int64_t)idx[j] * bw;
+      const float* wt = valt + j * bw * 16;
+      int64_t c = 0;
+      for (; c + 4 <= bw; c += 4)
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q)
+          a[q] = _mm512_fmadd_ps(_mm512_set1_ps(xs[c + q]), _mm512_loadu_ps(wt + (c + q) * 16), a[q]);
+      for (; c < bw; ++c) a[0] = _mm512_fmadd_ps(_mm512_set1_ps(xs[c]), _mm512_loadu_ps(wt + c * 16), a[0]);
+    }
+    _mm512_mask_storeu_ps(y, mk, _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+  } else {
+    __m512 a[MB];
+    for (int i = 0; i < MB; ++i) a[i] = bv;
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* xs = x + (int64_t)idx[j] * bw;
+      const float* wt = valt + j * bw * 16;
+      for (int64_t c = 0; c < bw; ++c) {
+        __m512 wc = _mm512_loadu_ps(wt + c * 16);
+        asm("" : "+v"(wc));  // one load shared by the MB FMAs (GCC otherwise folds it into each of them)
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i) a[i] = _mm512_fmadd_ps(_mm512_set1_ps(xs[i * ldx + c]), wc, a[i]);
+      }
+    }
+    for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(y + i * ldy, mk, a[i]);
+  }
+}
+
+// block rows [rb0, rb1) of y (M, R) for all M batch rows, 8 at a time
+static void bsr_cols(const float* __restrict x, int64_t M, int64_t K, const int32_t* __restrict ptr,
+                     const int32_t* __restrict idx, const float* __restrict valt, int64_t bw, int64_t rb0, int64_t rb1,
+                     const float* bias, float* __restrict y, int64_t R) {
+  for (int64_t rb = rb0; rb < rb1; ++rb) {
+    const int64_t row0 = rb * 16, n = std::min<int64_t>(16, R - row0);
+    const __mmask16 mk = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mk, bias + row0) : _mm512_setzero_ps();
+    const int64_t j0 = ptr[rb], j1 = ptr[rb + 1];
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) bsr_cols_block<8>(x + m * K, K, idx, valt, bw, j0, j1, bv, mk, y + m * R + row0, R);
+    if (m + 4 <= M) {
+      bsr_cols_block<4>(x + m * K, K, idx, valt, bw, j0, j1, bv, mk, y + m * R + row0, R);
+      m += 4;
+    }
+    if (m + 2 <= M) {
+      bsr_cols_block<2>(x + m * K, K, idx, valt, bw, j0, j1, bv, mk, y + m * R + row0, R);
+      m += 2;
+    }
+    if (m < M) bsr_cols_block<1>(x + m * K, K, idx, valt, bw, j0, j1, bv, mk, y + m * R + row0, R);
   }
 }
 #endif
@@ -287,10 +349,54 @@ static inline void tr8x8(const float* __restrict src, int64_t lds, float* __rest
 #endif
 }
 
-// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (8 x 8 blocks, scalar edges)
+#if defined(__AVX512F__)
+// 16 x 16 blocks with AVX-512: 64 shuffles per 256 floats (0.25 per float, 8 x 8 blocks 0.375) and whole-vector
+// loads and stores; the transposes were ~30% of a 90%-sparse 384 x 128 matmul at batch 32 (perf, Zen 4)
+static inline void tr16x16(const float* __restrict src, int64_t lds, float* __restrict dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks within each 128-bit lane
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8)  // 128-bit lanes of 4 rows apart
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
+      t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xDD);
+    }
+  for (int i = 0; i < 8; ++i) {  // and of 8 rows apart
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+}
+#endif
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (AVX-512: 16 x 16 blocks where they fit; then
+// 8 x 8 blocks, scalar edges)
 static void transpose(const float* __restrict src, int64_t lds, int64_t rows, int64_t cols, float* __restrict dst,
                       int64_t ldd) {
   int64_t r = 0;
+#if defined(__AVX512F__)
+  if (g_transpose16 && cols >= 16) {
+    const int64_t c16 = cols / 16 * 16;
+    for (; r + 16 <= rows; r += 16)
+      for (int64_t c = 0; c < c16; c += 16) tr16x16(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+    // the columns past c16 of those rows, in 8 x 8 blocks and scalars
+    for (int64_t r2 = 0; r2 < r; r2 += 8) {
+      int64_t c = c16;
+      for (; c + 8 <= cols; c += 8) tr8x8(src + r2 * lds + c, lds, dst + c * ldd + r2, ldd);
+      for (; c < cols; ++c)
+        for (int64_t i = 0; i < 8; ++i) dst[c * ldd + r2 + i] = src[(r2 + i) * lds + c];
+    }
+  }
+#endif
   for (; r + 8 <= rows; r += 8) {
     int64_t c = 0;
     for (; c + 8 <= cols; c += 8) tr8x8(src + r * lds + c, lds, dst + c * ldd + r, ldd);
@@ -315,9 +421,23 @@ static float* scratch(int slot, int64_t n) {
 // transposes (measured on a Zen 3: 8 rows 5.4 -> 4.0 us batched, 6 rows 4.4 -> 5.1 us)
 static constexpr int64_t kBsrBatchedMin = 8;
 bool g_bsr_rows16 = true;
+bool g_transpose16 = true;
+bool g_bsr_cols = true;
 
 torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
                          c10::optional<torch::Tensor> bias, int64_t out_features) {
+  return bsr_linear_t(std::move(x), std::move(indptr), std::move(indices), std::move(values), torch::Tensor(),
+                      std::move(bias), out_features);
+}
+
+torch::Tensor bsr_tiles_t(const torch::Tensor& values) {
+  return values.dim() == 3 && values.size(1) == 16 && values.scalar_type() == torch::kFloat32
+             ? values.transpose(1, 2).contiguous()
+             : torch::Tensor();
+}
+
+torch::Tensor bsr_linear_t(torch::Tensor x, torch::Tensor indptr, torch::Tensor indices, torch::Tensor values,
+                           torch::Tensor values_t, c10::optional<torch::Tensor> bias, int64_t out_features) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "bsr_linear: x must be (M, K) float32");
   TORCH_CHECK(values.dim() == 3 && values.scalar_type() == torch::kFloat32, "bsr_linear: values must be (nb, bh, bw)");
   TORCH_CHECK(indptr.scalar_type() == torch::kInt32 && indices.scalar_type() == torch::kInt32,
@@ -374,6 +494,17 @@ torch::Tensor bsr_linear(torch::Tensor x, torch::Tensor indptr, torch::Tensor in
         if (cut[c] < cut[c + 1]) body(cut[c], cut[c + 1]);
     });
   };
+  if (values_t.defined())
+    TORCH_CHECK(values_t.is_contiguous() && values_t.scalar_type() == torch::kFloat32 &&
+                    values_t.sizes() == torch::IntArrayRef({val.size(0), bw, bh}),
+                "bsr_linear: transposed tiles do not match the tiles");
+#if defined(__AVX512F__)
+  if (g_bsr_cols && bh == 16 && values_t.defined()) {
+    const float* vt = values_t.data_ptr<float>();
+    run_chunks([&](int64_t b0, int64_t b1) { bsr_cols(xd, M, Kp, pd, id, vt, bw, b0, b1, bp, yd, R); });
+    return y;
+  }
+#endif
   if (M >= kBsrBatchedMin && (bh == 1 || bh == 2 || bh == 4 || bh == 8 || bh == 16)) {
     // x transposed into xt (Kp rows of Mp batch entries, zero-padded); row strides one vector longer than a
     // power of two (a 128-wide batch otherwise puts the rows of a tile into the same few L1 sets)
@@ -509,7 +640,7 @@ torch::Tensor MatW::apply(const torch::Tensor& x) const {
   if (sparse) {
     c10::optional<torch::Tensor> b;
     if (bias.defined()) b = bias;
-    return bsr_linear(x, ptr, idx, val, b, out);
+    return bsr_linear_t(x, ptr, idx, val, valt, b, out);
   }
   if (native(x)) return dense_small(x, w, bias);
   return bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
