@@ -151,7 +151,7 @@ static void bsr_rows16(const float* __restrict x, const int32_t* __restrict ptr,
 // Tiles 16 rows tall (AVX-512), any batch: the output rows in the vector lanes. The tiles are stored transposed
 // once per weight (valt: tile j's column c = 16 contiguous floats at valt + (j * bw + c) * 16, MatW::valt), so
 // y[m, 16 rows] += x[m, c] (broadcast) * column c: no horizontal sums at batch 1 (bsr_rows16's reduce16) and no
-// transposes of x and y at larger batches (bsr_rows_t's, ~25% of a 90%-sparse 384 x 128 matmul at batch 32).
+// transposes of x and y at larger batches (bsr_rows_t's, ~30% of a 90%-sparse 384 x 128 matmul at batch 32).
 // MB batch rows share each column load; at batch 1 four accumulators split the FMA chain over the columns.
 template <int MB>
 static inline void bsr_cols_block(const float* __restrict x, int64_t ldx, const int32_t* __restrict idx,
