@@ -543,7 +543,8 @@ def test_bsr_linear_matches_f_linear(kernels, bh, bw, m):
 # The transposed (batched) path in parallel: every thread its chunk of block rows, its outputs transposed into y;
 # batches that fill whole vectors (8, 64), leave a partial one (9, 41) or make a power-of-two row stride (128:
 # the padded leading dimension); no bias; every register block (tile heights 1 / 2 / 4 and passes of 4 rows for
-# 8 / 16); a last block row cut short (R = 203)
+# 8 / 16); a last block row cut short (R = 203); the transposes in 16 x 16 blocks (with 8 x 8 and scalar edges) and,
+# switched off, in 8 x 8 blocks only: bitwise the same result
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("bh,bw", [(1, 16), (2, 8), (4, 16), (8, 16), (16, 16)])
 def test_bsr_linear_batched_parallel(kernels, threads, bh, bw):
@@ -566,6 +567,8 @@ def test_bsr_linear_batched_parallel(kernels, threads, bh, bw):
             assert out.shape == (m, rows) and _rel_err(out, torch.nn.functional.linear(x, w, b)) <= 1e-4, m
             plain = kernels.bsr_linear(x, *bt, None, rows)
             assert _rel_err(plain, torch.nn.functional.linear(x, w)) <= 1e-4, m
+            with switched_off(kernels, "transpose16"):  # (AVX-512: 16 x 16 transposes by default) 8 x 8 blocks
+                assert torch.equal(kernels.bsr_linear(x, *bt, b, rows), out), m
         # a strided (non-contiguous) input gives the same result
         xs = torch.randn(cols, 40).t()
         assert _rel_err(kernels.bsr_linear(xs, *bt, b, rows), torch.nn.functional.linear(xs, w, b)) <= 1e-4
