@@ -533,7 +533,7 @@ def test_bsr_linear_matches_f_linear(kernels, bh, bw, m):
     ref = torch.nn.functional.linear(x, w, b)
     out = kernels.bsr_linear(x, *bsr_tensors(w, (bh, bw)), b, rows)
     assert out.shape == (m, rows) and _rel_err(out, ref) <= 1e-4
-    if m == 1:  # (AVX-512: 16 rows per reduction by default) the per-block-row path too
+    if m < 8:  # (AVX-512: 16 rows per reduction below batch 8 by default) the per-block-row path too
         with switched_off(kernels, "bsr_rows16"):
             assert _rel_err(kernels.bsr_linear(x, *bsr_tensors(w, (bh, bw)), b, rows), ref) <= 1e-4
     assert _rel_err(bsr_linear(x, w, None), torch.nn.functional.linear(x, w)) <= 1e-4  # auto block choice
@@ -561,7 +561,7 @@ def test_bsr_linear_batched_parallel(kernels, threads, bh, bw):
         w = w * make_scheme("block", block=[bh, bw]).project(w, 0.85)
         bt = bsr_tensors(w, (bh, bw))
         b = torch.randn(rows)
-        for m in (1, 8, 9, 41, 64, 128):  # (1: the batch-1 path, its chunks cut at any block row)
+        for m in (1, 5, 8, 9, 41, 64, 128):  # (1, 5: the 16-row reductions, chunks cut at any block row)
             x = torch.randn(m, cols)
             out = kernels.bsr_linear(x, *bt, b, rows)
             assert out.shape == (m, rows) and _rel_err(out, torch.nn.functional.linear(x, w, b)) <= 1e-4, m
