@@ -533,9 +533,16 @@ def test_bsr_linear_matches_f_linear(kernels, bh, bw, m):
     ref = torch.nn.functional.linear(x, w, b)
     out = kernels.bsr_linear(x, *bsr_tensors(w, (bh, bw)), b, rows)
     assert out.shape == (m, rows) and _rel_err(out, ref) <= 1e-4
-    if m < 8:  # (AVX-512: 16 rows per reduction below batch 8 by default) the per-block-row path too
+    if m <= 8:  # (AVX-512: 16 rows per reduction up to batch 8 by default) the per-block-row path too
         with switched_off(kernels, "bsr_rows16"):
             assert _rel_err(kernels.bsr_linear(x, *bsr_tensors(w, (bh, bw)), b, rows), ref) <= 1e-4
+    # and with the batch threshold moved past the batch (AVX-512): 8 and larger batches on the 16-row reductions
+    old_min = kernels.bsr_batched_min()
+    kernels.set_bsr_batched_min(max(9, m + 1))
+    try:
+        assert _rel_err(kernels.bsr_linear(x, *bsr_tensors(w, (bh, bw)), b, rows), ref) <= 1e-4
+    finally:
+        kernels.set_bsr_batched_min(old_min)
     assert _rel_err(bsr_linear(x, w, None), torch.nn.functional.linear(x, w)) <= 1e-4  # auto block choice
 
 

@@ -291,6 +291,9 @@ extern bool g_bsr_rows16;
 extern bool g_transpose16;  // AVX-512 16 x 16 transposes in the batched BSR path
 // BSR matmuls with 16-row tiles whose transposed tiles are known (MatW::valt) run bsr_cols (AVX-512; set_bsr_cols)
 extern bool g_bsr_cols;
+// AVX-512: BSR matmuls (other than bsr_cols) below this batch reduce 16 rows per batch row (bsr_rows16), from it on
+// they take the transposed batched path (set_bsr_batched_min)
+extern int64_t g_bsr_batched_min;
 
 // A matmul y = x W^T (+ bias) that is dense (w) or BSR (ptr / idx / val, sparse = true).
 struct MatW {

@@ -546,6 +546,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "paths)");
   m.def("bsr_linear_t", &bsr_linear_t, "bsr_linear with transposed 16-row tiles (values_t = bsr_tiles_t(values))");
   m.def("bsr_tiles_t", &bsr_tiles_t, "(nb, 16, bw) BSR tiles transposed to (nb, bw, 16); undefined otherwise");
+  m.def("set_bsr_batched_min", [](int64_t v) { g_bsr_batched_min = std::max<int64_t>(8, v); },
+        "AVX-512 builds: BSR matmuls not run by bsr_cols reduce 16 output rows per batch row below this batch and "
+        "take the transposed batched path from it on (default 8, the least)");
+  m.def("bsr_batched_min", []() { return g_bsr_batched_min; });
   m.def("set_transpose16", [](bool v) { g_transpose16 = v; },
         "AVX-512 builds: the batched BSR path transposes x and y in 16 x 16 register blocks (default on; off: 8 x 8 "
         "blocks)");

@@ -224,7 +224,7 @@ static void bsr_rows(const float* __restrict x, int64_t M, int64_t K, const int3
   constexpr int MB = RH >= RMAX ? 1 : RMAX / RH;
   const bool vec = bw % RL == 0;
 #if defined(__AVX512F__)
-  if (g_bsr_rows16 && M < 8 && vec && 16 % BH == 0) {
+  if (g_bsr_rows16 && M < std::max<int64_t>(8, g_bsr_batched_min) && vec && 16 % BH == 0) {
     if (M == 1)
       bsr_rows16<BH, true>(x, 1, K, ptr, idx, val, bw, rb0, rb1, bias, y, R);
     else
@@ -428,6 +428,12 @@ static float* scratch(int slot, int64_t n) {
 // batches from which the batched (transposed) path runs: below, horizontal sums per output cost less than the
 // transposes (measured on a Zen 3: 8 rows 5.4 -> 4.0 us batched, 6 rows 4.4 -> 5.1 us)
 static constexpr int64_t kBsrBatchedMin = 8;
+// AVX-512, below it the 16-row reductions (bsr_rows16; set_bsr_batched_min, at least 8). Measured in one process,
+// alternated, 2 threads, 90% sparse, 4 x 16 / 1 x 16 / 8 x 16 tiles: at batch 8 (half of the batched path's lanes
+// empty) the reductions ran 1536 x 512 1.27-1.72x and 4096 x 1024 1.34-1.74x faster, 384 x 128 level (0.99-1.07x),
+// but the block-sparse GRU (384 x 128 gates) end to end 0.89-0.96x; at batch 12 the batched path was faster for
+// 384 x 128 (0.77-0.85x) and at 16 for most shapes. So the default stays at 8.
+int64_t g_bsr_batched_min = 8;
 bool g_bsr_rows16 = true;
 bool g_transpose16 = true;
 bool g_bsr_cols = true;
@@ -483,6 +489,11 @@ torch::Tensor bsr_linear_t(torch::Tensor x, torch::Tensor indptr, torch::Tensor 
   // Otherwise one chunk of block rows per thread, cut at equal shares of tiles (plus half a tile per block row for
   // its accumulator set-up and stores): block-sparse rows hold very different tile counts (whole gate rows empty
   // after unbalanced pruning), and equal row counts left one thread with most of the tiles.
+#if defined(__AVX512F__)
+  const bool batched = M >= g_bsr_batched_min || !(g_bsr_rows16 && bw % RL == 0);
+#else
+  const bool batched = true;
+#endif
   const int64_t par_min = M >= kBsrBatchedMin ? 4 * g_parallel_threshold : g_parallel_threshold;
   const int64_t nchunks = work < par_min ? 1 : std::min<int64_t>(RB, nck::num_threads());
   std::vector<int64_t> cut(nchunks + 1, RB);
@@ -513,7 +524,7 @@ torch::Tensor bsr_linear_t(torch::Tensor x, torch::Tensor indptr, torch::Tensor 
     return y;
   }
 #endif
-  if (M >= kBsrBatchedMin && (bh == 1 || bh == 2 || bh == 4 || bh == 8 || bh == 16)) {
+  if (M >= kBsrBatchedMin && batched && (bh == 1 || bh == 2 || bh == 4 || bh == 8 || bh == 16)) {
     // x transposed into xt (Kp rows of Mp batch entries, zero-padded); row strides one vector longer than a
     // power of two (a 128-wide batch otherwise puts the rows of a tile into the same few L1 sets)
     const int64_t Mp = (M + RL - 1) / RL * RL, nmv = Mp / RL;
