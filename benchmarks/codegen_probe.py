@@ -23,16 +23,11 @@ generated code's size and the environment.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import re
-import subprocess
-import tempfile
 from pathlib import Path
 
-from netcarve.measure import environment
+from _cxx_probe import build_and_run, median, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VL = 16
 # (C = F, H = W, density): ResNet-56's 16-channel 32x32 and 32-channel 16x16 layers at pattern + connectivity
 # density (12.3%), the 16-channel one at 25%, and a 64-channel 16x16 layer (71 taps per filter)
@@ -147,11 +142,6 @@ def layer_source(C: int, W: int, density: float, seed: int) -> tuple[str, int]:
     return "\n".join(src), ptr[-1]
 
 
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=100, help="whole-layer runs per variant per round")
@@ -160,35 +150,21 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for C, W, dens in LAYERS:
-            src, ntaps = layer_source(C, W, dens, a.seed)
-            cpp, exe = Path(tmp) / "probe.cpp", Path(tmp) / "probe"
-            cpp.write_text(src)
-            subprocess.run(["g++", "-O3", "-march=native", "-o", str(exe), str(cpp)], check=True)
-            syms = subprocess.run(["nm", "-S", "--size-sort", str(exe)], capture_output=True, text=True).stdout
-            code = sum(int(m.group(1), 16) for m in re.finditer(r"^[0-9a-f]+ ([0-9a-f]+) t _ZL\d+gen\d+", syms, re.M))
-            res = json.loads(subprocess.run([str(exe), str(a.reps), str(a.rounds)], capture_output=True, text=True,
-                                            check=True).stdout)
-            us = res["us"]
-            row = {"layer": f"{C}x{C}x3x3 at {W}x{W}, batch 1", "channels": C, "width": W, "density": dens,
-                   "taps": ntaps, "taps_per_filter": round(ntaps / C, 1), "generated_code_bytes": code,
-                   "max_abs_diff": res["max_abs_diff"],
-                   "min_us": {k: round(min(r[i] for r in us), 2) for i, k in enumerate(("generic", "fused", "generated"))},
-                   "speedup_fused": round(median([r[0] / r[1] for r in us]), 3),
-                   "speedup_generated": round(median([r[0] / r[2] for r in us]), 3)}
-            rows.append(row)
-            print(f"{row['layer']:<32} {row['taps_per_filter']:5.1f} taps/filter  code {code / 1024:6.1f} KiB  "
-                  f"generic {row['min_us']['generic']:7.2f} us  fused x{row['speedup_fused']:.3f}  "
-                  f"generated x{row['speedup_generated']:.3f}", flush=True)
-    doc = {"benchmark": "codegen_probe", "command": "python benchmarks/codegen_probe.py"
-           + (f" --out {a.out}" if a.out else ""), "reps": a.reps, "rounds": a.rounds, "rows": rows,
-           "env": environment(threads=1)}
-    out = a.out or RESULTS / "codegen_probe.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out}")
-
+    for C, W, dens in LAYERS:
+        src, ntaps = layer_source(C, W, dens, a.seed)
+        res, code, _ = build_and_run(src, [str(a.reps), str(a.rounds)])
+        us = res["us"]
+        row = {"layer": f"{C}x{C}x3x3 at {W}x{W}, batch 1", "channels": C, "width": W, "density": dens,
+               "taps": ntaps, "taps_per_filter": round(ntaps / C, 1), "generated_code_bytes": code,
+               "max_abs_diff": res["max_abs_diff"],
+               "min_us": {k: round(min(r[i] for r in us), 2) for i, k in enumerate(("generic", "fused", "generated"))},
+               "speedup_fused": round(median([r[0] / r[1] for r in us]), 3),
+               "speedup_generated": round(median([r[0] / r[2] for r in us]), 3)}
+        rows.append(row)
+        print(f"{row['layer']:<32} {row['taps_per_filter']:5.1f} taps/filter  code {code / 1024:6.1f} KiB  "
+              f"generic {row['min_us']['generic']:7.2f} us  fused x{row['speedup_fused']:.3f}  "
+              f"generated x{row['speedup_generated']:.3f}", flush=True)
+    write_results("codegen_probe", a.out, a.reps, a.rounds, rows)
 
 if __name__ == "__main__":
     main()

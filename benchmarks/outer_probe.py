@@ -28,17 +28,11 @@ per-round ratios, useful GMAC/s, the generated code size and compile time, and t
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import re
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
-from netcarve.measure import environment
+from _cxx_probe import build_and_run, median, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # (C = F, output positions, density): VGG-16's 128-channel layers (K = 1152) and 256-channel 8x8 ones (K = 2304)
 # at 90% unstructured sparsity, the 256-channel one also at pattern + connectivity density (12.3%)
 LAYERS = [(128, 0.10), (256, 0.10), (256, 0.123)]
@@ -187,11 +181,6 @@ def layer_source(C: int, density: float, seed: int, KC: int = 384) -> tuple[str,
     return "\n".join(src), nnz
 
 
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=20, help="runs per variant per round (each: 128 output columns)")
@@ -201,40 +190,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for C, dens in LAYERS:
-            src, nnz = layer_source(C, dens, a.seed, a.kc)
-            cpp, exe = Path(tmp) / "outer.cpp", Path(tmp) / "outer"
-            cpp.write_text(src)
-            t0 = time.perf_counter()
-            subprocess.run(["g++", "-O2", "-march=native", "-o", str(exe), str(cpp)], check=True)
-            compile_s = time.perf_counter() - t0
-            syms = subprocess.run(["nm", "-S", "--size-sort", str(exe)], capture_output=True, text=True).stdout
-            code = sum(int(m.group(1), 16) for m in re.finditer(r"^[0-9a-f]+ ([0-9a-f]+) t _ZL\d+gen\d+", syms, re.M))
-            res = json.loads(subprocess.run([str(exe), str(a.reps), str(a.rounds)], capture_output=True, text=True,
-                                            check=True).stdout)
-            us = res["us"]
-            mins = {k: min(r[i] for r in us) for i, k in enumerate(("generic", "outer"))}
-            macs = nnz * 128  # per run: every non-zero weight times 128 output columns
-            row = {"layer": f"{C}x{C}x3x3 (K = {C * 9}), density {dens}", "channels": C, "density": dens,
-                   "nonzeros": nnz, "columns": 128, "kc": a.kc, "generated_code_bytes": code, "compile_seconds": round(compile_s, 1),
-                   "max_abs_diff": res["max_abs_diff"], "max_abs": res["max_abs"],
-                   "min_us": {k: round(v, 2) for k, v in mins.items()},
-                   "useful_gmacs_per_s": {k: round(macs / v / 1e3, 1) for k, v in mins.items()},
-                   "speedup_outer": round(median([r[0] / r[1] for r in us]), 3)}
-            rows.append(row)
-            print(f"{row['layer']:<40} code {code / 1024:7.1f} KiB ({compile_s:.0f} s)  generic "
-                  f"{mins['generic']:8.1f} us ({row['useful_gmacs_per_s']['generic']} GMAC/s)  outer "
-                  f"{mins['outer']:8.1f} us ({row['useful_gmacs_per_s']['outer']} GMAC/s)  x{row['speedup_outer']:.3f}"
-                  f"  max diff {res['max_abs_diff']:.1e}", flush=True)
-    doc = {"benchmark": "outer_probe", "command": "python benchmarks/outer_probe.py"
-           + (f" --out {a.out}" if a.out else ""), "reps": a.reps, "rounds": a.rounds, "rows": rows,
-           "env": environment(threads=1)}
-    out = a.out or RESULTS / "outer_probe.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out}")
-
+    for C, dens in LAYERS:
+        src, nnz = layer_source(C, dens, a.seed, a.kc)
+        res, code, compile_s = build_and_run(src, [str(a.reps), str(a.rounds)], opt="-O2")
+        us = res["us"]
+        mins = {k: min(r[i] for r in us) for i, k in enumerate(("generic", "outer"))}
+        macs = nnz * 128  # per run: every non-zero weight times 128 output columns
+        row = {"layer": f"{C}x{C}x3x3 (K = {C * 9}), density {dens}", "channels": C, "density": dens,
+               "nonzeros": nnz, "columns": 128, "kc": a.kc, "generated_code_bytes": code,
+               "compile_seconds": round(compile_s, 1), "max_abs_diff": res["max_abs_diff"], "max_abs": res["max_abs"],
+               "min_us": {k: round(v, 2) for k, v in mins.items()},
+               "useful_gmacs_per_s": {k: round(macs / v / 1e3, 1) for k, v in mins.items()},
+               "speedup_outer": round(median([r[0] / r[1] for r in us]), 3)}
+        rows.append(row)
+        print(f"{row['layer']:<40} code {code / 1024:7.1f} KiB ({compile_s:.0f} s)  generic "
+              f"{mins['generic']:8.1f} us ({row['useful_gmacs_per_s']['generic']} GMAC/s)  outer "
+              f"{mins['outer']:8.1f} us ({row['useful_gmacs_per_s']['outer']} GMAC/s)  x{row['speedup_outer']:.3f}"
+              f"  max diff {res['max_abs_diff']:.1e}", flush=True)
+    write_results("outer_probe", a.out, a.reps, a.rounds, rows)
 
 if __name__ == "__main__":
     main()
