@@ -43,7 +43,9 @@ static MatW make_mat(const torch::Tensor& w, c10::optional<torch::Tensor> bias, 
     m.ptr = bsr[0].contiguous();
     m.idx = bsr[1].contiguous();
     m.val = bsr[2].contiguous();
-    m.valt = bsr_tiles_t(m.val);
+#if defined(__AVX512F__)
+    m.valt = bsr_tiles_t(m.val);  // (only bsr_cols reads it)
+#endif
   }
   return m;
 }

@@ -224,7 +224,7 @@ static void bsr_rows(const float* __restrict x, int64_t M, int64_t K, const int3
   constexpr int MB = RH >= RMAX ? 1 : RMAX / RH;
   const bool vec = bw % RL == 0;
 #if defined(__AVX512F__)
-  if (g_bsr_rows16 && M < std::max<int64_t>(8, g_bsr_batched_min) && vec && 16 % BH == 0) {
+  if (g_bsr_rows16 && M < std::max<int64_t>(8, g_bsr_batched_min) && vec) {
     if (M == 1)
       bsr_rows16<BH, true>(x, 1, K, ptr, idx, val, bw, rb0, rb1, bias, y, R);
     else
@@ -489,12 +489,13 @@ torch::Tensor bsr_linear_t(torch::Tensor x, torch::Tensor indptr, torch::Tensor 
   // Otherwise one chunk of block rows per thread, cut at equal shares of tiles (plus half a tile per block row for
   // its accumulator set-up and stores): block-sparse rows hold very different tile counts (whole gate rows empty
   // after unbalanced pruning), and equal row counts left one thread with most of the tiles.
+  // the transposed batched path (below it, bsr_rows: with AVX-512 the 16-row reductions up to g_bsr_batched_min)
 #if defined(__AVX512F__)
-  const bool batched = M >= g_bsr_batched_min || !(g_bsr_rows16 && bw % RL == 0);
+  const bool batched = M >= kBsrBatchedMin && (M >= g_bsr_batched_min || !(g_bsr_rows16 && bw % RL == 0));
 #else
-  const bool batched = true;
+  const bool batched = M >= kBsrBatchedMin;
 #endif
-  const int64_t par_min = M >= kBsrBatchedMin ? 4 * g_parallel_threshold : g_parallel_threshold;
+  const int64_t par_min = batched ? 4 * g_parallel_threshold : g_parallel_threshold;
   const int64_t nchunks = work < par_min ? 1 : std::min<int64_t>(RB, nck::num_threads());
   std::vector<int64_t> cut(nchunks + 1, RB);
   cut[0] = 0;
@@ -524,7 +525,7 @@ torch::Tensor bsr_linear_t(torch::Tensor x, torch::Tensor indptr, torch::Tensor 
     return y;
   }
 #endif
-  if (M >= kBsrBatchedMin && batched && (bh == 1 || bh == 2 || bh == 4 || bh == 8 || bh == 16)) {
+  if (batched && (bh == 1 || bh == 2 || bh == 4 || bh == 8 || bh == 16)) {
     // x transposed into xt (Kp rows of Mp batch entries, zero-padded); row strides one vector longer than a
     // power of two (a 128-wide batch otherwise puts the rows of a tile into the same few L1 sets)
     const int64_t Mp = (M + RL - 1) / RL * RL, nmv = Mp / RL;
