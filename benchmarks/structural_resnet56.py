@@ -67,7 +67,7 @@ from netcarve.graph import build_channel_groups
 from netcarve.graph.groups import GroupSet
 from netcarve.measure import compare_latency, count_model, engine_available, environment
 from netcarve.models import create_model, example_input, get_model_info
-from netcarve.train import KDConfig, TrainConfig, evaluate, fit
+from netcarve.train import KDConfig, TeacherEnsemble, TrainConfig, evaluate, fit
 
 RESULTS = Path(__file__).resolve().parent / "results" / "structural_resnet56.json"
 WEIGHTS = "pretrained/akamaster_resnet56-4bfd9763.th"
@@ -81,6 +81,17 @@ def _log(msg: str) -> None:
 def _baseline(data_dir):
     m = create_model("resnet56", pretrained=True, data_dir=data_dir)
     return m.eval()
+
+
+def _teacher(names: str, base, data_dir):
+    """The distillation teacher: the unpruned ResNet-56, or a TeacherEnsemble of pretrained zoo models."""
+    ns = [n.strip() for n in names.split(",") if n.strip()]
+    if ns == ["resnet56"]:
+        return base
+    if len(set(ns)) != len(ns) or not ns:
+        raise SystemExit(f"--teachers: a comma-separated list of distinct zoo models, got {names!r}")
+    ms = [base if n == "resnet56" else create_model(n, pretrained=True, data_dir=data_dir).eval() for n in ns]
+    return TeacherEnsemble(ms)
 
 
 def _macs(model) -> tuple[int, int]:
@@ -200,6 +211,7 @@ def cmd_train(a) -> None:
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
     base = _baseline(a.data_dir)
+    teacher = _teacher(a.teachers, base, a.data_dir)
     info = get_model_info("resnet56")
     train, test = make_loaders("cifar10", info.preprocess, a.batch_size, data_dir=a.data_dir, augment=True,
                                seed=a.seed)  # fmt: skip
@@ -266,7 +278,7 @@ def cmd_train(a) -> None:
             algo_opts.setdefault("steps", max(a.steps, 2))
         res = run_algorithm(a.algorithm, base, example_input(base, batch=1), options=algo_opts,
                             macs_reduction=a.macs_reduction, round_to=a.round_to, criterion="l1", train=cfg,
-                            teacher=base, kd=_kd(a.kd), bn_batches=20, reconstruct_batches=a.reconstruct, train_loader=train, test_loader=test,
+                            teacher=teacher, kd=_kd(a.kd), bn_batches=20, reconstruct_batches=a.reconstruct, train_loader=train, test_loader=test,
                             out_dir=work / a.algorithm, resume=True, progress=a.progress)  # fmt: skip
         model = res.model
         rec["prune"] = {"algorithm": a.algorithm, "options": algo_opts, "round_to": a.round_to,
@@ -283,7 +295,7 @@ def cmd_train(a) -> None:
             rec["prune"]["alpha_by_epoch"] = alphas
     else:
         model = netcarve.load(pruned_dir)
-        res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=base,
+        res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=teacher,
                   kd=_kd(a.kd), resume=True, progress=a.progress)  # fmt: skip
     model.eval()
     rec["finetune_seconds_this_process"] = round(time.perf_counter() - t1, 1)
@@ -296,6 +308,8 @@ def cmd_train(a) -> None:
     rec["epochs"], rec["lr"], rec["groups"], rec["target_macs_reduction"] = a.epochs, a.lr, a.groups, a.macs_reduction
     rec["seed"] = a.seed
     rec["kd"] = a.kd
+    if a.teachers != "resnet56":
+        rec["teachers"] = a.teachers
     if a.ema:
         rec["ema_decay"] = a.ema
     rec["batch_size"], rec["precision"] = a.batch_size, a.precision
@@ -478,7 +492,7 @@ def cmd_report(a) -> None:
             entry.update({k: r.get(k) for k in ("top1_pruned", "top1_bn_recalibrated", "top1_reconstructed",
                                                 "reconstruct", "prune", "widths", "epochs", "history", "finetune_seconds_this_process", "groups", "lr",
                                                 "seed", "target_macs_reduction", "batch_size", "precision", "kd",
-                                                "ema_decay")
+                                                "ema_decay", "teachers")
                           if k in r})  # fmt: skip
         for key, res in lat.get("results", {}).items():
             if name in res:
@@ -580,6 +594,10 @@ def main() -> None:
                            help="also average the fine-tuned weights (TrainConfig.ema_decay, e.g. 0.998); the "
                                 "epochs' val_top1 and the final model are the average's, val_top1_live the "
                                 "live weights'")
+            s.add_argument("--teachers", default="resnet56", metavar="NAMES",
+                           help="comma-separated pretrained zoo models distilled from (default: the unpruned "
+                                "resnet56); several: netcarve.train.TeacherEnsemble, the mean of their logits "
+                                "(e.g. resnet56,resnet44,resnet20)")
             s.add_argument("--threads", type=int, default=1)
             s.add_argument("--progress", action="store_true")
         if name in ("latency", "profile"):

@@ -41,3 +41,28 @@ def test_train_cli_distills_from_a_checkpoint(tmp_path, capsys):
 def test_train_cli_bad_hint_is_clear(tmp_path, capsys):
     rc = main(["train", "lenet", "--out", str(tmp_path / "r"), "--teacher", "lenet", "--hint", "nocolon"])
     assert rc == 2 and "STUDENT_LAYER:TEACHER_LAYER" in capsys.readouterr().err
+
+
+def test_train_cli_repeated_teacher_distills_from_their_ensemble(tmp_path, capsys, monkeypatch):
+    import netcarve.train as nt
+
+    teacher = tmp_path / "teacher"
+    assert main(["train", "lenet", "--dataset", "digits", "--epochs", "1", "--out", str(teacher), "--no-progress",
+                 "--json"]) == 0
+    capsys.readouterr()
+    seen, real_fit = [], nt.fit
+
+    def spy(*args, **kw):
+        seen.append(kw["teacher"])
+        return real_fit(*args, **kw)
+
+    monkeypatch.setattr(nt, "fit", spy)
+    assert main(["train", "lenet", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "student"),
+                 "--teacher", str(teacher), "--teacher", str(teacher), "--no-progress", "--json"]) == 0
+    (ens,) = seen
+    assert isinstance(ens, nt.TeacherEnsemble) and len(ens.members) == 2
+    assert ens.members[0] is not ens.members[1]
+    assert "train_kd" in json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[0])
+    rc = main(["train", "lenet", "--dataset", "digits", "--out", str(tmp_path / "s2"), "--teacher", str(teacher),
+               "--teacher", str(teacher), "--teacher", "lenet", "--teacher-weights", "a", "--teacher-weights", "b"])
+    assert rc == 2 and "--teacher-weights given 2 times for 3 --teacher" in capsys.readouterr().err

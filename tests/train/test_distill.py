@@ -14,6 +14,7 @@ from netcarve.train import (
     DistillationTask,
     KDConfig,
     SupervisedTask,
+    TeacherEnsemble,
     kd_kl_div,
     list_distill_losses,
     logit_kd_loss,
@@ -225,3 +226,47 @@ def test_feature_only_kind_adds_cross_entropy_and_hooks_are_removed():
     assert student.conv1._forward_hooks and teacher.conv1._forward_hooks
     task.close()
     assert not student.conv1._forward_hooks and not teacher.conv1._forward_hooks
+
+
+def test_teacher_ensemble_is_the_weighted_mean_of_logits_and_distils():
+    a, b, c = lenet(8, seed=1), lenet(16, seed=2), lenet(8, seed=3)
+    a.train()
+    x = torch.randn(5, 1, 8, 8)
+    ens = TeacherEnsemble([a, b, c], weights=[2.0, 1.0, 1.0])
+    assert not a.training and not ens.training  # members run in eval mode
+    with torch.no_grad():
+        want = 0.5 * a(x) + 0.25 * b(x) + 0.25 * c(x)
+        assert torch.allclose(ens(x), want, atol=1e-6)
+        assert torch.allclose(TeacherEnsemble([a, b])(x), (a(x) + b(x)) / 2, atol=1e-6)
+    # as a teacher: its logits are the KD target, and no member gets gradients or becomes part of the task
+    student = lenet(8, seed=0)
+    y = torch.randint(0, 10, (5,))
+    task = DistillationTask(student, ens, KDConfig(alpha=1.0, temperature=2.0))
+    out = task(x, y)
+    with torch.no_grad():
+        _, _, kd = logit_kd_loss(student(x), want, y, temperature=2.0, alpha=1.0)
+    assert float(out["kd"]) == pytest.approx(float(kd), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is None for m in (a, b, c) for p in m.parameters())
+    assert not any(k.startswith("teacher") for k in task.state_dict())
+
+
+def test_teacher_ensemble_rejects_bad_members_and_weights():
+    a, b = lenet(8, seed=1), lenet(8, seed=2)
+    with pytest.raises(ConfigError, match="at least one"):
+        TeacherEnsemble([])
+    with pytest.raises(ConfigError, match="twice"):
+        TeacherEnsemble([a, a])
+    with pytest.raises(ConfigError, match="not an nn.Module"):
+        TeacherEnsemble([a, "resnet56"])
+    with pytest.raises(ConfigError, match="2 weights for 1"):
+        TeacherEnsemble([a], weights=[1, 1])
+    for bad in ([-1.0, 2.0], [0.0, 0.0], [float("nan"), 1.0], [float("inf"), 1.0]):
+        with pytest.raises(ConfigError, match="weights"):
+            TeacherEnsemble([a, b], weights=bad)
+    five = lenet(8, seed=3)
+    five.fc = nn.Linear(five.fc.in_features, 5)
+    with pytest.raises(ConfigError, match="differ in shape"):
+        TeacherEnsemble([a, five])(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ConfigError, match="member of the teacher ensemble"):
+        DistillationTask(a, TeacherEnsemble([a, b]), KDConfig())

@@ -362,9 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_args(s)
     s.add_argument("--subset", type=int, help="use only N training samples")
     s.add_argument("--no-augment", action="store_true")
-    s.add_argument("--teacher", metavar="MODEL|CHECKPOINT",
-                   help="distill from this teacher (a checkpoint, or a model name with --teacher-weights)")
-    s.add_argument("--teacher-weights", metavar="FILE")
+    s.add_argument("--teacher", metavar="MODEL|CHECKPOINT", action="append", default=[],
+                   help="distill from this teacher (a checkpoint, or a model name with --teacher-weights); "
+                        "repeat for an ensemble teacher (the mean of the teachers' logits)")
+    s.add_argument("--teacher-weights", metavar="FILE", action="append", default=[],
+                   help="weights for --teacher (a file, or 'pretrained'); once for every teacher, or once per "
+                        "--teacher in the same order")
     s.add_argument("--distill", default=None, choices=["logit", "feature", "logit+feature"],
                    help="distillation kind (default logit when --teacher is given)")
     s.add_argument("--temperature", type=float, default=4.0)

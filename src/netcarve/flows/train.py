@@ -11,7 +11,7 @@ from .common import loaders_for, model_info, resolve_model
 
 
 def train_cli(a) -> dict:
-    from ..train import KDConfig, TrainConfig, evaluate, fit
+    from ..train import KDConfig, TeacherEnsemble, TrainConfig, evaluate, fit
 
     seed_everything(a.seed)
     model = resolve_model(a.model, a.weights, a.data_dir)
@@ -23,7 +23,13 @@ def train_cli(a) -> dict:
                       seed=a.seed)
     teacher, kd = None, None
     if a.teacher:
-        teacher = resolve_model(a.teacher, a.teacher_weights, a.data_dir)
+        tw = a.teacher_weights
+        if len(tw) not in (0, 1, len(a.teacher)):
+            raise ConfigError(f"--teacher-weights given {len(tw)} times for {len(a.teacher)} --teacher: give it "
+                              f"once (for every teacher) or once per teacher")
+        tw = tw * len(a.teacher) if len(tw) == 1 else tw or [None] * len(a.teacher)
+        teachers = [resolve_model(t, w, a.data_dir) for t, w in zip(a.teacher, tw)]
+        teacher = teachers[0] if len(teachers) == 1 else TeacherEnsemble(teachers)
         hints = []
         for h in a.hint:
             if ":" not in h:
