@@ -49,8 +49,9 @@ def gemm_ceiling_gflops(threads: int, n: int = 1024, repeats: int = 10) -> float
 
 def run_bench(model: torch.nn.Module, x: torch.Tensor, *, engines=ALL_ENGINES, threads: int = 2,
               repeats: int = 30, rounds: int = 5, warmup: int = 10, deepsparse_python: str | None = None,
-              progress=None) -> dict[str, Any]:
-    """Time ``model`` on ``x`` with every requested engine; returns the ``--json`` document."""
+              progress=None, codegen: bool = False) -> dict[str, Any]:
+    """Time ``model`` on ``x`` with every requested engine; returns the ``--json`` document (``codegen``: the
+    ``netcarve`` engine also offers its sparse convs generated code, ``runtime.compile(codegen=True)``)."""
     unknown = [e for e in engines if e not in ALL_ENGINES]
     if unknown:
         raise ConfigError(f"netcarve bench: unknown engine(s) {unknown}; choose from {', '.join(ALL_ENGINES)}")
@@ -75,7 +76,7 @@ def run_bench(model: torch.nn.Module, x: torch.Tensor, *, engines=ALL_ENGINES, t
                     raise EngineUnavailableError(f"netcarve kernels unavailable: {kernel_status()['reason']}")
                 mode = "never" if name == "netcarve-dense" else "auto"
                 r = measure_latency(model, x, engine="netcarve", per_layer=name == "netcarve",
-                                    engine_options={"sparse": mode}, **kw)
+                                    engine_options={"sparse": mode, "codegen": codegen and mode == "auto"}, **kw)
             else:
                 if not engine_available(name):
                     raise EngineUnavailableError(f"{name} is not installed")
@@ -115,6 +116,8 @@ def _layer_rows(r) -> list[dict[str, Any]]:
         if lc is not None:
             d.update(kernel=lc["choice"], density=lc["density"], macs=lc["macs"], nonzero_macs=lc["nonzero_macs"],
                      sparse_ms=lc["sparse_ms"], dense_ms=lc["dense_ms"], direct_ms=lc.get("direct_ms"))
+            if lc.get("generated_ms") is not None:
+                d["generated_ms"] = lc["generated_ms"]
             if ms > 0:
                 d["effective_gflops"] = 2.0 * lc["macs"] / ms / 1e6
                 d["useful_gflops"] = 2.0 * lc["nonzero_macs"] / ms / 1e6
@@ -156,4 +159,4 @@ def bench_cli(a) -> dict[str, Any]:
     engines = a.engines or list(ALL_ENGINES)
     py = a.deepsparse_python
     return run_bench(model, x, engines=engines, threads=a.threads, repeats=a.repeats, rounds=a.rounds,
-                     deepsparse_python=py)
+                     deepsparse_python=py, codegen=getattr(a, "codegen", False))

@@ -542,7 +542,7 @@ def _run_netcarve(req, inputs, model=None):
         raise ValueError("the netcarve runtime takes models with one input")
     x = args[0]
     opts = req.get("engine_options") or {}
-    compiled = rt_compile(model.eval(), x, sparse=opts.get("sparse", "auto"))
+    compiled = rt_compile(model.eval(), x, sparse=opts.get("sparse", "auto"), codegen=bool(opts.get("codegen")))
     out = compiled(x)
 
     def fn():
@@ -557,6 +557,8 @@ def _run_netcarve(req, inputs, model=None):
                   "rounds": [central_mean(r) for r in steps], "summary": compiled.summary()}
     notes = [f"netcarve runtime: {sum(c == 'sparse' for c in kernels.values())} of {len(kernels)} conv / linear / recurrent layers "
              f"run the sparse kernel ({opts.get('sparse', 'auto')})"]
+    if opts.get("codegen"):
+        notes.append(f"codegen: {sum(c == 'generated' for c in kernels.values())} layers run generated code")
     return {"times": times, "layers": layers, "out": [out.numpy()], "threads": torch.get_num_threads(),
             "notes": notes}
 

@@ -43,11 +43,12 @@ class LayerChoice:
     density: float
     macs: int
     nonzero_macs: int
-    choice: str  # "sparse", "dense" (ATen: oneDNN / MKL) or "direct" (netcarve's dense conv kernel)
+    choice: str  # "sparse", "dense" (ATen: oneDNN / MKL), "direct" (netcarve's dense conv kernel) or "generated"
     sparse_ms: float | None = None
     dense_ms: float | None = None
     direct_ms: float | None = None
     cached: bool = False
+    generated_ms: float | None = None  # (compile(..., codegen=True): the layer's generated code)
 
 
 TUNABLE = ("conv", "linear", "rnn")
@@ -204,7 +205,8 @@ def _tune_malloc() -> None:
 
 @torch.no_grad()
 def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "auto",  # noqa: A001
-            threads: int | None = None, repeats: int = 20, use_cache: bool = True) -> CompiledModel:
+            threads: int | None = None, repeats: int = 20, use_cache: bool = True,
+            codegen: bool = False) -> CompiledModel:
     """Compile a model (or a checkpoint directory saved by netcarve) for this CPU.
 
     Args:
@@ -215,6 +217,10 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         threads: torch threads to use while tuning (default: the current setting).
         repeats: profiling runs per variant when tuning.
         use_cache: read / write the per-CPU autotune cache.
+        codegen: also offer sparse convs (groups=1) their own generated code (:mod:`netcarve.runtime.codegen`:
+            the layer's weights compiled in; AVX-512 hosts with a C++ compiler). Each such layer is compiled once
+            per machine (seconds per layer, cached) and keeps it only where it measures faster; with
+            ``sparse="always"`` a layer takes the faster of the sparse and the generated kernel.
     """
     if sparse not in SPARSE_MODES:
         raise ConfigError(f"runtime.compile: sparse must be one of {', '.join(SPARSE_MODES)}, got {sparse!r}")
@@ -248,10 +254,21 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     # MKL) and, for groups=1 convs, "direct" (netcarve's dense register-blocked conv); "always": sparse only
     # (with "auto" only layers at most SPARSE_MAX_DENSITY dense are offered the sparse kernel)
     cands = []
+    gen_ok, gen_why = (False, "")
+    if codegen:
+        from .codegen import host_supported
+
+        gen_ok, gen_why = host_supported()
+        if not gen_ok:
+            logger.warning("runtime.compile(codegen=True): %s; compiling without generated code", gen_why)
     for op, ok, lc in zip(convs, eligible, layers):
         c = ["dense"] + (["direct"] if op.kind == "conv" and ok else [])
         offer = ok and sparse == "auto" and lc.density <= SPARSE_MAX_DENSITY
-        cands.append(["sparse"] if sparse == "always" and ok else c + (["sparse"] if offer else []))
+        gen = ["generated"] if (gen_ok and ok and op.kind == "conv" and sparse != "never"
+                                and (sparse == "always" or offer)) else []
+        cands.append(["sparse"] + gen if sparse == "always" and ok else c + (["sparse"] if offer else []) + gen)
+    if gen_ok:
+        _build_generated(convs, cands)
     tuned = [len(c) > 1 for c in cands]
     known: list[dict | None] = [None] * len(convs)
     if any(tuned):
@@ -263,8 +280,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
                 known[i] = hit
         missing = [i for i, t in enumerate(tuned) if t and known[i] is None]
         if missing:
-            times = {k: _profile_tunable(mod, ops, nvals, output, example_input, convs, k, repeats)
-                     for k in ("dense", "direct", "sparse") if any(k in cands[i] for i in missing)}
+            times = {k: _profile_tunable(mod, ops, nvals, output, example_input, convs, k, repeats, cands)
+                     for k in KERNEL_KINDS if any(k in cands[i] for i in missing)}
             for i in missing:
                 entry = dict(cache.get(keys[i]) or {}) if cache else {}
                 entry.update({f"{k}_ms": times[k][i] for k in cands[i]})
@@ -276,8 +293,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     for op, c, kn, lc in zip(convs, cands, known, layers):
         if kn is not None:
             # (only the candidates' times: a cache entry may hold others, from a run that offered more kernels)
-            lc.sparse_ms, lc.dense_ms, lc.direct_ms = (kn.get(f"{k}_ms") if k in c else None
-                                                       for k in ("sparse", "dense", "direct"))
+            lc.sparse_ms, lc.dense_ms, lc.direct_ms, lc.generated_ms = (
+                kn.get(f"{k}_ms") if k in c else None for k in ("sparse", "dense", "direct", "generated"))
             lc.cached = not kn.get("fresh", False)
             lc.choice = _pick(c, kn)
         else:
@@ -305,7 +322,7 @@ def _check_whole_plan(mod, ops, nvals, output, x, convs, cands, known, layers, t
     on a Zen 4 VM: a sparse ResNet-56 at batch 64 whose cached profile put 17 of its 18 8x8 layers on the dense
     kernel ran 49-58 ms, all-sparse 33-36 ms). Returns (plan, {"tuned": ms, "dense": ms, "sparse": ms, "chosen"})."""
     def dense_of(c, kn):  # the layer's fastest dense candidate (its only candidate where it has no other)
-        d = [k for k in c if k != "sparse"] or c
+        d = [k for k in c if k not in SPARSE_KINDS] or c
         return _pick(d, kn) if kn else d[0]
 
     tuned_choice = [lc.choice for lc in layers]
@@ -357,32 +374,58 @@ SPARSE_MAX_DENSITY = 0.7
 SPARSE_MARGIN = 0.9
 
 
+# the timed kernel kinds, and those that skip zeros (held to SPARSE_MARGIN against the dense ones)
+KERNEL_KINDS = ("dense", "direct", "sparse", "generated")
+SPARSE_KINDS = ("sparse", "generated")
+
+
 def _pick(cands: list[str], known: dict) -> str:
-    """The fastest candidate, where "sparse" counts only if it is faster than ``SPARSE_MARGIN`` x the fastest
-    dense one (or is the only candidate)."""
-    dense = [k for k in cands if k != "sparse"]
+    """The fastest candidate, where a sparse kind ("sparse", "generated") counts only if it is faster than
+    ``SPARSE_MARGIN`` x the fastest dense one (or no dense one is a candidate)."""
+    dense = [k for k in cands if k not in SPARSE_KINDS]
+    sparse = [k for k in cands if k in SPARSE_KINDS]
+    best_sparse = min(sparse, key=lambda k: known[f"{k}_ms"]) if len(sparse) > 1 else (sparse or [None])[0]
     if not dense:
-        return cands[0]
+        return best_sparse
     best = min(dense, key=lambda k: known[f"{k}_ms"])
-    if "sparse" in cands and known["sparse_ms"] < SPARSE_MARGIN * known[f"{best}_ms"]:
-        return "sparse"
+    if best_sparse and known[f"{best_sparse}_ms"] < SPARSE_MARGIN * known[f"{best}_ms"]:
+        return best_sparse
     return best
 
 
+def _build_generated(convs: list[Op], cands: list[list[str]]) -> None:
+    """Generate and compile (or find cached) the code of every conv offered "generated"; a layer whose build fails
+    loses that candidate (with a warning), the others keep theirs."""
+    from .codegen import build_conv
+
+    for op, c in zip(convs, cands):
+        if "generated" not in c or "gen" in op.p:
+            continue
+        try:
+            op.p["gen"] = {"lib": str(build_conv(op.p["weight"], name=op.name))}
+        except ConfigError as e:
+            logger.warning("runtime.compile: no generated code for %s: %s", op.name, e)
+            c.remove("generated")
+
+
 def _set_kernel(op: Op, choice: str) -> None:
-    """Point one tunable op at a kernel: "sparse", "dense" (ATen) or "direct" (convs only)."""
+    """Point one tunable op at a kernel: "sparse", "dense" (ATen), "direct" or "generated" (convs only)."""
     if op.kind == "conv":
         op.p["kernel"] = {"dense": "aten"}.get(choice, choice)
     else:
         op.p["sparse"] = choice == "sparse"
 
 
-def _profile_tunable(mod, ops, nvals, output, x, convs, choice: str, repeats: int) -> list[float]:
+def _profile_tunable(mod, ops, nvals, output, x, convs, choice: str, repeats: int,
+                     cands: list[list[str]] | None = None) -> list[float]:
     """Per tunable op (``convs``): its median time in the whole plan profiled with every op that can take
-    ``choice`` ("dense", "direct" or "sparse") on it (the others dense)."""
+    ``choice`` ("dense", "direct", "sparse" or "generated": the ops offered it in ``cands``) on it (the others
+    dense)."""
     saved = [(op.p.get("kernel"), op.p.get("sparse")) for op in convs]
-    for op in convs:
+    for i, op in enumerate(convs):
         ok = _eligible(op) and (choice != "direct" or op.kind == "conv")
+        if choice == "generated":
+            ok = ok and cands is not None and "generated" in cands[i]
         _set_kernel(op, choice if ok else "dense")
     try:
         plan = build_native(mod, ops, nvals, output)

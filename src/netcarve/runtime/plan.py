@@ -25,8 +25,8 @@ from ..graph.trace import trace_model
 from .kernels import bsr_tensors, conv_taps, direct_pack
 
 # conv kernels of the native plan, by index: ATen's conv (oneDNN), netcarve's sparse tap-list kernel,
-# netcarve's dense register-blocked direct kernel
-CONV_KERNELS = ("aten", "sparse", "direct")
+# netcarve's dense register-blocked direct kernel, the layer's own generated code (netcarve.runtime.codegen)
+CONV_KERNELS = ("aten", "sparse", "direct", "generated")
 
 _RELU_FNS = {F.relu, torch.relu}
 _ADD_FNS = {operator.add, torch.add, operator.iadd}
@@ -546,6 +546,14 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
                 if "packed" not in p:
                     p["packed"] = direct_pack(p["weight"])
                 packed = p["packed"]
+            if kernel == 3:
+                if "gen" not in p:  # (compile() builds them first; here for plans built by hand)
+                    from .codegen import build_conv
+
+                    p["gen"] = {"lib": str(build_conv(p["weight"], name=n))}
+                plan.add_conv_gen(n, op.inputs, op.out, p["weight"], p["bias"], p["gen"]["lib"], p["stride"],
+                                  p["padding"], p["relu"])
+                continue
             plan.add_conv(n, op.inputs, op.out, p["weight"], p["bias"], taps, packed, p["stride"], p["padding"],
                           p["groups"], p["relu"], kernel)
         elif op.kind == "linear":

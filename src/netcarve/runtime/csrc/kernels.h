@@ -10,6 +10,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include <immintrin.h>
@@ -234,6 +235,27 @@ extern bool g_small_rowtaps;
 // The small-output path's im2col rows are 4 / 8 floats (xmm / ymm multiply-adds) for outputs of at most 4 / 8
 // positions (2x2 maps at batch 1-2) instead of whole 16-float vectors unless this is off (set_small_narrow).
 extern bool g_small_narrow;
+
+// Per-layer generated code (netcarve/runtime/codegen.py, PatDNN-style: the layer's sparsity and weights compiled
+// in): a shared library whose table holds, per block b of 16 filters and chunk kc of `kc` im2col rows,
+// fns[b * nkc + kc](xs, acc): acc[16 filters][16 columns] += the block's weights in that chunk x xs (the chunk's
+// rows of 16 im2col columns, [row][16], 64-byte aligned).
+typedef void (*GenConvFn)(const float* __restrict, float* __restrict);
+struct GenConv {
+  std::shared_ptr<void> lib;  // dlopen handle (dlclose when the last step using it goes)
+  const GenConvFn* fns = nullptr;
+  int64_t F = 0, K = 0, nblocks = 0, nkc = 0, kc = 0;
+  std::string path;
+};
+// Loads (dlopen) a generated layer and checks its table; errors name the file.
+std::shared_ptr<const GenConv> load_gen_conv(const std::string& path);
+// The conv through generated code: im2col chunks of 16 columns gathered per K chunk, the generated functions add
+// them into per-tile accumulators, then bias / residual / ReLU and the NCHW store.
+torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch::Tensor> bias,
+                         c10::optional<torch::Tensor> residual, int64_t kh, int64_t kw, int64_t stride, int64_t pad,
+                         bool relu);
+// column tiles of 16 per job (0: by size)
+extern int64_t g_gen_tiles;
 
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,

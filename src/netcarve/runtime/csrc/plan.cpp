@@ -29,7 +29,8 @@ struct Step {
   std::vector<torch::Tensor> ts;  // weights / taps / maps
   std::vector<MatW> mats;         // linear: 1; rnn: 2 per layer (ih, hh)
   bool sparse = false;
-  int64_t conv_kernel = 0;  // conv: 0 ATen, 1 sparse taps, 2 direct (ts[7] = packed weight)
+  int64_t conv_kernel = 0;  // conv: 0 ATen, 1 sparse taps, 2 direct (ts[7] = packed weight), 3 generated code
+  std::shared_ptr<const GenConv> gen;  // conv_kernel 3: the layer's generated code
   bool relu = false;
   std::shared_ptr<TapOffCache> offs = std::make_shared<TapOffCache>();  // sparse conv: its tap offsets
 };
@@ -80,6 +81,23 @@ class Plan {
     if (packed.has_value()) s.ts[7] = packed->contiguous();
     s.relu = relu;
     s.conv_kernel = kernel;
+    steps_.push_back(std::move(s));
+  }
+
+  // conv through the layer's generated code (netcarve/runtime/codegen.py): the library at `path`, made for this
+  // weight (F filters, C * kh * kw im2col rows); weight is kept for the ATen fallback of nothing (shape checks only)
+  void add_conv_gen(const std::string& name, std::vector<int64_t> in, int64_t out, torch::Tensor weight,
+                    c10::optional<torch::Tensor> bias, const std::string& path, int64_t stride, int64_t pad,
+                    bool relu) {
+    Step s{CONV, name, std::move(in), out};
+    s.ints = {weight.size(0), weight.size(2), weight.size(3), stride, pad, 1};
+    s.ts = {torch::Tensor(), bias.has_value() ? bias->contiguous() : torch::Tensor()};
+    s.gen = load_gen_conv(path);
+    TORCH_CHECK(s.gen->F == weight.size(0) && s.gen->K == weight.size(1) * weight.size(2) * weight.size(3), name,
+                ": generated conv ", path, " is for ", s.gen->F, " filters x ", s.gen->K, " rows, the layer has ",
+                weight.size(0), " x ", weight.size(1) * weight.size(2) * weight.size(3));
+    s.relu = relu;
+    s.conv_kernel = 3;
     steps_.push_back(std::move(s));
   }
 
@@ -378,6 +396,7 @@ class Plan {
         if (s.conv_kernel == 1)
           return sparse_conv2d(x, s.ts[2], s.ts[3], s.ts[4], s.ts[5], s.ts[6], bias, res, F, kh, kw, st, pd, s.relu,
                                s.offs.get());
+        if (s.conv_kernel == 3) return gen_conv2d(x, *s.gen, bias, res, kh, kw, st, pd, s.relu);
         if (s.conv_kernel == 2)
           return direct_conv2d(x, s.ts[7], bias, res, F, kh, kw, st, pd, s.relu, s.offs.get());
         auto y = at::conv2d(x, s.ts[0], bias, {st, st}, {pd, pd}, {1, 1}, g);
@@ -582,9 +601,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threshold", []() { return g_parallel_threshold; });
   m.def("set_small_max_vectors", [](int64_t v) { g_small_max_vectors = v; },
         "largest output (in 16-float vectors) that takes the im2col path of sparse_conv2d (default 4; 0 = never)");
+  m.def("set_gen_tiles", [](int64_t v) { g_gen_tiles = v; },
+        "column tiles of 16 per job of generated convs (0: by size, at most 8)");
+  m.def("gen_conv_info", [](const std::string& path) {
+        auto g = load_gen_conv(path);
+        return std::vector<int64_t>{g->F, g->K, g->nblocks, g->nkc, g->kc};
+      }, "(F, K, blocks, chunks, rows per chunk) of a generated conv library; raises if it does not load");
   py::class_<Plan>(m, "Plan")
       .def(py::init<int64_t, int64_t>())
       .def("add_conv", &Plan::add_conv)
+      .def("add_conv_gen", &Plan::add_conv_gen)
       .def("add_linear", &Plan::add_linear)
       .def("add_affine", &Plan::add_affine)
       .def("add_relu", &Plan::add_relu)

@@ -16,6 +16,8 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -37,6 +39,7 @@ double g_batched_fill = 0.6;
 int64_t g_batched_block = 24576;
 #endif
 int64_t g_batched_nv = 0;  // 0: by size
+int64_t g_gen_tiles = 0;    // 0: by size
 bool g_multirow = true;
 int64_t g_multirow_min_vectors = 64;
 bool g_fused_store = true;
@@ -1058,6 +1061,117 @@ static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::
       if (g == 0 && !empty.empty()) {
         std::fill(acc, acc + BT_COLS, 0.f);
         for (int64_t f : empty) emit(f, acc);
+      }
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Generated per-layer code (see GenConv in kernels.h). Per job, T column tiles of 16 output positions; per K chunk,
+// each tile's chunk of im2col rows (kc x 16 floats, 24 KiB at kc = 384: stays in L1 while every filter block's
+// function for that chunk runs on it) is gathered, then for each tile every block's generated function adds its
+// taps: each row is loaded once for all of the block's filters that use it, the 16 accumulators stay in registers,
+// the weights are constants in the code (benchmarks/outer_probe.py measured this 1.49-1.66x faster than the
+// batched path's per-filter tap loop per thread). A chunk's code (all blocks) is reused by the job's T tiles
+// while it is in L2.
+std::shared_ptr<const GenConv> load_gen_conv(const std::string& path) {
+  void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  TORCH_CHECK(h != nullptr, "cannot load the generated conv ", path, ": ", dlerror());
+  auto g = std::make_shared<GenConv>();
+  g->lib = std::shared_ptr<void>(h, [](void* p) { dlclose(p); });
+  g->path = path;
+  using TableFn = const void* (*)(int64_t*);
+  auto table = reinterpret_cast<TableFn>(dlsym(h, "netcarve_gen_conv"));
+  TORCH_CHECK(table != nullptr, path, " is not a netcarve generated conv (no netcarve_gen_conv symbol)");
+  int64_t meta[8] = {0};
+  const void* fns = table(meta);
+  TORCH_CHECK(meta[0] == 1, path, ": generated conv format ", meta[0], ", this runtime reads format 1");
+  g->F = meta[1];
+  g->K = meta[2];
+  g->nblocks = meta[3];
+  g->nkc = meta[4];
+  g->kc = meta[5];
+  TORCH_CHECK(fns != nullptr && g->F > 0 && g->K > 0 && g->kc > 0 && g->nblocks == (g->F + 15) / 16 &&
+                  g->nkc == (g->K + g->kc - 1) / g->kc,
+              path, ": inconsistent generated conv table (F ", g->F, ", K ", g->K, ", blocks ", g->nblocks,
+              ", chunks ", g->nkc, " of ", g->kc, ")");
+  g->fns = reinterpret_cast<const GenConvFn*>(fns);
+  return g;
+}
+
+torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch::Tensor> bias,
+                         c10::optional<torch::Tensor> residual, int64_t kh, int64_t kw, int64_t S, int64_t pad,
+                         bool relu) {
+  constexpr int64_t GC = 16;  // columns per tile (the generated code's vector)
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat, "generated conv: the input must be float32 NCHW");
+  x = x.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), KK = kh * kw, K = C * KK, F = g.F;
+  TORCH_CHECK(K == g.K, "generated conv ", g.path, ": made for ", g.K, " im2col rows, the input gives ", C,
+              " channels x ", kh, "x", kw, " = ", K);
+  TORCH_CHECK(S >= 1 && pad >= 0 && H + 2 * pad >= kh && W + 2 * pad >= kw, "generated conv: bad geometry");
+  TORCH_CHECK(N * C * H * W < ((int64_t)1 << 31), "generated conv: input too large for 32-bit offsets");
+  const int64_t Ho = (H + 2 * pad - kh) / S + 1, Wo = (W + 2 * pad - kw) / S + 1, HoWo = Ho * Wo, P = N * HoWo;
+  const int64_t nct = (P + GC - 1) / GC, Pt = nct * GC, KC = g.kc, NKC = g.nkc, NB = g.nblocks;
+  std::vector<int32_t> tab(KK * Pt, -1);
+  std::vector<int32_t> valid(KK * Pt);
+  window_offsets(N, C, H, W, kh, kw, S, pad, Ho, Wo, Pt, tab.data());
+  for (int64_t i = 0; i < KK * Pt; ++i) {
+    valid[i] = tab[i] >= 0 ? -1 : 0;
+    tab[i] = std::max<int32_t>(tab[i], 0);
+  }
+  std::vector<int64_t> vout(Pt, 0);
+  for (int64_t q = 0; q < P; ++q) vout[q] = (q / HoWo) * F * HoWo + q % HoWo;
+  auto out = conv_output(N, F, Ho, Wo, x);
+  const Epilogue ep(bias, residual, out, "generated conv");
+  TORCH_CHECK(!ep.bp || ep.bias_c.numel() == F, "generated conv: bias has ", ep.bias_c.numel(), " entries for ", F,
+              " filters");
+  const float* bp = ep.bp;
+  const float* rp = ep.rp;
+  float* op = out.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
+  const int64_t T = g_gen_tiles > 0 ? g_gen_tiles : std::max<int64_t>(1, std::min<int64_t>(8, nct / (2 * nthreads)));
+  const int64_t njobs = (nct + T - 1) / T;
+  const int64_t work = F * K * Pt / 8;  // (~12% dense layers: the threshold's multiply-adds)
+  const GenConvFn* fns = g.fns;
+  nck::parallel_for(0, njobs, work < g_parallel_threshold ? njobs : 1, [&](int64_t b, int64_t e) {
+    thread_local std::vector<float> blkv, accv;
+    if ((int64_t)blkv.size() < T * KC * GC + 16) blkv.resize(T * KC * GC + 16);
+    if ((int64_t)accv.size() < T * NB * 256 + 16) accv.resize(T * NB * 256 + 16);
+    float* blk = blkv.data() + ((64 - (reinterpret_cast<uintptr_t>(blkv.data()) & 63)) & 63) / 4;
+    float* acc = accv.data() + ((64 - (reinterpret_cast<uintptr_t>(accv.data()) & 63)) & 63) / 4;
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t t0 = job * T, nt = std::min<int64_t>(nct, t0 + T) - t0;
+      std::fill(acc, acc + nt * NB * 256, 0.f);
+      for (int64_t kc = 0; kc < NKC; ++kc) {
+        const int64_t r0 = kc * KC, r1 = std::min<int64_t>(K, r0 + KC);
+        for (int64_t t = 0; t < nt; ++t) {
+          const int64_t q0 = (t0 + t) * GC;
+          float* xb = blk + t * KC * GC;
+          for (int64_t r = r0; r < r1; ++r)
+            gather_row<GC>(xp + (r / KK) * H * W, tab.data() + (r % KK) * Pt + q0, valid.data() + (r % KK) * Pt + q0,
+                           xb + (r - r0) * GC);
+        }
+        for (int64_t t = 0; t < nt; ++t) {
+          const float* xb = blk + t * KC * GC;
+          float* at = acc + t * NB * 256;
+          for (int64_t bl = 0; bl < NB; ++bl) fns[bl * NKC + kc](xb, at + bl * 256);
+        }
+      }
+      for (int64_t t = 0; t < nt; ++t) {
+        const int64_t q0 = (t0 + t) * GC, qn = std::min<int64_t>(GC, P - q0);
+        const int64_t* vo = vout.data() + q0;
+        const float* at = acc + t * NB * 256;
+        for (int64_t f = 0; f < F; ++f) {
+          const float bv = bp ? bp[f] : 0.f;
+          const float* a = at + f * GC;
+          for (int64_t j = 0; j < qn; ++j) {
+            const int64_t o = vo[j] + f * HoWo;
+            const float v = a[j] + bv + (rp ? rp[o] : 0.f);
+            op[o] = relu && v < 0.f ? 0.f : v;
+          }
+        }
       }
     }
   });
