@@ -92,13 +92,16 @@ def test_generated_source_loads_each_used_row_once_per_block():
     w[7, 1, 2, 2] = -2.0  # row 17, one filter
     w[17, 1, 0, 0] = 0.25  # block 1: row 9
     src = codegen.generate_conv_source(w, kc=8)
-    b0 = "".join(re.findall(r"static void g0_\d+\(.*?\n}", src, re.S))
-    b1 = "".join(re.findall(r"static void g1_\d+\(.*?\n}", src, re.S))
-    assert b0.count("ld(xs") == 2 and b0.count("FMA(") == 4
-    assert b1.count("ld(xs") == 1 and b1.count("FMA(") == 1
-    assert "ld(xs + 64)" in b0 and "ld(xs + 16)" in b0  # row 4 in chunk 0 (rows 0-7), row 17 in chunk 2 (16-23)
-    assert "ld(xs + 16)" in b1  # row 9 in chunk 1
-    assert "meta[4] = 3" in src and "meta[3] = 2" in src
+    b0 = "".join(re.findall(r"^\.Lg0_\d+:\n.*?\tret$", src, re.S | re.M))
+    b1 = "".join(re.findall(r"^\.Lg1_\d+:\n.*?\tret$", src, re.S | re.M))
+    assert b0.count("(%rdi), %zmm") == 2 and b0.count("vfmadd231ps") == 4
+    assert b1.count("(%rdi), %zmm") == 1 and b1.count("vfmadd231ps") == 1
+    # row 4 in chunk 0 (rows 0-7): 4 x 64 bytes in; row 17 in chunk 2 (16-23) and row 9 in chunk 1: 64 bytes in
+    assert "vmovups 256(%rdi)" in b0 and "vmovups 64(%rdi)" in b0 and "vmovups 64(%rdi)" in b1
+    # the three users of row 4 accumulate into zmm0 / zmm3 / zmm15, and only the used accumulators are loaded
+    assert all(f"%zmm{i}\n" in b0 for i in (0, 3, 7, 15)) and "(%rsi), %zmm1\n" not in b0
+    assert src.count(".quad .Lg") == 2 * 3  # 2 blocks x 3 chunks
+    assert "0x3fc00000" in src and "0xc0000000" in src and "0x3e800000" in src  # 1.5, -2.0, 0.25 exactly
 
 
 def test_generated_conv_cache_and_errors(kernels, tmp_path, monkeypatch):
