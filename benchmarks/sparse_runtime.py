@@ -226,7 +226,7 @@ def main() -> None:
 
 
 def _print(rows) -> None:
-    names = ["torch", "onnxruntime", "openvino", "deepsparse", "netcarve-dense", "netcarve"]
+    names = ["torch", "onnxruntime", "openvino", "deepsparse", "netcarve-dense", "netcarve", "netcarve-gen"]
     print(f"{'model':<18} {'variant':<15} {'batch':>5} " + " ".join(f"{n:>14}" for n in names) + f" {'vs best dense':>14}")
     for r in rows:
         e = r["engines"]

@@ -38,3 +38,29 @@ def test_bench_text_and_errors(capsys):
     assert "netcarve per layer" in out and "GEMM ceiling" in out
     assert main(["bench", "lenet", "--engines", "tensorrt"]) == 2
     assert "unknown engine" in capsys.readouterr().err
+
+
+def test_bench_netcarve_gen_engine_on_a_sparse_checkpoint(tmp_path, capsys):
+    import pytest
+    import torch
+
+    import netcarve
+    from netcarve.runtime import codegen
+
+    ok, why = codegen.host_supported()
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    m = netcarve.create_model("lenet").eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.mul_(torch.rand(mod.weight.shape) < 0.2)
+    netcarve.save(m, tmp_path / "sparse")
+    rc = main(["bench", str(tmp_path / "sparse"), "--batch", "4", "--threads", "1", "--repeats", "3", "--rounds", "1",
+               "--engines", "netcarve-gen", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    e = doc["engines"]["netcarve-gen"]
+    assert e["latency_ms"] > 0 and e["max_abs_diff"] < 1e-3
+    assert any(n.startswith("codegen:") for n in e["notes"])

@@ -201,14 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--engines", nargs="+", metavar="ENGINE",
-                   help="torch onnxruntime openvino netcarve-dense netcarve deepsparse (default: all available)")
+                   help="torch onnxruntime openvino netcarve-dense netcarve netcarve-gen deepsparse (default: all "
+                        "available but netcarve-gen: netcarve with per-layer generated code offered too, built once "
+                        "per layer and machine)")
     s.add_argument("--repeats", type=int, default=30)
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--deepsparse-python", metavar="PYTHON",
                    help="interpreter of a virtualenv with deepsparse==1.8.0 (default: $NETCARVE_DEEPSPARSE_PYTHON)")
-    s.add_argument("--codegen", action="store_true",
-                   help="netcarve engine: also offer each sparse conv its own generated code (compiled once per "
-                        "layer and machine, seconds per layer; AVX-512 + C++ compiler), kept where faster")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_bench)
 

@@ -24,7 +24,10 @@ from ..errors import ConfigError, EngineUnavailableError
 from ..measure import engine_available, environment, measure_latency
 
 DENSE_ENGINES = ("torch", "onnxruntime", "openvino")
-ALL_ENGINES = ("torch", "onnxruntime", "openvino", "netcarve-dense", "netcarve", "deepsparse")
+ALL_ENGINES = ("torch", "onnxruntime", "openvino", "netcarve-dense", "netcarve", "netcarve-gen", "deepsparse")
+# run when no engines are named (netcarve-gen: netcarve with per-layer generated code offered too, which builds
+# every sparse conv's code on first use)
+DEFAULT_ENGINES = tuple(e for e in ALL_ENGINES if e != "netcarve-gen")
 
 
 def gemm_ceiling_gflops(threads: int, n: int = 1024, repeats: int = 10) -> float:
@@ -47,11 +50,11 @@ def gemm_ceiling_gflops(threads: int, n: int = 1024, repeats: int = 10) -> float
         torch.set_num_threads(old)
 
 
-def run_bench(model: torch.nn.Module, x: torch.Tensor, *, engines=ALL_ENGINES, threads: int = 2,
+def run_bench(model: torch.nn.Module, x: torch.Tensor, *, engines=DEFAULT_ENGINES, threads: int = 2,
               repeats: int = 30, rounds: int = 5, warmup: int = 10, deepsparse_python: str | None = None,
-              progress=None, codegen: bool = False) -> dict[str, Any]:
-    """Time ``model`` on ``x`` with every requested engine; returns the ``--json`` document (``codegen``: the
-    ``netcarve`` engine also offers its sparse convs generated code, ``runtime.compile(codegen=True)``)."""
+              progress=None) -> dict[str, Any]:
+    """Time ``model`` on ``x`` with every requested engine; returns the ``--json`` document (``netcarve-gen``:
+    netcarve's runtime compiled with ``codegen=True``, each sparse conv also offered its own generated code)."""
     unknown = [e for e in engines if e not in ALL_ENGINES]
     if unknown:
         raise ConfigError(f"netcarve bench: unknown engine(s) {unknown}; choose from {', '.join(ALL_ENGINES)}")
@@ -76,7 +79,7 @@ def run_bench(model: torch.nn.Module, x: torch.Tensor, *, engines=ALL_ENGINES, t
                     raise EngineUnavailableError(f"netcarve kernels unavailable: {kernel_status()['reason']}")
                 mode = "never" if name == "netcarve-dense" else "auto"
                 r = measure_latency(model, x, engine="netcarve", per_layer=name == "netcarve",
-                                    engine_options={"sparse": mode, "codegen": codegen and mode == "auto"}, **kw)
+                                    engine_options={"sparse": mode, "codegen": name == "netcarve-gen"}, **kw)
             else:
                 if not engine_available(name):
                     raise EngineUnavailableError(f"{name} is not installed")
@@ -156,7 +159,7 @@ def bench_cli(a) -> dict[str, Any]:
         raise ConfigError("netcarve bench: --batch and --threads must be >= 1")
     model = resolve_model(a.model, a.weights, a.data_dir)
     x = example_input(model, batch=a.batch)
-    engines = a.engines or list(ALL_ENGINES)
+    engines = a.engines or list(DEFAULT_ENGINES)
     py = a.deepsparse_python
     return run_bench(model, x, engines=engines, threads=a.threads, repeats=a.repeats, rounds=a.rounds,
-                     deepsparse_python=py, codegen=getattr(a, "codegen", False))
+                     deepsparse_python=py)
