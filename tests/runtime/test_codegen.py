@@ -204,3 +204,19 @@ def test_pick_holds_generated_code_to_the_sparse_margin():
     t.update(sparse_ms=2.0, generated_ms=0.97)
     assert _pick(["dense", "direct", "sparse", "generated"], t) == "dense"  # within noise of dense
     assert _pick(["sparse", "generated"], {"sparse_ms": 2.0, "generated_ms": 3.0}) == "sparse"
+
+
+def test_generated_conv_propagates_nan_like_torch(kernels):
+    """A NaN input reaches exactly the outputs that read it through a non-zero weight (zeros are skipped, as in every
+    sparse kernel: a dense conv also spreads it through its zeros, 0 * NaN), through ReLU, on both output paths
+    (16-aligned maps: vector stores; 3x3 maps: per element)."""
+    for h in (4, 3):
+        w = _weight(16, 8, 3, 0.6, seed=h)
+        lib = codegen.build_conv(w)
+        x = torch.randn(2, 8, h, h)
+        x[1, 3, 1, 1] = float("nan")
+        out = _run(kernels, lib, w, None, x, 1, 1, True)
+        reads = F.conv2d(x.isnan().float(), (w != 0).float(), None, 1, 1) > 0
+        assert torch.equal(out.isnan(), reads) and reads.any()
+        ref = torch.relu(F.conv2d(x.nan_to_num(0.0), w, None, 1, 1))  # the outputs that do not read it
+        assert _rel_err(out[~reads], ref[~reads]) <= 1e-5

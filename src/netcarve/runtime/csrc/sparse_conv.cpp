@@ -1123,27 +1123,38 @@ torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch:
   // Per kernel position and tile: where the tile's 16 windows are consecutive in the input (stride 1, the 16 output
   // positions in one output row, padding lanes masked out), one masked load replaces the hardware gather (a 64-
   // channel 32x32 layer spent more time gathering than multiplying: K = 576 gathers per tile for 4.5k FMAs).
-  std::vector<int32_t> cbase(KK * nct, 0);
+  // Where they are two runs of 8 (8x8 maps: two output rows per tile), two masked 8-float loads do it (mode 2).
+  std::vector<int32_t> cbase(2 * KK * nct, 0);
   std::vector<uint16_t> cmask(KK * nct, 0);
   std::vector<uint8_t> cont(KK * nct, 0);
+  auto run_base = [](const int32_t* tb, const int32_t* vb, int64_t n, int64_t& base) {  // consecutive valid lanes?
+    int64_t j0 = 0;
+    while (j0 < n && !vb[j0]) ++j0;
+    base = j0 < n ? (int64_t)tb[j0] - j0 : 0;
+    for (int64_t j = j0; j < n; ++j)
+      if (vb[j] && tb[j] != base + j) return false;
+    return base >= 0;
+  };
   for (int64_t k = 0; k < KK; ++k)
     for (int64_t t = 0; t < nct; ++t) {
       const int32_t* tb = tab.data() + k * Pt + t * GC;
       const int32_t* vb = valid.data() + k * Pt + t * GC;
-      int64_t j0 = 0;
-      while (j0 < GC && !vb[j0]) ++j0;
-      bool ok = true;
       uint32_t m = 0;
-      const int64_t base = j0 < GC ? (int64_t)tb[j0] - j0 : 0;
-      for (int64_t j = 0; j < GC; ++j)
-        if (vb[j]) {
-          ok = ok && tb[j] == base + j;
-          m |= 1u << j;
-        }
-      cont[k * nct + t] = ok && base >= 0;
-      cbase[k * nct + t] = (int32_t)base;
-      cmask[k * nct + t] = (uint16_t)m;
+      for (int64_t j = 0; j < GC; ++j) m |= vb[j] ? 1u << j : 0u;
+      const int64_t i = k * nct + t;
+      int64_t b0 = 0, b1 = 0;
+      if (run_base(tb, vb, GC, b0)) {
+        cont[i] = 1;
+      } else if (run_base(tb, vb, 8, b0) && run_base(tb + 8, vb + 8, 8, b1)) {
+        cont[i] = 2;
+      }
+      cbase[2 * i] = (int32_t)b0;
+      cbase[2 * i + 1] = (int32_t)b1;
+      cmask[i] = (uint16_t)m;
     }
+  // Outputs: where a tile's 16 positions are consecutive in one image (HoWo a multiple of 16), each filter's row
+  // is stored as one vector (bias, residual and ReLU on the vector).
+  const bool vec_out = HoWo % GC == 0;
   std::vector<int64_t> vout(Pt, 0);
   for (int64_t q = 0; q < P; ++q) vout[q] = (q / HoWo) * F * HoWo + q % HoWo;
   auto out = conv_output(N, F, Ho, Wo, x);
@@ -1177,8 +1188,14 @@ torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch:
             const float* sc = xp + (r / KK) * H * W;
             const int64_t ci = (r % KK) * nct + t0 + t;
 #if defined(__AVX512F__)
-            if (cont[ci]) {
-              _mm512_store_ps(xb + (r - r0) * GC, _mm512_maskz_loadu_ps(cmask[ci], sc + cbase[ci]));
+            if (cont[ci] == 1) {
+              _mm512_store_ps(xb + (r - r0) * GC, _mm512_maskz_loadu_ps(cmask[ci], sc + cbase[2 * ci]));
+              continue;
+            }
+            if (cont[ci] == 2) {
+              const __m256 lo = _mm256_maskz_loadu_ps((__mmask8)(cmask[ci] & 0xff), sc + cbase[2 * ci]);
+              const __m256 hi = _mm256_maskz_loadu_ps((__mmask8)(cmask[ci] >> 8), sc + cbase[2 * ci + 1]);
+              _mm512_store_ps(xb + (r - r0) * GC, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
               continue;
             }
 #endif
@@ -1195,6 +1212,19 @@ torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch:
         const int64_t q0 = (t0 + t) * GC, qn = std::min<int64_t>(GC, P - q0);
         const int64_t* vo = vout.data() + q0;
         const float* at = acc + t * NB * 256;
+#if defined(__AVX512F__)
+        if (vec_out) {  // (qn = 16: P is a multiple of HoWo)
+          const vecf zero = bcast(0.f);
+          for (int64_t f = 0; f < F; ++f) {
+            const int64_t o = vo[0] + f * HoWo;
+            vecf v = loadu(at + f * GC) + bcast(bp ? bp[f] : 0.f);
+            if (rp) v += loadu(rp + o);
+            if (relu) v = (vecf)_mm512_max_ps((__m512)zero, (__m512)v);  // (NaN stays NaN, as torch.relu)
+            storeu(op + o, v);
+          }
+          continue;
+        }
+#endif
         for (int64_t f = 0; f < F; ++f) {
           const float bv = bp ? bp[f] : 0.f;
           const float* a = at + f * GC;
