@@ -70,6 +70,9 @@ def test_generated_conv_matches_the_masked_dense_conv(kernels, n, c, f, h, w, k,
                 assert _rel_err(_run(kernels, lib, weight, None, x, s, p, True), torch.relu(ref - bias.view(1, -1, 1, 1))) <= 1e-5
             finally:
                 kernels.set_gen_tiles(0)
+    # rip-relative addressing everywhere (compact=False) computes the same
+    wide = codegen.build_conv(weight, kc=kc, name="test", compact=False)
+    assert wide != lib and _rel_err(_run(kernels, wide, weight, bias, x, s, p, False), ref) <= 1e-5
 
 
 def test_generated_conv_fuses_residual_and_relu(kernels):
@@ -91,7 +94,7 @@ def test_generated_source_loads_each_used_row_once_per_block():
     w[0, 0, 1, 1] = w[3, 0, 1, 1] = w[15, 0, 1, 1] = 1.5  # row 4 used by three filters of block 0
     w[7, 1, 2, 2] = -2.0  # row 17, one filter
     w[17, 1, 0, 0] = 0.25  # block 1: row 9
-    src = codegen.generate_conv_source(w, kc=8)
+    src = codegen.generate_conv_source(w, kc=8, compact=False)
     b0 = "".join(re.findall(r"^\.Lg0_\d+:\n.*?\tret$", src, re.S | re.M))
     b1 = "".join(re.findall(r"^\.Lg1_\d+:\n.*?\tret$", src, re.S | re.M))
     assert b0.count("(%rdi), %zmm") == 2 and b0.count("vfmadd231ps") == 4
@@ -102,6 +105,9 @@ def test_generated_source_loads_each_used_row_once_per_block():
     assert all(f"%zmm{i}\n" in b0 for i in (0, 3, 7, 15)) and "(%rsi), %zmm1\n" not in b0
     assert src.count(".quad .Lg") == 2 * 3  # 2 blocks x 3 chunks
     assert "0x3fc00000" in src and "0xc0000000" in src and "0x3e800000" in src  # 1.5, -2.0, 0.25 exactly
+    compact = codegen.generate_conv_source(w, kc=8)
+    assert "vmovups -7936(%rcx), %zmm" in compact  # row 4: 256 bytes past xs, from xs + 8 KiB
+    assert compact.count("vfmadd231ps") == 5 and "(%rdx){1to16}" in compact and "(%rip){1to16}" not in compact
 
 
 def test_generated_conv_cache_and_errors(kernels, tmp_path, monkeypatch):

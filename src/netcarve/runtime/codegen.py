@@ -61,14 +61,17 @@ def _check_weight(weight: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def generate_conv_source(weight: torch.Tensor, kc: int = DEFAULT_KC, name: str = "conv") -> str:
+def generate_conv_source(weight: torch.Tensor, kc: int = DEFAULT_KC, name: str = "conv",
+                         compact: bool = True) -> str:
     """The x86-64 assembly (GNU as, AT&T syntax, AVX-512F) of one conv layer's generated code.
 
     Function ``g<b>_<c>(xs = %rdi, acc = %rsi)`` (System V ABI) for filter block ``b`` and row chunk ``c``: the
     accumulators of the block's filters that have taps in the chunk are loaded into zmm0-15 (filter i -> zmm i),
     then for every im2col row any of them uses: one load of the row (16 columns) into zmm16-31 (rotating) and one
     ``vfmadd231ps W(%rip){1to16}`` per filter using it, the weight broadcast from the block's constant table; the
-    accumulators are stored back. ``netcarve_gen_conv(int64_t* meta)`` fills ``meta`` (format, F, K, blocks,
+    accumulators are stored back. ``compact``: rows and weights addressed from base registers (%rcx / %r8 = xs +
+    8 / 24 KiB, %rdx into the constants) so that EVEX's 1-byte scaled displacements apply: 7-byte instructions
+    instead of 10-11 (the code of a large layer does not fit the instruction cache; less of it to fetch). ``netcarve_gen_conv(int64_t* meta)`` fills ``meta`` (format, F, K, blocks,
     chunks, kc) and returns the function table (block-major)."""
     w = _check_weight(weight)
     if kc < 1:
@@ -90,6 +93,7 @@ def generate_conv_source(weight: torch.Tensor, kc: int = DEFAULT_KC, name: str =
         bodies: list[list[str]] = [[] for _ in range(nkc)]
         used: list[set[int]] = [set() for _ in range(nkc)]
         nload = 0
+        wbase: list[int | None] = [None] * nkc  # compact: the constant %rdx points at, per chunk
         for r in rows:
             c = r // kc
             users = torch.nonzero(nz[:, r]).flatten().tolist()
@@ -97,9 +101,25 @@ def generate_conv_source(weight: torch.Tensor, kc: int = DEFAULT_KC, name: str =
             xr = 16 + nload % 16
             nload += 1
             body = bodies[c]
-            body.append(f"\tvmovups {(r - c * kc) * BLOCK * 4}(%rdi), %zmm{xr}")
+            ro = (r - c * kc) * BLOCK * 4
+            if compact and ro < 16384:
+                body.append(f"\tvmovups {ro - 8192}(%rcx), %zmm{xr}")
+            elif compact and ro < 32768:
+                body.append(f"\tvmovups {ro - 24576}(%r8), %zmm{xr}")
+            else:
+                body.append(f"\tvmovups {ro}(%rdi), %zmm{xr}")
             for i, v in zip(users, vals):
-                body.append(f"\tvfmadd231ps .LW{b}+{4 * len(consts)}(%rip){{1to16}}, %zmm{xr}, %zmm{i}")
+                idx = len(consts)
+                if compact:
+                    if wbase[c] is None:
+                        wbase[c] = idx + 128
+                        body.insert(0, f"\tleaq .LW{b}+{4 * wbase[c]}(%rip), %rdx")
+                    while idx - wbase[c] > 127:
+                        body.append("\taddq $1024, %rdx")
+                        wbase[c] += 256
+                    body.append(f"\tvfmadd231ps {4 * (idx - wbase[c])}(%rdx){{1to16}}, %zmm{xr}, %zmm{i}")
+                else:
+                    body.append(f"\tvfmadd231ps .LW{b}+{4 * idx}(%rip){{1to16}}, %zmm{xr}, %zmm{i}")
                 consts.append(v)
                 used[c].add(i)
         if consts:  # the float32 bit patterns, exactly the weights
@@ -113,6 +133,8 @@ def generate_conv_source(weight: torch.Tensor, kc: int = DEFAULT_KC, name: str =
             text.append("\t.p2align 4")
             text.append(f"{fn}:")
             text += [f"\tvmovups {i * BLOCK * 4}(%rsi), %zmm{i}" for i in acc]
+            if compact and bodies[c]:  # row bases: 1-byte displacements (scaled by 64) for rows 0-511 of a chunk
+                text += ["\tleaq 8192(%rdi), %rcx", "\tleaq 24576(%rdi), %r8"]
             text += bodies[c]
             text += [f"\tvmovups %zmm{i}, {i * BLOCK * 4}(%rsi)" for i in acc]
             text += (["\tvzeroupper"] if acc else []) + ["\tret"]
@@ -134,13 +156,13 @@ def _compiler_id(cxx: str) -> str:
         return cxx
 
 
-def build_conv(weight: torch.Tensor, kc: int = DEFAULT_KC, name: str = "conv") -> Path:
+def build_conv(weight: torch.Tensor, kc: int = DEFAULT_KC, name: str = "conv", compact: bool = True) -> Path:
     """Generate and compile one conv layer's code; returns the shared library (cached: an unchanged weight on the
     same CPU and compiler is not compiled again). Raises :class:`ConfigError` where the host cannot run it."""
     ok, why = host_supported()
     if not ok:
         raise ConfigError(why)
-    src = generate_conv_source(weight, kc, name)
+    src = generate_conv_source(weight, kc, name, compact)
     cxx = _compiler()
     key = hashlib.sha256("\n".join([src, " ".join(CFLAGS), _compiler_id(cxx), cpu_key()]).encode()).hexdigest()[:24]
     d = cache_root() / "gen"
