@@ -149,22 +149,10 @@ def test_generated_conv_cache_and_errors(kernels, tmp_path, monkeypatch):
 def test_every_conv_on_generated_code_matches_the_masked_model(kernels, name):
     """A whole plan with every groups=1 conv on its generated code (BN folded, ReLU and residual additions fused,
     strided and 1x1 convs) equals the masked model, at a batch whose columns end mid-tile and forced parallel."""
-    from netcarve.runtime import lower
-    from netcarve.runtime.plan import build_native
+    from .test_compile import every_conv_on
 
-    from .test_compile import _example, _prepared
-
-    m = _prepared(name)
-    x = _example(m, 3)
-    with torch.no_grad():
-        ref = m(x)
-    ops, nvals, output = lower(m, x)
-    gen = [op for op in ops if op.kind == "conv" and op.p["groups"] == 1]
-    assert gen
-    for op in gen:
-        op.p["kernel"] = "generated"
     with forced_parallel(kernels, 2):
-        plan = build_native(kernels, ops, nvals, output)
+        plan, x, ref, gen = every_conv_on(kernels, name, "generated", 3)
         assert _rel_err(plan.run(x), ref) <= 1e-4
     assert all("gen" in op.p for op in gen)
 

@@ -324,19 +324,25 @@ def test_native_pool_and_shortcuts_match_reference(kernels):
         kernels.set_native_pool(True)
 
 
-@pytest.mark.parametrize("name", [n for n in ZOO if n not in ("gru", "lstm")])
-def test_every_conv_on_the_direct_kernel_matches(kernels, name):
-    """The plan with every groups=1 conv on netcarve's dense direct kernel equals the masked model."""
+def every_conv_on(kernels, name: str, kernel: str, batch: int):
+    """A zoo model (``_prepared``) lowered with every groups=1 conv on ``kernel``: (native plan, input, the masked
+    model's output, those conv ops)."""
     m = _prepared(name)
-    x = _example(m, 2)
+    x = _example(m, batch)
     with torch.no_grad():
         ref = m(x)
     ops, nvals, output = lower(m, x)
-    direct = [op for op in ops if op.kind == "conv" and op.p["groups"] == 1]
-    assert direct
-    for op in direct:
-        op.p["kernel"] = "direct"
-    plan = build_native(kernels, ops, nvals, output)
+    convs = [op for op in ops if op.kind == "conv" and op.p["groups"] == 1]
+    assert convs
+    for op in convs:
+        op.p["kernel"] = kernel
+    return build_native(kernels, ops, nvals, output), x, ref, convs
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if n not in ("gru", "lstm")])
+def test_every_conv_on_the_direct_kernel_matches(kernels, name):
+    """The plan with every groups=1 conv on netcarve's dense direct kernel equals the masked model."""
+    plan, x, ref, _ = every_conv_on(kernels, name, "direct", 2)
     assert _rel(plan.run(x), ref) <= 1e-4
 
 
