@@ -63,13 +63,15 @@ def test_generated_conv_matches_the_masked_dense_conv(kernels, n, c, f, h, w, k,
     x = torch.randn(n, c, h, w)
     ref = F.conv2d(x, weight, bias, s, p)
     with forced_parallel(kernels, threads):
-        for tiles in (0, 1, 3):
+        for tiles, outer in ((0, False), (1, False), (3, False), (3, True), (0, True)):
             kernels.set_gen_tiles(tiles)
+            kernels.set_gen_block_outer(outer)
             try:
                 assert _rel_err(_run(kernels, lib, weight, bias, x, s, p, False), ref) <= 1e-5
                 assert _rel_err(_run(kernels, lib, weight, None, x, s, p, True), torch.relu(ref - bias.view(1, -1, 1, 1))) <= 1e-5
             finally:
                 kernels.set_gen_tiles(0)
+                kernels.set_gen_block_outer(False)
     # rip-relative addressing everywhere (compact=False) computes the same
     wide = codegen.build_conv(weight, kc=kc, name="test", compact=False)
     assert wide != lib and _rel_err(_run(kernels, wide, weight, bias, x, s, p, False), ref) <= 1e-5

@@ -256,6 +256,8 @@ torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch:
                          bool relu);
 // column tiles of 16 per job (0: by size)
 extern int64_t g_gen_tiles;
+// per K chunk: every block's function over the job's tiles (true) or every tile through all blocks (false)
+extern bool g_gen_block_outer;
 
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,

@@ -603,6 +603,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "largest output (in 16-float vectors) that takes the im2col path of sparse_conv2d (default 4; 0 = never)");
   m.def("set_gen_tiles", [](int64_t v) { g_gen_tiles = v; },
         "column tiles of 16 per job of generated convs (0: by size, at most 8)");
+  m.def("set_gen_block_outer", [](bool v) { g_gen_block_outer = v; },
+        "generated convs: per K chunk, run each block's function over the job's tiles back to back (code reuse) "
+        "instead of each tile through every block (data reuse; default)");
   m.def("gen_conv_info", [](const std::string& path) {
         auto g = load_gen_conv(path);
         return std::vector<int64_t>{g->F, g->K, g->nblocks, g->nkc, g->kc};

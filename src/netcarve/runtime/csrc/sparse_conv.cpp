@@ -40,6 +40,7 @@ int64_t g_batched_block = 24576;
 #endif
 int64_t g_batched_nv = 0;  // 0: by size
 int64_t g_gen_tiles = 0;    // 0: by size
+bool g_gen_block_outer = false;
 bool g_multirow = true;
 int64_t g_multirow_min_vectors = 64;
 bool g_fused_store = true;
@@ -1202,10 +1203,15 @@ torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch:
             gather_row<GC>(sc, tab.data() + (r % KK) * Pt + q0, valid.data() + (r % KK) * Pt + q0, xb + (r - r0) * GC);
           }
         }
-        for (int64_t t = 0; t < nt; ++t) {
-          const float* xb = blk + t * KC * GC;
-          float* at = acc + t * NB * 256;
-          for (int64_t bl = 0; bl < NB; ++bl) fns[bl * NKC + kc](xb, at + bl * 256);
+        if (g_gen_block_outer) {  // each function runs on the job's tiles back to back (its code stays in L1i)
+          for (int64_t bl = 0; bl < NB; ++bl)
+            for (int64_t t = 0; t < nt; ++t) fns[bl * NKC + kc](blk + t * KC * GC, acc + t * NB * 256 + bl * 256);
+        } else {  // each tile's chunk stays in L1 while every block's function runs on it
+          for (int64_t t = 0; t < nt; ++t) {
+            const float* xb = blk + t * KC * GC;
+            float* at = acc + t * NB * 256;
+            for (int64_t bl = 0; bl < NB; ++bl) fns[bl * NKC + kc](xb, at + bl * 256);
+          }
         }
       }
       for (int64_t t = 0; t < nt; ++t) {
