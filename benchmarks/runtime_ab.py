@@ -13,6 +13,8 @@ per-filter tap lists) and ``batched_small`` (``set_batched_small``: 4x4 / 2x2 sp
 sparse weight times L1-sized im2col tiles instead of the padded wide grid), ``team`` (``set_team``: a plan's kernel
 steps in one OpenMP region, loops handed over by atomics, instead of a fork / join per loop) and ``lean_steps``
 (``set_lean_steps``: conv outputs allocated without the dispatcher, direct convs' band offsets cached per step).
+``--switch codegen`` compares two compiles of each sparse model instead, ``sparse="auto"`` without and with
+``codegen=True`` (per-layer generated code offered to the autotuner; the dense models are skipped).
 ``--callers 2`` times each plan called from two Python threads at once (wall time per call, both threads'
 calls counted; e.g. a server answering two requests): with ``--switch team`` the case where two plan runs compete
 for the cores.
@@ -33,7 +35,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench"
-SWITCHES = {"banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
+SWITCHES = {"codegen": None, "banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
             "small_rowtaps": "set_small_rowtaps", "batched_small": "set_batched_small", "team": "set_team",
             "lean_steps": "set_lean_steps"}
 
@@ -82,7 +84,8 @@ def main() -> None:
     st = kernel_status()
     if not st["available"]:
         raise SystemExit(f"native kernels unavailable: {st['reason']}")
-    switch = getattr(load_kernels(), SWITCHES[a.switch])
+    codegen = a.switch == "codegen"
+    switch = (lambda on: None) if codegen else getattr(load_kernels(), SWITCHES[a.switch])
     sources = {}
     if "resnet56" in a.models:
         sources.update({"dense": None, "compact": a.compact,
@@ -103,14 +106,20 @@ def main() -> None:
     rows = []
     for batch in a.batch:
         x = torch.randn(batch, 3, 32, 32)
-        plans = {k: compile_plan(m, x, sparse="never" if k.endswith(("dense", "compact")) else "always")
-                 for k, m in models.items()}
+        if codegen:  # (off, on) = two compiles of each sparse model
+            pairs = {k: (compile_plan(m, x, sparse="auto"), compile_plan(m, x, sparse="auto", codegen=True))
+                     for k, m in models.items() if not k.endswith(("dense", "compact"))}
+        else:
+            pairs = {k: (pl, pl) for k, pl in ((k, compile_plan(m, x, sparse="never" if k.endswith(("dense", "compact"))
+                                                                else "always")) for k, m in models.items())}
+        plans = {k: v[1] for k, v in pairs.items()}
         repeats = a.repeats if batch == 1 else max(3, a.repeats // 10)
         times = {(k, on): [] for k in plans for on in (False, True)}
         for _ in range(a.rounds):
-            for k, plan in plans.items():
+            for k in plans:
                 for on in (False, True):
                     switch(on)
+                    plan = pairs[k][on]
                     if a.callers > 1:
                         _time_callers(plan, x, max(3, repeats // 5), a.callers)  # warm-up
                         times[(k, on)].append(_time_callers(plan, x, repeats, a.callers))
@@ -120,6 +129,8 @@ def main() -> None:
         for k in plans:
             off, on = min(times[(k, False)]), min(times[(k, True)])
             rows.append({"model": k, "batch": batch, "off_ms": off, "on_ms": on, "speedup": off / on})
+            if codegen:
+                rows[-1]["generated_layers"] = [lc.name for lc in pairs[k][1].layers if lc.choice == "generated"]
             print(f"b{batch:<3d} {k:15s} off {off:9.3f} ms  on {on:9.3f} ms  x{off / on:.2f}", flush=True)
     suffix = f"-callers{a.callers}" if a.callers > 1 else ""
     out = Path(a.out) if a.out else RESULTS / f"runtime_ab-{a.switch}{suffix}.json"
