@@ -216,3 +216,9 @@ def test_generated_conv_propagates_nan_like_torch(kernels):
         assert torch.equal(out.isnan(), reads) and reads.any()
         ref = torch.relu(F.conv2d(x.nan_to_num(0.0), w, None, 1, 1))  # the outputs that do not read it
         assert _rel_err(out[~reads], ref[~reads]) <= 1e-5
+
+
+def test_generated_conv_step_rejects_a_weight_that_is_not_4d(kernels):
+    lib = codegen.build_conv(_weight(4, 2, 3, 0.5, seed=0))
+    with pytest.raises(RuntimeError, match="needs the \\(F, C, kh, kw\\) weight"):
+        kernels.Plan(2, 1).add_conv_gen("c", [0], 1, torch.zeros(4, 18), None, str(lib), 1, 1, False)

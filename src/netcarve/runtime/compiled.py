@@ -384,7 +384,7 @@ def _pick(cands: list[str], known: dict) -> str:
     ``SPARSE_MARGIN`` x the fastest dense one (or no dense one is a candidate)."""
     dense = [k for k in cands if k not in SPARSE_KINDS]
     sparse = [k for k in cands if k in SPARSE_KINDS]
-    best_sparse = min(sparse, key=lambda k: known[f"{k}_ms"]) if len(sparse) > 1 else (sparse or [None])[0]
+    best_sparse = min(sparse, key=lambda k: known[f"{k}_ms"]) if sparse else None
     if not dense:
         return best_sparse
     best = min(dense, key=lambda k: known[f"{k}_ms"])

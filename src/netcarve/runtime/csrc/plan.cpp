@@ -85,10 +85,12 @@ class Plan {
   }
 
   // conv through the layer's generated code (netcarve/runtime/codegen.py): the library at `path`, made for this
-  // weight (F filters, C * kh * kw im2col rows); weight is kept for the ATen fallback of nothing (shape checks only)
+  // weight (F filters, C * kh * kw im2col rows); the weight itself is only read for its shape
   void add_conv_gen(const std::string& name, std::vector<int64_t> in, int64_t out, torch::Tensor weight,
                     c10::optional<torch::Tensor> bias, const std::string& path, int64_t stride, int64_t pad,
                     bool relu) {
+    TORCH_CHECK(weight.dim() == 4, name, ": a generated conv needs the (F, C, kh, kw) weight, got ", weight.dim(),
+                " dimensions");
     Step s{CONV, name, std::move(in), out};
     s.ints = {weight.size(0), weight.size(2), weight.size(3), stride, pad, 1};
     s.ts = {torch::Tensor(), bias.has_value() ? bias->contiguous() : torch::Tensor()};
