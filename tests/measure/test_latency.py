@@ -82,7 +82,9 @@ def test_torch_per_layer_charges_glue_to_the_block():
         ("torch", 0.85, 1.15),
         # the ONNX Runtime profiler slows every kernel by a few microseconds (see latency.py)
         pytest.param("onnxruntime", 0.85, 1.6, marks=pytest.mark.slow),
-        pytest.param("openvino", 0.85, 1.15, marks=pytest.mark.slow),
+        # OpenVINO's per-node profile adds a little per node too: 1.18-1.28 in a noisy phase of a Zen 4 VM (2026-12-05,
+        # three tries in one CI run); a layer counted twice or missed would be far outside (~2 or ~0.5)
+        pytest.param("openvino", 0.85, 1.3, marks=pytest.mark.slow),
     ],
 )
 def test_resnet56_per_layer_sum_matches_whole_model(engine, low, high):
