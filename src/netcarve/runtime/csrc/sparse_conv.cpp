@@ -1124,8 +1124,9 @@ torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch:
   // Per kernel position and tile: where the tile's 16 windows are consecutive in the input (stride 1, the 16 output
   // positions in one output row, padding lanes masked out), one masked load replaces the hardware gather (a 64-
   // channel 32x32 layer spent more time gathering than multiplying: K = 576 gathers per tile for 4.5k FMAs).
-  // Where they are two runs of 8 (8x8 maps: two output rows per tile), two masked 8-float loads do it (mode 2).
-  std::vector<int32_t> cbase(2 * KK * nct, 0);
+  // Where they are two runs of 8 (8x8 maps: two output rows per tile), two masked 8-float loads do it (mode 2); four
+  // runs of 4 (4x4 maps), four masked 4-float loads (mode 3).
+  std::vector<int32_t> cbase(4 * KK * nct, 0);
   std::vector<uint16_t> cmask(KK * nct, 0);
   std::vector<uint8_t> cont(KK * nct, 0);
   auto run_base = [](const int32_t* tb, const int32_t* vb, int64_t n, int64_t& base) {  // consecutive valid lanes?
@@ -1143,14 +1144,16 @@ torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch:
       uint32_t m = 0;
       for (int64_t j = 0; j < GC; ++j) m |= vb[j] ? 1u << j : 0u;
       const int64_t i = k * nct + t;
-      int64_t b0 = 0, b1 = 0;
-      if (run_base(tb, vb, GC, b0)) {
+      int64_t b[4] = {0, 0, 0, 0};
+      if (run_base(tb, vb, GC, b[0])) {
         cont[i] = 1;
-      } else if (run_base(tb, vb, 8, b0) && run_base(tb + 8, vb + 8, 8, b1)) {
+      } else if (run_base(tb, vb, 8, b[0]) && run_base(tb + 8, vb + 8, 8, b[1])) {
         cont[i] = 2;
+      } else if (run_base(tb, vb, 4, b[0]) && run_base(tb + 4, vb + 4, 4, b[1]) && run_base(tb + 8, vb + 8, 4, b[2]) &&
+                 run_base(tb + 12, vb + 12, 4, b[3])) {
+        cont[i] = 3;
       }
-      cbase[2 * i] = (int32_t)b0;
-      cbase[2 * i + 1] = (int32_t)b1;
+      for (int j = 0; j < 4; ++j) cbase[4 * i + j] = (int32_t)b[j];
       cmask[i] = (uint16_t)m;
     }
   // Outputs: where a tile's 16 positions are consecutive in one image (HoWo a multiple of 16), each filter's row
@@ -1193,14 +1196,24 @@ torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch:
             const float* sc = xp + (r / KK) * H * W;
             const int64_t ci = (r % KK) * nct + t0 + t;
 #if defined(__AVX512F__)
+            const int32_t* cb = cbase.data() + 4 * ci;
             if (cont[ci] == 1) {
-              _mm512_store_ps(xb + (r - r0) * GC, _mm512_maskz_loadu_ps(cmask[ci], sc + cbase[2 * ci]));
+              _mm512_store_ps(xb + (r - r0) * GC, _mm512_maskz_loadu_ps(cmask[ci], sc + cb[0]));
               continue;
             }
             if (cont[ci] == 2) {
-              const __m256 lo = _mm256_maskz_loadu_ps((__mmask8)(cmask[ci] & 0xff), sc + cbase[2 * ci]);
-              const __m256 hi = _mm256_maskz_loadu_ps((__mmask8)(cmask[ci] >> 8), sc + cbase[2 * ci + 1]);
+              const __m256 lo = _mm256_maskz_loadu_ps((__mmask8)(cmask[ci] & 0xff), sc + cb[0]);
+              const __m256 hi = _mm256_maskz_loadu_ps((__mmask8)(cmask[ci] >> 8), sc + cb[1]);
               _mm512_store_ps(xb + (r - r0) * GC, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
+              continue;
+            }
+            if (cont[ci] == 3) {
+              const uint32_t m = cmask[ci];
+              __m512 v = _mm512_castps128_ps512(_mm_maskz_loadu_ps((__mmask8)(m & 0xf), sc + cb[0]));
+              v = _mm512_insertf32x4(v, _mm_maskz_loadu_ps((__mmask8)((m >> 4) & 0xf), sc + cb[1]), 1);
+              v = _mm512_insertf32x4(v, _mm_maskz_loadu_ps((__mmask8)((m >> 8) & 0xf), sc + cb[2]), 2);
+              v = _mm512_insertf32x4(v, _mm_maskz_loadu_ps((__mmask8)((m >> 12) & 0xf), sc + cb[3]), 3);
+              _mm512_store_ps(xb + (r - r0) * GC, v);
               continue;
             }
 #endif
