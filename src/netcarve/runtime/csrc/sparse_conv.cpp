@@ -1074,7 +1074,7 @@ static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::
 // function for that chunk runs on it) is gathered, then for each tile every block's generated function adds its
 // taps: each row is loaded once for all of the block's filters that use it, the 16 accumulators stay in registers,
 // the weights are constants in the code. A chunk's code (all blocks) is reused by the job's T tiles while it is in
-// L2. Measured against the tap kernel (benchmarks/codegen_layers.py, VGG-16 layers, 2 threads): 1.2-1.37x on
+// L2. Measured against the tap kernel (benchmarks/codegen_layers.py, VGG-16 layers, 2 threads): 1.28-1.40x on
 // 256 / 512-channel 8x8 and 4x4 layers at batch 64, slower on 64-channel layers and 512-channel ones at batch 1.
 std::shared_ptr<const GenConv> load_gen_conv(const std::string& path) {
   void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
