@@ -17,6 +17,7 @@ codegen=True)`` offers it to the autotuner beside the other kernels).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -149,7 +150,8 @@ def generate_conv_source(weight: torch.Tensor, kc: int = DEFAULT_KC, name: str =
     return "\n".join(text + data) + "\n"
 
 
-def _compiler_id(cxx: str) -> str:
+@functools.cache
+def _compiler_id(cxx: str) -> str:  # (once per process, not per layer)
     try:
         return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):

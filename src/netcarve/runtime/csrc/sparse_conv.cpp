@@ -568,6 +568,24 @@ static void window_offsets(int64_t N, int64_t C, int64_t H, int64_t W, int64_t k
     }
 }
 
+// The gather tables of the column-tiled paths (sparse_conv2d_batched, gen_conv2d): per kernel position and column q
+// (of Pt, P = N * Ho * Wo real ones) the input offset for channel 0 (0 in the padding and past P) and a lane mask
+// (-1 / 0), and the output offset of column q for filter 0 (F filters).
+static void column_tables(int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t S, int64_t pad,
+                          int64_t Ho, int64_t Wo, int64_t Pt, int64_t F, std::vector<int32_t>& tab,
+                          std::vector<int32_t>& valid, std::vector<int64_t>& vout) {
+  const int64_t KK = kh * kw, HoWo = Ho * Wo, P = N * HoWo;
+  tab.assign(KK * Pt, -1);
+  valid.assign(KK * Pt, 0);
+  window_offsets(N, C, H, W, kh, kw, S, pad, Ho, Wo, Pt, tab.data());
+  for (int64_t i = 0; i < KK * Pt; ++i) {
+    valid[i] = tab[i] >= 0 ? -1 : 0;
+    tab[i] = std::max<int32_t>(tab[i], 0);
+  }
+  vout.assign(Pt, 0);
+  for (int64_t q = 0; q < P; ++q) vout[q] = (q / HoWo) * F * HoWo + q % HoWo;
+}
+
 // The im2col matrix of x: C * kh * kw rows of the P = N * Ho * Wo output positions (zeros where the window
 // is in the padding), each row padded to Pp floats (a multiple of the vector width: aligned rows).
 static torch::Tensor im2col_rows(const torch::Tensor& x, int64_t kh, int64_t kw, int64_t S, int64_t pad,
@@ -999,16 +1017,9 @@ static torch::Tensor sparse_conv2d_batched(const torch::Tensor& x, const torch::
   // per kernel position and column q = n * HoWo + r: the input offset that column reads (channel 0) and mask -1, or
   // offset 0 and mask 0 in the padding and past the last column (gather_row loads the masked-in lanes only; a
   // branch per element mispredicted at every ring position)
-  std::vector<int32_t> tab(KK * Pt, -1);  // (the dispatcher keeps N * C * H * W below 2^31)
-  std::vector<int32_t> valid(KK * Pt);
-  window_offsets(N, C, H, W, kh, kw, S, pad, Ho, Wo, Pt, tab.data());
-  for (int64_t i = 0; i < KK * Pt; ++i) {
-    valid[i] = tab[i] >= 0 ? -1 : 0;
-    tab[i] = std::max<int32_t>(tab[i], 0);
-  }
-  // the output offset of column q for filter 0
-  std::vector<int64_t> vout(Pt, 0);
-  for (int64_t q = 0; q < P; ++q) vout[q] = (q / HoWo) * F * HoWo + q % HoWo;
+  std::vector<int32_t> tab, valid;  // (the dispatcher keeps N * C * H * W below 2^31)
+  std::vector<int64_t> vout;
+  column_tables(N, C, H, W, kh, kw, S, pad, Ho, Wo, Pt, F, tab, valid, vout);
   auto out = conv_output(N, F, Ho, Wo, x);
   const Epilogue ep(bias, residual, out, "sparse_conv2d");
   const float* bp = ep.bp;
@@ -1114,13 +1125,9 @@ torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch:
   TORCH_CHECK(N * C * H * W < ((int64_t)1 << 31), "generated conv: input too large for 32-bit offsets");
   const int64_t Ho = (H + 2 * pad - kh) / S + 1, Wo = (W + 2 * pad - kw) / S + 1, HoWo = Ho * Wo, P = N * HoWo;
   const int64_t nct = (P + GC - 1) / GC, Pt = nct * GC, KC = g.kc, NKC = g.nkc, NB = g.nblocks;
-  std::vector<int32_t> tab(KK * Pt, -1);
-  std::vector<int32_t> valid(KK * Pt);
-  window_offsets(N, C, H, W, kh, kw, S, pad, Ho, Wo, Pt, tab.data());
-  for (int64_t i = 0; i < KK * Pt; ++i) {
-    valid[i] = tab[i] >= 0 ? -1 : 0;
-    tab[i] = std::max<int32_t>(tab[i], 0);
-  }
+  std::vector<int32_t> tab, valid;
+  std::vector<int64_t> vout;
+  column_tables(N, C, H, W, kh, kw, S, pad, Ho, Wo, Pt, F, tab, valid, vout);
   // Per kernel position and tile: where the tile's 16 windows are consecutive in the input (stride 1, the 16 output
   // positions in one output row, padding lanes masked out), one masked load replaces the hardware gather (a 64-
   // channel 32x32 layer spent more time gathering than multiplying: K = 576 gathers per tile for 4.5k FMAs).
@@ -1144,23 +1151,20 @@ torch::Tensor gen_conv2d(torch::Tensor x, const GenConv& g, c10::optional<torch:
       uint32_t m = 0;
       for (int64_t j = 0; j < GC; ++j) m |= vb[j] ? 1u << j : 0u;
       const int64_t i = k * nct + t;
-      int64_t b[4] = {0, 0, 0, 0};
-      if (run_base(tb, vb, GC, b[0])) {
-        cont[i] = 1;
-      } else if (run_base(tb, vb, 8, b[0]) && run_base(tb + 8, vb + 8, 8, b[1])) {
-        cont[i] = 2;
-      } else if (run_base(tb, vb, 4, b[0]) && run_base(tb + 4, vb + 4, 4, b[1]) && run_base(tb + 8, vb + 8, 4, b[2]) &&
-                 run_base(tb + 12, vb + 12, 4, b[3])) {
-        cont[i] = 3;
+      for (int mode = 1; mode <= 3 && !cont[i]; ++mode) {  // runs of 16 / 8 / 4 lanes
+        const int64_t len = GC >> (mode - 1);
+        int64_t b[4] = {0, 0, 0, 0};
+        bool ok = true;
+        for (int64_t j = 0; j * len < GC && ok; ++j) ok = run_base(tb + j * len, vb + j * len, len, b[j]);
+        if (!ok) continue;
+        cont[i] = (uint8_t)mode;
+        for (int j = 0; j < 4; ++j) cbase[4 * i + j] = (int32_t)b[j];
       }
-      for (int j = 0; j < 4; ++j) cbase[4 * i + j] = (int32_t)b[j];
       cmask[i] = (uint16_t)m;
     }
   // Outputs: where a tile's 16 positions are consecutive in one image (HoWo a multiple of 16), each filter's row
   // is stored as one vector (bias, residual and ReLU on the vector).
   const bool vec_out = HoWo % GC == 0;
-  std::vector<int64_t> vout(Pt, 0);
-  for (int64_t q = 0; q < P; ++q) vout[q] = (q / HoWo) * F * HoWo + q % HoWo;
   auto out = conv_output(N, F, Ho, Wo, x);
   const Epilogue ep(bias, residual, out, "generated conv");
   TORCH_CHECK(!ep.bp || ep.bias_c.numel() == F, "generated conv: bias has ", ep.bias_c.numel(), " entries for ", F,
