@@ -656,3 +656,39 @@ def test_compiled_rnn_batched_saturated_and_nan(kernels, cell):
     assert torch.isnan(ref[4]).all() and torch.isnan(out[4]).all()
     keep = torch.arange(19) != 4
     assert torch.isfinite(out[keep]).all() and _rel(out[keep], ref[keep]) <= 1e-4
+
+
+def test_depthwise_convs_on_netcarves_kernel(kernels):
+    """MobileNetV2's depthwise convs run on netcarve's depthwise kernel in a plan (BN folded, ReLU fused) equal to
+    the model at 1-3 threads and batches 1-3; compile offers it as the depthwise layers' "direct" candidate, with
+    its time recorded, and keeps the faster of it and ATen's conv."""
+    m = _prepared("mobilenetv2")
+    x = _example(m, 3)
+    with torch.no_grad():
+        ref = m(x)
+    ops, nvals, output = lower(m, x)
+    dws = [op for op in ops if op.kind == "conv" and op.p["groups"] > 1]
+    assert dws and all(op.p["weight"].shape[1] == 1 for op in dws)
+    for op in dws:
+        op.p["kernel"] = "depthwise"
+    plan = build_native(kernels, ops, nvals, output)
+    for threads in (1, 2, 3):
+        with forced_parallel(kernels, threads) if threads == 3 else at_threads(threads):
+            for xb in (x[:1], x):
+                assert _rel(plan.run(xb), ref[: len(xb)]) <= 1e-4, threads
+    c = compile(m, x, sparse="never", use_cache=False)
+    dw_layers = [lc for lc in c.layers if lc.name in {op.name for op in dws}]
+    assert len(dw_layers) == len(dws)
+    for lc in dw_layers:
+        assert lc.direct_ms is not None and lc.dense_ms is not None
+        assert lc.choice == ("direct" if lc.direct_ms < lc.dense_ms else "dense")
+    assert _rel(c(x), ref) <= 1e-4
+
+
+def test_depthwise_kernel_rejects_other_grouped_convs(kernels):
+    """The depthwise kernel takes only groups = in = out channels: a plan step asking it for another grouped conv is a
+    clear error naming the layer."""
+    w = torch.randn(8, 2, 3, 3)  # groups 4: two input channels per group
+    plan = kernels.Plan(2, 1)
+    with pytest.raises(RuntimeError, match="grp.*depthwise kernel needs groups"):
+        plan.add_conv("grp", [0], 1, w, None, [], None, 1, 1, 4, False, 4)

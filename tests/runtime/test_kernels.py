@@ -9,7 +9,7 @@ from netcarve.errors import ConfigError
 from netcarve.runtime import SparseConv2d, conv_taps
 from netcarve.runtime.kernels import DIRECT_FILTERS, direct_conv2d, direct_pack
 
-from ._util import forced_parallel, switched_off
+from ._util import at_threads, forced_parallel, switched_off
 
 
 def _sparse_weight(f, c, k, density, seed):
@@ -763,3 +763,59 @@ def test_shortcut_subsample_matches_slicing(kernels, stride, mapped):
         kernels.shortcut_subsample(x, stride, 7, 2, None, None)
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.shortcut_subsample(x, stride, 4, 0, torch.tensor([0]), torch.tensor([4]))
+
+
+DEPTHWISE_CASES = [  # (N, C, H, W, k, stride, pad)
+    (1, 32, 32, 32, 3, 1, 1), (2, 7, 17, 9, 3, 1, 1), (1, 96, 32, 32, 3, 2, 1), (3, 5, 15, 15, 3, 2, 1),
+    (1, 12, 8, 8, 5, 1, 2), (2, 4, 9, 11, 5, 2, 2), (1, 3, 6, 20, 3, 3, 0), (1, 6, 4, 4, 3, 1, 1),
+    (2, 3, 5, 7, 1, 1, 0), (1, 2, 9, 9, 7, 1, 3),
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+@pytest.mark.parametrize("fuse", ["none", "bias_relu", "bias_res_relu"])
+def test_depthwise_conv_matches_reference(kernels, case, fuse):
+    """netcarve's depthwise kernel equals F.conv2d(groups=C) (+ residual, ReLU) at 1-3 threads, forced parallel too:
+    odd sizes, strides 1-3, 1x1 to 7x7 windows, rows that are not a whole vector."""
+    n, c, h, w, k, s, p = case
+    torch.manual_seed(sum(case))
+    x = torch.randn(n, c, h, w)
+    wt = torch.randn(c, 1, k, k)
+    b = torch.randn(c) if fuse != "none" else None
+    ref = torch.nn.functional.conv2d(x, wt, b, s, p, 1, c)
+    r = torch.randn_like(ref) if fuse == "bias_res_relu" else None
+    if r is not None:
+        ref = ref + r
+    relu = fuse != "none"
+    if relu:
+        ref = ref.relu()
+    for threads in (1, 2, 3):
+        with forced_parallel(kernels, threads) if threads == 3 else at_threads(threads):
+            got = kernels.depthwise_conv2d(x, wt, b, r, s, p, relu)
+        assert got.shape == ref.shape
+        assert _rel_err(got, ref) <= 1e-5, (threads, _rel_err(got, ref))
+    # the plane buffer is laid out per geometry: a second geometry in the same threads, then this one again
+    kernels.depthwise_conv2d(torch.randn(1, 2, h + 3, w + 1), torch.randn(2, 1, k, k), None, None, 1, p, False)
+    assert _rel_err(kernels.depthwise_conv2d(x, wt, b, r, s, p, relu), ref) <= 1e-5
+
+
+def test_depthwise_conv_nan_and_bad_inputs(kernels):
+    """A NaN input makes exactly the outputs whose windows hold it NaN (ReLU keeps it, as torch.relu); wrong weight
+    shapes, channel counts and inputs smaller than the window are clear errors."""
+    x = torch.randn(2, 4, 10, 10)
+    x[1, 2, 3, 4] = float("nan")
+    wt = torch.randn(4, 1, 3, 3)
+    for relu in (False, True):
+        ref = torch.nn.functional.conv2d(x, wt, None, 1, 1, 1, 4)
+        ref = ref.relu() if relu else ref
+        got = kernels.depthwise_conv2d(x, wt, None, None, 1, 1, relu)
+        assert torch.equal(got.isnan(), ref.isnan()) and int(got.isnan().sum()) == 9
+        assert torch.allclose(got.nan_to_num(0.0), ref.nan_to_num(0.0), atol=1e-5)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        kernels.depthwise_conv2d(x, torch.randn(4, 2, 3, 3), None, None, 1, 1, False)
+    with pytest.raises(RuntimeError, match="one per channel"):
+        kernels.depthwise_conv2d(x, torch.randn(5, 1, 3, 3), None, None, 1, 1, False)
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        kernels.depthwise_conv2d(torch.randn(1, 4, 2, 2), wt, None, None, 1, 0, False)
+    with pytest.raises(RuntimeError, match="residual shape"):
+        kernels.depthwise_conv2d(x, wt, None, torch.randn(2, 4, 9, 9), 1, 1, False)

@@ -43,7 +43,9 @@ class LayerChoice:
     density: float
     macs: int
     nonzero_macs: int
-    choice: str  # "sparse", "dense" (ATen: oneDNN / MKL), "direct" (netcarve's dense conv kernel) or "generated"
+    # "sparse", "dense" (ATen: oneDNN / MKL), "direct" (netcarve's dense conv kernel: the register-blocked one, or
+    # for depthwise convs the depthwise one) or "generated"
+    choice: str
     sparse_ms: float | None = None
     dense_ms: float | None = None
     direct_ms: float | None = None
@@ -60,6 +62,14 @@ def _weights(op: Op) -> list[torch.Tensor]:
 
 def _eligible(op: Op) -> bool:
     return op.kind in ("linear", "rnn") or (op.kind == "conv" and op.p["groups"] == 1)
+
+
+def _depthwise(op: Op) -> bool:
+    """A depthwise conv (groups = in = out channels): its "direct" candidate is netcarve's depthwise kernel."""
+    if op.kind != "conv" or op.p["groups"] == 1:
+        return False
+    w = op.p["weight"]
+    return w.dim() == 4 and w.shape[1] == 1 and w.shape[0] == op.p["groups"]
 
 
 def _macs(op: Op) -> tuple[int, int]:
@@ -251,7 +261,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
 
     eligible = [_eligible(op) for op in convs]
     # candidate kernels per layer: "sparse" (eligible layers, not with sparse="never"), "dense" (ATen: oneDNN /
-    # MKL) and, for groups=1 convs, "direct" (netcarve's dense register-blocked conv); "always": sparse only
+    # MKL) and, for groups=1 convs, "direct" (netcarve's dense register-blocked conv; for depthwise convs its
+    # depthwise kernel); "always": sparse only
     # (with "auto" only layers at most SPARSE_MAX_DENSITY dense are offered the sparse kernel)
     cands = []
     gen_ok, gen_why = (False, "")
@@ -262,7 +273,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         if not gen_ok:
             logger.warning("runtime.compile(codegen=True): %s; compiling without generated code", gen_why)
     for op, ok, lc in zip(convs, eligible, layers):
-        c = ["dense"] + (["direct"] if op.kind == "conv" and ok else [])
+        c = ["dense"] + (["direct"] if op.kind == "conv" and (ok or _depthwise(op)) else [])
         offer = ok and sparse == "auto" and lc.density <= SPARSE_MAX_DENSITY
         gen = ["generated"] if (gen_ok and ok and op.kind == "conv" and sparse != "never"
                                 and (sparse == "always" or offer)) else []
@@ -411,7 +422,7 @@ def _build_generated(convs: list[Op], cands: list[list[str]]) -> None:
 def _set_kernel(op: Op, choice: str) -> None:
     """Point one tunable op at a kernel: "sparse", "dense" (ATen), "direct" or "generated" (convs only)."""
     if op.kind == "conv":
-        op.p["kernel"] = {"dense": "aten"}.get(choice, choice)
+        op.p["kernel"] = "depthwise" if choice == "direct" and _depthwise(op) else {"dense": "aten"}.get(choice, choice)
     else:
         op.p["sparse"] = choice == "sparse"
 
@@ -423,7 +434,7 @@ def _profile_tunable(mod, ops, nvals, output, x, convs, choice: str, repeats: in
     dense)."""
     saved = [(op.p.get("kernel"), op.p.get("sparse")) for op in convs]
     for i, op in enumerate(convs):
-        ok = _eligible(op) and (choice != "direct" or op.kind == "conv")
+        ok = (_eligible(op) or (choice == "direct" and _depthwise(op))) and (choice != "direct" or op.kind == "conv")
         if choice == "generated":
             ok = ok and cands is not None and "generated" in cands[i]
         _set_kernel(op, choice if ok else "dense")

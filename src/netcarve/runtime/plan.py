@@ -25,8 +25,9 @@ from ..graph.trace import trace_model
 from .kernels import bsr_tensors, conv_taps, direct_pack
 
 # conv kernels of the native plan, by index: ATen's conv (oneDNN), netcarve's sparse tap-list kernel,
-# netcarve's dense register-blocked direct kernel, the layer's own generated code (netcarve.runtime.codegen)
-CONV_KERNELS = ("aten", "sparse", "direct", "generated")
+# netcarve's dense register-blocked direct kernel, the layer's own generated code (netcarve.runtime.codegen),
+# netcarve's depthwise kernel (groups = in = out channels; compile's "direct" choice for depthwise convs)
+CONV_KERNELS = ("aten", "sparse", "direct", "generated", "depthwise")
 
 _RELU_FNS = {F.relu, torch.relu}
 _ADD_FNS = {operator.add, torch.add, operator.iadd}

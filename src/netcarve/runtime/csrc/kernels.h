@@ -277,6 +277,10 @@ extern bool g_banded;
 torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
                             int64_t stride, int64_t pad, bool relu, TapOffCache* cache = nullptr);
+// Depthwise conv (groups = C = F, weight (C, 1, kh, kw)), any stride / zero padding, bias, residual and ReLU fused
+// (csrc/depthwise.cpp; reference twin F.conv2d(..., groups=C)).
+torch::Tensor depthwise_conv2d(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
+                               c10::optional<torch::Tensor> residual, int64_t stride, int64_t pad, bool relu);
 // Conv outputs are allocated without the dispatcher (at::detail::empty_cpu), and plan steps' direct convs take their
 // band offsets from the step's cache, unless this is off (set_lean_steps; off: torch::empty and offsets per call)
 extern bool g_lean_steps;

@@ -29,7 +29,8 @@ struct Step {
   std::vector<torch::Tensor> ts;  // weights / taps / maps
   std::vector<MatW> mats;         // linear: 1; rnn: 2 per layer (ih, hh)
   bool sparse = false;
-  int64_t conv_kernel = 0;  // conv: 0 ATen, 1 sparse taps, 2 direct (ts[7] = packed weight), 3 generated code
+  int64_t conv_kernel = 0;  // conv: 0 ATen, 1 sparse taps, 2 direct (ts[7] = packed weight), 3 generated code,
+                            // 4 depthwise
   std::shared_ptr<const GenConv> gen;  // conv_kernel 3: the layer's generated code
   bool relu = false;
   std::shared_ptr<TapOffCache> offs = std::make_shared<TapOffCache>();  // sparse conv: its tap offsets
@@ -64,7 +65,8 @@ class Plan {
 
   // conv: in = {x} or {x, residual}; ints = {out_channels, kh, kw, stride, pad, groups}
   // ts = {weight, bias|undefined, tap_ptr, tap_chan, tap_pos, tap_w, tap_order, packed|undefined}
-  // kernel: 0 ATen conv, 1 sparse taps (needs the taps), 2 direct (needs the packed weight)
+  // kernel: 0 ATen conv, 1 sparse taps (needs the taps), 2 direct (needs the packed weight), 4 depthwise (groups =
+  // in = out channels)
   void add_conv(const std::string& name, std::vector<int64_t> in, int64_t out, torch::Tensor weight,
                 c10::optional<torch::Tensor> bias, std::vector<torch::Tensor> taps,
                 c10::optional<torch::Tensor> packed, int64_t stride, int64_t pad, int64_t groups, bool relu,
@@ -72,7 +74,11 @@ class Plan {
     Step s{CONV, name, std::move(in), out};
     s.ints = {weight.size(0), weight.size(2), weight.size(3), stride, pad, groups};
     s.ts = {weight.contiguous(), bias.has_value() ? bias->contiguous() : torch::Tensor()};
-    TORCH_CHECK(kernel >= 0 && kernel <= 2, name, ": conv kernel must be 0 (ATen), 1 (sparse) or 2 (direct)");
+    TORCH_CHECK(kernel >= 0 && kernel <= 4 && kernel != 3, name,
+                ": conv kernel must be 0 (ATen), 1 (sparse), 2 (direct) or 4 (depthwise)");
+    TORCH_CHECK(kernel != 4 || (weight.size(1) == 1 && groups == weight.size(0)), name,
+                ": the depthwise kernel needs groups = out channels and one input channel per group, got groups ",
+                groups, " for a weight of shape ", weight.sizes());
     TORCH_CHECK(kernel != 1 || (groups == 1 && taps.size() == 5), name, ": a sparse conv needs groups=1 and its taps");
     TORCH_CHECK(kernel != 2 || (groups == 1 && packed.has_value()), name,
                 ": a direct conv needs groups=1 and its packed weight");
@@ -401,6 +407,11 @@ class Plan {
         if (s.conv_kernel == 3) return gen_conv2d(x, *s.gen, bias, res, kh, kw, st, pd, s.relu);
         if (s.conv_kernel == 2)
           return direct_conv2d(x, s.ts[7], bias, res, F, kh, kw, st, pd, s.relu, s.offs.get());
+        if (s.conv_kernel == 4) {
+          TORCH_CHECK(x.dim() == 4 && x.size(1) == g, s.name, ": the depthwise conv expects ", g,
+                      " input channels, got ", x.sizes());
+          return depthwise_conv2d(x, s.ts[0], bias, res, st, pd, s.relu);
+        }
         auto y = at::conv2d(x, s.ts[0], bias, {st, st}, {pd, pd}, {1, 1}, g);
         if (res) y.add_(*res);
         if (s.relu) y.relu_();
@@ -503,6 +514,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return sparse_conv2d(x, tp, tc, tq, tw, fo, bias, res, F, kh, kw, stride, pad, relu);
         },
         "direct sparse conv2d over non-zero taps (fp32)");
+  m.def("depthwise_conv2d", &depthwise_conv2d,
+        "depthwise conv2d (groups = channels), bias / residual / ReLU fused (fp32)");
   m.def("direct_conv2d",
         [](torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> res,
            int64_t F, int64_t kh, int64_t kw, int64_t stride, int64_t pad, bool relu) {
