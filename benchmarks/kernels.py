@@ -11,6 +11,10 @@ at these sizes a Python call costs as much as the sparse matmul; plus netcarve's
 batches of at most 4 rows (``netcarve_dense_native_ms``; at batch 32 it is addmm again), and the BSR kernel's speedup
 over the faster of the two dense ones (``native_speedup_vs_fastest_dense``). ``--only linear`` skips the convs. Correctness is
 the tests' job; each row also records the max abs difference to the dense twin.
+
+``--only depthwise``: netcarve's depthwise conv kernel against ATen's (oneDNN) on the depthwise layers of the CIFAR
+MobileNetV2 (3x3, BN folded, ReLU fused), each as a one-step native plan (the way plans run them), the two
+alternated over ``--rounds`` rounds, minimum of the per-round medians; batch 1 and 64.
 """
 
 from __future__ import annotations
@@ -41,11 +45,58 @@ def _time(fn, repeats: int) -> float:
     return ts[len(ts) // 2] * 1e3
 
 
+def _depthwise_shapes() -> list[tuple[int, int, int, int, int]]:
+    """(channels, input size, stride, kernel, padding) of the CIFAR MobileNetV2's depthwise convs, distinct."""
+    from netcarve.models import create_model
+
+    m = create_model("mobilenetv2").eval()
+    shapes = set()
+
+    def hook(mod, inp, out):
+        if isinstance(mod, torch.nn.Conv2d) and mod.groups > 1:
+            shapes.add((mod.in_channels, inp[0].shape[2], mod.stride[0], mod.kernel_size[0], mod.padding[0]))
+
+    hs = [mm.register_forward_hook(hook) for mm in m.modules()]
+    m(torch.randn(1, 3, 32, 32))
+    for h in hs:
+        h.remove()
+    return sorted(shapes)
+
+
+def _depthwise_rows(mod, a) -> list[dict]:
+    """ATen's conv (plan kernel 0) against netcarve's depthwise kernel (4), one-step plans, alternated."""
+    rows = []
+    for n in (1, 64):
+        for c, hw, s, k, pad in _depthwise_shapes():
+            x = torch.randn(n, c, hw, hw)
+            w = torch.randn(c, 1, k, k)
+            b = torch.randn(c)
+            plans = {}
+            for name, kern in (("aten", 0), ("netcarve", 4)):
+                plans[name] = mod.Plan(2, 1)
+                plans[name].add_conv("dw", [0], 1, w, b, [], None, s, pad, c, True, kern)
+            ref = torch.relu(torch.nn.functional.conv2d(x, w, b, s, pad, 1, c))
+            diff = float((plans["netcarve"].run(x) - ref).abs().max())
+            reps = max(20, a.repeats * 10 // (n * c * hw * hw // 16384 + 1))
+            t = {name: [] for name in plans}
+            for _ in range(a.rounds):
+                for name, pl in plans.items():
+                    t[name].append(pl.time(x, reps, max(3, reps // 10)))
+            aten, ours = min(t["aten"]), min(t["netcarve"])
+            rows.append({"kernel": "depthwise_conv2d", "shape": f"{c}x{hw}x{hw} k{k} s{s}", "batch": n,
+                         "aten_native_ms": aten, "netcarve_native_ms": ours, "speedup": aten / ours,
+                         "max_abs_diff": diff, "repeats": reps, "rounds": a.rounds})
+            print(f"depthwise {c}x{hw}x{hw} k{k} s{s} N={n}: ATen {aten * 1e3:.1f} us, netcarve {ours * 1e3:.1f} us, "
+                  f"{aten / ours:.2f}x", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=200)
-    p.add_argument("--only", choices=["all", "conv", "linear"], default="all")
+    p.add_argument("--only", choices=["all", "conv", "linear", "depthwise"], default="all")
+    p.add_argument("--rounds", type=int, default=3, help="depthwise: alternated rounds (minimum of the medians)")
     p.add_argument("--out", default=str(RESULTS), help="results JSON (default benchmarks/results/kernels.json; "
                    "e.g. kernels-avx2.json for a machine of another ISA)")
     a = p.parse_args()
@@ -63,7 +114,7 @@ def main() -> None:
     torch.manual_seed(0)
     pattern = make_scheme("pattern", connectivity=1 - 1 / 3.6)
     with torch.inference_mode():
-        for c, f, hw in CONVS if a.only != "linear" else []:
+        for c, f, hw in CONVS if a.only in ("all", "conv") else []:
             w = torch.randn(f, c, 3, 3)
             w = w * pattern.project(w, pattern.default_level())
             b = torch.randn(f)
@@ -89,7 +140,7 @@ def main() -> None:
                 print(f"conv {c}->{f} {hw}x{hw} n={n}: dense {dense:.3f} ms, sparse {sparse:.3f} ms, "
                       f"{dense / sparse:.2f}x; dense direct {direct_ms:.3f} ms ({dense / direct_ms:.2f}x oneDNN)",
                       flush=True)
-        for r, k in LINEARS if a.only != "conv" else []:
+        for r, k in LINEARS if a.only in ("all", "linear") else []:
             for blk in ([4, 16], [16, 16]):
                 w = torch.randn(r, k)
                 w = w * make_scheme("block", block=blk).project(w, 0.9)
@@ -123,6 +174,8 @@ def main() -> None:
                           f" us, {native['dense'] / native['sparse']:.2f}x; netcarve dense "
                           f"{native['netcarve_dense'] * 1e3:.1f} us, fastest dense / bsr "
                           f"{fastest / native['sparse']:.2f}x", flush=True)
+        if a.only in ("all", "depthwise"):
+            rows += _depthwise_rows(mod, a)
     env = environment(a.threads)
     env["kernels"] = st["info"]
     out = Path(a.out)
@@ -132,7 +185,7 @@ def main() -> None:
     doc = {"benchmark": "kernels", "command": cmd, "rows": rows, "env": env}
     if a.only != "all" and out.exists():  # keep the other kernels' rows (and their command / environment)
         old = json.loads(out.read_text())
-        ran = "bsr_linear" if a.only == "linear" else "sparse_conv2d"
+        ran = {"linear": "bsr_linear", "conv": "sparse_conv2d", "depthwise": "depthwise_conv2d"}[a.only]
         prev = {(r["shape"], r["batch"]): r for r in old.get("rows", []) if r.get("kernel") == ran}
         for r in rows:
             o = prev.get((r["shape"], r["batch"]))

@@ -692,3 +692,46 @@ def test_depthwise_kernel_rejects_other_grouped_convs(kernels):
     plan = kernels.Plan(2, 1)
     with pytest.raises(RuntimeError, match="grp.*depthwise kernel needs groups"):
         plan.add_conv("grp", [0], 1, w, None, [], None, 1, 1, 4, False, 4)
+
+
+class _Relu6Twice(nn.Module):
+    """ReLU6 / Hardtanh on a conv output that is read again afterwards (no in-place clamp there) and on one that is
+    not (clamped in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.relu6 = nn.ReLU6()
+        self.tanh = nn.Hardtanh(-0.5, 0.25)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.conv2(self.relu6(y) + y)
+        return self.tanh(z)
+
+
+def test_native_clamp_in_plans_matches_aten(kernels):
+    """Plans clamp (ReLU6, Hardtanh) with netcarve's kernel, in place only on values nothing reads later: outputs equal
+    ATen's clamp (set_native_clamp(False)) bitwise, NaNs included, over repeated calls; the input stays untouched."""
+    torch.manual_seed(0)
+    m = _Relu6Twice().eval()
+    x = torch.randn(2, 3, 9, 9) * 4
+    x[1, 0, 4, 4] = float("nan")
+    with torch.no_grad():
+        ref = m(x)
+    kept = x.clone()
+    c = compile(m, x, sparse="never", use_cache=False)
+    for _ in range(2):
+        got = c(x)
+        with switched_off(kernels, "native_clamp"):
+            aten = c(x)
+        assert torch.equal(got.isnan(), ref.isnan()) and got.isnan().any()
+        assert torch.equal(got.nan_to_num(9.0), aten.nan_to_num(9.0))
+        assert _rel(got.nan_to_num(0.0), ref.nan_to_num(0.0)) <= 1e-4
+    assert torch.equal(x.nan_to_num(7.0), kept.nan_to_num(7.0))
+    y = torch.randn(1000) * 10
+    out = kernels.clamp_native(y, 0.0, 6.0)
+    assert torch.equal(out, y.clamp(0, 6)) and out.data_ptr() != y.data_ptr()
+    with pytest.raises(RuntimeError, match="above the upper bound"):
+        kernels.clamp_native(y, 1.0, 0.0)

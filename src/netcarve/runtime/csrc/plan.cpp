@@ -277,6 +277,13 @@ class Plan {
     if (output_ >= 0 && output_ < nvals_) last[output_] = -1;
     return last;
   }
+  bool last_reader(size_t i, const std::vector<int64_t>& last) const {
+    const Step& s = steps_[i];
+    if (s.in.empty() || last[s.in[0]] != (int64_t)i) return false;
+    for (size_t k = 1; k < s.in.size(); ++k)
+      if (s.in[k] == s.in[0]) return false;
+    return true;
+  }
   void release(size_t i, const std::vector<int64_t>& last, std::vector<torch::Tensor>& v) const {
     if (!g_release_values) return;
     for (int64_t j : steps_[i].in)
@@ -287,12 +294,12 @@ class Plan {
   // One step: run, drop the values it read last, and (times) record its time in milliseconds.
   void step(size_t i, std::vector<torch::Tensor>& v, const std::vector<int64_t>& last, std::vector<double>* times) {
     if (!times) {
-      v[steps_[i].out] = exec(steps_[i], v);
+      v[steps_[i].out] = exec(steps_[i], v, last_reader(i, last));
       release(i, last, v);
       return;
     }
     auto a = std::chrono::steady_clock::now();
-    v[steps_[i].out] = exec(steps_[i], v);
+    v[steps_[i].out] = exec(steps_[i], v, last_reader(i, last));
     release(i, last, v);
     auto b = std::chrono::steady_clock::now();
     (*times)[i] = std::chrono::duration<double, std::milli>(b - a).count();
@@ -329,6 +336,7 @@ class Plan {
         return true;
       case RELU:
       case CLAMP:
+        return (g_native_clamp && x.scalar_type() == torch::kFloat32) || small(x);
       case AFFINE:
       case PAD:
       case MEAN:
@@ -392,7 +400,8 @@ class Plan {
     }
   }
 
-  torch::Tensor exec(Step& s, std::vector<torch::Tensor>& v) {
+  // in_last: this step is the last reader of its first input (which it may then overwrite: a native clamp)
+  torch::Tensor exec(Step& s, std::vector<torch::Tensor>& v, bool in_last) {
     const torch::Tensor& x = v[s.in[0]];
     switch (s.kind) {
       case CONV: {
@@ -445,6 +454,9 @@ class Plan {
       case RELU:
         return at::relu(x);
       case CLAMP:
+        if (g_native_clamp && x.scalar_type() == torch::kFloat32)
+          return clamp_native(x, s.floats[0], s.floats[1], in_last && x.is_contiguous() && x.use_count() == 1 &&
+                                                              x.storage().use_count() == 1);
         return at::clamp(x, s.floats[0], s.floats[1]);
       case ADD: {
         auto y = at::add(x, v[s.in[1]]);
@@ -534,6 +546,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "plans run consecutive steps of netcarve's kernels inside one OpenMP region, the kernels' loops handed to the "
         "waiting threads through atomics (default on; off: an OpenMP fork and join per loop)");
   m.def("team", []() { return g_team; });
+  m.def("set_native_clamp", [](bool v) { g_native_clamp = v; },
+        "plans run clamps (ReLU6, Hardtanh) with netcarve's kernel, in place on a value nothing reads later (default "
+        "on; off: ATen's clamp)");
+  m.def("clamp_native", &clamp_native, "clamp of a float32 tensor (NaN stays NaN), in place if asked",
+        py::arg("x"), py::arg("lo"), py::arg("hi"), py::arg("in_place") = false);
   m.def("set_release_values", [](bool v) { g_release_values = v; },
         "plans drop each value after its last reader (default on; off: every value lives until the run ends)");
   m.def("set_small_narrow", [](bool v) { g_small_narrow = v; },

@@ -14,6 +14,7 @@
 using namespace nck;
 
 bool g_native_pool = true;
+bool g_native_clamp = true;
 bool g_pool_flat = true;
 
 namespace {
@@ -222,6 +223,34 @@ torch::Tensor shortcut_subsample(torch::Tensor x, int64_t stride, int64_t channe
       const float* s = xp + (n * C + c) * H * W;
       for (int64_t y = 0; y < Ho; ++y)
         for (int64_t xx = 0; xx < Wo; ++xx) o[y * Wo + xx] = s[y * S * W + xx * S];
+    }
+  });
+  return out;
+}
+
+torch::Tensor clamp_native(torch::Tensor x, double lo, double hi, bool in_place) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "clamp: x must be float32");
+  TORCH_CHECK(!(lo > hi), "clamp: lower bound ", lo, " above the upper bound ", hi);
+  torch::Tensor src = x.contiguous();
+  torch::Tensor out = in_place && src.is_same(x) ? x : torch::empty_like(src);
+  const float l = (float)lo, h = (float)hi;
+  const vecf vl = bcast(l), vh = bcast(h);
+  const float* sp = src.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = src.numel();
+  nck::parallel_for(0, (n + VL - 1) / VL, 2048, [&](int64_t b, int64_t e) {
+    const int64_t i1 = std::min<int64_t>(n, e * VL);
+    int64_t i = b * VL;
+    for (; i + VL <= i1; i += VL) {
+      vecf v = loadu(sp + i);
+      v = v < vl ? vl : v;  // (comparisons are false for NaN: it passes through, as in torch.clamp)
+      v = v > vh ? vh : v;
+      storeu(op + i, v);
+    }
+    for (; i < i1; ++i) {
+      float v = sp[i];
+      v = v < l ? l : v;
+      op[i] = v > h ? h : v;
     }
   });
   return out;
