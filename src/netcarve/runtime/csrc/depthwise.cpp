@@ -23,86 +23,105 @@ namespace {
 
 constexpr int64_t MAXK = 49;  // taps held in registers (7 x 7); larger kernels loop over the weights from memory
 
-// ReLU as torch.relu: negatives to zero, a NaN stays NaN (the comparison is false for it)
-static inline vecf relu_v(vecf v) { return v < bcast(0.f) ? bcast(0.f) : v; }
+// Vectors of W floats (W = the register width VL, or 8 / 4 for rows that narrow: 8 x 8 and 4 x 4 maps, where a
+// full-width vector would compute mostly discarded lanes), through GCC's vector extensions
+template <int W>
+struct DV {
+  typedef float v __attribute__((vector_size(W * 4)));
+  typedef float vu __attribute__((vector_size(W * 4), aligned(4)));
+  static inline v load(const float* p) { return *reinterpret_cast<const vu*>(p); }
+  static inline void store(float* p, v a) { *reinterpret_cast<vu*>(p) = a; }
+  static inline v splat(float x) { return v{} + x; }
+  // ReLU as torch.relu: negatives to zero, a NaN stays NaN (the comparison is false for it)
+  static inline v relu(v a) { return a < v{} ? v{} : a; }
+};
 
-template <bool RELU>
-static inline void store_tail(float* __restrict o, const float* __restrict r, vecf a, float bias, int64_t n) {
-  alignas(64) float t[VL];
-  storeu(t, a);
+template <int W, bool RELU>
+static inline void store_tail(float* __restrict o, const float* __restrict r, typename DV<W>::v a, float bias,
+                              int64_t n) {
+  alignas(64) float t[W];
+  DV<W>::store(t, a);
   for (int64_t i = 0; i < n; ++i) {
     float v = t[i] + bias + (r ? r[i] : 0.f);
-    if (RELU) v = v < 0.f ? 0.f : v;  // (as relu_v)
+    if (RELU) v = v < 0.f ? 0.f : v;  // (as DV::relu)
     o[i] = v;
   }
 }
 
-// out rows [y0, y0 + ny) of one plane from the phase buffer pb (phase stride ps, row stride Wb)
-template <bool RELU>
+template <int W, bool RELU>
+static inline void store_vec(float* __restrict o, const float* __restrict rr, typename DV<W>::v a, float bias,
+                             int64_t left) {
+  using D = DV<W>;
+  if (left >= W) {
+    typename D::v v = a + D::splat(bias);
+    if (rr) v += D::load(rr);
+    if (RELU) v = D::relu(v);
+    D::store(o, v);
+  } else {
+    store_tail<W, RELU>(o, rr, a, bias, left);
+  }
+}
+
+// every output row of one plane from the phase buffer pb (phase stride ps, row stride Wb), in vectors of W floats
+template <int W, bool RELU>
 static void plane_rows(const float* __restrict pb, int64_t ps, int64_t Wb, const float* __restrict w, int64_t kh,
                        int64_t kw, int64_t S, int64_t Wo, float bias, const float* __restrict res, float* __restrict out,
                        int64_t Ho) {
-  const vecf vb = bcast(bias);
-  const int64_t full = Wo / VL * VL, KK = kh * kw;
-  std::vector<vecf> wvv;
-  vecf wv_local[MAXK];
-  vecf* wv = wv_local;
+  using D = DV<W>;
+  using V = typename D::v;
+  const int64_t KK = kh * kw;
+  std::vector<V> wvv;
+  V wv_local[MAXK];
+  V* wv = wv_local;
   if (KK > MAXK) {
     wvv.resize(KK);
     wv = wvv.data();
   }
-  for (int64_t t = 0; t < KK; ++t) wv[t] = bcast(w[t]);
+  for (int64_t t = 0; t < KK; ++t) wv[t] = D::splat(w[t]);
   int64_t y = 0;
   if (S == 1) {
     // 4 output rows per pass: input row iy = y + r feeds output rows y + r - ky for the taps of row ky
     for (; y + 4 <= Ho; y += 4) {
-      for (int64_t x0 = 0; x0 < Wo; x0 += VL) {
-        vecf a0 = bcast(0.f), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t x0 = 0; x0 < Wo; x0 += W) {
+        V a0 = V{}, a1 = a0, a2 = a0, a3 = a0;
         for (int64_t r = 0; r < kh + 3; ++r) {
           const float* row = pb + (y + r) * Wb + x0;
           for (int64_t kx = 0; kx < kw; ++kx) {
-            const vecf v = loadu(row + kx);
+            const V v = D::load(row + kx);
             if (r < kh) a0 += wv[r * kw + kx] * v;
             if (r >= 1 && r - 1 < kh) a1 += wv[(r - 1) * kw + kx] * v;
             if (r >= 2 && r - 2 < kh) a2 += wv[(r - 2) * kw + kx] * v;
             if (r >= 3 && r - 3 < kh) a3 += wv[(r - 3) * kw + kx] * v;
           }
         }
-        vecf acc[4] = {a0, a1, a2, a3};
-        for (int64_t j = 0; j < 4; ++j) {
-          float* o = out + (y + j) * Wo + x0;
-          const float* rr = res ? res + (y + j) * Wo + x0 : nullptr;
-          if (x0 < full) {
-            vecf v = acc[j] + vb;
-            if (rr) v += loadu(rr);
-            if (RELU) v = relu_v(v);
-            storeu(o, v);
-          } else {
-            store_tail<RELU>(o, rr, acc[j], bias, Wo - x0);
-          }
-        }
+        const V acc[4] = {a0, a1, a2, a3};
+        for (int64_t j = 0; j < 4; ++j)
+          store_vec<W, RELU>(out + (y + j) * Wo + x0, res ? res + (y + j) * Wo + x0 : nullptr, acc[j], bias,
+                             Wo - x0);
       }
     }
   }
   for (; y < Ho; ++y) {
-    for (int64_t x0 = 0; x0 < Wo; x0 += VL) {
-      vecf a = bcast(0.f);
+    for (int64_t x0 = 0; x0 < Wo; x0 += W) {
+      V a = V{};
       for (int64_t ky = 0; ky < kh; ++ky) {
         const float* row = pb + (y * S + ky) * Wb + x0;
-        for (int64_t kx = 0; kx < kw; ++kx) a += wv[ky * kw + kx] * loadu(row + (kx % S) * ps + kx / S);
+        for (int64_t kx = 0; kx < kw; ++kx) a += wv[ky * kw + kx] * D::load(row + (kx % S) * ps + kx / S);
       }
-      float* o = out + y * Wo + x0;
-      const float* rr = res ? res + y * Wo + x0 : nullptr;
-      if (x0 < full) {
-        vecf v = a + vb;
-        if (rr) v += loadu(rr);
-        if (RELU) v = relu_v(v);
-        storeu(o, v);
-      } else {
-        store_tail<RELU>(o, rr, a, bias, Wo - x0);
-      }
+      store_vec<W, RELU>(out + y * Wo + x0, res ? res + y * Wo + x0 : nullptr, a, bias, Wo - x0);
     }
   }
+}
+
+// the vector width for rows of Wo outputs: the register's, or the narrowest of 8 / 4 that holds a whole row
+static int64_t row_width(int64_t Wo) { return Wo <= 4 ? 4 : Wo <= 8 && VL > 8 ? 8 : VL; }
+
+template <bool RELU>
+static void plane_rows_any(int64_t vw, const float* pb, int64_t ps, int64_t Wb, const float* w, int64_t kh, int64_t kw,
+                           int64_t S, int64_t Wo, float bias, const float* res, float* out, int64_t Ho) {
+  if (vw == 4) return plane_rows<4, RELU>(pb, ps, Wb, w, kh, kw, S, Wo, bias, res, out, Ho);
+  if (vw == 8) return plane_rows<8, RELU>(pb, ps, Wb, w, kh, kw, S, Wo, bias, res, out, Ho);
+  plane_rows<VL, RELU>(pb, ps, Wb, w, kh, kw, S, Wo, bias, res, out, Ho);
 }
 
 }  // namespace
@@ -135,7 +154,8 @@ torch::Tensor depthwise_conv2d(torch::Tensor x, torch::Tensor weight, c10::optio
   }
   // phase buffer: S phases of Hb rows x Wb floats; Wb covers the widest window of a row (the last vector read
   // in full from column Wo rounded up to a vector, plus the taps' kw / S) with a vector of slack
-  const int64_t Wph = (Wp + S - 1) / S, Wv = (Wo + VL - 1) / VL * VL;
+  const int64_t vw = row_width(Wo);
+  const int64_t Wph = (Wp + S - 1) / S, Wv = (Wo + vw - 1) / vw * vw;
   const int64_t Wb = std::max<int64_t>(Wph, Wv + (kw - 1) / S) + VL;
   const int64_t Hb = std::max<int64_t>(Hp, (Ho + 3) * S + kh);  // (the 4-row pass reads up to row y + kh + 2)
   const int64_t ps = Hb * Wb, bfloats = S * ps;
@@ -171,15 +191,31 @@ torch::Tensor depthwise_conv2d(torch::Tensor x, torch::Tensor weight, c10::optio
         for (int64_t rx = 0; rx < S; ++rx) {  // input columns ix with (ix + pad) % S == rx, in order
           const int64_t x0 = ((rx - pad) % S + S) % S;
           float* d = pb + rx * ps + py * Wb + (x0 + pad) / S;
+#if defined(__AVX512F__)
+          if (S == 2) {  // every other float: 32 loaded (masked to the row), the 16 even ones permuted out
+            const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            const int64_t n = (W - x0 + 1) / 2;
+            for (int64_t t = 0; t < n; t += 16) {
+              const int64_t xs = x0 + 2 * t, left = W - xs;
+              const __mmask16 lo = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
+              const __mmask16 hi = (__mmask16)(left >= 32 ? 0xFFFF : left <= 16 ? 0 : (1u << (left - 16)) - 1);
+              const __m512 v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo, sr + xs), even,
+                                                      _mm512_maskz_loadu_ps(hi, sr + xs + 16));
+              const int64_t m = std::min<int64_t>(16, n - t);
+              _mm512_mask_storeu_ps(d + t, (__mmask16)(m >= 16 ? 0xFFFF : (1u << m) - 1), v);
+            }
+            continue;
+          }
+#endif
           for (int64_t ix = x0; ix < W; ix += S) *d++ = sr[ix];
         }
       }
       const float bias_c = bp ? bp[c] : 0.f;
       const float* res_p = rp ? rp + p * Ho * Wo : nullptr;
       if (relu)
-        plane_rows<true>(pb, ps, Wb, wp + c * kh * kw, kh, kw, S, Wo, bias_c, res_p, op + p * Ho * Wo, Ho);
+        plane_rows_any<true>(vw, pb, ps, Wb, wp + c * kh * kw, kh, kw, S, Wo, bias_c, res_p, op + p * Ho * Wo, Ho);
       else
-        plane_rows<false>(pb, ps, Wb, wp + c * kh * kw, kh, kw, S, Wo, bias_c, res_p, op + p * Ho * Wo, Ho);
+        plane_rows_any<false>(vw, pb, ps, Wb, wp + c * kh * kw, kh, kw, S, Wo, bias_c, res_p, op + p * Ho * Wo, Ho);
     }
   });
   return out;
