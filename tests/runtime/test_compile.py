@@ -711,9 +711,23 @@ class _Relu6Twice(nn.Module):
         return self.tanh(z)
 
 
+class _FunctionalClamps(nn.Module):
+    """The functional forms: F.relu6, F.hardtanh, torch.clamp / x.clamp with one or two constant bounds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = nn.functional.relu6(self.conv(x))
+        y = nn.functional.hardtanh(y, 0.5, 4.0) + torch.clamp(y, max=3.0)
+        return y.clamp(1.0, 5.5) + y.clamp(min=2.0)
+
+
 def test_native_clamp_in_plans_matches_aten(kernels):
     """Plans clamp (ReLU6, Hardtanh) with netcarve's kernel, in place only on values nothing reads later: outputs equal
-    ATen's clamp (set_native_clamp(False)) bitwise, NaNs included, over repeated calls; the input stays untouched."""
+    ATen's clamp (set_native_clamp(False)) bitwise, NaNs included, over repeated calls; the input stays untouched. The
+    functional forms (F.relu6, F.hardtanh, torch.clamp, x.clamp with one or two bounds) lower to the same step."""
     torch.manual_seed(0)
     m = _Relu6Twice().eval()
     x = torch.randn(2, 3, 9, 9) * 4
@@ -730,6 +744,13 @@ def test_native_clamp_in_plans_matches_aten(kernels):
         assert torch.equal(got.nan_to_num(9.0), aten.nan_to_num(9.0))
         assert _rel(got.nan_to_num(0.0), ref.nan_to_num(0.0)) <= 1e-4
     assert torch.equal(x.nan_to_num(7.0), kept.nan_to_num(7.0))
+    f = _FunctionalClamps().eval()
+    with torch.no_grad():
+        fref = f(x)
+    cf = compile(f, x, sparse="never", use_cache=False)
+    assert sum(op.kind == "clamp" for op in cf.ops) == 5
+    assert torch.equal(cf(x).isnan(), fref.isnan())
+    assert _rel(cf(x).nan_to_num(0.0), fref.nan_to_num(0.0)) <= 1e-4
     y = torch.randn(1000) * 10
     out = kernels.clamp_native(y, 0.0, 6.0)
     assert torch.equal(out, y.clamp(0, 6)) and out.data_ptr() != y.data_ptr()

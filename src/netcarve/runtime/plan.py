@@ -3,7 +3,7 @@ convs) -> the native :class:`Plan` (``csrc/plan.cpp``) or its plain-PyTorch twin
 
 Supported (everything else is an :class:`~netcarve.errors.UnsupportedModelError` naming the module path
 and type): Conv2d (any groups; sparse only for groups=1), BatchNorm2d (folded into the conv before it, else a
-per-channel affine), Linear, ReLU / ReLU6 / Hardtanh, addition, multiplication, Max/AvgPool2d,
+per-channel affine), Linear, ReLU / ReLU6 / Hardtanh (modules, F.relu6 / F.hardtanh) / clamp with constant bounds, addition, multiplication, Max/AvgPool2d,
 AdaptiveAvgPool2d(1), Flatten / flatten / view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval), the
 option-A shortcut of the CIFAR ResNets, (multi-layer, bidirectional) GRU / LSTM with their output sequence (and the top row h_n[-1] of a unidirectional one),
 ``x[:, k]`` selects and means over one dim.
@@ -30,6 +30,31 @@ from .kernels import bsr_tensors, conv_taps, direct_pack
 CONV_KERNELS = ("aten", "sparse", "direct", "generated", "depthwise")
 
 _RELU_FNS = {F.relu, torch.relu}
+_CLAMP_FNS = {F.relu6, F.hardtanh, torch.clamp, torch.clip}
+_CLAMP_METHODS = ("clamp", "clamp_", "clip", "clip_")
+
+
+def _clamp_bounds(node: fx.Node) -> tuple[float, float] | None:
+    """(lo, hi) of ``F.relu6`` / ``F.hardtanh`` / ``torch.clamp`` / ``x.clamp`` with constant bounds (a missing
+    clamp bound is infinite), else None."""
+    a, kw = node.args, node.kwargs
+
+    def arg(i, name, default):
+        return a[i] if len(a) > i else kw.get(name, default)
+
+    if node.target is F.relu6:
+        return 0.0, 6.0
+    if node.target is F.hardtanh:
+        lo, hi = arg(1, "min_val", -1.0), arg(2, "max_val", 1.0)
+    else:
+        lo, hi = arg(1, "min", None), arg(2, "max", None)
+        if lo is None and hi is None:
+            return None
+    if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+        return None  # tensor / traced bounds
+    lo = float("-inf") if lo is None else float(lo)
+    hi = float("inf") if hi is None else float(hi)
+    return (lo, hi) if lo <= hi else None
 _ADD_FNS = {operator.add, torch.add, operator.iadd}
 
 
@@ -136,7 +161,7 @@ class Lowering:
         raise UnsupportedModelError(
             f"runtime: {self.name}: {self._where(node)} is not supported by the netcarve runtime"
             + (f" ({why})" if why else "")
-            + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6, add, mul, Max/AvgPool2d, "
+            + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6/Hardtanh/clamp, add, mul, Max/AvgPool2d, "
               "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (also bidirectional), x[:, k], mean")
 
     def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
@@ -321,6 +346,9 @@ class Lowering:
             return
         if t in _RELU_FNS:
             return self._emit(Op("relu", node.name, [self._in(args[0], node)]), node, args[0])
+        if t in _CLAMP_FNS and isinstance(args[0], fx.Node) and (bounds := _clamp_bounds(node)) is not None:
+            return self._emit(Op("clamp", node.name, [self._in(args[0], node)], p={"lo": bounds[0], "hi": bounds[1]}),
+                              node, args[0])
         if _is_add(node):
             last, _, relu = self._fuse_tail(node, allow_add=False)
             return self._emit(Op("add", node.name, [self._in(args[0], node), self._in(args[1], node)],
@@ -377,6 +405,8 @@ class Lowering:
         x = node.args[0]
         if t in ("relu", "relu_"):
             return self._emit(Op("relu", node.name, [self._in(x, node)]), node, x)
+        if t in _CLAMP_METHODS and (bounds := _clamp_bounds(node)) is not None:
+            return self._emit(Op("clamp", node.name, [self._in(x, node)], p={"lo": bounds[0], "hi": bounds[1]}), node, x)
         if t in ("contiguous", "clone"):
             return self._alias(node, x)
         if _is_add(node):
