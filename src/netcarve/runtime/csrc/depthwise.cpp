@@ -192,18 +192,8 @@ torch::Tensor depthwise_conv2d(torch::Tensor x, torch::Tensor weight, c10::optio
           const int64_t x0 = ((rx - pad) % S + S) % S;
           float* d = pb + rx * ps + py * Wb + (x0 + pad) / S;
 #if defined(__AVX512F__)
-          if (S == 2) {  // every other float: 32 loaded (masked to the row), the 16 even ones permuted out
-            const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-            const int64_t n = (W - x0 + 1) / 2;
-            for (int64_t t = 0; t < n; t += 16) {
-              const int64_t xs = x0 + 2 * t, left = W - xs;
-              const __mmask16 lo = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
-              const __mmask16 hi = (__mmask16)(left >= 32 ? 0xFFFF : left <= 16 ? 0 : (1u << (left - 16)) - 1);
-              const __m512 v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo, sr + xs), even,
-                                                      _mm512_maskz_loadu_ps(hi, sr + xs + 16));
-              const int64_t m = std::min<int64_t>(16, n - t);
-              _mm512_mask_storeu_ps(d + t, (__mmask16)(m >= 16 ? 0xFFFF : (1u << m) - 1), v);
-            }
+          if (S == 2) {  // every other float by vector permutes
+            nck::every_other(sr, W, x0, d);
             continue;
           }
 #endif

@@ -53,6 +53,25 @@ static inline vecf vmax0(vecf a) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// d[0 .. n) = src[x0], src[x0 + 2], ... (n = (W - x0 + 1) / 2: every other float of a row of W, from column x0),
+// 32 floats loaded at a time (masked to the row: nothing past it is read) and the 16 even ones permuted out; the
+// stride-2 column phases of the banded conv paths and of the depthwise kernel
+inline void every_other(const float* __restrict src, int64_t W, int64_t x0, float* __restrict d) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const int64_t n = (W - x0 + 1) / 2;
+  for (int64_t t = 0; t < n; t += 16) {
+    const int64_t xs = x0 + 2 * t, left = W - xs;  // source floats left in the row (>= 1)
+    const __mmask16 lo = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
+    const __mmask16 hi = (__mmask16)(left >= 32 ? 0xFFFF : left <= 16 ? 0 : (1u << (left - 16)) - 1);
+    const __m512 v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo, src + xs), even,
+                                            _mm512_maskz_loadu_ps(hi, src + xs + 16));
+    const int64_t m = n - t < 16 ? n - t : 16;
+    _mm512_mask_storeu_ps(d + t, (__mmask16)(m >= 16 ? 0xFFFF : (1u << m) - 1), v);
+  }
+}
+#endif
+
 // A plan's thread team: a run of plan steps executes inside one OpenMP parallel region of torch's own pool
 // (plan.cpp), the calling thread running the steps and the others waiting for the steps' parallel loops, handed
 // over through two atomics (about 0.07 us a loop on this 2-core VM) instead of a fork and join of the OpenMP team
