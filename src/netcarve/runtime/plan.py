@@ -3,8 +3,8 @@ convs) -> the native :class:`Plan` (``csrc/plan.cpp``) or its plain-PyTorch twin
 
 Supported (everything else is an :class:`~netcarve.errors.UnsupportedModelError` naming the module path
 and type): Conv2d (any groups; sparse only for groups=1), BatchNorm2d (folded into the conv before it, else a
-per-channel affine), Linear, ReLU / ReLU6 / Hardtanh (modules, F.relu6 / F.hardtanh) / clamp with constant bounds, addition, multiplication, Max/AvgPool2d,
-AdaptiveAvgPool2d(1), Flatten / flatten / view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval), the
+per-channel affine), Linear, ReLU / ReLU6 / Hardtanh (modules, F.relu6 / F.hardtanh) / clamp with constant
+bounds, addition, multiplication, Max/AvgPool2d, AdaptiveAvgPool2d(1), Flatten / flatten / view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval), the
 option-A shortcut of the CIFAR ResNets, (multi-layer, bidirectional) GRU / LSTM with their output sequence (and the top row h_n[-1] of a unidirectional one),
 ``x[:, k]`` selects and means over one dim.
 """
@@ -30,6 +30,7 @@ from .kernels import bsr_tensors, conv_taps, direct_pack
 CONV_KERNELS = ("aten", "sparse", "direct", "generated", "depthwise")
 
 _RELU_FNS = {F.relu, torch.relu}
+_ADD_FNS = {operator.add, torch.add, operator.iadd}
 _CLAMP_FNS = {F.relu6, F.hardtanh, torch.clamp, torch.clip}
 _CLAMP_METHODS = ("clamp", "clamp_", "clip", "clip_")
 
@@ -55,7 +56,6 @@ def _clamp_bounds(node: fx.Node) -> tuple[float, float] | None:
     lo = float("-inf") if lo is None else float(lo)
     hi = float("inf") if hi is None else float(hi)
     return (lo, hi) if lo <= hi else None
-_ADD_FNS = {operator.add, torch.add, operator.iadd}
 
 
 @dataclass

@@ -170,12 +170,12 @@ torch::Tensor depthwise_conv2d(torch::Tensor x, torch::Tensor weight, c10::optio
     // the padded plane, column phase rx = (padded column) % S at pb + rx * ps. Only the input's own positions
     // are written per plane: the padding stays zero from when the buffer was last laid out for this geometry
     thread_local std::vector<float> buf;
-    thread_local int64_t laid[5] = {-1, -1, -1, -1, -1};
-    const int64_t geom[5] = {H, W, S, pad, Wb * 1000003 + Hb};
-    if ((int64_t)buf.size() < bfloats || !std::equal(geom, geom + 5, laid)) {
+    thread_local int64_t laid[6] = {-1, -1, -1, -1, -1, -1};
+    const int64_t geom[6] = {H, W, S, pad, Wb, Hb};
+    if ((int64_t)buf.size() < bfloats || !std::equal(geom, geom + 6, laid)) {
       if ((int64_t)buf.size() < bfloats) buf.resize(bfloats);
       std::fill(buf.begin(), buf.end(), 0.f);
-      std::copy(geom, geom + 5, laid);
+      std::copy(geom, geom + 6, laid);
     }
     float* pb = buf.data();
     for (int64_t p = p0; p < p1; ++p) {
