@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,13 @@ from .checkpoint import (
 from .config import KDConfig, TrainConfig
 from .distill import DistillationTask, SupervisedTask, _logits
 from .ema import ModelEma
+from .small_conv import small_map_convs
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 # TrainConfig fields that may differ between the saved and the given config when resuming
-RESUME_MUTABLE_FIELDS = ("epochs", "log_every")
+RESUME_MUTABLE_FIELDS = ("epochs", "log_every", "small_conv_gemm")
 
 
 @dataclass
@@ -331,11 +333,15 @@ def fit(
         clear_train_state(out)
         _write_metrics(out, [])
 
+    stack = ExitStack()
     try:
         params = task.trainable_parameters()
         optimizer = make_optimizer(params, config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s, steps))
         ema = ModelEma(model, config.ema_decay) if config.ema_decay > 0 else None
+        routed = stack.enter_context(small_map_convs(model, config.small_conv_gemm))
+        if routed:
+            logger.debug("small-map convs as one matrix product while training: %s", ", ".join(routed))
         history: list[dict[str, Any]] = []
         start = 0
         if saved is not None:
@@ -452,6 +458,7 @@ def fit(
         if ema is not None:
             ema.copy_to(model)
     finally:
+        stack.close()
         task.close()
         model.train(was_training)
         if config.channels_last:
