@@ -6,7 +6,8 @@ Two parts, each alternating the variants in one process (minimum over ``--rounds
   :func:`netcarve.train.small_conv.conv2d_gemm`, at the sizes where the choice matters (VGG-16's 4x4 and 2x2
   stages, and an 8x8 one where the product loses);
 - whole training step (forward, loss, backward, SGD step) of a CIFAR model with the routing off (limit 0) and
-  at ``--limits`` output pixels, in bf16 autocast + channels-last (how ``benchmarks/sparsity_cifar.py`` trains
+  at ``--limits`` output pixels (ResNet-56's smallest convs have 64 output pixels: its rows at limits 4 and
+  16 route nothing and show the run-to-run noise), in bf16 autocast + channels-last (how ``benchmarks/sparsity_cifar.py`` trains
   VGG-16) and in fp32.
 
     python benchmarks/train_small_conv.py --threads 2
@@ -44,9 +45,10 @@ def _alternate(fns: dict, rounds: int, repeats: int) -> dict[str, float]:
         fn()
         fn()
     t = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, fn in fns.items():
-            t[n].append(_median_ms(fn, repeats))
+    names = list(fns)
+    for r in range(rounds):  # the order rotates every round: no variant always runs first
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t[n].append(_median_ms(fns[n], repeats))
     return {n: min(v) for n, v in t.items()}
 
 
@@ -119,7 +121,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--models", nargs="+", default=["vgg16_bn", "resnet56"])
     p.add_argument("--limits", type=int, nargs="+", default=[4, 16, 64])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args()

@@ -1,13 +1,14 @@
 """Convolutions on small feature maps as one matrix product, for training.
 
-oneDNN's backward pass of a convolution whose output has only a few pixels is slow on CPU: measured on
-a 2-core Intel Xeon (Emerald Rapids) at 2 threads, bf16 autocast, channels-last, batch 128, VGG-16's
-512 -> 512 3x3 conv on 2x2 maps took 68 ms forward + backward against 11 ms for the forward alone.
-Written as one matrix product -- rows = batch x output pixels, columns = kernel taps x input channels --
-the same step takes 22 ms, and VGG-16's whole CIFAR-10 training step runs about 1.65x faster when every
-conv with at most 16 output pixels goes this way (the 4x4 and 2x2 stages). On larger maps the copy of the
-taps costs more than it saves (256 -> 256 at 8x8: 28 ms in oneDNN, 79 ms as one product), hence the
-pixel limit. Numbers from ``benchmarks/train_small_conv.py``.
+oneDNN's backward pass of a convolution whose output has only a few pixels is slow on CPU (its weight
+gradient above all). Measured on a 2-core Intel Xeon (Emerald Rapids), 2 threads, bf16 autocast,
+channels-last, batch 128 (``python benchmarks/train_small_conv.py``, variants alternated in one process):
+VGG-16's 512 -> 512 3x3 conv on 2x2 maps takes 60-62 ms forward + backward in oneDNN and 15-16 ms written
+as one matrix product -- rows = batch x output pixels, columns = kernel taps x input channels -- (3.9x); on
+4x4 maps 1.9-2.1x; and VGG-16's whole CIFAR-10 training step runs 1.60x faster (two runs) when every conv
+with at most 16 output pixels goes this way (its 4x4 and 2x2 stages). In fp32 the gain is small (1.05-1.08x).
+On larger maps the copy of the taps costs more than it saves (256 -> 256 at 8x8: 0.41-0.46x), hence the
+pixel limit.
 
 :func:`conv2d_gemm` is the plain tensor function (reference twin: ``F.conv2d``); :func:`small_map_convs`
 routes the eligible ``nn.Conv2d`` modules of a model through it while training (``model.training`` and at
