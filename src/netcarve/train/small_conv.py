@@ -19,6 +19,7 @@ is read through ``module.weight`` as the module's own forward would.
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,11 @@ _ATTR = "_netcarve_small_conv_limit"
 
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _out_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """Output height and width of a convolution (each argument a pair)."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(size, kernel, stride, padding, dilation))
 
 
 def conv2d_gemm(
@@ -55,11 +61,8 @@ def conv2d_gemm(
     k, cw, kh, kw = weight.shape
     if cw != c:
         raise ValueError(f"conv2d_gemm: input has {c} channels, the weight expects {cw} (groups must be 1)")
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    ho, wo = _out_size((h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d_gemm: input {tuple(x.shape)} is too small for a {kh}x{kw} kernel")
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # (N, H + 2ph, W + 2pw, C)
@@ -87,15 +90,10 @@ def gemm_eligible(module: nn.Module) -> bool:
     )
 
 
-def _out_pixels(module: nn.Conv2d, x: torch.Tensor) -> int:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
-    ho = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return ho * wo
-
-
 def _small_map_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    if self.training and x.dim() == 4 and _out_pixels(self, x) <= getattr(self, _ATTR):
+    if self.training and x.dim() == 4 and math.prod(
+        _out_size(x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation)
+    ) <= getattr(self, _ATTR):
         return conv2d_gemm(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
     return type(self).forward(self, x)
 
