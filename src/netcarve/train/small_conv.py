@@ -27,14 +27,11 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 __all__ = ["conv2d_gemm", "small_map_convs", "gemm_eligible"]
 
 _ATTR = "_netcarve_small_conv_limit"
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _out_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
