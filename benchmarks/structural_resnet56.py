@@ -185,11 +185,15 @@ def _tp_version() -> str | None:
         return None
 
 
-def _kd(kind: str) -> KDConfig:
-    """Logit KD (T=4, alpha=0.9); ``logit+feature`` adds FitNets hints on the three stage outputs
-    (1x1 adapters from the pruned widths to the teacher's, weight 1)."""
-    hints = [[s, s] for s in ("layer1", "layer2", "layer3")] if "feature" in kind else []
-    return KDConfig(kind=kind, temperature=4.0, alpha=0.9, feature_weight=1.0, hints=hints)
+def _kd(kind: str, hints: str = "stages", adapter_init: str = "identity", weight: float = 1.0) -> KDConfig:
+    """Logit KD (T=4, alpha=0.9); ``logit+feature`` adds FitNets hints (1x1 adapters from the pruned widths to
+    the teacher's) on the three stage outputs (``hints="stages"``) or on all 27 block outputs (``"blocks"``)."""
+    if "feature" not in kind:
+        return KDConfig(kind=kind, temperature=4.0, alpha=0.9)
+    paths = (["layer1", "layer2", "layer3"] if hints == "stages"
+             else [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(9)])  # fmt: skip
+    return KDConfig(kind=kind, temperature=4.0, alpha=0.9, feature_weight=weight, hints=[[p, p] for p in paths],
+                    adapter_init=adapter_init)  # fmt: skip
 
 
 def _algo_options(items: list[str]) -> dict:
@@ -278,7 +282,7 @@ def cmd_train(a) -> None:
             algo_opts.setdefault("steps", max(a.steps, 2))
         res = run_algorithm(a.algorithm, base, example_input(base, batch=1), options=algo_opts,
                             macs_reduction=a.macs_reduction, round_to=a.round_to, criterion="l1", train=cfg,
-                            teacher=teacher, kd=_kd(a.kd), bn_batches=20, reconstruct_batches=a.reconstruct, train_loader=train, test_loader=test,
+                            teacher=teacher, kd=_kd(a.kd, a.hints, a.adapter_init, a.feature_weight), bn_batches=20, reconstruct_batches=a.reconstruct, train_loader=train, test_loader=test,
                             out_dir=work / a.algorithm, resume=True, progress=a.progress)  # fmt: skip
         model = res.model
         rec["prune"] = {"algorithm": a.algorithm, "options": algo_opts, "round_to": a.round_to,
@@ -296,7 +300,7 @@ def cmd_train(a) -> None:
     else:
         model = netcarve.load(pruned_dir)
         res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=teacher,
-                  kd=_kd(a.kd), resume=True, progress=a.progress)  # fmt: skip
+                  kd=_kd(a.kd, a.hints, a.adapter_init, a.feature_weight), resume=True, progress=a.progress)  # fmt: skip
     model.eval()
     rec["finetune_seconds_this_process"] = round(time.perf_counter() - t1, 1)
     rec["history"] = [h if isinstance(h, dict) else h.to_dict() for h in getattr(res, "history", [])
@@ -308,6 +312,8 @@ def cmd_train(a) -> None:
     rec["epochs"], rec["lr"], rec["groups"], rec["target_macs_reduction"] = a.epochs, a.lr, a.groups, a.macs_reduction
     rec["seed"] = a.seed
     rec["kd"] = a.kd
+    if "feature" in a.kd:
+        rec["kd_feature"] = {"hints": a.hints, "adapter_init": a.adapter_init, "weight": a.feature_weight}
     if a.teachers != "resnet56":
         rec["teachers"] = a.teachers
     if a.ema:
@@ -588,7 +594,13 @@ def main() -> None:
                            help="bf16: autocast forward/backward (fp32 weights, loss and evaluation)")
             s.add_argument("--channels-last", action="store_true")
             s.add_argument("--kd", choices=["logit", "logit+feature"], default="logit",
-                           help="distillation losses (feature: hints on the three stage outputs)")
+                           help="distillation losses (feature: FitNets hints, see --hints)")
+            s.add_argument("--hints", choices=["stages", "blocks"], default="stages",
+                           help="feature KD hint layers: the three stage outputs or all 27 residual block outputs")
+            s.add_argument("--adapter-init", choices=["identity", "lstsq"], default="identity",
+                           help="feature KD adapters: PyTorch init (identity at equal widths) or fitted by least "
+                                "squares on the first batch (KDConfig.adapter_init)")
+            s.add_argument("--feature-weight", type=float, default=1.0, help="feature KD loss weight")
             s.add_argument("--seed", type=int, default=0, help="data order + fine-tuning seed (pruning is deterministic)")
             s.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                            help="also average the fine-tuned weights (TrainConfig.ema_decay, e.g. 0.998); the "

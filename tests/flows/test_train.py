@@ -38,6 +38,21 @@ def test_train_cli_distills_from_a_checkpoint(tmp_path, capsys):
     assert (cfg["precision"], cfg["channels_last"], cfg["ema_decay"]) == ("bf16", True, 0.99)
 
 
+def test_train_cli_feature_kd_with_fitted_adapters(tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    assert main(["train", "lenet", "--dataset", "digits", "--epochs", "1", "--out", str(teacher), "--no-progress",
+                 "--json"]) == 0
+    capsys.readouterr()
+    assert main(["train", "lenet", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "student"),
+                 "--teacher", str(teacher), "--distill", "logit+feature", "--hint", "relu2:relu2",
+                 "--adapter-init", "lstsq", "--feature-weight", "0.5", "--no-progress", "--json"]) == 0
+    rec = json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["train_feature"] > 0.0
+    kd = read_train_state(tmp_path / "student")["kd"]
+    assert (kd["kind"], kd["adapter_init"], kd["feature_weight"], kd["hints"]) == (
+        "logit+feature", "lstsq", 0.5, [["relu2", "relu2"]])
+
+
 def test_train_cli_bad_hint_is_clear(tmp_path, capsys):
     rc = main(["train", "lenet", "--out", str(tmp_path / "r"), "--teacher", "lenet", "--hint", "nocolon"])
     assert rc == 2 and "STUDENT_LAYER:TEACHER_LAYER" in capsys.readouterr().err

@@ -109,6 +109,7 @@ def test_kd_config_round_trip():
         "alpha": 0.9,
         "feature_weight": 1.0,
         "hints": [],
+        "adapter_init": "identity",
     }
     assert KDConfig(kind=" logit + feature ", hints=[["a", "b"]]).kind == "logit+feature"
 

@@ -19,7 +19,7 @@ from netcarve.train import (
     list_distill_losses,
     logit_kd_loss,
 )
-from netcarve.train.distill import make_adapter
+from netcarve.train.distill import fit_adapter, make_adapter
 
 from ._helpers import digits_loaders, lenet
 
@@ -210,6 +210,85 @@ def test_feature_kd_with_width_changing_adapter_trains():
         "feature.adapters.1.weight",
         "feature.adapters.1.bias",
     }
+
+
+@pytest.mark.parametrize("rank", [4, 3, 2])
+def test_fit_adapter_recovers_a_linear_map_exactly(rank):
+    """Teacher features that are an exact affine map of the student's: the fit finds it (residual ~0)."""
+    g = torch.Generator().manual_seed(rank)
+    cs, ct = 6, 10
+    shape = {4: (8, cs, 5, 3), 3: (4, 7, cs), 2: (50, cs)}[rank]
+    fs = torch.randn(*shape, generator=g)
+    w, b = torch.randn(ct, cs, generator=g), torch.randn(ct, generator=g)
+    if rank == 4:
+        ft = torch.einsum("oc,nchw->nohw", w, fs) + b[None, :, None, None]
+    else:
+        ft = fs @ w.T + b
+    adapter = make_adapter(fs.shape, ft.shape, "test")
+    res = fit_adapter(adapter, fs, ft, ridge=0.0)
+    assert res < 1e-10
+    assert torch.allclose(adapter.weight.reshape(ct, cs), w, atol=1e-4)
+    assert torch.allclose(adapter.bias, b, atol=1e-4)
+    assert torch.allclose(adapter(fs), ft, atol=1e-4)
+
+
+def test_fit_adapter_maps_kept_channels_onto_their_originals():
+    """A pruned student's features are a subset of the teacher's channels: the fit is the selection there,
+    the best linear prediction for the removed ones, and its loss is far below a random adapter's."""
+    g = torch.Generator().manual_seed(0)
+    ft = torch.randn(16, 12, 4, 4, generator=g)
+    ft[:, 8:] = 0.5 * ft[:, :4] - ft[:, 4:8] + 0.1 * torch.randn(16, 4, 4, 4, generator=g)
+    kept = [2, 5, 0, 7, 1, 3, 6, 4]  # the student's channel j is the teacher's channel kept[j]
+    fs = ft[:, kept].clone()
+    fitted = make_adapter(fs.shape, ft.shape, "test")
+    random = make_adapter(fs.shape, ft.shape, "test")
+    fit_adapter(fitted, fs, ft, ridge=1e-6)
+    w = fitted.weight.detach().reshape(12, 8)
+    for j, c in enumerate(kept):
+        assert w[c, j] == pytest.approx(1.0, abs=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(fitted(fs)[:, :8], ft[:, :8], atol=1e-3)
+    with torch.no_grad():
+        assert F.mse_loss(fitted(fs), ft) < 0.05 * F.mse_loss(random(fs), ft)
+
+
+def test_fit_adapter_rejects_non_finite_features():
+    fs, ft = torch.randn(4, 3, 2, 2), torch.randn(4, 5, 2, 2)
+    fs[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="non-finite"):
+        fit_adapter(make_adapter(fs.shape, ft.shape, "t"), fs, ft)
+
+
+def test_lstsq_adapters_fitted_once_on_the_first_training_batch_and_kept_on_resume():
+    student, teacher = lenet(8, seed=0), lenet(16, seed=1)
+    kd = KDConfig(kind="logit+feature", hints=[["relu2", "relu2"]], adapter_init="lstsq")
+    assert KDConfig.from_dict(kd.to_dict()) == kd
+    task = DistillationTask(student, teacher, kd)
+    feat = task.losses["feature"]
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    task.eval()
+    with torch.no_grad():
+        before = float(task(x, y)["feature"])  # evaluation does not fit
+    assert not bool(feat.fitted)
+    task.train()
+    with torch.no_grad():
+        fitted = float(task(x, y)["feature"])
+    assert bool(feat.fitted) and len(feat.fit_residuals) == 1 and 0.0 <= feat.fit_residuals[0] <= 1.0
+    assert fitted < 0.5 * before
+    w = feat.adapters[0].weight.detach().clone()
+    with torch.no_grad():
+        task(torch.randn(32, 1, 8, 8), y)  # a second batch does not refit
+    assert torch.equal(w, feat.adapters[0].weight)
+    aux = task.aux_state_dict()
+    assert "feature.fitted" in aux
+    task2 = DistillationTask(lenet(8, seed=0), lenet(16, seed=1), kd)
+    task2.load_aux_state_dict(aux)
+    task2.train()
+    with torch.no_grad():
+        task2(torch.randn(32, 1, 8, 8), y)  # resumed: fitted already, keeps the loaded adapter
+    assert torch.equal(task2.losses["feature"].adapters[0].weight, w)
+    with pytest.raises(ConfigError, match="adapter_init"):
+        KDConfig(kind="logit+feature", hints=[["relu2", "relu2"]], adapter_init="zeros")
 
 
 def test_feature_only_kind_adds_cross_entropy_and_hooks_are_removed():

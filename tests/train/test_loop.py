@@ -189,6 +189,26 @@ def test_resume_rules(tmp_path):
     assert res.resumed_from == 0 and read_train_state(tmp_path / "new")["epoch"] == 1
 
 
+def test_resume_of_a_run_saved_before_a_kd_field_existed(tmp_path):
+    """A state saved by an older netcarve lacks KDConfig.adapter_init: it counts as the default."""
+    from netcarve.train.checkpoint import STATE_FILE, state_dir
+
+    train, test = _small_loaders()
+    cfg = TrainConfig(epochs=1, **SMALL)
+    kd = KDConfig(kind="logit+feature", hints=[["relu2", "relu2"]])
+    fit(lenet(8), train, test, cfg, out_dir=tmp_path, progress=False, teacher=lenet(16), kd=kd)
+    path = state_dir(tmp_path) / STATE_FILE
+    doc = json.loads(path.read_text())
+    del doc["kd"]["adapter_init"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=r"kd.adapter_init \(saved 'identity', given 'lstsq'\)"):
+        fit(lenet(8), train, test, cfg.replace(epochs=2), out_dir=tmp_path, resume=True, progress=False,
+            teacher=lenet(16), kd=kd.replace(adapter_init="lstsq"))  # fmt: skip
+    res = fit(lenet(8), train, test, cfg.replace(epochs=2), out_dir=tmp_path, resume=True, progress=False,
+              teacher=lenet(16), kd=kd)  # fmt: skip
+    assert res.resumed_from == 1 and [r["epoch"] for r in res.history] == [1, 2]
+
+
 def test_fit_argument_errors(tmp_path):
     train, test = _small_loaders()
     cfg = TrainConfig(epochs=1, **SMALL)

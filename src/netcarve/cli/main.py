@@ -376,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alpha", type=float, default=0.9)
     s.add_argument("--hint", action="append", default=[], metavar="STUDENT_LAYER:TEACHER_LAYER",
                    help="feature-KD layer pair (repeatable)")
+    s.add_argument("--feature-weight", type=float, default=1.0, help="weight of the feature-KD (hint) loss")
+    s.add_argument("--adapter-init", default="identity", choices=["identity", "lstsq"],
+                   help="feature-KD adapters: PyTorch's init (the identity at equal widths), or fitted by least "
+                        "squares from the student's to the teacher's features on the first batch")
     s.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=2)

@@ -35,7 +35,8 @@ def train_cli(a) -> dict:
             if ":" not in h:
                 raise ConfigError(f"--hint {h!r} must be STUDENT_LAYER:TEACHER_LAYER")
             hints.append(h.split(":", 1))
-        kd = KDConfig(kind=a.distill or "logit", temperature=a.temperature, alpha=a.alpha, hints=hints)
+        kd = KDConfig(kind=a.distill or "logit", temperature=a.temperature, alpha=a.alpha, hints=hints,
+                      feature_weight=a.feature_weight, adapter_init=a.adapter_init)
     elif a.distill:
         raise ConfigError("--distill needs --teacher MODEL|CHECKPOINT")
     train_loader, test_loader = loaders_for(model, ds, a.batch_size, data_dir=a.data_dir,

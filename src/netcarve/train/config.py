@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
 
@@ -199,6 +199,11 @@ class KDConfig:
         feature_weight: weight of the feature (hint) loss (>= 0).
         hints: ``[[student_layer, teacher_layer], ...]`` module paths (``model.get_submodule`` names)
             whose outputs feature KD matches; required by feature KD, rejected otherwise.
+        adapter_init: how feature KD's adapters start. ``"identity"``: the identity where student and
+            teacher widths agree, PyTorch's random init otherwise. ``"lstsq"``: fitted by ridge least
+            squares from the student's to the teacher's features on the first training batch, so the loss
+            starts at the best linear match (after pruning, kept channels map onto their originals)
+            instead of a random projection's distance.
     """
 
     kind: str = "logit"
@@ -206,6 +211,9 @@ class KDConfig:
     alpha: float = 0.9
     feature_weight: float = 1.0
     hints: list[list[str]] = field(default_factory=list)
+    adapter_init: str = "identity"
+
+    ADAPTER_INITS: ClassVar[tuple[str, ...]] = ("identity", "lstsq")
 
     def __post_init__(self):
         self.validate()
@@ -259,6 +267,10 @@ class KDConfig:
         if hints and not uses_hints:
             raise ConfigError(
                 f"{o}.hints are given but kind {self.kind!r} does not use them (use 'logit+feature')"
+            )
+        if self.adapter_init not in self.ADAPTER_INITS:
+            raise ConfigError(
+                f"{o}.adapter_init must be one of {', '.join(self.ADAPTER_INITS)}, got {self.adapter_init!r}"
             )
         return self
 

@@ -19,7 +19,9 @@ Distillation losses are registered classes (``register_distill_loss`` / ``get_di
   a 1x1 ``Conv2d`` for 4-D ``(N, C, H, W)`` outputs, a ``Linear`` on the last dimension for 2-D ``(N, C)``
   and 3-D ``(N, T, C)`` outputs. The loss is ``feature_weight * mean over hint pairs of
   MSE(adapter(s), t)``. When no registered component supplies the cross-entropy term (``kind="feature"``),
-  the task adds plain ``CE(y, s)``.
+  the task adds plain ``CE(y, s)``. ``KDConfig.adapter_init="lstsq"`` fits each adapter by ridge least squares
+  on the first training batch (:func:`fit_adapter`) instead of starting from a random projection: after
+  channel pruning the student's channels are a subset of the teacher's, and the fit maps them back.
 
 The teacher always runs in eval mode under ``torch.no_grad`` and is not a registered submodule of the
 task (its weights are never in the task's ``state_dict`` or ``parameters()``). Adapter weights are
@@ -203,15 +205,55 @@ def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, where: st
     return adapter
 
 
+def _rows(f: torch.Tensor) -> torch.Tensor:
+    """Feature map -> ``(samples, channels)``: channels are dim 1 of 4-D outputs, the last dim otherwise."""
+    if f.dim() == 4:
+        return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    return f.reshape(-1, f.shape[-1])
+
+
+@torch.no_grad()
+def fit_adapter(adapter: nn.Module, student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                ridge: float = 1e-3, max_rows: int = 65536) -> float:
+    """Set ``adapter`` (from :func:`make_adapter`) to the ridge least-squares map from ``student_feat`` to
+    ``teacher_feat`` (one batch of each); return the relative residual ``||A(s) - t||^2 / ||t||^2``.
+
+    The ridge term is ``ridge`` times the mean feature energy (the bias is not penalised); at most
+    ``max_rows`` sample rows (evenly strided) enter the fit."""
+    x, y = _rows(student_feat.detach()).double(), _rows(teacher_feat.detach()).double()
+    if x.shape[0] > max_rows:
+        idx = torch.linspace(0, x.shape[0] - 1, max_rows).long()
+        x, y = x[idx], y[idx]
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        raise ConfigError("feature distillation: non-finite features on the batch used to fit the adapters")
+    cs = x.shape[1]
+    xa = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+    g = xa.T @ xa
+    lam = ridge * float(torch.diagonal(g)[:cs].mean().clamp_min(1e-12))
+    g[:cs, :cs] += lam * torch.eye(cs, dtype=g.dtype)
+    sol = torch.linalg.solve(g, xa.T @ y)  # (cs + 1, ct)
+    w, b = sol[:cs].T, sol[cs]
+    adapter.weight.copy_(w.reshape(adapter.weight.shape).to(adapter.weight.dtype))
+    adapter.bias.copy_(b.to(adapter.bias.dtype))
+    res = (xa @ sol - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12)
+    return float(res)
+
+
 @register_distill_loss("feature")
 class FeatureKD(DistillLoss):
-    """Hint-layer MSE after a learned adapter; part ``feature`` (unweighted mean over hint pairs)."""
+    """Hint-layer MSE after a learned adapter; part ``feature`` (unweighted mean over hint pairs).
+
+    With ``KDConfig.adapter_init == "lstsq"`` the adapters are fitted (:func:`fit_adapter`) on the first
+    batch seen in training mode; the buffer ``fitted`` records it, so a resumed run does not refit."""
 
     uses_hints = True
 
     def __init__(self, kd: KDConfig, label_smoothing: float = 0.0):
         super().__init__(kd, label_smoothing)
         self.adapters = nn.ModuleList()
+        self.fit_residuals: list[float] = []
+        if kd.adapter_init == "lstsq":
+            self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     def setup(self, student_shapes, teacher_shapes) -> None:
         self.adapters = nn.ModuleList(
@@ -223,6 +265,12 @@ class FeatureKD(DistillLoss):
         pairs = self.hook_points()
         if len(self.adapters) != len(pairs):
             raise RuntimeError("FeatureKD.setup() was not called")  # a bug, not a user error
+        if self.training and self.kd.adapter_init == "lstsq" and not bool(self.fitted):
+            self.fit_residuals = [
+                fit_adapter(adapter, b.student_features[s], b.teacher_features[t])
+                for (s, t), adapter in zip(pairs, self.adapters)
+            ]
+            self.fitted.fill_(True)
         total = b.student_logits.new_zeros(())
         for (s, t), adapter in zip(pairs, self.adapters):
             fs, ft = b.student_features[s], b.teacher_features[t]

@@ -190,6 +190,8 @@ def _check_resumable(saved: dict, config: TrainConfig, kd: KDConfig | None, step
         if k not in RESUME_MUTABLE_FIELDS and old.get(k) != new.get(k)
     ]
     old_kd = saved.get("kd")
+    if old_kd is not None:
+        old_kd = {**KDConfig().to_dict(), **old_kd}  # fields an older netcarve did not save: their defaults
     new_kd = kd.to_dict() if kd is not None else None
     if (old_kd is None) != (new_kd is None):
         diffs.append(f"distillation (saved {'on' if old_kd else 'off'}, given {'on' if new_kd else 'off'})")
