@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import netcarve
 from netcarve.cli.main import main
 from netcarve.train import read_train_state
@@ -23,11 +25,16 @@ def test_train_cli_writes_checkpoint_and_resumes(tmp_path, capsys):
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
 
 
-def test_train_cli_distills_from_a_checkpoint(tmp_path, capsys):
-    teacher = tmp_path / "teacher"
-    assert main(["train", "lenet", "--dataset", "digits", "--epochs", "2", "--out", str(teacher), "--no-progress",
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A lenet trained 2 epochs on digits (a checkpoint directory), shared by the distillation tests."""
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["train", "lenet", "--dataset", "digits", "--epochs", "2", "--out", str(out), "--no-progress",
                  "--json"]) == 0
-    capsys.readouterr()
+    return out
+
+
+def test_train_cli_distills_from_a_checkpoint(tmp_path, capsys, teacher):
     assert main(["train", "lenet", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "student"),
                  "--teacher", str(teacher), "--distill", "logit", "--no-progress", "--json",
                  "--precision", "bf16", "--channels-last", "--ema", "0.99"]) == 0
@@ -38,11 +45,7 @@ def test_train_cli_distills_from_a_checkpoint(tmp_path, capsys):
     assert (cfg["precision"], cfg["channels_last"], cfg["ema_decay"]) == ("bf16", True, 0.99)
 
 
-def test_train_cli_feature_kd_with_fitted_adapters(tmp_path, capsys):
-    teacher = tmp_path / "teacher"
-    assert main(["train", "lenet", "--dataset", "digits", "--epochs", "1", "--out", str(teacher), "--no-progress",
-                 "--json"]) == 0
-    capsys.readouterr()
+def test_train_cli_feature_kd_with_fitted_adapters(tmp_path, capsys, teacher):
     assert main(["train", "lenet", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "student"),
                  "--teacher", str(teacher), "--distill", "logit+feature", "--hint", "relu2:relu2",
                  "--adapter-init", "lstsq", "--feature-weight", "0.5", "--no-progress", "--json"]) == 0
