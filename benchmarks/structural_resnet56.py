@@ -67,7 +67,7 @@ from netcarve.graph import build_channel_groups
 from netcarve.graph.groups import GroupSet
 from netcarve.measure import compare_latency, count_model, engine_available, environment
 from netcarve.models import create_model, example_input, get_model_info
-from netcarve.train import KDConfig, TeacherEnsemble, TrainConfig, evaluate, fit
+from netcarve.train import KDConfig, TeacherEnsemble, TrainConfig, block_hints, evaluate, fit
 
 RESULTS = Path(__file__).resolve().parent / "results" / "structural_resnet56.json"
 WEIGHTS = "pretrained/akamaster_resnet56-4bfd9763.th"
@@ -190,9 +190,9 @@ def _kd(kind: str, hints: str = "stages", adapter_init: str = "identity", weight
     the teacher's) on the three stage outputs (``hints="stages"``) or on all 27 block outputs (``"blocks"``)."""
     if "feature" not in kind:
         return KDConfig(kind=kind, temperature=4.0, alpha=0.9)
-    paths = (["layer1", "layer2", "layer3"] if hints == "stages"
-             else [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(9)])  # fmt: skip
-    return KDConfig(kind=kind, temperature=4.0, alpha=0.9, feature_weight=weight, hints=[[p, p] for p in paths],
+    pairs = ([[p, p] for p in ("layer1", "layer2", "layer3")] if hints == "stages"
+             else block_hints(create_model("resnet56")))  # the 27 residual blocks  # fmt: skip
+    return KDConfig(kind=kind, temperature=4.0, alpha=0.9, feature_weight=weight, hints=pairs,
                     adapter_init=adapter_init)  # fmt: skip
 
 

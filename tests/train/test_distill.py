@@ -19,7 +19,7 @@ from netcarve.train import (
     list_distill_losses,
     logit_kd_loss,
 )
-from netcarve.train.distill import fit_adapter, make_adapter
+from netcarve.train.distill import block_hints, fit_adapter, make_adapter
 
 from ._helpers import digits_loaders, lenet
 
@@ -289,6 +289,27 @@ def test_lstsq_adapters_fitted_once_on_the_first_training_batch_and_kept_on_resu
     assert torch.equal(task2.losses["feature"].adapters[0].weight, w)
     with pytest.raises(ConfigError, match="adapter_init"):
         KDConfig(kind="logit+feature", hints=[["relu2", "relu2"]], adapter_init="zeros")
+
+
+def test_block_hints_pick_block_outputs_then_activations():
+    import netcarve
+
+    r20 = netcarve.create_model("resnet20")
+    assert block_hints(r20) == [[f"layer{i}.{j}", f"layer{i}.{j}"] for i in (1, 2, 3) for j in range(3)]
+    mb = netcarve.create_model("mobilenetv2")
+    paths = [p for p, _ in block_hints(mb)]
+    assert paths and all(p.count(".") == 1 for p in paths)  # outermost blocks only, not their inner Sequentials
+    vgg = netcarve.create_model("vgg11_bn")
+    relus = [n for n, m in vgg.named_modules() if isinstance(m, nn.ReLU)]
+    assert [p for p, _ in block_hints(vgg)] == relus and len(relus) >= 8
+    assert block_hints(netcarve.create_model("gru")) == [["rnn", "rnn"]]
+    # a teacher without some of the student's blocks (depth pruning removed them from the student): common only
+    shallow = netcarve.create_model("resnet20")
+    del shallow.layer3[2]
+    assert [p for p, _ in block_hints(r20, shallow)] == [p for p, _ in block_hints(shallow)]
+    assert "layer3.2" not in [p for p, _ in block_hints(r20, shallow)]
+    with pytest.raises(ConfigError, match="no block or activation outputs"):
+        block_hints(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
 
 
 def test_feature_only_kind_adds_cross_entropy_and_hooks_are_removed():

@@ -15,6 +15,7 @@ from .distill import (
     DistillLoss,
     SupervisedTask,
     TeacherEnsemble,
+    block_hints,
     get_distill_loss,
     kd_kl_div,
     list_distill_losses,
@@ -24,6 +25,7 @@ from .distill import (
 from .loop import TrainResult, evaluate, fit, lr_factor
 
 __all__ = [
+    "block_hints",
     "DistillBatch",
     "DistillLoss",
     "DistillationTask",

@@ -239,6 +239,46 @@ def fit_adapter(adapter: nn.Module, student_feat: torch.Tensor, teacher_feat: to
     return float(res)
 
 
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU, nn.RNNBase)
+
+
+def block_hints(student: nn.Module, teacher: nn.Module | None = None) -> list[list[str]]:
+    """Feature-KD hint pairs ``[[path, path], ...]`` at the outputs of the model's blocks.
+
+    A *block* is a module with children and parameters that is an element of an ``nn.Sequential`` or
+    ``nn.ModuleList`` (ResNet's residual blocks, MobileNet's inverted residuals, a transformer's layers), the
+    outermost such only. A model without blocks (a plain stack such as VGG's ``features``) gets its activation
+    modules instead (ReLU, GELU, ...; LSTM / GRU / RNN modules: their output sequence). With ``teacher``, only paths present in both are kept (depth pruning
+    removes blocks); the student and the teacher share paths after channel pruning and sparsification.
+    Raises ConfigError when nothing qualifies."""
+
+    def blocks(model: nn.Module) -> list[str]:
+        out: list[str] = []
+        for name, m in model.named_modules():
+            if not isinstance(m, (nn.Sequential, nn.ModuleList)):
+                continue
+            for cname, c in m.named_children():
+                path = f"{name}.{cname}" if name else cname
+                if any(True for _ in c.children()) and any(p.numel() for p in c.parameters()):
+                    if not any(path.startswith(q + ".") for q in out):
+                        out.append(path)
+        return out
+
+    paths = blocks(student)
+    if not paths:
+        paths = [n for n, m in student.named_modules() if isinstance(m, _ACTIVATIONS)]
+    if teacher is not None:
+        have = {n for n, _ in teacher.named_modules()}
+        paths = [p for p in paths if p in have]
+    if not paths:
+        raise ConfigError(
+            f"feature distillation: no block or activation outputs found in {type(student).__name__}"
+            + (" that the teacher also has" if teacher is not None else "")
+            + "; name the hint layers (KDConfig.hints)"
+        )
+    return [[p, p] for p in paths]
+
+
 @register_distill_loss("feature")
 class FeatureKD(DistillLoss):
     """Hint-layer MSE after a learned adapter; part ``feature`` (unweighted mean over hint pairs).
