@@ -36,6 +36,26 @@ def test_prune_cli_compacts_a_checkpoint_and_reports(trained_lenet, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(rep["compressed"]["top1"])
 
 
+def test_prune_cli_block_feature_distillation(trained_lenet, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "fkd"
+    rc = main(["prune", str(trained_lenet), "--ratio", "0.5", "--finetune-epochs", "1", "--distill",
+               "logit+feature", "--feature-weight", "4", "--engine", "torch", "--latency-processes", "1",
+               "--out", str(out), "--no-progress", "--json"])
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out)
+    ft = json.loads((out / "finetune" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ft["train_feature"] > 0.0 and "train_kd" in ft  # both losses were part of the fine-tune
+    from netcarve.train import read_train_state
+
+    kd = read_train_state(out / "finetune")["kd"]
+    assert (kd["kind"], kd["hints"], kd["adapter_init"], kd["feature_weight"]) == (
+        "logit+feature", "blocks", "lstsq", 4.0)
+    assert rep["compressed"]["top1"] > 50
+    with pytest.raises(SystemExit):
+        main(["prune", str(trained_lenet), "--ratio", "0.5", "--distill", "feature", "--out", str(tmp_path / "x")])
+
+
 @pytest.mark.parametrize("engine", ["torch", "netcarve"])
 def test_prune_without_finetune_measures_two_points(trained_lenet, tmp_path, capsys, engine):
     capsys.readouterr()

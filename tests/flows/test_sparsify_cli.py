@@ -77,6 +77,19 @@ def test_nm_oneshot_without_training(trained_lenet, tmp_path, capsys):
     assert s["nonzero_macs"] < s["dense_macs"]
 
 
+def test_block_feature_distillation_in_the_masked_fine_tune(trained_lenet, tmp_path, capsys):
+    out = tmp_path / "fkd"
+    rep = _run(capsys, ["sparsify", str(trained_lenet), "--scheme", "unstructured", "--sparsity", "0.7",
+                        "--finetune-epochs", "1", "--distill", "logit+feature", "--feature-weight", "2",
+                        "--batch-size", "64", "--out", str(out), "--no-progress", "--json"])
+    distill = yaml.safe_load((out / "recipe.yaml").read_text())["distill"]
+    assert (distill["kind"], distill["hints"], distill["adapter_init"], distill["feature_weight"]) == (
+        "logit+feature", "blocks", "lstsq", 2.0)
+    metrics = [json.loads(x) for p in sorted(out.rglob("metrics.jsonl")) for x in p.read_text().splitlines()]
+    assert metrics and all(m["train_feature"] > 0.0 for m in metrics)
+    assert rep["compressed"]["top1"] > 70
+
+
 def test_bsp_on_the_gru_gates(tmp_path, capsys):
     rep = _run(capsys, ["sparsify", "gru", "--scheme", "bsp", "--sparsity", "0.75", "--block-rows", "16",
                         "--row-sparsity", "0.25", "--types", "GRU", "--out", str(tmp_path / "bsp"), "--no-progress",

@@ -312,6 +312,24 @@ def test_block_hints_pick_block_outputs_then_activations():
         block_hints(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
 
 
+def test_hints_blocks_preset_is_resolved_against_both_models():
+    import netcarve
+
+    kd = KDConfig(kind="logit+feature", hints="blocks", adapter_init="lstsq")
+    assert kd.to_dict()["hints"] == "blocks" and KDConfig.from_dict(kd.to_dict()) == kd
+    student, teacher = netcarve.create_model("resnet20"), netcarve.create_model("resnet20")
+    with DistillationTask(student, teacher, kd) as task:
+        assert task.kd.hints == block_hints(student) and len(task.losses["feature"].adapters) == 9
+        assert kd.hints == "blocks"  # the caller's config is not changed
+    ens = TeacherEnsemble([netcarve.create_model("resnet20"), netcarve.create_model("resnet8")])
+    with DistillationTask(netcarve.create_model("resnet20"), ens, kd) as task:
+        assert task.kd.hints[0] == ["layer1.0", "members.0.layer1.0"] and len(task.kd.hints) == 9
+    with pytest.raises(ConfigError, match="does not use them"):
+        KDConfig(kind="logit", hints="blocks")
+    with pytest.raises(ConfigError, match="'blocks'"):
+        KDConfig(kind="logit+feature", hints="everything")
+
+
 def test_feature_only_kind_adds_cross_entropy_and_hooks_are_removed():
     student, teacher = lenet(8), lenet(16)
     task = DistillationTask(

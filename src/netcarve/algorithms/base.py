@@ -136,8 +136,14 @@ class PruneJob:
         return teacher, self.kd or KDConfig(kind="logit", temperature=4.0, alpha=0.9)
 
     def kd_words(self) -> str:
-        """`` with logit KD`` when training distils from a teacher, else ``""`` (for descriptions)."""
-        return " with logit KD" if (self.teacher is not None or self.distill) and self.epochs else ""
+        """`` with logit KD`` (or the losses of ``kd``) when training distils from a teacher, else ``""``."""
+        if not ((self.teacher is not None or self.distill) and self.epochs):
+            return ""
+        return f" with {self.kd_kind()} KD"
+
+    def kd_kind(self) -> str:
+        """``"logit"``, ``"logit+feature"``, ...: the distillation losses training uses."""
+        return self.kd.kind if self.kd is not None else "logit"
 
     def describe_target(self) -> str:
         return f"{self.macs_reduction:g}x MACs" if self.macs_reduction is not None else f"ratio {self.ratio:g}"

@@ -79,7 +79,7 @@ class OneShot(PruningAlgorithm):
         s = f"oneshot channel pruning ({job.criterion_name}, {job.describe_target()}, round_to {job.round_to})"
         s += recovery_words(job)
         if job.epochs:
-            s += f" + {'logit KD' if job.teacher is not None or job.distill else 'plain'} fine-tune {job.epochs} epoch(s)"
+            s += f" + {job.kd_kind() + ' KD' if job.teacher is not None or job.distill else 'plain'} fine-tune {job.epochs} epoch(s)"
         return s
 
 
@@ -248,7 +248,7 @@ class Iterative(PruningAlgorithm):
              f"geometric steps, round_to {job.round_to})")
         s += recovery_words(job)
         if job.epochs:
-            s += f" + {'logit KD' if job.teacher is not None or job.distill else 'plain'} fine-tune {job.epochs} epoch(s) in total"
+            s += f" + {job.kd_kind() + ' KD' if job.teacher is not None or job.distill else 'plain'} fine-tune {job.epochs} epoch(s) in total"
         return s
 
 

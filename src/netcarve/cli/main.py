@@ -243,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "reproduces the unpruned model's output on BATCHES training batches (replaces BN "
                         "recalibration; channel pruning with any --algorithm; 0 = off)")
     s.add_argument("--finetune-epochs", type=int, default=0)
-    s.add_argument("--distill", action="store_true", help="fine-tune with logit KD from the unpruned model")
+    s.add_argument("--distill", nargs="?", const="logit", default=None, choices=["logit", "logit+feature"],
+                   help="fine-tune with KD from the unpruned model: logit (the default when given alone), or "
+                        "logit+feature (also the outputs of every block, via adapters fitted by least squares)")
+    s.add_argument("--feature-weight", type=float, default=1.0,
+                   help="weight of the block-feature loss with --distill logit+feature")
     s.add_argument("--lr", type=float, default=0.005)
     _add_ema_arg(s)
     s.add_argument("--batch-size", type=int, default=128)
@@ -326,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="an algorithm option, e.g. rho=0.01, reg_epochs=3, frequency=100 (repeatable)")
     s.add_argument("--finetune-epochs", type=int, default=0, help="the whole training budget of the algorithm")
-    s.add_argument("--distill", action="store_true", help="train with logit KD from the dense model")
+    s.add_argument("--distill", nargs="?", const="logit", default=None, choices=["logit", "logit+feature"],
+                   help="train with KD from the dense model: logit (the default when given alone), or "
+                        "logit+feature (also the outputs of every block, via adapters fitted by least squares)")
+    s.add_argument("--feature-weight", type=float, default=1.0,
+                   help="weight of the block-feature loss with --distill logit+feature")
     s.add_argument("--lr", type=float, default=0.01)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])

@@ -47,6 +47,10 @@ class CompressSpec:
     gradient_batches: int = 8  # training batches whose gradients gradient-based criteria (taylor) use
     finetune_epochs: int = 0
     distill: bool = True
+    # "logit", or "logit+feature": also block-output hints (KDConfig.hints="blocks") through adapters fitted by
+    # least squares on the first batch, weighted feature_weight
+    distill_kind: str = "logit"
+    feature_weight: float = 1.0
     lr: float = 0.01
     ema_decay: float = 0.0  # TrainConfig.ema_decay of the fine-tune (0 = off)
     batch_size: int = 128
@@ -85,6 +89,11 @@ class CompressSpec:
             raise ConfigError("--finetune-epochs must be >= 0, latency batch and processes >= 1")
         if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
             raise ConfigError(f"--ema must be a decay in [0, 1) (0 = off), got {self.ema_decay!r}")
+        if self.distill_kind not in ("logit", "logit+feature"):
+            raise ConfigError(f"--distill must be 'logit' or 'logit+feature', got {self.distill_kind!r}")
+        if not (isinstance(self.feature_weight, (int, float)) and math.isfinite(self.feature_weight)
+                and self.feature_weight >= 0):
+            raise ConfigError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
         if self.ema_decay and not self.finetune_epochs:
             raise ConfigError("--ema averages the fine-tuned weights: it needs --finetune-epochs N")
         if isinstance(self.reconstruct_batches, bool) or not isinstance(self.reconstruct_batches, int) \
@@ -123,12 +132,26 @@ class CompressSpec:
         job = PruneJob(model=None, example_input=None, ratio=self.ratio, macs_reduction=self.macs_reduction,
                        criterion=self.criterion, round_to=self.round_to, protected=tuple(self.protected),
                        global_ranking=self.global_ranking, layer_ratios=dict(self.layer_ratios), train=train,
-                       distill=self.distill and train is not None,
+                       distill=self.distill and train is not None, kd=self.kd_config(),
                        bn_batches=self.bn_recalibration_batches, reconstruct_batches=self.reconstruct_batches,
                        gradient_batches=self.gradient_batches,
                        resume=self.resume, progress=self.progress)
         algo.check(job)
         return algo, job
+
+    def kd_config(self):
+        """The fine-tune's :class:`~netcarve.train.KDConfig` (None without ``distill``)."""
+        from ..train import KDConfig
+
+        if not self.distill:
+            return None
+        if self.distill_kind == "logit+feature":
+            return KDConfig(kind="logit+feature", temperature=4.0, alpha=0.9, hints="blocks",
+                            feature_weight=self.feature_weight, adapter_init="lstsq")
+        return KDConfig(kind="logit", temperature=4.0, alpha=0.9)
+
+    def kd_name(self) -> str:
+        return "logit + block-feature KD" if self.distill_kind == "logit+feature" else "logit KD"
 
     def describe(self) -> str:
         if self.scheme == "depth":
@@ -155,7 +178,7 @@ class CompressSpec:
         if self.reconstruct_batches:
             s += f" + least-squares reconstruction ({self.reconstruct_batches} batches)"
         if self.finetune_epochs:
-            s += f" + {'logit KD' if self.distill else 'plain'} fine-tune {self.finetune_epochs} epoch(s)"
+            s += f" + {self.kd_name() if self.distill else 'plain'} fine-tune {self.finetune_epochs} epoch(s)"
         return s
 
 
@@ -178,7 +201,7 @@ def run_spec_algorithm(base: nn.Module, spec: CompressSpec, *, train_loader, bn_
                         ratio=job.ratio, macs_reduction=job.macs_reduction, criterion=job.criterion,
                         round_to=job.round_to, protected=job.protected, global_ranking=job.global_ranking,
                         layer_ratios=job.layer_ratios,
-                        train=job.train, distill=job.distill, bn_batches=job.bn_batches,
+                        train=job.train, distill=job.distill, kd=job.kd, bn_batches=job.bn_batches,
                         gradient_batches=job.gradient_batches, train_loader=train_loader, test_loader=test_loader,
                         out_dir=Path(out) / spec.algorithm, resume=spec.resume, progress=spec.progress)
     if job.bn_batches and bn_loader is not train_loader:
@@ -210,7 +233,7 @@ def compress_and_report(
     """Prune ``base`` as ``spec`` says, recover, measure, and write the run directory ``out``."""
     from ..compact import prune_channels, recalibrate_bn
     from ..measure import compare_latency, environment
-    from ..train import KDConfig, TrainConfig, evaluate, fit
+    from ..train import TrainConfig, evaluate, fit
 
     spec.validate()
     t0 = time.perf_counter() if t0 is None else t0
@@ -276,13 +299,13 @@ def compress_and_report(
         points.append(p_stats)
         variants["pruned"] = copy.deepcopy(pruned)
         log(f"fine-tuning {spec.finetune_epochs} epoch(s)"
-            + (" with logit distillation from the baseline" if spec.distill else ""), tag)
+            + (f" with {spec.kd_name()} from the baseline" if spec.distill else ""), tag)
         ft_cfg = TrainConfig(epochs=spec.finetune_epochs, batch_size=spec.batch_size, optimizer="sgd", lr=spec.lr,
                              momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=spec.seed,
                              ema_decay=spec.ema_decay)
         fit(pruned, ft_train_loader or train_loader, test_loader, ft_cfg, out_dir=out / "finetune",
             teacher=base if spec.distill else None,
-            kd=KDConfig(kind="logit", temperature=4.0, alpha=0.9) if spec.distill else None,
+            kd=spec.kd_config(),
             progress=spec.progress, resume=spec.resume)
         pruned.eval()
         acc = evaluate(pruned, test_loader)

@@ -252,7 +252,7 @@ def run_recipe(recipe: SparsifyRecipe, *, command: str | None = None, resume: bo
          f"({len(resolved.skipped)} left dense"
          + (f"; levels by {plan.allocation} allocation" if plan.allocation != "uniform" else "")
          + f"); budget {ft.epochs} epoch(s)"
-         + (" with logit KD" if recipe.distill else ""), tag)
+         + (f" with {kd.kind if kd is not None else 'logit'} KD" if recipe.distill else ""), tag)
     res = algo.run(job)
     acc = evaluate(res.model, test)
     _log(f"{res.describe().splitlines()[0]}; top-1 {base_acc['top1']:.2f}% -> {acc['top1']:.2f}%", tag)
@@ -413,6 +413,14 @@ def _with_allocation(plan: Any, a) -> Any:
     return plan
 
 
+def _distill_arg(a) -> bool | dict:
+    """``--distill [logit|logit+feature]`` as the recipe's ``distill``: a flag, or a KDConfig dict."""
+    if a.distill == "logit+feature":
+        return {"kind": "logit+feature", "temperature": 4.0, "alpha": 0.9, "hints": "blocks",
+                "feature_weight": a.feature_weight, "adapter_init": "lstsq"}
+    return bool(a.distill)
+
+
 def recipe_from_args(a) -> SparsifyRecipe:
     opts = {}
     for kv in a.option or []:
@@ -427,7 +435,7 @@ def recipe_from_args(a) -> SparsifyRecipe:
         "finetune": {"epochs": a.finetune_epochs, "lr": a.lr, "batch_size": a.batch_size, "optimizer": a.optimizer,
                      "grad_clip": a.grad_clip, "precision": a.precision, "channels_last": a.channels_last,
                      "ema_decay": a.ema},
-        "distill": bool(a.distill), "bn_batches": a.bn_batches, "seed": a.seed,
+        "distill": _distill_arg(a), "bn_batches": a.bn_batches, "seed": a.seed,
         "train_subset": a.train_subset, "test_subset": a.test_subset, "latency": latency,
     }, where="netcarve sparsify")
 

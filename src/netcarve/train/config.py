@@ -198,7 +198,9 @@ class KDConfig:
         alpha: weight of the KD term in logit KD, ``(1 - alpha) * CE + alpha * T^2 * KL``; in [0, 1].
         feature_weight: weight of the feature (hint) loss (>= 0).
         hints: ``[[student_layer, teacher_layer], ...]`` module paths (``model.get_submodule`` names)
-            whose outputs feature KD matches; required by feature KD, rejected otherwise.
+            whose outputs feature KD matches; required by feature KD, rejected otherwise. ``"blocks"``: chosen
+            when distillation starts by :func:`netcarve.train.block_hints` (the outputs of the residual /
+            inverted-residual / transformer blocks both models have; activations for plain stacks).
         adapter_init: how feature KD's adapters start. ``"identity"``: the identity where student and
             teacher widths agree, PyTorch's random init otherwise. ``"lstsq"``: fitted by ridge least
             squares from the student's to the teacher's features on the first training batch, so the loss
@@ -210,8 +212,10 @@ class KDConfig:
     temperature: float = 4.0
     alpha: float = 0.9
     feature_weight: float = 1.0
-    hints: list[list[str]] = field(default_factory=list)
+    hints: list[list[str]] | str = field(default_factory=list)
     adapter_init: str = "identity"
+
+    HINT_PRESETS: ClassVar[tuple[str, ...]] = ("blocks",)
 
     ADAPTER_INITS: ClassVar[tuple[str, ...]] = ("identity", "lstsq")
 
@@ -243,12 +247,18 @@ class KDConfig:
         self.feature_weight = _float(o, "feature_weight", self.feature_weight, lo=0.0)
         if self.hints is None:
             self.hints = []
-        if not isinstance(self.hints, (list, tuple)):
+        if isinstance(self.hints, str):
+            if self.hints not in self.HINT_PRESETS:
+                raise ConfigError(
+                    f"{o}.hints must be a list of [student_layer, teacher_layer] pairs or one of "
+                    f"{', '.join(repr(p) for p in self.HINT_PRESETS)}, got {self.hints!r}"
+                )
+        elif not isinstance(self.hints, (list, tuple)):
             raise ConfigError(
                 f"{o}.hints must be a list of [student_layer, teacher_layer] pairs, got {self.hints!r}"
             )
-        hints = []
-        for i, h in enumerate(self.hints):
+        hints: list[list[str]] | str = self.hints if isinstance(self.hints, str) else []
+        for i, h in enumerate([] if isinstance(self.hints, str) else self.hints):
             if (
                 not isinstance(h, (list, tuple))
                 or len(h) != 2
@@ -257,7 +267,7 @@ class KDConfig:
                 raise ConfigError(
                     f"{o}.hints[{i}] must be a pair [student_layer, teacher_layer] of module paths, got {h!r}"
                 )
-            hints.append([h[0], h[1]])
+            hints.append([h[0], h[1]])  # type: ignore[union-attr]
         self.hints = hints
         uses_hints = [c for c in comps if get_distill_loss(c).uses_hints]
         if uses_hints and not hints:
@@ -276,7 +286,7 @@ class KDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["hints"] = [list(h) for h in self.hints]
+        d["hints"] = self.hints if isinstance(self.hints, str) else [list(h) for h in self.hints]
         return d
 
     @classmethod

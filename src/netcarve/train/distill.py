@@ -466,6 +466,11 @@ class DistillationTask(nn.Module):
         if isinstance(teacher, TeacherEnsemble) and any(m is student for m in teacher.members):
             raise ConfigError("DistillationTask: the student is also a member of the teacher ensemble")
         kd = KDConfig() if kd is None else KDConfig.from_dict(kd) if isinstance(kd, dict) else kd.validate()
+        if kd.hints == "blocks":  # resolved here, against both models (an ensemble: its first member)
+            if isinstance(teacher, TeacherEnsemble):
+                kd = kd.replace(hints=[[s, f"members.0.{t}"] for s, t in block_hints(student, teacher.members[0])])
+            else:
+                kd = kd.replace(hints=block_hints(student, teacher))
         self.kd = kd
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # deliberately not a submodule
