@@ -168,10 +168,11 @@ def vgg16_dense(work: Path, data_dir, epochs: int = VGG_EPOCHS) -> Path:
 
 
 def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, data_dir, lr: float = 0.01,
-             options: dict | None = None, precision: str = "fp32") -> dict:
+             options: dict | None = None, precision: str = "fp32", feature_kd: float = 0.0) -> dict:
     from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
 
-    name = cell_name(model, flags, algorithm, epochs, options) + ("-bf16" if precision == "bf16" else "")
+    name = cell_name(model, flags, algorithm, epochs, options) + (f"-fkd{feature_kd:g}" if feature_kd else "") \
+        + ("-bf16" if precision == "bf16" else "")
     out = work / name
     if (out / "report.json").exists():
         _log(f"{name}: done already")
@@ -193,19 +194,24 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
     recipe = SparsifyRecipe.from_dict({
         "model": source, "weights": weights, "out": str(out), "plan": plan_from_args(ns), "data_dir": data_dir,
         "algorithm": algorithm, "algorithm_options": options or {},
-        "finetune": finetune, "distill": epochs > 0, "bn_batches": 20,
+        "finetune": finetune, "bn_batches": 20,
+        # logit KD from the dense model; feature_kd > 0: also every block's output (least-squares adapters)
+        "distill": ({"kind": "logit+feature", "temperature": 4.0, "alpha": 0.9, "hints": "blocks",
+                     "adapter_init": "lstsq", "feature_weight": feature_kd} if feature_kd and epochs else epochs > 0),
     })
     _log(f"{name}: start")
     rep = run_recipe(recipe, resume=True, progress=False, threads=torch.get_num_threads(),
-                     command=_command(model, flags, algorithm, epochs, options, precision))
+                     command=_command(model, flags, algorithm, epochs, options, precision, feature_kd))
     return rep
 
 
 def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict | None,
-             precision: str = "fp32") -> str:
+             precision: str = "fp32", feature_kd: float = 0.0) -> str:
     """The ``run`` command line that reproduces a cell."""
     args = []
     extra = {"precision": precision} if precision != "fp32" else {}
+    if feature_kd:
+        extra["feature-kd"] = f"{feature_kd:g}"
     for k, v in {"model": model, **flags, "algorithm": algorithm, "epochs": epochs, **extra}.items():
         k = k.replace("_", "-")
         if v is True:
@@ -221,7 +227,7 @@ def cmd_run(a) -> None:
                                         "length", "keep", "groups", "balanced", "allocation", "min_density")}
     run_cell(Path(a.work), a.model, flags, a.algorithm, a.epochs, a.data_dir, a.lr,
              {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in (o.split("=", 1) for o in a.option)},
-             a.precision)
+             a.precision, a.feature_kd)
 
 
 def cmd_grid(a) -> None:
@@ -253,7 +259,10 @@ def cmd_report(a) -> None:
             "threads": rep["env"].get("threads"), "cpu": rep["env"].get("cpu_model"),
             "precision": "bf16" if d.name.endswith("-bf16") else "fp32",
         })
-        plan = (yaml.safe_load((d / "recipe.yaml").read_text()) or {}).get("plan", {}) if (d / "recipe.yaml").is_file() else {}
+        saved = (yaml.safe_load((d / "recipe.yaml").read_text()) or {}) if (d / "recipe.yaml").is_file() else {}
+        plan = saved.get("plan", {})
+        if isinstance(saved.get("distill"), dict):
+            rows[-1]["distill"] = saved["distill"]
         if plan.get("allocation", "uniform") != "uniform":
             rows[-1]["allocation"] = plan["allocation"]
             rows[-1]["min_density"] = plan.get("min_density", 0.0)
@@ -301,6 +310,9 @@ def main() -> None:
             s.add_argument("--allocation", help="uniform (default), global, lamp, erk (netcarve.sparsity.allocation)")
             s.add_argument("--min-density", type=float, help="non-uniform allocation: least kept share per weight")
             s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+            s.add_argument("--feature-kd", type=float, default=0.0, metavar="WEIGHT",
+                           help="also distil every block's output (least-squares adapters) with this weight; 0: "
+                                "logit KD only (the cell's name gets -fkdWEIGHT)")
         if name == "grid":
             s.add_argument("--preset", choices=sorted(PRESETS), required=True)
     a = p.parse_args()

@@ -497,7 +497,7 @@ def cmd_report(a) -> None:
         if r is not None:
             entry.update({k: r.get(k) for k in ("top1_pruned", "top1_bn_recalibrated", "top1_reconstructed",
                                                 "reconstruct", "prune", "widths", "epochs", "history", "finetune_seconds_this_process", "groups", "lr",
-                                                "seed", "target_macs_reduction", "batch_size", "precision", "kd",
+                                                "seed", "target_macs_reduction", "batch_size", "precision", "kd", "kd_feature",
                                                 "ema_decay", "teachers")
                           if k in r})  # fmt: skip
         for key, res in lat.get("results", {}).items():
