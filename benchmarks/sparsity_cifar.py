@@ -170,6 +170,7 @@ def vgg16_dense(work: Path, data_dir, epochs: int = VGG_EPOCHS) -> Path:
 def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, data_dir, lr: float = 0.01,
              options: dict | None = None, precision: str = "fp32", feature_kd: float = 0.0) -> dict:
     from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
+    from netcarve.train import KDConfig
 
     name = cell_name(model, flags, algorithm, epochs, options) + (f"-fkd{feature_kd:g}" if feature_kd else "") \
         + ("-bf16" if precision == "bf16" else "")
@@ -196,8 +197,7 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
         "algorithm": algorithm, "algorithm_options": options or {},
         "finetune": finetune, "bn_batches": 20,
         # logit KD from the dense model; feature_kd > 0: also every block's output (least-squares adapters)
-        "distill": ({"kind": "logit+feature", "temperature": 4.0, "alpha": 0.9, "hints": "blocks",
-                     "adapter_init": "lstsq", "feature_weight": feature_kd} if feature_kd and epochs else epochs > 0),
+        "distill": KDConfig.block_features(feature_kd).to_dict() if feature_kd and epochs else epochs > 0,
     })
     _log(f"{name}: start")
     rep = run_recipe(recipe, resume=True, progress=False, threads=torch.get_num_threads(),

@@ -146,8 +146,7 @@ class CompressSpec:
         if not self.distill:
             return None
         if self.distill_kind == "logit+feature":
-            return KDConfig(kind="logit+feature", temperature=4.0, alpha=0.9, hints="blocks",
-                            feature_weight=self.feature_weight, adapter_init="lstsq")
+            return KDConfig.block_features(self.feature_weight)
         return KDConfig(kind="logit", temperature=4.0, alpha=0.9)
 
     def kd_name(self) -> str:

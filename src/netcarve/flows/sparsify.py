@@ -416,8 +416,9 @@ def _with_allocation(plan: Any, a) -> Any:
 def _distill_arg(a) -> bool | dict:
     """``--distill [logit|logit+feature]`` as the recipe's ``distill``: a flag, or a KDConfig dict."""
     if a.distill == "logit+feature":
-        return {"kind": "logit+feature", "temperature": 4.0, "alpha": 0.9, "hints": "blocks",
-                "feature_weight": a.feature_weight, "adapter_init": "lstsq"}
+        from ..train import KDConfig
+
+        return KDConfig.block_features(a.feature_weight).to_dict()
     return bool(a.distill)
 
 

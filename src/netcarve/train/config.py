@@ -253,21 +253,13 @@ class KDConfig:
                     f"{o}.hints must be a list of [student_layer, teacher_layer] pairs or one of "
                     f"{', '.join(repr(p) for p in self.HINT_PRESETS)}, got {self.hints!r}"
                 )
-        elif not isinstance(self.hints, (list, tuple)):
+            hints: list[list[str]] | str = self.hints
+        elif isinstance(self.hints, (list, tuple)):
+            hints = [self._hint_pair(o, i, h) for i, h in enumerate(self.hints)]
+        else:
             raise ConfigError(
                 f"{o}.hints must be a list of [student_layer, teacher_layer] pairs, got {self.hints!r}"
             )
-        hints: list[list[str]] | str = self.hints if isinstance(self.hints, str) else []
-        for i, h in enumerate([] if isinstance(self.hints, str) else self.hints):
-            if (
-                not isinstance(h, (list, tuple))
-                or len(h) != 2
-                or not all(isinstance(p, str) and p for p in h)
-            ):
-                raise ConfigError(
-                    f"{o}.hints[{i}] must be a pair [student_layer, teacher_layer] of module paths, got {h!r}"
-                )
-            hints.append([h[0], h[1]])  # type: ignore[union-attr]
         self.hints = hints
         uses_hints = [c for c in comps if get_distill_loss(c).uses_hints]
         if uses_hints and not hints:
@@ -283,6 +275,21 @@ class KDConfig:
                 f"{o}.adapter_init must be one of {', '.join(self.ADAPTER_INITS)}, got {self.adapter_init!r}"
             )
         return self
+
+    @staticmethod
+    def _hint_pair(o: str, i: int, h) -> list[str]:
+        if not isinstance(h, (list, tuple)) or len(h) != 2 or not all(isinstance(p, str) and p for p in h):
+            raise ConfigError(
+                f"{o}.hints[{i}] must be a pair [student_layer, teacher_layer] of module paths, got {h!r}"
+            )
+        return [h[0], h[1]]
+
+    @classmethod
+    def block_features(cls, feature_weight: float = 1.0) -> KDConfig:
+        """Logit KD (T=4, alpha=0.9) plus feature KD on every block's output (``hints="blocks"``) through
+        least-squares-initialised adapters: what ``--distill logit+feature`` means in prune / sparsify."""
+        return cls(kind="logit+feature", temperature=4.0, alpha=0.9, hints="blocks", feature_weight=feature_weight,
+                   adapter_init="lstsq")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -248,8 +248,9 @@ def block_hints(student: nn.Module, teacher: nn.Module | None = None) -> list[li
     A *block* is a module with children and parameters that is an element of an ``nn.Sequential`` or
     ``nn.ModuleList`` (ResNet's residual blocks, MobileNet's inverted residuals, a transformer's layers), the
     outermost such only. A model without blocks (a plain stack such as VGG's ``features``) gets its activation
-    modules instead (ReLU, GELU, ...; LSTM / GRU / RNN modules: their output sequence). With ``teacher``, only paths present in both are kept (depth pruning
-    removes blocks); the student and the teacher share paths after channel pruning and sparsification.
+    modules instead (ReLU, GELU, ...; LSTM / GRU / RNN modules: their output sequence). With ``teacher``, only
+    paths present in both are kept (depth pruning removes blocks); the student and the teacher share paths
+    after channel pruning and sparsification.
     Raises ConfigError when nothing qualifies."""
 
     def blocks(model: nn.Module) -> list[str]:
