@@ -185,14 +185,16 @@ def _tp_version() -> str | None:
         return None
 
 
-def _kd(kind: str, hints: str = "stages", adapter_init: str = "identity", weight: float = 1.0) -> KDConfig:
-    """Logit KD (T=4, alpha=0.9); ``logit+feature`` adds FitNets hints (1x1 adapters from the pruned widths to
-    the teacher's) on the three stage outputs (``hints="stages"``) or on all 27 block outputs (``"blocks"``)."""
+def _kd(kind: str, hints: str = "stages", adapter_init: str = "identity", weight: float = 1.0,
+        temperature: float = 4.0, alpha: float = 0.9) -> KDConfig:
+    """Logit KD (T=4, alpha=0.9 unless given; ``logit_mse``: squared error on the logits); ``+feature`` adds
+    FitNets hints (1x1 adapters from the pruned widths to the teacher's) on the three stage outputs
+    (``hints="stages"``) or on all 27 block outputs (``"blocks"``)."""
     if "feature" not in kind:
-        return KDConfig(kind=kind, temperature=4.0, alpha=0.9)
+        return KDConfig(kind=kind, temperature=temperature, alpha=alpha)
     pairs = ([[p, p] for p in ("layer1", "layer2", "layer3")] if hints == "stages"
              else block_hints(create_model("resnet56")))  # the 27 residual blocks  # fmt: skip
-    return KDConfig(kind=kind, temperature=4.0, alpha=0.9, feature_weight=weight, hints=pairs,
+    return KDConfig(kind=kind, temperature=temperature, alpha=alpha, feature_weight=weight, hints=pairs,
                     adapter_init=adapter_init)  # fmt: skip
 
 
@@ -282,7 +284,7 @@ def cmd_train(a) -> None:
             algo_opts.setdefault("steps", max(a.steps, 2))
         res = run_algorithm(a.algorithm, base, example_input(base, batch=1), options=algo_opts,
                             macs_reduction=a.macs_reduction, round_to=a.round_to, criterion="l1", train=cfg,
-                            teacher=teacher, kd=_kd(a.kd, a.hints, a.adapter_init, a.feature_weight), bn_batches=20, reconstruct_batches=a.reconstruct, train_loader=train, test_loader=test,
+                            teacher=teacher, kd=_kd(a.kd, a.hints, a.adapter_init, a.feature_weight, a.kd_temperature, a.kd_alpha), bn_batches=20, reconstruct_batches=a.reconstruct, train_loader=train, test_loader=test,
                             out_dir=work / a.algorithm, resume=True, progress=a.progress)  # fmt: skip
         model = res.model
         rec["prune"] = {"algorithm": a.algorithm, "options": algo_opts, "round_to": a.round_to,
@@ -300,7 +302,7 @@ def cmd_train(a) -> None:
     else:
         model = netcarve.load(pruned_dir)
         res = fit(model, train, test, cfg, out_dir=work / "finetune", teacher=teacher,
-                  kd=_kd(a.kd, a.hints, a.adapter_init, a.feature_weight), resume=True, progress=a.progress)  # fmt: skip
+                  kd=_kd(a.kd, a.hints, a.adapter_init, a.feature_weight, a.kd_temperature, a.kd_alpha), resume=True, progress=a.progress)  # fmt: skip
     model.eval()
     rec["finetune_seconds_this_process"] = round(time.perf_counter() - t1, 1)
     rec["history"] = [h if isinstance(h, dict) else h.to_dict() for h in getattr(res, "history", [])
@@ -312,6 +314,8 @@ def cmd_train(a) -> None:
     rec["epochs"], rec["lr"], rec["groups"], rec["target_macs_reduction"] = a.epochs, a.lr, a.groups, a.macs_reduction
     rec["seed"] = a.seed
     rec["kd"] = a.kd
+    if (a.kd_temperature, a.kd_alpha) != (4.0, 0.9):
+        rec["kd_options"] = {"temperature": a.kd_temperature, "alpha": a.kd_alpha}
     if "feature" in a.kd:
         rec["kd_feature"] = {"hints": a.hints, "adapter_init": a.adapter_init, "weight": a.feature_weight}
     if a.teachers != "resnet56":
@@ -497,7 +501,7 @@ def cmd_report(a) -> None:
         if r is not None:
             entry.update({k: r.get(k) for k in ("top1_pruned", "top1_bn_recalibrated", "top1_reconstructed",
                                                 "reconstruct", "prune", "widths", "epochs", "history", "finetune_seconds_this_process", "groups", "lr",
-                                                "seed", "target_macs_reduction", "batch_size", "precision", "kd", "kd_feature",
+                                                "seed", "target_macs_reduction", "batch_size", "precision", "kd", "kd_feature", "kd_options",
                                                 "ema_decay", "teachers")
                           if k in r})  # fmt: skip
         for key, res in lat.get("results", {}).items():
@@ -593,8 +597,13 @@ def main() -> None:
             s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                            help="bf16: autocast forward/backward (fp32 weights, loss and evaluation)")
             s.add_argument("--channels-last", action="store_true")
-            s.add_argument("--kd", choices=["logit", "logit+feature"], default="logit",
-                           help="distillation losses (feature: FitNets hints, see --hints)")
+            s.add_argument("--kd", choices=["logit", "logit_mse", "logit+feature", "logit_mse+feature"],
+                           default="logit",
+                           help="distillation losses (logit_mse: squared error on the logits; feature: FitNets "
+                                "hints, see --hints)")
+            s.add_argument("--kd-temperature", type=float, default=4.0, help="logit KD temperature")
+            s.add_argument("--kd-alpha", type=float, default=0.9,
+                           help="logit KD weight: (1 - alpha) * CE + alpha * KD")
             s.add_argument("--hints", choices=["stages", "blocks"], default="stages",
                            help="feature KD hint layers: the three stage outputs or all 27 residual block outputs")
             s.add_argument("--adapter-init", choices=["identity", "lstsq"], default="identity",

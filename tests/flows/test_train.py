@@ -56,6 +56,16 @@ def test_train_cli_feature_kd_with_fitted_adapters(tmp_path, capsys, teacher):
         "logit+feature", "lstsq", 0.5, [["relu2", "relu2"]])
 
 
+def test_train_cli_logit_mse_distillation(tmp_path, capsys, teacher):
+    assert main(["train", "lenet", "--dataset", "digits", "--epochs", "2", "--out", str(tmp_path / "student"),
+                 "--teacher", str(teacher), "--distill", "logit_mse", "--alpha", "1.0", "--no-progress",
+                 "--json"]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 < recs[1]["train_kd"] < recs[0]["train_kd"]  # the student moves towards the teacher's logits
+    kd = read_train_state(tmp_path / "student")["kd"]
+    assert (kd["kind"], kd["alpha"]) == ("logit_mse", 1.0)
+
+
 def test_train_cli_bad_hint_is_clear(tmp_path, capsys):
     rc = main(["train", "lenet", "--out", str(tmp_path / "r"), "--teacher", "lenet", "--hint", "nocolon"])
     assert rc == 2 and "STUDENT_LAYER:TEACHER_LAYER" in capsys.readouterr().err

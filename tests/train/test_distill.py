@@ -19,7 +19,7 @@ from netcarve.train import (
     list_distill_losses,
     logit_kd_loss,
 )
-from netcarve.train.distill import block_hints, fit_adapter, make_adapter
+from netcarve.train.distill import DistillBatch, block_hints, fit_adapter, get_distill_loss, make_adapter
 
 from ._helpers import digits_loaders, lenet
 
@@ -117,6 +117,41 @@ def test_task_teacher_frozen_and_not_a_submodule():
     assert student.conv1.weight.grad is not None
     with pytest.raises(ConfigError, match="teacher"):
         DistillationTask(student, student, KDConfig())
+
+
+def test_logit_mse_matches_hand_computation_and_is_the_high_temperature_limit():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    t = torch.randn(6, 10, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, 10, (6,), generator=g)
+    loss = get_distill_loss("logit_mse")(KDConfig(kind="logit_mse", alpha=0.7))
+    out = loss(DistillBatch(s, t, y))
+    ce = F.cross_entropy(s, y)
+    kd = ((s - t) ** 2).sum() / (2 * s.numel())
+    assert float(out["kd"]) == pytest.approx(float(kd), rel=1e-6)
+    assert float(out["loss"]) == pytest.approx(float(0.3 * ce + 0.7 * kd), rel=1e-6)
+    # zero-mean logits: T^2 * KL at high T tends to the same value (same scale as logit KD)
+    s0, t0 = s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
+    hi_t = 200.0**2 * float(kd_kl_div(s0, t0, 200.0))
+    out0 = loss(DistillBatch(s0, t0, y))
+    assert hi_t == pytest.approx(float(out0["kd"]), rel=1e-2)
+    assert 4.0**2 * float(kd_kl_div(s0, t0, 4.0)) != pytest.approx(float(out0["kd"]), rel=1e-2)
+
+
+def test_logit_mse_distills_and_rejects_a_second_cross_entropy():
+    torch.manual_seed(0)
+    student, teacher = lenet(8), lenet(8)
+    task = DistillationTask(student, teacher, KDConfig(kind="logit_mse", alpha=1.0))
+    assert not task.adds_ce
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    out = task(x, y)
+    with torch.no_grad():
+        want = 0.5 * F.mse_loss(student(x), teacher(x))
+    assert float(out["loss"].detach()) == pytest.approx(float(want), rel=1e-5)
+    out["loss"].backward()
+    assert student.conv1.weight.grad is not None and student.conv1.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="cross-entropy"):
+        KDConfig(kind="logit+logit_mse")
 
 
 def test_logit_kd_rejects_class_count_mismatch():

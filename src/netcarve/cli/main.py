@@ -378,8 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher-weights", metavar="FILE", action="append", default=[],
                    help="weights for --teacher (a file, or 'pretrained'); once for every teacher, or once per "
                         "--teacher in the same order")
-    s.add_argument("--distill", default=None, choices=["logit", "feature", "logit+feature"],
-                   help="distillation kind (default logit when --teacher is given)")
+    s.add_argument("--distill", default=None,
+                   choices=["logit", "logit_mse", "feature", "logit+feature", "logit_mse+feature"],
+                   help="distillation kind (default logit when --teacher is given; logit_mse: squared error on "
+                        "the logits, the high-temperature limit of logit KD)")
     s.add_argument("--temperature", type=float, default=4.0)
     s.add_argument("--alpha", type=float, default=0.9)
     s.add_argument("--hint", action="append", default=[], metavar="STUDENT_LAYER:TEACHER_LAYER",

@@ -192,9 +192,10 @@ class KDConfig:
     """Knowledge distillation as a recovery step (see :mod:`netcarve.train.distill`).
 
     Attributes:
-        kind: registered distillation losses joined by ``"+"``: ``"logit"``, ``"feature"``,
-            ``"logit+feature"`` (or any loss added with ``register_distill_loss``).
-        temperature: softmax temperature ``T`` of logit KD (> 0).
+        kind: registered distillation losses joined by ``"+"``: ``"logit"``, ``"logit_mse"``, ``"feature"``,
+            ``"logit+feature"``, ``"logit_mse+feature"`` (or any loss added with ``register_distill_loss``);
+            at most one of them may include the label cross-entropy (``logit``, ``logit_mse``).
+        temperature: softmax temperature ``T`` of logit KD (> 0; unused by ``logit_mse``).
         alpha: weight of the KD term in logit KD, ``(1 - alpha) * CE + alpha * T^2 * KL``; in [0, 1].
         feature_weight: weight of the feature (hint) loss (>= 0).
         hints: ``[[student_layer, teacher_layer], ...]`` module paths (``model.get_submodule`` names)
@@ -241,6 +242,12 @@ class KDConfig:
                 )
         if len(set(comps)) != len(comps):
             raise ConfigError(f"{o}.kind: {self.kind!r} names a loss twice")
+        with_ce = [c for c in comps if get_distill_loss(c).includes_ce]
+        if len(with_ce) > 1:
+            raise ConfigError(
+                f"{o}.kind: {self.kind!r} combines {' and '.join(with_ce)}, which each include the label "
+                "cross-entropy (it would count twice); use one of them"
+            )
         self.kind = "+".join(comps)
         self.temperature = _float(o, "temperature", self.temperature, lo=0.0, lo_open=True)
         self.alpha = _float(o, "alpha", self.alpha, lo=0.0, hi=1.0)

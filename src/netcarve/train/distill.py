@@ -14,6 +14,8 @@ Distillation losses are registered classes (``register_distill_loss`` / ``get_di
 
 - ``logit``: ``(1 - alpha) * CE(y, s) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))``
   (Hinton et al. 2015; the ``T^2`` keeps gradient magnitudes comparable across temperatures).
+- ``logit_mse``: ``(1 - alpha) * CE(y, s) + alpha * mean((s - t)^2) / 2``, the high-temperature limit of
+  ``logit`` (same scale, no softmax), matching the teacher's logits themselves.
 - ``feature``: FitNets-style hints. Forward hooks capture the outputs of the named student and teacher
   modules; a learned adapter maps the student's channels to the teacher's (they differ after pruning):
   a 1x1 ``Conv2d`` for 4-D ``(N, C, H, W)`` outputs, a ``Linear`` on the last dimension for 2-D ``(N, C)``
@@ -165,6 +167,31 @@ class LogitKD(DistillLoss):
             self.kd.alpha,
             self.label_smoothing,
         )
+        return {"loss": total, "ce": ce.detach(), "kd": kd.detach()}
+
+
+@register_distill_loss("logit_mse")
+class LogitMSEKD(DistillLoss):
+    """``(1 - alpha) * CE(y, s) + alpha * mean_i((s_i - t_i)^2) / 2``: logit matching by squared error.
+
+    The high-temperature limit of logit KD: for zero-mean logits ``T^2 * KL`` tends to
+    ``sum_i (s_i - t_i)^2 / (2 C)`` as ``T`` grows, which is this term, so ``alpha`` keeps its meaning and
+    the gradients their scale (Hinton et al. 2015, sec. 2.1; Kim et al. 2021 compare the two on CIFAR).
+    ``temperature`` is unused; parts ``ce``, ``kd``.
+    """
+
+    includes_ce = True
+
+    def forward(self, b: DistillBatch) -> dict[str, torch.Tensor]:
+        if b.student_logits.shape != b.teacher_logits.shape:
+            raise ConfigError(
+                f"logit distillation: student logits {tuple(b.student_logits.shape)} and teacher logits "
+                f"{tuple(b.teacher_logits.shape)} differ in shape (different number of classes?)"
+            )
+        s, t = b.student_logits.float(), b.teacher_logits.float()
+        ce = F.cross_entropy(s, b.target, label_smoothing=self.label_smoothing)
+        kd = 0.5 * F.mse_loss(s, t)
+        total = (1.0 - self.kd.alpha) * ce + self.kd.alpha * kd
         return {"loss": total, "ce": ce.detach(), "kd": kd.detach()}
 
 
