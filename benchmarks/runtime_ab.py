@@ -11,8 +11,10 @@ Switches: ``banded`` (``set_banded``: each thread builds and computes its own ou
 ``small_rowtaps`` (``set_small_rowtaps``: small sparse outputs from taps regrouped by im2col row instead of
 per-filter tap lists) and ``batched_small`` (``set_batched_small``: 4x4 / 2x2 sparse outputs at large batches as the
 sparse weight times L1-sized im2col tiles instead of the padded wide grid), ``team`` (``set_team``: a plan's kernel
-steps in one OpenMP region, loops handed over by atomics, instead of a fork / join per loop) and ``lean_steps``
-(``set_lean_steps``: conv outputs allocated without the dispatcher, direct convs' band offsets cached per step).
+steps in one OpenMP region, loops handed over by atomics, instead of a fork / join per loop), ``lean_steps``
+(``set_lean_steps``: conv outputs allocated without the dispatcher, direct convs' band offsets cached per step) and
+``phase_split`` (``set_phase_split``: stride-2 band planes without per-row divisions, both column phases of a row
+from one load, instead of the earlier copy).
 ``--switch codegen`` compares two compiles of each sparse model instead, ``sparse="auto"`` without and with
 ``codegen=True`` (per-layer generated code offered to the autotuner; the dense models are skipped).
 ``--callers 2`` times each plan called from two Python threads at once (wall time per call, both threads'
@@ -37,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench"
 SWITCHES = {"codegen": None, "banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
             "small_rowtaps": "set_small_rowtaps", "batched_small": "set_batched_small", "team": "set_team",
-            "lean_steps": "set_lean_steps"}
+            "lean_steps": "set_lean_steps", "phase_split": "set_phase_split"}
 
 
 def _time_callers(plan, x, repeats: int, callers: int) -> float:

@@ -392,18 +392,24 @@ def test_sparse_conv_band_split_matches_reference(kernels, case):
         assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
 
 
-@pytest.mark.parametrize("case", [(1, 16, 20, 32, 32), (2, 24, 9, 16, 16), (1, 7, 5, 13, 21)],
+@pytest.mark.parametrize("case", [(1, 16, 20, 32, 32, 1), (2, 24, 9, 16, 16, 1), (1, 7, 5, 13, 21, 1),
+                                  (1, 32, 24, 16, 16, 2), (2, 5, 9, 15, 13, 2), (1, 6, 8, 12, 40, 2),
+                                  (1, 4, 8, 16, 33, 2)],
                          ids=lambda c: "x".join(map(str, c)))
 def test_sparse_conv_band_copy_matches_reference(kernels, case):
     """The sparse kernel's banded rows read the masked band copies too: equal to the reference and bitwise to the
-    memset + memcpy bands, forced parallel on 2 threads (a width not a multiple of 8 takes the wide grid)."""
-    n, c, f, h, w = case
-    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, 1, 1, 0.3, seed=n + c + f, zero_every=4)
+    memset + memcpy bands, forced parallel on 2 threads (a width not a multiple of 8 takes the wide grid). Stride 2:
+    rows split into both column phases at once (nck::split_even_odd), widths of at most 16 from one load, odd ones,
+    and rows of more than 32 floats."""
+    n, c, f, h, w, s = case
+    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, s, 1, 0.3, seed=n + c + f, zero_every=4)
     with forced_parallel(kernels, 2):
         out = m(x, res)
         with switched_off(kernels, "band_copy_rows"):
             old = m(x, res)
-    assert _rel_err(out, ref) <= 1e-4 and torch.equal(out, old)
+        with switched_off(kernels, "phase_split"):
+            earlier = m(x, res)
+    assert _rel_err(out, ref) <= 1e-4 and torch.equal(out, old) and torch.equal(out, earlier)
     assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
 
 

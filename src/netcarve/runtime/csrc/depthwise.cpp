@@ -166,6 +166,7 @@ torch::Tensor depthwise_conv2d(torch::Tensor x, torch::Tensor weight, c10::optio
   float* op = out.data_ptr<float>();
   const int64_t per_plane = Ho * Wo * kh * kw;
   const int64_t grain = std::max<int64_t>(1, g_parallel_threshold / std::max<int64_t>(1, per_plane));
+  const nck::PhaseCols pc(S, pad);
   nck::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
     // the padded plane, column phase rx = (padded column) % S at pb + rx * ps. Only the input's own positions
     // are written per plane: the padding stays zero from when the buffer was last laid out for this geometry
@@ -188,16 +189,16 @@ torch::Tensor depthwise_conv2d(torch::Tensor x, torch::Tensor weight, c10::optio
           std::copy(sr, sr + W, pb + py * Wb + pad);
           continue;
         }
-        for (int64_t rx = 0; rx < S; ++rx) {  // input columns ix with (ix + pad) % S == rx, in order
-          const int64_t x0 = ((rx - pad) % S + S) % S;
-          float* d = pb + rx * ps + py * Wb + (x0 + pad) / S;
 #if defined(__AVX512F__)
-          if (S == 2) {  // every other float by vector permutes
-            nck::every_other(sr, W, x0, d);
-            continue;
-          }
+        if (S == 2) {  // both column phases by vector permutes
+          const int64_t re = pc.x0[0] == 0 ? 0 : 1;  // the phase of the even columns
+          nck::split_even_odd(sr, W, pb + re * ps + py * Wb + pc.dx[re], pb + (1 - re) * ps + py * Wb + pc.dx[1 - re]);
+          continue;
+        }
 #endif
-          for (int64_t ix = x0; ix < W; ix += S) *d++ = sr[ix];
+        for (int64_t rx = 0; rx < S; ++rx) {  // input columns ix with (ix + pad) % S == rx, in order
+          float* d = pb + rx * ps + py * Wb + pc.dx[rx];
+          for (int64_t ix = pc.x0[rx]; ix < W; ix += S) *d++ = sr[ix];
         }
       }
       const float bias_c = bp ? bp[c] : 0.f;

@@ -53,10 +53,25 @@ static inline vecf vmax0(vecf a) {
 #endif
 }
 
+// The column phases of a zero-padded row split by stride S: the input columns x with (x + pad) % S == rx go to
+// phase rx, the first of them x0[rx], landing at column dx[rx] = (x0 + pad) / S of that phase. Computed once per
+// call: integer divisions by a runtime S in the per-row loops cost ~20 cycles each, and with four of them per row
+// and phase they were most of a stride-2 layer's time (a ResNet-56 8x8 stride-2 sparse conv at batch 1 in a plan
+// on an Emerald Rapids VM: 30 us, 8 us without the copy).
+struct PhaseCols {
+  std::vector<int64_t> x0, dx;
+  PhaseCols(int64_t S, int64_t pad) : x0(S), dx(S) {
+    for (int64_t rx = 0; rx < S; ++rx) {
+      x0[rx] = ((rx - pad) % S + S) % S;
+      dx[rx] = (x0[rx] + pad) / S;
+    }
+  }
+};
+
 #if defined(__AVX512F__)
 // d[0 .. n) = src[x0], src[x0 + 2], ... (n = (W - x0 + 1) / 2: every other float of a row of W, from column x0),
 // 32 floats loaded at a time (masked to the row: nothing past it is read) and the 16 even ones permuted out; the
-// stride-2 column phases of the banded conv paths and of the depthwise kernel
+// earlier stride-2 copy of the banded conv paths, one phase at a time (set_phase_split(false))
 inline void every_other(const float* __restrict src, int64_t W, int64_t x0, float* __restrict d) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const int64_t n = (W - x0 + 1) / 2;
@@ -68,6 +83,37 @@ inline void every_other(const float* __restrict src, int64_t W, int64_t x0, floa
                                             _mm512_maskz_loadu_ps(hi, src + xs + 16));
     const int64_t m = n - t < 16 ? n - t : 16;
     _mm512_mask_storeu_ps(d + t, (__mmask16)(m >= 16 ? 0xFFFF : (1u << m) - 1), v);
+  }
+}
+
+// A row of W floats split by stride 2: its even columns (0, 2, ...) to ev[0 .. (W + 1) / 2), its odd ones to
+// od[0 .. W / 2). Both phases from the same loads: 32 floats at a time (masked to the row: nothing past it is read),
+// permuted into 16 even and 16 odd ones; rows of at most 16 from one load and one permute. The stride-2 column phases
+// of the banded conv paths and of the depthwise kernel. (Each phase gathered on its own, with 2 masked loads and a
+// permute per phase and 16 floats, the copy of a 16-wide 32-channel input took 2x as long in a plan on an Emerald
+// Rapids VM as a scalar loop.)
+inline void split_even_odd(const float* __restrict src, int64_t W, float* __restrict ev, float* __restrict od) {
+  if (W <= 16) {
+    const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m512 v = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps((__mmask16)((1u << W) - 1), src));
+    const int64_t ne = (W + 1) / 2, no = W / 2;
+    _mm256_mask_storeu_ps(ev, (__mmask8)((1u << ne) - 1), _mm512_castps512_ps256(v));
+    _mm256_mask_storeu_ps(od, (__mmask8)((1u << no) - 1), _mm512_extractf32x8_ps(v, 1));
+    return;
+  }
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t t = 0; t < W; t += 32) {
+    const int64_t left = W - t;  // source floats left in the row (>= 1)
+    const __mmask16 lo = (__mmask16)(left >= 16 ? 0xFFFF : (1u << left) - 1);
+    const __mmask16 hi = (__mmask16)(left >= 32 ? 0xFFFF : left <= 16 ? 0 : (1u << (left - 16)) - 1);
+    const __m512 a = _mm512_maskz_loadu_ps(lo, src + t);
+    const __m512 b = hi ? _mm512_maskz_loadu_ps(hi, src + t + 16) : _mm512_setzero_ps();
+    const int64_t ne = std::min<int64_t>(16, (left + 1) / 2), no = std::min<int64_t>(16, left / 2);
+    _mm512_mask_storeu_ps(ev + t / 2, (__mmask16)(ne >= 16 ? 0xFFFF : (1u << ne) - 1), _mm512_permutex2var_ps(a, ie, b));
+    if (no > 0)
+      _mm512_mask_storeu_ps(od + t / 2, (__mmask16)(no >= 16 ? 0xFFFF : (1u << no) - 1),
+                            _mm512_permutex2var_ps(a, io, b));
   }
 }
 #endif
@@ -303,6 +349,7 @@ torch::Tensor depthwise_conv2d(torch::Tensor x, torch::Tensor weight, c10::optio
 // Conv outputs are allocated without the dispatcher (at::detail::empty_cpu), and plan steps' direct convs take their
 // band offsets from the step's cache, unless this is off (set_lean_steps; off: torch::empty and offsets per call)
 extern bool g_lean_steps;
+extern bool g_phase_split;
 
 // Max pooling of NCHW fp32 (dilation 1) with torch's semantics (-inf padding, ceil_mode, NaN propagation); the
 // reference twin is F.max_pool2d (ATen's CPU max pooling measured 10-20x slower here).

@@ -537,6 +537,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_lean_steps", [](bool v) { g_lean_steps = v; },
         "conv outputs allocated without the dispatcher, plan steps' direct convs' band offsets kept in the step's cache "
         "(default on; off: torch::empty and the offsets per call)");
+  m.def("set_phase_split", [](bool v) { g_phase_split = v; },
+        "stride > 1 band planes of the banded conv paths: phase columns computed once per call, AVX-512 stride-2 rows "
+        "split into both phases from one load (default on; off: the earlier copy, divisions per row and one permute "
+        "pass per phase)");
   m.def("set_direct_im2col_max", [](int64_t v) { g_direct_im2col_max = v; },
         "largest im2col matrix (floats) direct_conv2d builds for small outputs (default 2^17; 0 = never, "
         "-1 = always where the row layout does not apply)");

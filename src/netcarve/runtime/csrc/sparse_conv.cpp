@@ -46,6 +46,7 @@ int64_t g_multirow_min_vectors = 64;
 bool g_fused_store = true;
 bool g_half_rows = true;
 bool g_lean_steps = true;
+bool g_phase_split = true;
 
 // A conv's (N, F, Ho, Wo) output: at::detail::empty_cpu, the allocation torch::empty ends in, without the dispatcher
 // around it (part of every conv's serial prelude, while a plan's other threads wait: 170 instead of 250 ns for a
@@ -334,6 +335,7 @@ static torch::Tensor phase_planes(const torch::Tensor& x, int64_t S, int64_t pad
   float* dst = planes.data_ptr<float>();
   if (S == 1) std::fill(dst + C * group, dst + total_len, 0.f);
   const int64_t fill_grain = N * C * H * W < (int64_t)1 << 16 ? N * C : 1;
+  const nck::PhaseCols pc(S, pad);
   nck::parallel_for(0, C * N, fill_grain, [&](int64_t b, int64_t e) {
     for (int64_t cn = b; cn < e; ++cn) {
       const int64_t c = cn / N, n = cn % N;
@@ -346,14 +348,13 @@ static torch::Tensor phase_planes(const torch::Tensor& x, int64_t S, int64_t pad
         for (int64_t y = 0; y < H; ++y) std::memcpy(d + (y + pad) * Wph + pad, s + y * W, sizeof(float) * W);
         continue;
       }
-      for (int64_t y = 0; y < H; ++y) {
-        const int64_t py = y + pad, ry = py % S, yy = py / S;
+      for (int64_t y = 0, ry = pad % S, yy = pad / S; y < H; ++y) {  // padded row y + pad = yy * S + ry
         const float* sr = s + y * W;
         for (int64_t rx = 0; rx < S; ++rx) {  // columns x with (x + pad) % S == rx go to phase rx
-          int64_t x0 = ((rx - pad) % S + S) % S;
-          float* d = dst + ((c * S + ry) * S + rx) * group + n * plane + yy * Wph + (x0 + pad) / S;
-          for (int64_t xx = x0; xx < W; xx += S) *d++ = sr[xx];
+          float* d = dst + ((c * S + ry) * S + rx) * group + n * plane + yy * Wph + pc.dx[rx];
+          for (int64_t xx = pc.x0[rx]; xx < W; xx += S) *d++ = sr[xx];
         }
+        if (++ry == S) ry = 0, ++yy;
       }
     }
   });
@@ -403,27 +404,55 @@ static void band_planes(const float* __restrict src, int64_t C, int64_t H, int64
   }
 #endif
   std::memset(buf, 0, sizeof(float) * C * S * S * bplane);
+  if (S > 1 && !g_phase_split) {  // the earlier copy (set_phase_split(false)), kept for A/B runs
+    for (int64_t c = 0; c < C; ++c) {
+      const float* sc = src + c * H * W;
+      float* bc = buf + c * S * S * bplane;
+      for (int64_t py = std::max<int64_t>(iy0, pad); py < std::min<int64_t>(iy1, H + pad); ++py) {
+        const int64_t ly = py - iy0, ry = ly % S, yy = ly / S;
+        const float* sr = sc + (py - pad) * W;
+        for (int64_t rx = 0; rx < S; ++rx) {
+          const int64_t x0 = ((rx - pad) % S + S) % S;
+          float* d = bc + (ry * S + rx) * bplane + yy * Wph + (x0 + pad) / S;
+#if defined(__AVX512F__)
+          if (S == 2 && g_band_copy_rows) {
+            nck::every_other(sr, W, x0, d);
+            continue;
+          }
+#endif
+          for (int64_t xx = x0; xx < W; xx += S) *d++ = sr[xx];
+        }
+      }
+    }
+    return;
+  }
+  const nck::PhaseCols pc(S, pad);
+  const int64_t py0 = std::max<int64_t>(iy0, pad), py1 = std::min<int64_t>(iy1, H + pad);
   for (int64_t c = 0; c < C; ++c) {
     const float* sc = src + c * H * W;
     float* bc = buf + c * S * S * bplane;
-    for (int64_t py = std::max<int64_t>(iy0, pad); py < std::min<int64_t>(iy1, H + pad); ++py) {
-      const int64_t ly = py - iy0, ry = ly % S, yy = ly / S;
+    // band row ly = py - iy0 = yy * S + ry, stepped without divisions
+    for (int64_t py = py0, ry = (py0 - iy0) % S, yy = (py0 - iy0) / S; py < py1; ++py) {
       const float* sr = sc + (py - pad) * W;
       if (S == 1) {
         std::memcpy(bc + yy * Wph + pad, sr, sizeof(float) * W);
+        ++yy;
         continue;
       }
-      for (int64_t rx = 0; rx < S; ++rx) {  // columns x with (x + pad) % S == rx go to phase rx
-        const int64_t x0 = ((rx - pad) % S + S) % S;
-        float* d = bc + (ry * S + rx) * bplane + yy * Wph + (x0 + pad) / S;
 #if defined(__AVX512F__)
-        if (S == 2 && g_band_copy_rows) {  // every other float by vector permutes (nck::every_other)
-          nck::every_other(sr, W, x0, d);
-          continue;
-        }
-#endif
-        for (int64_t xx = x0; xx < W; xx += S) *d++ = sr[xx];
+      if (S == 2 && g_band_copy_rows) {  // both column phases by vector permutes (nck::split_even_odd)
+        const int64_t re = pc.x0[0] == 0 ? 0 : 1;  // the phase of the even columns
+        float* d = bc + ry * S * bplane + yy * Wph;
+        nck::split_even_odd(sr, W, d + re * bplane + pc.dx[re], d + (1 - re) * bplane + pc.dx[1 - re]);
+        if (++ry == S) ry = 0, ++yy;
+        continue;
       }
+#endif
+      for (int64_t rx = 0; rx < S; ++rx) {  // columns x with (x + pad) % S == rx go to phase rx
+        float* d = bc + (ry * S + rx) * bplane + yy * Wph + pc.dx[rx];
+        for (int64_t xx = pc.x0[rx]; xx < W; xx += S) *d++ = sr[xx];
+      }
+      if (++ry == S) ry = 0, ++yy;
     }
   }
 }
