@@ -168,12 +168,12 @@ def vgg16_dense(work: Path, data_dir, epochs: int = VGG_EPOCHS) -> Path:
 
 
 def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, data_dir, lr: float = 0.01,
-             options: dict | None = None, precision: str = "fp32", feature_kd: float = 0.0) -> dict:
+             options: dict | None = None, precision: str = "fp32", feature_kd: float = 0.0,
+             kd_mse: bool = False) -> dict:
     from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
-    from netcarve.train import KDConfig
 
-    name = cell_name(model, flags, algorithm, epochs, options) + (f"-fkd{feature_kd:g}" if feature_kd else "") \
-        + ("-bf16" if precision == "bf16" else "")
+    name = cell_name(model, flags, algorithm, epochs, options) + ("-mse" if kd_mse else "") \
+        + (f"-fkd{feature_kd:g}" if feature_kd else "") + ("-bf16" if precision == "bf16" else "")
     out = work / name
     if (out / "report.json").exists():
         _log(f"{name}: done already")
@@ -196,20 +196,32 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
         "model": source, "weights": weights, "out": str(out), "plan": plan_from_args(ns), "data_dir": data_dir,
         "algorithm": algorithm, "algorithm_options": options or {},
         "finetune": finetune, "bn_batches": 20,
-        # logit KD from the dense model; feature_kd > 0: also every block's output (least-squares adapters)
-        "distill": KDConfig.block_features(feature_kd).to_dict() if feature_kd and epochs else epochs > 0,
+        # logit KD from the dense model (kd_mse: squared error on the logits, no label term); feature_kd > 0: also
+        # every block's output (least-squares adapters)
+        "distill": _kd(feature_kd, kd_mse) if epochs and (feature_kd or kd_mse) else epochs > 0,
     })
     _log(f"{name}: start")
     rep = run_recipe(recipe, resume=True, progress=False, threads=torch.get_num_threads(),
-                     command=_command(model, flags, algorithm, epochs, options, precision, feature_kd))
+                     command=_command(model, flags, algorithm, epochs, options, precision, feature_kd, kd_mse))
     return rep
 
 
+def _kd(feature_kd: float, kd_mse: bool) -> dict:
+    from netcarve.train import KDConfig
+
+    kd = KDConfig.block_features(feature_kd) if feature_kd else KDConfig()
+    if kd_mse:
+        kd = kd.replace(kind=kd.kind.replace("logit", "logit_mse"), alpha=1.0)
+    return kd.validate().to_dict()
+
+
 def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict | None,
-             precision: str = "fp32", feature_kd: float = 0.0) -> str:
+             precision: str = "fp32", feature_kd: float = 0.0, kd_mse: bool = False) -> str:
     """The ``run`` command line that reproduces a cell."""
     args = []
     extra = {"precision": precision} if precision != "fp32" else {}
+    if kd_mse:
+        extra["kd-mse"] = True
     if feature_kd:
         extra["feature-kd"] = f"{feature_kd:g}"
     for k, v in {"model": model, **flags, "algorithm": algorithm, "epochs": epochs, **extra}.items():
@@ -227,7 +239,7 @@ def cmd_run(a) -> None:
                                         "length", "keep", "groups", "balanced", "allocation", "min_density")}
     run_cell(Path(a.work), a.model, flags, a.algorithm, a.epochs, a.data_dir, a.lr,
              {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in (o.split("=", 1) for o in a.option)},
-             a.precision, a.feature_kd)
+             a.precision, a.feature_kd, a.kd_mse)
 
 
 def cmd_grid(a) -> None:
@@ -313,6 +325,9 @@ def main() -> None:
             s.add_argument("--feature-kd", type=float, default=0.0, metavar="WEIGHT",
                            help="also distil every block's output (least-squares adapters) with this weight; 0: "
                                 "logit KD only (the cell's name gets -fkdWEIGHT)")
+            s.add_argument("--kd-mse", action="store_true",
+                           help="distil by squared error on the logits (KDConfig kind logit_mse, alpha 1: no label "
+                                "term) instead of softened KL (the cell's name gets -mse)")
         if name == "grid":
             s.add_argument("--preset", choices=sorted(PRESETS), required=True)
     a = p.parse_args()
