@@ -56,6 +56,21 @@ def test_prune_cli_block_feature_distillation(trained_lenet, tmp_path, capsys):
         main(["prune", str(trained_lenet), "--ratio", "0.5", "--distill", "feature", "--out", str(tmp_path / "x")])
 
 
+def test_prune_cli_logit_mse_distillation(trained_lenet, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "mse"
+    assert main(["prune", str(trained_lenet), "--ratio", "0.5", "--finetune-epochs", "1", "--distill", "logit_mse",
+                 "--engine", "torch", "--latency-processes", "1", "--out", str(out), "--no-progress", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    from netcarve.train import read_train_state
+
+    kd = read_train_state(out / "finetune")["kd"]
+    assert (kd["kind"], kd["alpha"]) == ("logit_mse", 1.0)
+    assert json.loads((out / "finetune" / "metrics.jsonl").read_text().splitlines()[-1])["train_kd"] > 0.0
+    assert "logit-MSE KD" in json.dumps(rep)
+    assert rep["compressed"]["top1"] > 50
+
+
 @pytest.mark.parametrize("engine", ["torch", "netcarve"])
 def test_prune_without_finetune_measures_two_points(trained_lenet, tmp_path, capsys, engine):
     capsys.readouterr()

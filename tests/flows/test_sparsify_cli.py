@@ -90,6 +90,17 @@ def test_block_feature_distillation_in_the_masked_fine_tune(trained_lenet, tmp_p
     assert rep["compressed"]["top1"] > 70
 
 
+def test_logit_mse_distillation_in_the_masked_fine_tune(trained_lenet, tmp_path, capsys):
+    out = tmp_path / "mse"
+    _run(capsys, ["sparsify", str(trained_lenet), "--scheme", "unstructured", "--sparsity", "0.7",
+                  "--finetune-epochs", "1", "--distill", "logit_mse", "--batch-size", "64", "--out", str(out),
+                  "--no-progress", "--json"])
+    distill = yaml.safe_load((out / "recipe.yaml").read_text())["distill"]
+    assert (distill["kind"], distill["alpha"]) == ("logit_mse", 1.0)
+    metrics = [json.loads(x) for p in sorted(out.rglob("metrics.jsonl")) for x in p.read_text().splitlines()]
+    assert metrics and all(m["train_kd"] > 0.0 and "train_feature" not in m for m in metrics)
+
+
 def test_bsp_on_the_gru_gates(tmp_path, capsys):
     rep = _run(capsys, ["sparsify", "gru", "--scheme", "bsp", "--sparsity", "0.75", "--block-rows", "16",
                         "--row-sparsity", "0.25", "--types", "GRU", "--out", str(tmp_path / "bsp"), "--no-progress",

@@ -119,6 +119,7 @@ def test_kd_config_round_trip():
     [
         ({"kind": "bogus"}, "kind"),
         ({"kind": "logit+logit"}, "kind"),
+        ({"kind": "logit+logit_mse"}, "kind"),  # two losses that each include the label cross-entropy
         ({"kind": ""}, "kind"),
         ({"temperature": 0}, "temperature"),
         ({"alpha": 1.5}, "alpha"),
@@ -155,3 +156,19 @@ def test_registered_loss_is_a_valid_kind():
         register_distill_loss("not-a-loss", object)
     with pytest.raises(ConfigError, match=r"\+"):
         register_distill_loss("a+b", Zero)
+
+
+def test_kd_config_recovery_kinds():
+    """What ``--distill KIND`` of prune / sparsify means; the CLI's list (kept torch-free) is the same."""
+    from netcarve.cli.main import DISTILL_KINDS
+
+    assert DISTILL_KINDS == list(KDConfig.RECOVERY_KINDS)
+    assert KDConfig.recovery("logit") == KDConfig(kind="logit", temperature=4.0, alpha=0.9)
+    assert KDConfig.recovery("logit+feature", 4.0) == KDConfig.block_features(4.0)
+    mse = KDConfig.recovery("logit_mse")
+    assert (mse.kind, mse.alpha, mse.hints) == ("logit_mse", 1.0, [])
+    both = KDConfig.recovery("logit_mse+feature", 2.0)
+    assert (both.kind, both.alpha, both.hints, both.adapter_init, both.feature_weight) == (
+        "logit_mse+feature", 1.0, "blocks", "lstsq", 2.0)
+    with pytest.raises(ConfigError, match="--distill must be one of"):
+        KDConfig.recovery("feature")

@@ -11,6 +11,10 @@ import sys
 from .._version import __version__
 from ..errors import NetcarveError
 
+# prune / sparsify --distill KIND: netcarve.train.KDConfig.RECOVERY_KINDS (kept here so that --help needs no torch;
+# a test checks they agree)
+DISTILL_KINDS = ["logit", "logit+feature", "logit_mse", "logit_mse+feature"]
+
 # engines a command can time a model on (netcarve: the native runtime, autotuned per layer)
 LATENCY_ENGINES = ["torch", "onnxruntime", "openvino", "netcarve"]
 
@@ -243,11 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "reproduces the unpruned model's output on BATCHES training batches (replaces BN "
                         "recalibration; channel pruning with any --algorithm; 0 = off)")
     s.add_argument("--finetune-epochs", type=int, default=0)
-    s.add_argument("--distill", nargs="?", const="logit", default=None, choices=["logit", "logit+feature"],
-                   help="fine-tune with KD from the unpruned model: logit (the default when given alone), or "
-                        "logit+feature (also the outputs of every block, via adapters fitted by least squares)")
+    s.add_argument("--distill", nargs="?", const="logit", default=None, choices=DISTILL_KINDS,
+                   help="fine-tune with KD from the unpruned model: logit (softened KL, T=4, alpha=0.9; the default "
+                        "when given alone), logit_mse (squared error on the logits, no label term), each +feature "
+                        "(also the outputs of every block, via adapters fitted by least squares)")
     s.add_argument("--feature-weight", type=float, default=1.0,
-                   help="weight of the block-feature loss with --distill logit+feature")
+                   help="weight of the block-feature loss with --distill logit+feature / logit_mse+feature")
     s.add_argument("--lr", type=float, default=0.005)
     _add_ema_arg(s)
     s.add_argument("--batch-size", type=int, default=128)
@@ -330,11 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="an algorithm option, e.g. rho=0.01, reg_epochs=3, frequency=100 (repeatable)")
     s.add_argument("--finetune-epochs", type=int, default=0, help="the whole training budget of the algorithm")
-    s.add_argument("--distill", nargs="?", const="logit", default=None, choices=["logit", "logit+feature"],
-                   help="train with KD from the dense model: logit (the default when given alone), or "
-                        "logit+feature (also the outputs of every block, via adapters fitted by least squares)")
+    s.add_argument("--distill", nargs="?", const="logit", default=None, choices=DISTILL_KINDS,
+                   help="train with KD from the dense model: logit (softened KL, T=4, alpha=0.9; the default when "
+                        "given alone), logit_mse (squared error on the logits, no label term), each +feature (also "
+                        "the outputs of every block, via adapters fitted by least squares)")
     s.add_argument("--feature-weight", type=float, default=1.0,
-                   help="weight of the block-feature loss with --distill logit+feature")
+                   help="weight of the block-feature loss with --distill logit+feature / logit_mse+feature")
     s.add_argument("--lr", type=float, default=0.01)
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])

@@ -47,8 +47,9 @@ class CompressSpec:
     gradient_batches: int = 8  # training batches whose gradients gradient-based criteria (taylor) use
     finetune_epochs: int = 0
     distill: bool = True
-    # "logit", or "logit+feature": also block-output hints (KDConfig.hints="blocks") through adapters fitted by
-    # least squares on the first batch, weighted feature_weight
+    # KDConfig.recovery: "logit", "logit_mse" (squared error on the logits), each "+feature": also block-output
+    # hints (KDConfig.hints="blocks") through adapters fitted by least squares on the first batch, weighted
+    # feature_weight
     distill_kind: str = "logit"
     feature_weight: float = 1.0
     lr: float = 0.01
@@ -89,8 +90,11 @@ class CompressSpec:
             raise ConfigError("--finetune-epochs must be >= 0, latency batch and processes >= 1")
         if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
             raise ConfigError(f"--ema must be a decay in [0, 1) (0 = off), got {self.ema_decay!r}")
-        if self.distill_kind not in ("logit", "logit+feature"):
-            raise ConfigError(f"--distill must be 'logit' or 'logit+feature', got {self.distill_kind!r}")
+        from ..train import KDConfig
+
+        if self.distill_kind not in KDConfig.RECOVERY_KINDS:
+            raise ConfigError(f"--distill must be one of {', '.join(KDConfig.RECOVERY_KINDS)}, got "
+                              f"{self.distill_kind!r}")
         if not (isinstance(self.feature_weight, (int, float)) and math.isfinite(self.feature_weight)
                 and self.feature_weight >= 0):
             raise ConfigError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
@@ -145,12 +149,12 @@ class CompressSpec:
 
         if not self.distill:
             return None
-        if self.distill_kind == "logit+feature":
-            return KDConfig.block_features(self.feature_weight)
-        return KDConfig(kind="logit", temperature=4.0, alpha=0.9)
+        return KDConfig.recovery(self.distill_kind, self.feature_weight)
 
     def kd_name(self) -> str:
-        return "logit + block-feature KD" if self.distill_kind == "logit+feature" else "logit KD"
+        from ..train import KDConfig
+
+        return KDConfig.RECOVERY_KINDS.get(self.distill_kind, self.distill_kind)
 
     def describe(self) -> str:
         if self.scheme == "depth":

@@ -414,11 +414,12 @@ def _with_allocation(plan: Any, a) -> Any:
 
 
 def _distill_arg(a) -> bool | dict:
-    """``--distill [logit|logit+feature]`` as the recipe's ``distill``: a flag, or a KDConfig dict."""
-    if a.distill == "logit+feature":
+    """``--distill [KIND]`` as the recipe's ``distill``: a flag (logit KD), or a KDConfig dict
+    (:meth:`KDConfig.recovery <netcarve.train.KDConfig.recovery>`)."""
+    if a.distill and a.distill != "logit":
         from ..train import KDConfig
 
-        return KDConfig.block_features(a.feature_weight).to_dict()
+        return KDConfig.recovery(a.distill, a.feature_weight).to_dict()
     return bool(a.distill)
 
 

@@ -291,6 +291,25 @@ class KDConfig:
             )
         return [h[0], h[1]]
 
+    # what ``--distill KIND`` of prune / sparsify can be, with a short name for logs and reports
+    RECOVERY_KINDS: ClassVar[dict[str, str]] = {
+        "logit": "logit KD", "logit+feature": "logit + block-feature KD",
+        "logit_mse": "logit-MSE KD", "logit_mse+feature": "logit-MSE + block-feature KD",
+    }
+
+    @classmethod
+    def recovery(cls, kind: str = "logit", feature_weight: float = 1.0) -> KDConfig:
+        """What ``--distill KIND`` means in prune / sparsify: ``"logit"`` (T=4, alpha=0.9), ``"logit_mse"``
+        (squared error on the logits, alpha=1: no label term), each ``+feature`` (also every block's output through
+        least-squares adapters, weighted ``feature_weight``; :meth:`block_features`)."""
+        if kind not in cls.RECOVERY_KINDS:
+            raise ConfigError(f"--distill must be one of {', '.join(cls.RECOVERY_KINDS)}, got {kind!r}")
+        kd = cls.block_features(feature_weight) if kind.endswith("+feature") else cls(kind="logit", temperature=4.0,
+                                                                                     alpha=0.9)
+        if kind.startswith("logit_mse"):
+            kd = kd.replace(kind=kd.kind.replace("logit", "logit_mse"), alpha=1.0)
+        return kd
+
     @classmethod
     def block_features(cls, feature_weight: float = 1.0) -> KDConfig:
         """Logit KD (T=4, alpha=0.9) plus feature KD on every block's output (``hints="blocks"``) through
