@@ -147,6 +147,14 @@ def list_distill_losses(pattern: str = "*") -> list[str]:
     return _DISTILL_LOSSES.list(pattern)
 
 
+def _check_logit_shapes(b: DistillBatch) -> None:
+    if b.student_logits.shape != b.teacher_logits.shape:
+        raise ConfigError(
+            f"logit distillation: student logits {tuple(b.student_logits.shape)} and teacher logits "
+            f"{tuple(b.teacher_logits.shape)} differ in shape (different number of classes?)"
+        )
+
+
 @register_distill_loss("logit")
 class LogitKD(DistillLoss):
     """``(1 - alpha) * CE(y, s) + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))``; parts ``ce``, ``kd``."""
@@ -154,11 +162,7 @@ class LogitKD(DistillLoss):
     includes_ce = True
 
     def forward(self, b: DistillBatch) -> dict[str, torch.Tensor]:
-        if b.student_logits.shape != b.teacher_logits.shape:
-            raise ConfigError(
-                f"logit distillation: student logits {tuple(b.student_logits.shape)} and teacher logits "
-                f"{tuple(b.teacher_logits.shape)} differ in shape (different number of classes?)"
-            )
+        _check_logit_shapes(b)
         total, ce, kd = logit_kd_loss(
             b.student_logits,
             b.teacher_logits,
@@ -183,11 +187,7 @@ class LogitMSEKD(DistillLoss):
     includes_ce = True
 
     def forward(self, b: DistillBatch) -> dict[str, torch.Tensor]:
-        if b.student_logits.shape != b.teacher_logits.shape:
-            raise ConfigError(
-                f"logit distillation: student logits {tuple(b.student_logits.shape)} and teacher logits "
-                f"{tuple(b.teacher_logits.shape)} differ in shape (different number of classes?)"
-            )
+        _check_logit_shapes(b)
         s, t = b.student_logits.float(), b.teacher_logits.float()
         ce = F.cross_entropy(s, b.target, label_smoothing=self.label_smoothing)
         kd = 0.5 * F.mse_loss(s, t)
