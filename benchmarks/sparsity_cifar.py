@@ -207,12 +207,11 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
 
 
 def _kd(feature_kd: float, kd_mse: bool) -> dict:
+    """The cell's distillation: what ``netcarve sparsify --distill KIND`` means (``KDConfig.recovery``)."""
     from netcarve.train import KDConfig
 
-    kd = KDConfig.block_features(feature_kd) if feature_kd else KDConfig()
-    if kd_mse:
-        kd = kd.replace(kind=kd.kind.replace("logit", "logit_mse"), alpha=1.0)
-    return kd.validate().to_dict()
+    kind = ("logit_mse" if kd_mse else "logit") + ("+feature" if feature_kd else "")
+    return KDConfig.recovery(kind, feature_kd or 1.0).to_dict()
 
 
 def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict | None,
