@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import netcarve
@@ -509,7 +510,7 @@ def test_compiled_bidirectional_rnn_matches(kernels, cell, mode):
             assert _rel(c(x), ref) <= 1e-4 and _rel(c.reference(x), ref) <= 1e-4
     with pytest.raises(UnsupportedModelError, match="final state h_n of a bidirectional layer"):
         compile(create_model(cell, bidirectional=True, pool="state", hidden_size=6, seq_len=5, input_size=7).eval(),
-                torch.randn(2, 5, 7))
+                torch.randn(2, 5, 7), fallback=False)
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -537,8 +538,14 @@ def test_compiled_rnn_reads_the_top_row_of_the_final_state(kernels, cell):
 
     for use, msg in (("row0", r"row 0 of the final state h_n \(only the top layer's"),
                      ("c", "final cell state c_n"), ("whole", "reads the final state of 'rnn' whole")):
+        row = Row(use).eval()
         with pytest.raises(UnsupportedModelError, match=msg):
-            compile(Row(use).eval(), x)
+            compile(row, x, fallback=False)
+        # with the fallback (the default) the state is read from the layer recomputed by PyTorch
+        c = compile(row, x, sparse="never")
+        assert c.native and any(op.kind == "python" for op in c.ops)
+        with torch.no_grad():
+            assert _rel(c(x), row(x)) <= 1e-4 and _rel(c.reference(x), row(x)) <= 1e-4
 
 
 def test_unsupported_models_and_inputs_are_clear(kernels):
@@ -546,17 +553,17 @@ def test_unsupported_models_and_inputs_are_clear(kernels):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
-            self.act = nn.GELU()
+            self.act = nn.ELU()
 
         def forward(self, x):
             return self.act(self.conv(x))
 
-    with pytest.raises(UnsupportedModelError, match=r"module 'act' \(GELU\) is not supported by the netcarve runtime"):
-        compile(Odd(), torch.randn(1, 3, 8, 8))
+    with pytest.raises(UnsupportedModelError, match=r"module 'act' \(ELU\) is not supported by the netcarve runtime"):
+        compile(Odd(), torch.randn(1, 3, 8, 8), fallback=False)
     with pytest.raises(UnsupportedModelError, match=r"indexing with .* \(only x\[:, k\]-style selects\)"):
-        compile(create_model("gru", bidirectional=True).eval(), torch.randn(1, 32, 96))  # out[:, -1, :h]
+        compile(create_model("gru", bidirectional=True).eval(), torch.randn(1, 32, 96), fallback=False)  # out[:, -1, :h]
     with pytest.raises(UnsupportedModelError, match=r"transformer_tiny|MultiheadAttention|not supported"):
-        compile(create_model("transformer_tiny").eval(), netcarve.example_input("transformer_tiny"))
+        compile(create_model("transformer_tiny").eval(), netcarve.example_input("transformer_tiny"), fallback=False)
     c = compile(_prepared("lenet"), torch.randn(1, *create_model("lenet").input_shape))
     with pytest.raises(ConfigError, match="expected input"):
         c(torch.randn(1, 3, 5, 5))
@@ -756,3 +763,165 @@ def test_native_clamp_in_plans_matches_aten(kernels):
     assert torch.equal(out, y.clamp(0, 6)) and out.data_ptr() != y.data_ptr()
     with pytest.raises(RuntimeError, match="above the upper bound"):
         kernels.clamp_native(y, 1.0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- fallback steps
+
+
+class _Mixed(nn.Module):
+    """Native convs around parts the plan does not lower: ELU, a normalisation over channels (permutes +
+    F.normalize), a chunk (a tuple-valued op), erf, shape arithmetic, a parameter used in forward, and a conv whose
+    fused residual is computed by a fallback step."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ELU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 6, 1)
+        self.gamma = nn.Parameter(torch.randn(1, 6, 1, 1))
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        r = F.normalize(self.act(y).permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+        z = torch.relu(self.conv2(y) + r)  # conv2 fuses a residual made by a fallback step
+        a, b = z.chunk(2, dim=1)
+        w = self.conv3(a * torch.erf(b)) * self.gamma
+        return self.fc(w.mean((2, 3)).view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fallback_steps_run_what_the_plan_does_not_lower(kernels, threads):
+    torch.manual_seed(0)
+    m = _Mixed().eval()
+    x = torch.randn(3, 3, 9, 9)
+    with at_threads(threads):
+        c = compile(m, x, sparse="never")
+        assert c.native
+        kinds = [op.kind for op in c.ops]
+        assert kinds.count("conv") == 3 and "python" in kinds
+        names = " ".join(c.fallback)
+        for part in ("(ELU)", "'normalize'", "'chunk'", "'erf'"):
+            assert part in names, names
+        assert "gamma" not in names and "size" not in names  # parameter reads and shape arithmetic: not named
+        # conv2's residual (the LayerNorm branch) is fused: it comes from a python step before it
+        conv2 = next(op for op in c.ops if op.name == "conv2")
+        assert len(conv2.inputs) == 2 and conv2.p["relu"]
+        with torch.no_grad():
+            ref = m(x)
+            assert _rel(c(x), ref) <= 1e-4 and _rel(c.reference(x), ref) <= 1e-4
+            x5 = torch.randn(5, 3, 9, 9)  # another batch size: the shape arithmetic is recomputed
+            assert _rel(c(x5), m(x5)) <= 1e-4
+        prof = c.profile(x, repeats=2, warmup=1)
+        assert {p["kernel"] for p in prof if p["kind"] == "python"} == {"python"}
+        assert c.summary()["python_steps"] == kinds.count("python") and c.summary()["fallback"] == c.fallback
+    # strict: the first unsupported module is named
+    with pytest.raises(UnsupportedModelError, match=r"module 'act' \(ELU\) is not supported"):
+        compile(m, x, fallback=False)
+
+
+def test_fallback_errors_surface_and_the_plan_runs_again(kernels):
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.SiLU()
+
+        def forward(self, x):
+            return self.act(self.conv(x)).view(2, 4, 64)  # (batch 2 only, as traced)
+
+    m = Picky().eval()
+    x = torch.randn(2, 3, 8, 8)
+    c = compile(m, x, sparse="never")
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"shape '\[2, 4, 64\]' is invalid"):
+            c(torch.randn(3, 3, 8, 8))  # the python step raises (the input check allows any batch)
+        assert _rel(c(x), m(x)) <= 1e-4
+
+
+def test_fallback_takes_token_ids_and_whole_external_models(kernels):
+    """Token-id inputs (an Embedding first) and every external architecture of the coverage benchmark compile,
+    native where the plan can, and match the model."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "coverage_models", Path(__file__).resolve().parents[2] / "benchmarks" / "coverage_models.py")
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+    fell_back = {}
+    for name in ("lstm_textcls", "transformer_lm", "vit_tiny_timm", "convnext_atto", "shufflenet_v2_x1_0", "unet",
+                 "mobilenet_v3_small"):
+        torch.manual_seed(0)
+        m = cm.MODELS[name][0]().eval()
+        x = cm.example_input(name, batch=2)
+        c = compile(m, x, sparse="never", repeats=2)
+        with torch.no_grad():
+            assert _rel(c(x), m(x)) <= 1e-4, name
+        fell_back[name] = c.fallback
+        if x.dtype == torch.int64:
+            with pytest.raises(ConfigError, match="expected a int64 input"):
+                c(x.float())
+    assert fell_back["lstm_textcls"] == ["module 'embedding' (Embedding)"]
+    assert "module 'up1.up' (ConvTranspose2d)" in fell_back["unet"]
+    assert fell_back["mobilenet_v3_small"] == []  # Hardswish / Hardsigmoid are native steps
+    assert fell_back["vit_tiny_timm"] and not any("Linear" in n or "LayerNorm" in n or "GELU" in n
+                                                  for n in fell_back["vit_tiny_timm"])
+    with pytest.raises(ConfigError, match="float32"):
+        compile(cm.MODELS["lstm_textcls"][0]().eval(), cm.example_input("lstm_textcls"), fallback=False)
+
+
+class _Tokens(nn.Module):
+    """Token-mixing style ops the plan lowers natively: N-d Linear (dense and block-sparse), LayerNorm (module and
+    functional with parameter reads), GELU / SiLU / Hardswish / Hardsigmoid / tanh / sigmoid, softmax,
+    permute / transpose, a parameter added in forward."""
+
+    def __init__(self, d=32, t=6):
+        super().__init__()
+        self.fc1 = nn.Linear(d, 64)
+        self.fc2 = nn.Linear(64, d)
+        self.tok = nn.Linear(t, t)
+        self.norm = nn.LayerNorm(d)
+        self.w = nn.Parameter(torch.rand(d) + 0.5)
+        self.b = nn.Parameter(torch.randn(d))
+        self.pos = nn.Parameter(torch.randn(1, t, d))
+        self.act = nn.GELU(approximate="tanh")
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):  # x: (N, t, d)
+        x = x + self.pos
+        y = self.fc2(F.gelu(self.fc1(self.norm(x))))
+        x = x + y
+        z = self.tok(x.transpose(1, 2)).permute(0, 2, 1)  # token mixing
+        x = x + torch.tanh(z) * torch.sigmoid(z)
+        x = F.layer_norm(x, (x.shape[-1],), self.w, self.b, 1e-6)
+        x = F.silu(x) + F.hardswish(x) + F.hardsigmoid(x) + self.act(x)
+        a = torch.softmax(x.mean(-1), dim=-1)
+        return self.head(x.mean(1)) + a.mean(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_token_ops_and_nd_linear_lower_natively(kernels, mode):
+    torch.manual_seed(0)
+    m = _Tokens().eval()
+    if mode == "always":  # block-sparse weights: the N-d linears run the BSR kernel on their flattened rows
+        blk = make_scheme("block", block=[4, 16])
+        with torch.no_grad():
+            for lin in (m.fc1, m.fc2):
+                lin.weight.mul_(blk.project(lin.weight, 0.75))
+    x = torch.randn(3, 6, 32)
+    with at_threads(2):
+        c = compile(m, x, sparse=mode)
+        kinds = [op.kind for op in c.ops]
+        assert c.native and "python" not in kinds, c.fallback
+        for k in ("const", "unary", "layernorm", "softmax", "permute", "linear"):
+            assert k in kinds, k
+        assert kinds.count("unary") == 7 and kinds.count("layernorm") == 2 and kinds.count("const") == 3
+        if mode == "always":
+            assert {lc.name: lc.choice for lc in c.layers}["fc1"] == "sparse"
+        with torch.no_grad():
+            ref = m(x)
+            assert _rel(c(x), ref) <= 1e-4 and _rel(c.reference(x), ref) <= 1e-4
+            x1 = torch.randn(1, 6, 32)
+            assert _rel(c(x1), m(x1)) <= 1e-4

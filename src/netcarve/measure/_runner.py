@@ -553,10 +553,15 @@ def _run_netcarve(req, inputs, model=None):
     times, steps = run_rounds(fn, req["warmup"], req["repeats"], req["rounds"], step, "call")
     layers = None
     if step is not None:
-        layers = {"entries": [[op.name, op.kind, kernels.get(op.name, "aten")] for op in compiled.ops],
+        layers = {"entries": [[op.name, op.kind, "python" if op.kind == "python" else kernels.get(op.name, "aten")]
+                              for op in compiled.ops],
                   "rounds": [central_mean(r) for r in steps], "summary": compiled.summary()}
     notes = [f"netcarve runtime: {sum(c == 'sparse' for c in kernels.values())} of {len(kernels)} conv / linear / recurrent layers "
              f"run the sparse kernel ({opts.get('sparse', 'auto')})"]
+    if compiled.fallback:
+        py_steps = sum(op.kind == "python" for op in compiled.ops)
+        notes.append(f"{py_steps} of {len(compiled.ops)} plan steps run in PyTorch (python fallback): "
+                     + "; ".join(compiled.fallback[:6]) + ("; ..." if len(compiled.fallback) > 6 else ""))
     if opts.get("codegen"):
         notes.append(f"codegen: {sum(c == 'generated' for c in kernels.values())} layers run generated code")
     return {"times": times, "layers": layers, "out": [out.numpy()], "threads": torch.get_num_threads(),

@@ -126,8 +126,9 @@ class CompiledModel:
     """A model compiled to one native plan. Call it like the model (eval-mode semantics, no autograd)."""
 
     def __init__(self, ops: list[Op], nvals: int, output: int, plan, example_shape: tuple[int, ...],
-                 layers: list[LayerChoice], threads: int):
+                 layers: list[LayerChoice], threads: int, dtype: torch.dtype = torch.float32):
         self.ops, self.nvals, self.output = ops, nvals, output
+        self.dtype = dtype
         self._plan = plan
         self._reference = ReferencePlan(ops, nvals, output)
         self.example_shape = example_shape
@@ -140,14 +141,20 @@ class CompiledModel:
     def native(self) -> bool:
         return self._plan is not None
 
+    @property
+    def fallback(self) -> list[str]:
+        """The model's nodes that run as "python" steps (PyTorch inside the plan), e.g. ``"module 'norm'
+        (LayerNorm)"``; empty when the whole model is lowered natively."""
+        return [n for op in self.ops if op.kind == "python" for n in op.p["nodes"]]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != len(self.example_shape) or \
                 tuple(x.shape[1:]) != tuple(self.example_shape[1:]):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ConfigError(f"compiled model: expected input (N, {', '.join(map(str, self.example_shape[1:]))}), "
                               f"got {got}")
-        if x.dtype != torch.float32:
-            raise ConfigError(f"compiled model: expected a float32 input, got {x.dtype}")
+        if x.dtype != self.dtype:
+            raise ConfigError(f"compiled model: expected a {str(self.dtype).replace('torch.', '')} input, got {x.dtype}")
         if self._plan is None:
             return self._reference.run(x)
         return self._plan.run(x.detach())
@@ -171,13 +178,15 @@ class CompiledModel:
         # max pooling, global average pooling and option-A shortcuts run netcarve's kernels unless switched off
         native = {"maxpool", "gap", "shortcut"} if load_kernels().native_pool() else set()
         return [{"name": op.name, "kind": op.kind,
-                 "kernel": choice.get(op.name, "native" if op.kind in native else "aten"), "ms": float(t)}
+                 "kernel": "python" if op.kind == "python" else choice.get(op.name, "native" if op.kind in native
+                                                                          else "aten"), "ms": float(t)}
                 for op, t in zip(self.ops, ms)]
 
     def summary(self) -> dict[str, Any]:
         return {"native": self.native, "threads": self.threads, "example_shape": list(self.example_shape),
                 "steps": len(self.ops), "layers": [asdict(lc) for lc in self.layers],
-                "sparse_layers": sum(lc.choice == "sparse" for lc in self.layers), "plan_check": self.plan_check}
+                "sparse_layers": sum(lc.choice == "sparse" for lc in self.layers), "plan_check": self.plan_check,
+                "python_steps": sum(op.kind == "python" for op in self.ops), "fallback": self.fallback}
 
 
 def _resolve(model_or_checkpoint) -> nn.Module:
@@ -216,7 +225,7 @@ def _tune_malloc() -> None:
 @torch.no_grad()
 def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "auto",  # noqa: A001
             threads: int | None = None, repeats: int = 20, use_cache: bool = True,
-            codegen: bool = False) -> CompiledModel:
+            codegen: bool = False, fallback: bool = True) -> CompiledModel:
     """Compile a model (or a checkpoint directory saved by netcarve) for this CPU.
 
     Args:
@@ -231,18 +240,31 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
             the layer's weights compiled in; AVX-512 hosts with a C++ compiler). Each such layer is compiled once
             per machine (seconds per layer, cached) and keeps it only where it measures faster; with
             ``sparse="always"`` a layer takes the faster of the sparse and the generated kernel.
+        fallback: parts of the model the plan cannot lower natively (layer types and tensor ops without a native
+            step: LayerNorm, GELU, attention, reshapes, ...) run as "python" steps, each a sub-graph of the model run
+            by PyTorch inside the plan (``CompiledModel.fallback`` names them; a log line says so). ``False``: raise
+            an :class:`~netcarve.errors.UnsupportedModelError` naming the first such module instead.
     """
     if sparse not in SPARSE_MODES:
         raise ConfigError(f"runtime.compile: sparse must be one of {', '.join(SPARSE_MODES)}, got {sparse!r}")
-    if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
-        raise ConfigError("runtime.compile: example_input must be a float32 tensor (a batch of the model's input)")
+    if not isinstance(example_input, torch.Tensor) or not (
+            example_input.dtype == torch.float32 or (fallback and not example_input.is_floating_point()
+                                                     and not example_input.is_complex())):
+        raise ConfigError("runtime.compile: example_input must be a float32 tensor (a batch of the model's input; "
+                          "integer token ids too with fallback=True)")
     model = _resolve(model_or_checkpoint)
     was_training = model.training
     model.eval()
     try:
-        ops, nvals, output = lower(model, example_input)
+        ops, nvals, output = lower(model, example_input, fallback=fallback)
     finally:
         model.train(was_training)
+    fallen = [n for op in ops if op.kind == "python" for n in op.p["nodes"]]
+    if fallen:
+        steps = sum(op.kind == "python" for op in ops)
+        logger.info("runtime.compile: %s: %d of %d plan steps run in PyTorch (not native): %s",
+                    type(model).__name__, steps, len(ops),
+                    "; ".join(fallen[:8]) + (f"; ... ({len(fallen)} nodes)" if len(fallen) > 8 else ""))
     if threads is not None:
         torch.set_num_threads(int(threads))
     nthreads = torch.get_num_threads()
@@ -257,7 +279,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         dens = sum(int((w != 0).sum()) for w in ws) / max(1, sum(w.numel() for w in ws))
         layers.append(LayerChoice(op.name, op.kind, list(ws[0].shape), float(dens), macs, nz, "dense"))
     if mod is None:
-        return CompiledModel(ops, nvals, output, None, tuple(example_input.shape), layers, nthreads)
+        return CompiledModel(ops, nvals, output, None, tuple(example_input.shape), layers, nthreads,
+                             example_input.dtype)
 
     eligible = [_eligible(op) for op in convs]
     # candidate kernels per layer: "sparse" (eligible layers, not with sparse="never"), "dense" (ATen: oneDNN /
@@ -316,7 +339,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     if sparse == "auto" and any(tuned):
         plan, check = _check_whole_plan(mod, ops, nvals, output, example_input, convs, cands, known, layers, plan,
                                         max(3, repeats // 2))
-    compiled = CompiledModel(ops, nvals, output, plan, tuple(example_input.shape), layers, nthreads)
+    compiled = CompiledModel(ops, nvals, output, plan, tuple(example_input.shape), layers, nthreads,
+                             example_input.dtype)
     compiled.plan_check = check
     return compiled
 

@@ -1,12 +1,18 @@
 """Lower a model to a flat execution plan: fx graph -> ops (BN folded, ReLU and residual additions fused into
 convs) -> the native :class:`Plan` (``csrc/plan.cpp``) or its plain-PyTorch twin :class:`ReferencePlan`.
 
-Supported (everything else is an :class:`~netcarve.errors.UnsupportedModelError` naming the module path
-and type): Conv2d (any groups; sparse only for groups=1), BatchNorm2d (folded into the conv before it, else a
-per-channel affine), Linear, ReLU / ReLU6 / Hardtanh (modules, F.relu6 / F.hardtanh) / clamp with constant
-bounds, addition, multiplication, Max/AvgPool2d, AdaptiveAvgPool2d(1), Flatten / flatten / view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval), the
-option-A shortcut of the CIFAR ResNets, (multi-layer, bidirectional) GRU / LSTM with their output sequence (and the top row h_n[-1] of a unidirectional one),
-``x[:, k]`` selects and means over one dim.
+Lowered natively: Conv2d (any groups; sparse only for groups=1), BatchNorm2d (folded into the conv before it,
+else a per-channel affine), Linear (on 2-d or N-d inputs: the leading dims are rows), ReLU / ReLU6 / Hardtanh
+(modules, F.relu6 / F.hardtanh) / clamp with constant bounds, GELU (exact / tanh), SiLU, Sigmoid, Tanh, Hardswish,
+Hardsigmoid, LayerNorm (module or F.layer_norm), softmax / log_softmax, permute / transpose, addition,
+multiplication, parameters / buffers read in forward, Max/AvgPool2d, AdaptiveAvgPool2d(1), Flatten / flatten /
+view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval), the option-A shortcut of the CIFAR ResNets,
+(multi-layer, bidirectional) GRU / LSTM with their output sequence (and the top row h_n[-1] of a unidirectional
+one), ``x[:, k]`` selects and means over one dim.
+
+Everything else becomes a "python" step with ``fallback=True`` (runs of such nodes in graph order, each copied into a
+torch.fx sub-graph that PyTorch runs inside the plan), or an :class:`~netcarve.errors.UnsupportedModelError` naming
+the module path and type with ``fallback=False``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ _RELU_FNS = {F.relu, torch.relu}
 _ADD_FNS = {operator.add, torch.add, operator.iadd}
 _CLAMP_FNS = {F.relu6, F.hardtanh, torch.clamp, torch.clip}
 _CLAMP_METHODS = ("clamp", "clamp_", "clip", "clip_")
+# element-wise activations run as one ATen call each ("unary" steps), by name
+UNARY_FNS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid")
+_UNARY_MODULES = {nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
+                  nn.Hardsigmoid: "hardsigmoid"}
+_UNARY_FUNCTIONS = {F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
+                    F.tanh: "tanh", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid"}
+_UNARY_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh"}
 
 
 def _clamp_bounds(node: fx.Node) -> tuple[float, float] | None:
@@ -119,11 +132,12 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d)
 class Lowering:
     """fx graph -> list of :class:`Op` in an executable order."""
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor):
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, fallback: bool = False):
         self.model = model
         self.name = type(model).__name__
+        self.fallback = fallback
         traced = trace_model(model, example_input)
-        if traced.opaque:
+        if traced.opaque and not fallback:
             path, why = next(iter(traced.opaque.items()))
             raise UnsupportedModelError(f"runtime: {self.name}: fx cannot trace into {path!r} ({why})")
         self.gm = traced.graph_module
@@ -134,6 +148,13 @@ class Lowering:
         self.done: set[fx.Node] = set()
         self.nvals = 1
         self.output: int | None = None
+        # fallback=True: nodes the plan cannot lower natively run as "python" steps, each a sub-graph of the model
+        # (a run of such nodes in graph order) executed by PyTorch; _partial: nodes whose plan value is only part
+        # of their result (an RNN's output sequence, not its final state), recomputed where a fallback reads more
+        self.region: list[fx.Node] = []
+        self.fallback_nodes: list[str] = []
+        self._partial: set[fx.Node] = set()
+        self._order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
 
     # ---- helpers
     def _new(self, node: fx.Node) -> int:
@@ -161,8 +182,10 @@ class Lowering:
         raise UnsupportedModelError(
             f"runtime: {self.name}: {self._where(node)} is not supported by the netcarve runtime"
             + (f" ({why})" if why else "")
-            + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6/Hardtanh/clamp, add, mul, Max/AvgPool2d, "
-              "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (also bidirectional), x[:, k], mean")
+            + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6/Hardtanh/clamp, GELU/SiLU/Sigmoid/Tanh/"
+              "Hardswish/Hardsigmoid, LayerNorm, softmax, permute/transpose, add, mul, Max/AvgPool2d, "
+              "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (also bidirectional), x[:, k], "
+              "mean (compile with fallback=True to run the rest in PyTorch)")
 
     def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
         op.out = self._new(result)
@@ -188,14 +211,124 @@ class Lowering:
             self.done.add(u)
         return cur, res, relu
 
+    # ---- fallback regions
+    def _snapshot(self):
+        return (len(self.ops), set(self.done), dict(self.val), self.nvals, dict(self._rnn_state), list(self.region),
+                len(self.fallback_nodes), set(self._partial))
+
+    def _restore(self, st) -> None:
+        n_ops, done, val, nvals, rnn_state, region, n_fb, partial = st
+        del self.ops[n_ops:]
+        self.done, self.val, self.nvals, self._rnn_state = done, val, nvals, rnn_state
+        self.region, self._partial = region, partial
+        del self.fallback_nodes[n_fb:]
+
+    def _close_region(self) -> None:
+        """Emit the open region as one "python" step: its nodes, and the non-plan nodes they read (shape
+        arithmetic, parameters, final states of RNNs), copied into a GraphModule run by PyTorch; inputs are the
+        plan values it reads, outputs its tensor values read after it."""
+        region, self.region = self.region, []
+        if not region:
+            return
+        members = set(region)
+        inputs: list[fx.Node] = []
+        pulled: set[fx.Node] = set()
+        stack = [a for n in region for a in n.all_input_nodes]
+        while stack:
+            a = stack.pop()
+            if a in members or a in pulled or a in inputs:
+                continue
+            if a in self.val and a not in self._partial and a not in self._rnn_state:
+                inputs.append(a)
+            else:
+                pulled.add(a)
+                stack.extend(a.all_input_nodes)
+        inputs.sort(key=self._order.__getitem__)
+        outputs = [n for n in region
+                   if _shape(n) is not None and any(u not in members for u in n.users)]
+        if not outputs:
+            return  # nothing read after it (e.g. feeding only shape arithmetic): nothing to run
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for i, a in enumerate(inputs):
+            env[a] = graph.placeholder(f"in{i}")
+        for n in sorted(members | pulled, key=self._order.__getitem__):
+            env[n] = graph.node_copy(n, lambda a: env[a])
+        # (outputs made contiguous: plan values are, and the region may end in a view or a transpose whose
+        # contiguous() the plan lowers to an alias)
+        graph.output(tuple(graph.call_method("contiguous", (env[n],)) for n in outputs))
+        gm = fx.GraphModule(self.gm, graph, class_name="FallbackRegion")
+        # (named: the region's own work and what it recomputes, e.g. a chunk whose results it reads)
+        names = [self._where(n) for n in sorted(members | pulled, key=self._order.__getitem__) if self._computes(n)]
+        self.fallback_nodes.extend(names)
+        op = Op("python", region[0].name if len(region) == 1 else f"{region[0].name}..{region[-1].name}",
+                [self.val[a] for a in inputs], p={"fn": gm, "nodes": names})
+        outs = []
+        for n in outputs:
+            outs.append(self._new(n))
+        op.out = outs[0]
+        op.p["outs"] = outs
+        op.out_shape = _shape(outputs[0])
+        self.ops.append(op)
+
+    def _computes(self, n: fx.Node) -> bool:
+        """Whether a fallback node is real work to name (not shape arithmetic, a parameter read, or the
+        ``getitem`` taking one result of a tuple-valued op, which is named itself)."""
+        if n.op == "call_module":
+            return not isinstance(self.modules[n.target], (nn.Identity, nn.Dropout))
+        if n.op == "get_attr" or (n.op == "call_method" and n.target in ("contiguous", "clone")):
+            return False
+        if n.op == "call_function" and n.target is operator.getitem:
+            src = n.args[0]
+            return isinstance(src, fx.Node) and _shape(src) is not None and _shape(n) is not None
+        if _shape(n) is None:  # a tuple-valued op (chunk, unbind, split) or shape arithmetic
+            return any(u.op == "call_function" and u.target is operator.getitem and _shape(u) is not None
+                       for u in n.users)
+        return True
+
     # ---- lowering
     def run(self) -> tuple[list[Op], int, int]:
         nodes = list(self.gm.graph.nodes)
         for node in nodes:
             if node in self.done or (node.op not in ("output", "placeholder") and not node.users):
                 continue  # fused already, or dead (e.g. an RNN's unused final state)
-            self.done.add(node)
-            getattr(self, f"_lower_{node.op}")(node)
+            if not self.fallback:
+                self.done.add(node)
+                getattr(self, f"_lower_{node.op}")(node)
+                continue
+            # a node reading the open fallback region closes it first (its values become plan values); if the node
+            # itself cannot be lowered, the close is undone and the node joins the region
+            before_close = None
+            if self.region and any(a in self.region for a in node.all_input_nodes):
+                before_close = self._snapshot()
+                self._close_region()
+            state = self._snapshot()
+            try:
+                self.done.add(node)
+                getattr(self, f"_lower_{node.op}")(node)
+                if self.region and any(isinstance(i, fx.Node) and i in self.region
+                                       for op in self.ops[state[0]:] for i in op.inputs):
+                    # it fused a residual computed in the open region: close the region first (else the region
+                    # could come to read this op's output while the op reads the region's)
+                    self._restore(state)
+                    self._close_region()
+                    state = self._snapshot()
+                    self.done.add(node)
+                    getattr(self, f"_lower_{node.op}")(node)
+                elif before_close is not None and len(self.ops) == state[0] and node.op != "output":
+                    # lowered to nothing (an alias such as contiguous / Identity, or shape arithmetic) of a region
+                    # value: it joins the region instead of closing it
+                    self._restore(before_close)
+                    self.done.add(node)
+                    self.region.append(node)
+            except UnsupportedModelError:
+                if node.op in ("placeholder", "output"):
+                    raise
+                self._restore(before_close if before_close is not None else state)
+                self.done.add(node)
+                self.region.append(node)
+        if self.fallback:
+            self._close_region()
         if self.output is None:
             raise UnsupportedModelError(f"runtime: {self.name}: the graph has no output")
         return self._schedule(), self.nvals, self.output
@@ -206,7 +339,67 @@ class Lowering:
         self.val[node] = 0
 
     def _lower_get_attr(self, node):
-        self._unsupported(node, "parameters used directly in forward")
+        t = self._attr(node)
+        if t is None:
+            self._unsupported(node, "a non-tensor attribute")
+        return self._emit(Op("const", node.name, [], p={"value": t}), node)
+
+    def _attr(self, node: Any) -> torch.Tensor | None:
+        """The tensor a ``get_attr`` node reads (a parameter or buffer, detached and copied), else None."""
+        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            return None
+        obj: Any = self.gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        return obj.detach().clone().contiguous() if isinstance(obj, torch.Tensor) else None
+
+    def _unary(self, node, x, fn: str):
+        return self._emit(Op("unary", node.name if node.op != "call_module" else str(node.target),
+                             [self._in(x, node)], p={"fn": fn}), node, x)
+
+    def _layer_norm(self, node, x, shape, weight, bias, eps: float):
+        shape = list((shape,) if isinstance(shape, (int, fx.Node)) else shape)
+        xs = _shape(x)
+        if xs is not None and len(shape) <= len(xs) and any(isinstance(d, fx.Node) for d in shape):
+            # computed from the input's shape (x.shape[-1]): layer_norm needs it to be the trailing dims anyway
+            shape = list(xs[len(xs) - len(shape):])
+        if not all(isinstance(d, int) for d in shape):
+            self._unsupported(node, f"normalized_shape {shape!r}")
+        if xs is None or list(xs[len(xs) - len(shape):]) != shape:
+            self._unsupported(node, f"normalized_shape {shape} is not the input's last dims")
+        ts = []
+        for t in (weight, bias):
+            if isinstance(t, fx.Node):
+                t = self._attr(t)
+                if t is None:
+                    self._unsupported(node, "a LayerNorm weight / bias computed in forward")
+            ts.append(None if t is None else t.detach().float().contiguous())
+        return self._emit(Op("layernorm", node.name if node.op != "call_module" else str(node.target),
+                             [self._in(x, node)], p={"shape": shape, "weight": ts[0], "bias": ts[1],
+                                                     "eps": float(eps)}), node, x)
+
+    def _softmax(self, node, x, dim, log: bool):
+        if not isinstance(dim, int) or node.kwargs.get("dtype") is not None:
+            self._unsupported(node, "softmax needs an integer dim (and no dtype)")
+        return self._emit(Op("softmax", node.name if node.op != "call_module" else str(node.target),
+                             [self._in(x, node)], p={"dim": int(dim), "log": bool(log)}), node, x)
+
+    def _transpose(self, node, x, a, b):
+        rank = len(_shape(x) or ())
+        if not (isinstance(a, int) and isinstance(b, int)) or rank == 0:
+            self._unsupported(node, "transpose of computed dims")
+        dims = list(range(rank))
+        dims[a % rank], dims[b % rank] = dims[b % rank], dims[a % rank]
+        return self._permute(node, x, dims)
+
+    def _permute(self, node, x, dims):
+        rank = len(_shape(x) or ())
+        if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+            self._unsupported(node, f"permutation {dims!r}")
+        dims = [int(d) % rank for d in dims] if rank else []
+        if rank == 0 or sorted(dims) != list(range(rank)):
+            self._unsupported(node, f"permutation {dims!r}")
+        return self._emit(Op("permute", node.name, [self._in(x, node)], p={"dims": dims}), node, x)
 
     def _lower_output(self, node):
         out = node.args[0]
@@ -238,9 +431,17 @@ class Lowering:
         if isinstance(m, (nn.ReLU6, nn.Hardtanh)):
             lo, hi = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (float(m.min_val), float(m.max_val))
             return self._emit(Op("clamp", name, [self._in(x, node)], p={"lo": lo, "hi": hi}), node, x)
+        if type(m) in _UNARY_MODULES:
+            return self._unary(node, x, _UNARY_MODULES[type(m)])
+        if isinstance(m, nn.GELU):
+            return self._unary(node, x, "gelu_tanh" if m.approximate == "tanh" else "gelu")
+        if isinstance(m, nn.LayerNorm):
+            return self._layer_norm(node, x, m.normalized_shape, m.weight, m.bias, m.eps)
+        if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+            return self._softmax(node, x, m.dim, isinstance(m, nn.LogSoftmax))
         if isinstance(m, nn.Linear):
-            if len(_shape(x) or ()) != 2:
-                self._unsupported(node, "Linear on inputs with more than 2 dims")
+            if len(_shape(x) or ()) < 2:
+                self._unsupported(node, "Linear on a 1-d input")
             last, _, relu = self._fuse_tail(node, allow_add=False)
             return self._emit(Op("linear", name, [self._in(x, node)],
                                  p={"weight": m.weight.detach().float().contiguous(),
@@ -298,6 +499,7 @@ class Lowering:
                     b = getattr(m, f"bias_{kind}_l{layer}{sfx}", None)
                     dense += [w, None if b is None else b.detach().float().contiguous()]
         x = node.args[0]
+        self._partial.add(node)
         self._emit(Op("rnn", str(node.target), [self._in(x, node)],
                       p={"lstm": isinstance(m, nn.LSTM), "hidden": int(m.hidden_size), "batch_first": bool(m.batch_first),
                          "dense": dense, "sparse": False, "dirs": dirs}), node, x)
@@ -346,6 +548,22 @@ class Lowering:
             return
         if t in _RELU_FNS:
             return self._emit(Op("relu", node.name, [self._in(args[0], node)]), node, args[0])
+        kw = node.kwargs
+        if t in _UNARY_FUNCTIONS and len(args) == 1 and set(kw) <= {"inplace"}:
+            return self._unary(node, args[0], _UNARY_FUNCTIONS[t])
+        if t is F.gelu and len(args) == 1 and set(kw) <= {"approximate"}:
+            return self._unary(node, args[0], "gelu_tanh" if kw.get("approximate") == "tanh" else "gelu")
+        if t is F.layer_norm:
+            a = list(args) + [None] * (5 - len(args))
+            return self._layer_norm(node, a[0], kw.get("normalized_shape", a[1]), kw.get("weight", a[2]),
+                                    kw.get("bias", a[3]), kw.get("eps", a[4] if a[4] is not None else 1e-5))
+        if t in (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax):
+            dim = args[1] if len(args) > 1 else kw.get("dim")
+            return self._softmax(node, args[0], dim, t in (F.log_softmax, torch.log_softmax))
+        if t is torch.permute:
+            return self._permute(node, args[0], args[1] if len(args) > 1 else kw["dims"])
+        if t is torch.transpose and len(args) == 3:
+            return self._transpose(node, args[0], args[1], args[2])
         if t in _CLAMP_FNS and isinstance(args[0], fx.Node) and (bounds := _clamp_bounds(node)) is not None:
             return self._emit(Op("clamp", node.name, [self._in(args[0], node)], p={"lo": bounds[0], "hi": bounds[1]}),
                               node, args[0])
@@ -409,6 +627,19 @@ class Lowering:
             return self._emit(Op("clamp", node.name, [self._in(x, node)], p={"lo": bounds[0], "hi": bounds[1]}), node, x)
         if t in ("contiguous", "clone"):
             return self._alias(node, x)
+        if t == "mul" and len(node.args) == 2 and isinstance(node.args[1], fx.Node) and not node.kwargs:
+            return self._emit(Op("mul", node.name, [self._in(x, node), self._in(node.args[1], node)]), node, x)
+        if t in _UNARY_METHODS and len(node.args) == 1 and not node.kwargs:
+            return self._unary(node, x, _UNARY_METHODS[t])
+        if t in ("softmax", "log_softmax"):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            return self._softmax(node, x, dim, t == "log_softmax")
+        if t == "permute":
+            rest = node.args[1:]
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else (rest or node.kwargs.get("dims"))
+            return self._permute(node, x, dims)
+        if t == "transpose" and len(node.args) == 3:
+            return self._transpose(node, x, node.args[1], node.args[2])
         if _is_add(node):
             last, _, relu = self._fuse_tail(node, allow_add=False)
             return self._emit(Op("add", node.name, [self._in(x, node), self._in(node.args[1], node)],
@@ -445,7 +676,7 @@ class Lowering:
             for i, op in enumerate(pending):
                 if all(v in ready for v in op.inputs):
                     order.append(op)
-                    ready.add(op.out)
+                    ready.update(op.p.get("outs", [op.out]) if op.kind == "python" else [op.out])
                     pending.pop(i)
                     break
             else:  # pragma: no cover - a cycle cannot come out of an fx graph
@@ -453,9 +684,11 @@ class Lowering:
         return order
 
 
-def lower(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Op], int, int]:
-    """``(ops, number of values, output value id)`` of ``model`` (eval mode) traced on ``example_input``."""
-    return Lowering(model, example_input).run()
+def lower(model: nn.Module, example_input: torch.Tensor, fallback: bool = False) -> tuple[list[Op], int, int]:
+    """``(ops, number of values, output value id)`` of ``model`` (eval mode) traced on ``example_input``.
+    ``fallback``: nodes the plan cannot lower natively become "python" steps (sub-graphs run by PyTorch) instead
+    of an :class:`UnsupportedModelError`."""
+    return Lowering(model, example_input, fallback).run()
 
 
 # ------------------------------------------------------------------------------------------ executors
@@ -472,12 +705,16 @@ class ReferencePlan:
         v: list[torch.Tensor | None] = [None] * self.nvals
         v[0] = x
         for op in self.ops:
+            if op.kind == "python":
+                for i, t in zip(op.p["outs"], op.p["fn"](*[v[i] for i in op.inputs])):
+                    v[i] = t
+                continue
             v[op.out] = run_op_reference(op, v)
         return v[self.output]
 
 
 def run_op_reference(op: Op, v: list) -> torch.Tensor:
-    x, p = v[op.inputs[0]], op.p
+    x, p = (v[op.inputs[0]] if op.inputs else None), op.p
     k = op.kind
     if k == "conv":
         y = F.conv2d(x, p["weight"], p["bias"], p["stride"], p["padding"], 1, p["groups"])
@@ -524,6 +761,20 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
         return _rnn_reference(x, p)
     if k == "cat":
         return torch.cat([v[i] for i in op.inputs], p["dim"])
+    if k == "const":
+        return p["value"]
+    if k == "unary":
+        fn = p["fn"]
+        if fn.startswith("gelu"):
+            return F.gelu(x, approximate="tanh" if fn == "gelu_tanh" else "none")
+        return {"silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardswish": F.hardswish,
+                "hardsigmoid": F.hardsigmoid}[fn](x)
+    if k == "layernorm":
+        return F.layer_norm(x, p["shape"], p["weight"], p["bias"], p["eps"])
+    if k == "softmax":
+        return (torch.log_softmax if p["log"] else torch.softmax)(x, p["dim"])
+    if k == "permute":
+        return x.permute(p["dims"]).contiguous()
     raise ValueError(f"unknown op kind {k!r}")  # pragma: no cover
 
 
@@ -623,6 +874,18 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             plan.add_cat(n, op.inputs, op.out, p["dim"])
         elif op.kind == "pad":
             plan.add_pad(n, op.inputs[0], op.out, p["pads"], p["value"])
+        elif op.kind == "python":
+            plan.add_python(n, op.inputs, p["outs"], p["fn"])
+        elif op.kind == "const":
+            plan.add_const(n, op.out, p["value"])
+        elif op.kind == "unary":
+            plan.add_unary(n, op.inputs[0], op.out, UNARY_FNS.index(p["fn"]))
+        elif op.kind == "layernorm":
+            plan.add_layer_norm(n, op.inputs[0], op.out, p["shape"], p["weight"], p["bias"], p["eps"])
+        elif op.kind == "softmax":
+            plan.add_softmax(n, op.inputs[0], op.out, p["dim"], p["log"])
+        elif op.kind == "permute":
+            plan.add_permute(n, op.inputs[0], op.out, p["dims"])
         else:  # pragma: no cover
             raise ValueError(f"unknown op kind {op.kind!r}")
     return plan

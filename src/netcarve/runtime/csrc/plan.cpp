@@ -17,7 +17,7 @@
 
 namespace {
 
-enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN };
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE };
 
 struct Step {
   Kind kind;
@@ -34,6 +34,9 @@ struct Step {
   std::shared_ptr<const GenConv> gen;  // conv_kernel 3: the layer's generated code
   bool relu = false;
   std::shared_ptr<TapOffCache> offs = std::make_shared<TapOffCache>();  // sparse conv: its tap offsets
+  // python: the callable (inputs -> tuple of tensors, one per value of `outs`; outs[0] == out)
+  std::shared_ptr<py::object> fn;
+  std::vector<int64_t> outs;
 };
 
 static MatW make_mat(const torch::Tensor& w, c10::optional<torch::Tensor> bias, const std::vector<torch::Tensor>& bsr) {
@@ -87,7 +90,7 @@ class Plan {
     if (packed.has_value()) s.ts[7] = packed->contiguous();
     s.relu = relu;
     s.conv_kernel = kernel;
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
 
   // conv through the layer's generated code (netcarve/runtime/codegen.py): the library at `path`, made for this
@@ -106,7 +109,7 @@ class Plan {
                 weight.size(0), " x ", weight.size(1) * weight.size(2) * weight.size(3));
     s.relu = relu;
     s.conv_kernel = 3;
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
 
   // bsr = {indptr, indices, values} (may be empty: dense only)
@@ -118,7 +121,7 @@ class Plan {
     s.sparse = sparse;
     s.mats[0].sparse = sparse;
     s.relu = relu;
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
   // dense = {w_ih, b_ih, w_hh, b_hh} per layer and direction (l0, l0_reverse, l1, ...; biases may be undefined);
   // bsr = 6 per layer and direction (ih, hh) or empty; dirs: 2 for a bidirectional module
@@ -142,17 +145,17 @@ class Plan {
     for (auto& m : s.mats) m.sparse = sparse;
     s.sparse = sparse;
     s.ints = {lstm, hidden, batch_first, dirs};
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
   void add_select(const std::string& name, int64_t in, int64_t out, int64_t dim, int64_t index) {
     Step s{SELECT, name, {in}, out};
     s.ints = {dim, index};
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
   void add_mean(const std::string& name, int64_t in, int64_t out, int64_t dim, bool keepdim) {
     Step s{MEAN, name, {in}, out};
     s.ints = {dim, keepdim};
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
   // per-channel y = x * scale + shift (an unfused BatchNorm), scale/shift shaped to broadcast
   void add_affine(const std::string& name, int64_t in, int64_t out, torch::Tensor scale, torch::Tensor shift,
@@ -160,33 +163,33 @@ class Plan {
     Step s{AFFINE, name, {in}, out};
     s.ts = {scale.contiguous(), shift.contiguous()};
     s.relu = relu;
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
-  void add_relu(const std::string& name, int64_t in, int64_t out) { steps_.push_back(Step{RELU, name, {in}, out}); }
+  void add_relu(const std::string& name, int64_t in, int64_t out) { push(Step{RELU, name, {in}, out}); }
   void add_clamp(const std::string& name, int64_t in, int64_t out, double lo, double hi) {
     Step s{CLAMP, name, {in}, out};
     s.floats = {lo, hi};
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
   void add_add(const std::string& name, int64_t a, int64_t b, int64_t out, bool relu) {
     Step s{ADD, name, {a, b}, out};
     s.relu = relu;
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
   void add_mul(const std::string& name, int64_t a, int64_t b, int64_t out) {
-    steps_.push_back(Step{MUL, name, {a, b}, out});
+    push(Step{MUL, name, {a, b}, out});
   }
   void add_pool(const std::string& name, bool max, int64_t in, int64_t out, std::vector<int64_t> kernel,
                 std::vector<int64_t> stride, std::vector<int64_t> pad, bool ceil_mode, bool count_include_pad) {
     Step s{max ? MAXPOOL : AVGPOOL, name, {in}, out};
     s.ints = {kernel[0], kernel[1], stride[0], stride[1], pad[0], pad[1], ceil_mode, count_include_pad};
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
-  void add_gap(const std::string& name, int64_t in, int64_t out) { steps_.push_back(Step{GAP, name, {in}, out}); }
+  void add_gap(const std::string& name, int64_t in, int64_t out) { push(Step{GAP, name, {in}, out}); }
   void add_flatten(const std::string& name, int64_t in, int64_t out, int64_t start) {
     Step s{FLATTEN, name, {in}, out};
     s.ints = {start};
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
   // option-A shortcut: subsample by stride, then zero-pad channels (before, after) or apply a channel map
   void add_shortcut(const std::string& name, int64_t in, int64_t out, int64_t stride, int64_t channels,
@@ -194,22 +197,69 @@ class Plan {
     Step s{SHORTCUT, name, {in}, out};
     s.ints = {stride, channels, before};
     if (src.has_value()) s.ts = {src->to(torch::kLong), dst->to(torch::kLong)};
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
   // constant padding of the last two dims: pads = {left, right, top, bottom}
   void add_pad(const std::string& name, int64_t in, int64_t out, std::vector<int64_t> pads, double value) {
     Step s{PAD, name, {in}, out};
     s.ints = pads;
     s.floats = {value};
-    steps_.push_back(std::move(s));
+    push(std::move(s));
+  }
+  // A part of the model the plan does not lower natively, run by PyTorch: fn(*inputs) returns one tensor per value
+  // of outs (netcarve/runtime/plan.py: a torch.fx sub-graph). Called with the GIL taken, outside team regions.
+  void add_python(const std::string& name, std::vector<int64_t> in, std::vector<int64_t> outs, py::object fn) {
+    TORCH_CHECK(!outs.empty(), name, ": a python step needs at least one output value");
+    Step s{PYTHON, name, std::move(in), outs[0]};
+    s.outs = std::move(outs);
+    s.fn = std::shared_ptr<py::object>(new py::object(std::move(fn)), [](py::object* o) {
+      py::gil_scoped_acquire g;  // (the plan may be destroyed where the GIL is released)
+      delete o;
+    });
+    push(std::move(s));
+  }
+  // a parameter / buffer read in forward (the value is kept in the step and handed out as is)
+  void add_const(const std::string& name, int64_t out, torch::Tensor value) {
+    Step s{CONST, name, {}, out};
+    s.ts = {value};
+    push(std::move(s));
+  }
+  // element-wise activation, by code: 0 gelu, 1 gelu (tanh approximation), 2 silu, 3 sigmoid, 4 tanh, 5 hardswish,
+  // 6 hardsigmoid (netcarve/runtime/plan.py UNARY_FNS)
+  void add_unary(const std::string& name, int64_t in, int64_t out, int64_t fn) {
+    TORCH_CHECK(fn >= 0 && fn <= 6, name, ": unknown activation code ", fn);
+    Step s{UNARY, name, {in}, out};
+    s.ints = {fn};
+    push(std::move(s));
+  }
+  void add_layer_norm(const std::string& name, int64_t in, int64_t out, std::vector<int64_t> shape,
+                      c10::optional<torch::Tensor> weight, c10::optional<torch::Tensor> bias, double eps) {
+    Step s{LAYERNORM, name, {in}, out};
+    s.ints = std::move(shape);
+    s.ts = {weight.has_value() ? weight->contiguous() : torch::Tensor(),
+            bias.has_value() ? bias->contiguous() : torch::Tensor()};
+    s.floats = {eps};
+    push(std::move(s));
+  }
+  void add_softmax(const std::string& name, int64_t in, int64_t out, int64_t dim, bool log) {
+    Step s{SOFTMAX, name, {in}, out};
+    s.ints = {dim, log};
+    push(std::move(s));
+  }
+  // x.permute(dims), made contiguous
+  void add_permute(const std::string& name, int64_t in, int64_t out, std::vector<int64_t> dims) {
+    Step s{PERMUTE, name, {in}, out};
+    s.ints = std::move(dims);
+    push(std::move(s));
   }
   void add_cat(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t dim) {
     Step s{CAT, name, std::move(in), out};
     s.ints = {dim};
-    steps_.push_back(std::move(s));
+    push(std::move(s));
   }
 
   torch::Tensor run(torch::Tensor x) {
+    check_ids();
     c10::InferenceMode guard;
     std::vector<torch::Tensor> v(nvals_);
     v[0] = x.contiguous();
@@ -219,6 +269,7 @@ class Plan {
 
   // per step: the median over `repeats` runs of its time in milliseconds (the whole plan runs each time)
   std::vector<double> profile(torch::Tensor x, int64_t repeats, int64_t warmup) {
+    check_ids();
     c10::InferenceMode guard;
     const size_t n = steps_.size();
     std::vector<std::vector<double>> t(n);
@@ -261,6 +312,24 @@ class Plan {
   }
 
  private:
+  // every value id a step reads or writes, and the output, within [0, num_values) (checked once, before a run)
+  bool ids_ok_ = false;
+  void push(Step s) {
+    steps_.push_back(std::move(s));
+    ids_ok_ = false;
+  }
+  void check_ids() {
+    if (ids_ok_) return;
+    auto ok = [&](int64_t id) { return id >= 0 && id < nvals_; };
+    TORCH_CHECK(ok(output_), "plan: output value ", output_, " is not among its ", nvals_, " values");
+    for (auto& s : steps_) {
+      TORCH_CHECK(ok(s.out), "plan step ", s.name, ": output value ", s.out, " is not among the ", nvals_, " values");
+      for (int64_t j : s.in) TORCH_CHECK(ok(j), "plan step ", s.name, ": input value ", j, " out of range");
+      for (int64_t j : s.outs) TORCH_CHECK(ok(j), "plan step ", s.name, ": output value ", j, " out of range");
+    }
+    ids_ok_ = true;
+  }
+
   // Per value, the last step that reads it (-1: none; the plan's output: never released). Values are dropped right
   // after their last reader, so the allocator hands the next steps recently written, cache-warm blocks instead of
   // fresh ones (every activation of the run had stayed alive until its end: 1.7 MiB for the compact ResNet-56 at
@@ -272,6 +341,7 @@ class Plan {
     if (!g_release_values) return last;
     for (size_t i = 0; i < steps_.size(); ++i) {
       last[steps_[i].out] = std::max<int64_t>(last[steps_[i].out], (int64_t)i);
+      for (int64_t o : steps_[i].outs) last[o] = std::max<int64_t>(last[o], (int64_t)i);
       for (int64_t j : steps_[i].in) last[j] = (int64_t)i;
     }
     if (output_ >= 0 && output_ < nvals_) last[output_] = -1;
@@ -289,6 +359,8 @@ class Plan {
     for (int64_t j : steps_[i].in)
       if (last[j] == (int64_t)i) v[j] = torch::Tensor();
     if (last[steps_[i].out] == (int64_t)i) v[steps_[i].out] = torch::Tensor();  // never read
+    for (int64_t o : steps_[i].outs)
+      if (last[o] == (int64_t)i) v[o] = torch::Tensor();
   }
 
   // One step: run, drop the values it read last, and (times) record its time in milliseconds.
@@ -310,12 +382,14 @@ class Plan {
   // ATen would not split anyway (at most its grain of 32768 elements); ATen convs and large matmuls never.
   static bool small(const torch::Tensor& t) { return t.numel() <= 32768; }
   bool team_safe(const Step& s, const std::vector<torch::Tensor>& v) const {
+    if (s.kind == PYTHON) return false;
+    if (s.kind == CONST) return true;
     const torch::Tensor& x = v[s.in[0]];
     switch (s.kind) {
       case CONV:
         return s.conv_kernel != 0;
       case LINEAR:
-        return s.mats[0].native(x);
+        return s.mats[0].native(x.dim() == 2 ? x : x.reshape({-1, x.size(-1)}));
       case RNN:
         for (auto& m : s.mats)
           if (!m.sparse) return false;
@@ -341,6 +415,10 @@ class Plan {
       case PAD:
       case MEAN:
       case AVGPOOL:
+      case UNARY:
+      case LAYERNORM:
+      case SOFTMAX:
+      case PERMUTE:
         return small(x);
     }
     return false;
@@ -348,6 +426,7 @@ class Plan {
 
   // Whether a step may be team-safe, by its kind alone (before its inputs exist): all but ATen convs and dense RNNs
   static bool team_kind(const Step& s) {
+    if (s.kind == PYTHON) return false;
     if (s.kind == CONV) return s.conv_kernel != 0;
     if (s.kind == RNN) return s.sparse;
     return true;
@@ -400,8 +479,22 @@ class Plan {
     }
   }
 
+  torch::Tensor exec_python(Step& s, std::vector<torch::Tensor>& v) {
+    py::gil_scoped_acquire g;
+    py::tuple args(s.in.size());
+    for (size_t k = 0; k < s.in.size(); ++k) args[k] = py::cast(v[s.in[k]]);
+    py::object r = (*s.fn)(*args);
+    py::tuple res = r.cast<py::tuple>();
+    TORCH_CHECK(res.size() == s.outs.size(), s.name, ": the python step returned ", res.size(), " values, expected ",
+                s.outs.size());
+    for (size_t k = 1; k < s.outs.size(); ++k) v[s.outs[k]] = res[k].cast<torch::Tensor>();
+    return res[0].cast<torch::Tensor>();
+  }
+
   // in_last: this step is the last reader of its first input (which it may then overwrite: a native clamp)
   torch::Tensor exec(Step& s, std::vector<torch::Tensor>& v, bool in_last) {
+    if (s.kind == PYTHON) return exec_python(s, v);
+    if (s.kind == CONST) return s.ts[0];
     const torch::Tensor& x = v[s.in[0]];
     switch (s.kind) {
       case CONV: {
@@ -427,10 +520,38 @@ class Plan {
         return y;
       }
       case LINEAR: {
+        if (x.dim() != 2) {  // (..., K): the leading dims as rows
+          TORCH_CHECK(x.dim() > 2, s.name, ": a linear layer needs at least 2 input dims, got ", x.sizes());
+          auto y = s.mats[0].apply(x.reshape({-1, x.size(-1)}));
+          if (s.relu) y.relu_();
+          auto sizes = x.sizes().vec();
+          sizes.back() = y.size(1);
+          return y.view(sizes);
+        }
         auto y = s.mats[0].apply(x);
         if (s.relu) y.relu_();
         return y;
       }
+      case UNARY:
+        switch (s.ints[0]) {
+          case 0: return at::gelu(x);
+          case 1: return at::gelu(x, "tanh");
+          case 2: return at::silu(x);
+          case 3: return at::sigmoid(x);
+          case 4: return at::tanh(x);
+          case 5: return at::hardswish(x);
+          default: return at::hardsigmoid(x);
+        }
+      case LAYERNORM: {
+        c10::optional<torch::Tensor> w, b;
+        if (s.ts[0].defined()) w = s.ts[0];
+        if (s.ts[1].defined()) b = s.ts[1];
+        return at::layer_norm(x, s.ints, w, b, s.floats[0]);
+      }
+      case SOFTMAX:
+        return s.ints[1] ? at::log_softmax(x, s.ints[0]) : at::softmax(x, s.ints[0]);
+      case PERMUTE:
+        return x.permute(s.ints).contiguous();
       case RNN: {
         const bool lstm = s.ints[0] != 0, bf = s.ints[2] != 0;
         const size_t D = (size_t)s.ints[3];
@@ -498,6 +619,9 @@ class Plan {
         for (auto i : s.in) xs.push_back(v[i]);
         return at::cat(xs, s.ints[0]);
       }
+      case PYTHON:
+      case CONST:
+        break;
     }
     TORCH_CHECK(false, "unknown step kind");
   }
@@ -661,6 +785,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_flatten", &Plan::add_flatten)
       .def("add_shortcut", &Plan::add_shortcut)
       .def("add_cat", &Plan::add_cat)
+      .def("add_python", &Plan::add_python)
+      .def("add_const", &Plan::add_const)
+      .def("add_unary", &Plan::add_unary)
+      .def("add_layer_norm", &Plan::add_layer_norm)
+      .def("add_softmax", &Plan::add_softmax)
+      .def("add_permute", &Plan::add_permute)
       .def("add_pad", &Plan::add_pad)
       .def("add_rnn", &Plan::add_rnn)
       .def("add_select", &Plan::add_select)
