@@ -562,8 +562,16 @@ def test_unsupported_models_and_inputs_are_clear(kernels):
         compile(Odd(), torch.randn(1, 3, 8, 8), fallback=False)
     with pytest.raises(UnsupportedModelError, match=r"indexing with .* \(only x\[:, k\]-style selects\)"):
         compile(create_model("gru", bidirectional=True).eval(), torch.randn(1, 32, 96), fallback=False)  # out[:, -1, :h]
-    with pytest.raises(UnsupportedModelError, match=r"transformer_tiny|MultiheadAttention|not supported"):
-        compile(create_model("transformer_tiny").eval(), netcarve.example_input("transformer_tiny"), fallback=False)
+    class MHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    with pytest.raises(UnsupportedModelError, match=r"module 'attn' \(MultiheadAttention\) is not supported"):
+        compile(MHA().eval(), torch.randn(1, 4, 8), fallback=False)
     c = compile(_prepared("lenet"), torch.randn(1, *create_model("lenet").input_shape))
     with pytest.raises(ConfigError, match="expected input"):
         c(torch.randn(1, 3, 5, 5))
@@ -770,7 +778,7 @@ def test_native_clamp_in_plans_matches_aten(kernels):
 
 class _Mixed(nn.Module):
     """Native convs around parts the plan does not lower: ELU, a normalisation over channels (permutes +
-    F.normalize), a chunk (a tuple-valued op), erf, shape arithmetic, a parameter used in forward, and a conv whose
+    F.normalize), a split (a tuple-valued op), erf, shape arithmetic, a parameter used in forward, and a conv whose
     fused residual is computed by a fallback step."""
 
     def __init__(self):
@@ -786,7 +794,7 @@ class _Mixed(nn.Module):
         y = self.conv1(x)
         r = F.normalize(self.act(y).permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
         z = torch.relu(self.conv2(y) + r)  # conv2 fuses a residual made by a fallback step
-        a, b = z.chunk(2, dim=1)
+        a, b = z.split([4, 4], dim=1)
         w = self.conv3(a * torch.erf(b)) * self.gamma
         return self.fc(w.mean((2, 3)).view(x.size(0), -1))
 
@@ -802,7 +810,7 @@ def test_fallback_steps_run_what_the_plan_does_not_lower(kernels, threads):
         kinds = [op.kind for op in c.ops]
         assert kinds.count("conv") == 3 and "python" in kinds
         names = " ".join(c.fallback)
-        for part in ("(ELU)", "'normalize'", "'chunk'", "'erf'"):
+        for part in ("(ELU)", "'normalize'", "'split'", "'erf'"):
             assert part in names, names
         assert "gamma" not in names and "size" not in names  # parameter reads and shape arithmetic: not named
         # conv2's residual (the LayerNorm branch) is fused: it comes from a python step before it
@@ -925,3 +933,94 @@ def test_token_ops_and_nd_linear_lower_natively(kernels, mode):
             assert _rel(c(x), ref) <= 1e-4 and _rel(c.reference(x), ref) <= 1e-4
             x1 = torch.randn(1, 6, 32)
             assert _rel(c(x1), m(x1)) <= 1e-4
+
+
+class _Attention(nn.Module):
+    """timm-style attention: qkv Linear, reshape / permute / unbind, fused attention (optionally causal or with
+    a mask), transpose + reshape, proj; a chunk along channels; a layer scale reshaped in forward."""
+
+    def __init__(self, d=32, heads=4, causal=False, mask=False):
+        super().__init__()
+        self.h, self.causal = heads, causal
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.gamma = nn.Parameter(torch.rand(d) + 0.5)
+        self.register_buffer("mask", torch.randn(6, 6) if mask else None)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
+        y = self.proj(a.transpose(1, 2).reshape(B, N, C))
+        u, w = y.chunk(2, dim=-1)
+        return torch.cat([u * torch.sigmoid(w), w], -1) * self.gamma.view(1, 1, -1) + x
+
+
+@pytest.mark.parametrize("variant", ["plain", "causal", "mask"])
+def test_attention_blocks_lower_natively(kernels, variant):
+    torch.manual_seed(0)
+    m = _Attention(causal=variant == "causal", mask=variant == "mask").eval()
+    x = torch.randn(2, 6, 32)
+    with at_threads(2):
+        c = compile(m, x, sparse="never")
+        kinds = [op.kind for op in c.ops]
+        assert "python" not in kinds, c.fallback
+        assert kinds.count("sdpa") == 1 and kinds.count("select") == 3 and kinds.count("narrow") == 2
+        assert kinds.count("reshape") == 2
+        with torch.no_grad():
+            for b in (2, 1, 5):  # the reshapes keep the batch
+                xb = torch.randn(b, 6, 32)
+                assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4
+
+
+def test_batch_dependent_ops_stay_in_pytorch(kernels):
+    class BatchOps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.cls = nn.Parameter(torch.randn(1, 1, 8))
+
+        def forward(self, x):  # x: (N, 4, 8)
+            t = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)  # expand to the batch: computed size
+            a, b = self.fc(t).chunk(2, dim=0)  # chunk along the batch: sizes depend on it
+            return torch.cat([b, a], 0).reshape(-1, 5 * 8).view(4, -1)  # a literal 4 = the example's batch
+
+    m = BatchOps().eval()
+    x = torch.randn(4, 4, 8)
+    c = compile(m, x, sparse="never")
+    names = " ".join(c.fallback)
+    assert "'expand'" in names and "'chunk'" in names and "'view'" in names and "'reshape'" not in names
+    with torch.no_grad():
+        for b in (4, 2, 6):
+            xb = torch.randn(b, 4, 8)
+            assert _rel(c(xb), m(xb)) <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_zoo_transformer_lowers_natively(kernels, mode):
+    """netcarve's transformer_tiny: its attention blocks (qkv, heads split, fused attention, proj), the position
+    embedding sliced to the sequence length, LayerNorms and GELU MLPs are native steps; block-sparse weights run
+    every linear (the qkv / proj inside attention too) on the BSR kernel."""
+    torch.manual_seed(0)
+    m = create_model("transformer_tiny").eval()
+    if mode == "always":
+        blk = make_scheme("block", block=[4, 16])
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, nn.Linear) and mod.in_features % 16 == 0:
+                    mod.weight.mul_(blk.project(mod.weight, 0.8))
+    x = netcarve.example_input("transformer_tiny", batch=2)
+    with at_threads(2):
+        c = compile(m, x, sparse=mode, fallback=False)
+        kinds = [op.kind for op in c.ops]
+        assert kinds.count("sdpa") == 4 and "python" not in kinds
+        choice = {lc.name: lc.choice for lc in c.layers}
+        assert "blocks.0.attn.qkv" in choice and "blocks.3.attn.proj" in choice
+        if mode == "always":
+            assert choice["blocks.0.attn.qkv"] == "sparse" and choice["blocks.0.mlp.fc1"] == "sparse"
+        qkv = next(lc for lc in c.layers if lc.name == "blocks.0.attn.qkv")
+        assert qkv.macs == 2 * 32 * 64 * 192  # (batch x tokens) rows
+        with torch.no_grad():
+            for b in (2, 1, 3):
+                xb = torch.randn(b, *x.shape[1:])
+                assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4

@@ -111,6 +111,87 @@ def _is_shape_query(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "size"
 
 
+def _shape_index(a: Any) -> int | None:
+    """k when ``a`` is ``t.shape[k]`` / ``t.size()[k]`` / ``t.size(k)`` of some tensor t, else None."""
+    if not isinstance(a, fx.Node):
+        return None
+    if a.op == "call_method" and a.target == "size" and len(a.args) == 2 and isinstance(a.args[1], int):
+        return a.args[1]
+    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[1], int) \
+            and isinstance(a.args[0], fx.Node) and _is_shape_query(a.args[0]):
+        return a.args[1]
+    return None
+
+
+_ARITH = {operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv}
+
+
+def _static_int(a: Any) -> int | None:
+    """The value of a size that does not depend on the batch (a literal, a non-batch size of a traced tensor, or
+    arithmetic of those), else None."""
+    if isinstance(a, int):
+        return a
+    k = _shape_index(a)
+    if k is not None:
+        t = a.args[0] if a.op == "call_method" else a.args[0].args[0]
+        shape = _shape(t) if isinstance(t, fx.Node) else None
+        return shape[k] if shape is not None and k % len(shape) != 0 else None
+    if isinstance(a, fx.Node) and a.op == "call_function" and a.target in _ARITH and len(a.args) == 2:
+        x, y = (_static_int(b) for b in a.args)
+        return None if x is None or y is None else int(a.target(x, y))
+    return None
+
+
+def _static_index(index: Any) -> Any:
+    """``index`` (ints, slices, None, Ellipsis) with its computed bounds evaluated by :func:`_static_int`, or None
+    when one of them depends on the batch or is not a size."""
+    parts = index if isinstance(index, tuple) else (index,)
+    out = []
+    for p in parts:
+        if p is None or p is Ellipsis:
+            out.append(p)
+        elif isinstance(p, slice):
+            b = [None if v is None else _static_int(v) for v in (p.start, p.stop, p.step)]
+            if any(v is None and o is not None for v, o in zip(b, (p.start, p.stop, p.step))):
+                return None
+            out.append(slice(*b))
+        else:
+            v = _static_int(p)
+            if v is None:
+                return None
+            out.append(v)
+    return tuple(out) if isinstance(index, tuple) else out[0]
+
+
+def _batch_free(a: Any) -> bool:
+    """A reshape size that does not depend on the batch: a literal, a size at index >= 1, or arithmetic of those."""
+    if isinstance(a, (int, float)):
+        return True
+    k = _shape_index(a)
+    if k is not None:
+        return k != 0
+    return isinstance(a, fx.Node) and a.op == "call_function" and a.target in _ARITH and \
+        all(_batch_free(b) for b in a.args)
+
+
+def _keeps_batch(node: fx.Node) -> bool:
+    """A view / reshape whose first size is ``-1`` or a tensor's ``shape[0]`` and whose others do not depend on
+    the batch (so the plan may run it at any batch as ``reshape(-1, *static)``)."""
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    return bool(dims) and (dims[0] == -1 or _shape_index(dims[0]) == 0) and all(_batch_free(d) for d in dims[1:])
+
+
+def _split_op(node: fx.Node) -> tuple[str, Any] | None:
+    """``("unbind" | "chunk", input)`` when ``node`` is ``x.unbind(..)`` / ``x.chunk(..)`` (method or torch.*)."""
+    if node.op == "call_method" and node.target in ("unbind", "chunk"):
+        return node.target, node.args[0]
+    if node.op == "call_function" and node.target in (torch.unbind, torch.chunk):
+        return node.target.__name__, node.args[0]
+    return None
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = [u for u in node.users if not _is_shape_query(u)]
     return users[0] if len(users) == 1 else None
@@ -474,6 +555,13 @@ class Lowering:
             return self._alias(node, x)
         if isinstance(m, (nn.GRU, nn.LSTM)):
             return self._rnn(node, m)
+        if type(m).__name__ == "AttentionMatmul":  # netcarve.models.transformer: softmax(q k^T / sqrt(d)) v
+            if len(node.args) != 3:
+                self._unsupported(node, "attention over other than (q, k, v)")
+            return self._emit(Op("sdpa", name, [self._in(a, node) for a in node.args], p={"causal": False,
+                                                                                           "scale": None}), node, x)
+        if type(m).__name__ == "MultiHeadSelfAttention" and isinstance(getattr(m, "qkv", None), nn.Linear):
+            return self._mhsa(node, m)
         if type(m).__name__ == "ShortcutA":
             shape = _shape(node)
             cin = _shape(x)[1]
@@ -542,8 +630,13 @@ class Lowering:
                 return self._alias(node, src)
             if src in self._rnn_state:
                 return self._rnn_state_row(node, src, args[1])
+            if (c := self._attr(src)) is not None and (idx := _static_index(args[1])) is not None:
+                # a parameter indexed with sizes that do not depend on the batch (pos_embed[:, :T]): a constant
+                return self._emit(Op("const", node.name, [], p={"value": c[idx].contiguous()}), node)
             if _shape(node) is not None and _shape(src) is not None:
                 return self._getitem(node, src, args[1])
+            if _shape(node) is not None and isinstance(args[1], int) and _split_op(src) is not None:
+                return self._split_item(node, src, args[1])
         if _shape(node) is None:  # shape arithmetic (x.shape[1], ...): only feeds module arguments
             return
         if t in _RELU_FNS:
@@ -560,6 +653,10 @@ class Lowering:
         if t in (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax):
             dim = args[1] if len(args) > 1 else kw.get("dim")
             return self._softmax(node, args[0], dim, t in (F.log_softmax, torch.log_softmax))
+        if t is F.scaled_dot_product_attention:
+            return self._sdpa(node)
+        if t is torch.reshape and self._reshape(node, args[0]):
+            return
         if t is torch.permute:
             return self._permute(node, args[0], args[1] if len(args) > 1 else kw["dims"])
         if t is torch.transpose and len(args) == 3:
@@ -606,6 +703,102 @@ class Lowering:
         dim = 1 if m.batch_first else 0
         return self._emit(Op("select", node.name, [self._in(rnn, node)], p={"dim": dim, "index": -1}), node, rnn)
 
+    def _mhsa(self, node, m):
+        """netcarve's MultiHeadSelfAttention (a leaf of the pruning graph): qkv linear, heads split (reshape,
+        permute, three selects), fused attention, heads merged, proj linear: the ops of its forward."""
+        x = node.args[0]
+        xs = _shape(x)
+        heads, width = int(m.num_heads), int(m.qkv.out_features)
+        if xs is None or len(xs) != 3 or width % (3 * heads):
+            self._unsupported(node, "attention input not (B, T, d) or qkv width not 3 x heads x head_dim")
+        t, hd = xs[1], width // 3 // heads
+        name = str(node.target)
+
+        def step(kind, suffix, ins, p):
+            op = Op(kind, f"{name}.{suffix}", ins, p=p)
+            op.out = self.nvals
+            self.nvals += 1
+            self.ops.append(op)
+            return op.out
+
+        def lin(mod, suffix, src):
+            out = step("linear", suffix, [src], {"weight": mod.weight.detach().float().contiguous(),
+                                                 "bias": None if mod.bias is None else mod.bias.detach().float(),
+                                                 "relu": False, "sparse": False})
+            self.ops[-1].in_shape, self.ops[-1].out_shape = tuple(xs), (*xs[:2], mod.out_features)
+            return out
+
+        qkv = lin(m.qkv, "qkv", self._in(x, node))
+        qkv = step("reshape", "split_heads", [qkv], {"shape": [-1, t, 3, heads, hd]})
+        qkv = step("permute", "permute", [qkv], {"dims": [2, 0, 3, 1, 4]})
+        q, k, v = (step("select", f"select{i}", [qkv], {"dim": 0, "index": i}) for i in range(3))
+        a = step("sdpa", "matmul", [q, k, v], {"causal": False, "scale": None})
+        a = step("permute", "merge_heads", [a], {"dims": [0, 2, 1, 3]})
+        a = step("reshape", "reshape", [a], {"shape": [-1, t, heads * hd]})
+        self._emit(Op("linear", f"{name}.proj", [a], p={"weight": m.proj.weight.detach().float().contiguous(),
+                                                         "bias": None if m.proj.bias is None
+                                                         else m.proj.bias.detach().float(),
+                                                         "relu": False, "sparse": False}), node, x)
+        self.ops[-1].in_shape = (*xs[:2], heads * hd)
+
+    def _split_item(self, node, src, i: int):
+        """``x.unbind(d)[i]`` -> select; ``x.chunk(n, d)[i]`` -> narrow (static sizes: not along dim 0)."""
+        kind, x = _split_op(src)
+        a, kw = src.args, src.kwargs
+        xs = _shape(x)
+        if xs is None:
+            self._unsupported(node, f"{kind} of an input of unknown shape")
+        if kind == "unbind":
+            d = a[1] if len(a) > 1 else kw.get("dim", 0)
+            return self._emit(Op("select", node.name, [self._in(x, node)], p={"dim": int(d), "index": int(i)}), node, x)
+        n = a[1] if len(a) > 1 else kw.get("chunks")
+        d = a[2] if len(a) > 2 else kw.get("dim", 0)
+        if not isinstance(n, int) or not isinstance(d, int) or d % len(xs) == 0:
+            self._unsupported(node, "chunk along dim 0 (sizes depend on the batch) or of computed sizes")
+        d %= len(xs)
+        size = -(-xs[d] // n)
+        start = size * (i % -(-xs[d] // size))
+        return self._emit(Op("narrow", node.name, [self._in(x, node)],
+                             p={"dim": d, "start": start, "length": min(size, xs[d] - start)}), node, x)
+
+    def _sdpa(self, node):
+        a, kw = node.args, node.kwargs
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        v = dict(zip(names, a))
+        v.update(kw)
+        if v.get("dropout_p", 0.0) not in (0, 0.0) or v.get("enable_gqa", False):
+            self._unsupported(node, "attention with dropout or grouped-query heads")
+        scale = v.get("scale")
+        if isinstance(scale, fx.Node) or isinstance(v.get("is_causal", False), fx.Node):
+            self._unsupported(node, "a computed scale / is_causal")
+        ins = [self._in(v["query"], node), self._in(v["key"], node), self._in(v["value"], node)]
+        mask = v.get("attn_mask")
+        if mask is not None:
+            ins.append(self._in(mask, node))
+        return self._emit(Op("sdpa", node.name, ins, p={"causal": bool(v.get("is_causal", False)),
+                                                          "scale": None if scale is None else float(scale)}),
+                          node, v["query"])
+
+    def _reshape(self, node, x) -> bool:
+        """A reshape that keeps dim 0 (the batch) and reshapes the rest to a static shape: emitted, True.
+        Only where the target's first size is ``-1`` or a tensor's ``shape[0]`` / ``size(0)`` and the others are
+        literals or come from non-batch sizes (``x.reshape(B, N, 3, H, C // H)``): a literal first size equal to
+        the example's batch (``x.view(2, ...)``) stays a python step, as eager semantics at other batches."""
+        if not _keeps_batch(node):
+            return False
+        out, src = _shape(node), _shape(x)
+        if out is None or src is None or not out or not src or out[0] != src[0]:
+            return False
+        n_out, n_src = 1, 1
+        for d in out[1:]:
+            n_out *= d
+        for d in src[1:]:
+            n_src *= d
+        if n_out != n_src:
+            return False
+        self._emit(Op("reshape", node.name, [self._in(x, node)], p={"shape": [-1, *out[1:]]}), node, x)
+        return True
+
     def _getitem(self, node, src, index):
         """``x[:, k]`` / ``x[:, -1]`` (an integer at one position, full slices elsewhere) -> select."""
         idx = index if isinstance(index, tuple) else (index,)
@@ -644,11 +837,17 @@ class Lowering:
             last, _, relu = self._fuse_tail(node, allow_add=False)
             return self._emit(Op("add", node.name, [self._in(x, node), self._in(node.args[1], node)],
                                  p={"relu": relu}), last, x)
+        if t in ("view", "reshape") and (c := self._attr(x)) is not None and _shape(node) is not None:
+            # a parameter reshaped in forward (a layer scale as (1, C, 1, 1)): a constant of that shape
+            return self._emit(Op("const", node.name, [], p={"value": c.reshape(_shape(node)).contiguous()}), node)
         if t in ("flatten", "view", "reshape"):
             out, src = _shape(node), _shape(x)
-            if t == "flatten" or (out is not None and src is not None and len(out) == 2 and out[0] == src[0]):
+            if t == "flatten" or (out is not None and src is not None and len(out) == 2 and out[0] == src[0]
+                                  and _keeps_batch(node)):
                 start = 1 if t != "flatten" else (node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0))
                 return self._emit(Op("flatten", node.name, [self._in(x, node)], p={"start": int(start)}), node, x)
+            if t != "flatten" and self._reshape(node, x):
+                return
         if t == "mean":
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
@@ -775,6 +974,14 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
         return (torch.log_softmax if p["log"] else torch.softmax)(x, p["dim"])
     if k == "permute":
         return x.permute(p["dims"]).contiguous()
+    if k == "narrow":
+        return x.narrow(p["dim"], p["start"], p["length"])
+    if k == "reshape":
+        return x.reshape(p["shape"])
+    if k == "sdpa":
+        mask = v[op.inputs[3]] if len(op.inputs) > 3 else None
+        return F.scaled_dot_product_attention(x, v[op.inputs[1]], v[op.inputs[2]], attn_mask=mask,
+                                              is_causal=p["causal"], scale=p["scale"])
     raise ValueError(f"unknown op kind {k!r}")  # pragma: no cover
 
 
@@ -886,6 +1093,12 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             plan.add_softmax(n, op.inputs[0], op.out, p["dim"], p["log"])
         elif op.kind == "permute":
             plan.add_permute(n, op.inputs[0], op.out, p["dims"])
+        elif op.kind == "narrow":
+            plan.add_narrow(n, op.inputs[0], op.out, p["dim"], p["start"], p["length"])
+        elif op.kind == "reshape":
+            plan.add_reshape(n, op.inputs[0], op.out, p["shape"])
+        elif op.kind == "sdpa":
+            plan.add_sdpa(n, op.inputs, op.out, p["causal"], p["scale"])
         else:  # pragma: no cover
             raise ValueError(f"unknown op kind {op.kind!r}")
     return plan

@@ -17,7 +17,7 @@
 
 namespace {
 
-enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE };
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA };
 
 struct Step {
   Kind kind;
@@ -252,6 +252,26 @@ class Plan {
     s.ints = std::move(dims);
     push(std::move(s));
   }
+  void add_narrow(const std::string& name, int64_t in, int64_t out, int64_t dim, int64_t start, int64_t length) {
+    Step s{NARROW, name, {in}, out};
+    s.ints = {dim, start, length};
+    push(std::move(s));
+  }
+  // x.reshape(shape) (shape[0] = -1: the batch)
+  void add_reshape(const std::string& name, int64_t in, int64_t out, std::vector<int64_t> shape) {
+    Step s{RESHAPE, name, {in}, out};
+    s.ints = std::move(shape);
+    push(std::move(s));
+  }
+  // scaled dot-product attention: in = {q, k, v} or {q, k, v, mask} (ATen's fused CPU kernel)
+  void add_sdpa(const std::string& name, std::vector<int64_t> in, int64_t out, bool causal,
+                c10::optional<double> scale) {
+    TORCH_CHECK(in.size() == 3 || in.size() == 4, name, ": attention reads q, k, v and an optional mask");
+    Step s{SDPA, name, std::move(in), out};
+    s.ints = {causal, scale.has_value()};
+    s.floats = {scale.value_or(0.0)};
+    push(std::move(s));
+  }
   void add_cat(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t dim) {
     Step s{CAT, name, std::move(in), out};
     s.ints = {dim};
@@ -419,7 +439,12 @@ class Plan {
       case LAYERNORM:
       case SOFTMAX:
       case PERMUTE:
+      case RESHAPE:
         return small(x);
+      case NARROW:
+        return true;
+      case SDPA:
+        return false;
     }
     return false;
   }
@@ -552,6 +577,17 @@ class Plan {
         return s.ints[1] ? at::log_softmax(x, s.ints[0]) : at::softmax(x, s.ints[0]);
       case PERMUTE:
         return x.permute(s.ints).contiguous();
+      case NARROW:
+        return x.narrow(s.ints[0], s.ints[1], s.ints[2]);
+      case RESHAPE:
+        return x.reshape(s.ints);
+      case SDPA: {
+        c10::optional<torch::Tensor> mask;
+        if (s.in.size() > 3) mask = v[s.in[3]];
+        c10::optional<double> scale;
+        if (s.ints[1]) scale = s.floats[0];
+        return at::scaled_dot_product_attention(x, v[s.in[1]], v[s.in[2]], mask, 0.0, s.ints[0] != 0, scale);
+      }
       case RNN: {
         const bool lstm = s.ints[0] != 0, bf = s.ints[2] != 0;
         const size_t D = (size_t)s.ints[3];
@@ -791,6 +827,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer_norm", &Plan::add_layer_norm)
       .def("add_softmax", &Plan::add_softmax)
       .def("add_permute", &Plan::add_permute)
+      .def("add_narrow", &Plan::add_narrow)
+      .def("add_reshape", &Plan::add_reshape)
+      .def("add_sdpa", &Plan::add_sdpa)
       .def("add_pad", &Plan::add_pad)
       .def("add_rnn", &Plan::add_rnn)
       .def("add_select", &Plan::add_select)
