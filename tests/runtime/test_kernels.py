@@ -589,6 +589,43 @@ def test_bsr_linear_batched_parallel(kernels, threads, bh, bw):
         kernels.set_parallel_threshold(old_threshold)
         torch.set_num_threads(old_threads)
 
+# Many rows (a transformer's batch x tokens) run in row tiles (set_bsr_row_tile, default 64), tiles split over the
+# threads: the same outputs as all rows at once, for every tile height, ragged last tiles and a last block row cut
+# short; also as a plan's sparse linear step on a 3-d input
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("bh,bw", [(1, 16), (4, 16), (16, 16), (4, 8)])
+def test_bsr_linear_row_tiles(kernels, threads, bh, bw):
+    from netcarve.runtime.kernels import bsr_tensors
+    from netcarve.sparsity import make_scheme
+
+    old_threads, old_tile = torch.get_num_threads(), 64
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(threads * 100 + bh + bw)
+        rows, cols = 203, 96
+        w = torch.randn(rows, cols)
+        w = w * make_scheme("block", block=[bh, bw]).project(w, 0.85)
+        bt = bsr_tensors(w, (bh, bw))
+        b = torch.randn(rows)
+        for m in (129, 300, 1024):
+            x = torch.randn(m, cols)
+            kernels.set_bsr_row_tile(64)
+            tiled = kernels.bsr_linear(x, *bt, b, rows)
+            kernels.set_bsr_row_tile(0)
+            whole = kernels.bsr_linear(x, *bt, b, rows)
+            ref = torch.nn.functional.linear(x, w, b)
+            assert _rel_err(tiled, ref) <= 1e-4 and _rel_err(whole, ref) <= 1e-4, m
+            assert torch.equal(tiled, whole), m
+        kernels.set_bsr_row_tile(64)
+        plan = kernels.Plan(2, 1)
+        plan.add_linear("fc", 0, 1, w, b, True, list(bt), True)
+        x3 = torch.randn(5, 61, cols)  # 305 rows in tiles of 64
+        assert _rel_err(plan.run(x3), torch.relu(torch.nn.functional.linear(x3, w, b))) <= 1e-4
+    finally:
+        kernels.set_bsr_row_tile(old_tile)
+        torch.set_num_threads(old_threads)
+
+
 # Tiles 16 rows tall with their transposed copy (bsr_linear_t, as plans call it: MatW keeps bsr_tiles_t of the
 # tiles) run with the output rows in the vector lanes (bsr_cols, AVX-512): every batch-row register block (8, 4, 2,
 # 1 and their mixes), tiles narrower than a vector and of an odd width, K padded to the tile, a last block row cut

@@ -393,6 +393,9 @@ extern bool g_bsr_cols;
 // AVX-512: BSR matmuls (other than bsr_cols) below this batch reduce 16 rows per batch row (bsr_rows16), from it on
 // they take the transposed batched path (set_bsr_batched_min)
 extern int64_t g_bsr_batched_min;
+// BSR matmuls of more than 2x this many rows (batch x tokens) run in row tiles of this size (0: all rows at once;
+// set_bsr_row_tile)
+extern int64_t g_bsr_row_tile;
 
 // A matmul y = x W^T (+ bias) that is dense (w) or BSR (ptr / idx / val, sparse = true).
 struct MatW {
