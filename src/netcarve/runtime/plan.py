@@ -183,6 +183,17 @@ def _keeps_batch(node: fx.Node) -> bool:
     return bool(dims) and (dims[0] == -1 or _shape_index(dims[0]) == 0) and all(_batch_free(d) for d in dims[1:])
 
 
+def _step_name(node: fx.Node) -> str:
+    """A step's name: the module path of a module call, else the node's name."""
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _linear_p(m: nn.Linear, relu: bool = False) -> dict[str, Any]:
+    """A linear op's parameters from an ``nn.Linear`` (fp32 copies; dense until compile chooses its kernel)."""
+    return {"weight": m.weight.detach().float().contiguous(),
+            "bias": None if m.bias is None else m.bias.detach().float(), "relu": relu, "sparse": False}
+
+
 def _split_op(node: fx.Node) -> tuple[str, Any] | None:
     """``("unbind" | "chunk", input)`` when ``node`` is ``x.unbind(..)`` / ``x.chunk(..)`` (method or torch.*)."""
     if node.op == "call_method" and node.target in ("unbind", "chunk"):
@@ -435,7 +446,7 @@ class Lowering:
         return obj.detach().clone().contiguous() if isinstance(obj, torch.Tensor) else None
 
     def _unary(self, node, x, fn: str):
-        return self._emit(Op("unary", node.name if node.op != "call_module" else str(node.target),
+        return self._emit(Op("unary", _step_name(node),
                              [self._in(x, node)], p={"fn": fn}), node, x)
 
     def _layer_norm(self, node, x, shape, weight, bias, eps: float):
@@ -455,14 +466,14 @@ class Lowering:
                 if t is None:
                     self._unsupported(node, "a LayerNorm weight / bias computed in forward")
             ts.append(None if t is None else t.detach().float().contiguous())
-        return self._emit(Op("layernorm", node.name if node.op != "call_module" else str(node.target),
+        return self._emit(Op("layernorm", _step_name(node),
                              [self._in(x, node)], p={"shape": shape, "weight": ts[0], "bias": ts[1],
                                                      "eps": float(eps)}), node, x)
 
     def _softmax(self, node, x, dim, log: bool):
         if not isinstance(dim, int) or node.kwargs.get("dtype") is not None:
             self._unsupported(node, "softmax needs an integer dim (and no dtype)")
-        return self._emit(Op("softmax", node.name if node.op != "call_module" else str(node.target),
+        return self._emit(Op("softmax", _step_name(node),
                              [self._in(x, node)], p={"dim": int(dim), "log": bool(log)}), node, x)
 
     def _transpose(self, node, x, a, b):
@@ -524,10 +535,7 @@ class Lowering:
             if len(_shape(x) or ()) < 2:
                 self._unsupported(node, "Linear on a 1-d input")
             last, _, relu = self._fuse_tail(node, allow_add=False)
-            return self._emit(Op("linear", name, [self._in(x, node)],
-                                 p={"weight": m.weight.detach().float().contiguous(),
-                                    "bias": None if m.bias is None else m.bias.detach().float(), "relu": relu,
-                                    "sparse": False}), last, x)
+            return self._emit(Op("linear", name, [self._in(x, node)], p=_linear_p(m, relu)), last, x)
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
             if isinstance(m, nn.MaxPool2d) and m.dilation not in (1, (1, 1)):
                 self._unsupported(node, "dilated max pooling")
@@ -721,24 +729,15 @@ class Lowering:
             self.ops.append(op)
             return op.out
 
-        def lin(mod, suffix, src):
-            out = step("linear", suffix, [src], {"weight": mod.weight.detach().float().contiguous(),
-                                                 "bias": None if mod.bias is None else mod.bias.detach().float(),
-                                                 "relu": False, "sparse": False})
-            self.ops[-1].in_shape, self.ops[-1].out_shape = tuple(xs), (*xs[:2], mod.out_features)
-            return out
-
-        qkv = lin(m.qkv, "qkv", self._in(x, node))
+        qkv = step("linear", "qkv", [self._in(x, node)], _linear_p(m.qkv))
+        self.ops[-1].in_shape, self.ops[-1].out_shape = tuple(xs), (*xs[:2], width)
         qkv = step("reshape", "split_heads", [qkv], {"shape": [-1, t, 3, heads, hd]})
         qkv = step("permute", "permute", [qkv], {"dims": [2, 0, 3, 1, 4]})
         q, k, v = (step("select", f"select{i}", [qkv], {"dim": 0, "index": i}) for i in range(3))
         a = step("sdpa", "matmul", [q, k, v], {"causal": False, "scale": None})
         a = step("permute", "merge_heads", [a], {"dims": [0, 2, 1, 3]})
         a = step("reshape", "reshape", [a], {"shape": [-1, t, heads * hd]})
-        self._emit(Op("linear", f"{name}.proj", [a], p={"weight": m.proj.weight.detach().float().contiguous(),
-                                                         "bias": None if m.proj.bias is None
-                                                         else m.proj.bias.detach().float(),
-                                                         "relu": False, "sparse": False}), node, x)
+        self._emit(Op("linear", f"{name}.proj", [a], p=_linear_p(m.proj)), node, x)
         self.ops[-1].in_shape = (*xs[:2], heads * hd)
 
     def _split_item(self, node, src, i: int):
