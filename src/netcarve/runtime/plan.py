@@ -17,6 +17,7 @@ the module path and type with ``fallback=False``.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,24 +164,13 @@ def _static_index(index: Any) -> Any:
     return tuple(out) if isinstance(index, tuple) else out[0]
 
 
-def _batch_free(a: Any) -> bool:
-    """A reshape size that does not depend on the batch: a literal, a size at index >= 1, or arithmetic of those."""
-    if isinstance(a, (int, float)):
-        return True
-    k = _shape_index(a)
-    if k is not None:
-        return k != 0
-    return isinstance(a, fx.Node) and a.op == "call_function" and a.target in _ARITH and \
-        all(_batch_free(b) for b in a.args)
-
-
 def _keeps_batch(node: fx.Node) -> bool:
     """A view / reshape whose first size is ``-1`` or a tensor's ``shape[0]`` and whose others do not depend on
     the batch (so the plan may run it at any batch as ``reshape(-1, *static)``)."""
     dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = tuple(dims[0])
-    return bool(dims) and (dims[0] == -1 or _shape_index(dims[0]) == 0) and all(_batch_free(d) for d in dims[1:])
+    return bool(dims) and (dims[0] == -1 or _shape_index(dims[0]) == 0) and all(_static_int(d) is not None for d in dims[1:])
 
 
 def _step_name(node: fx.Node) -> str:
@@ -285,6 +275,13 @@ class Lowering:
         if src is not None:
             op.in_shape = _shape(src)
         self.ops.append(op)
+
+    def _emit_tmp(self, op: Op) -> int:
+        """Append an op whose value no graph node holds (an intermediate of a lowered node): its value id."""
+        op.out = self.nvals
+        self.nvals += 1
+        self.ops.append(op)
+        return op.out
 
     def _fuse_tail(self, node: fx.Node, allow_add: bool) -> tuple[fx.Node, fx.Node | None, bool]:
         """Follow ``node`` through an only-user residual add (if allowed) and ReLU: (last node, residual, relu)."""
@@ -723,11 +720,7 @@ class Lowering:
         name = str(node.target)
 
         def step(kind, suffix, ins, p):
-            op = Op(kind, f"{name}.{suffix}", ins, p=p)
-            op.out = self.nvals
-            self.nvals += 1
-            self.ops.append(op)
-            return op.out
+            return self._emit_tmp(Op(kind, f"{name}.{suffix}", ins, p=p))
 
         qkv = step("linear", "qkv", [self._in(x, node)], _linear_p(m.qkv))
         self.ops[-1].in_shape, self.ops[-1].out_shape = tuple(xs), (*xs[:2], width)
@@ -788,12 +781,7 @@ class Lowering:
         out, src = _shape(node), _shape(x)
         if out is None or src is None or not out or not src or out[0] != src[0]:
             return False
-        n_out, n_src = 1, 1
-        for d in out[1:]:
-            n_out *= d
-        for d in src[1:]:
-            n_src *= d
-        if n_out != n_src:
+        if math.prod(out[1:]) != math.prod(src[1:]):
             return False
         self._emit(Op("reshape", node.name, [self._in(x, node)], p={"shape": [-1, *out[1:]]}), node, x)
         return True
@@ -857,11 +845,8 @@ class Lowering:
             if dims is not None and sorted(d % 4 for d in dims) == [2, 3]:
                 if keep:
                     return self._emit(Op("gap", node.name, [self._in(x, node)]), node, x)
-                tmp = Op("gap", node.name + ".gap", [self._in(x, node)])
-                tmp.out = self.nvals
-                self.nvals += 1
-                self.ops.append(tmp)
-                return self._emit(Op("flatten", node.name, [tmp.out], p={"start": 1}), node, x)
+                tmp = self._emit_tmp(Op("gap", node.name + ".gap", [self._in(x, node)]))
+                return self._emit(Op("flatten", node.name, [tmp], p={"start": 1}), node, x)
         self._unsupported(node)
 
     def _schedule(self) -> list[Op]:

@@ -324,6 +324,23 @@ static void bsr_rows_t_all(const float* xt, int64_t ld, int64_t nmv, const int32
   for (; mv < nmv; ++mv) bsr_rows_t<BH, RH, 1>(xt, ld, mv, ptr, idx, val, bw, rb0, rb1, bias, yt, R);
 }
 
+// bsr_rows_t_all for tile height bh (1, 2, 4, 8, 16). Register blocks (RH tile rows x MC batch vectors of
+// accumulators): at most 4 tile rows per pass, so each broadcast weight feeds MC >= 2 FMAs and each x vector RH; 8
+// accumulators with AVX2 (16 registers), 16 with AVX-512 (32). Taller tiles run in passes of 4 rows (one row of 16
+// had 16 broadcasts per x vector: load-bound).
+static void bsr_rows_t_bh(int64_t bh, const float* xt, int64_t ld, int64_t nmv, const int32_t* ptr,
+                          const int32_t* idx, const float* val, int64_t bw, int64_t rb0, int64_t rb1,
+                          const float* bias, float* yt, int64_t R) {
+  constexpr int MC4 = RMAX / 4;
+  switch (bh) {
+    case 1: bsr_rows_t_all<1, 1, RMAX>(xt, ld, nmv, ptr, idx, val, bw, rb0, rb1, bias, yt, R); break;
+    case 2: bsr_rows_t_all<2, 2, RMAX / 2>(xt, ld, nmv, ptr, idx, val, bw, rb0, rb1, bias, yt, R); break;
+    case 4: bsr_rows_t_all<4, 4, MC4>(xt, ld, nmv, ptr, idx, val, bw, rb0, rb1, bias, yt, R); break;
+    case 8: bsr_rows_t_all<8, 4, MC4>(xt, ld, nmv, ptr, idx, val, bw, rb0, rb1, bias, yt, R); break;
+    default: bsr_rows_t_all<16, 4, MC4>(xt, ld, nmv, ptr, idx, val, bw, rb0, rb1, bias, yt, R); break;
+  }
+}
+
 // dst (cols x rows, leading dim ldd) = src (rows x cols, leading dim lds) transposed, in 8 x 8 register blocks
 // (AVX: unpack / shuffle / permute). Column-by-column copies with power-of-two strides (a 128-wide batch is a
 // 512-byte stride) mapped every read to the same few L1 sets and ran at ~1.3 ns per float; this is ~8x faster.
@@ -543,14 +560,7 @@ torch::Tensor bsr_linear_t(torch::Tensor x, torch::Tensor indptr, torch::Tensor 
           for (int64_t k = 0; k < Kp; ++k)
             for (int64_t m = mt; m < Mp; ++m) xtw[k * ld + m] = 0.f;
         float* ytd = scratch(1, RB * bh * ld);
-        constexpr int MC4 = RMAX / 4;
-        switch (bh) {
-          case 1: bsr_rows_t_all<1, 1, RMAX>(xtw, ld, nmv, pd, id, vd, bw, 0, RB, bp, ytd, R); break;
-          case 2: bsr_rows_t_all<2, 2, RMAX / 2>(xtw, ld, nmv, pd, id, vd, bw, 0, RB, bp, ytd, R); break;
-          case 4: bsr_rows_t_all<4, 4, MC4>(xtw, ld, nmv, pd, id, vd, bw, 0, RB, bp, ytd, R); break;
-          case 8: bsr_rows_t_all<8, 4, MC4>(xtw, ld, nmv, pd, id, vd, bw, 0, RB, bp, ytd, R); break;
-          default: bsr_rows_t_all<16, 4, MC4>(xtw, ld, nmv, pd, id, vd, bw, 0, RB, bp, ytd, R); break;
-        }
+        bsr_rows_t_bh(bh, xtw, ld, nmv, pd, id, vd, bw, 0, RB, bp, ytd, R);
         transpose(ytd, ld, R, mt, yd + m0 * R, R);
       }
     });
@@ -570,18 +580,7 @@ torch::Tensor bsr_linear_t(torch::Tensor x, torch::Tensor indptr, torch::Tensor 
     run_chunks([&](int64_t b0, int64_t b1) {
       // this chunk's outputs transposed (its rows x ld), transposed into y (M, R) at the end
       float* ytd = scratch(1, (b1 - b0) * bh * ld);
-      // Register blocks (RH tile rows x MC batch vectors of accumulators): at most 4 tile rows per pass, so each
-      // broadcast weight feeds MC >= 2 FMAs and each x vector RH; 8 accumulators with AVX2 (16 registers), 16
-      // with AVX-512 (32). Taller tiles run in passes of 4 rows (one row of 16 had 16 broadcasts per x vector:
-      // load-bound).
-      constexpr int MC4 = RMAX / 4;
-      switch (bh) {
-        case 1: bsr_rows_t_all<1, 1, RMAX>(xtd, ld, nmv, pd, id, vd, bw, b0, b1, bp, ytd, R); break;
-        case 2: bsr_rows_t_all<2, 2, RMAX / 2>(xtd, ld, nmv, pd, id, vd, bw, b0, b1, bp, ytd, R); break;
-        case 4: bsr_rows_t_all<4, 4, MC4>(xtd, ld, nmv, pd, id, vd, bw, b0, b1, bp, ytd, R); break;
-        case 8: bsr_rows_t_all<8, 4, MC4>(xtd, ld, nmv, pd, id, vd, bw, b0, b1, bp, ytd, R); break;
-        default: bsr_rows_t_all<16, 4, MC4>(xtd, ld, nmv, pd, id, vd, bw, b0, b1, bp, ytd, R); break;
-      }
+      bsr_rows_t_bh(bh, xtd, ld, nmv, pd, id, vd, bw, b0, b1, bp, ytd, R);
       const int64_t r0 = b0 * bh, r1 = std::min<int64_t>(b1 * bh, R);
       transpose(ytd, ld, r1 - r0, M, yd + r0, R);
     });
