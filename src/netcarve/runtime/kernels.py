@@ -189,3 +189,71 @@ def bsr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return F.linear(x, weight, bias)
     ptr, idx, val = bsr_tensors(weight, block)
     return mod.bsr_linear(x, ptr, idx, val, None if bias is None else bias.detach().float(), int(weight.shape[0]))
+
+
+# ------------------------------------------------------------------------------------------- transformer ops
+
+# element-wise activations by plan code (csrc plan "unary" steps; transformer.cpp has all but tanh natively)
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid")
+_ACTIVATION_REFS = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu,
+                    "sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardswish": F.hardswish,
+                    "hardsigmoid": F.hardsigmoid}
+
+
+def _native(reference: bool, *ts: torch.Tensor):
+    """The kernels module, or None where the reference twin runs (asked for, no kernels, autograd, not float32)."""
+    if reference or any(t.dtype != torch.float32 or t.requires_grad for t in ts):
+        return None
+    return load_kernels()
+
+
+def activation(x: torch.Tensor, fn: str, reference: bool = False) -> torch.Tensor:
+    """An activation of :data:`ACTIVATIONS` by name (``csrc/transformer.cpp``: vectorised exp / erf, relative error
+    ~2e-7, NaN stays NaN), or its reference twin (``F.gelu``, ``F.silu``, ... ; always for ``tanh``)."""
+    if fn not in ACTIVATIONS:
+        raise ConfigError(f"activation {fn!r}: expected one of {', '.join(ACTIVATIONS)}")
+    mod = _native(reference, x)
+    if mod is None or fn == "tanh":
+        return _ACTIVATION_REFS[fn](x)
+    return mod.activation(x, ACTIVATIONS.index(fn))
+
+
+def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, reference: bool = False) -> torch.Tensor:
+    """``F.layer_norm`` over the trailing dims (native kernel: two passes per row, vectorised), or the twin."""
+    shape = tuple(nn.modules.utils._ntuple(1)(normalized_shape)) if isinstance(normalized_shape, int) \
+        else tuple(int(s) for s in normalized_shape)
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ConfigError(f"layer_norm over {list(shape)}: input of shape {list(x.shape)} does not end with it")
+    mod = _native(reference, x, *(t for t in (weight, bias) if t is not None))
+    if mod is None:
+        return F.layer_norm(x, shape, weight, bias, eps)
+    return mod.layer_norm(x, len(shape), weight, bias, float(eps))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
+              scale: float | None = None, reference: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v)`` without mask or dropout for (B, [H,] L, E) tensors with equal
+    leading dims (native kernel: K transposed per head, four query rows at a time, vectorised softmax; any strides),
+    or the twin (other shapes too)."""
+    mod = _native(reference, q, k, v)
+    if mod is None or q.dim() not in (3, 4) or not (q.dim() == k.dim() == v.dim()) \
+            or q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+    return mod.attention(q, k, v, bool(is_causal), scale)
+
+
+def attention_qkv(qkv: torch.Tensor, heads: int, is_causal: bool = False, scale: float | None = None,
+                  reference: bool = False) -> torch.Tensor:
+    """Multi-head self-attention from a packed (B, T, 3 x heads x hd) projection (q | k | v, each heads x hd) to the
+    merged heads (B, T, heads x hd), as netcarve's ``MultiHeadSelfAttention`` computes it (native: no head split /
+    merge copies), or the twin (reshape, permute, ``F.scaled_dot_product_attention``, transpose)."""
+    if qkv.dim() != 3 or heads < 1 or qkv.shape[-1] % (3 * heads):
+        raise ConfigError(f"attention_qkv: qkv of shape {list(qkv.shape)} is not (B, T, 3 x {heads} heads x head_dim)")
+    mod = _native(reference, qkv)
+    if mod is None:
+        b, t, w = qkv.shape
+        q, kk, vv = qkv.reshape(b, t, 3, heads, w // 3 // heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, kk, vv, is_causal=is_causal, scale=scale)
+        return o.transpose(1, 2).reshape(b, t, w // 3)
+    return mod.attention_qkv(qkv, int(heads), bool(is_causal), scale)

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..graph.trace import trace_model
-from .kernels import bsr_tensors, conv_taps, direct_pack
+from .kernels import ACTIVATIONS, activation, attention_qkv, bsr_tensors, conv_taps, direct_pack
 
 # conv kernels of the native plan, by index: ATen's conv (oneDNN), netcarve's sparse tap-list kernel,
 # netcarve's dense register-blocked direct kernel, the layer's own generated code (netcarve.runtime.codegen),
@@ -40,8 +40,8 @@ _RELU_FNS = {F.relu, torch.relu}
 _ADD_FNS = {operator.add, torch.add, operator.iadd}
 _CLAMP_FNS = {F.relu6, F.hardtanh, torch.clamp, torch.clip}
 _CLAMP_METHODS = ("clamp", "clamp_", "clip", "clip_")
-# element-wise activations run as one ATen call each ("unary" steps), by name
-UNARY_FNS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid")
+# element-wise activations ("unary" steps: netcarve's kernels, ATen's tanh), by name
+UNARY_FNS = ACTIVATIONS
 _UNARY_MODULES = {nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
                   nn.Hardsigmoid: "hardsigmoid"}
 _UNARY_FUNCTIONS = {F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
@@ -709,14 +709,15 @@ class Lowering:
         return self._emit(Op("select", node.name, [self._in(rnn, node)], p={"dim": dim, "index": -1}), node, rnn)
 
     def _mhsa(self, node, m):
-        """netcarve's MultiHeadSelfAttention (a leaf of the pruning graph): qkv linear, heads split (reshape,
-        permute, three selects), fused attention, heads merged, proj linear: the ops of its forward."""
+        """netcarve's MultiHeadSelfAttention (a leaf of the pruning graph): qkv linear, one "mha" step (attention
+        straight from the packed (B, T, 3 x heads x hd) projection to the merged heads: no split / merge copies),
+        proj linear."""
         x = node.args[0]
         xs = _shape(x)
         heads, width = int(m.num_heads), int(m.qkv.out_features)
         if xs is None or len(xs) != 3 or width % (3 * heads):
             self._unsupported(node, "attention input not (B, T, d) or qkv width not 3 x heads x head_dim")
-        t, hd = xs[1], width // 3 // heads
+        hd = width // 3 // heads
         name = str(node.target)
 
         def step(kind, suffix, ins, p):
@@ -724,12 +725,7 @@ class Lowering:
 
         qkv = step("linear", "qkv", [self._in(x, node)], _linear_p(m.qkv))
         self.ops[-1].in_shape, self.ops[-1].out_shape = tuple(xs), (*xs[:2], width)
-        qkv = step("reshape", "split_heads", [qkv], {"shape": [-1, t, 3, heads, hd]})
-        qkv = step("permute", "permute", [qkv], {"dims": [2, 0, 3, 1, 4]})
-        q, k, v = (step("select", f"select{i}", [qkv], {"dim": 0, "index": i}) for i in range(3))
-        a = step("sdpa", "matmul", [q, k, v], {"causal": False, "scale": None})
-        a = step("permute", "merge_heads", [a], {"dims": [0, 2, 1, 3]})
-        a = step("reshape", "reshape", [a], {"shape": [-1, t, heads * hd]})
+        a = step("mha", "matmul", [qkv], {"heads": heads, "causal": False, "scale": None})
         self._emit(Op("linear", f"{name}.proj", [a], p=_linear_p(m.proj)), node, x)
         self.ops[-1].in_shape = (*xs[:2], heads * hd)
 
@@ -947,11 +943,7 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
     if k == "const":
         return p["value"]
     if k == "unary":
-        fn = p["fn"]
-        if fn.startswith("gelu"):
-            return F.gelu(x, approximate="tanh" if fn == "gelu_tanh" else "none")
-        return {"silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardswish": F.hardswish,
-                "hardsigmoid": F.hardsigmoid}[fn](x)
+        return activation(x, p["fn"], reference=True)
     if k == "layernorm":
         return F.layer_norm(x, p["shape"], p["weight"], p["bias"], p["eps"])
     if k == "softmax":
@@ -962,6 +954,8 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
         return x.narrow(p["dim"], p["start"], p["length"])
     if k == "reshape":
         return x.reshape(p["shape"])
+    if k == "mha":  # (B, T, 3 x H x hd) -> (B, T, H x hd)
+        return attention_qkv(x, p["heads"], p["causal"], p["scale"], reference=True)
     if k == "sdpa":
         mask = v[op.inputs[3]] if len(op.inputs) > 3 else None
         return F.scaled_dot_product_attention(x, v[op.inputs[1]], v[op.inputs[2]], attn_mask=mask,
@@ -1083,6 +1077,8 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             plan.add_reshape(n, op.inputs[0], op.out, p["shape"])
         elif op.kind == "sdpa":
             plan.add_sdpa(n, op.inputs, op.out, p["causal"], p["scale"])
+        elif op.kind == "mha":
+            plan.add_mha(n, op.inputs[0], op.out, p["heads"], p["causal"], p["scale"])
         else:  # pragma: no cover
             raise ValueError(f"unknown op kind {op.kind!r}")
     return plan

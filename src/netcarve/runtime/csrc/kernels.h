@@ -360,6 +360,23 @@ extern bool g_native_pool;
 // set_native_clamp(False) (ATen's clamp: ~12 us per call for a 96 x 32 x 32 map at batch 1 on the Intel VM).
 extern bool g_native_clamp;
 torch::Tensor clamp_native(torch::Tensor x, double lo, double hi, bool in_place);
+
+// Transformer ops (transformer.cpp), used by plans unless set_native_transformer(False) (then ATen's):
+extern bool g_native_transformer;
+// softmax(scale * q k^T) v for float32 (B, [H,] L, E) q / k / v with equal leading dims (any strides, the last dim
+// contiguous or copied so); causal: key j <= query i (torch's is_causal). attention_native_ok: whether it applies.
+bool attention_native_ok(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
+torch::Tensor attention_native(torch::Tensor q, torch::Tensor k, torch::Tensor v, bool causal,
+                               c10::optional<double> scale);
+// Multi-head self-attention straight from a packed qkv projection (B, T, 3 * heads * hd), laid out as q | k | v,
+// each heads x hd: returns the heads merged, (B, T, heads * hd) (no head split / merge copies)
+torch::Tensor attention_qkv(torch::Tensor qkv, int64_t heads, bool causal, c10::optional<double> scale);
+// LayerNorm over the trailing ndims dims (weight / bias of their size, flattened, optional)
+torch::Tensor layer_norm_native(torch::Tensor x, int64_t ndims, c10::optional<torch::Tensor> weight,
+                                c10::optional<torch::Tensor> bias, double eps);
+// Element-wise activation by plan code (0 gelu, 1 gelu tanh, 2 silu, 3 sigmoid, 5 hardswish, 6 hardsigmoid; not 4 tanh)
+bool unary_native_ok(int64_t fn);
+torch::Tensor unary_native(torch::Tensor x, int64_t fn);
 // With AVX-512, 2x2 / stride-2 pooling of even maps 2-32 columns wide runs over the whole tensor as one sequence of row
 // pairs, 16 outputs per 4 vector loads (set_pool_flat; off: plane by plane)
 extern bool g_pool_flat;

@@ -17,7 +17,7 @@
 
 namespace {
 
-enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA };
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA };
 
 struct Step {
   Kind kind;
@@ -272,6 +272,15 @@ class Plan {
     s.floats = {scale.value_or(0.0)};
     push(std::move(s));
   }
+  // multi-head self-attention from a packed (B, T, 3 * heads * hd) qkv projection to the merged heads (B, T, heads * hd)
+  void add_mha(const std::string& name, int64_t in, int64_t out, int64_t heads, bool causal,
+               c10::optional<double> scale) {
+    TORCH_CHECK(heads >= 1, name, ": attention needs at least one head");
+    Step s{MHA, name, {in}, out};
+    s.ints = {heads, causal, scale.has_value()};
+    s.floats = {scale.value_or(0.0)};
+    push(std::move(s));
+  }
   void add_cat(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t dim) {
     Step s{CAT, name, std::move(in), out};
     s.ints = {dim};
@@ -431,12 +440,16 @@ class Plan {
       case RELU:
       case CLAMP:
         return (g_native_clamp && x.scalar_type() == torch::kFloat32) || small(x);
+      case UNARY:
+        return (native_unary(s, x)) || small(x);
+      case LAYERNORM:
+        return (g_native_transformer && x.scalar_type() == torch::kFloat32) || small(x);
+      case MHA:
+        return true;
       case AFFINE:
       case PAD:
       case MEAN:
       case AVGPOOL:
-      case UNARY:
-      case LAYERNORM:
       case SOFTMAX:
       case PERMUTE:
       case RESHAPE:
@@ -444,9 +457,15 @@ class Plan {
       case NARROW:
         return true;
       case SDPA:
-        return false;
+        return native_sdpa(s, v);
     }
     return false;
+  }
+  static bool native_unary(const Step& s, const torch::Tensor& x) {
+    return g_native_transformer && unary_native_ok(s.ints[0]) && x.scalar_type() == torch::kFloat32;
+  }
+  static bool native_sdpa(const Step& s, const std::vector<torch::Tensor>& v) {
+    return g_native_transformer && s.in.size() == 3 && attention_native_ok(v[s.in[0]], v[s.in[1]], v[s.in[2]]);
   }
 
   // Whether a step may be team-safe, by its kind alone (before its inputs exist): all but ATen convs and dense RNNs
@@ -558,6 +577,7 @@ class Plan {
         return y;
       }
       case UNARY:
+        if (native_unary(s, x)) return unary_native(x, s.ints[0]);
         switch (s.ints[0]) {
           case 0: return at::gelu(x);
           case 1: return at::gelu(x, "tanh");
@@ -571,6 +591,13 @@ class Plan {
         c10::optional<torch::Tensor> w, b;
         if (s.ts[0].defined()) w = s.ts[0];
         if (s.ts[1].defined()) b = s.ts[1];
+        if (g_native_transformer && x.scalar_type() == torch::kFloat32) {
+          const int64_t nd = (int64_t)s.ints.size();
+          bool ok = x.dim() >= nd;
+          for (int64_t d = 0; ok && d < nd; ++d) ok = x.size(x.dim() - nd + d) == s.ints[d];
+          TORCH_CHECK(ok, s.name, ": layer norm over ", c10::IntArrayRef(s.ints), " of an input of shape ", x.sizes());
+          return layer_norm_native(x, nd, w, b, s.floats[0]);
+        }
         return at::layer_norm(x, s.ints, w, b, s.floats[0]);
       }
       case SOFTMAX:
@@ -586,7 +613,20 @@ class Plan {
         if (s.in.size() > 3) mask = v[s.in[3]];
         c10::optional<double> scale;
         if (s.ints[1]) scale = s.floats[0];
+        if (native_sdpa(s, v)) return attention_native(x, v[s.in[1]], v[s.in[2]], s.ints[0] != 0, scale);
         return at::scaled_dot_product_attention(x, v[s.in[1]], v[s.in[2]], mask, 0.0, s.ints[0] != 0, scale);
+      }
+      case MHA: {
+        c10::optional<double> scale;
+        if (s.ints[2]) scale = s.floats[0];
+        TORCH_CHECK(x.dim() == 3 && x.size(2) % (3 * s.ints[0]) == 0, s.name, ": attention expects a (B, T, 3 x ",
+                    s.ints[0], " heads x head_dim) qkv input, got ", x.sizes());
+        if (g_native_transformer && x.scalar_type() == torch::kFloat32)
+          return attention_qkv(x, s.ints[0], s.ints[1] != 0, scale);
+        const int64_t B = x.size(0), T = x.size(1), H = s.ints[0], hd = x.size(2) / 3 / H;
+        auto qkv = x.reshape({B, T, 3, H, hd}).permute({2, 0, 3, 1, 4});
+        auto o = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], c10::nullopt, 0.0, s.ints[1] != 0, scale);
+        return o.transpose(1, 2).reshape({B, T, H * hd});
       }
       case RNN: {
         const bool lstm = s.ints[0] != 0, bf = s.ints[2] != 0;
@@ -710,6 +750,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "plans run consecutive steps of netcarve's kernels inside one OpenMP region, the kernels' loops handed to the "
         "waiting threads through atomics (default on; off: an OpenMP fork and join per loop)");
   m.def("team", []() { return g_team; });
+  m.def("set_native_transformer", [](bool v) { g_native_transformer = v; },
+        "plans run attention, LayerNorm and GELU / SiLU / sigmoid / hardswish with netcarve's kernels (default) or ATen's");
+  m.def("native_transformer", []() { return g_native_transformer; });
+  m.def("attention", &attention_native, "softmax(scale q k^T) v, float32 (B, [H,] L, E)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("causal") = false, py::arg("scale") = py::none());
+  m.def("attention_qkv", &attention_qkv, "multi-head self-attention from a packed (B, T, 3 C) qkv projection",
+        py::arg("qkv"), py::arg("heads"), py::arg("causal") = false, py::arg("scale") = py::none());
+  m.def("layer_norm", &layer_norm_native, "LayerNorm over the trailing ndims dims", py::arg("x"), py::arg("ndims"),
+        py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("eps") = 1e-5);
+  m.def("activation", &unary_native, "element-wise activation by plan code (netcarve/runtime/plan.py UNARY_FNS)",
+        py::arg("x"), py::arg("fn"));
   m.def("set_native_clamp", [](bool v) { g_native_clamp = v; },
         "plans run clamps (ReLU6, Hardtanh) with netcarve's kernel, in place on a value nothing reads later (default "
         "on; off: ATen's clamp)");
@@ -833,6 +884,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_narrow", &Plan::add_narrow)
       .def("add_reshape", &Plan::add_reshape)
       .def("add_sdpa", &Plan::add_sdpa)
+      .def("add_mha", &Plan::add_mha)
       .def("add_pad", &Plan::add_pad)
       .def("add_rnn", &Plan::add_rnn)
       .def("add_select", &Plan::add_select)

@@ -1,0 +1,152 @@
+"""The native transformer kernels (csrc/transformer.cpp) against their PyTorch twins: attention (strided, causal,
+odd lengths and head sizes, 1-3 threads), attention from a packed qkv projection, LayerNorm, activations (NaN), and
+a plan with them against the same plan on ATen's ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netcarve.errors import ConfigError
+from netcarve.runtime import compile
+from netcarve.runtime.kernels import ACTIVATIONS, activation, attention, attention_qkv, layer_norm
+
+from ._util import at_threads, forced_parallel, switched_off
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+# (B, H, Lq, Lk, E, Ev): one vector, odd lengths / sizes below and above a vector, Lq != Lk, several query blocks
+ATTN = [(1, 4, 32, 32, 16, 16), (2, 3, 7, 7, 8, 8), (3, 2, 65, 65, 64, 64), (2, 1, 5, 9, 24, 40),
+        (1, 2, 130, 70, 17, 33), (1, 1, 1, 1, 3, 5)]
+
+
+@pytest.mark.parametrize("case", ATTN)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_attention_matches_reference(kernels, case, causal, threads):
+    b, h, lq, lk, e, ev = case
+    g = torch.Generator().manual_seed(lq * 31 + lk)
+    q, k, v = torch.randn(b, h, lq, e, generator=g), torch.randn(b, h, lk, e, generator=g) * 2, \
+        torch.randn(b, h, lk, ev, generator=g)
+    with forced_parallel(kernels, threads):
+        for scale in (None, 0.3):
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+            out = attention(q, k, v, causal, scale)
+            assert out.shape == ref.shape and _rel(out, ref) <= 1e-5, (case, causal, scale)
+            assert torch.equal(attention(q, k, v, causal, scale, reference=True), ref)
+        # 3-d inputs (no head dim)
+        q3, k3, v3 = q[:, 0], k[:, 0], v[:, 0]
+        assert _rel(attention(q3, k3, v3, causal), F.scaled_dot_product_attention(q3, k3, v3, is_causal=causal)) <= 1e-5
+
+
+def test_attention_reads_strided_views(kernels):
+    """q, k, v as views into one (B, T, 3, H, hd) projection (the heads split by a permute, not copied); a
+    non-contiguous last dim is copied first."""
+    qkv = torch.randn(2, 33, 3 * 4 * 16)
+    q, k, v = qkv.reshape(2, 33, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    assert not q.is_contiguous()
+    assert _rel(attention(q, k, v), F.scaled_dot_product_attention(q, k, v)) <= 1e-5
+    qt = torch.randn(2, 3, 16, 9).transpose(-1, -2)  # last-dim stride 9
+    assert _rel(attention(qt, qt, qt), F.scaled_dot_product_attention(qt, qt, qt)) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 4, 16), (3, 17, 3, 24), (2, 70, 2, 64), (1, 5, 1, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_qkv_matches_reference(kernels, shape, causal):
+    b, t, h, hd = shape
+    qkv = torch.randn(b, t, 3 * h * hd)
+    ref = attention_qkv(qkv, h, causal, reference=True)
+    q, k, v = qkv.reshape(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)
+    assert torch.allclose(ref, F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(
+        b, t, h * hd))
+    for threads in (1, 2):
+        with forced_parallel(kernels, threads):
+            out = attention_qkv(qkv, h, causal)
+            assert out.shape == (b, t, h * hd) and _rel(out, ref) <= 1e-5
+
+
+def test_attention_nan_and_bad_input(kernels):
+    q = torch.randn(1, 1, 4, 16)
+    q[0, 0, 1, 3] = float("nan")  # key 1 is NaN: every row's softmax (and output) is NaN, as in torch
+    assert attention(q, q, q).isnan().any(-1).all()
+    with pytest.raises(ConfigError, match="not \\(B, T, 3 x 4 heads"):
+        attention_qkv(torch.randn(2, 5, 30), 4)
+    with pytest.raises(RuntimeError, match="attention: q, k, v must be"):
+        kernels.attention(torch.randn(2, 3, 4), torch.randn(2, 5, 3), torch.randn(2, 5, 3))
+
+
+@pytest.mark.parametrize("shape,nd", [((4, 7, 100), 1), ((4, 7, 100), 2), ((3, 64), 1), ((2, 5, 16), 1), ((9, 3), 1)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_matches_reference(kernels, shape, nd, affine):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g) * 3 + 1
+    norm = shape[len(shape) - nd:]
+    w = torch.randn(norm, generator=g) if affine else None
+    b = torch.randn(norm, generator=g) if affine else None
+    ref = F.layer_norm(x, norm, w, b, 1e-6)
+    with forced_parallel(kernels, 2):
+        assert _rel(layer_norm(x, norm, w, b, 1e-6), ref) <= 1e-5
+    assert _rel(layer_norm(x, norm, w, b, 1e-6), ref) <= 1e-5
+    with pytest.raises(ConfigError, match="does not end with it"):
+        layer_norm(x, (shape[-1] + 1,))
+
+
+@pytest.mark.parametrize("fn", ACTIVATIONS)
+def test_activations_match_reference(kernels, fn):
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat([torch.randn(100_003, generator=g) * 6, torch.tensor([0.0, -1e-6, 1e-6, 50.0, -50.0, -100.0,
+                                                                         100.0, float("nan")])])
+    ref = activation(x, fn, reference=True)
+    exact = activation(x.double(), fn, reference=True)  # (torch's float GELU loses its negative tail to cancellation)
+    for threads in (1, 2):
+        with forced_parallel(kernels, threads):
+            out = activation(x, fn)
+            fin = ref.isfinite()
+            assert out[-1].isnan(), "a NaN input stays NaN"
+            assert float((out[fin] - ref[fin]).abs().max()) <= 1e-5 * float(ref[fin].abs().max())
+            # relative error where the output is not tiny
+            big = fin & (exact.abs() > 1e-3)
+            assert float(((out[big].double() - exact[big]) / exact[big]).abs().max()) <= 2e-6
+    with pytest.raises(ConfigError, match="activation 'relu'"):
+        activation(x, "relu")
+
+
+class _Block(nn.Module):
+    """A pre-norm block as users write it: LayerNorm, F.scaled_dot_product_attention on permuted heads, GELU MLP."""
+
+    def __init__(self, d=48, heads=3, causal=False):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.silu(self.fc1(self.norm2(x))) + self.act(self.fc1(self.norm2(x))))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_plan_native_transformer_ops_match_aten(kernels, causal):
+    """The same plan with netcarve's attention / LayerNorm / activations and with ATen's: both match the model."""
+    torch.manual_seed(0)
+    m = _Block(causal=causal).eval()
+    x = torch.randn(2, 19, 48)
+    with at_threads(2), torch.no_grad():
+        c = compile(m, x, fallback=False)
+        kinds = [op.kind for op in c.ops]
+        assert "sdpa" in kinds and "layernorm" in kinds and "unary" in kinds
+        for b in (2, 1, 5):
+            xb = torch.randn(b, 19, 48)
+            assert _rel(c(xb), m(xb)) <= 1e-4
+            with switched_off(kernels, "native_transformer"):
+                assert _rel(c(xb), m(xb)) <= 1e-4
