@@ -102,7 +102,10 @@ def test_activations_match_reference(kernels, fn):
     x = torch.cat([torch.randn(100_003, generator=g) * 6, torch.tensor([0.0, -1e-6, 1e-6, 50.0, -50.0, -100.0,
                                                                          100.0, float("nan")])])
     ref = activation(x, fn, reference=True)
-    exact = activation(x.double(), fn, reference=True)  # (torch's float GELU loses its negative tail to cancellation)
+    exact = activation(x.double(), fn, reference=True)
+    # torch's float GELU loses its negative tail to cancellation (1 + erf, erf good to 1.5e-7), and so does ours (the
+    # same formula): no more than twice torch's own largest relative error
+    torch_err = ((ref.double() - exact) / exact).abs()
     for threads in (1, 2):
         with forced_parallel(kernels, threads):
             out = activation(x, fn)
@@ -111,7 +114,8 @@ def test_activations_match_reference(kernels, fn):
             assert float((out[fin] - ref[fin]).abs().max()) <= 1e-5 * float(ref[fin].abs().max())
             # relative error where the output is not tiny
             big = fin & (exact.abs() > 1e-3)
-            assert float(((out[big].double() - exact[big]) / exact[big]).abs().max()) <= 2e-6
+            err = ((out[big].double() - exact[big]) / exact[big]).abs()
+            assert float(err.max()) <= max(2e-6, 2 * float(torch_err[big].max()))
     with pytest.raises(ConfigError, match="activation 'relu'"):
         activation(x, "relu")
 
