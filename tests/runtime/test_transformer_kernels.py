@@ -120,6 +120,19 @@ def test_activations_match_reference(kernels, fn):
         activation(x, "relu")
 
 
+@pytest.mark.parametrize("n", [5, 16, 1000, 70_001])
+def test_add_matches_reference(kernels, n):
+    a, b = torch.randn(n), torch.randn(n)
+    a[n // 2] = float("nan")
+    for threads in (1, 2):
+        with forced_parallel(kernels, threads):
+            assert torch.equal(kernels.add(a, b).nan_to_num(7.0), (a + b).nan_to_num(7.0))
+            out = kernels.add(a, b, True)
+            assert out[n // 2].isnan() and torch.equal(out.nan_to_num(7.0), torch.relu(a + b).nan_to_num(7.0))
+    with pytest.raises(RuntimeError, match="one shape"):
+        kernels.add(torch.randn(3, 4), torch.randn(4))
+
+
 class _Block(nn.Module):
     """A pre-norm block as users write it: LayerNorm, F.scaled_dot_product_attention on permuted heads, GELU MLP."""
 

@@ -377,6 +377,9 @@ torch::Tensor layer_norm_native(torch::Tensor x, int64_t ndims, c10::optional<to
 // Element-wise activation by plan code (0 gelu, 1 gelu tanh, 2 silu, 3 sigmoid, 5 hardswish, 6 hardsigmoid; not 4 tanh)
 bool unary_native_ok(int64_t fn);
 torch::Tensor unary_native(torch::Tensor x, int64_t fn);
+// a + b (then ReLU) for float32 tensors of one shape (plans' residual additions)
+bool add_native_ok(const torch::Tensor& a, const torch::Tensor& b);
+torch::Tensor add_native(torch::Tensor a, torch::Tensor b, bool relu);
 // With AVX-512, 2x2 / stride-2 pooling of even maps 2-32 columns wide runs over the whole tensor as one sequence of row
 // pairs, 16 outputs per 4 vector loads (set_pool_flat; off: plane by plane)
 extern bool g_pool_flat;

@@ -431,6 +431,8 @@ class Plan {
       case SELECT:
         return true;
       case ADD:
+        if (g_native_transformer && add_native_ok(x, v[s.in[1]])) return true;
+        return small(x) && small(v[s.in[1]]);
       case MUL:
         return small(x) && small(v[s.in[1]]);
       case CAT:
@@ -659,6 +661,7 @@ class Plan {
                                                               x.storage().use_count() == 1);
         return at::clamp(x, s.floats[0], s.floats[1]);
       case ADD: {
+        if (g_native_transformer && add_native_ok(x, v[s.in[1]])) return add_native(x, v[s.in[1]], s.relu);
         auto y = at::add(x, v[s.in[1]]);
         if (s.relu) y.relu_();
         return y;
@@ -754,7 +757,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "waiting threads through atomics (default on; off: an OpenMP fork and join per loop)");
   m.def("team", []() { return g_team; });
   m.def("set_native_transformer", [](bool v) { g_native_transformer = v; },
-        "plans run attention, LayerNorm and GELU / SiLU / sigmoid / hardswish with netcarve's kernels (default) or ATen's");
+        "plans run attention, LayerNorm, GELU / SiLU / sigmoid / hardswish and same-shape additions with netcarve's "
+        "kernels (default) or ATen's");
   m.def("native_transformer", []() { return g_native_transformer; });
   m.def("attention", &attention_native, "softmax(scale q k^T) v, float32 (B, [H,] L, E)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("causal") = false, py::arg("scale") = py::none());
@@ -762,6 +766,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qkv"), py::arg("heads"), py::arg("causal") = false, py::arg("scale") = py::none());
   m.def("layer_norm", &layer_norm_native, "LayerNorm over the trailing ndims dims", py::arg("x"), py::arg("ndims"),
         py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("eps") = 1e-5);
+  m.def("add", &add_native, "a + b (then ReLU) for float32 tensors of one shape", py::arg("a"), py::arg("b"),
+        py::arg("relu") = false);
   m.def("activation", &unary_native, "element-wise activation by plan code (netcarve/runtime/plan.py UNARY_FNS)",
         py::arg("x"), py::arg("fn"));
   m.def("set_native_clamp", [](bool v) { g_native_clamp = v; },

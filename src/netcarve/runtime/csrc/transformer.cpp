@@ -478,3 +478,34 @@ torch::Tensor unary_native(torch::Tensor x, int64_t fn) {
   }
   return out;
 }
+
+bool add_native_ok(const torch::Tensor& a, const torch::Tensor& b) {
+  return a.scalar_type() == torch::kFloat32 && b.scalar_type() == torch::kFloat32 && a.sizes() == b.sizes();
+}
+
+torch::Tensor add_native(torch::Tensor a, torch::Tensor b, bool relu) {
+  TORCH_CHECK(add_native_ok(a, b), "add: float32 tensors of one shape expected, got ", a.sizes(), " and ", b.sizes());
+  a = a.contiguous();
+  b = b.contiguous();
+  auto out = torch::empty_like(a);
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = a.numel(), nv = (n + VL - 1) / VL;
+  const int64_t grain = n < (int64_t)1 << 16 ? nv + 1 : 1024;
+  const vecf zero = bcast(0.f);
+  nck::parallel_for(0, nv, grain, [&](int64_t vb, int64_t ve) {
+    const int64_t i1 = std::min<int64_t>(n, ve * VL);
+    int64_t i = vb * VL;
+    for (; i + VL <= i1; i += VL) {
+      vecf y = loadu(ap + i) + loadu(bp + i);
+      if (relu) y = vmaxv(y, zero);  // (NaN stays NaN, as torch.relu)
+      storeu(op + i, y);
+    }
+    for (; i < i1; ++i) {
+      const float y = ap[i] + bp[i];
+      op[i] = relu && y < 0.f ? 0.f : y;
+    }
+  });
+  return out;
+}

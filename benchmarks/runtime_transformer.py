@@ -1,0 +1,118 @@
+"""A block-sparse transformer on netcarve's runtime against the dense engines, and netcarve's transformer kernels
+(attention, LayerNorm, activations: ``set_native_transformer``) against ATen's inside the same plan.
+
+    python benchmarks/runtime_transformer.py --threads 2 --out benchmarks/results/runtime_transformer-emr.json
+
+The model: the zoo's ``transformer_tiny`` (4 pre-norm blocks, d=64, 4 heads, 32 tokens), every linear (qkv / proj
+inside attention, MLPs, embedding, head) pruned one-shot to 90% in 4x16 tiles by
+``netcarve sparsify transformer_tiny --scheme block --block 4x16 --sparsity 0.9 --algorithm oneshot
+--finetune-epochs 0 --include-first-last`` (untrained weights: latency does not depend on the values).
+
+1. ``netcarve bench RUN --batch B --json`` per batch: every engine in its own process (minimum over rounds of medians).
+2. In one process, alternated per round: the compiled plan with netcarve's transformer kernels and with ATen's
+   (median of ``--repeats`` calls per round, minimum over rounds), and the plan's time per step kind (native).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RUN = Path(os.path.expanduser("~/.cache/netcarve/bench/runtime_transformer/tt-block90"))
+PREPARE = ["sparsify", "transformer_tiny", "--scheme", "block", "--block", "4x16", "--sparsity", "0.9",
+           "--algorithm", "oneshot", "--finetune-epochs", "0", "--include-first-last"]
+
+
+def _cli(*args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "netcarve", *args], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"netcarve {' '.join(args)} failed:\n{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def _median_ms(fn, x, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--engines", nargs="+", default=["torch", "onnxruntime", "openvino", "netcarve-dense", "netcarve"])
+    p.add_argument("--run", default=str(RUN), help="the sparse run directory (made by netcarve sparsify if missing)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "runtime_transformer.json"))
+    a = p.parse_args()
+    run = Path(a.run)
+    if not (run / "manifest.json").exists():
+        print(f"[runtime_transformer] preparing {run}", file=sys.stderr)
+        _cli(*PREPARE, "--out", str(run))
+
+    out: dict = {"benchmark": "runtime_transformer", "command": "python " + " ".join(sys.argv),
+                 "prepare": "netcarve " + " ".join(PREPARE) + " --out RUN", "engines": {}, "ab": {}}
+    for b in a.batches:
+        print(f"[runtime_transformer] netcarve bench, batch {b}", file=sys.stderr)
+        res = json.loads(_cli("bench", str(run), "--batch", str(b), "--threads", str(a.threads), "--rounds",
+                              str(a.rounds), "--engines", *a.engines, "--json"))
+        out["engines"][f"batch{b}"] = {k: {"latency_ms": v["latency_ms"], "rounds_ms": v.get("rounds_ms")}
+                                       for k, v in res["engines"].items()}
+        out["env"] = res.get("env")
+
+    torch.set_num_threads(a.threads)
+    from netcarve.runtime import compile as ncompile
+    from netcarve.runtime import load_kernels
+    from netcarve.serialize import load
+
+    mod = load_kernels()
+    if mod is None:
+        raise SystemExit("native kernels unavailable")
+    model = load(run).eval()
+    for b in a.batches:
+        x = torch.randn(b, 32, 96)
+        with torch.no_grad():
+            cm = ncompile(model, x)
+            ref = model(x)
+            times: dict[str, list[float]] = {"netcarve kernels": [], "aten": []}
+            for _ in range(a.rounds):
+                for name, on in (("netcarve kernels", True), ("aten", False)):
+                    mod.set_native_transformer(on)
+                    try:
+                        for _ in range(10):
+                            cm(x)
+                        times[name].append(_median_ms(cm, x, a.repeats))
+                        err = float((cm(x) - ref).abs().max() / ref.abs().max())
+                        assert err <= 1e-4, (name, err)
+                    finally:
+                        mod.set_native_transformer(True)
+            kinds: dict[str, float] = {}
+            for st in cm.profile(x, repeats=a.repeats):
+                kinds[st["kind"]] = kinds.get(st["kind"], 0.0) + st["ms"]
+        best = {k: min(v) for k, v in times.items()}
+        out["ab"][f"batch{b}"] = {"ms": best, "rounds_ms": times,
+                                  "speedup_netcarve_kernels": best["aten"] / best["netcarve kernels"],
+                                  "profile_ms_by_kind": {k: round(v, 4) for k, v in sorted(kinds.items(),
+                                                                                           key=lambda kv: -kv[1])}}
+        print(f"batch {b}: netcarve kernels {best['netcarve kernels']:.3f} ms, aten {best['aten']:.3f} ms "
+              f"({best['aten'] / best['netcarve kernels']:.2f}x); engines: "
+              + ", ".join(f"{k} {v['latency_ms']:.3f}" for k, v in out["engines"][f"batch{b}"].items()))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
