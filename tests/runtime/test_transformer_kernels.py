@@ -167,3 +167,67 @@ def test_plan_native_transformer_ops_match_aten(kernels, causal):
             assert _rel(c(xb), m(xb)) <= 1e-4
             with switched_off(kernels, "native_transformer"):
                 assert _rel(c(xb), m(xb)) <= 1e-4
+
+
+class _TorchMHA(nn.Module):
+    """A block on torch's nn.MultiheadAttention (self-attention), its weights optionally read too."""
+
+    def __init__(self, batch_first=True, weights=False, mask=False, d=32, heads=4):
+        super().__init__()
+        self.batch_first, self.weights, self.mask = batch_first, weights, mask
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first)
+        self.fc = nn.Linear(d, 10)
+        self.register_buffer("causal", torch.ones(7, 7).triu(1).bool())
+
+    def forward(self, x):  # x: (B, T, d)
+        h = self.norm(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        y, w = self.attn(h, h, h, need_weights=self.weights, attn_mask=self.causal if self.mask else None)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        out = self.fc(x + y)
+        return out + w.mean() if self.weights else out
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_torch_multihead_attention_lowers_natively(kernels, batch_first, mode):
+    """nn.MultiheadAttention as self-attention: in_proj linear (sparse when its weight is), one mha step, out_proj;
+    sequence-first inputs permuted around them."""
+    from netcarve.sparsity import make_scheme
+
+    torch.manual_seed(0)
+    m = _TorchMHA(batch_first).eval()
+    if mode == "always":
+        blk = make_scheme("block", block=[4, 16])
+        with torch.no_grad():
+            m.attn.in_proj_weight.mul_(blk.project(m.attn.in_proj_weight, 0.8))
+            m.attn.out_proj.weight.mul_(blk.project(m.attn.out_proj.weight, 0.8))
+    x = torch.randn(2, 7, 32)
+    with at_threads(2), torch.no_grad():
+        c = compile(m, x, sparse=mode, fallback=False)
+        kinds = [op.kind for op in c.ops]
+        assert kinds.count("mha") == 1 and "python" not in kinds
+        choice = {lc.name: lc.choice for lc in c.layers}
+        assert choice["attn.in_proj"] == ("sparse" if mode == "always" else "dense")
+        for b in (2, 1, 3):
+            xb = torch.randn(b, 7, 32)
+            assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4
+
+
+@pytest.mark.parametrize("what", ["weights", "mask"])
+def test_torch_multihead_attention_unsupported_uses(kernels, what):
+    """Its attention weights read, or a mask: strict compile names why; the fallback runs it in PyTorch."""
+    from netcarve.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    m = _TorchMHA(weights=what == "weights", mask=what == "mask").eval()
+    x = torch.randn(2, 7, 32)
+    with pytest.raises(UnsupportedModelError, match="attention weights" if what == "weights" else "with a mask"):
+        compile(m, x, fallback=False)
+    with at_threads(2), torch.no_grad():
+        c = compile(m, x)
+        assert "python" in [op.kind for op in c.ops]
+        assert _rel(c(x), m(x)) <= 1e-4

@@ -567,6 +567,8 @@ class Lowering:
                                                                                            "scale": None}), node, x)
         if type(m).__name__ == "MultiHeadSelfAttention" and isinstance(getattr(m, "qkv", None), nn.Linear):
             return self._mhsa(node, m)
+        if isinstance(m, nn.MultiheadAttention):
+            return self._torch_mha(node, m)
         if type(m).__name__ == "ShortcutA":
             shape = _shape(node)
             cin = _shape(x)[1]
@@ -635,6 +637,10 @@ class Lowering:
                 return self._alias(node, src)
             if src in self._rnn_state:
                 return self._rnn_state_row(node, src, args[1])
+            if src.op == "call_module" and isinstance(self.modules.get(src.target), nn.MultiheadAttention):
+                if args[1] != 0:
+                    self._unsupported(node, "the attention weights (only the attention output, [0])")
+                return self._alias(node, src)
             if (c := self._attr(src)) is not None and (idx := _static_index(args[1])) is not None:
                 # a parameter indexed with sizes that do not depend on the batch (pos_embed[:, :T]): a constant
                 return self._emit(Op("const", node.name, [], p={"value": c[idx].contiguous()}), node)
@@ -728,6 +734,48 @@ class Lowering:
         a = step("mha", "matmul", [qkv], {"heads": heads, "causal": False, "scale": None})
         self._emit(Op("linear", f"{name}.proj", [a], p=_linear_p(m.proj)), node, x)
         self.ops[-1].in_shape = (*xs[:2], heads * hd)
+
+    def _torch_mha(self, node, m: nn.MultiheadAttention):
+        """torch's ``nn.MultiheadAttention`` as self-attention (query, key and value one tensor, no masks): the packed
+        in-projection (its q | k | v rows, each heads x hd, are the layout of the "mha" step), one "mha" step and
+        out_proj; (T, B, E) inputs (batch_first=False) are permuted to (B, T, E) and back. Only the output (``[0]``)
+        is a plan value; the attention weights (``[1]``) are not computed."""
+        a, kw = list(node.args), dict(node.kwargs)
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                 "is_causal")
+        v = dict(zip(names, a))
+        v.update(kw)
+        q = v.get("query")
+        if not (v.get("key") is q and v.get("value") is q) or not isinstance(q, fx.Node):
+            self._unsupported(node, "attention other than self-attention (query, key and value one tensor)")
+        if v.get("key_padding_mask") is not None or v.get("attn_mask") is not None or v.get("is_causal", False):
+            self._unsupported(node, "attention with a mask")
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or m.in_proj_weight is None:
+            self._unsupported(node, "kdim / vdim, add_bias_kv or add_zero_attn")
+        xs = _shape(q)
+        if xs is None or len(xs) != 3:
+            self._unsupported(node, "attention input not 3-d")
+        heads, e = int(m.num_heads), int(m.embed_dim)
+        name = str(node.target)
+        x = self._in(q, node)
+        bt = tuple(xs) if m.batch_first else (xs[1], xs[0], xs[2])
+        if not m.batch_first:
+            x = self._emit_tmp(Op("permute", f"{name}.batch_first", [x], p={"dims": [1, 0, 2]}))
+        b = m.in_proj_bias
+        qkv = self._emit_tmp(Op("linear", f"{name}.in_proj", [x], p={
+            "weight": m.in_proj_weight.detach().float().contiguous(),
+            "bias": None if b is None else b.detach().float(), "relu": False, "sparse": False}))
+        self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], 3 * e)
+        y = self._emit_tmp(Op("mha", f"{name}.matmul", [qkv], p={"heads": heads, "causal": False, "scale": None}))
+        if m.batch_first:
+            self._emit(Op("linear", f"{name}.out_proj", [y], p=_linear_p(m.out_proj)), node)
+        else:
+            y = self._emit_tmp(Op("linear", f"{name}.out_proj", [y], p=_linear_p(m.out_proj)))
+            self.ops[-1].out_shape = bt
+            self._emit(Op("permute", f"{name}.seq_first", [y], p={"dims": [1, 0, 2]}), node)
+        self.ops[-1 if m.batch_first else -2].in_shape = bt
+        self.ops[-1].out_shape = tuple(xs)
+        self._partial.add(node)
 
     def _split_item(self, node, src, i: int):
         """``x.unbind(d)[i]`` -> select; ``x.chunk(n, d)[i]`` -> narrow (static sizes: not along dim 0)."""
