@@ -8,7 +8,9 @@ Hardsigmoid, LayerNorm (module or F.layer_norm), softmax / log_softmax, permute 
 multiplication, parameters / buffers read in forward, Max/AvgPool2d, AdaptiveAvgPool2d(1), Flatten / flatten /
 view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval), the option-A shortcut of the CIFAR ResNets,
 (multi-layer, bidirectional) GRU / LSTM with their output sequence (and the top row h_n[-1] of a unidirectional
-one), ``x[:, k]`` selects and means over one dim.
+one), ``x[:, k]`` selects and means over one dim, ``F.scaled_dot_product_attention``, netcarve's
+``MultiHeadSelfAttention`` and torch's ``nn.MultiheadAttention`` as self-attention without masks (both: packed qkv
+linear, one "mha" step, output linear).
 
 Everything else becomes a "python" step with ``fallback=True`` (runs of such nodes in graph order, each copied into a
 torch.fx sub-graph that PyTorch runs inside the plan), or an :class:`~netcarve.errors.UnsupportedModelError` naming
@@ -267,7 +269,8 @@ class Lowering:
             + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6/Hardtanh/clamp, GELU/SiLU/Sigmoid/Tanh/"
               "Hardswish/Hardsigmoid, LayerNorm, softmax, permute/transpose, add, mul, Max/AvgPool2d, "
               "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (also bidirectional), x[:, k], "
-              "mean (compile with fallback=True to run the rest in PyTorch)")
+              "mean, scaled_dot_product_attention, MultiheadAttention (self-attention without masks) (compile with "
+              "fallback=True to run the rest in PyTorch)")
 
     def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
         op.out = self._new(result)
