@@ -231,3 +231,29 @@ def test_torch_multihead_attention_unsupported_uses(kernels, what):
         c = compile(m, x)
         assert "python" in [op.kind for op in c.ops]
         assert _rel(c(x), m(x)) <= 1e-4
+
+
+class _ClassToken(nn.Module):
+    """A class token expanded to the batch (``cls.expand(x.shape[0], -1, -1)``), as ViTs prepend it."""
+
+    def __init__(self, d=16, literal=False):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.literal = literal
+
+    def forward(self, x):
+        n = 2 if self.literal else x.shape[0]
+        return torch.cat([self.cls.expand(n, -1, -1), x], 1).mean(1)
+
+
+def test_class_token_expand_is_native(kernels):
+    m = _ClassToken().eval()
+    with at_threads(2), torch.no_grad():
+        c = compile(m, torch.randn(2, 5, 16), fallback=False)
+        assert "expand" in [op.kind for op in c.ops]
+        for b in (2, 1, 4):
+            xb = torch.randn(b, 5, 16)
+            assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4
+        # a literal batch size (eager semantics at other batches) stays PyTorch's
+        c2 = compile(_ClassToken(literal=True).eval(), torch.randn(2, 5, 16))
+        assert "python" in [op.kind for op in c2.ops]

@@ -175,6 +175,21 @@ def _keeps_batch(node: fx.Node) -> bool:
     return bool(dims) and (dims[0] == -1 or _shape_index(dims[0]) == 0) and all(_static_int(d) is not None for d in dims[1:])
 
 
+def _batch_expand(node: fx.Node) -> fx.Node | None:
+    """The tensor whose batch ``x.expand(t.shape[0], -1, ...)`` repeats a (1, ...) ``x`` over (its other sizes -1
+    or unchanged), else None."""
+    dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    xs = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    if node.kwargs or xs is None or len(dims) != len(xs) or xs[0] != 1 or _shape_index(dims[0]) != 0:
+        return None
+    if any(d != -1 and _static_int(d) != xs[i] for i, d in enumerate(dims[1:], 1)):
+        return None
+    a = dims[0]
+    return a.args[0] if a.op == "call_method" else a.args[0].args[0]
+
+
 def _step_name(node: fx.Node) -> str:
     """A step's name: the module path of a module call, else the node's name."""
     return str(node.target) if node.op == "call_module" else node.name
@@ -867,6 +882,9 @@ class Lowering:
             return self._permute(node, x, dims)
         if t == "transpose" and len(node.args) == 3:
             return self._transpose(node, x, node.args[1], node.args[2])
+        if t == "expand" and (ref := _batch_expand(node)) is not None:
+            # a (1, ...) tensor (a class token) repeated over the batch of another tensor: copies
+            return self._emit(Op("expand", node.name, [self._in(x, node), self._in(ref, node)]), node, x)
         if _is_add(node):
             last, _, relu = self._fuse_tail(node, allow_add=False)
             return self._emit(Op("add", node.name, [self._in(x, node), self._in(node.args[1], node)],
@@ -1005,6 +1023,8 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
         return x.narrow(p["dim"], p["start"], p["length"])
     if k == "reshape":
         return x.reshape(p["shape"])
+    if k == "expand":
+        return x.expand(v[op.inputs[1]].shape[0], *x.shape[1:]).contiguous()
     if k == "mha":  # (B, T, 3 x H x hd) -> (B, T, H x hd)
         return attention_qkv(x, p["heads"], p["causal"], p["scale"], reference=True)
     if k == "sdpa":
@@ -1128,6 +1148,8 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             plan.add_reshape(n, op.inputs[0], op.out, p["shape"])
         elif op.kind == "sdpa":
             plan.add_sdpa(n, op.inputs, op.out, p["causal"], p["scale"])
+        elif op.kind == "expand":
+            plan.add_expand(n, op.inputs[0], op.inputs[1], op.out)
         elif op.kind == "mha":
             plan.add_mha(n, op.inputs[0], op.out, p["heads"], p["causal"], p["scale"])
         else:  # pragma: no cover

@@ -17,7 +17,7 @@
 
 namespace {
 
-enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA };
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA, EXPAND };
 
 struct Step {
   Kind kind;
@@ -281,6 +281,8 @@ class Plan {
     s.floats = {scale.value_or(0.0)};
     push(std::move(s));
   }
+  // x (1, ...) repeated over the batch of value `like` (a class token expanded to the batch), contiguous
+  void add_expand(const std::string& name, int64_t in, int64_t like, int64_t out) { push(Step{EXPAND, name, {in, like}, out}); }
   void add_cat(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t dim) {
     Step s{CAT, name, std::move(in), out};
     s.ints = {dim};
@@ -448,6 +450,8 @@ class Plan {
         return (g_native_transformer && x.scalar_type() == torch::kFloat32) || small(x);
       case MHA:
         return true;
+      case EXPAND:
+        return x.scalar_type() == torch::kFloat32;
       case AFFINE:
       case PAD:
       case MEAN:
@@ -620,6 +624,19 @@ class Plan {
         if (s.ints[1]) scale = s.floats[0];
         if (native_sdpa(s, v)) return attention_native(x, v[s.in[1]], v[s.in[2]], s.ints[0] != 0, scale);
         return at::scaled_dot_product_attention(x, v[s.in[1]], v[s.in[2]], mask, 0.0, s.ints[0] != 0, scale);
+      }
+      case EXPAND: {
+        const int64_t B = v[s.in[1]].size(0);
+        TORCH_CHECK(x.dim() >= 1 && x.size(0) == 1, s.name, ": expanding a tensor of shape ", x.sizes(),
+                    " over the batch (its first size must be 1)");
+        auto sizes = x.sizes().vec();
+        sizes[0] = B;
+        if (x.scalar_type() != torch::kFloat32) return x.expand(sizes).contiguous();
+        auto xc = x.contiguous();
+        auto y = torch::empty(sizes, xc.options());
+        const int64_t n = xc.numel();
+        for (int64_t b = 0; b < B; ++b) std::copy(xc.data_ptr<float>(), xc.data_ptr<float>() + n, y.data_ptr<float>() + b * n);
+        return y;
       }
       case MHA: {
         c10::optional<double> scale;
@@ -894,6 +911,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_reshape", &Plan::add_reshape)
       .def("add_sdpa", &Plan::add_sdpa)
       .def("add_mha", &Plan::add_mha)
+      .def("add_expand", &Plan::add_expand)
       .def("add_pad", &Plan::add_pad)
       .def("add_rnn", &Plan::add_rnn)
       .def("add_select", &Plan::add_select)
