@@ -131,7 +131,7 @@ struct AttnArgs {
   bool causal;
 };
 
-constexpr int64_t QROWS = 4;    // query rows per pass (each key / value vector loaded once for all of them)
+constexpr int64_t QROWS = 8;    // query rows per pass (each key / value vector loaded once for all of them)
 constexpr int64_t QBLOCK = 64;  // query rows per task
 
 // o[r][d0 + ..M*VL) = sum over keys j < jn of p[r][j] * v[j][..M*VL) for the QROWS rows (null rows skipped), the
@@ -257,15 +257,13 @@ static void attention_task(const AttnArgs& a, int64_t g, int64_t i0, int64_t i1,
     for (int64_t r = nr; r < QROWS; ++r) std::fill(s + r * Lkp, s + r * Lkp + Lk, 0.f);
     // outputs, up to four value vectors x four rows at a time
     const int64_t jn = a.causal ? std::min<int64_t>(Lk, i + nr) : Lk;
-    for (int64_t dv = 0; dv < nd; dv += 4) {
+    for (int64_t dv = 0; dv < nd; dv += 2) {  // (8 rows x 2 vectors: 16 accumulators)
       float* orow[QROWS];
       for (int64_t r = 0; r < QROWS; ++r) orow[r] = r < nr ? o + (i + r) * a.os[2] : nullptr;
-      switch (std::min<int64_t>(4, nd - dv)) {
-        case 1: attn_values<1>(s, Lkp, vp + dv * VL, Dvp, jn, orow, dv * VL, a.Dv); break;
-        case 2: attn_values<2>(s, Lkp, vp + dv * VL, Dvp, jn, orow, dv * VL, a.Dv); break;
-        case 3: attn_values<3>(s, Lkp, vp + dv * VL, Dvp, jn, orow, dv * VL, a.Dv); break;
-        default: attn_values<4>(s, Lkp, vp + dv * VL, Dvp, jn, orow, dv * VL, a.Dv); break;
-      }
+      if (nd - dv == 1)
+        attn_values<1>(s, Lkp, vp + dv * VL, Dvp, jn, orow, dv * VL, a.Dv);
+      else
+        attn_values<2>(s, Lkp, vp + dv * VL, Dvp, jn, orow, dv * VL, a.Dv);
     }
   }
 }
