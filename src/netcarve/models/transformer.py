@@ -145,3 +145,48 @@ def transformer_tiny(
 ) -> TransformerClassifier:
     """Tiny pre-norm transformer encoder (d=64, 4 blocks, 4 heads) over CIFAR-10 rows (32 x 96)."""
     return TransformerClassifier(input_size, seq_len, dim, depth, num_heads, mlp_ratio, num_classes)
+
+
+class VisionTransformer(nn.Module):
+    """ViT for small images: ``patch_embed`` Conv2d(3, d, p, stride p) -> tokens + a class token + learned
+    ``pos_embed`` -> ``blocks`` (pre-norm, as :class:`TransformerClassifier`) -> ``norm`` -> the class token ->
+    ``head``."""
+
+    def __init__(self, image_size: int = 32, patch_size: int = 4, in_chans: int = 3, dim: int = 192,
+                 depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0, num_classes: int = 10):
+        super().__init__()
+        if image_size % patch_size:
+            raise ConfigError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+        self.input_shape = (in_chans, image_size, image_size)
+        n = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, dim))
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, d)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+@register_model(
+    "vit_tiny_cifar",
+    family="transformer",
+    input_shape=(3, 32, 32),
+    preprocess=CIFAR_PREPROCESS,
+    description="ViT-Tiny widths (d=192, 12 blocks, 3 heads, MLP 768) on 4x4 patches of 32x32 images: 65 tokens",
+)
+def vit_tiny_cifar(image_size: int = 32, patch_size: int = 4, dim: int = 192, depth: int = 12, num_heads: int = 3,
+                   mlp_ratio: float = 4.0, num_classes: int = 10) -> VisionTransformer:
+    """ViT-Tiny (d=192, 12 blocks, 3 heads) on 4x4 patches of CIFAR-10 images (64 patches + a class token)."""
+    return VisionTransformer(image_size, patch_size, 3, dim, depth, num_heads, mlp_ratio, num_classes)
