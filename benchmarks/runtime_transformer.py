@@ -2,11 +2,14 @@
 (attention, LayerNorm, activations: ``set_native_transformer``) against ATen's inside the same plan.
 
     python benchmarks/runtime_transformer.py --threads 2 --out benchmarks/results/runtime_transformer-emr.json
+    python benchmarks/runtime_transformer.py --model vit_tiny_cifar --threads 2 \
+        --out benchmarks/results/runtime_transformer-vit-emr.json
 
-The model: the zoo's ``transformer_tiny`` (4 pre-norm blocks, d=64, 4 heads, 32 tokens), every linear (qkv / proj
-inside attention, MLPs, embedding, head) pruned one-shot to 90% in 4x16 tiles by
-``netcarve sparsify transformer_tiny --scheme block --block 4x16 --sparsity 0.9 --algorithm oneshot
---finetune-epochs 0 --include-first-last`` (untrained weights: latency does not depend on the values).
+The model: a zoo transformer (``transformer_tiny``: 4 pre-norm blocks, d=64, 4 heads, 32 tokens; ``vit_tiny_cifar``:
+ViT-Tiny widths, 12 blocks, d=192, 3 heads, 65 tokens), every linear (qkv / proj inside attention, MLPs, embedding,
+head) pruned one-shot to 90% in 4x16 tiles by ``netcarve sparsify MODEL --scheme block --block 4x16 --sparsity 0.9
+--algorithm oneshot --finetune-epochs 0 --include-first-last`` (untrained weights: latency does not depend on the
+values).
 
 1. ``netcarve bench RUN --batch B --json`` per batch: every engine in its own process (minimum over rounds of medians).
 2. In one process, alternated per round: the compiled plan with netcarve's transformer kernels and with ATen's
@@ -26,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-RUN = Path(os.path.expanduser("~/.cache/netcarve/bench/runtime_transformer/tt-block90"))
-PREPARE = ["sparsify", "transformer_tiny", "--scheme", "block", "--block", "4x16", "--sparsity", "0.9",
-           "--algorithm", "oneshot", "--finetune-epochs", "0", "--include-first-last"]
+WORK = Path(os.path.expanduser("~/.cache/netcarve/bench/runtime_transformer"))
+PREPARE = ["--scheme", "block", "--block", "4x16", "--sparsity", "0.9", "--algorithm", "oneshot",
+           "--finetune-epochs", "0", "--include-first-last"]
 
 
 def _cli(*args: str) -> str:
@@ -54,16 +57,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--engines", nargs="+", default=["torch", "onnxruntime", "openvino", "netcarve-dense", "netcarve"])
-    p.add_argument("--run", default=str(RUN), help="the sparse run directory (made by netcarve sparsify if missing)")
+    p.add_argument("--model", default="transformer_tiny")
+    p.add_argument("--run", default=None, help="the sparse run directory (made by netcarve sparsify if missing; "
+                                               "default: ~/.cache/netcarve/bench/runtime_transformer/MODEL-block90)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "runtime_transformer.json"))
     a = p.parse_args()
-    run = Path(a.run)
+    run = Path(a.run) if a.run else WORK / f"{'tt' if a.model == 'transformer_tiny' else a.model}-block90"
+    prepare = ["sparsify", a.model, *PREPARE]
     if not (run / "manifest.json").exists():
         print(f"[runtime_transformer] preparing {run}", file=sys.stderr)
-        _cli(*PREPARE, "--out", str(run))
+        _cli(*prepare, "--out", str(run))
 
-    out: dict = {"benchmark": "runtime_transformer", "command": "python " + " ".join(sys.argv),
-                 "prepare": "netcarve " + " ".join(PREPARE) + " --out RUN", "engines": {}, "ab": {}}
+    out: dict = {"benchmark": "runtime_transformer", "model": a.model, "command": "python " + " ".join(sys.argv),
+                 "prepare": "netcarve " + " ".join(prepare) + " --out RUN", "engines": {}, "ab": {}}
     for b in a.batches:
         print(f"[runtime_transformer] netcarve bench, batch {b}", file=sys.stderr)
         res = json.loads(_cli("bench", str(run), "--batch", str(b), "--threads", str(a.threads), "--rounds",
@@ -73,6 +79,7 @@ def main() -> None:
         out["env"] = res.get("env")
 
     torch.set_num_threads(a.threads)
+    from netcarve.models import create_model
     from netcarve.runtime import compile as ncompile
     from netcarve.runtime import load_kernels
     from netcarve.serialize import load
@@ -81,8 +88,9 @@ def main() -> None:
     if mod is None:
         raise SystemExit("native kernels unavailable")
     model = load(run).eval()
+    shape = tuple(create_model(a.model).input_shape)
     for b in a.batches:
-        x = torch.randn(b, 32, 96)
+        x = torch.randn(b, *shape)
         with torch.no_grad():
             cm = ncompile(model, x)
             ref = model(x)
