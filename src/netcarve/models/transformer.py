@@ -93,6 +93,16 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _init_weights(model: nn.Module, *params: nn.Parameter) -> None:
+    """Truncated-normal (std 0.02) ``params`` (embeddings, tokens), then every Linear's weight; zero biases."""
+    for p in params:
+        nn.init.trunc_normal_(p, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+
 class TransformerClassifier(nn.Module):
     """(B, T, F) -> ``embed`` + ``pos_embed`` -> ``blocks`` -> ``norm`` -> mean over T -> ``head``."""
 
@@ -113,11 +123,7 @@ class TransformerClassifier(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        _init_weights(self, self.pos_embed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, F) -> (B, T, d) -> (B, d) -> (B, num_classes)
@@ -165,12 +171,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        _init_weights(self, self.pos_embed, self.cls_token)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, d)
