@@ -589,7 +589,7 @@ def test_bsr_linear_batched_parallel(kernels, threads, bh, bw):
         kernels.set_parallel_threshold(old_threshold)
         torch.set_num_threads(old_threads)
 
-# Many rows (a transformer's batch x tokens) run in row tiles (set_bsr_row_tile, default 64), tiles split over the
+# Many rows (a transformer's batch x tokens) run in row tiles (set_bsr_row_tile, default 32), tiles split over the
 # threads: the same outputs as all rows at once, for every tile height, ragged last tiles and a last block row cut
 # short; also as a plan's sparse linear step on a 3-d input
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -598,7 +598,7 @@ def test_bsr_linear_row_tiles(kernels, threads, bh, bw):
     from netcarve.runtime.kernels import bsr_tensors
     from netcarve.sparsity import make_scheme
 
-    old_threads, old_tile = torch.get_num_threads(), 64
+    old_threads, old_tile = torch.get_num_threads(), kernels.bsr_row_tile()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(threads * 100 + bh + bw)
@@ -607,9 +607,9 @@ def test_bsr_linear_row_tiles(kernels, threads, bh, bw):
         w = w * make_scheme("block", block=[bh, bw]).project(w, 0.85)
         bt = bsr_tensors(w, (bh, bw))
         b = torch.randn(rows)
-        for m in (129, 300, 1024):
+        for m, tile in ((129, 64), (300, 64), (1024, 64), (65, 32), (97, 32)):
             x = torch.randn(m, cols)
-            kernels.set_bsr_row_tile(64)
+            kernels.set_bsr_row_tile(tile)
             tiled = kernels.bsr_linear(x, *bt, b, rows)
             kernels.set_bsr_row_tile(0)
             whole = kernels.bsr_linear(x, *bt, b, rows)

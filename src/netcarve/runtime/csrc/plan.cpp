@@ -829,8 +829,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "else the filters (default 8)");
   m.def("sparse_band_min_vectors", []() { return g_sparse_band_min_vectors; });
   m.def("set_bsr_row_tile", [](int64_t v) { g_bsr_row_tile = std::max<int64_t>(0, v); },
-        "BSR matmuls of more than 2x this many rows run in row tiles of this size, split over the threads (default 64; "
+        "BSR matmuls of more than 2x this many rows run in row tiles of this size, split over the threads (default 32; "
         "0: all rows transposed at once)");
+  m.def("bsr_row_tile", []() { return g_bsr_row_tile; });
   m.def("set_dense_small_linear", [](bool v) { g_dense_small_linear = v; },
         "dense linear and LSTM / GRU gate matmuls of at most 4 batch rows run netcarve's dot-product kernel (default "
         "on; off: ATen's addmm)");

@@ -445,7 +445,7 @@ static float* scratch(int slot, int64_t n) {
 // batches from which the batched (transposed) path runs: below, horizontal sums per output cost less than the
 // transposes (measured on a Zen 3: 8 rows 5.4 -> 4.0 us batched, 6 rows 4.4 -> 5.1 us)
 static constexpr int64_t kBsrBatchedMin = 8;
-int64_t g_bsr_row_tile = 64;
+int64_t g_bsr_row_tile = 32;  // (see set_bsr_row_tile)
 // AVX-512, below it the 16-row reductions (bsr_rows16; set_bsr_batched_min, at least 8). Measured in one process,
 // alternated, 2 threads, 90% sparse, 4 x 16 / 1 x 16 / 8 x 16 tiles: at batch 8 (half of the batched path's lanes
 // empty) the reductions ran 1536 x 512 1.27-1.72x and 4096 x 1024 1.34-1.74x faster, 384 x 128 level (0.99-1.07x),
