@@ -74,6 +74,10 @@ def test_attention_nan_and_bad_input(kernels):
     q = torch.randn(1, 1, 4, 16)
     q[0, 0, 1, 3] = float("nan")  # key 1 is NaN: every row's softmax (and output) is NaN, as in torch
     assert attention(q, q, q).isnan().any(-1).all()
+    # no queries: an empty output; no keys: the twin's (torch's) result
+    assert attention(q[:, :, :0], q, q).shape == (1, 1, 0, 16)
+    k0 = torch.randn(1, 1, 0, 16)
+    assert torch.equal(attention(q, k0, k0).isnan(), F.scaled_dot_product_attention(q, k0, k0).isnan())
     with pytest.raises(ConfigError, match="not \\(B, T, 3 x 4 heads"):
         attention_qkv(torch.randn(2, 5, 30), 4)
     with pytest.raises(RuntimeError, match="attention: q, k, v must be"):

@@ -238,7 +238,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
     or the twin (other shapes too)."""
     mod = _native(reference, q, k, v)
     if mod is None or q.dim() not in (3, 4) or not (q.dim() == k.dim() == v.dim()) \
-            or q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
+            or q.shape[:-2] != k.shape[:-2] or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1] \
+            or k.shape[-2] == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
     return mod.attention(q, k, v, bool(is_causal), scale)
 
