@@ -261,3 +261,16 @@ def test_class_token_expand_is_native(kernels):
         # a literal batch size (eager semantics at other batches) stays PyTorch's
         c2 = compile(_ClassToken(literal=True).eval(), torch.randn(2, 5, 16))
         assert "python" in [op.kind for op in c2.ops]
+
+
+@pytest.mark.parametrize("shape", [(1, 65, 3, 64), (2, 33, 4, 24), (1, 7, 2, 17), (3, 16, 1, 16)])
+def test_attention_register_transposes_match_scalar_ones(kernels, shape):
+    """K^T built by 16 x 16 / 8 x 8 register transposes (tails scalar) or by scalar copies: the same bits."""
+    b, t, h, hd = shape
+    qkv = torch.randn(b, t, 3 * h * hd)
+    kernels.set_attention_transpose(False)
+    try:
+        scalar = attention_qkv(qkv, h)
+    finally:
+        kernels.set_attention_transpose(True)
+    assert torch.equal(attention_qkv(qkv, h), scalar)

@@ -361,8 +361,11 @@ extern bool g_native_pool;
 extern bool g_native_clamp;
 torch::Tensor clamp_native(torch::Tensor x, double lo, double hi, bool in_place);
 
+// dst[c * ldd + r] = src[r * lds + c] for rows x cols (16 x 16 / 8 x 8 register transposes where they fit; sparse_linear.cpp)
+void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
 // Transformer ops (transformer.cpp), used by plans unless set_native_transformer(False) (then ATen's):
 extern bool g_native_transformer;
+extern bool g_attention_transpose;  // K^T by register transposes (set_attention_transpose; off: scalar copies)
 // softmax(scale * q k^T) v for float32 (B, [H,] L, E) q / k / v with equal leading dims (any strides, the last dim
 // contiguous or copied so); causal: key j <= query i (torch's is_causal). attention_native_ok: whether it applies.
 bool attention_native_ok(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);

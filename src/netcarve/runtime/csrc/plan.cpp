@@ -777,6 +777,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "plans run attention, LayerNorm, GELU / SiLU / sigmoid / hardswish and same-shape additions with netcarve's "
         "kernels (default) or ATen's");
   m.def("native_transformer", []() { return g_native_transformer; });
+  m.def("set_attention_transpose", [](bool v) { g_attention_transpose = v; },
+        "attention transposes K per head with register transposes (default) or scalar copies");
   m.def("attention", &attention_native, "softmax(scale q k^T) v, float32 (B, [H,] L, E)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("causal") = false, py::arg("scale") = py::none());
   m.def("attention_qkv", &attention_qkv, "multi-head self-attention from a packed (B, T, 3 C) qkv projection",

@@ -453,6 +453,10 @@ int64_t g_bsr_row_tile = 32;  // (see set_bsr_row_tile)
 // 384 x 128 (0.77-0.85x) and at 16 for most shapes. So the default stays at 8.
 int64_t g_bsr_batched_min = 8;
 bool g_bsr_rows16 = true;
+void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  transpose(src, lds, rows, cols, dst, ldd);
+}
+
 bool g_transpose16 = true;
 bool g_bsr_cols = true;
 

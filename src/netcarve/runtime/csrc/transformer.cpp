@@ -17,6 +17,7 @@
 using namespace nck;
 
 bool g_native_transformer = true;
+bool g_attention_transpose = true;
 
 namespace {
 
@@ -185,9 +186,14 @@ static void attention_task(const AttnArgs& a, int64_t g, int64_t i0, int64_t i1,
   float* vp = v_buf.data();   // V with rows padded to whole vectors: vp[j * Dvp + d], zero past Dv
   float* s = s_buf.data();
   if (fresh) {  // every key (a causal problem's later tasks see more of them)
-    for (int64_t j = 0; j < a.Lk; ++j) {  // (rows of K read contiguously, K^T written with a stride)
-      const float* kr = k + j * a.ks[2];
-      for (int64_t d = 0; d < a.D; ++d) kt[d * Lkp + j] = kr[d];
+    // (register transposes: scalar ones were a quarter of a ViT head's attention, 65 tokens x 64)
+    if (g_attention_transpose) {
+      transpose_block(k, a.ks[2], a.Lk, a.D, kt, Lkp);
+    } else {
+      for (int64_t j = 0; j < a.Lk; ++j) {
+        const float* kr = k + j * a.ks[2];
+        for (int64_t d = 0; d < a.D; ++d) kt[d * Lkp + j] = kr[d];
+      }
     }
     for (int64_t d = 0; d < a.D; ++d) std::fill(kt + d * Lkp + a.Lk, kt + (d + 1) * Lkp, 0.f);
     for (int64_t j = 0; j < a.Lk; ++j) {
