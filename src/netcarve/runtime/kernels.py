@@ -221,8 +221,7 @@ def activation(x: torch.Tensor, fn: str, reference: bool = False) -> torch.Tenso
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5, reference: bool = False) -> torch.Tensor:
     """``F.layer_norm`` over the trailing dims (native kernel: two passes per row, vectorised), or the twin."""
-    shape = tuple(nn.modules.utils._ntuple(1)(normalized_shape)) if isinstance(normalized_shape, int) \
-        else tuple(int(s) for s in normalized_shape)
+    shape = (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
     if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
         raise ConfigError(f"layer_norm over {list(shape)}: input of shape {list(x.shape)} does not end with it")
     mod = _native(reference, x, *(t for t in (weight, bias) if t is not None))
@@ -234,7 +233,7 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
               scale: float | None = None, reference: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v)`` without mask or dropout for (B, [H,] L, E) tensors with equal
-    leading dims (native kernel: K transposed per head, four query rows at a time, vectorised softmax; any strides),
+    leading dims (native kernel: K transposed per head, eight query rows at a time, vectorised softmax; any strides),
     or the twin (other shapes too)."""
     mod = _native(reference, q, k, v)
     if mod is None or q.dim() not in (3, 4) or not (q.dim() == k.dim() == v.dim()) \

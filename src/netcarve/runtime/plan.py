@@ -195,10 +195,12 @@ def _step_name(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
-def _linear_p(m: nn.Linear, relu: bool = False) -> dict[str, Any]:
-    """A linear op's parameters from an ``nn.Linear`` (fp32 copies; dense until compile chooses its kernel)."""
-    return {"weight": m.weight.detach().float().contiguous(),
-            "bias": None if m.bias is None else m.bias.detach().float(), "relu": relu, "sparse": False}
+def _linear_p(m: nn.Linear, relu: bool = False, weight=None, bias=None) -> dict[str, Any]:
+    """A linear op's parameters from an ``nn.Linear`` or a ``weight`` / ``bias`` pair (fp32 copies; dense until
+    compile chooses its kernel)."""
+    w, b = (m.weight, m.bias) if m is not None else (weight, bias)
+    return {"weight": w.detach().float().contiguous(), "bias": None if b is None else b.detach().float(),
+            "relu": relu, "sparse": False}
 
 
 def _split_op(node: fx.Node) -> tuple[str, Any] | None:
@@ -779,20 +781,18 @@ class Lowering:
         bt = tuple(xs) if m.batch_first else (xs[1], xs[0], xs[2])
         if not m.batch_first:
             x = self._emit_tmp(Op("permute", f"{name}.batch_first", [x], p={"dims": [1, 0, 2]}))
-        b = m.in_proj_bias
-        qkv = self._emit_tmp(Op("linear", f"{name}.in_proj", [x], p={
-            "weight": m.in_proj_weight.detach().float().contiguous(),
-            "bias": None if b is None else b.detach().float(), "relu": False, "sparse": False}))
+        qkv = self._emit_tmp(Op("linear", f"{name}.in_proj", [x],
+                                p=_linear_p(None, weight=m.in_proj_weight, bias=m.in_proj_bias)))
         self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], 3 * e)
         y = self._emit_tmp(Op("mha", f"{name}.matmul", [qkv], p={"heads": heads, "causal": False, "scale": None}))
+        proj = Op("linear", f"{name}.out_proj", [y], p=_linear_p(m.out_proj))
         if m.batch_first:
-            self._emit(Op("linear", f"{name}.out_proj", [y], p=_linear_p(m.out_proj)), node)
+            self._emit(proj, node)
         else:
-            y = self._emit_tmp(Op("linear", f"{name}.out_proj", [y], p=_linear_p(m.out_proj)))
-            self.ops[-1].out_shape = bt
+            y = self._emit_tmp(proj)
             self._emit(Op("permute", f"{name}.seq_first", [y], p={"dims": [1, 0, 2]}), node)
-        self.ops[-1 if m.batch_first else -2].in_shape = bt
-        self.ops[-1].out_shape = tuple(xs)
+        proj.in_shape, proj.out_shape = bt, bt
+        self.ops[-1].out_shape = tuple(xs)  # (the node's result is the (output, weights) tuple)
         self._partial.add(node)
 
     def _split_item(self, node, src, i: int):
