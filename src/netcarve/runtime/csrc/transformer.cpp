@@ -1,6 +1,7 @@
 // netcarve native transformer ops (fp32): scaled dot-product attention (also straight from a packed qkv projection),
-// LayerNorm over the trailing dims and element-wise activations (GELU, GELU-tanh, SiLU, sigmoid, hardswish,
-// hardsigmoid), vectorised and split over torch's thread pool or a plan's team (nck::parallel_for).
+// LayerNorm over the trailing dims, element-wise activations (GELU, GELU-tanh, SiLU, sigmoid, hardswish,
+// hardsigmoid) and same-shape additions, vectorised and split over torch's thread pool or a plan's team
+// (nck::parallel_for).
 //
 // Why: in a block-sparse transformer the sparse linears got fast and ATen's attention, LayerNorm and GELU became the
 // bulk (transformer_tiny, 90% 4x16, Intel Emerald Rapids VM, 2 threads, batch 64: attention 1.98 ms + head permutes
