@@ -872,12 +872,32 @@ def test_fallback_takes_token_ids_and_whole_external_models(kernels):
         if x.dtype == torch.int64:
             with pytest.raises(ConfigError, match="expected a int64 input"):
                 c(x.float())
-    assert fell_back["lstm_textcls"] == ["module 'embedding' (Embedding)"]
+    assert fell_back["lstm_textcls"] == []  # its Embedding is a native step
     assert "module 'up1.up' (ConvTranspose2d)" in fell_back["unet"]
     assert fell_back["mobilenet_v3_small"] == []  # Hardswish / Hardsigmoid are native steps
     assert fell_back["vit_tiny_timm"] == []  # its class token expanded to the batch is a native step too
+    # token ids strictly: the Embedding takes them natively; ids out of range are named; a float input is refused
+    torch.manual_seed(0)
+    m = cm.MODELS["lstm_textcls"][0]().eval()
+    ids = cm.example_input("lstm_textcls")
+    c = compile(m, ids, fallback=False)
+    assert [op.kind for op in c.ops][0] == "embedding"
+    with torch.no_grad():
+        assert _rel(c(ids), m(ids)) <= 1e-4 and _rel(c.reference(ids), m(ids)) <= 1e-4
+        with pytest.raises(RuntimeError, match="token ids must be in \\[0, "):
+            c(ids + 100_000)
     with pytest.raises(ConfigError, match="float32"):
-        compile(cm.MODELS["lstm_textcls"][0]().eval(), cm.example_input("lstm_textcls"), fallback=False)
+        compile(m, ids.double())
+
+
+class _IntRelu(nn.Module):
+    def forward(self, x):  # runs on integers in eager PyTorch; the plan's steps other than Embedding are float32
+        return torch.relu(x)
+
+
+def test_integer_input_read_by_a_native_step_is_refused(kernels):
+    with pytest.raises(UnsupportedModelError, match="reads the integer input; natively only an Embedding"):
+        compile(_IntRelu().eval(), torch.ones(2, 4, dtype=torch.int64), fallback=False)
 
 
 class _Tokens(nn.Module):

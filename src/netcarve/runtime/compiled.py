@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ._build import cache_root, cpu_key, load_kernels, source_hash
 from .plan import Op, ReferencePlan, build_native, lower
 
@@ -248,10 +248,10 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     if sparse not in SPARSE_MODES:
         raise ConfigError(f"runtime.compile: sparse must be one of {', '.join(SPARSE_MODES)}, got {sparse!r}")
     if not isinstance(example_input, torch.Tensor) or not (
-            example_input.dtype == torch.float32 or (fallback and not example_input.is_floating_point()
+            example_input.dtype == torch.float32 or (not example_input.is_floating_point()
                                                      and not example_input.is_complex())):
-        raise ConfigError("runtime.compile: example_input must be a float32 tensor (a batch of the model's input; "
-                          "integer token ids too with fallback=True)")
+        raise ConfigError("runtime.compile: example_input must be a float32 tensor (a batch of the model's input) "
+                          "or integer token ids")
     model = _resolve(model_or_checkpoint)
     was_training = model.training
     model.eval()
@@ -259,6 +259,12 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         ops, nvals, output = lower(model, example_input, fallback=fallback)
     finally:
         model.train(was_training)
+    if example_input.dtype != torch.float32:  # token ids: native steps other than embeddings compute in float32
+        bad = [op for op in ops if 0 in op.inputs and op.kind not in ("embedding", "python")]
+        if bad:
+            raise UnsupportedModelError(f"runtime.compile: {type(model).__name__}: step {bad[0].name!r} "
+                                        f"({bad[0].kind}) reads the integer input; natively only an Embedding takes "
+                                        "token ids")
     fallen = [n for op in ops if op.kind == "python" for n in op.p["nodes"]]
     if fallen:
         steps = sum(op.kind == "python" for op in ops)

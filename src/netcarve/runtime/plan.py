@@ -580,6 +580,13 @@ class Lowering:
             return self._alias(node, x)
         if isinstance(m, (nn.GRU, nn.LSTM)):
             return self._rnn(node, m)
+        if isinstance(m, nn.Embedding):
+            tm = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+            if m.max_norm is not None or tm is None or tm.dtype.is_floating_point:
+                self._unsupported(node, "an embedding with max_norm (it renormalises its weight in place) or of "
+                                        "non-integer ids")
+            return self._emit(Op("embedding", name, [self._in(x, node)],
+                                 p={"weight": m.weight.detach().float().contiguous()}), node, x)
         if type(m).__name__ == "AttentionMatmul":  # netcarve.models.transformer: softmax(q k^T / sqrt(d)) v
             if len(node.args) != 3:
                 self._unsupported(node, "attention over other than (q, k, v)")
@@ -1023,6 +1030,8 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
         return x.narrow(p["dim"], p["start"], p["length"])
     if k == "reshape":
         return x.reshape(p["shape"])
+    if k == "embedding":
+        return F.embedding(x, p["weight"])
     if k == "expand":
         return x.expand(v[op.inputs[1]].shape[0], *x.shape[1:]).contiguous()
     if k == "mha":  # (B, T, 3 x H x hd) -> (B, T, H x hd)
@@ -1150,6 +1159,8 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             plan.add_sdpa(n, op.inputs, op.out, p["causal"], p["scale"])
         elif op.kind == "expand":
             plan.add_expand(n, op.inputs[0], op.inputs[1], op.out)
+        elif op.kind == "embedding":
+            plan.add_embedding(n, op.inputs[0], op.out, p["weight"])
         elif op.kind == "mha":
             plan.add_mha(n, op.inputs[0], op.out, p["heads"], p["causal"], p["scale"])
         else:  # pragma: no cover

@@ -17,7 +17,7 @@
 
 namespace {
 
-enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA, EXPAND };
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA, EXPAND, EMBEDDING };
 
 struct Step {
   Kind kind;
@@ -281,6 +281,13 @@ class Plan {
     s.floats = {scale.value_or(0.0)};
     push(std::move(s));
   }
+  // rows of `weight` (num_embeddings, dim) picked by integer ids: (..., dim)
+  void add_embedding(const std::string& name, int64_t in, int64_t out, torch::Tensor weight) {
+    TORCH_CHECK(weight.dim() == 2, name, ": an embedding weight must be 2-d, got ", weight.sizes());
+    Step s{EMBEDDING, name, {in}, out};
+    s.ts = {weight.contiguous()};
+    push(std::move(s));
+  }
   // x (1, ...) repeated over the batch of value `like` (a class token expanded to the batch), contiguous
   void add_expand(const std::string& name, int64_t in, int64_t like, int64_t out) { push(Step{EXPAND, name, {in, like}, out}); }
   void add_cat(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t dim) {
@@ -452,6 +459,8 @@ class Plan {
         return true;
       case EXPAND:
         return x.scalar_type() == torch::kFloat32;
+      case EMBEDDING:
+        return x.numel() * s.ts[0].size(1) <= 32768;
       case AFFINE:
       case PAD:
       case MEAN:
@@ -624,6 +633,16 @@ class Plan {
         if (s.ints[1]) scale = s.floats[0];
         if (native_sdpa(s, v)) return attention_native(x, v[s.in[1]], v[s.in[2]], s.ints[0] != 0, scale);
         return at::scaled_dot_product_attention(x, v[s.in[1]], v[s.in[2]], mask, 0.0, s.ints[0] != 0, scale);
+      }
+      case EMBEDDING: {
+        TORCH_CHECK(!x.is_floating_point() && !x.is_complex(), s.name, ": an embedding takes integer ids, got ",
+                    x.scalar_type());
+        const int64_t n = s.ts[0].size(0);
+        if (x.numel()) {
+          const int64_t lo = x.min().item<int64_t>(), hi = x.max().item<int64_t>();
+          TORCH_CHECK(lo >= 0 && hi < n, s.name, ": token ids must be in [0, ", n, "), got ids from ", lo, " to ", hi);
+        }
+        return at::embedding(s.ts[0], x);
       }
       case EXPAND: {
         const int64_t B = v[s.in[1]].size(0);
@@ -915,6 +934,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_sdpa", &Plan::add_sdpa)
       .def("add_mha", &Plan::add_mha)
       .def("add_expand", &Plan::add_expand)
+      .def("add_embedding", &Plan::add_embedding)
       .def("add_pad", &Plan::add_pad)
       .def("add_rnn", &Plan::add_rnn)
       .def("add_select", &Plan::add_select)
