@@ -15,6 +15,13 @@ from ..errors import ConfigError, UnsupportedModelError
 from ._build import load_kernels
 
 
+def _native(reference: bool, *ts: torch.Tensor):
+    """The kernels module, or None where the reference twin runs (asked for, no kernels, autograd, not float32)."""
+    if reference or any(t.dtype != torch.float32 or t.requires_grad for t in ts):
+        return None
+    return load_kernels()
+
+
 def conv_taps(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The non-zero taps of a conv weight (F, C, kh, kw), grouped per filter.
 
@@ -82,8 +89,8 @@ class SparseConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        mod = None if self.reference else load_kernels()
-        if mod is None or x.dtype != torch.float32 or x.requires_grad:
+        mod = _native(self.reference, x)
+        if mod is None:
             return self.forward_reference(x, residual)
         return mod.sparse_conv2d(x, self.tap_ptr, self.tap_chan, self.tap_pos, self.tap_w, self.tap_order,
                                  self.bias, residual, self.out_channels, self.kh, self.kw, self.stride,
@@ -120,8 +127,8 @@ def direct_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   reference: bool = False) -> torch.Tensor:
     """``relu?(conv2d(x, weight, bias, stride, padding) + residual)`` with the dense direct kernel
     (``csrc`` ``direct_conv2d``), or its reference twin in PyTorch (``reference=True`` or no kernels)."""
-    mod = None if reference else load_kernels()
-    if mod is None or x.dtype != torch.float32 or x.requires_grad:
+    mod = _native(reference, x)
+    if mod is None:
         y = F.conv2d(x, weight, bias, stride=stride, padding=padding)
         if residual is not None:
             y = y + residual
@@ -142,8 +149,8 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, ceil_mode: 
     k = nn.modules.utils._pair(kernel_size)
     s = nn.modules.utils._pair(k if stride is None or stride == [] else stride)
     p = nn.modules.utils._pair(padding)
-    mod = None if reference else load_kernels()
-    if mod is None or x.dtype != torch.float32 or x.requires_grad or x.dim() != 4:
+    mod = _native(reference, x)
+    if mod is None or x.dim() != 4:
         return F.max_pool2d(x, k, s, p, ceil_mode=ceil_mode)
     return mod.max_pool2d(x, k[0], k[1], s[0], s[1], p[0], p[1], bool(ceil_mode))
 
@@ -184,8 +191,8 @@ def bsr_tensors(weight: torch.Tensor, block: tuple[int, int] | None = None) -> l
 def bsr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                block: tuple[int, int] | None = None, reference: bool = False) -> torch.Tensor:
     """``x @ weight.T + bias`` with the weight in BSR tiles (native kernel), or ``F.linear`` (reference)."""
-    mod = None if reference else load_kernels()
-    if mod is None or x.dtype != torch.float32 or x.requires_grad:
+    mod = _native(reference, x)
+    if mod is None:
         return F.linear(x, weight, bias)
     ptr, idx, val = bsr_tensors(weight, block)
     return mod.bsr_linear(x, ptr, idx, val, None if bias is None else bias.detach().float(), int(weight.shape[0]))
@@ -198,13 +205,6 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "hardswish", "har
 _ACTIVATION_REFS = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu,
                     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardswish": F.hardswish,
                     "hardsigmoid": F.hardsigmoid}
-
-
-def _native(reference: bool, *ts: torch.Tensor):
-    """The kernels module, or None where the reference twin runs (asked for, no kernels, autograd, not float32)."""
-    if reference or any(t.dtype != torch.float32 or t.requires_grad for t in ts):
-        return None
-    return load_kernels()
 
 
 def activation(x: torch.Tensor, fn: str, reference: bool = False) -> torch.Tensor:

@@ -418,7 +418,7 @@ extern bool g_bsr_cols;
 extern int64_t g_bsr_batched_min;
 // BSR matmuls of more than 2x this many rows (batch x tokens) run in row tiles of this size (0: all rows at once;
 // set_bsr_row_tile). 32 since 2026-12-06 (benchmarks/bsr_row_tile_ab.py, Intel VM, 2 threads, one process: 1.0-2.5x
-// faster than tiles of 64 from 65 to 2,048 rows, the ViT's 65-token matmuls at batch 1 1.4-1.7x; 16 was 15-25%
+// faster than tiles of 64 from 65 to 2,048 rows, the ViT's 65-token matmuls at batch 1 1.4-2.1x; 16 was 15-25%
 // faster again at 65-130 rows but 1.3x slower at 2,048)
 extern int64_t g_bsr_row_tile;
 

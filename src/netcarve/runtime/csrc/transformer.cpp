@@ -208,7 +208,7 @@ static void attention_task(const AttnArgs& a, int64_t g, int64_t i0, int64_t i1,
     const int64_t nr = std::min<int64_t>(QROWS, i1 - i);
     const float* qr[QROWS];
     for (int64_t r = 0; r < QROWS; ++r) qr[r] = q + std::min(i + r, i1 - 1) * a.qs[2];
-    // scores, two key vectors x four rows at a time
+    // scores, two key vectors x the eight rows at a time
     for (int64_t jv = 0; jv < nj; jv += 2) {
       const bool two = jv + 1 < nj;
       vecf acc0[QROWS], acc1[QROWS];
@@ -262,9 +262,9 @@ static void attention_task(const AttnArgs& a, int64_t g, int64_t i0, int64_t i1,
       for (; j < Lk; ++j) sr[j] = 0.f;
     }
     for (int64_t r = nr; r < QROWS; ++r) std::fill(s + r * Lkp, s + r * Lkp + Lk, 0.f);
-    // outputs, up to four value vectors x four rows at a time
+    // outputs, two value vectors x the eight rows at a time
     const int64_t jn = a.causal ? std::min<int64_t>(Lk, i + nr) : Lk;
-    for (int64_t dv = 0; dv < nd; dv += 2) {  // (8 rows x 2 vectors: 16 accumulators)
+    for (int64_t dv = 0; dv < nd; dv += 2) {  // (16 accumulators)
       float* orow[QROWS];
       for (int64_t r = 0; r < QROWS; ++r) orow[r] = r < nr ? o + (i + r) * a.os[2] : nullptr;
       if (nd - dv == 1)
@@ -497,7 +497,7 @@ torch::Tensor add_native(torch::Tensor a, torch::Tensor b, bool relu) {
   const float* bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t n = a.numel(), nv = (n + VL - 1) / VL;
-  const int64_t grain = n < (int64_t)1 << 16 ? nv + 1 : 1024;
+  const int64_t grain = n < g_parallel_threshold ? nv + 1 : 1024;
   const vecf zero = bcast(0.f);
   nck::parallel_for(0, nv, grain, [&](int64_t vb, int64_t ve) {
     const int64_t i1 = std::min<int64_t>(n, ve * VL);
