@@ -270,9 +270,10 @@ def test_batched_small_outputs_in_a_plan_match_reference(kernels):
 
 
 def test_multirow_outputs_in_a_plan_match_reference(kernels):
-    """A 90%-sparse ResNet-20 at batches of 17-32: its 8x8 layers (on AVX-512 narrower than a vector) run in half-width
-    row vectors, or (set_half_rows(False)) several rows per vector, the shifted-copy offsets kept in the step's cache
-    across calls and batch changes: equal to the model at 1-2 threads, and to the wide grid (set_multirow(False))."""
+    """A 90%-sparse ResNet-20 at batches of 17-32: its 8x8 layers (on AVX-512 narrower than a vector) run kx-split
+    (the regrouped taps kept in the step's cache), in half-width row vectors (set_kx_split(False)), or
+    (set_half_rows(False)) several rows per vector, the shifted-copy offsets kept in the step's cache across calls and
+    batch changes: equal to the model at 1-2 threads, and to the wide grid (set_multirow(False))."""
     torch.manual_seed(0)
     m = create_model("resnet20").eval()
     with torch.no_grad():
@@ -288,11 +289,13 @@ def test_multirow_outputs_in_a_plan_match_reference(kernels):
                 x = torch.randn(b, 3, 32, 32)
                 with torch.no_grad():
                     ref = m(x)
-                assert _rel(c(x), ref) <= 1e-4, (threads, b)  # (AVX-512: 8x8 in half-width rows)
-                with switched_off(kernels, "half_rows"):
-                    assert _rel(c(x), ref) <= 1e-4, (threads, b, "multi-row")
-                    with switched_off(kernels, "multirow"):
-                        assert _rel(c(x), ref) <= 1e-4, (threads, b, "wide grid")
+                assert _rel(c(x), ref) <= 1e-4, (threads, b)  # (AVX-512: 8x8 kx-split)
+                with switched_off(kernels, "kx_split"):
+                    assert _rel(c(x), ref) <= 1e-4, (threads, b, "half-width rows")
+                    with switched_off(kernels, "half_rows"):
+                        assert _rel(c(x), ref) <= 1e-4, (threads, b, "multi-row")
+                        with switched_off(kernels, "multirow"):
+                            assert _rel(c(x), ref) <= 1e-4, (threads, b, "wide grid")
     finally:
         torch.set_num_threads(old_threads)
 

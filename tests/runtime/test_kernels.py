@@ -172,7 +172,7 @@ def test_banded_split_matches_reference(kernels, case, threads, kernel):
     m = SparseConv2d(weight, bias, stride=s, padding=1, relu=True)
     ref = m.forward_reference(x, res)
     run = (lambda: m(x, res)) if kernel == "sparse" else (lambda: direct_conv2d(x, weight, bias, s, 1, True, res))
-    with forced_parallel(kernels, threads):
+    with forced_parallel(kernels, threads), switched_off(kernels, "kx_split"):  # (the banded rows, not kx-split)
         out = run()
         with switched_off(kernels, "banded"):
             shared = run()
@@ -252,7 +252,8 @@ def test_multirow_outputs_match_reference(kernels, case, threads):
     (set_multirow(False))."""
     n, c, f, h, w, d, k, p = case
     m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, k, 1, p, d, seed=n + c + f + 2, zero_every=4)
-    with forced_parallel(kernels, threads), switched_off(kernels, "half_rows"):  # (AVX-512 8x8: else half rows)
+    with forced_parallel(kernels, threads), switched_off(kernels, "half_rows"), switched_off(kernels, "kx_split"):
+        # (AVX-512 8x8: else half rows or kx-split)
         out = m(x, res)
         plain = SparseConv2d(m.weight, None, padding=p)(x)
         with switched_off(kernels, "multirow"):
@@ -277,13 +278,49 @@ def test_half_width_rows_match_reference(kernels, case, threads):
     parallel, and to the path it replaces."""
     n, c, f, h, w, s = case
     m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, s, 1, 0.2, seed=n + c + f + 3, zero_every=3)
-    with forced_parallel(kernels, threads):
+    with forced_parallel(kernels, threads), switched_off(kernels, "kx_split"):  # (stride 1 8x8: else kx-split)
         out = m(x, res)
         with switched_off(kernels, "half_rows"):
             old = m(x, res)
     assert _rel_err(out, ref) <= 1e-4
     assert _rel_err(out, old) <= 1e-4
     assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
+
+
+# (N, C, F, H, W, density): 3x3 stride-1 pad-1 outputs whose rows are 1, 2, 4 or 8 vectors of 16 floats or one of 8
+# (AVX-512: the kx-split path): one-row images (top and bottom at once), blocks ending on the last row, several
+# images, 8x8 maps (one block of 8-float rows), a dense weight, more filters than fit one group
+KX_SPLIT = [(1, 16, 16, 32, 32, 0.12), (3, 8, 13, 5, 16, 0.3), (1, 5, 7, 1, 16, 0.8), (2, 6, 9, 2, 128, 0.4),
+            (1, 9, 11, 17, 64, 0.25), (1, 64, 64, 8, 8, 0.12), (3, 16, 8, 5, 8, 0.3), (2, 7, 9, 1, 8, 1.0),
+            (1, 40, 70, 16, 16, 0.1)]
+
+
+@pytest.mark.parametrize("case", KX_SPLIT, ids=lambda c: "x".join(map(str, c[:5])))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kx_split_matches_reference(kernels, case, threads):
+    """The kx-split path (per kernel column, taps summed over whole aligned rows of the unpadded input, shifted by
+    one lane afterwards; rows outside the image skipped): equal to the reference with bias, residual, ReLU and
+    all-zero filters, forced parallel at 1-3 threads, and to the banded rows it replaces (set_kx_split(False)); a
+    NaN in the input reaches exactly the outputs the reference's does (every filter reads its channel)."""
+    n, c, f, h, w, d = case
+    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, 1, 1, d, seed=n + c + f + h, zero_every=4)
+    with forced_parallel(kernels, threads):
+        out = m(x, res)
+        plain = SparseConv2d(m.weight, None, padding=1)(x)
+        with switched_off(kernels, "kx_split"):
+            old = m(x, res)
+    assert _rel_err(out, ref) <= 1e-4
+    assert _rel_err(plain, torch.nn.functional.conv2d(x, m.weight, None, 1, 1)) <= 1e-4
+    assert _rel_err(out, old) <= 1e-4
+    assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
+    weight = m.weight.clone()
+    weight[:, 0] = 0.5  # every filter reads channel 0 at every kernel position
+    nan_m = SparseConv2d(weight, None, padding=1)
+    xn = x.clone()
+    xn[n - 1, 0, h // 2, w - 1] = float("nan")
+    xn[0, 0, 0, 0] = float("inf")
+    got, want = nan_m(xn), nan_m.forward_reference(xn)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
 
 
 def _direct_case(case, seed):
@@ -403,7 +440,7 @@ def test_sparse_conv_band_copy_matches_reference(kernels, case):
     and rows of more than 32 floats."""
     n, c, f, h, w, s = case
     m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, s, 1, 0.3, seed=n + c + f, zero_every=4)
-    with forced_parallel(kernels, 2):
+    with forced_parallel(kernels, 2), switched_off(kernels, "kx_split"):  # (stride 1: else kx-split, no bands)
         out = m(x, res)
         with switched_off(kernels, "band_copy_rows"):
             old = m(x, res)

@@ -832,6 +832,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_multirow_min_vectors", [](int64_t v) { g_multirow_min_vectors = v; },
         "the multi-row path takes outputs of at least this many vectors (N * Ho * Wo / VL; default 64)");
   m.def("multirow_min_vectors", []() { return g_multirow_min_vectors; });
+  m.def("set_kx_jobs", [](int64_t v) { g_kx_jobs = std::max<int64_t>(1, v); },
+        "kx-split path: at least this many jobs (row blocks x filter groups) per thread (default 4)");
+  m.def("set_kx_split", [](bool v) { g_kx_split = v; },
+        "3x3 stride-1 sparse convs with rows of 1, 2, 4 or 8 vectors: the kx-split path (AVX-512; off: banded rows)");
   m.def("set_half_rows", [](bool v) { g_half_rows = v; },
         "AVX-512 builds: sparse and dense direct convs with output rows of 8 (8x8 maps) use the banded row layout "
         "with 8-float vectors (default on; off: the 16-float wide grid, or multi-row at large batches)");

@@ -47,6 +47,8 @@ bool g_fused_store = true;
 bool g_half_rows = true;
 bool g_lean_steps = true;
 bool g_phase_split = true;
+bool g_kx_split = true;
+int64_t g_kx_jobs = 4;  // jobs per thread of the kx-split path (blocks x filter groups)
 
 // A conv's (N, F, Ho, Wo) output: at::detail::empty_cpu, the allocation torch::empty ends in, without the dispatcher
 // around it (part of every conv's serial prelude, while a plan's other threads wait: 170 instead of 250 ns for a
@@ -1462,6 +1464,235 @@ static torch::Tensor sparse_conv2d_multirow(const torch::Tensor& x, const torch:
 // output index q = n * plane + y * Wph + x, the element planes[base(c, ky % S, kx % S) + (ky / S) * Wph +
 // (kx / S) + q]: one shifted contiguous window over all images at once, so small planes (4x4) still
 // give long vectors when the batch is large. Positions with y >= Ho or x >= Wo are computed and dropped.
+#if defined(__AVX512F__)
+// ------------------------------------------------------------------------------------------------------------
+// The kx-split path (3x3, stride 1, padding 1, output rows a whole number of vectors): no padded copy of the
+// input and no unaligned loads. out[y][x] = sum over kx of P_kx[y][x + kx - 1], where P_kx[y][x] = sum over the
+// taps (c, ky, kx) of w * in[c][y + ky - 1][x]: each tap of one kx is a multiply-add of whole, aligned input row
+// vectors (the vertical offset ky is a whole row), and the horizontal offset is applied once per kx and block to the
+// sums in registers (valignd with the neighbouring vector of the row, zeros at the row's ends). Rows outside the image
+// (ky = 0 on the first row, ky = 2 on the last) are skipped, never read: the taps of a filter are grouped by
+// (kx, ky). The banded row layout it replaces copies every input row into a zero-padded band (17% of sparse
+// ResNet-56's plan at batch 1) and reads it with loads that straddle cache lines for two kernel columns of three
+// (1.9x the cost of an aligned load per multiply-add in a loop over L1-resident rows, Emerald Rapids VM).
+
+struct KxTaps {
+  int64_t H = -1, W = -1;
+  std::vector<int32_t> seg;  // list i, segment s = kx * 3 + ky: taps [seg[i * 9 + s], seg[i * 9 + s + 1])
+  std::vector<int32_t> off;  // chan * H * W + (ky - 1) * W
+  std::vector<float> w;
+};
+
+static std::shared_ptr<const KxTaps> build_kx_taps(const int32_t* ptr, const int32_t* ch, const int32_t* pos,
+                                                   const float* wv, int64_t L, int64_t H, int64_t W) {
+  auto k = std::make_shared<KxTaps>();
+  k->H = H;
+  k->W = W;
+  const int64_t E = ptr[L];
+  k->seg.resize(L * 9 + 1);
+  k->off.reserve(E);
+  k->w.reserve(E);
+  for (int64_t i = 0; i < L; ++i) {
+    for (int64_t s = 0; s < 9; ++s) {
+      k->seg[i * 9 + s] = (int32_t)k->off.size();
+      const int64_t kx = s / 3, ky = s % 3;
+      for (int64_t t = ptr[i]; t < ptr[i + 1]; ++t)
+        if (pos[t] == ky * 3 + kx) {
+          k->off.push_back((int32_t)(ch[t] * H * W + (ky - 1) * W));
+          k->w.push_back(wv[t]);
+        }
+    }
+  }
+  k->seg[L * 9] = (int32_t)k->off.size();
+  return k;
+}
+
+// The kx-split path's vectors: VW = 16 (zmm) or 8 (ymm, rows of 8 floats: 8x8 maps) with the lane shifts across
+// two neighbouring vectors of a row (valignd)
+template <int VW>
+struct KxVec;
+template <>
+struct KxVec<16> {
+  typedef vecf v;
+  // {prev[15], a[0 .. 14]} and {a[1 .. 15], next[0]}
+  static v from_left(v a, v prev) {
+    return (v)_mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512((__m512)a), _mm512_castps_si512((__m512)prev), 15));
+  }
+  static v from_right(v a, v next) {
+    return (v)_mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512((__m512)next), _mm512_castps_si512((__m512)a), 1));
+  }
+  static v max0(v a) { return (v)_mm512_max_ps((__m512)a, _mm512_setzero_ps()); }
+};
+template <>
+struct KxVec<8> {
+  typedef vec8f v;
+  static v from_left(v a, v prev) {
+    return (v)_mm256_castsi256_ps(_mm256_alignr_epi32(_mm256_castps_si256((__m256)a), _mm256_castps_si256((__m256)prev), 7));
+  }
+  static v from_right(v a, v next) {
+    return (v)_mm256_castsi256_ps(_mm256_alignr_epi32(_mm256_castps_si256((__m256)next), _mm256_castps_si256((__m256)a), 1));
+  }
+  static v max0(v a) { return (v)_mm256_max_ps((__m256)a, _mm256_setzero_ps()); }
+};
+
+// p[LO .. HI) += w[t] * src[i][off[t] ..] for the taps [t0, t1)
+template <int VW, int NV, int LO, int HI>
+static inline __attribute__((always_inline)) void kx_taps(const float* const (&src)[NV],
+                                                          const int32_t* __restrict off, const float* __restrict w,
+                                                          int64_t t0, int64_t t1, typename VecN<VW>::v (&p)[NV]) {
+  using V = VecN<VW>;
+  if (LO >= HI) return;
+  for (int64_t t = t0; t < t1; ++t) {
+    const typename V::v we = V::bc(w[t]);
+    const int64_t o = off[t];
+#pragma GCC unroll 8
+    for (int i = LO; i < HI; ++i) p[i] += we * V::ld(src[i] + o);
+  }
+}
+
+// One filter (list i) over a block of NV vectors (rows of WV vectors of VW floats from input row `row0` of image
+// xn), stored with bias (+ residual) and ReLU.
+template <int VW, int NV, int WV>
+static inline void kx_block(const float* __restrict xn, int64_t row0, int64_t W, bool top, bool bot,
+                            const int32_t* __restrict sg, const int32_t* __restrict off, const float* __restrict w,
+                            float* __restrict op, const float* __restrict rp, float bias, bool relu) {
+  using V = VecN<VW>;
+  using K = KxVec<VW>;
+  typedef typename V::v vt;
+  const float* src[NV];
+  for (int v = 0; v < NV; ++v) src[v] = xn + (row0 + v / WV) * W + (v % WV) * VW;
+  vt out[NV];
+  for (int v = 0; v < NV; ++v) out[v] = V::bc(bias);
+  const vt z = V::bc(0.f);
+  for (int kx = 0; kx < 3; ++kx) {
+    const int64_t s0 = sg[kx * 3], s1 = sg[kx * 3 + 1], s2 = sg[kx * 3 + 2], s3 = sg[kx * 3 + 3];
+    if (s0 == s3) continue;
+    vt p[NV];
+    for (int v = 0; v < NV; ++v) p[v] = z;
+    if (!top && !bot) {
+      kx_taps<VW, NV, 0, NV>(src, off, w, s0, s3, p);
+    } else {
+      if (top)
+        kx_taps<VW, NV, WV, NV>(src, off, w, s0, s1, p);
+      else
+        kx_taps<VW, NV, 0, NV>(src, off, w, s0, s1, p);
+      kx_taps<VW, NV, 0, NV>(src, off, w, s1, s2, p);
+      if (bot)
+        kx_taps<VW, NV, 0, NV - WV>(src, off, w, s2, s3, p);
+      else
+        kx_taps<VW, NV, 0, NV>(src, off, w, s2, s3, p);
+    }
+    if (kx == 1) {
+      for (int v = 0; v < NV; ++v) out[v] += p[v];
+    } else if (kx == 0) {  // out[x] += P[x - 1]: lane 0 from the previous vector of the row (zero at its start)
+      for (int v = 0; v < NV; ++v) out[v] += K::from_left(p[v], v % WV == 0 ? z : p[v > 0 ? v - 1 : 0]);
+    } else {  // out[x] += P[x + 1]: the last lane from the next vector of the row (zero at its end)
+      for (int v = 0; v < NV; ++v) out[v] += K::from_right(p[v], v % WV == WV - 1 ? z : p[v + 1 < NV ? v + 1 : v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t o = (row0 + v / WV) * W + (v % WV) * VW;
+    vt a = out[v];
+    if (rp) a += V::ld(rp + o);
+    if (relu) a = K::max0(a);
+    V::st(op + o, a);
+  }
+}
+
+template <int VW, int WV>
+static void kx_block_rows(int64_t rows, const float* xn, int64_t row0, int64_t W, bool top, bool bot,
+                          const int32_t* sg, const int32_t* off, const float* w, float* op, const float* rp,
+                          float bias, bool relu) {
+#define NC_KX(R)                                                                                              \
+  case R:                                                                                                     \
+    if constexpr (R * WV <= 8) kx_block<VW, R * WV, WV>(xn, row0, W, top, bot, sg, off, w, op, rp, bias, relu); \
+    break;
+  switch (rows) {
+    NC_KX(1) NC_KX(2) NC_KX(3) NC_KX(4) NC_KX(5) NC_KX(6) NC_KX(7) NC_KX(8)
+    default: break;
+  }
+#undef NC_KX
+}
+
+static torch::Tensor sparse_conv2d_kx(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
+                                      const torch::Tensor& tq, const torch::Tensor& tw, const torch::Tensor& fo,
+                                      const c10::optional<torch::Tensor>& bias,
+                                      const c10::optional<torch::Tensor>& residual, int64_t F, bool relu,
+                                      TapOffCache* cache) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t VW = W % VL == 0 ? VL : HVL, WV = W / VW, RB = 8 / WV;  // rows per block: 8 vectors
+  const int64_t nbi = (H + RB - 1) / RB, nblocks = N * nbi;
+  const int32_t* ptr = tp.data_ptr<int32_t>();
+  const int32_t* ord = fo.data_ptr<int32_t>();
+  const int64_t L = fo.numel();
+  std::shared_ptr<const KxTaps> kt;
+  if (cache) {
+    std::lock_guard<std::mutex> lock(cache->m);
+    if (cache->kx && cache->kx->H == H && cache->kx->W == W) kt = cache->kx;
+  }
+  if (!kt) {
+    kt = build_kx_taps(ptr, tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), tw.data_ptr<float>(), L, H, W);
+    if (cache) {
+      std::lock_guard<std::mutex> lock(cache->m);
+      cache->kx = kt;
+    }
+  }
+  auto out = conv_output(N, F, H, W, x);
+  const Epilogue ep(bias, residual, out, "sparse_conv2d");
+  const float* bp = ep.bp;
+  const float* rp = ep.rp;
+  float* op = out.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const std::vector<int64_t> empty = empty_filters(ord, L, F);
+  const int64_t lists = L + (empty.empty() ? 0 : 1);
+  const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
+  const int64_t ng = std::min<int64_t>(std::max<int64_t>(lists, 1),
+                                      std::max<int64_t>(1, (g_kx_jobs * nthreads + nblocks - 1) / nblocks));
+  const int64_t work = tw.numel() * N * HW;
+  const int32_t* seg = kt->seg.data();
+  const int32_t* koff = kt->off.data();
+  const float* kw = kt->w.data();
+  (void)C;
+  nck::parallel_for(0, nblocks * ng, work < g_parallel_threshold ? nblocks * ng : 1, [&](int64_t b, int64_t e) {
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t g = job % ng, blk = job / ng, n = blk / nbi, y0 = (blk % nbi) * RB;
+      const int64_t rows = std::min<int64_t>(RB, H - y0);
+      const bool top = y0 == 0, bot = y0 + rows == H;
+      const float* xn = xp + n * C * HW;
+      for (int64_t i = g; i < lists; i += ng) {
+        if (i == L) {  // filters without taps: bias (+ residual) only
+          for (int64_t f : empty) {
+            const float bv = bp ? bp[f] : 0.f;
+            for (int64_t k = y0 * W; k < (y0 + rows) * W; ++k) {
+              const int64_t o = (n * F + f) * HW + k;
+              const float v = bv + (rp ? rp[o] : 0.f);
+              op[o] = relu ? (v > 0.f ? v : 0.f) : v;
+            }
+          }
+          continue;
+        }
+        const int64_t f = ord[i];
+        float* o = op + (n * F + f) * HW;
+        const float* r = rp ? rp + (n * F + f) * HW : nullptr;
+        const float bv = bp ? bp[f] : 0.f;
+        const int32_t* sg = seg + i * 9;
+        if (VW == HVL) {
+          kx_block_rows<HVL, 1>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu);
+          continue;
+        }
+        switch (WV) {
+          case 1: kx_block_rows<VL, 1>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
+          case 2: kx_block_rows<VL, 2>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
+          case 4: kx_block_rows<VL, 4>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
+          default: kx_block_rows<VL, 8>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
+        }
+      }
+    }
+  });
+  return out;
+}
+#endif
+
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,
                             c10::optional<torch::Tensor> residual, int64_t out_channels, int64_t kh, int64_t kw,
@@ -1498,6 +1729,11 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tenso
   const Taps taps{tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), tw.data_ptr<float>(), tapoff.data(),
                   S * S * group};
 
+#if defined(__AVX512F__)
+  if (g_kx_split && S == 1 && kh == 3 && kw == 3 && pad == 1 &&
+      (W == HVL || W == VL || W == 2 * VL || W == 4 * VL || W == 8 * VL) && C * H * W < ((int64_t)1 << 31))
+    return sparse_conv2d_kx(x, tp, tc, tq, tw, fo, bias, residual, F, relu, cache);
+#endif
   // Small outputs (deep layers at batch 1: 8x8, 4x4, 2x2 with many channels): the padded wide grid wastes
   // most lanes and every load is unaligned. Gather the input as an im2col matrix X (C*kh*kw rows of the P
   // output positions, padded to whole vectors) once, then each filter is a sparse row times X: one aligned
