@@ -323,6 +323,52 @@ def test_kx_split_matches_reference(kernels, case, threads):
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
 
 
+# (N, C, F, H, density): 3x3 stride-1 pad-1 convs on 4x4 / 2x2 maps at batches up to 8 (AVX-512: the tiny-map
+# path, one image per vector): batch 1 (four accumulator chains), 3 and 8 (one per image), many channels, a dense
+# weight, a partial last filter group
+TINY_MAPS = [(1, 130, 24, 4, 0.2), (1, 96, 40, 2, 0.12), (3, 40, 24, 4, 0.3), (8, 20, 9, 2, 0.5), (2, 7, 9, 4, 1.0),
+             (5, 33, 70, 2, 0.05)]
+
+
+@pytest.mark.parametrize("case", TINY_MAPS, ids=lambda c: "x".join(map(str, c[:4])))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_tiny_maps_match_reference(kernels, case, threads):
+    """The tiny-map path (per kernel position a sum of whole input channels, shifted and masked in registers): equal to
+    the reference with bias, residual, ReLU and all-zero filters, forced parallel at 1-3 threads, and to the im2col
+    gather it replaces (set_tiny_maps(False)); a NaN / inf in the input reaches exactly the outputs the reference's
+    does (every filter reads its channel at every position)."""
+    n, c, f, h, d = case
+    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, h, 3, 1, 1, d, seed=n + c + f + h, zero_every=4)
+    with forced_parallel(kernels, threads):
+        out = m(x, res)
+        plain = SparseConv2d(m.weight, None, padding=1)(x)
+        with switched_off(kernels, "tiny_maps"):
+            old = m(x, res)
+    assert _rel_err(out, ref) <= 1e-4
+    assert _rel_err(plain, torch.nn.functional.conv2d(x, m.weight, None, 1, 1)) <= 1e-4
+    assert _rel_err(out, old) <= 1e-4
+    assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
+    weight = m.weight.clone()
+    weight[:, 0] = 0.5
+    nan_m = SparseConv2d(weight, None, padding=1)
+    xn = x.clone()
+    xn[n - 1, 0, h - 1, 0] = float("nan")
+    xn[0, 0, 0, h - 1] = float("inf")
+    got, want = nan_m(xn), nan_m.forward_reference(xn)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+
+
+def test_tiny_maps_batch_limit(kernels):
+    """Batches above set_tiny_max_batch (default 8) leave the tiny-map path; any limit gives the reference's output."""
+    m, x, res, bias, ref, zeroed = _fused_case(12, 40, 16, 4, 4, 3, 1, 1, 0.3, seed=5, zero_every=4)
+    try:
+        for limit in (0, 8, 16):
+            kernels.set_tiny_max_batch(limit)
+            assert _rel_err(m(x, res), ref) <= 1e-4
+    finally:
+        kernels.set_tiny_max_batch(8)
+
+
 def _direct_case(case, seed):
     """A 3x3 pad-1 direct conv case (N, C, F, H, W, stride) at 90% density: ``run(fused=True, reference=False)`` (with
     bias, residual and ReLU, or none of them) and the fused reference output."""
