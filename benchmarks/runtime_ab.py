@@ -39,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench"
 SWITCHES = {"codegen": None, "banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
             "small_rowtaps": "set_small_rowtaps", "batched_small": "set_batched_small", "team": "set_team",
-            "lean_steps": "set_lean_steps", "phase_split": "set_phase_split", "kx_split": "set_kx_split", "tiny_maps": "set_tiny_maps"}
+            "lean_steps": "set_lean_steps", "phase_split": "set_phase_split", "kx_split": "set_kx_split", "tiny_maps": "set_tiny_maps", "tiny_2x2_kernels": "set_tiny_2x2_kernels"}
 
 
 def _time_callers(plan, x, repeats: int, callers: int) -> float:

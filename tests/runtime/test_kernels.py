@@ -327,26 +327,29 @@ def test_kx_split_matches_reference(kernels, case, threads):
 # path, one image per vector): batch 1 (four accumulator chains), 3 and 8 (one per image), many channels, a dense
 # weight, a partial last filter group
 TINY_MAPS = [(1, 130, 24, 4, 0.2), (1, 96, 40, 2, 0.12), (3, 40, 24, 4, 0.3), (8, 20, 9, 2, 0.5), (2, 7, 9, 4, 1.0),
-             (5, 33, 70, 2, 0.05)]
+             (5, 33, 70, 2, 0.05), (1, 64, 24, 2, 0.45), (3, 50, 17, 2, 0.6)]
 
 
 @pytest.mark.parametrize("case", TINY_MAPS, ids=lambda c: "x".join(map(str, c[:4])))
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_tiny_maps_match_reference(kernels, case, threads):
-    """The tiny-map path (per kernel position a sum of whole input channels, shifted and masked in registers): equal to
-    the reference with bias, residual, ReLU and all-zero filters, forced parallel at 1-3 threads, and to the im2col
-    gather it replaces (set_tiny_maps(False)); a NaN / inf in the input reaches exactly the outputs the reference's
-    does (every filter reads its channel at every position)."""
+    """The tiny-map path (per kernel position a sum of whole input channels, shifted and masked in registers; 2x2 maps
+    whose kernels hold 2.5+ taps on average as one 4 x 4 matrix per kernel): equal to the reference with bias,
+    residual, ReLU and all-zero filters, forced parallel at 1-3 threads, to the per-position sums
+    (set_tiny_2x2_kernels(False)) and to the im2col gather it replaces (set_tiny_maps(False)); a NaN / inf in the
+    input reaches exactly the outputs the reference's does (every filter reads its channel at every position)."""
     n, c, f, h, d = case
     m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, h, 3, 1, 1, d, seed=n + c + f + h, zero_every=4)
     with forced_parallel(kernels, threads):
         out = m(x, res)
         plain = SparseConv2d(m.weight, None, padding=1)(x)
+        with switched_off(kernels, "tiny_2x2_kernels"):
+            per_pos = m(x, res)
         with switched_off(kernels, "tiny_maps"):
             old = m(x, res)
     assert _rel_err(out, ref) <= 1e-4
     assert _rel_err(plain, torch.nn.functional.conv2d(x, m.weight, None, 1, 1)) <= 1e-4
-    assert _rel_err(out, old) <= 1e-4
+    assert _rel_err(out, old) <= 1e-4 and _rel_err(per_pos, ref) <= 1e-4
     assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
     weight = m.weight.clone()
     weight[:, 0] = 0.5

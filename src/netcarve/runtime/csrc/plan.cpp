@@ -834,6 +834,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multirow_min_vectors", []() { return g_multirow_min_vectors; });
   m.def("set_kx_jobs", [](int64_t v) { g_kx_jobs = std::max<int64_t>(1, v); },
         "kx-split path: at least this many jobs (row blocks x filter groups) per thread (default 4)");
+  m.def("set_tiny_2x2_kernels", [](bool v) { g_tiny_2x2_kernels = v; },
+        "tiny-map path, 2x2 maps: one 4 x 4 matrix per kernel (off: per kernel position)");
   m.def("set_tiny_maps", [](bool v) { g_tiny_maps = v; },
         "3x3 stride-1 sparse convs on 4x4 / 2x2 maps at small batches: the tiny-map path (AVX-512; off: im2col gather)");
   m.def("set_tiny_max_batch", [](int64_t v) { g_tiny_max_batch = std::min<int64_t>(std::max<int64_t>(0, v), 1 << 20); },
