@@ -1,0 +1,155 @@
+"""Why does a second core buy so little at batch 1? A standalone C++ probe of the kx-split sparse conv (16 channels,
+32x32, 12% density, ten chained layers, rows split between the threads as the runtime splits them), with the two
+threads either sharing each layer's activation (thread 0 computes rows 0-15, thread 1 rows 16-31 of the same
+tensors, as in a plan) or each working on private copies of every activation (the same work and the same spin
+barrier after each layer, but no cache line ever written by one core and read by the other). 1 and 2 threads;
+microseconds per layer, the best of 7 rounds of 2,000 passes over the ten layers.
+
+    python benchmarks/share_probe.py
+
+Writes ``benchmarks/results/share_probe-<cpu>.json`` (committed: ``share_probe-emr.json``) (``--out``) with the environment. Needs g++ with OpenMP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from netcarve.measure import environment
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SRC = r"""
+#include <initializer_list>
+#include <immintrin.h>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <omp.h>
+typedef float vecf __attribute__((vector_size(64)));
+typedef float vecfu __attribute__((vector_size(64), aligned(4)));
+static inline vecf ld(const float* p) { return *(const vecfu*)p; }
+static inline void st(float* p, vecf v) { *(vecfu*)p = v; }
+static inline vecf bc(float w) { return (vecf)_mm512_set1_ps(w); }
+const int C = 16, F = 16, H = 32, W = 32, HW = H * W, PLANE = HW + 2 * W, L = 10;
+struct Taps { std::vector<int> seg, off; std::vector<float> w; };
+// one filter over a block of 4 rows (8 vectors), per kernel column kx a sum shifted by one lane (netcarve's kx_block)
+static void block(const float* x, int y0, const Taps& t, int f, float* o) {
+  const float* src[8];
+  for (int v = 0; v < 8; ++v) src[v] = x + (y0 + v / 2) * W + (v % 2) * 16;
+  vecf out[8];
+  for (int v = 0; v < 8; ++v) out[v] = bc(0);
+  const __m512i z = _mm512_setzero_si512();
+  for (int kx = 0; kx < 3; ++kx) {
+    vecf p[8];
+    for (int v = 0; v < 8; ++v) p[v] = bc(0);
+    for (int e = t.seg[f * 3 + kx]; e < t.seg[f * 3 + kx + 1]; ++e) {
+      const vecf ww = bc(t.w[e]);
+      const int oo = t.off[e];
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) p[v] += ww * ld(src[v] + oo);
+    }
+    for (int v = 0; v < 8; ++v) {
+      if (kx == 1) {
+        out[v] += p[v];
+      } else if (kx == 0) {
+        const __m512i l = v % 2 == 0 ? z : _mm512_castps_si512((__m512)p[v > 0 ? v - 1 : 0]);
+        out[v] += (vecf)_mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512((__m512)p[v]), l, 15));
+      } else {
+        const __m512i r = v % 2 == 1 ? z : _mm512_castps_si512((__m512)p[v + 1 < 8 ? v + 1 : v]);
+        out[v] += (vecf)_mm512_castsi512_ps(_mm512_alignr_epi32(r, _mm512_castps_si512((__m512)p[v]), 1));
+      }
+    }
+  }
+  for (int v = 0; v < 8; ++v) st(o + (y0 + v / 2) * W + (v % 2) * 16, out[v]);
+}
+static float* plane_buf() {  // C channels of 32x32 with a zero row above and below each
+  float* b = (float*)aligned_alloc(64, (C * PLANE + 64) * 4);
+  for (int i = 0; i < C * PLANE + 64; ++i) b[i] = 0;
+  for (int c = 0; c < C; ++c)
+    for (int i = 0; i < HW; ++i) b[c * PLANE + W + i] = 1.0f;
+  return b;
+}
+int main() {
+  srand(1);
+  Taps t;
+  t.seg.push_back(0);
+  for (int f = 0; f < F; ++f)
+    for (int kx = 0; kx < 3; ++kx) {
+      for (int c = 0; c < C; ++c)
+        for (int ky = 0; ky < 3; ++ky)
+          if (rand() % 100 < 12) {
+            t.off.push_back(c * PLANE + (ky - 1) * W);
+            t.w.push_back(0.01f);
+          }
+      t.seg.push_back(t.off.size());
+    }
+  std::vector<float*> shared;
+  std::vector<std::vector<float*>> priv(2);
+  for (int l = 0; l <= L; ++l) shared.push_back(plane_buf());
+  for (int k = 0; k < 2; ++k)
+    for (int l = 0; l <= L; ++l) priv[k].push_back(plane_buf());
+  printf("{\"taps\": %zu, \"rows\": [", t.off.size());
+  bool first = true;
+  for (int mode = 0; mode < 2; ++mode)
+    for (int th : {1, 2}) {
+      double best = 1e18;
+      for (int rep = 0; rep < 7; ++rep) {
+        std::atomic<int> bar{0};
+        auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(th)
+        {
+          const int tid = omp_get_thread_num();
+          int gen = 0;
+          for (int it = 0; it < 2000; ++it)
+            for (int l = 0; l < L; ++l) {
+              const float* x = (mode == 0 ? shared[l] : priv[tid][l]) + W;
+              float* o = (mode == 0 ? shared[l + 1] : priv[tid][l + 1]) + W;
+              for (int b = tid * 8 / th; b < (tid + 1) * 8 / th; ++b)
+                for (int f = 0; f < F; ++f) block(x, b * 4, t, f, o + f * PLANE);
+              ++gen;
+              bar.fetch_add(1);
+              while (bar.load(std::memory_order_acquire) < gen * th) _mm_pause();
+            }
+        }
+        const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+        if (ns < best) best = ns;
+      }
+      printf("%s{\"activations\": \"%s\", \"threads\": %d, \"us_per_layer\": %.3f}", first ? "" : ", ",
+             mode == 0 ? "shared (rows split)" : "private copies", th, best / 1000.0 / 2000 / L);
+      first = false;
+    }
+  printf("]}\n");
+}
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cpp, exe = Path(tmp) / "share_probe.cpp", Path(tmp) / "share_probe"
+        cpp.write_text(SRC)
+        subprocess.run(["g++", "-O3", "-march=native", "-fopenmp", "-o", str(exe), str(cpp)], check=True)
+        res = json.loads(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
+    by = {(r["activations"], r["threads"]): r["us_per_layer"] for r in res["rows"]}
+    for kind in ("shared (rows split)", "private copies"):
+        one, two = by[(kind, 1)], by[(kind, 2)]
+        print(f"{kind:22s} 1 thread {one:6.2f} us  2 threads {two:6.2f} us  x{one / two:.2f}")
+    env = environment()
+    cpu = re.sub(r"[^a-z0-9]+", "-", str(env.get("cpu_model", "cpu")).lower()).strip("-")
+    out = a.out or RESULTS / f"share_probe-{cpu}.json"
+    out.write_text(json.dumps({"benchmark": "share_probe", "command": "python benchmarks/share_probe.py",
+                               **res, "env": env}, indent=1))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
