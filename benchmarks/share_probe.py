@@ -2,8 +2,11 @@
 32x32, 12% density, ten chained layers, rows split between the threads as the runtime splits them), with the two
 threads either sharing each layer's activation (thread 0 computes rows 0-15, thread 1 rows 16-31 of the same
 tensors, as in a plan) or each working on private copies of every activation (the same work and the same spin
-barrier after each layer, but no cache line ever written by one core and read by the other). 1 and 2 threads;
-microseconds per layer, the best of 7 rounds of 2,000 passes over the ten layers.
+barrier after each layer, but no cache line ever written by one core and read by the other), and variants between
+the two: the filters split instead of the rows, the halo rows loaded / prefetched / the boundary blocks' rows copied
+before computing, the boundary blocks reading a private copy (wrong halo values, timing only), reading private and
+writing shared tensors and the reverse. 1 and 2 threads; microseconds per layer, the best of 7 rounds of 2,000
+passes over the ten layers.
 
     python benchmarks/share_probe.py
 
@@ -24,6 +27,7 @@ from netcarve.measure import environment
 RESULTS = Path(__file__).resolve().parent / "results"
 
 SRC = r"""
+
 #include <initializer_list>
 #include <immintrin.h>
 #include <atomic>
@@ -40,7 +44,8 @@ static inline vecf bc(float w) { return (vecf)_mm512_set1_ps(w); }
 const int C = 16, F = 16, H = 32, W = 32, HW = H * W, PLANE = HW + 2 * W, L = 10;
 struct Taps { std::vector<int> seg, off; std::vector<float> w; };
 // one filter over a block of 4 rows (8 vectors), per kernel column kx a sum shifted by one lane (netcarve's kx_block)
-static void block(const float* x, int y0, const Taps& t, int f, float* o) {
+template <bool REV>
+static void blockT(const float* x, int y0, const Taps& t, int f, float* o) {
   const float* src[8];
   for (int v = 0; v < 8; ++v) src[v] = x + (y0 + v / 2) * W + (v % 2) * 16;
   vecf out[8];
@@ -53,7 +58,7 @@ static void block(const float* x, int y0, const Taps& t, int f, float* o) {
       const vecf ww = bc(t.w[e]);
       const int oo = t.off[e];
 #pragma GCC unroll 8
-      for (int v = 0; v < 8; ++v) p[v] += ww * ld(src[v] + oo);
+      for (int q = 0; q < 8; ++q) { const int v = REV ? 7 - q : q; p[v] += ww * ld(src[v] + oo); }
     }
     for (int v = 0; v < 8; ++v) {
       if (kx == 1) {
@@ -67,8 +72,9 @@ static void block(const float* x, int y0, const Taps& t, int f, float* o) {
       }
     }
   }
-  for (int v = 0; v < 8; ++v) st(o + (y0 + v / 2) * W + (v % 2) * 16, out[v]);
+  for (int q = 0; q < 8; ++q) { const int v = REV ? 7 - q : q; st(o + (y0 + v / 2) * W + (v % 2) * 16, out[v]); }
 }
+static void block(const float* x, int y0, const Taps& t, int f, float* o) { blockT<false>(x, y0, t, f, o); }
 static float* plane_buf() {  // C channels of 32x32 with a zero row above and below each
   float* b = (float*)aligned_alloc(64, (C * PLANE + 64) * 4);
   for (int i = 0; i < C * PLANE + 64; ++i) b[i] = 0;
@@ -90,6 +96,7 @@ int main() {
           }
       t.seg.push_back(t.off.size());
     }
+  float* scratch[2] = {plane_buf(), plane_buf()};
   std::vector<float*> shared;
   std::vector<std::vector<float*>> priv(2);
   for (int l = 0; l <= L; ++l) shared.push_back(plane_buf());
@@ -97,7 +104,7 @@ int main() {
     for (int l = 0; l <= L; ++l) priv[k].push_back(plane_buf());
   printf("{\"taps\": %zu, \"rows\": [", t.off.size());
   bool first = true;
-  for (int mode = 0; mode < 2; ++mode)
+  for (int mode : {0, 1, 2, 3, 4, 10, 11, 12, 9, 7, 8})
     for (int th : {1, 2}) {
       double best = 1e18;
       for (int rep = 0; rep < 7; ++rep) {
@@ -109,10 +116,54 @@ int main() {
           int gen = 0;
           for (int it = 0; it < 2000; ++it)
             for (int l = 0; l < L; ++l) {
-              const float* x = (mode == 0 ? shared[l] : priv[tid][l]) + W;
-              float* o = (mode == 0 ? shared[l + 1] : priv[tid][l + 1]) + W;
-              for (int b = tid * 8 / th; b < (tid + 1) * 8 / th; ++b)
-                for (int f = 0; f < F; ++f) block(x, b * 4, t, f, o + f * PLANE);
+              const float* x = (mode == 1 || mode == 7 ? priv[tid][l] : shared[l]) + W;
+              float* o = (mode == 1 || mode == 8 ? priv[tid][l + 1] : shared[l + 1]) + W;
+              if (mode == 2) {
+                for (int b = 0; b < 8; ++b)
+                  for (int f = tid * F / th; f < (tid + 1) * F / th; ++f) block(x, b * 4, t, f, o + f * PLANE);
+              } else if (mode == 10 || mode == 11) {  // shared; the halo row loaded (10) or prefetched (11) up front
+                if (th == 2) {
+                  const int hr = tid == 0 ? 16 : 15;
+                  __m512 acc = _mm512_setzero_ps();
+                  for (int c = 0; c < C; ++c)
+                    for (int q = 0; q < W; q += 16) {
+                      if (mode == 10) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + c * PLANE + hr * W + q));
+                      else _mm_prefetch((const char*)(x + c * PLANE + hr * W + q), _MM_HINT_T0);
+                    }
+                  if (mode == 10) { volatile float sink = _mm512_reduce_add_ps(acc); (void)sink; }
+                }
+                for (int b = tid * 8 / th; b < (tid + 1) * 8 / th; ++b)
+                  for (int f = 0; f < F; ++f) block(x, b * 4, t, f, o + f * PLANE);
+              } else if (mode == 12) {  // boundary blocks copy their rows (+ halos) into a thread-local plane first
+                for (int b = tid * 8 / th; b < (tid + 1) * 8 / th; ++b) {
+                  const bool bnd = th == 2 && ((tid == 0 && b == 3) || (tid == 1 && b == 4));
+                  const float* xx = x;
+                  if (bnd) {
+                    float* lp = scratch[tid] + W;
+                    for (int c = 0; c < C; ++c)
+                      for (int r = b * 4 - 1; r <= b * 4 + 4; ++r)
+                        for (int q = 0; q < W; q += 16)
+                          _mm512_storeu_ps(lp + c * PLANE + r * W + q, _mm512_loadu_ps(x + c * PLANE + r * W + q));
+                    xx = lp;
+                  }
+                  for (int f = 0; f < F; ++f) block(xx, b * 4, t, f, o + f * PLANE);
+                }
+              } else if (mode == 9) {  // boundary blocks read a private copy (timing only)
+                for (int b = tid * 8 / th; b < (tid + 1) * 8 / th; ++b) {
+                  const bool bnd = th == 2 && ((tid == 0 && b == 3) || (tid == 1 && b == 4));
+                  const float* xx = bnd ? priv[tid][l] + W : x;
+                  for (int f = 0; f < F; ++f) block(xx, b * 4, t, f, o + f * PLANE);
+                }
+              } else if (mode == 3) {  // thread 0 walks its blocks upwards and loads each block's rows descending
+                if (tid == 0 && th == 2) { for (int b = 3; b >= 0; --b) for (int f = 0; f < F; ++f) blockT<true>(x, b * 4, t, f, o + f * PLANE); }
+                else for (int b = tid * 8 / th; b < (tid + 1) * 8 / th; ++b) for (int f = 0; f < F; ++f) block(x, b * 4, t, f, o + f * PLANE);
+              } else if (mode == 4) {  // rows split 12 / 20 (boundary not at the middle of the 4 KiB plane)
+                int b0 = th == 2 ? (tid == 0 ? 0 : 3) : 0, b1 = th == 2 ? (tid == 0 ? 3 : 8) : 8;
+                for (int b = b0; b < b1; ++b) for (int f = 0; f < F; ++f) block(x, b * 4, t, f, o + f * PLANE);
+              } else {
+                for (int b = tid * 8 / th; b < (tid + 1) * 8 / th; ++b)
+                  for (int f = 0; f < F; ++f) block(x, b * 4, t, f, o + f * PLANE);
+              }
               ++gen;
               bar.fetch_add(1);
               while (bar.load(std::memory_order_acquire) < gen * th) _mm_pause();
@@ -122,7 +173,12 @@ int main() {
         if (ns < best) best = ns;
       }
       printf("%s{\"activations\": \"%s\", \"threads\": %d, \"us_per_layer\": %.3f}", first ? "" : ", ",
-             mode == 0 ? "shared (rows split)" : "private copies", th, best / 1000.0 / 2000 / L);
+             mode == 0 ? "shared, rows split (as the runtime)" : mode == 1 ? "private copies" :
+             mode == 2 ? "shared, filters split" : mode == 3 ? "shared, thread 0 walking its rows downwards" :
+             mode == 4 ? "shared, rows split 12 / 20" : mode == 10 ? "shared, halo row loaded first" :
+             mode == 11 ? "shared, halo row prefetched first" : mode == 12 ? "shared, boundary blocks' rows copied first" :
+             mode == 9 ? "shared, boundary blocks read a private copy (timing only)" :
+             mode == 7 ? "read private copies, write shared" : "read shared (never rewritten), write private", th, best / 1000.0 / 2000 / L);
       first = false;
     }
   printf("]}\n");
@@ -140,9 +196,9 @@ def main() -> None:
         subprocess.run(["g++", "-O3", "-march=native", "-fopenmp", "-o", str(exe), str(cpp)], check=True)
         res = json.loads(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
     by = {(r["activations"], r["threads"]): r["us_per_layer"] for r in res["rows"]}
-    for kind in ("shared (rows split)", "private copies"):
+    for kind in dict.fromkeys(r["activations"] for r in res["rows"]):
         one, two = by[(kind, 1)], by[(kind, 2)]
-        print(f"{kind:22s} 1 thread {one:6.2f} us  2 threads {two:6.2f} us  x{one / two:.2f}")
+        print(f"{kind:58s} 1 thread {one:6.2f} us  2 threads {two:6.2f} us  x{one / two:.2f}")
     env = environment()
     cpu = re.sub(r"[^a-z0-9]+", "-", str(env.get("cpu_model", "cpu")).lower()).strip("-")
     out = a.out or RESULTS / f"share_probe-{cpu}.json"
