@@ -323,11 +323,11 @@ def test_kx_split_matches_reference(kernels, case, threads):
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
 
 
-# (N, C, F, H, density): 3x3 stride-1 pad-1 convs on 4x4 / 2x2 maps at batches up to 8 (AVX-512: the tiny-map
+# (N, C, F, H, density): 3x3 stride-1 pad-1 convs on 4x4 / 2x2 maps at batches up to 16 (AVX-512: the tiny-map
 # path, one image per vector): batch 1 (four accumulator chains), 3 and 8 (one per image), many channels, a dense
 # weight, a partial last filter group
 TINY_MAPS = [(1, 130, 24, 4, 0.2), (1, 96, 40, 2, 0.12), (3, 40, 24, 4, 0.3), (8, 20, 9, 2, 0.5), (2, 7, 9, 4, 1.0),
-             (5, 33, 70, 2, 0.05), (1, 64, 24, 2, 0.45), (3, 50, 17, 2, 0.6)]
+             (5, 33, 70, 2, 0.05), (1, 64, 24, 2, 0.45), (3, 50, 17, 2, 0.6), (13, 24, 20, 4, 0.3), (16, 30, 12, 2, 0.5)]
 
 
 @pytest.mark.parametrize("case", TINY_MAPS, ids=lambda c: "x".join(map(str, c[:4])))
@@ -362,14 +362,16 @@ def test_tiny_maps_match_reference(kernels, case, threads):
 
 
 def test_tiny_maps_batch_limit(kernels):
-    """Batches above set_tiny_max_batch (default 8) leave the tiny-map path; any limit gives the reference's output."""
-    m, x, res, bias, ref, zeroed = _fused_case(12, 40, 16, 4, 4, 3, 1, 1, 0.3, seed=5, zero_every=4)
+    """Batches above set_tiny_max_batch (default 16) leave the tiny-map path; any limit gives the reference's output,
+    also with batches over 8 (several blocks of 8 images)."""
+    m, x, res, bias, ref, zeroed = _fused_case(20, 40, 16, 4, 4, 3, 1, 1, 0.3, seed=5, zero_every=4)
+    assert kernels.tiny_max_batch() == 16
     try:
-        for limit in (0, 8, 16):
+        for limit in (0, 8, 20):
             kernels.set_tiny_max_batch(limit)
             assert _rel_err(m(x, res), ref) <= 1e-4
     finally:
-        kernels.set_tiny_max_batch(8)
+        kernels.set_tiny_max_batch(16)
 
 
 def _direct_case(case, seed):

@@ -273,7 +273,7 @@ struct TapOffCache {
 // padded input copy, aligned loads) unless this is off (set_kx_split)
 extern bool g_kx_split;
 extern int64_t g_kx_jobs;
-// 3x3 stride-1 pad-1 sparse convs on 4x4 / 2x2 maps at batches up to g_tiny_max_batch run the tiny-map path (AVX-512:
+// 3x3 stride-1 pad-1 sparse convs on 4x4 / 2x2 maps at batches up to g_tiny_max_batch (16) run the tiny-map path (AVX-512:
 // one image per vector, per kernel position a sum of whole input channels shifted in registers) unless this is off
 // (set_tiny_maps)
 extern bool g_tiny_maps;

@@ -838,8 +838,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tiny-map path, 2x2 maps: one 4 x 4 matrix per kernel (off: per kernel position)");
   m.def("set_tiny_maps", [](bool v) { g_tiny_maps = v; },
         "3x3 stride-1 sparse convs on 4x4 / 2x2 maps at small batches: the tiny-map path (AVX-512; off: im2col gather)");
+  m.def("tiny_max_batch", []() { return g_tiny_max_batch; });
   m.def("set_tiny_max_batch", [](int64_t v) { g_tiny_max_batch = std::min<int64_t>(std::max<int64_t>(0, v), 1 << 20); },
-        "tiny-map path: largest batch (default 8)");
+        "tiny-map path: largest batch (default 16)");
   m.def("set_kx_split", [](bool v) { g_kx_split = v; },
         "3x3 stride-1 sparse convs with rows of 1, 2, 4 or 8 vectors: the kx-split path (AVX-512; off: banded rows)");
   m.def("set_half_rows", [](bool v) { g_half_rows = v; },

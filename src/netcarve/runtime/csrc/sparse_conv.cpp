@@ -50,7 +50,7 @@ bool g_phase_split = true;
 bool g_kx_split = true;
 bool g_tiny_maps = true;
 bool g_tiny_2x2_kernels = true;
-int64_t g_tiny_max_batch = 8;
+int64_t g_tiny_max_batch = 16;
 int64_t g_kx_jobs = 4;  // jobs per thread of the kx-split path (blocks x filter groups)
 
 // A conv's (N, F, Ho, Wo) output: at::detail::empty_cpu, the allocation torch::empty ends in, without the dispatcher
@@ -1618,7 +1618,7 @@ static void kx_block_rows(int64_t rows, const float* xn, int64_t row0, int64_t W
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// The tiny-map path (3x3, stride 1, padding 1 on 4x4 or 2x2 maps, batches up to 8; AVX-512): one image per vector
+// The tiny-map path (3x3, stride 1, padding 1 on 4x4 or 2x2 maps, batches up to 16 by default; AVX-512): one image per vector
 // (16 / 4 floats: zmm / xmm). out = sum over the kernel positions (ky, kx) of shift_(ky,kx)(P_(ky,kx)), where
 // P_(ky,kx) = sum over the taps (c, ky, kx) of w * in[c]: every tap is one multiply-add of a whole, aligned input
 // channel, and the shift (a lane permutation with zeros where the window leaves the map) is applied once per kernel
