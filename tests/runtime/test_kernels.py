@@ -287,6 +287,19 @@ def test_half_width_rows_match_reference(kernels, case, threads):
     assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
 
 
+def _nan_inf_reach_like_reference(weight, x, nan_at, inf_at):
+    """With channel 0 read by every filter at every kernel position, a NaN at ``nan_at`` and an inf at ``inf_at``
+    (input indices) reach exactly the outputs they reach in F.conv2d (stride 1, padding 1)."""
+    weight = weight.clone()
+    weight[:, 0] = 0.5
+    m = SparseConv2d(weight, None, padding=1)
+    xn = x.clone()
+    xn[nan_at] = float("nan")
+    xn[inf_at] = float("inf")
+    got, want = m(xn), m.forward_reference(xn)
+    return torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+
+
 # (N, C, F, H, W, density): 3x3 stride-1 pad-1 outputs whose rows are 1, 2, 4 or 8 vectors of 16 floats or one of 8
 # (AVX-512: the kx-split path): one-row images (top and bottom at once), blocks ending on the last row, several
 # images, 8x8 maps (one block of 8-float rows), a dense weight, more filters than fit one group
@@ -313,14 +326,7 @@ def test_kx_split_matches_reference(kernels, case, threads):
     assert _rel_err(plain, torch.nn.functional.conv2d(x, m.weight, None, 1, 1)) <= 1e-4
     assert _rel_err(out, old) <= 1e-4
     assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
-    weight = m.weight.clone()
-    weight[:, 0] = 0.5  # every filter reads channel 0 at every kernel position
-    nan_m = SparseConv2d(weight, None, padding=1)
-    xn = x.clone()
-    xn[n - 1, 0, h // 2, w - 1] = float("nan")
-    xn[0, 0, 0, 0] = float("inf")
-    got, want = nan_m(xn), nan_m.forward_reference(xn)
-    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert _nan_inf_reach_like_reference(m.weight, x, (n - 1, 0, h // 2, w - 1), (0, 0, 0, 0))
 
 
 # (N, C, F, H, density): 3x3 stride-1 pad-1 convs on 4x4 / 2x2 maps at batches up to 16 (AVX-512: the tiny-map
@@ -351,14 +357,7 @@ def test_tiny_maps_match_reference(kernels, case, threads):
     assert _rel_err(plain, torch.nn.functional.conv2d(x, m.weight, None, 1, 1)) <= 1e-4
     assert _rel_err(out, old) <= 1e-4 and _rel_err(per_pos, ref) <= 1e-4
     assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
-    weight = m.weight.clone()
-    weight[:, 0] = 0.5
-    nan_m = SparseConv2d(weight, None, padding=1)
-    xn = x.clone()
-    xn[n - 1, 0, h - 1, 0] = float("nan")
-    xn[0, 0, 0, h - 1] = float("inf")
-    got, want = nan_m(xn), nan_m.forward_reference(xn)
-    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert _nan_inf_reach_like_reference(m.weight, x, (n - 1, 0, h - 1, 0), (0, 0, 0, h - 1))
 
 
 def test_tiny_maps_batch_limit(kernels):

@@ -1838,12 +1838,55 @@ static void k22_block_n(int64_t nv, const float* x0, int64_t istride, const uint
 #undef NC_K22
 }
 
+// The tiny-map path's output and job loop: blocks of up to 8 images x filter groups (lists dealt round-robin);
+// body(i, f, nv, xs, op, rp, bias) computes list i (filter f) for the nv images of a block (input xs, output and
+// residual at op / rp, images F * H * W apart); the filters without taps get bias (+ residual) only.
+template <class Body>
+static torch::Tensor tiny_jobs(const torch::Tensor& x, const torch::Tensor& tw, const int32_t* ord, int64_t L,
+                               int64_t F, const c10::optional<torch::Tensor>& bias,
+                               const c10::optional<torch::Tensor>& residual, bool relu, Body&& body) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  auto out = conv_output(N, F, H, W, x);
+  const Epilogue ep(bias, residual, out, "sparse_conv2d");
+  const float* bp = ep.bp;
+  const float* rp = ep.rp;
+  float* op = out.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const std::vector<int64_t> empty = empty_filters(ord, L, F);
+  const int64_t lists = L + (empty.empty() ? 0 : 1);
+  const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
+  const int64_t nblocks = (N + 7) / 8;
+  const int64_t ng = std::min<int64_t>(std::max<int64_t>(lists, 1),
+                                       std::max<int64_t>(1, (g_kx_jobs * nthreads + nblocks - 1) / nblocks));
+  const int64_t work = tw.numel() * N * HW;
+  nck::parallel_for(0, nblocks * ng, work < g_parallel_threshold ? nblocks * ng : 1, [&](int64_t b, int64_t e) {
+    for (int64_t job = b; job < e; ++job) {
+      const int64_t g = job % ng, n0 = (job / ng) * 8, nv = std::min<int64_t>(8, N - n0);
+      for (int64_t i = g; i < lists; i += ng) {
+        if (i == L) {  // filters without taps: bias (+ residual) only
+          for (int64_t f : empty)
+            for (int64_t n = n0; n < n0 + nv; ++n)
+              for (int64_t k = 0; k < HW; ++k) {
+                const int64_t o = (n * F + f) * HW + k;
+                const float v = (bp ? bp[f] : 0.f) + (rp ? rp[o] : 0.f);
+                op[o] = relu ? (v > 0.f ? v : 0.f) : v;
+              }
+          continue;
+        }
+        const int64_t f = ord[i], o = (n0 * F + f) * HW;
+        body(i, f, nv, xp + n0 * C * HW, op + o, rp ? rp + o : nullptr, bp ? bp[f] : 0.f);
+      }
+    }
+  });
+  return out;
+}
+
 static torch::Tensor sparse_conv2d_tiny(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
                                         const torch::Tensor& tq, const torch::Tensor& tw, const torch::Tensor& fo,
                                         const c10::optional<torch::Tensor>& bias,
                                         const c10::optional<torch::Tensor>& residual, int64_t F, bool relu,
                                         TapOffCache* cache) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const int32_t* ptr = tp.data_ptr<int32_t>();
   const int32_t* ord = fo.data_ptr<int32_t>();
   const int64_t L = fo.numel();
@@ -1872,43 +1915,13 @@ static torch::Tensor sparse_conv2d_tiny(const torch::Tensor& x, const torch::Ten
       id[l] = (int32_t)(((i / 2) - (o / 2) + 1) * 3 + ((i % 2) - (o % 2) + 1));
     }
     const __m512i idx = _mm512_load_si512(id);
-    auto out = conv_output(N, F, H, W, x);
-    const Epilogue ep(bias, residual, out, "sparse_conv2d");
-    const float* bp = ep.bp;
-    const float* rp = ep.rp;
-    float* op = out.data_ptr<float>();
-    const float* xp = x.data_ptr<float>();
-    const std::vector<int64_t> empty = empty_filters(ord, L, F);
-    const int64_t lists = L + (empty.empty() ? 0 : 1);
-    const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
-    const int64_t nblocks = (N + 7) / 8;
-    const int64_t ng = std::min<int64_t>(std::max<int64_t>(lists, 1),
-                                         std::max<int64_t>(1, (g_kx_jobs * nthreads + nblocks - 1) / nblocks));
-    const int64_t work = tw.numel() * N * HW;
     const int32_t* kp = kk->kptr.data();
     const uint16_t* kc = kk->ch.data();
     const float* w9 = kk->w9.data();
-    nck::parallel_for(0, nblocks * ng, work < g_parallel_threshold ? nblocks * ng : 1, [&](int64_t b, int64_t e) {
-      for (int64_t job = b; job < e; ++job) {
-        const int64_t g = job % ng, n0 = (job / ng) * 8, nv = std::min<int64_t>(8, N - n0);
-        for (int64_t i = g; i < lists; i += ng) {
-          if (i == L) {
-            for (int64_t f : empty)
-              for (int64_t n = n0; n < n0 + nv; ++n)
-                for (int64_t q = 0; q < HW; ++q) {
-                  const int64_t o = (n * F + f) * HW + q;
-                  const float v = (bp ? bp[f] : 0.f) + (rp ? rp[o] : 0.f);
-                  op[o] = relu ? (v > 0.f ? v : 0.f) : v;
-                }
-            continue;
-          }
-          const int64_t f = ord[i], o = (n0 * F + f) * HW;
-          k22_block_n(nv, xp + n0 * C * HW, C * HW, kc, w9, kp[i], kp[i + 1], idx, op + o, rp ? rp + o : nullptr,
-                      F * HW, bp ? bp[f] : 0.f, relu);
-        }
-      }
-    });
-    return out;
+    return tiny_jobs(x, tw, ord, L, F, bias, residual, relu,
+                     [&](int64_t i, int64_t, int64_t nv, const float* xs, float* op, const float* rp, float bv) {
+                       k22_block_n(nv, xs, C * HW, kc, w9, kp[i], kp[i + 1], idx, op, rp, F * HW, bv, relu);
+                     });
   }
   std::shared_ptr<const TinyTaps> kt;
   if (cache) {
@@ -1937,49 +1950,16 @@ static torch::Tensor sparse_conv2d_tiny(const torch::Tensor& x, const torch::Ten
     }
     msk[s] = (uint16_t)m;
   }
-  auto out = conv_output(N, F, H, W, x);
-  const Epilogue ep(bias, residual, out, "sparse_conv2d");
-  const float* bp = ep.bp;
-  const float* rp = ep.rp;
-  float* op = out.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  const std::vector<int64_t> empty = empty_filters(ord, L, F);
-  const int64_t lists = L + (empty.empty() ? 0 : 1);
-  const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
-  const int64_t nblocks = (N + 7) / 8;
-  const int64_t ng = std::min<int64_t>(std::max<int64_t>(lists, 1),
-                                       std::max<int64_t>(1, (g_kx_jobs * nthreads + nblocks - 1) / nblocks));
-  const int64_t work = tw.numel() * N * HW;
   const int32_t* seg = kt->seg.data();
   const uint16_t* koff = kt->ch.data();
   const float* kw = kt->w.data();
-  nck::parallel_for(0, nblocks * ng, work < g_parallel_threshold ? nblocks * ng : 1, [&](int64_t b, int64_t e) {
-    for (int64_t job = b; job < e; ++job) {
-      const int64_t g = job % ng, n0 = (job / ng) * 8, nv = std::min<int64_t>(8, N - n0);
-      for (int64_t i = g; i < lists; i += ng) {
-        if (i == L) {  // filters without taps: bias (+ residual) only
-          for (int64_t f : empty)
-            for (int64_t n = n0; n < n0 + nv; ++n)
-              for (int64_t k = 0; k < HW; ++k) {
-                const int64_t o = (n * F + f) * HW + k;
-                const float v = (bp ? bp[f] : 0.f) + (rp ? rp[o] : 0.f);
-                op[o] = relu ? (v > 0.f ? v : 0.f) : v;
-              }
-          continue;
-        }
-        const int64_t f = ord[i];
-        const int64_t o = (n0 * F + f) * HW;
-        const float* xs = xp + n0 * C * HW;
-        if (HW == 16)
-          tiny_block_n<16>(nv, xs, C * HW, seg + i * 9, koff, kw, idx, msk, op + o, rp ? rp + o : nullptr, F * HW,
-                           bp ? bp[f] : 0.f, relu);
-        else
-          tiny_block_n<4>(nv, xs, C * HW, seg + i * 9, koff, kw, idx, msk, op + o, rp ? rp + o : nullptr, F * HW,
-                          bp ? bp[f] : 0.f, relu);
-      }
-    }
-  });
-  return out;
+  return tiny_jobs(x, tw, ord, L, F, bias, residual, relu,
+                   [&](int64_t i, int64_t, int64_t nv, const float* xs, float* op, const float* rp, float bv) {
+                     if (HW == 16)
+                       tiny_block_n<16>(nv, xs, C * HW, seg + i * 9, koff, kw, idx, msk, op, rp, F * HW, bv, relu);
+                     else
+                       tiny_block_n<4>(nv, xs, C * HW, seg + i * 9, koff, kw, idx, msk, op, rp, F * HW, bv, relu);
+                   });
 }
 
 static torch::Tensor sparse_conv2d_kx(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
