@@ -16,7 +16,8 @@ steps in one OpenMP region, loops handed over by atomics, instead of a fork / jo
 ``phase_split`` (``set_phase_split``: stride-2 band planes without per-row divisions, both column phases of a row
 from one load, instead of the earlier copy).
 ``--switch codegen`` compares two compiles of each sparse model instead, ``sparse="auto"`` without and with
-``codegen=True`` (per-layer generated code offered to the autotuner; the dense models are skipped).
+``codegen=True`` (per-layer generated code offered to the autotuner; the dense models are skipped). ``--switch threads``
+compares each model compiled and run on one thread ("off") with the same on ``--threads`` threads ("on").
 ``--callers 2`` times each plan called from two Python threads at once (wall time per call, both threads'
 calls counted; e.g. a server answering two requests): with ``--switch team`` the case where two plan runs compete
 for the cores.
@@ -37,7 +38,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench"
-SWITCHES = {"codegen": None, "banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
+SWITCHES = {"codegen": None, "threads": None, "banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
             "small_rowtaps": "set_small_rowtaps", "batched_small": "set_batched_small", "team": "set_team",
             "lean_steps": "set_lean_steps", "phase_split": "set_phase_split", "kx_split": "set_kx_split", "tiny_maps": "set_tiny_maps", "tiny_2x2_kernels": "set_tiny_2x2_kernels"}
 
@@ -87,7 +88,11 @@ def main() -> None:
     if not st["available"]:
         raise SystemExit(f"native kernels unavailable: {st['reason']}")
     codegen = a.switch == "codegen"
-    switch = (lambda on: None) if codegen else getattr(load_kernels(), SWITCHES[a.switch])
+    if a.switch == "threads":
+        def switch(on):
+            torch.set_num_threads(a.threads if on else 1)
+    else:
+        switch = (lambda on: None) if codegen else getattr(load_kernels(), SWITCHES[a.switch])
     sources = {}
     if "resnet56" in a.models:
         sources.update({"dense": None, "compact": a.compact,
@@ -108,7 +113,15 @@ def main() -> None:
     rows = []
     for batch in a.batch:
         x = torch.randn(batch, 3, 32, 32)
-        if codegen:  # (off, on) = two compiles of each sparse model
+        if a.switch == "threads":  # (off, on) = each model compiled on 1 and on --threads threads
+            pairs = {}
+            for k, m in models.items():
+                sp = "never" if k.endswith(("dense", "compact")) else "auto"
+                torch.set_num_threads(1)
+                one = compile_plan(m, x, sparse=sp)
+                torch.set_num_threads(a.threads)
+                pairs[k] = (one, compile_plan(m, x, sparse=sp))
+        elif codegen:  # (off, on) = two compiles of each sparse model
             pairs = {k: (compile_plan(m, x, sparse="auto"), compile_plan(m, x, sparse="auto", codegen=True))
                      for k, m in models.items() if not k.endswith(("dense", "compact"))}
         else:  # one compile of each model, timed with the switch off and on
