@@ -249,9 +249,9 @@ struct KTiles {
   std::vector<float> w;
 };
 
-struct KxTaps;    // sparse_conv.cpp: the kx-split path's taps grouped by (kx, ky)
-struct TinyTaps;  // ... the tiny-map path's, grouped by kernel position
-struct K22Taps;   // ... its 2x2 kernels (9 weights each)
+template <typename T>
+struct SegTaps;  // sparse_conv.cpp: taps grouped by kernel position (kx-split: by (kx, ky); tiny maps: by position)
+struct K22Taps;  // ... the tiny-map path's 2x2 kernels (9 weights each)
 struct TapOffCache {
   std::mutex m;
   int64_t key[3] = {-1, -1, -1};
@@ -265,13 +265,14 @@ struct TapOffCache {
   // direct_conv2d's banded input-row offsets (band_offsets) for one geometry: key {C, S, bplane, Wph}
   int64_t dkey[4] = {-1, -1, -1, -1};
   std::shared_ptr<const std::vector<int64_t>> doffs;
-  std::shared_ptr<const KxTaps> kx;  // the kx-split path (sparse_conv2d_kx), keyed by H, W
-  std::shared_ptr<const TinyTaps> tiny;  // the tiny-map path (sparse_conv2d_tiny), keyed by H, W
+  std::shared_ptr<const SegTaps<int32_t>> kx;     // the kx-split path (sparse_conv2d_kx), keyed by H, W
+  std::shared_ptr<const SegTaps<uint16_t>> tiny;  // the tiny-map path (sparse_conv2d_tiny), keyed by H, W
   std::shared_ptr<const K22Taps> k22;    // ... its 2x2 kernels
 };
 // 3x3 stride-1 pad-1 sparse convs whose output rows are 1, 2, 4 or 8 vectors run the kx-split path (AVX-512: no
 // padded input copy, aligned loads) unless this is off (set_kx_split)
 extern bool g_kx_split;
+// ... it and the tiny-map path split into at least this many jobs per thread (blocks x filter groups; set_kx_jobs)
 extern int64_t g_kx_jobs;
 // 3x3 stride-1 pad-1 sparse convs on 4x4 / 2x2 maps at batches up to g_tiny_max_batch (16) run the tiny-map path (AVX-512:
 // one image per vector, per kernel position a sum of whole input channels shifted in registers) unless this is off
@@ -279,7 +280,7 @@ extern int64_t g_kx_jobs;
 extern bool g_tiny_maps;
 extern int64_t g_tiny_max_batch;
 // ... 2x2 maps as one 4 x 4 matrix per kernel (off: per kernel position; set_tiny_2x2_kernels)
-extern bool g_tiny_2x2_kernels;  // ... in at least this many jobs per thread (row blocks x filter groups; set_kx_jobs)
+extern bool g_tiny_2x2_kernels;
 // Outputs the wide grid would compute mostly in padding (4x4 and 2x2 maps with more than a few vectors of
 // positions, e.g. at batch 64) run as a sparse matrix times im2col tiles (sparse_conv2d_batched) unless this is
 // off (set_batched_small).

@@ -833,7 +833,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the multi-row path takes outputs of at least this many vectors (N * Ho * Wo / VL; default 64)");
   m.def("multirow_min_vectors", []() { return g_multirow_min_vectors; });
   m.def("set_kx_jobs", [](int64_t v) { g_kx_jobs = std::max<int64_t>(1, v); },
-        "kx-split path: at least this many jobs (row blocks x filter groups) per thread (default 4)");
+        "kx-split and tiny-map paths: at least this many jobs (blocks x filter groups) per thread (default 4)");
   m.def("set_tiny_2x2_kernels", [](bool v) { g_tiny_2x2_kernels = v; },
         "tiny-map path, 2x2 maps: one 4 x 4 matrix per kernel (off: per kernel position)");
   m.def("set_tiny_maps", [](bool v) { g_tiny_maps = v; },

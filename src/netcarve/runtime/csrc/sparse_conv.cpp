@@ -51,7 +51,7 @@ bool g_kx_split = true;
 bool g_tiny_maps = true;
 bool g_tiny_2x2_kernels = true;
 int64_t g_tiny_max_batch = 16;
-int64_t g_kx_jobs = 4;  // jobs per thread of the kx-split path (blocks x filter groups)
+int64_t g_kx_jobs = 4;  // jobs per thread of the kx-split and tiny-map paths (blocks x filter groups)
 
 // A conv's (N, F, Ho, Wo) output: at::detail::empty_cpu, the allocation torch::empty ends in, without the dispatcher
 // around it (part of every conv's serial prelude, while a plan's other threads wait: 170 instead of 250 ns for a
@@ -1459,14 +1459,6 @@ static torch::Tensor sparse_conv2d_multirow(const torch::Tensor& x, const torch:
   return out;
 }
 
-// x: (N, C, H, W) fp32. Taps of filter list i: [tap_ptr[i], tap_ptr[i+1]) with channel tap_chan, kernel
-// position tap_pos = ky * kw + kx and weight tap_w; filter_order[i] is the output channel of list i.
-//
-// Layout: the padded input is split into S x S phase planes of Hph x Wph, stored channel-major with the
-// batch inside: planes[c][ry][rx][n][yy][xx]. A tap of channel c at (ky, kx) then reads, for the flat
-// output index q = n * plane + y * Wph + x, the element planes[base(c, ky % S, kx % S) + (ky / S) * Wph +
-// (kx / S) + q]: one shifted contiguous window over all images at once, so small planes (4x4) still
-// give long vectors when the batch is large. Positions with y >= Ho or x >= Wo are computed and dropped.
 #if defined(__AVX512F__)
 // ------------------------------------------------------------------------------------------------------------
 // The kx-split path (3x3, stride 1, padding 1, output rows a whole number of vectors): no padded copy of the
@@ -1479,35 +1471,57 @@ static torch::Tensor sparse_conv2d_multirow(const torch::Tensor& x, const torch:
 // ResNet-56's plan at batch 1) and reads it with loads that straddle cache lines for two kernel columns of three
 // (1.9x the cost of an aligned load per multiply-add in a loop over L1-resident rows, Emerald Rapids VM).
 
-struct KxTaps {
+// A layer's taps regrouped into 9 segments per filter list, one per kernel position in the order `order` gives
+// (order[s]: the position of segment s): list i's segment s is taps [seg[i * 9 + s], seg[i * 9 + s + 1]), whose
+// off[t] = offset(chan, ky, kx) and weights w[t] (ascending channels). The kx-split path groups by (kx, ky) with
+// row offsets; the tiny-map path by position with 16-bit channel ids (6 bytes streamed per tap with the weight, not
+// 8: those layers' weights stream from L3 at batch 1). Built once per plan step (TapOffCache), keyed by H x W.
+template <typename T>
+struct SegTaps {
   int64_t H = -1, W = -1;
-  std::vector<int32_t> seg;  // list i, segment s = kx * 3 + ky: taps [seg[i * 9 + s], seg[i * 9 + s + 1])
-  std::vector<int32_t> off;  // chan * H * W + (ky - 1) * W
+  std::vector<int32_t> seg;
+  std::vector<T> off;
   std::vector<float> w;
 };
 
-static std::shared_ptr<const KxTaps> build_kx_taps(const int32_t* ptr, const int32_t* ch, const int32_t* pos,
-                                                   const float* wv, int64_t L, int64_t H, int64_t W) {
-  auto k = std::make_shared<KxTaps>();
+template <typename T, class Offset>
+static std::shared_ptr<const SegTaps<T>> build_seg_taps(const int32_t* ptr, const int32_t* ch, const int32_t* pos,
+                                                        const float* wv, int64_t L, int64_t H, int64_t W,
+                                                        const int (&order)[9], Offset&& offset) {
+  auto k = std::make_shared<SegTaps<T>>();
   k->H = H;
   k->W = W;
   const int64_t E = ptr[L];
   k->seg.resize(L * 9 + 1);
   k->off.reserve(E);
   k->w.reserve(E);
-  for (int64_t i = 0; i < L; ++i) {
+  for (int64_t i = 0; i < L; ++i)
     for (int64_t s = 0; s < 9; ++s) {
       k->seg[i * 9 + s] = (int32_t)k->off.size();
-      const int64_t kx = s / 3, ky = s % 3;
       for (int64_t t = ptr[i]; t < ptr[i + 1]; ++t)
-        if (pos[t] == ky * 3 + kx) {
-          k->off.push_back((int32_t)(ch[t] * H * W + (ky - 1) * W));
+        if (pos[t] == order[s]) {
+          k->off.push_back((T)offset(ch[t], pos[t] / 3, pos[t] % 3));
           k->w.push_back(wv[t]);
         }
     }
-  }
   k->seg[L * 9] = (int32_t)k->off.size();
   return k;
+}
+
+// The value in a plan step's cache slot if `fits` accepts it, else build()'s, stored there (no cache: built per call)
+template <class T, class Fits, class Build>
+static std::shared_ptr<const T> cached(TapOffCache* cache, std::shared_ptr<const T> TapOffCache::*slot, Fits&& fits,
+                                       Build&& build) {
+  if (cache) {
+    std::lock_guard<std::mutex> lock(cache->m);
+    if (cache->*slot && fits(*(cache->*slot))) return cache->*slot;
+  }
+  std::shared_ptr<const T> v = build();
+  if (cache) {
+    std::lock_guard<std::mutex> lock(cache->m);
+    cache->*slot = v;
+  }
+  return v;
 }
 
 // The kx-split path's vectors: VW = 16 (zmm) or 8 (ymm, rows of 8 floats: 8x8 maps) with the lane shifts across
@@ -1648,35 +1662,6 @@ struct TinyVec<4> {
   static v shift(v a, ix i, uint16_t m) { return (v)_mm_maskz_permutevar_ps((__mmask8)m, (__m128)a, i); }
   static v max0(v a) { return (v)_mm_max_ps((__m128)a, _mm_setzero_ps()); }
 };
-
-struct TinyTaps {
-  int64_t H = -1, W = -1;
-  std::vector<int32_t> seg;   // list i, kernel position s: taps [seg[i * 9 + s], seg[i * 9 + s + 1])
-  std::vector<uint16_t> ch;  // input channel (6 bytes streamed per tap with the weight, not 8: these layers' weights
-  std::vector<float> w;      // stream from L3 at batch 1)
-};
-
-static std::shared_ptr<const TinyTaps> build_tiny_taps(const int32_t* ptr, const int32_t* ch, const int32_t* pos,
-                                                       const float* wv, int64_t L, int64_t H, int64_t W) {
-  auto k = std::make_shared<TinyTaps>();
-  k->H = H;
-  k->W = W;
-  const int64_t E = ptr[L];
-  k->seg.resize(L * 9 + 1);
-  k->ch.reserve(E);
-  k->w.reserve(E);
-  for (int64_t i = 0; i < L; ++i)
-    for (int64_t s = 0; s < 9; ++s) {
-      k->seg[i * 9 + s] = (int32_t)k->ch.size();
-      for (int64_t t = ptr[i]; t < ptr[i + 1]; ++t)
-        if (pos[t] == s) {
-          k->ch.push_back((uint16_t)ch[t]);
-          k->w.push_back(wv[t]);
-        }
-    }
-  k->seg[L * 9] = (int32_t)k->ch.size();
-  return k;
-}
 
 // One filter over NV images (vectors src[v]): sum over the kernel positions of the shifted tap sums, stored with
 // bias (+ residual) and ReLU at op + v * ostride. With fewer than 4 images the taps alternate over CH = 4 / NV
@@ -1838,43 +1823,49 @@ static void k22_block_n(int64_t nv, const float* x0, int64_t istride, const uint
 #undef NC_K22
 }
 
-// The tiny-map path's output and job loop: blocks of up to 8 images x filter groups (lists dealt round-robin);
-// body(i, f, nv, xs, op, rp, bias) computes list i (filter f) for the nv images of a block (input xs, output and
-// residual at op / rp, images F * H * W apart); the filters without taps get bias (+ residual) only.
-template <class Body>
-static torch::Tensor tiny_jobs(const torch::Tensor& x, const torch::Tensor& tw, const int32_t* ord, int64_t L,
-                               int64_t F, const c10::optional<torch::Tensor>& bias,
-                               const c10::optional<torch::Tensor>& residual, bool relu, Body&& body) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  auto out = conv_output(N, F, H, W, x);
+// The output and job loop of the kx-split and tiny-map paths: nblocks blocks of output positions x filter groups
+// (lists dealt round-robin; at least g_kx_jobs jobs per thread). Block b covers images [n0, n0 + nimg) and, in each,
+// the rows [y0, y1) of its map (range(b) gives them, once per job); body(i, f, r, op, rp, bias) computes list i
+// (filter f) for block r, op / rp pointing at image n0's channel f of the output / residual; the filters without
+// taps get bias (+ residual) only.
+struct BlockRange {
+  int64_t n0, nimg, y0, y1;
+};
+
+template <class Range, class Body>
+static torch::Tensor block_jobs(const torch::Tensor& x, const torch::Tensor& tw, const int32_t* ord, int64_t L,
+                                int64_t F, const c10::optional<torch::Tensor>& bias,
+                                const c10::optional<torch::Tensor>& residual, bool relu, int64_t nblocks,
+                                Range&& range, Body&& body) {
+  const int64_t N = x.size(0), W = x.size(3), HW = x.size(2) * W;
+  auto out = conv_output(N, F, x.size(2), W, x);
   const Epilogue ep(bias, residual, out, "sparse_conv2d");
   const float* bp = ep.bp;
   const float* rp = ep.rp;
   float* op = out.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
   const std::vector<int64_t> empty = empty_filters(ord, L, F);
   const int64_t lists = L + (empty.empty() ? 0 : 1);
   const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
-  const int64_t nblocks = (N + 7) / 8;
   const int64_t ng = std::min<int64_t>(std::max<int64_t>(lists, 1),
                                        std::max<int64_t>(1, (g_kx_jobs * nthreads + nblocks - 1) / nblocks));
   const int64_t work = tw.numel() * N * HW;
-  nck::parallel_for(0, nblocks * ng, work < g_parallel_threshold ? nblocks * ng : 1, [&](int64_t b, int64_t e) {
-    for (int64_t job = b; job < e; ++job) {
-      const int64_t g = job % ng, n0 = (job / ng) * 8, nv = std::min<int64_t>(8, N - n0);
+  nck::parallel_for(0, nblocks * ng, work < g_parallel_threshold ? nblocks * ng : 1, [&](int64_t jb, int64_t je) {
+    for (int64_t job = jb; job < je; ++job) {
+      const int64_t g = job % ng, b = job / ng;
+      const BlockRange r = range(b);
       for (int64_t i = g; i < lists; i += ng) {
         if (i == L) {  // filters without taps: bias (+ residual) only
           for (int64_t f : empty)
-            for (int64_t n = n0; n < n0 + nv; ++n)
-              for (int64_t k = 0; k < HW; ++k) {
+            for (int64_t n = r.n0; n < r.n0 + r.nimg; ++n)
+              for (int64_t k = r.y0 * W; k < r.y1 * W; ++k) {
                 const int64_t o = (n * F + f) * HW + k;
                 const float v = (bp ? bp[f] : 0.f) + (rp ? rp[o] : 0.f);
                 op[o] = relu ? (v > 0.f ? v : 0.f) : v;
               }
           continue;
         }
-        const int64_t f = ord[i], o = (n0 * F + f) * HW;
-        body(i, f, nv, xp + n0 * C * HW, op + o, rp ? rp + o : nullptr, bp ? bp[f] : 0.f);
+        const int64_t f = ord[i], o = (r.n0 * F + f) * HW;
+        body(i, f, r, op + o, rp ? rp + o : nullptr, bp ? bp[f] : 0.f);
       }
     }
   });
@@ -1886,24 +1877,21 @@ static torch::Tensor sparse_conv2d_tiny(const torch::Tensor& x, const torch::Ten
                                         const c10::optional<torch::Tensor>& bias,
                                         const c10::optional<torch::Tensor>& residual, int64_t F, bool relu,
                                         TapOffCache* cache) {
-  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const int32_t* ptr = tp.data_ptr<int32_t>();
+  const int32_t* ch = tc.data_ptr<int32_t>();
+  const int32_t* pos = tq.data_ptr<int32_t>();
+  const float* wv = tw.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   const int32_t* ord = fo.data_ptr<int32_t>();
   const int64_t L = fo.numel();
+  // blocks of up to 8 images, whole maps
+  auto range = [&](int64_t b) { return BlockRange{b * 8, std::min<int64_t>(8, N - b * 8), 0, H}; };
+  const int64_t nblocks = (N + 7) / 8;
   std::shared_ptr<const K22Taps> kk;
-  if (HW == 4 && g_tiny_2x2_kernels) {
-    if (cache) {
-      std::lock_guard<std::mutex> lock(cache->m);
-      kk = cache->k22;
-    }
-    if (!kk) {
-      kk = build_k22_taps(ptr, tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), tw.data_ptr<float>(), L);
-      if (cache) {
-        std::lock_guard<std::mutex> lock(cache->m);
-        cache->k22 = kk;
-      }
-    }
-  }
+  if (HW == 4 && g_tiny_2x2_kernels)
+    kk = cached(cache, &TapOffCache::k22, [](const K22Taps&) { return true; },
+                [&] { return build_k22_taps(ptr, ch, pos, wv, L); });
   // 2x2 as a 4 x 4 matrix per kernel (k22_block) where kernels hold 2.5+ taps on average: one 16-lane multiply-add
   // per kernel and image with 9 weights loaded, against one 4-lane multiply-add per tap. VGG-16 at batch 1 (one
   // process, alternated, Intel VM): pattern + connectivity (4 taps a kernel) 1.14x faster whole, 90% unstructured
@@ -1918,23 +1906,19 @@ static torch::Tensor sparse_conv2d_tiny(const torch::Tensor& x, const torch::Ten
     const int32_t* kp = kk->kptr.data();
     const uint16_t* kc = kk->ch.data();
     const float* w9 = kk->w9.data();
-    return tiny_jobs(x, tw, ord, L, F, bias, residual, relu,
-                     [&](int64_t i, int64_t, int64_t nv, const float* xs, float* op, const float* rp, float bv) {
-                       k22_block_n(nv, xs, C * HW, kc, w9, kp[i], kp[i + 1], idx, op, rp, F * HW, bv, relu);
-                     });
+    return block_jobs(x, tw, ord, L, F, bias, residual, relu, nblocks, range,
+                      [&](int64_t i, int64_t, const BlockRange& r, float* op, const float* rp, float bv) {
+                        k22_block_n(r.nimg, xp + r.n0 * C * HW, C * HW, kc, w9, kp[i], kp[i + 1], idx, op, rp,
+                                    F * HW, bv, relu);
+                      });
   }
-  std::shared_ptr<const TinyTaps> kt;
-  if (cache) {
-    std::lock_guard<std::mutex> lock(cache->m);
-    if (cache->tiny && cache->tiny->H == H && cache->tiny->W == W) kt = cache->tiny;
-  }
-  if (!kt) {
-    kt = build_tiny_taps(ptr, tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), tw.data_ptr<float>(), L, H, W);
-    if (cache) {
-      std::lock_guard<std::mutex> lock(cache->m);
-      cache->tiny = kt;
-    }
-  }
+  static constexpr int by_position[9] = {0, 1, 2, 3, 4, 5, 6, 7, 8};
+  const auto kt = cached(
+      cache, &TapOffCache::tiny, [&](const SegTaps<uint16_t>& k) { return k.H == H && k.W == W; },
+      [&] {
+        return build_seg_taps<uint16_t>(ptr, ch, pos, wv, L, H, W, by_position,
+                                        [](int64_t c, int64_t, int64_t) { return c; });
+      });
   // per kernel position s = ky * 3 + kx: lane l = (y, x) of the output takes lane l + (ky - 1) * W + (kx - 1) of
   // the position's sum where that window element is inside the map, zero elsewhere
   alignas(64) int32_t idx[9 * 16];
@@ -1951,15 +1935,16 @@ static torch::Tensor sparse_conv2d_tiny(const torch::Tensor& x, const torch::Ten
     msk[s] = (uint16_t)m;
   }
   const int32_t* seg = kt->seg.data();
-  const uint16_t* koff = kt->ch.data();
+  const uint16_t* koff = kt->off.data();
   const float* kw = kt->w.data();
-  return tiny_jobs(x, tw, ord, L, F, bias, residual, relu,
-                   [&](int64_t i, int64_t, int64_t nv, const float* xs, float* op, const float* rp, float bv) {
-                     if (HW == 16)
-                       tiny_block_n<16>(nv, xs, C * HW, seg + i * 9, koff, kw, idx, msk, op, rp, F * HW, bv, relu);
-                     else
-                       tiny_block_n<4>(nv, xs, C * HW, seg + i * 9, koff, kw, idx, msk, op, rp, F * HW, bv, relu);
-                   });
+  return block_jobs(x, tw, ord, L, F, bias, residual, relu, nblocks, range,
+                    [&](int64_t i, int64_t, const BlockRange& r, float* op, const float* rp, float bv) {
+                      const float* xs = xp + r.n0 * C * HW;
+                      if (HW == 16)
+                        tiny_block_n<16>(r.nimg, xs, C * HW, seg + i * 9, koff, kw, idx, msk, op, rp, F * HW, bv, relu);
+                      else
+                        tiny_block_n<4>(r.nimg, xs, C * HW, seg + i * 9, koff, kw, idx, msk, op, rp, F * HW, bv, relu);
+                    });
 }
 
 static torch::Tensor sparse_conv2d_kx(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
@@ -1967,79 +1952,57 @@ static torch::Tensor sparse_conv2d_kx(const torch::Tensor& x, const torch::Tenso
                                       const c10::optional<torch::Tensor>& bias,
                                       const c10::optional<torch::Tensor>& residual, int64_t F, bool relu,
                                       TapOffCache* cache) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const int64_t VW = W % VL == 0 ? VL : HVL, WV = W / VW, RB = 8 / WV;  // rows per block: 8 vectors
-  const int64_t nbi = (H + RB - 1) / RB, nblocks = N * nbi;
+  const int64_t nbi = (H + RB - 1) / RB;
   const int32_t* ptr = tp.data_ptr<int32_t>();
   const int32_t* ord = fo.data_ptr<int32_t>();
   const int64_t L = fo.numel();
-  std::shared_ptr<const KxTaps> kt;
-  if (cache) {
-    std::lock_guard<std::mutex> lock(cache->m);
-    if (cache->kx && cache->kx->H == H && cache->kx->W == W) kt = cache->kx;
-  }
-  if (!kt) {
-    kt = build_kx_taps(ptr, tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), tw.data_ptr<float>(), L, H, W);
-    if (cache) {
-      std::lock_guard<std::mutex> lock(cache->m);
-      cache->kx = kt;
-    }
-  }
-  auto out = conv_output(N, F, H, W, x);
-  const Epilogue ep(bias, residual, out, "sparse_conv2d");
-  const float* bp = ep.bp;
-  const float* rp = ep.rp;
-  float* op = out.data_ptr<float>();
+  static constexpr int by_column[9] = {0, 3, 6, 1, 4, 7, 2, 5, 8};  // segment kx * 3 + ky: position ky * 3 + kx
+  const auto kt = cached(
+      cache, &TapOffCache::kx, [&](const SegTaps<int32_t>& k) { return k.H == H && k.W == W; },
+      [&] {
+        return build_seg_taps<int32_t>(ptr, tc.data_ptr<int32_t>(), tq.data_ptr<int32_t>(), tw.data_ptr<float>(), L,
+                                       H, W, by_column,
+                                       [&](int64_t c, int64_t ky, int64_t) { return c * HW + (ky - 1) * W; });
+      });
   const float* xp = x.data_ptr<float>();
-  const std::vector<int64_t> empty = empty_filters(ord, L, F);
-  const int64_t lists = L + (empty.empty() ? 0 : 1);
-  const int64_t nthreads = std::max<int64_t>(1, nck::num_threads());
-  const int64_t ng = std::min<int64_t>(std::max<int64_t>(lists, 1),
-                                      std::max<int64_t>(1, (g_kx_jobs * nthreads + nblocks - 1) / nblocks));
-  const int64_t work = tw.numel() * N * HW;
   const int32_t* seg = kt->seg.data();
   const int32_t* koff = kt->off.data();
   const float* kw = kt->w.data();
-  (void)C;
-  nck::parallel_for(0, nblocks * ng, work < g_parallel_threshold ? nblocks * ng : 1, [&](int64_t b, int64_t e) {
-    for (int64_t job = b; job < e; ++job) {
-      const int64_t g = job % ng, blk = job / ng, n = blk / nbi, y0 = (blk % nbi) * RB;
-      const int64_t rows = std::min<int64_t>(RB, H - y0);
-      const bool top = y0 == 0, bot = y0 + rows == H;
-      const float* xn = xp + n * C * HW;
-      for (int64_t i = g; i < lists; i += ng) {
-        if (i == L) {  // filters without taps: bias (+ residual) only
-          for (int64_t f : empty) {
-            const float bv = bp ? bp[f] : 0.f;
-            for (int64_t k = y0 * W; k < (y0 + rows) * W; ++k) {
-              const int64_t o = (n * F + f) * HW + k;
-              const float v = bv + (rp ? rp[o] : 0.f);
-              op[o] = relu ? (v > 0.f ? v : 0.f) : v;
-            }
-          }
-          continue;
-        }
-        const int64_t f = ord[i];
-        float* o = op + (n * F + f) * HW;
-        const float* r = rp ? rp + (n * F + f) * HW : nullptr;
-        const float bv = bp ? bp[f] : 0.f;
-        const int32_t* sg = seg + i * 9;
-        if (VW == HVL) {
-          kx_block_rows<HVL, 1>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu);
-          continue;
-        }
-        switch (WV) {
-          case 1: kx_block_rows<VL, 1>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
-          case 2: kx_block_rows<VL, 2>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
-          case 4: kx_block_rows<VL, 4>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
-          default: kx_block_rows<VL, 8>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
-        }
-      }
-    }
-  });
-  return out;
+  // blocks of RB rows of one image
+  auto range = [&](int64_t b) {
+    const int64_t y0 = (b % nbi) * RB;
+    return BlockRange{b / nbi, 1, y0, std::min<int64_t>(H, y0 + RB)};
+  };
+  return block_jobs(x, tw, ord, L, F, bias, residual, relu, x.size(0) * nbi, range,
+                    [&](int64_t i, int64_t, const BlockRange& br, float* o, const float* r, float bv) {
+                      const int64_t y0 = br.y0, rows = br.y1 - br.y0;
+                      const bool top = y0 == 0, bot = br.y1 == H;
+                      const float* xn = xp + br.n0 * C * HW;
+                      const int32_t* sg = seg + i * 9;
+                      if (VW == HVL) {
+                        kx_block_rows<HVL, 1>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu);
+                        return;
+                      }
+                      switch (WV) {
+                        case 1: kx_block_rows<VL, 1>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
+                        case 2: kx_block_rows<VL, 2>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
+                        case 4: kx_block_rows<VL, 4>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
+                        default: kx_block_rows<VL, 8>(rows, xn, y0, W, top, bot, sg, koff, kw, o, r, bv, relu); break;
+                      }
+                    });
 }
 #endif
+
+// x: (N, C, H, W) fp32. Taps of filter list i: [tap_ptr[i], tap_ptr[i+1]) with channel tap_chan, kernel
+// position tap_pos = ky * kw + kx and weight tap_w; filter_order[i] is the output channel of list i.
+//
+// Layout: the padded input is split into S x S phase planes of Hph x Wph, stored channel-major with the
+// batch inside: planes[c][ry][rx][n][yy][xx]. A tap of channel c at (ky, kx) then reads, for the flat
+// output index q = n * plane + y * Wph + x, the element planes[base(c, ky % S, kx % S) + (ky / S) * Wph +
+// (kx / S) + q]: one shifted contiguous window over all images at once, so small planes (4x4) still
+// give long vectors when the batch is large. Positions with y >= Ho or x >= Wo are computed and dropped.
 
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor tap_ptr, torch::Tensor tap_chan, torch::Tensor tap_pos,
                             torch::Tensor tap_w, torch::Tensor filter_order, c10::optional<torch::Tensor> bias,
