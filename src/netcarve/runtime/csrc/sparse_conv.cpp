@@ -19,6 +19,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -1616,19 +1617,30 @@ static inline void kx_block(const float* __restrict xn, int64_t row0, int64_t W,
   }
 }
 
+// fn(std::integral_constant<int, K>{}) for K = k in 1 .. 8 (a compile-time count of rows / images / vectors)
+template <class Fn>
+static inline void with_count8(int64_t k, Fn&& fn) {
+  switch (k) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    case 8: fn(std::integral_constant<int, 8>{}); break;
+    default: break;
+  }
+}
+
 template <int VW, int WV>
 static void kx_block_rows(int64_t rows, const float* xn, int64_t row0, int64_t W, bool top, bool bot,
                           const int32_t* sg, const int32_t* off, const float* w, float* op, const float* rp,
                           float bias, bool relu) {
-#define NC_KX(R)                                                                                              \
-  case R:                                                                                                     \
-    if constexpr (R * WV <= 8) kx_block<VW, R * WV, WV>(xn, row0, W, top, bot, sg, off, w, op, rp, bias, relu); \
-    break;
-  switch (rows) {
-    NC_KX(1) NC_KX(2) NC_KX(3) NC_KX(4) NC_KX(5) NC_KX(6) NC_KX(7) NC_KX(8)
-    default: break;
-  }
-#undef NC_KX
+  with_count8(rows, [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    if constexpr (R * WV <= 8) kx_block<VW, R * WV, WV>(xn, row0, W, top, bot, sg, off, w, op, rp, bias, relu);
+  });
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -1718,18 +1730,12 @@ template <int VW>
 static void tiny_block_n(int64_t nv, const float* x0, int64_t istride, const int32_t* sg, const uint16_t* off,
                          const float* w, const int32_t* idx, const uint16_t* msk, float* op, const float* rp,
                          int64_t ostride, float bias, bool relu) {
-#define NC_TINY(K)                                                                           \
-  case K: {                                                                                  \
-    const float* src[K];                                                                     \
-    for (int v = 0; v < K; ++v) src[v] = x0 + v * istride;                                   \
-    tiny_block<VW, K>(src, sg, off, w, idx, msk, op, rp, ostride, bias, relu);               \
-    break;                                                                                   \
-  }
-  switch (nv) {
-    NC_TINY(1) NC_TINY(2) NC_TINY(3) NC_TINY(4) NC_TINY(5) NC_TINY(6) NC_TINY(7) NC_TINY(8)
-    default: break;
-  }
-#undef NC_TINY
+  with_count8(nv, [&](auto k) {
+    constexpr int K = decltype(k)::value;
+    const float* src[K];
+    for (int v = 0; v < K; ++v) src[v] = x0 + v * istride;
+    tiny_block<VW, K>(src, sg, off, w, idx, msk, op, rp, ostride, bias, relu);
+  });
 }
 
 // 2x2 maps (3x3, stride 1, padding 1): every (output pixel o, input pixel i) pair of a 2x2 map is one kernel position,
@@ -1809,18 +1815,12 @@ static inline void k22_block(const float* const (&src)[NV], const uint16_t* __re
 
 static void k22_block_n(int64_t nv, const float* x0, int64_t istride, const uint16_t* kc, const float* w9, int64_t k0,
                         int64_t k1, __m512i idx, float* op, const float* rp, int64_t ostride, float bias, bool relu) {
-#define NC_K22(K)                                                          \
-  case K: {                                                                \
-    const float* src[K];                                                   \
-    for (int v = 0; v < K; ++v) src[v] = x0 + v * istride;                 \
-    k22_block<K>(src, kc, w9, k0, k1, idx, op, rp, ostride, bias, relu);   \
-    break;                                                                 \
-  }
-  switch (nv) {
-    NC_K22(1) NC_K22(2) NC_K22(3) NC_K22(4) NC_K22(5) NC_K22(6) NC_K22(7) NC_K22(8)
-    default: break;
-  }
-#undef NC_K22
+  with_count8(nv, [&](auto k) {
+    constexpr int K = decltype(k)::value;
+    const float* src[K];
+    for (int v = 0; v < K; ++v) src[v] = x0 + v * istride;
+    k22_block<K>(src, kc, w9, k0, k1, idx, op, rp, ostride, bias, relu);
+  });
 }
 
 // The output and job loop of the kx-split and tiny-map paths: nblocks blocks of output positions x filter groups
