@@ -14,7 +14,9 @@ sparse weight times L1-sized im2col tiles instead of the padded wide grid), ``te
 steps in one OpenMP region, loops handed over by atomics, instead of a fork / join per loop), ``lean_steps``
 (``set_lean_steps``: conv outputs allocated without the dispatcher, direct convs' band offsets cached per step) and
 ``phase_split`` (``set_phase_split``: stride-2 band planes without per-row divisions, both column phases of a row
-from one load, instead of the earlier copy).
+from one load, instead of the earlier copy); ``kx_split``, ``tiny_maps`` and ``tiny_2x2_kernels`` (the AVX-512 paths
+for 3x3 stride-1 convs with whole-vector rows and for 4x4 / 2x2 maps, docs/runtime.md) and ``kx_stage``
+(``set_kx_stage``: the kx-split path's large blocks staged in a per-thread copy of their rows).
 ``--switch codegen`` compares two compiles of each sparse model instead, ``sparse="auto"`` without and with
 ``codegen=True`` (per-layer generated code offered to the autotuner; the dense models are skipped). ``--switch threads``
 compares each model compiled and run on one thread ("off") with the same on ``--threads`` threads ("on").
@@ -40,7 +42,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench"
 SWITCHES = {"codegen": None, "threads": None, "banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
             "small_rowtaps": "set_small_rowtaps", "batched_small": "set_batched_small", "team": "set_team",
-            "lean_steps": "set_lean_steps", "phase_split": "set_phase_split", "kx_split": "set_kx_split", "tiny_maps": "set_tiny_maps", "tiny_2x2_kernels": "set_tiny_2x2_kernels"}
+            "lean_steps": "set_lean_steps", "phase_split": "set_phase_split", "kx_split": "set_kx_split", "tiny_maps": "set_tiny_maps", "tiny_2x2_kernels": "set_tiny_2x2_kernels",
+            "kx_stage": "set_kx_stage"}
 
 
 def _time_callers(plan, x, repeats: int, callers: int) -> float:

@@ -272,6 +272,45 @@ def test_batched_small_outputs_in_a_plan_match_reference(kernels):
                     assert _rel(c(x), ref) <= 1e-4, (threads, b, size, "wide grid")
 
 
+def test_staged_kx_rows_in_a_plan_match_reference(kernels):
+    """A plan of 90%-sparse 64-channel 3x3 convs on 32x32 maps (with a residual add): its layers stage each block's
+    rows in a per-thread copy (kx_stage_calls counts them on AVX-512) and equal the model at 1-2 threads, at batches 1
+    and 3, called twice on different inputs, and with the copies off (set_kx_stage(False))."""
+    torch.manual_seed(0)
+
+    class Chain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(64, 64, 3, padding=1)
+            self.b = torch.nn.Conv2d(64, 64, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return torch.relu(self.b(y) + x)
+
+    m = Chain().eval()
+    with torch.no_grad():
+        for conv in (m.a, m.b):
+            conv.weight.mul_((torch.rand_like(conv.weight) > 0.9).float())
+    c = compile(m, torch.randn(1, 64, 32, 32), sparse="always")
+    avx512 = "AVX-512" in kernels.build_info()
+    old_threads = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            for b in (1, 3, 1):
+                x = torch.randn(b, 64, 32, 32)
+                with torch.no_grad():
+                    ref = m(x)
+                before = kernels.kx_stage_calls()
+                assert _rel(c(x), ref) <= 1e-4, (threads, b)
+                assert kernels.kx_stage_calls() - before == (2 if avx512 else 0)
+                with switched_off(kernels, "kx_stage"):
+                    assert _rel(c(x), ref) <= 1e-4, (threads, b, "in place")
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 def test_multirow_outputs_in_a_plan_match_reference(kernels):
     """A 90%-sparse ResNet-20 at batches of 17-32: its 8x8 layers (on AVX-512 narrower than a vector) run kx-split
     (the regrouped taps kept in the step's cache), in half-width row vectors (set_kx_split(False)), or

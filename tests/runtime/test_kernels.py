@@ -329,6 +329,46 @@ def test_kx_split_matches_reference(kernels, case, threads):
     assert _nan_inf_reach_like_reference(m.weight, x, (n - 1, 0, h // 2, w - 1), (0, 0, 0, 0))
 
 
+# (N, C, F, H, W, density, stage_bytes): kx-split blocks of 4+ rows from channel planes a multiple of 4 KiB apart
+# (32x32, 64x16 maps), staged in a per-thread copy of their rows: 48 channels over the default 32 KiB, a smaller block
+# staged with the threshold at 0, non-square maps (8-row blocks of one vector per row), several images
+KX_STAGE = [(1, 48, 20, 32, 32, 0.12, None), (2, 8, 13, 32, 32, 0.3, 0), (1, 12, 9, 64, 16, 0.25, 0),
+            (3, 5, 7, 32, 32, 1.0, 0)]
+
+
+@pytest.mark.parametrize("case", KX_STAGE, ids=lambda c: "x".join(map(str, c[:5])))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kx_stage_matches_reference(kernels, case, threads):
+    """The kx-split path with staged rows (each block's input rows and halo copied into a per-thread buffer first):
+    equal to the reference with bias, residual, ReLU and all-zero filters, forced parallel at 1-3 threads, and to the
+    same path reading the input in place (set_kx_stage(False)); a second call on new values in the same input tensor
+    sees them (no stale copy); a NaN / inf reaches exactly the outputs the reference's does."""
+    n, c, f, h, w, d, stage_bytes = case
+    m, x, res, bias, ref, zeroed = _fused_case(n, c, f, h, w, 3, 1, 1, d, seed=n + c + f + h, zero_every=4)
+    old_bytes = kernels.kx_stage_bytes()
+    try:
+        if stage_bytes is not None:
+            kernels.set_kx_stage_bytes(stage_bytes)
+        with forced_parallel(kernels, threads):
+            staged = kernels.kx_stage_calls()
+            out = m(x, res)
+            staged = kernels.kx_stage_calls() - staged
+            with switched_off(kernels, "kx_stage"):
+                in_place = m(x, res)
+            x2 = x.clone()
+            x.mul_(-0.5).add_(0.25)  # new values, same storage
+            again = m(x, res)
+            nan_ok = _nan_inf_reach_like_reference(m.weight, x, (n - 1, 0, h // 2, w - 1), (0, 0, h - 1, 0))
+    finally:
+        kernels.set_kx_stage_bytes(old_bytes)
+    assert staged == (1 if "AVX-512" in kernels.build_info() else 0)
+    assert _rel_err(out, ref) <= 1e-4
+    assert _rel_err(out, in_place) <= 1e-4
+    assert _zeroed_filters_are_bias_residual_relu(out, bias, res, zeroed)
+    assert _rel_err(again, m.forward_reference(x, res)) <= 1e-4 and not torch.allclose(x, x2)
+    assert nan_ok
+
+
 # (N, C, F, H, density): 3x3 stride-1 pad-1 convs on 4x4 / 2x2 maps at batches up to 16 (AVX-512: the tiny-map
 # path, one image per vector): batch 1 (four accumulator chains), 3 and 8 (one per image), many channels, a dense
 # weight, a partial last filter group

@@ -266,6 +266,7 @@ struct TapOffCache {
   int64_t dkey[4] = {-1, -1, -1, -1};
   std::shared_ptr<const std::vector<int64_t>> doffs;
   std::shared_ptr<const SegTaps<int32_t>> kx;     // the kx-split path (sparse_conv2d_kx), keyed by H, W
+  std::shared_ptr<const SegTaps<int32_t>> kxs;    // ... with staged rows (offsets into the per-thread copy)
   std::shared_ptr<const SegTaps<uint16_t>> tiny;  // the tiny-map path (sparse_conv2d_tiny), keyed by H, W
   std::shared_ptr<const K22Taps> k22;    // ... its 2x2 kernels
 };
@@ -274,6 +275,12 @@ struct TapOffCache {
 extern bool g_kx_split;
 // ... it and the tiny-map path split into at least this many jobs per thread (blocks x filter groups; set_kx_jobs)
 extern int64_t g_kx_jobs;
+// ... the kx-split path copies each block's input rows (with the halo) into a per-thread buffer first where they
+// exceed g_kx_stage_bytes (32 KiB), blocks have 4+ rows and the channel planes are a multiple of 4 KiB apart,
+// unless this is off (set_kx_stage, set_kx_stage_bytes)
+extern bool g_kx_stage;
+extern int64_t g_kx_stage_bytes;
+extern std::atomic<int64_t> g_kx_calls;
 // 3x3 stride-1 pad-1 sparse convs on 4x4 / 2x2 maps at batches up to g_tiny_max_batch (16) run the tiny-map path (AVX-512:
 // one image per vector, per kernel position a sum of whole input channels shifted in registers) unless this is off
 // (set_tiny_maps)

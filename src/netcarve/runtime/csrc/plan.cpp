@@ -841,6 +841,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiny_max_batch", []() { return g_tiny_max_batch; });
   m.def("set_tiny_max_batch", [](int64_t v) { g_tiny_max_batch = std::min<int64_t>(std::max<int64_t>(0, v), 1 << 20); },
         "tiny-map path: largest batch (default 16)");
+  m.def("set_kx_stage", [](bool v) { g_kx_stage = v; },
+        "kx-split path: copy each block's input rows (and halo) into a per-thread buffer first where they exceed "
+        "kx_stage_bytes, blocks have 4+ rows and the channel planes are a multiple of 4 KiB apart (off: read the input "
+        "in place)");
+  m.def("set_kx_stage_bytes", [](int64_t v) { g_kx_stage_bytes = std::max<int64_t>(0, v); },
+        "kx-split path: stage blocks whose rows (with the halo, all channels) exceed this many bytes (default 32768)");
+  m.def("kx_stage_bytes", []() { return g_kx_stage_bytes; });
+  m.def("kx_stage_calls", []() { return g_kx_calls.load(); }, "kx-split calls that staged their rows so far");
   m.def("set_kx_split", [](bool v) { g_kx_split = v; },
         "3x3 stride-1 sparse convs with rows of 1, 2, 4 or 8 vectors: the kx-split path (AVX-512; off: banded rows)");
   m.def("set_half_rows", [](bool v) { g_half_rows = v; },
