@@ -1954,12 +1954,12 @@ static torch::Tensor sparse_conv2d_tiny(const torch::Tensor& x, const torch::Ten
 // [channel][RB + 2 rows][W], where the channels' rows no longer lie a multiple of 4 KiB apart. Read in place, the
 // rows of a 32x32 map's channels fall in the same L1 sets, and a 64-channel block (48 KiB with its halo) exceeds a
 // 32 KiB L1 anyway. Measured on a Zen 4 VM (benchmarks/l1_probe.py, one thread, 10% density): the tap loop ran
-// 1.5-1.6x faster from the copy (77-80 against 48-52 GFLOP/s), 16-channel 32x32 blocks (12 KiB, in L1 already)
-// 0.9x, 16x16 maps (planes 1 KiB apart) 0.92-1.07x. In the runtime (four chained layers at 10% density, 2 threads,
-// alternated in one process): 32x32 maps with 64 / 128 channels 1.07-1.30x at batches 1, 8 and 64, with 32 channels
-// 0.87-1.34x (mixed), 64x64 maps (blocks of 2 rows: 4 rows copied per 2 computed) 0.94-1.27x (mixed). So only
-// blocks of 4+ rows whose staged rows exceed g_kx_stage_bytes (32 KiB) from planes a multiple of 4 KiB apart are
-// staged.
+// 1.5-1.7x faster from the copy (77-80 against 44-52 GFLOP/s), 16-channel 32x32 blocks (12 KiB, in L1 already)
+// 0.95x, 16x16 maps (planes 1 KiB apart) 0.94-1.08x. In the runtime (benchmarks/kx_stage_ab.py: four chained layers
+// at 10% density, 2 threads, alternated in one process): 32x32 maps with 48-128 channels 1.28-1.36x at batch 1,
+// 1.16-1.23x at batch 8, 0.98-1.17x at batch 64; 32 channels 1.27x / 1.14x / 0.83x. 64x64 maps (blocks of 2 rows: 4
+// rows copied per 2 computed) measured 0.94-1.27x in scratch runs. So only blocks of 4+ rows whose staged rows exceed
+// g_kx_stage_bytes (32 KiB) from planes a multiple of 4 KiB apart are staged.
 std::atomic<int64_t> g_kx_calls{0};  // staged kx-split calls (kx_stage_calls: tests)
 
 static torch::Tensor sparse_conv2d_kx(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
@@ -1975,7 +1975,7 @@ static torch::Tensor sparse_conv2d_kx(const torch::Tensor& x, const torch::Tenso
   const int64_t L = fo.numel();
   // staged: a channel's rows in the copy are (RB + 2) * W floats apart, its row y0 - 1 first
   const int64_t SP = (RB + 2) * W;
-  const bool staged = g_kx_stage && RB >= 4 && H > RB && (HW * 4) % 4096 == 0 && C * SP * 4 > g_kx_stage_bytes;
+  const bool staged = g_kx_stage && RB >= 4 && (HW * 4) % 4096 == 0 && C * SP * 4 > g_kx_stage_bytes;
   static constexpr int by_column[9] = {0, 3, 6, 1, 4, 7, 2, 5, 8};  // segment kx * 3 + ky: position ky * 3 + kx
   const int64_t plane = staged ? SP : HW;
   const auto kt = cached(
