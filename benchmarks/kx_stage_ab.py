@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _cxx_probe import RESULTS, cpu_slug
 
 
 def main() -> None:
@@ -74,8 +72,7 @@ def main() -> None:
         k.set_kx_stage(True)
         k.set_kx_stage_bytes(default_bytes)
     env = environment()
-    cpu = re.sub(r"[^a-z0-9]+", "-", str(env.get("cpu_model", "cpu")).lower()).strip("-")
-    out = a.out or RESULTS / f"kx_stage_ab-{cpu}.json"
+    out = a.out or RESULTS / f"kx_stage_ab-{cpu_slug(env)}.json"
     out.write_text(json.dumps({"benchmark": "kx_stage_ab", "threads": a.threads, "rounds": a.rounds,
                                "command": f"python benchmarks/kx_stage_ab.py --batch {' '.join(map(str, a.batch))} "
                                           f"--threads {a.threads}",

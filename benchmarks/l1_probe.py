@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import tempfile
 from pathlib import Path
 
-from netcarve.measure import environment
+from _cxx_probe import RESULTS, build_and_run, cpu_slug
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from netcarve.measure import environment
 
 SRC = r"""
 #include <immintrin.h>
@@ -192,19 +189,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        cpp, exe = Path(tmp) / "l1_probe.cpp", Path(tmp) / "l1_probe"
-        cpp.write_text(SRC)
-        subprocess.run(["g++", "-O3", "-march=native", "-fopenmp", "-o", str(exe), str(cpp)], check=True)
-        res = json.loads(subprocess.run([str(exe)], capture_output=True, text=True, check=True,
-                                        env={"OMP_NUM_THREADS": "1"}).stdout)
+    res, _, _ = build_and_run(SRC, [], flags=("-fopenmp",), env={"OMP_NUM_THREADS": "1"})
     print(f"one-thread FMA peak {res['peak_gflops_1t']:.1f} GFLOP/s")
     for r in res["rows"]:
         print(f"C={r['channels']:<4d} {r['map']}x{r['map']:<3d} {r['variant']:32s} {r['gflops']:6.1f} GFLOP/s "
               f"{100 * r['of_peak']:5.1f}% of peak")
     env = environment()
-    cpu = re.sub(r"[^a-z0-9]+", "-", str(env.get("cpu_model", "cpu")).lower()).strip("-")
-    out = a.out or RESULTS / f"l1_probe-{cpu}.json"
+    out = a.out or RESULTS / f"l1_probe-{cpu_slug(env)}.json"
     out.write_text(json.dumps({"benchmark": "l1_probe", "command": "python benchmarks/l1_probe.py", **res,
                                "env": env}, indent=1))
     print(f"results: {out}")

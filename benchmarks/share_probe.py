@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import tempfile
 from pathlib import Path
 
-from netcarve.measure import environment
+from _cxx_probe import RESULTS, build_and_run, cpu_slug
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from netcarve.measure import environment
 
 SRC = r"""
 
@@ -221,18 +218,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        cpp, exe = Path(tmp) / "share_probe.cpp", Path(tmp) / "share_probe"
-        cpp.write_text(SRC)
-        subprocess.run(["g++", "-O3", "-march=native", "-fopenmp", "-o", str(exe), str(cpp)], check=True)
-        res = json.loads(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
+    res, _, _ = build_and_run(SRC, [], flags=("-fopenmp",))
     by = {(r["activations"], r["threads"]): r["us_per_layer"] for r in res["rows"]}
     for kind in dict.fromkeys(r["activations"] for r in res["rows"]):
         one, two = by[(kind, 1)], by[(kind, 2)]
         print(f"{kind:58s} 1 thread {one:6.2f} us  2 threads {two:6.2f} us  x{one / two:.2f}")
     env = environment()
-    cpu = re.sub(r"[^a-z0-9]+", "-", str(env.get("cpu_model", "cpu")).lower()).strip("-")
-    out = a.out or RESULTS / f"share_probe-{cpu}.json"
+    out = a.out or RESULTS / f"share_probe-{cpu_slug(env)}.json"
     out.write_text(json.dumps({"benchmark": "share_probe", "command": "python benchmarks/share_probe.py",
                                **res, "env": env}, indent=1))
     print(f"results: {out}")
