@@ -39,6 +39,17 @@ def cpu_slug(env: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(env.get("cpu_model", "cpu")).lower()).strip("-")
 
 
+def save_probe(name: str, res: dict, out: Path | None) -> Path:
+    """A probe's parsed output with its command and the environment, in ``out`` or
+    ``benchmarks/results/<name>-<cpu>.json``."""
+    env = environment()
+    path = out or RESULTS / f"{name}-{cpu_slug(env)}.json"
+    path.write_text(json.dumps({"benchmark": name, "command": f"python benchmarks/{name}.py", **res, "env": env},
+                               indent=1))
+    print(f"results: {path}")
+    return path
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2]

@@ -24,12 +24,9 @@ environment. Needs g++.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from _cxx_probe import RESULTS, build_and_run, cpu_slug
-
-from netcarve.measure import environment
+from _cxx_probe import build_and_run, save_probe
 
 SRC = r"""
 #include <immintrin.h>
@@ -194,11 +191,7 @@ def main() -> None:
     for r in res["rows"]:
         print(f"C={r['channels']:<4d} {r['map']}x{r['map']:<3d} {r['variant']:32s} {r['gflops']:6.1f} GFLOP/s "
               f"{100 * r['of_peak']:5.1f}% of peak")
-    env = environment()
-    out = a.out or RESULTS / f"l1_probe-{cpu_slug(env)}.json"
-    out.write_text(json.dumps({"benchmark": "l1_probe", "command": "python benchmarks/l1_probe.py", **res,
-                               "env": env}, indent=1))
-    print(f"results: {out}")
+    save_probe("l1_probe", res, a.out)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,9 @@ Writes ``benchmarks/results/share_probe-<cpu>.json`` (committed: ``share_probe-e
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from _cxx_probe import RESULTS, build_and_run, cpu_slug
-
-from netcarve.measure import environment
+from _cxx_probe import build_and_run, save_probe
 
 SRC = r"""
 
@@ -223,11 +220,7 @@ def main() -> None:
     for kind in dict.fromkeys(r["activations"] for r in res["rows"]):
         one, two = by[(kind, 1)], by[(kind, 2)]
         print(f"{kind:58s} 1 thread {one:6.2f} us  2 threads {two:6.2f} us  x{one / two:.2f}")
-    env = environment()
-    out = a.out or RESULTS / f"share_probe-{cpu_slug(env)}.json"
-    out.write_text(json.dumps({"benchmark": "share_probe", "command": "python benchmarks/share_probe.py",
-                               **res, "env": env}, indent=1))
-    print(f"results: {out}")
+    save_probe("share_probe", res, a.out)
 
 
 if __name__ == "__main__":
