@@ -6,6 +6,9 @@
     python benchmarks/sparsity_cifar.py grid --preset resnet20
     # a block-pruned 2-layer GRU on CIFAR-10 rows (32 steps x 96 features): trains the dense GRU first
     python benchmarks/sparsity_cifar.py grid --preset gru
+    # the same on a wider dense GRU (hidden 256, trained first as gru-h256-dense): more redundancy to remove
+    python benchmarks/sparsity_cifar.py run --model gru --hidden 256 --scheme block --block 4x16 --sparsity 0.9 \
+        --algorithm agp --epochs 16
     # VGG-16-BN trained here first (15 epochs, bf16 autocast), then pattern + connectivity / unstructured
     python benchmarks/sparsity_cifar.py grid --preset vgg16 --precision bf16
     # collect every finished cell into benchmarks/results/sparsity_cifar.json and print the table
@@ -113,26 +116,28 @@ def cell_name(model: str, flags: dict, algorithm: str, epochs: int, options: dic
     return "-".join(str(p) for p in parts + [f"e{epochs}"])
 
 
-def gru_dense(work: Path, data_dir, epochs: int = 10) -> Path:
-    """Train the dense 2-layer GRU (hidden 128) on CIFAR-10 rows once (resumable); its checkpoint dir."""
+def gru_dense(work: Path, data_dir, epochs: int = 10, hidden: int = 128) -> Path:
+    """Train the dense 2-layer GRU (hidden 128, or ``hidden``) on CIFAR-10 rows once (resumable); its checkpoint
+    dir (``gru-dense``, or ``gru-h<hidden>-dense``)."""
     import netcarve
     from netcarve.data import make_loaders
     from netcarve.models import create_model, get_model_info
     from netcarve.train import TrainConfig, evaluate, fit
 
-    out = work / "gru-dense"
+    tag = "gru" if hidden == 128 else f"gru-h{hidden}"
+    out = work / f"{tag}-dense"
     if (out / "manifest.json").exists():
         return out
-    model = create_model("gru")
+    model = create_model("gru", hidden_size=hidden)
     info = get_model_info("gru")
     train, test = make_loaders("cifar10-rows", info.preprocess, 128, data_dir=data_dir, augment=False, seed=0)
     cfg = TrainConfig(epochs=epochs, batch_size=128, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
                       schedule="cosine", grad_clip=1.0)
-    _log(f"training the dense GRU for {epochs} epochs")
-    fit(model, train, test, cfg, out_dir=work / "gru-dense-train", resume=True, progress=False)
+    _log(f"training the dense GRU (hidden {hidden}) for {epochs} epochs")
+    fit(model, train, test, cfg, out_dir=work / f"{tag}-dense-train", resume=True, progress=False)
     acc = evaluate(model, test)
-    netcarve.save(model, out, metadata={"accuracy": acc, "epochs": epochs})
-    _log(f"dense GRU: top-1 {acc['top1']:.2f}%")
+    netcarve.save(model, out, metadata={"accuracy": acc, "epochs": epochs, "hidden_size": hidden})
+    _log(f"dense GRU (hidden {hidden}): top-1 {acc['top1']:.2f}%")
     return out
 
 
@@ -169,10 +174,13 @@ def vgg16_dense(work: Path, data_dir, epochs: int = VGG_EPOCHS) -> Path:
 
 def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, data_dir, lr: float = 0.01,
              options: dict | None = None, precision: str = "fp32", feature_kd: float = 0.0,
-             kd_mse: bool = False) -> dict:
+             kd_mse: bool = False, hidden: int = 128) -> dict:
     from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
 
-    name = cell_name(model, flags, algorithm, epochs, options) + ("-mse" if kd_mse else "") \
+    if hidden != 128 and model != "gru":
+        raise SystemExit("--hidden: GRU cells only (--model gru)")
+    tag = model if hidden == 128 else f"{model}-h{hidden}"
+    name = cell_name(tag, flags, algorithm, epochs, options) + ("-mse" if kd_mse else "") \
         + (f"-fkd{feature_kd:g}" if feature_kd else "") + ("-bf16" if precision == "bf16" else "")
     out = work / name
     if (out / "report.json").exists():
@@ -190,7 +198,7 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
     if model == "vgg16":
         source, weights = str(vgg16_dense(work, data_dir)), None
     if model in ("gru", "lstm"):
-        source, weights = str(gru_dense(work, data_dir)), None
+        source, weights = str(gru_dense(work, data_dir, hidden=hidden)), None
         finetune.update(optimizer="adamw", lr=1e-3, weight_decay=1e-4, grad_clip=1.0)
     recipe = SparsifyRecipe.from_dict({
         "model": source, "weights": weights, "out": str(out), "plan": plan_from_args(ns), "data_dir": data_dir,
@@ -202,7 +210,8 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
     })
     _log(f"{name}: start")
     rep = run_recipe(recipe, resume=True, progress=False, threads=torch.get_num_threads(),
-                     command=_command(model, flags, algorithm, epochs, options, precision, feature_kd, kd_mse))
+                     command=_command(model, flags, algorithm, epochs, options, precision, feature_kd, kd_mse,
+                                      hidden))
     return rep
 
 
@@ -215,10 +224,12 @@ def _kd(feature_kd: float, kd_mse: bool) -> dict:
 
 
 def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict | None,
-             precision: str = "fp32", feature_kd: float = 0.0, kd_mse: bool = False) -> str:
+             precision: str = "fp32", feature_kd: float = 0.0, kd_mse: bool = False, hidden: int = 128) -> str:
     """The ``run`` command line that reproduces a cell."""
     args = []
     extra = {"precision": precision} if precision != "fp32" else {}
+    if hidden != 128:
+        extra["hidden"] = hidden
     if kd_mse:
         extra["kd-mse"] = True
     if feature_kd:
@@ -238,7 +249,7 @@ def cmd_run(a) -> None:
                                         "length", "keep", "groups", "balanced", "allocation", "min_density")}
     run_cell(Path(a.work), a.model, flags, a.algorithm, a.epochs, a.data_dir, a.lr,
              {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in (o.split("=", 1) for o in a.option)},
-             a.precision, a.feature_kd, a.kd_mse)
+             a.precision, a.feature_kd, a.kd_mse, a.hidden)
 
 
 def cmd_grid(a) -> None:
@@ -324,6 +335,9 @@ def main() -> None:
             s.add_argument("--feature-kd", type=float, default=0.0, metavar="WEIGHT",
                            help="also distil every block's output (least-squares adapters) with this weight; 0: "
                                 "logit KD only (the cell's name gets -fkdWEIGHT)")
+            s.add_argument("--hidden", type=int, default=128,
+                           help="--model gru: the hidden size of the dense GRU trained first (default 128; other "
+                                "sizes train gru-h<hidden>-dense and name the cells gru-h<hidden>-...)")
             s.add_argument("--kd-mse", action="store_true",
                            help="distil by squared error on the logits (KDConfig kind logit_mse, alpha 1: no label "
                                 "term) instead of softened KL (the cell's name gets -mse)")
