@@ -11,11 +11,21 @@ import torch
 import torch.nn as nn
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCH))  # the benchmark imports its sibling _cxx_probe
-_spec = importlib.util.spec_from_file_location("netcarve_bench_deepsparse_layers", BENCH / "deepsparse_layers.py")
-dl = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = dl
-_spec.loader.exec_module(dl)
+
+
+def _load(name: str, as_name: str):
+    spec = importlib.util.spec_from_file_location(as_name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[as_name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# the benchmark imports its sibling _cxx_probe by that name (benchmarks/ itself stays off sys.path: it holds modules
+# named like installed packages, e.g. coverage.py)
+if "_cxx_probe" not in sys.modules:
+    _load("_cxx_probe", "_cxx_probe")
+dl = _load("deepsparse_layers", "netcarve_bench_deepsparse_layers")
 
 
 def _unit(name, ops, channels, y):
