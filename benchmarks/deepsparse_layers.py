@@ -123,7 +123,8 @@ def main() -> None:
                 units = [u for u in ds["layer_info"] if u["output_dims"]["channels"] > 0]
                 rows = []
                 print(f"\n{name}, batch {batch}, {a.threads} threads: DeepSparse {ds['average_total_time']:.3f} ms, "
-                      f"netcarve {sum(s['ms'] for s in steps):.3f} ms (sum of steps)")
+                      f"netcarve {sum(s['ms'] for s in steps):.3f} ms (sum of steps)"
+                      + (f"; fp32 FMA peak {a.peak:g} GFLOP/s" if a.peak else ""))
                 print(f"{'DeepSparse unit':30s} {'netcarve steps':34s} {'DS ms':>8s} {'nc ms':>8s} {'nc/DS':>6s} "
                       f"{'DS GF/s':>8s} {'nc GF/s':>8s}")
                 for u, run in _match(units, steps, shapes):
