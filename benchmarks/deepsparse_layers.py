@@ -31,25 +31,13 @@ from _cxx_probe import RESULTS, cpu_slug
 CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench" / "sparse_runtime"
 
 
-def _shapes_and_macs(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
-    """Per module name: its output's (channels, height) and, for convs / linears, its non-zero multiply-adds."""
-    shapes, macs = {}, {}
-
-    def hook(name):
-        def fn(mod, inp, out):
-            if isinstance(out, torch.Tensor) and out.dim() >= 2:
-                shapes[name] = (int(out.shape[1]), int(out.shape[2]) if out.dim() == 4 else 1)
-            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):  # each non-zero weight: one per output position
-                pos = out.shape[0] * out.shape[2] * out.shape[3] if out.dim() == 4 else out.shape[0]
-                macs[name] = int((mod.weight != 0).sum()) * int(pos)
-        return fn
-
-    hs = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    with torch.no_grad():
-        model(x)
-    for h in hs:
-        h.remove()
-    return shapes, macs
+def _shapes_and_macs(plan) -> tuple[dict, dict]:
+    """Per plan step: its output's (channels, height) (height 1 for 2-D outputs), and for the tuned layers (convs,
+    linears, recurrent layers) the multiply-adds with a non-zero weight at the plan's example batch, as the plan
+    counts them."""
+    shapes = {op.name: (int(op.out_shape[1]), int(op.out_shape[2]) if len(op.out_shape) == 4 else 1)
+              for op in plan.ops if op.out_shape and len(op.out_shape) >= 2}
+    return shapes, {lc.name: lc.nonzero_macs for lc in plan.layers}
 
 
 def _deepsparse_layers(python: str, onnx_path: Path, batch: int, threads: int, iters: int) -> dict:
@@ -119,7 +107,7 @@ def main() -> None:
                 plan = compile_plan(model, x)
                 steps = min((plan.profile(x, repeats=max(5, a.iters), warmup=3) for _ in range(3)),
                             key=lambda ss: sum(s["ms"] for s in ss))
-                shapes, macs = _shapes_and_macs(model, x)
+                shapes, macs = _shapes_and_macs(plan)
                 units = [u for u in ds["layer_info"] if u["output_dims"]["channels"] > 0]
                 rows = []
                 print(f"\n{name}, batch {batch}, {a.threads} threads: DeepSparse {ds['average_total_time']:.3f} ms, "
