@@ -29,7 +29,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("sparse_conv.cpp", "sparse_linear.cpp", "pool.cpp", "depthwise.cpp", "transformer.cpp", "plan.cpp")
+SOURCES = ("sparse_conv.cpp", "sparse_linear.cpp", "pool.cpp", "depthwise.cpp", "transformer.cpp", "lanes.cpp",
+           "plan.cpp")
 HEADERS = ("kernels.h",)
 _lock = threading.Lock()
 _state: dict[str, Any] = {"module": None, "error": None, "tried": False, "build_dir": None}

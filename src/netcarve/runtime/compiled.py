@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ._build import cache_root, cpu_key, load_kernels, source_hash
+from .lanes import LANES_MIN_BATCH, lanes_conv_ok, lanes_rewrite
 from .plan import Op, ReferencePlan, build_native, lower
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class LayerChoice:
     macs: int
     nonzero_macs: int
     # "sparse", "dense" (ATen: oneDNN / MKL), "direct" (netcarve's dense conv kernel: the register-blocked one, or
-    # for depthwise convs the depthwise one) or "generated"
+    # for depthwise convs the depthwise one), "generated" or "lanes" (the lanes layout: 16 images per vector)
     choice: str
     sparse_ms: float | None = None
     dense_ms: float | None = None
@@ -177,6 +178,7 @@ class CompiledModel:
         choice = {lc.name: lc.choice for lc in self.layers}
         # max pooling, global average pooling and option-A shortcuts run netcarve's kernels unless switched off
         native = {"maxpool", "gap", "shortcut"} if load_kernels().native_pool() else set()
+        native |= {"lanes_in", "lanes_out"}
         return [{"name": op.name, "kind": op.kind,
                  "kernel": "python" if op.kind == "python" else choice.get(op.name, "native" if op.kind in native
                                                                           else "aten"), "ms": float(t)}
@@ -225,7 +227,7 @@ def _tune_malloc() -> None:
 @torch.no_grad()
 def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "auto",  # noqa: A001
             threads: int | None = None, repeats: int = 20, use_cache: bool = True,
-            codegen: bool = False, fallback: bool = True) -> CompiledModel:
+            codegen: bool = False, fallback: bool = True, lanes: str = "auto") -> CompiledModel:
     """Compile a model (or a checkpoint directory saved by netcarve) for this CPU.
 
     Args:
@@ -244,9 +246,15 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
             step: LayerNorm, GELU, attention, reshapes, ...) run as "python" steps, each a sub-graph of the model run
             by PyTorch inside the plan (``CompiledModel.fallback`` names them; a log line says so). ``False``: raise
             an :class:`~netcarve.errors.UnsupportedModelError` naming the first such module instead.
+        lanes: ``"auto"`` (at batches of 16 and more, runs of sparse convs and 2x2 max poolings are also tried in
+            the lanes layout, 16 images per vector (:mod:`netcarve.runtime.lanes`), kept where the whole plan runs
+            faster; their layers report ``choice="lanes"``), ``"always"`` (that rewrite at any batch, untimed) or
+            ``"never"``.
     """
     if sparse not in SPARSE_MODES:
         raise ConfigError(f"runtime.compile: sparse must be one of {', '.join(SPARSE_MODES)}, got {sparse!r}")
+    if lanes not in LANES_MODES:
+        raise ConfigError(f"runtime.compile: lanes must be one of {', '.join(LANES_MODES)}, got {lanes!r}")
     if not isinstance(example_input, torch.Tensor) or not (
             example_input.dtype == torch.float32 or (not example_input.is_floating_point()
                                                      and not example_input.is_complex())):
@@ -345,10 +353,49 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     if sparse == "auto" and any(tuned):
         plan, check = _check_whole_plan(mod, ops, nvals, output, example_input, convs, cands, known, layers, plan,
                                         max(3, repeats // 2))
+    if lanes != "never" and example_input.dim() == 4 and (lanes == "always"
+                                                          or example_input.shape[0] >= LANES_MIN_BATCH):
+        ops, nvals, output, plan, check = _try_lanes(mod, ops, nvals, output, plan, example_input, convs, layers,
+                                                     check, lanes, max(3, repeats // 2))
     compiled = CompiledModel(ops, nvals, output, plan, tuple(example_input.shape), layers, nthreads,
                              example_input.dtype)
     compiled.plan_check = check
     return compiled
+
+
+LANES_MODES = ("auto", "always", "never")
+# the lanes plan must beat the plan without it by this factor to be kept (whole-plan times differ by a few percent
+# between rounds)
+LANES_MARGIN = 0.95
+
+
+def _try_lanes(mod, ops, nvals, output, plan, x, convs, layers, check, mode: str, repeats: int):
+    """The plan with runs of convs in the lanes layout (:func:`netcarve.runtime.lanes.lanes_rewrite`) where it is
+    faster as a whole ("auto") or always ("always"). Offered: the convs on a sparse kernel and convs reading at most
+    4 channels (a stem on the image, which would otherwise need a conversion of its larger output)."""
+    names = {op.name for op, lc in zip(convs, layers) if op.kind == "conv" and lanes_conv_ok(op)
+             and (lc.choice in SPARSE_KINDS or op.p["weight"].shape[1] <= 4)}
+    if not names:
+        return ops, nvals, output, plan, check
+    ops2, nvals2, output2, count = lanes_rewrite(ops, nvals, output, names)
+    if count == 0 or all(op.p["weight"].shape[1] <= 4 for op in convs if op.name in names):
+        return ops, nvals, output, plan, check
+    plan2 = build_native(mod, ops2, nvals2, output2)
+    info = {"lanes_convs": count}
+    keep = mode == "always"
+    if not keep:
+        best = _time_plans({"plan": plan, "lanes": plan2}, x, repeats)
+        info.update(without_lanes_ms=round(best["plan"], 4), lanes_ms=round(best["lanes"], 4))
+        keep = best["lanes"] < LANES_MARGIN * best["plan"]
+    info["lanes_chosen"] = keep
+    check = {**(check or {}), **info}
+    if not keep:
+        return ops, nvals, output, plan, check
+    lanes_names = {op.name for op in ops2 if op.kind == "conv" and op.p["kernel"] == "lanes"}
+    for lc in layers:
+        if lc.name in lanes_names:
+            lc.choice = "lanes"
+    return ops2, nvals2, output2, plan2, check
 
 
 # the per-layer choices are kept unless a uniform plan is faster than them by more than this (whole-plan times

@@ -138,6 +138,80 @@ def direct_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                              int(f), int(kh), int(kw), int(stride), int(padding), bool(relu))
 
 
+# ------------------------------------------------------------------------------------------- lanes layout
+# 16 images in the 16 lanes of each vector: (ceil(N / 16), C, H + 2, W + 2, 16), zero borders and zero missing
+# images (csrc/lanes.cpp). The functions below run natively, or as their plain PyTorch twins.
+
+LANES = 16
+
+
+def to_lanes(x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+    """(N, C, H, W) -> the lanes layout."""
+    if x.dim() != 4:
+        raise ConfigError(f"to_lanes: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    mod = _native(reference, x)
+    if mod is not None:
+        return mod.to_lanes(x)
+    n, c, h, w = x.shape
+    g = -(-n // LANES)
+    x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, g * LANES - n)).reshape(g, LANES, c, h, w).permute(0, 2, 3, 4, 1)
+    return F.pad(x, (0, 0, 1, 1, 1, 1)).contiguous()
+
+
+def from_lanes(x: torch.Tensor, n: int | None = None, reference: bool = False) -> torch.Tensor:
+    """The lanes layout -> (n, C, H, W) (n: the first n images; default all 16 per group)."""
+    if x.dim() != 5 or x.shape[-1] != LANES:
+        raise ConfigError(f"from_lanes: expected a (G, C, H + 2, W + 2, 16) lanes tensor, got shape {tuple(x.shape)}")
+    g, c, hp, wp, _ = x.shape
+    n = g * LANES if n is None else int(n)
+    if not 0 <= n <= g * LANES:
+        raise ConfigError(f"from_lanes: {n} images do not fit {g} groups of {LANES}")
+    mod = _native(reference, x)
+    if mod is not None:
+        return mod.from_lanes(x.contiguous(), n)
+    return x[:, :, 1:-1, 1:-1].permute(0, 4, 1, 2, 3).reshape(g * LANES, c, hp - 2, wp - 2)[:n].contiguous()
+
+
+def lanes_ok(weight: torch.Tensor, stride: int, padding: int, groups: int = 1) -> bool:
+    """Whether the lanes conv runs this conv: groups 1, a 3x3 kernel with padding 1 or a 1x1 one with padding 0,
+    stride 1 or 2."""
+    k = tuple(weight.shape[2:])
+    return groups == 1 and k in ((3, 3), (1, 1)) and int(padding) == (k[0] - 1) // 2 and int(stride) in (1, 2)
+
+
+def lanes_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                 padding: int = 0, relu: bool = False, residual: torch.Tensor | None = None,
+                 reference: bool = False) -> torch.Tensor:
+    """``relu?(conv2d + bias + residual)`` of a lanes tensor to a lanes tensor (the residual in lanes too), with the
+    lanes kernel (zero weights skipped), or its twin: ``from_lanes`` -> ``F.conv2d`` -> ``to_lanes``."""
+    if not lanes_ok(weight, stride, padding):
+        raise ConfigError(f"lanes_conv2d: needs groups 1 and a 3x3 kernel with padding 1 or a 1x1 one with padding "
+                          f"0, stride 1 or 2; got kernel {tuple(weight.shape[2:])}, padding {padding}, stride {stride}")
+    if x.dim() != 5 or x.shape[1] != weight.shape[1]:
+        raise ConfigError(f"lanes_conv2d: expected a lanes tensor with {weight.shape[1]} channels, got shape "
+                          f"{tuple(x.shape)}")
+    mod = _native(reference, x, weight)
+    if mod is not None:
+        return mod.lanes_conv(x.contiguous(), weight.detach().float().contiguous(),
+                              None if bias is None else bias.detach().float(),
+                              None if residual is None else residual.contiguous(), int(stride), int(padding),
+                              bool(relu))
+    y = F.conv2d(from_lanes(x, reference=True), weight, bias, stride=stride, padding=padding)
+    if residual is not None:
+        y = y + from_lanes(residual, reference=True)
+    return to_lanes(torch.relu(y) if relu else y, reference=True)
+
+
+def lanes_max_pool2d(x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+    """2x2 max pooling at stride 2 of a lanes tensor with even maps (NaN propagates, as in torch)."""
+    if x.dim() != 5 or (x.shape[2] - 2) % 2 or (x.shape[3] - 2) % 2:
+        raise ConfigError(f"lanes_max_pool2d: expected a lanes tensor with even maps, got shape {tuple(x.shape)}")
+    mod = _native(reference, x)
+    if mod is not None:
+        return mod.lanes_maxpool2(x.contiguous())
+    return to_lanes(F.max_pool2d(from_lanes(x, reference=True), 2, 2), reference=True)
+
+
 # ------------------------------------------------------------------------------------------- max pooling
 
 

@@ -31,7 +31,18 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..graph.trace import trace_model
-from .kernels import ACTIVATIONS, activation, attention_qkv, bsr_tensors, conv_taps, direct_pack
+from .kernels import (
+    ACTIVATIONS,
+    activation,
+    attention_qkv,
+    bsr_tensors,
+    conv_taps,
+    direct_pack,
+    from_lanes,
+    lanes_conv2d,
+    lanes_max_pool2d,
+    to_lanes,
+)
 
 # conv kernels of the native plan, by index: ATen's conv (oneDNN), netcarve's sparse tap-list kernel,
 # netcarve's dense register-blocked direct kernel, the layer's own generated code (netcarve.runtime.codegen),
@@ -971,6 +982,18 @@ class ReferencePlan:
 def run_op_reference(op: Op, v: list) -> torch.Tensor:
     x, p = (v[op.inputs[0]] if op.inputs else None), op.p
     k = op.kind
+    if k == "lanes_in":
+        return to_lanes(x, reference=True)
+    if k == "lanes_out":
+        return from_lanes(x, v[op.inputs[1]].shape[0], reference=True)
+    if k == "conv" and p["kernel"] == "lanes":
+        return lanes_conv2d(x, p["weight"], p["bias"], p["stride"], p["padding"], p["relu"],
+                            v[op.inputs[1]] if len(op.inputs) > 1 else None, reference=True)
+    if k == "maxpool" and p.get("lanes"):
+        return lanes_max_pool2d(x, reference=True)
+    if k in ("gap", "shortcut") and p.get("lanes"):  # (the lanes tensor's images through the NCHW op)
+        plain = Op(k, op.name, [0], 1, {kk: vv for kk, vv in p.items() if kk != "lanes"})
+        return to_lanes(run_op_reference(plain, [from_lanes(x, reference=True), None]), reference=True)
     if k == "conv":
         y = F.conv2d(x, p["weight"], p["bias"], p["stride"], p["padding"], 1, p["groups"])
         if len(op.inputs) > 1:
@@ -1081,7 +1104,15 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
     plan = mod.Plan(nvals, output)
     for op in ops:
         p, n = op.p, op.name
-        if op.kind == "conv":
+        if op.kind == "conv" and p["kernel"] == "lanes":
+            plan.add_lanes_conv(n, op.inputs, op.out, p["weight"], p["bias"], p["stride"], p["padding"], p["relu"])
+        elif op.kind == "lanes_in":
+            plan.add_lanes_in(n, op.inputs[0], op.out)
+        elif op.kind == "lanes_out":
+            plan.add_lanes_out(n, op.inputs[0], op.inputs[1], op.out)
+        elif op.kind == "maxpool" and p.get("lanes"):
+            plan.add_lanes_pool(n, op.inputs[0], op.out)
+        elif op.kind == "conv":
             kernel = CONV_KERNELS.index(p["kernel"])
             taps, packed = [], None
             if kernel == 1:

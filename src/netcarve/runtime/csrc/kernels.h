@@ -465,3 +465,24 @@ torch::Tensor rnn_layer(const torch::Tensor& x, const MatW& ih, const MatW& hh, 
 // Plans run consecutive steps that only use netcarve's kernels (and cheap ATen ops) inside one OpenMP region as a
 // Team unless this is off (set_team; off: every kernel loop forks and joins torch's OpenMP team)
 extern bool g_team;
+
+// The lanes layout (lanes.cpp): (G, C, H + 2, W + 2, 16) floats, 16 images in the lanes, zero borders.
+// A conv's non-zero taps for one input map size, chunk-major: ptr (Q, F + 1) into off (float offsets of each tap's
+// input within a group, for output pixel (0, 0)) and w; K input channels per chunk.
+struct LanesTaps {
+  int64_t H = 0, W = 0, K = 1, Q = 0;
+  std::vector<int32_t> ptr, off;
+  std::vector<float> w;
+};
+extern int64_t g_lanes_pixels;       // output pixels per register block (1-16)
+extern int64_t g_lanes_chunk_bytes;  // bytes of a chunk's input window
+LanesTaps lanes_taps(const torch::Tensor& weight, int64_t H, int64_t W, int64_t pad, int64_t chunk);
+int64_t lanes_chunk(int64_t C, int64_t stride, int64_t Wo);
+torch::Tensor to_lanes(torch::Tensor x);
+torch::Tensor from_lanes(torch::Tensor x, int64_t N);
+torch::Tensor lanes_conv(torch::Tensor x, const LanesTaps& t, int64_t F, c10::optional<torch::Tensor> bias,
+                         c10::optional<torch::Tensor> residual, int64_t k, int64_t stride, int64_t pad, bool relu);
+torch::Tensor lanes_maxpool2(torch::Tensor x);
+torch::Tensor lanes_shortcut(torch::Tensor x, int64_t stride, int64_t C, int64_t before,
+                             c10::optional<torch::Tensor> src, c10::optional<torch::Tensor> dst);
+torch::Tensor lanes_gap(torch::Tensor x);

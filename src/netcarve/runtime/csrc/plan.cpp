@@ -17,7 +17,26 @@
 
 namespace {
 
-enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA, EXPAND, EMBEDDING };
+// a lanes conv's taps for one input geometry and chunk size (made on first use; safe for concurrent runs)
+struct LanesCache {
+  std::mutex m;
+  int64_t key[3] = {-1, -1, -1};
+  std::shared_ptr<const LanesTaps> taps;
+  std::shared_ptr<const LanesTaps> get(const torch::Tensor& w, int64_t H, int64_t W, int64_t pad, int64_t stride) {
+    const int64_t Wo = (W + 2 * pad - w.size(3)) / stride + 1;
+    const int64_t K = lanes_chunk(w.size(1), stride, Wo);
+    std::lock_guard<std::mutex> g(m);
+    if (!taps || key[0] != H || key[1] != W || key[2] != K) {
+      taps = std::make_shared<const LanesTaps>(lanes_taps(w, H, W, pad, K));
+      key[0] = H;
+      key[1] = W;
+      key[2] = K;
+    }
+    return taps;
+  }
+};
+
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA, EXPAND, EMBEDDING, LANES_IN, LANES_OUT, LANES_CONV, LANES_POOL };
 
 struct Step {
   Kind kind;
@@ -37,6 +56,7 @@ struct Step {
   // python: the callable (inputs -> tuple of tensors, one per value of `outs`; outs[0] == out)
   std::shared_ptr<py::object> fn;
   std::vector<int64_t> outs;
+  std::shared_ptr<LanesCache> lanes;  // lanes conv: its taps for the last input geometry
 };
 
 static MatW make_mat(const torch::Tensor& w, c10::optional<torch::Tensor> bias, const std::vector<torch::Tensor>& bsr) {
@@ -296,6 +316,30 @@ class Plan {
     push(std::move(s));
   }
 
+  // the lanes layout (lanes.cpp): in = {x (N, C, H, W)} -> lanes; out: in = {lanes, like} -> (N, C, H, W) with N
+  // the batch of value `like` (the segment's NCHW input)
+  void add_lanes_in(const std::string& name, int64_t in, int64_t out) { push(Step{LANES_IN, name, {in}, out}); }
+  void add_lanes_out(const std::string& name, int64_t in, int64_t like, int64_t out) {
+    push(Step{LANES_OUT, name, {in, like}, out});
+  }
+  // conv on lanes values: in = {x} or {x, residual}; 3x3 pad 1 or 1x1 pad 0, stride 1 or 2, groups 1
+  void add_lanes_conv(const std::string& name, std::vector<int64_t> in, int64_t out, torch::Tensor weight,
+                      c10::optional<torch::Tensor> bias, int64_t stride, int64_t pad, bool relu) {
+    TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) &&
+                    ((weight.size(2) == 3 && pad == 1) || (weight.size(2) == 1 && pad == 0)) &&
+                    (stride == 1 || stride == 2),
+                name, ": a lanes conv needs a 3x3 (pad 1) or 1x1 (pad 0) kernel at stride 1 or 2, got ",
+                weight.sizes(), " pad ", pad, " stride ", stride);
+    Step s{LANES_CONV, name, std::move(in), out};
+    s.ints = {weight.size(0), weight.size(2), weight.size(3), stride, pad, 1};
+    s.ts = {weight.contiguous().to(torch::kFloat32), bias.has_value() ? bias->contiguous() : torch::Tensor()};
+    s.relu = relu;
+    s.lanes = std::make_shared<LanesCache>();
+    push(std::move(s));
+  }
+  // 2x2 max pooling at stride 2 on a lanes value
+  void add_lanes_pool(const std::string& name, int64_t in, int64_t out) { push(Step{LANES_POOL, name, {in}, out}); }
+
   torch::Tensor run(torch::Tensor x) {
     check_ids();
     c10::InferenceMode guard;
@@ -435,7 +479,7 @@ class Plan {
       case MAXPOOL:
       case GAP:
       case SHORTCUT:
-        return (g_native_pool && x.dim() == 4) || small(x);
+        return (g_native_pool && x.dim() == 4) || x.dim() == 5 || small(x);
       case FLATTEN:
       case SELECT:
         return true;
@@ -456,6 +500,10 @@ class Plan {
       case LAYERNORM:
         return (g_native_transformer && x.scalar_type() == torch::kFloat32) || small(x);
       case MHA:
+      case LANES_IN:
+      case LANES_OUT:
+      case LANES_CONV:
+      case LANES_POOL:
         return true;
       case EXPAND:
         return x.scalar_type() == torch::kFloat32;
@@ -559,6 +607,22 @@ class Plan {
     if (s.kind == CONST) return s.ts[0];
     const torch::Tensor& x = v[s.in[0]];
     switch (s.kind) {
+      case LANES_IN:
+        return to_lanes(x);
+      case LANES_OUT:
+        return from_lanes(x, v[s.in[1]].size(0));
+      case LANES_POOL:
+        return lanes_maxpool2(x);
+      case LANES_CONV: {
+        TORCH_CHECK(x.dim() == 5 && x.size(1) == s.ts[0].size(1), s.name, ": the lanes conv expects ",
+                    s.ts[0].size(1), " input channels, got ", x.sizes());
+        auto taps = s.lanes->get(s.ts[0], x.size(2) - 2, x.size(3) - 2, s.ints[4], s.ints[3]);
+        c10::optional<torch::Tensor> bias;
+        if (s.ts[1].defined()) bias = s.ts[1];
+        c10::optional<torch::Tensor> res;
+        if (s.in.size() > 1) res = v[s.in[1]];
+        return lanes_conv(x, *taps, s.ints[0], bias, res, s.ints[1], s.ints[3], s.ints[4], s.relu);
+      }
       case CONV: {
         const int64_t F = s.ints[0], kh = s.ints[1], kw = s.ints[2], st = s.ints[3], pd = s.ints[4], g = s.ints[5];
         c10::optional<torch::Tensor> bias;
@@ -713,12 +777,17 @@ class Plan {
         return at::avg_pool2d(x, {s.ints[0], s.ints[1]}, {s.ints[2], s.ints[3]}, {s.ints[4], s.ints[5]},
                               s.ints[6] != 0, s.ints[7] != 0);
       case GAP:
+        if (x.dim() == 5) return lanes_gap(x);
         if (g_native_pool && x.dim() == 4) return global_avg_pool(x);
         return at::mean(x, {2, 3}, true);
       case FLATTEN:
         return x.flatten(s.ints[0]);
       case SHORTCUT: {
         const int64_t st = s.ints[0], C = s.ints[1], before = s.ints[2];
+        if (x.dim() == 5) {
+          if (!s.ts.empty()) return lanes_shortcut(x, st, C, before, s.ts[0], s.ts[1]);
+          return lanes_shortcut(x, st, C, before, c10::nullopt, c10::nullopt);
+        }
         if (g_native_pool && x.dim() == 4 && (!s.ts.empty() || (before >= 0 && before + x.size(1) <= C))) {
           if (!s.ts.empty()) return shortcut_subsample(x, st, C, before, s.ts[0], s.ts[1]);
           return shortcut_subsample(x, st, C, before, c10::nullopt, c10::nullopt);
@@ -913,6 +982,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "option-A shortcut: subsample by stride, channels at an offset or by a src / dst map, zeros elsewhere");
   m.def("bsr_linear", &bsr_linear, "y = x W^T + b with W in BSR tiles (fp32)");
   m.def("build_info", &build_info);
+  m.def("to_lanes", &to_lanes, "(N, C, H, W) float32 -> lanes (ceil(N / 16), C, H + 2, W + 2, 16), zero borders");
+  m.def("from_lanes", &from_lanes, "lanes -> (N, C, H, W)", py::arg("x"), py::arg("n"));
+  m.def("lanes_conv", [](torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
+                         c10::optional<torch::Tensor> residual, int64_t stride, int64_t pad, bool relu) {
+        TORCH_CHECK(x.dim() == 5, "lanes_conv: expected a lanes tensor, got ", x.sizes());
+        const int64_t H = x.size(2) - 2, W = x.size(3) - 2, Wo = (W + 2 * pad - weight.size(3)) / stride + 1;
+        auto t = lanes_taps(weight, H, W, pad, lanes_chunk(weight.size(1), stride, Wo));
+        return lanes_conv(x, t, weight.size(0), bias, residual, weight.size(2), stride, pad, relu);
+      }, "conv of a lanes tensor (3x3 pad 1 or 1x1 pad 0, stride 1 or 2; bias, residual, ReLU fused)",
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("stride"), py::arg("pad"),
+      py::arg("relu"));
+  m.def("lanes_maxpool2", &lanes_maxpool2, "2x2 max pooling at stride 2 of a lanes tensor");
+  m.def("lanes_shortcut", &lanes_shortcut, "option-A shortcut of a lanes tensor (subsample, channels placed)",
+        py::arg("x"), py::arg("stride"), py::arg("channels"), py::arg("before"), py::arg("src"), py::arg("dst"));
+  m.def("lanes_gap", &lanes_gap, "global average pooling of a lanes tensor -> (G, C, 3, 3, 16)");
+  m.def("set_lanes_pixels", [](int64_t v) { g_lanes_pixels = std::min<int64_t>(16, std::max<int64_t>(1, v)); },
+        "output pixels per register block of the lanes conv (1-16; default 8)");
+  m.def("set_lanes_chunk_bytes", [](int64_t v) { g_lanes_chunk_bytes = std::max<int64_t>(64, v); },
+        "bytes of a lanes conv chunk's input window (default 32768)");
+  m.def("lanes_settings", []() { return std::make_tuple(g_lanes_pixels, g_lanes_chunk_bytes); });
   m.def("set_parallel_threshold", [](int64_t v) { g_parallel_threshold = v; },
         "multiply-adds below which kernels run on the calling thread (default 2^16)");
   m.def("parallel_threshold", []() { return g_parallel_threshold; });
@@ -958,6 +1047,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_rnn", &Plan::add_rnn)
       .def("add_select", &Plan::add_select)
       .def("add_mean", &Plan::add_mean)
+      .def("add_lanes_in", &Plan::add_lanes_in)
+      .def("add_lanes_out", &Plan::add_lanes_out)
+      .def("add_lanes_conv", &Plan::add_lanes_conv)
+      .def("add_lanes_pool", &Plan::add_lanes_pool)
       .def("run", &Plan::run, py::call_guard<py::gil_scoped_release>())
       .def("profile", &Plan::profile, py::call_guard<py::gil_scoped_release>())
       .def("time", &Plan::time, py::call_guard<py::gil_scoped_release>())
