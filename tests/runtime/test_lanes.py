@@ -198,3 +198,43 @@ def test_auto_leaves_small_batches_alone(kernels):
     c = compile(m, _example(m, 4), sparse="always")
     assert "lanes_in" not in [op.kind for op in c.ops]
     assert not any(lc.choice == "lanes" for lc in c.layers)
+
+
+@pytest.mark.parametrize("shape", [(17, 12, 8, 8, 6), (16, 40, 24, 4, 4), (20, 3, 16, 32, 32), (16, 8, 8, 2, 2)])
+def test_lanes_conv_with_fused_pooling(kernels, shape):
+    """The 2x2 pooling fused into the conv (blocks of 2 rows) equals the conv then the pooling, at any chunking."""
+    n, c, f, h, w = shape
+    torch.manual_seed(2)
+    x, wt, b = torch.randn(n, c, h, w), _sparse((f, c, 3, 3), 0.3), torch.randn(f)
+    lx = to_lanes(x)
+    ref = F.max_pool2d(torch.relu(F.conv2d(x, wt, b, 1, 1)), 2, 2)
+    old = kernels.lanes_settings()
+    try:
+        for chunk in (64, old[1]):
+            kernels.set_lanes_chunk_bytes(chunk)
+            y = lanes_conv2d(lx, wt, b, 1, 1, True, pool=True)
+            assert y.shape == (lx.shape[0], f, h // 2 + 2, w // 2 + 2, 16)
+            assert _rel(y, lanes_conv2d(lx, wt, b, 1, 1, True, pool=True, reference=True)) <= 1e-5
+            assert _rel(from_lanes(y, n), ref) <= 1e-5
+    finally:
+        kernels.set_lanes_chunk_bytes(old[1])
+    with pytest.raises(ConfigError, match="even output map"):
+        lanes_conv2d(to_lanes(torch.randn(2, c, 5, 4)), wt, b, 1, 1, pool=True)
+
+
+def test_poolings_fuse_into_the_convs_before_them(kernels):
+    """VGG-11: every max pooling follows a conv whose output nothing else reads, so none is left as a step; without
+    fusion the same plan has them all, and both give the model's output."""
+    m = _prepared("vgg11_bn")
+    x = _example(m, 16)
+    c = compile(m, x, sparse="always", lanes="never")
+    pools = sum(op.kind == "maxpool" for op in c.ops)
+    assert pools > 0
+    fused, _, _, _ = lanes_rewrite(c.ops, c.nvals, c.output)
+    plain, _, _, _ = lanes_rewrite(c.ops, c.nvals, c.output, fuse_pools=False)
+    assert sum(op.kind == "maxpool" for op in fused) == 0
+    assert sum(bool(op.p.get("pool")) for op in fused if op.kind == "conv") == pools
+    assert sum(op.kind == "maxpool" and op.p.get("lanes", False) for op in plain) == pools
+    cl = compile(m, x, sparse="always", lanes="always")
+    with torch.no_grad():
+        assert _rel(cl(x), m(x)) <= 1e-4

@@ -181,25 +181,32 @@ def lanes_ok(weight: torch.Tensor, stride: int, padding: int, groups: int = 1) -
 
 def lanes_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                  padding: int = 0, relu: bool = False, residual: torch.Tensor | None = None,
-                 reference: bool = False) -> torch.Tensor:
+                 reference: bool = False, pool: bool = False) -> torch.Tensor:
     """``relu?(conv2d + bias + residual)`` of a lanes tensor to a lanes tensor (the residual in lanes too), with the
-    lanes kernel (zero weights skipped), or its twin: ``from_lanes`` -> ``F.conv2d`` -> ``to_lanes``."""
+    lanes kernel (zero weights skipped), or its twin: ``from_lanes`` -> ``F.conv2d`` -> ``to_lanes``. ``pool``: then a
+    2x2 max pooling at stride 2, fused (even output maps, no residual)."""
     if not lanes_ok(weight, stride, padding):
         raise ConfigError(f"lanes_conv2d: needs groups 1 and a 3x3 kernel with padding 1 or a 1x1 one with padding "
                           f"0, stride 1 or 2; got kernel {tuple(weight.shape[2:])}, padding {padding}, stride {stride}")
     if x.dim() != 5 or x.shape[1] != weight.shape[1]:
         raise ConfigError(f"lanes_conv2d: expected a lanes tensor with {weight.shape[1]} channels, got shape "
                           f"{tuple(x.shape)}")
+    if pool:
+        h, w = ((s + 2 * int(padding) - weight.shape[2]) // int(stride) + 1 for s in (x.shape[2] - 2, x.shape[3] - 2))
+        if h % 2 or w % 2 or residual is not None:
+            raise ConfigError(f"lanes_conv2d: a fused 2x2 pooling needs an even output map and no residual, got "
+                              f"{h}x{w}{' and a residual' if residual is not None else ''}")
     mod = _native(reference, x, weight)
     if mod is not None:
         return mod.lanes_conv(x.contiguous(), weight.detach().float().contiguous(),
                               None if bias is None else bias.detach().float(),
                               None if residual is None else residual.contiguous(), int(stride), int(padding),
-                              bool(relu))
+                              bool(relu), bool(pool))
     y = F.conv2d(from_lanes(x, reference=True), weight, bias, stride=stride, padding=padding)
     if residual is not None:
         y = y + from_lanes(residual, reference=True)
-    return to_lanes(torch.relu(y) if relu else y, reference=True)
+    y = torch.relu(y) if relu else y
+    return to_lanes(F.max_pool2d(y, 2, 2) if pool else y, reference=True)
 
 
 def lanes_max_pool2d(x: torch.Tensor, reference: bool = False) -> torch.Tensor:

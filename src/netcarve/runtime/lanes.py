@@ -5,12 +5,13 @@ every output pixel is one aligned load and one multiply-add (no lane shifts, no 
 run in chunks of input channels whose window of input rows stays in L1 while every filter passes over it
 (``benchmarks/lanes_probe.py``: 1.33-1.54x the rate of the same loop over all channels at once on 8x8-16x16 maps).
 The layout pays only where values stay in it from layer to layer: converting in and out around one conv costs
-about what the conv saves. :func:`lanes_rewrite` therefore turns whole runs of eligible convs (3x3 pad 1 or 1x1 pad
-0, stride 1 or 2, groups 1, with their fused residuals), 2x2 stride-2 max poolings, option-A
-shortcuts and global average poolings into
-lanes steps, with one ``lanes_in`` step where a run reads an NCHW value (as input or residual) and one ``lanes_out`` step where a
-non-lanes step (or the plan's output) reads a lanes value. :func:`netcarve.runtime.compile` offers the rewritten
-plan at batches of 16 and more and keeps it only where the whole plan measures faster.
+about what the conv saves. :func:`lanes_rewrite` therefore turns whole runs of eligible convs (3x3 pad 1 or 1x1
+pad 0, stride 1 or 2, groups 1, with their fused residuals), 2x2 stride-2 max poolings, option-A shortcuts and
+global average poolings into lanes steps (a pooling fused into the conv before it where nothing else reads that
+conv's output), with one ``lanes_in`` step where a run reads an NCHW value (as input or residual) and one
+``lanes_out`` step where a non-lanes step (or the plan's output) reads a lanes value.
+:func:`netcarve.runtime.compile` offers the rewritten plan at batches of 16 and more and keeps it only where the
+whole plan measures faster.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ def _pool_ok(op: Op) -> bool:
             and shp[3] % 2 == 0)
 
 
-def lanes_rewrite(ops: list[Op], nvals: int, output: int, convs: set[str] | None = None
-                  ) -> tuple[list[Op], int, int, int]:
+def lanes_rewrite(ops: list[Op], nvals: int, output: int, convs: set[str] | None = None,
+                  fuse_pools: bool = True) -> tuple[list[Op], int, int, int]:
     """``(ops, nvals, output, lanes convs)``: ``ops`` with every run of eligible convs (those named in ``convs``;
-    default all eligible) and the 2x2 max poolings between them in the lanes layout. Lanes values keep their ids;
+    default all eligible) and the poolings and shortcuts between them in the lanes layout (``fuse_pools``: 2x2 max
+    poolings fused into the convs before them where possible). Lanes values keep their ids;
     the conversions get new ones. The ops given are not modified (rewritten ones are copies)."""
     out: list[Op] = []
     lanes: dict[int, int] = {}      # lanes value -> the NCHW value whose batch it carries (for lanes_out)
@@ -91,4 +93,26 @@ def lanes_rewrite(ops: list[Op], nvals: int, output: int, convs: set[str] | None
         out.append(replace(op, inputs=rewritten) if rewritten != list(ins) else op)
     if output in lanes:
         output = nchw(output, "output")
-    return out, nvals, output, count
+    return (_fuse_pools(out, output) if fuse_pools else out), nvals, output, count
+
+
+def _fuse_pools(ops: list[Op], output: int) -> list[Op]:
+    """Lanes 2x2 max poolings fused into the lanes conv before them where that conv's output has no other reader
+    (and the conv no residual): the conv writes the pooled map, and its full-size output is never stored."""
+    readers: dict[int, int] = {}
+    for op in ops:
+        for v in op.inputs:
+            readers[v] = readers.get(v, 0) + 1
+    producer = {op.out: i for i, op in enumerate(ops)}
+    fused: list[Op | None] = list(ops)
+    for j, op in enumerate(ops):
+        if not (op.kind == "maxpool" and op.p.get("lanes")):
+            continue
+        i = producer.get(op.inputs[0])
+        conv = fused[i] if i is not None else None
+        if (conv is None or conv.kind != "conv" or conv.p["kernel"] != "lanes" or len(conv.inputs) != 1
+                or conv.p.get("pool") or readers.get(conv.out, 0) != 1 or conv.out == output):
+            continue
+        fused[i] = replace(conv, out=op.out, out_shape=op.out_shape, p={**conv.p, "pool": True})
+        fused[j] = None
+    return [op for op in fused if op is not None]

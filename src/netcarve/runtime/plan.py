@@ -988,7 +988,7 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
         return from_lanes(x, v[op.inputs[1]].shape[0], reference=True)
     if k == "conv" and p["kernel"] == "lanes":
         return lanes_conv2d(x, p["weight"], p["bias"], p["stride"], p["padding"], p["relu"],
-                            v[op.inputs[1]] if len(op.inputs) > 1 else None, reference=True)
+                            v[op.inputs[1]] if len(op.inputs) > 1 else None, reference=True, pool=p.get("pool", False))
     if k == "maxpool" and p.get("lanes"):
         return lanes_max_pool2d(x, reference=True)
     if k in ("gap", "shortcut") and p.get("lanes"):  # (the lanes tensor's images through the NCHW op)
@@ -1105,7 +1105,8 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
     for op in ops:
         p, n = op.p, op.name
         if op.kind == "conv" and p["kernel"] == "lanes":
-            plan.add_lanes_conv(n, op.inputs, op.out, p["weight"], p["bias"], p["stride"], p["padding"], p["relu"])
+            plan.add_lanes_conv(n, op.inputs, op.out, p["weight"], p["bias"], p["stride"], p["padding"], p["relu"],
+                                bool(p.get("pool", False)))
         elif op.kind == "lanes_in":
             plan.add_lanes_in(n, op.inputs[0], op.out)
         elif op.kind == "lanes_out":

@@ -18,6 +18,8 @@ using namespace nck;
 
 int64_t g_lanes_pixels = 8;       // output pixels per register block (16 images each)
 int64_t g_lanes_chunk_bytes = 32768;  // a chunk's input window: at most this many bytes (rounded to 8 channels)
+int64_t g_lanes_max_width = 16;   // register block columns at most this (the rest of the block in rows)
+bool g_lanes_scratch = true;      // partial sums between chunks in a per-thread buffer (false: in the output)
 
 namespace {
 
@@ -62,25 +64,35 @@ struct ConvArgs {
   const float* w;
   int64_t C, H, W, F, Ho, Wo, Q, G;
   bool relu;
+  bool pool;  // 2x2 max pooling at stride 2 fused: Y is (G, F, Ho / 2 + 2, Wo / 2 + 2, 16); blocks of 2 rows
 };
 
 // one job: group g, output rows [y0, y0 + R), columns [x0, x0 + PW), filters [f0, f1), every chunk
 template <int R, int PW, int S>
 void conv_job(const ConvArgs& a, int64_t g, int64_t y0, int64_t x0, int64_t f0, int64_t f1) {
-  const int64_t Hp = a.H + 2, Wp = a.W + 2, Hop = a.Ho + 2, Wop = a.Wo + 2;
+  const int64_t Hp = a.H + 2, Wp = a.W + 2;
+  const int64_t Hop = (a.pool ? a.Ho / 2 : a.Ho) + 2, Wop = (a.pool ? a.Wo / 2 : a.Wo) + 2;
   const float* Xg = a.X + g * a.C * Hp * Wp * 16 + (y0 * S * Wp + x0 * S) * 16;
   const int64_t yplane = Hop * Wop * 16;
-  float* Yg = a.Y + g * a.F * yplane + ((1 + y0) * Wop + 1 + x0) * 16;
+  float* Yg = a.Y + g * a.F * yplane + (a.pool ? ((1 + y0 / 2) * Wop + 1 + x0 / 2) : ((1 + y0) * Wop + 1 + x0)) * 16;
   const float* Rg = a.res ? a.res + g * a.F * yplane + ((1 + y0) * Wop + 1 + x0) * 16 : nullptr;
+  // partial sums between chunks: per filter R * PW vectors, contiguous in a per-thread buffer (or in the output,
+  // never when pooling)
+  thread_local std::vector<v16> scratch;
+  const bool own = (g_lanes_scratch || a.pool) && a.Q > 1;
+  if (own && (int64_t)scratch.size() < (f1 - f0) * R * PW) scratch.resize((f1 - f0) * R * PW);
   for (int64_t q = 0; q < a.Q; ++q) {
     const int32_t* ptr = a.ptr + q * (a.F + 1);
     const bool first = q == 0, last = q + 1 == a.Q;
     for (int64_t f = f0; f < f1; ++f) {
       v16 acc[R * PW];
       float* yo = Yg + f * yplane;
+      v16* sp = own ? scratch.data() + (f - f0) * R * PW : nullptr;
       if (first) {
         const v16 b = bc(a.bias ? a.bias[f] : 0.f);
         for (int i = 0; i < R * PW; ++i) acc[i] = b;
+      } else if (own) {
+        for (int i = 0; i < R * PW; ++i) acc[i] = sp[i];
       } else {
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r)
@@ -98,6 +110,23 @@ void conv_job(const ConvArgs& a, int64_t g, int64_t y0, int64_t x0, int64_t f0, 
         }
         if (a.relu)
           for (int i = 0; i < R * PW; ++i) acc[i] = relu16(acc[i]);
+        if constexpr (R % 2 == 0 && PW % 2 == 0) {
+          if (a.pool) {  // the block's 2x2 windows (torch's rule: a NaN wins)
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r += 2)
+#pragma GCC unroll 8
+              for (int x = 0; x < PW; x += 2) {
+                v16 m = acc[r * PW + x];
+                const v16 c[3] = {acc[r * PW + x + 1], acc[(r + 1) * PW + x], acc[(r + 1) * PW + x + 1]};
+                for (int k = 0; k < 3; ++k) m = (c[k] > m) | (c[k] != c[k]) ? c[k] : m;
+                st(yo + ((r / 2) * Wop + x / 2) * 16, m);
+              }
+            continue;
+          }
+        }
+      } else if (own) {
+        for (int i = 0; i < R * PW; ++i) sp[i] = acc[i];
+        continue;
       }
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
@@ -185,7 +214,7 @@ LanesTaps lanes_taps(const torch::Tensor& weight, int64_t H, int64_t W, int64_t 
 
 int64_t lanes_chunk(int64_t C, int64_t S, int64_t W) {
   int64_t P = std::max<int64_t>(1, std::min<int64_t>(g_lanes_pixels, 16));
-  const int64_t PW = pow2_divisor(W, P);
+  const int64_t PW = pow2_divisor(W, std::min(P, g_lanes_max_width));
   const int64_t R = std::max<int64_t>(1, P / PW);
   const int64_t rows = (R - 1) * S + 3, cols = (PW - 1) * S + 3;
   int64_t K = g_lanes_chunk_bytes / (rows * cols * 64);
@@ -236,14 +265,17 @@ torch::Tensor from_lanes(torch::Tensor x, int64_t N) {
 }
 
 torch::Tensor lanes_conv(torch::Tensor x, const LanesTaps& t, int64_t F, c10::optional<torch::Tensor> bias,
-                         c10::optional<torch::Tensor> residual, int64_t k, int64_t stride, int64_t pad, bool relu) {
+                         c10::optional<torch::Tensor> residual, int64_t k, int64_t stride, int64_t pad, bool relu,
+                         bool pool) {
   check_lanes(x, "lanes_conv");
   const int64_t G = x.size(0), C = x.size(1), H = x.size(2) - 2, W = x.size(3) - 2;
   TORCH_CHECK(t.H == H && t.W == W, "lanes_conv: taps made for ", t.H, "x", t.W, " maps, got ", H, "x", W);
   TORCH_CHECK((k == 3 && pad == 1) || (k == 1 && pad == 0), "lanes_conv: only 3x3 (pad 1) and 1x1 (pad 0) kernels");
   TORCH_CHECK(stride == 1 || stride == 2, "lanes_conv: stride must be 1 or 2, got ", stride);
   const int64_t Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1;
-  auto y = lanes_empty(G, F, Ho + 2, Wo + 2);
+  TORCH_CHECK(!pool || (Ho % 2 == 0 && Wo % 2 == 0 && !(residual.has_value() && residual->defined())),
+              "lanes_conv: a fused 2x2 pooling needs an even output map and no residual, got ", Ho, "x", Wo);
+  auto y = pool ? lanes_empty(G, F, Ho / 2 + 2, Wo / 2 + 2) : lanes_empty(G, F, Ho + 2, Wo + 2);
   ConvArgs a;
   a.X = x.data_ptr<float>();
   a.Y = y.data_ptr<float>();
@@ -274,10 +306,16 @@ torch::Tensor lanes_conv(torch::Tensor x, const LanesTaps& t, int64_t F, c10::op
   a.Q = t.Q;
   a.G = G;
   a.relu = relu;
-  zero_borders(a.Y, G * F, Ho + 2, Wo + 2);
+  a.pool = pool;
+  if (pool)
+    zero_borders(a.Y, G * F, Ho / 2 + 2, Wo / 2 + 2);
+  else
+    zero_borders(a.Y, G * F, Ho + 2, Wo + 2);
   const int64_t P = std::max<int64_t>(1, std::min<int64_t>(g_lanes_pixels, 16));
-  const int64_t PW = pow2_divisor(Wo, P);
-  const int64_t R = pow2_divisor(Ho, std::max<int64_t>(1, P / PW));
+  // (pooling: blocks of 2 rows and an even number of columns)
+  const int64_t PW = pool ? std::max<int64_t>(2, pow2_divisor(Wo, std::min(std::max<int64_t>(2, P / 2), g_lanes_max_width)))
+                          : pow2_divisor(Wo, std::min(P, g_lanes_max_width));
+  const int64_t R = pool ? 2 : pow2_divisor(Ho, std::max<int64_t>(1, P / PW));
   JobFn fn = stride == 1 ? pick_job<1>((int)R, (int)PW) : pick_job<2>((int)R, (int)PW);
   TORCH_CHECK(fn != nullptr, "lanes_conv: no block for ", R, "x", PW);
   const int64_t nby = Ho / R, nbx = Wo / PW, spatial = G * nby * nbx;

@@ -322,16 +322,18 @@ class Plan {
   void add_lanes_out(const std::string& name, int64_t in, int64_t like, int64_t out) {
     push(Step{LANES_OUT, name, {in, like}, out});
   }
-  // conv on lanes values: in = {x} or {x, residual}; 3x3 pad 1 or 1x1 pad 0, stride 1 or 2, groups 1
+  // conv on lanes values: in = {x} or {x, residual}; 3x3 pad 1 or 1x1 pad 0, stride 1 or 2, groups 1; pool: a 2x2
+  // max pooling at stride 2 of its output fused (no residual)
   void add_lanes_conv(const std::string& name, std::vector<int64_t> in, int64_t out, torch::Tensor weight,
-                      c10::optional<torch::Tensor> bias, int64_t stride, int64_t pad, bool relu) {
+                      c10::optional<torch::Tensor> bias, int64_t stride, int64_t pad, bool relu, bool pool) {
     TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) &&
                     ((weight.size(2) == 3 && pad == 1) || (weight.size(2) == 1 && pad == 0)) &&
                     (stride == 1 || stride == 2),
                 name, ": a lanes conv needs a 3x3 (pad 1) or 1x1 (pad 0) kernel at stride 1 or 2, got ",
                 weight.sizes(), " pad ", pad, " stride ", stride);
+    TORCH_CHECK(!pool || in.size() == 1, name, ": a lanes conv with a fused pooling takes no residual");
     Step s{LANES_CONV, name, std::move(in), out};
-    s.ints = {weight.size(0), weight.size(2), weight.size(3), stride, pad, 1};
+    s.ints = {weight.size(0), weight.size(2), weight.size(3), stride, pad, 1, pool};
     s.ts = {weight.contiguous().to(torch::kFloat32), bias.has_value() ? bias->contiguous() : torch::Tensor()};
     s.relu = relu;
     s.lanes = std::make_shared<LanesCache>();
@@ -621,7 +623,7 @@ class Plan {
         if (s.ts[1].defined()) bias = s.ts[1];
         c10::optional<torch::Tensor> res;
         if (s.in.size() > 1) res = v[s.in[1]];
-        return lanes_conv(x, *taps, s.ints[0], bias, res, s.ints[1], s.ints[3], s.ints[4], s.relu);
+        return lanes_conv(x, *taps, s.ints[0], bias, res, s.ints[1], s.ints[3], s.ints[4], s.relu, s.ints[6] != 0);
       }
       case CONV: {
         const int64_t F = s.ints[0], kh = s.ints[1], kw = s.ints[2], st = s.ints[3], pd = s.ints[4], g = s.ints[5];
@@ -985,14 +987,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("to_lanes", &to_lanes, "(N, C, H, W) float32 -> lanes (ceil(N / 16), C, H + 2, W + 2, 16), zero borders");
   m.def("from_lanes", &from_lanes, "lanes -> (N, C, H, W)", py::arg("x"), py::arg("n"));
   m.def("lanes_conv", [](torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
-                         c10::optional<torch::Tensor> residual, int64_t stride, int64_t pad, bool relu) {
+                         c10::optional<torch::Tensor> residual, int64_t stride, int64_t pad, bool relu, bool pool) {
         TORCH_CHECK(x.dim() == 5, "lanes_conv: expected a lanes tensor, got ", x.sizes());
         const int64_t H = x.size(2) - 2, W = x.size(3) - 2, Wo = (W + 2 * pad - weight.size(3)) / stride + 1;
         auto t = lanes_taps(weight, H, W, pad, lanes_chunk(weight.size(1), stride, Wo));
-        return lanes_conv(x, t, weight.size(0), bias, residual, weight.size(2), stride, pad, relu);
-      }, "conv of a lanes tensor (3x3 pad 1 or 1x1 pad 0, stride 1 or 2; bias, residual, ReLU fused)",
+        return lanes_conv(x, t, weight.size(0), bias, residual, weight.size(2), stride, pad, relu, pool);
+      }, "conv of a lanes tensor (3x3 pad 1 or 1x1 pad 0, stride 1 or 2; bias, residual, ReLU, 2x2 max pooling fused)",
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("stride"), py::arg("pad"),
-      py::arg("relu"));
+      py::arg("relu"), py::arg("pool") = false);
   m.def("lanes_maxpool2", &lanes_maxpool2, "2x2 max pooling at stride 2 of a lanes tensor");
   m.def("lanes_shortcut", &lanes_shortcut, "option-A shortcut of a lanes tensor (subsample, channels placed)",
         py::arg("x"), py::arg("stride"), py::arg("channels"), py::arg("before"), py::arg("src"), py::arg("dst"));
@@ -1002,6 +1004,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_lanes_chunk_bytes", [](int64_t v) { g_lanes_chunk_bytes = std::max<int64_t>(64, v); },
         "bytes of a lanes conv chunk's input window (default 32768)");
   m.def("lanes_settings", []() { return std::make_tuple(g_lanes_pixels, g_lanes_chunk_bytes); });
+  m.def("set_lanes_max_width", [](int64_t v) { g_lanes_max_width = std::min<int64_t>(16, std::max<int64_t>(1, v)); },
+        "register block columns of the lanes conv at most this (default 16)");
+  m.def("set_lanes_scratch", [](bool v) { g_lanes_scratch = v; },
+        "lanes conv partial sums between chunks in a per-thread buffer (default) or in the output");
   m.def("set_parallel_threshold", [](int64_t v) { g_parallel_threshold = v; },
         "multiply-adds below which kernels run on the calling thread (default 2^16)");
   m.def("parallel_threshold", []() { return g_parallel_threshold; });
