@@ -17,7 +17,9 @@ steps in one OpenMP region, loops handed over by atomics, instead of a fork / jo
 from one load, instead of the earlier copy); ``kx_split``, ``tiny_maps`` and ``tiny_2x2_kernels`` (the AVX-512 paths
 for 3x3 stride-1 convs with whole-vector rows and for 4x4 / 2x2 maps, docs/runtime.md) and ``kx_stage``
 (``set_kx_stage``: the kx-split path's large blocks staged in a per-thread copy of their rows).
-``--switch codegen`` compares two compiles of each sparse model instead, ``sparse="auto"`` without and with
+``--switch lanes`` compares two compiles of each sparse model, every eligible layer sparse, without and with the
+lanes layout (``lanes="never"`` / ``"always"``: 16 images per vector, netcarve.runtime.lanes; the dense models are
+skipped). ``--switch codegen`` compares two compiles of each sparse model instead, ``sparse="auto"`` without and with
 ``codegen=True`` (per-layer generated code offered to the autotuner; the dense models are skipped). ``--switch threads``
 compares each model compiled and run on one thread ("off") with the same on ``--threads`` threads ("on").
 ``--callers 2`` times each plan called from two Python threads at once (wall time per call, both threads'
@@ -40,7 +42,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("NETCARVE_CACHE", Path.home() / ".cache" / "netcarve")) / "bench"
-SWITCHES = {"codegen": None, "threads": None, "banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
+SWITCHES = {"codegen": None, "threads": None, "lanes": None, "banded": "set_banded", "row_layout": "set_row_layout", "native_pool": "set_native_pool",
             "small_rowtaps": "set_small_rowtaps", "batched_small": "set_batched_small", "team": "set_team",
             "lean_steps": "set_lean_steps", "phase_split": "set_phase_split", "kx_split": "set_kx_split", "tiny_maps": "set_tiny_maps", "tiny_2x2_kernels": "set_tiny_2x2_kernels",
             "kx_stage": "set_kx_stage"}
@@ -91,11 +93,12 @@ def main() -> None:
     if not st["available"]:
         raise SystemExit(f"native kernels unavailable: {st['reason']}")
     codegen = a.switch == "codegen"
+    lanes = a.switch == "lanes"
     if a.switch == "threads":
         def switch(on):
             torch.set_num_threads(a.threads if on else 1)
     else:
-        switch = (lambda on: None) if codegen else getattr(load_kernels(), SWITCHES[a.switch])
+        switch = (lambda on: None) if codegen or lanes else getattr(load_kernels(), SWITCHES[a.switch])
     sources = {}
     if "resnet56" in a.models:
         sources.update({"dense": None, "compact": a.compact,
@@ -126,6 +129,10 @@ def main() -> None:
                 pairs[k] = (one, compile_plan(m, x, sparse=sp))
         elif codegen:  # (off, on) = two compiles of each sparse model
             pairs = {k: (compile_plan(m, x, sparse="auto"), compile_plan(m, x, sparse="auto", codegen=True))
+                     for k, m in models.items() if not k.endswith(("dense", "compact"))}
+        elif lanes:  # (off, on) = each sparse model compiled all-sparse without and with the lanes layout
+            pairs = {k: (compile_plan(m, x, sparse="always", lanes="never"),
+                         compile_plan(m, x, sparse="always", lanes="always"))
                      for k, m in models.items() if not k.endswith(("dense", "compact"))}
         else:  # one compile of each model, timed with the switch off and on
             pairs = {}

@@ -556,8 +556,14 @@ def _run_netcarve(req, inputs, model=None):
         layers = {"entries": [[op.name, op.kind, "python" if op.kind == "python" else kernels.get(op.name, "aten")]
                               for op in compiled.ops],
                   "rounds": [central_mean(r) for r in steps], "summary": compiled.summary()}
-    notes = [f"netcarve runtime: {sum(c == 'sparse' for c in kernels.values())} of {len(kernels)} conv / linear / recurrent layers "
+    notes = [f"netcarve runtime: {sum(c in ('sparse', 'lanes') for c in kernels.values())} of {len(kernels)} conv / linear / recurrent layers "
              f"run the sparse kernel ({opts.get('sparse', 'auto')})"]
+    n_lanes = sum(c == "lanes" for c in kernels.values())
+    if n_lanes:
+        pc = compiled.plan_check or {}
+        notes.append(f"{n_lanes} of them in the lanes layout (16 images per vector, zeros skipped)"
+                     + (f": whole plan {pc['lanes_ms']:.3f} ms against {pc['without_lanes_ms']:.3f} without it when "
+                        "compiled" if "lanes_ms" in pc else ""))
     if compiled.fallback:
         py_steps = sum(op.kind == "python" for op in compiled.ops)
         notes.append(f"{py_steps} of {len(compiled.ops)} plan steps run in PyTorch (python fallback): "
