@@ -238,3 +238,25 @@ def test_poolings_fuse_into_the_convs_before_them(kernels):
     cl = compile(m, x, sparse="always", lanes="always")
     with torch.no_grad():
         assert _rel(cl(x), m(x)) <= 1e-4
+
+
+def test_a_lanes_plan_kept_by_auto_leaves_small_calls_to_the_plan_without_it(kernels, monkeypatch):
+    """lanes="auto" keeps the lanes plan only for calls of 16 images or more; smaller calls (a group of 16 costs the
+    same as one image) run the plan without it, with the same outputs."""
+    import netcarve.runtime.compiled as compiled_mod
+
+    monkeypatch.setattr(compiled_mod, "LANES_MARGIN", 1e9)  # keep the lanes plan whatever the timing says
+    m = _prepared("resnet20")
+    x = _example(m, 16)
+    c = compile(m, x, sparse="always")
+    assert c.plan_check["lanes_chosen"] and c.lanes_min_batch == 16
+    assert any(lc.choice == "lanes" for lc in c.layers)
+    small = _example(m, 3)
+    with torch.no_grad():
+        assert _rel(c(small), m(small)) <= 1e-4 and _rel(c(x), m(x)) <= 1e-4
+    kinds_small = {st["kind"] for st in c.profile(small, 2, 1)}
+    kinds_big = {st["kind"] for st in c.profile(x, 2, 1)}
+    assert "lanes_in" in kinds_big and "lanes_in" not in kinds_small
+    assert all(st["kernel"] != "lanes" for st in c.profile(small, 2, 1))
+    always = compile(m, x, sparse="always", lanes="always")
+    assert always.lanes_min_batch == 0 and "lanes_in" in {st["kind"] for st in always.profile(small, 2, 1)}

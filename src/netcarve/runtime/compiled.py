@@ -137,6 +137,16 @@ class CompiledModel:
         self.threads = threads
         # whole-plan check of the autotuned choices (sparse="auto"): ms per variant and the one kept, or None
         self.plan_check: dict[str, Any] | None = None
+        # a plan in the lanes layout kept by lanes="auto": calls with fewer images than this run the plan without it
+        # (_small: that plan, its ops and its layers' kernel choices); a group of 16 images costs the same as one
+        self.lanes_min_batch = 0
+        self._small: tuple[Any, list[Op], dict[str, str]] | None = None
+
+    def _for(self, x: torch.Tensor) -> tuple[Any, list[Op], dict[str, str]]:
+        """The plan for this input: (plan, its ops, kernel choice per layer)."""
+        if self._small is not None and x.dim() >= 1 and x.shape[0] < self.lanes_min_batch:
+            return self._small
+        return self._plan, self.ops, {lc.name: lc.choice for lc in self.layers}
 
     @property
     def native(self) -> bool:
@@ -158,7 +168,7 @@ class CompiledModel:
             raise ConfigError(f"compiled model: expected a {str(self.dtype).replace('torch.', '')} input, got {x.dtype}")
         if self._plan is None:
             return self._reference.run(x)
-        return self._plan.run(x.detach())
+        return self._for(x)[0].run(x.detach())
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same plan run with plain PyTorch ops (the reference twin)."""
@@ -168,21 +178,21 @@ class CompiledModel:
         """Median whole-model latency in ms, timed inside the native plan (no Python between layers)."""
         if self._plan is None:
             raise ConfigError("compiled model: not native (no compiled kernels); time the reference with netcarve bench")
-        return float(self._plan.time(x.detach(), repeats, warmup))
+        return float(self._for(x)[0].time(x.detach(), repeats, warmup))
 
     def profile(self, x: torch.Tensor, repeats: int = 30, warmup: int = 5) -> list[dict[str, Any]]:
         """Per step: name, kind, kernel and median milliseconds (each step timed inside the native plan)."""
         if self._plan is None:
             raise ConfigError("compiled model: not native (no compiled kernels)")
-        ms = self._plan.profile(x.detach(), repeats, warmup)
-        choice = {lc.name: lc.choice for lc in self.layers}
+        plan, ops, choice = self._for(x)
+        ms = plan.profile(x.detach(), repeats, warmup)
         # max pooling, global average pooling and option-A shortcuts run netcarve's kernels unless switched off
         native = {"maxpool", "gap", "shortcut"} if load_kernels().native_pool() else set()
         native |= {"lanes_in", "lanes_out"}
         return [{"name": op.name, "kind": op.kind,
                  "kernel": "python" if op.kind == "python" else choice.get(op.name, "native" if op.kind in native
                                                                           else "aten"), "ms": float(t)}
-                for op, t in zip(self.ops, ms)]
+                for op, t in zip(ops, ms)]
 
     def summary(self) -> dict[str, Any]:
         return {"native": self.native, "threads": self.threads, "example_shape": list(self.example_shape),
@@ -248,8 +258,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
             an :class:`~netcarve.errors.UnsupportedModelError` naming the first such module instead.
         lanes: ``"auto"`` (at batches of 16 and more, runs of sparse convs and 2x2 max poolings are also tried in
             the lanes layout, 16 images per vector (:mod:`netcarve.runtime.lanes`), kept where the whole plan runs
-            faster; their layers report ``choice="lanes"``), ``"always"`` (that rewrite at any batch, untimed) or
-            ``"never"``.
+            faster; their layers report ``choice="lanes"``; calls with fewer than 16 images then run the plan
+            without it), ``"always"`` (that rewrite at any batch, untimed, for every call) or ``"never"``.
     """
     if sparse not in SPARSE_MODES:
         raise ConfigError(f"runtime.compile: sparse must be one of {', '.join(SPARSE_MODES)}, got {sparse!r}")
@@ -353,6 +363,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     if sparse == "auto" and any(tuned):
         plan, check = _check_whole_plan(mod, ops, nvals, output, example_input, convs, cands, known, layers, plan,
                                         max(3, repeats // 2))
+    small = (plan, ops, {lc.name: lc.choice for lc in layers})
     if lanes != "never" and example_input.dim() == 4 and (lanes == "always"
                                                           or example_input.shape[0] >= LANES_MIN_BATCH):
         ops, nvals, output, plan, check = _try_lanes(mod, ops, nvals, output, plan, example_input, convs, layers,
@@ -360,6 +371,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     compiled = CompiledModel(ops, nvals, output, plan, tuple(example_input.shape), layers, nthreads,
                              example_input.dtype)
     compiled.plan_check = check
+    if lanes == "auto" and plan is not small[0]:
+        compiled._small, compiled.lanes_min_batch = small, LANES_MIN_BATCH
     return compiled
 
 
