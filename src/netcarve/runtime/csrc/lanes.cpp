@@ -212,10 +212,19 @@ LanesTaps lanes_taps(const torch::Tensor& weight, int64_t H, int64_t W, int64_t 
   return t;
 }
 
-int64_t lanes_chunk(int64_t C, int64_t S, int64_t W) {
-  int64_t P = std::max<int64_t>(1, std::min<int64_t>(g_lanes_pixels, 16));
-  const int64_t PW = pow2_divisor(W, std::min(P, g_lanes_max_width));
-  const int64_t R = std::max<int64_t>(1, P / PW);
+// the register block (rows R, columns PW) of a conv with an Ho x Wo output (pool: a fused 2x2 pooling)
+std::pair<int64_t, int64_t> lanes_block(int64_t Ho, int64_t Wo, bool pool) {
+  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(g_lanes_pixels, 16));
+  // (pooling: blocks of 2 rows and an even number of columns)
+  const int64_t PW = pool ? std::max<int64_t>(2, pow2_divisor(Wo, std::min(std::max<int64_t>(2, P / 2), g_lanes_max_width)))
+                          : pow2_divisor(Wo, std::min(P, g_lanes_max_width));
+  const int64_t R = pool ? 2 : pow2_divisor(Ho, std::max<int64_t>(1, P / PW));
+  return {R, PW};
+}
+
+// input channels per chunk: the chunk's window (the block's input rows and columns) within g_lanes_chunk_bytes
+int64_t lanes_chunk(int64_t C, int64_t S, int64_t Ho, int64_t Wo, bool pool) {
+  const auto [R, PW] = lanes_block(Ho, Wo, pool);
   const int64_t rows = (R - 1) * S + 3, cols = (PW - 1) * S + 3;
   int64_t K = g_lanes_chunk_bytes / (rows * cols * 64);
   K = K >= 8 ? K / 8 * 8 : std::max<int64_t>(1, K);
@@ -311,11 +320,7 @@ torch::Tensor lanes_conv(torch::Tensor x, const LanesTaps& t, int64_t F, c10::op
     zero_borders(a.Y, G * F, Ho / 2 + 2, Wo / 2 + 2);
   else
     zero_borders(a.Y, G * F, Ho + 2, Wo + 2);
-  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(g_lanes_pixels, 16));
-  // (pooling: blocks of 2 rows and an even number of columns)
-  const int64_t PW = pool ? std::max<int64_t>(2, pow2_divisor(Wo, std::min(std::max<int64_t>(2, P / 2), g_lanes_max_width)))
-                          : pow2_divisor(Wo, std::min(P, g_lanes_max_width));
-  const int64_t R = pool ? 2 : pow2_divisor(Ho, std::max<int64_t>(1, P / PW));
+  const auto [R, PW] = lanes_block(Ho, Wo, pool);
   JobFn fn = stride == 1 ? pick_job<1>((int)R, (int)PW) : pick_job<2>((int)R, (int)PW);
   TORCH_CHECK(fn != nullptr, "lanes_conv: no block for ", R, "x", PW);
   const int64_t nby = Ho / R, nbx = Wo / PW, spatial = G * nby * nbx;

@@ -22,9 +22,10 @@ struct LanesCache {
   std::mutex m;
   int64_t key[3] = {-1, -1, -1};
   std::shared_ptr<const LanesTaps> taps;
-  std::shared_ptr<const LanesTaps> get(const torch::Tensor& w, int64_t H, int64_t W, int64_t pad, int64_t stride) {
-    const int64_t Wo = (W + 2 * pad - w.size(3)) / stride + 1;
-    const int64_t K = lanes_chunk(w.size(1), stride, Wo);
+  std::shared_ptr<const LanesTaps> get(const torch::Tensor& w, int64_t H, int64_t W, int64_t pad, int64_t stride,
+                                       bool pool) {
+    const int64_t Ho = (H + 2 * pad - w.size(2)) / stride + 1, Wo = (W + 2 * pad - w.size(3)) / stride + 1;
+    const int64_t K = lanes_chunk(w.size(1), stride, Ho, Wo, pool);
     std::lock_guard<std::mutex> g(m);
     if (!taps || key[0] != H || key[1] != W || key[2] != K) {
       taps = std::make_shared<const LanesTaps>(lanes_taps(w, H, W, pad, K));
@@ -618,7 +619,7 @@ class Plan {
       case LANES_CONV: {
         TORCH_CHECK(x.dim() == 5 && x.size(1) == s.ts[0].size(1), s.name, ": the lanes conv expects ",
                     s.ts[0].size(1), " input channels, got ", x.sizes());
-        auto taps = s.lanes->get(s.ts[0], x.size(2) - 2, x.size(3) - 2, s.ints[4], s.ints[3]);
+        auto taps = s.lanes->get(s.ts[0], x.size(2) - 2, x.size(3) - 2, s.ints[4], s.ints[3], s.ints[6] != 0);
         c10::optional<torch::Tensor> bias;
         if (s.ts[1].defined()) bias = s.ts[1];
         c10::optional<torch::Tensor> res;
@@ -989,8 +990,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lanes_conv", [](torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
                          c10::optional<torch::Tensor> residual, int64_t stride, int64_t pad, bool relu, bool pool) {
         TORCH_CHECK(x.dim() == 5, "lanes_conv: expected a lanes tensor, got ", x.sizes());
-        const int64_t H = x.size(2) - 2, W = x.size(3) - 2, Wo = (W + 2 * pad - weight.size(3)) / stride + 1;
-        auto t = lanes_taps(weight, H, W, pad, lanes_chunk(weight.size(1), stride, Wo));
+        const int64_t H = x.size(2) - 2, W = x.size(3) - 2, Ho = (H + 2 * pad - weight.size(2)) / stride + 1,
+                      Wo = (W + 2 * pad - weight.size(3)) / stride + 1;
+        auto t = lanes_taps(weight, H, W, pad, lanes_chunk(weight.size(1), stride, Ho, Wo, pool));
         return lanes_conv(x, t, weight.size(0), bias, residual, weight.size(2), stride, pad, relu, pool);
       }, "conv of a lanes tensor (3x3 pad 1 or 1x1 pad 0, stride 1 or 2; bias, residual, ReLU, 2x2 max pooling fused)",
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("stride"), py::arg("pad"),
