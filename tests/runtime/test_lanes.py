@@ -260,3 +260,30 @@ def test_a_lanes_plan_kept_by_auto_leaves_small_calls_to_the_plan_without_it(ker
     assert all(st["kernel"] != "lanes" for st in c.profile(small, 2, 1))
     always = compile(m, x, sparse="always", lanes="always")
     assert always.lanes_min_batch == 0 and "lanes_in" in {st["kind"] for st in always.profile(small, 2, 1)}
+
+
+def test_lanes_plan_called_from_two_threads_at_once(kernels):
+    """Two Python threads calling one lanes plan with different batches (per-thread partial sums, the taps cached in
+    the plan steps): every call gives the model's output."""
+    import threading
+
+    m = _prepared("vgg11_bn", seed=4)
+    c = compile(m, _example(m, 16), sparse="always", lanes="always")
+    xs = {b: _example(m, b) for b in (5, 20)}
+    with torch.no_grad():
+        refs = {b: m(x) for b, x in xs.items()}
+    errors = []
+
+    def worker(b):
+        for _ in range(4):
+            err = _rel(c(xs[b]), refs[b])
+            if err > 1e-4:
+                errors.append((b, err))
+
+    with at_threads(2):
+        ts = [threading.Thread(target=worker, args=(b,)) for b in xs]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert not errors
