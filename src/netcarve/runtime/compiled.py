@@ -142,11 +142,9 @@ class CompiledModel:
         self.lanes_min_batch = 0
         self._small: tuple[Any, list[Op], dict[str, str]] | None = None
 
-    def _for(self, x: torch.Tensor) -> tuple[Any, list[Op], dict[str, str]]:
-        """The plan for this input: (plan, its ops, kernel choice per layer)."""
-        if self._small is not None and x.dim() >= 1 and x.shape[0] < self.lanes_min_batch:
-            return self._small
-        return self._plan, self.ops, {lc.name: lc.choice for lc in self.layers}
+    def _small_call(self, x: torch.Tensor) -> bool:
+        """Whether this input runs the plan without the lanes layout (fewer images than ``lanes_min_batch``)."""
+        return self._small is not None and x.dim() >= 1 and x.shape[0] < self.lanes_min_batch
 
     @property
     def native(self) -> bool:
@@ -168,7 +166,7 @@ class CompiledModel:
             raise ConfigError(f"compiled model: expected a {str(self.dtype).replace('torch.', '')} input, got {x.dtype}")
         if self._plan is None:
             return self._reference.run(x)
-        return self._for(x)[0].run(x.detach())
+        return (self._small[0] if self._small_call(x) else self._plan).run(x.detach())
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same plan run with plain PyTorch ops (the reference twin)."""
@@ -178,13 +176,14 @@ class CompiledModel:
         """Median whole-model latency in ms, timed inside the native plan (no Python between layers)."""
         if self._plan is None:
             raise ConfigError("compiled model: not native (no compiled kernels); time the reference with netcarve bench")
-        return float(self._for(x)[0].time(x.detach(), repeats, warmup))
+        return float((self._small[0] if self._small_call(x) else self._plan).time(x.detach(), repeats, warmup))
 
     def profile(self, x: torch.Tensor, repeats: int = 30, warmup: int = 5) -> list[dict[str, Any]]:
         """Per step: name, kind, kernel and median milliseconds (each step timed inside the native plan)."""
         if self._plan is None:
             raise ConfigError("compiled model: not native (no compiled kernels)")
-        plan, ops, choice = self._for(x)
+        plan, ops, choice = (self._small if self._small_call(x)
+                             else (self._plan, self.ops, {lc.name: lc.choice for lc in self.layers}))
         ms = plan.profile(x.detach(), repeats, warmup)
         # max pooling, global average pooling and option-A shortcuts run netcarve's kernels unless switched off
         native = {"maxpool", "gap", "shortcut"} if load_kernels().native_pool() else set()
