@@ -293,6 +293,10 @@ def cmd_report(a) -> None:
     # cells committed earlier (another machine or work directory) and not re-run here are kept as they were
     prev = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     here = {r["cell"] for r in rows}
+    notes = {r["cell"]: r["note"] for r in prev.get("rows", []) if "note" in r}
+    for r in rows:  # (a note written beside a committed cell, e.g. the machine it ran on, stays with it)
+        if r["cell"] in notes:
+            r.setdefault("note", notes[r["cell"]])
     rows = [r for r in prev.get("rows", []) if r["cell"] not in here] + rows
     doc = {"benchmark": "sparsity_cifar", "budget": "see module docstring", "rows": rows,
            "env": environment(threads=torch.get_num_threads())}
