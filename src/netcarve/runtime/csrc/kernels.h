@@ -476,8 +476,6 @@ struct LanesTaps {
 };
 extern int64_t g_lanes_pixels;       // output pixels per register block (1-16)
 extern int64_t g_lanes_chunk_bytes;  // bytes of a chunk's input window
-extern int64_t g_lanes_max_width;    // register block columns at most
-extern bool g_lanes_scratch;         // partial sums in a per-thread buffer
 LanesTaps lanes_taps(const torch::Tensor& weight, int64_t H, int64_t W, int64_t pad, int64_t chunk);
 int64_t lanes_chunk(int64_t C, int64_t stride, int64_t Ho, int64_t Wo, bool pool);
 torch::Tensor to_lanes(torch::Tensor x);

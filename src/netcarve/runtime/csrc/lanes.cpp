@@ -18,8 +18,6 @@ using namespace nck;
 
 int64_t g_lanes_pixels = 8;       // output pixels per register block (16 images each)
 int64_t g_lanes_chunk_bytes = 32768;  // a chunk's input window: at most this many bytes (rounded to 8 channels)
-int64_t g_lanes_max_width = 16;   // register block columns at most this (the rest of the block in rows)
-bool g_lanes_scratch = true;      // partial sums between chunks in a per-thread buffer (false: in the output)
 
 namespace {
 
@@ -76,28 +74,22 @@ void conv_job(const ConvArgs& a, int64_t g, int64_t y0, int64_t x0, int64_t f0, 
   const int64_t yplane = Hop * Wop * 16;
   float* Yg = a.Y + g * a.F * yplane + (a.pool ? ((1 + y0 / 2) * Wop + 1 + x0 / 2) : ((1 + y0) * Wop + 1 + x0)) * 16;
   const float* Rg = a.res ? a.res + g * a.F * yplane + ((1 + y0) * Wop + 1 + x0) * 16 : nullptr;
-  // partial sums between chunks: per filter R * PW vectors, contiguous in a per-thread buffer (or in the output,
-  // never when pooling)
+  // partial sums between chunks: per filter R * PW vectors, contiguous in a per-thread buffer (a pooled output has
+  // no room for them; measured level with keeping them in the output where it has)
   thread_local std::vector<v16> scratch;
-  const bool own = (g_lanes_scratch || a.pool) && a.Q > 1;
-  if (own && (int64_t)scratch.size() < (f1 - f0) * R * PW) scratch.resize((f1 - f0) * R * PW);
+  if (a.Q > 1 && (int64_t)scratch.size() < (f1 - f0) * R * PW) scratch.resize((f1 - f0) * R * PW);
   for (int64_t q = 0; q < a.Q; ++q) {
     const int32_t* ptr = a.ptr + q * (a.F + 1);
     const bool first = q == 0, last = q + 1 == a.Q;
     for (int64_t f = f0; f < f1; ++f) {
       v16 acc[R * PW];
       float* yo = Yg + f * yplane;
-      v16* sp = own ? scratch.data() + (f - f0) * R * PW : nullptr;
+      v16* sp = a.Q > 1 ? scratch.data() + (f - f0) * R * PW : nullptr;
       if (first) {
         const v16 b = bc(a.bias ? a.bias[f] : 0.f);
         for (int i = 0; i < R * PW; ++i) acc[i] = b;
-      } else if (own) {
-        for (int i = 0; i < R * PW; ++i) acc[i] = sp[i];
       } else {
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-          for (int x = 0; x < PW; ++x) acc[r * PW + x] = ld(yo + (r * Wop + x) * 16);
+        for (int i = 0; i < R * PW; ++i) acc[i] = sp[i];
       }
       block<R, PW, S>(Xg, Wp, a.off, a.w, ptr[f], ptr[f + 1], acc);
       if (last) {
@@ -124,7 +116,7 @@ void conv_job(const ConvArgs& a, int64_t g, int64_t y0, int64_t x0, int64_t f0, 
             continue;
           }
         }
-      } else if (own) {
+      } else {
         for (int i = 0; i < R * PW; ++i) sp[i] = acc[i];
         continue;
       }
@@ -216,8 +208,7 @@ LanesTaps lanes_taps(const torch::Tensor& weight, int64_t H, int64_t W, int64_t 
 std::pair<int64_t, int64_t> lanes_block(int64_t Ho, int64_t Wo, bool pool) {
   const int64_t P = std::max<int64_t>(1, std::min<int64_t>(g_lanes_pixels, 16));
   // (pooling: blocks of 2 rows and an even number of columns)
-  const int64_t PW = pool ? std::max<int64_t>(2, pow2_divisor(Wo, std::min(std::max<int64_t>(2, P / 2), g_lanes_max_width)))
-                          : pow2_divisor(Wo, std::min(P, g_lanes_max_width));
+  const int64_t PW = pool ? std::max<int64_t>(2, pow2_divisor(Wo, std::max<int64_t>(2, P / 2))) : pow2_divisor(Wo, P);
   const int64_t R = pool ? 2 : pow2_divisor(Ho, std::max<int64_t>(1, P / PW));
   return {R, PW};
 }

@@ -1006,10 +1006,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_lanes_chunk_bytes", [](int64_t v) { g_lanes_chunk_bytes = std::max<int64_t>(64, v); },
         "bytes of a lanes conv chunk's input window (default 32768)");
   m.def("lanes_settings", []() { return std::make_tuple(g_lanes_pixels, g_lanes_chunk_bytes); });
-  m.def("set_lanes_max_width", [](int64_t v) { g_lanes_max_width = std::min<int64_t>(16, std::max<int64_t>(1, v)); },
-        "register block columns of the lanes conv at most this (default 16)");
-  m.def("set_lanes_scratch", [](bool v) { g_lanes_scratch = v; },
-        "lanes conv partial sums between chunks in a per-thread buffer (default) or in the output");
   m.def("set_parallel_threshold", [](int64_t v) { g_parallel_threshold = v; },
         "multiply-adds below which kernels run on the calling thread (default 2^16)");
   m.def("parallel_threshold", []() { return g_parallel_threshold; });
