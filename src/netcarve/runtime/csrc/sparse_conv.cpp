@@ -2324,143 +2324,103 @@ constexpr int DFB = 4;
 #endif
 constexpr int DNV = 3;       // pixel vectors per register block
 
+// The vector operations of the register blocks below (blockf, blockf_store): full-width vectors (vecf) or, with
+// AVX-512, half-width ones (vech) for the banded row layout of outputs whose rows are a multiple of 8 but not of 16
+// (8x8 maps; see sparse_conv2d's half-width rows)
+template <typename V>
+struct VOps;
+template <>
+struct VOps<vecf> {
+  static constexpr int64_t n = VL;
+  static inline __attribute__((always_inline)) vecf load(const float* p) { return loadu(p); }
+  static inline __attribute__((always_inline)) void store(float* p, vecf v) { storeu(p, v); }
+  static inline __attribute__((always_inline)) vecf set1(float w) { return bcast(w); }
+  static inline __attribute__((always_inline)) vecf max0(vecf a) { return nck::vmax0(a); }
+};
+#if defined(__AVX512F__)
+template <>
+struct VOps<vech> {
+  static constexpr int64_t n = HVL;
+  static inline __attribute__((always_inline)) vech load(const float* p) { return loadh(p); }
+  static inline __attribute__((always_inline)) void store(float* p, vech v) { storeh(p, v); }
+  static inline __attribute__((always_inline)) vech set1(float w) { return bcasth(w); }
+  static inline __attribute__((always_inline)) vech max0(vech a) { return vmax0h(a); }
+};
+#endif
+
 // The register block's accumulation (blockf, blockf_store)
-template <int FB, int NV>
+template <typename V, int FB, int NV>
 static inline __attribute__((always_inline)) void blockf_loop(const float* __restrict base,
                                                               const int64_t* __restrict voff,
                                                               const int64_t* __restrict off,
                                                               const float* __restrict wp, int64_t K,
-                                                              vecf (&a)[FB][NV]) {
+                                                              V (&a)[FB][NV]) {
+  using O = VOps<V>;
   const float* src[NV];
 #pragma GCC unroll 4
   for (int i = 0; i < NV; ++i) src[i] = base + voff[i];
 #pragma GCC unroll 16
   for (int j = 0; j < FB; ++j)
 #pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) a[j][i] = bcast(0.f);
+    for (int i = 0; i < NV; ++i) a[j][i] = O::set1(0.f);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t o = off[k];
     const float* w = wp + FBLK * k;
-    vecf v[NV];
+    V v[NV];
 #pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) v[i] = loadu(src[i] + o);
+    for (int i = 0; i < NV; ++i) v[i] = O::load(src[i] + o);
 #pragma GCC unroll 16
     for (int j = 0; j < FB; ++j) {
-      const vecf wj = bcast(w[j]);
+      const V wj = O::set1(w[j]);
 #pragma GCC unroll 4
       for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
     }
   }
 }
 
-// acc[j * ldacc + i * VL ..] = a[j][i] of blockf_loop, the sum over the K rows of wp[k * FBLK + j] *
-// base[voff[i] + off[k] ..] for the FB filters j of the packed block at wp and the NV vectors i. Vector i reads
-// from its own base: in the "row" layout every vector is VL pixels of one output row (outputs whose width is a
-// multiple of VL), so no lane computes a padding column of the wide grid (13% of the lanes at 32x32, 27% at 16x16,
-// 56% at 8x8 with pad 1).
-template <int FB, int NV>
+// acc[j * ldacc + i * n ..] = a[j][i] of blockf_loop (n: the vector's floats), the sum over the K rows of
+// wp[k * FBLK + j] * base[voff[i] + off[k] ..] for the FB filters j of the packed block at wp and the NV vectors i.
+// Vector i reads from its own base: in the "row" layout every vector is n pixels of one output row (outputs whose
+// width is a multiple of n), so no lane computes a padding column of the wide grid (13% of the lanes at 32x32, 27%
+// at 16x16, 56% at 8x8 with pad 1). Half-width vectors hold 8 filters x NV vectors of ymm accumulators.
+template <typename V, int FB, int NV>
 static inline void blockf(const float* __restrict base, const int64_t* __restrict voff, const int64_t* __restrict off,
                           const float* __restrict wp, int64_t K, float* __restrict acc, int64_t ldacc) {
-  vecf a[FB][NV];
-  blockf_loop<FB, NV>(base, voff, off, wp, K, a);
+  V a[FB][NV];
+  blockf_loop<V, FB, NV>(base, voff, off, wp, K, a);
 #pragma GCC unroll 16
   for (int j = 0; j < FB; ++j)
 #pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) storeu(acc + j * ldacc + i * VL, a[j][i]);
+    for (int i = 0; i < NV; ++i) VOps<V>::store(acc + j * ldacc + i * VOps<V>::n, a[j][i]);
 }
 
 // blockf with the epilogue from the registers (the row layout, g_fused_store): the block's first nf <= FB filters,
 // output channels f0 + j, get bias bp[j] (+ the residual at rp) and ReLU, stored to op + (f0 + j) * HoWo + ooff[i]
-template <int FB, int NV>
+template <typename V, int FB, int NV>
 static inline void blockf_store(const float* __restrict base, const int64_t* __restrict voff,
                                 const int64_t* __restrict off, const float* __restrict wp, int64_t K,
                                 float* __restrict op, const float* __restrict rp, const int64_t* __restrict ooff,
                                 const float* __restrict bp, int64_t f0, int64_t HoWo, int64_t nf, bool relu) {
-  vecf a[FB][NV];
-  blockf_loop<FB, NV>(base, voff, off, wp, K, a);
+  using O = VOps<V>;
+  V a[FB][NV];
+  blockf_loop<V, FB, NV>(base, voff, off, wp, K, a);
 #pragma GCC unroll 16
   for (int j = 0; j < FB; ++j) {
     if (j >= nf) break;
-    const vecf b = bcast(bp ? bp[j] : 0.f);
+    const V b = O::set1(bp ? bp[j] : 0.f);
     float* o = op + (f0 + j) * HoWo;
     const float* r = rp ? rp + (f0 + j) * HoWo : nullptr;
 #pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) {
-      vecf t = a[j][i] + b;
-      if (r) t += loadu(r + ooff[i]);
-      if (relu) t = nck::vmax0(t);
-      storeu(o + ooff[i], t);
+      V t = a[j][i] + b;
+      if (r) t += O::load(r + ooff[i]);
+      if (relu) t = O::max0(t);
+      O::store(o + ooff[i], t);
     }
   }
 }
 
 #if defined(__AVX512F__)
-// blockf_loop in half-width (8-float) vectors
-template <int FB, int NV>
-static inline __attribute__((always_inline)) void blockf_loop_h(const float* __restrict base,
-                                                                const int64_t* __restrict voff,
-                                                                const int64_t* __restrict off,
-                                                                const float* __restrict wp, int64_t K,
-                                                                vech (&a)[FB][NV]) {
-  const float* src[NV];
-#pragma GCC unroll 4
-  for (int i = 0; i < NV; ++i) src[i] = base + voff[i];
-#pragma GCC unroll 16
-  for (int j = 0; j < FB; ++j)
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) a[j][i] = bcasth(0.f);
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t o = off[k];
-    const float* w = wp + FBLK * k;
-    vech v[NV];
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) v[i] = loadh(src[i] + o);
-#pragma GCC unroll 16
-    for (int j = 0; j < FB; ++j) {
-      const vech wj = bcasth(w[j]);
-#pragma GCC unroll 4
-      for (int i = 0; i < NV; ++i) a[j][i] += wj * v[i];
-    }
-  }
-}
-
-// blockf with half-width (8-float) row vectors, for the banded row layout of outputs whose rows are a multiple of 8
-// but not of 16 (8x8 maps; see sparse_conv2d's half-width rows): 8 filters x NV vectors of ymm accumulators
-template <int FB, int NV>
-static inline void blockf_h(const float* __restrict base, const int64_t* __restrict voff, const int64_t* __restrict off,
-                            const float* __restrict wp, int64_t K, float* __restrict acc, int64_t ldacc) {
-  vech a[FB][NV];
-  blockf_loop_h<FB, NV>(base, voff, off, wp, K, a);
-#pragma GCC unroll 16
-  for (int j = 0; j < FB; ++j)
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) storeh(acc + j * ldacc + i * HVL, a[j][i]);
-}
-
-// blockf_h with the epilogue from the registers (see blockf_store)
-template <int FB, int NV>
-static inline void blockf_h_store(const float* __restrict base, const int64_t* __restrict voff,
-                                  const int64_t* __restrict off, const float* __restrict wp, int64_t K,
-                                  float* __restrict op, const float* __restrict rp, const int64_t* __restrict ooff,
-                                  const float* __restrict bp, int64_t f0, int64_t HoWo, int64_t nf, bool relu) {
-  vech a[FB][NV];
-  blockf_loop_h<FB, NV>(base, voff, off, wp, K, a);
-#pragma GCC unroll 16
-  for (int j = 0; j < FB; ++j) {
-    if (j >= nf) break;
-    const vech b = bcasth(bp ? bp[j] : 0.f);
-    float* o = op + (f0 + j) * HoWo;
-    const float* r = rp ? rp + (f0 + j) * HoWo : nullptr;
-#pragma GCC unroll 4
-    for (int i = 0; i < NV; ++i) {
-      vech t = a[j][i] + b;
-      if (r) t += loadh(r + ooff[i]);
-      if (relu) t = vmax0h(t);
-      storeh(o + ooff[i], t);
-    }
-  }
-}
-
 // store_vecs for half-width vectors
 static inline void store_vecs_h(float* __restrict op, const float* __restrict rp, const int64_t* __restrict ooff,
                                 const float* __restrict acc, int64_t nv, float bias, bool relu) {
@@ -2623,16 +2583,16 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
             const int64_t f0 = fb * FBLK, HW = Ho * Wo, *vi = vin + v0, *vo = vout + v0, *of = off.data();
             const float* bb = bp ? bp + f0 : nullptr;
             switch (nv) {
-              case 3: blockf_h_store<FBLK, 3>(pl, vi, of, wp, K, op, rp, vo, bb, f0, HW, nf, relu); break;
-              case 2: blockf_h_store<FBLK, 2>(pl, vi, of, wp, K, op, rp, vo, bb, f0, HW, nf, relu); break;
-              default: blockf_h_store<FBLK, 1>(pl, vi, of, wp, K, op, rp, vo, bb, f0, HW, nf, relu); break;
+              case 3: blockf_store<vech, FBLK, 3>(pl, vi, of, wp, K, op, rp, vo, bb, f0, HW, nf, relu); break;
+              case 2: blockf_store<vech, FBLK, 2>(pl, vi, of, wp, K, op, rp, vo, bb, f0, HW, nf, relu); break;
+              default: blockf_store<vech, FBLK, 1>(pl, vi, of, wp, K, op, rp, vo, bb, f0, HW, nf, relu); break;
             }
             continue;
           }
           switch (nv) {
-            case 3: blockf_h<FBLK, 3>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
-            case 2: blockf_h<FBLK, 2>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
-            default: blockf_h<FBLK, 1>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
+            case 3: blockf<vech, FBLK, 3>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
+            case 2: blockf<vech, FBLK, 2>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
+            default: blockf<vech, FBLK, 1>(pl, vin + v0, off.data(), wp, K, acc, BLKH); break;
           }
           for (int64_t j = 0; j < nf; ++j) {
             const int64_t f = fb * FBLK + j, fo = f * Ho * Wo;
@@ -2676,9 +2636,9 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
               const int64_t f0 = fb * FBLK + h, nh = std::min<int64_t>(DFB, nf - h);
               const float* bb = bp ? bp + f0 : nullptr;
               switch (nv) {
-                case 3: blockf_store<DFB, 3>(pl, vi, of, wp + h, K, op, rp, vo, bb, f0, HW, nh, relu); break;
-                case 2: blockf_store<DFB, 2>(pl, vi, of, wp + h, K, op, rp, vo, bb, f0, HW, nh, relu); break;
-                default: blockf_store<DFB, 1>(pl, vi, of, wp + h, K, op, rp, vo, bb, f0, HW, nh, relu); break;
+                case 3: blockf_store<vecf, DFB, 3>(pl, vi, of, wp + h, K, op, rp, vo, bb, f0, HW, nh, relu); break;
+                case 2: blockf_store<vecf, DFB, 2>(pl, vi, of, wp + h, K, op, rp, vo, bb, f0, HW, nh, relu); break;
+                default: blockf_store<vecf, DFB, 1>(pl, vi, of, wp + h, K, op, rp, vo, bb, f0, HW, nh, relu); break;
               }
             }
             continue;
@@ -2686,9 +2646,9 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
           for (int64_t h = 0; h < nf; h += DFB) {
             float* ah = acc + h * BLKPX;
             switch (nv) {
-              case 3: blockf<DFB, 3>(pl, vin + v0, off.data(), wp + h, K, ah, BLKPX); break;
-              case 2: blockf<DFB, 2>(pl, vin + v0, off.data(), wp + h, K, ah, BLKPX); break;
-              default: blockf<DFB, 1>(pl, vin + v0, off.data(), wp + h, K, ah, BLKPX); break;
+              case 3: blockf<vecf, DFB, 3>(pl, vin + v0, off.data(), wp + h, K, ah, BLKPX); break;
+              case 2: blockf<vecf, DFB, 2>(pl, vin + v0, off.data(), wp + h, K, ah, BLKPX); break;
+              default: blockf<vecf, DFB, 1>(pl, vin + v0, off.data(), wp + h, K, ah, BLKPX); break;
             }
           }
           for (int64_t j = 0; j < nf; ++j) {
@@ -2759,9 +2719,9 @@ torch::Tensor direct_conv2d(torch::Tensor x, torch::Tensor wpack, c10::optional<
     for (int64_t h = 0; h < nf; h += DFB) {  // AVX2: the second half only when it holds real filters
       float* ah = acc + h * BLKPX;
       switch (nv) {
-        case 3: blockf<DFB, 3>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
-        case 2: blockf<DFB, 2>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
-        default: blockf<DFB, 1>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
+        case 3: blockf<vecf, DFB, 3>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
+        case 2: blockf<vecf, DFB, 2>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
+        default: blockf<vecf, DFB, 1>(src, voff, off.data(), wp + h, K, ah, BLKPX); break;
       }
     }
     if (row_mode) {
