@@ -253,7 +253,6 @@ int main(int argc, char** argv) {
       t.sptr.push_back(t.soff.size());
     }
     t.ptr.push_back(t.off.size());
-    long padded = 0;
     for (int f = 0; f < F; f += 2) {
       t.pptr.push_back(t.poff.size());
       const int na = t.ptr[f + 1] - t.ptr[f], nb = f + 1 < F ? t.ptr[f + 2] - t.ptr[f + 1] : 0, n = std::max(na, nb);
@@ -263,10 +262,8 @@ int main(int argc, char** argv) {
         t.poff.push_back(i < nb ? t.off[t.ptr[f + 1] + i] : 0);
         t.pw.push_back(i < nb ? t.w[t.ptr[f + 1] + i] : 0.f);
       }
-      padded += 2 * n - na - nb;
     }
     t.pptr.push_back(t.poff.size());
-    (void)padded;
   }
   long padded_all = 0;
   for (auto& t : ch) padded_all += (long)t.poff.size() - (long)t.off.size();
@@ -337,8 +334,9 @@ def main() -> None:
     rows = []
     for shape in a.shapes:
         c, hw = (int(v) for v in shape.split("x"))
-        if hw % 8:
-            raise SystemExit(f"{shape}: maps must be a multiple of 8 wide (one row of 8 pixels per block)")
+        if hw % 8 or c % 2:
+            raise SystemExit(f"{shape}: maps must be a multiple of 8 wide (one row of 8 pixels per block) and the "
+                             "channel count even (the filter-pairs variant)")
         res, _, _ = build_and_run(SRC, [str(c), str(hw), str(int(a.pattern)), str(a.reps), str(a.rounds)],
                                   flags=("-std=c++17",))
         rows.append(res)
