@@ -458,6 +458,56 @@ def test_untraceable_submodule_becomes_opaque():
     assert "gate" in conv2.reason and "gate" in conv2.paths
 
 
+class SlicedBuffer(nn.Module):
+    """A position table sliced by the input's length (pytorch/examples' PositionalEncoding)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.register_buffer("pe", torch.randn(1, 16, d))
+
+    def forward(self, x):
+        return x + self.pe[:, : x.size(1)]
+
+
+class LoopsOverBuffer(nn.Module):
+    """Takes a Python value from a buffer's shape: traces only with the buffer as a constant."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.register_buffer("scales", torch.rand(3) + 0.5)
+
+    def forward(self, x):
+        for i in range(self.scales.shape[0]):
+            x = x * self.scales[i]
+        return x
+
+
+class WithBuffers(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.fc1, self.inner, self.fc2 = nn.Linear(4, 8), inner, nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.inner(self.fc1(x)))
+
+
+@pytest.mark.parametrize("inner", [SlicedBuffer, LoopsOverBuffer])
+def test_buffers_indexed_by_input_size_trace_through(inner):
+    """A buffer sliced by ``x.size(1)`` is traced through (retried with buffers as graph values) instead of kept
+    opaque, and a module that takes Python values from a buffer still traces as before."""
+    from netcarve.graph.trace import trace_model
+
+    torch.manual_seed(0)
+    m = WithBuffers(inner()).eval()
+    x = torch.randn(2, 5, 4)
+    t = trace_model(m, x)
+    assert t.opaque == {}
+    with torch.no_grad():
+        assert torch.allclose(t.graph_module(x), m(x))
+        y = torch.randn(3, 7, 4)  # another length: the slice follows it
+        assert torch.allclose(t.graph_module(y), m(y))
+
+
 def test_bad_example_input_is_reported():
     with pytest.raises(UnsupportedModelError, match="Chain.*example input"):
         build_channel_groups(Chain(), torch.randn(2, 5, 8, 8))

@@ -76,6 +76,33 @@ def test_zoo_model_exports_and_matches_torch(name, tmp_path):
             assert mname in named, mname
 
 
+def test_torch_transformer_encoder_exports_off_its_fast_path(tmp_path):
+    """torch's nn.TransformerEncoder in eval mode under no_grad takes a fused fast path that neither exporter
+    converts; to_onnx exports its regular path (same outputs) and restores the fast-path switch."""
+
+    class Causal(nn.Module):  # with a causal mask (the dynamo exporter fails on it: data-dependent checks)
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(5))
+
+        def forward(self, x):
+            return self.enc(self.fc(x), self.mask)
+
+    torch.manual_seed(0)
+    model = Causal().eval()
+    x = torch.randn(2, 5, 4)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    before = torch.backends.mha.get_fastpath_enabled()
+    path = to_onnx(model, x, tmp_path / "encoder.onnx")
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    (out,) = _run_ort(path, {"input": x.numpy()})
+    assert np.abs(out - ref).max() < 1e-4
+
+
 def test_batchnorm_folded_into_conv_is_attributed_to_the_conv(tmp_path):
     model = netcarve.create_model("resnet20")
     path = to_onnx(model, netcarve.example_input(model), tmp_path / "r20.onnx")

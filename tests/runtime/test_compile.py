@@ -553,9 +553,35 @@ def test_compiled_bidirectional_rnn_matches(kernels, cell, mode):
         with torch.no_grad():
             ref = model(x)
             assert _rel(c(x), ref) <= 1e-4 and _rel(c.reference(x), ref) <= 1e-4
-    with pytest.raises(UnsupportedModelError, match="final state h_n of a bidirectional layer"):
-        compile(create_model(cell, bidirectional=True, pool="state", hidden_size=6, seq_len=5, input_size=7).eval(),
-                torch.randn(2, 5, 7), fallback=False)
+    # the top layer's final states h_n[-2] / h_n[-1] (forward / backward; batch- or sequence-first, h_n[-1, :, :] too)
+    # are halves of the output sequence's last / first step
+    class State(nn.Module):
+        def __init__(self, batch_first):
+            super().__init__()
+            self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(7, 6, num_layers=2, bidirectional=True,
+                                                              batch_first=batch_first)
+            self.fc = nn.Linear(12, 2)
+
+        def forward(self, x):
+            _, s = self.rnn(x)
+            h = s if cell == "gru" else s[0]
+            return self.fc(torch.cat([h[-2, :, :], h[-1]], 1))
+
+    for model, x in ((create_model(cell, bidirectional=True, pool="state", hidden_size=6, seq_len=5,
+                                   input_size=7).eval(), torch.randn(2, 5, 7)),
+                     (State(True).eval(), torch.randn(2, 5, 7)), (State(False).eval(), torch.randn(5, 2, 7))):
+        c = compile(model, x, sparse=mode, fallback=False)
+        assert [op.kind for op in c.ops].count("narrow") == 2
+        with torch.no_grad():
+            assert _rel(c(x), model(x)) <= 1e-4 and _rel(c.reference(x), model(x)) <= 1e-4
+    with pytest.raises(UnsupportedModelError, match=r"row -3 of the final state h_n \(only the top layer's: h_n\[-2\]"):
+        class Lower(State):  # layer 0's backward row
+            def forward(self, x):
+                _, s = self.rnn(x)
+                h = s if cell == "gru" else s[0]
+                return self.fc(torch.cat([h[-3], h[-3]], 1))
+
+        compile(Lower(True).eval(), torch.randn(2, 5, 7), fallback=False)
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -918,7 +944,8 @@ def test_fallback_takes_token_ids_and_whole_external_models(kernels):
             with pytest.raises(ConfigError, match="expected a int64 input"):
                 c(x.float())
     assert fell_back["lstm_textcls"] == []  # its Embedding is a native step
-    assert "module 'up1.up' (ConvTranspose2d)" in fell_back["unet"]
+    assert fell_back["transformer_lm"] == []  # its position table slice, * sqrt(d) and nn.TransformerEncoder too
+    assert fell_back["unet"] == []  # its transposed convs and the pads sized from the skip tensors are native steps
     assert fell_back["mobilenet_v3_small"] == []  # Hardswish / Hardsigmoid are native steps
     assert fell_back["vit_tiny_timm"] == []  # its class token expanded to the batch is a native step too
     # token ids strictly: the Embedding takes them natively; ids out of range are named; a float input is refused
@@ -990,7 +1017,8 @@ def test_token_ops_and_nd_linear_lower_natively(kernels, mode):
         assert c.native and "python" not in kinds, c.fallback
         for k in ("const", "unary", "layernorm", "softmax", "permute", "linear"):
             assert k in kinds, k
-        assert kinds.count("unary") == 7 and kinds.count("layernorm") == 2 and kinds.count("const") == 3
+        # one const: pos; F.layer_norm's weight and bias are read into its step, so their own consts are dropped
+        assert kinds.count("unary") == 7 and kinds.count("layernorm") == 2 and kinds.count("const") == 1
         if mode == "always":
             assert {lc.name: lc.choice for lc in c.layers}["fc1"] == "sparse"
         with torch.no_grad():
@@ -1036,6 +1064,164 @@ def test_attention_blocks_lower_natively(kernels, variant):
             for b in (2, 1, 5):  # the reshapes keep the batch
                 xb = torch.randn(b, 6, 32)
                 assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4
+
+
+class _TorchEncoder(nn.Module):
+    """A model built on torch's ``nn.TransformerEncoder`` (or one ``nn.TransformerEncoderLayer``): input linear scaled
+    by a Python number, the encoder (optionally sequence-first, around model transposes, with a mask buffer), a
+    head."""
+
+    def __init__(self, norm_first=False, batch_first=True, act="relu", final_norm=False, mask=None, layer_only=False,
+                 t=6, d=32):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 4, 48, 0.1, activation=act, batch_first=batch_first,
+                                           norm_first=norm_first)
+        self.enc = layer if layer_only else nn.TransformerEncoder(
+            layer, 2, norm=nn.LayerNorm(d) if final_norm else None, enable_nested_tensor=False)
+        self.inp, self.head, self.batch_first = nn.Linear(8, d), nn.Linear(d, 5), batch_first
+        masks = {"float": nn.Transformer.generate_square_subsequent_mask(t), "bool": torch.ones(t, t).bool().triu(1),
+                 "other": torch.zeros(t, t).masked_fill(torch.ones(t, t).bool().tril(-2), float("-inf"))}
+        self.register_buffer("mask", masks.get(mask))
+
+    def forward(self, x):
+        h = self.inp(x) * 2.0
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.enc(h) if self.mask is None else self.enc(h, self.mask)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(),
+    dict(norm_first=True, act="gelu", final_norm=True, mask="float"),
+    dict(batch_first=False, act="gelu", final_norm=True, mask="bool"),
+    dict(norm_first=True, batch_first=False, act=nn.GELU(approximate="tanh")),
+    dict(act=F.silu, mask="float", layer_only=True),
+    dict(head_pruned=True, mask="float"),
+], ids=["post-norm", "pre-norm-causal", "seq-first-bool-mask", "gelu-tanh-module", "one-layer-silu", "head-pruned"])
+def test_torch_transformer_encoder_lowers_natively(kernels, cfg):
+    """torch's nn.TransformerEncoder(Layer): attention (a causal mask buffer as the step's causal flag), residual
+    adds, LayerNorms before or after, the feed-forward linears with the activation; sequence-first stacks permute
+    once, and the model's own transposes cancel against the stack's; a head-pruned attention module (what pruning
+    heads leaves) too. Matches the model at other batches."""
+    cfg = dict(cfg)
+    head_pruned = cfg.pop("head_pruned", False)
+    torch.manual_seed(0)
+    m = _TorchEncoder(**cfg).eval()
+    if head_pruned:
+        from netcarve.layers import HeadPrunedMultiheadAttention
+
+        for layer in m.enc.layers:
+            layer.self_attn = HeadPrunedMultiheadAttention(32, 3, 8, batch_first=True)
+    x = torch.randn(2, 6, 8)
+    with at_threads(2):
+        c = compile(m, x, sparse="never", fallback=False)
+        kinds = [op.kind for op in c.ops]
+        layers = 1 if cfg.get("layer_only") else 2
+        assert kinds.count("mha") == layers and kinds.count("layernorm") == 2 * layers + bool(cfg.get("final_norm"))
+        assert "permute" not in kinds and "const" not in kinds  # transposes cancelled; the mask is a flag
+        assert [op.p["causal"] for op in c.ops if op.kind == "mha"] == [cfg.get("mask") is not None] * layers
+        assert kinds[1] == "affine"  # * 2.0
+        with torch.no_grad():
+            for b in (2, 1, 5):
+                xb = torch.randn(b, 6, 8)
+                assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4
+
+
+def test_torch_transformer_encoder_sparse_and_unsupported(kernels):
+    """Block-sparse encoder linears run the BSR kernel; a mask other than the causal one, a key padding mask or an
+    activation netcarve has no step for keep the encoder in PyTorch (named), or raise with fallback=False."""
+    torch.manual_seed(0)
+    m = _TorchEncoder(act="gelu", mask="float").eval()
+    blk = make_scheme("block", block=[4, 16])
+    with torch.no_grad():
+        for mod in m.enc.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.mul_(blk.project(mod.weight, 0.8))
+        for layer in m.enc.layers:
+            layer.self_attn.in_proj_weight.mul_(blk.project(layer.self_attn.in_proj_weight, 0.8))
+    x = torch.randn(2, 6, 8)
+    with at_threads(2):
+        c = compile(m, x, sparse="always", fallback=False)
+        choice = {lc.name: lc.choice for lc in c.layers}
+        for name in ("enc.layers.0.linear1", "enc.layers.1.linear2", "enc.layers.0.self_attn.in_proj",
+                     "enc.layers.1.self_attn.out_proj"):
+            assert choice[name] == "sparse", name
+        with torch.no_grad():
+            assert _rel(c(x), m(x)) <= 1e-4
+
+    class Padded(_TorchEncoder):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("pad", torch.zeros(2, 6, dtype=torch.bool))
+
+        def forward(self, x):
+            return self.head(self.enc(self.inp(x), src_key_padding_mask=self.pad))
+
+    for model, why in [(_TorchEncoder(mask="other"), "an attention mask other than the causal one"),
+                       (Padded(), "a key padding mask"),
+                       (_TorchEncoder(act=lambda t: t * 2), "feed-forward activation")]:
+        model.eval()
+        with pytest.raises(UnsupportedModelError, match=rf"module 'enc' \(TransformerEncoder\).*{why}"):
+            compile(model, x, sparse="never", fallback=False)
+        c = compile(model, x, sparse="never")
+        assert "module 'enc' (TransformerEncoder)" in c.fallback
+        with torch.no_grad():
+            assert _rel(c(x), model(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("expr", ["x * 3.0", "0.5 * x", "x / 4", "x + 1.5", "2 + x", "x - 0.25"])
+def test_scalar_arithmetic_is_an_affine_step(kernels, expr):
+    fn = eval(f"lambda x: {expr}")
+
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return fn(self.fc(x))
+
+    m = Scalar().eval()
+    x = torch.randn(3, 8)
+    c = compile(m, x, sparse="never", fallback=False)
+    assert [op.kind for op in c.ops] == ["linear", "affine"]
+    with torch.no_grad():
+        assert _rel(c(x), m(x)) <= 1e-6 and _rel(c.reference(x), m(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("cfg", [dict(k=2, s=2), dict(k=3, s=2, p=1, op=1), dict(k=3, s=1, p=1, bias=False),
+                                 dict(k=4, s=2, p=1, g=2), dict(k=3, s=2, d=2)])
+def test_conv_transpose_and_computed_pads_lower_natively(kernels, cfg):
+    """ConvTranspose2d (ATen's, as a plan step: stride, padding, output_padding, groups, dilation, no bias) and an
+    F.pad whose sizes come from the input's spatial sizes (a UNet's skip alignment)."""
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+            self.up = nn.ConvTranspose2d(8, 4, cfg["k"], stride=cfg["s"], padding=cfg.get("p", 0),
+                                         output_padding=cfg.get("op", 0), groups=cfg.get("g", 1),
+                                         dilation=cfg.get("d", 1), bias=cfg.get("bias", True))
+
+        def forward(self, x):
+            y = self.up(F.relu(self.conv(x)))
+            dy, dx = x.size(2) - y.size(2), x.size()[3] - y.size()[3]
+            y = F.pad(y, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+            return torch.cat([x, y], 1)
+
+    torch.manual_seed(0)
+    m = Up().eval()
+    x = torch.randn(2, 4, 11, 13)
+    c = compile(m, x, sparse="never", fallback=False)
+    kinds = [op.kind for op in c.ops]
+    assert "conv_transpose" in kinds and "pad" in kinds
+    with torch.no_grad():
+        for b in (2, 1, 3):
+            xb = torch.randn(b, 4, 11, 13)
+            assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4
 
 
 def test_batch_dependent_ops_stay_in_pytorch(kernels):

@@ -33,9 +33,13 @@ def short_message(exc: BaseException, limit: int = 240) -> str:
 class _Tracer(fx.Tracer):
     """fx tracer that keeps handled layers and the given paths as leaves and remembers where it failed."""
 
-    def __init__(self, opaque: set[str]):
+    def __init__(self, opaque: set[str], proxy_buffers: bool = False):
         super().__init__()
         self.opaque = opaque
+        # buffers read as graph values (get_attr nodes) instead of constants: needed where forward indexes one
+        # with a size computed from the input (pe[:, :x.size(1)]), harmful where forward takes Python values from
+        # one (range(buf.shape[0])), so trace_model tries it only when the plain trace left modules opaque
+        self.proxy_buffer_attributes = proxy_buffers
         self.failed_path: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -76,12 +80,33 @@ def trace_model(model: nn.Module, example_input=None) -> TracedModel:
     not run on the example input.
     """
     name = type(model).__name__
+    graph, opaque = _trace(model, name, proxy_buffers=False)
+    if opaque:  # a submodule that slices a buffer by the input's size traces with buffers as graph values
+        try:
+            graph2, opaque2 = _trace(model, name, proxy_buffers=True)
+        except UnsupportedModelError:
+            graph2, opaque2 = None, opaque
+        if graph2 is not None and len(opaque2) < len(opaque):
+            gm2 = fx.GraphModule(model, graph2, class_name=f"{name}Traced")
+            try:
+                if example_input is not None:
+                    propagate_shapes(gm2, example_input, name)
+                return TracedModel(gm2, opaque2)
+            except UnsupportedModelError:
+                pass  # keep the plain trace
+    gm = fx.GraphModule(model, graph, class_name=f"{name}Traced")
+    if example_input is not None:
+        propagate_shapes(gm, example_input, name)
+    return TracedModel(gm, opaque)
+
+
+def _trace(model: nn.Module, name: str, proxy_buffers: bool) -> tuple[fx.Graph, dict[str, str]]:
+    """fx-trace ``model``, keeping every submodule fx cannot trace into as an opaque leaf: (graph, opaque)."""
     opaque: dict[str, str] = {}
     for _ in range(_MAX_OPAQUE_RETRIES):
-        tracer = _Tracer(set(opaque))
+        tracer = _Tracer(set(opaque), proxy_buffers)
         try:
-            graph = tracer.trace(model)
-            break
+            return tracer.trace(model), opaque
         except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
             path = tracer.failed_path
             if not path or path in opaque:
@@ -89,12 +114,7 @@ def trace_model(model: nn.Module, example_input=None) -> TracedModel:
                     f"cannot trace {name} with torch.fx: {short_message(e)}"
                 ) from None
             opaque[path] = short_message(e)
-    else:  # pragma: no cover - pathological
-        raise UnsupportedModelError(f"cannot trace {name} with torch.fx: too many untraceable submodules")
-    gm = fx.GraphModule(model, graph, class_name=f"{name}Traced")
-    if example_input is not None:
-        propagate_shapes(gm, example_input, name)
-    return TracedModel(gm, opaque)
+    raise UnsupportedModelError(f"cannot trace {name} with torch.fx: too many untraceable submodules")  # pragma: no cover
 
 
 def propagate_shapes(gm: fx.GraphModule, example_input, model_name: str = "model") -> None:

@@ -10,7 +10,9 @@ view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval), the option-A s
 (multi-layer, bidirectional) GRU / LSTM with their output sequence (and the top row h_n[-1] of a unidirectional
 one), ``x[:, k]`` selects and means over one dim, ``F.scaled_dot_product_attention``, netcarve's
 ``MultiHeadSelfAttention`` and torch's ``nn.MultiheadAttention`` as self-attention without masks (both: packed qkv
-linear, one "mha" step, output linear).
+linear, one "mha" step, output linear), torch's ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` (layer by
+layer; an attention mask only if it is the causal one), a tensor times / divided by / plus / minus a Python number (an
+affine step). A permute undone by the next one and steps nobody reads are dropped.
 
 Everything else becomes a "python" step with ``fallback=True`` (runs of such nodes in graph order, each copied into a
 torch.fx sub-graph that PyTorch runs inside the plan), or an :class:`~netcarve.errors.UnsupportedModelError` naming
@@ -201,6 +203,45 @@ def _batch_expand(node: fx.Node) -> fx.Node | None:
     return a.args[0] if a.op == "call_method" else a.args[0].args[0]
 
 
+def _scalar_affine(node: fx.Node) -> tuple[fx.Node, float, float] | None:
+    """``(x, scale, shift)`` when ``node`` is a tensor times, divided by, plus or minus a Python number."""
+    if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+        return None
+    t, (a, b) = node.target, node.args
+
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if isinstance(a, fx.Node) and num(b):
+        x, c = a, float(b)
+    elif num(a) and isinstance(b, fx.Node) and t in (operator.mul, torch.mul, operator.add, torch.add):
+        x, c = b, float(a)
+    else:
+        return None
+    if t in (operator.mul, torch.mul):
+        return x, c, 0.0
+    if t in (operator.truediv, torch.div) and c != 0.0:
+        return x, 1.0 / c, 0.0
+    if t in (operator.add, torch.add):
+        return x, 1.0, c
+    if t in (operator.sub, torch.sub):
+        return x, 1.0, -c
+    return None
+
+
+def _is_causal_mask(t: torch.Tensor, n: int) -> bool:
+    """Whether ``t`` is the (n, n) causal attention mask: boolean True above the diagonal (masked) or additive
+    ``-inf`` above it and 0 elsewhere (``nn.Transformer.generate_square_subsequent_mask``)."""
+    if t.shape != (n, n):
+        return False
+    above = torch.ones(n, n, dtype=torch.bool).triu(1)
+    if t.dtype == torch.bool:
+        return bool(torch.equal(t, above))
+    if not t.is_floating_point():
+        return False
+    return bool((t[above] == float("-inf")).all() and (t[~above] == 0).all())
+
+
 def _step_name(node: fx.Node) -> str:
     """A step's name: the module path of a module call, else the node's name."""
     return str(node.target) if node.op == "call_module" else node.name
@@ -297,7 +338,8 @@ class Lowering:
             + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6/Hardtanh/clamp, GELU/SiLU/Sigmoid/Tanh/"
               "Hardswish/Hardsigmoid, LayerNorm, softmax, permute/transpose, add, mul, Max/AvgPool2d, "
               "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (also bidirectional), x[:, k], "
-              "mean, scaled_dot_product_attention, MultiheadAttention (self-attention without masks) (compile with "
+              "mean, scaled_dot_product_attention, MultiheadAttention (self-attention without masks), "
+              "TransformerEncoder(Layer) (no masks but the causal one) (compile with "
               "fallback=True to run the rest in PyTorch)")
 
     def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
@@ -583,6 +625,16 @@ class Lowering:
             if m.end_dim != -1:
                 self._unsupported(node, "Flatten with end_dim != -1")
             return self._emit(Op("flatten", name, [self._in(x, node)], p={"start": int(m.start_dim)}), node, x)
+        if isinstance(m, nn.ConvTranspose2d):
+            if m.padding_mode != "zeros" or len(node.args) > 1 or node.kwargs:
+                self._unsupported(node, "a padding mode other than zeros or an output_size argument")
+            pair = nn.modules.utils._pair
+            return self._emit(Op("conv_transpose", name, [self._in(x, node)], p={
+                "weight": m.weight.detach().float().contiguous(),
+                "bias": None if m.bias is None else m.bias.detach().float().contiguous(),
+                "stride": list(pair(m.stride)), "padding": list(pair(m.padding)),
+                "output_padding": list(pair(m.output_padding)), "dilation": list(pair(m.dilation)),
+                "groups": int(m.groups)}), node, x)
         if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
             return self._emit(Op("pad", name, [self._in(x, node)],
                                  p={"pads": [int(v) for v in m.padding], "value": float(getattr(m, "value", 0.0))}),
@@ -605,8 +657,10 @@ class Lowering:
                                                                                            "scale": None}), node, x)
         if type(m).__name__ == "MultiHeadSelfAttention" and isinstance(getattr(m, "qkv", None), nn.Linear):
             return self._mhsa(node, m)
-        if isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, nn.MultiheadAttention) or type(m).__name__ == "HeadPrunedMultiheadAttention":
             return self._torch_mha(node, m)
+        if isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
+            return self._torch_encoder(node, m)
         if type(m).__name__ == "ShortcutA":
             shape = _shape(node)
             cin = _shape(x)[1]
@@ -675,7 +729,8 @@ class Lowering:
                 return self._alias(node, src)
             if src in self._rnn_state:
                 return self._rnn_state_row(node, src, args[1])
-            if src.op == "call_module" and isinstance(self.modules.get(src.target), nn.MultiheadAttention):
+            if src.op == "call_module" and (isinstance(self.modules.get(src.target), nn.MultiheadAttention) or type(
+                    self.modules.get(src.target)).__name__ == "HeadPrunedMultiheadAttention"):
                 if args[1] != 0:
                     self._unsupported(node, "the attention weights (only the attention output, [0])")
                 return self._alias(node, src)
@@ -717,6 +772,13 @@ class Lowering:
             last, _, relu = self._fuse_tail(node, allow_add=False)
             return self._emit(Op("add", node.name, [self._in(args[0], node), self._in(args[1], node)],
                                  p={"relu": relu}), last, args[0])
+        if (scaled := _scalar_affine(node)) is not None:  # x * c, c * x, x / c, x + c, c + x, x - c
+            x, scale, shift = scaled
+            tm = x.meta.get("tensor_meta")
+            if tm is not None and tm.dtype.is_floating_point:
+                return self._emit(Op("affine", node.name, [self._in(x, node)],
+                                     p={"scale": torch.tensor(scale), "shift": torch.tensor(shift), "relu": False}),
+                                  node, x)
         if t in (operator.mul, torch.mul) and len(args) == 2 and all(isinstance(a, fx.Node) for a in args):
             return self._emit(Op("mul", node.name, [self._in(args[0], node), self._in(args[1], node)]), node, args[0])
         if t is torch.flatten:
@@ -730,13 +792,26 @@ class Lowering:
             xs = args[0]
             dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
             return self._emit(Op("cat", node.name, [self._in(a, node) for a in xs], p={"dim": int(dim)}), node)
+        if t is F.pad and isinstance(args[0], fx.Node):
+            pads = args[1] if len(args) > 1 else kw.get("pad")
+            mode = args[2] if len(args) > 2 else kw.get("mode", "constant")
+            value = args[3] if len(args) > 3 else kw.get("value", None)
+            pads = [_static_int(v) for v in pads] if isinstance(pads, (tuple, list)) else None
+            xs = _shape(args[0])
+            if (mode == "constant" and pads is not None and all(v is not None for v in pads) and xs is not None
+                    and len(pads) <= 2 * (len(xs) - 1) and (value is None or isinstance(value, (int, float)))):
+                # sizes computed from non-batch dims (a UNet's diffY // 2): constants of the plan's input geometry
+                return self._emit(Op("pad", node.name, [self._in(args[0], node)],
+                                     p={"pads": pads, "value": float(value or 0.0)}), node, args[0])
         if t is F.adaptive_avg_pool2d and nn.modules.utils._pair(args[1]) == (1, 1):
             return self._emit(Op("gap", node.name, [self._in(args[0], node)]), node, args[0])
         self._unsupported(node)
 
     def _rnn_state_row(self, node, src, index):
         """``h_n[k]`` of the top layer (``k = -1`` or ``num_layers - 1``; LSTM: ``(h_n, c_n)[0][k]``) is the output
-        sequence's last time step: lowered as that select. Lower layers' rows and ``c_n`` are not kept by the plan."""
+        sequence's last time step: lowered as that select; a bidirectional layer's ``h_n[-2]`` / ``h_n[-1]`` (forward /
+        backward direction) are the first / second half of the last / first step's features. Lower layers' rows and
+        ``c_n`` are not kept by the plan."""
         rnn, kind = self._rnn_state[src]
         m = self.modules[rnn.target]
         if kind == "hc":  # (h_n, c_n): take h_n, then a row of it
@@ -744,13 +819,24 @@ class Lowering:
                 self._unsupported(node, "the LSTM's final cell state c_n (only h_n's top row)")
             self._rnn_state[node] = (rnn, "h")
             return
-        L = int(m.num_layers)
-        if m.bidirectional:
-            self._unsupported(node, "the final state h_n of a bidirectional layer (read its output sequence instead)")
-        if type(index) is not int or not -L <= index < L or index % L != L - 1:
-            self._unsupported(node, f"row {index!r} of the final state h_n (only the top layer's, h_n[-1])")
+        if isinstance(index, tuple) and index and all(i == slice(None) for i in index[1:]):
+            index = index[0]  # h_n[-1, :, :]
+        L, dirs = int(m.num_layers), 2 if m.bidirectional else 1
+        rows = L * dirs
+        if type(index) is not int or not -rows <= index < rows or index % rows < rows - dirs:
+            self._unsupported(node, f"row {index!r} of the final state h_n (only the top layer's: "
+                                    f"{'h_n[-2] and h_n[-1]' if dirs == 2 else 'h_n[-1]'})")
         dim = 1 if m.batch_first else 0
-        return self._emit(Op("select", node.name, [self._in(rnn, node)], p={"dim": dim, "index": -1}), node, rnn)
+        if dirs == 1:
+            return self._emit(Op("select", node.name, [self._in(rnn, node)], p={"dim": dim, "index": -1}), node, rnn)
+        # bidirectional: the forward direction ends at the last step, the backward one at the first; each is one half
+        # of the output sequence's features
+        backward = index % rows == rows - 1
+        h = int(m.hidden_size)
+        row = self._emit_tmp(Op("select", f"{node.name}.step", [self._in(rnn, node)],
+                                p={"dim": dim, "index": 0 if backward else -1}))
+        return self._emit(Op("narrow", node.name, [row], p={"dim": 1, "start": h if backward else 0, "length": h}),
+                          node)
 
     def _mhsa(self, node, m):
         """netcarve's MultiHeadSelfAttention (a leaf of the pruning graph): qkv linear, one "mha" step (attention
@@ -773,11 +859,12 @@ class Lowering:
         self._emit(Op("linear", f"{name}.proj", [a], p=_linear_p(m.proj)), node, x)
         self.ops[-1].in_shape = (*xs[:2], heads * hd)
 
-    def _torch_mha(self, node, m: nn.MultiheadAttention):
-        """torch's ``nn.MultiheadAttention`` as self-attention (query, key and value one tensor, no masks): the packed
-        in-projection (its q | k | v rows, each heads x hd, are the layout of the "mha" step), one "mha" step and
-        out_proj; (T, B, E) inputs (batch_first=False) are permuted to (B, T, E) and back. Only the output (``[0]``)
-        is a plan value; the attention weights (``[1]``) are not computed."""
+    def _torch_mha(self, node, m: nn.Module):
+        """torch's ``nn.MultiheadAttention`` (or netcarve's ``HeadPrunedMultiheadAttention``) as self-attention (query,
+        key and value one tensor, no masks): the packed in-projection (its q | k | v rows, each heads x hd, are the
+        layout of the "mha" step), one "mha" step and out_proj; (T, B, E) inputs (batch_first=False) are permuted to
+        (B, T, E) and back. Only the output (``[0]``) is a plan value; the attention weights (``[1]``) are not
+        computed."""
         a, kw = list(node.args), dict(node.kwargs)
         names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
                  "is_causal")
@@ -788,30 +875,135 @@ class Lowering:
             self._unsupported(node, "attention other than self-attention (query, key and value one tensor)")
         if v.get("key_padding_mask") is not None or v.get("attn_mask") is not None or v.get("is_causal", False):
             self._unsupported(node, "attention with a mask")
-        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or m.in_proj_weight is None:
-            self._unsupported(node, "kdim / vdim, add_bias_kv or add_zero_attn")
+        self._check_mha(node, m)
         xs = _shape(q)
         if xs is None or len(xs) != 3:
             self._unsupported(node, "attention input not 3-d")
-        heads, e = int(m.num_heads), int(m.embed_dim)
         name = str(node.target)
         x = self._in(q, node)
         bt = tuple(xs) if m.batch_first else (xs[1], xs[0], xs[2])
         if not m.batch_first:
             x = self._emit_tmp(Op("permute", f"{name}.batch_first", [x], p={"dims": [1, 0, 2]}))
-        qkv = self._emit_tmp(Op("linear", f"{name}.in_proj", [x],
-                                p=_linear_p(None, weight=m.in_proj_weight, bias=m.in_proj_bias)))
-        self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], 3 * e)
-        y = self._emit_tmp(Op("mha", f"{name}.matmul", [qkv], p={"heads": heads, "causal": False, "scale": None}))
-        proj = Op("linear", f"{name}.out_proj", [y], p=_linear_p(m.out_proj))
+        y = self._mha_steps(name, m, x, bt, causal=False)
         if m.batch_first:
-            self._emit(proj, node)
+            self.val[node] = y
         else:
-            y = self._emit_tmp(proj)
-            self._emit(Op("permute", f"{name}.seq_first", [y], p={"dims": [1, 0, 2]}), node)
-        proj.in_shape, proj.out_shape = bt, bt
+            self.val[node] = self._emit_tmp(Op("permute", f"{name}.seq_first", [y], p={"dims": [1, 0, 2]}))
         self.ops[-1].out_shape = tuple(xs)  # (the node's result is the (output, weights) tuple)
         self._partial.add(node)
+
+    def _check_mha(self, node, m: nn.Module) -> None:
+        if isinstance(m, nn.MultiheadAttention):
+            if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or m.in_proj_weight is None:
+                self._unsupported(node, "kdim / vdim, add_bias_kv or add_zero_attn")
+        elif type(m).__name__ != "HeadPrunedMultiheadAttention":
+            self._unsupported(node, f"attention module {type(m).__name__}")
+
+    def _mha_steps(self, name: str, m: nn.Module, x: int, bt: tuple[int, ...], causal: bool) -> int:
+        """in_proj linear, "mha" step, out_proj linear on plan value ``x`` of shape ``bt`` = (B, T, E): the output's
+        value id."""
+        width = int(m.in_proj_weight.shape[0])
+        qkv = self._emit_tmp(Op("linear", f"{name}.in_proj", [x],
+                                p=_linear_p(None, weight=m.in_proj_weight, bias=m.in_proj_bias)))
+        self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], width)
+        y = self._emit_tmp(Op("mha", f"{name}.matmul", [qkv], p={"heads": int(m.num_heads), "causal": bool(causal),
+                                                                 "scale": None}))
+        self.ops[-1].in_shape, self.ops[-1].out_shape = (*bt[:2], width), (*bt[:2], width // 3)
+        y = self._emit_tmp(Op("linear", f"{name}.out_proj", [y], p=_linear_p(m.out_proj)))
+        self.ops[-1].in_shape, self.ops[-1].out_shape = (*bt[:2], width // 3), bt
+        return y
+
+    def _torch_encoder(self, node, m: nn.Module):
+        """torch's ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` (fx cannot trace into them: fast-path
+        checks), lowered layer by layer as their eval-mode regular path computes it: self-attention (as
+        :meth:`_torch_mha`; an attention mask only if it is the causal one, read from a parameter or buffer), residual
+        additions, LayerNorms before (``norm_first``) or after, the feed-forward linears with ReLU fused into the
+        first (GELU or another netcarve activation as its own step), and the encoder's final ``norm``. Dropout is the
+        identity (eval). (T, B, E) inputs are permuted to (B, T, E) once for the whole stack."""
+        encoder = isinstance(m, nn.TransformerEncoder)
+        layers = list(m.layers) if encoder else [m]
+        names = ("src", "mask" if encoder else "src_mask", "src_key_padding_mask", "is_causal")
+        v = dict(zip(names, node.args))
+        v.update(node.kwargs)
+        if v.get("src_key_padding_mask") is not None:
+            self._unsupported(node, "a key padding mask")
+        src = v.get("src")
+        xs = _shape(src) if isinstance(src, fx.Node) else None
+        if xs is None or len(xs) != 3:
+            self._unsupported(node, "an input that is not a batch of sequences (3-d)")
+        for layer in layers:
+            if not isinstance(layer, nn.TransformerEncoderLayer):
+                self._unsupported(node, f"an encoder layer of type {type(layer).__name__}")
+            self._check_mha(node, layer.self_attn)
+        batch_first = bool(layers[0].self_attn.batch_first)
+        bt = tuple(xs) if batch_first else (xs[1], xs[0], xs[2])
+        mask = v.get(names[1])
+        causal = False
+        if mask is not None:
+            t = self._attr(mask)
+            if t is None:
+                self._unsupported(node, "an attention mask computed in forward (only the causal mask, read from a "
+                                        "parameter or buffer)")
+            if not _is_causal_mask(t, bt[1]):
+                self._unsupported(node, "an attention mask other than the causal one")
+            causal = True
+        name = str(node.target)
+        x = self._in(src, node)
+        if not batch_first:
+            x = self._emit_tmp(Op("permute", f"{name}.batch_first", [x], p={"dims": [1, 0, 2]}))
+        for i, layer in enumerate(layers):
+            x = self._encoder_layer(node, f"{name}.layers.{i}" if encoder else name, layer, x, bt, causal)
+        if encoder and m.norm is not None:
+            x = self._ln_tmp(node, f"{name}.norm", m.norm, x)
+        if not batch_first:
+            x = self._emit_tmp(Op("permute", f"{name}.seq_first", [x], p={"dims": [1, 0, 2]}))
+        self.ops[-1].out_shape = tuple(xs)
+        self.val[node] = x
+
+    def _ln_tmp(self, node, name: str, ln: nn.Module, x: int) -> int:
+        if not isinstance(ln, nn.LayerNorm):
+            self._unsupported(node, f"{name} of type {type(ln).__name__} (LayerNorm only)")
+        ts = [None if t is None else t.detach().float().contiguous() for t in (ln.weight, ln.bias)]
+        return self._emit_tmp(Op("layernorm", name, [x], p={"shape": list(ln.normalized_shape), "weight": ts[0],
+                                                             "bias": ts[1], "eps": float(ln.eps)}))
+
+    def _encoder_layer(self, node, name: str, layer: nn.TransformerEncoderLayer, x: int, bt, causal: bool) -> int:
+        act = layer.activation
+        relu = act is F.relu or act is torch.relu or type(act) is nn.ReLU
+        fn = None
+        if not relu:
+            if act is F.gelu or (type(act) is nn.GELU and act.approximate == "none"):
+                fn = "gelu"
+            elif type(act) is nn.GELU:
+                fn = "gelu_tanh"
+            elif type(act) in _UNARY_MODULES:
+                fn = _UNARY_MODULES[type(act)]
+            elif act in _UNARY_FUNCTIONS:
+                fn = _UNARY_FUNCTIONS[act]
+            else:
+                self._unsupported(node, f"{name}: feed-forward activation {act!r}")
+        width = int(layer.linear1.out_features)
+
+        def attention(h):
+            return self._mha_steps(f"{name}.self_attn", layer.self_attn, h, bt, causal)
+
+        def feed_forward(h):
+            f = self._emit_tmp(Op("linear", f"{name}.linear1", [h], p=_linear_p(layer.linear1, relu)))
+            self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], width)
+            if fn is not None:
+                f = self._emit_tmp(Op("unary", f"{name}.activation", [f], p={"fn": fn}))
+            f = self._emit_tmp(Op("linear", f"{name}.linear2", [f], p=_linear_p(layer.linear2)))
+            self.ops[-1].in_shape, self.ops[-1].out_shape = (*bt[:2], width), bt
+            return f
+
+        def add(a, b, suffix):
+            return self._emit_tmp(Op("add", f"{name}.{suffix}", [a, b], p={"relu": False}))
+
+        if layer.norm_first:
+            x = add(x, attention(self._ln_tmp(node, f"{name}.norm1", layer.norm1, x)), "add1")
+            return add(x, feed_forward(self._ln_tmp(node, f"{name}.norm2", layer.norm2, x)), "add2")
+        x = self._ln_tmp(node, f"{name}.norm1", layer.norm1, add(x, attention(x), "add1"))
+        return self._ln_tmp(node, f"{name}.norm2", layer.norm2, add(x, feed_forward(x), "add2"))
 
     def _split_item(self, node, src, i: int):
         """``x.unbind(d)[i]`` -> select; ``x.chunk(n, d)[i]`` -> narrow (static sizes: not along dim 0)."""
@@ -947,7 +1139,40 @@ class Lowering:
                     break
             else:  # pragma: no cover - a cycle cannot come out of an fx graph
                 raise UnsupportedModelError(f"runtime: {self.name}: cannot order the plan's steps")
-        return order
+        return self._prune(order)
+
+    def _prune(self, order: list[Op]) -> list[Op]:
+        """Drop a permute undone by the next one (a model's ``transpose(0, 1)`` before a sequence-first module whose
+        lowering permutes back) when nothing else reads its result, and ops whose results nothing reads (a mask
+        the attention step replaced by its causal flag)."""
+        def readers():
+            n: dict[int, int] = {}
+            for op in order:
+                for i in op.inputs:
+                    n[i] = n.get(i, 0) + 1
+            n[self.output] = n.get(self.output, 0) + 1
+            return n
+
+        by_out = {op.out: op for op in order if op.kind != "python"}
+        reads = readers()
+        rename: dict[int, int] = {}
+        drop: set[int] = set()
+        for op in order:
+            op.inputs = [rename.get(i, i) for i in op.inputs]
+            a = by_out.get(op.inputs[0]) if op.kind == "permute" and op.inputs else None
+            if a is not None and a.kind == "permute" and reads.get(a.out) == 1 and id(a) not in drop:
+                d1, d2 = a.p["dims"], op.p["dims"]
+                if len(d1) == len(d2) and all(d1[d2[i]] == i for i in range(len(d2))):
+                    drop.update((id(a), id(op)))
+                    rename[op.out] = a.inputs[0]
+        self.output = rename.get(self.output, self.output)
+        order = [op for op in order if id(op) not in drop]
+        while True:  # dead ops (python steps are kept: their sub-graph is one unit)
+            reads = readers()
+            live = [op for op in order if op.kind == "python" or reads.get(op.out)]
+            if len(live) == len(order):
+                return order
+            order = live
 
 
 def lower(model: nn.Module, example_input: torch.Tensor, fallback: bool = False) -> tuple[list[Op], int, int]:
@@ -1031,6 +1256,9 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
         return F.pad(y, (0, 0, 0, 0, p["before"], p["channels"] - y.shape[1] - p["before"]))
     if k == "pad":
         return F.pad(x, p["pads"], value=p["value"])
+    if k == "conv_transpose":
+        return F.conv_transpose2d(x, p["weight"], p["bias"], p["stride"], p["padding"], p["output_padding"],
+                                  p["groups"], p["dilation"])
     if k == "select":
         return x.select(p["dim"], p["index"])
     if k == "mean":
@@ -1171,6 +1399,9 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             plan.add_cat(n, op.inputs, op.out, p["dim"])
         elif op.kind == "pad":
             plan.add_pad(n, op.inputs[0], op.out, p["pads"], p["value"])
+        elif op.kind == "conv_transpose":
+            plan.add_conv_transpose(n, op.inputs[0], op.out, p["weight"], p["bias"],
+                                    [*p["stride"], *p["padding"], *p["output_padding"], *p["dilation"], p["groups"]])
         elif op.kind == "python":
             plan.add_python(n, op.inputs, p["outs"], p["fn"])
         elif op.kind == "const":

@@ -37,7 +37,7 @@ struct LanesCache {
   }
 };
 
-enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA, EXPAND, EMBEDDING, LANES_IN, LANES_OUT, LANES_CONV, LANES_POOL };
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA, EXPAND, EMBEDDING, LANES_IN, LANES_OUT, LANES_CONV, LANES_POOL, CONVT };
 
 struct Step {
   Kind kind;
@@ -221,6 +221,17 @@ class Plan {
     push(std::move(s));
   }
   // constant padding of the last two dims: pads = {left, right, top, bottom}
+  // ConvTranspose2d by ATen (ints: stride h, w, padding h, w, output_padding h, w, dilation h, w, groups; ts: the
+  // weight and, if any, the bias)
+  void add_conv_transpose(const std::string& name, int64_t in, int64_t out, torch::Tensor weight,
+                          c10::optional<torch::Tensor> bias, std::vector<int64_t> ints) {
+    TORCH_CHECK(ints.size() == 9, name, ": conv transpose takes 9 ints");
+    Step s{CONVT, name, {in}, out};
+    s.ts = {weight.contiguous()};
+    if (bias) s.ts.push_back(bias->contiguous());
+    s.ints = std::move(ints);
+    push(std::move(s));
+  }
   void add_pad(const std::string& name, int64_t in, int64_t out, std::vector<int64_t> pads, double value) {
     Step s{PAD, name, {in}, out};
     s.ints = pads;
@@ -473,6 +484,8 @@ class Plan {
     switch (s.kind) {
       case CONV:
         return s.conv_kernel != 0;
+      case CONVT:
+        return false;
       case LINEAR:
         return s.mats[0].native(x.dim() == 2 ? x : x.reshape({-1, x.size(-1)}));
       case RNN:
@@ -541,6 +554,7 @@ class Plan {
   static bool team_kind(const Step& s) {
     if (s.kind == PYTHON) return false;
     if (s.kind == CONV) return s.conv_kernel != 0;
+    if (s.kind == CONVT) return false;
     if (s.kind == RNN) return s.sparse;
     return true;
   }
@@ -804,6 +818,12 @@ class Plan {
       }
       case PAD:
         return at::constant_pad_nd(x, s.ints, s.floats[0]);
+      case CONVT: {
+        const auto& q = s.ints;
+        c10::optional<torch::Tensor> b;
+        if (s.ts.size() > 1) b = s.ts[1];
+        return at::conv_transpose2d(x, s.ts[0], b, {q[0], q[1]}, {q[2], q[3]}, {q[4], q[5]}, q[8], {q[6], q[7]});
+      }
       case CAT: {
         std::vector<torch::Tensor> xs;
         for (auto i : s.in) xs.push_back(v[i]);
@@ -1048,6 +1068,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_expand", &Plan::add_expand)
       .def("add_embedding", &Plan::add_embedding)
       .def("add_pad", &Plan::add_pad)
+      .def("add_conv_transpose", &Plan::add_conv_transpose)
       .def("add_rnn", &Plan::add_rnn)
       .def("add_select", &Plan::add_select)
       .def("add_mean", &Plan::add_mean)

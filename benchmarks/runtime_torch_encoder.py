@@ -1,0 +1,176 @@
+"""A model built on torch's ``nn.TransformerEncoder`` in netcarve's runtime: the encoder lowered natively (attention,
+LayerNorms, feed-forward linears as plan steps, so block-sparse weights run the BSR kernel) against the same plan
+with the encoder left to PyTorch as one python step (what the runtime did before it lowered the module), eager
+PyTorch, onnxruntime and OpenVINO.
+
+    python benchmarks/runtime_torch_encoder.py --threads 2 --out benchmarks/results/runtime_torch_encoder-zen4.json
+
+The model: pytorch/examples' word_language_model ``TransformerModel`` (``benchmarks/coverage_models.py``
+``TransformerLM``: embedding * sqrt(d), sinusoidal positions, ``nn.TransformerEncoder`` with the causal mask as a
+buffer, a vocabulary decoder, log-softmax; batch first) at d_model 256, 4 heads, feed-forward 1024, 2 layers, vocabulary
+5000, 32 tokens; random weights (latency does not depend on the values). Sparse variant: every linear's weight (the
+attention in-projections too) pruned to 90% in 4x16 blocks by netcarve's block scheme.
+
+1. netcarve and eager PyTorch in this process (they share torch's thread pool), alternated per round: the median of
+   ``--repeats`` calls per round, the minimum over ``--rounds`` rounds; every variant's output checked against the
+   model.
+2. onnxruntime and OpenVINO with ``netcarve.measure.measure_latency`` (each in its own process; the dense model and
+   the sparse one, which those engines run as dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+
+
+def _coverage_models():
+    spec = importlib.util.spec_from_file_location("coverage_models", HERE / "coverage_models.py")
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+    return cm
+
+
+def build(sparse: bool) -> nn.Module:
+    from netcarve.sparsity import make_scheme
+
+    cm = _coverage_models()
+    torch.manual_seed(0)
+    m = cm.TransformerLM(ntoken=5000, ninp=256, nhead=4, nhid=1024, nlayers=2, dropout=0.2, seq_len=32).eval()
+    if sparse:
+        blk = make_scheme("block", block=[4, 16])
+        with torch.no_grad():
+            for mod in m.modules():
+                for name in ("weight", "in_proj_weight"):
+                    w = getattr(mod, name, None)
+                    if isinstance(mod, (nn.Linear, nn.MultiheadAttention)) and isinstance(w, nn.Parameter):
+                        w.mul_(blk.project(w, 0.9))
+    return m
+
+
+def _median_ms(fn, x, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def _encoder_in_pytorch():
+    """A context that makes the plan leave ``nn.TransformerEncoder`` to PyTorch (the runtime before it lowered it)."""
+    from netcarve.runtime.plan import Lowering
+
+    class Ctx:
+        def __enter__(self):
+            self.orig = Lowering._torch_encoder
+            Lowering._torch_encoder = lambda self_, node, m: self_._unsupported(node, "left to PyTorch (benchmark)")
+
+        def __exit__(self, *exc):
+            Lowering._torch_encoder = self.orig
+
+    return Ctx()
+
+
+def in_process(batches, threads: int, rounds: int, repeats: int) -> dict:
+    from netcarve.runtime import compile as ncompile
+
+    torch.set_num_threads(threads)
+    out = {}
+    for b in batches:
+        x = torch.randint(0, 5000, (b, 32))
+        variants, ref = {}, {}
+        for sparse in (False, True):
+            m = build(sparse)
+            tag = "sparse" if sparse else "dense"
+            with torch.no_grad():
+                ref[tag] = m(x)
+                variants[f"torch eager, {tag}"] = (m, tag)
+                with _encoder_in_pytorch():
+                    c = ncompile(m, x, sparse="auto")
+                assert any("TransformerEncoder" in f for f in c.fallback), c.fallback
+                variants[f"netcarve, encoder in PyTorch, {tag}"] = (c, tag)
+                c = ncompile(m, x, sparse="auto", fallback=False)
+                variants[f"netcarve, native, {tag}"] = (c, tag)
+                if sparse:
+                    choice = {lc.name: lc.choice for lc in c.layers}
+                    sparse_linears = sorted(k for k, v in choice.items() if v == "sparse")
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        errors = {}
+        with torch.no_grad():
+            for name, (fn, tag) in variants.items():
+                errors[name] = float((fn(x) - ref[tag]).abs().max() / ref[tag].abs().max())
+                assert errors[name] <= 1e-4, (name, errors[name])
+            for _ in range(rounds):
+                for name, (fn, _tag) in variants.items():
+                    for _ in range(5):
+                        fn(x)
+                    times[name].append(_median_ms(fn, x, repeats))
+        best = {k: min(v) for k, v in times.items()}
+        out[f"batch{b}"] = {"ms": best, "rounds_ms": times, "max_rel_error": errors,
+                            "sparse_linears_on_bsr": sparse_linears}
+        print(f"batch {b}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in best.items()), file=sys.stderr)
+    return out
+
+
+def engines(batches, threads: int, rounds: int) -> dict:
+    from netcarve.measure.latency import engine_available, measure_latency
+
+    out: dict = {}
+    for engine in ("onnxruntime", "openvino"):
+        if not engine_available(engine):
+            out[engine] = "not installed"
+            continue
+        for b in batches:
+            x = torch.randint(0, 5000, (b, 32))
+            for sparse in (False, True):
+                r = measure_latency(build(sparse), x, engine=engine, threads=threads, repeats=50, rounds=rounds)
+                out.setdefault(engine, {})[f"batch{b}, {'sparse' if sparse else 'dense'}"] = r.p50_ms
+                print(f"{engine} batch {b} {'sparse' if sparse else 'dense'}: {r.p50_ms:.3f} ms", file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--out", default=str(HERE / "results" / "runtime_torch_encoder.json"))
+    a = p.parse_args()
+    from netcarve.measure.env import environment
+
+    res = {"benchmark": "runtime_torch_encoder", "command": "python " + " ".join(sys.argv),
+           "model": "word_language_model TransformerModel: d 256, 4 heads, ff 1024, 2 layers, vocab 5000, 32 tokens",
+           "sparse": "every linear (and attention in-projection) weight 90% zero in 4x16 blocks",
+           "threads": a.threads, "env": environment(threads=a.threads)}
+    res["netcarve_and_torch"] = in_process(a.batches, a.threads, a.rounds, a.repeats)
+    res["engines_p50_ms"] = engines(a.batches, a.threads, a.rounds)
+    for b in a.batches:
+        ms = res["netcarve_and_torch"][f"batch{b}"]["ms"]
+        ratios = {f"native vs encoder in PyTorch, {t}": ms[f"netcarve, encoder in PyTorch, {t}"] /
+                  ms[f"netcarve, native, {t}"] for t in ("dense", "sparse")}
+        ratios["native sparse vs native dense"] = ms["netcarve, native, dense"] / ms["netcarve, native, sparse"]
+        for engine in ("onnxruntime", "openvino"):
+            e = res["engines_p50_ms"].get(engine)
+            if isinstance(e, dict):
+                ratios[f"native sparse vs {engine} dense"] = e[f"batch{b}, dense"] / ms["netcarve, native, sparse"]
+        res["netcarve_and_torch"][f"batch{b}"]["speedups"] = ratios
+        print(f"batch {b}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
