@@ -1172,6 +1172,35 @@ def test_torch_transformer_encoder_sparse_and_unsupported(kernels):
             assert _rel(c(x), model(x)) <= 1e-4
 
 
+def test_values_built_from_static_sizes_are_constants(kernels):
+    """A causal mask and position ids built in forward from the input's length are folded into constants (the mask
+    then becomes the attention step's causal flag); values that depend on the batch size or are random are not."""
+
+    class Built(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.pos = nn.Embedding(8, 16)
+
+        def forward(self, x):
+            mask = nn.Transformer.generate_square_subsequent_mask(x.size(1))
+            h = x + self.pos(torch.arange(x.size(1))) + torch.zeros_like(x[:, :1, :1])  # batch-sized: not a constant
+            return self.enc(h, mask=mask, is_causal=True) * torch.rand(1).ge(2).float().add(1)  # random: not either
+
+    torch.manual_seed(0)
+    m = Built().eval()
+    x = torch.randn(2, 5, 16)
+    c = compile(m, x, sparse="never")
+    consts = [op.name for op in c.ops if op.kind == "const"]
+    assert "arange" in consts and "triu" not in consts and not any("zeros" in n or "rand" in n for n in consts)
+    assert [op.p["causal"] for op in c.ops if op.kind == "mha"] == [True]
+    with torch.no_grad():
+        for b in (2, 1, 3):
+            xb = torch.randn(b, 5, 16)
+            assert _rel(c(xb), m(xb)) <= 1e-4
+
+
 @pytest.mark.parametrize("expr", ["x * 3.0", "0.5 * x", "x / 4", "x + 1.5", "2 + x", "x - 0.25"])
 def test_scalar_arithmetic_is_an_affine_step(kernels, expr):
     fn = eval(f"lambda x: {expr}")

@@ -258,9 +258,16 @@ def test_class_token_expand_is_native(kernels):
         for b in (2, 1, 4):
             xb = torch.randn(b, 5, 16)
             assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4
-        # a literal batch size (eager semantics at other batches) stays PyTorch's
-        c2 = compile(_ClassToken(literal=True).eval(), torch.randn(2, 5, 16))
-        assert "python" in [op.kind for op in c2.ops]
+        # a literal batch size does not depend on the input: the expanded token is a constant of that batch, so other
+        # batches fail as in eager PyTorch
+        m2 = _ClassToken(literal=True).eval()
+        c2 = compile(m2, torch.randn(2, 5, 16), fallback=False)
+        assert "expand" not in [op.kind for op in c2.ops] and c2.ops[0].p["value"].shape == (2, 1, 16)
+        x2 = torch.randn(2, 5, 16)
+        assert _rel(c2(x2), m2(x2)) <= 1e-4
+        for fn in (m2, c2):
+            with pytest.raises(RuntimeError):
+                fn(torch.randn(3, 5, 16))
 
 
 @pytest.mark.parametrize("shape", [(1, 65, 3, 64), (2, 33, 4, 24), (1, 7, 2, 17), (3, 16, 1, 16)])

@@ -12,7 +12,8 @@ one), ``x[:, k]`` selects and means over one dim, ``F.scaled_dot_product_attenti
 ``MultiHeadSelfAttention`` and torch's ``nn.MultiheadAttention`` as self-attention without masks (both: packed qkv
 linear, one "mha" step, output linear), torch's ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` (layer by
 layer; an attention mask only if it is the causal one), a tensor times / divided by / plus / minus a Python number (an
-affine step). A permute undone by the next one and steps nobody reads are dropped.
+affine step). Values built in forward from constants and the input's non-batch sizes (a causal mask, position ids)
+are folded into constants; a permute undone by the next one and steps nobody reads are dropped.
 
 Everything else becomes a "python" step with ``fallback=True`` (runs of such nodes in graph order, each copied into a
 torch.fx sub-graph that PyTorch runs inside the plan), or an :class:`~netcarve.errors.UnsupportedModelError` naming
@@ -203,6 +204,13 @@ def _batch_expand(node: fx.Node) -> fx.Node | None:
     return a.args[0] if a.op == "call_method" else a.args[0].args[0]
 
 
+_NOT_CONST = object()
+# functions never folded into constants (random or uninitialised values)
+_NONDETERMINISTIC = ("rand", "normal", "bernoulli", "dropout", "empty", "multinomial", "poisson", "uniform",
+                     "exponential", "geometric", "cauchy")
+_MAX_CONST_NUMEL = 1 << 22
+
+
 def _scalar_affine(node: fx.Node) -> tuple[fx.Node, float, float] | None:
     """``(x, scale, shift)`` when ``node`` is a tensor times, divided by, plus or minus a Python number."""
     if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
@@ -308,6 +316,7 @@ class Lowering:
         self.fallback_nodes: list[str] = []
         self._partial: set[fx.Node] = set()
         self._order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        self._consts: dict[fx.Node, Any] = {}  # _const's memo
 
     # ---- helpers
     def _new(self, node: fx.Node) -> int:
@@ -514,6 +523,45 @@ class Lowering:
         for part in str(node.target).split("."):
             obj = getattr(obj, part, None)
         return obj.detach().clone().contiguous() if isinstance(obj, torch.Tensor) else None
+
+    def _const(self, a: Any) -> Any:
+        """The value of ``a`` when it does not depend on the input's values nor its batch size (literals, parameters
+        and buffers, non-batch sizes of the input, and deterministic functions / methods of those, e.g. a causal
+        mask or position ids built in forward from ``x.size(1)``), else :data:`_NOT_CONST`."""
+        if isinstance(a, (tuple, list)):
+            vals = [self._const(v) for v in a]
+            return _NOT_CONST if any(v is _NOT_CONST for v in vals) else type(a)(vals)
+        if isinstance(a, dict):
+            vals = {k: self._const(v) for k, v in a.items()}
+            return _NOT_CONST if any(v is _NOT_CONST for v in vals.values()) else vals
+        if isinstance(a, slice):
+            b = self._const([a.start, a.stop, a.step])
+            return _NOT_CONST if b is _NOT_CONST else slice(*b)
+        if not isinstance(a, fx.Node):
+            return a
+        if a in self._consts:
+            return self._consts[a]
+        self._consts[a] = v = _NOT_CONST
+        if a.op == "get_attr":
+            t = self._attr(a)
+            v = _NOT_CONST if t is None else t
+        elif _shape_index(a) is not None:
+            k = _static_int(a)
+            v = _NOT_CONST if k is None else k
+        elif a.op in ("call_function", "call_method") and not _is_shape_query(a):
+            name = a.target if isinstance(a.target, str) else getattr(a.target, "__name__", "")
+            args, kwargs = self._const(list(a.args)), self._const(dict(a.kwargs))
+            if not any(w in name.lower() for w in _NONDETERMINISTIC) and _NOT_CONST not in (args, kwargs):
+                try:
+                    with torch.no_grad():
+                        v = (a.target(*args, **kwargs) if a.op == "call_function"
+                             else getattr(args[0], a.target)(*args[1:], **kwargs))
+                except Exception:  # noqa: BLE001 - not foldable: lowered (or refused) as usual
+                    v = _NOT_CONST
+                if isinstance(v, torch.Tensor) and v.numel() > _MAX_CONST_NUMEL:
+                    v = _NOT_CONST
+        self._consts[a] = v
+        return v
 
     def _unary(self, node, x, fn: str):
         return self._emit(Op("unary", _step_name(node),
@@ -743,6 +791,8 @@ class Lowering:
                 return self._split_item(node, src, args[1])
         if _shape(node) is None:  # shape arithmetic (x.shape[1], ...): only feeds module arguments
             return
+        if isinstance(c := self._const(node), torch.Tensor):  # built from constants and static sizes: a constant
+            return self._emit(Op("const", node.name, [], p={"value": c.detach().clone().contiguous()}), node)
         if t in _RELU_FNS:
             return self._emit(Op("relu", node.name, [self._in(args[0], node)]), node, args[0])
         kw = node.kwargs
@@ -940,10 +990,10 @@ class Lowering:
         mask = v.get(names[1])
         causal = False
         if mask is not None:
-            t = self._attr(mask)
-            if t is None:
-                self._unsupported(node, "an attention mask computed in forward (only the causal mask, read from a "
-                                        "parameter or buffer)")
+            t = self._const(mask)
+            if not isinstance(t, torch.Tensor):
+                self._unsupported(node, "an attention mask computed from the input (only the causal mask, read from "
+                                        "a parameter or buffer or built from the input's length)")
             if not _is_causal_mask(t, bt[1]):
                 self._unsupported(node, "an attention mask other than the causal one")
             causal = True
@@ -1072,6 +1122,8 @@ class Lowering:
         t = node.target
         if _shape(node) is None:
             return
+        if isinstance(c := self._const(node), torch.Tensor):
+            return self._emit(Op("const", node.name, [], p={"value": c.detach().clone().contiguous()}), node)
         x = node.args[0]
         if t in ("relu", "relu_"):
             return self._emit(Op("relu", node.name, [self._in(x, node)]), node, x)
