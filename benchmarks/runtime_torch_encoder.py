@@ -13,7 +13,8 @@ attention in-projections too) pruned to 90% in 4x16 blocks by netcarve's block s
 
 1. netcarve and eager PyTorch in this process (they share torch's thread pool), alternated per round: the median of
    ``--repeats`` calls per round, the minimum over ``--rounds`` rounds; every variant's output checked against the
-   model.
+   model. The dense plan also runs with its linears switched from netcarve's dense panel kernel (the autotuner's
+   "direct" choice) to ATen's addmm (``set_direct_linear(False)``), the same plan otherwise.
 2. onnxruntime and OpenVINO with ``netcarve.measure.measure_latency`` (each in its own process; the dense model and
    the sparse one, which those engines run as dense).
 """
@@ -82,6 +83,22 @@ def _encoder_in_pytorch():
     return Ctx()
 
 
+def _aten_linears(plan):
+    """``plan`` called with netcarve's dense panel linears switched to ATen's addmm (``set_direct_linear(False)``)."""
+    from netcarve.runtime import load_kernels
+
+    mod = load_kernels()
+
+    def call(x):
+        mod.set_direct_linear(False)
+        try:
+            return plan(x)
+        finally:
+            mod.set_direct_linear(True)
+
+    return call
+
+
 def in_process(batches, threads: int, rounds: int, repeats: int) -> dict:
     from netcarve.runtime import compile as ncompile
 
@@ -102,9 +119,13 @@ def in_process(batches, threads: int, rounds: int, repeats: int) -> dict:
                 variants[f"netcarve, encoder in PyTorch, {tag}"] = (c, tag)
                 c = ncompile(m, x, sparse="auto", fallback=False)
                 variants[f"netcarve, native, {tag}"] = (c, tag)
+                if not sparse:  # the same plan with its dense linears on ATen's addmm instead of the panel kernel
+                    variants[f"netcarve, native, {tag}, ATen linears"] = (_aten_linears(c), tag)
                 if sparse:
                     choice = {lc.name: lc.choice for lc in c.layers}
                     sparse_linears = sorted(k for k, v in choice.items() if v == "sparse")
+                else:
+                    dense_choices = {lc.name: lc.choice for lc in c.layers}
         times: dict[str, list[float]] = {k: [] for k in variants}
         errors = {}
         with torch.no_grad():
@@ -118,7 +139,7 @@ def in_process(batches, threads: int, rounds: int, repeats: int) -> dict:
                     times[name].append(_median_ms(fn, x, repeats))
         best = {k: min(v) for k, v in times.items()}
         out[f"batch{b}"] = {"ms": best, "rounds_ms": times, "max_rel_error": errors,
-                            "sparse_linears_on_bsr": sparse_linears}
+                            "sparse_linears_on_bsr": sparse_linears, "dense_model_linear_kernels": dense_choices}
         print(f"batch {b}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in best.items()), file=sys.stderr)
     return out
 
@@ -161,6 +182,8 @@ def main() -> None:
         ratios = {f"native vs encoder in PyTorch, {t}": ms[f"netcarve, encoder in PyTorch, {t}"] /
                   ms[f"netcarve, native, {t}"] for t in ("dense", "sparse")}
         ratios["native sparse vs native dense"] = ms["netcarve, native, dense"] / ms["netcarve, native, sparse"]
+        ratios["dense: panel linears vs ATen linears"] = (ms["netcarve, native, dense, ATen linears"] /
+                                                          ms["netcarve, native, dense"])
         for engine in ("onnxruntime", "openvino"):
             e = res["engines_p50_ms"].get(engine)
             if isinstance(e, dict):

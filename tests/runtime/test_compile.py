@@ -413,7 +413,7 @@ def _expected_choices(c) -> list[str]:
     chosen = (c.plan_check or {}).get("chosen", "tuned")
     want = []
     for lc in c.layers:
-        times = {"dense": lc.dense_ms, **({"direct": lc.direct_ms} if lc.kind == "conv" else {})}
+        times = {"dense": lc.dense_ms, **({"direct": lc.direct_ms} if lc.direct_ms is not None else {})}
         dense = min(times, key=times.get)
         if chosen == "sparse":
             want.append("sparse" if lc.sparse_ms is not None else dense)
@@ -437,7 +437,7 @@ def test_autotune_records_timings_and_uses_the_cache(kernels, tmp_path, monkeypa
     assert all(lc.direct_ms is not None for lc in c.layers if lc.kind == "conv")
     assert list((tmp_path / "autotune").glob("*.json"))
     again = compile(m, x, sparse="auto", repeats=5)
-    assert all(lc.cached for lc in again.layers if lc.dense_ms is not None)  # the tuned ones (the fc has one kernel)
+    assert all(lc.cached for lc in again.layers if lc.dense_ms is not None)  # the tuned ones
     assert [(lc.dense_ms, lc.direct_ms, lc.sparse_ms) for lc in again.layers] == [
         (lc.dense_ms, lc.direct_ms, lc.sparse_ms) for lc in c.layers]
     assert [lc.choice for lc in again.layers] == _expected_choices(again)
@@ -1199,6 +1199,28 @@ def test_values_built_from_static_sizes_are_constants(kernels):
         for b in (2, 1, 3):
             xb = torch.randn(b, 5, 16)
             assert _rel(c(xb), m(xb)) <= 1e-4
+
+
+def test_dense_linears_offer_the_panel_kernel(kernels):
+    """Dense linears are offered netcarve's panel kernel ("direct") beside ATen's addmm; a plan with them on it
+    matches the model, and so does the same plan with the kernel switched off (ATen's addmm)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(40, 96), nn.ReLU(), nn.Linear(96, 33)).eval()
+    x = torch.randn(24, 40)
+    with at_threads(2):
+        c = compile(m, x, sparse="auto", use_cache=False)
+        for lc in c.layers:
+            assert lc.dense_ms is not None and lc.direct_ms is not None and lc.choice in ("dense", "direct")
+        for op in c.ops:
+            op.p["direct"] = op.kind == "linear"
+        forced = build_native(kernels, c.ops, c.nvals, c.output)
+        with torch.no_grad():
+            ref = m(x)
+            for xb in (x, torch.randn(5, 40), torch.randn(2, 40)):
+                assert _rel(c(xb), m(xb)) <= 1e-4
+            assert _rel(forced.run(x), ref) <= 1e-4
+            with switched_off(kernels, "direct_linear"):
+                assert _rel(forced.run(x), ref) <= 1e-4
 
 
 @pytest.mark.parametrize("expr", ["x * 3.0", "0.5 * x", "x / 4", "x + 1.5", "2 + x", "x - 0.25"])

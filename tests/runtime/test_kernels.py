@@ -745,7 +745,7 @@ def test_bsr_linear_row_tiles(kernels, threads, bh, bw):
             assert torch.equal(tiled, whole), m
         kernels.set_bsr_row_tile(64)
         plan = kernels.Plan(2, 1)
-        plan.add_linear("fc", 0, 1, w, b, True, list(bt), True)
+        plan.add_linear("fc", 0, 1, w, b, True, list(bt), True, False)
         x3 = torch.randn(5, 61, cols)  # 305 rows in tiles of 64
         assert _rel_err(plan.run(x3), torch.relu(torch.nn.functional.linear(x3, w, b))) <= 1e-4
     finally:
@@ -785,7 +785,7 @@ def test_bsr_cols_matches_f_linear(kernels, threads, bw):
         xs = torch.randn(cols, 40).t()
         assert _rel_err(kernels.bsr_linear_t(xs, *bt[:3], vt, b, rows), torch.nn.functional.linear(xs, w, b)) <= 1e-4
         plan = kernels.Plan(2, 1)
-        plan.add_linear("fc", 0, 1, w, b, False, list(bt), True)
+        plan.add_linear("fc", 0, 1, w, b, False, list(bt), True, False)
         for m in (1, 6, 32):
             x = torch.randn(m, cols)
             assert _rel_err(plan.run(x), torch.nn.functional.linear(x, w, b)) <= 1e-4, m
@@ -815,7 +815,7 @@ def test_dense_small_linear_matches_f_linear(kernels, threads, k):
         b = torch.randn(rows)
         for bias in (b, None):
             plan = kernels.Plan(2, 1)
-            plan.add_linear("fc", 0, 1, w, bias, False, [], False)
+            plan.add_linear("fc", 0, 1, w, bias, False, [], False, False)
             for m in (1, 2, 3, 4, 5):
                 for x in (torch.randn(m, k), torch.randn(k, m).t()):
                     ref = torch.nn.functional.linear(x, w, bias)
@@ -989,3 +989,25 @@ def test_depthwise_conv_nan_and_bad_inputs(kernels):
         kernels.depthwise_conv2d(torch.randn(1, 4, 2, 2), wt, None, None, 1, 0, False)
     with pytest.raises(RuntimeError, match="residual shape"):
         kernels.depthwise_conv2d(x, wt, None, torch.randn(2, 4, 9, 9), 1, 1, False)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 7, 33, 256])
+def test_dense_panel_linear_matches_reference(kernels, threads, k):
+    """The dense panel kernel (the plan's "direct" linear): every row tail (1-8 rows per job and more), column tails
+    that are not multiples of the panel width, with and without bias, split over the threads."""
+    from netcarve.runtime.kernels import dense_linear
+
+    torch.manual_seed(k)
+    with forced_parallel(kernels, threads):
+        for m in (1, 5, 7, 8, 9, 17, 40):
+            for n in (1, 17, 32, 47, 100):
+                x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+                for bias in (b, None):
+                    y, ref = dense_linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
+                    assert y.shape == ref.shape
+                    assert (y - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item()), (m, n, k)
+                    assert torch.equal(dense_linear(x, w, bias, reference=True), ref)
+    with pytest.raises(RuntimeError, match="dense_panel: x"):
+        wp, bp = kernels.pack_panels(torch.randn(8, 5), None)
+        kernels.dense_panel(torch.randn(3, 6), wp, bp, 8)

@@ -215,7 +215,7 @@ def test_torch_multihead_attention_lowers_natively(kernels, batch_first, mode):
         kinds = [op.kind for op in c.ops]
         assert kinds.count("mha") == 1 and "python" not in kinds
         choice = {lc.name: lc.choice for lc in c.layers}
-        assert choice["attn.in_proj"] == ("sparse" if mode == "always" else "dense")
+        assert choice["attn.in_proj"] == "sparse" if mode == "always" else choice["attn.in_proj"] in ("dense", "direct")
         for b in (2, 1, 3):
             xb = torch.randn(b, 7, 32)
             assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4

@@ -45,7 +45,8 @@ class LayerChoice:
     macs: int
     nonzero_macs: int
     # "sparse", "dense" (ATen: oneDNN / MKL), "direct" (netcarve's dense conv kernel: the register-blocked one, or
-    # for depthwise convs the depthwise one), "generated" or "lanes" (the lanes layout: 16 images per vector)
+    # for depthwise convs the depthwise one; for linears the dense panel kernel), "generated" or "lanes" (the lanes
+    # layout: 16 images per vector)
     choice: str
     sparse_ms: float | None = None
     dense_ms: float | None = None
@@ -307,7 +308,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
 
     eligible = [_eligible(op) for op in convs]
     # candidate kernels per layer: "sparse" (eligible layers, not with sparse="never"), "dense" (ATen: oneDNN /
-    # MKL) and, for groups=1 convs, "direct" (netcarve's dense register-blocked conv; for depthwise convs its
+    # MKL), for linears "direct" (netcarve's dense panel kernel) and, for groups=1 convs, "direct" (netcarve's dense
+    # register-blocked conv; for depthwise convs its
     # depthwise kernel); "always": sparse only
     # (with "auto" only layers at most SPARSE_MAX_DENSITY dense are offered the sparse kernel)
     cands = []
@@ -319,7 +321,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         if not gen_ok:
             logger.warning("runtime.compile(codegen=True): %s; compiling without generated code", gen_why)
     for op, ok, lc in zip(convs, eligible, layers):
-        c = ["dense"] + (["direct"] if op.kind == "conv" and (ok or _depthwise(op)) else [])
+        c = ["dense"] + (["direct"] if (op.kind == "conv" and (ok or _depthwise(op))) or op.kind == "linear" else [])
         offer = ok and sparse == "auto" and lc.density <= SPARSE_MAX_DENSITY
         gen = ["generated"] if (gen_ok and ok and op.kind == "conv" and sparse != "never"
                                 and (sparse == "always" or offer)) else []
@@ -514,6 +516,7 @@ def _set_kernel(op: Op, choice: str) -> None:
         op.p["kernel"] = "depthwise" if choice == "direct" and _depthwise(op) else {"dense": "aten"}.get(choice, choice)
     else:
         op.p["sparse"] = choice == "sparse"
+        op.p["direct"] = choice == "direct" and op.kind == "linear"
 
 
 def _profile_tunable(mod, ops, nvals, output, x, convs, choice: str, repeats: int,
@@ -521,9 +524,12 @@ def _profile_tunable(mod, ops, nvals, output, x, convs, choice: str, repeats: in
     """Per tunable op (``convs``): its median time in the whole plan profiled with every op that can take
     ``choice`` ("dense", "direct", "sparse" or "generated": the ops offered it in ``cands``) on it (the others
     dense)."""
-    saved = [(op.p.get("kernel"), op.p.get("sparse")) for op in convs]
+    saved = [(op.p.get("kernel"), op.p.get("sparse"), op.p.get("direct")) for op in convs]
     for i, op in enumerate(convs):
-        ok = (_eligible(op) or (choice == "direct" and _depthwise(op))) and (choice != "direct" or op.kind == "conv")
+        if choice == "direct":  # netcarve's dense conv / depthwise / linear panel kernel
+            ok = (op.kind == "conv" and (_eligible(op) or _depthwise(op))) or op.kind == "linear"
+        else:
+            ok = _eligible(op)
         if choice == "generated":
             ok = ok and cands is not None and "generated" in cands[i]
         _set_kernel(op, choice if ok else "dense")
@@ -531,10 +537,10 @@ def _profile_tunable(mod, ops, nvals, output, x, convs, choice: str, repeats: in
         plan = build_native(mod, ops, nvals, output)
         ms = plan.profile(x, repeats, max(3, repeats // 4))
     finally:
-        for op, (k, sp) in zip(convs, saved):
+        for op, (k, sp, di) in zip(convs, saved):
             if op.kind == "conv":
                 op.p["kernel"] = k
             else:
-                op.p["sparse"] = sp
+                op.p["sparse"], op.p["direct"] = sp, di
     by_op = dict(zip((id(op) for op in ops), ms))
     return [float(by_op[id(op)]) for op in convs]

@@ -279,6 +279,17 @@ def bsr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return mod.bsr_linear(x, ptr, idx, val, None if bias is None else bias.detach().float(), int(weight.shape[0]))
 
 
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 reference: bool = False) -> torch.Tensor:
+    """``x @ weight.T + bias`` (x 2-d) by netcarve's dense panel kernel (the plan's "direct" linear for more than 4
+    rows; weights packed per call here), or ``F.linear`` (reference)."""
+    mod = _native(reference, x)
+    if mod is None:
+        return F.linear(x, weight, bias)
+    wp, bp = mod.pack_panels(weight.detach().float(), None if bias is None else bias.detach().float())
+    return mod.dense_panel(x, wp, bp, int(weight.shape[0]))
+
+
 # ------------------------------------------------------------------------------------------- transformer ops
 
 # element-wise activations by plan code (csrc plan "unary" steps; transformer.cpp has all but tanh natively)

@@ -1418,7 +1418,8 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
         elif op.kind == "linear":
             if "bsr" not in p:
                 p["bsr"] = bsr_tensors(p["weight"])
-            plan.add_linear(n, op.inputs[0], op.out, p["weight"], p["bias"], p["relu"], p["bsr"], bool(p.get("sparse")))
+            plan.add_linear(n, op.inputs[0], op.out, p["weight"], p["bias"], p["relu"], p["bsr"], bool(p.get("sparse")),
+                            bool(p.get("direct")))
         elif op.kind == "rnn":
             if "bsr" not in p:
                 p["bsr"] = [t for w in p["dense"][::2] for t in bsr_tensors(w)]

@@ -432,6 +432,8 @@ torch::Tensor bsr_tiles_t(const torch::Tensor& values);
 // Dense linear / gate matmuls of at most 4 batch rows run netcarve's dot-product kernel unless this is off (then
 // ATen's addmm; set_dense_small_linear)
 extern bool g_dense_small_linear;
+// linears packed for the panel kernel (MatW::direct) run on it unless this is off (set_direct_linear: ATen's addmm)
+extern bool g_direct_linear;
 // BSR matmuls at batch 1 (AVX-512, tiles a whole number of vectors wide) reduce 16 output rows at a time into one
 // vector (reduce16) unless this is off (then per block row, lane sums and scalar stores; set_bsr_rows16)
 extern bool g_bsr_rows16;
@@ -451,12 +453,19 @@ extern int64_t g_bsr_row_tile;
 struct MatW {
   torch::Tensor w, ptr, idx, val, bias;
   torch::Tensor valt;  // BSR tiles 16 rows tall: each tile transposed (bsr_tiles_t), for bsr_cols
+  torch::Tensor wp, bp;  // direct: w^T in column panels (P, K, 2 * VL) and the bias padded to P * 2 * VL
   int64_t out = 0;
   bool sparse = false;
+  bool direct = false;  // dense by netcarve's panel kernel (dense_panel) for more than a few rows, not ATen's addmm
   torch::Tensor apply(const torch::Tensor& x) const;
   // whether apply(x) runs on netcarve's kernels only (BSR, or the small dense kernel), not ATen's addmm
   bool native(const torch::Tensor& x) const;
 };
+
+// Packs m.w (and m.bias) for the dense panel kernel and sets m.direct.
+void pack_direct(MatW& m);
+// y (M, N) = x (M, K) @ w^T (+ bias) by the panel kernel; wp / bp from pack_direct.
+torch::Tensor dense_panel(const torch::Tensor& x, const torch::Tensor& wp, const torch::Tensor& bp, int64_t N);
 
 // One unidirectional LSTM (lstm = true; gates i, f, g, o) or GRU (r, z, n) layer over x (N, T, I).
 torch::Tensor rnn_layer(const torch::Tensor& x, const MatW& ih, const MatW& hh, int64_t hidden, bool lstm,

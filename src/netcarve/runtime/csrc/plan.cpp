@@ -135,10 +135,12 @@ class Plan {
 
   // bsr = {indptr, indices, values} (may be empty: dense only)
   void add_linear(const std::string& name, int64_t in, int64_t out, torch::Tensor weight,
-                  c10::optional<torch::Tensor> bias, bool relu, std::vector<torch::Tensor> bsr, bool sparse) {
+                  c10::optional<torch::Tensor> bias, bool relu, std::vector<torch::Tensor> bsr, bool sparse,
+                  bool direct) {
     Step s{LINEAR, name, {in}, out};
     s.mats = {make_mat(weight, bias, bsr)};
     TORCH_CHECK(!sparse || bsr.size() == 3, name, ": a sparse linear needs its BSR tensors");
+    if (direct && !sparse) pack_direct(s.mats[0]);
     s.sparse = sparse;
     s.mats[0].sparse = sparse;
     s.relu = relu;
@@ -967,6 +969,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_dense_small_linear", [](bool v) { g_dense_small_linear = v; },
         "dense linear and LSTM / GRU gate matmuls of at most 4 batch rows run netcarve's dot-product kernel (default "
         "on; off: ATen's addmm)");
+  m.def("set_direct_linear", [](bool v) { g_direct_linear = v; },
+        "linears the autotuner put on netcarve's dense panel kernel run on it (default) or on ATen's addmm");
   m.def("set_bsr_rows16", [](bool v) { g_bsr_rows16 = v; },
         "AVX-512 builds: BSR matmuls at batch 1 reduce 16 output rows at a time into one vector (default on; off: per "
         "block row, lane sums and scalar stores)");
@@ -1004,6 +1008,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shortcut_subsample", &shortcut_subsample,
         "option-A shortcut: subsample by stride, channels at an offset or by a src / dst map, zeros elsewhere");
   m.def("bsr_linear", &bsr_linear, "y = x W^T + b with W in BSR tiles (fp32)");
+  m.def("pack_panels", [](torch::Tensor w, c10::optional<torch::Tensor> bias) {
+    MatW m;
+    m.w = w.contiguous();
+    if (bias.has_value() && bias->defined()) m.bias = bias->contiguous();
+    pack_direct(m);
+    return std::make_tuple(m.wp, m.bp);
+  }, "w^T in column panels and the padded bias for dense_panel", py::arg("weight"), py::arg("bias"));
+  m.def("dense_panel", &dense_panel, "y = x W^T + b by the dense panel kernel (W packed by pack_panels)",
+        py::arg("x"), py::arg("wp"), py::arg("bp"), py::arg("out_features"));
   m.def("build_info", &build_info);
   m.def("to_lanes", &to_lanes, "(N, C, H, W) float32 -> lanes (ceil(N / 16), C, H + 2, W + 2, 16), zero borders");
   m.def("from_lanes", &from_lanes, "lanes -> (N, C, H, W)", py::arg("x"), py::arg("n"));

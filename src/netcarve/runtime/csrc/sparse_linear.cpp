@@ -681,9 +681,107 @@ static torch::Tensor dense_small(const torch::Tensor& x_, const torch::Tensor& w
 }
 
 bool g_dense_small_linear = true;
+bool g_direct_linear = true;
+
+// ---- dense panel GEMM: y (M, N) = x (M, K) @ w^T + b for M beyond dense_small's few rows. w^T is packed in panels of
+// PW = 2 vectors of output columns, K rows each (zero-padded past N); one job = MR rows of x against one panel: MR x 2
+// accumulators, per k two panel vectors loaded and MR broadcasts of x (register-blocked outer products, no
+// horizontal sums). Jobs run panel-major (consecutive jobs share a panel, which stays in L1 / L2) and split over the
+// threads in contiguous ranges. MKL's sgemm (ATen's addmm) takes its AVX2 path on AMD CPUs.
+constexpr int64_t PW = 2 * RL;
+constexpr int PMR = RL == 16 ? 8 : 6;  // rows per job: 16 (AVX-512) / 12 (AVX2) accumulators
+
+template <int MR>
+static void panel_job(const float* __restrict x, int64_t K, const float* __restrict wp, const float* __restrict bp,
+                      float* __restrict y, int64_t N, int64_t cols) {
+  vr a[MR][2];
+  const vr b0 = rload(bp), b1 = rload(bp + RL);
+  for (int m = 0; m < MR; ++m) {
+    a[m][0] = b0;
+    a[m][1] = b1;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const vr w0 = rload(wp + k * PW), w1 = rload(wp + k * PW + RL);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const vr xv = rbcast(x[m * K + k]);
+      a[m][0] += w0 * xv;
+      a[m][1] += w1 * xv;
+    }
+  }
+  if (cols == PW) {
+    for (int m = 0; m < MR; ++m) {
+      rstore(y + m * N, a[m][0]);
+      rstore(y + m * N + RL, a[m][1]);
+    }
+  } else {
+    alignas(64) float t[PW];
+    for (int m = 0; m < MR; ++m) {
+      rstore(t, a[m][0]);
+      rstore(t + RL, a[m][1]);
+      std::memcpy(y + m * N, t, cols * sizeof(float));
+    }
+  }
+}
+
+void pack_direct(MatW& m) {
+  const torch::Tensor w = m.w.contiguous();
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32, "pack_direct: a 2-d float32 weight");
+  const int64_t N = w.size(0), K = w.size(1), P = (N + PW - 1) / PW;
+  m.wp = torch::zeros({P, K, PW}, w.options());
+  m.bp = torch::zeros({P * PW}, w.options());
+  const float* wd = w.data_ptr<float>();
+  float* pd = m.wp.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) pd[(n / PW) * K * PW + k * PW + n % PW] = wd[n * K + k];
+  if (m.bias.defined()) std::memcpy(m.bp.data_ptr<float>(), m.bias.contiguous().data_ptr<float>(), N * sizeof(float));
+  m.direct = true;
+}
+
+torch::Tensor dense_panel(const torch::Tensor& x_, const torch::Tensor& wp, const torch::Tensor& bp, int64_t N) {
+  const torch::Tensor x = x_.contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == wp.size(1), "dense_panel: x ",
+              x.sizes(), " against packed weights ", wp.sizes());
+  const int64_t M = x.size(0), K = x.size(1), P = wp.size(0);
+  at::Tensor y(at::detail::empty_cpu({M, N}, x.options()));
+  const float* xd = x.data_ptr<float>();
+  const float* wd = wp.data_ptr<float>();
+  const float* bd = bp.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  const int64_t RBk = (M + PMR - 1) / PMR, jobs = RBk * P;
+  auto run = [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t p = j / RBk, m0 = (j % RBk) * PMR, mr = std::min<int64_t>(PMR, M - m0);
+      const int64_t cols = std::min<int64_t>(PW, N - p * PW);
+      const float* xr = xd + m0 * K;
+      const float* wpp = wd + p * K * PW;
+      float* yr = yd + m0 * N + p * PW;
+      switch (mr) {
+        case 1: panel_job<1>(xr, K, wpp, bd + p * PW, yr, N, cols); break;
+        case 2: panel_job<2>(xr, K, wpp, bd + p * PW, yr, N, cols); break;
+        case 3: panel_job<3>(xr, K, wpp, bd + p * PW, yr, N, cols); break;
+        case 4: panel_job<4>(xr, K, wpp, bd + p * PW, yr, N, cols); break;
+        case 5: panel_job<5>(xr, K, wpp, bd + p * PW, yr, N, cols); break;
+        case 6: panel_job<6>(xr, K, wpp, bd + p * PW, yr, N, cols); break;
+        case 7: panel_job<7>(xr, K, wpp, bd + p * PW, yr, N, cols); break;
+        default: panel_job<8>(xr, K, wpp, bd + p * PW, yr, N, cols); break;
+      }
+    }
+  };
+  const int64_t nt = M * N * K < 4 * g_parallel_threshold ? 1 : std::min<int64_t>(nck::num_threads(), jobs);
+  if (nt <= 1) {
+    run(0, jobs);
+  } else {
+    nck::parallel_for(0, nt, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) run(c * jobs / nt, (c + 1) * jobs / nt);
+    });
+  }
+  return y;
+}
 
 bool MatW::native(const torch::Tensor& x) const {
   // (4 batch rows only with whole vectors: with a scalar K tail ATen was faster there, 384 x 130: 0.9x)
+  if (g_direct_linear && direct && x.dim() == 2 && x.scalar_type() == torch::kFloat32) return true;
   return sparse || (g_dense_small_linear && x.dim() == 2 && x.size(0) >= 1 &&
                     (x.size(0) <= 3 || (x.size(0) == 4 && x.size(1) % RL == 0)) &&
                     x.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.scalar_type() == torch::kFloat32 &&
@@ -695,6 +793,10 @@ torch::Tensor MatW::apply(const torch::Tensor& x) const {
     c10::optional<torch::Tensor> b;
     if (bias.defined()) b = bias;
     return bsr_linear_t(x, ptr, idx, val, valt, b, out);
+  }
+  if (g_direct_linear && direct && x.dim() == 2 && x.scalar_type() == torch::kFloat32) {
+    const bool small = g_dense_small_linear && (x.size(0) <= 3 || (x.size(0) == 4 && x.size(1) % RL == 0));
+    return small ? dense_small(x, w, bias) : dense_panel(x, wp, bp, out);
   }
   if (native(x)) return dense_small(x, w, bias);
   return bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
