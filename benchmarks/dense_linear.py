@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _timing import median_ms  # noqa: E402
+
 SHAPES = [(16, 256, 768), (32, 256, 768), (32, 256, 1024), (32, 1024, 256), (32, 256, 5000), (64, 384, 128),
           (128, 512, 512), (512, 256, 1024), (2048, 192, 768)]
-
-
-def _median_ms(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> None:
@@ -54,13 +46,13 @@ def main() -> None:
         ref = F.linear(x, w, b)
         err = float((mod.dense_panel(x, wp, bp, n) - ref).abs().max() / ref.abs().max())
         assert err <= 1e-5, (m, k, n, err)
-        fns = {"aten_addmm": lambda: torch.addmm(b, x, w.t()), "netcarve_panel": lambda: mod.dense_panel(x, wp, bp, n)}
+        fns = {"aten_addmm": (torch.addmm, (b, x, w.t())), "netcarve_panel": (mod.dense_panel, (x, wp, bp, n))}
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(a.rounds):
-            for name, fn in fns.items():
+            for name, (fn, args) in fns.items():
                 for _ in range(3):
-                    fn()
-                times[name].append(_median_ms(fn, a.repeats))
+                    fn(*args)
+                times[name].append(median_ms(fn, *args, repeats=a.repeats))
         best = {name: min(v) for name, v in times.items()}
         flop = 2 * m * k * n
         row = {"M": m, "K": k, "N": n, "ms": best, "gflops": {name: flop / t / 1e6 for name, t in best.items()},

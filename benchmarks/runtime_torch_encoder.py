@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _timing import median_ms  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,15 +58,6 @@ def build(sparse: bool) -> nn.Module:
                     if isinstance(mod, (nn.Linear, nn.MultiheadAttention)) and isinstance(w, nn.Parameter):
                         w.mul_(blk.project(w, 0.9))
     return m
-
-
-def _median_ms(fn, x, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def _encoder_in_pytorch():
@@ -136,7 +128,7 @@ def in_process(batches, threads: int, rounds: int, repeats: int) -> dict:
                 for name, (fn, _tag) in variants.items():
                     for _ in range(5):
                         fn(x)
-                    times[name].append(_median_ms(fn, x, repeats))
+                    times[name].append(median_ms(fn, x, repeats=repeats))
         best = {k: min(v) for k, v in times.items()}
         out[f"batch{b}"] = {"ms": best, "rounds_ms": times, "max_rel_error": errors,
                             "sparse_linears_on_bsr": sparse_linears, "dense_model_linear_kernels": dense_choices}

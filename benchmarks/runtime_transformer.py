@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _timing import median_ms  # noqa: E402
 
 WORK = Path(os.path.expanduser("~/.cache/netcarve/bench/runtime_transformer"))
 PREPARE = ["--scheme", "block", "--block", "4x16", "--sparsity", "0.9", "--algorithm", "oneshot",
@@ -39,15 +40,6 @@ def _cli(*args: str) -> str:
     if r.returncode:
         raise SystemExit(f"netcarve {' '.join(args)} failed:\n{r.stderr[-2000:]}")
     return r.stdout
-
-
-def _median_ms(fn, x, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> None:
@@ -101,7 +93,7 @@ def main() -> None:
                     try:
                         for _ in range(10):
                             cm(x)
-                        times[name].append(_median_ms(cm, x, a.repeats))
+                        times[name].append(median_ms(cm, x, repeats=a.repeats))
                         err = float((cm(x) - ref).abs().max() / ref.abs().max())
                         assert err <= 1e-4, (name, err)
                     finally:

@@ -19,25 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _timing import median_ms  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "train_small_conv.json"
 LAYERS = [(512, 512, 2), (512, 512, 4), (256, 512, 4), (256, 256, 8)]  # (C, K, H=W), 3x3, padding 1
-
-
-def _median_ms(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def _alternate(fns: dict, rounds: int, repeats: int) -> dict[str, float]:
@@ -48,7 +41,7 @@ def _alternate(fns: dict, rounds: int, repeats: int) -> dict[str, float]:
     names = list(fns)
     for r in range(rounds):  # the order rotates every round: no variant always runs first
         for n in names[r % len(names):] + names[: r % len(names)]:
-            t[n].append(_median_ms(fns[n], repeats))
+            t[n].append(median_ms(fns[n], repeats=repeats))
     return {n: min(v) for n, v in t.items()}
 
 
