@@ -1185,7 +1185,8 @@ def test_values_built_from_static_sizes_are_constants(kernels):
 
         def forward(self, x):
             mask = nn.Transformer.generate_square_subsequent_mask(x.size(1))
-            h = x + self.pos(torch.arange(x.size(1))) + torch.zeros_like(x[:, :1, :1])  # batch-sized: not a constant
+            ids = torch.arange(x.size(1), device=x.device)
+            h = x + self.pos(ids) + torch.zeros_like(x[:, :1, :1])  # batch-sized: not a constant
             return self.enc(h, mask=mask, is_causal=True) * torch.rand(1).ge(2).float().add(1)  # random: not either
 
     torch.manual_seed(0)

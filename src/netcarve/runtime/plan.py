@@ -548,6 +548,9 @@ class Lowering:
         elif _shape_index(a) is not None:
             k = _static_int(a)
             v = _NOT_CONST if k is None else k
+        elif (a.op == "call_function" and a.target is getattr and len(a.args) == 2 and a.args[1] in ("dtype", "device")
+              and isinstance(a.args[0], fx.Node) and (tm := a.args[0].meta.get("tensor_meta")) is not None):
+            v = tm.dtype if a.args[1] == "dtype" else torch.device("cpu")  # (x.device: plans run on the CPU)
         elif a.op in ("call_function", "call_method") and not _is_shape_query(a):
             name = a.target if isinstance(a.target, str) else getattr(a.target, "__name__", "")
             args, kwargs = self._const(list(a.args)), self._const(dict(a.kwargs))
