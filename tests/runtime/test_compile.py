@@ -585,6 +585,31 @@ def test_compiled_bidirectional_rnn_matches(kernels, cell, mode):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_dense_rnn_gate_matmuls_offer_the_panel_kernel(kernels, cell):
+    """Dense GRU / LSTM layers are offered the panel kernel for their gate matmuls ("direct"); a plan with them on it
+    (then a team-safe step) matches the model at batches above and below the small-batch kernel's 4 rows, at 1-3
+    threads, and so does the same plan with the switch off."""
+    torch.manual_seed(0)
+    m = create_model(cell, num_layers=2, hidden_size=24, seq_len=6, input_size=7, pool="mean", bidirectional=True)
+    m = m.eval()
+    x = torch.randn(9, 6, 7)
+    c = compile(m, x, sparse="auto", use_cache=False)
+    rnn = next(lc for lc in c.layers if lc.kind == "rnn")
+    assert rnn.direct_ms is not None and rnn.dense_ms is not None
+    for op in c.ops:
+        if op.kind in ("rnn", "linear"):
+            op.p["direct"] = True
+    forced = build_native(kernels, c.ops, c.nvals, c.output)
+    with torch.no_grad():
+        for threads in (1, 2, 3):
+            with forced_parallel(kernels, threads) if threads == 3 else at_threads(threads):
+                for xb in (x, x[:2]):
+                    assert _rel(forced.run(xb), m(xb)) <= 1e-4, threads
+        with switched_off(kernels, "direct_linear"):
+            assert _rel(forced.run(x), m(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_compiled_rnn_reads_the_top_row_of_the_final_state(kernels, cell):
     torch.manual_seed(0)
     m = create_model(cell, num_layers=2, hidden_size=12, seq_len=5, input_size=7, pool="state").eval()

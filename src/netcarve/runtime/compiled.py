@@ -45,7 +45,8 @@ class LayerChoice:
     macs: int
     nonzero_macs: int
     # "sparse", "dense" (ATen: oneDNN / MKL), "direct" (netcarve's dense conv kernel: the register-blocked one, or
-    # for depthwise convs the depthwise one; for linears the dense panel kernel), "generated" or "lanes" (the lanes
+    # for depthwise convs the depthwise one; for linears and GRU / LSTM gate matmuls the dense panel kernel),
+    # "generated" or "lanes" (the lanes
     # layout: 16 images per vector)
     choice: str
     sparse_ms: float | None = None
@@ -308,7 +309,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
 
     eligible = [_eligible(op) for op in convs]
     # candidate kernels per layer: "sparse" (eligible layers, not with sparse="never"), "dense" (ATen: oneDNN /
-    # MKL), for linears "direct" (netcarve's dense panel kernel) and, for groups=1 convs, "direct" (netcarve's dense
+    # MKL), for linears and RNNs "direct" (netcarve's dense panel kernel) and, for groups=1 convs, "direct" (netcarve's dense
     # register-blocked conv; for depthwise convs its
     # depthwise kernel); "always": sparse only
     # (with "auto" only layers at most SPARSE_MAX_DENSITY dense are offered the sparse kernel)
@@ -321,7 +322,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         if not gen_ok:
             logger.warning("runtime.compile(codegen=True): %s; compiling without generated code", gen_why)
     for op, ok, lc in zip(convs, eligible, layers):
-        c = ["dense"] + (["direct"] if (op.kind == "conv" and (ok or _depthwise(op))) or op.kind == "linear" else [])
+        c = ["dense"] + (["direct"] if (op.kind == "conv" and (ok or _depthwise(op))) or op.kind in ("linear", "rnn")
+                         else [])
         offer = ok and sparse == "auto" and lc.density <= SPARSE_MAX_DENSITY
         gen = ["generated"] if (gen_ok and ok and op.kind == "conv" and sparse != "never"
                                 and (sparse == "always" or offer)) else []
@@ -516,7 +518,7 @@ def _set_kernel(op: Op, choice: str) -> None:
         op.p["kernel"] = "depthwise" if choice == "direct" and _depthwise(op) else {"dense": "aten"}.get(choice, choice)
     else:
         op.p["sparse"] = choice == "sparse"
-        op.p["direct"] = choice == "direct" and op.kind == "linear"
+        op.p["direct"] = choice == "direct" and op.kind in ("linear", "rnn")
 
 
 def _profile_tunable(mod, ops, nvals, output, x, convs, choice: str, repeats: int,
@@ -527,7 +529,7 @@ def _profile_tunable(mod, ops, nvals, output, x, convs, choice: str, repeats: in
     saved = [(op.p.get("kernel"), op.p.get("sparse"), op.p.get("direct")) for op in convs]
     for i, op in enumerate(convs):
         if choice == "direct":  # netcarve's dense conv / depthwise / linear panel kernel
-            ok = (op.kind == "conv" and (_eligible(op) or _depthwise(op))) or op.kind == "linear"
+            ok = (op.kind == "conv" and (_eligible(op) or _depthwise(op))) or op.kind in ("linear", "rnn")
         else:
             ok = _eligible(op)
         if choice == "generated":

@@ -1427,7 +1427,7 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             if "bsr" not in p:
                 p["bsr"] = [t for w in p["dense"][::2] for t in bsr_tensors(w)]
             plan.add_rnn(n, op.inputs[0], op.out, p["lstm"], p["hidden"], p["batch_first"], p["dense"], p["bsr"],
-                         bool(p["sparse"]), int(p["dirs"]))
+                         bool(p["sparse"]), int(p["dirs"]), bool(p.get("direct")))
         elif op.kind == "select":
             plan.add_select(n, op.inputs[0], op.out, p["dim"], p["index"])
         elif op.kind == "mean":

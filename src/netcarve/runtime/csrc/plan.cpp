@@ -150,7 +150,7 @@ class Plan {
   // bsr = 6 per layer and direction (ih, hh) or empty; dirs: 2 for a bidirectional module
   void add_rnn(const std::string& name, int64_t in, int64_t out, bool lstm, int64_t hidden, bool batch_first,
                std::vector<c10::optional<torch::Tensor>> dense, std::vector<torch::Tensor> bsr, bool sparse,
-               int64_t dirs) {
+               int64_t dirs, bool direct) {
     Step s{RNN, name, {in}, out};
     const size_t L = dense.size() / 4;
     TORCH_CHECK(dirs == 1 || dirs == 2, name, ": rnn directions must be 1 or 2");
@@ -165,7 +165,10 @@ class Plan {
       s.mats.push_back(make_mat(*dense[4 * l], dense[4 * l + 1], bi));
       s.mats.push_back(make_mat(*dense[4 * l + 2], dense[4 * l + 3], bh));
     }
-    for (auto& m : s.mats) m.sparse = sparse;
+    for (auto& m : s.mats) {
+      m.sparse = sparse;
+      if (direct && !sparse) pack_direct(m);  // the dense gate matmuls on the panel kernel
+    }
     s.sparse = sparse;
     s.ints = {lstm, hidden, batch_first, dirs};
     push(std::move(s));
@@ -492,7 +495,7 @@ class Plan {
         return s.mats[0].native(x.dim() == 2 ? x : x.reshape({-1, x.size(-1)}));
       case RNN:
         for (auto& m : s.mats)
-          if (!m.sparse) return false;
+          if (!m.sparse && !(g_direct_linear && m.direct)) return false;
         return true;
       case MAXPOOL:
       case GAP:
@@ -557,7 +560,7 @@ class Plan {
     if (s.kind == PYTHON) return false;
     if (s.kind == CONV) return s.conv_kernel != 0;
     if (s.kind == CONVT) return false;
-    if (s.kind == RNN) return s.sparse;
+    if (s.kind == RNN) return s.sparse || (g_direct_linear && !s.mats.empty() && s.mats[0].direct);
     return true;
   }
 
