@@ -46,8 +46,8 @@ def main() -> None:
         bt = bsr_tensors(w, (4, 16))
         x = torch.randn(m, k)
         sparse, dense = mod.Plan(2, 1), mod.Plan(2, 1)
-        sparse.add_linear("fc", 0, 1, w, b, False, list(bt), True)
-        dense.add_linear("fc", 0, 1, w, b, False, list(bt), False)
+        sparse.add_linear("fc", 0, 1, w, b, False, list(bt), True, False)
+        dense.add_linear("fc", 0, 1, w, b, False, list(bt), False, False)
         ref = torch.addmm(b, x, w.t())
         t: dict[str, list[float]] = {}
         for _ in range(a.rounds):

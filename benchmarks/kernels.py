@@ -8,7 +8,8 @@ Median of ``--repeats`` calls after warm-up, from Python (the same call overhead
 ``benchmarks/results/kernels.json`` with the environment. Linear rows are also timed the way the runtime calls
 them, from C++ (a one-step native plan each, dense = ATen's addmm, sparse = the BSR kernel: ``*_native_ms``), since
 at these sizes a Python call costs as much as the sparse matmul; plus netcarve's own dense kernel, which plans use for
-batches of at most 4 rows (``netcarve_dense_native_ms``; at batch 32 it is addmm again), and the BSR kernel's speedup
+batches of at most 4 rows and its dense panel kernel above that (``netcarve_dense_native_ms``; before 2026-12-07 that
+was addmm again at batch 32), and the BSR kernel's speedup
 over the faster of the two dense ones (``native_speedup_vs_fastest_dense``). ``--only linear`` skips the convs. Correctness is
 the tests' job; each row also records the max abs difference to the dense twin.
 
@@ -152,11 +153,12 @@ def main() -> None:
                     sparse = _time(lambda x=x, bt=bt, b=b, r=r: mod.bsr_linear(x, *bt, b, r), a.repeats * 5)
                     diff = float((mod.bsr_linear(x, *bt, b, r) - torch.addmm(b, x, w.t())).abs().max())
                     native = {}
-                    # dense: ATen's addmm, and netcarve's own dense kernel where the plan uses it (batches <= 4)
+                    # dense: ATen's addmm, and netcarve's own dense kernels (batches <= 4: the dot-product one; more
+                    # rows: the panel kernel, the plan's "direct" linear)
                     for kind, sp, small in (("dense", False, False), ("netcarve_dense", False, True),
                                             ("sparse", True, True)):
                         plan = mod.Plan(2, 1)
-                        plan.add_linear("fc", 0, 1, w, b, False, list(bt), sp)
+                        plan.add_linear("fc", 0, 1, w, b, False, list(bt), sp, kind == "netcarve_dense")
                         reps = a.repeats * 25
                         mod.set_dense_small_linear(small)
                         native[kind] = min(plan.time(x, reps, reps // 10) for _ in range(3))
