@@ -1463,6 +1463,9 @@ static torch::Tensor sparse_conv2d_multirow(const torch::Tensor& x, const torch:
   return out;
 }
 
+// staged kx-split calls (kx_stage_calls: tests; defined for every ISA, the kx-split kernels are AVX-512 only)
+std::atomic<int64_t> g_kx_calls{0};
+
 #if defined(__AVX512F__)
 // ------------------------------------------------------------------------------------------------------------
 // The kx-split path (3x3, stride 1, padding 1, output rows a whole number of vectors): no padded copy of the
@@ -1960,7 +1963,6 @@ static torch::Tensor sparse_conv2d_tiny(const torch::Tensor& x, const torch::Ten
 // 1.16-1.23x at batch 8, 0.98-1.17x at batch 64; 32 channels 1.27x / 1.14x / 0.83x. 64x64 maps (blocks of 2 rows: 4
 // rows copied per 2 computed) measured 0.94-1.27x in scratch runs. So only blocks of 4+ rows whose staged rows exceed
 // g_kx_stage_bytes (32 KiB) from planes a multiple of 4 KiB apart are staged.
-std::atomic<int64_t> g_kx_calls{0};  // staged kx-split calls (kx_stage_calls: tests)
 
 static torch::Tensor sparse_conv2d_kx(const torch::Tensor& x, const torch::Tensor& tp, const torch::Tensor& tc,
                                       const torch::Tensor& tq, const torch::Tensor& tw, const torch::Tensor& fo,
