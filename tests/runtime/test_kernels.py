@@ -1008,6 +1008,8 @@ def test_dense_panel_linear_matches_reference(kernels, threads, k):
                     assert y.shape == ref.shape
                     assert (y - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item()), (m, n, k)
                     assert torch.equal(dense_linear(x, w, bias, reference=True), ref)
+    wp, bp = kernels.pack_panels(torch.randn(8, 5), None)
     with pytest.raises(RuntimeError, match="dense_panel: x"):
-        wp, bp = kernels.pack_panels(torch.randn(8, 5), None)
         kernels.dense_panel(torch.randn(3, 6), wp, bp, 8)
+    with pytest.raises(RuntimeError, match="dense_panel: 99 output features do not match"):
+        kernels.dense_panel(torch.randn(3, 5), wp, bp, 99)

@@ -740,9 +740,11 @@ void pack_direct(MatW& m) {
 
 torch::Tensor dense_panel(const torch::Tensor& x_, const torch::Tensor& wp, const torch::Tensor& bp, int64_t N) {
   const torch::Tensor x = x_.contiguous();
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == wp.size(1), "dense_panel: x ",
-              x.sizes(), " against packed weights ", wp.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && wp.dim() == 3 && wp.size(2) == PW &&
+                  x.size(1) == wp.size(1), "dense_panel: x ", x.sizes(), " against packed weights ", wp.sizes());
   const int64_t M = x.size(0), K = x.size(1), P = wp.size(0);
+  TORCH_CHECK(N > (P - 1) * PW && N <= P * PW && bp.numel() == P * PW, "dense_panel: ", N,
+              " output features do not match packed weights ", wp.sizes(), " and bias of ", bp.numel());
   at::Tensor y(at::detail::empty_cpu({M, N}, x.options()));
   const float* xd = x.data_ptr<float>();
   const float* wd = wp.data_ptr<float>();
