@@ -237,6 +237,17 @@ def _scalar_affine(node: fx.Node) -> tuple[fx.Node, float, float] | None:
     return None
 
 
+def _layernorm_p(shape: list[int], weight, bias, eps: float) -> dict[str, Any]:
+    """A layernorm op's parameters (fp32 copies of the affine tensors, which may be None)."""
+    ts = [None if t is None else t.detach().float().contiguous() for t in (weight, bias)]
+    return {"shape": list(shape), "weight": ts[0], "bias": ts[1], "eps": float(eps)}
+
+
+def _is_torch_mha(m: Any) -> bool:
+    """torch's ``nn.MultiheadAttention`` or netcarve's ``HeadPrunedMultiheadAttention`` (same parameters and call)."""
+    return isinstance(m, nn.MultiheadAttention) or type(m).__name__ == "HeadPrunedMultiheadAttention"
+
+
 def _is_causal_mask(t: torch.Tensor, n: int) -> bool:
     """Whether ``t`` is the (n, n) causal attention mask: boolean True above the diagonal (masked) or additive
     ``-inf`` above it and 0 elsewhere (``nn.Transformer.generate_square_subsequent_mask``)."""
@@ -586,10 +597,9 @@ class Lowering:
                 t = self._attr(t)
                 if t is None:
                     self._unsupported(node, "a LayerNorm weight / bias computed in forward")
-            ts.append(None if t is None else t.detach().float().contiguous())
-        return self._emit(Op("layernorm", _step_name(node),
-                             [self._in(x, node)], p={"shape": shape, "weight": ts[0], "bias": ts[1],
-                                                     "eps": float(eps)}), node, x)
+            ts.append(t)
+        return self._emit(Op("layernorm", _step_name(node), [self._in(x, node)], p=_layernorm_p(shape, *ts, eps)),
+                          node, x)
 
     def _softmax(self, node, x, dim, log: bool):
         if not isinstance(dim, int) or node.kwargs.get("dtype") is not None:
@@ -708,7 +718,7 @@ class Lowering:
                                                                                            "scale": None}), node, x)
         if type(m).__name__ == "MultiHeadSelfAttention" and isinstance(getattr(m, "qkv", None), nn.Linear):
             return self._mhsa(node, m)
-        if isinstance(m, nn.MultiheadAttention) or type(m).__name__ == "HeadPrunedMultiheadAttention":
+        if _is_torch_mha(m):
             return self._torch_mha(node, m)
         if isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
             return self._torch_encoder(node, m)
@@ -780,8 +790,7 @@ class Lowering:
                 return self._alias(node, src)
             if src in self._rnn_state:
                 return self._rnn_state_row(node, src, args[1])
-            if src.op == "call_module" and (isinstance(self.modules.get(src.target), nn.MultiheadAttention) or type(
-                    self.modules.get(src.target)).__name__ == "HeadPrunedMultiheadAttention"):
+            if src.op == "call_module" and _is_torch_mha(self.modules.get(src.target)):
                 if args[1] != 0:
                     self._unsupported(node, "the attention weights (only the attention output, [0])")
                 return self._alias(node, src)
@@ -949,7 +958,7 @@ class Lowering:
         if isinstance(m, nn.MultiheadAttention):
             if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn or m.in_proj_weight is None:
                 self._unsupported(node, "kdim / vdim, add_bias_kv or add_zero_attn")
-        elif type(m).__name__ != "HeadPrunedMultiheadAttention":
+        elif not _is_torch_mha(m):
             self._unsupported(node, f"attention module {type(m).__name__}")
 
     def _mha_steps(self, name: str, m: nn.Module, x: int, bt: tuple[int, ...], causal: bool) -> int:
@@ -1016,9 +1025,8 @@ class Lowering:
     def _ln_tmp(self, node, name: str, ln: nn.Module, x: int) -> int:
         if not isinstance(ln, nn.LayerNorm):
             self._unsupported(node, f"{name} of type {type(ln).__name__} (LayerNorm only)")
-        ts = [None if t is None else t.detach().float().contiguous() for t in (ln.weight, ln.bias)]
-        return self._emit_tmp(Op("layernorm", name, [x], p={"shape": list(ln.normalized_shape), "weight": ts[0],
-                                                             "bias": ts[1], "eps": float(ln.eps)}))
+        return self._emit_tmp(Op("layernorm", name, [x],
+                                 p=_layernorm_p(list(ln.normalized_shape), ln.weight, ln.bias, ln.eps)))
 
     def _encoder_layer(self, node, name: str, layer: nn.TransformerEncoderLayer, x: int, bt, causal: bool) -> int:
         act = layer.activation
@@ -1200,16 +1208,11 @@ class Lowering:
         """Drop a permute undone by the next one (a model's ``transpose(0, 1)`` before a sequence-first module whose
         lowering permutes back) when nothing else reads its result, and ops whose results nothing reads (a mask
         the attention step replaced by its causal flag)."""
-        def readers():
-            n: dict[int, int] = {}
-            for op in order:
-                for i in op.inputs:
-                    n[i] = n.get(i, 0) + 1
-            n[self.output] = n.get(self.output, 0) + 1
-            return n
-
+        reads: dict[int, int] = {self.output: 1}
+        for op in order:
+            for i in op.inputs:
+                reads[i] = reads.get(i, 0) + 1
         by_out = {op.out: op for op in order if op.kind != "python"}
-        reads = readers()
         rename: dict[int, int] = {}
         drop: set[int] = set()
         for op in order:
@@ -1221,13 +1224,14 @@ class Lowering:
                     drop.update((id(a), id(op)))
                     rename[op.out] = a.inputs[0]
         self.output = rename.get(self.output, self.output)
-        order = [op for op in order if id(op) not in drop]
-        while True:  # dead ops (python steps are kept: their sub-graph is one unit)
-            reads = readers()
-            live = [op for op in order if op.kind == "python" or reads.get(op.out)]
-            if len(live) == len(order):
-                return order
-            order = live
+        # dead ops, in one backward pass over the (topological) order; python steps are kept: their sub-graph is one
+        # unit
+        needed, kept = {self.output}, []
+        for op in reversed(order):
+            if id(op) not in drop and (op.kind == "python" or op.out in needed):
+                kept.append(op)
+                needed.update(op.inputs)
+        return kept[::-1]
 
 
 def lower(model: nn.Module, example_input: torch.Tensor, fallback: bool = False) -> tuple[list[Op], int, int]:
