@@ -275,7 +275,7 @@ def cmd_train(a) -> None:
         return
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, optimizer="sgd", lr=a.lr, momentum=0.9,
                       weight_decay=5e-4, schedule="cosine", seed=a.seed, precision=a.precision,
-                      channels_last=a.channels_last, ema_decay=a.ema)  # fmt: skip
+                      channels_last=a.channels_last, ema_decay=a.ema, mixup=a.mixup, cutmix=a.cutmix)  # fmt: skip
     t1 = time.perf_counter()
     if a.algorithm != "oneshot":  # the same epoch budget spent by a netcarve.algorithms algorithm
         from netcarve.algorithms import run_algorithm
@@ -322,6 +322,8 @@ def cmd_train(a) -> None:
         rec["teachers"] = a.teachers
     if a.ema:
         rec["ema_decay"] = a.ema
+    if a.mixup or a.cutmix:
+        rec["mixing"] = {"mixup": a.mixup, "cutmix": a.cutmix}
     rec["batch_size"], rec["precision"] = a.batch_size, a.precision
     netcarve.save(model, work / "final", metadata={"top1": rec["top1_final"]})
     state.write_text(json.dumps(rec, indent=1))
@@ -502,7 +504,7 @@ def cmd_report(a) -> None:
             entry.update({k: r.get(k) for k in ("top1_pruned", "top1_bn_recalibrated", "top1_reconstructed",
                                                 "reconstruct", "prune", "widths", "epochs", "history", "finetune_seconds_this_process", "groups", "lr",
                                                 "seed", "target_macs_reduction", "batch_size", "precision", "kd", "kd_feature", "kd_options",
-                                                "ema_decay", "teachers")
+                                                "ema_decay", "teachers", "mixing")
                           if k in r})  # fmt: skip
         for key, res in lat.get("results", {}).items():
             if name in res:
@@ -615,6 +617,10 @@ def main() -> None:
                            help="also average the fine-tuned weights (TrainConfig.ema_decay, e.g. 0.998); the "
                                 "epochs' val_top1 and the final model are the average's, val_top1_live the "
                                 "live weights'")
+            s.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                           help="mixup on every fine-tuning batch (TrainConfig.mixup; the teacher sees the mixed images)")
+            s.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                           help="CutMix on every fine-tuning batch (TrainConfig.cutmix; with --mixup: one of them per batch)")
             s.add_argument("--teachers", default="resnet56", metavar="NAMES",
                            help="comma-separated pretrained zoo models distilled from (default: the unpruned "
                                 "resnet56); several: netcarve.train.TeacherEnsemble, the mean of their logits "

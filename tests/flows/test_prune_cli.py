@@ -4,6 +4,7 @@ import pytest
 
 import netcarve
 from netcarve.cli.main import main
+from netcarve.train import read_train_state
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def test_prune_cli_compacts_a_checkpoint_and_reports(trained_lenet, tmp_path, ca
     capsys.readouterr()
     out = tmp_path / "pruned"
     rc = main(["prune", str(trained_lenet), "--ratio", "0.5", "--round-to", "8", "--finetune-epochs", "2",
-               "--distill", "--ema", "0.99", "--engine", "torch", "--latency-processes", "1", "--batch", "8",
+               "--distill", "--ema", "0.99", "--cutmix", "1.0", "--engine", "torch", "--latency-processes", "1", "--batch", "8",
                "--out", str(out), "--no-progress", "--json"])
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
@@ -32,6 +33,7 @@ def test_prune_cli_compacts_a_checkpoint_and_reports(trained_lenet, tmp_path, ca
     assert (out / "baseline" / "manifest.json").is_file() and (out / "finetune" / "metrics.jsonl").is_file()
     ft = json.loads((out / "finetune" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "val_top1_live" in ft  # --ema reached the fine-tune: the average was validated beside the live weights
+    assert read_train_state(out / "finetune")["config"]["cutmix"] == 1.0  # --cutmix reached it too
     assert main(["eval", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(rep["compressed"]["top1"])
 
@@ -125,6 +127,8 @@ def test_prune_reconstruct_refits_against_the_baseline(trained_lenet, tmp_path, 
     (["--ratio", "0.5", "--distill"], "--distill needs --finetune-epochs"),
     (["--ratio", "0.5", "--ema", "0.99"], "--ema averages the fine-tuned weights: it needs --finetune-epochs"),
     (["--ratio", "0.5", "--finetune-epochs", "1", "--ema", "1"], "--ema must be a decay in [0, 1)"),
+    (["--ratio", "0.5", "--cutmix", "1"], "--cutmix mixes the fine-tuning batches: it needs --finetune-epochs"),
+    (["--ratio", "0.5", "--finetune-epochs", "1", "--mixup", "-1"], "--mixup must be a Beta parameter >= 0"),
     (["--ratio", "0.5", "--criterion", "nope"], "nope"),
     (["--ratio", "0.5", "--layer-ratio", "conv1"], "--layer-ratio 'conv1': expected PATTERN=RATIO"),
     (["--ratio", "0.5", "--layer-ratio", "conv1=1"], "expected PATTERN=RATIO with RATIO in [0, 1)"),

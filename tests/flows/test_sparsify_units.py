@@ -44,12 +44,12 @@ def test_recipe_yaml_round_trip(tmp_path):
                                   "algorithm_options": {"rho": 0.02},
                                   "plan": {"rules": [{"scheme": "block", "options": {"block": [4, 4]}, "sparsity": 0.5}]},
                                   "finetune": {"epochs": 3, "precision": "bf16", "channels_last": True,
-                                               "ema_decay": 0.995},
+                                               "ema_decay": 0.995, "cutmix": 1.0},
                                   "distill": True})
     assert r.finetune.train_config(seed=4).to_dict() == {
         **r.finetune.train_config().to_dict(), "seed": 4}
     tc = r.finetune.train_config()
-    assert (tc.precision, tc.channels_last, tc.ema_decay) == ("bf16", True, 0.995)
+    assert (tc.precision, tc.channels_last, tc.ema_decay, tc.cutmix, tc.mixup) == ("bf16", True, 0.995, 1.0, 0.0)
     save_recipe(r, tmp_path / "r.yaml")
     back = load_recipe(tmp_path / "r.yaml")
     assert back.to_dict() == r.to_dict()

@@ -37,12 +37,13 @@ def teacher(tmp_path_factory):
 def test_train_cli_distills_from_a_checkpoint(tmp_path, capsys, teacher):
     assert main(["train", "lenet", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "student"),
                  "--teacher", str(teacher), "--distill", "logit", "--no-progress", "--json",
-                 "--precision", "bf16", "--channels-last", "--ema", "0.99"]) == 0
+                 "--precision", "bf16", "--channels-last", "--ema", "0.99", "--mixup", "0.2", "--cutmix", "1"]) == 0
     rec = json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[0])
     assert "train_kd" in rec  # the distillation term was part of the loss
     assert "val_top1_live" in rec  # --ema: the average validated beside the live weights
     cfg = read_train_state(tmp_path / "student")["config"]
     assert (cfg["precision"], cfg["channels_last"], cfg["ema_decay"]) == ("bf16", True, 0.99)
+    assert (cfg["mixup"], cfg["cutmix"]) == (0.2, 1.0)
 
 
 def test_train_cli_feature_kd_with_fitted_adapters(tmp_path, capsys, teacher):

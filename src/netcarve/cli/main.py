@@ -139,6 +139,12 @@ def _add_ema_arg(s) -> None:
     s.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="also keep an exponential moving average of the weights (e.g. 0.998); validation and the "
                         "saved model use the average (TrainConfig.ema_decay; default 0 = off)")
+    s.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup on every training batch, lam ~ Beta(ALPHA, ALPHA) (e.g. 0.2); with distillation the "
+                        "teacher sees the same mixed images (TrainConfig.mixup; default 0 = off)")
+    s.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="CutMix on every training batch (e.g. 1.0; with --mixup too: one of them per batch; "
+                        "TrainConfig.cutmix; default 0 = off)")
 
 
 def _add_run_args(s: argparse.ArgumentParser) -> None:

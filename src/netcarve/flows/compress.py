@@ -54,6 +54,8 @@ class CompressSpec:
     feature_weight: float = 1.0
     lr: float = 0.01
     ema_decay: float = 0.0  # TrainConfig.ema_decay of the fine-tune (0 = off)
+    mixup: float = 0.0  # TrainConfig.mixup / cutmix of the fine-tune (0 = off)
+    cutmix: float = 0.0
     batch_size: int = 128
     seed: int = 0
     engine: str = "onnxruntime"
@@ -100,6 +102,11 @@ class CompressSpec:
             raise ConfigError(f"--feature-weight must be a number >= 0, got {self.feature_weight!r}")
         if self.ema_decay and not self.finetune_epochs:
             raise ConfigError("--ema averages the fine-tuned weights: it needs --finetune-epochs N")
+        for flag, v in (("--mixup", self.mixup), ("--cutmix", self.cutmix)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{flag} must be a Beta parameter >= 0 (0 = off), got {v!r}")
+            if v and not self.finetune_epochs:
+                raise ConfigError(f"{flag} mixes the fine-tuning batches: it needs --finetune-epochs N")
         if isinstance(self.reconstruct_batches, bool) or not isinstance(self.reconstruct_batches, int) \
                 or self.reconstruct_batches < 0:
             raise ConfigError(f"--reconstruct must be a number of batches >= 0, got {self.reconstruct_batches!r}")
@@ -131,7 +138,7 @@ class CompressSpec:
         algo = get_algorithm(self.algorithm)(**self.algorithm_options)
         train = (TrainConfig(epochs=self.finetune_epochs, batch_size=self.batch_size, optimizer="sgd", lr=self.lr,
                              momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=self.seed,
-                             ema_decay=self.ema_decay)
+                             ema_decay=self.ema_decay, mixup=self.mixup, cutmix=self.cutmix)
                  if self.finetune_epochs else None)
         job = PruneJob(model=None, example_input=None, ratio=self.ratio, macs_reduction=self.macs_reduction,
                        criterion=self.criterion, round_to=self.round_to, protected=tuple(self.protected),
@@ -305,7 +312,7 @@ def compress_and_report(
             + (f" with {spec.kd_name()} from the baseline" if spec.distill else ""), tag)
         ft_cfg = TrainConfig(epochs=spec.finetune_epochs, batch_size=spec.batch_size, optimizer="sgd", lr=spec.lr,
                              momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=spec.seed,
-                             ema_decay=spec.ema_decay)
+                             ema_decay=spec.ema_decay, mixup=spec.mixup, cutmix=spec.cutmix)
         fit(pruned, ft_train_loader or train_loader, test_loader, ft_cfg, out_dir=out / "finetune",
             teacher=base if spec.distill else None,
             kd=spec.kd_config(),

@@ -84,7 +84,7 @@ def prune_cli(a, command: str | None = None) -> dict:
         reconstruct_batches=getattr(a, "reconstruct", 0),
         finetune_epochs=a.finetune_epochs, distill=bool(a.distill),
         distill_kind=a.distill or "logit", feature_weight=a.feature_weight, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
-        ema_decay=getattr(a, "ema", 0.0),
+        ema_decay=getattr(a, "ema", 0.0), mixup=getattr(a, "mixup", 0.0), cutmix=getattr(a, "cutmix", 0.0),
         engine=a.engine or default_engine(), threads=a.threads, latency_batch=a.batch,
         latency_processes=a.latency_processes, progress=not a.no_progress and not a.json, resume=a.resume,
         scheme=a.scheme, block_criterion=getattr(a, "block_criterion", "loss"),

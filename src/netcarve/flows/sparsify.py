@@ -45,6 +45,8 @@ class FinetuneSpec:
     precision: str = "fp32"  # or "bf16" (autocast; ~2x faster on CPUs with native bf16)
     channels_last: bool = False
     ema_decay: float = 0.0  # TrainConfig.ema_decay: 0 = off
+    mixup: float = 0.0  # TrainConfig.mixup / cutmix: 0 = off
+    cutmix: float = 0.0
 
     def train_config(self, seed: int = 0):
         """The :class:`~netcarve.train.TrainConfig` of this budget (its validation names a bad value)."""
@@ -53,7 +55,8 @@ class FinetuneSpec:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
                            momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule,
                            grad_clip=self.grad_clip, precision=self.precision,
-                           channels_last=self.channels_last, ema_decay=self.ema_decay, seed=seed)
+                           channels_last=self.channels_last, ema_decay=self.ema_decay, mixup=self.mixup,
+                           cutmix=self.cutmix, seed=seed)
 
 
 @dataclass
@@ -436,7 +439,7 @@ def recipe_from_args(a) -> SparsifyRecipe:
         "data_dir": a.data_dir, "algorithm": a.algorithm, "algorithm_options": opts,
         "finetune": {"epochs": a.finetune_epochs, "lr": a.lr, "batch_size": a.batch_size, "optimizer": a.optimizer,
                      "grad_clip": a.grad_clip, "precision": a.precision, "channels_last": a.channels_last,
-                     "ema_decay": a.ema},
+                     "ema_decay": a.ema, "mixup": a.mixup, "cutmix": a.cutmix},
         "distill": _distill_arg(a), "bn_batches": a.bn_batches, "seed": a.seed,
         "train_subset": a.train_subset, "test_subset": a.test_subset, "latency": latency,
     }, where="netcarve sparsify")

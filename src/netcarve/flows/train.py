@@ -19,7 +19,7 @@ def train_cli(a) -> dict:
     ds = a.dataset or info.dataset
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
                       weight_decay=a.weight_decay, schedule=a.schedule, label_smoothing=a.label_smoothing, precision=a.precision,
-                      channels_last=a.channels_last, ema_decay=a.ema,
+                      channels_last=a.channels_last, ema_decay=a.ema, mixup=a.mixup, cutmix=a.cutmix,
                       seed=a.seed)
     teacher, kd = None, None
     if a.teacher:

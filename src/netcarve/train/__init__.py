@@ -5,6 +5,7 @@
 - :mod:`netcarve.train.distill` -- the distillation-loss registry, :class:`DistillationTask`,
   :class:`SupervisedTask`.
 - :mod:`netcarve.train.checkpoint` -- the ``out_dir/train_state`` format.
+- :mod:`netcarve.train.mix` -- mixup / CutMix (:class:`BatchMix`; ``TrainConfig.mixup`` / ``cutmix``).
 """
 
 from .checkpoint import load_train_state, read_train_state
@@ -23,8 +24,10 @@ from .distill import (
     register_distill_loss,
 )
 from .loop import TrainResult, evaluate, fit, lr_factor
+from .mix import BatchMix
 
 __all__ = [
+    "BatchMix",
     "block_hints",
     "DistillBatch",
     "DistillLoss",

@@ -121,6 +121,11 @@ class TrainConfig:
             on small maps (:mod:`netcarve.train.small_conv`: VGG-16's bf16 CIFAR-10 training step is 1.6x faster
             here with the default 16, i.e. its 4x4 and 2x2 stages); 0 turns it off. Same result up to
             rounding; evaluation is unaffected. May change when resuming.
+        mixup: 0 (off) or the Beta parameter of mixup (e.g. 0.2-1.0): every training batch becomes
+            convex combinations of its images and the matching soft labels (:mod:`netcarve.train.mix`);
+            with distillation the teacher sees the same mixed images.
+        cutmix: 0 (off) or the Beta parameter of CutMix (e.g. 1.0; image batches only). With both
+            ``mixup`` and ``cutmix`` on, each batch uses one of them with equal chance.
     """
 
     epochs: int = 10
@@ -142,6 +147,8 @@ class TrainConfig:
     channels_last: bool = False
     ema_decay: float = 0.0
     small_conv_gemm: int = 16
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
     def __post_init__(self):
         self.validate()
@@ -173,6 +180,8 @@ class TrainConfig:
         self.channels_last = _bool(o, "channels_last", self.channels_last)
         self.ema_decay = _float(o, "ema_decay", self.ema_decay, lo=0.0, hi=1.0, hi_open=True)
         self.small_conv_gemm = _int(o, "small_conv_gemm", self.small_conv_gemm, 0)
+        self.mixup = _float(o, "mixup", self.mixup, lo=0.0)
+        self.cutmix = _float(o, "cutmix", self.cutmix, lo=0.0)
         return self
 
     def to_dict(self) -> dict[str, Any]:

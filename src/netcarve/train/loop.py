@@ -44,6 +44,7 @@ from .checkpoint import (
 from .config import KDConfig, TrainConfig
 from .distill import DistillationTask, SupervisedTask, _logits
 from .ema import ModelEma
+from .mix import BatchMix
 from .small_conv import small_map_convs
 
 logger = logging.getLogger(__name__)
@@ -225,6 +226,23 @@ def _zoo_example(model: nn.Module) -> torch.Tensor | None:
         return None
 
 
+def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
+    """The number of classes a classifier predicts, from one eval-mode forward pass (no state changes)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = _logits(model(example[:2].to(_device(model))))
+    finally:
+        model.train(was)
+    if logits.dim() != 2:
+        raise ConfigError(
+            f"batch mixing (TrainConfig.mixup / cutmix) needs a classifier with (N, classes) outputs; the model "
+            f"returns shape {tuple(logits.shape)}"
+        )
+    return int(logits.shape[1])
+
+
 def _first_batch(loader) -> torch.Tensor:
     for x, _ in loader:
         return x[:2]
@@ -330,6 +348,12 @@ def fit(
         )
     else:
         task = SupervisedTask(model, config.label_smoothing)
+    mixer = None
+    if config.mixup > 0 or config.cutmix > 0:
+        ex = example_input if example_input is not None else _zoo_example(model)
+        if ex is None:
+            ex = _first_batch(val_loader if val_loader is not None else train_loader)
+        mixer = BatchMix(_num_outputs(model, ex), mixup=config.mixup, cutmix=config.cutmix)
     if out is not None and saved is None:  # a fresh run: only now that the task is valid, drop old state
         out.mkdir(parents=True, exist_ok=True)
         clear_train_state(out)
@@ -399,6 +423,7 @@ def fit(
                     callbacks,
                     bar,
                     ema,
+                    mixer,
                 )
                 for cb in callbacks:
                     if hasattr(cb, "on_epoch_end"):
@@ -477,7 +502,9 @@ def fit(
     )
 
 
-def _run_epoch(task, model, loader, optimizer, scheduler, params, config, epoch, steps, callbacks, bar, ema=None):
+def _run_epoch(
+    task, model, loader, optimizer, scheduler, params, config, epoch, steps, callbacks, bar, ema=None, mixer=None
+):
     task.train()
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
@@ -489,10 +516,14 @@ def _run_epoch(task, model, loader, optimizer, scheduler, params, config, epoch,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     for step, (x, y) in enumerate(loader):
         x, y = x.to(device), y.to(device)
+        target = y
+        if mixer is not None:
+            x, target = mixer(x, y)
+            y = target.argmax(-1)  # the larger share, for train top-1
         if config.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
-            out = task(x, y)
+            out = task(x, target)
         loss = out["loss"]
         lv = float(loss.detach())
         if not math.isfinite(lv):
