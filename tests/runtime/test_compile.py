@@ -1197,6 +1197,30 @@ def test_torch_transformer_encoder_sparse_and_unsupported(kernels):
             assert _rel(c(x), model(x)) <= 1e-4
 
 
+def test_torch_layers_compiled_as_the_model_itself(kernels):
+    """An nn.TransformerEncoder / nn.TransformerEncoderLayer passed to compile() as the whole model (fx cannot
+    trace the encoder's own forward) lowers as it does inside a model, its layers named under "model."."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 48, 0.1, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 6, 32)
+    for m, mha in ((enc, 2), (nn.TransformerEncoderLayer(32, 4, 48, batch_first=True, norm_first=True).eval(), 1)):
+        c = compile(m, x, sparse="never", fallback=False)
+        assert [op.kind for op in c.ops].count("mha") == mha
+        assert any(lc.name.startswith("model.") and lc.name.endswith("linear1") for lc in c.layers)
+        with torch.no_grad():
+            for b in (2, 1, 3):
+                xb = torch.randn(b, 6, 32)
+                assert _rel(c(xb), m(xb)) <= 1e-4
+    # a plain custom module that fx cannot trace still gets the tracing error, not a wrapper
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(UnsupportedModelError, match="cannot trace Branchy"):
+        compile(Branchy().eval(), x, sparse="never", fallback=False)
+
+
 def test_values_built_from_static_sizes_are_constants(kernels):
     """A causal mask and position ids built in forward from the input's length are folded into constants (the mask
     then becomes the attention step's causal flag); values that depend on the batch size or are random are not."""

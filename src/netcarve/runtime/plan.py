@@ -301,6 +301,17 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d)
     return weight.detach() * scale.reshape(-1, *([1] * (weight.dim() - 1))), b
 
 
+class _Wrapped(nn.Module):
+    """``model`` as the only child (named ``model``) of a module that just calls it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
 class Lowering:
     """fx graph -> list of :class:`Op` in an executable order."""
 
@@ -308,7 +319,14 @@ class Lowering:
         self.model = model
         self.name = type(model).__name__
         self.fallback = fallback
-        traced = trace_model(model, example_input)
+        try:
+            traced = trace_model(model, example_input)
+        except UnsupportedModelError:
+            # a torch.nn layer whose own forward fx cannot trace (nn.TransformerEncoder: nested-tensor checks) is
+            # lowered as the one leaf of a wrapper, as it would be inside a model; its paths start with "model."
+            if not fx.Tracer().is_leaf_module(model, "model"):
+                raise
+            traced = trace_model(_Wrapped(model), example_input)
         if traced.opaque and not fallback:
             path, why = next(iter(traced.opaque.items()))
             raise UnsupportedModelError(f"runtime: {self.name}: fx cannot trace into {path!r} ({why})")
