@@ -1156,8 +1156,9 @@ def test_torch_transformer_encoder_lowers_natively(kernels, cfg):
 
 
 def test_torch_transformer_encoder_sparse_and_unsupported(kernels):
-    """Block-sparse encoder linears run the BSR kernel; a mask other than the causal one, a key padding mask or an
-    activation netcarve has no step for keep the encoder in PyTorch (named), or raise with fallback=False."""
+    """Block-sparse encoder linears run the BSR kernel; a mask other than the causal one, a key padding mask with
+    mask_check=False or an activation netcarve has no step for keep the encoder in PyTorch (named), or raise with
+    fallback=False."""
     torch.manual_seed(0)
     m = _TorchEncoder(act="gelu", mask="float").eval()
     blk = make_scheme("block", block=[4, 16])
@@ -1181,12 +1182,13 @@ def test_torch_transformer_encoder_sparse_and_unsupported(kernels):
         def __init__(self):
             super().__init__()
             self.register_buffer("pad", torch.zeros(2, 6, dtype=torch.bool))
+            self.enc.use_nested_tensor, self.enc.mask_check = True, False
 
         def forward(self, x):
             return self.head(self.enc(self.inp(x), src_key_padding_mask=self.pad))
 
     for model, why in [(_TorchEncoder(mask="other"), "an attention mask other than the causal one"),
-                       (Padded(), "a key padding mask"),
+                       (Padded(), "a key padding mask with mask_check=False"),
                        (_TorchEncoder(act=lambda t: t * 2), "feed-forward activation")]:
         model.eval()
         with pytest.raises(UnsupportedModelError, match=rf"module 'enc' \(TransformerEncoder\).*{why}"):
@@ -1197,9 +1199,84 @@ def test_torch_transformer_encoder_sparse_and_unsupported(kernels):
             assert _rel(c(x), model(x)) <= 1e-4
 
 
+class _PaddedClassifier(nn.Module):
+    """Token ids -> embedding -> torch encoder (or one nn.MultiheadAttention) told which tokens are padding by a mask
+    computed from the ids (``tokens == 0`` and the like) -> per-token head."""
+
+    def __init__(self, nested=True, batch_first=True, final_norm=True, mha=False, causal=False, mask="eq"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 48, 0.1, batch_first=batch_first)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32) if final_norm else None,
+                                         enable_nested_tensor=nested)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True) if mha else None
+        self.head = nn.Linear(32, 3)
+        self.batch_first, self.causal, self.mask = batch_first, causal, mask
+        self.register_buffer("tri", nn.Transformer.generate_square_subsequent_mask(8) if causal else None)
+
+    def forward(self, tokens):
+        pad = {"eq": lambda t: t == 0, "lt": lambda t: t.lt(1), "le": lambda t: torch.le(t, 0),
+               "ne": lambda t: t.ne(0), "gt": lambda t: t > 0, "ge": lambda t: t.ge(1)}[self.mask](tokens)
+        h = self.emb(tokens)
+        if self.attn is not None:
+            return self.head(self.attn(h, h, h, key_padding_mask=pad)[0])
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.enc(h, mask=self.tri, src_key_padding_mask=pad)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h)
+
+
+def _padded_tokens(lens, t=8, gen=None):
+    x = torch.randint(1, 50, (len(lens), t), generator=gen)
+    for i, n in enumerate(lens):
+        x[i, n:] = 0
+    return x
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(), dict(nested=False), dict(final_norm=False), dict(batch_first=False), dict(mha=True),
+    dict(causal=True, nested=False), dict(nested=False, mask="lt"), dict(nested=False, mask="le"),
+    dict(nested=False, mask="ne"), dict(nested=False, mask="gt"), dict(nested=False, mask="ge"),
+], ids=["nested", "plain", "nested-no-norm", "seq-first", "mha", "causal", "lt", "le", "ne", "gt", "ge"])
+def test_key_padding_masks_from_token_ids(kernels, cfg):
+    """A key padding mask computed from the token ids (a comparison step) reaches every attention step; an encoder
+    PyTorch would run on nested tensors gets its padded outputs zeroed (when each row's padding follows its tokens,
+    checked per call as PyTorch does). Matches the model at several batch sizes, left-aligned or not."""
+    m = _PaddedClassifier(**cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    x = _padded_tokens([8, 5, 2], gen=g)
+    with at_threads(2):
+        c = compile(m, x, sparse="never", fallback=False)
+    kinds = [op.kind for op in c.ops]
+    assert kinds.count("compare") == 1 and "python" not in kinds
+    assert all(len(op.inputs) == 2 for op in c.ops if op.kind == "mha")
+    nested = cfg.get("nested", True) and not cfg.get("mha") and cfg.get("batch_first", True)
+    assert ("padzero" in kinds) == nested
+    unaligned = _padded_tokens([6, 7, 8], gen=g)
+    unaligned[0, 2] = 0  # a padding token before real ones
+    def close(a, b):  # (masks that hide every key of a row -- t != 0 on a row without padding -- give NaN rows)
+        nan = b.isnan()
+        return torch.equal(a.isnan(), nan) and _rel(a[~nan], b[~nan]) <= 1e-4
+
+    with torch.no_grad():
+        for xb in (x, _padded_tokens([3, 8], gen=g), _padded_tokens([1, 2, 8, 7, 4], gen=g), unaligned):
+            ref = m(xb)
+            assert close(c(xb), ref) and close(c.reference(xb), ref)
+            assert not ref.isnan().all()
+        if nested:  # the zeroing matters: the padded outputs of PyTorch's regular path differ
+            out = m(x)
+            m.enc.use_nested_tensor = False
+            plain = m(x)
+            assert torch.allclose(out[1, :5], plain[1, :5], atol=1e-5) and not torch.allclose(out[1, 5:], plain[1, 5:])
+
+
 def test_torch_layers_compiled_as_the_model_itself(kernels):
-    """An nn.TransformerEncoder / nn.TransformerEncoderLayer passed to compile() as the whole model (fx cannot
-    trace the encoder's own forward) lowers as it does inside a model, its layers named under "model."."""
+    """A torch.nn layer passed to compile() as the whole model lowers as it does inside a model, named "model":
+    nn.TransformerEncoder / nn.TransformerEncoderLayer (fx cannot trace the encoder's own forward), nn.Conv2d and
+    nn.Linear (traced into, they would be F.conv2d / F.linear calls)."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 48, 0.1, batch_first=True)
     enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
@@ -1212,6 +1289,12 @@ def test_torch_layers_compiled_as_the_model_itself(kernels):
             for b in (2, 1, 3):
                 xb = torch.randn(b, 6, 32)
                 assert _rel(c(xb), m(xb)) <= 1e-4
+    for m, x1, kind in ((nn.Conv2d(3, 8, 3, padding=1), torch.randn(2, 3, 8, 8), "conv"),
+                        (nn.Linear(16, 8), torch.randn(4, 16), "linear")):
+        c = compile(m.eval(), x1, sparse="never", fallback=False)
+        assert [op.kind for op in c.ops] == [kind] and [lc.name for lc in c.layers] == ["model"]
+        with torch.no_grad():
+            assert _rel(c(x1), m(x1)) <= 1e-4
     # a plain custom module that fx cannot trace still gets the tracing error, not a wrapper
     class Branchy(nn.Module):
         def forward(self, x):

@@ -70,6 +70,43 @@ def test_attention_qkv_matches_reference(kernels, shape, causal):
             assert out.shape == (b, t, h * hd) and _rel(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("shape", [(1, 32, 4, 16), (3, 17, 3, 24), (2, 70, 2, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_qkv_key_padding_mask(kernels, shape, causal):
+    """A (B, T) key padding mask, bool (true = padding) or float (added to the scores), as nn.MultiheadAttention
+    takes it; a batch row whose keys are all padding gives NaN (PyTorch too), the other rows are unaffected."""
+    b, t, h, hd = shape
+    g = torch.Generator().manual_seed(t)
+    qkv = torch.randn(b, t, 3 * h * hd, generator=g)
+    pad = torch.rand(b, t, generator=g) < 0.4
+    pad[:, 0] = False  # (causal: the first query sees only key 0)
+    q, k, v = qkv.reshape(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)
+    bias = torch.zeros(b, t).masked_fill(pad, float("-inf"))
+    tri = torch.zeros(t, t).masked_fill(torch.ones(t, t).bool().triu(1), float("-inf")) if causal else 0.0
+    am = bias.view(b, 1, 1, t) + tri
+    manual = F.scaled_dot_product_attention(q, k, v, attn_mask=am).transpose(1, 2).reshape(b, t, h * hd)
+    soft = torch.randn(b, t, generator=g)  # a float mask: any additive bias
+    am_soft = soft.view(b, 1, 1, t) + tri
+    manual_soft = F.scaled_dot_product_attention(q, k, v, attn_mask=am_soft).transpose(1, 2).reshape(b, t, h * hd)
+    for mask, want in ((pad, manual), (bias, manual), (soft, manual_soft)):
+        ref = attention_qkv(qkv, h, causal, key_padding_mask=mask, reference=True)
+        assert _rel(ref, want) <= 1e-5
+        for threads in (1, 2):
+            with forced_parallel(kernels, threads):
+                assert _rel(attention_qkv(qkv, h, causal, key_padding_mask=mask), want) <= 1e-5
+    full = pad.clone()
+    full[0] = True  # batch row 0: nothing to attend to
+    out = attention_qkv(qkv, h, causal, key_padding_mask=full)
+    assert out[0].isnan().all() and not out[1:].isnan().any()
+    assert attention_qkv(qkv, h, causal, key_padding_mask=full, reference=True)[0].isnan().all()
+    with pytest.raises(ConfigError, match=rf"key padding mask must be bool or float of shape \({b}, {t}\)"):
+        attention_qkv(qkv, h, key_padding_mask=pad[:, 1:])
+    with pytest.raises(ConfigError, match="key padding mask must be bool or float"):
+        attention_qkv(qkv, h, key_padding_mask=pad.long())
+    with pytest.raises(RuntimeError, match="key padding mask must be"):
+        kernels.attention_qkv(qkv, h, False, None, pad[:, :1])
+
+
 def test_attention_nan_and_bad_input(kernels):
     q = torch.randn(1, 1, 4, 16)
     q[0, 0, 1, 3] = float("nan")  # key 1 is NaN: every row's softmax (and output) is NaN, as in torch
@@ -229,7 +266,8 @@ def test_torch_multihead_attention_unsupported_uses(kernels, what):
     torch.manual_seed(0)
     m = _TorchMHA(weights=what == "weights", mask=what == "mask").eval()
     x = torch.randn(2, 7, 32)
-    with pytest.raises(UnsupportedModelError, match="attention weights" if what == "weights" else "with a mask"):
+    with pytest.raises(UnsupportedModelError,
+                       match="attention weights" if what == "weights" else "with an attention mask"):
         compile(m, x, fallback=False)
     with at_threads(2), torch.no_grad():
         c = compile(m, x)

@@ -72,14 +72,14 @@ class TracedModel:
         return self.graph_module.graph
 
 
-def trace_model(model: nn.Module, example_input=None) -> TracedModel:
+def trace_model(model: nn.Module, example_input=None, name: str | None = None) -> TracedModel:
     """Trace ``model`` with torch.fx; with ``example_input`` (a tensor or a tuple of tensors), also
     record every node's output shape in ``node.meta["tensor_meta"]``.
 
-    Raises UnsupportedModelError when the model's own forward cannot be traced or the traced graph does
-    not run on the example input.
+    Raises UnsupportedModelError (naming the model as ``name``, default its class name) when the model's own
+    forward cannot be traced or the traced graph does not run on the example input.
     """
-    name = type(model).__name__
+    name = name or type(model).__name__
     graph, opaque = _trace(model, name, proxy_buffers=False)
     if opaque:  # a submodule that slices a buffer by the input's size traces with buffers as graph values
         try:

@@ -279,11 +279,11 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     finally:
         model.train(was_training)
     if example_input.dtype != torch.float32:  # token ids: native steps other than embeddings compute in float32
-        bad = [op for op in ops if 0 in op.inputs and op.kind not in ("embedding", "python")]
+        bad = [op for op in ops if 0 in op.inputs and op.kind not in ("embedding", "python", "compare")]
         if bad:
             raise UnsupportedModelError(f"runtime.compile: {type(model).__name__}: step {bad[0].name!r} "
-                                        f"({bad[0].kind}) reads the integer input; natively only an Embedding takes "
-                                        "token ids")
+                                        f"({bad[0].kind}) reads the integer input; natively only an Embedding (or a "
+                                        "comparison with a number, a padding mask) takes token ids")
     fallen = [n for op in ops if op.kind == "python" for n in op.p["nodes"]]
     if fallen:
         steps = sum(op.kind == "python" for op in ops)

@@ -336,16 +336,49 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
 
 
 def attention_qkv(qkv: torch.Tensor, heads: int, is_causal: bool = False, scale: float | None = None,
-                  reference: bool = False) -> torch.Tensor:
+                  key_padding_mask: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
     """Multi-head self-attention from a packed (B, T, 3 x heads x hd) projection (q | k | v, each heads x hd) to the
     merged heads (B, T, heads x hd), as netcarve's ``MultiHeadSelfAttention`` computes it (native: no head split /
-    merge copies), or the twin (reshape, permute, ``F.scaled_dot_product_attention``, transpose)."""
+    merge copies), or the twin (reshape, permute, ``F.scaled_dot_product_attention``, transpose).
+
+    ``key_padding_mask`` (B, T), as ``nn.MultiheadAttention`` takes it: bool (true: the key is padding, never
+    attended to) or float (added to the scores). A batch row whose keys are all padding gets NaN, as from
+    ``nn.MultiheadAttention``."""
     if qkv.dim() != 3 or heads < 1 or qkv.shape[-1] % (3 * heads):
         raise ConfigError(f"attention_qkv: qkv of shape {list(qkv.shape)} is not (B, T, 3 x {heads} heads x head_dim)")
+    b, t, w = qkv.shape
+    if key_padding_mask is not None and (tuple(key_padding_mask.shape) != (b, t) or not (
+            key_padding_mask.dtype == torch.bool or key_padding_mask.is_floating_point())):
+        raise ConfigError(f"attention_qkv: the key padding mask must be bool or float of shape ({b}, {t}), got "
+                          f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}")
     mod = _native(reference, qkv)
     if mod is None:
-        b, t, w = qkv.shape
         q, kk, vv = qkv.reshape(b, t, 3, heads, w // 3 // heads).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, kk, vv, is_causal=is_causal, scale=scale)
+        if key_padding_mask is not None:
+            kb = key_padding_mask.float()
+            if key_padding_mask.dtype == torch.bool:
+                kb = torch.zeros(b, t).masked_fill(key_padding_mask, float("-inf"))
+            mask = kb.view(b, 1, 1, t)
+            if is_causal:
+                mask = mask + torch.zeros(t, t).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+            # (softmax written out: F.scaled_dot_product_attention returns zeros for a row with every key masked,
+            # nn.MultiheadAttention NaN, as the native kernel does)
+            s = q @ kk.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5) + mask
+            o = torch.softmax(s, -1) @ vv
+        else:
+            o = F.scaled_dot_product_attention(q, kk, vv, is_causal=is_causal, scale=scale)
         return o.transpose(1, 2).reshape(b, t, w // 3)
-    return mod.attention_qkv(qkv, int(heads), bool(is_causal), scale)
+    return mod.attention_qkv(qkv, int(heads), bool(is_causal), scale, key_padding_mask)
+
+
+def pad_zero(x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, T, E) with the positions a bool (B, T) key padding mask marks set to zero, if in every row the
+    padding follows the tokens ("left-aligned", PyTorch's test before it runs ``nn.TransformerEncoder`` on nested
+    tensors, whose padded outputs are zero); else ``x`` itself."""
+    m = key_padding_mask
+    if m.dtype != torch.bool or m.dim() != 2 or x.dim() != 3 or tuple(m.shape) != tuple(x.shape[:2]):
+        raise ConfigError(f"pad_zero: expected a (B, T, E) value and a bool (B, T) mask, got {list(x.shape)} and "
+                          f"{m.dtype} {list(m.shape)}")
+    if m.shape[1] > 1 and bool((m[:, :-1] & ~m[:, 1:]).any()):
+        return x
+    return x.masked_fill(m.unsqueeze(-1), 0.0)

@@ -44,6 +44,7 @@ from .kernels import (
     from_lanes,
     lanes_conv2d,
     lanes_max_pool2d,
+    pad_zero,
     to_lanes,
 )
 
@@ -211,6 +212,28 @@ _NONDETERMINISTIC = ("rand", "normal", "bernoulli", "dropout", "empty", "multino
 _MAX_CONST_NUMEL = 1 << 22
 
 
+_COMPARE_OPS = ("eq", "ne", "lt", "le", "gt", "ge")  # the plan's compare step: index = its op code
+_COMPARE_FNS = {getattr(operator, n): i for i, n in enumerate(_COMPARE_OPS)}
+_COMPARE_FNS.update({getattr(torch, n): i for i, n in enumerate(_COMPARE_OPS)})
+
+
+def _compare(node: fx.Node) -> tuple[fx.Node, int, float] | None:
+    """``(x, op code, number)`` when ``node`` compares a tensor with a Python number (``tokens == 0``,
+    ``ids.ne(pad)``)."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    if node.op == "call_function" and node.target in _COMPARE_FNS:
+        code = _COMPARE_FNS[node.target]
+    elif node.op == "call_method" and node.target in _COMPARE_OPS:
+        code = _COMPARE_OPS.index(node.target)
+    else:
+        return None
+    x, c = node.args
+    if not isinstance(x, fx.Node) or isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+        return None
+    return x, code, float(c)
+
+
 def _scalar_affine(node: fx.Node) -> tuple[fx.Node, float, float] | None:
     """``(x, scale, shift)`` when ``node`` is a tensor times, divided by, plus or minus a Python number."""
     if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
@@ -319,14 +342,10 @@ class Lowering:
         self.model = model
         self.name = type(model).__name__
         self.fallback = fallback
-        try:
-            traced = trace_model(model, example_input)
-        except UnsupportedModelError:
-            # a torch.nn layer whose own forward fx cannot trace (nn.TransformerEncoder: nested-tensor checks) is
-            # lowered as the one leaf of a wrapper, as it would be inside a model; its paths start with "model."
-            if not fx.Tracer().is_leaf_module(model, "model"):
-                raise
-            traced = trace_model(_Wrapped(model), example_input)
+        # a torch.nn layer given as the whole model (nn.Conv2d, nn.TransformerEncoder, whose own forward fx cannot
+        # trace, ...) is lowered as the one leaf of a wrapper, as it would be inside a model, named "model"
+        root = _Wrapped(model) if fx.Tracer().is_leaf_module(model, "model") else model
+        traced = trace_model(root, example_input, name=self.name)
         if traced.opaque and not fallback:
             path, why = next(iter(traced.opaque.items()))
             raise UnsupportedModelError(f"runtime: {self.name}: fx cannot trace into {path!r} ({why})")
@@ -376,8 +395,8 @@ class Lowering:
             + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6/Hardtanh/clamp, GELU/SiLU/Sigmoid/Tanh/"
               "Hardswish/Hardsigmoid, LayerNorm, softmax, permute/transpose, add, mul, Max/AvgPool2d, "
               "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (also bidirectional), x[:, k], "
-              "mean, scaled_dot_product_attention, MultiheadAttention (self-attention without masks), "
-              "TransformerEncoder(Layer) (no masks but the causal one) (compile with "
+              "mean, comparisons with a number, scaled_dot_product_attention, MultiheadAttention (self-attention, "
+              "a key padding mask), TransformerEncoder(Layer) (the causal mask, a key padding mask) (compile with "
               "fallback=True to run the rest in PyTorch)")
 
     def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
@@ -852,6 +871,9 @@ class Lowering:
             last, _, relu = self._fuse_tail(node, allow_add=False)
             return self._emit(Op("add", node.name, [self._in(args[0], node), self._in(args[1], node)],
                                  p={"relu": relu}), last, args[0])
+        if (cmp := _compare(node)) is not None:  # tokens == pad: a key padding mask
+            return self._emit(Op("compare", node.name, [self._in(cmp[0], node)], p={"op": cmp[1], "value": cmp[2]}),
+                              node, cmp[0])
         if (scaled := _scalar_affine(node)) is not None:  # x * c, c * x, x / c, x + c, c + x, x - c
             x, scale, shift = scaled
             tm = x.meta.get("tensor_meta")
@@ -953,8 +975,8 @@ class Lowering:
         q = v.get("query")
         if not (v.get("key") is q and v.get("value") is q) or not isinstance(q, fx.Node):
             self._unsupported(node, "attention other than self-attention (query, key and value one tensor)")
-        if v.get("key_padding_mask") is not None or v.get("attn_mask") is not None or v.get("is_causal", False):
-            self._unsupported(node, "attention with a mask")
+        if v.get("attn_mask") is not None or v.get("is_causal", False):
+            self._unsupported(node, "attention with an attention mask (a key padding mask is supported)")
         self._check_mha(node, m)
         xs = _shape(q)
         if xs is None or len(xs) != 3:
@@ -964,7 +986,8 @@ class Lowering:
         bt = tuple(xs) if m.batch_first else (xs[1], xs[0], xs[2])
         if not m.batch_first:
             x = self._emit_tmp(Op("permute", f"{name}.batch_first", [x], p={"dims": [1, 0, 2]}))
-        y = self._mha_steps(name, m, x, bt, causal=False)
+        kpm = self._mask_value(node, v.get("key_padding_mask"), "key_padding_mask")
+        y = self._mha_steps(name, m, x, bt, causal=False, kpm=kpm)
         if m.batch_first:
             self.val[node] = y
         else:
@@ -979,15 +1002,28 @@ class Lowering:
         elif not _is_torch_mha(m):
             self._unsupported(node, f"attention module {type(m).__name__}")
 
-    def _mha_steps(self, name: str, m: nn.Module, x: int, bt: tuple[int, ...], causal: bool) -> int:
-        """in_proj linear, "mha" step, out_proj linear on plan value ``x`` of shape ``bt`` = (B, T, E): the output's
-        value id."""
+    def _mask_value(self, node: fx.Node, a: Any, what: str) -> int | None:
+        """The plan value of a mask argument: None for no mask, a value computed in the plan (``tokens == pad``), or a
+        constant (a buffer, or built from constants and static sizes)."""
+        if a is None:
+            return None
+        if isinstance(a, fx.Node) and a in self.val:
+            return self._in(a, node)
+        c = self._const(a)
+        if not isinstance(c, torch.Tensor):
+            self._unsupported(node, f"a {what} the plan cannot compute")
+        return self._emit_tmp(Op("const", f"{node.name}.{what}", [], p={"value": c.detach().clone().contiguous()}))
+
+    def _mha_steps(self, name: str, m: nn.Module, x: int, bt: tuple[int, ...], causal: bool,
+                   kpm: int | None = None) -> int:
+        """in_proj linear, "mha" step (reading the key padding mask value ``kpm`` if given), out_proj linear on plan
+        value ``x`` of shape ``bt`` = (B, T, E): the output's value id."""
         width = int(m.in_proj_weight.shape[0])
         qkv = self._emit_tmp(Op("linear", f"{name}.in_proj", [x],
                                 p=_linear_p(None, weight=m.in_proj_weight, bias=m.in_proj_bias)))
         self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], width)
-        y = self._emit_tmp(Op("mha", f"{name}.matmul", [qkv], p={"heads": int(m.num_heads), "causal": bool(causal),
-                                                                 "scale": None}))
+        y = self._emit_tmp(Op("mha", f"{name}.matmul", [qkv] + ([] if kpm is None else [kpm]),
+                              p={"heads": int(m.num_heads), "causal": bool(causal), "scale": None}))
         self.ops[-1].in_shape, self.ops[-1].out_shape = (*bt[:2], width), (*bt[:2], width // 3)
         y = self._emit_tmp(Op("linear", f"{name}.out_proj", [y], p=_linear_p(m.out_proj)))
         self.ops[-1].in_shape, self.ops[-1].out_shape = (*bt[:2], width // 3), bt
@@ -1005,8 +1041,6 @@ class Lowering:
         names = ("src", "mask" if encoder else "src_mask", "src_key_padding_mask", "is_causal")
         v = dict(zip(names, node.args))
         v.update(node.kwargs)
-        if v.get("src_key_padding_mask") is not None:
-            self._unsupported(node, "a key padding mask")
         src = v.get("src")
         xs = _shape(src) if isinstance(src, fx.Node) else None
         if xs is None or len(xs) != 3:
@@ -1029,10 +1063,19 @@ class Lowering:
             causal = True
         name = str(node.target)
         x = self._in(src, node)
+        kpm = self._mask_value(node, v.get("src_key_padding_mask"), "src_key_padding_mask")
+        # PyTorch runs an encoder given only a key padding mask on nested tensors (no grad, fast path on), whose padded
+        # outputs are then zero, if every row's padding follows its tokens (checked per call, as PyTorch does)
+        nested = (encoder and kpm is not None and mask is None and getattr(m, "use_nested_tensor", False)
+                  and torch.backends.mha.get_fastpath_enabled())
+        if nested and not getattr(m, "mask_check", True):
+            self._unsupported(node, "a key padding mask with mask_check=False (PyTorch then skips its alignment check)")
         if not batch_first:
             x = self._emit_tmp(Op("permute", f"{name}.batch_first", [x], p={"dims": [1, 0, 2]}))
         for i, layer in enumerate(layers):
-            x = self._encoder_layer(node, f"{name}.layers.{i}" if encoder else name, layer, x, bt, causal)
+            x = self._encoder_layer(node, f"{name}.layers.{i}" if encoder else name, layer, x, bt, causal, kpm)
+        if nested:
+            x = self._emit_tmp(Op("padzero", f"{name}.padded", [x, kpm]))
         if encoder and m.norm is not None:
             x = self._ln_tmp(node, f"{name}.norm", m.norm, x)
         if not batch_first:
@@ -1046,7 +1089,8 @@ class Lowering:
         return self._emit_tmp(Op("layernorm", name, [x],
                                  p=_layernorm_p(list(ln.normalized_shape), ln.weight, ln.bias, ln.eps)))
 
-    def _encoder_layer(self, node, name: str, layer: nn.TransformerEncoderLayer, x: int, bt, causal: bool) -> int:
+    def _encoder_layer(self, node, name: str, layer: nn.TransformerEncoderLayer, x: int, bt, causal: bool,
+                       kpm: int | None = None) -> int:
         act = layer.activation
         relu = act is F.relu or act is torch.relu or type(act) is nn.ReLU
         fn = None
@@ -1064,7 +1108,7 @@ class Lowering:
         width = int(layer.linear1.out_features)
 
         def attention(h):
-            return self._mha_steps(f"{name}.self_attn", layer.self_attn, h, bt, causal)
+            return self._mha_steps(f"{name}.self_attn", layer.self_attn, h, bt, causal, kpm)
 
         def feed_forward(h):
             f = self._emit_tmp(Op("linear", f"{name}.linear1", [h], p=_linear_p(layer.linear1, relu)))
@@ -1160,6 +1204,8 @@ class Lowering:
             return self._emit(Op("clamp", node.name, [self._in(x, node)], p={"lo": bounds[0], "hi": bounds[1]}), node, x)
         if t in ("contiguous", "clone"):
             return self._alias(node, x)
+        if (cmp := _compare(node)) is not None:
+            return self._emit(Op("compare", node.name, [self._in(x, node)], p={"op": cmp[1], "value": cmp[2]}), node, x)
         if t == "mul" and len(node.args) == 2 and isinstance(node.args[1], fx.Node) and not node.kwargs:
             return self._emit(Op("mul", node.name, [self._in(x, node), self._in(node.args[1], node)]), node, x)
         if t in _UNARY_METHODS and len(node.args) == 1 and not node.kwargs:
@@ -1363,7 +1409,12 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
     if k == "expand":
         return x.expand(v[op.inputs[1]].shape[0], *x.shape[1:]).contiguous()
     if k == "mha":  # (B, T, 3 x H x hd) -> (B, T, H x hd)
-        return attention_qkv(x, p["heads"], p["causal"], p["scale"], reference=True)
+        kpm = v[op.inputs[1]] if len(op.inputs) > 1 else None
+        return attention_qkv(x, p["heads"], p["causal"], p["scale"], key_padding_mask=kpm, reference=True)
+    if k == "compare":
+        return getattr(torch, _COMPARE_OPS[p["op"]])(x, p["value"])
+    if k == "padzero":
+        return pad_zero(x, v[op.inputs[1]])
     if k == "sdpa":
         mask = v[op.inputs[3]] if len(op.inputs) > 3 else None
         return F.scaled_dot_product_attention(x, v[op.inputs[1]], v[op.inputs[2]], attn_mask=mask,
@@ -1503,7 +1554,11 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
         elif op.kind == "embedding":
             plan.add_embedding(n, op.inputs[0], op.out, p["weight"])
         elif op.kind == "mha":
-            plan.add_mha(n, op.inputs[0], op.out, p["heads"], p["causal"], p["scale"])
+            plan.add_mha(n, op.inputs, op.out, p["heads"], p["causal"], p["scale"])
+        elif op.kind == "compare":
+            plan.add_compare(n, op.inputs[0], op.out, p["op"], p["value"])
+        elif op.kind == "padzero":
+            plan.add_padzero(n, op.inputs[0], op.inputs[1], op.out)
         else:  # pragma: no cover
             raise ValueError(f"unknown op kind {op.kind!r}")
     return plan

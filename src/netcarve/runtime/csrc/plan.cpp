@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <exception>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -37,7 +38,7 @@ struct LanesCache {
   }
 };
 
-enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA, EXPAND, EMBEDDING, LANES_IN, LANES_OUT, LANES_CONV, LANES_POOL, CONVT };
+enum Kind { CONV, LINEAR, AFFINE, RELU, CLAMP, ADD, MAXPOOL, AVGPOOL, GAP, FLATTEN, SHORTCUT, CAT, MUL, PAD, RNN, SELECT, MEAN, PYTHON, CONST, UNARY, LAYERNORM, SOFTMAX, PERMUTE, NARROW, RESHAPE, SDPA, MHA, EXPAND, EMBEDDING, LANES_IN, LANES_OUT, LANES_CONV, LANES_POOL, CONVT, COMPARE, PADZERO };
 
 struct Step {
   Kind kind;
@@ -310,10 +311,12 @@ class Plan {
     push(std::move(s));
   }
   // multi-head self-attention from a packed (B, T, 3 * heads * hd) qkv projection to the merged heads (B, T, heads * hd)
-  void add_mha(const std::string& name, int64_t in, int64_t out, int64_t heads, bool causal,
+  // (in = {qkv} or {qkv, key padding mask (B, T): bool, true = padding, or float, added to the scores})
+  void add_mha(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t heads, bool causal,
                c10::optional<double> scale) {
     TORCH_CHECK(heads >= 1, name, ": attention needs at least one head");
-    Step s{MHA, name, {in}, out};
+    TORCH_CHECK(in.size() == 1 || in.size() == 2, name, ": attention reads qkv and an optional key padding mask");
+    Step s{MHA, name, std::move(in), out};
     s.ints = {heads, causal, scale.has_value()};
     s.floats = {scale.value_or(0.0)};
     push(std::move(s));
@@ -327,6 +330,19 @@ class Plan {
   }
   // x (1, ...) repeated over the batch of value `like` (a class token expanded to the batch), contiguous
   void add_expand(const std::string& name, int64_t in, int64_t like, int64_t out) { push(Step{EXPAND, name, {in, like}, out}); }
+  // x OP scalar -> bool, OP 0 eq, 1 ne, 2 lt, 3 le, 4 gt, 5 ge
+  void add_compare(const std::string& name, int64_t in, int64_t out, int64_t op, double scalar) {
+    TORCH_CHECK(op >= 0 && op <= 5, name, ": comparison must be 0-5 (eq, ne, lt, le, gt, ge), got ", op);
+    Step s{COMPARE, name, {in}, out};
+    s.ints = {op};
+    s.floats = {scalar};
+    push(std::move(s));
+  }
+  // x (B, T, E) with the rows a (B, T) key padding mask marks zeroed, when in every row of the mask the padding comes
+  // after the tokens (what nn.TransformerEncoder's nested-tensor path returns), else x unchanged
+  void add_padzero(const std::string& name, int64_t in, int64_t mask, int64_t out) {
+    push(Step{PADZERO, name, {in, mask}, out});
+  }
   void add_cat(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t dim) {
     Step s{CAT, name, std::move(in), out};
     s.ints = {dim};
@@ -540,6 +556,9 @@ class Plan {
         return small(x);
       case NARROW:
         return true;
+      case COMPARE:
+      case PADZERO:
+        return small(x);
       case SDPA:
         return native_sdpa(s, v);
     }
@@ -748,12 +767,45 @@ class Plan {
         if (s.ints[2]) scale = s.floats[0];
         TORCH_CHECK(x.dim() == 3 && x.size(2) % (3 * s.ints[0]) == 0, s.name, ": attention expects a (B, T, 3 x ",
                     s.ints[0], " heads x head_dim) qkv input, got ", x.sizes());
+        c10::optional<torch::Tensor> kpm;
+        if (s.in.size() > 1) kpm = v[s.in[1]];
         if (g_native_transformer && x.scalar_type() == torch::kFloat32)
-          return attention_qkv(x, s.ints[0], s.ints[1] != 0, scale);
+          return attention_qkv(x, s.ints[0], s.ints[1] != 0, scale, kpm);
         const int64_t B = x.size(0), T = x.size(1), H = s.ints[0], hd = x.size(2) / 3 / H;
         auto qkv = x.reshape({B, T, 3, H, hd}).permute({2, 0, 3, 1, 4});
-        auto o = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], c10::nullopt, 0.0, s.ints[1] != 0, scale);
+        c10::optional<torch::Tensor> am;
+        if (kpm.has_value()) {
+          auto kb = key_padding_bias(*kpm, B, T).view({B, 1, 1, T});
+          if (s.ints[1] != 0)  // causal too: one additive mask
+            kb = kb + torch::zeros({T, T}, kb.options()).masked_fill_(
+                          torch::ones({T, T}, torch::kBool).triu(1), -std::numeric_limits<float>::infinity());
+          am = kb.to(x.scalar_type());
+        }
+        auto o = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], am, 0.0, s.ints[1] != 0 && !am.has_value(),
+                                                  scale);
         return o.transpose(1, 2).reshape({B, T, H * hd});
+      }
+      case COMPARE: {
+        const double c = s.floats[0];
+        switch (s.ints[0]) {
+          case 0: return at::eq(x, c);
+          case 1: return at::ne(x, c);
+          case 2: return at::lt(x, c);
+          case 3: return at::le(x, c);
+          case 4: return at::gt(x, c);
+          default: return at::ge(x, c);
+        }
+      }
+      case PADZERO: {
+        const torch::Tensor& m = v[s.in[1]];
+        TORCH_CHECK(m.scalar_type() == torch::kBool && m.dim() == 2 && x.dim() == 3 && m.size(0) == x.size(0) &&
+                        m.size(1) == x.size(1), s.name, ": expects a (B, T, E) value and a bool (B, T) key padding ",
+                    "mask, got ", x.sizes(), " and ", m.sizes(), " ", m.scalar_type());
+        // left-aligned: no token after a padding position, i.e. the mask never goes from true back to false
+        const int64_t T = m.size(1);
+        if (T > 1 && at::logical_and(m.narrow(1, 0, T - 1), m.narrow(1, 1, T - 1).logical_not()).any().item<bool>())
+          return x;
+        return x.masked_fill(m.unsqueeze(-1), 0.0);
       }
       case RNN: {
         const bool lstm = s.ints[0] != 0, bf = s.ints[2] != 0;
@@ -898,7 +950,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention_native, "softmax(scale q k^T) v, float32 (B, [H,] L, E)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("causal") = false, py::arg("scale") = py::none());
   m.def("attention_qkv", &attention_qkv, "multi-head self-attention from a packed (B, T, 3 C) qkv projection",
-        py::arg("qkv"), py::arg("heads"), py::arg("causal") = false, py::arg("scale") = py::none());
+        py::arg("qkv"), py::arg("heads"), py::arg("causal") = false, py::arg("scale") = py::none(),
+        py::arg("key_padding_mask") = py::none());
   m.def("layer_norm", &layer_norm_native, "LayerNorm over the trailing ndims dims", py::arg("x"), py::arg("ndims"),
         py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("eps") = 1e-5);
   m.def("add", &add_native, "a + b (then ReLU) for float32 tensors of one shape", py::arg("a"), py::arg("b"),
@@ -1082,6 +1135,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_sdpa", &Plan::add_sdpa)
       .def("add_mha", &Plan::add_mha)
       .def("add_expand", &Plan::add_expand)
+      .def("add_compare", &Plan::add_compare)
+      .def("add_padzero", &Plan::add_padzero)
       .def("add_embedding", &Plan::add_embedding)
       .def("add_pad", &Plan::add_pad)
       .def("add_conv_transpose", &Plan::add_conv_transpose)
