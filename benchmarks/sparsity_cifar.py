@@ -174,14 +174,15 @@ def vgg16_dense(work: Path, data_dir, epochs: int = VGG_EPOCHS) -> Path:
 
 def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, data_dir, lr: float = 0.01,
              options: dict | None = None, precision: str = "fp32", feature_kd: float = 0.0,
-             kd_mse: bool = False, hidden: int = 128) -> dict:
+             kd_mse: bool = False, hidden: int = 128, cutmix: float = 0.0) -> dict:
     from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
 
     if hidden != 128 and model != "gru":
         raise SystemExit("--hidden: GRU cells only (--model gru)")
     tag = model if hidden == 128 else f"{model}-h{hidden}"
     name = cell_name(tag, flags, algorithm, epochs, options) + ("-mse" if kd_mse else "") \
-        + (f"-fkd{feature_kd:g}" if feature_kd else "") + ("-bf16" if precision == "bf16" else "")
+        + (f"-fkd{feature_kd:g}" if feature_kd else "") + (f"-cm{cutmix:g}" if cutmix else "") \
+        + ("-bf16" if precision == "bf16" else "")
     out = work / name
     if (out / "report.json").exists():
         _log(f"{name}: done already")
@@ -192,7 +193,7 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
                                                          "connectivity", "length", "keep", "groups", "allocation",
                                                          "min_density")})
     source, weights = model, "pretrained"
-    finetune = {"epochs": epochs, "lr": lr, "batch_size": 128}
+    finetune = {"epochs": epochs, "lr": lr, "batch_size": 128, "cutmix": cutmix}
     if precision == "bf16":
         finetune.update(precision="bf16", channels_last=model not in ("gru", "lstm"))
     if model == "vgg16":
@@ -211,7 +212,7 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
     _log(f"{name}: start")
     rep = run_recipe(recipe, resume=True, progress=False, threads=torch.get_num_threads(),
                      command=_command(model, flags, algorithm, epochs, options, precision, feature_kd, kd_mse,
-                                      hidden))
+                                      hidden, cutmix))
     return rep
 
 
@@ -224,7 +225,8 @@ def _kd(feature_kd: float, kd_mse: bool) -> dict:
 
 
 def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict | None,
-             precision: str = "fp32", feature_kd: float = 0.0, kd_mse: bool = False, hidden: int = 128) -> str:
+             precision: str = "fp32", feature_kd: float = 0.0, kd_mse: bool = False, hidden: int = 128,
+             cutmix: float = 0.0) -> str:
     """The ``run`` command line that reproduces a cell."""
     args = []
     extra = {"precision": precision} if precision != "fp32" else {}
@@ -234,6 +236,8 @@ def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict
         extra["kd-mse"] = True
     if feature_kd:
         extra["feature-kd"] = f"{feature_kd:g}"
+    if cutmix:
+        extra["cutmix"] = f"{cutmix:g}"
     for k, v in {"model": model, **flags, "algorithm": algorithm, "epochs": epochs, **extra}.items():
         k = k.replace("_", "-")
         if v is True:
@@ -249,7 +253,7 @@ def cmd_run(a) -> None:
                                         "length", "keep", "groups", "balanced", "allocation", "min_density")}
     run_cell(Path(a.work), a.model, flags, a.algorithm, a.epochs, a.data_dir, a.lr,
              {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in (o.split("=", 1) for o in a.option)},
-             a.precision, a.feature_kd, a.kd_mse, a.hidden)
+             a.precision, a.feature_kd, a.kd_mse, a.hidden, a.cutmix)
 
 
 def cmd_grid(a) -> None:
@@ -342,6 +346,9 @@ def main() -> None:
             s.add_argument("--hidden", type=int, default=128,
                            help="--model gru: the hidden size of the dense GRU trained first (default 128; other "
                                 "sizes train gru-h<hidden>-dense and name the cells gru-h<hidden>-...)")
+            s.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                           help="CutMix on every fine-tuning batch (TrainConfig.cutmix; the teacher sees the mixed "
+                                "images; the cell's name gets -cmALPHA)")
             s.add_argument("--kd-mse", action="store_true",
                            help="distil by squared error on the logits (KDConfig kind logit_mse, alpha 1: no label "
                                 "term) instead of softened KL (the cell's name gets -mse)")
