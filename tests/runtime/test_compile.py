@@ -1105,7 +1105,8 @@ class _TorchEncoder(nn.Module):
             layer, 2, norm=nn.LayerNorm(d) if final_norm else None, enable_nested_tensor=False)
         self.inp, self.head, self.batch_first = nn.Linear(8, d), nn.Linear(d, 5), batch_first
         masks = {"float": nn.Transformer.generate_square_subsequent_mask(t), "bool": torch.ones(t, t).bool().triu(1),
-                 "other": torch.zeros(t, t).masked_fill(torch.ones(t, t).bool().tril(-2), float("-inf"))}
+                 "other": torch.zeros(t, t).masked_fill(torch.ones(t, t).bool().tril(-2), float("-inf")),
+                 "batched": torch.zeros(2 * 4, t, t)}
         self.register_buffer("mask", masks.get(mask))
 
     def forward(self, x):
@@ -1125,7 +1126,10 @@ class _TorchEncoder(nn.Module):
     dict(norm_first=True, batch_first=False, act=nn.GELU(approximate="tanh")),
     dict(act=F.silu, mask="float", layer_only=True),
     dict(head_pruned=True, mask="float"),
-], ids=["post-norm", "pre-norm-causal", "seq-first-bool-mask", "gelu-tanh-module", "one-layer-silu", "head-pruned"])
+    dict(mask="other"),
+    dict(batch_first=False, mask="other", layer_only=True),
+], ids=["post-norm", "pre-norm-causal", "seq-first-bool-mask", "gelu-tanh-module", "one-layer-silu", "head-pruned",
+        "other-mask", "seq-first-layer-other-mask"])
 def test_torch_transformer_encoder_lowers_natively(kernels, cfg):
     """torch's nn.TransformerEncoder(Layer): attention (a causal mask buffer as the step's causal flag), residual
     adds, LayerNorms before or after, the feed-forward linears with the activation; sequence-first stacks permute
@@ -1146,8 +1150,10 @@ def test_torch_transformer_encoder_lowers_natively(kernels, cfg):
         kinds = [op.kind for op in c.ops]
         layers = 1 if cfg.get("layer_only") else 2
         assert kinds.count("mha") == layers and kinds.count("layernorm") == 2 * layers + bool(cfg.get("final_norm"))
-        assert "permute" not in kinds and "const" not in kinds  # transposes cancelled; the mask is a flag
-        assert [op.p["causal"] for op in c.ops if op.kind == "mha"] == [cfg.get("mask") is not None] * layers
+        other = cfg.get("mask") == "other"  # not the causal mask: a constant every attention step reads
+        assert "permute" not in kinds and kinds.count("const") == other  # transposes cancelled; a causal mask a flag
+        assert [op.p["causal"] for op in c.ops if op.kind == "mha"] == [cfg.get("mask") not in (None, "other")] * layers
+        assert [op.p["am"] for op in c.ops if op.kind == "mha"] == [other] * layers
         assert kinds[1] == "affine"  # * 2.0
         with torch.no_grad():
             for b in (2, 1, 5):
@@ -1156,7 +1162,7 @@ def test_torch_transformer_encoder_lowers_natively(kernels, cfg):
 
 
 def test_torch_transformer_encoder_sparse_and_unsupported(kernels):
-    """Block-sparse encoder linears run the BSR kernel; a mask other than the causal one, a key padding mask with
+    """Block-sparse encoder linears run the BSR kernel; a mask per batch and head, a key padding mask with
     mask_check=False or an activation netcarve has no step for keep the encoder in PyTorch (named), or raise with
     fallback=False."""
     torch.manual_seed(0)
@@ -1187,7 +1193,7 @@ def test_torch_transformer_encoder_sparse_and_unsupported(kernels):
         def forward(self, x):
             return self.head(self.enc(self.inp(x), src_key_padding_mask=self.pad))
 
-    for model, why in [(_TorchEncoder(mask="other"), "an attention mask other than the causal one"),
+    for model, why in [(_TorchEncoder(mask="batched"), r"an attention mask of shape \[8, 6, 6\]"),
                        (Padded(), "a key padding mask with mask_check=False"),
                        (_TorchEncoder(act=lambda t: t * 2), "feed-forward activation")]:
         model.eval()

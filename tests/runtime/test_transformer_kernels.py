@@ -94,6 +94,19 @@ def test_attention_qkv_key_padding_mask(kernels, shape, causal):
         for threads in (1, 2):
             with forced_parallel(kernels, threads):
                 assert _rel(attention_qkv(qkv, h, causal, key_padding_mask=mask), want) <= 1e-5
+    # with a (T, T) attention mask as well: a band (bool, true = not attended) and a float bias
+    band = (torch.arange(t)[:, None] - torch.arange(t)).abs() > 3
+    qb = torch.randn(t, t, generator=g)
+    for am, am_bias in ((band, torch.zeros(t, t).masked_fill(band, float("-inf"))), (qb, qb)):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=am_soft + am_bias).transpose(1, 2).reshape(b, t, h * hd)
+        assert _rel(attention_qkv(qkv, h, causal, key_padding_mask=soft, attn_mask=am, reference=True), want) <= 1e-5
+        with forced_parallel(kernels, 2):
+            assert _rel(attention_qkv(qkv, h, causal, key_padding_mask=soft, attn_mask=am), want) <= 1e-5
+            assert _rel(attention_qkv(qkv, h, False, attn_mask=am),
+                        F.scaled_dot_product_attention(q, k, v, attn_mask=am_bias).transpose(1, 2).reshape(
+                            b, t, h * hd)) <= 1e-5
+    with pytest.raises(ConfigError, match=rf"attention mask must be bool or float of shape \({t}, {t}\)"):
+        attention_qkv(qkv, h, attn_mask=band[1:])
     full = pad.clone()
     full[0] = True  # batch row 0: nothing to attend to
     out = attention_qkv(qkv, h, causal, key_padding_mask=full)
@@ -213,19 +226,22 @@ def test_plan_native_transformer_ops_match_aten(kernels, causal):
 class _TorchMHA(nn.Module):
     """A block on torch's nn.MultiheadAttention (self-attention), its weights optionally read too."""
 
-    def __init__(self, batch_first=True, weights=False, mask=False, d=32, heads=4):
+    def __init__(self, batch_first=True, weights=False, mask=None, d=32, heads=4):
         super().__init__()
-        self.batch_first, self.weights, self.mask = batch_first, weights, mask
+        self.batch_first, self.weights = batch_first, weights
         self.norm = nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first)
         self.fc = nn.Linear(d, 10)
-        self.register_buffer("causal", torch.ones(7, 7).triu(1).bool())
+        g = torch.Generator().manual_seed(3)
+        masks = {"causal": torch.ones(7, 7).triu(1).bool(), "window": (torch.arange(7)[:, None] - torch.arange(7)).abs() > 2,
+                 "bias": torch.randn(7, 7, generator=g), "batched": torch.zeros(2 * heads, 7, 7)}
+        self.register_buffer("mask", masks.get(mask))
 
     def forward(self, x):  # x: (B, T, d)
         h = self.norm(x)
         if not self.batch_first:
             h = h.transpose(0, 1)
-        y, w = self.attn(h, h, h, need_weights=self.weights, attn_mask=self.causal if self.mask else None)
+        y, w = self.attn(h, h, h, need_weights=self.weights, attn_mask=self.mask)
         if not self.batch_first:
             y = y.transpose(0, 1)
         out = self.fc(x + y)
@@ -258,16 +274,37 @@ def test_torch_multihead_attention_lowers_natively(kernels, batch_first, mode):
             assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4
 
 
-@pytest.mark.parametrize("what", ["weights", "mask"])
+@pytest.mark.parametrize("mask", ["causal", "window", "bias"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_multihead_attention_with_attention_masks(kernels, mask, batch_first):
+    """A (T, T) attention mask: the causal one becomes the step's flag, others (a bool band, a float bias) an input
+    the attention adds to its scores."""
+    torch.manual_seed(0)
+    m = _TorchMHA(batch_first, mask=mask).eval()
+    x = torch.randn(2, 7, 32)
+    with at_threads(2), torch.no_grad():
+        c = compile(m, x, sparse="never", fallback=False)
+        (step,) = [op for op in c.ops if op.kind == "mha"]
+        assert (step.p["causal"], step.p["am"], len(step.inputs)) == ((True, False, 1) if mask == "causal" else
+                                                                      (False, True, 2))
+        for b in (2, 1, 3):
+            xb = torch.randn(b, 7, 32)
+            assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4
+            with switched_off(kernels, "native_transformer"):
+                assert _rel(c(xb), m(xb)) <= 1e-4
+
+
+@pytest.mark.parametrize("what", ["weights", "batched"])
 def test_torch_multihead_attention_unsupported_uses(kernels, what):
-    """Its attention weights read, or a mask: strict compile names why; the fallback runs it in PyTorch."""
+    """Its attention weights read, or a mask per batch and head: strict compile names why; the fallback runs it in
+    PyTorch."""
     from netcarve.errors import UnsupportedModelError
 
     torch.manual_seed(0)
-    m = _TorchMHA(weights=what == "weights", mask=what == "mask").eval()
+    m = _TorchMHA(weights=what == "weights", mask="batched" if what == "batched" else None).eval()
     x = torch.randn(2, 7, 32)
     with pytest.raises(UnsupportedModelError,
-                       match="attention weights" if what == "weights" else "with an attention mask"):
+                       match="attention weights" if what == "weights" else r"attention mask of shape \[8, 7, 7\]"):
         compile(m, x, fallback=False)
     with at_threads(2), torch.no_grad():
         c = compile(m, x)

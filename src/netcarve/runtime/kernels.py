@@ -336,14 +336,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
 
 
 def attention_qkv(qkv: torch.Tensor, heads: int, is_causal: bool = False, scale: float | None = None,
-                  key_padding_mask: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
+                  key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                  reference: bool = False) -> torch.Tensor:
     """Multi-head self-attention from a packed (B, T, 3 x heads x hd) projection (q | k | v, each heads x hd) to the
     merged heads (B, T, heads x hd), as netcarve's ``MultiHeadSelfAttention`` computes it (native: no head split /
     merge copies), or the twin (reshape, permute, ``F.scaled_dot_product_attention``, transpose).
 
     ``key_padding_mask`` (B, T), as ``nn.MultiheadAttention`` takes it: bool (true: the key is padding, never
-    attended to) or float (added to the scores). A batch row whose keys are all padding gets NaN, as from
-    ``nn.MultiheadAttention``."""
+    attended to) or float (added to the scores); ``attn_mask`` (T, T) likewise per query and key (bool: true = not
+    attended, as ``nn.MultiheadAttention`` reads it, the opposite of ``F.scaled_dot_product_attention``). A query that
+    may attend to no key gets NaN, as from ``nn.MultiheadAttention``."""
     if qkv.dim() != 3 or heads < 1 or qkv.shape[-1] % (3 * heads):
         raise ConfigError(f"attention_qkv: qkv of shape {list(qkv.shape)} is not (B, T, 3 x {heads} heads x head_dim)")
     b, t, w = qkv.shape
@@ -351,14 +353,23 @@ def attention_qkv(qkv: torch.Tensor, heads: int, is_causal: bool = False, scale:
             key_padding_mask.dtype == torch.bool or key_padding_mask.is_floating_point())):
         raise ConfigError(f"attention_qkv: the key padding mask must be bool or float of shape ({b}, {t}), got "
                           f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}")
+    if attn_mask is not None and (tuple(attn_mask.shape) != (t, t) or not (
+            attn_mask.dtype == torch.bool or attn_mask.is_floating_point())):
+        raise ConfigError(f"attention_qkv: the attention mask must be bool or float of shape ({t}, {t}), got "
+                          f"{attn_mask.dtype} {list(attn_mask.shape)}")
     mod = _native(reference, qkv)
     if mod is None:
         q, kk, vv = qkv.reshape(b, t, 3, heads, w // 3 // heads).permute(2, 0, 3, 1, 4)
-        if key_padding_mask is not None:
-            kb = key_padding_mask.float()
-            if key_padding_mask.dtype == torch.bool:
-                kb = torch.zeros(b, t).masked_fill(key_padding_mask, float("-inf"))
-            mask = kb.view(b, 1, 1, t)
+        if key_padding_mask is not None or attn_mask is not None:
+
+            def bias(m):  # bool: true = not attended
+                return torch.zeros(m.shape).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.float()
+
+            mask = torch.zeros(b, 1, t, t)
+            if key_padding_mask is not None:
+                mask = mask + bias(key_padding_mask).view(b, 1, 1, t)
+            if attn_mask is not None:
+                mask = mask + bias(attn_mask)
             if is_causal:
                 mask = mask + torch.zeros(t, t).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
             # (softmax written out: F.scaled_dot_product_attention returns zeros for a row with every key masked,
@@ -368,7 +379,7 @@ def attention_qkv(qkv: torch.Tensor, heads: int, is_causal: bool = False, scale:
         else:
             o = F.scaled_dot_product_attention(q, kk, vv, is_causal=is_causal, scale=scale)
         return o.transpose(1, 2).reshape(b, t, w // 3)
-    return mod.attention_qkv(qkv, int(heads), bool(is_causal), scale, key_padding_mask)
+    return mod.attention_qkv(qkv, int(heads), bool(is_causal), scale, key_padding_mask, attn_mask)
 
 
 def pad_zero(x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:

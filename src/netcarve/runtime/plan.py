@@ -395,8 +395,8 @@ class Lowering:
             + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6/Hardtanh/clamp, GELU/SiLU/Sigmoid/Tanh/"
               "Hardswish/Hardsigmoid, LayerNorm, softmax, permute/transpose, add, mul, Max/AvgPool2d, "
               "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (also bidirectional), x[:, k], "
-              "mean, comparisons with a number, scaled_dot_product_attention, MultiheadAttention (self-attention, "
-              "a key padding mask), TransformerEncoder(Layer) (the causal mask, a key padding mask) (compile with "
+              "mean, comparisons with a number, scaled_dot_product_attention, MultiheadAttention (self-attention; "
+              "key padding and (T, T) attention masks), TransformerEncoder(Layer) (the same masks) (compile with "
               "fallback=True to run the rest in PyTorch)")
 
     def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
@@ -975,8 +975,8 @@ class Lowering:
         q = v.get("query")
         if not (v.get("key") is q and v.get("value") is q) or not isinstance(q, fx.Node):
             self._unsupported(node, "attention other than self-attention (query, key and value one tensor)")
-        if v.get("attn_mask") is not None or v.get("is_causal", False):
-            self._unsupported(node, "attention with an attention mask (a key padding mask is supported)")
+        if v.get("is_causal", False) and v.get("attn_mask") is None:
+            self._unsupported(node, "is_causal without an attention mask")
         self._check_mha(node, m)
         xs = _shape(q)
         if xs is None or len(xs) != 3:
@@ -987,7 +987,8 @@ class Lowering:
         if not m.batch_first:
             x = self._emit_tmp(Op("permute", f"{name}.batch_first", [x], p={"dims": [1, 0, 2]}))
         kpm = self._mask_value(node, v.get("key_padding_mask"), "key_padding_mask")
-        y = self._mha_steps(name, m, x, bt, causal=False, kpm=kpm)
+        causal, am = self._attn_mask(node, v.get("attn_mask"), bt[1])
+        y = self._mha_steps(name, m, x, bt, causal=causal, kpm=kpm, am=am)
         if m.batch_first:
             self.val[node] = y
         else:
@@ -1002,6 +1003,21 @@ class Lowering:
         elif not _is_torch_mha(m):
             self._unsupported(node, f"attention module {type(m).__name__}")
 
+    def _attn_mask(self, node: fx.Node, mask: Any, t: int) -> tuple[bool, int | None]:
+        """An attention mask argument as ``(causal flag, plan value of an additive / bool (T, T) mask or None)``: the
+        causal mask (however built, if it is a constant) becomes the flag, any other (T, T) mask a value the "mha" step
+        reads; batched (B x heads, T, T) masks are not supported."""
+        if mask is None:
+            return False, None
+        c = self._const(mask)
+        if isinstance(c, torch.Tensor) and _is_causal_mask(c, t):
+            return True, None
+        shape = tuple(c.shape) if isinstance(c, torch.Tensor) else _shape(mask) if isinstance(mask, fx.Node) else None
+        if shape != (t, t):
+            self._unsupported(node, f"an attention mask of shape {list(shape) if shape else '?'} (only ({t}, {t}) "
+                                    "masks, shared by the batch and the heads)")
+        return False, self._mask_value(node, mask, "attn_mask")
+
     def _mask_value(self, node: fx.Node, a: Any, what: str) -> int | None:
         """The plan value of a mask argument: None for no mask, a value computed in the plan (``tokens == pad``), or a
         constant (a buffer, or built from constants and static sizes)."""
@@ -1015,15 +1031,16 @@ class Lowering:
         return self._emit_tmp(Op("const", f"{node.name}.{what}", [], p={"value": c.detach().clone().contiguous()}))
 
     def _mha_steps(self, name: str, m: nn.Module, x: int, bt: tuple[int, ...], causal: bool,
-                   kpm: int | None = None) -> int:
-        """in_proj linear, "mha" step (reading the key padding mask value ``kpm`` if given), out_proj linear on plan
-        value ``x`` of shape ``bt`` = (B, T, E): the output's value id."""
+                   kpm: int | None = None, am: int | None = None) -> int:
+        """in_proj linear, "mha" step (reading the key padding mask value ``kpm`` and the attention mask value ``am``
+        if given), out_proj linear on plan value ``x`` of shape ``bt`` = (B, T, E): the output's value id."""
         width = int(m.in_proj_weight.shape[0])
         qkv = self._emit_tmp(Op("linear", f"{name}.in_proj", [x],
                                 p=_linear_p(None, weight=m.in_proj_weight, bias=m.in_proj_bias)))
         self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], width)
-        y = self._emit_tmp(Op("mha", f"{name}.matmul", [qkv] + ([] if kpm is None else [kpm]),
-                              p={"heads": int(m.num_heads), "causal": bool(causal), "scale": None}))
+        y = self._emit_tmp(Op("mha", f"{name}.matmul", [qkv] + [a for a in (kpm, am) if a is not None],
+                              p={"heads": int(m.num_heads), "causal": bool(causal), "scale": None,
+                                 "kpm": kpm is not None, "am": am is not None}))
         self.ops[-1].in_shape, self.ops[-1].out_shape = (*bt[:2], width), (*bt[:2], width // 3)
         y = self._emit_tmp(Op("linear", f"{name}.out_proj", [y], p=_linear_p(m.out_proj)))
         self.ops[-1].in_shape, self.ops[-1].out_shape = (*bt[:2], width // 3), bt
@@ -1052,15 +1069,7 @@ class Lowering:
         batch_first = bool(layers[0].self_attn.batch_first)
         bt = tuple(xs) if batch_first else (xs[1], xs[0], xs[2])
         mask = v.get(names[1])
-        causal = False
-        if mask is not None:
-            t = self._const(mask)
-            if not isinstance(t, torch.Tensor):
-                self._unsupported(node, "an attention mask computed from the input (only the causal mask, read from "
-                                        "a parameter or buffer or built from the input's length)")
-            if not _is_causal_mask(t, bt[1]):
-                self._unsupported(node, "an attention mask other than the causal one")
-            causal = True
+        causal, am = self._attn_mask(node, mask, bt[1])
         name = str(node.target)
         x = self._in(src, node)
         kpm = self._mask_value(node, v.get("src_key_padding_mask"), "src_key_padding_mask")
@@ -1073,7 +1082,7 @@ class Lowering:
         if not batch_first:
             x = self._emit_tmp(Op("permute", f"{name}.batch_first", [x], p={"dims": [1, 0, 2]}))
         for i, layer in enumerate(layers):
-            x = self._encoder_layer(node, f"{name}.layers.{i}" if encoder else name, layer, x, bt, causal, kpm)
+            x = self._encoder_layer(node, f"{name}.layers.{i}" if encoder else name, layer, x, bt, causal, kpm, am)
         if nested:
             x = self._emit_tmp(Op("padzero", f"{name}.padded", [x, kpm]))
         if encoder and m.norm is not None:
@@ -1090,7 +1099,7 @@ class Lowering:
                                  p=_layernorm_p(list(ln.normalized_shape), ln.weight, ln.bias, ln.eps)))
 
     def _encoder_layer(self, node, name: str, layer: nn.TransformerEncoderLayer, x: int, bt, causal: bool,
-                       kpm: int | None = None) -> int:
+                       kpm: int | None = None, am: int | None = None) -> int:
         act = layer.activation
         relu = act is F.relu or act is torch.relu or type(act) is nn.ReLU
         fn = None
@@ -1108,7 +1117,7 @@ class Lowering:
         width = int(layer.linear1.out_features)
 
         def attention(h):
-            return self._mha_steps(f"{name}.self_attn", layer.self_attn, h, bt, causal, kpm)
+            return self._mha_steps(f"{name}.self_attn", layer.self_attn, h, bt, causal, kpm, am)
 
         def feed_forward(h):
             f = self._emit_tmp(Op("linear", f"{name}.linear1", [h], p=_linear_p(layer.linear1, relu)))
@@ -1409,8 +1418,10 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
     if k == "expand":
         return x.expand(v[op.inputs[1]].shape[0], *x.shape[1:]).contiguous()
     if k == "mha":  # (B, T, 3 x H x hd) -> (B, T, H x hd)
-        kpm = v[op.inputs[1]] if len(op.inputs) > 1 else None
-        return attention_qkv(x, p["heads"], p["causal"], p["scale"], key_padding_mask=kpm, reference=True)
+        kpm = v[op.inputs[1]] if p.get("kpm") else None
+        am = v[op.inputs[1 + bool(p.get("kpm"))]] if p.get("am") else None
+        return attention_qkv(x, p["heads"], p["causal"], p["scale"], key_padding_mask=kpm, attn_mask=am,
+                             reference=True)
     if k == "compare":
         return getattr(torch, _COMPARE_OPS[p["op"]])(x, p["value"])
     if k == "padzero":
@@ -1554,7 +1565,8 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
         elif op.kind == "embedding":
             plan.add_embedding(n, op.inputs[0], op.out, p["weight"])
         elif op.kind == "mha":
-            plan.add_mha(n, op.inputs, op.out, p["heads"], p["causal"], p["scale"])
+            plan.add_mha(n, op.inputs, op.out, p["heads"], p["causal"], p["scale"], bool(p.get("kpm")),
+                         bool(p.get("am")))
         elif op.kind == "compare":
             plan.add_compare(n, op.inputs[0], op.out, p["op"], p["value"])
         elif op.kind == "padzero":

@@ -311,13 +311,16 @@ class Plan {
     push(std::move(s));
   }
   // multi-head self-attention from a packed (B, T, 3 * heads * hd) qkv projection to the merged heads (B, T, heads * hd)
-  // (in = {qkv} or {qkv, key padding mask (B, T): bool, true = padding, or float, added to the scores})
+  // in = {qkv[, key padding mask (B, T)][, attention mask (T, T)]}, each mask bool (true = not attended) or float
+  // (added to the scores), which of them are there given by key_padding / attn
   void add_mha(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t heads, bool causal,
-               c10::optional<double> scale) {
+               c10::optional<double> scale, bool key_padding, bool attn) {
     TORCH_CHECK(heads >= 1, name, ": attention needs at least one head");
-    TORCH_CHECK(in.size() == 1 || in.size() == 2, name, ": attention reads qkv and an optional key padding mask");
+    TORCH_CHECK(in.size() == 1 + (size_t)key_padding + (size_t)attn, name, ": attention reads qkv",
+                key_padding ? ", a key padding mask" : "", attn ? ", an attention mask" : "", ", got ", in.size(),
+                " inputs");
     Step s{MHA, name, std::move(in), out};
-    s.ints = {heads, causal, scale.has_value()};
+    s.ints = {heads, causal, scale.has_value(), key_padding, attn};
     s.floats = {scale.value_or(0.0)};
     push(std::move(s));
   }
@@ -767,16 +770,19 @@ class Plan {
         if (s.ints[2]) scale = s.floats[0];
         TORCH_CHECK(x.dim() == 3 && x.size(2) % (3 * s.ints[0]) == 0, s.name, ": attention expects a (B, T, 3 x ",
                     s.ints[0], " heads x head_dim) qkv input, got ", x.sizes());
-        c10::optional<torch::Tensor> kpm;
-        if (s.in.size() > 1) kpm = v[s.in[1]];
+        c10::optional<torch::Tensor> kpm, atm;
+        if (s.ints[3]) kpm = v[s.in[1]];
+        if (s.ints[4]) atm = v[s.in[1 + s.ints[3]]];
         if (g_native_transformer && x.scalar_type() == torch::kFloat32)
-          return attention_qkv(x, s.ints[0], s.ints[1] != 0, scale, kpm);
+          return attention_qkv(x, s.ints[0], s.ints[1] != 0, scale, kpm, atm);
         const int64_t B = x.size(0), T = x.size(1), H = s.ints[0], hd = x.size(2) / 3 / H;
         auto qkv = x.reshape({B, T, 3, H, hd}).permute({2, 0, 3, 1, 4});
         c10::optional<torch::Tensor> am;
-        if (kpm.has_value()) {
-          auto kb = key_padding_bias(*kpm, B, T).view({B, 1, 1, T});
-          if (s.ints[1] != 0)  // causal too: one additive mask
+        if (kpm.has_value() || atm.has_value()) {  // one additive mask (causal too)
+          auto kb = torch::zeros({B, 1, T, T}, torch::kFloat32);
+          if (kpm.has_value()) kb = kb + key_padding_bias(*kpm, B, T).view({B, 1, 1, T});
+          if (atm.has_value()) kb = kb + attn_mask_bias(*atm, T);
+          if (s.ints[1] != 0)
             kb = kb + torch::zeros({T, T}, kb.options()).masked_fill_(
                           torch::ones({T, T}, torch::kBool).triu(1), -std::numeric_limits<float>::infinity());
           am = kb.to(x.scalar_type());
@@ -951,7 +957,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("causal") = false, py::arg("scale") = py::none());
   m.def("attention_qkv", &attention_qkv, "multi-head self-attention from a packed (B, T, 3 C) qkv projection",
         py::arg("qkv"), py::arg("heads"), py::arg("causal") = false, py::arg("scale") = py::none(),
-        py::arg("key_padding_mask") = py::none());
+        py::arg("key_padding_mask") = py::none(), py::arg("attn_mask") = py::none());
   m.def("layer_norm", &layer_norm_native, "LayerNorm over the trailing ndims dims", py::arg("x"), py::arg("ndims"),
         py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("eps") = 1e-5);
   m.def("add", &add_native, "a + b (then ReLU) for float32 tensors of one shape", py::arg("a"), py::arg("b"),

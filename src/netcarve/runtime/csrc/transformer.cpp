@@ -122,7 +122,8 @@ static inline vecf act(vecf x) {
 
 // Attention over G = batch x heads problems: O[g][i] = softmax_j(scale * Q[g][i] . K[g][j]) V[g][j], each matrix
 // addressed by (batch, head, row) strides (last dim contiguous); causal: j <= i only (torch's is_causal, top-left);
-// kbias: an additive (B, Lk) bias per key (a key padding mask: -inf where a key is padding), or null.
+// kbias: an additive (B, Lk) bias per key (a key padding mask: -inf where a key is padding), or null; qbias: an
+// additive (Lq, Lk) bias per query and key (an attention mask), or null.
 struct AttnArgs {
   const float* q;
   const float* k;
@@ -133,6 +134,7 @@ struct AttnArgs {
   float scale;
   bool causal;
   const float* kbias = nullptr;
+  const float* qbias = nullptr;
 };
 
 constexpr int64_t QROWS = 8;    // query rows per pass (each key / value vector loaded once for all of them)
@@ -238,6 +240,10 @@ static void attention_task(const AttnArgs& a, int64_t g, int64_t i0, int64_t i1,
       if (a.kbias) {
         const float* kb = a.kbias + b * a.Lk;
         for (int64_t j = 0; j < n; ++j) sr[j] += kb[j];
+      }
+      if (a.qbias) {
+        const float* qb = a.qbias + (i + r) * a.Lk;
+        for (int64_t j = 0; j < n; ++j) sr[j] += qb[j];
       }
       float m = -std::numeric_limits<float>::infinity();
       int64_t j = 0;
@@ -360,8 +366,18 @@ torch::Tensor key_padding_bias(const torch::Tensor& mask, int64_t B, int64_t T) 
   return mask.to(torch::kFloat32).contiguous();
 }
 
+torch::Tensor attn_mask_bias(const torch::Tensor& mask, int64_t T) {
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == T && mask.size(1) == T, "attention: the attention mask must be (", T,
+              ", ", T, ") (queries, keys), got ", mask.sizes());
+  if (mask.scalar_type() == torch::kBool)
+    return torch::zeros({T, T}, torch::kFloat32).masked_fill_(mask, -std::numeric_limits<float>::infinity());
+  TORCH_CHECK(mask.is_floating_point(), "attention: the attention mask must be bool or float, got ",
+              mask.scalar_type());
+  return mask.to(torch::kFloat32).contiguous();
+}
+
 torch::Tensor attention_qkv(torch::Tensor qkv, int64_t heads, bool causal, c10::optional<double> scale,
-                            c10::optional<torch::Tensor> key_padding_mask) {
+                            c10::optional<torch::Tensor> key_padding_mask, c10::optional<torch::Tensor> attn_mask) {
   TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.dim() == 3, "attention_qkv: qkv must be a float32 ",
               "(B, T, 3 * heads * head_dim) tensor, got ", qkv.sizes());
   TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, "attention_qkv: width ", qkv.size(2),
@@ -370,6 +386,8 @@ torch::Tensor attention_qkv(torch::Tensor qkv, int64_t heads, bool causal, c10::
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, hd = C / heads;
   torch::Tensor kb;
   if (key_padding_mask.has_value() && key_padding_mask->defined()) kb = key_padding_bias(*key_padding_mask, B, T);
+  torch::Tensor qb;
+  if (attn_mask.has_value() && attn_mask->defined()) qb = attn_mask_bias(*attn_mask, T);
   auto out = torch::empty({B, T, C}, qkv.options());
   AttnArgs a;
   a.q = qkv.data_ptr<float>();
@@ -389,6 +407,7 @@ torch::Tensor attention_qkv(torch::Tensor qkv, int64_t heads, bool causal, c10::
   a.scale = scale.has_value() ? (float)*scale : (float)(1.0 / std::sqrt((double)hd));
   a.causal = causal;
   if (kb.defined()) a.kbias = kb.data_ptr<float>();
+  if (qb.defined()) a.qbias = qb.data_ptr<float>();
   if (B * T > 0 && hd > 0) run_attention(a);
   return out;
 }
