@@ -1164,6 +1164,27 @@ class TransformerLM(nn.Module):
         return F.log_softmax(self.decoder(output), dim=-1)
 
 
+class PaddedTextEncoder(nn.Module):
+    """A BERT-style classifier on ``nn.TransformerEncoder``: token + learned position embeddings, LayerNorm, a GELU
+    encoder told which tokens are padding (``src_key_padding_mask = tokens == 0``; PyTorch runs it on nested tensors),
+    the first token's output -> Linear."""
+
+    def __init__(self, ntoken=5000, d=128, nhead=4, nhid=512, nlayers=2, max_len=64, nclass=2):
+        super().__init__()
+        self.tok = nn.Embedding(ntoken, d, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(1, max_len, d) * 0.02)
+        self.norm = nn.LayerNorm(d)
+        layer = nn.TransformerEncoderLayer(d, nhead, nhid, 0.1, activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, nlayers)
+        self.fc = nn.Linear(d, nclass)
+
+    def forward(self, tokens):
+        pad = tokens == 0
+        h = self.norm(self.tok(tokens) + self.pos[:, : tokens.size(1)])
+        h = self.encoder(h, src_key_padding_mask=pad)
+        return self.fc(h[:, 0])
+
+
 # ============================================================================ registry
 _IMG = (3, 64, 64)
 
@@ -1187,6 +1208,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "lstm_textcls": (LSTMTextClassifier, (32,)),
     "bilstm_sentiment": (BiLSTMSentiment, (32,)),
     "transformer_lm": (TransformerLM, (32,)),
+    "bert_padded_textcls": (PaddedTextEncoder, (32,)),
 }
 
 # which definition each one mirrors
@@ -1210,6 +1232,7 @@ SOURCES: dict[str, str] = {
     "lstm_textcls": "PyTorch text-classification tutorial",
     "bilstm_sentiment": "bidirectional-LSTM sentiment tutorial (final hidden states)",
     "transformer_lm": "pytorch/examples word_language_model (nn.TransformerEncoder)",
+    "bert_padded_textcls": "BERT-style classifier on nn.TransformerEncoder with a key padding mask",
 }
 
 # what differs from the reference (besides random init and the 64x64 input)
@@ -1236,6 +1259,8 @@ NOTES: dict[str, str] = {
                         "32 tokens, no packed sequences",
     "transformer_lm": "vocab 5000 (example: its corpus), d_model 200, 2 heads, feed-forward 200, 2 layers, 32 tokens, "
                       "batch first",
+    "bert_padded_textcls": "vocab 5000, d_model 128, 4 heads, feed-forward 512 (GELU), 2 layers, 32 tokens of which "
+                           "the last 8 are padding (id 0) in the example, CLS pooling, 2 classes",
 }
 
 
@@ -1250,6 +1275,10 @@ def example_input(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if name in ("lstm_textcls", "bilstm_sentiment", "transformer_lm"):
         return torch.randint(0, 5000, (batch, *shape), generator=g)
+    if name == "bert_padded_textcls":  # right-padded sequences
+        ids = torch.randint(1, 5000, (batch, *shape), generator=g)
+        ids[:, -8:] = 0
+        return ids
     return torch.randn(batch, *shape, generator=g)
 
 
@@ -1259,7 +1288,7 @@ def output_shape(name: str, batch: int = 1) -> tuple[int, ...]:
         return (batch, 2, *MODELS[name][1][1:])
     if name == "lstm_textcls":
         return (batch, 4)
-    if name == "bilstm_sentiment":
+    if name in ("bilstm_sentiment", "bert_padded_textcls"):
         return (batch, 2)
     if name == "transformer_lm":
         return (batch, MODELS[name][1][0], 5000)

@@ -228,3 +228,19 @@ register_layer_spec(
     lambda m: dict(embed_dim=m.embed_dim, num_heads=m.num_heads, head_dim=m.head_dim, dropout=m.dropout,
                    bias=m.in_proj_bias is not None, batch_first=m.batch_first),
 )
+
+
+def keep_encoders_off_nested(model: nn.Module) -> nn.Module:
+    """Turn off the nested-tensor path of every ``nn.TransformerEncoder`` in ``model`` with a
+    :class:`HeadPrunedMultiheadAttention` in its layers, and return ``model``.
+
+    Given a key padding mask in eval mode, ``nn.TransformerEncoder`` runs its layers on nested tensors whatever their
+    attention modules are; the fused layer path that expects them is off for a head-pruned one, whose regular path
+    reads padded tensors. Called after pruning heads and by :func:`netcarve.load`; the outputs are the same, except
+    the padded positions, which are then computed instead of zero.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+                isinstance(getattr(layer, "self_attn", None), HeadPrunedMultiheadAttention) for layer in m.layers):
+            m.use_nested_tensor = False
+    return model

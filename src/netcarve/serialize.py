@@ -207,6 +207,9 @@ def load(path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
     if bad:
         raise CheckpointError(f"{wpath}: tensors contain NaN or inf values: {', '.join(bad[:6])}")
     model.load_state_dict(sd, strict=True)
+    from .layers import keep_encoders_off_nested
+
+    keep_encoders_off_nested(model)  # (pruned attention heads cannot take torch's nested-tensor path)
     model.netcarve_metadata = manifest.get("metadata", {})
     model.eval()
     return model

@@ -231,6 +231,50 @@ def test_torch_transformer_encoder_heads_and_feed_forward():
     assert_differs(mask_channels(m, gs, keep), m, x)
 
 
+class _PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        return self.fc(self.enc(self.emb(ids), src_key_padding_mask=ids == 0))
+
+
+def test_pruned_heads_in_an_encoder_given_a_key_padding_mask(tmp_path):
+    """An encoder given a key padding mask runs on nested tensors in eval mode; once heads are pruned, the encoder is
+    kept off that path (the head-pruned attention reads padded tensors), also after save / load; the kept tokens'
+    outputs equal the masked model's."""
+    from netcarve.models import register_model
+    from netcarve.models._registry import _MODELS
+
+    register_model("_test_padded_encoder", family="test", input_shape=(7,))(_PaddedEncoder)
+    try:
+        torch.manual_seed(0)
+        m = netcarve.create_model("_test_padded_encoder").eval()
+        _check_padded_head_pruning(m, tmp_path)
+    finally:
+        del _MODELS._items["_test_padded_encoder"]
+
+
+def _check_padded_head_pruning(m, tmp_path):
+    x = torch.randint(1, 20, (3, 7))
+    x[1:, 5:] = 0
+    gs = build_channel_groups(m, x)
+    keep = {"enc:layers.0.heads": [0, 2], "enc:layers.1.heads": [3]}
+    compact = remove_channels(m, gs, keep)
+    assert not compact.enc.use_nested_tensor and m.enc.use_nested_tensor
+    masked = mask_channels(m, gs, keep)
+    with torch.no_grad():
+        out, ref = compact(x), masked(x)
+        tokens = x != 0
+        assert torch.allclose(out[tokens], ref[tokens], atol=1e-5)
+        netcarve.save(compact, tmp_path / "p")
+        back = netcarve.load(tmp_path / "p")
+        assert not back.enc.use_nested_tensor and torch.allclose(back(x), out, atol=1e-6)
+
+
 def test_torch_transformer_encoder_decoder_heads_cross_heads_and_feed_forward():
     class Seq2Seq(nn.Module):
         def __init__(self):

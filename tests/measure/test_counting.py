@@ -178,6 +178,28 @@ def test_multihead_attention_by_hand():
     assert cost.total_params == sum(p.numel() for p in mha.parameters())
 
 
+def test_transformer_encoder_with_key_padding_mask_counts_every_layer():
+    """An nn.TransformerEncoder given a key padding mask runs on nested tensors in eval mode (PyTorch's fast path,
+    which calls none of its submodules): counted on the regular path, every layer is seen (was an error)."""
+    e, t, b, ff = 16, 6, 2, 24
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(e, 2, ff, batch_first=True), 2)
+
+        def forward(self, x):
+            pad = torch.zeros(x.shape[:2], dtype=torch.bool)
+            pad[:, -2:] = True
+            return self.enc(x, src_key_padding_mask=pad)
+
+    cost = count_model(Padded(), torch.randn(b, t, e)).by_name()
+    for i in range(2):
+        assert cost[f"enc.layers.{i}.linear1"].macs == b * t * e * ff
+        assert cost[f"enc.layers.{i}.self_attn"].macs == b * (4 * t * e * e + 2 * t * t * e)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
 def test_head_pruned_attention_by_hand():
     from netcarve.layers import HeadPrunedMultiheadAttention
 

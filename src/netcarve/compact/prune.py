@@ -25,6 +25,7 @@ from ..criteria import resolve_criterion, score_group
 from ..errors import ConfigError, UnsupportedModelError
 from ..graph import ChannelGroup, ChannelSlot, GroupSet, build_channel_groups, get_channel_handler
 from ..graph.handlers import mask_local_, partition_local
+from ..layers import keep_encoders_off_nested
 
 
 class Reductions:
@@ -230,6 +231,7 @@ def _reslice_owners(new: nn.Module, units: dict, plan: dict) -> None:
         replacement = handler.reslice(module, units.get(path, {}), sides.get("in"))
         if replacement is not module:
             _set_submodule(new, path, replacement)
+    keep_encoders_off_nested(new)
 
 
 # ---------------------------------------------------------------------- concatenations

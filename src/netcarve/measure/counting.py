@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._util import eval_mode
+from ._util import eval_mode, no_mha_fastpath
 
 CounterFn = Callable[[nn.Module, tuple, Any], int]
 
@@ -159,7 +159,7 @@ def count_model(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelC
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in named if id(m) in rows]
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), no_mha_fastpath():  # (the fast path calls no submodules)
             model(*args)
     finally:
         for h in handles:

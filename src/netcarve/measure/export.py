@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, EngineUnavailableError, UnsupportedModelError
-from ._util import eval_mode
+from ._util import eval_mode, no_mha_fastpath
 
 DEFAULT_OPSET = 18
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -50,23 +50,6 @@ def _require_onnx() -> None:
         raise EngineUnavailableError(
             f"ONNX export needs onnx and onnxscript ({e}); install them with: pip install onnx onnxscript"
         ) from None
-
-
-@contextlib.contextmanager
-def _no_mha_fastpath():
-    """Keep ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` off their fused inference fast path while
-    exporting: neither exporter converts ``aten::_transformer_encoder_layer_fwd`` / ``_native_multi_head_attention``,
-    the regular path exports (same outputs)."""
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):  # pragma: no cover - older torch
-        yield
-        return
-    was = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(was)
 
 
 def to_onnx(
@@ -93,7 +76,7 @@ def to_onnx(
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     with eval_mode(model):
         producers = _norm_producers(model, args)
-        with torch.no_grad(), _quiet(), _no_mha_fastpath():
+        with torch.no_grad(), _quiet(), no_mha_fastpath():
             try:
                 proto, exporter = _export_dynamo(model, args, dynamic_batch, opset), "dynamo"
             except Exception as e_dyn:  # noqa: BLE001 - any capture failure -> try the other exporter
