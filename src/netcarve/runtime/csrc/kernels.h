@@ -466,6 +466,8 @@ struct MatW {
   torch::Tensor apply(const torch::Tensor& x) const;
   // whether apply(x) runs on netcarve's kernels only (BSR, or the small dense kernel), not ATen's addmm
   bool native(const torch::Tensor& x) const;
+  bool use_direct(const torch::Tensor& x) const;
+  bool small_rows(const torch::Tensor& x) const;
 };
 
 // Packs m.w (and m.bias) for the dense panel kernel and sets m.direct.

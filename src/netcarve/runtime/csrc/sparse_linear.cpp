@@ -781,13 +781,21 @@ torch::Tensor dense_panel(const torch::Tensor& x_, const torch::Tensor& wp, cons
   return y;
 }
 
+// the dense panel kernel applies (packed, switched on, a 2-d float32 input)
+bool MatW::use_direct(const torch::Tensor& x) const {
+  return g_direct_linear && direct && x.dim() == 2 && x.scalar_type() == torch::kFloat32;
+}
+
+// the small dense kernel's batch sizes (of a 2-d x): up to 3 rows, 4 only with whole vectors (with a scalar K tail
+// ATen was faster there, 384 x 130: 0.9x)
+bool MatW::small_rows(const torch::Tensor& x) const {
+  return g_dense_small_linear && (x.size(0) <= 3 || (x.size(0) == 4 && x.size(1) % RL == 0));
+}
+
 bool MatW::native(const torch::Tensor& x) const {
-  // (4 batch rows only with whole vectors: with a scalar K tail ATen was faster there, 384 x 130: 0.9x)
-  if (g_direct_linear && direct && x.dim() == 2 && x.scalar_type() == torch::kFloat32) return true;
-  return sparse || (g_dense_small_linear && x.dim() == 2 && x.size(0) >= 1 &&
-                    (x.size(0) <= 3 || (x.size(0) == 4 && x.size(1) % RL == 0)) &&
-                    x.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.scalar_type() == torch::kFloat32 &&
-                    (!bias.defined() || bias.is_contiguous()));
+  if (sparse || use_direct(x)) return true;
+  return x.dim() == 2 && x.size(0) >= 1 && small_rows(x) && x.scalar_type() == torch::kFloat32 && w.is_contiguous() &&
+         w.scalar_type() == torch::kFloat32 && (!bias.defined() || bias.is_contiguous());
 }
 
 torch::Tensor MatW::apply(const torch::Tensor& x) const {
@@ -796,10 +804,7 @@ torch::Tensor MatW::apply(const torch::Tensor& x) const {
     if (bias.defined()) b = bias;
     return bsr_linear_t(x, ptr, idx, val, valt, b, out);
   }
-  if (g_direct_linear && direct && x.dim() == 2 && x.scalar_type() == torch::kFloat32) {
-    const bool small = g_dense_small_linear && (x.size(0) <= 3 || (x.size(0) == 4 && x.size(1) % RL == 0));
-    return small ? dense_small(x, w, bias) : dense_panel(x, wp, bp, out);
-  }
+  if (use_direct(x)) return small_rows(x) ? dense_small(x, w, bias) : dense_panel(x, wp, bp, out);
   if (native(x)) return dense_small(x, w, bias);
   return bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
 }
