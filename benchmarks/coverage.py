@@ -502,9 +502,12 @@ def coverage_record(name: str, source: str, timeout: float | None = None) -> dic
         shape = list(coverage_models.MODELS[name][1])
     rec = {"model": name, "source": source, "reference": ref, "note": note, "input_shape": shape}
     if shape is None:
+        # from the registry, not by building the model here: a parallel op in this process (a large model's init)
+        # before forking the workers leaves their OpenMP pool deadlocked (vit_tiny_cifar's hung until the timeout)
+        from netcarve.models import get_model_info
+
         try:
-            _, x = build(name, source)
-            rec["input_shape"] = list(x.shape[1:])
+            rec["input_shape"] = list(get_model_info(name).input_shape)
         except Exception as exc:  # noqa: BLE001
             rec["input_shape"] = None
             rec["build_error"] = one_line(exc)
