@@ -61,8 +61,7 @@ class BatchMix:
 
     @staticmethod
     def _beta(a: float) -> float:
-        g = torch.distributions.Gamma(torch.tensor([a, a]), torch.tensor([1.0, 1.0])).sample()
-        return float(g[0] / g.sum())
+        return float(torch.distributions.Beta(a, a).sample())
 
     @staticmethod
     def cut_box(h: int, w: int, lam: float) -> tuple[int, int, int, int]:
