@@ -420,7 +420,9 @@ def _expected_choices(c) -> list[str]:
         elif chosen == "dense":
             want.append(dense)
         else:
-            want.append("sparse" if lc.sparse_ms is not None and lc.sparse_ms < SPARSE_MARGIN * times[dense] else dense)
+            pick = "sparse" if lc.sparse_ms is not None and lc.sparse_ms < SPARSE_MARGIN * times[dense] else dense
+            fam = {"tuned_aten": "dense", "tuned_direct": "direct"}.get(chosen)
+            want.append(fam if fam and pick != "sparse" and fam in times else pick)
     return want
 
 
@@ -498,11 +500,13 @@ def test_whole_plan_check_overrules_a_bad_per_layer_pick(kernels, monkeypatch):
 
     def fixed_times(plans, x_, repeats, rounds=3):
         measured.update(real_time_plans(plans, x_, repeats, rounds=1))
-        return {k: {"tuned": 2.0, "dense": 1.0, "sparse": 2.0}[k] for k in plans}
+        return {k: {"tuned": 2.0, "dense": 1.0, "sparse": 2.0, "tuned_aten": 2.0, "tuned_direct": 2.0}[k]
+                for k in plans}
 
     monkeypatch.setattr(cmod, "_time_plans", fixed_times)
     c = compile(m, x, sparse="auto", use_cache=False, repeats=6)
-    assert set(measured) == {"tuned", "dense"}  # all-sparse is the tuned plan here, so it is not built twice
+    # all-sparse is the tuned plan here, so it is not built twice (nor are the dense-family variants: no dense layer)
+    assert set(measured) <= {"tuned", "dense", "tuned_aten", "tuned_direct"} and {"tuned", "dense"} <= set(measured)
     assert all(v > 0 for v in measured.values())
     check = c.summary()["plan_check"]
     assert check["chosen"] == "dense" and check["dense"] < check["tuned"]
@@ -513,7 +517,40 @@ def test_whole_plan_check_overrules_a_bad_per_layer_pick(kernels, monkeypatch):
     with torch.no_grad():
         ref = m(x)
     assert _rel(c(x), ref) <= 1e-4 and _rel(bad(x), ref) <= 1e-4
-    assert compile(m, x, sparse="never", use_cache=False).plan_check is None
+
+
+def test_whole_plan_check_unifies_the_dense_kernel_family(kernels, monkeypatch):
+    """Dense layers split between ATen's matmul and netcarve's panel kernel can lose as a whole to either family
+    alone: the check also times the per-layer choices with every dense layer on one family (sparse="never" too), and
+    keeps one that wins by the margin (here forced by set times); the outputs equal the model."""
+    from netcarve.runtime import compiled as cmod
+
+    torch.manual_seed(0)
+    m = create_model("transformer_tiny").eval()
+    x = torch.randn(4, *m.input_shape)
+    # a mixed per-layer pick: alternate layers on ATen and on the panel kernel
+    state = {"i": 0}
+
+    def alternate(cands, known):
+        state["i"] += 1
+        return "direct" if "direct" in cands and state["i"] % 2 else "dense" if "dense" in cands else cands[0]
+
+    monkeypatch.setattr(cmod, "_pick", alternate)
+    for fam, choice in (("tuned_direct", "direct"), ("tuned_aten", "dense")):
+        seen = {}
+
+        def fixed_times(plans, x_, repeats, rounds=3, fam=fam, seen=seen):
+            seen.update(dict.fromkeys(plans))
+            return {k: 1.0 if k == fam else 2.0 for k in plans}
+
+        monkeypatch.setattr(cmod, "_time_plans", fixed_times)
+        c = compile(m, x, sparse="never", use_cache=False, repeats=4)
+        assert {"tuned", "tuned_aten", "tuned_direct"} <= set(seen)
+        assert c.plan_check["chosen"] == fam
+        linears = [lc for lc in c.layers if lc.kind == "linear"]
+        assert linears and all(lc.choice == choice for lc in linears)
+        with torch.no_grad():
+            assert _rel(c(x), m(x)) <= 1e-4
 
 
 def test_compile_a_saved_checkpoint(kernels, tmp_path):

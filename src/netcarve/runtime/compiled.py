@@ -363,7 +363,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         _set_kernel(op, lc.choice)
     plan = build_native(mod, ops, nvals, output)
     check = None
-    if sparse == "auto" and any(tuned):
+    if sparse != "always" and any(tuned):
         plan, check = _check_whole_plan(mod, ops, nvals, output, example_input, convs, cands, known, layers, plan,
                                         max(3, repeats // 2))
     small = (plan, ops, {lc.name: lc.choice for lc in layers})
@@ -420,11 +420,15 @@ PLAN_CHECK_MARGIN = 0.95
 
 
 def _check_whole_plan(mod, ops, nvals, output, x, convs, cands, known, layers, tuned_plan, repeats: int):
-    """Time the per-layer choices against the two uniform plans (every layer at its fastest dense kernel; every
-    eligible layer sparse) as whole plans, interleaved over 3 rounds, and keep the fastest: a per-layer profile
-    taken while the machine was busy (or cached from such a moment) can pick kernels that lose as a whole (measured
-    on a Zen 4 VM: a sparse ResNet-56 at batch 64 whose cached profile put 17 of its 18 8x8 layers on the dense
-    kernel ran 49-58 ms, all-sparse 33-36 ms). Returns (plan, {"tuned": ms, "dense": ms, "sparse": ms, "chosen"})."""
+    """Time the per-layer choices against uniform plans as whole plans, interleaved over 3 rounds, and keep the
+    fastest. The uniform plans: every layer at its fastest dense kernel ("dense"); every eligible layer sparse
+    ("sparse"); and the per-layer choices with every dense-chosen layer on one dense kernel family, ATen's
+    ("tuned_aten") or netcarve's direct / panel kernel ("tuned_direct"). A per-layer profile taken while the machine
+    was busy (or cached from such a moment) can pick kernels that lose as a whole (measured on a Zen 4 VM: a sparse
+    ResNet-56 at batch 64 whose cached profile put 17 of its 18 8x8 layers on the dense kernel ran 49-58 ms,
+    all-sparse 33-36 ms), and a plan that alternates netcarve's kernels with ATen's matmuls can lose to either
+    (transformer_tiny at batch 16, 9 of 18 linears on the panel kernel: 0.84-0.90x the all-ATen plan). Returns
+    (plan, {variant: ms, ..., "chosen": variant})."""
     def dense_of(c, kn):  # the layer's fastest dense candidate (its only candidate where it has no other)
         d = [k for k in c if k not in SPARSE_KINDS] or c
         return _pick(d, kn) if kn else d[0]
@@ -433,8 +437,11 @@ def _check_whole_plan(mod, ops, nvals, output, x, convs, cands, known, layers, t
     variants = {"tuned": tuned_choice,
                 "dense": [dense_of(c, kn) for c, kn in zip(cands, known)],
                 "sparse": ["sparse" if "sparse" in c else dense_of(c, kn) for c, kn in zip(cands, known)]}
+    for fam in ("dense", "direct"):  # (the ATen dense kernel is the candidate "dense")
+        variants["tuned_aten" if fam == "dense" else "tuned_direct"] = [
+            fam if ch not in SPARSE_KINDS and fam in c else ch for ch, c in zip(tuned_choice, cands)]
     plans = {"tuned": tuned_plan}
-    for name in ("dense", "sparse"):
+    for name in ("dense", "sparse", "tuned_aten", "tuned_direct"):
         if variants[name] != tuned_choice and variants[name] not in [variants[k] for k in plans]:
             for op, ch in zip(convs, variants[name]):
                 _set_kernel(op, ch)
