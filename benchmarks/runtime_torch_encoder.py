@@ -4,12 +4,16 @@ with the encoder left to PyTorch as one python step (what the runtime did before
 PyTorch, onnxruntime and OpenVINO.
 
     python benchmarks/runtime_torch_encoder.py --threads 2 --out benchmarks/results/runtime_torch_encoder-zen4.json
+    python benchmarks/runtime_torch_encoder.py --model bert --threads 2 --out benchmarks/results/runtime_torch_encoder-bert-zen4.json
 
 The model: pytorch/examples' word_language_model ``TransformerModel`` (``benchmarks/coverage_models.py``
 ``TransformerLM``: embedding * sqrt(d), sinusoidal positions, ``nn.TransformerEncoder`` with the causal mask as a
 buffer, a vocabulary decoder, log-softmax; batch first) at d_model 256, 4 heads, feed-forward 1024, 2 layers, vocabulary
-5000, 32 tokens; random weights (latency does not depend on the values). Sparse variant: every linear's weight (the
-attention in-projections too) pruned to 90% in 4x16 blocks by netcarve's block scheme.
+5000, 32 tokens; random weights (latency does not depend on the values). ``--model bert``: the BERT-style classifier
+(``PaddedTextEncoder``: token + position embeddings, LayerNorm, a GELU ``nn.TransformerEncoder`` given the key padding
+mask ``tokens == 0``, the first token's output -> Linear) at the same sizes, every sequence's last 8 of 32 tokens
+padding. Sparse variant: every linear's weight (the attention in-projections too) pruned to 90% in 4x16 blocks by
+netcarve's block scheme.
 
 1. netcarve and eager PyTorch in this process (they share torch's thread pool), alternated per round: the median of
    ``--repeats`` calls per round, the minimum over ``--rounds`` rounds; every variant's output checked against the
@@ -43,12 +47,28 @@ def _coverage_models():
     return cm
 
 
-def build(sparse: bool) -> nn.Module:
+MODELS = {"lm": "word_language_model TransformerModel: d 256, 4 heads, ff 1024, 2 layers, vocab 5000, 32 tokens",
+          "bert": "BERT-style classifier (PaddedTextEncoder): d 256, 4 heads, ff 1024 (GELU), 2 layers, vocab 5000, "
+                  "32 tokens of which the last 8 are padding, key padding mask tokens == 0, 2 classes"}
+
+
+def tokens(model: str, batch: int) -> torch.Tensor:
+    if model == "lm":
+        return torch.randint(0, 5000, (batch, 32))
+    x = torch.randint(1, 5000, (batch, 32))
+    x[:, 24:] = 0
+    return x
+
+
+def build(sparse: bool, model: str = "lm") -> nn.Module:
     from netcarve.sparsity import make_scheme
 
     cm = _coverage_models()
     torch.manual_seed(0)
-    m = cm.TransformerLM(ntoken=5000, ninp=256, nhead=4, nhid=1024, nlayers=2, dropout=0.2, seq_len=32).eval()
+    if model == "lm":
+        m = cm.TransformerLM(ntoken=5000, ninp=256, nhead=4, nhid=1024, nlayers=2, dropout=0.2, seq_len=32).eval()
+    else:
+        m = cm.PaddedTextEncoder(ntoken=5000, d=256, nhead=4, nhid=1024, nlayers=2).eval()
     if sparse:
         blk = make_scheme("block", block=[4, 16])
         with torch.no_grad():
@@ -91,16 +111,16 @@ def _aten_linears(plan):
     return call
 
 
-def in_process(batches, threads: int, rounds: int, repeats: int) -> dict:
+def in_process(batches, threads: int, rounds: int, repeats: int, model: str = "lm") -> dict:
     from netcarve.runtime import compile as ncompile
 
     torch.set_num_threads(threads)
     out = {}
     for b in batches:
-        x = torch.randint(0, 5000, (b, 32))
+        x = tokens(model, b)
         variants, ref = {}, {}
         for sparse in (False, True):
-            m = build(sparse)
+            m = build(sparse, model)
             tag = "sparse" if sparse else "dense"
             with torch.no_grad():
                 ref[tag] = m(x)
@@ -136,7 +156,7 @@ def in_process(batches, threads: int, rounds: int, repeats: int) -> dict:
     return out
 
 
-def engines(batches, threads: int, rounds: int) -> dict:
+def engines(batches, threads: int, rounds: int, model: str = "lm") -> dict:
     from netcarve.measure.latency import engine_available, measure_latency
 
     out: dict = {}
@@ -145,9 +165,10 @@ def engines(batches, threads: int, rounds: int) -> dict:
             out[engine] = "not installed"
             continue
         for b in batches:
-            x = torch.randint(0, 5000, (b, 32))
+            x = tokens(model, b)
             for sparse in (False, True):
-                r = measure_latency(build(sparse), x, engine=engine, threads=threads, repeats=50, rounds=rounds)
+                r = measure_latency(build(sparse, model), x, engine=engine, threads=threads, repeats=50,
+                                    rounds=rounds)
                 out.setdefault(engine, {})[f"batch{b}, {'sparse' if sparse else 'dense'}"] = r.p50_ms
                 print(f"{engine} batch {b} {'sparse' if sparse else 'dense'}: {r.p50_ms:.3f} ms", file=sys.stderr)
     return out
@@ -155,6 +176,7 @@ def engines(batches, threads: int, rounds: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="lm")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--rounds", type=int, default=5)
@@ -164,11 +186,11 @@ def main() -> None:
     from netcarve.measure.env import environment
 
     res = {"benchmark": "runtime_torch_encoder", "command": "python " + " ".join(sys.argv),
-           "model": "word_language_model TransformerModel: d 256, 4 heads, ff 1024, 2 layers, vocab 5000, 32 tokens",
+           "model": MODELS[a.model],
            "sparse": "every linear (and attention in-projection) weight 90% zero in 4x16 blocks",
            "threads": a.threads, "env": environment(threads=a.threads)}
-    res["netcarve_and_torch"] = in_process(a.batches, a.threads, a.rounds, a.repeats)
-    res["engines_p50_ms"] = engines(a.batches, a.threads, a.rounds)
+    res["netcarve_and_torch"] = in_process(a.batches, a.threads, a.rounds, a.repeats, a.model)
+    res["engines_p50_ms"] = engines(a.batches, a.threads, a.rounds, a.model)
     for b in a.batches:
         ms = res["netcarve_and_torch"][f"batch{b}"]["ms"]
         ratios = {f"native vs encoder in PyTorch, {t}": ms[f"netcarve, encoder in PyTorch, {t}"] /

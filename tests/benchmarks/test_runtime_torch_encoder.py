@@ -46,3 +46,16 @@ def test_variants_run_and_match():
     with rte._encoder_in_pytorch():
         assert "module 'transformer_encoder' (TransformerEncoder)" in ncompile(m, x, sparse="never").fallback
     assert ncompile(m, x, sparse="never").fallback == []  # the context restored the lowering
+
+
+def test_bert_variant_runs_and_matches():
+    """--model bert: the padded BERT-style classifier, its key padding mask computed in the plan."""
+    from netcarve.runtime import kernel_status
+
+    if not kernel_status()["available"]:
+        pytest.skip(f"native kernels unavailable: {kernel_status()['reason']}")
+    x = rte.tokens("bert", 2)
+    assert (x[:, 24:] == 0).all() and (x[:, :24] != 0).all()
+    res = rte.in_process([2], threads=1, rounds=1, repeats=1, model="bert")["batch2"]
+    assert max(res["max_rel_error"].values()) <= 1e-4
+    assert "encoder.layers.0.linear1" in res["sparse_linears_on_bsr"]
