@@ -91,6 +91,8 @@ def run_bench(model: torch.nn.Module, x: torch.Tensor, *, engines=DEFAULT_ENGINE
                                 "max_abs_diff": r.extra.get("max_abs_diff"), "notes": r.notes}
         if name == "netcarve" and r.per_layer is not None:
             out["layers"] = _layer_rows(r)
+            # the whole-plan check: the per-layer choices timed against uniform plans, and the one kept
+            out["plan_check"] = (r.extra.get("compiled") or {}).get("plan_check")
     rank_against_dense(out)
     env = environment(threads)
     env["gemm_fp32_gflops"] = gemm_ceiling_gflops(threads)
