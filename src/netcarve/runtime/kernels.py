@@ -349,14 +349,11 @@ def attention_qkv(qkv: torch.Tensor, heads: int, is_causal: bool = False, scale:
     if qkv.dim() != 3 or heads < 1 or qkv.shape[-1] % (3 * heads):
         raise ConfigError(f"attention_qkv: qkv of shape {list(qkv.shape)} is not (B, T, 3 x {heads} heads x head_dim)")
     b, t, w = qkv.shape
-    if key_padding_mask is not None and (tuple(key_padding_mask.shape) != (b, t) or not (
-            key_padding_mask.dtype == torch.bool or key_padding_mask.is_floating_point())):
-        raise ConfigError(f"attention_qkv: the key padding mask must be bool or float of shape ({b}, {t}), got "
-                          f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}")
-    if attn_mask is not None and (tuple(attn_mask.shape) != (t, t) or not (
-            attn_mask.dtype == torch.bool or attn_mask.is_floating_point())):
-        raise ConfigError(f"attention_qkv: the attention mask must be bool or float of shape ({t}, {t}), got "
-                          f"{attn_mask.dtype} {list(attn_mask.shape)}")
+    for what, mask, shape in (("key padding mask", key_padding_mask, (b, t)), ("attention mask", attn_mask, (t, t))):
+        if mask is not None and (tuple(mask.shape) != shape or not (mask.dtype == torch.bool
+                                                                     or mask.is_floating_point())):
+            raise ConfigError(f"attention_qkv: the {what} must be bool or float of shape {shape}, got {mask.dtype} "
+                              f"{list(mask.shape)}")
     mod = _native(reference, qkv)
     if mod is None:
         q, kk, vv = qkv.reshape(b, t, 3, heads, w // 3 // heads).permute(2, 0, 3, 1, 4)

@@ -356,24 +356,23 @@ torch::Tensor attention_native(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
-torch::Tensor key_padding_bias(const torch::Tensor& mask, int64_t B, int64_t T) {
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == T, "attention: the key padding mask must be (",
-              B, ", ", T, ") (batch, keys), got ", mask.sizes());
+// a 2-d (rows, cols) mask as an additive float bias: bool true -> -inf (not attended), float as it is
+static torch::Tensor mask_bias(const torch::Tensor& mask, int64_t rows, int64_t cols, const char* what,
+                               const char* dims) {
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == rows && mask.size(1) == cols, "attention: the ", what, " must be (",
+              rows, ", ", cols, ") (", dims, "), got ", mask.sizes());
   if (mask.scalar_type() == torch::kBool)
-    return torch::zeros({B, T}, torch::kFloat32).masked_fill_(mask, -std::numeric_limits<float>::infinity());
-  TORCH_CHECK(mask.is_floating_point(), "attention: the key padding mask must be bool or float, got ",
-              mask.scalar_type());
+    return torch::zeros({rows, cols}, torch::kFloat32).masked_fill_(mask, -std::numeric_limits<float>::infinity());
+  TORCH_CHECK(mask.is_floating_point(), "attention: the ", what, " must be bool or float, got ", mask.scalar_type());
   return mask.to(torch::kFloat32).contiguous();
 }
 
+torch::Tensor key_padding_bias(const torch::Tensor& mask, int64_t B, int64_t T) {
+  return mask_bias(mask, B, T, "key padding mask", "batch, keys");
+}
+
 torch::Tensor attn_mask_bias(const torch::Tensor& mask, int64_t T) {
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == T && mask.size(1) == T, "attention: the attention mask must be (", T,
-              ", ", T, ") (queries, keys), got ", mask.sizes());
-  if (mask.scalar_type() == torch::kBool)
-    return torch::zeros({T, T}, torch::kFloat32).masked_fill_(mask, -std::numeric_limits<float>::infinity());
-  TORCH_CHECK(mask.is_floating_point(), "attention: the attention mask must be bool or float, got ",
-              mask.scalar_type());
-  return mask.to(torch::kFloat32).contiguous();
+  return mask_bias(mask, T, T, "attention mask", "queries, keys");
 }
 
 torch::Tensor attention_qkv(torch::Tensor qkv, int64_t heads, bool causal, c10::optional<double> scale,
