@@ -1185,6 +1185,30 @@ class PaddedTextEncoder(nn.Module):
         return self.fc(h[:, 0])
 
 
+class Seq2SeqTransformer(nn.Module):
+    """The encoder-decoder of PyTorch's "Language Translation with nn.Transformer" tutorial (token embeddings *
+    sqrt(d), sinusoidal positions, ``nn.Transformer``, a generator Linear over the target vocabulary), batch first,
+    with its masks built in forward from the token ids (padding = 0) instead of passed in: the causal target mask,
+    the source padding mask (the encoder's and the memory's key padding mask) and the target padding mask. Two
+    inputs: source and target ids."""
+
+    def __init__(self, src_vocab=5000, tgt_vocab=5000, d=256, nhead=4, nenc=2, ndec=2, nhid=1024, max_len=64):
+        super().__init__()
+        self.src_tok, self.tgt_tok = nn.Embedding(src_vocab, d), nn.Embedding(tgt_vocab, d)
+        self.pos = PositionalEncoding(d, 0.1, max_len)
+        self.transformer = nn.Transformer(d, nhead, nenc, ndec, nhid, 0.1, batch_first=True)
+        self.generator = nn.Linear(d, tgt_vocab)
+        self.scale = math.sqrt(d)
+
+    def forward(self, src, tgt):
+        src_pad, tgt_pad = src == 0, tgt == 0
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1))
+        s, t = self.pos(self.src_tok(src) * self.scale), self.pos(self.tgt_tok(tgt) * self.scale)
+        h = self.transformer(s, t, tgt_mask=causal, src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad,
+                             memory_key_padding_mask=src_pad)
+        return self.generator(h)
+
+
 # ============================================================================ registry
 _IMG = (3, 64, 64)
 

@@ -5,6 +5,7 @@ PyTorch, onnxruntime and OpenVINO.
 
     python benchmarks/runtime_torch_encoder.py --threads 2 --out benchmarks/results/runtime_torch_encoder-zen4.json
     python benchmarks/runtime_torch_encoder.py --model bert --threads 2 --out benchmarks/results/runtime_torch_encoder-bert-zen4.json
+    python benchmarks/runtime_torch_encoder.py --model seq2seq --threads 2 --out benchmarks/results/runtime_torch_encoder-seq2seq-zen4.json
 
 The model: pytorch/examples' word_language_model ``TransformerModel`` (``benchmarks/coverage_models.py``
 ``TransformerLM``: embedding * sqrt(d), sinusoidal positions, ``nn.TransformerEncoder`` with the causal mask as a
@@ -12,7 +13,10 @@ buffer, a vocabulary decoder, log-softmax; batch first) at d_model 256, 4 heads,
 5000, 32 tokens; random weights (latency does not depend on the values). ``--model bert``: the BERT-style classifier
 (``PaddedTextEncoder``: token + position embeddings, LayerNorm, a GELU ``nn.TransformerEncoder`` given the key padding
 mask ``tokens == 0``, the first token's output -> Linear) at the same sizes, every sequence's last 8 of 32 tokens
-padding. Sparse variant: every linear's weight (the attention in-projections too) pruned to 90% in 4x16 blocks by
+padding. ``--model seq2seq``: the encoder-decoder of PyTorch's translation tutorial (``Seq2SeqTransformer``:
+``nn.Transformer`` with 2 + 2 layers at the same sizes, causal target mask and padding masks built from the ids, a
+generator Linear over a 5000-word target vocabulary), two inputs: 32 source tokens (the last 8 padding) and 24 target
+tokens (the last 4 padding); its "in PyTorch" variant leaves the whole ``nn.Transformer`` to PyTorch. Sparse variant: every linear's weight (the attention in-projections too) pruned to 90% in 4x16 blocks by
 netcarve's block scheme.
 
 1. netcarve and eager PyTorch in this process (they share torch's thread pool), alternated per round: the median of
@@ -49,15 +53,23 @@ def _coverage_models():
 
 MODELS = {"lm": "word_language_model TransformerModel: d 256, 4 heads, ff 1024, 2 layers, vocab 5000, 32 tokens",
           "bert": "BERT-style classifier (PaddedTextEncoder): d 256, 4 heads, ff 1024 (GELU), 2 layers, vocab 5000, "
-                  "32 tokens of which the last 8 are padding, key padding mask tokens == 0, 2 classes"}
+                  "32 tokens of which the last 8 are padding, key padding mask tokens == 0, 2 classes",
+          "seq2seq": "translation encoder-decoder (Seq2SeqTransformer, nn.Transformer): d 256, 4 heads, ff 1024, 2 + 2 "
+                     "layers, vocab 5000 + 5000, inputs 32 source tokens (last 8 padding) and 24 target tokens (last 4 "
+                     "padding), causal target mask and padding masks from the ids, logits over the target vocabulary"}
 
 
-def tokens(model: str, batch: int) -> torch.Tensor:
+def tokens(model: str, batch: int) -> tuple[torch.Tensor, ...]:
+    """The model's inputs (a tuple: one tensor of token ids, two for seq2seq)."""
     if model == "lm":
-        return torch.randint(0, 5000, (batch, 32))
+        return (torch.randint(0, 5000, (batch, 32)),)
     x = torch.randint(1, 5000, (batch, 32))
     x[:, 24:] = 0
-    return x
+    if model == "bert":
+        return (x,)
+    y = torch.randint(1, 5000, (batch, 24))
+    y[:, 20:] = 0
+    return x, y
 
 
 def build(sparse: bool, model: str = "lm") -> nn.Module:
@@ -67,6 +79,8 @@ def build(sparse: bool, model: str = "lm") -> nn.Module:
     torch.manual_seed(0)
     if model == "lm":
         m = cm.TransformerLM(ntoken=5000, ninp=256, nhead=4, nhid=1024, nlayers=2, dropout=0.2, seq_len=32).eval()
+    elif model == "seq2seq":
+        m = cm.Seq2SeqTransformer(d=256, nhead=4, nenc=2, ndec=2, nhid=1024).eval()
     else:
         m = cm.PaddedTextEncoder(ntoken=5000, d=256, nhead=4, nhid=1024, nlayers=2).eval()
     if sparse:
@@ -81,16 +95,21 @@ def build(sparse: bool, model: str = "lm") -> nn.Module:
 
 
 def _encoder_in_pytorch():
-    """A context that makes the plan leave ``nn.TransformerEncoder`` to PyTorch (the runtime before it lowered it)."""
+    """A context that makes the plan leave ``nn.TransformerEncoder`` / ``nn.Transformer`` to PyTorch (the runtime
+    before it lowered them)."""
     from netcarve.runtime.plan import Lowering
+
+    names = ("_torch_encoder", "_torch_transformer")
 
     class Ctx:
         def __enter__(self):
-            self.orig = Lowering._torch_encoder
-            Lowering._torch_encoder = lambda self_, node, m: self_._unsupported(node, "left to PyTorch (benchmark)")
+            self.orig = {n: getattr(Lowering, n) for n in names}
+            for n in names:
+                setattr(Lowering, n, lambda self_, node, m: self_._unsupported(node, "left to PyTorch (benchmark)"))
 
         def __exit__(self, *exc):
-            Lowering._torch_encoder = self.orig
+            for n, f in self.orig.items():
+                setattr(Lowering, n, f)
 
     return Ctx()
 
@@ -101,10 +120,10 @@ def _aten_linears(plan):
 
     mod = load_kernels()
 
-    def call(x):
+    def call(*x):
         mod.set_direct_linear(False)
         try:
-            return plan(x)
+            return plan(*x)
         finally:
             mod.set_direct_linear(True)
 
@@ -123,13 +142,13 @@ def in_process(batches, threads: int, rounds: int, repeats: int, model: str = "l
             m = build(sparse, model)
             tag = "sparse" if sparse else "dense"
             with torch.no_grad():
-                ref[tag] = m(x)
+                ref[tag] = m(*x)
                 variants[f"torch eager, {tag}"] = (m, tag)
                 with _encoder_in_pytorch():
-                    c = ncompile(m, x, sparse="auto")
-                assert any("TransformerEncoder" in f for f in c.fallback), c.fallback
+                    c = ncompile(m, x if len(x) > 1 else x[0], sparse="auto")
+                assert any("Transformer" in f for f in c.fallback), c.fallback
                 variants[f"netcarve, encoder in PyTorch, {tag}"] = (c, tag)
-                c = ncompile(m, x, sparse="auto", fallback=False)
+                c = ncompile(m, x if len(x) > 1 else x[0], sparse="auto", fallback=False)
                 variants[f"netcarve, native, {tag}"] = (c, tag)
                 if not sparse:  # the same plan with its dense linears on ATen's addmm instead of the panel kernel
                     variants[f"netcarve, native, {tag}, ATen linears"] = (_aten_linears(c), tag)
@@ -142,13 +161,13 @@ def in_process(batches, threads: int, rounds: int, repeats: int, model: str = "l
         errors = {}
         with torch.no_grad():
             for name, (fn, tag) in variants.items():
-                errors[name] = float((fn(x) - ref[tag]).abs().max() / ref[tag].abs().max())
+                errors[name] = float((fn(*x) - ref[tag]).abs().max() / ref[tag].abs().max())
                 assert errors[name] <= 1e-4, (name, errors[name])
             for _ in range(rounds):
                 for name, (fn, _tag) in variants.items():
                     for _ in range(5):
-                        fn(x)
-                    times[name].append(median_ms(fn, x, repeats=repeats))
+                        fn(*x)
+                    times[name].append(median_ms(fn, *x, repeats=repeats))
         best = {k: min(v) for k, v in times.items()}
         out[f"batch{b}"] = {"ms": best, "rounds_ms": times, "max_rel_error": errors,
                             "sparse_linears_on_bsr": sparse_linears, "dense_model_linear_kernels": dense_choices}
@@ -167,7 +186,8 @@ def engines(batches, threads: int, rounds: int, model: str = "lm") -> dict:
         for b in batches:
             x = tokens(model, b)
             for sparse in (False, True):
-                r = measure_latency(build(sparse, model), x, engine=engine, threads=threads, repeats=50,
+                r = measure_latency(build(sparse, model), x if len(x) > 1 else x[0], engine=engine, threads=threads,
+                                    repeats=50,
                                     rounds=rounds)
                 out.setdefault(engine, {})[f"batch{b}, {'sparse' if sparse else 'dense'}"] = r.p50_ms
                 print(f"{engine} batch {b} {'sparse' if sparse else 'dense'}: {r.p50_ms:.3f} ms", file=sys.stderr)

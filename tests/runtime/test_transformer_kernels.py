@@ -120,6 +120,36 @@ def test_attention_qkv_key_padding_mask(kernels, shape, causal):
         kernels.attention_qkv(qkv, h, False, None, pad[:, :1])
 
 
+@pytest.mark.parametrize("shape", [(1, 5, 32, 4, 16), (3, 17, 9, 3, 24), (2, 70, 33, 2, 64), (2, 1, 1, 1, 8)])
+def test_attention_cross_matches_reference(kernels, shape):
+    """Cross-attention from q (B, Tq, C) and a packed k | v projection (B, Tk, 2C) of another sequence: native,
+    twin and F.scaled_dot_product_attention on the split heads agree, with and without a (B, Tk) key padding mask and
+    a (Tq, Tk) attention mask; bad shapes get clear errors."""
+    b, tq, tk, h, hd = shape
+    g = torch.Generator().manual_seed(tq * tk)
+    q, kv = torch.randn(b, tq, h * hd, generator=g), torch.randn(b, tk, 2 * h * hd, generator=g)
+    qh = q.reshape(b, tq, h, hd).transpose(1, 2)
+    kh, vh = kv.reshape(b, tk, 2, h, hd).permute(2, 0, 3, 1, 4)
+    pad = torch.rand(b, tk, generator=g) < 0.4
+    pad[:, 0] = False
+    am = torch.randn(tq, tk, generator=g)
+    bias = torch.zeros(b, 1, 1, tk).masked_fill(pad.view(b, 1, 1, tk), float("-inf")) + am
+    for kpm, mask, want_mask in ((None, None, None), (pad, am, bias)):
+        want = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=want_mask).transpose(1, 2).reshape(b, tq, h * hd)
+        ref = attention_qkv(q, h, key_padding_mask=kpm, attn_mask=mask, kv=kv, reference=True)
+        assert _rel(ref, want) <= 1e-5
+        for threads in (1, 2):
+            with forced_parallel(kernels, threads):
+                out = attention_qkv(q, h, key_padding_mask=kpm, attn_mask=mask, kv=kv)
+                assert out.shape == (b, tq, h * hd) and _rel(out, want) <= 1e-5
+    with pytest.raises(ConfigError, match=rf"kv of shape \[{b}, {tk}, {h * hd}\] .* is not a \({b}, Tk, {2 * h * hd}\)"):
+        attention_qkv(q, h, kv=kv[..., : h * hd])
+    with pytest.raises(ConfigError, match=rf"key padding mask must be bool or float of shape \({b}, {tk}\)"):
+        attention_qkv(q, h, key_padding_mask=torch.zeros(b, tq + tk, dtype=torch.bool), kv=kv)
+    with pytest.raises(RuntimeError, match="kv must be a float32"):
+        kernels.attention_qkv(q, h, False, None, None, None, kv[:, :, 1:])
+
+
 def test_attention_nan_and_bad_input(kernels):
     q = torch.randn(1, 1, 4, 16)
     q[0, 0, 1, 3] = float("nan")  # key 1 is NaN: every row's softmax (and output) is NaN, as in torch

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedModelError
 from ._build import cache_root, cpu_key, load_kernels, source_hash
 from .lanes import LANES_MIN_BATCH, lanes_conv_ok, lanes_rewrite
-from .plan import Op, ReferencePlan, build_native, lower
+from .plan import Op, ReferencePlan, as_inputs, build_native, lower
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +129,15 @@ class CompiledModel:
     """A model compiled to one native plan. Call it like the model (eval-mode semantics, no autograd)."""
 
     def __init__(self, ops: list[Op], nvals: int, output: int, plan, example_shape: tuple[int, ...],
-                 layers: list[LayerChoice], threads: int, dtype: torch.dtype = torch.float32):
+                 layers: list[LayerChoice], threads: int, dtype: torch.dtype = torch.float32,
+                 inputs: list[tuple[tuple[int, ...], torch.dtype]] | None = None):
         self.ops, self.nvals, self.output = ops, nvals, output
-        self.dtype = dtype
         self._plan = plan
         self._reference = ReferencePlan(ops, nvals, output)
-        self.example_shape = example_shape
+        # (shape, dtype) of each input the plan takes (values 0 .. n-1; the model's forward arguments in order); calls
+        # may change the batch (dim 0) of every input, not the other sizes
+        self.inputs = list(inputs) if inputs else [(tuple(example_shape), dtype)]
+        self.example_shape, self.dtype = self.inputs[0]
         self.layers = layers
         self.threads = threads
         # whole-plan check of the autotuned choices (sparse="auto"): ms per variant and the one kept, or None
@@ -144,9 +147,29 @@ class CompiledModel:
         self.lanes_min_batch = 0
         self._small: tuple[Any, list[Op], dict[str, str]] | None = None
 
-    def _small_call(self, x: torch.Tensor) -> bool:
+    def _small_call(self, x) -> bool:
         """Whether this input runs the plan without the lanes layout (fewer images than ``lanes_min_batch``)."""
-        return self._small is not None and x.dim() >= 1 and x.shape[0] < self.lanes_min_batch
+        return self._small is not None and isinstance(x, torch.Tensor) and x.dim() >= 1 and \
+            x.shape[0] < self.lanes_min_batch
+
+    def _args(self, xs: tuple) -> torch.Tensor | list[torch.Tensor]:
+        """Checked call inputs as the native plan takes them: the tensor, or a list of the tensors."""
+        n = len(self.inputs)
+        if len(xs) != n:
+            raise ConfigError(f"compiled model: expected {n} input{'s' if n > 1 else ''} "
+                              f"({self._describe()}), got {len(xs)}")
+        for i, (x, (shape, dtype)) in enumerate(zip(xs, self.inputs)):
+            what = f"input {i + 1} " if n > 1 else "input "
+            if not isinstance(x, torch.Tensor) or x.dim() != len(shape) or tuple(x.shape[1:]) != tuple(shape[1:]):
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ConfigError(f"compiled model: expected {what}(N, {', '.join(map(str, shape[1:]))}), got {got}")
+            if x.dtype != dtype:
+                raise ConfigError(f"compiled model: expected a {str(dtype).replace('torch.', '')} {what.strip()}, "
+                                  f"got {x.dtype}")
+        return xs[0].detach() if n == 1 else [x.detach() for x in xs]
+
+    def _describe(self) -> str:
+        return "; ".join(f"(N, {', '.join(map(str, s[1:]))}) {str(d).replace('torch.', '')}" for s, d in self.inputs)
 
     @property
     def native(self) -> bool:
@@ -158,35 +181,36 @@ class CompiledModel:
         (LayerNorm)"``; empty when the whole model is lowered natively."""
         return [n for op in self.ops if op.kind == "python" for n in op.p["nodes"]]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != len(self.example_shape) or \
-                tuple(x.shape[1:]) != tuple(self.example_shape[1:]):
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ConfigError(f"compiled model: expected input (N, {', '.join(map(str, self.example_shape[1:]))}), "
-                              f"got {got}")
-        if x.dtype != self.dtype:
-            raise ConfigError(f"compiled model: expected a {str(self.dtype).replace('torch.', '')} input, got {x.dtype}")
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
+        """Run the plan on the model's inputs (one tensor, or as many as the example input had, in order)."""
+        a = self._args(xs)
         if self._plan is None:
-            return self._reference.run(x)
-        return (self._small[0] if self._small_call(x) else self._plan).run(x.detach())
+            return self._reference.run(*xs)
+        return (self._small[0] if self._small_call(a) else self._plan).run(a)
 
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, *xs: torch.Tensor) -> torch.Tensor:
         """The same plan run with plain PyTorch ops (the reference twin)."""
-        return self._reference.run(x)
+        self._args(xs)
+        return self._reference.run(*xs)
 
-    def time(self, x: torch.Tensor, repeats: int = 50, warmup: int = 10) -> float:
-        """Median whole-model latency in ms, timed inside the native plan (no Python between layers)."""
+    def time(self, x: torch.Tensor | tuple[torch.Tensor, ...], repeats: int = 50, warmup: int = 10) -> float:
+        """Median whole-model latency in ms, timed inside the native plan (no Python between layers). ``x``: the
+        input, or a tuple of the inputs of a model that takes several."""
         if self._plan is None:
             raise ConfigError("compiled model: not native (no compiled kernels); time the reference with netcarve bench")
-        return float((self._small[0] if self._small_call(x) else self._plan).time(x.detach(), repeats, warmup))
+        a = self._args(tuple(x) if isinstance(x, (tuple, list)) else (x,))
+        return float((self._small[0] if self._small_call(a) else self._plan).time(a, repeats, warmup))
 
-    def profile(self, x: torch.Tensor, repeats: int = 30, warmup: int = 5) -> list[dict[str, Any]]:
-        """Per step: name, kind, kernel and median milliseconds (each step timed inside the native plan)."""
+    def profile(self, x: torch.Tensor | tuple[torch.Tensor, ...], repeats: int = 30,
+                warmup: int = 5) -> list[dict[str, Any]]:
+        """Per step: name, kind, kernel and median milliseconds (each step timed inside the native plan). ``x``: the
+        input, or a tuple of the inputs."""
         if self._plan is None:
             raise ConfigError("compiled model: not native (no compiled kernels)")
-        plan, ops, choice = (self._small if self._small_call(x)
+        a = self._args(tuple(x) if isinstance(x, (tuple, list)) else (x,))
+        plan, ops, choice = (self._small if self._small_call(a)
                              else (self._plan, self.ops, {lc.name: lc.choice for lc in self.layers}))
-        ms = plan.profile(x.detach(), repeats, warmup)
+        ms = plan.profile(a, repeats, warmup)
         # max pooling, global average pooling and option-A shortcuts run netcarve's kernels unless switched off
         native = {"maxpool", "gap", "shortcut"} if load_kernels().native_pool() else set()
         native |= {"lanes_in", "lanes_out"}
@@ -197,6 +221,7 @@ class CompiledModel:
 
     def summary(self) -> dict[str, Any]:
         return {"native": self.native, "threads": self.threads, "example_shape": list(self.example_shape),
+                "inputs": [{"shape": list(sh), "dtype": str(d).replace("torch.", "")} for sh, d in self.inputs],
                 "steps": len(self.ops), "layers": [asdict(lc) for lc in self.layers],
                 "sparse_layers": sum(lc.choice == "sparse" for lc in self.layers), "plan_check": self.plan_check,
                 "python_steps": sum(op.kind == "python" for op in self.ops), "fallback": self.fallback}
@@ -236,13 +261,16 @@ def _tune_malloc() -> None:
 
 
 @torch.no_grad()
-def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "auto",  # noqa: A001
+def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,  # noqa: A001
+            sparse: str = "auto",
             threads: int | None = None, repeats: int = 20, use_cache: bool = True,
             codegen: bool = False, fallback: bool = True, lanes: str = "auto") -> CompiledModel:
     """Compile a model (or a checkpoint directory saved by netcarve) for this CPU.
 
     Args:
-        example_input: a float32 batch of the shape to tune for (other batch sizes run too).
+        example_input: a float32 batch of the shape to tune for (other batch sizes run too), or integer token ids;
+            for a model of several inputs a tuple of them, in the order of its forward arguments (e.g. ``(input_ids,
+            attention_mask)``); the compiled model is then called with as many tensors.
         sparse: ``"auto"`` (each layer takes the fastest of its kernels measured here: sparse, ATen dense and,
             for convs, netcarve's dense direct conv), ``"always"`` (every groups=1 conv, linear and recurrent
             layer runs sparse) or ``"never"`` (the fastest dense kernel per layer: the dense baseline).
@@ -266,24 +294,32 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         raise ConfigError(f"runtime.compile: sparse must be one of {', '.join(SPARSE_MODES)}, got {sparse!r}")
     if lanes not in LANES_MODES:
         raise ConfigError(f"runtime.compile: lanes must be one of {', '.join(LANES_MODES)}, got {lanes!r}")
-    if not isinstance(example_input, torch.Tensor) or not (
-            example_input.dtype == torch.float32 or (not example_input.is_floating_point()
-                                                     and not example_input.is_complex())):
-        raise ConfigError("runtime.compile: example_input must be a float32 tensor (a batch of the model's input) "
-                          "or integer token ids")
+    xs = as_inputs(example_input)
+    for t in xs:
+        if not (t.dtype == torch.float32 or (not t.is_floating_point() and not t.is_complex())):
+            raise ConfigError("runtime.compile: example_input must be a float32 tensor (a batch of the model's input) "
+                              f"or integer token ids (or a tuple of such), got {t.dtype}")
     model = _resolve(model_or_checkpoint)
     was_training = model.training
     model.eval()
     try:
-        ops, nvals, output = lower(model, example_input, fallback=fallback)
+        ops, nvals, output = lower(model, xs if len(xs) > 1 else xs[0], fallback=fallback)
     finally:
         model.train(was_training)
-    if example_input.dtype != torch.float32:  # token ids: native steps other than embeddings compute in float32
-        bad = [op for op in ops if 0 in op.inputs and op.kind not in ("embedding", "python", "compare")]
+    for i, t in enumerate(xs):
+        if t.dtype == torch.float32:
+            continue
+        # token ids, masks: native steps other than embeddings and comparisons compute in float32; a bool input may
+        # be an attention step's padding / attention mask (read after its first input)
+        bad = [op for op in ops if i in op.inputs and op.kind not in ("embedding", "python", "compare")
+               and not (t.dtype == torch.bool and op.kind in ("mha", "padzero") and i not in op.inputs[:1])]
         if bad:
+            which = f"input {i + 1} ({t.dtype})" if len(xs) > 1 else "the integer input"
             raise UnsupportedModelError(f"runtime.compile: {type(model).__name__}: step {bad[0].name!r} "
-                                        f"({bad[0].kind}) reads the integer input; natively only an Embedding (or a "
+                                        f"({bad[0].kind}) reads {which}; natively only an Embedding (or a "
                                         "comparison with a number, a padding mask) takes token ids")
+    specs = [(tuple(t.shape), t.dtype) for t in xs]
+    px = xs[0] if len(xs) == 1 else list(xs)  # the example as the native plan takes it
     fallen = [n for op in ops if op.kind == "python" for n in op.p["nodes"]]
     if fallen:
         steps = sum(op.kind == "python" for op in ops)
@@ -304,8 +340,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
         dens = sum(int((w != 0).sum()) for w in ws) / max(1, sum(w.numel() for w in ws))
         layers.append(LayerChoice(op.name, op.kind, list(ws[0].shape), float(dens), macs, nz, "dense"))
     if mod is None:
-        return CompiledModel(ops, nvals, output, None, tuple(example_input.shape), layers, nthreads,
-                             example_input.dtype)
+        return CompiledModel(ops, nvals, output, None, specs[0][0], layers, nthreads, specs[0][1], inputs=specs)
 
     eligible = [_eligible(op) for op in convs]
     # candidate kernels per layer: "sparse" (eligible layers, not with sparse="never"), "dense" (ATen: oneDNN /
@@ -334,14 +369,14 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     known: list[dict | None] = [None] * len(convs)
     if any(tuned):
         cache = _TuneCache() if use_cache else None
-        keys = [_signature(op, tuple(example_input.shape), nthreads) for op in convs]
+        keys = [_signature(op, specs[0][0], nthreads) for op in convs]
         for i, t in enumerate(tuned):
             hit = cache.get(keys[i]) if cache and t else None
             if hit is not None and all(f"{k}_ms" in hit for k in cands[i]):
                 known[i] = hit
         missing = [i for i, t in enumerate(tuned) if t and known[i] is None]
         if missing:
-            times = {k: _profile_tunable(mod, ops, nvals, output, example_input, convs, k, repeats, cands)
+            times = {k: _profile_tunable(mod, ops, nvals, output, px, convs, k, repeats, cands)
                      for k in KERNEL_KINDS if any(k in cands[i] for i in missing)}
             for i in missing:
                 entry = dict(cache.get(keys[i]) or {}) if cache else {}
@@ -364,15 +399,14 @@ def compile(model_or_checkpoint, example_input: torch.Tensor, *, sparse: str = "
     plan = build_native(mod, ops, nvals, output)
     check = None
     if sparse != "always" and any(tuned):
-        plan, check = _check_whole_plan(mod, ops, nvals, output, example_input, convs, cands, known, layers, plan,
+        plan, check = _check_whole_plan(mod, ops, nvals, output, px, convs, cands, known, layers, plan,
                                         max(3, repeats // 2))
     small = (plan, ops, {lc.name: lc.choice for lc in layers})
-    if lanes != "never" and example_input.dim() == 4 and (lanes == "always"
-                                                          or example_input.shape[0] >= LANES_MIN_BATCH):
-        ops, nvals, output, plan, check = _try_lanes(mod, ops, nvals, output, plan, example_input, convs, layers,
+    if lanes != "never" and len(xs) == 1 and xs[0].dim() == 4 and (lanes == "always"
+                                                                   or xs[0].shape[0] >= LANES_MIN_BATCH):
+        ops, nvals, output, plan, check = _try_lanes(mod, ops, nvals, output, plan, xs[0], convs, layers,
                                                      check, lanes, max(3, repeats // 2))
-    compiled = CompiledModel(ops, nvals, output, plan, tuple(example_input.shape), layers, nthreads,
-                             example_input.dtype)
+    compiled = CompiledModel(ops, nvals, output, plan, specs[0][0], layers, nthreads, specs[0][1], inputs=specs)
     compiled.plan_check = check
     if lanes == "auto" and plan is not small[0]:
         compiled._small, compiled.lanes_min_batch = small, LANES_MIN_BATCH

@@ -337,7 +337,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
 
 def attention_qkv(qkv: torch.Tensor, heads: int, is_causal: bool = False, scale: float | None = None,
                   key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                  reference: bool = False) -> torch.Tensor:
+                  kv: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
     """Multi-head self-attention from a packed (B, T, 3 x heads x hd) projection (q | k | v, each heads x hd) to the
     merged heads (B, T, heads x hd), as netcarve's ``MultiHeadSelfAttention`` computes it (native: no head split /
     merge copies), or the twin (reshape, permute, ``F.scaled_dot_product_attention``, transpose).
@@ -345,38 +345,54 @@ def attention_qkv(qkv: torch.Tensor, heads: int, is_causal: bool = False, scale:
     ``key_padding_mask`` (B, T), as ``nn.MultiheadAttention`` takes it: bool (true: the key is padding, never
     attended to) or float (added to the scores); ``attn_mask`` (T, T) likewise per query and key (bool: true = not
     attended, as ``nn.MultiheadAttention`` reads it, the opposite of ``F.scaled_dot_product_attention``). A query that
-    may attend to no key gets NaN, as from ``nn.MultiheadAttention``."""
-    if qkv.dim() != 3 or heads < 1 or qkv.shape[-1] % (3 * heads):
-        raise ConfigError(f"attention_qkv: qkv of shape {list(qkv.shape)} is not (B, T, 3 x {heads} heads x head_dim)")
+    may attend to no key gets NaN, as from ``nn.MultiheadAttention``.
+
+    Cross-attention: ``kv`` given, ``qkv`` is the query projection (B, Tq, heads x hd) and ``kv`` the packed key |
+    value projection of another sequence (B, Tk, 2 x heads x hd); the masks are then (B, Tk) and (Tq, Tk)."""
+    parts = 1 if kv is not None else 3
+    if qkv.dim() != 3 or heads < 1 or qkv.shape[-1] % (parts * heads):
+        what = "q" if kv is not None else "qkv"
+        raise ConfigError(f"attention_qkv: {what} of shape {list(qkv.shape)} is not (B, T, "
+                          f"{'' if kv is not None else '3 x '}{heads} heads x head_dim)")
     b, t, w = qkv.shape
-    for what, mask, shape in (("key padding mask", key_padding_mask, (b, t)), ("attention mask", attn_mask, (t, t))):
+    c = w // parts
+    if kv is not None and (kv.dim() != 3 or kv.shape[0] != b or kv.shape[2] != 2 * c or kv.dtype != qkv.dtype):
+        raise ConfigError(f"attention_qkv: kv of shape {list(kv.shape)} ({kv.dtype}) is not a ({b}, Tk, {2 * c}) "
+                          f"{qkv.dtype} key | value projection")
+    tk = kv.shape[1] if kv is not None else t
+    for what, mask, shape in (("key padding mask", key_padding_mask, (b, tk)), ("attention mask", attn_mask, (t, tk))):
         if mask is not None and (tuple(mask.shape) != shape or not (mask.dtype == torch.bool
                                                                      or mask.is_floating_point())):
             raise ConfigError(f"attention_qkv: the {what} must be bool or float of shape {shape}, got {mask.dtype} "
                               f"{list(mask.shape)}")
     mod = _native(reference, qkv)
     if mod is None:
-        q, kk, vv = qkv.reshape(b, t, 3, heads, w // 3 // heads).permute(2, 0, 3, 1, 4)
+        if kv is None:
+            q, kk, vv = qkv.reshape(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        else:
+            q = qkv.reshape(b, t, heads, c // heads).transpose(1, 2)
+            kk, vv = kv.reshape(b, tk, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
         if key_padding_mask is not None or attn_mask is not None:
 
             def bias(m):  # bool: true = not attended
                 return torch.zeros(m.shape).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.float()
 
-            mask = torch.zeros(b, 1, t, t)
+            mask = torch.zeros(b, 1, t, tk)
             if key_padding_mask is not None:
-                mask = mask + bias(key_padding_mask).view(b, 1, 1, t)
+                mask = mask + bias(key_padding_mask).view(b, 1, 1, tk)
             if attn_mask is not None:
                 mask = mask + bias(attn_mask)
             if is_causal:
-                mask = mask + torch.zeros(t, t).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+                mask = mask + torch.zeros(t, tk).masked_fill(torch.ones(t, tk, dtype=torch.bool).triu(1),
+                                                             float("-inf"))
             # (softmax written out: F.scaled_dot_product_attention returns zeros for a row with every key masked,
             # nn.MultiheadAttention NaN, as the native kernel does)
             s = q @ kk.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5) + mask
             o = torch.softmax(s, -1) @ vv
         else:
             o = F.scaled_dot_product_attention(q, kk, vv, is_causal=is_causal, scale=scale)
-        return o.transpose(1, 2).reshape(b, t, w // 3)
-    return mod.attention_qkv(qkv, int(heads), bool(is_causal), scale, key_padding_mask, attn_mask)
+        return o.transpose(1, 2).reshape(b, t, c)
+    return mod.attention_qkv(qkv, int(heads), bool(is_causal), scale, key_padding_mask, attn_mask, kv)
 
 
 def pad_zero(x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:

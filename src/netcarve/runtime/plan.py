@@ -9,10 +9,12 @@ multiplication, parameters / buffers read in forward, Max/AvgPool2d, AdaptiveAvg
 view-as-flatten, torch.cat, ZeroPad2d, Identity / Dropout (eval), the option-A shortcut of the CIFAR ResNets,
 (multi-layer, bidirectional) GRU / LSTM with their output sequence (and the top row h_n[-1] of a unidirectional
 one), ``x[:, k]`` selects and means over one dim, ``F.scaled_dot_product_attention``, netcarve's
-``MultiHeadSelfAttention`` and torch's ``nn.MultiheadAttention`` as self-attention without masks (both: packed qkv
-linear, one "mha" step, output linear), torch's ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` (layer by
-layer; an attention mask only if it is the causal one), a tensor times / divided by / plus / minus a Python number (an
-affine step). Values built in forward from constants and the input's non-batch sizes (a causal mask, position ids)
+``MultiHeadSelfAttention`` and torch's ``nn.MultiheadAttention`` (both: packed qkv linear, one "mha" step, output
+linear; torch's also as cross-attention, key = value: a q linear and a packed k | v linear; key padding masks and
+(T, S) attention masks, the causal one as a flag), torch's ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` (and
+their layers) and ``nn.Transformer`` (layer by layer, the same masks), comparisons with a number and mask conversions
+(``m == 0``, ``m.bool()``, ``logical_not``: padding masks from token ids or an attention-mask input), a tensor times /
+divided by / plus / minus a Python number (an affine step). A model may take several inputs (plan values 0 .. n-1). Values built in forward from constants and the input's non-batch sizes (a causal mask, position ids)
 are folded into constants; a permute undone by the next one and steps nobody reads are dropped.
 
 Everything else becomes a "python" step with ``fallback=True`` (runs of such nodes in graph order, each copied into a
@@ -22,6 +24,7 @@ the module path and type with ``fallback=False``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -32,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..graph.trace import trace_model
 from .kernels import (
     ACTIVATIONS,
@@ -219,7 +222,23 @@ _COMPARE_FNS.update({getattr(torch, n): i for i, n in enumerate(_COMPARE_OPS)})
 
 def _compare(node: fx.Node) -> tuple[fx.Node, int, float] | None:
     """``(x, op code, number)`` when ``node`` compares a tensor with a Python number (``tokens == 0``,
-    ``ids.ne(pad)``)."""
+    ``ids.ne(pad)``), or is a mask conversion that is one: ``m.bool()`` / ``m.to(torch.bool)`` (``m != 0``),
+    ``m.logical_not()`` (``m == 0``) and, for a bool ``m``, ``~m`` (HF-style ``attention_mask`` inputs, 1 for tokens,
+    become key padding masks this way)."""
+    one = len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node)
+    x0 = node.args[0] if node.args else None
+    if node.op == "call_method" and node.target == "bool" and one:
+        return x0, 1, 0.0
+    if node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs \
+            and node.args[1] is torch.bool and isinstance(x0, fx.Node):
+        return x0, 1, 0.0
+    if one and ((node.op == "call_function" and node.target is torch.logical_not)
+                or (node.op == "call_method" and node.target == "logical_not")):
+        return x0, 0, 0.0
+    if one and ((node.op == "call_function" and node.target in (operator.invert, torch.bitwise_not))
+                or (node.op == "call_method" and node.target == "bitwise_not")):
+        tm = x0.meta.get("tensor_meta")
+        return (x0, 0, 0.0) if tm is not None and tm.dtype == torch.bool else None
     if node.kwargs or len(node.args) != 2:
         return None
     if node.op == "call_function" and node.target in _COMPARE_FNS:
@@ -335,17 +354,44 @@ class _Wrapped(nn.Module):
         return self.model(x)
 
 
+def _wrapped(model: nn.Module, n: int) -> nn.Module:
+    """:class:`_Wrapped` whose forward takes ``n`` tensors (fx traces named arguments, not ``*args``)."""
+    if n == 1:
+        return _Wrapped(model)
+    names = ", ".join(f"x{i}" for i in range(n))
+    ns: dict[str, Any] = {}
+    exec(f"def forward(self, {names}):\n    return self.model({names})\n", ns)  # noqa: S102 (fixed text)
+    return type(f"_Wrapped{n}", (_Wrapped,), {"forward": ns["forward"]})(model)
+
+
+def as_inputs(example_input: Any) -> tuple[torch.Tensor, ...]:
+    """A plan's inputs as a tuple: one tensor, or a tuple / list of them (the model's positional forward
+    arguments, in order)."""
+    xs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    if not xs or not all(isinstance(t, torch.Tensor) for t in xs):
+        got = type(example_input).__name__ if not xs or not isinstance(example_input, (tuple, list)) else \
+            ", ".join(type(t).__name__ for t in xs)
+        raise ConfigError(f"runtime: the example input must be a tensor or a tuple of tensors (the model's "
+                          f"positional inputs), got {got}")
+    return xs
+
+
 class Lowering:
     """fx graph -> list of :class:`Op` in an executable order."""
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, fallback: bool = False):
+    def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...],
+                 fallback: bool = False):
         self.model = model
         self.name = type(model).__name__
         self.fallback = fallback
+        # the plan's inputs are its values 0 .. n-1, one per forward argument (fx placeholder), in order
+        self.inputs = as_inputs(example_input)
         # a torch.nn layer given as the whole model (nn.Conv2d, nn.TransformerEncoder, whose own forward fx cannot
         # trace, ...) is lowered as the one leaf of a wrapper, as it would be inside a model, named "model"
-        root = _Wrapped(model) if fx.Tracer().is_leaf_module(model, "model") else model
-        traced = trace_model(root, example_input, name=self.name)
+        leaf = fx.Tracer().is_leaf_module(model, "model")
+        self._check_arity(model)
+        root = _wrapped(model, len(self.inputs)) if leaf else model
+        traced = trace_model(root, self.inputs if len(self.inputs) > 1 else self.inputs[0], name=self.name)
         if traced.opaque and not fallback:
             path, why = next(iter(traced.opaque.items()))
             raise UnsupportedModelError(f"runtime: {self.name}: fx cannot trace into {path!r} ({why})")
@@ -355,7 +401,8 @@ class Lowering:
         self._rnn_state: dict[fx.Node, tuple[fx.Node, str]] = {}  # final-state nodes -> (rnn node, "h" / "hc")
         self.ops: list[Op] = []
         self.done: set[fx.Node] = set()
-        self.nvals = 1
+        self.nvals = len(self.inputs)
+        self._placeholders = 0
         self.output: int | None = None
         # fallback=True: nodes the plan cannot lower natively run as "python" steps, each a sub-graph of the model
         # (a run of such nodes in graph order) executed by PyTorch; _partial: nodes whose plan value is only part
@@ -367,6 +414,25 @@ class Lowering:
         self._consts: dict[fx.Node, Any] = {}  # _const's memo
 
     # ---- helpers
+    def _check_arity(self, model: nn.Module) -> None:
+        """The example input gives every argument ``model.forward`` requires, and no more than it takes."""
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):  # no signature to read: tracing reports any mismatch
+            return
+        pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p for p in pos if p.default is p.empty]
+        n = len(self.inputs)
+        if n < len(required):
+            p = required[n]
+            raise UnsupportedModelError(
+                f"runtime: {self.name}: forward argument {p.name!r} (input {n + 1}) is not in the example input "
+                f"({n} tensor{'s' if n > 1 else ''}); pass every input the model takes, as a tuple in the order of "
+                "its forward arguments")
+        if n > len(pos) and not any(p.kind == p.VAR_POSITIONAL for p in params):
+            raise UnsupportedModelError(f"runtime: {self.name}: {n} example inputs for a forward of {len(pos)} "
+                                        f"argument{'s' if len(pos) != 1 else ''} ({', '.join(p.name for p in pos)})")
+
     def _new(self, node: fx.Node) -> int:
         self.val[node] = self.nvals
         self.nvals += 1
@@ -395,8 +461,9 @@ class Lowering:
             + "; supported: Conv2d, BatchNorm2d, Linear, ReLU/ReLU6/Hardtanh/clamp, GELU/SiLU/Sigmoid/Tanh/"
               "Hardswish/Hardsigmoid, LayerNorm, softmax, permute/transpose, add, mul, Max/AvgPool2d, "
               "AdaptiveAvgPool2d(1), flatten, cat, ZeroPad2d, Identity/Dropout, GRU/LSTM (also bidirectional), x[:, k], "
-              "mean, comparisons with a number, scaled_dot_product_attention, MultiheadAttention (self-attention; "
-              "key padding and (T, T) attention masks), TransformerEncoder(Layer) (the same masks) (compile with "
+              "mean, comparisons with a number, scaled_dot_product_attention, MultiheadAttention (self- and "
+              "cross-attention; key padding and (T, S) attention masks), TransformerEncoder(Layer), "
+              "TransformerDecoder(Layer), Transformer (the same masks) (compile with "
               "fallback=True to run the rest in PyTorch)")
 
     def _emit(self, op: Op, result: fx.Node, src: fx.Node | None = None) -> None:
@@ -553,9 +620,15 @@ class Lowering:
         return self._schedule(), self.nvals, self.output
 
     def _lower_placeholder(self, node):
-        if 0 in self.val.values():
-            raise UnsupportedModelError(f"runtime: {self.name}: models with more than one input are not supported")
-        self.val[node] = 0
+        i = self._placeholders
+        self._placeholders += 1
+        if i >= len(self.inputs):
+            given = len(self.inputs)
+            raise UnsupportedModelError(
+                f"runtime: {self.name}: forward argument {node.target!r} (input {i + 1}) is not in the example input "
+                f"({given} tensor{'s' if given > 1 else ''}); pass every input the model takes, as a tuple in the "
+                "order of its forward arguments")
+        self.val[node] = i
 
     def _lower_get_attr(self, node):
         t = self._attr(node)
@@ -759,6 +832,10 @@ class Lowering:
             return self._torch_mha(node, m)
         if isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
             return self._torch_encoder(node, m)
+        if isinstance(m, (nn.TransformerDecoder, nn.TransformerDecoderLayer)):
+            return self._torch_decoder(node, m)
+        if isinstance(m, nn.Transformer):
+            return self._torch_transformer(node, m)
         if type(m).__name__ == "ShortcutA":
             shape = _shape(node)
             cin = _shape(x)[1]
@@ -972,23 +1049,30 @@ class Lowering:
                  "is_causal")
         v = dict(zip(names, a))
         v.update(kw)
-        q = v.get("query")
-        if not (v.get("key") is q and v.get("value") is q) or not isinstance(q, fx.Node):
-            self._unsupported(node, "attention other than self-attention (query, key and value one tensor)")
+        q, key = v.get("query"), v.get("key")
+        if not isinstance(q, fx.Node) or not isinstance(key, fx.Node) or v.get("value") is not key:
+            self._unsupported(node, "attention whose key and value are different tensors (self-attention and "
+                                    "cross-attention, key = value, are supported)")
         if v.get("is_causal", False) and v.get("attn_mask") is None:
             self._unsupported(node, "is_causal without an attention mask")
         self._check_mha(node, m)
-        xs = _shape(q)
-        if xs is None or len(xs) != 3:
+        xs, ks = _shape(q), _shape(key)
+        if xs is None or len(xs) != 3 or ks is None or len(ks) != 3:
             self._unsupported(node, "attention input not 3-d")
         name = str(node.target)
         x = self._in(q, node)
         bt = tuple(xs) if m.batch_first else (xs[1], xs[0], xs[2])
         if not m.batch_first:
             x = self._emit_tmp(Op("permute", f"{name}.batch_first", [x], p={"dims": [1, 0, 2]}))
+        mem, mem_bt = None, None
+        if key is not q:  # cross-attention: keys and values from another sequence (an encoder's memory)
+            mem = self._in(key, node)
+            mem_bt = tuple(ks) if m.batch_first else (ks[1], ks[0], ks[2])
+            if not m.batch_first:
+                mem = self._emit_tmp(Op("permute", f"{name}.memory_batch_first", [mem], p={"dims": [1, 0, 2]}))
         kpm = self._mask_value(node, v.get("key_padding_mask"), "key_padding_mask")
-        causal, am = self._attn_mask(node, v.get("attn_mask"), bt[1])
-        y = self._mha_steps(name, m, x, bt, causal=causal, kpm=kpm, am=am)
+        causal, am = self._attn_mask(node, v.get("attn_mask"), bt[1], mem_bt[1] if mem_bt else None)
+        y = self._mha_steps(name, m, x, bt, causal=causal, kpm=kpm, am=am, mem=mem, mem_bt=mem_bt)
         if m.batch_first:
             self.val[node] = y
         else:
@@ -1003,18 +1087,20 @@ class Lowering:
         elif not _is_torch_mha(m):
             self._unsupported(node, f"attention module {type(m).__name__}")
 
-    def _attn_mask(self, node: fx.Node, mask: Any, t: int) -> tuple[bool, int | None]:
-        """An attention mask argument as ``(causal flag, plan value of an additive / bool (T, T) mask or None)``: the
-        causal mask (however built, if it is a constant) becomes the flag, any other (T, T) mask a value the "mha" step
-        reads; batched (B x heads, T, T) masks are not supported."""
+    def _attn_mask(self, node: fx.Node, mask: Any, t: int, tk: int | None = None) -> tuple[bool, int | None]:
+        """An attention mask argument as ``(causal flag, plan value of an additive / bool (T, Tk) mask or None)``: the
+        causal mask of self-attention (however built, if it is a constant) becomes the flag, any other (T, Tk) mask a
+        value the "mha" step reads (``tk``: the keys' length of cross-attention, else T); batched (B x heads, T, Tk)
+        masks are not supported."""
         if mask is None:
             return False, None
         c = self._const(mask)
-        if isinstance(c, torch.Tensor) and _is_causal_mask(c, t):
+        if isinstance(c, torch.Tensor) and tk is None and _is_causal_mask(c, t):
             return True, None
+        tk = t if tk is None else tk
         shape = tuple(c.shape) if isinstance(c, torch.Tensor) else _shape(mask) if isinstance(mask, fx.Node) else None
-        if shape != (t, t):
-            self._unsupported(node, f"an attention mask of shape {list(shape) if shape else '?'} (only ({t}, {t}) "
+        if shape != (t, tk):
+            self._unsupported(node, f"an attention mask of shape {list(shape) if shape else '?'} (only ({t}, {tk}) "
                                     "masks, shared by the batch and the heads)")
         return False, self._mask_value(node, mask, "attn_mask")
 
@@ -1031,17 +1117,32 @@ class Lowering:
         return self._emit_tmp(Op("const", f"{node.name}.{what}", [], p={"value": c.detach().clone().contiguous()}))
 
     def _mha_steps(self, name: str, m: nn.Module, x: int, bt: tuple[int, ...], causal: bool,
-                   kpm: int | None = None, am: int | None = None) -> int:
+                   kpm: int | None = None, am: int | None = None, mem: int | None = None,
+                   mem_bt: tuple[int, ...] | None = None) -> int:
         """in_proj linear, "mha" step (reading the key padding mask value ``kpm`` and the attention mask value ``am``
-        if given), out_proj linear on plan value ``x`` of shape ``bt`` = (B, T, E): the output's value id."""
+        if given), out_proj linear on plan value ``x`` of shape ``bt`` = (B, T, E): the output's value id. With
+        ``mem`` (cross-attention: keys and values from plan value ``mem`` of shape ``mem_bt`` = (B, Tk, E)), the
+        in-projection's q rows are one linear on ``x`` and its k | v rows one on ``mem``."""
         width = int(m.in_proj_weight.shape[0])
-        qkv = self._emit_tmp(Op("linear", f"{name}.in_proj", [x],
-                                p=_linear_p(None, weight=m.in_proj_weight, bias=m.in_proj_bias)))
-        self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], width)
-        y = self._emit_tmp(Op("mha", f"{name}.matmul", [qkv] + [a for a in (kpm, am) if a is not None],
+        w, b = m.in_proj_weight, m.in_proj_bias
+        if mem is None:
+            qkv = self._emit_tmp(Op("linear", f"{name}.in_proj", [x], p=_linear_p(None, weight=w, bias=b)))
+            self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], width)
+            ins = [qkv]
+        else:
+            c = width // 3
+            qkv = self._emit_tmp(Op("linear", f"{name}.in_proj_q", [x],
+                                    p=_linear_p(None, weight=w[:c], bias=None if b is None else b[:c])))
+            self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], c)
+            kv = self._emit_tmp(Op("linear", f"{name}.in_proj_kv", [mem],
+                                   p=_linear_p(None, weight=w[c:], bias=None if b is None else b[c:])))
+            self.ops[-1].in_shape, self.ops[-1].out_shape = mem_bt, (*mem_bt[:2], 2 * c)
+            ins = [qkv, kv]
+        y = self._emit_tmp(Op("mha", f"{name}.matmul", ins + [a for a in (kpm, am) if a is not None],
                               p={"heads": int(m.num_heads), "causal": bool(causal), "scale": None,
-                                 "kpm": kpm is not None, "am": am is not None}))
-        self.ops[-1].in_shape, self.ops[-1].out_shape = (*bt[:2], width), (*bt[:2], width // 3)
+                                 "kpm": kpm is not None, "am": am is not None, "cross": mem is not None}))
+        self.ops[-1].in_shape, self.ops[-1].out_shape = ((*bt[:2], width if mem is None else width // 3),
+                                                         (*bt[:2], width // 3))
         y = self._emit_tmp(Op("linear", f"{name}.out_proj", [y], p=_linear_p(m.out_proj)))
         self.ops[-1].in_shape, self.ops[-1].out_shape = (*bt[:2], width // 3), bt
         return y
@@ -1054,25 +1155,35 @@ class Lowering:
         first (GELU or another netcarve activation as its own step), and the encoder's final ``norm``. Dropout is the
         identity (eval). (T, B, E) inputs are permuted to (B, T, E) once for the whole stack."""
         encoder = isinstance(m, nn.TransformerEncoder)
-        layers = list(m.layers) if encoder else [m]
         names = ("src", "mask" if encoder else "src_mask", "src_key_padding_mask", "is_causal")
         v = dict(zip(names, node.args))
         v.update(node.kwargs)
-        src = v.get("src")
-        xs = _shape(src) if isinstance(src, fx.Node) else None
+        self.val[node] = self._encoder_stack(node, str(node.target), m, v.get("src"), v.get(names[1]),
+                                             v.get("src_key_padding_mask"), v.get("is_causal"))
+
+    def _seq_shape(self, node, a: Any, what: str) -> tuple[int, ...]:
+        xs = _shape(a) if isinstance(a, fx.Node) else None
         if xs is None or len(xs) != 3:
-            self._unsupported(node, "an input that is not a batch of sequences (3-d)")
+            self._unsupported(node, f"{what} that is not a batch of sequences (3-d)")
+        return tuple(xs)
+
+    def _encoder_stack(self, node, name: str, m: nn.Module, src: Any, mask: Any, kpm_arg: Any, is_causal: Any) -> int:
+        """The steps of an ``nn.TransformerEncoder`` (or one layer) named ``name`` on graph value ``src`` with its
+        masks: the output's value id (in ``src``'s layout)."""
+        encoder = isinstance(m, nn.TransformerEncoder)
+        layers = list(m.layers) if encoder else [m]
+        xs = self._seq_shape(node, src, "an input")
         for layer in layers:
             if not isinstance(layer, nn.TransformerEncoderLayer):
                 self._unsupported(node, f"an encoder layer of type {type(layer).__name__}")
             self._check_mha(node, layer.self_attn)
+        if is_causal is True and mask is None:
+            self._unsupported(node, "is_causal without an attention mask")
         batch_first = bool(layers[0].self_attn.batch_first)
         bt = tuple(xs) if batch_first else (xs[1], xs[0], xs[2])
-        mask = v.get(names[1])
         causal, am = self._attn_mask(node, mask, bt[1])
-        name = str(node.target)
         x = self._in(src, node)
-        kpm = self._mask_value(node, v.get("src_key_padding_mask"), "src_key_padding_mask")
+        kpm = self._mask_value(node, kpm_arg, "src_key_padding_mask")
         # PyTorch runs an encoder given only a key padding mask on nested tensors (no grad, fast path on), whose padded
         # outputs are then zero, if every row's padding follows its tokens (checked per call, as PyTorch does)
         nested = (encoder and kpm is not None and mask is None and getattr(m, "use_nested_tensor", False)
@@ -1090,7 +1201,84 @@ class Lowering:
         if not batch_first:
             x = self._emit_tmp(Op("permute", f"{name}.seq_first", [x], p={"dims": [1, 0, 2]}))
         self.ops[-1].out_shape = tuple(xs)
-        self.val[node] = x
+        return x
+
+    def _torch_decoder(self, node, m: nn.Module):
+        """torch's ``nn.TransformerDecoder`` / ``nn.TransformerDecoderLayer``, lowered layer by layer as their
+        eval-mode path computes it: self-attention over the target (its mask: the causal one becomes the flag, any
+        other (T, T) mask a value; the target key padding mask), cross-attention to the memory (q from the target, k |
+        v from the memory: :meth:`_mha_steps`; the memory mask (T, S) and key padding mask), the feed-forward block,
+        residual additions and LayerNorms before (``norm_first``) or after, and the decoder's final ``norm``."""
+        names = ("tgt", "memory", "tgt_mask", "memory_mask", "tgt_key_padding_mask", "memory_key_padding_mask",
+                 "tgt_is_causal", "memory_is_causal")
+        v = dict(zip(names, node.args))
+        v.update(node.kwargs)
+        self.val[node] = self._decoder_stack(node, str(node.target), m, v)
+
+    def _decoder_stack(self, node, name: str, m: nn.Module, v: dict[str, Any], memory: int | None = None) -> int:
+        """The steps of an ``nn.TransformerDecoder`` (or one layer) named ``name``, its arguments in ``v`` (by the
+        decoder's parameter names); ``memory``: the memory's value id if the plan computed it (nn.Transformer's
+        encoder), else read from ``v["memory"]``. The output's value id, in the target's layout."""
+        decoder = isinstance(m, nn.TransformerDecoder)
+        layers = list(m.layers) if decoder else [m]
+        for layer in layers:
+            if not isinstance(layer, nn.TransformerDecoderLayer):
+                self._unsupported(node, f"a decoder layer of type {type(layer).__name__}")
+            self._check_mha(node, layer.self_attn)
+            self._check_mha(node, layer.multihead_attn)
+        if v.get("memory_is_causal"):
+            self._unsupported(node, "memory_is_causal (a causal mask over the memory)")
+        if v.get("tgt_is_causal") is True and v.get("tgt_mask") is None:
+            self._unsupported(node, "tgt_is_causal without a target mask")
+        ts = self._seq_shape(node, v.get("tgt"), "a target")
+        ms = self._seq_shape(node, v.get("memory"), "a memory")
+        batch_first = bool(layers[0].self_attn.batch_first)
+        bt = ts if batch_first else (ts[1], ts[0], ts[2])
+        mbt = ms if batch_first else (ms[1], ms[0], ms[2])
+        causal, am = self._attn_mask(node, v.get("tgt_mask"), bt[1])
+        _, mam = self._attn_mask(node, v.get("memory_mask"), bt[1], mbt[1])
+        kpm = self._mask_value(node, v.get("tgt_key_padding_mask"), "tgt_key_padding_mask")
+        mkpm = self._mask_value(node, v.get("memory_key_padding_mask"), "memory_key_padding_mask")
+        x = self._in(v.get("tgt"), node)
+        mem = self._in(v.get("memory"), node) if memory is None else memory
+        if not batch_first:
+            x = self._emit_tmp(Op("permute", f"{name}.batch_first", [x], p={"dims": [1, 0, 2]}))
+            mem = self._emit_tmp(Op("permute", f"{name}.memory_batch_first", [mem], p={"dims": [1, 0, 2]}))
+        for i, layer in enumerate(layers):
+            lname = f"{name}.layers.{i}" if decoder else name
+            ff = self._feed_forward(node, lname, layer, bt)
+
+            def attention(h, lname=lname, layer=layer):
+                return self._mha_steps(f"{lname}.self_attn", layer.self_attn, h, bt, causal, kpm, am)
+
+            def cross(h, lname=lname, layer=layer):
+                return self._mha_steps(f"{lname}.multihead_attn", layer.multihead_attn, h, bt, False, mkpm, mam,
+                                       mem=mem, mem_bt=mbt)
+
+            x = self._residual_blocks(node, lname, layer, x, [attention, cross, ff])
+        if decoder and m.norm is not None:
+            x = self._ln_tmp(node, f"{name}.norm", m.norm, x)
+        if not batch_first:
+            x = self._emit_tmp(Op("permute", f"{name}.seq_first", [x], p={"dims": [1, 0, 2]}))
+        self.ops[-1].out_shape = ts
+        return x
+
+    def _torch_transformer(self, node, m: nn.Module):
+        """torch's ``nn.Transformer`` (src, tgt): its encoder over the source (:meth:`_encoder_stack`), then its decoder
+        over the target with the encoder's output as the memory (:meth:`_decoder_stack`)."""
+        names = ("src", "tgt", "src_mask", "tgt_mask", "memory_mask", "src_key_padding_mask", "tgt_key_padding_mask",
+                 "memory_key_padding_mask", "src_is_causal", "tgt_is_causal", "memory_is_causal")
+        v = dict(zip(names, node.args))
+        v.update(node.kwargs)
+        if not isinstance(m.encoder, nn.TransformerEncoder) or not isinstance(m.decoder, nn.TransformerDecoder):
+            self._unsupported(node, "a custom encoder or decoder")
+        name = str(node.target)
+        mem = self._encoder_stack(node, f"{name}.encoder", m.encoder, v.get("src"), v.get("src_mask"),
+                                  v.get("src_key_padding_mask"), v.get("src_is_causal"))
+        dv = {k: v.get(k) for k in ("tgt", "tgt_mask", "memory_mask", "tgt_key_padding_mask",
+                                    "memory_key_padding_mask", "tgt_is_causal", "memory_is_causal")}
+        dv["memory"] = v.get("src")  # (for its shape: the encoder keeps it)
+        self.val[node] = self._decoder_stack(node, f"{name}.decoder", m.decoder, dv, memory=mem)
 
     def _ln_tmp(self, node, name: str, ln: nn.Module, x: int) -> int:
         if not isinstance(ln, nn.LayerNorm):
@@ -1100,6 +1288,27 @@ class Lowering:
 
     def _encoder_layer(self, node, name: str, layer: nn.TransformerEncoderLayer, x: int, bt, causal: bool,
                        kpm: int | None = None, am: int | None = None) -> int:
+        def attention(h):
+            return self._mha_steps(f"{name}.self_attn", layer.self_attn, h, bt, causal, kpm, am)
+
+        return self._residual_blocks(node, name, layer, x, [attention, self._feed_forward(node, name, layer, bt)])
+
+    def _residual_blocks(self, node, name: str, layer: nn.Module, x: int, blocks: list) -> int:
+        """``x`` through the blocks of an encoder / decoder layer, block i with LayerNorm ``norm{i+1}`` and residual
+        addition ``add{i+1}``: the norm before the block (``norm_first``) or after the addition."""
+        for i, block in enumerate(blocks, 1):
+            ln = getattr(layer, f"norm{i}")
+            if layer.norm_first:
+                x = self._emit_tmp(Op("add", f"{name}.add{i}", [x, block(self._ln_tmp(node, f"{name}.norm{i}", ln, x))],
+                                      p={"relu": False}))
+            else:
+                x = self._ln_tmp(node, f"{name}.norm{i}", ln,
+                                 self._emit_tmp(Op("add", f"{name}.add{i}", [x, block(x)], p={"relu": False})))
+        return x
+
+    def _feed_forward(self, node, name: str, layer: nn.Module, bt):
+        """The feed-forward block of an encoder / decoder layer, as a function of the value it reads: linear1 (ReLU
+        fused, another netcarve activation as its own step), linear2."""
         act = layer.activation
         relu = act is F.relu or act is torch.relu or type(act) is nn.ReLU
         fn = None
@@ -1116,9 +1325,6 @@ class Lowering:
                 self._unsupported(node, f"{name}: feed-forward activation {act!r}")
         width = int(layer.linear1.out_features)
 
-        def attention(h):
-            return self._mha_steps(f"{name}.self_attn", layer.self_attn, h, bt, causal, kpm, am)
-
         def feed_forward(h):
             f = self._emit_tmp(Op("linear", f"{name}.linear1", [h], p=_linear_p(layer.linear1, relu)))
             self.ops[-1].in_shape, self.ops[-1].out_shape = bt, (*bt[:2], width)
@@ -1128,14 +1334,7 @@ class Lowering:
             self.ops[-1].in_shape, self.ops[-1].out_shape = (*bt[:2], width), bt
             return f
 
-        def add(a, b, suffix):
-            return self._emit_tmp(Op("add", f"{name}.{suffix}", [a, b], p={"relu": False}))
-
-        if layer.norm_first:
-            x = add(x, attention(self._ln_tmp(node, f"{name}.norm1", layer.norm1, x)), "add1")
-            return add(x, feed_forward(self._ln_tmp(node, f"{name}.norm2", layer.norm2, x)), "add2")
-        x = self._ln_tmp(node, f"{name}.norm1", layer.norm1, add(x, attention(x), "add1"))
-        return self._ln_tmp(node, f"{name}.norm2", layer.norm2, add(x, feed_forward(x), "add2"))
+        return feed_forward
 
     def _split_item(self, node, src, i: int):
         """``x.unbind(d)[i]`` -> select; ``x.chunk(n, d)[i]`` -> narrow (static sizes: not along dim 0)."""
@@ -1265,7 +1464,7 @@ class Lowering:
         the source order); stable otherwise."""
         for op in self.ops:  # a fused residual was referenced by node before it was lowered
             op.inputs = [self._in(i, i) if isinstance(i, fx.Node) else i for i in op.inputs]
-        ready, order, pending = {0}, [], list(self.ops)
+        ready, order, pending = set(range(len(self.inputs))), [], list(self.ops)
         while pending:
             for i, op in enumerate(pending):
                 if all(v in ready for v in op.inputs):
@@ -1307,8 +1506,10 @@ class Lowering:
         return kept[::-1]
 
 
-def lower(model: nn.Module, example_input: torch.Tensor, fallback: bool = False) -> tuple[list[Op], int, int]:
-    """``(ops, number of values, output value id)`` of ``model`` (eval mode) traced on ``example_input``.
+def lower(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...],
+          fallback: bool = False) -> tuple[list[Op], int, int]:
+    """``(ops, number of values, output value id)`` of ``model`` (eval mode) traced on ``example_input`` (a tensor,
+    or a tuple of tensors for a model of several inputs: plan values 0 .. n-1).
     ``fallback``: nodes the plan cannot lower natively become "python" steps (sub-graphs run by PyTorch) instead
     of an :class:`UnsupportedModelError`."""
     return Lowering(model, example_input, fallback).run()
@@ -1324,9 +1525,9 @@ class ReferencePlan:
         self.ops, self.nvals, self.output = ops, nvals, output
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, *xs: torch.Tensor) -> torch.Tensor:
         v: list[torch.Tensor | None] = [None] * self.nvals
-        v[0] = x
+        v[:len(xs)] = xs
         for op in self.ops:
             if op.kind == "python":
                 for i, t in zip(op.p["outs"], op.p["fn"](*[v[i] for i in op.inputs])):
@@ -1417,10 +1618,12 @@ def run_op_reference(op: Op, v: list) -> torch.Tensor:
         return F.embedding(x, p["weight"])
     if k == "expand":
         return x.expand(v[op.inputs[1]].shape[0], *x.shape[1:]).contiguous()
-    if k == "mha":  # (B, T, 3 x H x hd) -> (B, T, H x hd)
-        kpm = v[op.inputs[1]] if p.get("kpm") else None
-        am = v[op.inputs[1 + bool(p.get("kpm"))]] if p.get("am") else None
-        return attention_qkv(x, p["heads"], p["causal"], p["scale"], key_padding_mask=kpm, attn_mask=am,
+    if k == "mha":  # (B, T, 3 x H x hd) -> (B, T, H x hd); cross: q (B, Tq, H x hd), kv (B, Tk, 2 x H x hd)
+        cross = bool(p.get("cross"))
+        kv = v[op.inputs[1]] if cross else None
+        kpm = v[op.inputs[1 + cross]] if p.get("kpm") else None
+        am = v[op.inputs[1 + cross + bool(p.get("kpm"))]] if p.get("am") else None
+        return attention_qkv(x, p["heads"], p["causal"], p["scale"], key_padding_mask=kpm, attn_mask=am, kv=kv,
                              reference=True)
     if k == "compare":
         return getattr(torch, _COMPARE_OPS[p["op"]])(x, p["value"])
@@ -1566,7 +1769,7 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
             plan.add_embedding(n, op.inputs[0], op.out, p["weight"])
         elif op.kind == "mha":
             plan.add_mha(n, op.inputs, op.out, p["heads"], p["causal"], p["scale"], bool(p.get("kpm")),
-                         bool(p.get("am")))
+                         bool(p.get("am")), bool(p.get("cross")))
         elif op.kind == "compare":
             plan.add_compare(n, op.inputs[0], op.out, p["op"], p["value"])
         elif op.kind == "padzero":

@@ -397,12 +397,16 @@ bool attention_native_ok(const torch::Tensor& q, const torch::Tensor& k, const t
 torch::Tensor attention_native(torch::Tensor q, torch::Tensor k, torch::Tensor v, bool causal,
                                c10::optional<double> scale);
 // Multi-head self-attention straight from a packed qkv projection (B, T, 3 * heads * hd), laid out as q | k | v,
-// each heads x hd: returns the heads merged, (B, T, heads * hd) (no head split / merge copies)
+// each heads x hd: returns the heads merged, (B, T, heads * hd) (no head split / merge copies). With kv (cross-
+// attention): qkv is the query projection (B, Tq, heads * hd) and kv the packed key | value projection (B, Tk, 2 *
+// heads * hd) of another sequence; the key padding mask is then (B, Tk), the attention mask (Tq, Tk).
 torch::Tensor attention_qkv(torch::Tensor qkv, int64_t heads, bool causal, c10::optional<double> scale,
                             c10::optional<torch::Tensor> key_padding_mask = c10::nullopt,
-                            c10::optional<torch::Tensor> attn_mask = c10::nullopt);
-// a (T, T) attention mask (bool: true = not attended, as nn.MultiheadAttention reads it; float: added) as a float bias
-torch::Tensor attn_mask_bias(const torch::Tensor& mask, int64_t T);
+                            c10::optional<torch::Tensor> attn_mask = c10::nullopt,
+                            c10::optional<torch::Tensor> kv = c10::nullopt);
+// a (Tq, Tk) attention mask (bool: true = not attended, as nn.MultiheadAttention reads it; float: added) as a float
+// bias
+torch::Tensor attn_mask_bias(const torch::Tensor& mask, int64_t Tq, int64_t Tk);
 // a (B, T) key padding mask (bool: true = padding; float: added) as the additive float bias the attention reads
 torch::Tensor key_padding_bias(const torch::Tensor& mask, int64_t B, int64_t T);
 // LayerNorm over the trailing ndims dims (weight / bias of their size, flattened, optional)

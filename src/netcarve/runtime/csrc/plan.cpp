@@ -313,14 +313,16 @@ class Plan {
   // multi-head self-attention from a packed (B, T, 3 * heads * hd) qkv projection to the merged heads (B, T, heads * hd)
   // in = {qkv[, key padding mask (B, T)][, attention mask (T, T)]}, each mask bool (true = not attended) or float
   // (added to the scores), which of them are there given by key_padding / attn
+  // multi-head attention (attention_qkv): in = {qkv (B, T, 3C)} or, cross-attention, {q (B, Tq, C), kv (B, Tk, 2C)},
+  // then the key padding mask and the attention mask if present
   void add_mha(const std::string& name, std::vector<int64_t> in, int64_t out, int64_t heads, bool causal,
-               c10::optional<double> scale, bool key_padding, bool attn) {
+               c10::optional<double> scale, bool key_padding, bool attn, bool cross) {
     TORCH_CHECK(heads >= 1, name, ": attention needs at least one head");
-    TORCH_CHECK(in.size() == 1 + (size_t)key_padding + (size_t)attn, name, ": attention reads qkv",
-                key_padding ? ", a key padding mask" : "", attn ? ", an attention mask" : "", ", got ", in.size(),
-                " inputs");
+    TORCH_CHECK(in.size() == 1 + (size_t)cross + (size_t)key_padding + (size_t)attn, name, ": attention reads ",
+                cross ? "q, kv" : "qkv", key_padding ? ", a key padding mask" : "", attn ? ", an attention mask" : "",
+                ", got ", in.size(), " inputs");
     Step s{MHA, name, std::move(in), out};
-    s.ints = {heads, causal, scale.has_value(), key_padding, attn};
+    s.ints = {heads, causal, scale.has_value(), key_padding, attn, cross};
     s.floats = {scale.value_or(0.0)};
     push(std::move(s));
   }
@@ -378,18 +380,26 @@ class Plan {
   // 2x2 max pooling at stride 2 on a lanes value
   void add_lanes_pool(const std::string& name, int64_t in, int64_t out) { push(Step{LANES_POOL, name, {in}, out}); }
 
-  torch::Tensor run(torch::Tensor x) {
+  // The plan's inputs are its first values: one tensor (value 0) or several (values 0 .. n-1, in the order of the
+  // model's forward arguments)
+  torch::Tensor run(torch::Tensor x) { return run_inputs({std::move(x)}); }
+  torch::Tensor run_inputs(const std::vector<torch::Tensor>& xs) {
     check_ids();
+    check_inputs(xs);
     c10::InferenceMode guard;
     std::vector<torch::Tensor> v(nvals_);
-    v[0] = x.contiguous();
+    for (size_t i = 0; i < xs.size(); ++i) v[i] = xs[i].contiguous();
     run_steps(v, last_uses(), nullptr);
     return v[output_];
   }
 
   // per step: the median over `repeats` runs of its time in milliseconds (the whole plan runs each time)
   std::vector<double> profile(torch::Tensor x, int64_t repeats, int64_t warmup) {
+    return profile_inputs({std::move(x)}, repeats, warmup);
+  }
+  std::vector<double> profile_inputs(const std::vector<torch::Tensor>& xs, int64_t repeats, int64_t warmup) {
     check_ids();
+    check_inputs(xs);
     c10::InferenceMode guard;
     const size_t n = steps_.size();
     std::vector<std::vector<double>> t(n);
@@ -397,7 +407,7 @@ class Plan {
     std::vector<double> once(n);
     for (int64_t r = 0; r < warmup + repeats; ++r) {
       std::vector<torch::Tensor> v(nvals_);
-      v[0] = x.contiguous();
+      for (size_t i = 0; i < xs.size(); ++i) v[i] = xs[i].contiguous();
       run_steps(v, last, &once);
       if (r >= warmup)
         for (size_t i = 0; i < n; ++i) t[i].push_back(once[i]);
@@ -412,11 +422,12 @@ class Plan {
   }
 
   // whole-plan latency: median over `repeats` timed runs after `warmup` runs, in milliseconds
-  double time(torch::Tensor x, int64_t repeats, int64_t warmup) {
+  double time(torch::Tensor x, int64_t repeats, int64_t warmup) { return time_inputs({std::move(x)}, repeats, warmup); }
+  double time_inputs(const std::vector<torch::Tensor>& xs, int64_t repeats, int64_t warmup) {
     std::vector<double> t;
     for (int64_t r = 0; r < warmup + repeats; ++r) {
       auto a = std::chrono::steady_clock::now();
-      run(x);
+      run_inputs(xs);
       auto b = std::chrono::steady_clock::now();
       if (r >= warmup) t.push_back(std::chrono::duration<double, std::milli>(b - a).count());
     }
@@ -437,6 +448,10 @@ class Plan {
   void push(Step s) {
     steps_.push_back(std::move(s));
     ids_ok_ = false;
+  }
+  void check_inputs(const std::vector<torch::Tensor>& xs) const {
+    TORCH_CHECK(!xs.empty() && (int64_t)xs.size() <= nvals_, "plan: ", xs.size(), " inputs for a plan of ", nvals_,
+                " values");
   }
   void check_ids() {
     if (ids_ok_) return;
@@ -768,27 +783,44 @@ class Plan {
       case MHA: {
         c10::optional<double> scale;
         if (s.ints[2]) scale = s.floats[0];
-        TORCH_CHECK(x.dim() == 3 && x.size(2) % (3 * s.ints[0]) == 0, s.name, ": attention expects a (B, T, 3 x ",
-                    s.ints[0], " heads x head_dim) qkv input, got ", x.sizes());
-        c10::optional<torch::Tensor> kpm, atm;
-        if (s.ints[3]) kpm = v[s.in[1]];
-        if (s.ints[4]) atm = v[s.in[1 + s.ints[3]]];
+        const bool cross = s.ints[5] != 0;
+        const int64_t parts = cross ? 1 : 3;
+        TORCH_CHECK(x.dim() == 3 && x.size(2) % (parts * s.ints[0]) == 0, s.name, ": attention expects a (B, T, ",
+                    cross ? "" : "3 x ", s.ints[0], " heads x head_dim) ", cross ? "q" : "qkv", " input, got ",
+                    x.sizes());
+        c10::optional<torch::Tensor> kv, kpm, atm;
+        if (cross) kv = v[s.in[1]];
+        if (s.ints[3]) kpm = v[s.in[1 + cross]];
+        if (s.ints[4]) atm = v[s.in[1 + cross + s.ints[3]]];
         if (g_native_transformer && x.scalar_type() == torch::kFloat32)
-          return attention_qkv(x, s.ints[0], s.ints[1] != 0, scale, kpm, atm);
-        const int64_t B = x.size(0), T = x.size(1), H = s.ints[0], hd = x.size(2) / 3 / H;
-        auto qkv = x.reshape({B, T, 3, H, hd}).permute({2, 0, 3, 1, 4});
+          return attention_qkv(x, s.ints[0], s.ints[1] != 0, scale, kpm, atm, kv);
+        const int64_t B = x.size(0), T = x.size(1), H = s.ints[0], hd = x.size(2) / parts / H;
+        torch::Tensor q, k, vv;
+        if (cross) {
+          TORCH_CHECK(kv->dim() == 3 && kv->size(0) == B && kv->size(2) == 2 * H * hd, s.name,
+                      ": cross-attention expects a (B, Tk, 2 x heads x head_dim) kv input, got ", kv->sizes());
+          q = x.reshape({B, T, H, hd}).transpose(1, 2);
+          auto kvh = kv->reshape({B, kv->size(1), 2, H, hd}).permute({2, 0, 3, 1, 4});
+          k = kvh[0];
+          vv = kvh[1];
+        } else {
+          auto qkv = x.reshape({B, T, 3, H, hd}).permute({2, 0, 3, 1, 4});
+          q = qkv[0];
+          k = qkv[1];
+          vv = qkv[2];
+        }
+        const int64_t Tk = k.size(2);
         c10::optional<torch::Tensor> am;
         if (kpm.has_value() || atm.has_value()) {  // one additive mask (causal too)
-          auto kb = torch::zeros({B, 1, T, T}, torch::kFloat32);
-          if (kpm.has_value()) kb = kb + key_padding_bias(*kpm, B, T).view({B, 1, 1, T});
-          if (atm.has_value()) kb = kb + attn_mask_bias(*atm, T);
+          auto kb = torch::zeros({B, 1, T, Tk}, torch::kFloat32);
+          if (kpm.has_value()) kb = kb + key_padding_bias(*kpm, B, Tk).view({B, 1, 1, Tk});
+          if (atm.has_value()) kb = kb + attn_mask_bias(*atm, T, Tk);
           if (s.ints[1] != 0)
-            kb = kb + torch::zeros({T, T}, kb.options()).masked_fill_(
-                          torch::ones({T, T}, torch::kBool).triu(1), -std::numeric_limits<float>::infinity());
+            kb = kb + torch::zeros({T, Tk}, kb.options()).masked_fill_(
+                          torch::ones({T, Tk}, torch::kBool).triu(1), -std::numeric_limits<float>::infinity());
           am = kb.to(x.scalar_type());
         }
-        auto o = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], am, 0.0, s.ints[1] != 0 && !am.has_value(),
-                                                  scale);
+        auto o = at::scaled_dot_product_attention(q, k, vv, am, 0.0, s.ints[1] != 0 && !am.has_value(), scale);
         return o.transpose(1, 2).reshape({B, T, H * hd});
       }
       case COMPARE: {
@@ -955,9 +987,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention transposes K per head with register transposes (default) or scalar copies");
   m.def("attention", &attention_native, "softmax(scale q k^T) v, float32 (B, [H,] L, E)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("causal") = false, py::arg("scale") = py::none());
-  m.def("attention_qkv", &attention_qkv, "multi-head self-attention from a packed (B, T, 3 C) qkv projection",
+  m.def("attention_qkv", &attention_qkv,
+        "multi-head self-attention from a packed (B, T, 3 C) qkv projection, or cross-attention from q (B, Tq, C) and "
+        "a packed (B, Tk, 2 C) kv projection",
         py::arg("qkv"), py::arg("heads"), py::arg("causal") = false, py::arg("scale") = py::none(),
-        py::arg("key_padding_mask") = py::none(), py::arg("attn_mask") = py::none());
+        py::arg("key_padding_mask") = py::none(), py::arg("attn_mask") = py::none(), py::arg("kv") = py::none());
   m.def("layer_norm", &layer_norm_native, "LayerNorm over the trailing ndims dims", py::arg("x"), py::arg("ndims"),
         py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("eps") = 1e-5);
   m.def("add", &add_native, "a + b (then ReLU) for float32 tensors of one shape", py::arg("a"), py::arg("b"),
@@ -1154,8 +1188,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_lanes_conv", &Plan::add_lanes_conv)
       .def("add_lanes_pool", &Plan::add_lanes_pool)
       .def("run", &Plan::run, py::call_guard<py::gil_scoped_release>())
+      .def("run", &Plan::run_inputs, py::call_guard<py::gil_scoped_release>())
       .def("profile", &Plan::profile, py::call_guard<py::gil_scoped_release>())
+      .def("profile", &Plan::profile_inputs, py::call_guard<py::gil_scoped_release>())
       .def("time", &Plan::time, py::call_guard<py::gil_scoped_release>())
+      .def("time", &Plan::time_inputs, py::call_guard<py::gil_scoped_release>())
       .def("size", &Plan::size)
       .def("names", &Plan::names);
 }

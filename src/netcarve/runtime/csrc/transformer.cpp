@@ -371,35 +371,51 @@ torch::Tensor key_padding_bias(const torch::Tensor& mask, int64_t B, int64_t T) 
   return mask_bias(mask, B, T, "key padding mask", "batch, keys");
 }
 
-torch::Tensor attn_mask_bias(const torch::Tensor& mask, int64_t T) {
-  return mask_bias(mask, T, T, "attention mask", "queries, keys");
+torch::Tensor attn_mask_bias(const torch::Tensor& mask, int64_t Tq, int64_t Tk) {
+  return mask_bias(mask, Tq, Tk, "attention mask", "queries, keys");
 }
 
 torch::Tensor attention_qkv(torch::Tensor qkv, int64_t heads, bool causal, c10::optional<double> scale,
-                            c10::optional<torch::Tensor> key_padding_mask, c10::optional<torch::Tensor> attn_mask) {
-  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.dim() == 3, "attention_qkv: qkv must be a float32 ",
-              "(B, T, 3 * heads * head_dim) tensor, got ", qkv.sizes());
-  TORCH_CHECK(heads >= 1 && qkv.size(2) % (3 * heads) == 0, "attention_qkv: width ", qkv.size(2),
-              " is not 3 x ", heads, " heads x head_dim");
+                            c10::optional<torch::Tensor> key_padding_mask, c10::optional<torch::Tensor> attn_mask,
+                            c10::optional<torch::Tensor> kv_opt) {
+  const bool cross = kv_opt.has_value() && kv_opt->defined();
+  const int64_t parts = cross ? 1 : 3;  // projections packed in qkv
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.dim() == 3, "attention_qkv: ", cross ? "q" : "qkv",
+              " must be a float32 (B, T, ", cross ? "" : "3 * ", "heads * head_dim) tensor, got ", qkv.sizes());
+  TORCH_CHECK(heads >= 1 && qkv.size(2) % (parts * heads) == 0, "attention_qkv: width ", qkv.size(2), " is not ",
+              cross ? "" : "3 x ", heads, " heads x head_dim");
   qkv = qkv.contiguous();
-  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, hd = C / heads;
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / parts, hd = C / heads;
+  torch::Tensor kv;
+  if (cross) {
+    kv = kv_opt->contiguous();
+    TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.dim() == 3 && kv.size(0) == B && kv.size(2) == 2 * C,
+                "attention_qkv: kv must be a float32 (", B, ", Tk, ", 2 * C, ") key | value projection, got ",
+                kv.sizes());
+  }
+  const int64_t Tk = cross ? kv.size(1) : T;
   torch::Tensor kb;
-  if (key_padding_mask.has_value() && key_padding_mask->defined()) kb = key_padding_bias(*key_padding_mask, B, T);
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) kb = key_padding_bias(*key_padding_mask, B, Tk);
   torch::Tensor qb;
-  if (attn_mask.has_value() && attn_mask->defined()) qb = attn_mask_bias(*attn_mask, T);
+  if (attn_mask.has_value() && attn_mask->defined()) qb = attn_mask_bias(*attn_mask, T, Tk);
   auto out = torch::empty({B, T, C}, qkv.options());
   AttnArgs a;
   a.q = qkv.data_ptr<float>();
-  a.k = a.q + C;
-  a.v = a.q + 2 * C;
+  a.k = cross ? kv.data_ptr<float>() : a.q + C;
+  a.v = a.k + C;
   a.o = out.data_ptr<float>();
   a.B = B;
   a.H = heads;
-  a.Lq = a.Lk = T;
+  a.Lq = T;
+  a.Lk = Tk;
   a.D = a.Dv = hd;
-  a.qs[0] = a.ks[0] = a.vs[0] = T * 3 * C;
-  a.qs[1] = a.ks[1] = a.vs[1] = hd;
-  a.qs[2] = a.ks[2] = a.vs[2] = 3 * C;
+  a.qs[0] = T * parts * C;
+  a.qs[1] = hd;
+  a.qs[2] = parts * C;
+  const int64_t kvw = cross ? 2 * C : 3 * C;  // floats per key row
+  a.ks[0] = a.vs[0] = Tk * kvw;
+  a.ks[1] = a.vs[1] = hd;
+  a.ks[2] = a.vs[2] = kvw;
   a.os[0] = T * C;
   a.os[1] = hd;
   a.os[2] = C;
@@ -407,7 +423,8 @@ torch::Tensor attention_qkv(torch::Tensor qkv, int64_t heads, bool causal, c10::
   a.causal = causal;
   if (kb.defined()) a.kbias = kb.data_ptr<float>();
   if (qb.defined()) a.qbias = qb.data_ptr<float>();
-  if (B * T > 0 && hd > 0) run_attention(a);
+  if (B * T > 0 && hd > 0 && Tk > 0) run_attention(a);
+  else if (Tk == 0) out.fill_(std::numeric_limits<float>::quiet_NaN());  // (no key to attend to)
   return out;
 }
 

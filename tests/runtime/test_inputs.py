@@ -1,0 +1,326 @@
+"""Plans of models that take several inputs: ``compile(model, (x1, x2, ...))``, the inputs as plan values
+0 .. n-1 in the order of the forward arguments; HF-style ``(input_ids, attention_mask)`` classifiers whose mask
+becomes the attention's key padding mask; checks of the call's inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from netcarve.errors import ConfigError, UnsupportedModelError
+from netcarve.runtime import compile
+from netcarve.sparsity import make_scheme
+
+from ._util import at_threads, switched_off
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+class _MaskedClassifier(nn.Module):
+    """Token ids and a (B, T) attention mask (1 = token, 0 = padding, as HF tokenizers return it) -> embedding ->
+    torch encoder or one nn.MultiheadAttention told the padding by a key padding mask built from the mask ->
+    mean over the tokens -> head."""
+
+    def __init__(self, how: str = "eq", mha: bool = False, sparse: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(60, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, 0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True) if mha else None
+        self.head = nn.Linear(32, 5)
+        self.how = how
+        if sparse:
+            s = make_scheme("block", block=(4, 16))
+            with torch.no_grad():
+                for m in self.modules():
+                    if isinstance(m, nn.Linear) and m is not self.head:
+                        m.weight.mul_(s.project(m.weight, 0.9))
+
+    def forward(self, input_ids, attention_mask):
+        pad = {"eq": lambda m: attention_mask == 0, "not": lambda m: ~m.bool(),
+               "logical_not": lambda m: torch.logical_not(m), "given": lambda m: m}[self.how](attention_mask)
+        h = self.emb(input_ids)
+        if self.attn is not None:
+            h = self.attn(h, h, h, key_padding_mask=pad)[0]
+        else:
+            h = self.enc(h, src_key_padding_mask=pad)
+        return self.head(h.mean(1))
+
+
+def _batch(lens, t=10, gen=None):
+    ids = torch.randint(1, 60, (len(lens), t), generator=gen)
+    mask = torch.zeros(len(lens), t, dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, n:] = 0
+        mask[i, :n] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("how,mha", [("eq", False), ("not", False), ("logical_not", False), ("eq", True),
+                                     ("given", False)])
+def test_input_ids_and_attention_mask(kernels, how, mha):
+    """Two inputs, the second an HF-style attention mask turned into the key padding mask by a native step (== 0,
+    ~m.bool(), logical_not), or given as the bool padding mask itself: the whole model lowers natively and matches
+    it at other batch sizes, and the mask is what decides (the same ids with another mask give other outputs)."""
+    m = _MaskedClassifier(how, mha).eval()
+    g = torch.Generator().manual_seed(1)
+    ids, mask = _batch([10, 6, 3], gen=g)
+    if how == "given":
+        mask = mask == 0
+    with at_threads(2):
+        c = compile(m, (ids, mask), sparse="never", fallback=False)
+    kinds = [op.kind for op in c.ops]
+    assert "python" not in kinds and kinds.count("compare") == {"given": 0, "not": 2}.get(how, 1)
+    assert [s for s, _ in c.inputs] == [(3, 10), (3, 10)]
+    mhas = [op for op in c.ops if op.kind == "mha"]
+    assert mhas and all(len(op.inputs) == 2 for op in mhas)
+    with torch.no_grad():
+        for lens in ([10, 6, 3], [4], [2, 9, 10, 1, 7]):
+            i2, m2 = _batch(lens, gen=g)
+            if how == "given":
+                m2 = m2 == 0
+            ref = m(i2, m2)
+            assert _rel(c(i2, m2), ref) <= 1e-4 and _rel(c.reference(i2, m2), ref) <= 1e-4
+        # the mask input decides: the same ids with every token kept give another result, the model's
+        other = torch.ones_like(mask) if how != "given" else torch.zeros_like(mask)
+        assert _rel(c(ids, other), m(ids, other)) <= 1e-4 and not torch.allclose(c(ids, other), c(ids, mask))
+
+
+def test_several_inputs_sparse_autotuned_and_timed(kernels):
+    """Autotuning (every block-sparse linear -- out_proj, linear1, linear2 -- timed on each kernel), the whole-plan check, time() and profile() run
+    with the tuple of inputs; with sparse="always" the block-sparse kernels run and match the model."""
+    m = _MaskedClassifier("eq", sparse=True).eval()
+    ids, mask = _batch([10, 8, 5, 2] * 2, gen=torch.Generator().manual_seed(2))
+    with at_threads(2):
+        c = compile(m, (ids, mask), sparse="auto", use_cache=False, repeats=4)
+        sparse = [lc for lc in c.layers if lc.density < 0.2]
+        assert c.native and len(sparse) == 6 and all(lc.sparse_ms and lc.dense_ms for lc in sparse)
+        assert c.plan_check is not None and c.plan_check["chosen"] in c.plan_check
+        always = compile(m, (ids, mask), sparse="always", use_cache=False)
+        assert sum(lc.choice == "sparse" for lc in always.layers) == len(always.layers)
+        assert c.time((ids, mask), repeats=3, warmup=1) > 0
+        prof = c.profile((ids, mask), repeats=3, warmup=1)
+    assert [p["name"] for p in prof] == [op.name for op in c.ops]
+    assert c.summary()["inputs"] == [{"shape": [8, 10], "dtype": "int64"}, {"shape": [8, 10], "dtype": "int64"}]
+    with torch.no_grad():
+        assert _rel(c(ids, mask), m(ids, mask)) <= 1e-4 and _rel(always(ids, mask), m(ids, mask)) <= 1e-4
+
+
+class _TwoImages(nn.Module):
+    """Two float inputs: a conv branch per image, added, then a head (and a third, optional argument unused)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Conv2d(1, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        h = torch.relu(self.a(x) + self.b(y))
+        return self.head(h.mean((2, 3)))
+
+
+def test_two_float_inputs_native_and_in_fallback(kernels):
+    """Float inputs of different shapes; the second read by a step PyTorch runs (fallback) as well."""
+    m = _TwoImages().eval()
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 1, 8, 8)
+    with at_threads(2):
+        c = compile(m, (x, y), sparse="never", fallback=False)
+    assert c.native and not c.fallback
+    with torch.no_grad():
+        for b in (2, 1, 5):
+            xb, yb = torch.randn(b, 3, 8, 8), torch.randn(b, 1, 8, 8)
+            assert _rel(c(xb, yb), m(xb, yb)) <= 1e-4
+
+    class Odd(_TwoImages):
+        def forward(self, x, y):  # torch.atan2 has no native step: a python step reads both inputs
+            return super().forward(x, torch.atan2(y, y + 2))
+
+    o = Odd().eval()
+    with at_threads(2):
+        c = compile(o, (x, y), sparse="never")
+    assert c.fallback and any(op.kind == "python" and 1 in op.inputs for op in c.ops)
+    with torch.no_grad():
+        assert _rel(c(x, y), o(x, y)) <= 1e-4
+
+
+def test_torch_layer_of_two_inputs_as_the_model(kernels):
+    """A torch.nn layer taking two tensors, compiled as the whole model: its wrapper takes both."""
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+
+    class Self(nn.Module):  # self-attention over x with a key padding mask given as the second input
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x, pad):
+            return self.mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+    x = torch.randn(3, 6, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    c = compile(Self().eval(), (x, pad), sparse="never", fallback=False)
+    with torch.no_grad():
+        assert _rel(c(x, pad), Self()(x, pad)) <= 1e-4
+
+
+def test_bad_inputs_get_clear_errors(kernels):
+    m = _MaskedClassifier("eq").eval()
+    ids, mask = _batch([10, 6], gen=torch.Generator().manual_seed(3))
+    with pytest.raises(UnsupportedModelError, match=r"forward argument 'attention_mask' \(input 2\) is not in the"):
+        compile(m, ids, sparse="never")
+    with pytest.raises(UnsupportedModelError, match=r"3 example inputs for a forward of 2 arguments \(input_ids, "):
+        compile(m, (ids, mask, mask), sparse="never")
+    with pytest.raises(ConfigError, match="tensor or a tuple of tensors"):
+        compile(m, (ids, [1, 2]), sparse="never")
+    with pytest.raises(ConfigError, match="float32 tensor .* got torch.float64"):
+        compile(m, (ids, mask.double()), sparse="never")
+    c = compile(m, (ids, mask), sparse="never")
+    with pytest.raises(ConfigError, match=r"expected 2 inputs \(\(N, 10\) int64; \(N, 10\) int64\), got 1"):
+        c(ids)
+    with pytest.raises(ConfigError, match=r"expected input 2 \(N, 10\), got \(2, 9\)"):
+        c(ids, mask[:, :9])
+    with pytest.raises(ConfigError, match="expected a int64 input 2, got torch.bool"):
+        c(ids, mask == 0)
+    # an integer input read by a float step natively is refused, naming the input
+    class Scaled(nn.Module):
+        def forward(self, x, ids):
+            return x * ids
+
+    with pytest.raises(UnsupportedModelError, match=r"reads input 2 \(torch.int64\)"):
+        compile(Scaled().eval(), (torch.randn(2, 4), torch.ones(2, 4, dtype=torch.long)), sparse="never",
+                fallback=False)
+
+
+def _decoder(bf=True, norm_first=False, act="relu", layers=2, final_norm=True):
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(32, 4, 64, 0.1, activation=act, batch_first=bf, norm_first=norm_first)
+    return nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(32) if final_norm else None).eval()
+
+
+class _Seq2Seq(nn.Module):
+    """Source and target token ids -> embeddings -> nn.Transformer (causal target mask, padding masks from the ids:
+    the source's as the encoder's and the memory's key padding mask) -> per-token head."""
+
+    def __init__(self, bf=True, norm_first=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.src_emb, self.tgt_emb = nn.Embedding(40, 32), nn.Embedding(40, 32)
+        self.tf = nn.Transformer(32, 4, 2, 2, 64, 0.1, batch_first=bf, norm_first=norm_first)
+        self.head = nn.Linear(32, 40)
+        self.bf = bf
+        self.register_buffer("tri", nn.Transformer.generate_square_subsequent_mask(6))
+
+    def forward(self, src, tgt):
+        pad = src == 0
+        s, t = self.src_emb(src), self.tgt_emb(tgt)
+        if not self.bf:
+            s, t = s.transpose(0, 1), t.transpose(0, 1)
+        h = self.tf(s, t, tgt_mask=self.tri, src_key_padding_mask=pad, memory_key_padding_mask=pad,
+                    tgt_key_padding_mask=tgt == 0)
+        return self.head(h.transpose(0, 1) if not self.bf else h)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(bf=False), dict(norm_first=True), dict(act="gelu", final_norm=False),
+                                 dict(layers=1)], ids=["base", "seq-first", "norm-first", "gelu", "one-layer"])
+def test_torch_transformer_decoder_lowers_natively(kernels, cfg):
+    """nn.TransformerDecoder (self-attention, cross-attention to the memory, feed-forward; post- or pre-norm) as the
+    whole model of two inputs, with a causal target mask, a (T, S) memory mask and both key padding masks as
+    further inputs or buffers: every attention a native "mha" step (cross-attention: q and k | v linears), matching
+    the module at other batch sizes and lengths."""
+    layers = cfg.pop("layers", 2)
+    dec = _decoder(layers=layers, **cfg)
+    bf = cfg.get("bf", True)
+
+    def inputs(b, t, s, seed):
+        g = torch.Generator().manual_seed(seed)
+        shape = (lambda n: (b, n, 32)) if bf else (lambda n: (n, b, 32))
+        return torch.randn(*shape(t), generator=g), torch.randn(*shape(s), generator=g)
+
+    tgt, mem = inputs(3, 6, 9, 0)
+    with at_threads(2):
+        c = compile(dec, (tgt, mem), sparse="never", fallback=False)
+    mhas = [op for op in c.ops if op.kind == "mha"]
+    assert len(mhas) == 2 * layers and [op.p["cross"] for op in mhas] == [False, True] * layers
+    assert any(op.name.endswith("multihead_attn.in_proj_kv") for op in c.ops)
+    with torch.no_grad():  # (calls may change dim 0: the batch, or for sequence-first inputs the lengths)
+        for b, t, s in ((3, 6, 9), (1, 6, 9), (4, 6, 9)) if bf else ((3, 6, 9), (3, 2, 9), (3, 6, 4)):
+            x, m = inputs(b, t, s, b + t + s)
+            ref = dec(x, m)
+            assert _rel(c(x, m), ref) <= 1e-4 and _rel(c.reference(x, m), ref) <= 1e-4
+
+    # masks: causal target mask (a buffer: the flag), a memory mask (T, S), both key padding masks
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = dec
+            self.register_buffer("tri", nn.Transformer.generate_square_subsequent_mask(6))
+            self.register_buffer("mm", torch.randn(6, 9))
+
+        def forward(self, tgt, memory, tgt_pad, mem_pad):
+            return self.dec(tgt, memory, tgt_mask=self.tri, memory_mask=self.mm, tgt_key_padding_mask=tgt_pad,
+                            memory_key_padding_mask=mem_pad)
+
+    mm = Masked().eval()
+    tp, mp = torch.zeros(3, 6, dtype=torch.bool), torch.zeros(3, 9, dtype=torch.bool)
+    tp[1, 4:], mp[0, 5:], mp[2, 7:] = True, True, True
+    with at_threads(2):
+        c = compile(mm, (tgt, mem, tp, mp), sparse="never", fallback=False)
+    mhas = [op for op in c.ops if op.kind == "mha"]
+    assert [(op.p["causal"], op.p["kpm"], op.p["am"]) for op in mhas] == [(True, True, False), (False, True, True)] * layers
+    with torch.no_grad():
+        ref = mm(tgt, mem, tp, mp)
+        assert _rel(c(tgt, mem, tp, mp), ref) <= 1e-4 and _rel(c.reference(tgt, mem, tp, mp), ref) <= 1e-4
+        assert not torch.allclose(c(tgt, mem, tp, mp), c(tgt, mem, tp, torch.zeros_like(mp)))
+        with switched_off(kernels, "native_transformer"):  # the plan's ATen path of the same steps
+            assert _rel(c(tgt, mem, tp, mp), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(bf=False), dict(norm_first=True)], ids=["base", "seq-first", "norm-first"])
+def test_nn_transformer_seq2seq_from_token_ids(kernels, cfg):
+    """nn.Transformer (encoder + decoder) between source and target token ids, its padding masks computed from the
+    ids in the plan: the whole model native, block-sparse linears on the sparse kernel, matching the model."""
+    m = _Seq2Seq(**cfg).eval()
+    s = make_scheme("block", block=(4, 16))
+    with torch.no_grad():
+        for mod in m.tf.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.mul_(s.project(mod.weight, 0.8))
+    g = torch.Generator().manual_seed(5)
+    src = torch.randint(1, 40, (3, 9), generator=g)
+    tgt = torch.randint(1, 40, (3, 6), generator=g)
+    src[1, 6:], src[2, 3:], tgt[2, 4:] = 0, 0, 0
+    with at_threads(2):
+        c = compile(m, (src, tgt), sparse="always", fallback=False)
+    kinds = [op.kind for op in c.ops]
+    assert "python" not in kinds and kinds.count("mha") == 6 and kinds.count("compare") == 2
+    assert sum(lc.choice == "sparse" for lc in c.layers) == len(c.layers)
+    with torch.no_grad():
+        ref = m(src, tgt)
+        assert _rel(c(src, tgt), ref) <= 1e-4 and _rel(c.reference(src, tgt), ref) <= 1e-4
+        s2, t2 = src[:2], tgt[:2]
+        assert _rel(c(s2, t2), m(s2, t2)) <= 1e-4
+
+
+def test_attention_of_three_different_tensors_refused(kernels):
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+
+    class Three(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, q, k, v):
+            return self.mha(q, k, v)[0]
+
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(UnsupportedModelError, match="key and value are different tensors"):
+        compile(Three().eval(), (x, x + 1, x + 2), sparse="never", fallback=False)
+    c = compile(Three().eval(), (x, x + 1, x + 2), sparse="never")  # fallback: PyTorch runs it inside the plan
+    with torch.no_grad():
+        assert _rel(c(x, x + 1, x + 2), Three()(x, x + 1, x + 2)) <= 1e-4
