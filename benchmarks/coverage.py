@@ -96,9 +96,10 @@ def _first_tensor(out):
 
 
 def run(model: nn.Module, x) -> torch.Tensor:
+    """``model``'s (first) output on ``x``: a tensor, or a tuple of the inputs of a model of several."""
     model.eval()
     with torch.no_grad():
-        return _first_tensor(model(x))
+        return _first_tensor(model(*x) if isinstance(x, tuple) else model(x))
 
 
 def final_layer(model: nn.Module) -> tuple[str, nn.Module]:
@@ -499,7 +500,8 @@ def coverage_record(name: str, source: str, timeout: float | None = None) -> dic
         shape = None
     else:
         ref, note = coverage_models.SOURCES[name], coverage_models.NOTES[name]
-        shape = list(coverage_models.MODELS[name][1])
+        shapes = coverage_models.input_shapes(name)
+        shape = list(shapes[0]) if len(shapes) == 1 else [list(s) for s in shapes]
     rec = {"model": name, "source": source, "reference": ref, "note": note, "input_shape": shape}
     if shape is None:
         # from the registry, not by building the model here: a parallel op in this process (a large model's init)
@@ -703,7 +705,10 @@ def to_markdown(data: dict) -> str:
     ln += ["", "## External architectures", "", "| model | mirrors | input | size |", "|---|---|---|---|"]
     for r in results:
         if r["source"] == "external":
-            ln.append(f"| {r['model']} | {r['reference']} | {'x'.join(map(str, r['input_shape']))} | {r['note']} |")
+            shape = r["input_shape"]  # (a list of shapes for a model of several inputs)
+            shown = (" + ".join("x".join(map(str, s)) for s in shape) if shape and isinstance(shape[0], list)
+                     else "x".join(map(str, shape)))
+            ln.append(f"| {r['model']} | {r['reference']} | {shown} | {r['note']} |")
     ln.append("")
     return "\n".join(ln)
 

@@ -1233,6 +1233,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "bilstm_sentiment": (BiLSTMSentiment, (32,)),
     "transformer_lm": (TransformerLM, (32,)),
     "bert_padded_textcls": (PaddedTextEncoder, (32,)),
+    "seq2seq_transformer": (partial(Seq2SeqTransformer, d=128, nhid=512), (32, 24)),  # (source, target) lengths
 }
 
 # which definition each one mirrors
@@ -1257,6 +1258,7 @@ SOURCES: dict[str, str] = {
     "bilstm_sentiment": "bidirectional-LSTM sentiment tutorial (final hidden states)",
     "transformer_lm": "pytorch/examples word_language_model (nn.TransformerEncoder)",
     "bert_padded_textcls": "BERT-style classifier on nn.TransformerEncoder with a key padding mask",
+    "seq2seq_transformer": "PyTorch tutorial 'Language Translation with nn.Transformer' (Seq2SeqTransformer)",
 }
 
 # what differs from the reference (besides random init and the 64x64 input)
@@ -1285,6 +1287,9 @@ NOTES: dict[str, str] = {
                       "batch first",
     "bert_padded_textcls": "vocab 5000, d_model 128, 4 heads, feed-forward 512 (GELU), 2 layers, 32 tokens of which "
                            "the last 8 are padding (id 0) in the example, CLS pooling, 2 classes",
+    "seq2seq_transformer": "vocab 5000 + 5000 (tutorial: Multi30k's), d_model 128, 4 heads, feed-forward 512, 2 + 2 "
+                           "layers (tutorial: 512, 8, 512, 3 + 3), batch first, masks built in forward from the ids "
+                           "instead of passed in; two inputs: 32 source and 24 target tokens (last 8 / 4 padding)",
 }
 
 
@@ -1293,10 +1298,22 @@ def create(name: str) -> nn.Module:
     return MODELS[name][0]().eval()
 
 
-def example_input(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """The model's input: token ids for the text models, a standard-normal image batch otherwise."""
+def input_shapes(name: str) -> list[tuple[int, ...]]:
+    """The shape of each input without the batch dim (two for the encoder-decoder: source and target lengths)."""
+    shape = MODELS[name][1]
+    return [(n,) for n in shape] if name == "seq2seq_transformer" else [shape]
+
+
+def example_input(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The model's input: token ids for the text models (a tuple of source and target ids for the encoder-decoder),
+    a standard-normal image batch otherwise."""
     _, shape = MODELS[name]
     g = torch.Generator().manual_seed(seed)
+    if name == "seq2seq_transformer":  # right-padded source and target ids
+        src = torch.randint(1, 5000, (batch, shape[0]), generator=g)
+        tgt = torch.randint(1, 5000, (batch, shape[1]), generator=g)
+        src[:, -8:], tgt[:, -4:] = 0, 0
+        return src, tgt
     if name in ("lstm_textcls", "bilstm_sentiment", "transformer_lm"):
         return torch.randint(0, 5000, (batch, *shape), generator=g)
     if name == "bert_padded_textcls":  # right-padded sequences
@@ -1316,7 +1333,9 @@ def output_shape(name: str, batch: int = 1) -> tuple[int, ...]:
         return (batch, 2)
     if name == "transformer_lm":
         return (batch, MODELS[name][1][0], 5000)
+    if name == "seq2seq_transformer":
+        return (batch, MODELS[name][1][1], 5000)
     return (batch, 1000)
 
 
-__all__ = ["MODELS", "NOTES", "SOURCES", "create", "example_input", "output_shape"]
+__all__ = ["MODELS", "NOTES", "SOURCES", "create", "example_input", "input_shapes", "output_shape"]

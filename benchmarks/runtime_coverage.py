@@ -50,7 +50,9 @@ def record(name: str, source: str) -> dict:
     from netcarve.runtime import compile as rt_compile
 
     model, x = build(name, source)
-    x = torch.cat([x, x.flip(0) if x.dtype.is_floating_point else x]) if x.shape[0] == 1 else x
+    xs = x if isinstance(x, tuple) else (x,)  # (a model of several inputs: their tuple)
+    xs = tuple(torch.cat([t, t.flip(0) if t.dtype.is_floating_point else t]) if t.shape[0] == 1 else t for t in xs)
+    x = xs if len(xs) > 1 else xs[0]
     rec: dict = {"model": name, "source": source}
     try:
         rt_compile(model, x, sparse="never", fallback=False, repeats=2)
@@ -61,9 +63,9 @@ def record(name: str, source: str) -> dict:
     try:
         c = rt_compile(model, x, sparse="never", repeats=2)
         with torch.no_grad():
-            ref = model(x)
+            ref = model(*xs)
             ref = ref[0] if isinstance(ref, (tuple, list)) else ref
-            err, err_ref = _rel(c(x), ref), _rel(c.reference(x), ref)
+            err, err_ref = _rel(c(*xs), ref), _rel(c.reference(*xs), ref)
         rec.update({"ok": err <= RTOL and err_ref <= RTOL, "native": c.native, "steps": len(c.ops),
                     "python_steps": sum(op.kind == "python" for op in c.ops), "fallback_nodes": c.fallback,
                     "rel_err": err, "reference_rel_err": err_ref})
