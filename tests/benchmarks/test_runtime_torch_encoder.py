@@ -54,8 +54,27 @@ def test_bert_variant_runs_and_matches():
 
     if not kernel_status()["available"]:
         pytest.skip(f"native kernels unavailable: {kernel_status()['reason']}")
-    x = rte.tokens("bert", 2)
+    (x,) = rte.tokens("bert", 2)
     assert (x[:, 24:] == 0).all() and (x[:, :24] != 0).all()
     res = rte.in_process([2], threads=1, rounds=1, repeats=1, model="bert")["batch2"]
     assert max(res["max_rel_error"].values()) <= 1e-4
     assert "encoder.layers.0.linear1" in res["sparse_linears_on_bsr"]
+
+
+def test_seq2seq_variant_runs_and_matches():
+    """--model seq2seq: nn.Transformer between two inputs (source and target ids), the "in PyTorch" variant leaving
+    the whole nn.Transformer to PyTorch; every variant matches the model, the decoder's cross-attention linears run
+    the BSR kernel."""
+    from netcarve.runtime import compile as ncompile
+    from netcarve.runtime import kernel_status
+
+    if not kernel_status()["available"]:
+        pytest.skip(f"native kernels unavailable: {kernel_status()['reason']}")
+    src, tgt = rte.tokens("seq2seq", 1)
+    assert src.shape == (1, 32) and tgt.shape == (1, 24) and (src[:, 24:] == 0).all() and (tgt[:, 20:] == 0).all()
+    res = rte.in_process([1], threads=1, rounds=1, repeats=1, model="seq2seq")["batch1"]
+    assert max(res["max_rel_error"].values()) <= 1e-4
+    assert "transformer.decoder.layers.1.multihead_attn.in_proj_kv" in res["sparse_linears_on_bsr"]
+    m = rte.build(False, "seq2seq")
+    with rte._encoder_in_pytorch():
+        assert "module 'transformer' (Transformer)" in ncompile(m, (src, tgt), sparse="never").fallback
