@@ -508,6 +508,41 @@ def test_buffers_indexed_by_input_size_trace_through(inner):
         assert torch.allclose(t.graph_module(y), m(y))
 
 
+class OptionalArgs(nn.Module):
+    """forward with optional arguments that steer control flow: fx cannot trace them as graph inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x, mask=None, scale=2.0, *, features=False):
+        h = torch.relu(self.fc1(x))
+        if mask is not None:
+            h = h * mask
+        return h if features else self.fc2(h * scale)
+
+
+def test_optional_forward_arguments_left_out_trace_as_their_defaults():
+    """Arguments the example input leaves out are traced as their defaults (no placeholders, no fx checks left in
+    the graph), so the model traces, groups and prunes; given as a tuple, the mask is a graph input again."""
+    from netcarve.graph.trace import trace_model
+
+    torch.manual_seed(0)
+    m = OptionalArgs().eval()
+    x, mask = torch.randn(2, 4), torch.rand(2, 8)
+    t = trace_model(m, x)
+    assert [n.target for n in t.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert not any("assert" in str(n.target) for n in t.graph.nodes)
+    with torch.no_grad():
+        assert torch.allclose(t.graph_module(x), m(x))
+    t2 = trace_model(m, (x, mask))
+    assert [n.target for n in t2.graph.nodes if n.op == "placeholder"] == ["x", "mask"]
+    with torch.no_grad():
+        assert torch.allclose(t2.graph_module(x, mask), m(x, mask))
+    gs = build_channel_groups(m, x)
+    assert [g.producer for g in gs.groups] == ["fc1"]
+
+
 def test_bad_example_input_is_reported():
     with pytest.raises(UnsupportedModelError, match="Chain.*example input"):
         build_channel_groups(Chain(), torch.randn(2, 5, 8, 8))

@@ -324,3 +324,28 @@ def test_attention_of_three_different_tensors_refused(kernels):
     c = compile(Three().eval(), (x, x + 1, x + 2), sparse="never")  # fallback: PyTorch runs it inside the plan
     with torch.no_grad():
         assert _rel(c(x, x + 1, x + 2), Three()(x, x + 1, x + 2)) <= 1e-4
+
+
+def test_optional_arguments_left_out_are_their_defaults(kernels):
+    """``forward(x, mask=None, scale=2.0)`` compiled from ``x`` alone runs with the defaults (traced as constants);
+    compiled from ``(x, mask)`` it takes the mask as a second input."""
+
+    class Opt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+
+        def forward(self, x, mask=None, scale=2.0):
+            h = torch.relu(self.a(x))
+            if mask is not None:
+                h = h * mask
+            return self.b(h * scale)
+
+    m = Opt().eval()
+    x, mask = torch.randn(4, 6), torch.rand(4, 16)
+    c1 = compile(m, x, sparse="never", fallback=False)
+    c2 = compile(m, (x, mask), sparse="never", fallback=False)
+    assert len(c1.inputs) == 1 and len(c2.inputs) == 2 and "mul" in [op.kind for op in c2.ops]
+    with torch.no_grad():
+        assert _rel(c1(x), m(x)) <= 1e-4 and _rel(c2(x, mask), m(x, mask)) <= 1e-4

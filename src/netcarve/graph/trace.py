@@ -9,7 +9,9 @@ reaching an opaque module are never pruned. When the model's own ``forward`` can
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -80,10 +82,11 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None) -
     forward cannot be traced or the traced graph does not run on the example input.
     """
     name = name or type(model).__name__
-    graph, opaque = _trace(model, name, proxy_buffers=False)
+    concrete = _defaults_not_given(model, example_input)
+    graph, opaque = _trace(model, name, proxy_buffers=False, concrete=concrete)
     if opaque:  # a submodule that slices a buffer by the input's size traces with buffers as graph values
         try:
-            graph2, opaque2 = _trace(model, name, proxy_buffers=True)
+            graph2, opaque2 = _trace(model, name, proxy_buffers=True, concrete=concrete)
         except UnsupportedModelError:
             graph2, opaque2 = None, opaque
         if graph2 is not None and len(opaque2) < len(opaque):
@@ -100,12 +103,51 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None) -
     return TracedModel(gm, opaque)
 
 
-def _trace(model: nn.Module, name: str, proxy_buffers: bool) -> tuple[fx.Graph, dict[str, str]]:
-    """fx-trace ``model``, keeping every submodule fx cannot trace into as an opaque leaf: (graph, opaque)."""
+def _defaults_not_given(model: nn.Module, example_input) -> dict[str, Any] | None:
+    """The forward arguments after the example's tensors that have defaults (``forward(x, mask=None)`` given only
+    ``x``): name -> default, traced as those constants; None when the example gives every argument (or none is
+    known) or one left out has no default (tracing then reports it)."""
+    if example_input is None:
+        return None
+    n = len(example_input) if isinstance(example_input, (tuple, list)) else 1
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    rest = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][n:]
+    if not rest or any(p.default is p.empty for p in rest):
+        return None
+    return {p.name: p.default for p in rest}
+
+
+def _drop_specialized(graph: fx.Graph, n_inputs: int) -> None:
+    """Remove what fx adds for arguments traced as constants (``concrete_args``): their placeholders and the checks
+    on them (``_assert_is_none``, ``torch._assert(x == c)``), when nothing else reads them."""
+    phs = [n for n in graph.nodes if n.op == "placeholder"][n_inputs:]
+    dead = set(phs)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.all_input_nodes and all(a in dead for a in node.all_input_nodes):
+            dead.add(node)
+    if any(u not in dead for d in dead for u in d.users):
+        return  # a traced-as-constant argument is read as a value: leave the graph as fx built it
+    for node in reversed(list(graph.nodes)):
+        if node in dead:
+            graph.erase_node(node)
+
+
+def _trace(model: nn.Module, name: str, proxy_buffers: bool,
+           concrete: dict[str, Any] | None = None) -> tuple[fx.Graph, dict[str, str]]:
+    """fx-trace ``model``, keeping every submodule fx cannot trace into as an opaque leaf: (graph, opaque).
+    ``concrete``: forward arguments traced as constants (their defaults), their placeholders then dropped."""
     opaque: dict[str, str] = {}
     for _ in range(_MAX_OPAQUE_RETRIES):
         tracer = _Tracer(set(opaque), proxy_buffers)
         try:
+            if concrete:
+                graph = tracer.trace(model, concrete_args=concrete)
+                n_inputs = sum(1 for n in graph.nodes if n.op == "placeholder") - len(concrete)
+                _drop_specialized(graph, n_inputs)
+                return graph, opaque
             return tracer.trace(model), opaque
         except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
             path = tracer.failed_path
