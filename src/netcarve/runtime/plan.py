@@ -14,8 +14,9 @@ linear; torch's also as cross-attention, key = value: a q linear and a packed k 
 (T, S) attention masks, the causal one as a flag), torch's ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` (and
 their layers) and ``nn.Transformer`` (layer by layer, the same masks), comparisons with a number and mask conversions
 (``m == 0``, ``m.bool()``, ``logical_not``: padding masks from token ids or an attention-mask input), a tensor times /
-divided by / plus / minus a Python number (an affine step). A model may take several inputs (plan values 0 .. n-1). Values built in forward from constants and the input's non-batch sizes (a causal mask, position ids)
-are folded into constants; a permute undone by the next one and steps nobody reads are dropped.
+divided by / plus / minus a Python number (an affine step). A model may take several inputs (plan values 0 .. n-1).
+Values built in forward from constants and the input's non-batch sizes (a causal mask, position ids) are folded into
+constants; a permute undone by the next one and steps nobody reads are dropped.
 
 Everything else becomes a "python" step with ``fallback=True`` (runs of such nodes in graph order, each copied into a
 torch.fx sub-graph that PyTorch runs inside the plan), or an :class:`~netcarve.errors.UnsupportedModelError` naming
