@@ -542,6 +542,15 @@ def test_optional_forward_arguments_left_out_trace_as_their_defaults():
     gs = build_channel_groups(m, x)
     assert [g.producer for g in gs.groups] == ["fc1"]
 
+    class Two(nn.Module):  # a required second argument left out, or a third input too many: named
+        def forward(self, x, y):
+            return x + y
+
+    with pytest.raises(UnsupportedModelError, match=r"forward argument 'y' \(input 2\) is not in the example input"):
+        trace_model(Two(), x)
+    with pytest.raises(UnsupportedModelError, match=r"3 example inputs for a forward of 2 arguments \(x, y\)"):
+        trace_model(Two(), (x, x, x))
+
 
 def test_bad_example_input_is_reported():
     with pytest.raises(UnsupportedModelError, match="Chain.*example input"):

@@ -82,7 +82,10 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None) -
     forward cannot be traced or the traced graph does not run on the example input.
     """
     name = name or type(model).__name__
-    concrete = _defaults_not_given(model, example_input)
+    concrete = None
+    if example_input is not None:
+        n = len(example_input) if isinstance(example_input, (tuple, list)) else 1
+        concrete = check_forward_args(model, n, name)
     graph, opaque = _trace(model, name, proxy_buffers=False, concrete=concrete)
     if opaque:  # a submodule that slices a buffer by the input's size traces with buffers as graph values
         try:
@@ -103,21 +106,28 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None) -
     return TracedModel(gm, opaque)
 
 
-def _defaults_not_given(model: nn.Module, example_input) -> dict[str, Any] | None:
-    """The forward arguments after the example's tensors that have defaults (``forward(x, mask=None)`` given only
-    ``x``): name -> default, traced as those constants; None when the example gives every argument (or none is
-    known) or one left out has no default (tracing then reports it)."""
-    if example_input is None:
-        return None
-    n = len(example_input) if isinstance(example_input, (tuple, list)) else 1
+def check_forward_args(model: nn.Module, n: int, name: str | None = None) -> dict[str, Any] | None:
+    """Check that ``n`` example tensors fit ``model.forward``: every argument without a default given, no more than
+    it takes (else an :class:`UnsupportedModelError` naming the argument). Returns the arguments after the ``n``
+    that have defaults (``forward(x, mask=None)`` given only ``x``), name -> default, to trace as those constants;
+    None when there are none (or the signature cannot be read)."""
+    name = name or type(model).__name__
     try:
         params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # no signature to read: tracing reports any mismatch
         return None
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if n > len(pos) and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        raise UnsupportedModelError(f"{name}: {n} example inputs for a forward of {len(pos)} "
+                                    f"argument{'s' if len(pos) != 1 else ''} ({', '.join(p.name for p in pos)})")
     rest = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][n:]
-    if not rest or any(p.default is p.empty for p in rest):
-        return None
-    return {p.name: p.default for p in rest}
+    missing = next((p for p in rest if p.default is p.empty), None)
+    if missing is not None:
+        raise UnsupportedModelError(
+            f"{name}: forward argument {missing.name!r} (input {params.index(missing) + 1}) is not in the example "
+            f"input ({n} tensor{'s' if n > 1 else ''}); pass every input the model takes, as a tuple in the order "
+            "of its forward arguments")
+    return {p.name: p.default for p in rest} or None
 
 
 def _drop_specialized(graph: fx.Graph, n_inputs: int) -> None:

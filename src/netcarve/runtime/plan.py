@@ -25,7 +25,6 @@ the module path and type with ``fallback=False``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..graph.trace import trace_model
+from ..graph.trace import check_forward_args, trace_model
 from .kernels import (
     ACTIVATIONS,
     activation,
@@ -390,7 +389,8 @@ class Lowering:
         # a torch.nn layer given as the whole model (nn.Conv2d, nn.TransformerEncoder, whose own forward fx cannot
         # trace, ...) is lowered as the one leaf of a wrapper, as it would be inside a model, named "model"
         leaf = fx.Tracer().is_leaf_module(model, "model")
-        self._check_arity(model)
+        if leaf:  # (its wrapper takes exactly the example's tensors; trace_model checks a traced model's forward)
+            check_forward_args(model, len(self.inputs), f"runtime: {self.name}")
         root = _wrapped(model, len(self.inputs)) if leaf else model
         traced = trace_model(root, self.inputs if len(self.inputs) > 1 else self.inputs[0], name=self.name)
         if traced.opaque and not fallback:
@@ -415,25 +415,6 @@ class Lowering:
         self._consts: dict[fx.Node, Any] = {}  # _const's memo
 
     # ---- helpers
-    def _check_arity(self, model: nn.Module) -> None:
-        """The example input gives every argument ``model.forward`` requires, and no more than it takes."""
-        try:
-            params = list(inspect.signature(model.forward).parameters.values())
-        except (TypeError, ValueError):  # no signature to read: tracing reports any mismatch
-            return
-        pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        required = [p for p in pos if p.default is p.empty]
-        n = len(self.inputs)
-        if n < len(required):
-            p = required[n]
-            raise UnsupportedModelError(
-                f"runtime: {self.name}: forward argument {p.name!r} (input {n + 1}) is not in the example input "
-                f"({n} tensor{'s' if n > 1 else ''}); pass every input the model takes, as a tuple in the order of "
-                "its forward arguments")
-        if n > len(pos) and not any(p.kind == p.VAR_POSITIONAL for p in params):
-            raise UnsupportedModelError(f"runtime: {self.name}: {n} example inputs for a forward of {len(pos)} "
-                                        f"argument{'s' if len(pos) != 1 else ''} ({', '.join(p.name for p in pos)})")
-
     def _new(self, node: fx.Node) -> int:
         self.val[node] = self.nvals
         self.nvals += 1
@@ -621,14 +602,11 @@ class Lowering:
         return self._schedule(), self.nvals, self.output
 
     def _lower_placeholder(self, node):
-        i = self._placeholders
+        i = self._placeholders  # (trace_model checked the example against the forward's arguments)
         self._placeholders += 1
         if i >= len(self.inputs):
-            given = len(self.inputs)
-            raise UnsupportedModelError(
-                f"runtime: {self.name}: forward argument {node.target!r} (input {i + 1}) is not in the example input "
-                f"({given} tensor{'s' if given > 1 else ''}); pass every input the model takes, as a tuple in the "
-                "order of its forward arguments")
+            raise UnsupportedModelError(f"runtime: {self.name}: graph input {node.target!r} beyond the example's "
+                                        f"{len(self.inputs)}")
         self.val[node] = i
 
     def _lower_get_attr(self, node):
