@@ -349,3 +349,46 @@ def test_optional_arguments_left_out_are_their_defaults(kernels):
     assert len(c1.inputs) == 1 and len(c2.inputs) == 2 and "mul" in [op.kind for op in c2.ops]
     with torch.no_grad():
         assert _rel(c1(x), m(x)) <= 1e-4 and _rel(c2(x, mask), m(x, mask)) <= 1e-4
+
+
+def test_inputs_by_name(kernels):
+    """An example input given as a dict by forward argument name (HF-style ``model(**batch)``): the tensors are put in
+    forward's order, arguments left out take their defaults (traced as constants, even between given ones), and the
+    compiled model is called by keyword (or positionally, in forward's order)."""
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.typ = nn.Embedding(60, 32), nn.Embedding(2, 32)
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, input_ids, attention_mask=None, token_type_ids=None, scale=1.0):
+            h = self.emb(input_ids)
+            if token_type_ids is not None:
+                h = h + self.typ(token_type_ids)
+            pad = None if attention_mask is None else attention_mask == 0
+            return self.head(self.attn(h, h, h, key_padding_mask=pad)[0].mean(1)) * scale
+
+    m = Named().eval()
+    ids, mask = _batch([10, 6, 3], gen=torch.Generator().manual_seed(4))
+    types = (torch.arange(10) >= 5).long().expand(3, 10).contiguous()
+    batch = {"token_type_ids": types, "input_ids": ids}  # (not in forward's order; attention_mask left out)
+    c = compile(m, batch, sparse="never", fallback=False)
+    assert c.input_names == ["input_ids", "token_type_ids"] and c.summary()["input_names"] == c.input_names
+    with torch.no_grad():
+        ref = m(ids, token_type_ids=types)
+        assert _rel(c(**batch), ref) <= 1e-4 and _rel(c(ids, types), ref) <= 1e-4
+        assert _rel(c.reference(**batch), ref) <= 1e-4 and c.time(batch, repeats=2, warmup=1) > 0
+        c2 = compile(m, {"input_ids": ids, "attention_mask": mask}, sparse="never", fallback=False)
+        assert _rel(c2(input_ids=ids, attention_mask=mask), m(ids, mask)) <= 1e-4
+    with pytest.raises(ConfigError, match="expected the inputs input_ids, token_type_ids, got 0 positional and "
+                                          "input_ids keyword"):
+        c(input_ids=ids)
+    with pytest.raises(UnsupportedModelError, match="example input 'labels' is not an argument of forward"):
+        compile(m, {"input_ids": ids, "labels": ids}, sparse="never")
+    with pytest.raises(UnsupportedModelError, match="forward argument 'input_ids' has no default"):
+        compile(m, {"attention_mask": mask}, sparse="never")
+    with pytest.raises(ConfigError, match="need a model whose forward is traced"):
+        compile(nn.Linear(4, 2), {"input": torch.randn(2, 4)}, sparse="never")

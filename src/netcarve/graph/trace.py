@@ -83,7 +83,9 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None) -
     """
     name = name or type(model).__name__
     concrete = None
-    if example_input is not None:
+    if isinstance(example_input, dict):  # forward's arguments by name
+        example_input, concrete = _by_name(model, example_input, name)
+    elif example_input is not None:
         n = len(example_input) if isinstance(example_input, (tuple, list)) else 1
         concrete = check_forward_args(model, n, name)
     graph, opaque = _trace(model, name, proxy_buffers=False, concrete=concrete)
@@ -116,6 +118,7 @@ def check_forward_args(model: nn.Module, n: int, name: str | None = None) -> dic
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):  # no signature to read: tracing reports any mismatch
         return None
+    # (positional tensors fill the arguments in order; keyword-only ones need a default or the example by name)
     pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if n > len(pos) and not any(p.kind == p.VAR_POSITIONAL for p in params):
         raise UnsupportedModelError(f"{name}: {n} example inputs for a forward of {len(pos)} "
@@ -130,10 +133,47 @@ def check_forward_args(model: nn.Module, n: int, name: str | None = None) -> dic
     return {p.name: p.default for p in rest} or None
 
 
-def _drop_specialized(graph: fx.Graph, n_inputs: int) -> None:
-    """Remove what fx adds for arguments traced as constants (``concrete_args``): their placeholders and the checks
-    on them (``_assert_is_none``, ``torch._assert(x == c)``), when nothing else reads them."""
-    phs = [n for n in graph.nodes if n.op == "placeholder"][n_inputs:]
+def _named_params(model: nn.Module) -> list[inspect.Parameter] | None:
+    """``model.forward``'s named arguments (positional and keyword-only, in order; fx makes one placeholder each)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _by_name(model: nn.Module, inputs: dict, name: str) -> tuple[tuple, dict[str, Any] | None]:
+    """Example tensors given by argument name: (the tensors in the forward's order, the arguments left out -> their
+    defaults, traced as constants). Unknown names and left-out arguments without a default are named."""
+    params = _named_params(model)
+    if params is None:
+        raise UnsupportedModelError(f"{name}: forward's signature cannot be read; pass the example input as a tuple")
+    names = [p.name for p in params]
+    unknown = [k for k in inputs if k not in names]
+    if unknown:
+        raise UnsupportedModelError(f"{name}: example input {unknown[0]!r} is not an argument of forward "
+                                    f"({', '.join(names)})")
+    missing = next((p for p in params if p.name not in inputs and p.default is p.empty), None)
+    if missing is not None:
+        raise UnsupportedModelError(f"{name}: forward argument {missing.name!r} has no default and is not in the "
+                                    f"example input ({', '.join(inputs)})")
+    return (tuple(inputs[p.name] for p in params if p.name in inputs),
+            {p.name: p.default for p in params if p.name not in inputs} or None)
+
+
+def ordered_inputs(model: nn.Module, example_input) -> tuple:
+    """The example tensors in the order ``model.forward`` takes them: a tensor, a tuple, or a dict by argument
+    name (ordered by the signature)."""
+    if isinstance(example_input, dict):
+        return _by_name(model, example_input, type(model).__name__)[0]
+    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+
+
+def _drop_specialized(graph: fx.Graph, drop: set[int]) -> None:
+    """Remove what fx adds for arguments traced as constants (``concrete_args``): their placeholders (positions
+    ``drop`` among the placeholders) and the checks on them (``_assert_is_none``, ``torch._assert(x == c)``), when
+    nothing else reads them."""
+    phs = [n for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder") if i in drop]
     dead = set(phs)
     for node in graph.nodes:
         if node.op == "call_function" and node.all_input_nodes and all(a in dead for a in node.all_input_nodes):
@@ -155,8 +195,8 @@ def _trace(model: nn.Module, name: str, proxy_buffers: bool,
         try:
             if concrete:
                 graph = tracer.trace(model, concrete_args=concrete)
-                n_inputs = sum(1 for n in graph.nodes if n.op == "placeholder") - len(concrete)
-                _drop_specialized(graph, n_inputs)
+                params = _named_params(model) or []
+                _drop_specialized(graph, {i for i, p in enumerate(params) if p.name in concrete})
                 return graph, opaque
             return tracer.trace(model), opaque
         except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...

@@ -14,6 +14,7 @@ compiler (or ``NETCARVE_KERNELS=off``) the plain-PyTorch twin of the plan runs i
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -130,7 +131,8 @@ class CompiledModel:
 
     def __init__(self, ops: list[Op], nvals: int, output: int, plan, example_shape: tuple[int, ...],
                  layers: list[LayerChoice], threads: int, dtype: torch.dtype = torch.float32,
-                 inputs: list[tuple[tuple[int, ...], torch.dtype]] | None = None):
+                 inputs: list[tuple[tuple[int, ...], torch.dtype]] | None = None,
+                 input_names: list[str] | None = None):
         self.ops, self.nvals, self.output = ops, nvals, output
         self._plan = plan
         self._reference = ReferencePlan(ops, nvals, output)
@@ -138,6 +140,8 @@ class CompiledModel:
         # may change the batch (dim 0) of every input, not the other sizes
         self.inputs = list(inputs) if inputs else [(tuple(example_shape), dtype)]
         self.example_shape, self.dtype = self.inputs[0]
+        # the inputs' forward argument names when compiled from a dict (then calls may pass them by keyword)
+        self.input_names = list(input_names) if input_names else None
         self.layers = layers
         self.threads = threads
         # whole-plan check of the autotuned choices (sparse="auto"): ms per variant and the one kept, or None
@@ -181,15 +185,34 @@ class CompiledModel:
         (LayerNorm)"``; empty when the whole model is lowered natively."""
         return [n for op in self.ops if op.kind == "python" for n in op.p["nodes"]]
 
-    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
-        """Run the plan on the model's inputs (one tensor, or as many as the example input had, in order)."""
+    def _as_tuple(self, x) -> tuple:
+        """time() / profile()'s input: a tensor, a tuple of the inputs, or a dict of them by name."""
+        if isinstance(x, dict):
+            return self._by_keyword((), x)
+        return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+    def _by_keyword(self, xs: tuple, kw: dict) -> tuple:
+        """Call inputs given by keyword (a model compiled from a dict) as the tuple in the plan's order."""
+        if not kw:
+            return xs
+        if xs or not self.input_names or set(kw) != set(self.input_names):
+            want = ", ".join(self.input_names) if self.input_names else "positional inputs (compiled from a tuple)"
+            raise ConfigError(f"compiled model: expected the inputs {want}, got {len(xs)} positional and "
+                              f"{', '.join(kw) or 'no'} keyword")
+        return tuple(kw[k] for k in self.input_names)
+
+    def __call__(self, *xs: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
+        """Run the plan on the model's inputs (one tensor, or as many as the example input had, in order; by keyword
+        when compiled from a dict)."""
+        xs = self._by_keyword(xs, kw)
         a = self._args(xs)
         if self._plan is None:
             return self._reference.run(*xs)
         return (self._small[0] if self._small_call(a) else self._plan).run(a)
 
-    def reference(self, *xs: torch.Tensor) -> torch.Tensor:
+    def reference(self, *xs: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
         """The same plan run with plain PyTorch ops (the reference twin)."""
+        xs = self._by_keyword(xs, kw)
         self._args(xs)
         return self._reference.run(*xs)
 
@@ -198,7 +221,7 @@ class CompiledModel:
         input, or a tuple of the inputs of a model that takes several."""
         if self._plan is None:
             raise ConfigError("compiled model: not native (no compiled kernels); time the reference with netcarve bench")
-        a = self._args(tuple(x) if isinstance(x, (tuple, list)) else (x,))
+        a = self._args(self._as_tuple(x))
         return float((self._small[0] if self._small_call(a) else self._plan).time(a, repeats, warmup))
 
     def profile(self, x: torch.Tensor | tuple[torch.Tensor, ...], repeats: int = 30,
@@ -207,7 +230,7 @@ class CompiledModel:
         input, or a tuple of the inputs."""
         if self._plan is None:
             raise ConfigError("compiled model: not native (no compiled kernels)")
-        a = self._args(tuple(x) if isinstance(x, (tuple, list)) else (x,))
+        a = self._args(self._as_tuple(x))
         plan, ops, choice = (self._small if self._small_call(a)
                              else (self._plan, self.ops, {lc.name: lc.choice for lc in self.layers}))
         ms = plan.profile(a, repeats, warmup)
@@ -222,6 +245,7 @@ class CompiledModel:
     def summary(self) -> dict[str, Any]:
         return {"native": self.native, "threads": self.threads, "example_shape": list(self.example_shape),
                 "inputs": [{"shape": list(sh), "dtype": str(d).replace("torch.", "")} for sh, d in self.inputs],
+                "input_names": self.input_names,
                 "steps": len(self.ops), "layers": [asdict(lc) for lc in self.layers],
                 "sparse_layers": sum(lc.choice == "sparse" for lc in self.layers), "plan_check": self.plan_check,
                 "python_steps": sum(op.kind == "python" for op in self.ops), "fallback": self.fallback}
@@ -294,16 +318,20 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
         raise ConfigError(f"runtime.compile: sparse must be one of {', '.join(SPARSE_MODES)}, got {sparse!r}")
     if lanes not in LANES_MODES:
         raise ConfigError(f"runtime.compile: lanes must be one of {', '.join(LANES_MODES)}, got {lanes!r}")
-    xs = as_inputs(example_input)
+    model = _resolve(model_or_checkpoint)
+    xs = as_inputs(example_input, model)
     for t in xs:
         if not (t.dtype == torch.float32 or (not t.is_floating_point() and not t.is_complex())):
             raise ConfigError("runtime.compile: example_input must be a float32 tensor (a batch of the model's input) "
                               f"or integer token ids (or a tuple of such), got {t.dtype}")
-    model = _resolve(model_or_checkpoint)
+    # inputs given by name: their names in forward's order (as_inputs checked them), for calls by keyword
+    names = (sorted(example_input, key=list(inspect.signature(model.forward).parameters).index)
+             if isinstance(example_input, dict) else None)
     was_training = model.training
     model.eval()
     try:
-        ops, nvals, output = lower(model, xs if len(xs) > 1 else xs[0], fallback=fallback)
+        ops, nvals, output = lower(model, example_input if names else xs if len(xs) > 1 else xs[0],
+                                   fallback=fallback)
     finally:
         model.train(was_training)
     for i, t in enumerate(xs):
@@ -340,7 +368,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
         dens = sum(int((w != 0).sum()) for w in ws) / max(1, sum(w.numel() for w in ws))
         layers.append(LayerChoice(op.name, op.kind, list(ws[0].shape), float(dens), macs, nz, "dense"))
     if mod is None:
-        return CompiledModel(ops, nvals, output, None, specs[0][0], layers, nthreads, specs[0][1], inputs=specs)
+        return CompiledModel(ops, nvals, output, None, specs[0][0], layers, nthreads, specs[0][1], inputs=specs,
+                             input_names=names)
 
     eligible = [_eligible(op) for op in convs]
     # candidate kernels per layer: "sparse" (eligible layers, not with sparse="never"), "dense" (ATen: oneDNN /
@@ -406,7 +435,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
                                                                    or xs[0].shape[0] >= LANES_MIN_BATCH):
         ops, nvals, output, plan, check = _try_lanes(mod, ops, nvals, output, plan, xs[0], convs, layers,
                                                      check, lanes, max(3, repeats // 2))
-    compiled = CompiledModel(ops, nvals, output, plan, specs[0][0], layers, nthreads, specs[0][1], inputs=specs)
+    compiled = CompiledModel(ops, nvals, output, plan, specs[0][0], layers, nthreads, specs[0][1], inputs=specs,
+                             input_names=names)
     compiled.plan_check = check
     if lanes == "auto" and plan is not small[0]:
         compiled._small, compiled.lanes_min_batch = small, LANES_MIN_BATCH

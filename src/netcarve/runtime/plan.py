@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..graph.trace import check_forward_args, trace_model
+from ..graph.trace import check_forward_args, ordered_inputs, trace_model
 from .kernels import (
     ACTIVATIONS,
     activation,
@@ -364,10 +364,16 @@ def _wrapped(model: nn.Module, n: int) -> nn.Module:
     return type(f"_Wrapped{n}", (_Wrapped,), {"forward": ns["forward"]})(model)
 
 
-def as_inputs(example_input: Any) -> tuple[torch.Tensor, ...]:
-    """A plan's inputs as a tuple: one tensor, or a tuple / list of them (the model's positional forward
-    arguments, in order)."""
-    xs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+def as_inputs(example_input: Any, model: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+    """A plan's inputs as a tuple: one tensor, a tuple / list of them (the model's positional forward arguments, in
+    order) or a dict by argument name (put in ``model.forward``'s order; arguments left out take their defaults)."""
+    if isinstance(example_input, dict):
+        if model is None or fx.Tracer().is_leaf_module(model, "model"):
+            raise ConfigError("runtime: example inputs by name need a model whose forward is traced (not a torch.nn "
+                              "layer itself); pass a tuple")
+        xs = ordered_inputs(model, example_input)
+    else:
+        xs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     if not xs or not all(isinstance(t, torch.Tensor) for t in xs):
         got = type(example_input).__name__ if not xs or not isinstance(example_input, (tuple, list)) else \
             ", ".join(type(t).__name__ for t in xs)
@@ -385,14 +391,15 @@ class Lowering:
         self.name = type(model).__name__
         self.fallback = fallback
         # the plan's inputs are its values 0 .. n-1, one per forward argument (fx placeholder), in order
-        self.inputs = as_inputs(example_input)
+        self.inputs = as_inputs(example_input, model)
         # a torch.nn layer given as the whole model (nn.Conv2d, nn.TransformerEncoder, whose own forward fx cannot
         # trace, ...) is lowered as the one leaf of a wrapper, as it would be inside a model, named "model"
         leaf = fx.Tracer().is_leaf_module(model, "model")
         if leaf:  # (its wrapper takes exactly the example's tensors; trace_model checks a traced model's forward)
             check_forward_args(model, len(self.inputs), f"runtime: {self.name}")
         root = _wrapped(model, len(self.inputs)) if leaf else model
-        traced = trace_model(root, self.inputs if len(self.inputs) > 1 else self.inputs[0], name=self.name)
+        traced = trace_model(root, example_input if isinstance(example_input, dict)
+                             else self.inputs if len(self.inputs) > 1 else self.inputs[0], name=self.name)
         if traced.opaque and not fallback:
             path, why = next(iter(traced.opaque.items()))
             raise UnsupportedModelError(f"runtime: {self.name}: fx cannot trace into {path!r} ({why})")
