@@ -114,32 +114,33 @@ def check_forward_args(model: nn.Module, n: int, name: str | None = None) -> dic
     that have defaults (``forward(x, mask=None)`` given only ``x``), name -> default, to trace as those constants;
     None when there are none (or the signature cannot be read)."""
     name = name or type(model).__name__
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):  # no signature to read: tracing reports any mismatch
+    params = _named_params(model, varargs=True)
+    if params is None:  # no signature to read: tracing reports any mismatch
         return None
     # (positional tensors fill the arguments in order; keyword-only ones need a default or the example by name)
     pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if n > len(pos) and not any(p.kind == p.VAR_POSITIONAL for p in params):
         raise UnsupportedModelError(f"{name}: {n} example inputs for a forward of {len(pos)} "
                                     f"argument{'s' if len(pos) != 1 else ''} ({', '.join(p.name for p in pos)})")
-    rest = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][n:]
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    rest = named[n:]
     missing = next((p for p in rest if p.default is p.empty), None)
     if missing is not None:
         raise UnsupportedModelError(
-            f"{name}: forward argument {missing.name!r} (input {params.index(missing) + 1}) is not in the example "
+            f"{name}: forward argument {missing.name!r} (input {named.index(missing) + 1}) is not in the example "
             f"input ({n} tensor{'s' if n > 1 else ''}); pass every input the model takes, as a tuple in the order "
             "of its forward arguments")
     return {p.name: p.default for p in rest} or None
 
 
-def _named_params(model: nn.Module) -> list[inspect.Parameter] | None:
-    """``model.forward``'s named arguments (positional and keyword-only, in order; fx makes one placeholder each)."""
+def _named_params(model: nn.Module, varargs: bool = False) -> list[inspect.Parameter] | None:
+    """``model.forward``'s named arguments (positional and keyword-only, in order; fx makes one placeholder each),
+    with ``varargs`` also ``*args`` / ``**kwargs``; None when the signature cannot be read."""
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
         return None
-    return [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p for p in params if varargs or p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _by_name(model: nn.Module, inputs: dict, name: str) -> tuple[tuple, dict[str, Any] | None]:
@@ -161,12 +162,13 @@ def _by_name(model: nn.Module, inputs: dict, name: str) -> tuple[tuple, dict[str
             {p.name: p.default for p in params if p.name not in inputs} or None)
 
 
-def ordered_inputs(model: nn.Module, example_input) -> tuple:
-    """The example tensors in the order ``model.forward`` takes them: a tensor, a tuple, or a dict by argument
-    name (ordered by the signature)."""
+def ordered_inputs(model: nn.Module, example_input) -> tuple[tuple, list[str] | None]:
+    """The example tensors in the order ``model.forward`` takes them (a tensor, a tuple, or a dict by argument name,
+    ordered by the signature), and for a dict their argument names in that order (else None)."""
     if isinstance(example_input, dict):
-        return _by_name(model, example_input, type(model).__name__)[0]
-    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+        xs = _by_name(model, example_input, type(model).__name__)[0]
+        return xs, sorted(example_input, key=[p.name for p in _named_params(model)].index)
+    return (tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)), None
 
 
 def _drop_specialized(graph: fx.Graph, drop: set[int]) -> None:

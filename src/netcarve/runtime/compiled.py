@@ -14,7 +14,6 @@ compiler (or ``NETCARVE_KERNELS=off``) the plain-PyTorch twin of the plan runs i
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..graph.trace import ordered_inputs
 from ._build import cache_root, cpu_key, load_kernels, source_hash
 from .lanes import LANES_MIN_BATCH, lanes_conv_ok, lanes_rewrite
 from .plan import Op, ReferencePlan, as_inputs, build_native, lower
@@ -324,9 +324,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
         if not (t.dtype == torch.float32 or (not t.is_floating_point() and not t.is_complex())):
             raise ConfigError("runtime.compile: example_input must be a float32 tensor (a batch of the model's input) "
                               f"or integer token ids (or a tuple of such), got {t.dtype}")
-    # inputs given by name: their names in forward's order (as_inputs checked them), for calls by keyword
-    names = (sorted(example_input, key=list(inspect.signature(model.forward).parameters).index)
-             if isinstance(example_input, dict) else None)
+    names = ordered_inputs(model, example_input)[1]  # inputs given by name: for calls by keyword
     was_training = model.training
     model.eval()
     try:

@@ -371,7 +371,7 @@ def as_inputs(example_input: Any, model: nn.Module | None = None) -> tuple[torch
         if model is None or fx.Tracer().is_leaf_module(model, "model"):
             raise ConfigError("runtime: example inputs by name need a model whose forward is traced (not a torch.nn "
                               "layer itself); pass a tuple")
-        xs = ordered_inputs(model, example_input)
+        xs = ordered_inputs(model, example_input)[0]
     else:
         xs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     if not xs or not all(isinstance(t, torch.Tensor) for t in xs):
