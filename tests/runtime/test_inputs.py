@@ -392,3 +392,96 @@ def test_inputs_by_name(kernels):
         compile(m, {"attention_mask": mask}, sparse="never")
     with pytest.raises(ConfigError, match="need a model whose forward is traced"):
         compile(nn.Linear(4, 2), {"input": torch.randn(2, 4)}, sparse="never")
+
+
+class _Decoding(nn.Module):
+    """nn.Transformer translation model whose causal target mask is made in forward for the target's length (as
+    greedy decoding calls it: one more target token per call)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.src_emb, self.tgt_emb = nn.Embedding(40, 32), nn.Embedding(40, 32)
+        self.tf = nn.Transformer(32, 4, 2, 2, 64, 0.1, batch_first=True)
+        self.head = nn.Linear(32, 40)
+
+    def forward(self, src, tgt):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        h = self.tf(self.src_emb(src), self.tgt_emb(tgt), tgt_mask=causal, src_key_padding_mask=src == 0,
+                    memory_key_padding_mask=src == 0)
+        return self.head(h)
+
+
+def _greedy(step, src, steps):
+    tgt = torch.ones(src.shape[0], 1, dtype=torch.long)
+    for _ in range(steps):
+        tgt = torch.cat([tgt, step(src, tgt)[:, -1].argmax(-1, keepdim=True)], 1)
+    return tgt
+
+
+def test_dynamic_sizes_greedy_decoding(kernels):
+    """``compile(..., dynamic=True)``: a call of other non-batch sizes (here every longer target of a greedy decode)
+    gets a plan compiled for them on first use, native, with the example plan's kernel per layer, and kept; the
+    decode gives the model's tokens and logits. Without ``dynamic`` the same call is a clear error."""
+    m = _Decoding().eval()
+    s = make_scheme("block", block=(4, 16))
+    with torch.no_grad():
+        for mod in m.tf.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.mul_(s.project(mod.weight, 0.8))
+    g = torch.Generator().manual_seed(3)
+    src = torch.randint(1, 40, (2, 9), generator=g)
+    src[1, 6:] = 0
+    tgt = torch.ones(2, 1, dtype=torch.long)
+    with at_threads(2):
+        c = compile(m, (src, tgt), sparse="auto", fallback=False, dynamic=True, use_cache=False, repeats=3)
+    with torch.no_grad():
+        ref = _greedy(m, src, 5)
+        assert torch.equal(_greedy(c, src, 5), ref)
+        assert c.shapes == [[(9,), (t,)] for t in range(1, 6)] and c.summary()["shapes"][-1] == [[9], [5]]
+        for v in c._variants.values():
+            assert v.native and not v.fallback and not v.dynamic and v.inputs[1][0][1] in range(2, 6)
+            # (each layer on the kernel tuned at the example's sizes, untimed)
+            assert [lc.choice for lc in v.layers] == [lc.choice for lc in c.layers]
+            assert all(lc.sparse_ms is None and lc.dense_ms is None for lc in v.layers)
+        # a kept plan: calls of those sizes (other batches too) reuse it, in order of use; also time / reference
+        v3 = c._variants[((9,), torch.int64), ((3,), torch.int64)]
+        x3 = (src[:1], ref[:1, :3])
+        assert _rel(c(*x3), m(*x3)) <= 1e-4 and _rel(c.reference(*x3), m(*x3)) <= 1e-4 and c.time(x3, 2, 1) > 0
+        assert list(c._variants.values())[-1] is v3 and len(c._variants) == 4
+        assert [p["kind"] for p in c.profile(x3, 2, 1)] == [op.kind for op in v3.ops]
+        fixed = compile(m, (src, tgt), sparse="never", fallback=False)
+        with pytest.raises(ConfigError, match=r"expected input 2 \(N, 1\), got \(1, 3\) .*dynamic=True"):
+            fixed(*x3)
+        with pytest.raises(ConfigError, match="expected input 2 \\(N, 1\\), got \\(2, 1, 1\\)$"):
+            c(src, tgt[..., None])  # (other number of dimensions: not compiled, named)
+        with pytest.raises(ConfigError, match="expected a int64 input 2, got torch.int32"):
+            c(src, tgt.int())
+
+
+def test_dynamic_sizes_kept_plans_and_image_sizes(kernels):
+    """A CNN at other image sizes; ``max_shapes`` bounds the plans kept (least recently used dropped, compiled again
+    when needed); dict inputs called by keyword; options checked."""
+    from netcarve.models import create_model
+
+    m = create_model("resnet20").eval()
+    with at_threads(2):
+        c = compile(m, torch.randn(2, 3, 32, 32), sparse="never", dynamic=True, max_shapes=2)
+    x40, x24 = torch.randn(3, 3, 40, 48), torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        assert _rel(c(x40), m(x40)) <= 1e-4 and c.shapes == [[(3, 32, 32)], [(3, 40, 48)]]
+        first = c._variants[(((3, 40, 48), torch.float32),)]
+        assert _rel(c(x24), m(x24)) <= 1e-4 and c.shapes == [[(3, 32, 32)], [(3, 24, 24)]]
+        assert _rel(c(x40), m(x40)) <= 1e-4 and c._variants[(((3, 40, 48), torch.float32),)] is not first
+        x = torch.randn(5, 3, 32, 32)
+        assert _rel(c(x), m(x)) <= 1e-4 and len(c._variants) == 1  # (the example's plan)
+    with pytest.raises(ConfigError, match="max_shapes must be an integer >= 1, got 0"):
+        compile(m, x, dynamic=True, max_shapes=0)
+
+    ids, mask = _batch([10, 6, 3], gen=torch.Generator().manual_seed(2))
+    mc = _MaskedClassifier("eq").eval()
+    c = compile(mc, {"input_ids": ids, "attention_mask": mask}, sparse="never", fallback=False, dynamic=True)
+    ids7, mask7 = _batch([7, 2], t=7, gen=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert _rel(c(input_ids=ids7, attention_mask=mask7), mc(ids7, mask7)) <= 1e-4
+        assert c._variants[next(iter(c._variants))].input_names == ["input_ids", "attention_mask"]

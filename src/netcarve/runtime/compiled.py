@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -150,6 +151,44 @@ class CompiledModel:
         # (_small: that plan, its ops and its layers' kernel choices); a group of 16 images costs the same as one
         self.lanes_min_batch = 0
         self._small: tuple[Any, list[Op], dict[str, str]] | None = None
+        # compile(dynamic=True): the model and options to compile a plan for other non-batch sizes on first use, and
+        # those plans by input shapes (least recently used first)
+        self._dynamic: dict[str, Any] | None = None
+        self._variants: OrderedDict[tuple, CompiledModel] = OrderedDict()
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether calls may change the non-batch sizes (``compile(..., dynamic=True)``)."""
+        return self._dynamic is not None
+
+    @property
+    def shapes(self) -> list[list[tuple[int, ...]]]:
+        """The non-batch sizes of the inputs of every plan kept: the example's first, then those compiled for calls
+        (``dynamic=True``), least recently used first."""
+        return [[s[1:] for s, _ in self.inputs]] + [[s for s, _ in key] for key in self._variants]
+
+    def _for_shapes(self, xs: tuple) -> CompiledModel:
+        """The compiled model for these call inputs: self, or with ``dynamic=True`` and other non-batch sizes the
+        plan compiled for them (on first use, with this plan's per-layer kernel choices)."""
+        if self._dynamic is None or len(xs) != len(self.inputs) or not all(isinstance(x, torch.Tensor) for x in xs):
+            return self
+        key = tuple((tuple(x.shape[1:]), x.dtype) for x in xs)
+        if key == tuple((tuple(s[1:]), d) for s, d in self.inputs) or any(
+                x.dtype != d or x.dim() != len(s) for x, (s, d) in zip(xs, self.inputs)):
+            return self  # (another dtype or number of dimensions than the example's gets _args' error)
+        if key in self._variants:
+            self._variants.move_to_end(key)
+            return self._variants[key]
+        d = self._dynamic
+        example = dict(zip(self.input_names, xs)) if self.input_names else xs if len(xs) > 1 else xs[0]
+        logger.info("runtime.compile(dynamic=True): %s: compiling a plan for the input sizes %s (%d kept)",
+                    type(d["model"]).__name__, "; ".join(str(tuple(x.shape)) for x in xs), len(self._variants) + 1)
+        v = compile(d["model"], example, **d["options"],
+                    _choices={lc.name: "sparse" if lc.choice == "lanes" else lc.choice for lc in self.layers})
+        self._variants[key] = v
+        while len(self._variants) > d["max_shapes"] - 1:
+            self._variants.popitem(last=False)
+        return v
 
     def _small_call(self, x) -> bool:
         """Whether this input runs the plan without the lanes layout (fewer images than ``lanes_min_batch``)."""
@@ -166,7 +205,11 @@ class CompiledModel:
             what = f"input {i + 1} " if n > 1 else "input "
             if not isinstance(x, torch.Tensor) or x.dim() != len(shape) or tuple(x.shape[1:]) != tuple(shape[1:]):
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ConfigError(f"compiled model: expected {what}(N, {', '.join(map(str, shape[1:]))}), got {got}")
+                hint = ("" if not isinstance(x, torch.Tensor) or self.dynamic
+                        else " (the plan is compiled for these sizes; only the batch may change unless compiled with "
+                        "dynamic=True)")
+                raise ConfigError(f"compiled model: expected {what}(N, {', '.join(map(str, shape[1:]))}), got "
+                                  f"{got}{hint}")
             if x.dtype != dtype:
                 raise ConfigError(f"compiled model: expected a {str(dtype).replace('torch.', '')} {what.strip()}, "
                                   f"got {x.dtype}")
@@ -205,6 +248,9 @@ class CompiledModel:
         """Run the plan on the model's inputs (one tensor, or as many as the example input had, in order; by keyword
         when compiled from a dict)."""
         xs = self._by_keyword(xs, kw)
+        v = self._for_shapes(xs)
+        if v is not self:
+            return v(*xs)
         a = self._args(xs)
         if self._plan is None:
             return self._reference.run(*xs)
@@ -213,6 +259,9 @@ class CompiledModel:
     def reference(self, *xs: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
         """The same plan run with plain PyTorch ops (the reference twin)."""
         xs = self._by_keyword(xs, kw)
+        v = self._for_shapes(xs)
+        if v is not self:
+            return v.reference(*xs)
         self._args(xs)
         return self._reference.run(*xs)
 
@@ -221,6 +270,9 @@ class CompiledModel:
         input, or a tuple of the inputs of a model that takes several."""
         if self._plan is None:
             raise ConfigError("compiled model: not native (no compiled kernels); time the reference with netcarve bench")
+        v = self._for_shapes(self._as_tuple(x))
+        if v is not self:
+            return v.time(x, repeats, warmup)
         a = self._args(self._as_tuple(x))
         return float((self._small[0] if self._small_call(a) else self._plan).time(a, repeats, warmup))
 
@@ -230,6 +282,9 @@ class CompiledModel:
         input, or a tuple of the inputs."""
         if self._plan is None:
             raise ConfigError("compiled model: not native (no compiled kernels)")
+        v = self._for_shapes(self._as_tuple(x))
+        if v is not self:
+            return v.profile(x, repeats, warmup)
         a = self._args(self._as_tuple(x))
         plan, ops, choice = (self._small if self._small_call(a)
                              else (self._plan, self.ops, {lc.name: lc.choice for lc in self.layers}))
@@ -245,7 +300,8 @@ class CompiledModel:
     def summary(self) -> dict[str, Any]:
         return {"native": self.native, "threads": self.threads, "example_shape": list(self.example_shape),
                 "inputs": [{"shape": list(sh), "dtype": str(d).replace("torch.", "")} for sh, d in self.inputs],
-                "input_names": self.input_names,
+                "input_names": self.input_names, "dynamic": self.dynamic,
+                "shapes": [[list(s) for s in sh] for sh in self.shapes],
                 "steps": len(self.ops), "layers": [asdict(lc) for lc in self.layers],
                 "sparse_layers": sum(lc.choice == "sparse" for lc in self.layers), "plan_check": self.plan_check,
                 "python_steps": sum(op.kind == "python" for op in self.ops), "fallback": self.fallback}
@@ -288,7 +344,8 @@ def _tune_malloc() -> None:
 def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,  # noqa: A001
             sparse: str = "auto",
             threads: int | None = None, repeats: int = 20, use_cache: bool = True,
-            codegen: bool = False, fallback: bool = True, lanes: str = "auto") -> CompiledModel:
+            codegen: bool = False, fallback: bool = True, lanes: str = "auto", dynamic: bool = False,
+            max_shapes: int = 8, _choices: dict[str, str] | None = None) -> CompiledModel:
     """Compile a model (or a checkpoint directory saved by netcarve) for this CPU.
 
     Args:
@@ -313,11 +370,19 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
             the lanes layout, 16 images per vector (:mod:`netcarve.runtime.lanes`), kept where the whole plan runs
             faster; their layers report ``choice="lanes"``; calls with fewer than 16 images then run the plan
             without it), ``"always"`` (that rewrite at any batch, untimed, for every call) or ``"never"``.
+        dynamic: calls may also change the inputs' other sizes (a sequence length, an image size): a call whose
+            non-batch sizes differ from the example's gets a plan compiled for them on first use, lowered from the
+            model as it is then, each layer on the kernel this compile chose for it (no new timing; lanes only with
+            ``lanes="always"``), and kept for later calls of those sizes. ``False``: such a call is an error.
+        max_shapes: with ``dynamic``, how many plans (the example's included) are kept; beyond, the least recently
+            used one is dropped (and compiled again if needed).
     """
     if sparse not in SPARSE_MODES:
         raise ConfigError(f"runtime.compile: sparse must be one of {', '.join(SPARSE_MODES)}, got {sparse!r}")
     if lanes not in LANES_MODES:
         raise ConfigError(f"runtime.compile: lanes must be one of {', '.join(LANES_MODES)}, got {lanes!r}")
+    if dynamic and (isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1):
+        raise ConfigError(f"runtime.compile: max_shapes must be an integer >= 1, got {max_shapes!r}")
     model = _resolve(model_or_checkpoint)
     xs = as_inputs(example_input, model)
     for t in xs:
@@ -345,6 +410,9 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
                                         f"({bad[0].kind}) reads {which}; natively only an Embedding (or a "
                                         "comparison with a number, a padding mask) takes token ids")
     specs = [(tuple(t.shape), t.dtype) for t in xs]
+    dyn = {"model": model, "max_shapes": max_shapes, "options": dict(
+        sparse=sparse, repeats=repeats, use_cache=use_cache, codegen=codegen, fallback=fallback,
+        lanes="always" if lanes == "always" else "never")} if dynamic else None
     px = xs[0] if len(xs) == 1 else list(xs)  # the example as the native plan takes it
     fallen = [n for op in ops if op.kind == "python" for n in op.p["nodes"]]
     if fallen:
@@ -366,8 +434,10 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
         dens = sum(int((w != 0).sum()) for w in ws) / max(1, sum(w.numel() for w in ws))
         layers.append(LayerChoice(op.name, op.kind, list(ws[0].shape), float(dens), macs, nz, "dense"))
     if mod is None:
-        return CompiledModel(ops, nvals, output, None, specs[0][0], layers, nthreads, specs[0][1], inputs=specs,
-                             input_names=names)
+        compiled = CompiledModel(ops, nvals, output, None, specs[0][0], layers, nthreads, specs[0][1], inputs=specs,
+                                 input_names=names)
+        compiled._dynamic = dyn
+        return compiled
 
     eligible = [_eligible(op) for op in convs]
     # candidate kernels per layer: "sparse" (eligible layers, not with sparse="never"), "dense" (ATen: oneDNN /
@@ -390,6 +460,10 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
         gen = ["generated"] if (gen_ok and ok and op.kind == "conv" and sparse != "never"
                                 and (sparse == "always" or offer)) else []
         cands.append(["sparse"] + gen if sparse == "always" and ok else c + (["sparse"] if offer else []) + gen)
+    if _choices:  # (a dynamic model's plan for other sizes: the layers keep the example plan's kernels, untimed)
+        for i, op in enumerate(convs):
+            if _choices.get(op.name) in cands[i]:
+                cands[i] = [_choices[op.name]]
     if gen_ok:
         _build_generated(convs, cands)
     tuned = [len(c) > 1 for c in cands]
@@ -438,6 +512,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
     compiled.plan_check = check
     if lanes == "auto" and plan is not small[0]:
         compiled._small, compiled.lanes_min_batch = small, LANES_MIN_BATCH
+    compiled._dynamic = dyn
     return compiled
 
 
