@@ -24,7 +24,9 @@ skipped). ``--switch codegen`` compares two compiles of each sparse model instea
 compares each model compiled and run on one thread ("off") with the same on ``--threads`` threads ("on").
 ``--callers 2`` times each plan called from two Python threads at once (wall time per call, both threads'
 calls counted; e.g. a server answering two requests): with ``--switch team`` the case where two plan runs compete
-for the cores.
+for the cores. ``--background T`` runs a CPU-bound process beside the timing (a float32 matmul loop on T threads at
+nice 10, as a training job in the background would), started after the compiles and stopped at the end: with
+``--switch team`` the case where the OS deschedules a plan's threads for another process's.
 Models come from the work directories of ``sparse_runtime.py`` (sparse ResNet-56 / VGG-16) and
 ``structural_resnet56.py`` (the compact model, ``--compact``); missing ones are skipped with a note. Every plan is
 compiled once (autotuned with the switch on, the default) and timed inside the native plan: minimum over
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from pathlib import Path
 
 import torch
@@ -66,6 +69,16 @@ def _time_callers(plan, x, repeats: int, callers: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / (repeats * callers)
 
 
+def _background(threads: int):
+    """A CPU-bound process at nice 10 on ``threads`` threads (a matmul loop), as a background training job."""
+    import subprocess
+    import sys
+
+    code = (f"import os, torch; os.nice(10); torch.set_num_threads({threads}); a = torch.randn(384, 384)\n"
+            "while True: a = torch.tanh(a @ a)")
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--switch", choices=sorted(SWITCHES), default="banded")
@@ -80,6 +93,8 @@ def main() -> None:
     p.add_argument("--sparse-dir", default=str(CACHE / "sparse_runtime"))
     p.add_argument("--callers", type=int, default=1,
                    help="Python threads calling each plan at once (> 1: wall time per call, not the native timer)")
+    p.add_argument("--background", type=int, default=0,
+                   help="threads of a niced CPU-bound process run beside the timing (0: none)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -116,7 +131,7 @@ def main() -> None:
             models[name] = netcarve.load(path).eval()
         else:
             skipped[name] = f"no saved model at {path} (run the benchmark that makes it)"
-    rows = []
+    rows, hog = [], None
     for batch in a.batch:
         x = torch.randn(batch, 3, 32, 32)
         if a.switch == "threads":  # (off, on) = each model compiled on 1 and on --threads threads
@@ -140,6 +155,8 @@ def main() -> None:
                 plan = compile_plan(m, x, sparse="never" if k.endswith(("dense", "compact")) else "always")
                 pairs[k] = (plan, plan)
         plans = {k: v[1] for k, v in pairs.items()}
+        if a.background and hog is None:
+            hog = _background(a.background)
         repeats = a.repeats if batch == 1 else max(3, a.repeats // 10)
         times = {(k, on): [] for k in plans for on in (False, True)}
         for _ in range(a.rounds):
@@ -155,18 +172,27 @@ def main() -> None:
         switch(True)
         for k in plans:
             off, on = min(times[(k, False)]), min(times[(k, True)])
-            rows.append({"model": k, "batch": batch, "off_ms": off, "on_ms": on, "speedup": off / on})
+            med_off, med_on = (statistics.median(times[(k, o)]) for o in (False, True))
+            rows.append({"model": k, "batch": batch, "off_ms": off, "on_ms": on, "speedup": off / on,
+                         "median_off_ms": med_off, "median_on_ms": med_on, "median_speedup": med_off / med_on,
+                         "rounds_off_ms": times[(k, False)], "rounds_on_ms": times[(k, True)]})
             if codegen:
                 rows[-1]["generated_layers"] = [lc.name for lc in pairs[k][1].layers if lc.choice == "generated"]
-            print(f"b{batch:<3d} {k:15s} off {off:9.3f} ms  on {on:9.3f} ms  x{off / on:.2f}", flush=True)
-    suffix = f"-callers{a.callers}" if a.callers > 1 else ""
+            print(f"b{batch:<3d} {k:15s} off {off:9.3f} ms  on {on:9.3f} ms  x{off / on:.2f}  (medians {med_off:.3f} / "
+                  f"{med_on:.3f} ms)", flush=True)
+    if hog is not None:
+        hog.kill()
+        hog.wait()
+    suffix = (f"-callers{a.callers}" if a.callers > 1 else "") + (f"-background{a.background}" if a.background else "")
     out = Path(a.out) if a.out else RESULTS / f"runtime_ab-{a.switch}{suffix}.json"
     out.write_text(json.dumps({"benchmark": "runtime_ab", "switch": a.switch, "threads": a.threads,
                                "callers": a.callers,
                                "command": f"python benchmarks/runtime_ab.py --switch {a.switch} --batch "
                                           f"{' '.join(map(str, a.batch))} --threads {a.threads}"
                                           + (f" --models {' '.join(a.models)}" if a.models != ["resnet56"] else "")
-                                          + (f" --callers {a.callers}" if a.callers > 1 else ""),
+                                          + (f" --callers {a.callers}" if a.callers > 1 else "")
+                                          + (f" --background {a.background}" if a.background else ""),
+                               "background_threads": a.background,
                                "rows": rows, "skipped": skipped, "env": environment()}, indent=1))
     print(f"results: {out}")
 

@@ -126,7 +126,10 @@ inline void split_even_odd(const float* __restrict src, int64_t W, float* __rest
 struct Team {
   int64_t nt = 1;                                 // threads, the calling one included
   alignas(64) std::atomic<int64_t> seq{0};        // the current loop's number (workers wait for a new one); -1: done
-  alignas(64) std::atomic<int64_t> finished{0};   // workers done with the current loop
+  // the current loop's claims: its number (bits 32-63), chunks (bits 16-31) and next unclaimed chunk (bits 0-15), in
+  // one word, so that a claim (a compare-exchange) is of one loop, whose fields were written before the word
+  alignas(64) std::atomic<uint64_t> claims{0};
+  alignas(64) std::atomic<int64_t> done{0};       // the current loop's chunks finished
   alignas(64) void (*fn)(const void*, int64_t, int64_t) = nullptr;  // the loop: fn(ctx, begin, end)
   const void* ctx = nullptr;
   int64_t begin = 0, end = 0, chunk = 0, ntasks = 0;
@@ -145,8 +148,32 @@ struct Team {
       sched_yield();
     }
   }
-  // the workers' loop (thread tid of nt): run every posted loop's chunk until the run ends
-  void work(int64_t tid) {
+  // Chunks are claimed, not assigned: the calling thread runs chunk 0, then claims every chunk no worker has taken
+  // yet, so it only ever waits for chunks a worker is running. A worker the OS has descheduled (other processes on
+  // the cores: a niced training job made plans at batch 1 3-100x slower when each thread had its own chunk) costs
+  // at most its current chunk, not every loop it misses. The chunks are at::parallel_for's, so results do not depend
+  // on which thread runs one.
+  // claim the current loop's next chunk: its index, or -1 when none is left
+  int64_t claim() {
+    uint64_t c = claims.load(std::memory_order_acquire);
+    while ((c & 0xFFFF) < ((c >> 16) & 0xFFFF))
+      if (claims.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+        return (int64_t)(c & 0xFFFF);
+    return -1;
+  }
+  void run_chunk(int64_t k) {
+    const int64_t b = begin + k * chunk;
+    if (b < end) {
+      try {
+        fn(ctx, b, std::min(end, b + chunk));
+      } catch (...) {
+        if (!failed.exchange(true)) err = std::current_exception();
+      }
+    }
+    done.fetch_add(1, std::memory_order_acq_rel);
+  }
+  // the workers' loop: run chunks of every posted loop until the run ends
+  void work() {
     int64_t seen = 0;
     for (;;) {
       int64_t s;
@@ -154,15 +181,8 @@ struct Team {
       while ((s = seq.load(std::memory_order_acquire)) == seen) pause_or_yield(spins);
       if (s < 0) return;
       seen = s;
-      const int64_t b = begin + tid * chunk;
-      if (tid < ntasks && b < end) {
-        try {
-          fn(ctx, b, std::min(end, b + chunk));
-        } catch (...) {
-          if (!failed.exchange(true)) err = std::current_exception();
-        }
-      }
-      finished.fetch_add(1, std::memory_order_acq_rel);
+      // (a late worker may claim from a newer loop than s: it then runs that loop's chunk)
+      for (int64_t k; (k = claim()) >= 0;) run_chunk(k);
     }
   }
   // ends the workers' loop (the calling thread, once)
@@ -183,18 +203,15 @@ struct Team {
     end = e;
     ntasks = tasks;
     chunk = (n + tasks - 1) / tasks;
-    finished.store(0, std::memory_order_relaxed);
-    seq.store(seq.load(std::memory_order_relaxed) + 1, std::memory_order_release);
-    std::exception_ptr mine;
-    try {
-      f(b, std::min(e, b + chunk));
-    } catch (...) {
-      mine = std::current_exception();
-    }
-    // (f lives on this stack: wait for every worker before leaving, even on an exception)
+    done.store(0, std::memory_order_relaxed);
+    const int64_t loop = seq.load(std::memory_order_relaxed) + 1;
+    claims.store(((uint64_t)loop << 32) | ((uint64_t)tasks << 16) | 1u, std::memory_order_release);  // (0: ours)
+    seq.store(loop, std::memory_order_release);
+    run_chunk(0);
+    for (int64_t k; (k = claim()) >= 0;) run_chunk(k);
+    // (f lives on this stack: wait for every claimed chunk before leaving)
     int spins = 0;
-    while (finished.load(std::memory_order_acquire) < nt - 1) pause_or_yield(spins);
-    if (mine) std::rethrow_exception(mine);
+    while (done.load(std::memory_order_acquire) < ntasks) pause_or_yield(spins);
     if (failed.load(std::memory_order_acquire)) {
       std::exception_ptr e2 = err;
       err = nullptr;

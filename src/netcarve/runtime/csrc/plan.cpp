@@ -641,7 +641,7 @@ class Plan {
           nck::t_team = nullptr;
           tm.release();
         } else {
-          tm.work(tid);
+          tm.work();
         }
       }
       if (eptr) std::rethrow_exception(eptr);
