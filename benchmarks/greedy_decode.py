@@ -161,8 +161,8 @@ def main() -> None:
         worker(a)
         return
 
-    from netcarve.measure.latency import engine_available
     from netcarve.measure.env import environment
+    from netcarve.measure.latency import engine_available
 
     rows, skipped = [], {}
     for b in a.batches:

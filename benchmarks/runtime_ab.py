@@ -24,9 +24,10 @@ skipped). ``--switch codegen`` compares two compiles of each sparse model instea
 compares each model compiled and run on one thread ("off") with the same on ``--threads`` threads ("on").
 ``--callers 2`` times each plan called from two Python threads at once (wall time per call, both threads'
 calls counted; e.g. a server answering two requests): with ``--switch team`` the case where two plan runs compete
-for the cores. ``--background T`` runs a CPU-bound process beside the timing (a float32 matmul loop on T threads at
-nice 10, as a training job in the background would), started after the compiles and stopped at the end: with
-``--switch team`` the case where the OS deschedules a plan's threads for another process's.
+for the cores. ``--background T`` runs a training job in another process beside the timing (ResNet-56 in bf16 autocast on random
+batches of 128, SGD, T threads, nice 10), running from before the compiles to the end: with ``--switch team`` the case where the OS
+deschedules a plan's threads for another process's. ``--python-calls`` times plain calls of the compiled model from
+Python (wall time, median of ``--repeats``) instead of the native timer's back-to-back runs.
 Models come from the work directories of ``sparse_runtime.py`` (sparse ResNet-56 / VGG-16) and
 ``structural_resnet56.py`` (the compact model, ``--compact``); missing ones are skipped with a note. Every plan is
 compiled once (autotuned with the switch on, the default) and timed inside the native plan: minimum over
@@ -69,13 +70,32 @@ def _time_callers(plan, x, repeats: int, callers: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / (repeats * callers)
 
 
+def _median_call_ms(plan, x, repeats: int) -> float:
+    import time
+
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plan(x)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
 def _background(threads: int):
-    """A CPU-bound process at nice 10 on ``threads`` threads (a matmul loop), as a background training job."""
+    """A training job at nice 10 on ``threads`` threads in another process (ResNet-56 in bf16 autocast on random
+    CIFAR-sized batches of 128, SGD, forward and backward), as a user's background training would run."""
     import subprocess
     import sys
 
-    code = (f"import os, torch; os.nice(10); torch.set_num_threads({threads}); a = torch.randn(384, 384)\n"
-            "while True: a = torch.tanh(a @ a)")
+    code = (f"import os, torch; os.nice(10); torch.set_num_threads({threads})\n"
+            "from netcarve.models import create_model\n"
+            "m = create_model('resnet56'); opt = torch.optim.SGD(m.parameters(), lr=0.01)\n"
+            "x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))\n"
+            "while True:\n"
+            "    opt.zero_grad()\n"
+            "    with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+            "        loss = torch.nn.functional.cross_entropy(m(x), y)\n"
+            "    loss.backward(); opt.step()")
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
@@ -95,6 +115,8 @@ def main() -> None:
                    help="Python threads calling each plan at once (> 1: wall time per call, not the native timer)")
     p.add_argument("--background", type=int, default=0,
                    help="threads of a niced CPU-bound process run beside the timing (0: none)")
+    p.add_argument("--python-calls", action="store_true",
+                   help="time calls from Python (median wall time) instead of the plan's native timer")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -131,7 +153,7 @@ def main() -> None:
             models[name] = netcarve.load(path).eval()
         else:
             skipped[name] = f"no saved model at {path} (run the benchmark that makes it)"
-    rows, hog = [], None
+    rows, hog = [], _background(a.background) if a.background else None
     for batch in a.batch:
         x = torch.randn(batch, 3, 32, 32)
         if a.switch == "threads":  # (off, on) = each model compiled on 1 and on --threads threads
@@ -155,8 +177,6 @@ def main() -> None:
                 plan = compile_plan(m, x, sparse="never" if k.endswith(("dense", "compact")) else "always")
                 pairs[k] = (plan, plan)
         plans = {k: v[1] for k, v in pairs.items()}
-        if a.background and hog is None:
-            hog = _background(a.background)
         repeats = a.repeats if batch == 1 else max(3, a.repeats // 10)
         times = {(k, on): [] for k in plans for on in (False, True)}
         for _ in range(a.rounds):
@@ -164,7 +184,11 @@ def main() -> None:
                 for on in (False, True):
                     switch(on)
                     plan = pairs[k][on]
-                    if a.callers > 1:
+                    if a.python_calls:
+                        for _ in range(max(3, repeats // 5)):
+                            plan(x)
+                        times[(k, on)].append(_median_call_ms(plan, x, repeats))
+                    elif a.callers > 1:
                         _time_callers(plan, x, max(3, repeats // 5), a.callers)  # warm-up
                         times[(k, on)].append(_time_callers(plan, x, repeats, a.callers))
                     else:
@@ -181,9 +205,12 @@ def main() -> None:
             print(f"b{batch:<3d} {k:15s} off {off:9.3f} ms  on {on:9.3f} ms  x{off / on:.2f}  (medians {med_off:.3f} / "
                   f"{med_on:.3f} ms)", flush=True)
     if hog is not None:
+        if hog.poll() is not None:
+            raise SystemExit(f"the background job ended early (exit code {hog.returncode})")
         hog.kill()
         hog.wait()
-    suffix = (f"-callers{a.callers}" if a.callers > 1 else "") + (f"-background{a.background}" if a.background else "")
+    suffix = (f"-callers{a.callers}" if a.callers > 1 else "") + (f"-background{a.background}" if a.background else "") \
+        + ("-python" if a.python_calls else "")
     out = Path(a.out) if a.out else RESULTS / f"runtime_ab-{a.switch}{suffix}.json"
     out.write_text(json.dumps({"benchmark": "runtime_ab", "switch": a.switch, "threads": a.threads,
                                "callers": a.callers,
@@ -191,7 +218,9 @@ def main() -> None:
                                           f"{' '.join(map(str, a.batch))} --threads {a.threads}"
                                           + (f" --models {' '.join(a.models)}" if a.models != ["resnet56"] else "")
                                           + (f" --callers {a.callers}" if a.callers > 1 else "")
-                                          + (f" --background {a.background}" if a.background else ""),
+                                          + (f" --background {a.background}" if a.background else "")
+                                          + (" --python-calls" if a.python_calls else ""),
+                               "team_stalls": getattr(load_kernels(), "team_stalls", lambda: None)(),
                                "background_threads": a.background,
                                "rows": rows, "skipped": skipped, "env": environment()}, indent=1))
     print(f"results: {out}")

@@ -176,6 +176,16 @@ def test_team_runs_match_fork_join(kernels, name, mode):
     with torch.no_grad():
         ref = m(x)
     assert kernels.team()
+    kernels.set_team_backoff(100_000, 0)  # (no back-off: a busy test machine must not switch the team off here)
+    try:
+        _team_vs_fork_join(kernels, c, x, ref)
+    finally:
+        kernels.set_team_backoff(100_000, 200_000_000)
+    prof = c.profile(x, 2, 1)
+    assert prof and all(p["ms"] >= 0 for p in prof)
+
+
+def _team_vs_fork_join(kernels, c, x, ref):
     for threads in (2, 3, 1):
         for forced in (False, True):
             ctx = forced_parallel(kernels, threads) if forced else at_threads(threads)
@@ -186,8 +196,31 @@ def test_team_runs_match_fork_join(kernels, name, mode):
                         fj = c(xb)
                     assert torch.equal(got, fj), (threads, forced, len(xb))
                     assert _rel(got, ref[: len(xb)]) <= 1e-4
-    prof = c.profile(x, 2, 1)
-    assert prof and all(p["ms"] >= 0 for p in prof)
+
+
+def test_team_backoff(kernels):
+    """A team region whose closing barrier waits longer than the stall threshold (here 0 ns: every region) switches
+    teams off for the back-off time: the first call counts one stall and the calls after it run without teams (no
+    more stalls) with the same outputs; after the back-off (0: never backs off) teams run again."""
+    m = _prepared("resnet20")
+    x = _example(m, 2)
+    c = compile(m, x, sparse="never")
+    with torch.no_grad():
+        ref = m(x)
+    try:
+        with forced_parallel(kernels, 2):
+            kernels.set_team_backoff(0, 10**12)
+            before = kernels.team_stalls()
+            got = [c(x) for _ in range(3)]
+            assert kernels.team_stalls() == before + 1
+            assert all(torch.equal(g, got[0]) for g in got) and _rel(got[0], ref) <= 1e-4
+            kernels.set_team_backoff(0, 0)  # (no back-off: every region runs as a team again)
+            c(x)
+            assert kernels.team_stalls() == before + 1
+            kernels.set_team_backoff(0, 10**12)
+            assert torch.equal(c(x), got[0]) and kernels.team_stalls() == before + 2
+    finally:
+        kernels.set_team_backoff(100_000, 200_000_000)
 
 
 def test_team_run_errors_propagate_and_the_plan_recovers(kernels):

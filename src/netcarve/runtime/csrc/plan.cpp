@@ -83,6 +83,17 @@ bool g_release_values = true;
 bool g_team = true;
 thread_local nck::Team* nck::t_team = nullptr;
 static std::atomic<int> g_team_busy{0};  // a plan run holds a team (one at a time, see run_steps)
+// Team back-off: a team region's closing barrier that waits longer than g_team_stall_ns for the other threads means
+// the OS has descheduled one of them (other busy processes on the cores); plans then run without teams (a fork / join
+// per loop, which copes with that far better) for g_team_backoff_ns, then try again.
+int64_t g_team_stall_ns = 100000;
+int64_t g_team_backoff_ns = 200000000;
+static std::atomic<int64_t> g_team_off_until{0};
+static std::atomic<int64_t> g_team_stalls{0};
+static inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 class Plan {
  public:
@@ -608,7 +619,8 @@ class Plan {
     const int64_t nt = at::get_num_threads();
     // One plan run at a time holds a team (plans called at once from several threads: the others fork and join per
     // loop, as libgomp's pool copes with more threads than cores; two spinning teams on 2 cores ran 6-9x slower)
-    bool team = g_team && nt > 1 && !at::in_parallel_region() && nck::t_team == nullptr;
+    bool team = g_team && nt > 1 && !at::in_parallel_region() && nck::t_team == nullptr &&
+                (g_team_backoff_ns <= 0 || now_ns() >= g_team_off_until.load(std::memory_order_relaxed));
     int expected = 0;
     if (team && !g_team_busy.compare_exchange_strong(expected, 1, std::memory_order_acquire)) team = false;
     struct Release {
@@ -626,6 +638,7 @@ class Plan {
       }
       nck::Team tm;
       std::exception_ptr eptr;
+      int64_t released = 0;
 #pragma omp parallel num_threads(nt)
       {
         const int64_t tid = omp_get_thread_num();
@@ -639,10 +652,16 @@ class Plan {
             eptr = std::current_exception();
           }
           nck::t_team = nullptr;
+          released = now_ns();
           tm.release();
         } else {
           tm.work();
         }
+      }
+      if (g_team_backoff_ns > 0 && now_ns() - released > g_team_stall_ns) {
+        g_team_off_until.store(now_ns() + g_team_backoff_ns, std::memory_order_relaxed);
+        g_team_stalls.fetch_add(1, std::memory_order_relaxed);
+        team = false;  // (the rest of this run too)
       }
       if (eptr) std::rethrow_exception(eptr);
     }
@@ -979,6 +998,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "plans run consecutive steps of netcarve's kernels inside one OpenMP region, the kernels' loops handed to the "
         "waiting threads through atomics (default on; off: an OpenMP fork and join per loop)");
   m.def("team", []() { return g_team; });
+  m.def("set_team_backoff", [](int64_t stall_ns, int64_t backoff_ns) {
+        g_team_stall_ns = stall_ns;
+        g_team_backoff_ns = backoff_ns;
+        g_team_off_until.store(0);
+      },
+        "team back-off: a team region whose closing barrier waits longer than stall_ns (default 100 us: another "
+        "process holds a core) switches teams off for backoff_ns (default 200 ms; <= 0: never)",
+        py::arg("stall_ns"), py::arg("backoff_ns"));
+  m.def("team_stalls", []() { return g_team_stalls.load(); }, "team regions that triggered the back-off so far");
   m.def("set_native_transformer", [](bool v) { g_native_transformer = v; },
         "plans run attention, LayerNorm, GELU / SiLU / sigmoid / hardswish and same-shape additions with netcarve's "
         "kernels (default) or ATen's");
