@@ -18,7 +18,10 @@ Engines:
   includes those compiles (``first_decode_ms``) and later decodes reuse them.
 - ``onnxruntime`` / ``openvino``: one ONNX file per target length (exported once, batch dynamic; cached in
   ``--work``), one session / compiled model per length created before timing, so they run static shapes (their best
-  case; the setup is not timed).
+  case; the setup is not timed); onnxruntime's sessions share one global thread pool. (Neither exporter makes one
+  graph for all target lengths of this model: torch.export stops on a data-dependent guard inside
+  ``nn.Transformer``, and the TorchScript exporter with a dynamic length axis bakes the example's length into the
+  attention reshapes, so onnxruntime fails on another length.)
 
 Timing: two warm-up decodes, then ``--rounds`` rounds of ``--repeats`` decodes; the median decode per round, the
 minimum over rounds. Every engine's tokens are checked against eager PyTorch's.
@@ -83,9 +86,12 @@ def _engine_step(engine: str, model, src, steps: int, threads: int, work: Path, 
     t0 = time.perf_counter()  # (the export is cached work, not the engine's setup)
     if engine == "onnxruntime":
         import onnxruntime as ort
+        from onnxruntime.capi import _pybind_state
 
+        # one thread pool for all the sessions (a pool per session: 24 pools of spinning threads on 2 cores)
+        _pybind_state.set_global_thread_pool_sizes(threads, 1)
         so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.use_per_session_threads = False
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
         sessions = [ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"]) for f in files]
