@@ -41,3 +41,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         except FileNotFoundError:
             pass
         raise
+
+
+def call_model(model, example_input):
+    """``model`` called on an example input as netcarve's functions take it: a tensor (``model(x)``), a tuple or
+    list of positional arguments (``model(*x)``), or a dict by forward argument name (``model(**x)``, as HF-style
+    models are called with a tokenizer's batch)."""
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)

@@ -410,3 +410,42 @@ def test_head_pruned_attention_saves_loads_and_exports(tmp_path):
         with torch.no_grad():
             want = model(x)
         assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max())), name
+
+
+class _HFStyle(nn.Module):
+    """Called as ``model(**batch)`` with a tokenizer's dict: ids, an attention mask (1 = token) and optional token
+    type ids between them (left out of the batch: its default)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.typ = nn.Embedding(30, 16), nn.Embedding(2, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
+        h = self.emb(input_ids)
+        if token_type_ids is not None:
+            h = h + self.typ(token_type_ids)
+        return self.fc(self.enc(h, src_key_padding_mask=attention_mask == 0).mean(1))
+
+
+def test_example_input_as_a_dict_by_argument_name():
+    """A model called with a dict by forward argument name (HF-style ``model(**batch)``, an argument between the
+    given ones left out): its groups, MACs and pruning take the dict as it is; the compact model equals the masked
+    one called the same way, with fewer MACs."""
+    m = _HFStyle().eval()
+    ids = torch.randint(1, 30, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    batch = {"attention_mask": mask, "input_ids": ids}
+    gs = build_channel_groups(m, batch)
+    assert any("heads" in g.name for g in gs.groups)
+    before = count_model(m, batch).total_macs
+    r = prune_channels(m, batch, ratio=0.5)
+    masked = mask_channels(m, gs, r.keep)
+    with torch.no_grad():
+        out, ref = r.model(**batch), masked(**batch)
+        assert torch.allclose(out, ref, atol=1e-5) and not torch.allclose(ref, m(**batch), atol=1e-3)
+    assert count_model(r.model, batch).total_macs < before and r.macs_after < r.macs_before

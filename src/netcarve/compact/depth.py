@@ -36,6 +36,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..graph.groups import _ADD_FUNCS, _ADD_METHODS, _ELEMENTWISE_FUNCS, _ELEMENTWISE_METHODS
 from ..graph.handlers import get_channel_handler
 from ..graph.trace import _Tracer, short_message
+from ..utils import call_model
 from .prune import Reductions, _copy_model, _count, _set_submodule
 
 #: the model attribute / manifest field listing the blocks removed from the registry architecture
@@ -108,7 +109,7 @@ def _record_inputs(model: nn.Module, paths: Sequence[str], example_input, calls:
     try:
         model.eval()
         with torch.no_grad():
-            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+            call_model(model, example_input)
     finally:
         for h in handles:
             h.remove()
@@ -366,7 +367,7 @@ def _cosine_scores(model, example_input, blocks) -> dict[str, float]:
         handles.append(model.get_submodule(b.path).register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+            call_model(model, example_input)
     finally:
         for h in handles:
             h.remove()

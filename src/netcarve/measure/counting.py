@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..utils import call_model
 from ._util import eval_mode, no_mha_fastpath
 
 CounterFn = Callable[[nn.Module, tuple, Any], int]
@@ -128,11 +129,12 @@ class ModelCost:
         }
 
 
-def count_model(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelCost:
-    """Count MACs and parameters of ``model`` on ``example_input`` (a tensor or a tuple of positional
-    arguments; the batch size of the input is included in the MACs). The model is run once in eval mode
-    under ``torch.no_grad()`` and its training flag is restored afterwards."""
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+def count_model(model: nn.Module, example_input: torch.Tensor | tuple | dict) -> ModelCost:
+    """Count MACs and parameters of ``model`` on ``example_input`` (a tensor, a tuple of positional arguments or a
+    dict by forward argument name; the batch size of the input is included in the MACs). The model is run once in
+    eval mode under ``torch.no_grad()`` and its training flag is restored afterwards."""
+    args = tuple(example_input.values()) if isinstance(example_input, dict) else \
+        example_input if isinstance(example_input, tuple) else (example_input,)
     named = list(model.named_modules())
     seen: set[int] = set()
     rows: dict[int, LayerCost] = {}  # id(module) -> row
@@ -160,7 +162,7 @@ def count_model(model: nn.Module, example_input: torch.Tensor | tuple) -> ModelC
     handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in named if id(m) in rows]
     try:
         with eval_mode(model), torch.no_grad(), no_mha_fastpath():  # (the fast path calls no submodules)
-            model(*args)
+            call_model(model, example_input if isinstance(example_input, dict) else args)
     finally:
         for h in handles:
             h.remove()
