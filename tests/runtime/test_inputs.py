@@ -444,6 +444,11 @@ def test_dynamic_sizes_greedy_decoding(kernels):
             # (each layer on the kernel tuned at the example's sizes, untimed)
             assert [lc.choice for lc in v.layers] == [lc.choice for lc in c.layers]
             assert all(lc.sparse_ms is None and lc.dense_ms is None for lc in v.layers)
+            # (the example plan's weights and their packed forms, not copies: by name, all linears)
+            mine = {op.name: op for op in c.ops if op.kind == "linear"}
+            theirs = [op for op in v.ops if op.kind == "linear"]
+            assert len(theirs) == len(mine) and all(op.p["weight"] is mine[op.name].p["weight"] for op in theirs)
+            assert all(op.p.get("bsr") is mine[op.name].p.get("bsr") for op in theirs)
         # a kept plan: calls of those sizes (other batches too) reuse it, in order of use; also time / reference
         v3 = c._variants[((9,), torch.int64), ((3,), torch.int64)]
         x3 = (src[:1], ref[:1, :3])
@@ -459,9 +464,9 @@ def test_dynamic_sizes_greedy_decoding(kernels):
             c(src, tgt.int())
 
 
-def test_dynamic_sizes_kept_plans_and_image_sizes(kernels):
+def test_dynamic_sizes_kept_plans_and_image_sizes(kernels, caplog):
     """A CNN at other image sizes; ``max_shapes`` bounds the plans kept (least recently used dropped, compiled again
-    when needed); dict inputs called by keyword; options checked."""
+    when needed, with one warning); dict inputs called by keyword; options checked."""
     from netcarve.models import create_model
 
     m = create_model("resnet20").eval()
@@ -472,7 +477,9 @@ def test_dynamic_sizes_kept_plans_and_image_sizes(kernels):
         assert _rel(c(x40), m(x40)) <= 1e-4 and c.shapes == [[(3, 32, 32)], [(3, 40, 48)]]
         first = c._variants[(((3, 40, 48), torch.float32),)]
         assert _rel(c(x24), m(x24)) <= 1e-4 and c.shapes == [[(3, 32, 32)], [(3, 24, 24)]]
+        assert "larger max_shapes" not in caplog.text
         assert _rel(c(x40), m(x40)) <= 1e-4 and c._variants[(((3, 40, 48), torch.float32),)] is not first
+        assert caplog.text.count("larger max_shapes") == 1
         x = torch.randn(5, 3, 32, 32)
         assert _rel(c(x), m(x)) <= 1e-4 and len(c._variants) == 1  # (the example's plan)
     with pytest.raises(ConfigError, match="max_shapes must be an integer >= 1, got 0"):

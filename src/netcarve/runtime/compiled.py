@@ -183,11 +183,17 @@ class CompiledModel:
         example = dict(zip(self.input_names, xs)) if self.input_names else xs if len(xs) > 1 else xs[0]
         logger.info("runtime.compile(dynamic=True): %s: compiling a plan for the input sizes %s (%d kept)",
                     type(d["model"]).__name__, "; ".join(str(tuple(x.shape)) for x in xs), len(self._variants) + 1)
+        if key in d["dropped"] and not d["warned"]:
+            d["warned"] = True
+            logger.warning("runtime.compile(dynamic=True): %s: compiling a plan again for input sizes whose plan was "
+                           "dropped (more than max_shapes=%d sizes in use); a larger max_shapes keeps them",
+                           type(d["model"]).__name__, d["max_shapes"])
         v = compile(d["model"], example, **d["options"],
-                    _choices={lc.name: "sparse" if lc.choice == "lanes" else lc.choice for lc in self.layers})
+                    _choices={lc.name: "sparse" if lc.choice == "lanes" else lc.choice for lc in self.layers},
+                    _share=self.ops)
         self._variants[key] = v
         while len(self._variants) > d["max_shapes"] - 1:
-            self._variants.popitem(last=False)
+            d["dropped"].add(self._variants.popitem(last=False)[0])
         return v
 
     def _small_call(self, x) -> bool:
@@ -345,7 +351,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
             sparse: str = "auto",
             threads: int | None = None, repeats: int = 20, use_cache: bool = True,
             codegen: bool = False, fallback: bool = True, lanes: str = "auto", dynamic: bool = False,
-            max_shapes: int = 8, _choices: dict[str, str] | None = None) -> CompiledModel:
+            max_shapes: int = 8, _choices: dict[str, str] | None = None,
+            _share: list[Op] | None = None) -> CompiledModel:
     """Compile a model (or a checkpoint directory saved by netcarve) for this CPU.
 
     Args:
@@ -397,6 +404,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
                                    fallback=fallback)
     finally:
         model.train(was_training)
+    if _share:
+        _share_payloads(ops, _share)
     for i, t in enumerate(xs):
         if t.dtype == torch.float32:
             continue
@@ -410,7 +419,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
                                         f"({bad[0].kind}) reads {which}; natively only an Embedding (or a "
                                         "comparison with a number, a padding mask) takes token ids")
     specs = [(tuple(t.shape), t.dtype) for t in xs]
-    dyn = {"model": model, "max_shapes": max_shapes, "options": dict(
+    dyn = {"model": model, "max_shapes": max_shapes, "dropped": set(), "warned": False, "options": dict(
         sparse=sparse, repeats=repeats, use_cache=use_cache, codegen=codegen, fallback=fallback,
         lanes="always" if lanes == "always" else "never")} if dynamic else None
     px = xs[0] if len(xs) == 1 else list(xs)  # the example as the native plan takes it
@@ -514,6 +523,33 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
         compiled._small, compiled.lanes_min_batch = small, LANES_MIN_BATCH
     compiled._dynamic = dyn
     return compiled
+
+
+# derived forms of an op's weight that a plan for other input sizes may take over from the example plan's op
+_SHARED_PAYLOADS = ("bsr", "taps", "packed", "panels")
+
+
+def _same(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+        a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _share_payloads(ops: list[Op], parent: list[Op]) -> None:
+    """A dynamic model's plan for other input sizes: each op with the example plan's op of its name and kind and equal
+    weights takes that op's weight, bias and packed forms (BSR tiles, conv taps, direct-conv packing) instead of its
+    own copies, so that the plans share them and nothing is packed twice (conv / linear ops: RNN weights are
+    still packed per plan)."""
+    by_name = {op.name: op for op in parent}
+    for op in ops:
+        q = by_name.get(op.name)
+        if q is None or q.kind != op.kind or not _same(op.p.get("weight"), q.p.get("weight")):
+            continue
+        op.p["weight"] = q.p["weight"]
+        if _same(op.p.get("bias"), q.p.get("bias")):
+            op.p["bias"] = q.p["bias"]
+        for k in _SHARED_PAYLOADS:
+            if k in q.p:
+                op.p[k] = q.p[k]
 
 
 LANES_MODES = ("auto", "always", "never")

@@ -1694,8 +1694,11 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
         elif op.kind == "linear":
             if "bsr" not in p:
                 p["bsr"] = bsr_tensors(p["weight"])
+            direct = bool(p.get("direct")) and not p.get("sparse")
+            if direct and "panels" not in p:  # (packed once per op: plans built for autotuning and other sizes share it)
+                p["panels"] = list(mod.pack_panels(p["weight"], p["bias"]))
             plan.add_linear(n, op.inputs[0], op.out, p["weight"], p["bias"], p["relu"], p["bsr"], bool(p.get("sparse")),
-                            bool(p.get("direct")))
+                            bool(p.get("direct")), p["panels"] if direct else [])
         elif op.kind == "rnn":
             if "bsr" not in p:
                 p["bsr"] = [t for w in p["dense"][::2] for t in bsr_tensors(w)]

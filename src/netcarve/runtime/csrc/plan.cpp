@@ -148,11 +148,18 @@ class Plan {
   // bsr = {indptr, indices, values} (may be empty: dense only)
   void add_linear(const std::string& name, int64_t in, int64_t out, torch::Tensor weight,
                   c10::optional<torch::Tensor> bias, bool relu, std::vector<torch::Tensor> bsr, bool sparse,
-                  bool direct) {
+                  bool direct, std::vector<torch::Tensor> panels) {
     Step s{LINEAR, name, {in}, out};
     s.mats = {make_mat(weight, bias, bsr)};
     TORCH_CHECK(!sparse || bsr.size() == 3, name, ": a sparse linear needs its BSR tensors");
-    if (direct && !sparse) pack_direct(s.mats[0]);
+    TORCH_CHECK(panels.empty() || panels.size() == 2, name, ": panels must be (wp, bp) from pack_panels");
+    if (direct && !sparse && panels.size() == 2) {  // packed by the caller (shared between plans)
+      s.mats[0].wp = panels[0];
+      s.mats[0].bp = panels[1];
+      s.mats[0].direct = true;
+    } else if (direct && !sparse) {
+      pack_direct(s.mats[0]);
+    }
     s.sparse = sparse;
     s.mats[0].sparse = sparse;
     s.relu = relu;
@@ -1181,7 +1188,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t>())
       .def("add_conv", &Plan::add_conv)
       .def("add_conv_gen", &Plan::add_conv_gen)
-      .def("add_linear", &Plan::add_linear)
+      .def("add_linear", &Plan::add_linear, py::arg("name"), py::arg("in"), py::arg("out"), py::arg("weight"),
+           py::arg("bias"), py::arg("relu"), py::arg("bsr"), py::arg("sparse"), py::arg("direct"),
+           py::arg("panels") = std::vector<torch::Tensor>{})
       .def("add_affine", &Plan::add_affine)
       .def("add_relu", &Plan::add_relu)
       .def("add_clamp", &Plan::add_clamp)
