@@ -492,3 +492,27 @@ def test_dynamic_sizes_kept_plans_and_image_sizes(kernels, caplog):
     with torch.no_grad():
         assert _rel(c(input_ids=ids7, attention_mask=mask7), mc(ids7, mask7)) <= 1e-4
         assert c._variants[next(iter(c._variants))].input_names == ["input_ids", "attention_mask"]
+
+
+def test_dynamic_sequence_lengths_of_a_recurrent_model(kernels):
+    """Token ids of other lengths through an embedding, a 2-layer GRU and its last step (``dynamic=True``): each length's
+    plan matches the model and shares the example plan's gate matrices (no second copy)."""
+
+    class Gru(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.gru, self.fc = nn.Embedding(100, 32), nn.GRU(32, 48, 2, batch_first=True), nn.Linear(48, 3)
+
+        def forward(self, x):
+            return self.fc(self.gru(self.emb(x))[0][:, -1])
+
+    m = Gru().eval()
+    c = compile(m, torch.randint(0, 100, (2, 10)), sparse="never", fallback=False, dynamic=True)
+    with torch.no_grad():
+        for t in (3, 17, 1):
+            x = torch.randint(0, 100, (4, t))
+            assert _rel(c(x), m(x)) <= 1e-4
+    rnn = next(op for op in c.ops if op.kind == "rnn")
+    assert len(c._variants) == 3 and all(
+        next(op for op in v.ops if op.kind == "rnn").p["dense"] is rnn.p["dense"] for v in c._variants.values())
