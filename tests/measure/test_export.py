@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import netcarve
-from netcarve.errors import UnsupportedModelError
+from netcarve.errors import ConfigError, UnsupportedModelError
 from netcarve.measure import to_onnx
 from netcarve.measure.export import module_of_node
 
@@ -194,3 +194,42 @@ def test_channel_pruned_model_exports_and_matches_torch(name, tmp_path):
         ref = pruned(x).numpy()
     (out,) = _run_ort(to_onnx(pruned, x, tmp_path / f"{name}-pruned.onnx"), {"input": x.numpy()})
     assert np.abs(out - ref).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+class _Keywords(nn.Module):
+    """Called as ``model(**batch)``: ids, an optional argument between (left out: its default) and a mask; a Python
+    branch on a tensor value when ``branchy`` (torch.export cannot capture it: the TorchScript exporter's case)."""
+
+    def __init__(self, branchy=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc = nn.Embedding(20, 8), nn.Linear(8, 3)
+        self.branchy = branchy
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        if self.branchy and h.sum() > 0:
+            h = h * 2
+        return self.fc(h.mean(1))
+
+
+@pytest.mark.parametrize("branchy", [False, True], ids=["dynamo", "torchscript"])
+def test_dict_input_by_argument_name(branchy, tmp_path):
+    """An example input given as a dict by forward argument name (keys in any order, an argument between them left
+    out) exports with the graph's inputs named by it, in forward's order, and onnxruntime fed by name matches
+    ``model(**batch)``; a key forward does not take is a clear error."""
+    m = _Keywords(branchy).eval()
+    ids = torch.randint(0, 20, (3, 5))
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    batch = {"attention_mask": mask, "input_ids": ids}
+    path = to_onnx(m, batch, tmp_path / "kw.onnx", dynamic_batch=not branchy)
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
+    assert {p.key: p.value for p in proto.metadata_props}["netcarve.exporter"] == ("torchscript" if branchy else
+                                                                                   "dynamo")
+    (out,) = _run_ort(path, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, m(**batch).numpy(), atol=1e-5)
+    with pytest.raises(ConfigError, match="forward takes no argument 'labels'"):
+        to_onnx(m, {**batch, "labels": ids}, tmp_path / "bad.onnx")

@@ -193,3 +193,27 @@ def test_compare_latency_keeps_best_process_of_each_variant():
     with pytest.raises(netcarve.ConfigError):
         compare_latency(models, {}, processes=0)
 
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc = nn.Embedding(20, 16), nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        return self.fc((self.emb(input_ids) * attention_mask[..., None]).mean(1))
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime", "openvino", "netcarve"])
+def test_inputs_by_name_and_several_inputs(engine):
+    """A model of two inputs timed from a dict by forward argument name (keys in any order) and from a tuple, on every
+    engine (netcarve's runtime compiles several inputs too), its outputs matching the model's."""
+    _need(engine)
+    m = _TwoInputs().eval()
+    ids, mask = torch.randint(0, 20, (2, 6)), torch.ones(2, 6)
+    for x in ({"attention_mask": mask, "input_ids": ids}, (ids, mask)):
+        r = measure_latency(m, x, engine=engine, threads=1, **FAST)
+        assert r.p50_ms > 0 and r.extra["max_abs_diff"] <= 1e-4 * r.extra["max_ref_abs"], r.extra
+    with pytest.raises(ConfigError, match="takes no argument 'labels'"):
+        measure_latency(m, {"input_ids": ids, "labels": ids}, engine=engine, threads=1, **FAST)

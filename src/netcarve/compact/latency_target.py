@@ -129,7 +129,7 @@ def _ms(v: float | None) -> str:
 
 
 def _batched(example_input, batch: int):
-    """The first sample of ``example_input`` repeated to ``batch`` (tensors or a tuple of tensors)."""
+    """The first sample of ``example_input`` repeated to ``batch`` (a tensor, a tuple or a dict of tensors)."""
 
     def rep(x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0:
@@ -138,9 +138,12 @@ def _batched(example_input, batch: int):
 
     if isinstance(example_input, tuple):
         return tuple(rep(x) for x in example_input)
+    if isinstance(example_input, dict):
+        return {k: rep(x) for k, x in example_input.items()}
     if isinstance(example_input, torch.Tensor):
         return rep(example_input)
-    raise ConfigError("prune_to_latency: example_input must be a tensor or a tuple of tensors")
+    raise ConfigError("prune_to_latency: example_input must be a tensor, a tuple of tensors or a dict of tensors by "
+                      "forward argument name")
 
 
 def _default_measure(engine: str, threads: int, options: dict | None) -> Callable[[nn.Module, Any], Any]:

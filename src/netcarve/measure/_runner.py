@@ -247,20 +247,22 @@ class TorchLayerTimer:
         return [max(0.0, s - f - p * c) * 1e3 if s else 0.0 for s, c in zip(self.self_s, self.child_calls)]
 
 
-def bench_torch(model, inputs, warmup, repeats, rounds, per_layer, threads=None):
-    """Time a torch model in this process. ``layers`` = ``{"entries": [[name, type], ...],
-    "rounds": [[ms per entry], ...], "called": [bool], "hook_floor_us", "hook_parent_us"}``."""
+def bench_torch(model, inputs, warmup, repeats, rounds, per_layer, threads=None, names=None):
+    """Time a torch model in this process (``names``: the inputs are these keyword arguments). ``layers`` =
+    ``{"entries": [[name, type], ...], "rounds": [[ms per entry], ...], "called": [bool], "hook_floor_us",
+    "hook_parent_us"}``."""
     import torch
 
     if threads is not None:
         torch.set_num_threads(threads)
     model.eval()
     args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs)
+    kw = dict(zip(names, args)) if names else None
     with torch.inference_mode():
-        out = model(*args)
+        out = model(**kw) if kw else model(*args)
 
         def fn():
-            model(*args)
+            model(**kw) if kw else model(*args)
 
         timer = TorchLayerTimer(model) if per_layer else None
         step = (lambda: timer.step(fn)) if per_layer else None
@@ -306,7 +308,8 @@ def _run_torch(req, inputs, model=None):
             pass
         model = netcarve.load(req["model"])
     return bench_torch(
-        model, inputs, req["warmup"], req["repeats"], req["rounds"], req["per_layer"], req["threads"]
+        model, inputs, req["warmup"], req["repeats"], req["rounds"], req["per_layer"], req["threads"],
+        req.get("input_names"),
     )
 
 
@@ -538,18 +541,23 @@ def _run_netcarve(req, inputs, model=None):
     if not st["available"]:
         raise EngineMissing(f"netcarve native kernels unavailable: {st['reason']}")
     args = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
-    if len(args) != 1:
-        raise ValueError("the netcarve runtime takes models with one input")
-    x = args[0]
+    names = req.get("input_names")
+    # (the example as compile takes it: one tensor, a tuple of the positional inputs, or a dict by argument name)
+    example = dict(zip(names, args)) if names else args[0] if len(args) == 1 else tuple(args)
     opts = req.get("engine_options") or {}
-    compiled = rt_compile(model.eval(), x, sparse=opts.get("sparse", "auto"), codegen=bool(opts.get("codegen")))
-    out = compiled(x)
+    compiled = rt_compile(model.eval(), example, sparse=opts.get("sparse", "auto"),
+                          codegen=bool(opts.get("codegen")))
+    xs = tuple(args)  # (compiled from a dict: its inputs in forward's order)
+    if names:
+        xs = tuple(example[k] for k in compiled.input_names)
+    out = compiled(*xs)
 
     def fn():
-        compiled(x)
+        compiled(*xs)
 
     kernels = {lc.name: lc.choice for lc in compiled.layers}
-    step = (lambda: list(compiled._plan.profile(x, 1, 0))) if req["per_layer"] else None
+    step = (lambda: list(compiled._plan.profile(xs[0] if len(xs) == 1 else list(xs), 1, 0))) if req["per_layer"] \
+        else None
     times, steps = run_rounds(fn, req["warmup"], req["repeats"], req["rounds"], step, "call")
     layers = None
     if step is not None:

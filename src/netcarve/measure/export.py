@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, EngineUnavailableError, UnsupportedModelError
-from ._util import eval_mode, no_mha_fastpath
+from ._util import eval_mode, forward_order, no_mha_fastpath
 
 DEFAULT_OPSET = 18
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -61,9 +61,10 @@ def to_onnx(
 ) -> Path:
     """Export ``model`` (in eval mode) to ``path`` with opset ``opset`` (>= 17).
 
-    ``example_input`` is one tensor or a tuple of positional tensors. With ``dynamic_batch`` the first
-    dimension of every input and output is symbolic (``"batch"``). Inputs are named ``input`` (``input_k``
-    for several), outputs ``output`` (``output_k``). Returns ``path``. Raises
+    ``example_input`` is one tensor, a tuple of positional tensors or a dict of tensors by forward argument
+    name. With ``dynamic_batch`` the first dimension of every input and output is symbolic (``"batch"``).
+    Inputs are named ``input`` (``input_k`` for several; a dict's: its names, in forward's order), outputs
+    ``output`` (``output_k``). Returns ``path``. Raises
     :class:`~netcarve.errors.UnsupportedModelError` naming both exporters' errors if neither can export.
     """
     _require_onnx()
@@ -73,15 +74,21 @@ def to_onnx(
         raise ConfigError(f"opset {opset} is not supported; use 17 or newer")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    names = None
+    if isinstance(example_input, dict):  # by forward argument name: graph inputs named so, in forward's order
+        names = forward_order(model, example_input)
+        example_input = {k: example_input[k] for k in names}
+        args = tuple(example_input.values())
+    else:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
     with eval_mode(model):
-        producers = _norm_producers(model, args)
+        producers = _norm_producers(model, args, names)
         with torch.no_grad(), _quiet(), no_mha_fastpath():
             try:
-                proto, exporter = _export_dynamo(model, args, dynamic_batch, opset), "dynamo"
+                proto, exporter = _export_dynamo(model, args, dynamic_batch, opset, names), "dynamo"
             except Exception as e_dyn:  # noqa: BLE001 - any capture failure -> try the other exporter
                 try:
-                    proto, exporter = _export_torchscript(model, args, dynamic_batch, opset), "torchscript"
+                    proto, exporter = _export_torchscript(model, args, dynamic_batch, opset, names), "torchscript"
                 except Exception as e_ts:  # noqa: BLE001
                     raise UnsupportedModelError(
                         f"{type(model).__name__}: ONNX export failed with both exporters; "
@@ -116,38 +123,45 @@ def module_of_node(node) -> str | None:
 # ---------------------------------------------------------------------------------------------- exporters
 
 
-def _io_names(args) -> list[str]:
+def _io_names(args, names=None) -> list[str]:
+    if names:
+        return list(names)
     return ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
 
 
-def _export_dynamo(model, args, dynamic_batch, opset):
+def _export_dynamo(model, args, dynamic_batch, opset, names=None):
     kwargs = {}
     if dynamic_batch:
         # a batch of 1 would be specialised by torch.export; trace with 2 and let the dim be symbolic
         args = tuple(torch.cat([a, a]) if a.shape[0] == 1 else a for a in args)
-        kwargs["dynamic_shapes"] = tuple({0: torch.export.Dim.DYNAMIC} for _ in args)
+        dims = tuple({0: torch.export.Dim.DYNAMIC} for _ in args)
+        kwargs["dynamic_shapes"] = dict(zip(names, dims)) if names else dims
+    if names:  # (by keyword)
+        kwargs["kwargs"] = dict(zip(names, args))
+        args = ()
     prog = torch.onnx.export(
-        model, args, dynamo=True, opset_version=opset, input_names=_io_names(args), optimize=True, **kwargs
+        model, args, dynamo=True, opset_version=opset, input_names=_io_names(args, names), optimize=True, **kwargs
     )
     proto = prog.model_proto
     _rename_outputs(proto, dynamic_batch)
     return proto
 
 
-def _export_torchscript(model, args, dynamic_batch, opset):
+def _export_torchscript(model, args, dynamic_batch, opset, names=None):
     import onnx
 
     with torch.no_grad():
-        out = model(*args)
+        out = model(**dict(zip(names, args))) if names else model(*args)
     n_out = len(out) if isinstance(out, (tuple, list)) else 1
     out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    in_names = _io_names(args)
+    in_names = _io_names(args, names)
     dyn = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
     buf = io.BytesIO()
     torch.onnx.export(
         model,
-        args,
+        () if names else args,
         buf,
+        kwargs=dict(zip(names, args)) if names else None,
         dynamo=False,
         opset_version=opset,
         input_names=in_names,
@@ -183,7 +197,7 @@ def _rename_outputs(proto, dynamic_batch: bool) -> None:
 # ---------------------------------------------------------------------------------------------- labelling
 
 
-def _norm_producers(model: nn.Module, args) -> dict[str, str]:
+def _norm_producers(model: nn.Module, args, names=None) -> dict[str, str]:
     """``{batchnorm path: path of the leaf module whose output it consumes}`` from one hooked forward."""
     made_by: dict[int, str] = {}
     keep: list[torch.Tensor] = []  # keep outputs alive so their ids stay unique
@@ -207,7 +221,7 @@ def _norm_producers(model: nn.Module, args) -> dict[str, str]:
             handles.append(m.register_forward_hook(post(name)))
     try:
         with torch.no_grad():
-            model(*args)
+            model(**dict(zip(names, args))) if names else model(*args)
     finally:
         for h in handles:
             h.remove()

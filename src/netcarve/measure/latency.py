@@ -73,7 +73,7 @@ from torch import nn
 
 from ..errors import ConfigError, EngineUnavailableError, NetcarveError
 from . import _runner
-from ._util import eval_mode
+from ._util import eval_mode, forward_order
 from .env import environment
 
 ENGINES = ("torch", "onnxruntime", "openvino", "netcarve", "deepsparse")
@@ -153,7 +153,7 @@ def deepsparse_python(python: str | None = None) -> str | None:
 
 def measure_latency(
     model: nn.Module,
-    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor],
     engine: str = "torch",
     threads: int = 2,
     warmup: int = 10,
@@ -184,14 +184,20 @@ def measure_latency(
     ):
         if not isinstance(v, int) or v < lo:
             raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    names = None
+    if isinstance(example_input, dict):  # by forward argument name: in forward's order, passed by keyword
+        names = forward_order(model, example_input)
+        args = tuple(example_input[k] for k in names)
+    else:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
-        raise ConfigError("example_input must be a tensor or a tuple of tensors")
+        raise ConfigError("example_input must be a tensor, a tuple of tensors or a dict of tensors by forward argument "
+                          "name")
     batch = int(args[0].shape[0]) if args[0].dim() else 1
 
     with eval_mode(model):
         with torch.no_grad():
-            reference = _runner._flatten_tensors(model(*args))
+            reference = _runner._flatten_tensors(model(**dict(zip(names, args))) if names else model(*args))
         with tempfile.TemporaryDirectory(prefix="netcarve-latency-") as tmp:
             work = Path(tmp)
             req = {
@@ -205,6 +211,7 @@ def measure_latency(
                 "workdir": str(work),
                 "env_py": str(_ENV_PY),
                 "inputs": _save_arrays(work, "input", [a.detach().cpu().numpy() for a in args]),
+                "input_names": names,
                 "reference": _save_arrays(work, "reference", [t.detach().cpu().numpy() for t in reference]),
             }
             notes: list[str] = []
@@ -221,7 +228,7 @@ def measure_latency(
             else:
                 from .export import to_onnx
 
-                onnx_path = to_onnx(model, args, work / "model.onnx")
+                onnx_path = to_onnx(model, dict(zip(names, args)) if names else args, work / "model.onnx")
                 if engine == "deepsparse":
                     _cap_ir_version(onnx_path, 9)
                 req["model"] = str(onnx_path)
