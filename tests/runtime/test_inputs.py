@@ -281,16 +281,21 @@ def test_torch_transformer_decoder_lowers_natively(kernels, cfg):
             assert _rel(c(tgt, mem, tp, mp), ref) <= 1e-4
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(bf=False), dict(norm_first=True)], ids=["base", "seq-first", "norm-first"])
-def test_nn_transformer_seq2seq_from_token_ids(kernels, cfg):
-    """nn.Transformer (encoder + decoder) between source and target token ids, its padding masks computed from the
-    ids in the plan: the whole model native, block-sparse linears on the sparse kernel, matching the model."""
-    m = _Seq2Seq(**cfg).eval()
+def _block_sparse(m: nn.Module) -> nn.Module:
+    """``m`` with every linear of its ``nn.Transformer`` (``m.tf``) 80% zero in 4x16 blocks."""
     s = make_scheme("block", block=(4, 16))
     with torch.no_grad():
         for mod in m.tf.modules():
             if isinstance(mod, nn.Linear):
                 mod.weight.mul_(s.project(mod.weight, 0.8))
+    return m
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(bf=False), dict(norm_first=True)], ids=["base", "seq-first", "norm-first"])
+def test_nn_transformer_seq2seq_from_token_ids(kernels, cfg):
+    """nn.Transformer (encoder + decoder) between source and target token ids, its padding masks computed from the
+    ids in the plan: the whole model native, block-sparse linears on the sparse kernel, matching the model."""
+    m = _block_sparse(_Seq2Seq(**cfg).eval())
     g = torch.Generator().manual_seed(5)
     src = torch.randint(1, 40, (3, 9), generator=g)
     tgt = torch.randint(1, 40, (3, 6), generator=g)
@@ -423,12 +428,7 @@ def test_dynamic_sizes_greedy_decoding(kernels):
     """``compile(..., dynamic=True)``: a call of other non-batch sizes (here every longer target of a greedy decode)
     gets a plan compiled for them on first use, native, with the example plan's kernel per layer, and kept; the
     decode gives the model's tokens and logits. Without ``dynamic`` the same call is a clear error."""
-    m = _Decoding().eval()
-    s = make_scheme("block", block=(4, 16))
-    with torch.no_grad():
-        for mod in m.tf.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight.mul_(s.project(mod.weight, 0.8))
+    m = _block_sparse(_Decoding().eval())
     g = torch.Generator().manual_seed(3)
     src = torch.randint(1, 40, (2, 9), generator=g)
     src[1, 6:] = 0
