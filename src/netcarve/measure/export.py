@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, EngineUnavailableError, UnsupportedModelError
+from ..utils import call_model
 from ._util import eval_mode, forward_order, no_mha_fastpath
 
 DEFAULT_OPSET = 18
@@ -151,7 +152,7 @@ def _export_torchscript(model, args, dynamic_batch, opset, names=None):
     import onnx
 
     with torch.no_grad():
-        out = model(**dict(zip(names, args))) if names else model(*args)
+        out = call_model(model, dict(zip(names, args)) if names else args)
     n_out = len(out) if isinstance(out, (tuple, list)) else 1
     out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     in_names = _io_names(args, names)
@@ -221,7 +222,7 @@ def _norm_producers(model: nn.Module, args, names=None) -> dict[str, str]:
             handles.append(m.register_forward_hook(post(name)))
     try:
         with torch.no_grad():
-            model(**dict(zip(names, args))) if names else model(*args)
+            call_model(model, dict(zip(names, args)) if names else args)
     finally:
         for h in handles:
             h.remove()

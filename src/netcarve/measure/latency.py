@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, EngineUnavailableError, NetcarveError
+from ..utils import call_model
 from . import _runner
 from ._util import eval_mode, forward_order
 from .env import environment
@@ -197,7 +198,7 @@ def measure_latency(
 
     with eval_mode(model):
         with torch.no_grad():
-            reference = _runner._flatten_tensors(model(**dict(zip(names, args))) if names else model(*args))
+            reference = _runner._flatten_tensors(call_model(model, dict(zip(names, args)) if names else args))
         with tempfile.TemporaryDirectory(prefix="netcarve-latency-") as tmp:
             work = Path(tmp)
             req = {
