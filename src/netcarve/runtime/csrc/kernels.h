@@ -150,9 +150,9 @@ struct Team {
   }
   // Chunks are claimed, not assigned: the calling thread runs chunk 0, then claims every chunk no worker has taken
   // yet, so it only ever waits for chunks a worker is running. A worker the OS has descheduled (other processes on
-  // the cores: a niced training job made plans at batch 1 3-100x slower when each thread had its own chunk) costs
-  // at most its current chunk, not every loop it misses. The chunks are at::parallel_for's, so results do not depend
-  // on which thread runs one.
+  // the cores: beside a niced training job, plans at batch 1 ran at times 2-80x slower when each thread had its own
+  // chunk) costs at most its current chunk, not every loop it misses. The chunks are at::parallel_for's, so results
+  // do not depend on which thread runs one.
   // claim the current loop's next chunk: its index, or -1 when none is left
   int64_t claim() {
     uint64_t c = claims.load(std::memory_order_acquire);
