@@ -428,6 +428,12 @@ def test_untraceable_model_raises_unsupported_naming_it():
     assert "DataDependent" in msg and "torch.fx" in msg
     assert "\n" not in msg and len(msg) < 400  # short: no deep traceback
     assert ei.value.__cause__ is None and ei.value.__suppress_context__
+    assert "Hugging Face" not in msg
+    # a model class from the transformers package (not fx-traceable since transformers 5) gets a hint saying so
+    hf = type("BertLike", (DataDependent,), {"__module__": "transformers.models.bert.modeling_bert"})
+    with pytest.raises(UnsupportedModelError, match="BertLike with torch.fx.*Hugging Face transformers models .* not "
+                                                    "supported yet"):
+        build_channel_groups(hf(), torch.randn(1, 3, 4, 4))
 
 
 class Gate(nn.Module):

@@ -204,8 +204,13 @@ def _trace(model: nn.Module, name: str, proxy_buffers: bool,
         except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
             path = tracer.failed_path
             if not path or path in opaque:
+                hint = ""
+                if type(model).__module__.split(".")[0] == "transformers":
+                    hint = ("; Hugging Face transformers models (written for torch.export, not torch.fx) are not "
+                            "supported yet: the same architecture built from torch modules (nn.TransformerEncoder, "
+                            "nn.MultiheadAttention, ...) traces")
                 raise UnsupportedModelError(
-                    f"cannot trace {name} with torch.fx: {short_message(e)}"
+                    f"cannot trace {name} with torch.fx: {short_message(e)}{hint}"
                 ) from None
             opaque[path] = short_message(e)
     raise UnsupportedModelError(f"cannot trace {name} with torch.fx: too many untraceable submodules")  # pragma: no cover
