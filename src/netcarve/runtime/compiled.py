@@ -537,16 +537,17 @@ def _same(a, b) -> bool:
 def _share_payloads(ops: list[Op], parent: list[Op]) -> None:
     """A dynamic model's plan for other input sizes: each op with the example plan's op of its name and kind and equal
     weights takes that op's weight, bias and packed forms (BSR tiles, conv taps, direct-conv packing) instead of its
-    own copies, so that the plans share them and nothing is packed twice (a recurrent layer: its gate matrices
-    and BSR tiles; its dense panels are still packed per plan)."""
+    own copies, so that the plans share them and nothing is packed twice (a recurrent layer: its gate matrices,
+    BSR tiles and dense panels)."""
     by_name = {op.name: op for op in parent}
     for op in ops:
         q = by_name.get(op.name)
         if q is not None and q.kind == op.kind == "rnn" and len(op.p["dense"]) == len(q.p["dense"]) and all(
                 (a is None and b is None) or _same(a, b) for a, b in zip(op.p["dense"], q.p["dense"])):
-            op.p["dense"] = q.p["dense"]  # (a recurrent layer's gate matrices and biases, and their BSR tiles)
-            if "bsr" in q.p:
-                op.p["bsr"] = q.p["bsr"]
+            op.p["dense"] = q.p["dense"]  # (a recurrent layer's gate matrices and biases, and their packed forms)
+            for k in ("bsr", "panels"):
+                if k in q.p:
+                    op.p[k] = q.p[k]
             continue
         if q is None or q.kind != op.kind or not _same(op.p.get("weight"), q.p.get("weight")):
             continue

@@ -1702,8 +1702,11 @@ def build_native(mod, ops: list[Op], nvals: int, output: int):
         elif op.kind == "rnn":
             if "bsr" not in p:
                 p["bsr"] = [t for w in p["dense"][::2] for t in bsr_tensors(w)]
+            direct = bool(p.get("direct")) and not p["sparse"]
+            if direct and "panels" not in p:  # (each gate matrix packed once per op, as a linear's)
+                p["panels"] = [t for w, b in zip(p["dense"][::2], p["dense"][1::2]) for t in mod.pack_panels(w, b)]
             plan.add_rnn(n, op.inputs[0], op.out, p["lstm"], p["hidden"], p["batch_first"], p["dense"], p["bsr"],
-                         bool(p["sparse"]), int(p["dirs"]), bool(p.get("direct")))
+                         bool(p["sparse"]), int(p["dirs"]), bool(p.get("direct")), p["panels"] if direct else [])
         elif op.kind == "select":
             plan.add_select(n, op.inputs[0], op.out, p["dim"], p["index"])
         elif op.kind == "mean":

@@ -169,7 +169,7 @@ class Plan {
   // bsr = 6 per layer and direction (ih, hh) or empty; dirs: 2 for a bidirectional module
   void add_rnn(const std::string& name, int64_t in, int64_t out, bool lstm, int64_t hidden, bool batch_first,
                std::vector<c10::optional<torch::Tensor>> dense, std::vector<torch::Tensor> bsr, bool sparse,
-               int64_t dirs, bool direct) {
+               int64_t dirs, bool direct, std::vector<torch::Tensor> panels) {
     Step s{RNN, name, {in}, out};
     const size_t L = dense.size() / 4;
     TORCH_CHECK(dirs == 1 || dirs == 2, name, ": rnn directions must be 1 or 2");
@@ -184,9 +184,18 @@ class Plan {
       s.mats.push_back(make_mat(*dense[4 * l], dense[4 * l + 1], bi));
       s.mats.push_back(make_mat(*dense[4 * l + 2], dense[4 * l + 3], bh));
     }
-    for (auto& m : s.mats) {
+    TORCH_CHECK(panels.empty() || panels.size() == 2 * s.mats.size(), name,
+                ": panels must be (wp, bp) from pack_panels for every gate matrix");
+    for (size_t k = 0; k < s.mats.size(); ++k) {
+      auto& m = s.mats[k];
       m.sparse = sparse;
-      if (direct && !sparse) pack_direct(m);  // the dense gate matmuls on the panel kernel
+      if (direct && !sparse && !panels.empty()) {  // packed by the caller (shared between plans)
+        m.wp = panels[2 * k];
+        m.bp = panels[2 * k + 1];
+        m.direct = true;
+      } else if (direct && !sparse) {
+        pack_direct(m);  // the dense gate matmuls on the panel kernel
+      }
     }
     s.sparse = sparse;
     s.ints = {lstm, hidden, batch_first, dirs};
@@ -1217,7 +1226,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_embedding", &Plan::add_embedding)
       .def("add_pad", &Plan::add_pad)
       .def("add_conv_transpose", &Plan::add_conv_transpose)
-      .def("add_rnn", &Plan::add_rnn)
+      .def("add_rnn", &Plan::add_rnn, py::arg("name"), py::arg("in"), py::arg("out"), py::arg("lstm"),
+           py::arg("hidden"), py::arg("batch_first"), py::arg("dense"), py::arg("bsr"), py::arg("sparse"),
+           py::arg("dirs"), py::arg("direct"), py::arg("panels") = std::vector<torch::Tensor>{})
       .def("add_select", &Plan::add_select)
       .def("add_mean", &Plan::add_mean)
       .def("add_lanes_in", &Plan::add_lanes_in)
