@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import tempfile
@@ -52,3 +53,13 @@ def call_model(model, example_input):
     if isinstance(example_input, (tuple, list)):
         return model(*example_input)
     return model(example_input)
+
+
+def forward_params(model, varargs: bool = False) -> list[inspect.Parameter] | None:
+    """``model.forward``'s named arguments (positional and keyword-only, in order), with ``varargs`` also ``*args`` /
+    ``**kwargs``; None when the signature cannot be read."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p for p in params if varargs or p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]

@@ -9,7 +9,6 @@ reaching an opaque module are never pruned. When the model's own ``forward`` can
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
+from ..utils import forward_params
 from .handlers import get_channel_handler
 
 _MAX_OPAQUE_RETRIES = 64
@@ -114,7 +114,7 @@ def check_forward_args(model: nn.Module, n: int, name: str | None = None) -> dic
     that have defaults (``forward(x, mask=None)`` given only ``x``), name -> default, to trace as those constants;
     None when there are none (or the signature cannot be read)."""
     name = name or type(model).__name__
-    params = _named_params(model, varargs=True)
+    params = forward_params(model, varargs=True)
     if params is None:  # no signature to read: tracing reports any mismatch
         return None
     # (positional tensors fill the arguments in order; keyword-only ones need a default or the example by name)
@@ -133,20 +133,10 @@ def check_forward_args(model: nn.Module, n: int, name: str | None = None) -> dic
     return {p.name: p.default for p in rest} or None
 
 
-def _named_params(model: nn.Module, varargs: bool = False) -> list[inspect.Parameter] | None:
-    """``model.forward``'s named arguments (positional and keyword-only, in order; fx makes one placeholder each),
-    with ``varargs`` also ``*args`` / ``**kwargs``; None when the signature cannot be read."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    return [p for p in params if varargs or p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
 def _by_name(model: nn.Module, inputs: dict, name: str) -> tuple[tuple, dict[str, Any] | None]:
     """Example tensors given by argument name: (the tensors in the forward's order, the arguments left out -> their
     defaults, traced as constants). Unknown names and left-out arguments without a default are named."""
-    params = _named_params(model)
+    params = forward_params(model)
     if params is None:
         raise UnsupportedModelError(f"{name}: forward's signature cannot be read; pass the example input as a tuple")
     names = [p.name for p in params]
@@ -167,7 +157,7 @@ def ordered_inputs(model: nn.Module, example_input) -> tuple[tuple, list[str] | 
     ordered by the signature), and for a dict their argument names in that order (else None)."""
     if isinstance(example_input, dict):
         xs = _by_name(model, example_input, type(model).__name__)[0]
-        return xs, sorted(example_input, key=[p.name for p in _named_params(model)].index)
+        return xs, sorted(example_input, key=[p.name for p in forward_params(model)].index)
     return (tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)), None
 
 
@@ -197,7 +187,7 @@ def _trace(model: nn.Module, name: str, proxy_buffers: bool,
         try:
             if concrete:
                 graph = tracer.trace(model, concrete_args=concrete)
-                params = _named_params(model) or []
+                params = forward_params(model) or []
                 _drop_specialized(graph, {i for i, p in enumerate(params) if p.name in concrete})
                 return graph, opaque
             return tracer.trace(model), opaque

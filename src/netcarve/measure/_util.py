@@ -42,14 +42,12 @@ def no_mha_fastpath():
 def forward_order(model: nn.Module, inputs: dict) -> list[str]:
     """The names of an example input given as a dict by forward argument name, in the order of ``model.forward``'s
     signature (the order of the exported graph's inputs); a name forward does not take is a ConfigError."""
-    import inspect
-
     from ..errors import ConfigError
+    from ..utils import forward_params
 
     if not inputs or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in inputs.items()):
         raise ConfigError("example_input as a dict must map forward argument names to tensors")
-    params = [p.name for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    params = [p.name for p in forward_params(model) or [] if p.kind != p.POSITIONAL_ONLY]
     unknown = [k for k in inputs if k not in params]
     if unknown:
         raise ConfigError(f"{type(model).__name__}.forward takes no argument {unknown[0]!r} (example input keys: "
