@@ -422,18 +422,13 @@ class DataDependent(nn.Module):
 
 
 def test_untraceable_model_raises_unsupported_naming_it():
+    # fx stops on the data-dependent branch, and so does torch.export (its fallback): one short error naming both
     with pytest.raises(UnsupportedModelError) as ei:
         build_channel_groups(DataDependent(), torch.randn(1, 3, 4, 4))
     msg = str(ei.value)
-    assert "DataDependent" in msg and "torch.fx" in msg
-    assert "\n" not in msg and len(msg) < 400  # short: no deep traceback
+    assert "DataDependent" in msg and "torch.fx" in msg and "torch.export" in msg
+    assert "\n" not in msg and len(msg) < 800  # short: no deep traceback
     assert ei.value.__cause__ is None and ei.value.__suppress_context__
-    assert "Hugging Face" not in msg
-    # a model class from the transformers package (not fx-traceable since transformers 5) gets a hint saying so
-    hf = type("BertLike", (DataDependent,), {"__module__": "transformers.models.bert.modeling_bert"})
-    with pytest.raises(UnsupportedModelError, match="BertLike with torch.fx.*Hugging Face transformers models .* not "
-                                                    "supported yet"):
-        build_channel_groups(hf(), torch.randn(1, 3, 4, 4))
 
 
 class Gate(nn.Module):

@@ -518,3 +518,44 @@ def test_dynamic_sequence_lengths_of_a_recurrent_model(kernels):
     assert len(theirs) == 3 and all(op.p["dense"] is rnn.p["dense"] for op in theirs)
     if rnn.p.get("direct"):  # (the gate matmuls on netcarve's dense panel kernel: packed once)
         assert all(op.p["panels"] is rnn.p["panels"] for op in theirs)
+
+
+class _SizeBranching(nn.Module):
+    """Self-attention written with views (heads by ``-1``) and a Python branch over the length: fx cannot trace
+    it, so the plan is lowered from the torch.export capture, at the example's sizes, batch included."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hd = d // heads
+        self.emb = nn.Linear(6, d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        b, t = h.shape[:2]
+        q, k, v = (p(h).view(b, t, -1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+        h = h + self.o(a)
+        if t > 4:  # fx stops here
+            h = h * 0.5
+        return self.head(h.mean(1))
+
+
+def test_torch_export_capture_runs_at_its_batch_and_other_sizes_with_dynamic():
+    model = _SizeBranching().eval()
+    x = torch.randn(2, 7, 6)
+    c = compile(model, x, threads=1)
+    assert c.fixed_batch and c.native
+    assert c.fallback == []  # the views holding the example's batch are native in a plan for that batch only
+    with torch.no_grad():
+        assert _rel(c(x), model(x)) < 1e-4
+    with pytest.raises(ConfigError, match=r"expected input \(2, 7, 6\), got \(3, 7, 6\) \(captured by torch.export"):
+        c(torch.randn(3, 7, 6))
+    d = compile(model, x, threads=1, dynamic=True)
+    for shape in ((3, 7, 6), (1, 3, 6), (2, 7, 6)):
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            assert _rel(d(y), model(y)) < 1e-4, shape
+    assert d.shapes == [[(2, 7, 6)], [(3, 7, 6)], [(1, 3, 6)]]

@@ -68,6 +68,9 @@ class TracedModel:
 
     graph_module: fx.GraphModule
     opaque: dict[str, str] = field(default_factory=dict)
+    #: "fx" (torch.fx tracing), or "export" (fx could not trace forward; captured by torch.export and raised back
+    #: to module level, :mod:`netcarve.graph.exported`: sizes specialised to the example input)
+    method: str = "fx"
 
     @property
     def graph(self) -> fx.Graph:
@@ -83,12 +86,18 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None) -
     """
     name = name or type(model).__name__
     concrete = None
+    given = example_input
     if isinstance(example_input, dict):  # forward's arguments by name
         example_input, concrete = _by_name(model, example_input, name)
     elif example_input is not None:
         n = len(example_input) if isinstance(example_input, (tuple, list)) else 1
         concrete = check_forward_args(model, n, name)
-    graph, opaque = _trace(model, name, proxy_buffers=False, concrete=concrete)
+    try:
+        graph, opaque = _trace(model, name, proxy_buffers=False, concrete=concrete)
+    except _ForwardUntraceable as e:
+        if given is None:
+            raise UnsupportedModelError(f"{e}; with an example input, torch.export is tried instead") from None
+        return _export_fallback(model, given, name, str(e))
     if opaque:  # a submodule that slices a buffer by the input's size traces with buffers as graph values
         try:
             graph2, opaque2 = _trace(model, name, proxy_buffers=True, concrete=concrete)
@@ -106,6 +115,20 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None) -
     if example_input is not None:
         propagate_shapes(gm, example_input, name)
     return TracedModel(gm, opaque)
+
+
+def _export_fallback(model: nn.Module, example_input, name: str, fx_error: str) -> TracedModel:
+    """fx cannot trace ``model.forward``: capture it with torch.export instead (:mod:`netcarve.graph.exported`)."""
+    from .exported import export_trace  # noqa: PLC0415 - torch.export is imported only when needed
+
+    inputs, names = ordered_inputs(model, example_input)
+    tracer = _Tracer(set())
+    try:
+        gm = export_trace(model, inputs, names, name, tracer.is_leaf_module)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{fx_error}; {e}") from None
+    propagate_shapes(gm, inputs, name)
+    return TracedModel(gm, {}, method="export")
 
 
 def check_forward_args(model: nn.Module, n: int, name: str | None = None) -> dict[str, Any] | None:
@@ -177,6 +200,10 @@ def _drop_specialized(graph: fx.Graph, drop: set[int]) -> None:
             graph.erase_node(node)
 
 
+class _ForwardUntraceable(UnsupportedModelError):
+    """fx failed in the model's own forward (not in a submodule it could keep opaque)."""
+
+
 def _trace(model: nn.Module, name: str, proxy_buffers: bool,
            concrete: dict[str, Any] | None = None) -> tuple[fx.Graph, dict[str, str]]:
     """fx-trace ``model``, keeping every submodule fx cannot trace into as an opaque leaf: (graph, opaque).
@@ -194,14 +221,7 @@ def _trace(model: nn.Module, name: str, proxy_buffers: bool,
         except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
             path = tracer.failed_path
             if not path or path in opaque:
-                hint = ""
-                if type(model).__module__.split(".")[0] == "transformers":
-                    hint = ("; Hugging Face transformers models (written for torch.export, not torch.fx) are not "
-                            "supported yet: the same architecture built from torch modules (nn.TransformerEncoder, "
-                            "nn.MultiheadAttention, ...) traces")
-                raise UnsupportedModelError(
-                    f"cannot trace {name} with torch.fx: {short_message(e)}{hint}"
-                ) from None
+                raise _ForwardUntraceable(f"cannot trace {name} with torch.fx: {short_message(e)}") from None
             opaque[path] = short_message(e)
     raise UnsupportedModelError(f"cannot trace {name} with torch.fx: too many untraceable submodules")  # pragma: no cover
 

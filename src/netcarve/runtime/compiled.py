@@ -28,7 +28,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..graph.trace import ordered_inputs
 from ._build import cache_root, cpu_key, load_kernels, source_hash
 from .lanes import LANES_MIN_BATCH, lanes_conv_ok, lanes_rewrite
-from .plan import Op, ReferencePlan, as_inputs, build_native, lower
+from .plan import Lowering, Op, ReferencePlan, as_inputs, build_native
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,12 @@ class CompiledModel:
         # those plans by input shapes (least recently used first)
         self._dynamic: dict[str, Any] | None = None
         self._variants: OrderedDict[tuple, CompiledModel] = OrderedDict()
+        # a model fx cannot trace, captured by torch.export: its graph holds the example's sizes, the batch too, so
+        # a call of another batch needs its own plan as well (dynamic=True) instead of only the other sizes
+        self.fixed_batch = False
+
+    def _key_shape(self, shape) -> tuple[int, ...]:
+        return tuple(shape) if self.fixed_batch else tuple(shape[1:])
 
     @property
     def dynamic(self) -> bool:
@@ -164,16 +170,17 @@ class CompiledModel:
     @property
     def shapes(self) -> list[list[tuple[int, ...]]]:
         """The non-batch sizes of the inputs of every plan kept: the example's first, then those compiled for calls
-        (``dynamic=True``), least recently used first."""
-        return [[s[1:] for s, _ in self.inputs]] + [[s for s, _ in key] for key in self._variants]
+        (``dynamic=True``), least recently used first (the whole shapes, batch included, for a ``fixed_batch``
+        model)."""
+        return [[self._key_shape(s) for s, _ in self.inputs]] + [[s for s, _ in key] for key in self._variants]
 
     def _for_shapes(self, xs: tuple) -> CompiledModel:
         """The compiled model for these call inputs: self, or with ``dynamic=True`` and other non-batch sizes the
         plan compiled for them (on first use, with this plan's per-layer kernel choices)."""
         if self._dynamic is None or len(xs) != len(self.inputs) or not all(isinstance(x, torch.Tensor) for x in xs):
             return self
-        key = tuple((tuple(x.shape[1:]), x.dtype) for x in xs)
-        if key == tuple((tuple(s[1:]), d) for s, d in self.inputs) or any(
+        key = tuple((self._key_shape(x.shape), x.dtype) for x in xs)
+        if key == tuple((self._key_shape(s), d) for s, d in self.inputs) or any(
                 x.dtype != d or x.dim() != len(s) for x, (s, d) in zip(xs, self.inputs)):
             return self  # (another dtype or number of dimensions than the example's gets _args' error)
         if key in self._variants:
@@ -209,13 +216,16 @@ class CompiledModel:
                               f"({self._describe()}), got {len(xs)}")
         for i, (x, (shape, dtype)) in enumerate(zip(xs, self.inputs)):
             what = f"input {i + 1} " if n > 1 else "input "
-            if not isinstance(x, torch.Tensor) or x.dim() != len(shape) or tuple(x.shape[1:]) != tuple(shape[1:]):
+            if not isinstance(x, torch.Tensor) or x.dim() != len(shape) or \
+                    self._key_shape(x.shape) != self._key_shape(shape):
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 hint = ("" if not isinstance(x, torch.Tensor) or self.dynamic
+                        else " (captured by torch.export at the example's sizes, batch included: compile with "
+                        "dynamic=True to allow others)" if self.fixed_batch
                         else " (the plan is compiled for these sizes; only the batch may change unless compiled with "
                         "dynamic=True)")
-                raise ConfigError(f"compiled model: expected {what}(N, {', '.join(map(str, shape[1:]))}), got "
-                                  f"{got}{hint}")
+                want = tuple(shape) if self.fixed_batch else f"(N, {', '.join(map(str, shape[1:]))})"
+                raise ConfigError(f"compiled model: expected {what}{want}, got {got}{hint}")
             if x.dtype != dtype:
                 raise ConfigError(f"compiled model: expected a {str(dtype).replace('torch.', '')} {what.strip()}, "
                                   f"got {x.dtype}")
@@ -400,8 +410,8 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
     was_training = model.training
     model.eval()
     try:
-        ops, nvals, output = lower(model, example_input if names else xs if len(xs) > 1 else xs[0],
-                                   fallback=fallback)
+        lowering = Lowering(model, example_input if names else xs if len(xs) > 1 else xs[0], fallback)
+        ops, nvals, output = lowering.run()
     finally:
         model.train(was_training)
     if _share:
@@ -445,7 +455,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
     if mod is None:
         compiled = CompiledModel(ops, nvals, output, None, specs[0][0], layers, nthreads, specs[0][1], inputs=specs,
                                  input_names=names)
-        compiled._dynamic = dyn
+        compiled._dynamic, compiled.fixed_batch = dyn, lowering.traced_by == "export"
         return compiled
 
     eligible = [_eligible(op) for op in convs]
@@ -521,7 +531,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
     compiled.plan_check = check
     if lanes == "auto" and plan is not small[0]:
         compiled._small, compiled.lanes_min_batch = small, LANES_MIN_BATCH
-    compiled._dynamic = dyn
+    compiled._dynamic, compiled.fixed_batch = dyn, lowering.traced_by == "export"
     return compiled
 
 

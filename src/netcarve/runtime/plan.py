@@ -184,13 +184,19 @@ def _static_index(index: Any) -> Any:
     return tuple(out) if isinstance(index, tuple) else out[0]
 
 
-def _keeps_batch(node: fx.Node) -> bool:
+def _keeps_batch(node: fx.Node, fixed: bool = False) -> bool:
     """A view / reshape whose first size is ``-1`` or a tensor's ``shape[0]`` and whose others do not depend on
-    the batch (so the plan may run it at any batch as ``reshape(-1, *static)``)."""
+    the batch (so the plan may run it at any batch as ``reshape(-1, *static)``). ``fixed``: a plan for the
+    example's batch only (a graph captured by torch.export), where a literal first size equal to the input's
+    batch is one too."""
     dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = tuple(dims[0])
-    return bool(dims) and (dims[0] == -1 or _shape_index(dims[0]) == 0) and all(_static_int(d) is not None for d in dims[1:])
+    src = _shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    first = dims[0] == -1 or _shape_index(dims[0]) == 0 if dims else False
+    if fixed and dims and not first:
+        first = isinstance(dims[0], int) and src is not None and len(src) > 0 and dims[0] == src[0]
+    return bool(dims) and first and all(_static_int(d) is not None for d in dims[1:])
 
 
 def _batch_expand(node: fx.Node) -> fx.Node | None:
@@ -404,6 +410,7 @@ class Lowering:
             path, why = next(iter(traced.opaque.items()))
             raise UnsupportedModelError(f"runtime: {self.name}: fx cannot trace into {path!r} ({why})")
         self.gm = traced.graph_module
+        self.traced_by = traced.method  # "export": the graph holds the example's sizes, batch included
         self.modules = dict(self.gm.named_modules())
         self.val: dict[fx.Node, int] = {}
         self._rnn_state: dict[fx.Node, tuple[fx.Node, str]] = {}  # final-state nodes -> (rnn node, "h" / "hc")
@@ -1365,7 +1372,7 @@ class Lowering:
         Only where the target's first size is ``-1`` or a tensor's ``shape[0]`` / ``size(0)`` and the others are
         literals or come from non-batch sizes (``x.reshape(B, N, 3, H, C // H)``): a literal first size equal to
         the example's batch (``x.view(2, ...)``) stays a python step, as eager semantics at other batches."""
-        if not _keeps_batch(node):
+        if not _keeps_batch(node, self.traced_by == "export"):
             return False
         out, src = _shape(node), _shape(x)
         if out is None or src is None or not out or not src or out[0] != src[0]:
@@ -1426,7 +1433,7 @@ class Lowering:
         if t in ("flatten", "view", "reshape"):
             out, src = _shape(node), _shape(x)
             if t == "flatten" or (out is not None and src is not None and len(out) == 2 and out[0] == src[0]
-                                  and _keeps_batch(node)):
+                                  and _keeps_batch(node, self.traced_by == "export")):
                 start = 1 if t != "flatten" else (node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0))
                 return self._emit(Op("flatten", node.name, [self._in(x, node)], p={"start": int(start)}), node, x)
             if t != "flatten" and self._reshape(node, x):

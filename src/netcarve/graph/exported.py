@@ -1,0 +1,263 @@
+"""A torch.export capture turned into the module-level fx graph the rest of netcarve reads.
+
+torch.fx traces a model by running its ``forward`` on proxies: Python control flow on sizes, ``**kwargs``
+decorators and the like stop it (Hugging Face transformers models, written for torch.export, are the common
+case). :func:`export_trace` is :func:`~netcarve.graph.trace.trace_model`'s fallback for those models. It
+captures the model with ``torch.export.export(..., strict=False)`` on the example input, which records every
+aten operator with the module path that ran it, then raises that graph back to the level fx tracing gives:
+
+* each call of a leaf module (the ``torch.nn`` layers and every module with a channel handler) becomes one
+  ``call_module`` node on the model's own module again, when its operators form one run with one tensor input
+  and one output (a leaf called otherwise stays as its operators, which nothing prunes through);
+* the operators the channel analysis follows are written as the torch functions and tensor methods fx tracing
+  records (``aten.add.Tensor`` -> ``operator.add``, ``aten.view`` -> ``.view``, ``aten.slice`` /
+  ``aten.select`` -> indexing, ``aten.gelu`` -> ``F.gelu``, ...); every other operator stays an aten call and
+  blocks the channels that reach it;
+* the inputs are the example's tensors in the forward's order, the output the model's output tensors (a
+  single tensor, or a flat tuple of every tensor in a nested output such as a Hugging Face ``ModelOutput``).
+
+The raised graph is checked against the model on the example input before it is returned, so a capture that
+does not reproduce the model is an :class:`~netcarve.errors.UnsupportedModelError`, never a silent mismatch.
+Sizes in the graph are the example's (torch.export specialises them): it serves the channel analysis and
+pruning, which edit the model's own modules; the pruned model runs its own ``forward``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import sys
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..errors import UnsupportedModelError
+
+aten = torch.ops.aten
+_DROP = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
+
+
+def _leaf_of(node: fx.Node, model: nn.Module, is_leaf, cache: dict) -> tuple[str, str] | None:
+    """(stack key, path) of the outermost leaf module whose call produced ``node``, or None."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for key, val in stack.items():
+        path = val[0] if isinstance(val, (tuple, list)) else val
+        if not isinstance(path, str):
+            continue
+        if path not in cache:
+            try:
+                m = model.get_submodule(path) if path else model
+            except AttributeError:
+                m = None
+            cache[path] = m is not None and m is not model and is_leaf(m, path)
+        if cache[path]:
+            return key, path
+    return None
+
+
+def _required_args(module: nn.Module) -> int | None:
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return sum(1 for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _tensor_inputs(nodes: list[fx.Node], inside: set[fx.Node]) -> list[fx.Node]:
+    seen: dict[fx.Node, None] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a.op != "get_attr":
+                seen.setdefault(a)
+    return list(seen)
+
+
+def _collapse_leaves(graph: fx.Graph, model: nn.Module, is_leaf) -> None:
+    """Replace each run of operators of one leaf-module call by a ``call_module`` node on that module."""
+    cache: dict[str, bool] = {}
+    runs: list[tuple[str, list[fx.Node]]] = []
+    current = None
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            continue
+        leaf = _leaf_of(node, model, is_leaf, cache) if node.op == "call_function" else None
+        if leaf is not None and current is not None and current[0] == leaf:
+            current[1].append(node)
+        elif leaf is not None:
+            current = (leaf, [node])
+            runs.append((leaf[1], current[1]))
+        else:
+            current = None
+    for path, nodes in runs:
+        inside = set(nodes)
+        outs = [n for n in nodes if any(u not in inside for u in n.users)]
+        ins = _tensor_inputs(nodes, inside)
+        module = model.get_submodule(path)
+        need = _required_args(module)
+        if len(outs) != 1 or len(ins) != 1 or need not in (None, 1):
+            continue  # several inputs / outputs: their order and meaning cannot be read back; keep the operators
+        with graph.inserting_before(outs[0]):
+            call = graph.create_node("call_module", path, (ins[0],))  # (not call_module: checks the exported module)
+        call.meta["nn_module_stack"] = outs[0].meta.get("nn_module_stack", {})
+        outs[0].replace_all_uses_with(call)
+        for n in reversed(nodes):
+            if not n.users:
+                graph.erase_node(n)
+
+
+def _index(dim: int, item) -> tuple:
+    return (slice(None),) * dim + (item,)
+
+
+def _raise_ops(graph: fx.Graph) -> None:
+    """Rewrite the aten operators the channel analysis follows as fx-traced torch calls (same semantics)."""
+    big = sys.maxsize
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        t, a, kw = node.target, node.args, dict(node.kwargs)
+        new = None  # (op, target, args, kwargs)
+        if t in _DROP and not node.users:
+            graph.erase_node(node)
+            continue
+        if t in (aten.add.Tensor, aten.sub.Tensor) and kw.get("alpha", 1) == 1:
+            new = ("call_function", operator.add if t is aten.add.Tensor else operator.sub, a[:2], {})
+        elif t in _SIMPLE:
+            new = ("call_function", _SIMPLE[t], a, kw)
+        elif t in _METHODS:
+            if _METHODS[t] in _SIZE_METHODS and len(a) == 2 and isinstance(a[1], (list, tuple)) and not kw:
+                a = (a[0], *a[1])  # x.view(2, -1) as fx records it, not x.view([2, -1])
+            new = ("call_method", _METHODS[t], a, kw)
+        elif t is aten.slice.Tensor and not kw:
+            x, dim, start, end, step = (list(a) + [0, None, None, 1][len(a) - 1:])[:5]
+            start = None if start in (0, None) else start
+            end = None if end is None or (isinstance(end, int) and end >= big) else end
+            new = ("call_function", operator.getitem, (x, _index(dim, slice(start, end, None if step == 1 else step))), {})
+        elif t is aten.select.int and not kw and len(a) == 3:
+            new = ("call_function", operator.getitem, (a[0], _index(a[1], a[2])), {})
+        elif t is aten.dropout.default:
+            new = ("call_function", F.dropout, (a[0],), {"p": a[1], "training": a[2]})
+        if new is None:
+            continue
+        node.op, node.target = new[0], new[1]
+        node.args, node.kwargs = tuple(new[2]), new[3]
+
+
+_SIMPLE = {
+    aten.mul.Tensor: operator.mul, aten.div.Tensor: operator.truediv,
+    aten.relu.default: torch.relu, aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh,
+    aten.gelu.default: F.gelu, aten.silu.default: F.silu, aten.hardtanh.default: F.hardtanh,
+    aten.hardswish.default: F.hardswish, aten.hardsigmoid.default: F.hardsigmoid, aten.relu6.default: F.relu6,
+    aten.leaky_relu.default: F.leaky_relu, aten.elu.default: F.elu, aten.mish.default: F.mish,
+    aten.clamp.default: torch.clamp, aten.abs.default: torch.abs, aten.neg.default: operator.neg,
+    aten.flatten.using_ints: torch.flatten, aten.unsqueeze.default: torch.unsqueeze,
+    aten.squeeze.dim: torch.squeeze, aten.squeeze.dims: torch.squeeze,
+    aten.cat.default: torch.cat, aten.matmul.default: torch.matmul, aten.softmax.int: torch.softmax,
+    aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d,
+    aten.max_pool2d.default: F.max_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
+    aten.max_pool1d.default: F.max_pool1d, aten.avg_pool1d.default: F.avg_pool1d,
+    aten.split.Tensor: torch.split, aten.chunk.default: torch.chunk, aten.unbind.int: torch.unbind,
+}  # fmt: skip
+_METHODS = {
+    aten.view.default: "view", aten.reshape.default: "reshape", aten._unsafe_view.default: "reshape",
+    aten.transpose.int: "transpose", aten.permute.default: "permute", aten.contiguous.default: "contiguous",
+    aten.clone.default: "clone", aten.expand.default: "expand", aten.to.dtype: "to", aten.type_as.default: "type_as",
+    aten.split_with_sizes.default: "split_with_sizes", aten.mean.dim: "mean", aten.sum.dim_IntList: "sum",
+    aten.amax.default: "amax",
+}  # fmt: skip
+_SIZE_METHODS = {"view", "reshape", "permute", "expand"}
+
+
+def _attr(model: nn.Module, owner: nn.Module, target: str):
+    """An attribute path of the model (its own parameter / buffer / module) or, for constants torch.export lifted
+    out of forward, of the exported module."""
+    for root in (model, owner):
+        obj = root
+        try:
+            for part in target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise UnsupportedModelError(f"torch.export graph reads {target!r}, which the model does not have")
+
+
+def _plain_io(graph: fx.Graph, single: bool) -> None:
+    """Plain codegen: positional inputs (the placeholders, already in the forward's order) and the flat output."""
+    graph._codegen = fx.graph.CodeGen()
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves = out.args[0]
+    leaves = list(leaves) if isinstance(leaves, (tuple, list)) else [leaves]
+    out.args = (leaves[0] if single and len(leaves) == 1 else tuple(leaves),)
+
+
+def export_trace(model: nn.Module, inputs: tuple, names: list[str] | None, name: str, is_leaf) -> fx.GraphModule:
+    """Capture ``model`` with torch.export on ``inputs`` (by forward argument ``names`` when given) and raise the
+    graph to netcarve's module level (module docstring). ``is_leaf(module, path)``: the fx tracer's leaf rule.
+    Raises UnsupportedModelError when torch.export fails or the raised graph does not reproduce the model."""
+    args, kwargs = (tuple(inputs), {}) if names is None else ((), dict(zip(names, inputs, strict=True)))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            try:
+                ep = torch.export.export(model, args, kwargs, strict=False)
+            except Exception as e:  # noqa: BLE001 - torch.export raises many kinds
+                from .trace import short_message  # noqa: PLC0415 - trace imports this module
+
+                raise UnsupportedModelError(f"torch.export cannot capture {name} either: {short_message(e)}") from None
+            exported = ep.module()
+            expected = model(*args, **kwargs)
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+    graph = exported.graph
+    graph.owning_module = None  # its nodes will name the model's modules and attributes, not the exported module's
+    for node in list(graph.nodes):
+        if node.op == "call_module" and not node.users and node.target == "_guards_fn":
+            graph.erase_node(node)
+    _collapse_leaves(graph, model, is_leaf)
+    _raise_ops(graph)
+    leaves = pytree.tree_leaves(expected)
+    single = isinstance(expected, torch.Tensor)
+    _plain_io(graph, single)
+    root = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            root[node.target] = _attr(model, exported, node.target)
+    gm = fx.GraphModule(root, graph, class_name=f"{name}Exported")
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    _check(gm, model, inputs, leaves, name)
+    return gm
+
+
+def _check(gm: fx.GraphModule, model: nn.Module, inputs: tuple, expected: list, name: str) -> None:
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            got = gm(*inputs)
+    except Exception as e:  # noqa: BLE001
+        from .trace import short_message  # noqa: PLC0415
+
+        raise UnsupportedModelError(f"{name}: the graph captured by torch.export does not run: "
+                                    f"{short_message(e)}") from None  # fmt: skip
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+    got = [got] if isinstance(got, torch.Tensor) else list(got)
+    expected = [t for t in expected if isinstance(t, torch.Tensor)]
+    ok = len(got) == len(expected) and all(
+        isinstance(g, torch.Tensor) and g.shape == e.shape
+        and torch.allclose(g.float(), e.float(), rtol=1e-4, atol=1e-5 * max(1.0, float(e.float().abs().max())))
+        for g, e in zip(got, expected, strict=False)
+    )
+    if not ok:
+        raise UnsupportedModelError(f"{name}: the graph captured by torch.export does not reproduce the model's "
+                                    "output on the example input")  # fmt: skip

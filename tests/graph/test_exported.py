@@ -1,0 +1,200 @@
+"""torch.export fallback for models torch.fx cannot trace (netcarve.graph.exported)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netcarve.compact.prune import mask_channels, prune_channels
+from netcarve.errors import UnsupportedModelError
+from netcarve.graph import build_channel_groups, trace_model
+
+
+def _kwargs_only(fn):
+    """A decorator putting forward behind *args / **kwargs, as Hugging Face's do (the signature is still read through
+    ``functools.wraps``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class Block(nn.Module):
+    def __init__(self, d=16, hidden=32):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+class ShapeBranching(nn.Module):
+    """fx stops on a Python branch over a size and on a loop over one; torch.export specialises both."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.embed = nn.Linear(6, d)
+        self.blocks = nn.ModuleList([Block(d), Block(d)])
+        self.conv = nn.Conv1d(d, 24, 3, padding=1)
+        self.bn = nn.BatchNorm1d(24)
+        self.head = nn.Linear(24, 5)
+
+    @_kwargs_only
+    def forward(self, tokens, scale=None):
+        x = self.embed(tokens)
+        for i in range(x.shape[1] // x.shape[1] + 1):  # two blocks, a loop over a size
+            x = self.blocks[i](x)
+        if x.shape[1] > 4:  # a branch over a size
+            x = x * 0.5
+        y = F.relu(self.bn(self.conv(x.transpose(1, 2))))
+        logits = self.head(y.mean(2)[:, None, :][:, 0])
+        return {"logits": logits, "hidden": x} if scale is None else logits * scale
+
+
+def _example():
+    torch.manual_seed(0)
+    return torch.randn(3, 7, 6)
+
+
+def _eval_bn(model):
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_fx_fails_export_captures_at_module_level():
+    model = ShapeBranching().eval()
+    with pytest.raises(Exception):  # noqa: B017 - fx's own error
+        torch.fx.symbolic_trace(model)
+    tr = trace_model(model, _example())
+    assert tr.method == "export" and not tr.opaque
+    gm = tr.graph_module
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    # every layer is called as the model's own module again, in order
+    assert calls == ["embed", "blocks.0.norm", "blocks.0.up", "blocks.0.down", "blocks.1.norm", "blocks.1.up",
+                     "blocks.1.down", "conv", "bn", "head"]  # fmt: skip
+    assert gm.get_submodule("blocks.0.up") is model.blocks[0].up
+    # aten operators raised to the torch calls fx would record
+    targets = {n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
+    assert F.gelu in targets and "transpose" in targets and torch.ops.aten.gelu.default not in targets
+    # the graph computes the model: a flat tuple of its output tensors (dict order)
+    x = _example()
+    with torch.no_grad():
+        out, ref = gm(x), model(x)
+    torch.testing.assert_close(out[0], ref["logits"])
+    torch.testing.assert_close(out[1], ref["hidden"])
+    # shapes recorded for the channel analysis
+    up = next(n for n in gm.graph.nodes if n.target == "blocks.0.up")
+    assert tuple(up.meta["tensor_meta"].shape) == (3, 7, 32)
+
+
+def test_export_graph_groups_and_pruning_equal_the_masked_model():
+    model = _eval_bn(ShapeBranching())
+    x = _example()
+    gs = build_channel_groups(model, x)
+    assert set(gs.names()) == {"blocks.0.up", "blocks.1.up", "conv"}
+    conv = next(g for g in gs.groups if g.name == "conv")
+    assert {s.path for s in conv.slots} == {"conv", "bn", "head"}
+    # the residual stream reaches the output ("hidden"): skipped with that reason
+    assert any("model output" in s.reason for s in gs.skipped if s.producer == "embed")
+    res = prune_channels(model, x, ratio=0.5, groups=gs)
+    pruned = res.model
+    assert pruned.blocks[0].up.out_features == 16 and pruned.conv.out_channels == 12 and pruned.head.in_features == 12
+    assert res.macs_after < res.macs_before
+    masked = mask_channels(model, gs, res.keep)
+    x2 = torch.randn(2, 9, 6)  # the pruned model runs its own forward, at any size
+    with torch.no_grad():
+        a, b = pruned(x2), masked(x2)
+    for k in ("logits", "hidden"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_export_by_argument_name():
+    model = ShapeBranching().eval()
+    scale = torch.full((3, 5), 2.0)
+    tr = trace_model(model, {"tokens": _example(), "scale": scale})
+    assert [n.name for n in tr.graph.nodes if n.op == "placeholder"] == ["tokens", "scale"]
+    with torch.no_grad():
+        torch.testing.assert_close(tr.graph_module(_example(), scale), model(_example(), scale=scale))
+
+
+class PairLeaf(nn.Module):
+    """A leaf with two tensor inputs: its call cannot be read back from the operators."""
+
+    def forward(self, a, b):
+        return a * torch.sigmoid(b)
+
+
+class TwoInputLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    @_kwargs_only
+    def forward(self, x):
+        h = self.fc1(x)
+        if x.shape[1] > 1:  # fx stops here
+            h = h * 2.0
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(a + self.fc2(x))
+
+
+def test_leaf_with_several_inputs_stays_as_operators_and_blocks():
+    model = TwoInputLeaf().eval()
+    x = torch.randn(2, 5, 4)
+    tr = trace_model(model, x)
+    calls = {n.target for n in tr.graph.nodes if n.op == "call_module"}
+    assert calls == {"fc1", "fc2", "out"}  # attention: kept as its operators
+    gs = build_channel_groups(model, x, traced=tr)
+    assert gs.names() == []
+    fc1 = next(s for s in gs.skipped if s.producer == "fc1")
+    assert "aten" in fc1.reason or "used by" in fc1.reason
+
+
+class ValueBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: neither fx nor torch.export can capture it
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_neither_fx_nor_export_is_one_clear_error():
+    with pytest.raises(UnsupportedModelError) as ei:
+        build_channel_groups(ValueBranch(), torch.randn(2, 4))
+    msg = str(ei.value)
+    assert "ValueBranch with torch.fx" in msg and "torch.export cannot capture ValueBranch" in msg
+    assert ei.value.__cause__ is None and "\n" not in msg
+    with pytest.raises(UnsupportedModelError, match="with an example input, torch.export is tried"):
+        trace_model(ValueBranch())
+
+
+def test_capture_that_does_not_reproduce_the_model_is_refused(monkeypatch):
+    from netcarve.graph import exported
+
+    real = exported._raise_ops
+
+    def wrong(graph):  # a raising rule gone wrong: gelu written as relu
+        real(graph)
+        for n in graph.nodes:
+            if n.target is F.gelu:
+                n.target = torch.relu
+
+    monkeypatch.setattr(exported, "_raise_ops", wrong)
+    with pytest.raises(UnsupportedModelError, match="does not reproduce the model's output"):
+        trace_model(ShapeBranching().eval(), _example())
