@@ -1024,7 +1024,13 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
     entries: list[SkippedGroup | int] = []  # graph order: a finished skip, or an index into walks
     walks: list[_Walk] = []
     seen: set[str] = set()
+    from .attention import attention_head_groups  # noqa: PLC0415 - attention builds on this module
+
+    heads = {first: (group, paths) for first, group, paths in attention_head_groups(walker, gm, calls)}
+    seen.update(p for _, paths in heads.values() for p in paths if p)  # q / k / v: sliced by their heads group
     for node in gm.graph.nodes:
+        if node in heads:
+            entries.append(heads[node][0])
         if node.op != "call_module" or str(node.target) in seen:
             continue
         path = str(node.target)

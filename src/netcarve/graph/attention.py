@@ -1,0 +1,168 @@
+"""Attention heads found in the graph: q / k / v Linears split into heads by views, attended by
+``F.scaled_dot_product_attention``, merged back into the output Linear.
+
+The pattern, as Hugging Face models and most hand-written attention modules write it (the heads count read
+from the tensor, not held as a number)::
+
+    q = self.q(x).view(b, t, -1, head_dim).transpose(1, 2)       # the same for k and v
+    a = F.scaled_dot_product_attention(q, k, v, mask)             # mask: None, or one for every head (dim 1 of 1)
+    y = self.o(a.transpose(1, 2).reshape(b, t, -1))               # (.contiguous() allowed before the reshape)
+
+makes one group ``"<common parent of q, k, v>:heads"`` of ``H`` channels (the heads), ``head_dim`` rows of each
+of q, k and v and ``head_dim`` input columns of o per head. Removing heads narrows the four Linears; the
+model's own forward then finds the smaller count through the ``-1``. A view with the heads count as a number,
+a per-head mask, different q / k / v head counts (grouped-query attention) or a projection used elsewhere too
+is not matched, and those Linears stay ordinary producers (the view blocks their channels).
+Modules with a channel handler of their own (``torch.nn.MultiheadAttention``, ``attention_heads_handler``)
+are leaves and never reach this pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask")
+
+
+def _dims(node: fx.Node) -> tuple:
+    dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    return tuple(dims)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _swaps_1_2(node: fx.Node) -> bool:
+    """``x.transpose(1, 2)`` (or ``(2, 1)``, ``(-3, -2)`` on a 4-d tensor) or ``x.permute(0, 2, 1, 3)``."""
+    if node.op != "call_method" or node.kwargs:
+        return False
+    dims = _dims(node)
+    if node.target == "transpose" and len(dims) == 2 and all(isinstance(d, int) for d in dims):
+        return sorted(d % 4 for d in dims) == [1, 2]
+    return node.target == "permute" and dims == (0, 2, 1, 3)
+
+
+def _split_heads(arg) -> tuple[fx.Node, fx.Node, int, list[str]] | None:
+    """``linear(x).view(b, t, -1, hd).transpose(1, 2)`` -> (the Linear's node, its view, hd, via names)."""
+    if not isinstance(arg, fx.Node) or not _swaps_1_2(arg):
+        return None
+    view = arg.args[0]
+    if not (isinstance(view, fx.Node) and view.op == "call_method" and view.target in ("view", "reshape")
+            and _only_user(view) is arg and not view.kwargs):  # fmt: skip
+        return None
+    dims = _dims(view)
+    if len(dims) != 4 or dims[2] != -1 or not isinstance(dims[3], int) or dims[3] < 1 or -1 in (dims[0], dims[1]):
+        return None
+    lin = view.args[0]
+    if not (isinstance(lin, fx.Node) and lin.op == "call_module" and _only_user(lin) is view):
+        return None
+    return lin, view, int(dims[3]), [view.name, arg.name]
+
+
+def _merge_heads(sdpa: fx.Node) -> tuple[fx.Node, list[str]] | None:
+    """``sdpa.transpose(1, 2)[.contiguous()].reshape(b, t, -1)`` read by a Linear -> (its node, via names)."""
+    t = _only_user(sdpa)
+    via = [sdpa.name]
+    if t is not None and _same_shape_view(t):  # (b, -1, t, hd) of a (b, H, t, hd) tensor (transformers does it)
+        via.append(t.name)
+        t = _only_user(t)
+    if t is None or not _swaps_1_2(t):
+        return None
+    via.append(t.name)
+    r = _only_user(t)
+    if r is not None and r.op == "call_method" and r.target == "contiguous" and len(r.args) == 1:
+        via.append(r.name)
+        r = _only_user(r)
+    if r is None or r.op != "call_method" or r.target not in ("view", "reshape") or r.kwargs:
+        return None
+    dims = _dims(r)
+    if len(dims) != 3 or dims[2] != -1 or -1 in (dims[0], dims[1]):
+        return None
+    o = _only_user(r)
+    if o is None or o.op != "call_module" or o.args[0] is not r or len(o.args) != 1 or o.kwargs:
+        return None
+    return o, [*via, r.name]
+
+
+def _shape(node: fx.Node):
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "shape", None)
+
+
+def _same_shape_view(node: fx.Node) -> bool:
+    """A 4-d view / reshape leaving its input's shape as it was, with the heads dim (1) given as -1."""
+    if node.op != "call_method" or node.target not in ("view", "reshape") or node.kwargs:
+        return False
+    dims = _dims(node)
+    src = _shape(node.args[0])
+    return len(dims) == 4 and dims[1] == -1 and src is not None and _shape(node) == src
+
+
+def _mask_ok(mask) -> bool:
+    if mask is None:
+        return True
+    meta = mask.meta.get("tensor_meta") if isinstance(mask, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return shape is not None and (len(shape) < 3 or (len(shape) == 4 and shape[1] == 1))
+
+
+def _parent(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    common = []
+    for items in zip(*parts, strict=False):
+        if len(set(items)) != 1:
+            break
+        common.append(items[0])
+    return ".".join(common) or paths[0]
+
+
+def attention_head_groups(walker, gm: fx.GraphModule, calls) -> list[tuple[fx.Node, object, set[str]]]:
+    """Every matched attention: (the graph node of its q Linear, its ChannelGroup of heads, the q / k / v paths
+    it takes over from the ordinary producer walk)."""
+    from .groups import ChannelGroup  # noqa: PLC0415 - groups imports this module
+
+    modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found = []
+    for node in gm.graph.nodes:
+        if not (node.op == "call_function" and node.target is F.scaled_dot_product_attention):
+            continue
+        v = dict(zip(_SDPA_ARGS, node.args))
+        v.update({k: a for k, a in node.kwargs.items() if k in _SDPA_ARGS})
+        if v.get("enable_gqa") or node.kwargs.get("enable_gqa") or not _mask_ok(v.get("attn_mask")):
+            continue
+        splits = [_split_heads(v.get(k)) for k in ("query", "key", "value")]
+        merged = _merge_heads(node)
+        if any(s is None for s in splits) or merged is None:
+            continue
+        lins = [s[0] for s in splits]
+        paths = [str(n.target) for n in lins]
+        o_node, via_out = merged
+        o_path = str(o_node.target)
+        layers = [modules.get(p) for p in [*paths, o_path]]
+        hd = splits[0][2]
+        if (len(set(paths)) != 3 or any(not isinstance(m, nn.Linear) for m in layers) or {s[2] for s in splits} != {hd}
+                or any(calls[p] != 1 for p in [*paths, o_path])):  # fmt: skip
+            continue
+        widths = {m.out_features for m in layers[:3]}
+        if len(widths) != 1 or next(iter(widths)) % hd or layers[3].in_features != next(iter(widths)):
+            continue
+        heads = next(iter(widths)) // hd
+        from .handlers import get_channel_handler  # noqa: PLC0415
+
+        slots = [walker._slot(p, m, get_channel_handler(m), "producer", hd, n)
+                 for p, m, n in zip(paths, layers[:3], lins, strict=True)]  # fmt: skip
+        slots.append(walker._slot(o_path, layers[3], get_channel_handler(layers[3]), "consumer", hd, o_node))
+        slots = [dataclasses.replace(s, note="the channels are heads") for s in slots]
+        via = [name for s in splits for name in s[3]] + via_out
+        group = ChannelGroup(f"{_parent(paths)}:heads", (o_path,), (), heads, tuple(slots), tuple(via))
+        first = min(lins, key=order.__getitem__)
+        found.append((first, group, set(paths)))
+    return found
