@@ -21,12 +21,19 @@ class SelfAttention(nn.Module):
         kv = d // 2 if how == "gqa" else d
         self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv)
         self.o = nn.Linear(d, d)
+        self.register_buffer("cos", torch.rand(16, self.hd))
+        self.register_buffer("sin", torch.rand(16, self.hd))
         self.register_buffer("head_bias", torch.linspace(-1, 1, heads).view(1, heads, 1, 1))
 
     def forward(self, x, mask=None):
         b, t, _ = x.shape
         h = self.heads if self.how == "literal" else -1  # a number of heads held as a number: not prunable
         q, k, v = (p(x).view(b, t, h, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if self.how in ("rope", "mix_heads"):  # rotary position embedding on q and k (Llama's rotate_half)
+            cos, sin = self.cos[:t].unsqueeze(0).unsqueeze(0), self.sin[:t].unsqueeze(0).unsqueeze(0)
+            q, k = (y * cos + torch.cat((-y[..., self.hd // 2:], y[..., : self.hd // 2]), dim=-1) * sin for y in (q, k))
+            if self.how == "mix_heads":
+                q = q + q.mean(1, keepdim=True)  # mixes the heads: not per head
         if self.how == "per_head_mask":
             mask = self.head_bias  # one float mask per head
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.how == "gqa")
@@ -51,8 +58,9 @@ class Encoder(nn.Module):
         return self.head(h.mean(1))
 
 
-def test_heads_group_and_pruning_equal_the_masked_model():
-    model = Encoder().eval()
+@pytest.mark.parametrize("how", ["ok", "rope"])
+def test_heads_group_and_pruning_equal_the_masked_model(how):
+    model = Encoder(how).eval()
     x = torch.randn(2, 5, 6)
     gs = build_channel_groups(model, x)
     g = next(g for g in gs.groups if g.name == "attn:heads")
@@ -74,7 +82,7 @@ def test_heads_group_and_pruning_equal_the_masked_model():
         torch.testing.assert_close(pruned(y), masked(y), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("how", ["literal", "gqa", "per_head_mask", "q_used_twice"])
+@pytest.mark.parametrize("how", ["literal", "gqa", "per_head_mask", "q_used_twice", "mix_heads"])
 def test_unmatched_attention_is_not_pruned_by_heads(how):
     model = Encoder(how).eval()
     x = torch.randn(2, 5, 6)

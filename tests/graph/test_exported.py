@@ -198,3 +198,47 @@ def test_capture_that_does_not_reproduce_the_model_is_refused(monkeypatch):
     monkeypatch.setattr(exported, "_raise_ops", wrong)
     with pytest.raises(UnsupportedModelError, match="does not reproduce the model's output"):
         trace_model(ShapeBranching().eval(), _example())
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D (GPT-2), re-declared under its qualified name: a Linear with its weight as (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c_fc, self.c_proj, self.out = Conv1D(24, 8), Conv1D(8, 24), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(x + self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+def test_transformers_conv1d_is_a_transposed_linear():
+    from netcarve.measure import count_model
+
+    model = GPT2MLP().eval()
+    x = torch.randn(2, 5, 8)
+    gs = build_channel_groups(model, x)
+    assert gs.names() == ["c_fc"]
+    assert [s.params for s in gs.groups[0].slots] == [(("weight", 1), ("bias", 0)), (("weight", 0),)]
+    res = prune_channels(model, x, ratio=0.5, groups=gs)
+    assert res.model.c_fc.weight.shape == (8, 12) and res.model.c_fc.nf == 12 and res.model.c_proj.nx == 12
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), mask_channels(model, gs, res.keep)(x), rtol=1e-4, atol=1e-6)
+    macs = {c.name: c.macs for c in count_model(model, x).layers}
+    assert macs["c_fc"] == 2 * 5 * 24 * 8 and macs["c_proj"] == 2 * 5 * 8 * 24
+    assert res.macs_after < res.macs_before

@@ -20,7 +20,9 @@ are leaves and never reach this pass.
 from __future__ import annotations
 
 import dataclasses
+import operator
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -49,13 +51,13 @@ def _swaps_1_2(node: fx.Node) -> bool:
     return node.target == "permute" and dims == (0, 2, 1, 3)
 
 
-def _split_heads(arg) -> tuple[fx.Node, fx.Node, int, list[str]] | None:
-    """``linear(x).view(b, t, -1, hd).transpose(1, 2)`` -> (the Linear's node, its view, hd, via names)."""
-    if not isinstance(arg, fx.Node) or not _swaps_1_2(arg):
+def _heads_view(t: fx.Node) -> tuple[fx.Node, fx.Node, int, list[str]] | None:
+    """``t`` = ``linear(x).view(b, t, -1, hd).transpose(1, 2)`` -> (the Linear's node, its view, hd, via names)."""
+    if not _swaps_1_2(t):
         return None
-    view = arg.args[0]
+    view = t.args[0]
     if not (isinstance(view, fx.Node) and view.op == "call_method" and view.target in ("view", "reshape")
-            and _only_user(view) is arg and not view.kwargs):  # fmt: skip
+            and _only_user(view) is t and not view.kwargs):  # fmt: skip
         return None
     dims = _dims(view)
     if len(dims) != 4 or dims[2] != -1 or not isinstance(dims[3], int) or dims[3] < 1 or -1 in (dims[0], dims[1]):
@@ -63,7 +65,94 @@ def _split_heads(arg) -> tuple[fx.Node, fx.Node, int, list[str]] | None:
     lin = view.args[0]
     if not (isinstance(lin, fx.Node) and lin.op == "call_module" and _only_user(lin) is view):
         return None
-    return lin, view, int(dims[3]), [view.name, arg.name]
+    return lin, view, int(dims[3]), [view.name, t.name]
+
+
+_PER_HEAD_FUNCS = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, torch.neg, torch.mul,
+                   torch.add, torch.cat, operator.getitem}  # fmt: skip
+_PER_HEAD_METHODS = {"contiguous", "to", "float", "type_as", "mul", "add", "sub", "neg"}
+_MAX_REGION = 64
+
+
+def _per_head(u: fx.Node, region: set, heads: int, batch: int) -> bool:
+    """``u`` (reading the heads tensor) works on every head alike: elementwise with operands broadcast over the heads
+    (dim 1 of size 1), slices and concatenations along the last two dims (rotary position embeddings)."""
+    shape = _shape(u)
+    if shape is None or len(shape) != 4 or shape[0] != batch or shape[1] != heads:
+        return False
+    if u.op == "call_method":
+        if u.target not in _PER_HEAD_METHODS:
+            return False
+    elif u.op != "call_function" or u.target not in _PER_HEAD_FUNCS:
+        return False
+    if u.target is torch.cat:
+        tensors = u.args[0] if u.args else u.kwargs.get("tensors")
+        dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
+        return isinstance(dim, int) and dim % 4 >= 2 and all(t in region for t in tensors)
+    if u.target is operator.getitem:
+        idx = u.args[1] if isinstance(u.args[1], tuple) else (u.args[1],)
+        if not all(isinstance(i, slice) or i is Ellipsis for i in idx) or sum(i is Ellipsis for i in idx) > 1:
+            return False
+        if Ellipsis in idx:  # x[..., :hd // 2]: the items after it index the last dims
+            pos = idx.index(Ellipsis)
+            head, tail = idx[:pos], idx[pos + 1:]
+            lead = list(head) + [slice(None)] * (4 - len(head) - len(tail)) + list(tail)
+        else:
+            lead = list(idx) + [slice(None)] * (4 - len(idx))
+        return len(lead) == 4 and lead[0] == slice(None) and lead[1] == slice(None)
+    for a in u.all_input_nodes:
+        if a in region:
+            continue
+        sa = _shape(a)
+        if sa is None or len(sa) > 4 or (len(sa) >= 3 and sa[len(sa) - 3] != 1):
+            return False  # (a 4-d operand must be 1 on the heads dim; 3-d ones broadcast to (1, t, hd)-like)
+    return True
+
+
+def _split_heads(arg, sdpa: fx.Node) -> tuple[fx.Node, fx.Node, int, list[str]] | None:
+    """The heads tensor of one of q / k / v: ``arg`` itself, or reached from it only through per-head operators
+    (rotary embeddings) -> (the Linear's node, its view, hd, via names)."""
+    if not isinstance(arg, fx.Node):
+        return None
+    found = _heads_view(arg)
+    if found is not None:
+        return found if _only_user(arg) is sdpa else None
+    # the transpose among arg's ancestors, then every node between it and sdpa must be per-head
+    seen, stack, starts = set(), [arg], []
+    while stack and len(seen) < _MAX_REGION:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if _heads_view(n) is not None:
+            starts.append(n)
+            continue
+        stack.extend(n.all_input_nodes)
+    if len(starts) != 1:
+        return None
+    t = starts[0]
+    shape = _shape(t)
+    if shape is None or len(shape) != 4:
+        return None
+    region, frontier = {t}, [t]  # every node reading the heads tensor, up to sdpa
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u is sdpa:
+                if n is not arg:
+                    return None
+            elif u not in region:
+                if len(region) >= _MAX_REGION:
+                    return None
+                region.add(u)
+                frontier.append(u)
+    order = {n: i for i, n in enumerate(sdpa.graph.nodes)}
+    if not all(_per_head(u, region, shape[1], shape[0]) for u in sorted(region - {t}, key=order.__getitem__)):
+        return None
+    if arg not in region:
+        return None
+    lin, view, hd, via = _heads_view(t)
+    return lin, view, hd, via + sorted(n.name for n in region if n is not t)
 
 
 def _merge_heads(sdpa: fx.Node) -> tuple[fx.Node, list[str]] | None:
@@ -138,7 +227,7 @@ def attention_head_groups(walker, gm: fx.GraphModule, calls) -> list[tuple[fx.No
         v.update({k: a for k, a in node.kwargs.items() if k in _SDPA_ARGS})
         if v.get("enable_gqa") or node.kwargs.get("enable_gqa") or not _mask_ok(v.get("attn_mask")):
             continue
-        splits = [_split_heads(v.get(k)) for k in ("query", "key", "value")]
+        splits = [_split_heads(v.get(k), node) for k in ("query", "key", "value")]
         merged = _merge_heads(node)
         if any(s is None for s in splits) or merged is None:
             continue

@@ -147,7 +147,7 @@ def _raise_ops(graph: fx.Graph) -> None:
 
 
 _SIMPLE = {
-    aten.mul.Tensor: operator.mul, aten.div.Tensor: operator.truediv,
+    aten.mul.Tensor: operator.mul, aten.div.Tensor: operator.truediv, aten.pow.Tensor_Scalar: operator.pow,
     aten.relu.default: torch.relu, aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh,
     aten.gelu.default: F.gelu, aten.silu.default: F.silu, aten.hardtanh.default: F.hardtanh,
     aten.hardswish.default: F.hardswish, aten.hardsigmoid.default: F.hardsigmoid, aten.relu6.default: F.relu6,
@@ -209,7 +209,10 @@ def export_trace(model: nn.Module, inputs: tuple, names: list[str] | None, name:
             except Exception as e:  # noqa: BLE001 - torch.export raises many kinds
                 from .trace import short_message  # noqa: PLC0415 - trace imports this module
 
-                raise UnsupportedModelError(f"torch.export cannot capture {name} either: {short_message(e)}") from None
+                hint = ("; a Hugging Face model returning its key/value cache: set model.config.use_cache = False"
+                        if "cache_utils" in str(e) else "")
+                raise UnsupportedModelError(f"torch.export cannot capture {name} either: {short_message(e)}"
+                                            f"{hint}") from None
             exported = ep.module()
             expected = model(*args, **kwargs)
     finally:

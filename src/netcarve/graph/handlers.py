@@ -299,6 +299,13 @@ def _linear_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
         m.out_features = n_out
 
 
+def _hf_conv1d_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    if n_in is not None:
+        m.nx = n_in
+    if n_out is not None:
+        m.nf = n_out
+
+
 def _bn_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
     m.num_features = n_out
 
@@ -440,6 +447,11 @@ _BY_NAME: dict[str, ChannelHandler] = {
     "netcarve.models.cifar_resnet.ShortcutA": ChannelHandler(
         role="layer", ndims=(4,), rebuild=_shortcut_rebuild, rebuild_widths=True, mask=_shortcut_mask,
         takes_width=True,
+    ),
+    # transformers' Conv1D (GPT-2, GPT): a Linear whose weight is stored transposed, (in, out), sizes nx / nf
+    "transformers.pytorch_utils.Conv1D": ChannelHandler(
+        role="layer", in_params={"weight": 0}, out_params={"weight": 1, "bias": 0}, in_dim=-1, out_dim=-1,
+        resize=_hf_conv1d_resize,
     ),
 }  # fmt: skip
 

@@ -210,6 +210,13 @@ def _linear(m: nn.Linear, inputs, out) -> int:
     return out.numel() * m.in_features
 
 
+def _hf_conv1d(m: nn.Module, inputs, out) -> int:
+    """transformers' Conv1D (GPT-2): a Linear with its weight stored as (in, out); other classes of that name: 0."""
+    if not type(m).__module__.startswith("transformers.") or getattr(m, "weight", None) is None:
+        return 0
+    return out.numel() * int(m.weight.shape[0])
+
+
 def _bilinear(m: nn.Bilinear, inputs, out) -> int:
     return out.numel() * m.in1_features * m.in2_features
 
@@ -306,5 +313,6 @@ for _t in (
 register_counter(nn.RNNBase, _rnn)  # RNN, LSTM, GRU
 register_counter(nn.RNNCellBase, _rnn_cell)
 register_counter(nn.MultiheadAttention, _mha)
+register_counter("Conv1D", _hf_conv1d)
 register_counter("HeadPrunedMultiheadAttention", _head_pruned_mha)
 register_counter("AttentionMatmul", _attention_matmul)
