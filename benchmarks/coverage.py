@@ -51,16 +51,23 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import coverage_hf  # noqa: E402
 import coverage_models  # noqa: E402
 
 RATIO = 0.3
 RTOL = 1e-4
 DEFAULT_OUT = HERE / "results" / "coverage.json"
+HF_OUT = HERE / "results" / "coverage-hf.json"
+SOURCES = {"netcarve": "netcarve zoo", "external": "external architectures",
+           "huggingface": "Hugging Face transformers architectures"}
 
 
 # ---------------------------------------------------------------------------------------------- models
-def model_names() -> list[tuple[str, str]]:
-    """``(name, source)`` for every model: the netcarve zoo first, then the external architectures."""
+def model_names(hf: bool = False) -> list[tuple[str, str]]:
+    """``(name, source)`` for every model: the netcarve zoo first, then the external architectures; with ``hf`` the
+    Hugging Face transformers architectures of ``benchmarks/coverage_hf.py`` instead."""
+    if hf:
+        return [(n, "huggingface") for n in coverage_hf.MODELS]
     import netcarve
 
     names = [(n, "netcarve") for n in netcarve.models.list_models()]
@@ -76,6 +83,8 @@ def build(name: str, source: str) -> tuple[nn.Module, torch.Tensor]:
 
         model = netcarve.create_model(name).eval()
         return model, netcarve.example_input(model)
+    if source == "huggingface":
+        return coverage_hf.create(name), coverage_hf.example_input(name)
     return coverage_models.create(name), coverage_models.example_input(name)
 
 
@@ -96,10 +105,11 @@ def _first_tensor(out):
 
 
 def run(model: nn.Module, x) -> torch.Tensor:
-    """``model``'s (first) output on ``x``: a tensor, or a tuple of the inputs of a model of several."""
+    """``model``'s (first) output on ``x``: a tensor, a tuple of the inputs of a model of several, or a dict of them by
+    forward argument name."""
     model.eval()
     with torch.no_grad():
-        return _first_tensor(model(*x) if isinstance(x, tuple) else model(x))
+        return _first_tensor(model(*x) if isinstance(x, tuple) else model(**x) if isinstance(x, dict) else model(x))
 
 
 def final_layer(model: nn.Module) -> tuple[str, nn.Module]:
@@ -278,7 +288,22 @@ def _tp_prepare(model: nn.Module) -> dict:
             num_heads[m.qkv] = m.num_heads
             if isinstance(m, coverage_models.Attention):  # timm Attention: the example's forward
                 m.forward = types.MethodType(_timm_attention_forward, m)
+        elif _hf_attention(m):  # transformers' self-attention: as its prune_bert.py / prune_vit.py examples
+            for lin in _hf_attention(m):
+                num_heads[lin] = m.num_attention_heads
     return num_heads
+
+
+def _hf_attention(m: nn.Module) -> tuple[nn.Linear, ...]:
+    """q, k, v of a transformers self-attention with ``num_attention_heads`` (BERT's query / key / value, or ViT's
+    q_proj / k_proj / v_proj with ``head_dim``, key/value heads equal to the query heads); () otherwise."""
+    if not isinstance(getattr(m, "num_attention_heads", None), int):
+        return ()
+    for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj")):
+        lins = tuple(getattr(m, k, None) for k in names)
+        if all(isinstance(lin, nn.Linear) for lin in lins) and len({lin.out_features for lin in lins}) == 1:
+            return lins
+    return ()
 
 
 def _tp_finish(model: nn.Module, pruner) -> None:
@@ -288,6 +313,14 @@ def _tp_finish(model: nn.Module, pruner) -> None:
             m.num_heads = pruner.num_heads.get(m.qkv, m.num_heads)
             if hasattr(m, "head_dim"):
                 m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+        if _hf_attention(m):  # (the examples' updates after pruning)
+            q = _hf_attention(m)[0]
+            m.num_attention_heads = pruner.num_heads.get(q, m.num_attention_heads)
+            for attr in ("attention_head_size", "head_dim"):
+                if hasattr(m, attr):
+                    setattr(m, attr, q.out_features // m.num_attention_heads)
+            if hasattr(m, "all_head_size"):
+                m.all_head_size = q.out_features
     if isinstance(model, coverage_models.TorchvisionViT):
         model.hidden_dim = model.conv_proj.out_channels
 
@@ -498,6 +531,10 @@ def coverage_record(name: str, source: str, timeout: float | None = None) -> dic
     if source == "netcarve":
         ref, note = "netcarve.models", ""
         shape = None
+    elif source == "huggingface":
+        ref, note = f"transformers {_dist_version('transformers')}", coverage_hf.NOTES.get(name, "")
+        shapes = coverage_hf.input_shapes(name)
+        shape = list(shapes[0]) if len(shapes) == 1 else [list(sh) for sh in shapes]
     else:
         ref, note = coverage_models.SOURCES[name], coverage_models.NOTES[name]
         shapes = coverage_models.input_shapes(name)
@@ -524,7 +561,7 @@ def totals(results: list[dict]) -> dict:
     for side in SIDES:
         ok = [r for r in results if r[side].get("status") == "ok"]
         out[side] = {"ok": len(ok), "of": n, "by_source": {}}
-        for src in ("netcarve", "external"):
+        for src in dict.fromkeys(r["source"] for r in results):
             sub = [r for r in results if r["source"] == src]
             out[side]["by_source"][src] = {"ok": sum(r[side].get("status") == "ok" for r in sub), "of": len(sub)}
     out["netcarve"]["equivalent"] = sum(r["netcarve"].get("equivalent") is True for r in results)
@@ -589,7 +626,7 @@ def table_rows(results: list[dict]) -> list[list[str]]:
         tpeq = tp_.get("equivalence", "-")
         if tpeq.startswith("unchecked"):
             tpeq = "unchecked"
-        rows.append([r["model"], r["reference"] if r["source"] == "external" else "netcarve zoo", nc["status"],
+        rows.append([r["model"], r["reference"] if r["source"] != "netcarve" else "netcarve zoo", nc["status"],
                      groups, _pct(nc.get("prunable_fraction")), _x(nc.get("macs_reduction")), eq,
                      tp_["status"], _x(tp_.get("macs_reduction")), tpeq])
     return rows
@@ -607,21 +644,45 @@ def print_table(results: list[dict]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
 
 
+def _regenerate(results: list[dict]) -> list[str]:
+    if any(r["source"] == "huggingface" for r in results):
+        return ["Regenerate (where transformers is installed): `python benchmarks/coverage.py --hf --markdown "
+                "docs/coverage-hf.md`, or only this page from the JSON: `python benchmarks/coverage.py --from-json "
+                "benchmarks/results/coverage-hf.json --markdown docs/coverage-hf.md`."]
+    return ["Regenerate: `python benchmarks/coverage.py --markdown docs/coverage.md` (runs everything), or only this "
+            "page from the JSON: `python benchmarks/coverage.py --from-json benchmarks/results/coverage.json "
+            "--markdown docs/coverage.md`."]
+
+
+def _hf_note(data: dict) -> list[str]:
+    if not any(r["source"] == "huggingface" for r in data["results"]):
+        return []
+    return [f"* The Hugging Face architectures (`benchmarks/coverage_hf.py`, transformers {data.get('transformers')}) "
+            "are built from small configs (random init), their example inputs given by forward argument name "
+            "(`input_ids` + `attention_mask`, or `pixel_values`). torch.fx cannot trace them (transformers 5), so "
+            "netcarve captures them with torch.export (`netcarve.graph.exported`). Torch-Pruning gets the dict as its "
+            "`example_inputs` and, for self-attention with `num_attention_heads` and `query` / `key` / `value` (BERT) or "
+            "`q_proj` / `k_proj` / `v_proj` (ViT, Llama) Linears of equal width, `num_heads` and the head-size updates "
+            "of its `examples/hf_transformers/prune_bert.py` / `prune_vit.py` (`attention_head_size` or `head_dim`, "
+            "`all_head_size`)."]
+
+
 def to_markdown(data: dict) -> str:
     results, tot = data["results"], data["totals"]
     env = data["environment"]
-    ln = ["# Pruning coverage: netcarve vs Torch-Pruning", "",
-          "<!-- generated by benchmarks/coverage.py from benchmarks/results/coverage.json; do not edit by hand -->", "",
+    hf = any(r["source"] == "huggingface" for r in results)
+    ln = ["# Pruning coverage: netcarve vs Torch-Pruning" + (" on Hugging Face transformers models" if hf else ""), "",
+          "<!-- generated by benchmarks/coverage.py from benchmarks/results/coverage"
+          + ("-hf" if hf else "") + ".json; do not edit by hand -->", "",
           f"Run: `{data['command']}` on {data['date']} ({env.get('cpu_model')}, {env.get('usable_cores')} cores, "
           f"torch {data['torch']}, torch-pruning {data['torch_pruning']}, netcarve {env.get('netcarve')}); "
           f"{data['seconds']:.0f} s in all.", "",
-          "Regenerate: `python benchmarks/coverage.py --markdown docs/coverage.md` (runs everything), or only this "
-          "page from the JSON: `python benchmarks/coverage.py --from-json benchmarks/results/coverage.json "
-          "--markdown docs/coverage.md`.", "",
+          *_regenerate(results), "",
           "## Totals", "",
           f"**netcarve {tot['netcarve']['ok']}/{tot['models']}, Torch-Pruning {tot['torch_pruning']['ok']}/"
           f"{tot['models']}** (status `ok`)."]
-    for src, label in (("netcarve", "netcarve zoo"), ("external", "external architectures")):
+    for src in tot["netcarve"]["by_source"]:
+        label = SOURCES[src]
         a, b = tot["netcarve"]["by_source"][src], tot["torch_pruning"]["by_source"][src]
         ln.append(f"* {label}: netcarve {a['ok']}/{a['of']}, Torch-Pruning {b['ok']}/{b['of']}")
     ln.append(f"* compact == masked for netcarve on {tot['netcarve']['equivalent']} models; Torch-Pruning's "
@@ -667,7 +728,7 @@ def to_markdown(data: dict) -> str:
            "* The external architectures (`benchmarks/coverage_models.py`) are plain-PyTorch rewrites of the "
            "torchvision / timm / reference definitions (same layers, connections and forward code style; "
            "parameter counts of the full-size ones equal torchvision's), 64x64 inputs; shrunk ones are noted below.",
-           "", "## Results", "",
+           *_hf_note(data), "", "## Results", "",
            "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for row in table_rows(results):
         ln.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
@@ -704,7 +765,7 @@ def to_markdown(data: dict) -> str:
             ln.append(f"* **{r['model']}**: {eq[len('unchecked: '):]}")
     ln += ["", "## External architectures", "", "| model | mirrors | input | size |", "|---|---|---|---|"]
     for r in results:
-        if r["source"] == "external":
+        if r["source"] != "netcarve":
             shape = r["input_shape"]  # (a list of shapes for a model of several inputs)
             shown = (" + ".join("x".join(map(str, s)) for s in shape) if shape and isinstance(shape[0], list)
                      else "x".join(map(str, shape)))
@@ -715,7 +776,10 @@ def to_markdown(data: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT.relative_to(HERE.parent)} "
+                   f"({HF_OUT.relative_to(HERE.parent)} with --hf)")
+    p.add_argument("--hf", action="store_true", help="the Hugging Face transformers architectures of coverage_hf.py "
+                   "instead (needs transformers installed)")
     p.add_argument("--models", default=None, help="comma-separated model names (default: all)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per model and side (0: no subprocess)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the markdown page here")
@@ -733,7 +797,9 @@ def main(argv: list[str] | None = None) -> int:
     import netcarve  # noqa: F401
     from netcarve.measure import environment
 
-    names = model_names()
+    if a.out is None:
+        a.out = HF_OUT if a.hf else DEFAULT_OUT
+    names = model_names(a.hf)
     if a.models:
         wanted = [m.strip() for m in a.models.split(",") if m.strip()]
         known = {n for n, _ in names}
@@ -760,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "torch_pruning": _dist_version("torch-pruning"),
         "torch_pruning_module_version": getattr(tp, "__version__", None),
+        **({"transformers": _dist_version("transformers")} if a.hf else {}),
         "environment": environment(),
         "totals": totals(results),
         "results": results,

@@ -74,3 +74,26 @@ def test_shorten_reason_drops_paths():
                                           "(e.g. a channel shuffle) is not supported")
     assert coverage.shorten_reason("used by blocks.0.norm1 (LayerNorm), which has no channel handler") == \
         "no channel handler for LayerNorm"
+
+
+def test_hf_model_names_and_dict_inputs_without_transformers():
+    import coverage_hf
+
+    names = coverage.model_names(hf=True)
+    assert names == [(n, "huggingface") for n in coverage_hf.MODELS] and len(names) >= 10
+    assert set(coverage_hf.NOTES) <= set(coverage_hf.MODELS)
+
+    class ByName(torch.nn.Module):
+        def forward(self, input_ids, scale):
+            return {"logits": input_ids.float() * scale}
+
+    out = coverage.run(ByName(), {"input_ids": torch.ones(1, 3, dtype=torch.long), "scale": torch.tensor(2.0)})
+    assert out.tolist() == [[2.0, 2.0, 2.0]]
+
+
+def test_hf_coverage_record():
+    pytest.importorskip("transformers", reason="transformers is not a netcarve dependency; install it to run this")
+    rec = coverage.coverage_record("hf_bert", "huggingface", timeout=None)
+    assert rec["input_shape"] == [[16], [16]] and rec["reference"].startswith("transformers ")
+    nc = rec["netcarve"]
+    assert nc["status"] == "ok" and nc["equivalent"] is True and nc["macs_reduction"] > 1.2, nc

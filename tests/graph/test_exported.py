@@ -242,3 +242,25 @@ def test_transformers_conv1d_is_a_transposed_linear():
     macs = {c.name: c.macs for c in count_model(model, x).layers}
     assert macs["c_fc"] == 2 * 5 * 24 * 8 and macs["c_proj"] == 2 * 5 * 8 * 24
     assert res.macs_after < res.macs_before
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_hugging_face_models_prune_heads_and_mlp(arch):
+    transformers = pytest.importorskip("transformers", reason="transformers is not a netcarve dependency")
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+    if arch == "bert":
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(**kw)).eval()
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=4, use_cache=False, **kw))
+        model.eval()
+    ids = torch.randint(1, 100, (2, 8))
+    x = {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    gs = build_channel_groups(model, x)
+    names = gs.names()
+    assert sum(n.endswith(":heads") for n in names) == 1 and len(names) >= 2, gs.describe()
+    res = prune_channels(model, x, ratio=0.5, groups=gs)
+    masked = mask_channels(model, gs, res.keep)
+    x2 = {"input_ids": torch.randint(1, 100, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(**x2).logits, masked(**x2).logits, rtol=1e-4, atol=1e-6)
