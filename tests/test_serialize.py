@@ -109,6 +109,23 @@ def test_save_requires_registry_model(tmp_path):
         netcarve.save(nn.Linear(2, 2), tmp_path / "x")
 
 
+def test_manifest_naming_a_transformers_model_is_checked(tmp_path, monkeypatch):
+    netcarve.save(netcarve.create_model("_test_tiny_serialize"), tmp_path / "ck")
+    path = tmp_path / "ck" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["model"] = {"name": "transformers:BertForSequenceClassification", "kwargs": {"config": {}}}
+    path.write_text(json.dumps(manifest))
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(CheckpointError, match="Hugging Face model .* install transformers to load it"):
+        netcarve.load(tmp_path / "ck")
+    fake = type(__import__("sys"))("transformers")  # installed, but the name is not one of its model classes
+    fake.PreTrainedModel = type("PreTrainedModel", (nn.Module,), {})
+    fake.BertForSequenceClassification = nn.Linear
+    monkeypatch.setitem(__import__("sys").modules, "transformers", fake)
+    with pytest.raises(CheckpointError, match="not a transformers model class"):
+        netcarve.load(tmp_path / "ck")
+
+
 def test_non_finite_weights_are_refused(tmp_path):
     m = netcarve.create_model("_test_tiny_serialize")
     with torch.no_grad():

@@ -109,6 +109,18 @@ register_layer_spec(
 )
 
 
+
+def _hf_conv1d(args: dict[str, Any]) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D  # (only a checkpoint of a transformers model names it)
+
+    return Conv1D(**args)
+
+
+# transformers' Conv1D (GPT-2), known by name: transformers is not a dependency
+_LAYER_SPECS.register("transformers.pytorch_utils.Conv1D", LayerSpec(lambda m: dict(nf=m.nf, nx=m.nx), _hf_conv1d),
+                      overwrite=True)
+
+
 def layer_specs(model: nn.Module) -> dict[str, dict]:
     """``{module_path: {"type": ..., "args": {...}}}`` for every layer of a registered type."""
     out = {}

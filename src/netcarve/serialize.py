@@ -3,7 +3,8 @@
 A saved directory rebuilds without unpickling anything:
 
 1. ``create_model(manifest["model"]["name"], **manifest["model"]["kwargs"])`` builds the original
-   architecture from the registry;
+   architecture from the registry (a Hugging Face transformers model is saved as ``"transformers:<class>"`` with
+   its config and rebuilt by that class of the installed transformers from the config);
 2. every leaf layer listed in ``manifest["layers"]`` whose constructor arguments differ from the fresh
    one (e.g. a conv narrowed by channel pruning) is replaced by a layer built from the recorded arguments;
 3. the weights are loaded from ``model.safetensors`` with a strict key and shape check.
@@ -50,7 +51,7 @@ def save(model: nn.Module, directory: str | os.PathLike, metadata: dict | None =
     """Write ``model.safetensors`` + ``manifest.json`` into ``directory`` (created if needed)."""
     from safetensors.torch import save_file
 
-    spec = getattr(model, "netcarve_spec", None)
+    spec = getattr(model, "netcarve_spec", None) or _transformers_spec(model)
     if not spec:
         raise ConfigError(
             f"cannot save {type(model).__name__}: it was not built by netcarve.create_model, so it cannot be "
@@ -79,6 +80,40 @@ def save(model: nn.Module, directory: str | os.PathLike, metadata: dict | None =
     with atomic_write(d / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1, default=_json_default)
     return d
+
+
+_HF = "transformers:"
+
+
+def _transformers_spec(model: nn.Module) -> dict | None:
+    """A Hugging Face transformers model (a class exported by the package, with a config): rebuilt from its class
+    name and config; None for anything else."""
+    cls = type(model)
+    config = getattr(model, "config", None)
+    if not cls.__module__.startswith("transformers.") or not hasattr(config, "to_json_string"):
+        return None
+    import transformers
+
+    if getattr(transformers, cls.__name__, None) is not cls:
+        return None
+    return {"name": _HF + cls.__name__, "kwargs": {"config": json.loads(config.to_json_string(use_diff=False))}}
+
+
+def _build_transformers(name: str, kwargs: dict) -> nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError(f"manifest names the Hugging Face model {name!r}: install transformers to load it") \
+            from None
+    cls = getattr(transformers, name[len(_HF):], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)) or "config" not in kwargs:
+        raise CheckpointError(f"manifest names model {name!r}, which is not a transformers model class (with a "
+                              "config) of the installed transformers")  # fmt: skip
+    try:
+        return cls(cls.config_class.from_dict(kwargs["config"]))
+    except Exception as e:  # noqa: BLE001 - a config this transformers cannot take
+        raise CheckpointError(f"manifest model {name!r} cannot be built from its config: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None  # fmt: skip
 
 
 def _json_default(o):
@@ -143,7 +178,10 @@ def rebuild(manifest: dict) -> nn.Module:
 
     name = manifest["model"]["name"]
     try:
-        model = create_model(name, **manifest["model"].get("kwargs", {}))
+        if isinstance(name, str) and name.startswith(_HF):
+            model = _build_transformers(name, manifest["model"].get("kwargs", {}))
+        else:
+            model = create_model(name, **manifest["model"].get("kwargs", {}))
     except ConfigError as e:
         raise CheckpointError(f"manifest names model {name!r} which cannot be built: {e}") from None
     dropped = manifest.get("dropped_blocks") or []

@@ -264,3 +264,27 @@ def test_hugging_face_models_prune_heads_and_mlp(arch):
     x2 = {"input_ids": torch.randint(1, 100, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long)}
     with torch.no_grad():
         torch.testing.assert_close(res.model(**x2).logits, masked(**x2).logits, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_pruned_hugging_face_model_saves_and_loads(arch, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is not a netcarve dependency")
+    import netcarve
+
+    torch.manual_seed(0)
+    if arch == "bert":
+        cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                      vocab_size=100)
+        model = transformers.BertForSequenceClassification(cfg).eval()
+    else:
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=100, use_cache=False,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = transformers.GPT2ForSequenceClassification(cfg).eval()
+    x = {"input_ids": torch.randint(3, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    res = prune_channels(model, x, ratio=0.5)
+    assert res.macs_after < res.macs_before
+    netcarve.save(res.model, tmp_path / "ck")
+    loaded = netcarve.load(tmp_path / "ck")
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, res.model(**x).logits)
