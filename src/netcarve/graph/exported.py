@@ -123,8 +123,8 @@ def _raise_ops(graph: fx.Graph) -> None:
         if t in _DROP and not node.users:
             graph.erase_node(node)
             continue
-        if t in (aten.add.Tensor, aten.sub.Tensor) and kw.get("alpha", 1) == 1:
-            new = ("call_function", operator.add if t is aten.add.Tensor else operator.sub, a[:2], {})
+        if t in _ADDS and kw.get("alpha", 1) == 1:
+            new = ("call_function", _ADDS[t], a[:2], {})
         elif t in _SIMPLE:
             new = ("call_function", _SIMPLE[t], a, kw)
         elif t in _METHODS:
@@ -146,7 +146,10 @@ def _raise_ops(graph: fx.Graph) -> None:
         node.args, node.kwargs = tuple(new[2]), new[3]
 
 
+_ADDS = {aten.add.Tensor: operator.add, aten.sub.Tensor: operator.sub,
+         aten.add_.Tensor: operator.iadd, aten.sub_.Tensor: operator.isub}  # (in place as the model wrote it)
 _SIMPLE = {
+    aten.mul_.Tensor: operator.imul, aten.relu_.default: torch.relu_,
     aten.mul.Tensor: operator.mul, aten.div.Tensor: operator.truediv, aten.pow.Tensor_Scalar: operator.pow,
     aten.relu.default: torch.relu, aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh,
     aten.gelu.default: F.gelu, aten.silu.default: F.silu, aten.hardtanh.default: F.hardtanh,

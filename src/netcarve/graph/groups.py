@@ -1015,7 +1015,8 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"build_channel_groups expects an nn.Module, got {type(model).__name__}")
-    traced = traced or trace_model(model, example_input)
+    # (submodules fx cannot trace into would block every channel reaching them: torch.export may see through them)
+    traced = traced or trace_model(model, example_input, export_over_opaque=True)
     gm = traced.graph_module
     modules = dict(gm.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")

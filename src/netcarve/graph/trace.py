@@ -77,9 +77,13 @@ class TracedModel:
         return self.graph_module.graph
 
 
-def trace_model(model: nn.Module, example_input=None, name: str | None = None) -> TracedModel:
+def trace_model(model: nn.Module, example_input=None, name: str | None = None,
+                export_over_opaque: bool = False) -> TracedModel:
     """Trace ``model`` with torch.fx; with ``example_input`` (a tensor or a tuple of tensors), also
-    record every node's output shape in ``node.meta["tensor_meta"]``.
+    record every node's output shape in ``node.meta["tensor_meta"]``. When fx cannot trace the model's own forward,
+    the model is captured with torch.export on the example input instead (:mod:`netcarve.graph.exported`); with
+    ``export_over_opaque`` also when fx had to keep submodules opaque and torch.export captures them (the channel
+    analysis then sees through them; the graph's sizes are the example's).
 
     Raises UnsupportedModelError (naming the model as ``name``, default its class name) when the model's own
     forward cannot be traced or the traced graph does not run on the example input.
@@ -98,6 +102,11 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None) -
         if given is None:
             raise UnsupportedModelError(f"{e}; with an example input, torch.export is tried instead") from None
         return _export_fallback(model, given, name, str(e))
+    if opaque and export_over_opaque and given is not None:
+        try:
+            return _export_fallback(model, given, name, "")
+        except UnsupportedModelError:
+            pass  # keep fx's trace with its opaque submodules
     if opaque:  # a submodule that slices a buffer by the input's size traces with buffers as graph values
         try:
             graph2, opaque2 = _trace(model, name, proxy_buffers=True, concrete=concrete)
