@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
+# transformers imports a package named `kernels` if one is on the path: not benchmarks/kernels.py
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 ENGINES = ("torch", "onnxruntime", "openvino", "netcarve")
 CONFIG = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024, vocab_size=5000)
 
