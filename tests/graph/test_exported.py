@@ -244,15 +244,18 @@ def test_transformers_conv1d_is_a_transposed_linear():
     assert res.macs_after < res.macs_before
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "qwen2"])
 def test_hugging_face_models_prune_heads_and_mlp(arch):
     transformers = pytest.importorskip("transformers", reason="transformers is not a netcarve dependency")
     torch.manual_seed(0)
     kw = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=100)
     if arch == "bert":
         model = transformers.BertForSequenceClassification(transformers.BertConfig(**kw)).eval()
-    else:
+    elif arch == "llama":  # rotary embeddings between the heads' views and the attention
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=4, use_cache=False, **kw))
+        model.eval()
+    else:  # grouped-query attention: 2 key / value heads for 4 query heads
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, use_cache=False, **kw))
         model.eval()
     ids = torch.randint(1, 100, (2, 8))
     x = {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long)}

@@ -10,9 +10,13 @@ from the tensor, not held as a number)::
 
 makes one group ``"<common parent of q, k, v>:heads"`` of ``H`` channels (the heads), ``head_dim`` rows of each
 of q, k and v and ``head_dim`` input columns of o per head. Removing heads narrows the four Linears; the
-model's own forward then finds the smaller count through the ``-1``. A view with the heads count as a number,
-a per-head mask, different q / k / v head counts (grouped-query attention) or a projection used elsewhere too
-is not matched, and those Linears stay ordinary producers (the view blocks their channels).
+model's own forward then finds the smaller count through the ``-1``. Between the transpose and the attention,
+operators that treat every head alike may come (rotary position embeddings). Grouped-query attention (``G`` query
+heads per key / value head; the key / value heads repeated ``G`` times by ``x[:, :, None].expand(...).reshape(...)``
+as transformers' ``repeat_kv`` does, or by ``enable_gqa=True``) makes a group of the key / value heads, each with
+its ``G`` query heads (``G * head_dim`` rows of q and columns of o). A view with the heads count as a number,
+a per-head mask or a projection used elsewhere too is not matched, and those Linears stay ordinary producers (the
+view blocks their channels).
 Modules with a channel handler of their own (``torch.nn.MultiheadAttention``, ``attention_heads_handler``)
 are leaves and never reach this pass.
 """
@@ -24,6 +28,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.fx.passes.shape_prop
 import torch.nn.functional as F
 from torch import nn
 
@@ -74,11 +79,50 @@ _PER_HEAD_METHODS = {"contiguous", "to", "float", "type_as", "mul", "add", "sub"
 _MAX_REGION = 64
 
 
-def _per_head(u: fx.Node, region: set, heads: int, batch: int) -> bool:
+_SIZE_ARITH = {operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv}
+
+
+def _size_value(u: fx.Node) -> bool:
+    """A Python value read from sizes (``k.shape``, ``k.size(1)``, ``b * h``): what a forward reshapes by, with the
+    heads count read from the tensor as the pruned model needs it."""
+    if isinstance(u.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata):
+        return False
+    if u.op == "call_function" and u.target is getattr:
+        return u.args[1] == "shape"
+    if u.op == "call_method" and u.target == "size":
+        return True
+    return u.op == "call_function" and u.target in _SIZE_ARITH and all(_size_value(a) for a in u.all_input_nodes)
+
+
+def _repeat_step(u: fx.Node, heads: int, batch: int) -> bool:
+    """One step of transformers' ``repeat_kv`` (grouped-query attention) on a (b, H, t, hd) tensor:
+    ``x[:, :, None]`` / ``x.unsqueeze(2)`` -> ``.expand(b, H, g, t, hd)`` -> ``.reshape(b, H * g, t, hd)``."""
+    shape, src = _shape(u), _shape(u.args[0]) if u.args and isinstance(u.args[0], fx.Node) else None
+    if shape is None or src is None or shape[0] != batch or u.kwargs:
+        return False
+    if len(shape) == 5 and len(src) == 4 and shape[1] == heads and shape[2] == 1:  # x[:, :, None] / unsqueeze(2)
+        if (u.op == "call_method" and u.target == "unsqueeze") or (u.op == "call_function" and u.target is torch.unsqueeze):
+            return _dims(u) == (2,)
+        if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], tuple):
+            idx = u.args[1]
+            return len(idx) >= 3 and idx[0] == idx[1] == slice(None) and idx[2] is None and \
+                all(i == slice(None) for i in idx[3:])
+        return False
+    if len(shape) == 5 and len(src) == 5 and u.op == "call_method" and u.target == "expand":
+        return src[1] == shape[1] == heads and src[2] == 1 and tuple(src[3:]) == tuple(shape[3:])
+    if len(shape) == 4 and len(src) == 5 and u.op == "call_method" and u.target in ("reshape", "view"):
+        return src[1] == heads and shape[1] == heads * src[2] and tuple(shape[2:]) == tuple(src[3:])
+    return False
+
+
+def _per_head(u: fx.Node, region: set, heads: int, batch: int, rep: int = 1) -> bool:
     """``u`` (reading the heads tensor) works on every head alike: elementwise with operands broadcast over the heads
-    (dim 1 of size 1), slices and concatenations along the last two dims (rotary position embeddings)."""
+    (dim 1 of size 1), slices and concatenations along the last two dims (rotary position embeddings), or one step of
+    repeating each of ``heads`` key / value heads ``rep`` times (grouped-query attention)."""
+    if _repeat_step(u, heads, batch) or _size_value(u):
+        return True
     shape = _shape(u)
-    if shape is None or len(shape) != 4 or shape[0] != batch or shape[1] != heads:
+    if shape is None or len(shape) != 4 or shape[0] != batch or shape[1] not in (heads, heads * rep):
         return False
     if u.op == "call_method":
         if u.target not in _PER_HEAD_METHODS:
@@ -100,6 +144,8 @@ def _per_head(u: fx.Node, region: set, heads: int, batch: int) -> bool:
         else:
             lead = list(idx) + [slice(None)] * (4 - len(idx))
         return len(lead) == 4 and lead[0] == slice(None) and lead[1] == slice(None)
+    if any(_shape(a) is not None and _shape(a)[1:2] != shape[1:2] for a in u.all_input_nodes if a in region):
+        return False  # (operands from before and after the repeat)
     for a in u.all_input_nodes:
         if a in region:
             continue
@@ -109,14 +155,15 @@ def _per_head(u: fx.Node, region: set, heads: int, batch: int) -> bool:
     return True
 
 
-def _split_heads(arg, sdpa: fx.Node) -> tuple[fx.Node, fx.Node, int, list[str]] | None:
+def _split_heads(arg, sdpa: fx.Node) -> tuple[fx.Node, fx.Node, int, list[str], int] | None:
     """The heads tensor of one of q / k / v: ``arg`` itself, or reached from it only through per-head operators
-    (rotary embeddings) -> (the Linear's node, its view, hd, via names)."""
+    (rotary embeddings, the repeat of grouped-query attention) -> (the Linear's node, its view, hd, via names, how
+    many times each head is repeated)."""
     if not isinstance(arg, fx.Node):
         return None
     found = _heads_view(arg)
     if found is not None:
-        return found if _only_user(arg) is sdpa else None
+        return (*found, 1) if _only_user(arg) is sdpa else None
     # the transpose among arg's ancestors, then every node between it and sdpa must be per-head
     seen, stack, starts = set(), [arg], []
     while stack and len(seen) < _MAX_REGION:
@@ -127,7 +174,8 @@ def _split_heads(arg, sdpa: fx.Node) -> tuple[fx.Node, fx.Node, int, list[str]] 
         if _heads_view(n) is not None:
             starts.append(n)
             continue
-        stack.extend(n.all_input_nodes)
+        if not _size_value(n):  # (a size read from another tensor says nothing of where this one comes from)
+            stack.extend(n.all_input_nodes)
     if len(starts) != 1:
         return None
     t = starts[0]
@@ -145,14 +193,20 @@ def _split_heads(arg, sdpa: fx.Node) -> tuple[fx.Node, fx.Node, int, list[str]] 
                 if len(region) >= _MAX_REGION:
                     return None
                 region.add(u)
-                frontier.append(u)
-    order = {n: i for i, n in enumerate(sdpa.graph.nodes)}
-    if not all(_per_head(u, region, shape[1], shape[0]) for u in sorted(region - {t}, key=order.__getitem__)):
+                if not _size_value(u):  # (sizes read from the heads tensor are values, not the tensor)
+                    frontier.append(u)
+    reps = {_shape(n)[1] // shape[1] for n in region if len(_shape(n) or ()) == 4 and n is not t
+            and _repeat_step(n, shape[1], shape[0])}  # fmt: skip
+    if len(reps) > 1:
         return None
-    if arg not in region:
+    rep = reps.pop() if reps else 1
+    order = {n: i for i, n in enumerate(sdpa.graph.nodes)}
+    if not all(_per_head(u, region, shape[1], shape[0], rep) for u in sorted(region - {t}, key=order.__getitem__)):
+        return None
+    if arg not in region or (rep > 1 and _shape(arg)[1] != shape[1] * rep):
         return None
     lin, view, hd, via = _heads_view(t)
-    return lin, view, hd, via + sorted(n.name for n in region if n is not t)
+    return lin, view, hd, via + sorted(n.name for n in region if n is not t), rep
 
 
 def _merge_heads(sdpa: fx.Node) -> tuple[fx.Node, list[str]] | None:
@@ -225,7 +279,8 @@ def attention_head_groups(walker, gm: fx.GraphModule, calls) -> list[tuple[fx.No
             continue
         v = dict(zip(_SDPA_ARGS, node.args))
         v.update({k: a for k, a in node.kwargs.items() if k in _SDPA_ARGS})
-        if v.get("enable_gqa") or node.kwargs.get("enable_gqa") or not _mask_ok(v.get("attn_mask")):
+        gqa = bool(node.kwargs.get("enable_gqa", False))
+        if not _mask_ok(v.get("attn_mask")):
             continue
         splits = [_split_heads(v.get(k), node) for k in ("query", "key", "value")]
         merged = _merge_heads(node)
@@ -240,18 +295,25 @@ def attention_head_groups(walker, gm: fx.GraphModule, calls) -> list[tuple[fx.No
         if (len(set(paths)) != 3 or any(not isinstance(m, nn.Linear) for m in layers) or {s[2] for s in splits} != {hd}
                 or any(calls[p] != 1 for p in [*paths, o_path])):  # fmt: skip
             continue
-        widths = {m.out_features for m in layers[:3]}
-        if len(widths) != 1 or next(iter(widths)) % hd or layers[3].in_features != next(iter(widths)):
+        q, k, val, o = layers
+        if k.out_features != val.out_features or q.out_features % k.out_features or k.out_features % hd \
+                or o.in_features != q.out_features:
             continue
-        heads = next(iter(widths)) // hd
+        kv_heads, group = k.out_features // hd, q.out_features // k.out_features  # query heads per key / value head
+        reps = [s[4] for s in splits]
+        if reps[0] != 1 or reps[1] != reps[2] or (reps[1] != group and not (gqa and reps[1] == 1)):
+            continue  # (the key / value heads must reach sdpa repeated `group` times, or sdpa repeats them)
         from .handlers import get_channel_handler  # noqa: PLC0415
 
-        slots = [walker._slot(p, m, get_channel_handler(m), "producer", hd, n)
-                 for p, m, n in zip(paths, layers[:3], lins, strict=True)]  # fmt: skip
-        slots.append(walker._slot(o_path, layers[3], get_channel_handler(layers[3]), "consumer", hd, o_node))
-        slots = [dataclasses.replace(s, note="the channels are heads") for s in slots]
+        blocks = (group * hd, hd, hd)
+        slots = [walker._slot(p, m, get_channel_handler(m), "producer", b, n)
+                 for p, m, n, b in zip(paths, layers[:3], lins, blocks, strict=True)]  # fmt: skip
+        slots.append(walker._slot(o_path, o, get_channel_handler(o), "consumer", group * hd, o_node))
+        note = "the channels are heads" if group == 1 else \
+            f"the channels are key / value heads, each with its {group} query heads"
+        slots = [dataclasses.replace(s, note=note) for s in slots]
         via = [name for s in splits for name in s[3]] + via_out
-        group = ChannelGroup(f"{_parent(paths)}:heads", (o_path,), (), heads, tuple(slots), tuple(via))
+        group = ChannelGroup(f"{_parent(paths)}:heads", (o_path,), (), kv_heads, tuple(slots), tuple(via))
         first = min(lins, key=order.__getitem__)
         found.append((first, group, set(paths)))
     return found
