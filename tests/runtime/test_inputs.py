@@ -559,3 +559,27 @@ def test_torch_export_capture_runs_at_its_batch_and_other_sizes_with_dynamic():
         with torch.no_grad():
             assert _rel(d(y), model(y)) < 1e-4, shape
     assert d.shapes == [[(2, 7, 6)], [(3, 7, 6)], [(1, 3, 6)]]
+
+
+class _ReshapedIds(nn.Module):
+    """Token ids reshaped before the embedding (as GPT-2's ``input_ids.view(-1, t)``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(50, 16), nn.Linear(16, 3)
+
+    def forward(self, ids):
+        ids = ids.view(-1, ids.shape[-1])
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_methods_on_token_ids_run_in_pytorch():
+    model = _ReshapedIds().eval()
+    x = torch.randint(0, 50, (2, 7))
+    c = compile(model, x, threads=1)
+    assert any("view" in f for f in c.fallback), c.fallback
+    with torch.no_grad():
+        assert _rel(c(x), model(x)) < 1e-4
+    with pytest.raises(UnsupportedModelError, match="integer tensors"):
+        compile(model, x, threads=1, fallback=False)

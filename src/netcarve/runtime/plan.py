@@ -1398,6 +1398,10 @@ class Lowering:
             return
         if isinstance(c := self._const(node), torch.Tensor):
             return self._emit(Op("const", node.name, [], p={"value": c.detach().clone().contiguous()}), node)
+        meta = node.meta.get("tensor_meta")
+        dtype = getattr(meta, "dtype", None)
+        if dtype is not None and not dtype.is_floating_point and dtype != torch.bool:
+            self._unsupported(node, "a method on integer tensors, e.g. token ids reshaped")  # (the plan computes floats)
         x = node.args[0]
         if t in ("relu", "relu_"):
             return self._emit(Op("relu", node.name, [self._in(x, node)]), node, x)
