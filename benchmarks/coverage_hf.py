@@ -27,7 +27,7 @@ def _text(cfg_cls, model_cls, **cfg):
 
 
 @contextlib.contextmanager
-def _without_benchmarks_on_path():
+def without_benchmarks_on_path():
     """transformers imports a package named ``kernels`` if it finds one: not benchmarks/kernels.py."""
     here = Path(__file__).resolve().parent
     saved = sys.path[:]
@@ -42,7 +42,7 @@ def _without_benchmarks_on_path():
 
 
 def _registry() -> dict:
-    with _without_benchmarks_on_path():
+    with without_benchmarks_on_path():
         return _classes()
 
 

@@ -32,14 +32,16 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-# transformers imports a package named `kernels` if one is on the path: not benchmarks/kernels.py
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE))
+from coverage_hf import without_benchmarks_on_path  # noqa: E402
+
 ENGINES = ("torch", "onnxruntime", "openvino", "netcarve")
 CONFIG = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024, vocab_size=5000)
 
 
 def build(variant: str) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
+    with without_benchmarks_on_path():  # (not benchmarks/kernels.py for transformers' `kernels`)
+        from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(**CONFIG)).eval()

@@ -22,6 +22,19 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Put every submodule in eval mode and restore each one's own training flag afterwards (a model
+    may mix training and frozen eval-mode parts)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     """Write to a temporary file beside ``path`` and rename it into place (atomic on POSIX)."""
     path = Path(path)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModelError
+from ..utils import eval_mode
 
 aten = torch.ops.aten
 _DROP = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
@@ -203,24 +204,18 @@ def export_trace(model: nn.Module, inputs: tuple, names: list[str] | None, name:
     graph to netcarve's module level (module docstring). ``is_leaf(module, path)``: the fx tracer's leaf rule.
     Raises UnsupportedModelError when torch.export fails or the raised graph does not reproduce the model."""
     args, kwargs = (tuple(inputs), {}) if names is None else ((), dict(zip(names, inputs, strict=True)))
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            try:
-                ep = torch.export.export(model, args, kwargs, strict=False)
-            except Exception as e:  # noqa: BLE001 - torch.export raises many kinds
-                from .trace import short_message  # noqa: PLC0415 - trace imports this module
+    with eval_mode(model), torch.no_grad():
+        try:
+            ep = torch.export.export(model, args, kwargs, strict=False)
+        except Exception as e:  # noqa: BLE001 - torch.export raises many kinds
+            from .trace import short_message  # noqa: PLC0415 - trace imports this module
 
-                hint = ("; a Hugging Face model returning its key/value cache: set model.config.use_cache = False"
-                        if "cache_utils" in str(e) else "")
-                raise UnsupportedModelError(f"torch.export cannot capture {name} either: {short_message(e)}"
-                                            f"{hint}") from None
-            exported = ep.module()
-            expected = model(*args, **kwargs)
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
+            hint = ("; a Hugging Face model returning its key/value cache: set model.config.use_cache = False"
+                    if "cache_utils" in str(e) else "")
+            raise UnsupportedModelError(f"torch.export cannot capture {name} either: {short_message(e)}"
+                                        f"{hint}") from None
+        exported = ep.module()
+        expected = model(*args, **kwargs)
     graph = exported.graph
     graph.owning_module = None  # its nodes will name the model's modules and attributes, not the exported module's
     for node in list(graph.nodes):
@@ -244,19 +239,14 @@ def export_trace(model: nn.Module, inputs: tuple, names: list[str] | None, name:
 
 
 def _check(gm: fx.GraphModule, model: nn.Module, inputs: tuple, expected: list, name: str) -> None:
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             got = gm(*inputs)
     except Exception as e:  # noqa: BLE001
         from .trace import short_message  # noqa: PLC0415
 
         raise UnsupportedModelError(f"{name}: the graph captured by torch.export does not run: "
                                     f"{short_message(e)}") from None  # fmt: skip
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
     got = [got] if isinstance(got, torch.Tensor) else list(got)
     expected = [t for t in expected if isinstance(t, torch.Tensor)]
     ok = len(got) == len(expected) and all(

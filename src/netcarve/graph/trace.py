@@ -18,7 +18,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
-from ..utils import forward_params
+from ..utils import eval_mode, forward_params
 from .handlers import get_channel_handler
 
 _MAX_OPAQUE_RETRIES = 64
@@ -239,16 +239,11 @@ def propagate_shapes(gm: fx.GraphModule, example_input, model_name: str = "model
     """Run ``gm`` once on ``example_input`` (eval mode, no grad; train/eval flags restored after, so BN
     running statistics are untouched) and store output shapes in ``node.meta``."""
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    modes = {m: m.training for m in gm.modules()}
     try:
-        gm.eval()
-        with torch.no_grad():
+        with eval_mode(gm), torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
     except Exception as e:
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]
         raise UnsupportedModelError(
             f"{model_name}: the fx-traced graph failed on the example input {shapes}: {short_message(e)}"
         ) from None
-    finally:
-        for m, flag in modes.items():
-            m.training = flag

@@ -7,18 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put every submodule in eval mode and restore each one's own training flag afterwards (a model
-    may mix training and frozen eval-mode parts)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
+from ..utils import eval_mode  # noqa: F401 - (the measure modules import it from here)
 
 
 @contextlib.contextmanager
