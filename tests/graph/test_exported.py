@@ -244,9 +244,21 @@ def test_transformers_conv1d_is_a_transposed_linear():
     assert res.macs_after < res.macs_before
 
 
+@pytest.fixture
+def transformers(monkeypatch):
+    """The installed transformers (skipped without it). transformers imports a package named ``kernels`` if it finds
+    one: not benchmarks/kernels.py, which the benchmark tests put on sys.path."""
+    import sys
+
+    module = pytest.importorskip("transformers", reason="transformers is not a netcarve dependency")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")])
+    if getattr(sys.modules.get("kernels"), "__file__", "") and "benchmarks" in sys.modules["kernels"].__file__:
+        monkeypatch.delitem(sys.modules, "kernels")
+    return module
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama", "qwen2"])
-def test_hugging_face_models_prune_heads_and_mlp(arch):
-    transformers = pytest.importorskip("transformers", reason="transformers is not a netcarve dependency")
+def test_hugging_face_models_prune_heads_and_mlp(arch, transformers):
     torch.manual_seed(0)
     kw = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=100)
     if arch == "bert":
@@ -270,8 +282,7 @@ def test_hugging_face_models_prune_heads_and_mlp(arch):
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_pruned_hugging_face_model_saves_and_loads(arch, tmp_path):
-    transformers = pytest.importorskip("transformers", reason="transformers is not a netcarve dependency")
+def test_pruned_hugging_face_model_saves_and_loads(arch, tmp_path, transformers):
     import netcarve
 
     torch.manual_seed(0)

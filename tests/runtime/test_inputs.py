@@ -543,12 +543,40 @@ class _SizeBranching(nn.Module):
         return self.head(h.mean(1))
 
 
-def test_torch_export_capture_runs_at_its_batch_and_other_sizes_with_dynamic():
+def test_torch_export_capture_runs_at_any_batch_and_other_sizes_with_dynamic():
     model = _SizeBranching().eval()
     x = torch.randn(2, 7, 6)
     c = compile(model, x, threads=1)
+    assert not c.fixed_batch and c.native
+    assert c.fallback == []  # the views read the batch from the tensor (torch.export kept it symbolic)
+    for b in (2, 3, 1):
+        y = torch.randn(b, 7, 6)
+        with torch.no_grad():
+            assert _rel(c(y), model(y)) < 1e-4, b
+    with pytest.raises(ConfigError, match=r"expected input \(N, 7, 6\), got \(2, 3, 6\) \(the plan is compiled"):
+        c(torch.randn(2, 3, 6))
+    d = compile(model, torch.randn(1, 7, 6), threads=1, dynamic=True)  # (a batch-1 example is exported at batch 2)
+    assert not d.fixed_batch
+    for shape in ((3, 7, 6), (1, 3, 6), (4, 3, 6)):
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            assert _rel(d(y), model(y)) < 1e-4, shape
+    assert d.shapes == [[(7, 6)], [(3, 6)]]
+
+
+class _FixedBatch(_SizeBranching):
+    """Branches on the batch too: torch.export keeps the example's batch, and the plan is for that batch only."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y * 2.0 if x.shape[0] == 2 else y
+
+
+def test_torch_export_capture_with_a_fixed_batch():
+    model = _FixedBatch().eval()
+    x = torch.randn(2, 7, 6)
+    c = compile(model, x, threads=1)
     assert c.fixed_batch and c.native
-    assert c.fallback == []  # the views holding the example's batch are native in a plan for that batch only
     with torch.no_grad():
         assert _rel(c(x), model(x)) < 1e-4
     with pytest.raises(ConfigError, match=r"expected input \(2, 7, 6\), got \(3, 7, 6\) \(captured by torch.export"):
@@ -581,5 +609,25 @@ def test_methods_on_token_ids_run_in_pytorch():
     assert any("view" in f for f in c.fallback), c.fallback
     with torch.no_grad():
         assert _rel(c(x), model(x)) < 1e-4
-    with pytest.raises(UnsupportedModelError, match="integer tensors"):
+    with pytest.raises(UnsupportedModelError, match="reshape of integer / bool tensors"):
         compile(model, x, threads=1, fallback=False)
+
+
+class _DictOut(nn.Module):
+    """Returns a dict with one tensor (and a None), as a transformers ``ModelOutput`` without loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x, **kwargs):  # (an unused **kwargs: fx makes it a placeholder)
+        return {"loss": None, "logits": self.fc(x)}
+
+
+def test_an_output_dict_of_one_tensor_and_unused_kwargs():
+    model = _DictOut().eval()
+    x = torch.randn(2, 6)
+    c = compile(model, x, threads=1)
+    with torch.no_grad():
+        assert _rel(c(x), model(x)["logits"]) < 1e-4

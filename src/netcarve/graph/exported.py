@@ -14,12 +14,16 @@ aten operator with the module path that ran it, then raises that graph back to t
   ``aten.select`` -> indexing, ``aten.gelu`` -> ``F.gelu``, ...); every other operator stays an aten call and
   blocks the channels that reach it;
 * the inputs are the example's tensors in the forward's order, the output the model's output tensors (a
-  single tensor, or a flat tuple of every tensor in a nested output such as a Hugging Face ``ModelOutput``).
+  single tensor, or a flat tuple of every tensor in a nested output such as a Hugging Face ``ModelOutput``);
+* the batch (dim 0 of every input) is exported symbolic where the model allows it (its sizes are read with
+  ``x.size(0)`` in the graph, as fx records them), so the graph runs at any batch; the other sizes are the
+  example's.
 
 The raised graph is checked against the model on the example input before it is returned, so a capture that
 does not reproduce the model is an :class:`~netcarve.errors.UnsupportedModelError`, never a silent mismatch.
-Sizes in the graph are the example's (torch.export specialises them): it serves the channel analysis and
-pruning, which edit the model's own modules; the pruned model runs its own ``forward``.
+Sizes other than the batch are the example's (torch.export specialises them): the graph serves the channel
+analysis and pruning, which edit the model's own modules (the pruned model runs its own ``forward``), and the runtime,
+which compiles a plan per input size for it (``compile(..., dynamic=True)`` for other lengths).
 """
 
 from __future__ import annotations
@@ -68,10 +72,12 @@ def _required_args(module: nn.Module) -> int | None:
 
 
 def _tensor_inputs(nodes: list[fx.Node], inside: set[fx.Node]) -> list[fx.Node]:
+    """The tensors the run reads from outside it (not its parameters, not sizes such as a symbolic batch)."""
     seen: dict[fx.Node, None] = {}
     for n in nodes:
         for a in n.all_input_nodes:
-            if a not in inside and a.op != "get_attr":
+            val = a.meta.get("val")
+            if a not in inside and a.op != "get_attr" and (val is None or isinstance(val, torch.Tensor)):
                 seen.setdefault(a)
     return list(seen)
 
@@ -139,6 +145,8 @@ def _raise_ops(graph: fx.Graph) -> None:
             new = ("call_function", operator.getitem, (x, _index(dim, slice(start, end, None if step == 1 else step))), {})
         elif t is aten.select.int and not kw and len(a) == 3:
             new = ("call_function", operator.getitem, (a[0], _index(a[1], a[2])), {})
+        elif t is aten.sym_size.int and not kw:  # a size torch.export keeps symbolic (the batch)
+            new = ("call_method", "size", a[:2], {})
         elif t is aten.dropout.default:
             new = ("call_function", F.dropout, (a[0],), {"p": a[1], "training": a[2]})
         if new is None:
@@ -199,14 +207,38 @@ def _plain_io(graph: fx.Graph, single: bool) -> None:
     out.args = (leaves[0] if single and len(leaves) == 1 else tuple(leaves),)
 
 
-def export_trace(model: nn.Module, inputs: tuple, names: list[str] | None, name: str, is_leaf) -> fx.GraphModule:
+def _export(model: nn.Module, inputs: tuple, names: list[str] | None):
+    """torch.export of ``model`` with the batch (dim 0 of every input) symbolic: (program, True); where that fails,
+    with the example's sizes: (program, False). A batch-1 example is exported at batch 2 (its rows repeated), as
+    torch.export specialises a size of 1."""
+    def call(xs):
+        return (tuple(xs), {}) if names is None else ((), dict(zip(names, xs, strict=True)))
+
+    if all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
+        batch = torch.export.Dim("batch")
+        xs = tuple(x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x for x in inputs)
+        args, kwargs = call(xs)
+        spec = [{0: batch} for _ in xs]
+        dyn = tuple(spec) if names is None else dict(zip(names, spec, strict=True))
+        if len({x.shape[0] for x in xs}) == 1:
+            try:
+                return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn), True
+            except Exception:  # noqa: BLE001, S110 - a model that fixes its batch: export it as it is
+                pass
+    args, kwargs = call(inputs)
+    return torch.export.export(model, args, kwargs, strict=False), False
+
+
+def export_trace(model: nn.Module, inputs: tuple, names: list[str] | None, name: str,
+                 is_leaf) -> tuple[fx.GraphModule, bool]:
     """Capture ``model`` with torch.export on ``inputs`` (by forward argument ``names`` when given) and raise the
-    graph to netcarve's module level (module docstring). ``is_leaf(module, path)``: the fx tracer's leaf rule.
+    graph to netcarve's module level (module docstring): (the graph module, whether its batch is symbolic, so it runs
+    at any batch; else it holds the example's). ``is_leaf(module, path)``: the fx tracer's leaf rule.
     Raises UnsupportedModelError when torch.export fails or the raised graph does not reproduce the model."""
     args, kwargs = (tuple(inputs), {}) if names is None else ((), dict(zip(names, inputs, strict=True)))
     with eval_mode(model), torch.no_grad():
         try:
-            ep = torch.export.export(model, args, kwargs, strict=False)
+            ep, dynamic = _export(model, inputs, names)
         except Exception as e:  # noqa: BLE001 - torch.export raises many kinds
             from .trace import short_message  # noqa: PLC0415 - trace imports this module
 
@@ -235,7 +267,7 @@ def export_trace(model: nn.Module, inputs: tuple, names: list[str] | None, name:
     gm.graph.lint()
     gm.recompile()
     _check(gm, model, inputs, leaves, name)
-    return gm
+    return gm, dynamic
 
 
 def _check(gm: fx.GraphModule, model: nn.Module, inputs: tuple, expected: list, name: str) -> None:

@@ -69,8 +69,10 @@ class TracedModel:
     graph_module: fx.GraphModule
     opaque: dict[str, str] = field(default_factory=dict)
     #: "fx" (torch.fx tracing), or "export" (fx could not trace forward; captured by torch.export and raised back
-    #: to module level, :mod:`netcarve.graph.exported`: sizes specialised to the example input)
+    #: to module level, :mod:`netcarve.graph.exported`: sizes other than the batch specialised to the example input)
     method: str = "fx"
+    #: whether the graph runs at any batch (False: an export capture holding the example's batch too)
+    any_batch: bool = True
 
     @property
     def graph(self) -> fx.Graph:
@@ -133,11 +135,11 @@ def _export_fallback(model: nn.Module, example_input, name: str, fx_error: str) 
     inputs, names = ordered_inputs(model, example_input)
     tracer = _Tracer(set())
     try:
-        gm = export_trace(model, inputs, names, name, tracer.is_leaf_module)
+        gm, any_batch = export_trace(model, inputs, names, name, tracer.is_leaf_module)
     except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{fx_error}; {e}") from None
+        raise UnsupportedModelError(f"{fx_error}; {e}" if fx_error else str(e)) from None
     propagate_shapes(gm, inputs, name)
-    return TracedModel(gm, {}, method="export")
+    return TracedModel(gm, {}, method="export", any_batch=any_batch)
 
 
 def check_forward_args(model: nn.Module, n: int, name: str | None = None) -> dict[str, Any] | None:

@@ -155,8 +155,8 @@ class CompiledModel:
         # those plans by input shapes (least recently used first)
         self._dynamic: dict[str, Any] | None = None
         self._variants: OrderedDict[tuple, CompiledModel] = OrderedDict()
-        # a model fx cannot trace, captured by torch.export: its graph holds the example's sizes, the batch too, so
-        # a call of another batch needs its own plan as well (dynamic=True) instead of only the other sizes
+        # a model fx cannot trace, captured by torch.export with the example's batch (where torch.export could not keep
+        # it symbolic): a call of another batch needs its own plan as well (dynamic=True), not only other sizes
         self.fixed_batch = False
 
     def _key_shape(self, shape) -> tuple[int, ...]:
@@ -455,7 +455,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
     if mod is None:
         compiled = CompiledModel(ops, nvals, output, None, specs[0][0], layers, nthreads, specs[0][1], inputs=specs,
                                  input_names=names)
-        compiled._dynamic, compiled.fixed_batch = dyn, lowering.traced_by == "export"
+        compiled._dynamic, compiled.fixed_batch = dyn, lowering.fixed_batch
         return compiled
 
     eligible = [_eligible(op) for op in convs]
@@ -531,7 +531,7 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
     compiled.plan_check = check
     if lanes == "auto" and plan is not small[0]:
         compiled._small, compiled.lanes_min_batch = small, LANES_MIN_BATCH
-    compiled._dynamic, compiled.fixed_batch = dyn, lowering.traced_by == "export"
+    compiled._dynamic, compiled.fixed_batch = dyn, lowering.fixed_batch
     return compiled
 
 

@@ -184,6 +184,11 @@ def _static_index(index: Any) -> Any:
     return tuple(out) if isinstance(index, tuple) else out[0]
 
 
+# tensor methods that only move or repeat values: on token ids or masks they run in PyTorch
+_RESHAPING = {"view", "reshape", "expand", "expand_as", "flatten", "permute", "transpose", "unsqueeze", "squeeze",
+              "contiguous", "repeat"}
+
+
 def _keeps_batch(node: fx.Node, fixed: bool = False) -> bool:
     """A view / reshape whose first size is ``-1`` or a tensor's ``shape[0]`` and whose others do not depend on
     the batch (so the plan may run it at any batch as ``reshape(-1, *static)``). ``fixed``: a plan for the
@@ -410,7 +415,8 @@ class Lowering:
             path, why = next(iter(traced.opaque.items()))
             raise UnsupportedModelError(f"runtime: {self.name}: fx cannot trace into {path!r} ({why})")
         self.gm = traced.graph_module
-        self.traced_by = traced.method  # "export": the graph holds the example's sizes, batch included
+        # a torch.export capture whose batch torch.export had to keep as the example's: a plan for that batch only
+        self.fixed_batch = not traced.any_batch
         self.modules = dict(self.gm.named_modules())
         self.val: dict[fx.Node, int] = {}
         self._rnn_state: dict[fx.Node, tuple[fx.Node, str]] = {}  # final-state nodes -> (rnn node, "h" / "hc")
@@ -617,6 +623,8 @@ class Lowering:
 
     def _lower_placeholder(self, node):
         i = self._placeholders  # (trace_model checked the example against the forward's arguments)
+        if str(node.target).startswith("*") and not node.users:
+            return  # forward's unused *args / **kwargs (fx makes them placeholders)
         self._placeholders += 1
         if i >= len(self.inputs):
             raise UnsupportedModelError(f"runtime: {self.name}: graph input {node.target!r} beyond the example's "
@@ -729,6 +737,8 @@ class Lowering:
 
     def _lower_output(self, node):
         out = node.args[0]
+        if isinstance(out, dict):  # a dict / ModelOutput of one tensor (the others None): that tensor
+            out = [v for v in out.values() if v is not None]
         if isinstance(out, (tuple, list)):
             if len(out) != 1:
                 raise UnsupportedModelError(f"runtime: {self.name}: models with several outputs are not supported")
@@ -1372,7 +1382,7 @@ class Lowering:
         Only where the target's first size is ``-1`` or a tensor's ``shape[0]`` / ``size(0)`` and the others are
         literals or come from non-batch sizes (``x.reshape(B, N, 3, H, C // H)``): a literal first size equal to
         the example's batch (``x.view(2, ...)``) stays a python step, as eager semantics at other batches."""
-        if not _keeps_batch(node, self.traced_by == "export"):
+        if not _keeps_batch(node, self.fixed_batch):
             return False
         out, src = _shape(node), _shape(x)
         if out is None or src is None or not out or not src or out[0] != src[0]:
@@ -1400,8 +1410,8 @@ class Lowering:
             return self._emit(Op("const", node.name, [], p={"value": c.detach().clone().contiguous()}), node)
         meta = node.meta.get("tensor_meta")
         dtype = getattr(meta, "dtype", None)
-        if dtype is not None and not dtype.is_floating_point and dtype != torch.bool:
-            self._unsupported(node, "a method on integer tensors, e.g. token ids reshaped")  # (the plan computes floats)
+        if dtype is not None and not dtype.is_floating_point and t in _RESHAPING:  # (the plan computes floats)
+            self._unsupported(node, "a reshape of integer / bool tensors, e.g. token ids viewed, a mask expanded")
         x = node.args[0]
         if t in ("relu", "relu_"):
             return self._emit(Op("relu", node.name, [self._in(x, node)]), node, x)
@@ -1437,7 +1447,7 @@ class Lowering:
         if t in ("flatten", "view", "reshape"):
             out, src = _shape(node), _shape(x)
             if t == "flatten" or (out is not None and src is not None and len(out) == 2 and out[0] == src[0]
-                                  and _keeps_batch(node, self.traced_by == "export")):
+                                  and _keeps_batch(node, self.fixed_batch)):
                 start = 1 if t != "flatten" else (node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0))
                 return self._emit(Op("flatten", node.name, [self._in(x, node)], p={"start": int(start)}), node, x)
             if t != "flatten" and self._reshape(node, x):
