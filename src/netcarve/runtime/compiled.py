@@ -391,6 +391,9 @@ def compile(model_or_checkpoint, example_input: torch.Tensor | tuple[torch.Tenso
             non-batch sizes differ from the example's gets a plan compiled for them on first use, lowered from the
             model as it is then, each layer on the kernel this compile chose for it (no new timing; lanes only with
             ``lanes="always"``), and kept for later calls of those sizes. ``False``: such a call is an error.
+            (A model fx cannot trace, e.g. a Hugging Face transformers model, is compiled from its torch.export
+            capture, whose batch is symbolic where the model allows; where it is not, ``fixed_batch`` is set and
+            another batch is a size change too.)
         max_shapes: with ``dynamic``, how many plans (the example's included) are kept; beyond, the least recently
             used one is dropped (and compiled again if needed).
     """
