@@ -142,6 +142,10 @@ def _raise_ops(graph: fx.Graph) -> None:
             x, dim, start, end, step = (list(a) + [0, None, None, 1][len(a) - 1:])[:5]
             start = None if start in (0, None) else start
             end = None if end is None or (isinstance(end, int) and end >= big) else end
+            if start is None and end is None and step == 1:  # x[:]: the tensor itself
+                node.replace_all_uses_with(x)
+                graph.erase_node(node)
+                continue
             new = ("call_function", operator.getitem, (x, _index(dim, slice(start, end, None if step == 1 else step))), {})
         elif t is aten.select.int and not kw and len(a) == 3:
             new = ("call_function", operator.getitem, (a[0], _index(a[1], a[2])), {})
