@@ -302,3 +302,20 @@ def test_pruned_hugging_face_model_saves_and_loads(arch, tmp_path, transformers)
     assert type(loaded) is type(model)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**x).logits, res.model(**x).logits)
+
+
+class FullSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.shape[1] > 1:  # fx stops here
+            x = x[:]  # a full-range slice: the tensor itself
+        return self.fc(x[:, :2].sum(1))
+
+
+def test_full_range_slices_are_dropped_partial_ones_kept():
+    tr = trace_model(FullSlice().eval(), torch.randn(2, 3, 4))
+    items = [n.args[1] for n in tr.graph.nodes if n.target is __import__("operator").getitem]
+    assert items == [(slice(None), slice(None, 2))]
