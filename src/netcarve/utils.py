@@ -76,3 +76,22 @@ def forward_params(model, varargs: bool = False) -> list[inspect.Parameter] | No
     except (TypeError, ValueError):
         return None
     return [p for p in params if varargs or p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def input_batch(x) -> int:
+    """The batch (dim 0) of an example input: a tensor, a tuple of them, or a dict by forward argument name."""
+    if isinstance(x, dict):
+        x = next(iter(x.values()))
+    elif isinstance(x, (tuple, list)):
+        x = x[0]
+    return int(x.shape[0])
+
+
+def input_shapes(x):
+    """The shape(s) of an example input, as lists: one list, a list of them (a tuple), or a dict of them by name."""
+    if isinstance(x, dict):
+        return {k: list(v.shape) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return [list(v.shape) for v in x]
+    return list(x.shape)
+

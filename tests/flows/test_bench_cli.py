@@ -63,3 +63,22 @@ def test_bench_netcarve_gen_engine_on_a_sparse_checkpoint(tmp_path, capsys):
     e = doc["engines"]["netcarve-gen"]
     assert e["latency_ms"] > 0 and e["max_abs_diff"] < 1e-3
     assert any(n.startswith("codegen:") for n in e["notes"])
+
+
+def test_run_bench_with_inputs_by_argument_name():
+    import torch
+
+    from netcarve.flows.bench import run_bench
+
+    class ByName(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, input_ids, attention_mask):
+            return self.fc((self.emb(input_ids) * attention_mask[..., None]).mean(1))
+
+    x = {"input_ids": torch.randint(0, 20, (3, 5)), "attention_mask": torch.ones(3, 5)}
+    doc = run_bench(ByName().eval(), x, engines=["torch", "netcarve"], threads=1, repeats=3, rounds=1)
+    assert doc["batch"] == 3 and set(doc["engines"]) == {"torch", "netcarve"}
+    assert doc["engines"]["netcarve"]["max_abs_diff"] < 1e-4

@@ -77,3 +77,20 @@ def test_table(lenet_profile):
 def test_bad_batch():
     with pytest.raises(netcarve.ConfigError):
         profile_model(netcarve.create_model("lenet"), batch=0)
+
+
+class _ByName(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        return self.fc(h.mean(1))
+
+
+def test_inputs_by_argument_name_are_resized_per_tensor():
+    x = {"input_ids": torch.randint(0, 20, (1, 5)), "attention_mask": torch.ones(1, 5)}
+    prof = profile_model(_ByName(), x, threads=1, batch=3, per_layer=False, **FAST)
+    assert prof["input_shape"] == {"input_ids": [3, 5], "attention_mask": [3, 5]}
+    assert prof["total"]["macs"] == 3 * 8 * 2

@@ -267,3 +267,30 @@ def test_lenet_learns_digits_quickly(one_thread):
     with torch.no_grad():
         acc = (model(x[test]).argmax(1) == y[test]).float().mean().item() * 100
     assert acc > 95.0
+
+
+def _fake_transformers_model(main: str, **cfg):
+    """A model class from a module named like transformers' (transformers itself is not needed)."""
+    from types import SimpleNamespace
+
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None):
+        return input_ids
+
+    cls = type("FakeModel", (torch.nn.Module,), {"forward": forward, "main_input_name": main,
+                                                 "__module__": "transformers.models.fake.modeling_fake"})
+    m = cls()
+    m.config = SimpleNamespace(**cfg)
+    return m
+
+
+def test_example_input_of_a_transformers_model():
+    from netcarve.errors import ConfigError
+    from netcarve.models._registry import TRANSFORMERS_TOKENS
+
+    text = netcarve.example_input(_fake_transformers_model("input_ids", vocab_size=50), batch=2)
+    assert set(text) == {"input_ids", "attention_mask"} and text["input_ids"].shape == (2, TRANSFORMERS_TOKENS)
+    assert int(text["input_ids"].max()) < 50 and text["attention_mask"].dtype == torch.long
+    image = netcarve.example_input(_fake_transformers_model("pixel_values", image_size=32, num_channels=3))
+    assert list(image) == ["pixel_values"] and image["pixel_values"].shape == (1, 3, 32, 32)
+    with pytest.raises(ConfigError, match="encoder-decoder.*pass an example input"):
+        netcarve.example_input(_fake_transformers_model("input_ids", vocab_size=5, is_encoder_decoder=True))

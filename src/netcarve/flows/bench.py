@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError, EngineUnavailableError
 from ..measure import engine_available, environment, measure_latency
+from ..utils import input_batch
 
 DENSE_ENGINES = ("torch", "onnxruntime", "openvino")
 ALL_ENGINES = ("torch", "onnxruntime", "openvino", "netcarve-dense", "netcarve", "netcarve-gen", "deepsparse")
@@ -58,7 +59,7 @@ def run_bench(model: torch.nn.Module, x: torch.Tensor, *, engines=DEFAULT_ENGINE
     unknown = [e for e in engines if e not in ALL_ENGINES]
     if unknown:
         raise ConfigError(f"netcarve bench: unknown engine(s) {unknown}; choose from {', '.join(ALL_ENGINES)}")
-    out: dict[str, Any] = {"engines": {}, "skipped": {}, "layers": [], "batch": int(x.shape[0]), "threads": threads}
+    out: dict[str, Any] = {"engines": {}, "skipped": {}, "layers": [], "batch": input_batch(x), "threads": threads}
     kw = dict(threads=threads, warmup=warmup, repeats=repeats, rounds=rounds)
     for name in engines:
         if progress:

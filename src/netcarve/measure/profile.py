@@ -24,11 +24,17 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..utils import input_shapes
 from .counting import count_model
 from .latency import measure_latency
 
 
-def _resize_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+def _resize_batch(x, batch: int):
+    """``x`` (a tensor, a tuple of them or a dict by argument name) with its samples repeated or cut to ``batch``."""
+    if isinstance(x, dict):
+        return {k: _resize_batch(v, batch) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return tuple(_resize_batch(v, batch) for v in x)
     if x.shape[0] == batch:
         return x
     reps = -(-batch // x.shape[0])
@@ -92,7 +98,7 @@ def profile_model(
         "engine": engine,
         "batch": batch,
         "threads": threads,
-        "input_shape": list(x.shape),
+        "input_shape": input_shapes(x),
         "model": spec["name"] if spec else type(model).__name__,
         "notes": list(lat.notes),
     }

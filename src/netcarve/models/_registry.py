@@ -8,6 +8,7 @@ records the name and keyword arguments on the instance (``model.netcarve_spec``)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,8 +101,16 @@ def create_model(name: str, *, pretrained: bool | str = False, data_dir: str | N
     return model
 
 
+TRANSFORMERS_TOKENS = 32  # the sequence length of a transformers text model's example (it declares none)
+
+
 def example_input(model_or_name: nn.Module | str, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """A random input of the right shape and dtype for a registered model (batch first)."""
+    """A random input of the right shape and dtype for a registered model (batch first). For a Hugging Face
+    transformers model (which is not registered): a dict by argument name, ``input_ids`` + ``attention_mask`` of
+    ``TRANSFORMERS_TOKENS`` tokens, or ``pixel_values`` at its config's image size."""
+    if not isinstance(model_or_name, str) and not getattr(model_or_name, "netcarve_spec", None) \
+            and type(model_or_name).__module__.startswith("transformers."):
+        return _transformers_example(model_or_name, batch, seed)
     name = model_or_name if isinstance(model_or_name, str) else _spec_name(model_or_name)
     info = _MODELS.get(name)
     g = torch.Generator().manual_seed(seed)
@@ -111,6 +120,26 @@ def example_input(model_or_name: nn.Module | str, batch: int = 1, seed: int = 0)
     if info.input_kind == "tokens":
         return torch.randint(0, info.vocab_size or 2, shape, generator=g)
     return torch.randn(shape, generator=g)
+
+
+def _transformers_example(model: nn.Module, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    cfg = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", "input_ids")
+    params = set(inspect.signature(model.forward).parameters)
+    if main == "pixel_values" and cfg is not None:
+        size = getattr(cfg, "image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        return {"pixel_values": torch.randn(batch, getattr(cfg, "num_channels", 3), h, w, generator=g)}
+    if main == "input_ids" and cfg is not None and not getattr(cfg, "is_encoder_decoder", False):
+        ids = torch.randint(0, int(getattr(cfg, "vocab_size", 2)), (batch, TRANSFORMERS_TOKENS), generator=g)
+        out = {"input_ids": ids}
+        if "attention_mask" in params:
+            out["attention_mask"] = torch.ones(batch, TRANSFORMERS_TOKENS, dtype=torch.long)
+        return out
+    raise ConfigError(f"{type(model).__name__}: no example input for a transformers model taking {main!r}"
+                      f"{' (encoder-decoder)' if getattr(cfg, 'is_encoder_decoder', False) else ''}; "
+                      "pass an example input explicitly")
 
 
 def _spec_name(model: nn.Module) -> str:
