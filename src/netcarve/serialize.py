@@ -85,6 +85,11 @@ def save(model: nn.Module, directory: str | os.PathLike, metadata: dict | None =
 _HF = "transformers:"
 
 
+def can_save(model: nn.Module) -> bool:
+    """Whether :func:`save` can describe ``model`` (built by ``create_model``, or a Hugging Face transformers model)."""
+    return bool(getattr(model, "netcarve_spec", None)) or _transformers_spec(model) is not None
+
+
 def _transformers_spec(model: nn.Module) -> dict | None:
     """A Hugging Face transformers model (a class exported by the package, with a config): rebuilt from its class
     name and config; None for anything else."""

@@ -302,6 +302,11 @@ def test_pruned_hugging_face_model_saves_and_loads(arch, tmp_path, transformers)
     assert type(loaded) is type(model)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**x).logits, res.model(**x).logits)
+    if arch == "bert":  # so measure_latency's torch engine times it in a process of its own, rebuilt from the save
+        from netcarve.measure import measure_latency
+
+        r = measure_latency(res.model, x, engine="torch", threads=1, repeats=3, rounds=1)
+        assert r.isolated and r.extra["max_abs_diff"] < 1e-5
 
 
 class FullSlice(nn.Module):

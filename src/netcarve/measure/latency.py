@@ -19,8 +19,9 @@ so compare engines at ``threads=1`` there, or rerun when the machine is quiet.
   the child imports only numpy and the engine (``result.extra["child_loaded"]`` records that torch was
   not imported).
 * ``torch``: the parent writes the model with ``netcarve.save`` and the child rebuilds it with
-  ``netcarve.load``. A model without ``netcarve_spec`` (not built by ``netcarve.create_model``), or one
-  that ``netcarve.save`` refuses, is timed in this process instead and ``result.notes`` says so.
+  ``netcarve.load``. A model without ``netcarve_spec`` (not built by ``netcarve.create_model``; a Hugging Face
+  transformers model is saved by class name and config), or one that ``netcarve.save`` refuses, is timed in this
+  process instead and ``result.notes`` says so.
 
 The child also checks its output against the parent's torch output on the same input
 (``extra["max_abs_diff"]``, ``extra["max_ref_abs"]``); a relative difference above 1e-3 adds a note.
@@ -334,7 +335,9 @@ def _save_arrays(work: Path, stem: str, arrays: list[np.ndarray]) -> list[str]:
 
 def _save_for_child(model: nn.Module, directory: Path) -> str | None:
     """Write the model for the torch child; return why it cannot be, or None on success."""
-    if not getattr(model, "netcarve_spec", None):
+    from ..serialize import can_save
+
+    if not can_save(model):
         return f"{type(model).__name__} has no netcarve_spec (not built by netcarve.create_model)"
     try:
         import netcarve
