@@ -32,6 +32,8 @@ import torch.fx.passes.shape_prop
 import torch.nn.functional as F
 from torch import nn
 
+from .handlers import get_channel_handler
+
 _SDPA_ARGS = ("query", "key", "value", "attn_mask")
 
 
@@ -155,10 +157,10 @@ def _per_head(u: fx.Node, region: set, heads: int, batch: int, rep: int = 1) -> 
     return True
 
 
-def _split_heads(arg, sdpa: fx.Node) -> tuple[fx.Node, fx.Node, int, list[str], int] | None:
+def _split_heads(arg, sdpa: fx.Node, order: dict) -> tuple[fx.Node, fx.Node, int, list[str], int] | None:
     """The heads tensor of one of q / k / v: ``arg`` itself, or reached from it only through per-head operators
     (rotary embeddings, the repeat of grouped-query attention) -> (the Linear's node, its view, hd, via names, how
-    many times each head is repeated)."""
+    many times each head is repeated). ``order``: the graph's nodes -> their position."""
     if not isinstance(arg, fx.Node):
         return None
     found = _heads_view(arg)
@@ -200,7 +202,6 @@ def _split_heads(arg, sdpa: fx.Node) -> tuple[fx.Node, fx.Node, int, list[str], 
     if len(reps) > 1:
         return None
     rep = reps.pop() if reps else 1
-    order = {n: i for i, n in enumerate(sdpa.graph.nodes)}
     if not all(_per_head(u, region, shape[1], shape[0], rep) for u in sorted(region - {t}, key=order.__getitem__)):
         return None
     if arg not in region or (rep > 1 and _shape(arg)[1] != shape[1] * rep):
@@ -282,7 +283,7 @@ def attention_head_groups(walker, gm: fx.GraphModule, calls) -> list[tuple[fx.No
         gqa = bool(node.kwargs.get("enable_gqa", False))
         if not _mask_ok(v.get("attn_mask")):
             continue
-        splits = [_split_heads(v.get(k), node) for k in ("query", "key", "value")]
+        splits = [_split_heads(v.get(k), node, order) for k in ("query", "key", "value")]
         merged = _merge_heads(node)
         if any(s is None for s in splits) or merged is None:
             continue
@@ -303,8 +304,6 @@ def attention_head_groups(walker, gm: fx.GraphModule, calls) -> list[tuple[fx.No
         reps = [s[4] for s in splits]
         if reps[0] != 1 or reps[1] != reps[2] or (reps[1] != group and not (gqa and reps[1] == 1)):
             continue  # (the key / value heads must reach sdpa repeated `group` times, or sdpa repeats them)
-        from .handlers import get_channel_handler  # noqa: PLC0415
-
         blocks = (group * hd, hd, hd)
         slots = [walker._slot(p, m, get_channel_handler(m), "producer", b, n)
                  for p, m, n, b in zip(paths, layers[:3], lins, blocks, strict=True)]  # fmt: skip
