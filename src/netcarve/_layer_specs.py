@@ -121,11 +121,29 @@ _LAYER_SPECS.register("transformers.pytorch_utils.Conv1D", LayerSpec(lambda m: d
                       overwrite=True)
 
 
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    register_layer_spec(
+        nn.RMSNorm,
+        lambda m: dict(normalized_shape=list(m.normalized_shape), eps=m.eps, elementwise_affine=m.elementwise_affine),
+    )
+
+
+def _hf_norm_spec(cls: type) -> LayerSpec:
+    """transformers' RMSNorm classes (and T5LayerNorm), known by name: ``cls(size, eps)`` (their common signature)."""
+    return LayerSpec(
+        lambda m: dict(size=int(m.weight.shape[0]), eps=float(getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))),
+        lambda a, c=cls: c(a["size"], a["eps"]),
+    )
+
+
 def layer_specs(model: nn.Module) -> dict[str, dict]:
     """``{module_path: {"type": ..., "args": {...}}}`` for every layer of a registered type."""
     out = {}
     for name, m in model.named_modules():
         key = _type_key(type(m))
+        if (key not in _LAYER_SPECS and key.startswith("transformers.") and isinstance(getattr(m, "weight", None),
+                nn.Parameter) and (type(m).__name__.endswith("RMSNorm") or type(m).__name__ == "T5LayerNorm")):  # fmt: skip
+            _LAYER_SPECS.register(key, _hf_norm_spec(type(m)))
         if name and key in _LAYER_SPECS:
             out[name] = {"type": key, "args": _LAYER_SPECS.get(key).get_args(m)}
     return out

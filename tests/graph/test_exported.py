@@ -324,3 +324,39 @@ def test_full_range_slices_are_dropped_partial_ones_kept():
     tr = trace_model(FullSlice().eval(), torch.randn(2, 3, 4))
     items = [n.args[1] for n in tr.graph.nodes if n.target is __import__("operator").getitem]
     assert items == [(slice(None), slice(None, 2))]
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "qwen2"])
+def test_hugging_face_hidden_size_prunes_and_saves(arch, tmp_path, transformers):
+    """hidden_size=True: the residual stream (embeddings, LayerNorm / RMSNorm, every block's input and output
+    projections) is one group; the compact model equals the masked one and survives save / load."""
+    import netcarve
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+    if arch == "bert":
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(**kw))
+        norm = "LayerNorm"
+    elif arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=4, use_cache=False, **kw))
+        norm = "LlamaRMSNorm"
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, use_cache=False, **kw))
+        norm = "Qwen2RMSNorm"
+    model.eval()
+    x = {"input_ids": torch.randint(1, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    assert not any(s.module_type == norm for g in build_channel_groups(model, x).groups for s in g.slots)
+    gs = build_channel_groups(model, x, hidden_size=True)
+    hidden = next(g for g in gs.groups if any(s.module_type == "Embedding" for s in g.slots))
+    assert hidden.num_channels == 32 and sum(s.module_type == norm for s in hidden.slots) >= 4, gs.describe()
+    res = prune_channels(model, x, ratio=0.5, groups=gs)
+    assert res.widths[hidden.name] == (16, 32)
+    masked = mask_channels(model, gs, res.keep)
+    x2 = {"input_ids": torch.randint(1, 100, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long)}
+    with torch.no_grad():
+        a, b = res.model(**x2).logits, masked(**x2).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    netcarve.save(res.model, tmp_path / "ck")
+    loaded = netcarve.load(tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x2).logits, a)

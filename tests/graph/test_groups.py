@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import netcarve
+from netcarve.compact import mask_channels, prune_channels
 from netcarve.errors import ConfigError, UnsupportedModelError
 from netcarve.graph import (
     ChannelHandler,
@@ -208,8 +209,33 @@ def test_residual_skipped_when_an_addend_is_not_prunable():
     skipped = {s.producer: s for s in gs.skipped}
     assert "to the model input 'x'" in skipped["conv2"].reason
     assert skipped["conv2"].paths[:2] == ("conv2", "bn2")
-    gs = build_channel_groups(RankBroadcast(), torch.randn(2, 3, 5, 5))
-    assert len(gs) == 0 and all("broadcasting" in s.reason for s in gs.skipped if s.producer != "head")
+
+
+
+def test_lower_rank_addend_aligned_from_the_right_couples():
+    # (N, C, H, W) + (C, 1, 1): numpy broadcasting puts the addend's channels on dim 1 too
+    m = RankBroadcast().eval()
+    x = torch.randn(2, 3, 5, 5)
+    gs = build_channel_groups(m, x)
+    assert gs.names() == ["conv1"] and gs.groups[0].producers == ("conv1", "conv2")
+    r = prune_channels(m, x, ratio=0.5, groups=gs)
+    torch.testing.assert_close(r.model(x), mask_channels(m, gs, r.keep)(x))
+
+
+class RankMisaligned(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(3, 4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):  # (N, 4, H, W) + (N, 1, 1, 4): the addend's 4 lands on the width
+        return self.head(self.conv1(x) + self.fc(x.mean((2, 3)))[:, None, None, :]).flatten(1)
+
+
+def test_misaligned_broadcast_blocks():
+    gs = build_channel_groups(RankMisaligned(), torch.randn(2, 3, 5, 4))
+    assert len(gs) == 0 and any("broadcasting" in s.reason for s in gs.skipped if s.producer != "head")
 
 
 def test_channel_aligned_broadcast_couples_like_a_residual():

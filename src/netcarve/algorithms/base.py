@@ -39,7 +39,7 @@ class PruneJob:
             takes it (fraction of channels removed per group, or baseline MACs / pruned MACs).
         criterion: a registered criterion name or a callable ``score(group, model)``; gradient-based
             criteria (``needs_gradients``) get gradients from ``gradient_batches`` training batches.
-        round_to, protected, global_ranking, min_channels, layer_ratios: as in ``prune_channels``.
+        round_to, protected, global_ranking, min_channels, layer_ratios, hidden_size: as in ``prune_channels``.
         train_loader, test_loader: ``(x, y)`` loaders; the train loader feeds training, gradients and BN
             recalibration; the test loader is the validation loader of the training runs (may be None).
         train: the training budget (:class:`~netcarve.train.TrainConfig`; ``epochs`` is the whole budget
@@ -64,6 +64,7 @@ class PruneJob:
     global_ranking: bool = False
     min_channels: int = 1
     layer_ratios: dict[str, float] = field(default_factory=dict)
+    hidden_size: bool = False
     train_loader: Any = None
     test_loader: Any = None
     train: TrainConfig | None = None
@@ -121,7 +122,7 @@ class PruneJob:
         return dict(criterion=self.criterion, ratio=self.ratio, macs_reduction=self.macs_reduction,
                     round_to=int(self.round_to), protected=tuple(self.protected),
                     global_ranking=bool(self.global_ranking), min_channels=int(self.min_channels),
-                    layer_ratios=dict(self.layer_ratios))
+                    layer_ratios=dict(self.layer_ratios), hidden_size=bool(self.hidden_size))
 
     def teacher_and_kd(self, original: nn.Module) -> tuple[nn.Module | None, KDConfig | None]:
         """The teacher for distillation (a frozen copy of ``original`` when ``distill`` and no teacher)."""
@@ -435,7 +436,7 @@ def working_copy(model: nn.Module) -> nn.Module:
 
 
 def groups_of(job: PruneJob, model: nn.Module) -> GroupSet:
-    return build_channel_groups(model, job.example_input)
+    return build_channel_groups(model, job.example_input, hidden_size=bool(job.hidden_size))
 
 
 def geometric(start: float, end: float, i: int, n: int) -> float:

@@ -275,6 +275,10 @@ class IncReg(PruningAlgorithm):
 
     def check(self, job: PruneJob) -> None:
         super().check(job)
+        if job.hidden_size:
+            raise ConfigError(f"algorithm {self.name!r} shrinks channels in place while training; inside a hidden size that "
+                              "LayerNorm / RMSNorm normalise, a shrunk channel still counts in their statistics, so "
+                              "removing it changes the model: use --algorithm oneshot or iterative with --hidden-size")
         o = self.opts
         if o["mode"] not in MODES:
             raise ConfigError(f"algorithm 'increg': mode must be one of {', '.join(MODES)}, got {o['mode']!r}")

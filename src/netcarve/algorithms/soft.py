@@ -103,6 +103,10 @@ class _SoftBase(PruningAlgorithm):
 
     def check(self, job: PruneJob) -> None:
         super().check(job)
+        if job.hidden_size:
+            raise ConfigError(f"algorithm {self.name!r} shrinks channels in place while training; inside a hidden size that "
+                              "LayerNorm / RMSNorm normalise, a shrunk channel still counts in their statistics, so "
+                              "removing it changes the model: use --algorithm oneshot or iterative with --hidden-size")
         iv = self.opts["interval"]
         if isinstance(iv, bool) or not isinstance(iv, int) or iv < 1:
             raise ConfigError(f"algorithm {self.name!r}: interval must be an integer >= 1 (epochs), got {iv!r}")

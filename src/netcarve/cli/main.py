@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protect", action="append", default=[], metavar="MODULE_PATH",
                    help="never prune groups touching this module (path prefix; repeatable)")
     s.add_argument("--global-ranking", action="store_true", help="rank channels across groups (normalised scores)")
+    s.add_argument("--hidden-size", action="store_true",
+                   help="also prune a transformer's hidden size: embedding tables become producers and LayerNorm / "
+                        "RMSNorm layers pass the channels (each then normalises over the kept ones)")
     s.add_argument("--layer-ratio", action="append", default=[], metavar="PATTERN=RATIO",
                    help="per-layer ratio: prune the groups produced by layers matching PATTERN (module path, "
                         "prefix or glob, e.g. layer1 or 'layer*.conv1') at RATIO; the target applies to the "

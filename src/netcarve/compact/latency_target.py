@@ -182,6 +182,7 @@ def prune_to_latency(
     min_channels: int = 1,
     groups=None,
     layer_ratios: dict[str, float] | None = None,
+    hidden_size: bool = False,
     tolerance: float = 0.15,
     processes: int = 3,
     ratio_resolution: float = 0.01,
@@ -200,7 +201,7 @@ def prune_to_latency(
         latency_ms: the target, in milliseconds per call of the whole batch.
         engine, batch, threads: where and how latency is measured (``netcarve.measure.ENGINES``); each
             measurement runs the engine in a fresh process.
-        criterion, round_to, protected, global_ranking, min_channels, groups, layer_ratios: as for
+        criterion, round_to, protected, global_ranking, min_channels, groups, layer_ratios, hidden_size: as for
             :func:`netcarve.compact.prune_channels`.
         tolerance: a candidate whose latency is above the target by less than this fraction is measured
             again (the noise band; ~0.15 on a small shared machine).
@@ -243,7 +244,7 @@ def prune_to_latency(
     if prune is None:
         from ..graph import build_channel_groups
 
-        gs = groups if groups is not None else build_channel_groups(model, example_input)
+        gs = groups if groups is not None else build_channel_groups(model, example_input, hidden_size=hidden_size)
 
         def prune(m, x, *, ratio):
             return prune_channels(m, x, criterion=criterion, ratio=ratio, round_to=round_to, protected=protected,

@@ -24,7 +24,7 @@ from torch import nn
 from ..criteria import resolve_criterion, score_group
 from ..errors import ConfigError, UnsupportedModelError
 from ..graph import ChannelGroup, ChannelSlot, GroupSet, build_channel_groups, get_channel_handler
-from ..graph.handlers import mask_local_, partition_local
+from ..graph.handlers import MaskedNorm, mask_local_, partition_local
 from ..layers import keep_encoders_off_nested
 
 
@@ -192,6 +192,7 @@ def remove_channels(
                                         "covering the whole side")  # fmt: skip
         plan[path][key] = _merge_parts(path, key, entries, by_name)
     new = _copy_model(model)
+    ties = _tied(new, plan)
     with torch.no_grad():
         _reslice_owners(new, units, plan)
         for path, sides in plan.items():
@@ -203,7 +204,28 @@ def remove_channels(
             replacement = handler.apply(module, sides.get("in"), sides.get("out"), in_width=w_in, out_width=w_out)
             if replacement is not module:
                 _set_submodule(new, path, replacement)
+    _retie(new, ties)
     return new
+
+
+def _tied(model: nn.Module, plan: Mapping[str, object]) -> list[list[tuple[str, str]]]:
+    """The parameters held by several of the modules in ``plan`` (tied weights): lists of (path, name)."""
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for path in plan:
+        for name, p in model.get_submodule(path).named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((path, name))
+    return [h for h in holders.values() if len(h) > 1]
+
+
+def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
+    """Slicing gave each holder of a tied weight its own copy (equal, as the groups slice it alike): share the
+    first one again, so the compact model stays tied as the original was."""
+    for holders in ties:
+        first = getattr(model.get_submodule(holders[0][0]), holders[0][1])
+        for path, name in holders[1:]:
+            module = model.get_submodule(path)
+            if getattr(module, name).shape == first.shape:
+                setattr(module, name, first)
 
 
 # ---------------------------------------------------------------------- module-internal groups
@@ -297,6 +319,7 @@ def mask_channels(
     new = _copy_model(model)
     # parameter-free channel maps (option-A shortcuts): path -> kept indices per side, (in, out) widths
     maps: dict[str, tuple[dict[str, torch.Tensor], tuple[int, int]]] = {}
+    norms: dict[str, list[torch.Tensor]] = {}  # normalisation layers: path -> removed features (per group)
     with torch.no_grad():
         for name, idx in keep.items():
             g = by_name[name]
@@ -321,6 +344,8 @@ def mask_channels(
                     sides[key] = _expand(kept, slot.block)
                     continue
                 rows = slot.features(removed, g.num_channels)  # offset, block, sections
+                if handler is not None and handler.normalizes:
+                    norms.setdefault(slot.path, []).append(rows)
                 for pname, dim in slot.params:
                     t = getattr(module, pname, None)
                     if isinstance(t, nn.Parameter):
@@ -332,6 +357,15 @@ def mask_channels(
             handler = get_channel_handler(module)
             _set_submodule(new, path, handler.mask(module, sides.get("in"), sides.get("out"),
                                                    in_width=w_in, out_width=w_out))  # fmt: skip
+        for path, rows in norms.items():  # statistics over the kept channels only, as in the compact model
+            module = new.get_submodule(path)
+            handler = get_channel_handler(module)
+            width = handler.width(module, "through") or int(module.normalized_shape[-1])
+            gone = torch.zeros(width, dtype=torch.bool)
+            gone[torch.cat(rows)] = True
+            kept_rows = (~gone).nonzero().flatten()
+            inner = handler.apply(copy.deepcopy(module), None, kept_rows)
+            _set_submodule(new, path, MaskedNorm(inner, kept_rows, width))
     return new
 
 
@@ -465,6 +499,7 @@ def prune_channels(
     min_channels: int = 1,
     groups: GroupSet | None = None,
     layer_ratios: Mapping[str, float] | None = None,
+    hidden_size: bool = False,
 ) -> PruneResult:
     """Structurally prune the output channels of every prunable group of ``model``.
 
@@ -486,6 +521,8 @@ def prune_channels(
             removing the same fraction in every group.
         min_channels: each group keeps at least this many channels.
         groups: precomputed ``build_channel_groups(model, example_input)``.
+        hidden_size: also prune a transformer's hidden size (groups through embeddings and LayerNorm / RMSNorm;
+            see :func:`netcarve.graph.build_channel_groups`); ignored when ``groups`` is given.
         layer_ratios: per-layer ratios, module pattern -> fraction of channels removed (``{"layer1": 0.0,
             "layer3": 0.5}``): every group produced by a matching layer (path, path prefix or glob; the
             last matching pattern wins) is pruned at that ratio; ``ratio`` / ``macs_reduction`` (found over
@@ -505,7 +542,7 @@ def prune_channels(
     if isinstance(protected, str):
         protected = (protected,)
     crit_name, _ = resolve_criterion(criterion)
-    gs = groups if groups is not None else build_channel_groups(model, example_input)
+    gs = groups if groups is not None else build_channel_groups(model, example_input, hidden_size=hidden_size)
     candidates = [g for g in gs.groups if not _is_protected(g, protected)]
     protected_groups = tuple(g.name for g in gs.groups if _is_protected(g, protected))
     fixed = fixed_group_ratios(candidates, layer_ratios)

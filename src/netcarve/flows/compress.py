@@ -36,6 +36,8 @@ class CompressSpec:
     round_to: int = 1
     protected: list[str] = field(default_factory=list)
     global_ranking: bool = False
+    # also prune a transformer's hidden size (groups through embeddings and LayerNorm / RMSNorm; channel scheme)
+    hidden_size: bool = False
     # per-layer ratios: module pattern (path, prefix or glob) -> fraction of its groups' channels removed;
     # the target (if any) is met over the other groups
     layer_ratios: dict[str, float] = field(default_factory=dict)
@@ -120,6 +122,7 @@ class CompressSpec:
                                          ("--layer-ratio", bool(self.layer_ratios)),
                                          ("--round-to", self.round_to != 1),
                                          ("--global-ranking", self.global_ranking),
+                                         ("--hidden-size", self.hidden_size),
                                          (f"--algorithm {self.algorithm}", self.algorithm != "oneshot")) if on]  # fmt: skip
             if bad:
                 raise ConfigError(f"--scheme depth does not take {', '.join(bad)} (channel pruning options)")
@@ -143,6 +146,7 @@ class CompressSpec:
         job = PruneJob(model=None, example_input=None, ratio=self.ratio, macs_reduction=self.macs_reduction,
                        criterion=self.criterion, round_to=self.round_to, protected=tuple(self.protected),
                        global_ranking=self.global_ranking, layer_ratios=dict(self.layer_ratios), train=train,
+                       hidden_size=self.hidden_size,
                        distill=self.distill and train is not None, kd=self.kd_config(),
                        bn_batches=self.bn_recalibration_batches, reconstruct_batches=self.reconstruct_batches,
                        gradient_batches=self.gradient_batches,
@@ -210,7 +214,7 @@ def run_spec_algorithm(base: nn.Module, spec: CompressSpec, *, train_loader, bn_
     res = run_algorithm(spec.algorithm, base, example_batch(base, 1), options=spec.algorithm_options,
                         ratio=job.ratio, macs_reduction=job.macs_reduction, criterion=job.criterion,
                         round_to=job.round_to, protected=job.protected, global_ranking=job.global_ranking,
-                        layer_ratios=job.layer_ratios,
+                        layer_ratios=job.layer_ratios, hidden_size=job.hidden_size,
                         train=job.train, distill=job.distill, kd=job.kd, bn_batches=job.bn_batches,
                         gradient_batches=job.gradient_batches, train_loader=train_loader, test_loader=test_loader,
                         out_dir=Path(out) / spec.algorithm, resume=spec.resume, progress=spec.progress)
@@ -274,14 +278,15 @@ def compress_and_report(
         pr = prune_to_latency(base, example_batch(base, 1), spec.latency_ms, engine=spec.engine,
                               batch=spec.latency_batch, threads=spec.threads, criterion=spec.criterion,
                               round_to=spec.round_to, protected=spec.protected, global_ranking=spec.global_ranking,
-                              layer_ratios=spec.layer_ratios,
+                              layer_ratios=spec.layer_ratios, hidden_size=spec.hidden_size,
                               progress=lambda msg: log(msg, tag))
         if pr.search.note:
             log(pr.search.note, tag)
     else:
         pr = prune_channels(base, example_batch(base, 1), criterion=spec.criterion, ratio=spec.ratio,
                             macs_reduction=spec.macs_reduction, round_to=spec.round_to, protected=spec.protected,
-                            global_ranking=spec.global_ranking, layer_ratios=spec.layer_ratios)
+                            global_ranking=spec.global_ranking, layer_ratios=spec.layer_ratios,
+                            hidden_size=spec.hidden_size)
     pruned = pr.model
     base.zero_grad(set_to_none=True)
     pruned.zero_grad(set_to_none=True)

@@ -78,7 +78,7 @@ def prune_cli(a, command: str | None = None) -> dict:
     spec = CompressSpec(
         criterion=a.criterion, macs_reduction=a.macs_reduction, ratio=a.ratio,
         latency_ms=getattr(a, "latency_ms", None), round_to=a.round_to,
-        protected=list(a.protect), global_ranking=a.global_ranking,
+        protected=list(a.protect), global_ranking=a.global_ranking, hidden_size=getattr(a, "hidden_size", False),
         layer_ratios=parse_layer_ratios(getattr(a, "layer_ratio", None)),
         bn_recalibration_batches=0 if a.no_bn_recalibration or getattr(a, "reconstruct", 0) else a.bn_batches,
         reconstruct_batches=getattr(a, "reconstruct", 0),

@@ -9,6 +9,7 @@ from .groups import ChannelGroup, ChannelSlot, GroupSet, SkippedGroup, build_cha
 from .handlers import (
     ROLES,
     ChannelHandler,
+    MaskedNorm,
     get_channel_handler,
     register_channel_handler,
     unregister_channel_handler,
@@ -23,6 +24,7 @@ __all__ = [
     "ChannelSlot",
     "GroupSet",
     "InternalGroup",
+    "MaskedNorm",
     "SkippedGroup",
     "TracedModel",
     "attention_heads_handler",

@@ -82,6 +82,16 @@ def _tensor_inputs(nodes: list[fx.Node], inside: set[fx.Node]) -> list[fx.Node]:
     return list(seen)
 
 
+_NOOP_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device}
+
+
+def _same_meta(node: fx.Node, src) -> bool:
+    """``node`` holds the same dtype, device and shape as ``src`` (a cast that changed nothing)."""
+    a, b = node.meta.get("val"), getattr(src, "meta", {}).get("val")
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+            and a.device == b.device and a.shape == b.shape)
+
+
 def _collapse_leaves(graph: fx.Graph, model: nn.Module, is_leaf) -> None:
     """Replace each run of operators of one leaf-module call by a ``call_module`` node on that module."""
     cache: dict[str, bool] = {}
@@ -100,6 +110,10 @@ def _collapse_leaves(graph: fx.Graph, model: nn.Module, is_leaf) -> None:
             current = None
     for path, nodes in runs:
         inside = set(nodes)
+        for n in nodes:  # a no-op cast (``x.to(float32)`` of a float32 x) read outside the run reads x itself
+            if n.target in _NOOP_CASTS and n.args and _same_meta(n, n.args[0]):
+                for u in [u for u in n.users if u not in inside]:
+                    u.replace_input_with(n, n.args[0])
         outs = [n for n in nodes if any(u not in inside for u in n.users)]
         ins = _tensor_inputs(nodes, inside)
         module = model.get_submodule(path)
@@ -109,6 +123,8 @@ def _collapse_leaves(graph: fx.Graph, model: nn.Module, is_leaf) -> None:
         with graph.inserting_before(outs[0]):
             call = graph.create_node("call_module", path, (ins[0],))  # (not call_module: checks the exported module)
         call.meta["nn_module_stack"] = outs[0].meta.get("nn_module_stack", {})
+        if "val" in outs[0].meta:
+            call.meta["val"] = outs[0].meta["val"]
         outs[0].replace_all_uses_with(call)
         for n in reversed(nodes):
             if not n.users:

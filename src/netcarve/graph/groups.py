@@ -461,8 +461,9 @@ _ADD_METHODS = ("add", "add_")
 class _GroupWalker:
     """Follows one producer's output channels through the graph."""
 
-    def __init__(self, gm: fx.GraphModule, calls: Counter, opaque: dict[str, str]):
+    def __init__(self, gm: fx.GraphModule, calls: Counter, opaque: dict[str, str], hidden_size: bool = False):
         self.gm = gm
+        self.hidden_size = hidden_size
         self.modules = dict(gm.named_modules())
         self.calls = calls
         self.opaque = opaque
@@ -515,15 +516,22 @@ class _GroupWalker:
         tensors = [a for a in _flat_args(user) if _is_tensor_node(a)]
         if sum(1 for a in tensors if a is src) > 1:
             raise _Block(f"combined with itself at {_where(user)}")
-        if not _channel_aligned(out_shape, [_shape(a) for a in tensors], st.dim, int(shape[st.dim])):
-            raise _Block(f"added to / multiplied by a tensor of another shape at {_where(user)} (broadcasting is "
-                         "only followed over non-channel dims of the same rank)")  # fmt: skip
-        self._joins.append((user, src, st.dim, st.block))
-        key = (user, st.dim, st.block)
-        if key in self._seen:
-            return []
-        self._seen.add(key)
-        return [_State(user, st.dim, st.block)]
+        shapes = [_shape(a) for a in tensors]
+        if out_shape is not None and all(s is not None and len(s) <= len(out_shape) for s in shapes):
+            # numpy broadcasting aligns the trailing dims: a lower-rank addend (a (T, C) position table added to
+            # (B, T, C) token embeddings) holds the channels at the same dim counted from the end
+            rel = st.dim - len(shape)
+            shapes = [(1,) * (len(out_shape) - len(s)) + tuple(s) for s in shapes]
+            dim = len(out_shape) + rel
+            if 0 <= dim and _channel_aligned(out_shape, shapes, dim, int(shape[st.dim])):
+                self._joins.append((user, src, rel, st.block))
+                key = (user, dim, st.block)
+                if key in self._seen:
+                    return []
+                self._seen.add(key)
+                return [_State(user, dim, st.block)]
+        raise _Block(f"added to / multiplied by a tensor of another shape at {_where(user)} (broadcasting is "
+                     "only followed over non-channel dims)")  # fmt: skip
 
     # ------------------------------------------------------------------ concatenations / splits
     @staticmethod
@@ -584,7 +592,7 @@ class _GroupWalker:
         c = shape[st.dim]
         if any(int(_shape(t)[st.dim]) != c for t in tensors) or out_shape[st.dim] != c:
             raise _Block(f"concatenated along dim {dim} at {where} with tensors of other channel counts")
-        self._joins.append((user, src, st.dim, st.block))
+        self._joins.append((user, src, st.dim - ndim, st.block))
         key = (user, st.dim, st.block)
         if key in self._seen:
             return []
@@ -959,6 +967,11 @@ class _GroupWalker:
             involved.append(path)
             why = handler.reason_opaque(module) or "opaque layer"
             raise _Block(f"used by {path}: {why}")
+        if handler.hidden_size and not self.hidden_size:
+            involved.append(path)
+            what = "normalised over its channels" if handler.normalizes else "read"
+            raise _Block(f"{what} by {path} ({type(module).__name__}): the model's hidden size is pruned only when "
+                         "asked for (hidden_size=True, CLI --hidden-size)")  # fmt: skip
         if not user.args or user.args[0] is not src or any(a is src for a in _flat_args(user)[1:]):
             involved.append(path)
             raise _Block(f"passed to {path} other than as its first argument")
@@ -1006,21 +1019,26 @@ class _GroupWalker:
         return []
 
 
-def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel | None = None) -> GroupSet:
+def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel | None = None,
+                         hidden_size: bool = False) -> GroupSet:
     """Trace ``model`` and return its prunable channel groups and the skipped producers.
 
     ``example_input`` is a tensor (or tuple of tensors) the model accepts; it is used once, in eval mode
     and without gradients, to learn every tensor's shape (train/eval flags are restored after).
+    ``hidden_size``: also follow channels produced by embedding tables and through LayerNorm / RMSNorm layers
+    (a transformer's hidden size: its residual stream); a normalisation layer's masked twin then normalises over
+    the kept channels only (:func:`netcarve.compact.mask_channels`). Off by default: removing channels changes
+    the statistics such a layer computes over the others.
     Raises UnsupportedModelError when fx cannot trace the model's forward.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"build_channel_groups expects an nn.Module, got {type(model).__name__}")
     # (submodules fx cannot trace into would block every channel reaching them: torch.export may see through them)
-    traced = traced or trace_model(model, example_input, export_over_opaque=True)
+    traced = traced or trace_model(model, example_input, export_over_opaque=True, norm_leaves=hidden_size)
     gm = traced.graph_module
     modules = dict(gm.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
-    walker = _GroupWalker(gm, calls, traced.opaque)
+    walker = _GroupWalker(gm, calls, traced.opaque, hidden_size)
     out = GroupSet(model_name=type(model).__name__, opaque=dict(traced.opaque))
     entries: list[SkippedGroup | int] = []  # graph order: a finished skip, or an index into walks
     walks: list[_Walk] = []
@@ -1049,6 +1067,8 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
                     walks.append(e)
                 else:
                     entries.append(e)
+            continue
+        if handler.hidden_size and not hidden_size:  # embedding tables: producers only on request
             continue
         role = handler.role_of(module)
         if role == "opaque":
@@ -1097,4 +1117,51 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
             continue
         for res in walker.finish(members.pop(root)):
             (out.groups if isinstance(res, ChannelGroup) else out.skipped).append(res)
+    _skip_tied(model, out)
     return out
+
+
+def _skip_tied(model: nn.Module, out: GroupSet) -> None:
+    """Tied weights (one tensor held by several layers, e.g. a language model's embedding and output layer): fine
+    when every holder is sliced alike (same groups, dims and layout: the copies then stay equal and are tied again
+    by ``remove_channels``); otherwise the groups involved are skipped with the reason."""
+    sliced: dict[int, dict[str, set]] = {}  # tensor -> holder path -> how the groups slice it there
+    for g in out.groups:
+        for s in g.slots:
+            try:
+                module = model.get_submodule(s.path)
+            except AttributeError:  # pragma: no cover - slots name the model's own modules
+                continue
+            for pname, dim in s.params:
+                t = getattr(module, pname, None)
+                if isinstance(t, nn.Parameter):
+                    sliced.setdefault(id(t), {}).setdefault(f"{s.path}.{pname}", set()).add(
+                        (g.name, dim, s.block, s.offset, s.span, s.sections))
+    if not sliced:
+        return
+    holders: dict[int, list[str]] = {}
+    for path, module in model.named_modules():
+        for pname, t in module.named_parameters(recurse=False):
+            if id(t) in sliced:
+                holders.setdefault(id(t), []).append(f"{path}.{pname}" if path else pname)
+    reasons: dict[str, list[str]] = {}
+    for key, names in holders.items():
+        names = list(dict.fromkeys(names))
+        if len(names) < 2:
+            continue
+        ways = [frozenset(sliced[key].get(n, ())) for n in names]
+        if len(set(ways)) == 1:
+            continue
+        why = f"tied weights: {', '.join(names)} are one tensor, which the groups would slice differently"
+        for way in ways:
+            for name, *_ in way:
+                reasons.setdefault(name, []).append(why)
+    if not reasons:
+        return
+    kept = []
+    for g in out.groups:
+        if g.name in reasons:
+            out.skipped.append(SkippedGroup(g.name, tuple(dict.fromkeys(reasons[g.name])), g.paths, g.num_channels))
+        else:
+            kept.append(g)
+    out.groups[:] = kept

@@ -78,6 +78,12 @@ class ChannelHandler:
         reslice: ``fn(module, units, in_keep) -> nn.Module``, required with ``internal``: rebuild the
             module keeping, for each unit set named in ``units``, the given sorted unit indices (and the
             input features ``in_keep`` when it is also a consumer of an upstream group, else ``None``).
+        hidden_size: the layer takes part in groups only when they are built with ``hidden_size=True``
+            (embedding tables and the LayerNorm / RMSNorm layers of a transformer's residual stream: pruning
+            them prunes the model's hidden size); otherwise a group reaching it is blocked with that reason.
+        normalizes: pass-through only: the layer normalises each row over its channels (LayerNorm, RMSNorm),
+            so removing channels changes the statistics of the kept ones; ``mask_channels`` gives it a twin
+            that normalises over the kept channels only (:class:`MaskedNorm`).
         partitions: pass-through only: ``fn(module) -> P``: the layer mixes channels only within ``P``
             equal contiguous partitions (a grouped conv with ``in = out``): output channel ``c`` reads the
             input channels of partition ``c // (n / P)``. Every partition must then keep the same number
@@ -104,6 +110,8 @@ class ChannelHandler:
     reslice: Callable[..., nn.Module] | None = None
     partitions: Callable[[nn.Module], int] | None = None
     local_params: Mapping[str, int] = field(default_factory=dict)
+    hidden_size: bool = False
+    normalizes: bool = False
 
     def __post_init__(self):
         for name in ("in_params", "out_params", "params", "local_params"):
@@ -112,6 +120,8 @@ class ChannelHandler:
             raise ConfigError(f"channel handler role must be one of {ROLES}, got {self.role!r}")
         if self.role == "passthrough" and not self.params and self.rebuild is None:
             raise ConfigError("a 'passthrough' channel handler needs `params` (or use role='elementwise')")
+        if self.normalizes and self.role != "passthrough":
+            raise ConfigError("a channel handler with `normalizes` must have role='passthrough'")
         if (self.internal is None) != (self.reslice is None):
             raise ConfigError("a channel handler with module-internal groups needs both `internal` and `reslice`")
 
@@ -314,6 +324,53 @@ def _prelu_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
     m.num_parameters = n_out
 
 
+def _embedding_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    if n_out is not None:
+        m.embedding_dim = n_out
+
+
+def _embedding_check(m: nn.Module) -> str | None:
+    if getattr(m, "max_norm", None) is not None:
+        return "max_norm renormalises each looked-up row over all its channels"
+    return None
+
+
+def _norm_resize(m: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    if n_out is not None and isinstance(getattr(m, "normalized_shape", None), tuple):
+        m.normalized_shape = (n_out,)
+
+
+def _norm_check(m: nn.Module) -> str | None:
+    shape = getattr(m, "normalized_shape", None)
+    if isinstance(shape, tuple) and len(shape) != 1:
+        return f"normalises over {len(shape)} trailing dims {tuple(shape)} (only the last one is followed)"
+    return None
+
+
+def _norm_handler(params: dict[str, int]) -> ChannelHandler:
+    return ChannelHandler(role="passthrough", params=params, in_dim=-1, out_dim=-1, resize=_norm_resize,
+                          score_params=(), check=_norm_check, hidden_size=True, normalizes=True)
+
+
+class MaskedNorm(nn.Module):
+    """The masked twin of a normalisation layer after channel removal: the kept channels ``keep`` (feature
+    indices of the last dim) are normalised by ``norm``, the layer already sliced to them (so its statistics
+    cover the kept channels only, as in the compacted model); the removed channels are zero."""
+
+    def __init__(self, norm: nn.Module, keep: torch.Tensor, width: int):
+        super().__init__()
+        self.norm = norm
+        self.width = int(width)
+        self.register_buffer("keep", torch.as_tensor(keep, dtype=torch.long).flatten().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.width:
+            raise ValueError(f"MaskedNorm expects {self.width} channels in the last dim, got {tuple(x.shape)}")
+        out = x.new_zeros(x.shape)
+        out[..., self.keep] = self.norm(x[..., self.keep]).to(out.dtype)
+        return out
+
+
 def _conv_handler(rank: int) -> ChannelHandler:
     return ChannelHandler(
         role=_conv_role,
@@ -378,6 +435,11 @@ _BUILTIN: dict[type, ChannelHandler] = {
         resize=_bn_resize,
         score_params=(),
     ),
+    nn.Embedding: ChannelHandler(
+        role="producer", out_params={"weight": 1}, out_dim=-1, resize=_embedding_resize, check=_embedding_check,
+        hidden_size=True,
+    ),
+    nn.LayerNorm: _norm_handler({"weight": 0, "bias": 0}),
     nn.PReLU: ChannelHandler(
         role=lambda m: "elementwise" if m.num_parameters == 1 else "passthrough",
         params={"weight": 0},
@@ -385,6 +447,8 @@ _BUILTIN: dict[type, ChannelHandler] = {
         score_params=(),
     ),
 }
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    _BUILTIN[nn.RMSNorm] = _norm_handler({"weight": 0})
 for _t in (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
     nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
@@ -455,6 +519,17 @@ _BY_NAME: dict[str, ChannelHandler] = {
     ),
 }  # fmt: skip
 
+# transformers' own RMSNorm classes (LlamaRMSNorm, Qwen2RMSNorm, ... and T5's T5LayerNorm): a per-channel
+# ``weight`` over the last dim. Known by name (netcarve does not import transformers); they become fx leaves only
+# when groups are built with ``hidden_size=True`` (``trace_model(norm_leaves=True)``), else they are traced through.
+_HF_NORM = _norm_handler({"weight": 0})
+
+
+def _is_hf_norm(cls: type) -> bool:
+    return cls.__module__.startswith("transformers.") and (
+        cls.__name__.endswith("RMSNorm") or cls.__name__ == "T5LayerNorm")
+
+
 _USER: dict[type, ChannelHandler] = {}
 
 
@@ -497,6 +572,8 @@ def get_channel_handler(module: nn.Module | type) -> ChannelHandler | None:
     by_name = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
     if by_name is not None:
         return by_name
+    if _is_hf_norm(cls):
+        return _HF_NORM
     for base in cls.__mro__[1:]:
         for table in (_USER, _BUILTIN):
             if base in table and getattr(cls, "forward", None) is getattr(base, "forward", None):

@@ -35,9 +35,12 @@ def short_message(exc: BaseException, limit: int = 240) -> str:
 class _Tracer(fx.Tracer):
     """fx tracer that keeps handled layers and the given paths as leaves and remembers where it failed."""
 
-    def __init__(self, opaque: set[str], proxy_buffers: bool = False):
+    def __init__(self, opaque: set[str], proxy_buffers: bool = False, norm_leaves: bool = False):
         super().__init__()
         self.opaque = opaque
+        # handlers of the hidden-size layers that fx would otherwise trace through (transformers' RMSNorm
+        # classes) make leaves only on request: other analyses (the runtime) keep seeing their inner ops
+        self.norm_leaves = norm_leaves
         # buffers read as graph values (get_attr nodes) instead of constants: needed where forward indexes one
         # with a size computed from the input (pe[:, :x.size(1)]), harmful where forward takes Python values from
         # one (range(buf.shape[0])), so trace_model tries it only when the plain trace left modules opaque
@@ -45,7 +48,10 @@ class _Tracer(fx.Tracer):
         self.failed_path: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.opaque or get_channel_handler(m) is not None:
+        if module_qualified_name in self.opaque:
+            return True
+        h = get_channel_handler(m)
+        if h is not None and (self.norm_leaves or not h.hidden_size or super().is_leaf_module(m, module_qualified_name)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -80,12 +86,13 @@ class TracedModel:
 
 
 def trace_model(model: nn.Module, example_input=None, name: str | None = None,
-                export_over_opaque: bool = False) -> TracedModel:
+                export_over_opaque: bool = False, norm_leaves: bool = False) -> TracedModel:
     """Trace ``model`` with torch.fx; with ``example_input`` (a tensor or a tuple of tensors), also
     record every node's output shape in ``node.meta["tensor_meta"]``. When fx cannot trace the model's own forward,
     the model is captured with torch.export on the example input instead (:mod:`netcarve.graph.exported`); with
     ``export_over_opaque`` also when fx had to keep submodules opaque and torch.export captures them (the channel
-    analysis then sees through them; the graph's sizes are the example's).
+    analysis then sees through them; the graph's sizes are the example's). ``norm_leaves``: normalisation layers
+    fx would trace through (transformers' RMSNorm classes) are kept as leaves (``build_channel_groups(hidden_size=True)``).
 
     Raises UnsupportedModelError (naming the model as ``name``, default its class name) when the model's own
     forward cannot be traced or the traced graph does not run on the example input.
@@ -99,19 +106,19 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None,
         n = len(example_input) if isinstance(example_input, (tuple, list)) else 1
         concrete = check_forward_args(model, n, name)
     try:
-        graph, opaque = _trace(model, name, proxy_buffers=False, concrete=concrete)
+        graph, opaque = _trace(model, name, proxy_buffers=False, concrete=concrete, norm_leaves=norm_leaves)
     except _ForwardUntraceable as e:
         if given is None:
             raise UnsupportedModelError(f"{e}; with an example input, torch.export is tried instead") from None
-        return _export_fallback(model, given, name, str(e))
+        return _export_fallback(model, given, name, str(e), norm_leaves)
     if opaque and export_over_opaque and given is not None:
         try:
-            return _export_fallback(model, given, name, "")
+            return _export_fallback(model, given, name, "", norm_leaves)
         except UnsupportedModelError:
             pass  # keep fx's trace with its opaque submodules
     if opaque:  # a submodule that slices a buffer by the input's size traces with buffers as graph values
         try:
-            graph2, opaque2 = _trace(model, name, proxy_buffers=True, concrete=concrete)
+            graph2, opaque2 = _trace(model, name, proxy_buffers=True, concrete=concrete, norm_leaves=norm_leaves)
         except UnsupportedModelError:
             graph2, opaque2 = None, opaque
         if graph2 is not None and len(opaque2) < len(opaque):
@@ -128,12 +135,13 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None,
     return TracedModel(gm, opaque)
 
 
-def _export_fallback(model: nn.Module, example_input, name: str, fx_error: str) -> TracedModel:
+def _export_fallback(model: nn.Module, example_input, name: str, fx_error: str,
+                     norm_leaves: bool = False) -> TracedModel:
     """fx cannot trace ``model.forward``: capture it with torch.export instead (:mod:`netcarve.graph.exported`)."""
     from .exported import export_trace  # noqa: PLC0415 - torch.export is imported only when needed
 
     inputs, names = ordered_inputs(model, example_input)
-    tracer = _Tracer(set())
+    tracer = _Tracer(set(), norm_leaves=norm_leaves)
     try:
         gm, any_batch = export_trace(model, inputs, names, name, tracer.is_leaf_module)
     except UnsupportedModelError as e:
@@ -215,13 +223,13 @@ class _ForwardUntraceable(UnsupportedModelError):
     """fx failed in the model's own forward (not in a submodule it could keep opaque)."""
 
 
-def _trace(model: nn.Module, name: str, proxy_buffers: bool,
-           concrete: dict[str, Any] | None = None) -> tuple[fx.Graph, dict[str, str]]:
+def _trace(model: nn.Module, name: str, proxy_buffers: bool, concrete: dict[str, Any] | None = None,
+           norm_leaves: bool = False) -> tuple[fx.Graph, dict[str, str]]:
     """fx-trace ``model``, keeping every submodule fx cannot trace into as an opaque leaf: (graph, opaque).
     ``concrete``: forward arguments traced as constants (their defaults), their placeholders then dropped."""
     opaque: dict[str, str] = {}
     for _ in range(_MAX_OPAQUE_RETRIES):
-        tracer = _Tracer(set(opaque), proxy_buffers)
+        tracer = _Tracer(set(opaque), proxy_buffers, norm_leaves)
         try:
             if concrete:
                 graph = tracer.trace(model, concrete_args=concrete)

@@ -1,0 +1,208 @@
+"""A transformer's hidden size (its residual stream): embedding tables as producers, LayerNorm / RMSNorm as
+pass-through layers whose masked twin normalises over the kept channels, tied weights."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netcarve.compact import mask_channels, prune_channels, remove_channels
+from netcarve.errors import ConfigError
+from netcarve.graph import MaskedNorm, build_channel_groups
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, hidden: int, heads: int, norm):
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.n1, self.n2 = norm(d), norm(d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        hd = self.hd
+
+        def split(y):
+            return y.view(b, t, -1, hd).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        x = self.n1(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+        return self.n2(x + self.fc2(F.gelu(self.fc1(x))))
+
+
+class TinyEncoder(nn.Module):
+    """BERT-like: token + position embeddings (the position table added at a lower rank), norms, a classifier."""
+
+    def __init__(self, norm=nn.LayerNorm, vocab=50, d=32, t=8, classes=5):
+        super().__init__()
+        self.tok, self.pos, self.norm = nn.Embedding(vocab, d), nn.Embedding(t, d), norm(d)
+        self.blocks = nn.Sequential(Block(d, 64, 4, norm), Block(d, 64, 4, norm))
+        self.head = nn.Linear(d, classes)
+        self.register_buffer("ids", torch.arange(t))
+
+    def forward(self, x):
+        h = self.norm(self.tok(x) + self.pos(self.ids[: x.shape[1]]))
+        return self.head(self.blocks(h).mean(1))
+
+
+class TiedLM(nn.Module):
+    """A language model whose output layer is the embedding table (tied weights)."""
+
+    def __init__(self, vocab=40, d=32):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.block = Block(d, 48, 2, nn.LayerNorm)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.tok.weight
+
+    def forward(self, x):
+        return self.lm_head(self.block(self.tok(x)))
+
+
+class TiedRNN(nn.Module):
+    """Tied across groups: the embedding's width is the LSTM's input, the tied decoder reads the LSTM's hidden."""
+
+    def __init__(self, vocab=30, d=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.rnn = nn.LSTM(d, d, batch_first=True)
+        self.dec = nn.Linear(d, vocab)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.dec(self.rnn(self.emb(x))[0])
+
+
+def _perturbed(m: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return m.eval()
+
+
+def _hidden(gs):
+    return next(g for g in gs.groups if any(s.module_type == "Embedding" for s in g.slots))
+
+
+def test_hidden_size_is_opt_in_with_a_reason():
+    m = _perturbed(TinyEncoder())
+    x = torch.randint(0, 50, (2, 8))
+    gs = build_channel_groups(m, x)
+    assert not any(s.module_type in ("Embedding", "LayerNorm") for g in gs.groups for s in g.slots)
+    o = next(s for s in gs.skipped if s.producer == "blocks.0.o")
+    assert "hidden_size=True" in o.reason and "LayerNorm" in o.reason
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_hidden_group_compacts_to_the_masked_model(norm):
+    if norm == "rmsnorm" and not hasattr(nn, "RMSNorm"):
+        pytest.skip("nn.RMSNorm needs torch >= 2.4")
+    m = _perturbed(TinyEncoder(norm=nn.LayerNorm if norm == "layernorm" else nn.RMSNorm))
+    x = torch.randint(0, 50, (2, 8))
+    gs = build_channel_groups(m, x, hidden_size=True)
+    g = _hidden(gs)
+    kinds = {s.path: (s.role, s.module_type) for s in g.slots}
+    assert kinds["tok"] == ("producer", "Embedding") and kinds["pos"] == ("producer", "Embedding")
+    assert {p for p, (r, _) in kinds.items() if r == "passthrough"} == {"norm", "blocks.0.n1", "blocks.0.n2",
+                                                                         "blocks.1.n1", "blocks.1.n2"}
+    assert {"blocks.0.q", "blocks.1.fc1", "head"} <= set(g.consumers)
+    res = prune_channels(m, x, ratio=0.5, groups=gs)
+    assert res.widths[g.name] == (16, 32)
+    c = res.model
+    assert c.tok.embedding_dim == 16 and c.tok.weight.shape == (50, 16) and c.norm.normalized_shape == (16,)
+    assert c.blocks[1].q.in_features == 16 and c.head.in_features == 16
+    masked = mask_channels(m, gs, res.keep)
+    assert isinstance(masked.blocks[0].n1, MaskedNorm)
+    x2 = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        a, b = c(x2), masked(x2)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    # the masked twin matters: zeroing the norms' weights alone leaves the removed channels in their statistics
+    plain = mask_channels(m, gs, res.keep)
+    for name, mod in list(plain.named_modules()):
+        if isinstance(mod, MaskedNorm):
+            parent, _, attr = name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, attr, m.get_submodule(name))
+    with torch.no_grad():
+        assert (plain(x2) - a).abs().max() > 1e-3
+
+
+def test_masked_norm_normalises_the_kept_channels_only():
+    ln = nn.LayerNorm(10)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-1, 1)
+    keep = torch.tensor([0, 3, 4, 8])
+    inner = nn.LayerNorm(4)
+    with torch.no_grad():
+        inner.weight.copy_(ln.weight[keep])
+        inner.bias.copy_(ln.bias[keep])
+    twin = MaskedNorm(inner, keep, 10)
+    x = torch.randn(2, 5, 10)
+    y = twin(x)
+    torch.testing.assert_close(y[..., keep], F.layer_norm(x[..., keep], (4,), ln.weight[keep], ln.bias[keep]))
+    gone = torch.ones(10, dtype=torch.bool)
+    gone[keep] = False
+    assert y[..., gone].abs().max() == 0
+    with pytest.raises(ValueError, match="10 channels"):
+        twin(torch.randn(2, 9))
+
+
+def test_tied_weights_in_one_group_stay_tied():
+    m = _perturbed(TiedLM())
+    x = torch.randint(0, 40, (2, 6))
+    gs = build_channel_groups(m, x, hidden_size=True)
+    g = _hidden(gs)
+    assert "lm_head" in g.consumers
+    res = prune_channels(m, x, ratio=0.25, groups=gs)
+    c = res.model
+    assert c.lm_head.weight is c.tok.weight and c.tok.weight.shape == (40, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), mask_channels(m, gs, res.keep)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_weights_tied_across_groups_skip_them():
+    m = _perturbed(TiedRNN())
+    x = torch.randint(0, 30, (2, 5))
+    gs = build_channel_groups(m, x, hidden_size=True)
+    emb = next(s for s in gs.skipped if s.producer == "emb")
+    assert "tied weights" in emb.reason and "emb.weight" in emb.reason and "dec.weight" in emb.reason
+    assert not any("dec" in g.consumers for g in gs.groups)  # the LSTM's hidden group holds the same tensor
+    res = prune_channels(m, x, ratio=0.5, groups=gs)
+    assert res.model.dec.weight is res.model.emb.weight and res.model.emb.weight.shape == (30, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), m(x))  # nothing it shares was sliced
+
+
+def test_remove_channels_reties_weights():
+    m = _perturbed(TiedLM())
+    x = torch.randint(0, 40, (2, 6))
+    gs = build_channel_groups(m, x, hidden_size=True)
+    g = _hidden(gs)
+    c = remove_channels(m, gs, {g.name: torch.arange(0, 32, 2)})
+    assert c.lm_head.weight is c.tok.weight and torch.equal(c.tok.weight, m.tok.weight[:, ::2])
+
+
+def test_embedding_with_max_norm_is_not_a_producer():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 8, max_norm=1.0), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.emb(x).mean(1))
+
+    gs = build_channel_groups(M(), torch.randint(0, 10, (2, 4)), hidden_size=True)
+    assert gs.groups == []
+
+
+def test_soft_algorithms_refuse_hidden_size():
+    from netcarve.flows.compress import CompressSpec
+
+    for algo in ("sfp", "increg"):
+        spec = CompressSpec(ratio=0.3, finetune_epochs=1, algorithm=algo, hidden_size=True)
+        with pytest.raises(ConfigError, match="hidden size"):
+            spec.validate()
+    CompressSpec(ratio=0.3, finetune_epochs=1, algorithm="oneshot", hidden_size=True).validate()
