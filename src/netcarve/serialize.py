@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._layer_specs import _LAYER_SPECS, layer_specs, register_layer_spec  # noqa: F401 (re-exported)
+from ._layer_specs import _LAYER_SPECS, _type_key, layer_specs, register_layer_spec  # noqa: F401 (re-exported)
 from ._version import __version__
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .utils import atomic_write
@@ -214,6 +214,24 @@ def rebuild(manifest: dict) -> nn.Module:
     return model
 
 
+def _resize_attributes(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Tensor attributes sliced with a channel group (a ViT's class token and position table: parameters of a module
+    that has no layer spec, so ``rebuild`` left them at the config's size) take the saved shape; same rank only."""
+    for key, v in sd.items():
+        owner, _, name = key.rpartition(".")
+        try:
+            module = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            continue
+        t = module._parameters.get(name) if name in module._parameters else module._buffers.get(name)
+        if t is None or t.shape == v.shape or t.dim() != v.dim() or _type_key(type(module)) in _LAYER_SPECS:
+            continue
+        if name in module._parameters:
+            setattr(module, name, nn.Parameter(torch.empty(v.shape, dtype=t.dtype), requires_grad=t.requires_grad))
+        else:
+            module._buffers[name] = torch.empty(v.shape, dtype=t.dtype)
+
+
 def load(path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save`; ``model.netcarve_metadata`` holds the saved metadata."""
     from safetensors import SafetensorError
@@ -239,6 +257,7 @@ def load(path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
     problems += [f"{k}: in the manifest but missing from the weights" for k in declared if k not in sd]
     if problems:
         raise CheckpointError(f"{d}: manifest does not match the weights: " + "; ".join(problems[:6]))
+    _resize_attributes(model, sd)
     expected = model.state_dict()
     problems = [f"{k}: model has shape {list(expected[k].shape)}, weights {list(v.shape)}"
                 for k, v in sd.items() if k in expected and expected[k].shape != v.shape]

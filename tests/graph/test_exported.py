@@ -326,7 +326,7 @@ def test_full_range_slices_are_dropped_partial_ones_kept():
     assert items == [(slice(None), slice(None, 2))]
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "qwen2", "gpt2", "vit"])
 def test_hugging_face_hidden_size_prunes_and_saves(arch, tmp_path, transformers):
     """hidden_size=True: the residual stream (embeddings, LayerNorm / RMSNorm, every block's input and output
     projections) is one group; the compact model equals the masked one and survives save / load."""
@@ -340,19 +340,31 @@ def test_hugging_face_hidden_size_prunes_and_saves(arch, tmp_path, transformers)
     elif arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=4, use_cache=False, **kw))
         norm = "LlamaRMSNorm"
-    else:
+    elif arch == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, use_cache=False, **kw))
         norm = "Qwen2RMSNorm"
+    elif arch == "gpt2":  # a view of the residual stream to its own shape; the position table cast .to(device)
+        model = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=100, use_cache=False, pad_token_id=0))
+        norm = "LayerNorm"
+    else:  # patch conv -> flatten -> transpose, class token concatenated, position table added
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+            patch_size=4, num_labels=5))
+        norm = "LayerNorm"
     model.eval()
-    x = {"input_ids": torch.randint(1, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    if arch == "vit":
+        x, x2 = {"pixel_values": torch.randn(2, 3, 16, 16)}, {"pixel_values": torch.randn(3, 3, 16, 16)}
+    else:
+        x = {"input_ids": torch.randint(1, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+        x2 = {"input_ids": torch.randint(1, 100, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long)}
     assert not any(s.module_type == norm for g in build_channel_groups(model, x).groups for s in g.slots)
     gs = build_channel_groups(model, x, hidden_size=True)
-    hidden = next(g for g in gs.groups if any(s.module_type == "Embedding" for s in g.slots))
+    hidden = next(g for g in gs.groups if any(s.module_type == norm for s in g.slots))
     assert hidden.num_channels == 32 and sum(s.module_type == norm for s in hidden.slots) >= 4, gs.describe()
     res = prune_channels(model, x, ratio=0.5, groups=gs)
     assert res.widths[hidden.name] == (16, 32)
     masked = mask_channels(model, gs, res.keep)
-    x2 = {"input_ids": torch.randint(1, 100, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long)}
     with torch.no_grad():
         a, b = res.model(**x2).logits, masked(**x2).logits
     assert (a - b).abs().max() <= 1e-4 * b.abs().max()

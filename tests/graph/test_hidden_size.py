@@ -206,3 +206,76 @@ def test_soft_algorithms_refuse_hidden_size():
         with pytest.raises(ConfigError, match="hidden size"):
             spec.validate()
     CompressSpec(ratio=0.3, finetune_epochs=1, algorithm="oneshot", hidden_size=True).validate()
+
+
+class TinyViT(nn.Module):
+    """Patch conv -> flatten -> transpose to tokens, a class token concatenated (expanded to the batch), a position
+    table added (a root attribute), blocks, the class token's row to the head."""
+
+    def __init__(self, d=32, classes=5):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 17, d))
+        self.blocks = nn.Sequential(Block(d, 48, 4, nn.LayerNorm))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), t], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(t))[:, 0])
+
+
+@pytest.fixture
+def tiny_vit_registered():
+    from netcarve.models import register_model
+    from netcarve.models._registry import _MODELS
+
+    register_model("_test_hidden_vit", family="test", input_shape=(3, 16, 16))(TinyViT)
+    yield "_test_hidden_vit"
+    del _MODELS._items["_test_hidden_vit"]
+
+
+def test_tokens_from_a_conv_with_class_token_and_position_table(tmp_path, tiny_vit_registered):
+    import netcarve
+
+    torch.manual_seed(0)
+    m = _perturbed(netcarve.create_model(tiny_vit_registered))
+    x = torch.randn(2, 3, 16, 16)
+    assert not any(s.attribute for g in build_channel_groups(m, x).groups for s in g.slots)
+    gs = build_channel_groups(m, x, hidden_size=True)
+    g = next(g for g in gs.groups if g.producer == "patch")
+    attrs = {(s.path, s.params) for s in g.slots if s.attribute}
+    assert attrs == {("", (("cls_token", 2),)), ("", (("pos", 2),))}
+    assert "transpose" in g.via and "norm" in g.passthrough and "head" in g.consumers
+    res = prune_channels(m, x, ratio=0.25, groups=gs)
+    c = res.model
+    assert c.cls_token.shape == (1, 1, 24) and c.pos.shape == (1, 17, 24) and c.patch.out_channels == 24
+    x2 = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        a, b = c(x2), mask_channels(m, gs, res.keep)(x2)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    netcarve.save(c, tmp_path / "ck")
+    loaded = netcarve.load(tmp_path / "ck")
+    assert loaded.cls_token.shape == (1, 1, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x2), a)
+
+
+class SameShapeView(nn.Module):
+    def __init__(self, last: int):
+        super().__init__()
+        self.last = last
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h.view(h.shape[0], h.shape[1], self.last))
+
+
+def test_view_to_the_same_shape_keeps_the_channels_when_their_size_is_not_written_down():
+    x = torch.randn(2, 5, 8)
+    assert build_channel_groups(SameShapeView(-1), x).names() == ["a"]
+    skipped = {s.producer: s for s in build_channel_groups(SameShapeView(8), x).skipped}
+    assert "view (not a flatten)" in skipped["a"].reason

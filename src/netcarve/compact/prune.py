@@ -24,7 +24,7 @@ from torch import nn
 from ..criteria import resolve_criterion, score_group
 from ..errors import ConfigError, UnsupportedModelError
 from ..graph import ChannelGroup, ChannelSlot, GroupSet, build_channel_groups, get_channel_handler
-from ..graph.handlers import MaskedNorm, mask_local_, partition_local
+from ..graph.handlers import MaskedNorm, _index_tensor, mask_local_, partition_local
 from ..layers import keep_encoders_off_nested
 
 
@@ -168,6 +168,7 @@ def remove_channels(
     io: dict[str, tuple[int, int]] = {}  # channel-map layers (option-A shortcuts): (in, out) widths
     parts: dict[tuple[str, str], list[tuple[str, ChannelSlot, torch.Tensor]]] = {}  # after a cat
     units: dict[str, dict[str, torch.Tensor]] = {}  # module-internal groups: owner path -> unit -> kept
+    attrs: list[tuple[ChannelSlot, torch.Tensor]] = []  # tensor attributes: (slot, kept features)
     for name, idx in keep.items():
         g = by_name[name]
         idx = _check_keep(g, idx)
@@ -175,6 +176,9 @@ def remove_channels(
             continue
         for slot in g.slots:
             if _owned_by_module(slot, g, idx, units):  # sliced by the owning module's handler (reslice)
+                continue
+            if slot.attribute:  # a tensor attribute (class token, position table): sliced directly below
+                attrs.append((slot, slot.features(idx, g.num_channels)))
                 continue
             sides = plan.setdefault(slot.path, {})
             key = {"producer": "out", "passthrough": "out", "consumer": "in"}[slot.role]
@@ -204,6 +208,10 @@ def remove_channels(
             replacement = handler.apply(module, sides.get("in"), sides.get("out"), in_width=w_in, out_width=w_out)
             if replacement is not module:
                 _set_submodule(new, path, replacement)
+        for slot, feats in attrs:
+            module = new.get_submodule(slot.path)
+            for pname, dim in slot.params:
+                _index_tensor(module, pname, dim, feats)
     _retie(new, ties)
     return new
 
@@ -348,7 +356,7 @@ def mask_channels(
                     norms.setdefault(slot.path, []).append(rows)
                 for pname, dim in slot.params:
                     t = getattr(module, pname, None)
-                    if isinstance(t, nn.Parameter):
+                    if isinstance(t, nn.Parameter) or (slot.attribute and isinstance(t, torch.Tensor)):
                         t.index_fill_(dim, rows.to(t.device), 0.0)
                 if slot.partitions > 1:  # grouped conv: the removed inputs' columns in their partition
                     mask_local_(module, handler, removed, g.num_channels)

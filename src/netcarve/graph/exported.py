@@ -146,6 +146,10 @@ def _raise_ops(graph: fx.Graph) -> None:
         if t in _DROP and not node.users:
             graph.erase_node(node)
             continue
+        if t in _NOOP_CASTS and a and _same_meta(node, a[0]):  # x.to(x.dtype / x.device): x itself
+            node.replace_all_uses_with(a[0])
+            graph.erase_node(node)
+            continue
         if t in _ADDS and kw.get("alpha", 1) == 1:
             new = ("call_function", _ADDS[t], a[:2], {})
         elif t in _SIMPLE:

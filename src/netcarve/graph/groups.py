@@ -139,6 +139,9 @@ class ChannelSlot:
     note: str = ""
     # grouped convs (in = out): channels are mixed only within this many equal contiguous partitions
     partitions: int = 1
+    # a tensor attribute of the module (``params`` names it: a ViT's class token or position table, a layer
+    # scale) added to / concatenated with / multiplying the group's channels: sliced directly, with no handler
+    attribute: bool = False
 
     @property
     def side(self) -> str:
@@ -461,9 +464,12 @@ _ADD_METHODS = ("add", "add_")
 class _GroupWalker:
     """Follows one producer's output channels through the graph."""
 
-    def __init__(self, gm: fx.GraphModule, calls: Counter, opaque: dict[str, str], hidden_size: bool = False):
+    def __init__(self, gm: fx.GraphModule, calls: Counter, opaque: dict[str, str], hidden_size: bool = False,
+                 exported: bool = False, model: nn.Module | None = None):
         self.gm = gm
+        self.model = model if model is not None else gm  # (tensor attributes are looked up on the model itself)
         self.hidden_size = hidden_size
+        self.exported = exported  # the graph comes from torch.export (sizes are the example's constants)
         self.modules = dict(gm.named_modules())
         self.calls = calls
         self.opaque = opaque
@@ -492,7 +498,7 @@ class _GroupWalker:
         except _Block as b:
             w.early = SkippedGroup(path, (str(b),), (path,), n)
             return w
-        self._joins, self._seen, self._n = w.joins, set(), n
+        self._joins, self._seen, self._n, self._slots = w.joins, set(), n, slots
         frontier = [_State(node, dim, 1, 0)]
         while frontier:
             st = frontier.pop()
@@ -525,6 +531,9 @@ class _GroupWalker:
             dim = len(out_shape) + rel
             if 0 <= dim and _channel_aligned(out_shape, shapes, dim, int(shape[st.dim])):
                 self._joins.append((user, src, rel, st.block))
+                for a in tensors:
+                    if a is not src:
+                        self._attribute(user, a, rel, st.block)
                 key = (user, dim, st.block)
                 if key in self._seen:
                     return []
@@ -532,6 +541,30 @@ class _GroupWalker:
                 return [_State(user, dim, st.block)]
         raise _Block(f"added to / multiplied by a tensor of another shape at {_where(user)} (broadcasting is "
                      "only followed over non-channel dims)")  # fmt: skip
+
+    def _attribute(self, join: fx.Node, node: fx.Node, rel: int, block: int) -> None:
+        """``node``, an operand of the join ``join`` carrying the channels at dim ``rel`` (counted from the end), is a
+        tensor attribute of the model (a parameter or buffer: a class token, a position table, a layer scale),
+        possibly through ``expand``: slice it with the group (a producer slot on its module, ``attribute=True``) and
+        count it as an arrival of the join. Anything else is left to ``finish`` (which names it)."""
+        a = node
+        while a.op == "call_method" and a.target == "expand" and a.args and isinstance(a.args[0], fx.Node):
+            a = a.args[0]
+        if a.op != "get_attr" or block != 1 or self._n is None:
+            return
+        owner, _, name = str(a.target).rpartition(".")
+        try:
+            module = self.model.get_submodule(owner) if owner else self.model
+        except AttributeError:
+            return
+        t = getattr(module, name, None)
+        if not isinstance(t, torch.Tensor) or t.dim() < -rel or t.shape[t.dim() + rel] != self._n:
+            return
+        if get_channel_handler(module) is not None:
+            return  # (a layer's own tensors are its handler's business)
+        self._slots.append(ChannelSlot(owner, "producer", type(module).__name__, ((name, t.dim() + rel),),
+                                       note="tensor attribute", attribute=True))  # fmt: skip
+        self._joins.append((join, node, rel, block))
 
     # ------------------------------------------------------------------ concatenations / splits
     @staticmethod
@@ -593,6 +626,9 @@ class _GroupWalker:
         if any(int(_shape(t)[st.dim]) != c for t in tensors) or out_shape[st.dim] != c:
             raise _Block(f"concatenated along dim {dim} at {where} with tensors of other channel counts")
         self._joins.append((user, src, st.dim - ndim, st.block))
+        for t in tensors:
+            if t is not src:
+                self._attribute(user, t, st.dim - ndim, st.block)
         key = (user, st.dim, st.block)
         if key in self._seen:
             return []
@@ -664,7 +700,7 @@ class _GroupWalker:
             for w in walks:
                 for s in w.slots:
                     if s.role == role:
-                        slots.setdefault((s.path, s.role, s.offset, s.block), s)
+                        slots.setdefault((s.path, s.role, s.offset, s.block, s.params if s.attribute else ()), s)
         if not any(s.role == "consumer" for s in slots.values()) and not reasons:
             reasons.append("its output is not read by any consumer layer")
         involved = [p for w in walks for p in w.involved] + [s.path for s in slots.values()]
@@ -810,6 +846,10 @@ class _GroupWalker:
             raise _Block(f"used as a non-first argument of {_where(user)}")
         if out_shape is None:
             raise _Block(f"{_where(user)} does not return a single tensor")
+        # ---- transpose / permute: the channels move to another dim (a conv's output turned into tokens)
+        if (is_m and target in ("transpose", "permute")) or (not is_m and target in (torch.transpose, torch.permute)):
+            self._only_input(user, src)
+            return [self._moved(user, st, ndim, out_shape, via, target if is_m else target.__name__)]
         # ---- flatten / view(batch, -1)
         if (not is_m and target is torch.flatten) or (is_m and target == "flatten"):
             self._only_input(user, src)
@@ -822,6 +862,15 @@ class _GroupWalker:
             if (len(sizes) == 2 and sizes[1] == -1 and st.dim == 1 and len(out_shape) == 2
                     and out_shape[0] == shape[0] and not (isinstance(sizes[0], int) and sizes[0] != shape[0])):  # fmt: skip
                 return [self._flatten(user, st, shape, 1, -1, via)]
+            # a view to the same shape (GPT-2's ``x.view(input_shape + (x.size(-1),))``): the channels stay where they
+            # are. fx keeps the source's sizes (the channel one must be -1); torch.export bakes every size in, so a
+            # hard-coded channel count cannot be told apart there, but with every other size unchanged it fails loudly
+            # (element count) after pruning rather than silently
+            if (tuple(out_shape) == tuple(shape) and len(sizes) == len(shape)
+                    and (self.exported or sizes[st.dim] == -1)):  # fmt: skip
+                self._only_input(user, src)
+                via.append(user.name)
+                return [_State(user, st.dim, st.block)]
             raise _Block(f"{target} (not a flatten) at {_where(user)}; reshaping the channel dim (e.g. a "
                          "channel shuffle) is not supported")  # fmt: skip
         # ---- squeeze / unsqueeze of other dims
@@ -885,6 +934,28 @@ class _GroupWalker:
             via.append(user.name)
             return [_State(user, new_dim, st.block)]
         raise _Block(f"used by {_where(user)}")
+
+    def _moved(self, user, st: _State, ndim: int, out_shape, via, name: str) -> _State:
+        where = _where(user)
+        args = list(user.args[1:]) or [user.kwargs.get(k) for k in (("dim0", "dim1") if name == "transpose" else ("dims",))]
+        if name == "permute" and len(args) == 1 and isinstance(args[0], (tuple, list)):
+            args = list(args[0])
+        if not args or not all(isinstance(d, int) for d in args):
+            raise _Block(f"{name} with computed dims at {where}")
+        dims = [_norm(d, ndim) for d in args]
+        if name == "transpose":
+            if len(dims) != 2:
+                raise _Block(f"transpose at {where}: expected two dims")
+            a, b = dims
+            new_dim = b if st.dim == a else a if st.dim == b else st.dim
+        else:
+            if sorted(dims) != list(range(ndim)):
+                raise _Block(f"permute at {where}: not a permutation of the {ndim} dims")
+            new_dim = dims.index(st.dim)
+        if out_shape is None or out_shape[new_dim] != _shape(st.node)[st.dim]:
+            raise _Block(f"{name} at {where}: the channel dim could not be followed")
+        via.append(user.name)
+        return _State(user, new_dim, st.block)
 
     def _flatten(self, user, st: _State, shape, start, end, via) -> _State:
         ndim = len(shape)
@@ -1038,7 +1109,7 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
     gm = traced.graph_module
     modules = dict(gm.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
-    walker = _GroupWalker(gm, calls, traced.opaque, hidden_size)
+    walker = _GroupWalker(gm, calls, traced.opaque, hidden_size, exported=traced.method == "export", model=model)
     out = GroupSet(model_name=type(model).__name__, opaque=dict(traced.opaque))
     entries: list[SkippedGroup | int] = []  # graph order: a finished skip, or an index into walks
     walks: list[_Walk] = []

@@ -243,7 +243,7 @@ def _walk_output(walker, node: fx.Node, name: str, spec: InternalGroup, slots: l
             starts = [(u, offset) for u in node.users if u.op == "call_function" and u.target is operator.getitem
                       and u.args[1] == item]  # fmt: skip
     starts += [(s, 0) for s in state_starts]
-    walker._joins, walker._seen, walker._n = w.joins, set(), n
+    walker._joins, walker._seen, walker._n, walker._slots = w.joins, set(), n, w.slots
     frontier = []
     for s, offset in starts:
         shape = getattr(s.meta.get("tensor_meta"), "shape", None)
