@@ -279,3 +279,29 @@ def test_view_to_the_same_shape_keeps_the_channels_when_their_size_is_not_writte
     assert build_channel_groups(SameShapeView(-1), x).names() == ["a"]
     skipped = {s.producer: s for s in build_channel_groups(SameShapeView(8), x).skipped}
     assert "view (not a flatten)" in skipped["a"].reason
+
+
+@pytest.mark.parametrize("name", ["transformer_tiny", "vit_tiny_cifar"])
+def test_zoo_transformers_prune_their_hidden_size_through_their_attention(name, tmp_path):
+    """netcarve's own attention (``attention_heads_handler``): with hidden_size=True the q / k / v projection's input
+    columns and the output projection's rows belong to the residual stream's group (a position buffer sliced to the
+    sequence length, a class token and a position table go with it)."""
+    import netcarve
+    from netcarve.models import example_input
+
+    torch.manual_seed(0)
+    m = netcarve.create_model(name).eval()
+    x = example_input(m)
+    gs = build_channel_groups(m, x, hidden_size=True)
+    g = next(g for g in gs.groups if "blocks.0.attn.qkv" in g.consumers)
+    assert "blocks.0.attn.proj" in g.producers and any(s.module_type == "LayerNorm" for s in g.slots)
+    assert any(s.attribute for s in g.slots)
+    assert any(n.endswith(":heads") for n in gs.names())  # the heads stay prunable too
+    res = prune_channels(m, x, ratio=0.5, groups=gs)
+    assert res.model.blocks[0].attn.qkv.in_features == g.num_channels // 2
+    with torch.no_grad():
+        a, b = res.model(x), mask_channels(m, gs, res.keep)(x)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    netcarve.save(res.model, tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(netcarve.load(tmp_path / "ck")(x), a)

@@ -476,8 +476,10 @@ class _GroupWalker:
         self._joins: list[tuple[fx.Node, fx.Node, int, int]] = []
         self._seen: set[tuple[fx.Node, int, int]] = set()
 
-    def walk(self, node: fx.Node, module: nn.Module, handler: ChannelHandler) -> _Walk:
-        path = str(node.target)
+    def walk(self, node: fx.Node, module: nn.Module, handler: ChannelHandler, path: str | None = None) -> _Walk:
+        """``path``: the producer's module path when it is not the called module (an attention module's output
+        projection, ``ChannelHandler.model_dim``)."""
+        path = path or str(node.target)
         n = handler.width(module, "out")
         shape = _shape(node)
         if n is None and shape is not None and not handler.param_spec(module, "out") and handler.rebuild_widths:
@@ -548,8 +550,21 @@ class _GroupWalker:
         possibly through ``expand``: slice it with the group (a producer slot on its module, ``attribute=True``) and
         count it as an arrival of the join. Anything else is left to ``finish`` (which names it)."""
         a = node
-        while a.op == "call_method" and a.target == "expand" and a.args and isinstance(a.args[0], fx.Node):
-            a = a.args[0]
+        while a.args and isinstance(a.args[0], fx.Node):
+            if a.op == "call_method" and a.target == "expand":
+                a = a.args[0]
+                continue
+            if a.op == "call_function" and a.target is operator.getitem:  # pe[:, :t]: slices of other dims only
+                idx = a.args[1] if isinstance(a.args[1], tuple) else (a.args[1],)
+                shape = _shape(a)
+                if shape is None or not all(isinstance(i, slice) for i in idx) or len(idx) > len(shape):
+                    return
+                ch = len(shape) + rel
+                if ch < len(idx) and idx[ch] != slice(None):
+                    return
+                a = a.args[0]
+                continue
+            break
         if a.op != "get_attr" or block != 1 or self._n is None:
             return
         owner, _, name = str(a.target).rpartition(".")
@@ -957,6 +972,26 @@ class _GroupWalker:
         via.append(user.name)
         return _State(user, new_dim, st.block)
 
+    def _model_dim_inputs(self, user, st: _State, n, slots, involved, ndim, path, module, handler) -> list[_State]:
+        """The channels enter a module whose ``model_dim`` names the Linears reading its input: a consumer slot on
+        each (its input columns). The module's output is a producer walk of its own (``build_channel_groups``)."""
+        src = st.node
+        if not user.args or user.args[0] is not src or any(a is src for a in _flat_args(user)[1:]):
+            involved.append(path)
+            raise _Block(f"passed to {path} other than as its first argument")
+        self._only_input(user, src)
+        if _norm(-1, ndim) != st.dim:
+            involved.append(path)
+            raise _Block(f"{path} ({type(module).__name__}) reads another dim than the channels")
+        for sub in handler.model_dim(module)[0]:
+            lin = module.get_submodule(sub)
+            if not isinstance(lin, nn.Linear) or lin.in_features != self._span(st):
+                involved.append(path)
+                raise _Block(f"{path}.{sub}: expected an nn.Linear reading {self._span(st)} features")
+            slots.append(self._slot(f"{path}.{sub}", lin, get_channel_handler(lin), "consumer", st.block, user,
+                                    *self._part(st, n)))  # fmt: skip
+        return []
+
     def _flatten(self, user, st: _State, shape, start, end, via) -> _State:
         ndim = len(shape)
         if not isinstance(start, int) or not isinstance(end, int):
@@ -1033,6 +1068,9 @@ class _GroupWalker:
         if handler is None:
             involved.append(path)
             raise _Block(f"used by {path} ({type(module).__name__}), which has no channel handler")
+        if handler.model_dim is not None and self.hidden_size and handler.role_of(module) == "opaque" \
+                and handler.check is not None:  # (attention: its q / k / v projections read the channels)
+            return self._model_dim_inputs(user, st, n, slots, involved, ndim, path, module, handler)
         role = handler.role_of(module)
         if role == "opaque":
             involved.append(path)
@@ -1138,6 +1176,13 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
                     walks.append(e)
                 else:
                     entries.append(e)
+            outs = handler.model_dim(module)[1] if hidden_size and handler.model_dim is not None else ()
+            if len(outs) == 1 and calls[path] == 1 and isinstance(module.get_submodule(outs[0]), nn.Linear):
+                proj = module.get_submodule(outs[0])  # the module's output: its projection's rows
+                w = walker.walk(node, proj, get_channel_handler(proj), path=f"{path}.{outs[0]}")
+                entries.append(w.early if w.early is not None else len(walks))
+                if w.early is None:
+                    walks.append(w)
             continue
         if handler.hidden_size and not hidden_size:  # embedding tables: producers only on request
             continue

@@ -81,6 +81,9 @@ class ChannelHandler:
         hidden_size: the layer takes part in groups only when they are built with ``hidden_size=True``
             (embedding tables and the LayerNorm / RMSNorm layers of a transformer's residual stream: pruning
             them prunes the model's hidden size); otherwise a group reaching it is blocked with that reason.
+        model_dim: ``fn(module) -> (inputs, outputs)``: for a module with ``internal`` groups (attention), the
+            paths of its ``nn.Linear`` s that read its input (their input columns) and write its output (their
+            rows): with ``hidden_size=True`` the surrounding group runs through them (its consumers / producers).
         normalizes: pass-through only: the layer normalises each row over its channels (LayerNorm, RMSNorm),
             so removing channels changes the statistics of the kept ones; ``mask_channels`` gives it a twin
             that normalises over the kept channels only (:class:`MaskedNorm`).
@@ -112,6 +115,7 @@ class ChannelHandler:
     local_params: Mapping[str, int] = field(default_factory=dict)
     hidden_size: bool = False
     normalizes: bool = False
+    model_dim: Callable[[nn.Module], tuple[tuple[str, ...], tuple[str, ...]]] | None = None
 
     def __post_init__(self):
         for name in ("in_params", "out_params", "params", "local_params"):

@@ -422,8 +422,9 @@ def attention_heads_handler(
         num_heads: attribute holding the number of heads (lowered when heads are removed).
 
     The module's forward must derive ``head_dim`` at run time (``qkv.shape[-1] // 3 // self.num_heads``).
-    Its input and output width (the model dim) is not pruned: channels of the surrounding groups that
-    reach the module block those groups.
+    Its input and output width (the model dim) is pruned only with ``hidden_size=True`` (the input columns of the
+    q / k / v projections and the output rows of ``proj`` then belong to the surrounding group); otherwise channels
+    of the surrounding groups that reach the module block those groups.
     """
     fused = isinstance(qkv, str)
     names = (qkv,) if fused else tuple(qkv)
@@ -475,10 +476,11 @@ def attention_heads_handler(
         return m
 
     def check(m: nn.Module) -> str:
-        return (f"{type(m).__name__}: its input / output width (the model dim) is not pruned; its heads are "
-                "(group '<path>:heads')")  # fmt: skip
+        return (f"{type(m).__name__}: its input / output width (the model dim) is pruned only with hidden_size=True; "
+                "its heads are (group '<path>:heads')")  # fmt: skip
 
-    return ChannelHandler(role="opaque", check=check, internal=internal, reslice=reslice)
+    return ChannelHandler(role="opaque", check=check, internal=internal, reslice=reslice,
+                          model_dim=lambda m: (names, (proj,)))
 
 
 # torch.nn.MultiheadAttention (and the HeadPrunedMultiheadAttention pruning turns it into): whole heads, i.e.
