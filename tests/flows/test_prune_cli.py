@@ -238,3 +238,23 @@ def test_prune_depth_on_a_model_without_blocks_is_a_clear_error(trained_lenet, t
                "--out", str(tmp_path / "x")])
     assert rc == 2
     assert "has no removable residual block" in capsys.readouterr().err
+
+
+def test_prune_hidden_size_cli(data_root, tmp_path, capsys):
+    """--hidden-size reaches the channel groups: a zoo transformer's model width is pruned too, and saved / loaded."""
+    capsys.readouterr()
+    common = ["prune", "transformer_tiny", "--data-dir", str(data_root), "--ratio", "0.5", "--bn-batches", "0",
+              "--batch-size", "64", "--test-subset", "200", "--engine", "torch", "--latency-processes", "1",
+              "--no-progress", "--json"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*common, "--hidden-size", "--out", str(tmp_path / "hidden")]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["task"]["kept_widths"]["embed"] == [32, 64] and "embed" not in plain["task"]["kept_widths"]
+    assert rep["summary"]["macs_reduction"] > plain["summary"]["macs_reduction"]
+    model = netcarve.load(tmp_path / "hidden")
+    assert model.embed.out_features == 32 and model.blocks[0].attn.qkv.in_features == 32
+    assert sum(p.numel() for p in model.parameters()) == rep["compressed"]["params"]
+    rc = main(["prune", "transformer_tiny", "--data-dir", str(data_root), "--ratio", "0.5", "--hidden-size",
+               "--algorithm", "sfp", "--finetune-epochs", "1", "--engine", "torch", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "hidden size" in capsys.readouterr().err
