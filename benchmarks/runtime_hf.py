@@ -12,6 +12,8 @@ padding (``attention_mask``). Variants:
 * ``dense``;
 * ``pruned``: netcarve's structural pruning at ratio 0.5 (L1): 2 of 4 heads per layer (the graph's attention-heads
   groups) and half of every feed-forward layer; the model width (LayerNorm'd) stays;
+* ``pruned-hidden``: the same with ``hidden_size=True``: the hidden size (embeddings, LayerNorm, every block's
+  input and output projections) halved too (256 -> 128);
 * ``block90``: every Linear of the encoder (q, k, v, attention output, both feed-forward layers) with 90% of its
   weights zero in 4x16 blocks (netcarve's block scheme); the other engines run it as the dense model it is.
 
@@ -45,10 +47,10 @@ def build(variant: str) -> nn.Module:
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(**CONFIG)).eval()
-    if variant == "pruned":
+    if variant in ("pruned", "pruned-hidden"):
         from netcarve.compact import prune_channels
 
-        return prune_channels(model, inputs(2), ratio=0.5).model.eval()
+        return prune_channels(model, inputs(2), ratio=0.5, hidden_size=variant == "pruned-hidden").model.eval()
     if variant == "block90":
         from netcarve.sparsity import make_scheme
 
