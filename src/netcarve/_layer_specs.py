@@ -136,6 +136,14 @@ def _hf_norm_spec(cls: type) -> LayerSpec:
     )
 
 
+def _hf_channels_norm_spec(cls: type) -> LayerSpec:
+    """ConvNeXt's LayerNorm (transformers), known by name: ``cls(normalized_shape, eps=, data_format=)``."""
+    return LayerSpec(
+        lambda m: dict(normalized_shape=list(m.normalized_shape), eps=m.eps, data_format=m.data_format),
+        lambda a, c=cls: c(a["normalized_shape"], eps=a["eps"], data_format=a["data_format"]),
+    )
+
+
 def layer_specs(model: nn.Module) -> dict[str, dict]:
     """``{module_path: {"type": ..., "args": {...}}}`` for every layer of a registered type."""
     out = {}
@@ -144,6 +152,9 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
         if (key not in _LAYER_SPECS and key.startswith("transformers.") and isinstance(getattr(m, "weight", None),
                 nn.Parameter) and (type(m).__name__.endswith("RMSNorm") or type(m).__name__ == "T5LayerNorm")):  # fmt: skip
             _LAYER_SPECS.register(key, _hf_norm_spec(type(m)))
+        if key not in _LAYER_SPECS and key.startswith("transformers.") and type(m).__name__ in (
+                "ConvNextLayerNorm", "ConvNextV2LayerNorm"):  # fmt: skip
+            _LAYER_SPECS.register(key, _hf_channels_norm_spec(type(m)))
         if name and key in _LAYER_SPECS:
             out[name] = {"type": key, "args": _LAYER_SPECS.get(key).get_args(m)}
     return out

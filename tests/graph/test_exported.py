@@ -372,3 +372,27 @@ def test_hugging_face_hidden_size_prunes_and_saves(arch, tmp_path, transformers)
     loaded = netcarve.load(tmp_path / "ck")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**x2).logits, a)
+
+
+def test_hugging_face_convnext_hidden_size(tmp_path, transformers):
+    """ConvNeXt's LayerNorm (channels-first in the stem and the downsampling layers, channels-last in the blocks
+    after a permute) and its layer scales: every stage's width is one group with hidden_size=True."""
+    import netcarve
+
+    torch.manual_seed(0)
+    model = transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+        num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5, image_size=32)).eval()
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    gs = build_channel_groups(model, x, hidden_size=True)
+    stages = [g for g in gs.groups if any(s.module_type == "ConvNextLayerNorm" for s in g.slots)]
+    assert sorted(g.num_channels for g in stages) == [16, 32], gs.describe()
+    assert all(any(s.attribute for s in g.slots) for g in stages)  # the layer scales
+    res = prune_channels(model, x, ratio=0.5, groups=gs)
+    masked = mask_channels(model, gs, res.keep)
+    x2 = {"pixel_values": torch.randn(3, 3, 32, 32)}
+    with torch.no_grad():
+        a, b = res.model(**x2).logits, masked(**x2).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    netcarve.save(res.model, tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(netcarve.load(tmp_path / "ck")(**x2).logits, a)

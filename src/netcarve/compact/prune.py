@@ -373,7 +373,7 @@ def mask_channels(
             gone[torch.cat(rows)] = True
             kept_rows = (~gone).nonzero().flatten()
             inner = handler.apply(copy.deepcopy(module), None, kept_rows)
-            _set_submodule(new, path, MaskedNorm(inner, kept_rows, width))
+            _set_submodule(new, path, MaskedNorm(inner, kept_rows, width, dim=handler.in_dim))
     return new
 
 

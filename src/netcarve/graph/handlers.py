@@ -351,8 +351,8 @@ def _norm_check(m: nn.Module) -> str | None:
     return None
 
 
-def _norm_handler(params: dict[str, int]) -> ChannelHandler:
-    return ChannelHandler(role="passthrough", params=params, in_dim=-1, out_dim=-1, resize=_norm_resize,
+def _norm_handler(params: dict[str, int], dim: int = -1) -> ChannelHandler:
+    return ChannelHandler(role="passthrough", params=params, in_dim=dim, out_dim=dim, resize=_norm_resize,
                           score_params=(), check=_norm_check, hidden_size=True, normalizes=True)
 
 
@@ -361,18 +361,19 @@ class MaskedNorm(nn.Module):
     indices of the last dim) are normalised by ``norm``, the layer already sliced to them (so its statistics
     cover the kept channels only, as in the compacted model); the removed channels are zero."""
 
-    def __init__(self, norm: nn.Module, keep: torch.Tensor, width: int):
+    def __init__(self, norm: nn.Module, keep: torch.Tensor, width: int, dim: int = -1):
         super().__init__()
         self.norm = norm
         self.width = int(width)
+        self.dim = int(dim)  # the channel dim (1 for a channels-first norm)
         self.register_buffer("keep", torch.as_tensor(keep, dtype=torch.long).flatten().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.width:
-            raise ValueError(f"MaskedNorm expects {self.width} channels in the last dim, got {tuple(x.shape)}")
+        if x.dim() <= self.dim or x.shape[self.dim] != self.width:
+            raise ValueError(f"MaskedNorm expects {self.width} channels in dim {self.dim}, got {tuple(x.shape)}")
         out = x.new_zeros(x.shape)
-        out[..., self.keep] = self.norm(x[..., self.keep]).to(out.dtype)
-        return out
+        y = self.norm(x.index_select(self.dim, self.keep.to(x.device))).to(out.dtype)
+        return out.index_copy(self.dim, self.keep.to(x.device), y)
 
 
 def _conv_handler(rank: int) -> ChannelHandler:
@@ -527,6 +528,18 @@ _BY_NAME: dict[str, ChannelHandler] = {
 # ``weight`` over the last dim. Known by name (netcarve does not import transformers); they become fx leaves only
 # when groups are built with ``hidden_size=True`` (``trace_model(norm_leaves=True)``), else they are traced through.
 _HF_NORM = _norm_handler({"weight": 0})
+# ConvNeXt's LayerNorm (an nn.LayerNorm whose forward permutes a channels-first input to channels-last and back)
+_HF_CHANNELS_NORM = ("ConvNextLayerNorm", "ConvNextV2LayerNorm")
+_HF_LN = _norm_handler({"weight": 0, "bias": 0})
+_HF_LN_FIRST = _norm_handler({"weight": 0, "bias": 0}, dim=1)
+
+
+def _hf_channels_norm(module: nn.Module | type) -> ChannelHandler | None:
+    cls = module if isinstance(module, type) else type(module)
+    if not (cls.__module__.startswith("transformers.") and cls.__name__ in _HF_CHANNELS_NORM):
+        return None
+    first = not isinstance(module, type) and getattr(module, "data_format", "") == "channels_first"
+    return _HF_LN_FIRST if first else _HF_LN
 
 
 def _is_hf_norm(cls: type) -> bool:
@@ -578,6 +591,9 @@ def get_channel_handler(module: nn.Module | type) -> ChannelHandler | None:
         return by_name
     if _is_hf_norm(cls):
         return _HF_NORM
+    channels_norm = _hf_channels_norm(module)
+    if channels_norm is not None:
+        return channels_norm
     for base in cls.__mro__[1:]:
         for table in (_USER, _BUILTIN):
             if base in table and getattr(cls, "forward", None) is getattr(base, "forward", None):
