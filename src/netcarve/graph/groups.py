@@ -1068,8 +1068,7 @@ class _GroupWalker:
         if handler is None:
             involved.append(path)
             raise _Block(f"used by {path} ({type(module).__name__}), which has no channel handler")
-        if handler.model_dim is not None and self.hidden_size and handler.role_of(module) == "opaque" \
-                and handler.check is not None:  # (attention: its q / k / v projections read the channels)
+        if handler.model_dim is not None and self.hidden_size:  # attention: its q / k / v projections read them
             return self._model_dim_inputs(user, st, n, slots, involved, ndim, path, module, handler)
         role = handler.role_of(module)
         if role == "opaque":
