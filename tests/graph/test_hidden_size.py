@@ -305,3 +305,17 @@ def test_zoo_transformers_prune_their_hidden_size_through_their_attention(name, 
     netcarve.save(res.model, tmp_path / "ck")
     with torch.no_grad():
         torch.testing.assert_close(netcarve.load(tmp_path / "ck")(x), a)
+
+
+def test_norm_over_several_dims_is_left_whole_with_the_reason():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.norm, self.head = nn.Linear(6, 8), nn.LayerNorm((4, 8)), nn.Linear(8, 3)
+
+        def forward(self, x):  # (B, 4, 6) -> (B, 4, 8), normalised over both trailing dims
+            return self.head(self.norm(self.fc(x)).mean(1))
+
+    gs = build_channel_groups(M(), torch.randn(2, 4, 6), hidden_size=True)
+    fc = next(s for s in gs.skipped if s.producer == "fc")
+    assert "normalises over 2 trailing dims" in fc.reason and "norm" in fc.paths
