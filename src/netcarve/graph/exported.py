@@ -92,6 +92,15 @@ def _same_meta(node: fx.Node, src) -> bool:
             and a.device == b.device and a.shape == b.shape)
 
 
+def _drop_noop_casts(graph: fx.Graph) -> None:
+    """``x.to(x.dtype)`` / ``x.to(x.device)`` is ``x``: read it instead (a float32 RMSNorm's cast would otherwise be a
+    second output of its run, read by the residual add, and GPT-2's position table would reach the add through it)."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _NOOP_CASTS and node.args and _same_meta(node, node.args[0]):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
 def _collapse_leaves(graph: fx.Graph, model: nn.Module, is_leaf) -> None:
     """Replace each run of operators of one leaf-module call by a ``call_module`` node on that module."""
     cache: dict[str, bool] = {}
@@ -110,10 +119,6 @@ def _collapse_leaves(graph: fx.Graph, model: nn.Module, is_leaf) -> None:
             current = None
     for path, nodes in runs:
         inside = set(nodes)
-        for n in nodes:  # a no-op cast (``x.to(float32)`` of a float32 x) read outside the run reads x itself
-            if n.target in _NOOP_CASTS and n.args and _same_meta(n, n.args[0]):
-                for u in [u for u in n.users if u not in inside]:
-                    u.replace_input_with(n, n.args[0])
         outs = [n for n in nodes if any(u not in inside for u in n.users)]
         ins = _tensor_inputs(nodes, inside)
         module = model.get_submodule(path)
@@ -123,8 +128,6 @@ def _collapse_leaves(graph: fx.Graph, model: nn.Module, is_leaf) -> None:
         with graph.inserting_before(outs[0]):
             call = graph.create_node("call_module", path, (ins[0],))  # (not call_module: checks the exported module)
         call.meta["nn_module_stack"] = outs[0].meta.get("nn_module_stack", {})
-        if "val" in outs[0].meta:
-            call.meta["val"] = outs[0].meta["val"]
         outs[0].replace_all_uses_with(call)
         for n in reversed(nodes):
             if not n.users:
@@ -144,10 +147,6 @@ def _raise_ops(graph: fx.Graph) -> None:
         t, a, kw = node.target, node.args, dict(node.kwargs)
         new = None  # (op, target, args, kwargs)
         if t in _DROP and not node.users:
-            graph.erase_node(node)
-            continue
-        if t in _NOOP_CASTS and a and _same_meta(node, a[0]):  # x.to(x.dtype / x.device): x itself
-            node.replace_all_uses_with(a[0])
             graph.erase_node(node)
             continue
         if t in _ADDS and kw.get("alpha", 1) == 1:
@@ -277,6 +276,7 @@ def export_trace(model: nn.Module, inputs: tuple, names: list[str] | None, name:
     for node in list(graph.nodes):
         if node.op == "call_module" and not node.users and node.target == "_guards_fn":
             graph.erase_node(node)
+    _drop_noop_casts(graph)
     _collapse_leaves(graph, model, is_leaf)
     _raise_ops(graph)
     leaves = pytree.tree_leaves(expected)

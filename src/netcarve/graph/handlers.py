@@ -358,7 +358,7 @@ def _norm_handler(params: dict[str, int], dim: int = -1) -> ChannelHandler:
 
 class MaskedNorm(nn.Module):
     """The masked twin of a normalisation layer after channel removal: the kept channels ``keep`` (feature
-    indices of the last dim) are normalised by ``norm``, the layer already sliced to them (so its statistics
+    indices along ``dim``, the last dim unless the norm is channels-first) are normalised by ``norm``, the layer already sliced to them (so its statistics
     cover the kept channels only, as in the compacted model); the removed channels are zero."""
 
     def __init__(self, norm: nn.Module, keep: torch.Tensor, width: int, dim: int = -1):
@@ -530,7 +530,7 @@ _BY_NAME: dict[str, ChannelHandler] = {
 _HF_NORM = _norm_handler({"weight": 0})
 # ConvNeXt's LayerNorm (an nn.LayerNorm whose forward permutes a channels-first input to channels-last and back)
 _HF_CHANNELS_NORM = ("ConvNextLayerNorm", "ConvNextV2LayerNorm")
-_HF_LN = _norm_handler({"weight": 0, "bias": 0})
+_HF_LN = _BUILTIN[nn.LayerNorm]
 _HF_LN_FIRST = _norm_handler({"weight": 0, "bias": 0}, dim=1)
 
 
