@@ -145,7 +145,8 @@ VGG_EPOCHS = 15
 
 
 def vgg16_dense(work: Path, data_dir, epochs: int = VGG_EPOCHS) -> Path:
-    """Train VGG-16-BN on CIFAR-10 from scratch once (resumable; 15 epochs); its checkpoint dir.
+    """Train VGG-16-BN on CIFAR-10 from scratch once (resumable; 15 epochs, or ``epochs``: the dirs are then
+    named ``vgg16-e<epochs>-...``); its checkpoint dir.
 
     SGD (lr 0.05, momentum 0.9, wd 5e-4, cosine), batch 128, crop + flip, bf16 autocast + channels-last
     (about 175 s per epoch on 2 threads here instead of ~390 s in fp32); evaluated in fp32."""
@@ -155,7 +156,8 @@ def vgg16_dense(work: Path, data_dir, epochs: int = VGG_EPOCHS) -> Path:
     from netcarve.train import TrainConfig, evaluate, fit
     from netcarve.utils import seed_everything
 
-    out = work / "vgg16-dense"
+    tag = "vgg16" if epochs == VGG_EPOCHS else f"vgg16-e{epochs}"
+    out = work / f"{tag}-dense"
     if (out / "manifest.json").exists():
         return out
     seed_everything(0)
@@ -165,7 +167,7 @@ def vgg16_dense(work: Path, data_dir, epochs: int = VGG_EPOCHS) -> Path:
     cfg = TrainConfig(epochs=epochs, batch_size=128, optimizer="sgd", lr=0.05, weight_decay=5e-4,
                       schedule="cosine", precision="bf16", channels_last=True)
     _log(f"training VGG-16 for {epochs} epochs")
-    fit(model, train, test, cfg, out_dir=work / "vgg16-dense-train", resume=True, progress=False)
+    fit(model, train, test, cfg, out_dir=work / f"{tag}-dense-train", resume=True, progress=False)
     acc = evaluate(model, test)
     netcarve.save(model, out, metadata={"accuracy": acc, "epochs": epochs, "train": cfg.to_dict()})
     _log(f"dense VGG-16: top-1 {acc['top1']:.2f}%")
@@ -174,12 +176,16 @@ def vgg16_dense(work: Path, data_dir, epochs: int = VGG_EPOCHS) -> Path:
 
 def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, data_dir, lr: float = 0.01,
              options: dict | None = None, precision: str = "fp32", feature_kd: float = 0.0,
-             kd_mse: bool = False, hidden: int = 128, cutmix: float = 0.0) -> dict:
+             kd_mse: bool = False, hidden: int = 128, cutmix: float = 0.0, vgg_epochs: int = VGG_EPOCHS) -> dict:
     from netcarve.flows.sparsify import SparsifyRecipe, plan_from_args, run_recipe
 
     if hidden != 128 and model != "gru":
         raise SystemExit("--hidden: GRU cells only (--model gru)")
+    if vgg_epochs != VGG_EPOCHS and model != "vgg16":
+        raise SystemExit("--vgg-epochs: VGG-16 cells only (--model vgg16)")
     tag = model if hidden == 128 else f"{model}-h{hidden}"
+    if vgg_epochs != VGG_EPOCHS:
+        tag = f"{model}-e{vgg_epochs}"
     name = cell_name(tag, flags, algorithm, epochs, options) + ("-mse" if kd_mse else "") \
         + (f"-fkd{feature_kd:g}" if feature_kd else "") + (f"-cm{cutmix:g}" if cutmix else "") \
         + ("-bf16" if precision == "bf16" else "")
@@ -197,7 +203,7 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
     if precision == "bf16":
         finetune.update(precision="bf16", channels_last=model not in ("gru", "lstm"))
     if model == "vgg16":
-        source, weights = str(vgg16_dense(work, data_dir)), None
+        source, weights = str(vgg16_dense(work, data_dir, vgg_epochs)), None
     if model in ("gru", "lstm"):
         source, weights = str(gru_dense(work, data_dir, hidden=hidden)), None
         finetune.update(optimizer="adamw", lr=1e-3, weight_decay=1e-4, grad_clip=1.0)
@@ -212,7 +218,7 @@ def run_cell(work: Path, model: str, flags: dict, algorithm: str, epochs: int, d
     _log(f"{name}: start")
     rep = run_recipe(recipe, resume=True, progress=False, threads=torch.get_num_threads(),
                      command=_command(model, flags, algorithm, epochs, options, precision, feature_kd, kd_mse,
-                                      hidden, cutmix))
+                                      hidden, cutmix, vgg_epochs))
     return rep
 
 
@@ -226,10 +232,12 @@ def _kd(feature_kd: float, kd_mse: bool) -> dict:
 
 def _command(model: str, flags: dict, algorithm: str, epochs: int, options: dict | None,
              precision: str = "fp32", feature_kd: float = 0.0, kd_mse: bool = False, hidden: int = 128,
-             cutmix: float = 0.0) -> str:
+             cutmix: float = 0.0, vgg_epochs: int = VGG_EPOCHS) -> str:
     """The ``run`` command line that reproduces a cell."""
     args = []
     extra = {"precision": precision} if precision != "fp32" else {}
+    if vgg_epochs != VGG_EPOCHS:
+        extra["vgg-epochs"] = vgg_epochs
     if hidden != 128:
         extra["hidden"] = hidden
     if kd_mse:
@@ -253,7 +261,7 @@ def cmd_run(a) -> None:
                                         "length", "keep", "groups", "balanced", "allocation", "min_density")}
     run_cell(Path(a.work), a.model, flags, a.algorithm, a.epochs, a.data_dir, a.lr,
              {k: json.loads(v) if v[:1] in "0123456789-[{" else v for k, v in (o.split("=", 1) for o in a.option)},
-             a.precision, a.feature_kd, a.kd_mse, a.hidden, a.cutmix)
+             a.precision, a.feature_kd, a.kd_mse, a.hidden, a.cutmix, a.vgg_epochs)
 
 
 def cmd_grid(a) -> None:
@@ -346,6 +354,9 @@ def main() -> None:
             s.add_argument("--hidden", type=int, default=128,
                            help="--model gru: the hidden size of the dense GRU trained first (default 128; other "
                                 "sizes train gru-h<hidden>-dense and name the cells gru-h<hidden>-...)")
+            s.add_argument("--vgg-epochs", type=int, default=VGG_EPOCHS,
+                           help=f"--model vgg16: epochs of the dense VGG-16 trained first (default {VGG_EPOCHS}; "
+                                "others train vgg16-e<N>-dense and name the cells vgg16-e<N>-...)")
             s.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
                            help="CutMix on every fine-tuning batch (TrainConfig.cutmix; the teacher sees the mixed "
                                 "images; the cell's name gets -cmALPHA)")
