@@ -132,7 +132,8 @@ register_layer_spec(
 
 class HeadPrunedMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` with ``num_heads * head_dim`` decoupled from ``embed_dim``: what pruning heads of
-    a torch attention module leaves (``embed_dim`` in, ``embed_dim`` out, ``num_heads`` heads of ``head_dim``).
+    a torch attention module leaves (``embed_dim`` in, ``embed_dim`` out, ``num_heads`` heads of ``head_dim``; after
+    pruning a model's hidden size, ``out_dim`` out when the output projection's rows belong to another group).
 
     Same parameters (``in_proj_weight`` ``(3 * num_heads * head_dim, embed_dim)`` rows ``[q | k | v]``,
     ``in_proj_bias``, ``out_proj``) and the same call as ``nn.MultiheadAttention`` (``query, key, value,
@@ -143,17 +144,18 @@ class HeadPrunedMultiheadAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0, bias: bool = True,
-                 batch_first: bool = False):
+                 batch_first: bool = False, out_dim: int | None = None):
         super().__init__()
-        if min(embed_dim, num_heads, head_dim) < 1:
+        out_dim = embed_dim if out_dim is None else out_dim
+        if min(embed_dim, num_heads, head_dim, out_dim) < 1:
             raise ConfigError(f"HeadPrunedMultiheadAttention: embed_dim={embed_dim}, num_heads={num_heads}, "
-                              f"head_dim={head_dim} must be positive")
+                              f"head_dim={head_dim}, out_dim={out_dim} must be positive")
         self.embed_dim, self.num_heads, self.head_dim = int(embed_dim), int(num_heads), int(head_dim)
         self.dropout, self.batch_first = float(dropout), bool(batch_first)
         inner = self.num_heads * self.head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, self.embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
-        self.out_proj = nn.Linear(inner, self.embed_dim, bias=bias)
+        self.out_proj = nn.Linear(inner, int(out_dim), bias=bias)
         nn.init.xavier_uniform_(self.in_proj_weight)
         # read by nn.TransformerEncoderLayer / nn.TransformerEncoder before their fused fast paths, which assume
         # num_heads * head_dim == embed_dim: False keeps them on the regular path, which calls this module
@@ -226,13 +228,15 @@ class HeadPrunedMultiheadAttention(nn.Module):
 register_layer_spec(
     HeadPrunedMultiheadAttention,
     lambda m: dict(embed_dim=m.embed_dim, num_heads=m.num_heads, head_dim=m.head_dim, dropout=m.dropout,
-                   bias=m.in_proj_bias is not None, batch_first=m.batch_first),
+                   bias=m.in_proj_bias is not None, batch_first=m.batch_first,
+                   **({"out_dim": m.out_proj.out_features} if m.out_proj.out_features != m.embed_dim else {})),
 )
 
 
 def keep_encoders_off_nested(model: nn.Module) -> nn.Module:
     """Turn off the nested-tensor path of every ``nn.TransformerEncoder`` in ``model`` with a
-    :class:`HeadPrunedMultiheadAttention` in its layers, and return ``model``.
+    :class:`HeadPrunedMultiheadAttention` (or a norm other than ``nn.LayerNorm``: a masked twin) in its layers, and
+    return ``model``.
 
     Given a key padding mask in eval mode, ``nn.TransformerEncoder`` runs its layers on nested tensors whatever their
     attention modules are; the fused layer path that expects them is off for a head-pruned one, whose regular path
@@ -241,6 +245,8 @@ def keep_encoders_off_nested(model: nn.Module) -> nn.Module:
     """
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder) and any(
-                isinstance(getattr(layer, "self_attn", None), HeadPrunedMultiheadAttention) for layer in m.layers):
+                isinstance(getattr(layer, "self_attn", None), HeadPrunedMultiheadAttention)
+                or any(not isinstance(getattr(layer, n, None), nn.LayerNorm) for n in ("norm1", "norm2"))
+                for layer in m.layers):  # fmt: skip
             m.use_nested_tensor = False
     return model

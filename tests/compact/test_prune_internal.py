@@ -219,7 +219,7 @@ def test_torch_transformer_encoder_heads_and_feed_forward():
     gs = build_channel_groups(m, x)
     assert gs.names() == ["enc:layers.0.heads", "enc:layers.0.ffn", "enc:layers.1.heads", "enc:layers.1.ffn",
                           "top:heads", "top:ffn"]
-    assert "d_model) is not pruned" in gs.describe()  # the embedding's group stops at the encoder
+    assert "d_model) is pruned only with hidden_size=True" in gs.describe()  # the embedding's group stops there
     keep = {"enc:layers.1.heads": [3], "enc:layers.0.ffn": list(range(0, 64, 3)), "top:heads": [0, 1, 7],
             "top:ffn": [5, 6]}
     compact = remove_channels(m, gs, keep)

@@ -319,3 +319,158 @@ def test_norm_over_several_dims_is_left_whole_with_the_reason():
     gs = build_channel_groups(M(), torch.randn(2, 4, 6), hidden_size=True)
     fc = next(s for s in gs.skipped if s.producer == "fc")
     assert "normalises over 2 trailing dims" in fc.reason and "norm" in fc.paths
+
+
+class TorchEncoderClassifier(nn.Module):
+    """A text classifier on torch's ``nn.TransformerEncoder`` (post-norm, or pre-norm with a final norm)."""
+
+    def __init__(self, norm_first: bool = False, vocab: int = 60, d: int = 32, t: int = 10, classes: int = 4):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(t, d) * 0.1)
+        layer = nn.TransformerEncoderLayer(d, 4, 48, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(d) if norm_first else None,
+                                         enable_nested_tensor=not norm_first)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids, pad=None):
+        return self.head(self.enc(self.tok(ids) + self.pos, src_key_padding_mask=pad).mean(1))
+
+
+@pytest.fixture
+def torch_encoder_registered():
+    from netcarve.models import register_model
+    from netcarve.models._registry import _MODELS
+
+    register_model("_test_hidden_torch_encoder", family="test", input_shape=(10,))(TorchEncoderClassifier)
+    yield "_test_hidden_torch_encoder"
+    del _MODELS._items["_test_hidden_torch_encoder"]
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_encoder_carries_the_hidden_size(norm_first):
+    """``nn.TransformerEncoder`` is a leaf the residual stream runs through: per layer the columns of
+    ``self_attn.in_proj_weight`` and ``linear1``, the rows of ``out_proj`` and ``linear2``, both norms (and the
+    stack's final norm) join the embedding's group; the compact model (head-pruned attention with a smaller
+    ``embed_dim``) equals the masked one, in eval mode under no_grad (where torch's fused paths would run)
+    with and without a key padding mask."""
+    torch.manual_seed(0)
+    m = TorchEncoderClassifier(norm_first).eval()
+    ids = torch.randint(0, 60, (3, 10))
+    assert not any("tok" in g.producers for g in build_channel_groups(m, ids).groups)  # opt-in
+    gs = build_channel_groups(m, ids, hidden_size=True)
+    g = next(g for g in gs.groups if "tok" in g.producers)
+    paths = {s.path: s.role for s in g.slots}
+    assert paths["enc.layers.1.self_attn"] == "consumer" and paths["enc.layers.1.linear1"] == "consumer"
+    assert paths["enc.layers.0.self_attn.out_proj"] == "producer" and paths["enc.layers.0.linear2"] == "producer"
+    assert paths["enc.layers.0.norm2"] == "passthrough" and ("enc.norm" in paths) == norm_first
+    assert any(n.endswith(".heads") for n in gs.names()) and any(n.endswith(".ffn") for n in gs.names())
+    res = prune_channels(m, ids, ratio=0.5, groups=gs)
+    layer = res.model.enc.layers[0]
+    assert layer.self_attn.embed_dim == 16 and layer.linear1.in_features == 16 and layer.norm1.weight.shape == (16,)
+    masked = mask_channels(m, gs, res.keep)
+    assert isinstance(masked.enc.layers[0].norm1, MaskedNorm)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 7:] = True
+    with torch.no_grad():
+        for p in (None, pad):
+            a, b = res.model(ids, p), masked(ids, p)
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+            assert (a - m(ids, p)).abs().max() > 1e-3  # (something was removed)
+
+
+def test_masked_norm_keeps_torch_encoder_layers_off_their_fused_path():
+    """The fused ``nn.TransformerEncoderLayer`` path reads the norms' weights directly; a MaskedNorm in the layer
+    must keep it on the regular path (otherwise the masked model normalises over every channel)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    keep = torch.arange(0, 16, 2)
+    for n in ("norm1", "norm2"):
+        inner = nn.LayerNorm(8)
+        inner.weight.data.copy_(getattr(layer, n).weight[keep])
+        inner.bias.data.copy_(getattr(layer, n).bias[keep])
+        setattr(layer, n, MaskedNorm(inner, keep, 16))
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        fast = layer(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            slow = layer(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(fast, slow)
+    assert fast[..., 1::2].abs().max() == 0 < fast[..., ::2].abs().max()  # post-norm: removed channels are zero
+
+
+def test_torch_encoder_hidden_size_save_load(tmp_path, torch_encoder_registered):
+    import netcarve
+
+    torch.manual_seed(0)
+    m = netcarve.create_model(torch_encoder_registered).eval()
+    ids = torch.randint(0, 60, (2, 10))
+    res = prune_channels(m, ids, ratio=0.25, hidden_size=True)
+    netcarve.save(res.model, tmp_path / "ck")
+    loaded = netcarve.load(tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), res.model(ids))
+    assert loaded.enc.layers[1].self_attn.embed_dim == 24
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm residual blocks on ``nn.MultiheadAttention`` called as self-attention (and, ``cross``, with its
+    key / value taken from another tensor)."""
+
+    def __init__(self, cross: bool = False, batch_first: bool = True):
+        super().__init__()
+        self.cross, self.batch_first = cross, batch_first
+        self.inp, self.mem = nn.Linear(6, 16), nn.Linear(6, 16)
+        self.ln = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):  # (B, T, 6)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        h = self.inp(x)
+        q = self.ln(h)
+        kv = self.mem(x) if self.cross else q
+        h = h + self.attn(q, kv, kv, need_weights=False)[0]
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_self_attention_reads_and_writes_the_hidden_size(batch_first):
+    torch.manual_seed(0)
+    m = SelfAttentionBlock(batch_first=batch_first).eval()
+    x = torch.randn(2, 5, 6)
+    gs = build_channel_groups(m, x, hidden_size=True)
+    g = next(g for g in gs.groups if "inp" in g.producers)
+    assert "attn.out_proj" in g.producers and ("attn", "consumer") in {(s.path, s.role) for s in g.slots}
+    res = prune_channels(m, x, ratio=0.5, groups=gs)
+    assert res.model.attn.embed_dim == 8 and res.model.attn.in_proj_weight.shape[1] == 8
+    with torch.no_grad():
+        a, b = res.model(x), mask_channels(m, gs, res.keep)(x)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_cross_attention_key_value_block_the_hidden_size_with_the_reason():
+    gs = build_channel_groups(SelfAttentionBlock(cross=True).eval(), torch.randn(2, 5, 6), hidden_size=True)
+    inp = next(s for s in gs.skipped if s.producer == "inp")
+    assert "key / value are not the tensor of its query" in inp.reason
+
+
+def test_torch_transformer_with_a_decoder_keeps_its_model_dim_with_the_reason():
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.src, self.tgt = nn.Embedding(20, 16), nn.Embedding(20, 16)
+            self.tf = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+            self.out = nn.Linear(16, 20)
+
+        def forward(self, s, t):
+            return self.out(self.tf(self.src(s), self.tgt(t)))
+
+    ids = (torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 5)))
+    gs = build_channel_groups(Seq2Seq().eval(), ids, hidden_size=True)
+    src = next(s for s in gs.skipped if s.producer == "src")
+    assert "a decoder's cross attention reads the encoder's output" in src.reason
+    assert any(n.endswith("ffn") for n in gs.names())  # its heads and feed-forward units stay prunable

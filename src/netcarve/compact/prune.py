@@ -374,7 +374,7 @@ def mask_channels(
             kept_rows = (~gone).nonzero().flatten()
             inner = handler.apply(copy.deepcopy(module), None, kept_rows)
             _set_submodule(new, path, MaskedNorm(inner, kept_rows, width, dim=handler.in_dim))
-    return new
+    return keep_encoders_off_nested(new) if norms else new
 
 
 def _is_protected(group: ChannelGroup, protected: Sequence[str]) -> bool:

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .handlers import ChannelHandler, get_channel_handler
+from .handlers import ChannelHandler, ModelDim, get_channel_handler
 from .trace import TracedModel, trace_model
 
 _ROLE_WORDS = {"producer": "producer", "passthrough": "pass-through", "consumer": "consumer"}
@@ -375,6 +375,20 @@ def _shape(node) -> tuple[int, ...] | None:
 
 def _is_tensor_node(x) -> bool:
     return isinstance(x, fx.Node) and _shape(x) is not None
+
+
+def _first_output(node: fx.Node) -> fx.Node | None:
+    """The node holding a module call's output tensor: the call itself, or for a module returning a tuple
+    (``nn.MultiheadAttention``'s ``(output, weights)``) the single ``[0]`` taken of it; ``None`` otherwise."""
+    if _shape(node) is not None:
+        return node
+    firsts = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
+    return firsts[0] if len(firsts) == 1 else None
+
+
+def _join_path(path: str, rel: str) -> str:
+    """``path.rel`` (``path`` when ``rel`` is empty: the module itself)."""
+    return f"{path}.{rel}" if rel else path
 
 
 def _flat_args(node: fx.Node) -> list:
@@ -972,24 +986,62 @@ class _GroupWalker:
         via.append(user.name)
         return _State(user, new_dim, st.block)
 
-    def _model_dim_inputs(self, user, st: _State, n, slots, involved, ndim, path, module, handler) -> list[_State]:
-        """The channels enter a module whose ``model_dim`` names the Linears reading its input: a consumer slot on
-        each (its input columns). The module's output is a producer walk of its own (``build_channel_groups``)."""
+    def _model_dim_inputs(self, user, st: _State, n, slots, via, involved, ndim, path, module, handler
+                          ) -> list[_State]:  # fmt: skip
+        """The channels enter a module whose ``model_dim`` (:class:`ModelDim`) says how it reads them: slots on the
+        layers / tensors inside it. Its output is a producer walk of its own (an attention's output projection,
+        ``build_channel_groups``) or, for a module the stream passes through (a transformer encoder), the group
+        goes on from the output."""
         src = st.node
-        if not user.args or user.args[0] is not src or any(a is src for a in _flat_args(user)[1:]):
+        spec = ModelDim.of(handler, module)
+        if spec.skip:
+            involved.append(path)
+            raise _Block(f"used by {path}: {spec.skip}")
+        def arg(k):
+            return user.args[k] if isinstance(k, int) and k < len(user.args) else user.kwargs.get(k)
+
+        uses = [i for i, a in enumerate(user.args) if a is src] + [k for k, a in user.kwargs.items() if a is src]
+        nested = sum(1 for a in _flat_args(user) if a is src) != len(uses)  # inside a list / tuple argument
+        if arg(0) is not src or nested or any(u not in (0, *spec.same_input) for u in uses):
             involved.append(path)
             raise _Block(f"passed to {path} other than as its first argument")
-        self._only_input(user, src)
+        given = [k for k in spec.same_input if (k < len(user.args) if isinstance(k, int) else k in user.kwargs)]
+        if any(arg(k) is not src for k in given):
+            involved.append(path)
+            raise _Block(f"{path}: its key / value are not the tensor of its query (only self-attention reads the "
+                         "model dim this way)")  # fmt: skip
         if _norm(-1, ndim) != st.dim:
             involved.append(path)
             raise _Block(f"{path} ({type(module).__name__}) reads another dim than the channels")
-        for sub in handler.model_dim(module)[0]:
-            lin = module.get_submodule(sub)
-            if not isinstance(lin, nn.Linear) or lin.in_features != self._span(st):
+        span = self._span(st)
+        for sub, role in spec.inputs:
+            inner = module.get_submodule(sub)
+            inner_handler = get_channel_handler(inner)
+            side = {"consumer": "in", "producer": "out", "passthrough": "through"}[role]
+            width = None if inner_handler is None else inner_handler.width(inner, side)
+            if inner_handler is None or width != span:
                 involved.append(path)
-                raise _Block(f"{path}.{sub}: expected an nn.Linear reading {self._span(st)} features")
-            slots.append(self._slot(f"{path}.{sub}", lin, get_channel_handler(lin), "consumer", st.block, user,
+                raise _Block(f"{path}.{sub}: expected a layer with {span} {_SIDE_WORDS[role]}")
+            slots.append(self._slot(_join_path(path, sub), inner, inner_handler, role, st.block, user,
                                     *self._part(st, n)))  # fmt: skip
+        for sub, name, dim in spec.params:
+            owner = module.get_submodule(sub)
+            t = getattr(owner, name, None)
+            if not isinstance(t, torch.Tensor) or t.shape[dim] != span:
+                involved.append(path)
+                raise _Block(f"{_join_path(path, sub)}.{name}: expected a tensor with {span} features in dim {dim}")
+            offset, part = self._part(st, n)
+            slots.append(ChannelSlot(_join_path(path, sub), "consumer", type(owner).__name__, ((name, dim),),
+                                     block=st.block, scored=(name,), offset=offset, span=part,
+                                     note=f"{name} columns (the model dim)"))  # fmt: skip
+        if spec.passes:
+            self._whole(user, st, f"passed through {path}")
+            out = _shape(user)
+            if out is None or len(out) != ndim or int(out[st.dim]) != span:
+                involved.append(path)
+                raise _Block(f"{path}: its output does not keep the {span} channels in the same dim")
+            via.append(path)
+            return [_State(user, st.dim, st.block)]
         return []
 
     def _flatten(self, user, st: _State, shape, start, end, via) -> _State:
@@ -1069,7 +1121,7 @@ class _GroupWalker:
             involved.append(path)
             raise _Block(f"used by {path} ({type(module).__name__}), which has no channel handler")
         if handler.model_dim is not None and self.hidden_size:  # attention: its q / k / v projections read them
-            return self._model_dim_inputs(user, st, n, slots, involved, ndim, path, module, handler)
+            return self._model_dim_inputs(user, st, n, slots, via, involved, ndim, path, module, handler)
         role = handler.role_of(module)
         if role == "opaque":
             involved.append(path)
@@ -1175,10 +1227,13 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
                     walks.append(e)
                 else:
                     entries.append(e)
-            outs = handler.model_dim(module)[1] if hidden_size and handler.model_dim is not None else ()
-            if len(outs) == 1 and calls[path] == 1 and isinstance(module.get_submodule(outs[0]), nn.Linear):
+            spec = ModelDim.of(handler, module) if hidden_size else None
+            outs = spec.outputs if spec is not None and not spec.skip else ()
+            out_node = _first_output(node)
+            if (len(outs) == 1 and calls[path] == 1 and out_node is not None
+                    and isinstance(module.get_submodule(outs[0]), nn.Linear)):  # fmt: skip
                 proj = module.get_submodule(outs[0])  # the module's output: its projection's rows
-                w = walker.walk(node, proj, get_channel_handler(proj), path=f"{path}.{outs[0]}")
+                w = walker.walk(out_node, proj, get_channel_handler(proj), path=f"{path}.{outs[0]}")
                 entries.append(w.early if w.early is not None else len(walks))
                 if w.early is None:
                     walks.append(w)

@@ -40,6 +40,45 @@ from ..errors import ConfigError
 ROLES = ("layer", "producer", "consumer", "passthrough", "elementwise", "opaque")
 
 
+@dataclass(frozen=True)
+class ModelDim:
+    """How a module with internal groups carries the model dim (its input / output width) when groups are built
+    with ``hidden_size=True`` (``ChannelHandler.model_dim``). Paths are relative to the module.
+
+    Attributes:
+        inputs: ``(path, role)`` of the layers inside that the surrounding group runs through, each sliced by its
+            own channel handler: ``"consumer"`` (input columns of a q / k / v or feed-forward ``nn.Linear``),
+            ``"producer"`` (rows of a projection written into the stream), ``"passthrough"`` (a LayerNorm).
+        params: ``(path, tensor, dim)``: tensors read directly along ``dim`` (the input columns of
+            ``nn.MultiheadAttention``'s fused ``in_proj_weight``: ``("", "in_proj_weight", 1)``).
+        outputs: the single ``nn.Linear`` writing the module's output (an attention's output projection): its rows
+            start a group of their own (they join the stream at the residual addition); empty when ``passes``.
+        passes: the module's output holds its input's channels (a whole transformer encoder: the residual stream
+            runs through it), so the group goes on from the output.
+        same_input: other call arguments (positions or keywords) that must be the same tensor as the first
+            (self-attention's key and value); any other use of the channels blocks the group.
+        skip: a reason this instance's model dim cannot be pruned (the group is blocked with it).
+    """
+
+    inputs: tuple[tuple[str, str], ...] = ()
+    params: tuple[tuple[str, str, int], ...] = ()
+    outputs: tuple[str, ...] = ()
+    passes: bool = False
+    same_input: tuple[int | str, ...] = ()
+    skip: str | None = None
+
+    @classmethod
+    def of(cls, handler: ChannelHandler, module: nn.Module) -> ModelDim | None:
+        """The handler's ``model_dim`` for ``module`` (the short form ``(inputs, outputs)`` converted)."""
+        if handler.model_dim is None:
+            return None
+        spec = handler.model_dim(module)
+        if isinstance(spec, ModelDim):
+            return spec
+        inputs, outputs = spec
+        return cls(inputs=tuple((p, "consumer") for p in inputs), outputs=tuple(outputs))
+
+
 def _frozen(m: Mapping[str, int] | None) -> Mapping[str, int]:
     return MappingProxyType(dict(m or {}))
 
@@ -81,9 +120,10 @@ class ChannelHandler:
         hidden_size: the layer takes part in groups only when they are built with ``hidden_size=True``
             (embedding tables and the LayerNorm / RMSNorm layers of a transformer's residual stream: pruning
             them prunes the model's hidden size); otherwise a group reaching it is blocked with that reason.
-        model_dim: ``fn(module) -> (inputs, outputs)``: for a module with ``internal`` groups (attention), the
-            paths of its ``nn.Linear`` s that read its input (their input columns) and write its output (their
-            rows): with ``hidden_size=True`` the surrounding group runs through them (its consumers / producers).
+        model_dim: ``fn(module) -> ModelDim`` (or the short form ``(inputs, outputs)``: paths of the
+            ``nn.Linear`` s reading its input and writing its output): for a module with ``internal`` groups
+            (attention, a whole transformer encoder), how its input and output width, the model dim, is sliced
+            when groups are built with ``hidden_size=True`` (see :class:`ModelDim`).
         normalizes: pass-through only: the layer normalises each row over its channels (LayerNorm, RMSNorm),
             so removing channels changes the statistics of the kept ones; ``mask_channels`` gives it a twin
             that normalises over the kept channels only (:class:`MaskedNorm`).
@@ -115,7 +155,7 @@ class ChannelHandler:
     local_params: Mapping[str, int] = field(default_factory=dict)
     hidden_size: bool = False
     normalizes: bool = False
-    model_dim: Callable[[nn.Module], tuple[tuple[str, ...], tuple[str, ...]]] | None = None
+    model_dim: Callable[[nn.Module], ModelDim | tuple[tuple[str, ...], tuple[str, ...]]] | None = None
 
     def __post_init__(self):
         for name in ("in_params", "out_params", "params", "local_params"):
@@ -356,6 +396,11 @@ def _norm_handler(params: dict[str, int], dim: int = -1) -> ChannelHandler:
                           score_params=(), check=_norm_check, hidden_size=True, normalizes=True)
 
 
+def _keep_regular_path(module: nn.Module, args):
+    """A forward pre-hook that changes nothing (see :class:`MaskedNorm`)."""
+    return None
+
+
 class MaskedNorm(nn.Module):
     """The masked twin of a normalisation layer after channel removal: the kept channels ``keep`` (feature
     indices along ``dim``, the last dim unless the norm is channels-first) are normalised by ``norm``, the layer already sliced to them (so its statistics
@@ -367,6 +412,14 @@ class MaskedNorm(nn.Module):
         self.width = int(width)
         self.dim = int(dim)  # the channel dim (1 for a channels-first norm)
         self.register_buffer("keep", torch.as_tensor(keep, dtype=torch.long).flatten().clone())
+        # torch's fused TransformerEncoderLayer path reads its norms' weights directly (full width, statistics over
+        # every channel); a forward hook anywhere in the layer keeps it on the regular path, which calls this module
+        self.register_forward_pre_hook(_keep_regular_path)
+
+    @property
+    def eps(self) -> float | None:
+        """The inner norm's ``eps`` (read by ``nn.TransformerEncoderLayer`` before choosing its path)."""
+        return getattr(self.norm, "eps", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() <= self.dim or x.shape[self.dim] != self.width:

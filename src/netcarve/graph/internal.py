@@ -70,7 +70,10 @@ from .groups import (
     _Walk,
     _where,
 )
-from .handlers import ChannelHandler, _index_tensor
+from .groups import (
+    _join_path as _join,
+)
+from .handlers import ChannelHandler, ModelDim, _index_tensor
 
 
 @dataclass(frozen=True)
@@ -107,10 +110,6 @@ class InternalGroup:
     state: tuple[int, int, int] | None = None
     single_input: bool = False
     skip: str | None = None
-
-
-def _join(path: str, rel: str) -> str:
-    return f"{path}.{rel}" if rel else path
 
 
 # ---------------------------------------------------------------------- the graph walk
@@ -511,22 +510,24 @@ def _mha_internal(m: nn.Module) -> list[InternalGroup]:
 
 
 def _mha_reslice(m: nn.Module, units: dict, in_keep) -> nn.Module:
+    """Keep the heads ``units["heads"]`` and (hidden size) the input features ``in_keep`` (columns of
+    ``in_proj_weight``); the output projection's rows are sliced as a layer of their own group."""
     from ..layers import HeadPrunedMultiheadAttention
 
-    if in_keep is not None:  # pragma: no cover - the module is opaque to surrounding groups
-        raise UnsupportedModelError(f"{type(m).__name__}: its input width cannot be pruned")
     keep = units.get("heads")
-    if keep is None:
+    if keep is None and in_keep is None:
         return m
     h, hd, e = int(m.num_heads), int(m.head_dim), int(m.embed_dim)
-    feats = (keep.cpu()[:, None] * hd + torch.arange(hd)).flatten()
+    keep = torch.arange(h) if keep is None else keep.cpu()
+    cols = torch.arange(e) if in_keep is None else in_keep.cpu()
+    feats = (keep[:, None] * hd + torch.arange(hd)).flatten()
     rows = (torch.arange(3)[:, None] * (h * hd) + feats).flatten()
     bias = m.in_proj_bias is not None
-    new = HeadPrunedMultiheadAttention(e, int(keep.numel()), hd, dropout=float(m.dropout), bias=bias,
-                                       batch_first=bool(m.batch_first))  # fmt: skip
+    new = HeadPrunedMultiheadAttention(int(cols.numel()), int(keep.numel()), hd, dropout=float(m.dropout), bias=bias,
+                                       batch_first=bool(m.batch_first), out_dim=int(m.out_proj.out_features))  # fmt: skip
     new = new.to(device=m.in_proj_weight.device, dtype=m.in_proj_weight.dtype)
     with torch.no_grad():
-        new.in_proj_weight.copy_(m.in_proj_weight[rows])
+        new.in_proj_weight.copy_(m.in_proj_weight[rows][:, cols])
         new.out_proj.weight.copy_(m.out_proj.weight[:, feats])
         if bias:
             new.in_proj_bias.copy_(m.in_proj_bias[rows])
@@ -536,12 +537,20 @@ def _mha_reslice(m: nn.Module, units: dict, in_keep) -> nn.Module:
     return new
 
 
+def _mha_model_dim(m: nn.Module) -> ModelDim:
+    """Self-attention (query, key and value the same tensor) reads the model dim through the columns of the fused
+    ``in_proj_weight`` and writes it through ``out_proj``'s rows."""
+    return ModelDim(params=(("", "in_proj_weight", 1),), outputs=("out_proj",), same_input=(1, 2, "key", "value"),
+                    skip=_mha_unsupported(m))
+
+
 MHA_HANDLER = ChannelHandler(
     role="opaque",
-    check=lambda m: (f"{type(m).__name__}: its input / output width (embed_dim, the model dim) is not pruned; its "
-                     "heads are (group '<path>:heads')"),  # fmt: skip
+    check=lambda m: (f"{type(m).__name__}: its input / output width (embed_dim, the model dim) is pruned only with "
+                     "hidden_size=True; its heads are (group '<path>:heads')"),  # fmt: skip
     internal=_mha_internal,
     reslice=_mha_reslice,
+    model_dim=_mha_model_dim,
 )
 
 
@@ -612,12 +621,38 @@ def _encoder_reslice(m: nn.Module, units: dict, in_keep) -> nn.Module:
     return m
 
 
+def _encoder_model_dim(m: nn.Module) -> ModelDim:
+    """An encoder (layer) carries the residual stream from its input to its output: per layer the columns of
+    ``self_attn.in_proj_weight`` and ``linear1``, the rows of ``self_attn.out_proj`` and ``linear2``, ``norm1`` /
+    ``norm2`` (and the stack's final ``norm``)."""
+    if not isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+        return ModelDim(skip=f"{type(m).__name__}: its model dim (d_model) is not pruned (a decoder's cross attention "
+                             "reads the encoder's output too)")  # fmt: skip
+    inputs: list[tuple[str, str]] = []
+    params: list[tuple[str, str, int]] = []
+    for rel, layer in _encoder_layers(m):
+        pre = f"{rel}." if rel else ""
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            return ModelDim(skip=f"{pre}{type(layer).__name__}: not an nn.TransformerEncoderLayer")
+        why = _mha_unsupported(layer.self_attn)
+        if why:
+            return ModelDim(skip=f"{pre}self_attn: {why}")
+        params.append((f"{pre}self_attn", "in_proj_weight", 1))
+        inputs += [(f"{pre}self_attn.out_proj", "producer"), (f"{pre}linear1", "consumer"),
+                   (f"{pre}linear2", "producer"), (f"{pre}norm1", "passthrough"), (f"{pre}norm2", "passthrough")]
+    if isinstance(m, nn.TransformerEncoder) and m.norm is not None:
+        inputs.append(("norm", "passthrough"))
+    return ModelDim(inputs=tuple(inputs), params=tuple(params), passes=True)
+
+
 ENCODER_HANDLER = ChannelHandler(
     role="opaque",
-    check=lambda m: (f"{type(m).__name__}: its input / output width (d_model) is not pruned; its attention heads "
-                     "and feed-forward units are (groups '<path>:[layers.<i>.]heads' / 'cross_heads' / 'ffn')"),  # fmt: skip
+    check=lambda m: (f"{type(m).__name__}: its input / output width (d_model) is pruned only with hidden_size=True; "
+                     "its attention heads and feed-forward units are (groups '<path>:[layers.<i>.]heads' / "
+                     "'cross_heads' / 'ffn')"),  # fmt: skip
     internal=_encoder_internal,
     reslice=_encoder_reslice,
+    model_dim=_encoder_model_dim,
 )
 
 
