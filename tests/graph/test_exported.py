@@ -396,3 +396,30 @@ def test_hugging_face_convnext_hidden_size(tmp_path, transformers):
     netcarve.save(res.model, tmp_path / "ck")
     with torch.no_grad():
         torch.testing.assert_close(netcarve.load(tmp_path / "ck")(**x2).logits, a)
+
+
+@pytest.mark.parametrize("hidden_size", [False, True])
+def test_hugging_face_albert_shared_layer(hidden_size, tmp_path, transformers):
+    """ALBERT runs one encoder layer for every layer (shared weights): its heads and feed-forward units are one group
+    each, all calls sliced alike (every call holds the channels); with hidden_size=True the hidden stream too."""
+    import netcarve
+
+    torch.manual_seed(0)
+    model = transformers.AlbertForSequenceClassification(transformers.AlbertConfig(
+        vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, num_labels=3)).eval()
+    x = {"input_ids": torch.randint(1, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    x2 = {"input_ids": torch.randint(1, 100, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long)}
+    gs = build_channel_groups(model, x, hidden_size=hidden_size)
+    names = gs.names()
+    assert any(n.endswith(":heads") for n in names) and any(n.endswith(".ffn") for n in names), gs.describe()
+    assert ("albert.encoder.embedding_hidden_mapping_in" in names) == hidden_size
+    res = prune_channels(model, x, ratio=0.5, groups=gs)
+    assert res.macs_reduction > (1.8 if hidden_size else 1.3)
+    masked = mask_channels(model, gs, res.keep)
+    with torch.no_grad():
+        a, b = res.model(**x2).logits, masked(**x2).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    netcarve.save(res.model, tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(netcarve.load(tmp_path / "ck")(**x2).logits, a)

@@ -293,8 +293,7 @@ def attention_head_groups(walker, gm: fx.GraphModule, calls) -> list[tuple[fx.No
         o_path = str(o_node.target)
         layers = [modules.get(p) for p in [*paths, o_path]]
         hd = splits[0][2]
-        if (len(set(paths)) != 3 or any(not isinstance(m, nn.Linear) for m in layers) or {s[2] for s in splits} != {hd}
-                or any(calls[p] != 1 for p in [*paths, o_path])):  # fmt: skip
+        if len(set(paths)) != 3 or any(not isinstance(m, nn.Linear) for m in layers) or {s[2] for s in splits} != {hd}:
             continue
         q, k, val, o = layers
         if k.out_features != val.out_features or q.out_features % k.out_features or k.out_features % hd \
@@ -315,4 +314,15 @@ def attention_head_groups(walker, gm: fx.GraphModule, calls) -> list[tuple[fx.No
         group = ChannelGroup(f"{_parent(paths)}:heads", (o_path,), (), kv_heads, tuple(slots), tuple(via))
         first = min(lins, key=order.__getitem__)
         found.append((first, group, set(paths)))
-    return found
+    # an attention layer called several times (shared weights, e.g. ALBERT's one layer for all): its heads are one
+    # group when every call of its q / k / v / output Linears was matched the same way; otherwise none of its
+    # calls is (the ordinary walk then says why)
+    by_layers: dict[tuple, list] = {}
+    for first, group, paths in found:
+        by_layers.setdefault(tuple(s.path for s in group.slots), []).append((first, group, paths))
+    kept = []
+    for key, matches in by_layers.items():
+        same = len({(g.num_channels, tuple((s.block, s.role) for s in g.slots)) for _, g, _ in matches}) == 1
+        if same and all(calls[p] == len(matches) for p in key):
+            kept.append(min(matches, key=lambda m: order[m[0]]))
+    return kept

@@ -463,6 +463,9 @@ class _Walk:
     # residual adds reached: (add node, the addend node the channels arrived by, channel dim, block)
     joins: list[tuple[fx.Node, fx.Node, int, int]] = field(default_factory=list)
     early: SkippedGroup | None = None  # the producer itself cannot start a group
+    # the calls of the layers reached: (path, role, call node); a layer called several times (shared weights) may
+    # be sliced only when every one of its calls is reached in that role
+    hits: list[tuple[str, str, fx.Node]] = field(default_factory=list)
 
 
 _ADD_FUNCS = (operator.add, operator.iadd, torch.add)
@@ -489,6 +492,7 @@ class _GroupWalker:
         self.opaque = opaque
         self._joins: list[tuple[fx.Node, fx.Node, int, int]] = []
         self._seen: set[tuple[fx.Node, int, int]] = set()
+        self._hits: list[tuple[str, str, fx.Node]] = []
 
     def walk(self, node: fx.Node, module: nn.Module, handler: ChannelHandler, path: str | None = None) -> _Walk:
         """``path``: the producer's module path when it is not the called module (an attention module's output
@@ -514,7 +518,8 @@ class _GroupWalker:
         except _Block as b:
             w.early = SkippedGroup(path, (str(b),), (path,), n)
             return w
-        self._joins, self._seen, self._n, self._slots = w.joins, set(), n, slots
+        self._joins, self._seen, self._n, self._slots, self._hits = w.joins, set(), n, slots, w.hits
+        self._hits.append((path, "producer", node))
         frontier = [_State(node, dim, 1, 0)]
         while frontier:
             st = frontier.pop()
@@ -696,10 +701,16 @@ class _GroupWalker:
         SkippedGroup per producer, all with the reasons of the whole coupled set."""
         name = walks[0].path
         reasons = [r for w in walks for r in w.reasons]
-        for w in walks:  # shared layers: slicing them would change every call
+        reached: dict[tuple[str, str], set[fx.Node]] = {}
+        for w in walks:
+            for path, role, node in w.hits:
+                reached.setdefault((path, role), set()).add(node)
+        for w in walks:  # shared layers: slicing them changes every call, so every call must hold these channels
             for s in w.slots:
-                if self.calls[s.path] > 1:
-                    reasons.append(f"{s.path} is called {self.calls[s.path]} times (shared weights)")
+                k, got = self.calls[s.path], len(reached.get((s.path, s.role), ()))
+                if k > 1 and got != k:
+                    reasons.append(f"{s.path} is called {k} times (shared weights), {got} of them with these "
+                                   f"channels as its {_SIDE_WORDS[s.role]}")  # fmt: skip
         widths = {w.path: w.n for w in walks}
         if len(set(widths.values())) > 1:
             reasons.append("residual-coupled producers have different widths ("
@@ -736,10 +747,10 @@ class _GroupWalker:
         paths = tuple(dict.fromkeys(involved))
         if reasons:
             reasons = list(dict.fromkeys(reasons))
-            if len(walks) > 1:
-                reasons.append("coupled by residual adds (or a non-channel cat) with "
-                               + ", ".join(w.path for w in walks))  # fmt: skip
-            return [SkippedGroup(w.path, tuple(reasons), paths, w.n) for w in walks]
+            producers = {w.path: w.n for w in walks}  # (a shared producer: one walk per call)
+            if len(producers) > 1:
+                reasons.append("coupled by residual adds (or a non-channel cat) with " + ", ".join(producers))
+            return [SkippedGroup(p, tuple(reasons), paths, n) for p, n in producers.items()]
         all_slots = tuple(slots.values())
         return [ChannelGroup(
             name,
@@ -761,9 +772,10 @@ class _GroupWalker:
         return _where(node)
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _slot(path, module, handler, role, block, node: fx.Node, offset: int = 0, span: int | None = None
+    def _slot(self, path, module, handler, role, block, node: fx.Node, offset: int = 0, span: int | None = None
               ) -> ChannelSlot:  # fmt: skip
+        """The slot of ``path`` reached at its call ``node`` (recorded: see :attr:`_Walk.hits`)."""
+        self._hits.append((path, role, node))
         side = {"producer": "out", "passthrough": "through", "consumer": "in"}[role]
         io = None
         if handler.rebuild_widths:
@@ -1031,6 +1043,7 @@ class _GroupWalker:
                 involved.append(path)
                 raise _Block(f"{_join_path(path, sub)}.{name}: expected a tensor with {span} features in dim {dim}")
             offset, part = self._part(st, n)
+            self._hits.append((_join_path(path, sub), "consumer", user))
             slots.append(ChannelSlot(_join_path(path, sub), "consumer", type(owner).__name__, ((name, dim),),
                                      block=st.block, scored=(name,), offset=offset, span=part,
                                      note=f"{name} columns (the model dim)"))  # fmt: skip
@@ -1250,13 +1263,14 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
         if role not in ("layer", "producer"):
             continue
         seen.add(path)
-        if calls[path] > 1:
-            entries.append(SkippedGroup(path, (f"{path} is called {calls[path]} times (shared weights)",),
-                                            (path,), handler.width(module, "out")))  # fmt: skip
-            continue
-        w = walker.walk(node, module, handler)
-        entries.append(w.early if w.early is not None else len(walks))
-        if w.early is None:
+        # a layer called several times (shared weights): one walk from each call, coupled as one group
+        for call in [node] if calls[path] == 1 else [n for n in gm.graph.nodes
+                                                      if n.op == "call_module" and str(n.target) == path]:  # fmt: skip
+            w = walker.walk(call, module, handler)
+            if w.early is not None:
+                entries.append(w.early)
+                break
+            entries.append(len(walks))
             walks.append(w)
     # producers whose channels meet at a residual add form one coupled group
     parent = list(range(len(walks)))
@@ -1268,10 +1282,12 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
         return i
 
     first_at: dict[fx.Node, int] = {}
+    first_of: dict[str, int] = {}  # the walks from the calls of one shared producer are one group
     for i, w in enumerate(walks):
         for add, *_ in w.joins:
             j = first_at.setdefault(add, i)
             parent[find(i)] = find(j)
+        parent[find(i)] = find(first_of.setdefault(w.path, i))
     members: dict[int, list[_Walk]] = {}
     for i, w in enumerate(walks):
         members.setdefault(find(i), []).append(w)
