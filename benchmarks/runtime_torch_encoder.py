@@ -17,7 +17,12 @@ padding. ``--model seq2seq``: the encoder-decoder of PyTorch's translation tutor
 ``nn.Transformer`` with 2 + 2 layers at the same sizes, causal target mask and padding masks built from the ids, a
 generator Linear over a 5000-word target vocabulary), two inputs: 32 source tokens (the last 8 padding) and 24 target
 tokens (the last 4 padding); its "in PyTorch" variant leaves the whole ``nn.Transformer`` to PyTorch. Sparse variant: every linear's weight (the attention in-projections too) pruned to 90% in 4x16 blocks by
-netcarve's block scheme.
+netcarve's block scheme. ``--variants ... pruned pruned-hidden`` (``lm`` / ``bert``) adds structurally pruned models:
+``prune_channels(model, x, ratio=0.5)`` (half the heads and feed-forward units, ``d_model`` kept) and the same with
+``hidden_size=True`` (``d_model`` halved too: embeddings, norms, every projection), run dense everywhere.
+
+    python benchmarks/runtime_torch_encoder.py --model bert --variants dense pruned pruned-hidden --threads 2 \
+        --out benchmarks/results/runtime_torch_encoder-bert-pruned-emr.json
 
 1. netcarve and eager PyTorch in this process (they share torch's thread pool), alternated per round: the median of
    ``--repeats`` calls per round, the minimum over ``--rounds`` rounds; every variant's output checked against the
@@ -72,8 +77,16 @@ def tokens(model: str, batch: int) -> tuple[torch.Tensor, ...]:
     return x, y
 
 
-def build(sparse: bool, model: str = "lm") -> nn.Module:
+VARIANTS = ("dense", "sparse", "pruned", "pruned-hidden")
+
+
+def build(variant: str | bool, model: str = "lm") -> nn.Module:
+    """The model: ``dense``, ``sparse`` (90% in 4x16 blocks), ``pruned`` (half the heads and feed-forward units
+    removed) or ``pruned-hidden`` (``d_model`` halved too); ``True`` / ``False`` mean sparse / dense."""
     from netcarve.sparsity import make_scheme
+
+    variant = {True: "sparse", False: "dense"}.get(variant, variant)
+    sparse = variant == "sparse"
 
     cm = _coverage_models()
     torch.manual_seed(0)
@@ -91,6 +104,12 @@ def build(sparse: bool, model: str = "lm") -> nn.Module:
                     w = getattr(mod, name, None)
                     if isinstance(mod, (nn.Linear, nn.MultiheadAttention)) and isinstance(w, nn.Parameter):
                         w.mul_(blk.project(w, 0.9))
+    if variant.startswith("pruned"):
+        from netcarve.compact import prune_channels
+
+        if model == "seq2seq":
+            raise SystemExit("--variants pruned / pruned-hidden: --model lm or bert")
+        m = prune_channels(m, tokens(model, 2)[0], ratio=0.5, hidden_size=variant == "pruned-hidden").model.eval()
     return m
 
 
@@ -130,7 +149,8 @@ def _aten_linears(plan):
     return call
 
 
-def in_process(batches, threads: int, rounds: int, repeats: int, model: str = "lm") -> dict:
+def in_process(batches, threads: int, rounds: int, repeats: int, model: str = "lm",
+               tags: tuple[str, ...] = ("dense", "sparse")) -> dict:
     from netcarve.runtime import compile as ncompile
 
     torch.set_num_threads(threads)
@@ -138,25 +158,26 @@ def in_process(batches, threads: int, rounds: int, repeats: int, model: str = "l
     for b in batches:
         x = tokens(model, b)
         variants, ref = {}, {}
-        for sparse in (False, True):
-            m = build(sparse, model)
-            tag = "sparse" if sparse else "dense"
+        sparse_linears, dense_choices = [], {}
+        for tag in tags:
+            sparse = tag == "sparse"
+            m = build(tag, model)
             with torch.no_grad():
                 ref[tag] = m(*x)
                 variants[f"torch eager, {tag}"] = (m, tag)
-                with _encoder_in_pytorch():
-                    c = ncompile(m, x if len(x) > 1 else x[0], sparse="auto")
-                assert any("Transformer" in f for f in c.fallback), c.fallback
-                variants[f"netcarve, encoder in PyTorch, {tag}"] = (c, tag)
+                if tag in ("dense", "sparse"):
+                    with _encoder_in_pytorch():
+                        c = ncompile(m, x if len(x) > 1 else x[0], sparse="auto")
+                    assert any("Transformer" in f for f in c.fallback), c.fallback
+                    variants[f"netcarve, encoder in PyTorch, {tag}"] = (c, tag)
                 c = ncompile(m, x if len(x) > 1 else x[0], sparse="auto", fallback=False)
                 variants[f"netcarve, native, {tag}"] = (c, tag)
-                if not sparse:  # the same plan with its dense linears on ATen's addmm instead of the panel kernel
+                if tag == "dense":  # the same plan with its dense linears on ATen's addmm instead of the panel kernel
                     variants[f"netcarve, native, {tag}, ATen linears"] = (_aten_linears(c), tag)
+                    dense_choices = {lc.name: lc.choice for lc in c.layers}
                 if sparse:
                     choice = {lc.name: lc.choice for lc in c.layers}
                     sparse_linears = sorted(k for k, v in choice.items() if v == "sparse")
-                else:
-                    dense_choices = {lc.name: lc.choice for lc in c.layers}
         times: dict[str, list[float]] = {k: [] for k in variants}
         errors = {}
         with torch.no_grad():
@@ -175,7 +196,7 @@ def in_process(batches, threads: int, rounds: int, repeats: int, model: str = "l
     return out
 
 
-def engines(batches, threads: int, rounds: int, model: str = "lm") -> dict:
+def engines(batches, threads: int, rounds: int, model: str = "lm", tags: tuple[str, ...] = ("dense", "sparse")) -> dict:
     from netcarve.measure.latency import engine_available, measure_latency
 
     out: dict = {}
@@ -185,12 +206,11 @@ def engines(batches, threads: int, rounds: int, model: str = "lm") -> dict:
             continue
         for b in batches:
             x = tokens(model, b)
-            for sparse in (False, True):
-                r = measure_latency(build(sparse, model), x if len(x) > 1 else x[0], engine=engine, threads=threads,
-                                    repeats=50,
-                                    rounds=rounds)
-                out.setdefault(engine, {})[f"batch{b}, {'sparse' if sparse else 'dense'}"] = r.p50_ms
-                print(f"{engine} batch {b} {'sparse' if sparse else 'dense'}: {r.p50_ms:.3f} ms", file=sys.stderr)
+            for tag in tags:
+                r = measure_latency(build(tag, model), x if len(x) > 1 else x[0], engine=engine, threads=threads,
+                                    repeats=50, rounds=rounds)
+                out.setdefault(engine, {})[f"batch{b}, {tag}"] = r.p50_ms
+                print(f"{engine} batch {b} {tag}: {r.p50_ms:.3f} ms", file=sys.stderr)
     return out
 
 
@@ -201,27 +221,36 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["dense", "sparse"],
+                   help="models to time (dense first: the ratios are against it)")
     p.add_argument("--out", default=str(HERE / "results" / "runtime_torch_encoder.json"))
     a = p.parse_args()
+    tags = tuple(dict.fromkeys(["dense", *a.variants]))
     from netcarve.measure.env import environment
 
     res = {"benchmark": "runtime_torch_encoder", "command": "python " + " ".join(sys.argv),
            "model": MODELS[a.model],
            "sparse": "every linear (and attention in-projection) weight 90% zero in 4x16 blocks",
            "threads": a.threads, "env": environment(threads=a.threads)}
-    res["netcarve_and_torch"] = in_process(a.batches, a.threads, a.rounds, a.repeats, a.model)
-    res["engines_p50_ms"] = engines(a.batches, a.threads, a.rounds, a.model)
+    if any(t.startswith("pruned") for t in tags):
+        from netcarve.measure.counting import count_model
+
+        x = tokens(a.model, 1)
+        res["macs_batch1"] = {t: count_model(build(t, a.model), x[0]).total_macs for t in tags if t != "sparse"}
+    res["netcarve_and_torch"] = in_process(a.batches, a.threads, a.rounds, a.repeats, a.model, tags)
+    res["engines_p50_ms"] = engines(a.batches, a.threads, a.rounds, a.model, tags)
     for b in a.batches:
         ms = res["netcarve_and_torch"][f"batch{b}"]["ms"]
         ratios = {f"native vs encoder in PyTorch, {t}": ms[f"netcarve, encoder in PyTorch, {t}"] /
-                  ms[f"netcarve, native, {t}"] for t in ("dense", "sparse")}
-        ratios["native sparse vs native dense"] = ms["netcarve, native, dense"] / ms["netcarve, native, sparse"]
+                  ms[f"netcarve, native, {t}"] for t in ("dense", "sparse") if t in tags}
         ratios["dense: panel linears vs ATen linears"] = (ms["netcarve, native, dense, ATen linears"] /
                                                           ms["netcarve, native, dense"])
-        for engine in ("onnxruntime", "openvino"):
-            e = res["engines_p50_ms"].get(engine)
-            if isinstance(e, dict):
-                ratios[f"native sparse vs {engine} dense"] = e[f"batch{b}, dense"] / ms["netcarve, native, sparse"]
+        for t in tags[1:]:
+            ratios[f"native {t} vs native dense"] = ms["netcarve, native, dense"] / ms[f"netcarve, native, {t}"]
+            for engine in ("onnxruntime", "openvino"):
+                e = res["engines_p50_ms"].get(engine)
+                if isinstance(e, dict):
+                    ratios[f"native {t} vs {engine} dense"] = e[f"batch{b}, dense"] / ms[f"netcarve, native, {t}"]
         res["netcarve_and_torch"][f"batch{b}"]["speedups"] = ratios
         print(f"batch {b}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
