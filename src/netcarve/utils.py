@@ -35,6 +35,22 @@ def eval_mode(model: torch.nn.Module):
 
 
 @contextmanager
+def without_kv_cache(model: torch.nn.Module):
+    """A Hugging Face model (``model.config.use_cache``) with its key / value cache off, restored afterwards: the
+    same logits, without the cache object in its output (torch.export cannot return one, and the cached keys /
+    values would count as model outputs). Other models are left as they are."""
+    config = getattr(model, "config", None)
+    on = getattr(config, "use_cache", None) is True
+    if on:
+        config.use_cache = False
+    try:
+        yield model
+    finally:
+        if on:
+            config.use_cache = True
+
+
+@contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     """Write to a temporary file beside ``path`` and rename it into place (atomic on POSIX)."""
     path = Path(path)

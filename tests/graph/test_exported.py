@@ -423,3 +423,21 @@ def test_hugging_face_albert_shared_layer(hidden_size, tmp_path, transformers):
     netcarve.save(res.model, tmp_path / "ck")
     with torch.no_grad():
         torch.testing.assert_close(netcarve.load(tmp_path / "ck")(**x2).logits, a)
+
+
+def test_hugging_face_language_model_with_its_kv_cache_on(transformers):
+    """A causal LM as loaded (``config.use_cache`` True: its output carries a key / value cache object, which
+    torch.export cannot return): the groups are found on the model with the cache off, and the flag is restored."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=100)).eval()
+    assert model.config.use_cache is True
+    x = {"input_ids": torch.randint(1, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    gs = build_channel_groups(model, x)
+    assert model.config.use_cache is True
+    assert any(n.endswith(":heads") for n in gs.names()) and any("mlp" in n for n in gs.names()), gs.describe()
+    res = prune_channels(model, x, ratio=0.5, groups=gs)
+    with torch.no_grad():
+        a, b = res.model(**x).logits, mask_channels(model, gs, res.keep)(**x).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()

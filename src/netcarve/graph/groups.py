@@ -83,6 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..utils import without_kv_cache
 from .handlers import ChannelHandler, ModelDim, get_channel_handler
 from .trace import TracedModel, trace_model
 
@@ -1207,7 +1208,9 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
     if not isinstance(model, nn.Module):
         raise ConfigError(f"build_channel_groups expects an nn.Module, got {type(model).__name__}")
     # (submodules fx cannot trace into would block every channel reaching them: torch.export may see through them)
-    traced = traced or trace_model(model, example_input, export_over_opaque=True, norm_leaves=hidden_size)
+    if traced is None:  # (a language model's key / value cache is no channel consumer: traced without it)
+        with without_kv_cache(model):
+            traced = trace_model(model, example_input, export_over_opaque=True, norm_leaves=hidden_size)
     gm = traced.graph_module
     modules = dict(gm.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
