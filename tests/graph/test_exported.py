@@ -441,3 +441,50 @@ def test_hugging_face_language_model_with_its_kv_cache_on(transformers):
     with torch.no_grad():
         a, b = res.model(**x).logits, mask_channels(model, gs, res.keep)(**x).logits
     assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+class SamePadNet(nn.Module):
+    """TensorFlow-style "same" padding before a stride-2 conv (F.pad of the spatial dims, as transformers'
+    MobileNetV2 / EfficientNet ports do); fx cannot trace the shape test, so it is captured with torch.export."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 3, stride=2), nn.Linear(12, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        if y.shape[-1] % 2 == 0:  # fx stops here
+            y = F.pad(y, (0, 1, 0, 1))
+        y = F.pad(y, (1, 1, 1, 1), value=0.5)  # (a constant other than 0: aten.constant_pad_nd in the capture)
+        return self.head(torch.relu(self.c2(y)).mean((2, 3)))
+
+
+def test_padding_of_the_spatial_dims_in_an_exported_graph_keeps_the_channels():
+    torch.manual_seed(0)
+    m, x = SamePadNet().eval(), torch.randn(2, 3, 8, 8)
+    gs = build_channel_groups(m, x)
+    tr = trace_model(m, x)
+    assert tr.method == "export" and sum(n.target is F.pad for n in tr.graph.nodes) == 2
+    c1 = next(g for g in gs.groups if g.name == "c1")
+    assert c1.consumers == ("c2",), gs.describe()
+    res = prune_channels(m, x, ratio=0.5, groups=gs)
+    with torch.no_grad():
+        a, b = res.model(x), mask_channels(m, gs, res.keep)(x)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert res.model.c2.in_channels == 4
+
+
+def test_hugging_face_falcon_linear_is_a_linear(transformers):
+    """Falcon's FalconLinear (an nn.Linear whose forward is rewritten as ``x @ W.T + b``) is pruned as a Linear:
+    its feed-forward units are a group."""
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(transformers.FalconConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)).eval()
+    x = {"input_ids": torch.randint(1, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    gs = build_channel_groups(model, x)
+    assert "transformer.h.0.mlp.dense_h_to_4h" in gs.names(), gs.describe()
+    res = prune_channels(model, x, ratio=0.5, groups=gs)
+    with torch.no_grad():
+        a, b = res.model(**x).logits, mask_channels(model, gs, res.keep)(**x).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert res.model.transformer.h[0].mlp.dense_h_to_4h.out_features == 64

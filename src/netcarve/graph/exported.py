@@ -172,6 +172,8 @@ def _raise_ops(graph: fx.Graph) -> None:
             new = ("call_method", "size", a[:2], {})
         elif t is aten.dropout.default:
             new = ("call_function", F.dropout, (a[0],), {"p": a[1], "training": a[2]})
+        elif t is aten.constant_pad_nd.default and not kw:  # (x, pad, value): F.pad's third argument is the mode
+            new = ("call_function", F.pad, tuple(a[:2]), {"value": a[2]} if len(a) > 2 else {})
         if new is None:
             continue
         node.op, node.target = new[0], new[1]
@@ -196,6 +198,7 @@ _SIMPLE = {
     aten.max_pool2d.default: F.max_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
     aten.max_pool1d.default: F.max_pool1d, aten.avg_pool1d.default: F.avg_pool1d,
     aten.split.Tensor: torch.split, aten.chunk.default: torch.chunk, aten.unbind.int: torch.unbind,
+    aten.pad.default: F.pad,
 }  # fmt: skip
 _METHODS = {
     aten.view.default: "view", aten.reshape.default: "reshape", aten._unsafe_view.default: "reshape",

@@ -576,6 +576,8 @@ _BY_NAME: dict[str, ChannelHandler] = {
         resize=_hf_conv1d_resize,
     ),
 }  # fmt: skip
+# nn.Linear subclasses that rewrite forward as the same product (Falcon's ``input @ self.weight.T + self.bias``)
+_BY_NAME["transformers.models.falcon.modeling_falcon.FalconLinear"] = _BUILTIN[nn.Linear]
 
 # transformers' own RMSNorm classes (LlamaRMSNorm, Qwen2RMSNorm, ... and T5's T5LayerNorm): a per-channel
 # ``weight`` over the last dim. Known by name (netcarve does not import transformers); they become fx leaves only
