@@ -1539,3 +1539,41 @@ def test_zoo_transformer_lowers_natively(kernels, mode):
             for b in (2, 1, 3):
                 xb = torch.randn(b, *x.shape[1:])
                 assert _rel(c(xb), m(xb)) <= 1e-4 and _rel(c.reference(xb), m(xb)) <= 1e-4
+
+
+class _SamePadConv(nn.Module):
+    """TensorFlow-style "same" padding computed from the input's size (fx cannot trace the size test: the module is
+    opaque to fx), then a stride-2 conv."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=2)
+
+    def forward(self, x):
+        pad = 1 if x.shape[-1] % 2 == 0 else 2  # (a Python branch on a size)
+        return torch.relu(self.conv(F.pad(x, (pad - 1, 1, pad - 1, 1))))
+
+
+class _SamePadNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = _SamePadConv(3, 16), _SamePadConv(16, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)).mean((2, 3)))
+
+
+def test_submodules_fx_cannot_trace_into_are_captured_natively(kernels):
+    """A submodule fx keeps opaque (a branch on a size) is seen through by a torch.export capture: the plan runs it
+    natively, not as a PyTorch step."""
+    from netcarve.graph import trace_model
+
+    m = _SamePadNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert set(trace_model(m, x).opaque) == {"a", "b"}  # (fx alone)
+    c = compile(m, x, sparse="never", fallback=False)
+    assert c.native and not c.fallback
+    with torch.no_grad():
+        for b in (1, 3):
+            xb = torch.randn(b, 3, 16, 16)
+            torch.testing.assert_close(c(xb), m(xb), rtol=1e-4, atol=1e-5)

@@ -409,8 +409,10 @@ class Lowering:
         if leaf:  # (its wrapper takes exactly the example's tensors; trace_model checks a traced model's forward)
             check_forward_args(model, len(self.inputs), f"runtime: {self.name}")
         root = _wrapped(model, len(self.inputs)) if leaf else model
+        # (submodules fx cannot trace into would run as PyTorch steps: a torch.export capture may see through them)
         traced = trace_model(root, example_input if isinstance(example_input, dict)
-                             else self.inputs if len(self.inputs) > 1 else self.inputs[0], name=self.name)
+                             else self.inputs if len(self.inputs) > 1 else self.inputs[0], name=self.name,
+                             export_over_opaque=True)
         if traced.opaque and not fallback:
             path, why = next(iter(traced.opaque.items()))
             raise UnsupportedModelError(f"runtime: {self.name}: fx cannot trace into {path!r} ({why})")
