@@ -374,10 +374,21 @@ def test_hugging_face_hidden_size_prunes_and_saves(arch, tmp_path, transformers)
         torch.testing.assert_close(loaded(**x2).logits, a)
 
 
+def _compact_is_masked_and_loads(model, gs, res, x2: dict, tmp_path) -> None:
+    """The compact model's logits equal the masked model's on ``x2`` and survive netcarve.save / load."""
+    import netcarve
+
+    with torch.no_grad():
+        a, b = res.model(**x2).logits, mask_channels(model, gs, res.keep)(**x2).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    netcarve.save(res.model, tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(netcarve.load(tmp_path / "ck")(**x2).logits, a)
+
+
 def test_hugging_face_convnext_hidden_size(tmp_path, transformers):
     """ConvNeXt's LayerNorm (channels-first in the stem and the downsampling layers, channels-last in the blocks
     after a permute) and its layer scales: every stage's width is one group with hidden_size=True."""
-    import netcarve
 
     torch.manual_seed(0)
     model = transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
@@ -388,21 +399,13 @@ def test_hugging_face_convnext_hidden_size(tmp_path, transformers):
     assert sorted(g.num_channels for g in stages) == [16, 32], gs.describe()
     assert all(any(s.attribute for s in g.slots) for g in stages)  # the layer scales
     res = prune_channels(model, x, ratio=0.5, groups=gs)
-    masked = mask_channels(model, gs, res.keep)
-    x2 = {"pixel_values": torch.randn(3, 3, 32, 32)}
-    with torch.no_grad():
-        a, b = res.model(**x2).logits, masked(**x2).logits
-    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
-    netcarve.save(res.model, tmp_path / "ck")
-    with torch.no_grad():
-        torch.testing.assert_close(netcarve.load(tmp_path / "ck")(**x2).logits, a)
+    _compact_is_masked_and_loads(model, gs, res, {"pixel_values": torch.randn(3, 3, 32, 32)}, tmp_path)
 
 
 @pytest.mark.parametrize("hidden_size", [False, True])
 def test_hugging_face_albert_shared_layer(hidden_size, tmp_path, transformers):
     """ALBERT runs one encoder layer for every layer (shared weights): its heads and feed-forward units are one group
     each, all calls sliced alike (every call holds the channels); with hidden_size=True the hidden stream too."""
-    import netcarve
 
     torch.manual_seed(0)
     model = transformers.AlbertForSequenceClassification(transformers.AlbertConfig(
@@ -416,13 +419,7 @@ def test_hugging_face_albert_shared_layer(hidden_size, tmp_path, transformers):
     assert ("albert.encoder.embedding_hidden_mapping_in" in names) == hidden_size
     res = prune_channels(model, x, ratio=0.5, groups=gs)
     assert res.macs_reduction > (1.8 if hidden_size else 1.3)
-    masked = mask_channels(model, gs, res.keep)
-    with torch.no_grad():
-        a, b = res.model(**x2).logits, masked(**x2).logits
-    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
-    netcarve.save(res.model, tmp_path / "ck")
-    with torch.no_grad():
-        torch.testing.assert_close(netcarve.load(tmp_path / "ck")(**x2).logits, a)
+    _compact_is_masked_and_loads(model, gs, res, x2, tmp_path)
 
 
 def test_hugging_face_language_model_with_its_kv_cache_on(transformers):
