@@ -235,8 +235,9 @@ register_layer_spec(
 
 def keep_encoders_off_nested(model: nn.Module) -> nn.Module:
     """Turn off the nested-tensor path of every ``nn.TransformerEncoder`` in ``model`` with a
-    :class:`HeadPrunedMultiheadAttention` (or a norm other than ``nn.LayerNorm``: a masked twin) in its layers, and
-    return ``model``.
+    :class:`HeadPrunedMultiheadAttention` (or a norm other than ``nn.LayerNorm``: a masked twin) in its layers, set
+    every ``nn.Transformer``'s ``d_model`` to its layers' width (after its hidden size was pruned), and return
+    ``model``.
 
     Given a key padding mask in eval mode, ``nn.TransformerEncoder`` runs its layers on nested tensors whatever their
     attention modules are; the fused layer path that expects them is off for a head-pruned one, whose regular path
@@ -249,4 +250,6 @@ def keep_encoders_off_nested(model: nn.Module) -> nn.Module:
                 or any(not isinstance(getattr(layer, n, None), nn.LayerNorm) for n in ("norm1", "norm2"))
                 for layer in m.layers):  # fmt: skip
             m.use_nested_tensor = False
+        if isinstance(m, nn.Transformer) and len(m.encoder.layers):  # (its forward checks both inputs' width)
+            m.d_model = int(m.encoder.layers[0].self_attn.embed_dim)
     return model

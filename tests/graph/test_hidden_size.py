@@ -458,19 +458,65 @@ def test_cross_attention_key_value_block_the_hidden_size_with_the_reason():
     assert "key / value are not the tensor of its query" in inp.reason
 
 
-def test_torch_transformer_with_a_decoder_keeps_its_model_dim_with_the_reason():
-    class Seq2Seq(nn.Module):
+class Seq2Seq(nn.Module):
+    """A translation model on ``nn.Transformer`` (source and target embeddings, causal target mask, generator)."""
+
+    def __init__(self, vocab: int = 20, d: int = 16):
+        super().__init__()
+        self.src, self.tgt = nn.Embedding(vocab, d), nn.Embedding(vocab, d)
+        self.tf = nn.Transformer(d, 2, 2, 1, 32, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, s, t):
+        mask = nn.Transformer.generate_square_subsequent_mask(t.shape[1])
+        return self.out(self.tf(self.src(s), self.tgt(t), tgt_mask=mask))
+
+
+@pytest.fixture
+def seq2seq_registered():
+    from netcarve.models import register_model
+    from netcarve.models._registry import _MODELS
+
+    register_model("_test_hidden_seq2seq", family="test", input_shape=(6,))(Seq2Seq)
+    yield "_test_hidden_seq2seq"
+    del _MODELS._items["_test_hidden_seq2seq"]
+
+
+def test_torch_transformer_couples_source_and_target_into_one_hidden_group(tmp_path, seq2seq_registered):
+    """``nn.Transformer``: the decoder's cross attention reads the encoder's output and its own stream through one
+    fused projection, so the source and target streams are one group (both embeddings its producers); the compact
+    model (``d_model`` lowered) equals the masked one and survives save / load."""
+    import netcarve
+
+    torch.manual_seed(0)
+    m = netcarve.create_model(seq2seq_registered).eval()
+    ids = (torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 5)))
+    gs = build_channel_groups(m, ids, hidden_size=True)
+    g = next(g for g in gs.groups if "src" in g.producers)
+    assert "tgt" in g.producers and "tf.decoder.layers.0.multihead_attn.out_proj" in g.producers
+    assert {"tf.encoder.norm", "tf.decoder.norm", "tf.decoder.layers.0.norm3"} <= set(g.passthrough)
+    res = prune_channels(m, ids, ratio=0.5, groups=gs)
+    assert res.model.tf.d_model == 8 and res.model.tf.decoder.layers[0].multihead_attn.embed_dim == 8
+    with torch.no_grad():
+        a, b = res.model(*ids), mask_channels(m, gs, res.keep)(*ids)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    netcarve.save(res.model, tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(netcarve.load(tmp_path / "ck")(*ids), a)
+
+
+def test_decoder_memory_that_cannot_be_pruned_blocks_the_target_stream():
+    class Decode(nn.Module):
         def __init__(self):
             super().__init__()
-            self.src, self.tgt = nn.Embedding(20, 16), nn.Embedding(20, 16)
-            self.tf = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+            self.tgt = nn.Embedding(20, 16)
+            self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1)
             self.out = nn.Linear(16, 20)
 
-        def forward(self, s, t):
-            return self.out(self.tf(self.src(s), self.tgt(t)))
+        def forward(self, t, memory):  # memory: features from elsewhere (the model input)
+            return self.out(self.dec(self.tgt(t), memory))
 
-    ids = (torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 5)))
-    gs = build_channel_groups(Seq2Seq().eval(), ids, hidden_size=True)
-    src = next(s for s in gs.skipped if s.producer == "src")
-    assert "a decoder's cross attention reads the encoder's output" in src.reason
+    gs = build_channel_groups(Decode().eval(), (torch.randint(0, 20, (2, 5)), torch.randn(2, 7, 16)), hidden_size=True)
+    tgt = next(s for s in gs.skipped if s.producer == "tgt")
+    assert "passed to dec beside the model input 'memory'" in tgt.reason, tgt.reason
     assert any(n.endswith("ffn") for n in gs.names())  # its heads and feed-forward units stay prunable

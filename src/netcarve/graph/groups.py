@@ -494,6 +494,7 @@ class _GroupWalker:
         self._joins: list[tuple[fx.Node, fx.Node, int, int]] = []
         self._seen: set[tuple[fx.Node, int, int]] = set()
         self._hits: list[tuple[str, str, fx.Node]] = []
+        self._join_args: dict[fx.Node, list[fx.Node]] = {}  # module calls coupling inputs (ModelDim.joins)
 
     def walk(self, node: fx.Node, module: nn.Module, handler: ChannelHandler, path: str | None = None) -> _Walk:
         """``path``: the producer's module path when it is not the called module (an attention module's output
@@ -724,9 +725,11 @@ class _GroupWalker:
             if len({(d, b) for _, d, b in arr}) > 1:
                 reasons.append(f"addends carry the channels in different layouts at {_where(add)}")
             got = {src for src, _, _ in arr}
-            for a in _flat_args(add):
+            for a in self._join_args.get(add) or _flat_args(add):
                 if _is_tensor_node(a) and a not in got:
-                    if add.target in (torch.cat, torch.concat):
+                    if add.op == "call_module":
+                        verb = "passed to {} beside"
+                    elif add.target in (torch.cat, torch.concat):
                         verb = "concatenated (not along the channels) at {} to"
                     elif add.target in (operator.mul, operator.imul, torch.mul, "mul", "mul_"):
                         verb = "multiplied at {} by"
@@ -1015,9 +1018,12 @@ class _GroupWalker:
 
         uses = [i for i, a in enumerate(user.args) if a is src] + [k for k, a in user.kwargs.items() if a is src]
         nested = sum(1 for a in _flat_args(user) if a is src) != len(uses)  # inside a list / tuple argument
-        if arg(0) is not src or nested or any(u not in (0, *spec.same_input) for u in uses):
+        entries = [k for k in (0, *spec.joins) if arg(k) is src]  # where the channels may enter
+        if len(entries) != 1 or nested or any(u not in (entries[0], *spec.same_input) or (u != entries[0] and
+                                                                                       entries[0] != 0) for u in uses):
             involved.append(path)
-            raise _Block(f"passed to {path} other than as its first argument")
+            what = "its first argument" + (" or as one of its coupled inputs" if spec.joins else "")
+            raise _Block(f"passed to {path} other than as {what}")
         given = [k for k in spec.same_input if (k < len(user.args) if isinstance(k, int) else k in user.kwargs)]
         if any(arg(k) is not src for k in given):
             involved.append(path)
@@ -1026,6 +1032,11 @@ class _GroupWalker:
         if _norm(-1, ndim) != st.dim:
             involved.append(path)
             raise _Block(f"{path} ({type(module).__name__}) reads another dim than the channels")
+        if spec.joins:  # inputs holding the same model dim: coupled like the addends of a residual add
+            coupled = [a for a in (arg(k) for k in (0, *spec.joins)) if isinstance(a, fx.Node)]
+            self._join_args[user] = coupled
+            self._whole(user, st, f"passed to {path}")
+            self._joins.append((user, src, -1, st.block))
         span = self._span(st)
         for sub, role in spec.inputs:
             inner = module.get_submodule(sub)

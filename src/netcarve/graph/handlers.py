@@ -57,6 +57,9 @@ class ModelDim:
             runs through it), so the group goes on from the output.
         same_input: other call arguments (positions or keywords) that must be the same tensor as the first
             (self-attention's key and value); any other use of the channels blocks the group.
+        joins: other call arguments (positions or keywords) holding the same model dim as the first, coupled with it
+            like the addends of a residual add (an encoder-decoder's source and target, a decoder's target and
+            memory): they must be one group.
         skip: a reason this instance's model dim cannot be pruned (the group is blocked with it).
     """
 
@@ -65,6 +68,7 @@ class ModelDim:
     outputs: tuple[str, ...] = ()
     passes: bool = False
     same_input: tuple[int | str, ...] = ()
+    joins: tuple[int | str, ...] = ()
     skip: str | None = None
 
     @classmethod

@@ -622,27 +622,31 @@ def _encoder_reslice(m: nn.Module, units: dict, in_keep) -> nn.Module:
 
 
 def _encoder_model_dim(m: nn.Module) -> ModelDim:
-    """An encoder (layer) carries the residual stream from its input to its output: per layer the columns of
-    ``self_attn.in_proj_weight`` and ``linear1``, the rows of ``self_attn.out_proj`` and ``linear2``, ``norm1`` /
-    ``norm2`` (and the stack's final ``norm``)."""
-    if not isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
-        return ModelDim(skip=f"{type(m).__name__}: its model dim (d_model) is not pruned (a decoder's cross attention "
-                             "reads the encoder's output too)")  # fmt: skip
+    """torch's transformer modules carry the residual stream from input to output: per layer the columns of each
+    attention's ``in_proj_weight`` and of ``linear1``, the rows of each ``out_proj`` and of ``linear2``, the norms
+    (and a stack's final norm). A decoder's target and memory (an ``nn.Transformer``'s source and target) hold the
+    same model dim (its cross attention reads both through one fused projection): they are coupled into one group."""
     inputs: list[tuple[str, str]] = []
     params: list[tuple[str, str, int]] = []
     for rel, layer in _encoder_layers(m):
         pre = f"{rel}." if rel else ""
-        if not isinstance(layer, nn.TransformerEncoderLayer):
-            return ModelDim(skip=f"{pre}{type(layer).__name__}: not an nn.TransformerEncoderLayer")
-        why = _mha_unsupported(layer.self_attn)
-        if why:
-            return ModelDim(skip=f"{pre}self_attn: {why}")
-        params.append((f"{pre}self_attn", "in_proj_weight", 1))
-        inputs += [(f"{pre}self_attn.out_proj", "producer"), (f"{pre}linear1", "consumer"),
-                   (f"{pre}linear2", "producer"), (f"{pre}norm1", "passthrough"), (f"{pre}norm2", "passthrough")]
-    if isinstance(m, nn.TransformerEncoder) and m.norm is not None:
-        inputs.append(("norm", "passthrough"))
-    return ModelDim(inputs=tuple(inputs), params=tuple(params), passes=True)
+        if not isinstance(layer, _TRANSFORMER_LAYERS):
+            return ModelDim(skip=f"{pre}{type(layer).__name__}: not an nn.TransformerEncoderLayer / DecoderLayer")
+        decoder = isinstance(layer, nn.TransformerDecoderLayer)
+        for attr in ("self_attn", "multihead_attn") if decoder else ("self_attn",):
+            why = _mha_unsupported(getattr(layer, attr))
+            if why:
+                return ModelDim(skip=f"{pre}{attr}: {why}")
+            params.append((f"{pre}{attr}", "in_proj_weight", 1))
+            inputs.append((f"{pre}{attr}.out_proj", "producer"))
+        inputs += [(f"{pre}linear1", "consumer"), (f"{pre}linear2", "producer")]
+        inputs += [(f"{pre}{n}", "passthrough") for n in (("norm1", "norm2", "norm3") if decoder else ("norm1", "norm2"))]
+    stacks = [("", m)] if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)) else \
+        [("encoder.", m.encoder), ("decoder.", m.decoder)] if isinstance(m, nn.Transformer) else []
+    inputs += [(f"{pre}norm", "passthrough") for pre, stack in stacks if stack.norm is not None]
+    joins = (1, "tgt") if isinstance(m, nn.Transformer) else \
+        (1, "memory") if isinstance(m, (nn.TransformerDecoder, nn.TransformerDecoderLayer)) else ()
+    return ModelDim(inputs=tuple(inputs), params=tuple(params), passes=True, joins=joins)
 
 
 ENCODER_HANDLER = ChannelHandler(
