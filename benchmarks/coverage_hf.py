@@ -82,7 +82,7 @@ MODELS = ("hf_bert", "hf_roberta", "hf_electra", "hf_albert", "hf_distilbert", "
           "hf_t5", "hf_vit", "hf_convnext", "hf_resnet")
 NOTES = {
     "hf_albert": "one encoder layer shared by all (called once per layer: pruned alike for every call)",
-    "hf_gpt2": "q/k/v fused in one transformers Conv1D (no channel handler)",
+    "hf_gpt2": "q/k/v fused in one transformers Conv1D, split by a stored size (its heads stay whole)",
     "hf_qwen2_gqa": "grouped-query attention: 4 query heads, 2 key/value heads",
     "hf_t5": "encoder-decoder; input_ids and decoder_input_ids",
 }
