@@ -1221,7 +1221,7 @@ def build_channel_groups(model: nn.Module, example_input, *, traced: TracedModel
     # (submodules fx cannot trace into would block every channel reaching them: torch.export may see through them)
     if traced is None:  # (a language model's key / value cache is no channel consumer: traced without it)
         with without_kv_cache(model):
-            traced = trace_model(model, example_input, export_over_opaque=True, norm_leaves=hidden_size)
+            traced = trace_model(model, example_input, export_over_opaque=True, norm_leaves=True)
     gm = traced.graph_module
     modules = dict(gm.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")

@@ -584,8 +584,9 @@ _BY_NAME: dict[str, ChannelHandler] = {
 _BY_NAME["transformers.models.falcon.modeling_falcon.FalconLinear"] = _BUILTIN[nn.Linear]
 
 # transformers' own RMSNorm classes (LlamaRMSNorm, Qwen2RMSNorm, ... and T5's T5LayerNorm): a per-channel
-# ``weight`` over the last dim. Known by name (netcarve does not import transformers); they become fx leaves only
-# when groups are built with ``hidden_size=True`` (``trace_model(norm_leaves=True)``), else they are traced through.
+# ``weight`` over the last dim. Known by name (netcarve does not import transformers); they are leaves of the channel
+# analysis's trace (``trace_model(norm_leaves=True)``: part of the hidden-size group, or blocking it with the reason);
+# other traces (the runtime's) go through them.
 _HF_NORM = _norm_handler({"weight": 0})
 # ConvNeXt's LayerNorm (an nn.LayerNorm whose forward permutes a channels-first input to channels-last and back)
 _HF_CHANNELS_NORM = ("ConvNextLayerNorm", "ConvNextV2LayerNorm")

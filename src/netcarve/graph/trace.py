@@ -92,7 +92,8 @@ def trace_model(model: nn.Module, example_input=None, name: str | None = None,
     the model is captured with torch.export on the example input instead (:mod:`netcarve.graph.exported`); with
     ``export_over_opaque`` also when fx had to keep submodules opaque and torch.export captures them (the channel
     analysis then sees through them; the graph's sizes are the example's). ``norm_leaves``: normalisation layers
-    fx would trace through (transformers' RMSNorm classes) are kept as leaves (``build_channel_groups(hidden_size=True)``).
+    fx would trace through (transformers' RMSNorm classes) are kept as leaves (``build_channel_groups``: a group
+    reaching one is then blocked saying why, or runs through it with ``hidden_size=True``).
 
     Raises UnsupportedModelError (naming the model as ``name``, default its class name) when the model's own
     forward cannot be traced or the traced graph does not run on the example input.
