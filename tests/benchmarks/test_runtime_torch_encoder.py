@@ -20,7 +20,7 @@ _spec.loader.exec_module(rte)
 
 
 def test_sparse_model_is_block_sparse_everywhere():
-    m = rte.build(sparse=True)
+    m = rte.build("sparse")
     weights = [mod.weight for mod in m.modules() if isinstance(mod, nn.Linear)]
     weights += [layer.self_attn.in_proj_weight for layer in m.transformer_encoder.layers]
     assert len(weights) == 2 * 4 + 1
@@ -28,6 +28,18 @@ def test_sparse_model_is_block_sparse_everywhere():
         blocks = w.detach().reshape(w.shape[0] // 4, 4, w.shape[1] // 16, 16).abs().sum((1, 3))
         assert (blocks == 0).float().mean().item() == pytest.approx(0.9, abs=0.01)
     assert all((w != 0).any() for w in weights)
+
+
+@pytest.mark.parametrize("variant", ["pruned", "pruned-hidden"])
+def test_pruned_variants_are_half_as_wide(variant):
+    """--variants pruned / pruned-hidden: half the heads and feed-forward units removed (and half of d_model)."""
+    m = rte.build(variant, "bert")
+    layer = m.encoder.layers[0]
+    assert layer.self_attn.num_heads == 2 and layer.linear1.out_features == 512
+    assert layer.self_attn.embed_dim == (128 if variant == "pruned-hidden" else 256)
+    (x,) = rte.tokens("bert", 2)
+    with torch.no_grad():
+        assert m(x).shape == (2, 2)
 
 
 def test_variants_run_and_match():
