@@ -1013,14 +1013,15 @@ class _GroupWalker:
         if spec.skip:
             involved.append(path)
             raise _Block(f"used by {path}: {spec.skip}")
+
         def arg(k):
             return user.args[k] if isinstance(k, int) and k < len(user.args) else user.kwargs.get(k)
 
         uses = [i for i, a in enumerate(user.args) if a is src] + [k for k, a in user.kwargs.items() if a is src]
         nested = sum(1 for a in _flat_args(user) if a is src) != len(uses)  # inside a list / tuple argument
-        entries = [k for k in (0, *spec.joins) if arg(k) is src]  # where the channels may enter
-        if len(entries) != 1 or nested or any(u not in (entries[0], *spec.same_input) or (u != entries[0] and
-                                                                                       entries[0] != 0) for u in uses):
+        entries = [k for k in (0, *spec.joins) if arg(k) is src]  # where the channels may enter: one place
+        allowed = {*entries, *(spec.same_input if entries == [0] else ())}  # (self-attention: key, value too)
+        if len(entries) != 1 or nested or any(u not in allowed for u in uses):
             involved.append(path)
             what = "its first argument" + (" or as one of its coupled inputs" if spec.joins else "")
             raise _Block(f"passed to {path} other than as {what}")
